@@ -1,0 +1,80 @@
+"""Every Redis key, channel and stream the fleet uses, in one place.
+
+Router and instances build names only through `Keys`, so they can never disagree on a spelling,
+and an operator can read the whole keyspace here. All names start with the configured prefix
+(EXAI_REDIS_PREFIX, default "exai"), which also isolates test runs from one another.
+
+Keyspace (with the default prefix):
+
+    exai:instances                      SET   ids of instances that have registered
+    exai:instance:{id}                  HASH  id, host, port, pid, state, session, started_at, heartbeat (TTL)
+    exai:lease:{instance_id}            STR   session id holding the instance (SET NX PX, renewed)
+    exai:sessions                       ZSET  session ids scored by last-seen time (idle sweep)
+    exai:session:{sid}                  HASH  the router's session record (instance, principal, era, ...)
+    exai:session-key:{key}              STR   stateless-era session key -> session id
+    exai:links:{sid}                    SET   session ids linked to sid
+    exai:events:{sid}                   STREAM durable copy of linked-session events (catch-up)
+    exai:chan:session:{sid}             PUBSUB live linked-session events for sid
+    exai:chan:fleet                     PUBSUB fleet control (instance reset/drain notices)
+    exai:thread:{cid}                   LIST  recent turns of a thread (JSON), newest last
+    exai:thread-meta:{cid}              HASH  thread metadata cache
+    exai:cache:{name}:{key}             STR   generic short-lived cache entries
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "exai"
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    # instance registry
+    def instances(self) -> str:
+        return self._k("instances")
+
+    def instance(self, instance_id: str) -> str:
+        return self._k("instance", instance_id)
+
+    def lease(self, instance_id: str) -> str:
+        return self._k("lease", instance_id)
+
+    # sessions
+    def sessions(self) -> str:
+        return self._k("sessions")
+
+    def session(self, session_id: str) -> str:
+        return self._k("session", session_id)
+
+    def session_key(self, key: str) -> str:
+        return self._k("session-key", key)
+
+    def links(self, session_id: str) -> str:
+        return self._k("links", session_id)
+
+    def events(self, session_id: str) -> str:
+        return self._k("events", session_id)
+
+    def session_channel(self, session_id: str) -> str:
+        return self._k("chan", "session", session_id)
+
+    def fleet_channel(self) -> str:
+        return self._k("chan", "fleet")
+
+    # threads and caches
+    def thread(self, continuation_id: str) -> str:
+        return self._k("thread", continuation_id)
+
+    def thread_meta(self, continuation_id: str) -> str:
+        return self._k("thread-meta", continuation_id)
+
+    def cache(self, name: str, key: str) -> str:
+        return self._k("cache", name, key)
+
+    def pattern(self) -> str:
+        """Glob matching every key of this prefix (for tests and `exai` maintenance)."""
+        return self._k("*")

