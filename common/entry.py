@@ -18,6 +18,8 @@ def run_entry(fn: Callable[[], int | None], *, prog: str) -> int:
         return 2
     except OSError as exc:
         # Port in use, permission denied, missing file: the OS message says what to fix.
-        print(f"{prog}: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
-              file=sys.stderr)
+        print(
+            f"{prog}: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
+            file=sys.stderr,
+        )
         return 2

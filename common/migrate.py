@@ -24,7 +24,7 @@ async def migrate(dsn: str, *, timeout: float = 30.0) -> int:
     sql = await asyncio.to_thread(schema_sql)
     try:
         conn = await asyncpg.connect(dsn, timeout=timeout, statement_cache_size=0)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise StorageUnavailable(
             f"cannot connect to Postgres to apply the schema: {exc}",
             hint="Check DATABASE_URL and that the server is running.",

@@ -34,7 +34,17 @@ InstanceState = Literal["starting", "ready", "draining", "stopping"]
 
 # Fields of the instance registry hash (Keys.instance(id)); the key has a TTL refreshed by the
 # heartbeat, so a dead instance disappears within EXAI_HEARTBEAT_TTL seconds.
-REGISTRY_FIELDS: Final = ("id", "host", "port", "pid", "state", "session", "started_at", "heartbeat", "version")
+REGISTRY_FIELDS: Final = (
+    "id",
+    "host",
+    "port",
+    "pid",
+    "state",
+    "session",
+    "started_at",
+    "heartbeat",
+    "version",
+)
 
 # supervisord naming, shared by `exai` (rendering the config, scaling) and the router (spares).
 SUPERVISOR_GROUP: Final = "instances"

@@ -36,9 +36,7 @@ class Settings(BaseSettings):
     # --- providers -------------------------------------------------------------------------
     glm_api_key: str | None = Field(None, validation_alias=AliasChoices("GLM_API_KEY", "ZHIPUAI_API_KEY"))
     glm_api_url: str = Field("https://api.z.ai/api/paas/v4", validation_alias="GLM_API_URL")
-    kimi_api_key: str | None = Field(
-        None, validation_alias=AliasChoices("KIMI_API_KEY", "MOONSHOT_API_KEY")
-    )
+    kimi_api_key: str | None = Field(None, validation_alias=AliasChoices("KIMI_API_KEY", "MOONSHOT_API_KEY"))
     kimi_api_url: str = Field("https://api.moonshot.ai/v1", validation_alias="KIMI_API_URL")
     default_model: str = Field("glm-4.6", validation_alias="DEFAULT_MODEL")
     provider_connect_timeout: float = Field(10.0, gt=0, validation_alias="EXAI_PROVIDER_CONNECT_TIMEOUT")
@@ -78,7 +76,9 @@ class Settings(BaseSettings):
     instance_port: int | None = Field(None, ge=1, le=65535, validation_alias="EXAI_INSTANCE_PORT")
     state_dir: Path = Field(default_factory=_default_state_dir, validation_alias="EXAI_STATE_DIR")
     admin_token: str | None = Field(None, validation_alias="EXAI_ADMIN_TOKEN")
-    auth_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list, validation_alias="EXAI_AUTH_TOKENS")
+    auth_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="EXAI_AUTH_TOKENS"
+    )
     internal_token: str | None = Field(None, validation_alias="EXAI_INTERNAL_TOKEN")
     allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, validation_alias="EXAI_ALLOWED_ORIGINS"

@@ -12,7 +12,6 @@ a unique Redis key prefix (its keys deleted at the end).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import secrets
@@ -137,9 +136,7 @@ async def redis_client(redis_url: str, redis_prefix: str) -> AsyncIterator[aiore
 
 
 @pytest.fixture
-def make_settings(
-    pg_dsn: str, redis_url: str, redis_prefix: str, tmp_path: Path
-) -> Callable[..., Settings]:
+def make_settings(pg_dsn: str, redis_url: str, redis_prefix: str, tmp_path: Path) -> Callable[..., Settings]:
     """Settings pointing at this run's services; keyword overrides use the field names."""
 
     def make(**overrides: Any) -> Settings:
@@ -155,8 +152,3 @@ def make_settings(
         return load_settings(**values)
 
     return make
-
-
-@pytest.fixture(scope="session")
-def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    return asyncio.DefaultEventLoopPolicy()
