@@ -9,6 +9,7 @@ Keyspace (with the default prefix):
     exai:instances                      SET   ids of instances that have registered
     exai:instance:{id}                  HASH  id, host, port, pid, state, session, started_at, heartbeat (TTL)
     exai:lease:{instance_id}            STR   session id holding the instance (SET NX PX, renewed)
+    exai:draining                       SET   instance ids an operator drained (no new sessions)
     exai:sessions                       ZSET  session ids scored by last-seen time (idle sweep)
     exai:session:{sid}                  HASH  the router's session record (instance, principal, era, ...)
     exai:session-key:{key}              STR   stateless-era session key -> session id
@@ -42,6 +43,9 @@ class Keys:
 
     def lease(self, instance_id: str) -> str:
         return self._k("lease", instance_id)
+
+    def draining(self) -> str:
+        return self._k("draining")
 
     # sessions
     def sessions(self) -> str:
