@@ -34,6 +34,7 @@ InstanceState = Literal["starting", "ready", "draining", "stopping"]
 
 # Fields of the instance registry hash (Keys.instance(id)); the key has a TTL refreshed by the
 # heartbeat, so a dead instance disappears within EXAI_HEARTBEAT_TTL seconds.
+# Values are strings; "session" is "" while unbound; started_at and heartbeat are Unix epoch seconds.
 REGISTRY_FIELDS: Final = (
     "id",
     "host",

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     fsync_window_ms: float = Field(2.0, ge=0, validation_alias="EXAI_FSYNC_WINDOW_MS")
     history_cache_turns: int = Field(50, ge=0, validation_alias="EXAI_HISTORY_CACHE_TURNS")
     note_max_bytes: int = Field(16 * 1024, ge=64, validation_alias="EXAI_NOTE_MAX_BYTES")
+    # Ports of the embedded Postgres / Redis that `exai up` runs when DATABASE_URL / REDIS_URL are unset.
+    embedded_pg_port: int = Field(8432, ge=1, le=65535, validation_alias="EXAI_EMBEDDED_PG_PORT")
+    embedded_redis_port: int = Field(8379, ge=1, le=65535, validation_alias="EXAI_EMBEDDED_REDIS_PORT")
 
     # --- fleet -----------------------------------------------------------------------------
     router_host: str = Field("127.0.0.1", validation_alias="EXAI_ROUTER_HOST")
@@ -74,6 +77,7 @@ class Settings(BaseSettings):
     instance_base_port: int = Field(8100, ge=1, le=65000, validation_alias="EXAI_INSTANCE_BASE_PORT")
     instance_id: str | None = Field(None, validation_alias="EXAI_INSTANCE_ID")
     instance_port: int | None = Field(None, ge=1, le=65535, validation_alias="EXAI_INSTANCE_PORT")
+    instance_num: int | None = Field(None, ge=0, le=1000, validation_alias="EXAI_INSTANCE_NUM")
     state_dir: Path = Field(default_factory=_default_state_dir, validation_alias="EXAI_STATE_DIR")
     admin_token: str | None = Field(None, validation_alias="EXAI_ADMIN_TOKEN")
     auth_tokens: Annotated[list[str], NoDecode] = Field(

@@ -1,0 +1,188 @@
+"""The instance's ASGI app: the SDK's Streamable HTTP app (both MCP eras) behind the internal token.
+
+`build_app` wires one `Runtime` into an MCPServer whose lifespan opens Redis, storage and the
+providers, registers the instance, and undoes all of it on shutdown. The same Starlette app
+serves `/mcp` (handshake and 2026-07-28 clients alike) and the router's `/internal/*` calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from common import __version__
+from common.errors import ConfigError, ExaiError, ShuttingDown, Unauthorized
+from common.protocol import INTERNAL_DRAIN, INTERNAL_HEALTH, INTERNAL_RESET, INTERNAL_TOKEN_HEADER, MCP_PATH
+from common.redis import create_redis
+from common.settings import Settings
+from instance.providers import Providers
+from instance.registry import Registry
+from instance.runtime import Identity, Runtime
+from instance.tools import register_tools
+
+log = logging.getLogger(__name__)
+
+INSTRUCTIONS = (
+    "EXAI consults GLM (Z.ai) and Kimi (Moonshot). Use `chat` for a second opinion and pass the "
+    "returned continuation_id to continue a thread; use the task_* and note_* tools to keep "
+    "work items and notes that survive restarts."
+)
+
+
+def _error_response(exc: ExaiError) -> Response:
+    return JSONResponse(exc.to_jsonrpc(), status_code=exc.http_status)
+
+
+class InternalTokenMiddleware:
+    """Refuse every request that does not carry the router's internal token (pure ASGI: streams pass)."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime, token: str) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        given = headers.get(INTERNAL_TOKEN_HEADER, "").encode()
+        if not given or not hmac.compare_digest(given, self.token):
+            error = Unauthorized(
+                f"missing or wrong {INTERNAL_TOKEN_HEADER}",
+                hint="Instances only answer the EXAI router; connect to the router (port 8079) instead.",
+            )
+            await _error_response(error)(scope, receive, send)
+            return
+        if scope["path"] == MCP_PATH:
+            if self.runtime.state == "stopping" and scope["method"] == "POST":
+                await _error_response(ShuttingDown("this instance is shutting down"))(scope, receive, send)
+                return
+            self.runtime.observe(headers)
+        await self.app(scope, receive, send)
+
+
+def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtime]:
+    """The instance's ASGI app and the runtime it shares with the lifecycle (see instance.main)."""
+    if not settings.internal_token:
+        raise ConfigError(
+            "EXAI_INTERNAL_TOKEN is not set: instances only accept requests from the router, "
+            "which must share this token"
+        )
+    runtime = Runtime(settings, identity, version=__version__)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: MCPServer[Any]) -> AsyncIterator[Runtime]:
+        async with contextlib.AsyncExitStack() as stack:
+            redis = create_redis(settings.redis_url) if settings.redis_url else None
+            if redis is not None:
+                stack.push_async_callback(redis.aclose)
+            else:
+                log.warning(
+                    "REDIS_URL is not set: this instance is not registered and the router cannot find it"
+                )
+            runtime.redis = redis
+            runtime.storage = await _open_storage(stack, settings, runtime)
+            runtime.providers = await stack.enter_async_context(Providers.open(settings))
+            registry = Registry(runtime, redis) if redis is not None else None
+            runtime.on_change = registry.poke if registry is not None else (lambda: None)
+            runtime.set_state("ready")
+            if registry is not None:
+                await registry.start()
+            log.info("instance %s ready on %s:%d", identity.id, identity.host, identity.port)
+            try:
+                yield runtime
+            finally:
+                runtime.set_state("stopping")
+                await _flush(runtime)
+                if registry is not None:
+                    await registry.stop()
+                runtime.providers = None
+
+    mcp: MCPServer[Runtime] = MCPServer(
+        "exai",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+        log_level=settings.log_level,
+    )
+    register_tools(mcp, runtime)
+
+    @mcp.custom_route(INTERNAL_HEALTH, methods=["GET"])
+    async def health(request: Request) -> Response:
+        return JSONResponse(runtime.health())
+
+    @mcp.custom_route(INTERNAL_RESET, methods=["POST"])
+    async def reset(request: Request) -> Response:
+        await runtime.reset()
+        return JSONResponse(runtime.health())
+
+    @mcp.custom_route(INTERNAL_DRAIN, methods=["POST"])
+    async def drain(request: Request) -> Response:
+        if runtime.state != "stopping":
+            runtime.set_state("draining")
+        return JSONResponse(runtime.health())
+
+    app = mcp.streamable_http_app(
+        streamable_http_path=MCP_PATH,
+        # Host/Origin checks belong to the router, which faces clients; an instance listens on
+        # loopback and trusts only the internal token, whatever Host the router forwards.
+        transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+        max_request_body_size=settings.max_body_bytes,
+        session_idle_timeout=settings.session_idle_timeout,
+        host=identity.host,
+    )
+    app.add_middleware(InternalTokenMiddleware, runtime=runtime, token=settings.internal_token)
+
+    async def close_mcp_sessions() -> None:
+        # The SDK has no public "close all sessions"; its discard path is what DELETE uses.
+        manager: Any = mcp.session_manager
+        for session_id, transport in list(getattr(manager, "_server_instances", {}).items()):
+            with contextlib.suppress(Exception):
+                await manager._discard_session(session_id, transport)
+
+    runtime.close_mcp_sessions = close_mcp_sessions
+    return app, runtime
+
+
+async def _open_storage(stack: contextlib.AsyncExitStack, settings: Settings, runtime: Runtime) -> Any:
+    """Open the storage facade; without it the instance still answers, and says why tools fail."""
+    try:
+        from instance.storage import Storage  # type: ignore[attr-defined, unused-ignore]
+    except ImportError as exc:
+        runtime.storage_error = f"storage layer not installed ({exc})"
+        log.error("%s", runtime.storage_error)
+        return None
+    try:
+        return await stack.enter_async_context(
+            Storage.open(settings, instance_id=runtime.identity.id, redis=runtime.redis)
+        )
+    except ExaiError as exc:
+        runtime.storage_error = str(exc)
+        log.error("storage could not start: %s", exc)
+        return None
+
+
+async def _flush(runtime: Runtime) -> None:
+    storage = runtime.storage
+    if storage is None:
+        return
+    timeout = runtime.settings.drain_timeout
+    try:
+        result = storage.flush(timeout)
+        if inspect.isawaitable(result):
+            await result
+    except Exception as exc:
+        log.error("spool flush on shutdown did not finish: %s (the spool replays on next start)", exc)

@@ -1,0 +1,79 @@
+"""Stopping an instance without losing work: SIGTERM drains, then uvicorn shuts down.
+
+On the first SIGTERM (or SIGINT) the instance turns "stopping" (the registry says so at once,
+new tool calls get a ShuttingDown error), waits up to EXAI_DRAIN_TIMEOUT for in-flight calls,
+closes its MCP sessions so open streams end, and only then lets uvicorn stop; the lifespan
+then flushes the spool and deregisters. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from instance.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class InstanceServer(uvicorn.Server):
+    """uvicorn's server with a drain step in front of its own graceful shutdown."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self._drain_task: asyncio.Task[None] | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            yield
+        finally:
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self._drain_task is None:
+            log.info("%s received: draining", signal.Signals(sig).name)
+            self._drain_task = asyncio.create_task(self.drain(), name="drain")
+        else:
+            log.warning("second %s: stopping without waiting", signal.Signals(sig).name)
+            self.should_exit = True
+            self.force_exit = sig == signal.SIGINT
+
+    async def drain(self) -> None:
+        rt = self.runtime
+        rt.set_state("stopping")
+        timeout = rt.settings.drain_timeout
+        if not await rt.wait_idle(timeout):
+            log.warning("%d call(s) still running after %.0fs; they will be cancelled", rt.inflight, timeout)
+        else:
+            log.info("no calls in flight")
+        if rt.close_mcp_sessions is not None:
+            with contextlib.suppress(Exception):
+                await rt.close_mcp_sessions()
+        self.should_exit = True
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind before starting uvicorn so "port in use" is one clear line, not a traceback."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock

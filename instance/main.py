@@ -1,0 +1,44 @@
+"""`exai-instance`: one EXAI instance process, serving one session on its loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+
+import uvicorn
+
+from common.entry import run_entry
+from common.logs import setup_logging
+from common.settings import load_settings
+from instance.app import build_app
+from instance.lifecycle import InstanceServer, bind_socket
+from instance.runtime import resolve_identity
+
+# uvicorn's own graceful shutdown runs after our drain, so only stragglers are left by then.
+UVICORN_GRACE_SECONDS = 3
+
+
+def _serve() -> int:
+    settings = load_settings()
+    identity = resolve_identity(settings)
+    setup_logging(settings.log_level, name=identity.id)
+    app, runtime = build_app(settings, identity)
+    sock = bind_socket(identity.host, identity.port)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=UVICORN_GRACE_SECONDS,
+        timeout_keep_alive=75,
+    )
+    server = InstanceServer(config, runtime)
+    asyncio.run(server.serve(sockets=[sock]))
+    return 0 if server.started else 1
+
+
+def main() -> int:
+    return run_entry(_serve, prog="exai-instance")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,352 @@
+"""An OpenAI-compatible chat-completions client: what GLM (Z.ai) and Kimi (Moonshot) share.
+
+One `httpx.AsyncClient` per provider, opened by the instance's lifespan, pools connections;
+an `asyncio.Semaphore` caps concurrent requests per API key; the retry loop here is the only
+one (the transport's own retries are off). Answers are streamed internally so a long answer
+never trips the read timeout and the caller can report progress while tokens arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import httpx
+
+from common.errors import (
+    ProviderError,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+from common.settings import Settings
+from instance.providers.models import KEY_ENV, ModelInfo, ProviderName
+from instance.providers.retry import backoff, parse_retry_after
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
+
+OnDelta = Callable[[str], None]
+
+
+@dataclass
+class ChatRequest:
+    model: ModelInfo
+    messages: list[dict[str, Any]]
+    temperature: float | None = None
+    thinking: bool | None = None
+    web_search: bool = False
+    max_tokens: int | None = None
+    stream: bool = True
+
+
+@dataclass
+class ChatResult:
+    content: str
+    model: str
+    provider: str
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    finish_reason: str | None = None
+    attempts: int = 1
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ProviderStats:
+    requests: int = 0
+    upstream_hits: int = 0
+    retries: int = 0
+    failures: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way worth repeating; `error` is what to raise if we stop."""
+
+    def __init__(self, error: ProviderError, retry_after: float | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after
+
+
+class OpenAICompatibleProvider:
+    """Chat completions over one pooled client; subclasses add their provider's extras."""
+
+    name: ClassVar[ProviderName]
+    label: ClassVar[str]
+
+    def __init__(self, *, base_url: str, api_key: str, settings: Settings) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self.max_concurrency = settings.provider_max_concurrency
+        self.max_retries = settings.provider_max_retries
+        self.retry_budget = settings.provider_retry_budget
+        self.stats = ProviderStats()
+        self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        self._waiting = 0
+        self._active = 0
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                connect=settings.provider_connect_timeout,
+                read=settings.provider_read_timeout,
+                write=settings.provider_connect_timeout,
+                pool=settings.provider_read_timeout,
+            ),
+            limits=httpx.Limits(
+                max_connections=self.max_concurrency,
+                max_keepalive_connections=self.max_concurrency,
+                keepalive_expiry=30.0,
+            ),
+            transport=httpx.AsyncHTTPTransport(retries=0),
+            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json, text/event-stream"},
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # --- what differs between providers ----------------------------------------------------
+    def payload(self, request: ChatRequest) -> tuple[dict[str, Any], list[str]]:
+        """The JSON body for `request`, plus notes about options this provider ignored."""
+        body: dict[str, Any] = {"model": request.model.name, "messages": request.messages}
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        if request.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return body, []
+
+    # --- the call --------------------------------------------------------------------------
+    def limits(self) -> dict[str, Any]:
+        return {
+            "provider": self.name,
+            "base_url": self.base_url,
+            "max_concurrency": self.max_concurrency,
+            "active": self._active,
+            "waiting": self._waiting,
+            "max_retries": self.max_retries,
+            "retry_budget_s": self.retry_budget,
+            "requests": self.stats.requests,
+            "upstream_hits": self.stats.upstream_hits,
+            "retries": self.stats.retries,
+            "failures": self.stats.failures,
+            "tokens_in": self.stats.tokens_in,
+            "tokens_out": self.stats.tokens_out,
+        }
+
+    async def chat(self, request: ChatRequest, on_delta: OnDelta | None = None) -> ChatResult:
+        """One chat completion, retried on 429/5xx/connect errors within the retry budget."""
+        body, notes = self.payload(request)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.retry_budget
+        self.stats.requests += 1
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                result = await self._limited_attempt(body, request, on_delta)
+            except _Retryable as exc:
+                delay = exc.retry_after if exc.retry_after is not None else backoff(attempt)
+                if attempt > self.max_retries or loop.time() + delay > deadline:
+                    self.stats.failures += 1
+                    exc.error.details["attempts"] = attempt
+                    if attempt <= self.max_retries:
+                        exc.error.message += f" (a retry in {delay:.1f}s would exceed the retry budget)"
+                    raise exc.error from None
+                self.stats.retries += 1
+                log.info("%s: %s; retry %d in %.2fs", self.label, exc.error.message, attempt, delay)
+                await asyncio.sleep(delay)
+                continue
+            except ProviderError:
+                self.stats.failures += 1
+                raise
+            result.attempts = attempt
+            result.seconds = loop.time() - started
+            result.notes.extend(notes)
+            if result.tokens_in:
+                self.stats.tokens_in += result.tokens_in
+            if result.tokens_out:
+                self.stats.tokens_out += result.tokens_out
+            return result
+
+    async def _limited_attempt(
+        self, body: dict[str, Any], request: ChatRequest, on_delta: OnDelta | None
+    ) -> ChatResult:
+        """One upstream hit under the per-key limit; the limit is not held while backing off."""
+        self._waiting += 1
+        try:
+            await self._semaphore.acquire()
+        finally:
+            self._waiting -= 1
+        self._active += 1
+        try:
+            return await self._attempt(body, request, on_delta)
+        finally:
+            self._active -= 1
+            self._semaphore.release()
+
+    async def _attempt(
+        self, body: dict[str, Any], request: ChatRequest, on_delta: OnDelta | None
+    ) -> ChatResult:
+        url = f"{self.base_url}/chat/completions"
+        self.stats.upstream_hits += 1
+        received_any = False
+        try:
+            async with self._client.stream("POST", url, json=body) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise self._status_error(response, request)
+                received_any = True
+                if body.get("stream"):
+                    return await self._read_stream(response, request, on_delta)
+                await response.aread()
+                return self._parse_full(response, request)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _Retryable(
+                ProviderUnavailable(
+                    f"{self.label} could not be reached at {self.base_url} ({type(exc).__name__})",
+                    hint=f"Check the network and {self._url_env()}.",
+                )
+            ) from None
+        except httpx.PoolTimeout:
+            raise ProviderTimeout(
+                f"{self.label}: no free connection within the timeout ({self.max_concurrency} in use)",
+                hint="Too many concurrent calls; retry shortly or raise EXAI_PROVIDER_MAX_CONCURRENCY.",
+            ) from None
+        except httpx.TimeoutException as exc:
+            raise ProviderTimeout(
+                f"{self.label} did not answer in time ({type(exc).__name__})",
+                hint="The provider is slow or hanging; retry, or raise EXAI_PROVIDER_READ_TIMEOUT.",
+            ) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            error = ProviderUnavailable(
+                f"{self.label} dropped the connection ({type(exc).__name__})",
+                hint="Retry the call; if it keeps happening the provider is having trouble.",
+            )
+            if received_any:
+                raise error from None
+            raise _Retryable(error) from None
+
+    def _url_env(self) -> str:
+        return "GLM_API_URL" if self.name == "glm" else "KIMI_API_URL"
+
+    def _status_error(self, response: httpx.Response, request: ChatRequest) -> Exception:
+        status = response.status_code
+        detail = _error_text(response)
+        if status in RETRY_STATUSES:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            if status == 429:
+                return _Retryable(
+                    ProviderRateLimited(
+                        f"{self.label} is rate-limiting requests (HTTP 429: {detail})",
+                        hint="Wait a little and retry, or lower the number of concurrent calls.",
+                        status=status,
+                    ),
+                    retry_after,
+                )
+            return _Retryable(
+                ProviderUnavailable(
+                    f"{self.label} failed with HTTP {status} ({detail})",
+                    hint="The provider is having trouble; retry later or use a model of the other provider.",
+                    status=status,
+                ),
+                retry_after,
+            )
+        if status in (401, 403):
+            return ProviderRejected(
+                f"{self.label} rejected the API key (HTTP {status}: {detail})",
+                hint=f"Check {KEY_ENV[self.name]}.",
+                status=status,
+            )
+        return ProviderRejected(
+            f"{self.label} rejected the request for {request.model.name} (HTTP {status}: {detail})",
+            hint="Check the model name and the size of the prompt and files.",
+            status=status,
+        )
+
+    def _parse_full(self, response: httpx.Response, request: ChatRequest) -> ChatResult:
+        try:
+            data = response.json()
+            choice = data["choices"][0]
+            content = choice["message"].get("content") or ""
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise ProviderError(f"{self.label} sent an answer that is not a chat completion") from None
+        usage = data.get("usage") or {}
+        return ChatResult(
+            content=content,
+            model=str(data.get("model") or request.model.name),
+            provider=self.name,
+            tokens_in=usage.get("prompt_tokens"),
+            tokens_out=usage.get("completion_tokens"),
+            finish_reason=choice.get("finish_reason"),
+        )
+
+    async def _read_stream(
+        self, response: httpx.Response, request: ChatRequest, on_delta: OnDelta | None
+    ) -> ChatResult:
+        parts: list[str] = []
+        usage: dict[str, Any] = {}
+        finish: str | None = None
+        model = request.model.name
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise ProviderError(f"{self.label} sent a malformed stream chunk") from None
+            model = chunk.get("model") or model
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                text = delta.get("content")
+                if text:
+                    parts.append(text)
+                    if on_delta is not None:
+                        on_delta(text)
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
+                if choice.get("usage"):  # Kimi reports usage inside the last choice
+                    usage = choice["usage"]
+        return ChatResult(
+            content="".join(parts),
+            model=str(model),
+            provider=self.name,
+            tokens_in=usage.get("prompt_tokens"),
+            tokens_out=usage.get("completion_tokens"),
+            finish_reason=finish,
+        )
+
+
+def _error_text(response: httpx.Response) -> str:
+    """The provider's own error message, short, without echoing anything secret."""
+    try:
+        data = response.json()
+    except ValueError:
+        text = response.text.strip()
+        return text[:200] or response.reason_phrase
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:200]
+        if isinstance(err, str):
+            return err[:200]
+        if data.get("message"):
+            return str(data["message"])[:200]
+    return response.reason_phrase

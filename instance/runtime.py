@@ -1,0 +1,192 @@
+"""The state one instance process shares between its tools, its HTTP endpoints and its lifecycle.
+
+An instance serves one session at a time, so this is deliberately small: who we are, which
+session we are bound to, how many calls are in flight, and the resources the lifespan opened.
+Nothing here is an import-time global: `build_app` creates one `Runtime` and hands it around.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from common.errors import ConfigError, ShuttingDown, StorageUnavailable
+from common.protocol import (
+    CLIENT_HEADER,
+    ERA_HEADER,
+    MCP_SESSION_ID,
+    PRINCIPAL_HEADER,
+    SESSION_HEADER,
+    InstanceState,
+    instance_process_name,
+)
+from common.settings import Settings
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from instance.providers import Providers
+
+log = logging.getLogger(__name__)
+
+LOCAL_SESSION = "local"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Where this instance lives: its registry id and loopback address."""
+
+    id: str
+    host: str
+    port: int
+
+
+def resolve_identity(settings: Settings) -> Identity:
+    """Work out id and port from EXAI_INSTANCE_ID / EXAI_INSTANCE_PORT / EXAI_INSTANCE_NUM.
+
+    supervisord passes only the process number, so the number alone must be enough.
+    """
+    num = settings.instance_num
+    port = settings.instance_port
+    if port is None and num is not None:
+        port = settings.instance_port_for(num)
+    if port is None:
+        raise ConfigError(
+            "the instance has no port: set EXAI_INSTANCE_PORT, or EXAI_INSTANCE_NUM "
+            "(port = EXAI_INSTANCE_BASE_PORT + number)"
+        )
+    if port > 65535:
+        raise ConfigError(f"EXAI_INSTANCE_BASE_PORT + EXAI_INSTANCE_NUM gives port {port}, above 65535")
+    instance_id = settings.instance_id or (
+        instance_process_name(num) if num is not None else f"instance_p{port}"
+    )
+    return Identity(id=instance_id, host="127.0.0.1", port=port)
+
+
+@dataclass
+class Binding:
+    """The session this instance serves, as the router described it in its headers."""
+
+    session: str
+    principal: str | None = None
+    client: str | None = None
+    era: str | None = None
+
+
+class Runtime:
+    """Shared, mutable state of one instance; every field is owned by one event loop."""
+
+    def __init__(self, settings: Settings, identity: Identity, *, version: str) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.version = version
+        self.pid = os.getpid()
+        self.started_at = time.time()
+        self.state: InstanceState = "starting"
+        self.binding: Binding | None = None
+        self.inflight = 0
+        self.calls_total = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Opened by the lifespan (see instance.app), None before and after.
+        self.providers: Providers | None = None
+        self.storage: Any = None
+        self.storage_error: str | None = None
+        self.redis: Redis | None = None
+        # Hooks set by the app: wake the registry heartbeat, close the SDK's MCP sessions.
+        self.on_change: Callable[[], None] = lambda: None
+        self.close_mcp_sessions: Callable[[], Any] | None = None
+
+    # --- session binding -------------------------------------------------------------------
+    @property
+    def session(self) -> str | None:
+        return self.binding.session if self.binding else None
+
+    def observe(self, headers: Mapping[str, str]) -> None:
+        """Bind to the session named by the router's headers (a new session replaces the old)."""
+        sid = headers.get(SESSION_HEADER)
+        if not sid:
+            return
+        current = self.binding
+        if current is not None and current.session == sid:
+            return
+        if current is not None:
+            log.warning("session %s replaces %s without a reset", sid, current.session)
+        self.binding = Binding(
+            session=sid,
+            principal=headers.get(PRINCIPAL_HEADER),
+            client=headers.get(CLIENT_HEADER),
+            era=headers.get(ERA_HEADER),
+        )
+        log.info("bound to session %s", sid)
+        self.on_change()
+
+    def session_for(self, headers: Mapping[str, str] | None) -> str:
+        """The session id that scopes tasks and notes for this request."""
+        if headers:
+            sid = headers.get(SESSION_HEADER) or headers.get(MCP_SESSION_ID)
+            if sid:
+                return sid
+        return self.session or LOCAL_SESSION
+
+    async def reset(self) -> None:
+        """Forget the bound session and close the SDK's sessions, ready for the next one."""
+        self.binding = None
+        if self.close_mcp_sessions is not None:
+            await self.close_mcp_sessions()
+        self.on_change()
+
+    def set_state(self, state: InstanceState) -> None:
+        if self.state != state:
+            log.info("state %s -> %s", self.state, state)
+            self.state = state
+            self.on_change()
+
+    # --- in-flight calls -------------------------------------------------------------------
+    @asynccontextmanager
+    async def call(self) -> AsyncIterator[None]:
+        """Count a tool call in flight, refusing new ones once the process is stopping."""
+        if self.state == "stopping":
+            raise ShuttingDown("this instance is shutting down and takes no new calls")
+        self.inflight += 1
+        self.calls_total += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight; False if `timeout` ran out first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def require_storage(self) -> Any:
+        if self.storage is None:
+            raise StorageUnavailable(
+                "storage is not available on this instance"
+                + (f" ({self.storage_error})" if self.storage_error else "")
+            )
+        return self.storage
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "id": self.identity.id,
+            "state": self.state,
+            "session": self.session or "",
+            "inflight": self.inflight,
+            "port": self.identity.port,
+            "pid": self.pid,
+            "version": self.version,
+        }

@@ -1,0 +1,123 @@
+"""The EXAI tools, registered on one MCPServer; each module holds one family of tools.
+
+`register_tools` is the only entry point. Every tool goes through `exai_tool`, which is the
+single place where fleet errors become MCP tool errors: an `ExaiError` turns into an isError
+result that names its code, says what happened and what to do; anything else is logged with
+its traceback here and reported to the client as one line.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+
+from common.errors import ExaiError
+from instance.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def describe_error(exc: ExaiError) -> str:
+    """One paragraph for the person reading the tool result: code, what happened, what to do."""
+    return f"[{exc.code}] {exc}"
+
+
+def _context_of(kwargs: dict[str, Any]) -> Context | None:
+    for value in kwargs.values():
+        if isinstance(value, Context):
+            return value
+    return None
+
+
+def headers_of(ctx: Context | None) -> dict[str, str]:
+    if ctx is None:
+        return {}
+    try:
+        headers = ctx.headers
+    except ValueError:
+        return {}
+    return dict(headers) if headers else {}
+
+
+def exai_tool(mcp: MCPServer[Any], runtime: Runtime, *, description: str) -> Callable[[F], F]:
+    """Register `fn` as a tool with the fleet's error mapping, call counting and telemetry."""
+
+    def decorate(fn: F) -> F:
+        name = fn.__name__.removesuffix("_tool")
+        assert inspect.iscoroutinefunction(fn), name
+
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            ctx = _context_of(kwargs)
+            headers = headers_of(ctx)
+            runtime.observe(headers)
+            started = time.perf_counter()
+            status, error = "success", None
+            try:
+                async with runtime.call():
+                    return await fn(*args, **kwargs)
+            except ExaiError as exc:
+                status, error = "error", exc.code
+                raise ToolError(describe_error(exc)) from None
+            except ToolError:
+                status, error = "error", "tool_error"
+                raise
+            except Exception as exc:
+                status, error = "error", "internal_error"
+                log.exception("tool %s failed", name)
+                raise ToolError(
+                    f"[internal_error] the {name} tool failed unexpectedly ({type(exc).__name__}: {exc}). "
+                    f"The log of instance {runtime.identity.id} has the details; retrying may help."
+                ) from None
+            finally:
+                _record(runtime, name, headers, status, error, time.perf_counter() - started)
+
+        mcp.tool(name=name, description=description)(wrapper)
+        return cast(F, wrapper)
+
+    return decorate
+
+
+def _record(
+    runtime: Runtime, name: str, headers: dict[str, str], status: str, error: str | None, seconds: float
+) -> None:
+    """Telemetry goes through the write-behind spool; losing it must never fail the call."""
+    storage = runtime.storage
+    if storage is None or not hasattr(storage, "record_tool_call"):
+        return
+    try:
+        result = storage.record_tool_call(
+            session_id=runtime.session_for(headers),
+            tool_name=name,
+            status=status,
+            duration_ms=seconds * 1000.0,
+            error=error,
+        )
+        if inspect.isawaitable(result):
+            # Telemetry is fire-and-forget by design; keep a reference until it is done.
+            import asyncio
+
+            task = asyncio.ensure_future(result)
+            _pending.add(task)
+            task.add_done_callback(_pending.discard)
+    except Exception:  # telemetry only
+        log.debug("could not record tool call %s", name, exc_info=True)
+
+
+_pending: set[Any] = set()
+
+
+def register_tools(mcp: MCPServer[Any], runtime: Runtime) -> None:
+    from instance.tools import chat, info, notes, tasks
+
+    for module in (info, chat, tasks, notes):
+        module.register(mcp, runtime)

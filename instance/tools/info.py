@@ -1,0 +1,88 @@
+"""Tools that describe the instance itself: version, listmodels, status."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import time
+from typing import Any
+
+from mcp.server.mcpserver import Context, MCPServer
+
+from instance.runtime import Runtime
+from instance.tools import exai_tool, headers_of
+
+
+def _sdk_version() -> str:
+    try:
+        return importlib.metadata.version("mcp")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
+    @exai_tool(mcp, runtime, description="Version of this EXAI server, its instance and the MCP SDK.")
+    async def version(ctx: Context) -> dict[str, Any]:
+        return {
+            "status": "success",
+            "server": "exai-fleet",
+            "version": runtime.version,
+            "instance_id": runtime.identity.id,
+            "mcp_sdk": _sdk_version(),
+            "protocol": ctx.protocol_version,
+            "eras": ["handshake (2024-11-05 … 2025-11-25)", "stateless (2026-07-28)"],
+        }
+
+    @exai_tool(
+        mcp, runtime, description="Models this server can call, with context windows and availability."
+    )
+    async def listmodels(ctx: Context) -> dict[str, Any]:
+        providers = runtime.providers
+        models = providers.models() if providers else []
+        configured = sorted(providers.clients) if providers else []
+        return {
+            "status": "success",
+            "default_model": runtime.settings.default_model,
+            "configured_providers": configured,
+            "models": models,
+            "note": "model='auto' picks the default model if its provider has a key, else any configured one."
+            + ("" if configured else " No provider is configured: set GLM_API_KEY and/or KIMI_API_KEY."),
+        }
+
+    @exai_tool(
+        mcp, runtime, description="Instance health: bound session, provider limits, spool backlog, pool."
+    )
+    async def status(ctx: Context) -> dict[str, Any]:
+        storage = runtime.storage
+        backlog: Any = None
+        pool: Any = None
+        if storage is not None:
+            backlog = storage.backlog()
+            if inspect.isawaitable(backlog):
+                backlog = await backlog
+            pool = storage.pool_stats()
+            if inspect.isawaitable(pool):
+                pool = await pool
+        binding = runtime.binding
+        return {
+            "status": "success",
+            "instance_id": runtime.identity.id,
+            "state": runtime.state,
+            "port": runtime.identity.port,
+            "pid": runtime.pid,
+            "uptime_s": round(time.time() - runtime.started_at, 1),
+            "session": runtime.session_for(headers_of(ctx)),
+            "bound_session": binding.session if binding else None,
+            "principal": binding.principal if binding else None,
+            "client": binding.client if binding else None,
+            "era": binding.era if binding else None,
+            "inflight": runtime.inflight,
+            "calls_total": runtime.calls_total,
+            "providers": runtime.providers.limits() if runtime.providers else {},
+            "storage": {
+                "available": storage is not None,
+                "error": runtime.storage_error,
+                "backlog": backlog,
+                "pool": pool,
+            },
+        }
