@@ -59,6 +59,34 @@ class ConfigError(ExaiError):
     code = "config_error"
 
 
+# --- fleet control (exai CLI, supervisord, embedded servers) ----------------------------------
+class FleetControlError(ExaiError):
+    """Starting, stopping or scaling the fleet's processes failed."""
+
+    code = "fleet_control_error"
+    jsonrpc_code = SERVER_ERROR
+    http_status = 503
+
+
+class SupervisorUnavailable(FleetControlError):
+    """supervisord does not answer on its control socket: the fleet is not running."""
+
+    code = "supervisor_unavailable"
+    default_hint = "Start the fleet with `exai up`."
+
+
+class SupervisorFault(FleetControlError):
+    """supervisord refused or failed a control call (bad name, spawn error, ...)."""
+
+    code = "supervisor_fault"
+
+
+class EmbeddedServiceError(FleetControlError):
+    """An embedded Postgres or Redis could not be prepared or did not come up."""
+
+    code = "embedded_service_error"
+
+
 # --- input ---------------------------------------------------------------------------------
 class InvalidArgument(ExaiError):
     """A tool or API argument is malformed or out of range."""
