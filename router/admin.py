@@ -1,0 +1,157 @@
+"""The admin API (JSON, bearer EXAI_ADMIN_TOKEN) and the unauthenticated probes.
+
+/healthz says the process runs; /readyz says it can route (Redis answers, an instance is
+registered); /metrics is Prometheus text. Everything under /admin needs the admin token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from common import protocol as p
+from common.errors import ExaiError, NotFound
+from common.redis import REDIS_DOWN_ERRORS
+from router.metrics import Metrics
+from router.openapi import OPENAPI
+from router.proxy import CONTROL_TIMEOUT, Proxy
+
+PROXY_KEY = web.AppKey("proxy", Proxy)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+def _error(exc: ExaiError) -> web.Response:
+    return web.json_response(exc.to_dict(), status=exc.http_status)
+
+
+@web.middleware
+async def admin_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.path.startswith("/admin"):
+        try:
+            request.app[PROXY_KEY].guard.check_admin(request)
+        except ExaiError as exc:
+            return _error(exc)
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except ExaiError as exc:
+        return _error(exc)
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY_KEY]
+    ids = await proxy.table.redis.zrange(proxy.table.keys.sessions(), 0, -1)
+    out = []
+    for sid in ids:
+        sess = await proxy.table.fetch(str(sid))
+        if sess is not None and not sess.ended:
+            out.append(sess.public())
+    out.sort(key=lambda s: s["created"])
+    return _json({"sessions": out})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY_KEY]
+    sess = await proxy.table.fetch(request.match_info["id"])
+    if sess is None or sess.ended:
+        raise NotFound(f"No session {request.match_info['id']!r}.")
+    return _json(sess.public())
+
+
+async def end_session(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY_KEY]
+    sess = await proxy.table.fetch(request.match_info["id"])
+    if sess is None or sess.ended:
+        raise NotFound(f"No session {request.match_info['id']!r}.")
+    await proxy.end(sess, "admin")
+    return _json({"ended": sess.id})
+
+
+async def instances_view(proxy: Proxy) -> list[dict[str, Any]]:
+    instances = await proxy.registry.instances()
+    holders = await proxy.leases.holders(list(instances))
+    draining = await proxy.registry.draining()
+    return [
+        {
+            "id": inst.id,
+            "host": inst.host,
+            "port": inst.port,
+            "pid": inst.pid,
+            "state": "draining" if inst.id in draining and inst.state == "ready" else inst.state,
+            "draining": inst.id in draining,
+            "session": holders.get(inst.id),
+            "heartbeat_age": round(inst.heartbeat_age, 3),
+        }
+        for inst in sorted(instances.values(), key=lambda i: (i.port, i.id))
+    ]
+
+
+async def list_instances(request: web.Request) -> web.Response:
+    return _json({"instances": await instances_view(request.app[PROXY_KEY])})
+
+
+async def drain_instance(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY_KEY]
+    iid = request.match_info["id"]
+    inst = await proxy.registry.get(iid)
+    if inst is None:
+        raise NotFound(f"No live instance {iid!r}.")
+    await proxy.registry.set_draining(iid)
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        async with proxy.http.post(
+            inst.base_url + p.INTERNAL_DRAIN,
+            headers={p.INTERNAL_TOKEN_HEADER: proxy.internal_token},
+            timeout=CONTROL_TIMEOUT,
+        ) as r:
+            await r.read()
+    return _json({"draining": iid})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return _json(OPENAPI)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"ok": True, "time": time.time()})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY_KEY]
+    try:
+        await proxy.table.redis.ping()
+        instances = await proxy.registry.instances()
+    except REDIS_DOWN_ERRORS as exc:
+        return _json({"ready": False, "reason": f"Redis unreachable: {exc}"}, status=503)
+    ready = [i for i in instances.values() if i.state == "ready"]
+    if not ready:
+        return _json({"ready": False, "reason": "no instance registered"}, status=503)
+    return _json({"ready": True, "instances": len(ready)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY_KEY]
+    with contextlib.suppress(*REDIS_DOWN_ERRORS):
+        await proxy.registry.instances()  # fresh instance gauges
+    return web.Response(
+        text=request.app[METRICS_KEY].render(), content_type="text/plain", charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )  # fmt: skip
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/openapi.json", openapi)
+    app.router.add_get("/admin/sessions", list_sessions)
+    app.router.add_get("/admin/sessions/{id}", get_session)
+    app.router.add_delete("/admin/sessions/{id}", end_session)
+    app.router.add_get("/admin/instances", list_instances)
+    app.router.add_post("/admin/instances/{id}/drain", drain_instance)

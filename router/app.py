@@ -1,0 +1,183 @@
+"""The router's aiohttp Application: resources opened and closed by cleanup contexts.
+
+One Redis client and one upstream ClientSession per process. The connector has no total
+limit: every upstream connection mirrors one client request in flight (a long-lived GET
+stream included), so a pool cap could only make open streams starve new calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from common.keys import Keys
+from common.redis import REDIS_DOWN_ERRORS, create_redis
+from common.settings import Settings
+from router import admin
+from router.allocation import Allocator
+from router.leases import Leases
+from router.metrics import Labels, Metrics
+from router.proxy import Proxy
+from router.registry import Registry
+from router.security import Guard
+from router.sessions import SessionTable
+from router.spares import Spares
+
+log = logging.getLogger(__name__)
+
+SETTINGS_KEY = web.AppKey("settings", Settings)
+
+
+async def _every(interval: float, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+    """Run `fn` forever; a failing round is logged and retried next time, never fatal."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await fn()
+        except asyncio.CancelledError:
+            raise
+        except REDIS_DOWN_ERRORS as exc:
+            log.warning("%s: Redis unreachable (%s)", name, exc)
+        except Exception:
+            log.exception("%s failed", name)
+
+
+class Maintenance:
+    """Background rounds: lease renewal, counter flush, idle sweep."""
+
+    def __init__(self, proxy: Proxy, settings: Settings) -> None:
+        self.proxy = proxy
+        self.settings = settings
+
+    async def renew_leases(self) -> None:
+        table = self.proxy.table
+        pairs = [(s.instance_id, s.id) for s in table.by_id.values() if s.instance_id and not s.ended]
+        for (iid, sid), ok in (await self.proxy.leases.renew(pairs)).items():
+            if ok:
+                continue
+            sess = table.by_id.get(sid)
+            if sess is None or sess.ended or sess.instance_id != iid:
+                continue
+            if not await self.proxy.leases.acquire(iid, sid):
+                # Another session owns the instance now: rebind on this session's next request.
+                log.warning("session %s lost its lease on %s", sid[:8], iid)
+                sess.instance_id = ""
+                self.proxy.targets.pop(sid, None)
+
+    async def sweep_idle(self) -> None:
+        table = self.proxy.table
+        await table.flush()
+        cutoff = time.time() - self.settings.session_idle_timeout
+        for sid in await table.idle_ids(cutoff):
+            sess = await table.fetch(sid)
+            if sess is None:
+                await table.redis.zrem(table.keys.sessions(), sid)
+                continue
+            if sess.inflight:
+                table.touch(sess)
+                continue
+            await self.proxy.end(sess, "idle")
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[admin.admin_auth])
+    app[SETTINGS_KEY] = settings
+    metrics = Metrics()
+    app[admin.METRICS_KEY] = metrics
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        redis = create_redis(settings.redis_url, max_connections=64)
+        keys = Keys(settings.redis_prefix)
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=None)
+        http = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, timeout=aiohttp.ClientTimeout(None)
+        )
+        registry = Registry(redis, keys)
+        leases = Leases(redis, keys, settings.lease_ttl)
+        spares = Spares(settings.supervisor_socket)
+        allocator = Allocator(settings, registry, leases, metrics, start_spare=spares.start_one)
+        table = SessionTable(redis, keys)
+        proxy = Proxy(
+            http=http,
+            table=table,
+            registry=registry,
+            leases=leases,
+            allocator=allocator,
+            guard=Guard.from_settings(settings),
+            metrics=metrics,
+            internal_token=settings.internal_token or "",
+            max_body_bytes=settings.max_body_bytes,
+        )
+        allocator.reset = proxy.reset_instance
+        app[admin.PROXY_KEY] = proxy
+        _wire_gauges(metrics, proxy)
+        try:
+            loaded = await table.load()
+            if loaded:
+                log.info("restored %d sessions from Redis", loaded)
+        except REDIS_DOWN_ERRORS as exc:
+            log.warning("could not restore sessions (Redis unreachable: %s)", exc)
+        maint = Maintenance(proxy, settings)
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await maint.renew_leases()
+        sweep = max(0.2, min(30.0, settings.session_idle_timeout / 4))
+        tasks = [
+            asyncio.create_task(_every(settings.lease_ttl / 3, "lease renewal", maint.renew_leases)),
+            asyncio.create_task(_every(1.0, "session flush", table.flush)),
+            asyncio.create_task(_every(sweep, "idle sweep", maint.sweep_idle)),
+        ]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await proxy.close()
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await table.flush()
+            await http.close()
+            await redis.aclose()
+
+    app.cleanup_ctx.append(resources)
+    admin.add_routes(app)
+
+    async def mcp(request: web.Request) -> web.StreamResponse:
+        return await request.app[admin.PROXY_KEY].handle(request)
+
+    for path in ("/mcp", "/mcp/", "/mcp/s/{name}"):
+        app.router.add_route("*", path, mcp)
+    return app
+
+
+def _wire_gauges(metrics: Metrics, proxy: Proxy) -> None:
+    def sessions() -> dict[Labels, float]:
+        out: dict[Labels, float] = {(("era", "handshake"),): 0, (("era", "stateless"),): 0}
+        for s in proxy.table.by_id.values():
+            if not s.ended:
+                out[(("era", s.era),)] += 1
+        return out
+
+    def instances() -> dict[Labels, float]:
+        out: dict[Labels, float] = {}
+        busy = {s.instance_id for s in proxy.table.by_id.values() if not s.ended}
+        for inst in proxy.registry.last.values():
+            state = "busy" if inst.id in busy else inst.state
+            out[(("state", state),)] = out.get((("state", state),), 0) + 1
+        return out
+
+    def inflight() -> dict[Labels, float]:
+        return {(): float(sum(s.inflight for s in proxy.table.by_id.values()))}
+
+    metrics.gauge("exai_router_sessions", "Open sessions known to this router, by era.", sessions)
+    metrics.gauge("exai_router_instances", "Live instances by state (busy = bound to a session).", instances)
+    metrics.gauge("exai_router_requests_inflight", "Requests being proxied right now.", inflight)
+    metrics.gauge(
+        "exai_router_allocation_waiters", "Sessions waiting for a free instance.",
+        lambda: {(): float(proxy.allocator.waiters)},
+    )  # fmt: skip

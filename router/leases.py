@@ -1,0 +1,64 @@
+"""Exclusive instance leases in Redis: one session per instance, atomically, across routers.
+
+A lease is `SET lease:{instance} {session} NX PX ttl`; the holder renews it while the session
+lives. Renewal and release compare the value first (in Lua), so a router never extends or
+frees a lease another router won after this one's expired.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from redis.asyncio import Redis
+
+from common.keys import Keys
+
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+class Leases:
+    def __init__(self, redis: Redis, keys: Keys, ttl: float) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl_ms = int(ttl * 1000)
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+
+    async def acquire(self, instance_id: str, session_id: str) -> bool:
+        return bool(await self.redis.set(self.keys.lease(instance_id), session_id, nx=True, px=self.ttl_ms))
+
+    async def holder(self, instance_id: str) -> str | None:
+        value = await self.redis.get(self.keys.lease(instance_id))
+        return str(value) if value is not None else None
+
+    async def holders(self, instance_ids: list[str]) -> dict[str, str | None]:
+        if not instance_ids:
+            return {}
+        values = await self.redis.mget([self.keys.lease(i) for i in instance_ids])
+        return {i: (str(v) if v is not None else None) for i, v in zip(instance_ids, values, strict=True)}
+
+    async def renew(self, bindings: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bool]:
+        """Renew (instance, session) leases; False where the lease is no longer this session's."""
+        pairs = list(bindings)
+        if not pairs:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for iid, sid in pairs:
+                await self._renew(keys=[self.keys.lease(iid)], args=[sid, self.ttl_ms], client=pipe)
+            results = await pipe.execute()
+        return {pair: bool(r) for pair, r in zip(pairs, results, strict=True)}
+
+    async def release(self, instance_id: str, session_id: str) -> bool:
+        return bool(await self._release(keys=[self.keys.lease(instance_id)], args=[session_id]))

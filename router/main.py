@@ -1,0 +1,55 @@
+"""`exai-router`: serve the router on EXAI_ROUTER_HOST:EXAI_ROUTER_PORT until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from common.entry import run_entry
+from common.logs import setup_logging
+from common.settings import Settings, load_settings
+from router.app import create_app
+from router.security import check_bind
+
+log = logging.getLogger("router")
+
+
+async def serve(settings: Settings) -> None:
+    check_bind(settings)
+    app = create_app(settings)
+    # handler_cancellation: a client that disconnects cancels its handler, which closes the
+    # upstream connection, which cancels the call on the instance.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(
+            runner, settings.router_host, settings.router_port, backlog=1024, reuse_address=True
+        )
+        await site.start()
+        log.info("router listening on http://%s:%s/mcp", settings.router_host, settings.router_port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("router stopping")
+    finally:
+        await runner.cleanup()
+
+
+def _main() -> int:
+    settings = load_settings()
+    setup_logging(settings.log_level, name="router")
+    asyncio.run(serve(settings))
+    return 0
+
+
+def main() -> int:
+    return run_entry(_main, prog="exai-router")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Prometheus text exposition, written by hand.
+
+The router needs a few counters, gauges and histograms; a hundred lines here avoid a
+dependency and keep observation on the proxy path to a dict lookup and an add.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _fmt_labels(labels: Labels, extra: tuple[str, str] | None = None) -> str:
+    items = [*labels, extra] if extra else list(labels)
+    if not items:
+        return ""
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in items)
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+class Counter:
+    def __init__(self, name: str, doc: str) -> None:
+        self.name, self.doc = name, doc
+        self.values: dict[Labels, float] = {}
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.doc}"
+        yield f"# TYPE {self.name} counter"
+        for labels, value in sorted(self.values.items()):
+            yield f"{self.name}{_fmt_labels(labels)} {_num(value)}"
+
+
+class Gauge:
+    """A gauge whose samples are computed when scraped (sessions, instances)."""
+
+    def __init__(self, name: str, doc: str, collect: Callable[[], dict[Labels, float]]) -> None:
+        self.name, self.doc, self.collect = name, doc, collect
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.doc}"
+        yield f"# TYPE {self.name} gauge"
+        for labels, value in sorted(self.collect().items()):
+            yield f"{self.name}{_fmt_labels(labels)} {_num(value)}"
+
+
+class Histogram:
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.name, self.doc, self.buckets = name, doc, buckets
+        self.series: dict[Labels, list[float]] = {}  # bucket counts..., +Inf count, sum
+
+    def observe(self, value: float, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = [0.0] * (len(self.buckets) + 2)
+        series[bisect.bisect_left(self.buckets, value)] += 1
+        series[-1] += value
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.doc}"
+        yield f"# TYPE {self.name} histogram"
+        for labels, series in sorted(self.series.items()):
+            cumulative = 0.0
+            for bound, count in zip((*self.buckets, float("inf")), series[:-1], strict=True):
+                cumulative += count
+                le = "+Inf" if bound == float("inf") else _num(bound)
+                yield f"{self.name}_bucket{_fmt_labels(labels, ('le', le))} {_num(cumulative)}"
+            yield f"{self.name}_count{_fmt_labels(labels)} {_num(cumulative)}"
+            yield f"{self.name}_sum{_fmt_labels(labels)} {series[-1]!r}"
+
+
+class Metrics:
+    """Every metric the router exports; gauges are wired to live state by the app."""
+
+    def __init__(self) -> None:
+        self.request_seconds = Histogram(
+            "exai_router_request_seconds",
+            "Time to response headers per route and method (proxied streams: until upstream headers).",
+        )
+        self.upstream_errors = Counter("exai_router_upstream_errors_total", "Failed upstream calls by kind.")
+        self.failovers = Counter("exai_router_failovers_total", "Sessions moved to another instance.")
+        self.allocation_waits = Counter(
+            "exai_router_allocation_waits_total", "Allocations that found no free instance at first."
+        )
+        self.allocation_failures = Counter(
+            "exai_router_allocation_failures_total", "Allocations that gave up (503 to the client)."
+        )
+        self.allocation_wait_seconds = Histogram(
+            "exai_router_allocation_wait_seconds", "Time spent waiting for a free instance.", WAIT_BUCKETS
+        )
+        self.spares_started = Counter("exai_router_spares_started_total", "Idle instances started on demand.")
+        self.sessions_ended = Counter("exai_router_sessions_ended_total", "Sessions ended, by reason.")
+        self.gauges: list[Gauge] = []
+
+    def gauge(self, name: str, doc: str, collect: Callable[[], dict[Labels, float]]) -> None:
+        self.gauges.append(Gauge(name, doc, collect))
+
+    def render(self) -> str:
+        parts: list[Iterable[str]] = [g.render() for g in self.gauges]
+        parts += [
+            m.render()
+            for m in (
+                self.request_seconds,
+                self.upstream_errors,
+                self.failovers,
+                self.allocation_waits,
+                self.allocation_failures,
+                self.allocation_wait_seconds,
+                self.spares_started,
+                self.sessions_ended,
+            )
+        ]
+        return "\n".join(line for part in parts for line in part) + "\n"

@@ -1,0 +1,126 @@
+"""The admin API described as OpenAPI 3.1, served at /admin/openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_SESSION = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "instance": {"type": ["string", "null"]},
+        "client": {"type": ["string", "null"]},
+        "principal": {"type": "string"},
+        "era": {"type": "string", "enum": ["handshake", "stateless"]},
+        "key": {"type": ["string", "null"], "description": "stateless-era session key"},
+        "created": {"type": "number", "description": "Unix time"},
+        "last_seen": {"type": "number", "description": "Unix time"},
+        "inflight": {"type": "integer", "description": "requests in flight through this router"},
+        "total": {"type": "integer"},
+    },
+    "required": ["id", "instance", "era", "created", "last_seen", "inflight", "total"],
+}
+_INSTANCE = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "host": {"type": "string"},
+        "port": {"type": "integer"},
+        "pid": {"type": "string"},
+        "state": {"type": "string"},
+        "draining": {"type": "boolean"},
+        "session": {"type": ["string", "null"], "description": "session holding the lease"},
+        "heartbeat_age": {"type": "number", "description": "seconds since the last heartbeat"},
+    },
+    "required": ["id", "port", "pid", "state", "session", "heartbeat_age"],
+}
+_ERROR = {
+    "type": "object",
+    "properties": {"error": {"type": "string"}, "message": {"type": "string"}, "hint": {"type": "string"}},
+}
+
+
+def _ok(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERRORS = {
+    "401": _ok(_ERROR, "missing or wrong admin token"),
+    "403": _ok(_ERROR, "admin API disabled (EXAI_ADMIN_TOKEN unset)"),
+}
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "EXAI router admin API",
+        "version": "1",
+        "description": "Sessions and instances of an EXAI fleet. Every call needs "
+        "'Authorization: Bearer $EXAI_ADMIN_TOKEN'.",
+    },
+    "components": {
+        "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
+        "schemas": {"Session": _SESSION, "Instance": _INSTANCE, "Error": _ERROR},
+    },
+    "security": [{"admin": []}],
+    "paths": {
+        "/admin/sessions": {
+            "get": {
+                "summary": "List sessions",
+                "responses": {
+                    "200": _ok(
+                        {"type": "object", "properties": {"sessions": {"type": "array", "items": _SESSION}}},
+                        "all sessions",
+                    ),
+                    **_ERRORS,
+                },
+            }
+        },
+        "/admin/sessions/{id}": {
+            "parameters": [_ID],
+            "get": {
+                "summary": "One session",
+                "responses": {"200": _ok(_SESSION, "the session"), "404": _ok(_ERROR, "unknown"), **_ERRORS},
+            },
+            "delete": {
+                "summary": "End a session (its instance is reset and freed)",
+                "responses": {
+                    "200": _ok({"type": "object", "properties": {"ended": {"type": "string"}}}, "ended"),
+                    "404": _ok(_ERROR, "unknown"),
+                    **_ERRORS,
+                },
+            },
+        },
+        "/admin/instances": {
+            "get": {
+                "summary": "List instances",
+                "responses": {
+                    "200": _ok(
+                        {
+                            "type": "object",
+                            "properties": {"instances": {"type": "array", "items": _INSTANCE}},
+                        },
+                        "all live instances",
+                    ),
+                    **_ERRORS,
+                },
+            }
+        },
+        "/admin/instances/{id}/drain": {
+            "parameters": [_ID],
+            "post": {
+                "summary": "Drain an instance: it takes no new session; its current one continues",
+                "responses": {
+                    "200": _ok(
+                        {"type": "object", "properties": {"draining": {"type": "string"}}}, "draining"
+                    ),
+                    "404": _ok(_ERROR, "unknown"),
+                    **_ERRORS,
+                },
+            },
+        },
+        "/admin/openapi.json": {
+            "get": {"summary": "This document", "responses": {"200": {"description": "ok"}}}
+        },
+    },
+}

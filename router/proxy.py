@@ -1,0 +1,521 @@
+"""The /mcp proxy: one instance per session, both MCP eras, failover without losing the session.
+
+Request bodies are single JSON-RPC messages capped at EXAI_MAX_BODY_BYTES; the router reads
+each one (the method decides the route, `_meta` names the client, and a call that never
+reached a dead instance must be re-sent). Response bodies are never buffered: they are copied
+chunk by chunk as they arrive, which keeps SSE events and keep-alive pings flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+
+from common import protocol as p
+from common.errors import (
+    BadRequest,
+    ExaiError,
+    InstanceLost,
+    NoFreeInstance,
+    PayloadTooLarge,
+    SessionNotFound,
+)
+from router.allocation import Allocator
+from router.jsonrpc import Message, error_response, parse_message, sse_error_event
+from router.leases import Leases
+from router.metrics import Metrics
+from router.registry import Instance, Registry
+from router.security import Guard
+from router.sessions import Session, SessionTable, new_session_id
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+POST_READ_TIMEOUT = 120.0  # instances ping SSE streams every 15 s; silence this long means trouble
+CONTROL_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=3)
+_HANDSHAKE_VERSIONS = frozenset(HANDSHAKE_PROTOCOL_VERSIONS)
+
+# Never forwarded upstream: hop-by-hop, the client's credentials and browser context (the
+# router has checked them), and any X-Exai-* a client made up.
+_DROP_REQUEST = frozenset(
+    {
+        "host", "connection", "keep-alive", "proxy-authorization", "te", "trailer", "transfer-encoding",
+        "upgrade", "content-length", "authorization", "origin", "cookie", "accept-encoding",
+        "mcp-session-id",
+    }
+)  # fmt: skip
+_DROP_RESPONSE = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "server", "date", "mcp-session-id", "content-encoding"}
+)
+_SESSION_KEY_HEADER = "X-Exai-Session-Key"
+
+
+class Proxy:
+    """Holds the pieces a proxied request needs; the aiohttp handlers are its methods."""
+
+    def __init__(
+        self,
+        *,
+        http: aiohttp.ClientSession,
+        table: SessionTable,
+        registry: Registry,
+        leases: Leases,
+        allocator: Allocator,
+        guard: Guard,
+        metrics: Metrics,
+        internal_token: str,
+        max_body_bytes: int,
+    ) -> None:
+        self.http = http
+        self.table = table
+        self.registry = registry
+        self.leases = leases
+        self.allocator = allocator
+        self.guard = guard
+        self.metrics = metrics
+        self.internal_token = internal_token
+        self.max_body_bytes = max_body_bytes
+        self.targets: dict[str, Instance] = {}  # session id -> instance it is bound to
+        self._creating: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- entry -----------------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        msg: Message | None = None
+        body: bytes | None = None
+        try:
+            self.guard.check_origin(request)
+            principal = self.guard.principal(request)
+            if request.method == "POST":
+                body = await self._read_body(request)
+                msg = parse_message(body)
+            elif request.method not in ("GET", "DELETE"):
+                return web.Response(status=405, headers={"Allow": "GET, POST, DELETE"})
+            version = request.headers.get(p.MCP_PROTOCOL_VERSION)
+            if version is not None and version not in _HANDSHAKE_VERSIONS:
+                return await self._stateless(request, principal, body, msg, started)
+            return await self._handshake(request, principal, body, msg, started)
+        except NoFreeInstance as exc:
+            retry = str(exc.details.get("retry_after", self.allocator.retry_after))
+            return error_response(exc, msg.id if msg else None, headers={"Retry-After": retry})
+        except ExaiError as exc:
+            return error_response(exc, msg.id if msg else exc.details.get("request_id"))
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        ctype = request.headers.get("Content-Type", "")
+        if not ctype.split(";")[0].strip().lower() == "application/json":
+            raise BadRequest("Unsupported Media Type: Content-Type must be application/json.")
+        limit = self.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"Request body of {request.content_length} bytes exceeds {limit} bytes.")
+        buf = bytearray()
+        async for chunk in request.content.iter_any():
+            buf += chunk
+            if len(buf) > limit:
+                raise PayloadTooLarge(f"Request body exceeds {limit} bytes (EXAI_MAX_BODY_BYTES).")
+        return bytes(buf)
+
+    # --- handshake era ---------------------------------------------------------------------
+    async def _handshake(
+        self, request: web.Request, principal: str, body: bytes | None, msg: Message | None, started: float
+    ) -> web.StreamResponse:
+        sid = request.headers.get(p.MCP_SESSION_ID)
+        if sid is None:
+            if body is not None and msg is not None and msg.method == "initialize" and msg.id is not None:
+                return await self._open_handshake(request, principal, body, msg, started)
+            raise BadRequest("Bad Request: Missing session ID (send initialize first).")
+        sess = await self.table.fetch(sid)
+        if sess is None or sess.ended or sess.principal != principal or sess.era != "handshake":
+            raise SessionNotFound("Session not found.")
+        version = request.headers.get(p.MCP_PROTOCOL_VERSION)
+        if version and version != sess.protocol_version:
+            sess.protocol_version = version
+        if request.method == "DELETE":
+            return await self._delete(request, sess, started)
+        return await self._forward(request, sess, body, msg, started)
+
+    async def _open_handshake(
+        self, request: web.Request, principal: str, body: bytes, msg: Message, started: float
+    ) -> web.StreamResponse:
+        params = msg.params or {}
+        sess = Session(
+            id=new_session_id(),
+            era="handshake",
+            principal=principal,
+            client=msg.client_name() or "",
+            init_body=body.decode(),
+            protocol_version=str(params.get("protocolVersion", "")),
+            client_addr=request.remote or "",
+        )
+        inst = await self.allocator.allocate(sess.id)
+        self._bind(sess, inst)
+        try:
+            return await self._forward(request, sess, body, msg, started, opening=True)
+        finally:
+            if not sess.upstream_sid and not sess.ended:
+                # initialize failed or the client went away: the instance is free again.
+                self._spawn(self.end(sess, "failed-open", persisted=False))
+
+    async def _delete(self, request: web.Request, sess: Session, started: float) -> web.StreamResponse:
+        target = await self._target(sess)
+        status = 200
+        if target is not None:
+            headers = self._upstream_headers(request, sess)
+            headers[p.MCP_SESSION_ID] = sess.upstream_sid
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with self.http.delete(
+                    target.base_url + p.MCP_PATH, headers=headers, timeout=CONTROL_TIMEOUT
+                ):
+                    pass
+        await self.end(sess, "delete")
+        self.metrics.request_seconds.observe(time.perf_counter() - started, route="/mcp", method="DELETE")
+        return web.Response(status=status, headers={p.MCP_SESSION_ID: sess.id})
+
+    # --- stateless era ---------------------------------------------------------------------
+    def session_key(self, request: web.Request, principal: str, msg: Message | None) -> tuple[str, str]:
+        """(key, client name): explicit name, else clientInfo.name, else the client address."""
+        name = request.match_info.get("name") or request.headers.get(_SESSION_KEY_HEADER)
+        client = (msg.client_name() if msg else None) or ""
+        if name:
+            return f"{principal}/name/{name}", client
+        if client:
+            return f"{principal}/client/{client}", client
+        return f"{principal}/addr/{request.remote}", client
+
+    async def _stateless(
+        self, request: web.Request, principal: str, body: bytes | None, msg: Message | None, started: float
+    ) -> web.StreamResponse:
+        key, client = self.session_key(request, principal, msg)
+        sess = await self.table.fetch_by_key(key)
+        if sess is None or sess.ended:
+            if request.method != "POST":
+                # The 2026-07-28 transport has only POST; let an instance say so if one is bound.
+                return web.Response(status=405, headers={"Allow": "POST"})
+            sess = await self._open_stateless(request, principal, key, client)
+        if request.method == "DELETE":
+            await self.end(sess, "delete")
+            return web.Response(status=204)
+        return await self._forward(request, sess, body, msg, started)
+
+    async def _open_stateless(self, request: web.Request, principal: str, key: str, client: str) -> Session:
+        lock = self._creating.setdefault(key, asyncio.Lock())
+        async with lock:
+            sess = await self.table.fetch_by_key(key)
+            if sess is not None and not sess.ended:
+                return sess
+            sess = Session(
+                id=new_session_id(),
+                era="stateless",
+                principal=principal,
+                client=client,
+                key=key,
+                client_addr=request.remote or "",
+            )
+            inst = await self.allocator.allocate(sess.id)
+            self._bind(sess, inst)
+            try:
+                winner = await self.table.claim_key(key, sess.id)
+                if winner != sess.id:  # another router opened it first
+                    await self.end(sess, "lost-race", persisted=False)
+                    other = await self.table.fetch(winner)
+                    if other is None:
+                        raise SessionNotFound("Session is being opened elsewhere; retry.")
+                    return other
+                await self.table.save(sess)
+            except BaseException:
+                if not sess.ended:
+                    await asyncio.shield(self.end(sess, "failed-open", persisted=False))
+                raise
+            finally:
+                if not lock.locked() or len(self._creating) > 1024:
+                    self._creating.pop(key, None)
+            return sess
+
+    # --- forwarding ------------------------------------------------------------------------
+    def _upstream_headers(self, request: web.Request, sess: Session) -> dict[str, str]:
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in _DROP_REQUEST and not k.lower().startswith("x-exai-")
+        }
+        headers[p.INTERNAL_TOKEN_HEADER] = self.internal_token
+        headers[p.SESSION_HEADER] = sess.id
+        headers[p.PRINCIPAL_HEADER] = sess.principal
+        headers[p.ERA_HEADER] = sess.era
+        if sess.client:
+            headers[p.CLIENT_HEADER] = sess.client
+        return headers
+
+    async def _forward(
+        self,
+        request: web.Request,
+        sess: Session,
+        body: bytes | None,
+        msg: Message | None,
+        started: float,
+        *,
+        opening: bool = False,
+    ) -> web.StreamResponse:
+        is_get = request.method == "GET"
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=3, sock_read=None if is_get else POST_READ_TIMEOUT
+        )
+        sess.inflight += 1
+        sess.total += 1
+        self.table.touch(sess)
+        try:
+            for attempt in range(MAX_ATTEMPTS):
+                generation = sess.generation
+                target = await self._target(sess)
+                if target is None:
+                    await self.rebind(sess, generation, "instance gone from registry")
+                    continue
+                headers = self._upstream_headers(request, sess)
+                if sess.upstream_sid and not opening:
+                    headers[p.MCP_SESSION_ID] = sess.upstream_sid
+                try:
+                    upstream = await self.http.request(
+                        request.method,
+                        target.base_url + p.MCP_PATH,
+                        data=body,
+                        headers=headers,
+                        timeout=timeout,
+                    )
+                except aiohttp.ClientConnectorError as exc:
+                    # Nothing reached the instance: move the session and send it again.
+                    self.metrics.upstream_errors.inc(kind="connect")
+                    self.registry.mark_suspect(target)
+                    log.warning("instance %s refused session %s: %s", target.id, sess.id[:8], exc)
+                    if opening:
+                        await self._reopen(sess, target)
+                    else:
+                        await self.rebind(sess, generation, "connection refused")
+                    continue
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    # The request went out and the instance vanished: it may have run.
+                    self.metrics.upstream_errors.inc(kind="lost")
+                    self._spawn(self.check_and_rebind(sess, generation, target))
+                    why = exc.__class__.__name__
+                    raise InstanceLost(
+                        f"Instance {target.id} stopped answering while handling this request ({why})."
+                    ) from None
+                if (
+                    upstream.status == 404
+                    and sess.era == "handshake"
+                    and sess.upstream_sid
+                    and not opening
+                    and attempt < MAX_ATTEMPTS - 1
+                ):
+                    # The instance restarted or was reset and no longer knows the session;
+                    # it refused before running anything, so rebuild the session and resend.
+                    upstream.release()
+                    self.metrics.upstream_errors.inc(kind="session-unknown")
+                    await self.rebind(sess, generation, "instance lost the session", keep=True)
+                    continue
+                return await self._relay(request, sess, msg, upstream, target, started, opening=opening)
+            raise InstanceLost("Could not reach a working instance for this session after several tries.")
+        finally:
+            sess.inflight -= 1
+            self.table.touch(sess)
+
+    async def _relay(
+        self,
+        request: web.Request,
+        sess: Session,
+        msg: Message | None,
+        upstream: aiohttp.ClientResponse,
+        target: Instance,
+        started: float,
+        *,
+        opening: bool,
+    ) -> web.StreamResponse:
+        """Copy the upstream response to the client as it arrives."""
+        try:
+            if opening:
+                upstream_sid = upstream.headers.get(p.MCP_SESSION_ID)
+                if upstream.status < 400 and upstream_sid:
+                    sess.upstream_sid = upstream_sid
+                    await self.table.save(sess)
+            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for k, v in upstream.headers.items():
+                if k.lower() not in _DROP_RESPONSE:
+                    resp.headers.add(k, v)
+            if sess.era == "handshake" and (sess.upstream_sid or p.MCP_SESSION_ID in upstream.headers):
+                resp.headers[p.MCP_SESSION_ID] = sess.id
+            await resp.prepare(request)
+            self.metrics.request_seconds.observe(
+                time.perf_counter() - started, route=request.match_info.route.resource.canonical
+                if request.match_info.route.resource is not None else "/mcp", method=request.method,
+            )  # fmt: skip
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)
+            except (
+                aiohttp.ClientPayloadError,
+                aiohttp.ServerDisconnectedError,
+                aiohttp.ClientOSError,
+            ) as exc:
+                self.metrics.upstream_errors.inc(kind="lost-midstream")
+                log.warning("instance %s dropped a response for session %s: %s", target.id, sess.id[:8], exc)
+                sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+                if msg is not None and msg.is_request and sse:
+                    lost = InstanceLost(f"Instance {target.id} stopped while handling this request.")
+                    with contextlib.suppress(ConnectionError):
+                        await resp.write(sse_error_event(lost, msg.id))
+                self._spawn(self.check_and_rebind(sess, sess.generation, target))
+            except ConnectionError:
+                # The client went away; closing upstream tells the instance to cancel the call.
+                upstream.close()
+                return resp
+            with contextlib.suppress(ConnectionError):
+                await resp.write_eof()
+            return resp
+        finally:
+            if upstream.content.at_eof():
+                upstream.release()
+            else:
+                upstream.close()  # never return a half-read connection to the pool
+
+    # --- binding and failover -------------------------------------------------------------
+    def _bind(self, sess: Session, inst: Instance) -> None:
+        sess.instance_id = inst.id
+        self.targets[sess.id] = inst
+
+    async def _target(self, sess: Session) -> Instance | None:
+        inst = self.targets.get(sess.id)
+        if inst is not None and inst.id == sess.instance_id:
+            return inst
+        if not sess.instance_id:
+            return None
+        inst = await self.registry.get(sess.instance_id)
+        if inst is not None:
+            self.targets[sess.id] = inst
+        return inst
+
+    async def _reopen(self, sess: Session, failed: Instance) -> None:
+        """An initialize could not be delivered: give the unsaved session another instance."""
+        await self.leases.release(failed.id, sess.id)
+        self._bind(sess, await self.allocator.allocate(sess.id))
+
+    async def check_and_rebind(self, sess: Session, generation: int, target: Instance) -> None:
+        """After a lost response: move the session only if the instance process really is gone."""
+        try:
+            async with self.http.get(
+                target.base_url + p.INTERNAL_HEALTH,
+                headers={p.INTERNAL_TOKEN_HEADER: self.internal_token},
+                timeout=aiohttp.ClientTimeout(total=2),
+            ) as r:
+                if r.status == 200:
+                    return
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        self.registry.mark_suspect(target)
+        with contextlib.suppress(ExaiError):
+            await self.rebind(sess, generation, "instance died")
+
+    async def rebind(self, sess: Session, generation: int, reason: str, *, keep: bool = False) -> None:
+        """Move `sess` to a working instance once, however many requests noticed the failure."""
+        async with sess.lock:
+            if sess.generation != generation or sess.ended:
+                return
+            old = self.targets.get(sess.id)
+            old_id = sess.instance_id
+            inst: Instance | None = None
+            if keep and old is not None and await self.leases.holder(old.id) == sess.id:
+                inst = await self.registry.get(old.id) or old
+            elif old_id:
+                await self.leases.release(old_id, sess.id)
+            for _ in range(MAX_ATTEMPTS):
+                if inst is None:
+                    inst = await self.allocator.allocate(sess.id)
+                try:
+                    if sess.era == "handshake" and sess.upstream_sid:
+                        sess.upstream_sid = await self._replay_initialize(sess, inst)
+                    break
+                except (aiohttp.ClientError, TimeoutError, InstanceLost) as exc:
+                    log.warning("replaying initialize on %s failed: %s", inst.id, exc)
+                    self.registry.mark_suspect(inst)
+                    await self.leases.release(inst.id, sess.id)
+                    inst = None
+            if inst is None:
+                raise InstanceLost("No instance could take over this session.")
+            self._bind(sess, inst)
+            sess.generation += 1
+            await self.table.save(sess)
+            self.metrics.failovers.inc()
+            log.info("session %s moved %s -> %s (%s)", sess.id[:8], old_id or "-", inst.id, reason)
+
+    async def _replay_initialize(self, sess: Session, inst: Instance) -> str:
+        """Open the session again on `inst` with the client's own initialize."""
+        headers = {
+            p.INTERNAL_TOKEN_HEADER: self.internal_token,
+            p.SESSION_HEADER: sess.id,
+            p.PRINCIPAL_HEADER: sess.principal,
+            p.ERA_HEADER: sess.era,
+            "Accept": "application/json, text/event-stream",
+            "Content-Type": "application/json",
+        }
+        if sess.client:
+            headers[p.CLIENT_HEADER] = sess.client
+        url = inst.base_url + p.MCP_PATH
+        async with self.http.post(
+            url, data=sess.init_body.encode(), headers=headers, timeout=CONTROL_TIMEOUT
+        ) as r:
+            await r.read()
+            upstream_sid = r.headers.get(p.MCP_SESSION_ID)
+            if r.status != 200 or not upstream_sid:
+                raise InstanceLost(f"Instance {inst.id} refused the replayed initialize ({r.status}).")
+        headers[p.MCP_SESSION_ID] = upstream_sid
+        if sess.protocol_version:
+            headers[p.MCP_PROTOCOL_VERSION] = sess.protocol_version
+        note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
+        async with self.http.post(url, data=note, headers=headers, timeout=CONTROL_TIMEOUT) as r:
+            await r.read()
+        return upstream_sid
+
+    # --- ending ----------------------------------------------------------------------------
+    async def reset_instance(self, inst: Instance) -> None:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with self.http.post(
+                inst.base_url + p.INTERNAL_RESET,
+                headers={p.INTERNAL_TOKEN_HEADER: self.internal_token},
+                timeout=CONTROL_TIMEOUT,
+            ) as r:
+                await r.read()
+
+    async def end(self, sess: Session, reason: str, *, persisted: bool = True) -> None:
+        """Forget the session, reset its instance, then free the lease (in that order)."""
+        if sess.ended:
+            return
+        sess.ended = True
+        inst = self.targets.pop(sess.id, None)
+        if persisted:
+            await self.table.remove(sess)
+        if inst is None and sess.instance_id:
+            inst = await self.registry.get(sess.instance_id)
+        if inst is not None:
+            await self.reset_instance(inst)
+        if sess.instance_id:
+            await self.leases.release(sess.instance_id, sess.id)
+        self.allocator.notify_freed()
+        self.metrics.sessions_ended.inc(reason=reason)
+        log.info("session %s ended (%s), instance %s freed", sess.id[:8], reason, sess.instance_id or "-")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,102 @@
+"""The instances that are alive, as their Redis heartbeats say.
+
+An instance is alive while its registry hash exists (the heartbeat refreshes its TTL); the
+router adds what only it sees: connection failures mark an instance process as suspect until
+a new process (another pid) registers under the same id.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from common.keys import Keys
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    id: str
+    host: str
+    port: int
+    pid: str
+    state: str
+    session: str
+    started_at: float
+    heartbeat: float
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def heartbeat_age(self) -> float:
+        return max(0.0, time.time() - self.heartbeat) if self.heartbeat else float("inf")
+
+    @classmethod
+    def from_hash(cls, data: dict[str, str]) -> Instance | None:
+        try:
+            return cls(
+                id=data["id"],
+                host=data.get("host") or "127.0.0.1",
+                port=int(data["port"]),
+                pid=data.get("pid", ""),
+                state=data.get("state", "ready"),
+                session=data.get("session", ""),
+                started_at=float(data.get("started_at") or 0),
+                heartbeat=float(data.get("heartbeat") or 0),
+            )
+        except (KeyError, ValueError):
+            return None
+
+
+class Registry:
+    """Reads the instance registry; remembers instance processes that refused connections."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._suspect: dict[str, str] = {}  # instance id -> pid that failed
+        self.last: dict[str, Instance] = {}
+
+    async def instances(self) -> dict[str, Instance]:
+        """Every registered instance whose heartbeat key still exists; prunes the id set."""
+        ids = sorted(str(i) for i in await self.redis.smembers(self.keys.instances()))
+        if not ids:
+            self.last = {}
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for iid in ids:
+                pipe.hgetall(self.keys.instance(iid))
+            rows = await pipe.execute()
+        found: dict[str, Instance] = {}
+        gone: list[str] = []
+        for iid, row in zip(ids, rows, strict=True):
+            inst = Instance.from_hash(dict(row)) if row else None
+            if inst is None:
+                gone.append(iid)
+                continue
+            found[iid] = inst
+            if self._suspect.get(iid) not in (None, inst.pid):
+                del self._suspect[iid]  # a new process took over the id
+        if gone:
+            await self.redis.srem(self.keys.instances(), *gone)
+        self.last = found
+        return found
+
+    async def get(self, instance_id: str) -> Instance | None:
+        row: dict[str, str] = await self.redis.hgetall(self.keys.instance(instance_id))  # type: ignore[assignment]
+        return Instance.from_hash(row) if row else None
+
+    def mark_suspect(self, inst: Instance) -> None:
+        self._suspect[inst.id] = inst.pid
+
+    def is_suspect(self, inst: Instance) -> bool:
+        return self._suspect.get(inst.id) == inst.pid
+
+    async def draining(self) -> set[str]:
+        return {str(i) for i in await self.redis.smembers(self.keys.draining())}
+
+    async def set_draining(self, instance_id: str) -> None:
+        await self.redis.sadd(self.keys.draining(), instance_id)
