@@ -1,0 +1,319 @@
+"""Conversation threads: appends go to the spool (write-behind) and through to the Redis cache.
+
+Where a thread's turns live, freshest first: this process's spool (not yet flushed), Redis
+(the most recent `history_cache_turns` turns, written through on every append), Postgres (all
+turns that were flushed, by any process). `load` merges them and dedupes by message id.
+
+Cache correctness rule: the Redis list of a thread is trusted only if it was created empty by
+`new_thread` and every later append extended it (the append script does nothing when the
+thread's meta hash is missing, so a lost or expired cache never comes back partial). When an
+append could not reach Redis, the thread's cache is dropped as soon as Redis returns; until
+then this process reads that thread from Postgres.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+
+from common.errors import InvalidArgument, StorageUnavailable, ThreadNotFound
+from common.keys import Keys
+from instance.storage.cache import CacheDown, RedisGuard
+from instance.storage.models import ROLES, Message
+from instance.storage.pool import Database
+from instance.storage.spool import Spool, SpoolEntry
+from instance.storage.validation import (
+    as_uuid,
+    check_metadata,
+    check_optional_int,
+    check_text,
+    new_id,
+)
+from instance.storage.writebehind import KIND_CONVERSATION, KIND_MESSAGE
+
+log = logging.getLogger(__name__)
+
+CACHE_TTL_MS = 7 * 24 * 3600 * 1000
+CONTENT_MAX_CHARS = 4 * 1024 * 1024
+
+# KEYS: list, meta. ARGV: message json, max turns, ttl ms. Extends only a cache that exists.
+_APPEND_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('HINCRBY', KEYS[2], 'turns', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+# KEYS: list, meta. ARGV: ttl ms, then field/value pairs. Creates the cache of a new thread once.
+_CREATE_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+class _SeqClock:
+    """Message order across processes: microseconds since the epoch, strictly increasing here."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self) -> int:
+        now = time.time_ns() // 1000
+        self._last = now if now > self._last else self._last + 1
+        return self._last
+
+
+def _sort_dedupe(messages: list[Message]) -> list[Message]:
+    messages.sort(key=lambda m: (m.created_at, m.seq))
+    seen: set[str] = set()
+    out: list[Message] = []
+    for m in messages:  # the first copy of an id wins: that is the one Postgres kept
+        if m.id not in seen:
+            seen.add(m.id)
+            out.append(m)
+    return out
+
+
+class HistoryStore:
+    """Threads of messages, readable and continuable by any instance."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        spool: Spool,
+        cache: RedisGuard,
+        keys: Keys,
+        cache_turns: int,
+    ) -> None:
+        self._db = db
+        self._spool = spool
+        self._cache = cache
+        self._keys = keys
+        self._turns = cache_turns
+        self._clock = _SeqClock()
+        self._dirty: set[str] = set()
+        cache.on_recover = self._drop_dirty
+
+    # --- writing ---------------------------------------------------------------------------
+    async def new_thread(
+        self,
+        *,
+        session_id: str | None,
+        tool_name: str,
+        model: str | None,
+        thread_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> str:
+        """Start a thread and return its continuation_id (write-behind, durable on return)."""
+        fresh = thread_id is None
+        cid = new_id() if thread_id is None else as_uuid(thread_id, "thread_id")
+        check_text(tool_name, "tool_name", max_len=200)
+        meta = check_metadata(metadata)
+        created = datetime.fromtimestamp(self._clock.next() / 1e6, UTC).isoformat()
+        payload = {
+            "id": cid,
+            "session_id": session_id,
+            "tool_name": tool_name,
+            "model": model,
+            "created_at": created,
+            "metadata": meta,
+        }
+        await self._spool.append(KIND_CONVERSATION, payload, thread_id=cid)
+        # Only a brand-new id can start a complete (empty) cache; a caller-chosen id may name
+        # a thread that already has turns elsewhere.
+        if fresh and self._turns > 0:
+            fields = ["session_id", session_id or "", "tool_name", tool_name, "model", model or ""]
+            fields += ["created_at", created, "turns", "0"]
+            try:
+                await self._cache.call(
+                    lambda r: r.eval(
+                        _CREATE_LUA,
+                        2,
+                        self._keys.thread(cid),
+                        self._keys.thread_meta(cid),
+                        CACHE_TTL_MS,
+                        *fields,
+                    )  # type: ignore[no-any-return]
+                )
+            except CacheDown:
+                pass
+        return cid
+
+    async def append(
+        self,
+        continuation_id: str,
+        role: str,
+        content: str,
+        *,
+        session_id: str | None = None,
+        tool_name: str | None = None,
+        model: str | None = None,
+        files: list[str] | None = None,
+        tokens_in: int | None = None,
+        tokens_out: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        message_id: str | None = None,
+    ) -> Message:
+        """Add a turn; returns once the spool holds it durably (Postgres gets it in the background)."""
+        cid = as_uuid(continuation_id, "continuation_id")
+        if role not in ROLES:
+            raise InvalidArgument(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        check_text(content, "content", max_len=CONTENT_MAX_CHARS)
+        if files is not None and (not isinstance(files, list) or not all(isinstance(f, str) for f in files)):
+            raise InvalidArgument("files must be a list of path strings")
+        seq = self._clock.next()
+        msg = Message(
+            id=new_id() if message_id is None else as_uuid(message_id, "message_id"),
+            continuation_id=cid,
+            seq=seq,
+            role=role,
+            content=content,
+            created_at=datetime.fromtimestamp(seq / 1e6, UTC),
+            session_id=session_id,
+            tool_name=tool_name,
+            model=model,
+            files=list(files or []),
+            tokens_in=check_optional_int(tokens_in, "tokens_in"),
+            tokens_out=check_optional_int(tokens_out, "tokens_out"),
+            metadata=check_metadata(metadata),
+        )
+        data = msg.to_dict()
+        await self._spool.append(KIND_MESSAGE, data, thread_id=cid)
+        if self._turns > 0:
+            blob = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+            try:
+                await self._cache.call(
+                    lambda r: r.eval(
+                        _APPEND_LUA, 2, self._keys.thread(cid), self._keys.thread_meta(cid), blob,
+                        self._turns, CACHE_TTL_MS,
+                    )  # type: ignore[no-any-return]
+                )  # fmt: skip
+            except CacheDown:
+                self._dirty.add(cid)
+        return msg
+
+    async def _drop_dirty(self) -> None:
+        """Redis is back: drop the caches that missed appends while it was away."""
+        if not self._dirty or self._cache.redis is None:
+            return
+        dirty = list(self._dirty)
+        keys = [k for cid in dirty for k in (self._keys.thread(cid), self._keys.thread_meta(cid))]
+        await self._cache.redis.delete(*keys)
+        self._dirty.difference_update(dirty)
+        log.info("dropped the Redis cache of %d threads that missed appends during the outage", len(dirty))
+
+    # --- reading ---------------------------------------------------------------------------
+    async def load(self, continuation_id: str, *, limit: int | None = None) -> list[Message]:
+        """The thread's turns oldest first (the last `limit` if given); ThreadNotFound if none exist."""
+        cid = as_uuid(continuation_id, "continuation_id")
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise InvalidArgument(f"limit must be a non-negative integer, got {limit!r}")
+        pending = await self._spool.pending_for_thread(cid)
+        local = [Message.from_dict(e.payload) for e in pending if e.kind == KIND_MESSAGE]
+        cached, complete = await self._read_cache(cid)
+        if cached is not None and (complete or (limit is not None and len(cached) >= limit)):
+            return _cut(_sort_dedupe(cached + local), limit)
+        try:
+            found, rows = await self._db.run(lambda c: self._fetch(c, cid, limit), what="reading the thread")
+        except StorageUnavailable:
+            if _has_conversation(pending):
+                return _cut(_sort_dedupe(local), limit)  # created here, nothing of it flushed yet
+            if cached is not None:
+                log.warning(
+                    "Postgres is down: thread %s served from its %d cached recent turns", cid, len(cached)
+                )
+                return _cut(_sort_dedupe(cached + local), limit)
+            raise
+        if not found and not pending and cached is None:
+            raise ThreadNotFound(f"no conversation thread has continuation_id {cid}")
+        return _cut(_sort_dedupe(rows + local), limit)
+
+    async def exists(self, continuation_id: str) -> bool:
+        cid = as_uuid(continuation_id, "continuation_id")
+        if await self._spool.pending_for_thread(cid):
+            return True
+        try:
+            if await self._cache.call(lambda r: r.exists(self._keys.thread_meta(cid))):
+                return True
+        except CacheDown:
+            pass
+        found, _ = await self._db.run(lambda c: self._fetch(c, cid, 0), what="looking up the thread")
+        return found
+
+    async def _read_cache(self, cid: str) -> tuple[list[Message] | None, bool]:
+        """(cached recent turns, whether they are the whole thread), or (None, False) on a miss."""
+        if self._turns <= 0 or cid in self._dirty:
+            return None, False
+
+        async def read(r: Redis) -> list[Any]:
+            async with r.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self._keys.thread_meta(cid))
+                pipe.lrange(self._keys.thread(cid), 0, -1)
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+        try:
+            meta, items = await self._cache.call(read)
+        except CacheDown:
+            return None, False
+        if not meta:
+            return None, False
+        try:
+            messages = [Message.from_dict(json.loads(item)) for item in items]
+            turns = int(meta.get("turns", 0))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring a malformed cache entry for thread %s: %s", cid, exc)
+            return None, False
+        return messages, len(messages) >= turns
+
+    @staticmethod
+    async def _fetch(conn: asyncpg.Connection, cid: str, limit: int | None) -> tuple[bool, list[Message]]:
+        if limit == 0:
+            found = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM conversations WHERE id = $1)"
+                " OR EXISTS (SELECT 1 FROM messages WHERE conversation_id = $1)",
+                cid,
+            )
+            return bool(found), []
+        cols = (
+            "id, conversation_id, seq, role, content, session_id, tool_name, model, files, tokens_in,"
+            " tokens_out, created_at, metadata"
+        )
+        if limit is None:
+            rows = await conn.fetch(
+                f"SELECT {cols} FROM messages WHERE conversation_id = $1 ORDER BY created_at, seq", cid
+            )
+        else:
+            rows = await conn.fetch(
+                f"SELECT * FROM (SELECT {cols} FROM messages WHERE conversation_id = $1"
+                " ORDER BY created_at DESC, seq DESC LIMIT $2) t ORDER BY created_at, seq",
+                cid,
+                limit,
+            )
+        messages = [Message.from_row(r) for r in rows]
+        found = bool(messages) or bool(
+            await conn.fetchval("SELECT EXISTS (SELECT 1 FROM conversations WHERE id = $1)", cid)
+        )
+        return found, messages
+
+
+def _cut(messages: list[Message], limit: int | None) -> list[Message]:
+    if limit is None:
+        return messages
+    return messages[-limit:] if limit else []
+
+
+def _has_conversation(entries: list[SpoolEntry]) -> bool:
+    return any(e.kind == KIND_CONVERSATION for e in entries)

@@ -1,0 +1,178 @@
+"""The instance's one small asyncpg pool: lazy, bounded in time, and honest about outages.
+
+An instance must start even when Postgres is down, so the pool is created on first use (and
+retried on later uses) instead of at startup. Every acquire and every command has a timeout.
+A connection that died under us (Postgres restarted, a proxy cut it) is retried once for
+operations the caller marks idempotent; after that the caller gets StorageUnavailable, which
+says plainly that nothing was changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+
+from common.errors import ConfigError, StorageUnavailable
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors that mean "the connection or the server is gone", as opposed to "your SQL is wrong".
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.exceptions.OperatorInterventionError,  # 57P01 admin shutdown, 57P03 cannot connect now
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,  # "connection is closed", "pool is closing"
+    asyncpg.exceptions.InternalClientError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    return isinstance(exc, CONNECTION_ERRORS)
+
+
+class Database:
+    """Owns the asyncpg pool of one instance process and runs operations on it.
+
+    `run(fn)` is the only way in: it acquires a connection with a timeout, runs `fn(conn)`, and
+    turns connection failures into StorageUnavailable (after one retry when `idempotent`).
+    """
+
+    def __init__(self, settings: Settings, *, dsn: str | None = None) -> None:
+        dsn = dsn or settings.database_url
+        if not dsn:
+            raise ConfigError("DATABASE_URL is not set: the storage layer needs a Postgres database")
+        self._dsn = dsn
+        self._min = settings.db_pool_min
+        self._max = settings.db_pool_max
+        self._acquire_timeout = settings.db_acquire_timeout
+        self._command_timeout = settings.db_command_timeout
+        self._pgbouncer = settings.db_pgbouncer
+        self._pool: asyncpg.Pool | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self._last_attempt = 0.0
+        self._down_logged = False
+        self.last_error: str | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def connect(self) -> asyncpg.Pool:
+        """Create the pool if it does not exist yet; raise StorageUnavailable if Postgres is down."""
+        if self._pool is not None:
+            return self._pool
+        if self._closed:
+            raise StorageUnavailable("the storage layer is closed (the instance is shutting down)")
+        async with self._lock:
+            if self._pool is not None:
+                return self._pool
+            self._last_attempt = time.monotonic()
+            try:
+                pool = await asyncio.wait_for(
+                    asyncpg.create_pool(
+                        self._dsn,
+                        min_size=self._min,
+                        max_size=self._max,
+                        timeout=self._acquire_timeout,  # connect timeout per connection
+                        command_timeout=self._command_timeout,
+                        # Transaction-mode poolers (PgBouncer, Supavisor) hand each transaction
+                        # to any server connection, so named prepared statements must not be used.
+                        statement_cache_size=0 if self._pgbouncer else 100,
+                        max_inactive_connection_lifetime=60.0,
+                        server_settings={"application_name": "exai-instance"},
+                    ),
+                    timeout=self._acquire_timeout + 1.0,
+                )
+            except ValueError as exc:
+                raise ConfigError(f"DATABASE_URL: {exc}") from None
+            except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
+                self._note_down(exc)
+                raise StorageUnavailable(f"cannot connect to Postgres: {_describe(exc)}") from None
+            self._pool = pool
+            self._note_up()
+            return pool
+
+    async def close(self) -> None:
+        self._closed = True
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=5.0)
+            except CONNECTION_ERRORS:
+                pool.terminate()
+
+    @property
+    def connected(self) -> bool:
+        return self._pool is not None and not self._down_logged
+
+    def stats(self) -> dict[str, Any]:
+        pool = self._pool
+        if pool is None:
+            return {"size": 0, "idle": 0, "max": self._max, "min": self._min, "connected": False}
+        return {
+            "size": pool.get_size(),
+            "idle": pool.get_idle_size(),
+            "max": pool.get_max_size(),
+            "min": pool.get_min_size(),
+            "connected": not self._down_logged,
+        }
+
+    # --- running operations ----------------------------------------------------------------
+    async def run(
+        self,
+        fn: Callable[[asyncpg.Connection], Awaitable[T]],
+        *,
+        idempotent: bool = True,
+        what: str = "the operation",
+    ) -> T:
+        """Run `fn` on a pooled connection; retry once on a dead connection when idempotent."""
+        attempts = 2 if idempotent else 1
+        last: BaseException | None = None
+        for attempt in range(attempts):
+            pool = await self.connect()
+            try:
+                async with pool.acquire(timeout=self._acquire_timeout) as conn:
+                    result = await fn(conn)
+            except CONNECTION_ERRORS as exc:
+                last = exc
+                if attempt + 1 < attempts:
+                    log.info("Postgres connection lost during %s (%s); retrying once", what, _describe(exc))
+                    continue
+                self._note_down(exc)
+                raise StorageUnavailable(
+                    f"Postgres is unreachable, {what} failed: {_describe(exc)}"
+                ) from None
+            self._note_up()
+            return result
+        raise StorageUnavailable(f"Postgres is unreachable, {what} failed: {_describe(last)}")
+
+    def _note_down(self, exc: BaseException) -> None:
+        self.last_error = _describe(exc)
+        if not self._down_logged:
+            self._down_logged = True
+            log.warning(
+                "Postgres unreachable (%s); direct writes fail, write-behind keeps spooling", self.last_error
+            )
+
+    def _note_up(self) -> None:
+        if self._down_logged:
+            self._down_logged = False
+            log.warning("Postgres reachable again")
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

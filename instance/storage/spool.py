@@ -1,0 +1,419 @@
+"""The local write-behind spool: a SQLite file in WAL mode, written with group commit.
+
+Why SQLite: it gives crash-safe appends (a torn write at kill -9 is rolled back, never half
+read), cheap deletion of flushed rows, and an index by thread for "read your own pending
+writes" — all in the standard library. Every call runs on one dedicated thread, so the event
+loop never blocks on disk. Appends that arrive within `fsync_window_ms` of each other share one
+transaction and therefore one fsync (`synchronous=FULL`): an append returns only when its row is
+durable. Deletes of flushed rows are not fsynced (`synchronous=NORMAL`): losing one in a crash
+only means a replay, and replays are idempotent in Postgres.
+
+A full spool is never a silent drop: the configured policy either blocks the caller until the
+flusher frees space (up to a timeout) or refuses with SpoolFull, and both are logged loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal, TypeVar
+
+from common.errors import SpoolFull, StorageError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spool (
+    seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind      TEXT NOT NULL,
+    thread_id TEXT,
+    created   REAL NOT NULL,
+    payload   BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS spool_thread_idx ON spool (thread_id) WHERE thread_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS dead (
+    seq       INTEGER PRIMARY KEY,
+    kind      TEXT NOT NULL,
+    thread_id TEXT,
+    created   REAL NOT NULL,
+    payload   BLOB NOT NULL,
+    error     TEXT NOT NULL,
+    failed_at REAL NOT NULL
+);
+"""
+_DEAD_INSERT = (
+    "INSERT OR IGNORE INTO dead (seq, kind, thread_id, created, payload, error, failed_at)"
+    " SELECT seq, kind, thread_id, created, payload, ?, ? FROM spool WHERE seq = ?"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolEntry:
+    """One spooled row: `kind` says which Postgres table it becomes."""
+
+    seq: int
+    kind: str
+    thread_id: str | None
+    created: float
+    payload: dict[str, Any]
+    size: int
+
+
+@dataclass(slots=True)
+class _Pending:
+    kind: str
+    thread_id: str | None
+    created: float
+    blob: bytes
+    future: asyncio.Future[None]
+
+
+class Spool:
+    """Append-only, durable, bounded queue of rows waiting for Postgres."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int,
+        full_policy: Literal["block", "refuse"] = "block",
+        block_timeout: float = 30.0,
+        fsync_window_ms: float = 2.0,
+    ) -> None:
+        self.directory = directory
+        self.path = directory / "spool.sqlite3"
+        self.max_bytes = max_bytes
+        self.full_policy = full_policy
+        self.block_timeout = block_timeout
+        self.fsync_window = fsync_window_ms / 1000.0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exai-spool")
+        self._db: sqlite3.Connection | None = None
+        self._lockfile: IO[str] | None = None
+        # Counters of committed, not yet flushed rows (kept in memory so stats never touch disk).
+        self.rows = 0
+        self.bytes = 0
+        self.oldest: float | None = None
+        self.dead_rows = 0
+        self.refused_total = 0
+        self.blocked_total = 0
+        self.commits_total = 0  # fsync'd transactions; appends_total / commits_total = group size
+        self.appends_total = 0
+        self._threads: Counter[str] = Counter()
+        self._reserved = 0
+        self._queue: list[_Pending] = []
+        self._queued = asyncio.Event()
+        self._space = asyncio.Event()
+        self._empty = asyncio.Event()
+        self._full_episode = False
+        self._committer: asyncio.Task[None] | None = None
+        self._closed = False
+        self.on_commit: Callable[[int], None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Open (or recover) the spool file; rows left by a crashed process become the backlog."""
+        await self._call(self._open_sync)
+        if self.rows == 0:
+            self._empty.set()
+        self._committer = asyncio.create_task(self._commit_loop(), name="exai-spool-commit")
+        if self.rows:
+            log.warning(
+                "spool %s holds %d rows (%d bytes) from a previous run; they will be flushed",
+                self.path,
+                self.rows,
+                self.bytes,
+            )
+
+    def _open_sync(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lockfile = open(self.directory / "spool.lock", "a+")  # held until close
+        try:
+            fcntl.flock(lockfile.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lockfile.seek(0)
+            owner = lockfile.read().strip() or "another process"
+            lockfile.close()
+            raise StorageError(
+                f"the spool {self.directory} is in use by {owner}",
+                hint="Each instance needs its own EXAI_INSTANCE_ID (the spool lives under its id).",
+            ) from None
+        lockfile.truncate(0)
+        lockfile.write(f"pid {os.getpid()}\n")
+        lockfile.flush()
+        self._lockfile = lockfile
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        count, size, oldest = db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0), min(created) FROM spool"
+        ).fetchone()
+        self.rows, self.bytes, self.oldest = int(count), int(size), oldest
+        for thread_id, n in db.execute(
+            "SELECT thread_id, count(*) FROM spool WHERE thread_id IS NOT NULL GROUP BY thread_id"
+        ):
+            self._threads[thread_id] = int(n)
+        self.dead_rows = int(db.execute("SELECT count(*) FROM dead").fetchone()[0])
+        self._db = db
+
+    async def close(self) -> None:
+        """Stop taking appends, commit what is queued, and close the file (unflushed rows stay)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._committer is not None:
+            self._queued.set()
+            self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+        if self._queue:  # appends that were waiting when close began still get their answer
+            await self._commit(self._queue)
+            self._queue = []
+        await self._call(self._close_sync)
+        self._executor.shutdown(wait=True)
+
+    def _close_sync(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._lockfile is not None:
+            self._lockfile.close()
+            self._lockfile = None
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # --- appending -------------------------------------------------------------------------
+    async def append(self, kind: str, payload: dict[str, Any], *, thread_id: str | None = None) -> None:
+        """Return once the row is fsync'd in the spool; apply the full-spool policy first."""
+        if self._closed:
+            raise StorageError("the spool is closed (the instance is shutting down); the write was not taken")
+        blob = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        await self._admit(len(blob))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(kind, thread_id, time.time(), blob, fut))
+        self._queued.set()
+        await fut
+
+    async def _admit(self, size: int) -> None:
+        if size > self.max_bytes:
+            raise SpoolFull(
+                f"a single record of {size} bytes is larger than the whole spool ({self.max_bytes} bytes)",
+                hint="Raise EXAI_SPOOL_MAX_BYTES or write a smaller record.",
+            )
+        if self.bytes + self._reserved + size <= self.max_bytes:
+            self._reserved += size
+            return
+        used = self.bytes + self._reserved
+        if self.full_policy == "refuse":
+            self.refused_total += 1
+            self._log_full(f"refusing writes ({used}/{self.max_bytes} bytes, {self.rows} rows pending)")
+            raise SpoolFull(
+                f"the write-behind spool is full ({used} of {self.max_bytes} bytes, {self.rows} rows waiting "
+                "for Postgres); this write was refused and not stored"
+            )
+        self.blocked_total += 1
+        self._log_full(f"blocking writers ({used}/{self.max_bytes} bytes, {self.rows} rows pending)")
+        deadline = time.monotonic() + self.block_timeout
+        while self.bytes + self._reserved + size > self.max_bytes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.refused_total += 1
+                log.error("spool still full after blocking %.1fs: refusing a write", self.block_timeout)
+                raise SpoolFull(
+                    f"the write-behind spool stayed full for {self.block_timeout:.0f}s "
+                    f"({self.bytes} of {self.max_bytes} bytes waiting for Postgres); "
+                    "this write was not stored"
+                )
+            self._space.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._space.wait(), timeout=remaining)
+            if self._closed:
+                raise StorageError("the spool closed while this write waited for space; it was not stored")
+        self._reserved += size
+
+    def _log_full(self, what: str) -> None:
+        if not self._full_episode:
+            self._full_episode = True
+            log.error("SPOOL FULL at %s: %s (policy=%s)", self.path, what, self.full_policy)
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._queued.wait()
+            if self.fsync_window > 0:
+                await asyncio.sleep(self.fsync_window)  # let concurrent appends join this commit
+            batch, self._queue = self._queue, []
+            self._queued.clear()
+            if batch:
+                await asyncio.shield(self._commit(batch))
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        size = sum(len(p.blob) for p in batch)
+        try:
+            await self._call(self._insert_sync, [(p.kind, p.thread_id, p.created, p.blob) for p in batch])
+        except (OSError, sqlite3.Error) as exc:
+            self._reserved -= size
+            log.error("cannot write to the spool %s: %s", self.path, exc)
+            err = StorageError(
+                f"could not write to the local spool {self.path}: {exc}; the write was not stored",
+                hint="Check free disk space and permissions of EXAI_STATE_DIR.",
+            )
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(err)
+            return
+        self._reserved -= size
+        self.commits_total += 1
+        self.appends_total += len(batch)
+        self.rows += len(batch)
+        self.bytes += size
+        if self.oldest is None:
+            self.oldest = batch[0].created
+        for p in batch:
+            if p.thread_id is not None:
+                self._threads[p.thread_id] += 1
+            if not p.future.done():
+                p.future.set_result(None)
+        self._empty.clear()
+        if self.on_commit is not None:
+            self.on_commit(self.rows)
+
+    def _insert_sync(self, rows: list[tuple[str, str | None, float, bytes]]) -> None:
+        db = self._require_db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT INTO spool (kind, thread_id, created, payload) VALUES (?, ?, ?, ?)", rows)
+            db.execute("COMMIT")  # synchronous=FULL: the WAL is fsync'd before this returns
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _require_db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StorageError("the spool is not open")
+        return self._db
+
+    # --- reading and acknowledging ---------------------------------------------------------
+    async def read_batch(self, limit: int) -> list[SpoolEntry]:
+        """The oldest `limit` rows, in append order."""
+        return await self._call(self._read_sync, limit)
+
+    def _read_sync(self, limit: int) -> list[SpoolEntry]:
+        cur = self._require_db().execute(
+            "SELECT seq, kind, thread_id, created, payload FROM spool ORDER BY seq LIMIT ?", (limit,)
+        )
+        return [_entry(row) for row in cur]
+
+    async def pending_for_thread(self, thread_id: str) -> list[SpoolEntry]:
+        """This process's unflushed rows of one thread (so reads see their own writes)."""
+        if not self._threads.get(thread_id):
+            return []
+        return await self._call(self._thread_sync, thread_id)
+
+    def _thread_sync(self, thread_id: str) -> list[SpoolEntry]:
+        cur = self._require_db().execute(
+            "SELECT seq, kind, thread_id, created, payload FROM spool WHERE thread_id = ? ORDER BY seq",
+            (thread_id,),
+        )
+        return [_entry(row) for row in cur]
+
+    async def ack(self, entries: list[SpoolEntry]) -> None:
+        """Forget rows that Postgres now holds."""
+        if not entries:
+            return
+        seqs = [e.seq for e in entries]
+        oldest = await self._call(self._delete_sync, seqs, None)
+        self._forget(entries, oldest)
+
+    async def quarantine(self, entries: list[SpoolEntry], error: str) -> None:
+        """Move rows Postgres rejects for good (bad data) aside, so they cannot block the spool.
+
+        They stay in the `dead` table of the spool file for an operator to inspect; never dropped.
+        """
+        if not entries:
+            return
+        oldest = await self._call(self._delete_sync, [e.seq for e in entries], error)
+        self.dead_rows += len(entries)
+        self._forget(entries, oldest)
+
+    def _delete_sync(self, seqs: list[int], dead_error: str | None) -> float | None:
+        db = self._require_db()
+        db.execute("PRAGMA synchronous=NORMAL")  # a lost delete only causes an idempotent replay
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                params = [(s,) for s in seqs]
+                if dead_error is not None:
+                    db.executemany(
+                        _DEAD_INSERT,
+                        [(dead_error, time.time(), s) for s in seqs],
+                    )
+                db.executemany("DELETE FROM spool WHERE seq = ?", params)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        finally:
+            db.execute("PRAGMA synchronous=FULL")
+        row = db.execute("SELECT created FROM spool ORDER BY seq LIMIT 1").fetchone()
+        return float(row[0]) if row else None
+
+    def _forget(self, entries: list[SpoolEntry], oldest: float | None) -> None:
+        self.rows -= len(entries)
+        self.bytes -= sum(e.size for e in entries)
+        for e in entries:
+            if e.thread_id is not None:
+                left = self._threads[e.thread_id] - 1
+                if left > 0:
+                    self._threads[e.thread_id] = left
+                else:
+                    self._threads.pop(e.thread_id, None)
+        self.oldest = oldest if self.rows > 0 else None
+        self._space.set()
+        if self._full_episode and self.bytes + self._reserved < self.max_bytes * 0.9:
+            self._full_episode = False
+            log.warning("spool has room again (%d/%d bytes); writes accepted", self.bytes, self.max_bytes)
+        if self.rows == 0:
+            self._empty.set()
+
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "oldest_age_s": round(time.time() - self.oldest, 3) if self.oldest is not None else 0.0,
+            "dead_rows": self.dead_rows,
+            "refused_total": self.refused_total,
+            "blocked_total": self.blocked_total,
+            "commits_total": self.commits_total,
+            "appends_total": self.appends_total,
+            "max_bytes": self.max_bytes,
+            "path": str(self.path),
+        }
+
+
+def _entry(row: tuple[Any, ...]) -> SpoolEntry:
+    seq, kind, thread_id, created, payload = row
+    return SpoolEntry(
+        seq=int(seq),
+        kind=str(kind),
+        thread_id=thread_id,
+        created=float(created),
+        payload=json.loads(payload),
+        size=len(payload),
+    )

@@ -1,0 +1,296 @@
+"""The flusher: moves spooled rows into Postgres in batches, and never loses or doubles one.
+
+Rows are sent oldest first, grouped by table, one `INSERT ... SELECT FROM unnest(...)` per table
+in a single transaction, `ON CONFLICT DO NOTHING` on the client-generated ids: a batch that was
+committed but not yet acknowledged in the spool (kill -9 between the two) is simply replayed.
+A batch is triggered by size (`flush_batch_size` rows) or time (`flush_interval_ms` after the
+first pending row). While Postgres is unreachable the flusher backs off (capped, jittered) and
+the spool keeps accepting. A row that Postgres rejects for good (bad data) is isolated and moved
+to the spool's `dead` table with the error, loudly, so it cannot block everything behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from common.errors import StorageUnavailable
+from instance.storage.pool import Database
+from instance.storage.spool import Spool, SpoolEntry
+
+log = logging.getLogger(__name__)
+
+KIND_CONVERSATION = "conversation"
+KIND_MESSAGE = "message"
+KIND_TOOL_CALL = "tool_call"
+KIND_SESSION = "session"
+
+
+def _ts(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    return datetime.fromisoformat(str(value))
+
+
+def _jsonb(value: Any, default: str) -> str:
+    return default if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+_CONVERSATIONS_SQL = """
+INSERT INTO conversations (id, session_id, tool_name, model, created_at, metadata)
+SELECT u.id, u.session_id, u.tool_name, u.model, u.created_at, u.metadata::jsonb
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
+     AS u(id, session_id, tool_name, model, created_at, metadata)
+ON CONFLICT (id) DO NOTHING
+"""
+
+_MESSAGES_SQL = """
+INSERT INTO messages (id, conversation_id, seq, role, content, session_id, tool_name, model, files,
+                      tokens_in, tokens_out, created_at, metadata)
+SELECT u.id, u.conversation_id, u.seq, u.role, u.content, u.session_id, u.tool_name, u.model,
+       u.files::jsonb, u.tokens_in, u.tokens_out, u.created_at, u.metadata::jsonb
+FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::text[], $9::text[], $10::int[], $11::int[], $12::timestamptz[], $13::text[])
+     AS u(id, conversation_id, seq, role, content, session_id, tool_name, model, files,
+          tokens_in, tokens_out, created_at, metadata)
+ON CONFLICT (id) DO NOTHING
+"""
+
+_TOOL_CALLS_SQL = """
+INSERT INTO tool_calls (id, session_id, instance_id, tool_name, status, duration_ms, model,
+                        tokens_in, tokens_out, error, created_at)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[],
+                     $7::text[], $8::int[], $9::int[], $10::text[], $11::timestamptz[])
+ON CONFLICT (id) DO NOTHING
+"""
+
+# Sessions are upserted (last_seen_at only moves forward), so a replay changes nothing.
+_SESSIONS_SQL = """
+INSERT INTO sessions (id, principal, client_name, era, created_at, last_seen_at)
+SELECT u.id, u.principal, u.client_name, u.era, u.seen, u.seen
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+     AS u(id, principal, client_name, era, seen)
+ON CONFLICT (id) DO UPDATE SET
+    principal = COALESCE(EXCLUDED.principal, sessions.principal),
+    client_name = COALESCE(EXCLUDED.client_name, sessions.client_name),
+    era = COALESCE(EXCLUDED.era, sessions.era),
+    last_seen_at = GREATEST(sessions.last_seen_at, EXCLUDED.last_seen_at)
+"""
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    return [[r[i] for r in rows] for i in range(width)]
+
+
+def _dedupe(entries: Sequence[SpoolEntry], key: str = "id") -> list[dict[str, Any]]:
+    """Keep one payload per id (the newest): Postgres refuses to touch a row twice per statement."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        out[str(e.payload[key])] = e.payload
+    return list(out.values())
+
+
+async def write_entries(conn: asyncpg.Connection, entries: Sequence[SpoolEntry]) -> None:
+    """Insert a batch of spooled rows in one transaction (idempotent)."""
+    by_kind: dict[str, list[SpoolEntry]] = {}
+    for e in entries:
+        by_kind.setdefault(e.kind, []).append(e)
+    unknown = set(by_kind) - {KIND_CONVERSATION, KIND_MESSAGE, KIND_TOOL_CALL, KIND_SESSION}
+    if unknown:
+        raise asyncpg.DataError(f"unknown spool record kind(s): {sorted(unknown)}")
+    rows: list[tuple[Any, ...]]
+    async with conn.transaction():
+        if KIND_CONVERSATION in by_kind:
+            rows = [
+                (p["id"], p.get("session_id"), p.get("tool_name"), p.get("model"), _ts(p["created_at"]),
+                 _jsonb(p.get("metadata"), "{}"))
+                for p in _dedupe(by_kind[KIND_CONVERSATION])
+            ]  # fmt: skip
+            await conn.execute(_CONVERSATIONS_SQL, *_columns(rows, 6))
+        if KIND_MESSAGE in by_kind:
+            rows = [
+                (p["id"], p["continuation_id"], p["seq"], p["role"], p["content"], p.get("session_id"),
+                 p.get("tool_name"), p.get("model"), _jsonb(p.get("files"), "[]"), p.get("tokens_in"),
+                 p.get("tokens_out"), _ts(p["created_at"]), _jsonb(p.get("metadata"), "{}"))
+                for p in _dedupe(by_kind[KIND_MESSAGE])
+            ]  # fmt: skip
+            await conn.execute(_MESSAGES_SQL, *_columns(rows, 13))
+        if KIND_TOOL_CALL in by_kind:
+            rows = [
+                (p["id"], p.get("session_id"), p.get("instance_id"), p["tool_name"], p["status"],
+                 p.get("duration_ms"), p.get("model"), p.get("tokens_in"), p.get("tokens_out"),
+                 p.get("error"), _ts(p["created_at"]))
+                for p in _dedupe(by_kind[KIND_TOOL_CALL])
+            ]  # fmt: skip
+            await conn.execute(_TOOL_CALLS_SQL, *_columns(rows, 11))
+        if KIND_SESSION in by_kind:
+            rows = [
+                (p["id"], p.get("principal"), p.get("client_name"), p.get("era"), _ts(p["seen_at"]))
+                for p in _dedupe(by_kind[KIND_SESSION])
+            ]
+            await conn.execute(_SESSIONS_SQL, *_columns(rows, 5))
+
+
+class Flusher:
+    """Background task draining the spool into Postgres; reports what it could not do yet."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        db: Database,
+        *,
+        batch_size: int,
+        interval_s: float,
+        max_backoff_s: float = 5.0,
+        writer: Callable[[asyncpg.Connection, Sequence[SpoolEntry]], Any] = write_entries,
+    ) -> None:
+        self._spool = spool
+        self._db = db
+        self._batch_size = batch_size
+        self._interval = interval_s
+        self._max_backoff = max_backoff_s
+        self._writer = writer
+        self._wake = asyncio.Event()
+        self._full = asyncio.Event()
+        self._urgent = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.flushed_total = 0
+        self.batches_total = 0
+        self.last_error: str | None = None
+        self.last_flush_at: float | None = None
+        self._failing_since: float | None = None
+        spool.on_commit = self._on_commit
+
+    def _on_commit(self, rows: int) -> None:
+        self._wake.set()
+        if rows >= self._batch_size:
+            self._full.set()
+
+    def start(self) -> None:
+        if self._spool.rows:
+            self._wake.set()
+        self._task = asyncio.create_task(self._run(), name="exai-flusher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def flush(self, timeout: float) -> bool:
+        """Drain what is spooled now, trying Postgres at once; False if rows remain at the deadline."""
+        if self._spool.rows == 0:
+            return True
+        if self._task is None or self._task.done():
+            return False
+        self._urgent.set()
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self._spool.wait_empty(), timeout=timeout)
+            return True
+        except TimeoutError:
+            return self._spool.rows == 0
+        finally:
+            if self._spool.rows == 0:
+                self._urgent.clear()
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            await self._wake.wait()
+            if self._spool.rows < self._batch_size and not self._urgent.is_set():
+                # Time trigger: give the batch up to flush_interval_ms to fill up.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), timeout=self._interval)
+            self._full.clear()
+            self._wake.clear()
+            while self._spool.rows > 0:
+                batch = await self._spool.read_batch(self._batch_size)
+                if not batch:
+                    break
+                try:
+                    await self._flush_batch(batch)
+                except StorageUnavailable as exc:
+                    self._record_failure(exc.message)
+                    delay = backoff * (0.5 + random.random())
+                    backoff = min(backoff * 2, self._max_backoff)
+                    # A flush() request cuts the wait short so a shutdown tries Postgres at once.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._urgent.wait(), timeout=delay)
+                    if self._urgent.is_set():
+                        await asyncio.sleep(min(delay, 0.2))
+                    continue
+                backoff = 0.1
+                self._record_success(len(batch))
+
+    async def _flush_batch(self, batch: list[SpoolEntry]) -> None:
+        try:
+            await self._db.run(lambda conn: self._writer(conn, batch), what="flushing the spool")
+        except asyncpg.PostgresError as exc:
+            log.error(
+                "Postgres rejected a spool batch of %d rows (%s); isolating the bad rows", len(batch), exc
+            )
+            await self._isolate(batch)
+            return
+        await self._spool.ack(batch)
+
+    async def _write_one(self, entry: SpoolEntry, conn: asyncpg.Connection) -> None:
+        await self._writer(conn, [entry])
+
+    async def _isolate(self, batch: list[SpoolEntry]) -> None:
+        """Write rows one by one; the ones Postgres refuses go to the spool's dead table, loudly."""
+        for entry in batch:
+            try:
+                await self._db.run(functools.partial(self._write_one, entry), what="flushing one spool row")
+            except asyncpg.PostgresError as exc:
+                log.error(
+                    "DEAD ROW: Postgres refuses spool row seq=%d kind=%s (%s: %s); kept in %s table 'dead'",
+                    entry.seq,
+                    entry.kind,
+                    type(exc).__name__,
+                    exc,
+                    self._spool.path,
+                )
+                await self._spool.quarantine([entry], f"{type(exc).__name__}: {exc}")
+                continue
+            await self._spool.ack([entry])
+
+    def _record_failure(self, message: str) -> None:
+        self.last_error = message
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.warning("write-behind paused: %s; %d rows stay in the spool", message, self._spool.rows)
+
+    def _record_success(self, rows: int) -> None:
+        self.flushed_total += rows
+        self.batches_total += 1
+        self.last_flush_at = time.time()
+        if self._failing_since is not None:
+            log.warning(
+                "write-behind resumed after %.1fs; %d rows left in the spool",
+                time.monotonic() - self._failing_since,
+                self._spool.rows,
+            )
+            self._failing_since = None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "flushed_total": self.flushed_total,
+            "batches_total": self.batches_total,
+            "last_error": self.last_error,
+            "failing": self._failing_since is not None,
+            "last_flush_at": self.last_flush_at,
+        }
