@@ -139,6 +139,7 @@ def create_app(settings: Settings) -> web.Application:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await proxy.close()
+            await spares.close()
             with contextlib.suppress(*REDIS_DOWN_ERRORS):
                 await table.flush()
             await http.close()
