@@ -1,13 +1,168 @@
-"""Placeholder until storage lands."""
+"""`chat`: ask GLM or Kimi, keeping the conversation as a thread that any instance can continue.
+
+The thread is loaded from storage (Redis cache, then Postgres), the provider is called with the
+whole history, and both new turns go to the write-behind spool: the answer returns without
+waiting for Postgres, and a Postgres outage delays the write, never loses it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Annotated, Any, Literal
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
+from pydantic import Field
 
+from common.errors import InvalidArgument
+from instance.providers import ChatRequest
 from instance.runtime import Runtime
+from instance.tools import exai_tool, headers_of
+from instance.tools.files import read_files
+from instance.tools.progress import progress_heartbeat
+
+MAX_THREAD_TURNS = 20
+"""Turns (user and assistant messages) a thread may hold, as in EXAI's MAX_CONVERSATION_TURNS."""
+
+SYSTEM_PROMPT = (
+    "You are a senior engineer consulted by a coding agent for a second opinion. Answer precisely, "
+    "say when you are unsure, and refer to files by path and line when you discuss code."
+)
+
+ThinkingMode = Literal["minimal", "low", "medium", "high", "max"]
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def _fit(history: list[dict[str, str]], budget_chars: int) -> tuple[list[dict[str, str]], int]:
+    """Drop the oldest turns until the history fits; returns (kept, dropped)."""
+    kept = list(history)
+    dropped = 0
+    while kept and sum(len(m["content"]) for m in kept) > budget_chars:
+        kept.pop(0)
+        dropped += 1
+    return kept, dropped
 
 
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
-    return None
+    @exai_tool(
+        mcp,
+        runtime,
+        description=(
+            "Chat with GLM (Z.ai) or Kimi (Moonshot) for a second opinion, brainstorming or review. "
+            "Returns content and a continuation_id; pass it back to continue the same thread "
+            "(from any session or instance). files: absolute paths under the allowed roots."
+        ),
+    )
+    async def chat(
+        prompt: Annotated[str, Field(min_length=1, description="Your question or request, with context.")],
+        ctx: Context,
+        model: Annotated[str, Field(description="Model name (see listmodels) or 'auto'.")] = "auto",
+        continuation_id: Annotated[
+            str | None, Field(description="Thread id returned by an earlier call, to continue it.")
+        ] = None,
+        files: Annotated[list[str] | None, Field(description="Absolute paths of files to include.")] = None,
+        temperature: Annotated[
+            float | None, Field(ge=0.0, le=2.0, description="Sampling temperature.")
+        ] = None,
+        thinking_mode: Annotated[
+            ThinkingMode | None, Field(description="Reasoning depth; 'minimal' turns thinking off.")
+        ] = None,
+        use_websearch: Annotated[bool, Field(description="Let the model search the web (GLM).")] = False,
+    ) -> dict[str, Any]:
+        if not prompt.strip():
+            raise InvalidArgument("prompt is empty", hint="Say what you want to ask.")
+        providers = runtime.providers
+        assert providers is not None, "providers are opened by the lifespan"
+        info, provider = providers.resolve(model)
+        storage = runtime.require_storage()
+        session_id = runtime.session_for(headers_of(ctx))
+        loaded = await read_files(files or [], runtime.settings.allowed_file_roots)
+
+        history_records: list[Any] = []
+        if continuation_id:
+            history_records = list(await _maybe_await(storage.history.load(continuation_id)))
+            if len(history_records) + 2 > MAX_THREAD_TURNS:
+                raise InvalidArgument(
+                    f"thread {continuation_id} has reached its limit of {MAX_THREAD_TURNS} turns",
+                    hint="Start a new thread (call chat without continuation_id) and summarise what matters.",
+                )
+            cid = continuation_id
+        else:
+            cid = await _maybe_await(
+                storage.history.new_thread(session_id=session_id, tool_name="chat", model=info.name)
+            )
+
+        history = [
+            {"role": m.role, "content": m.content}
+            for m in history_records
+            if m.role in ("user", "assistant", "system")
+        ]
+        user_text = prompt
+        if loaded:
+            user_text = prompt + "\n\n" + "\n\n".join(f.as_prompt() for f in loaded)
+        budget = max(0, (info.context_window - min(info.max_output_tokens, 16_384)) * 3 - len(user_text))
+        history, dropped = _fit(history, budget)
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            *history,
+            {"role": "user", "content": user_text},
+        ]
+
+        thinking = None if thinking_mode is None else thinking_mode != "minimal"
+        request = ChatRequest(
+            model=info,
+            messages=messages,
+            temperature=temperature,
+            thinking=thinking,
+            web_search=use_websearch,
+        )
+        async with progress_heartbeat(ctx, f"waiting for {info.name}") as progress:
+            result = await provider.chat(request, on_delta=progress.on_delta)
+
+        common = {"session_id": session_id, "tool_name": "chat", "model": result.model}
+        await _maybe_await(
+            storage.history.append(cid, "user", prompt, files=[f.path for f in loaded], **common)
+        )
+        await _maybe_await(
+            storage.history.append(
+                cid,
+                "assistant",
+                result.content,
+                tokens_in=result.tokens_in,
+                tokens_out=result.tokens_out,
+                metadata={"provider": result.provider, "finish_reason": result.finish_reason},
+                **common,
+            )
+        )
+
+        turns = len(history_records) + 2
+        remaining = max(0, MAX_THREAD_TURNS - turns)
+        out: dict[str, Any] = {
+            "status": "continuation_available" if remaining else "success",
+            "content": result.content,
+            "content_type": "text",
+            "continuation_id": cid,
+            "metadata": {
+                "model": result.model,
+                "provider": result.provider,
+                "tokens_in": result.tokens_in,
+                "tokens_out": result.tokens_out,
+                "duration_ms": round(result.seconds * 1000, 1),
+                "attempts": result.attempts,
+                "thread_turns": turns,
+                "history_turns_dropped": dropped,
+                "files": [f.path for f in loaded],
+                "notes": result.notes,
+                "instance_id": runtime.identity.id,
+            },
+        }
+        if remaining:
+            out["continuation_offer"] = {
+                "continuation_id": cid,
+                "remaining_turns": remaining,
+                "note": f"You can continue this conversation for {remaining} more turns by passing "
+                "this continuation_id to chat.",
+            }
+        return out

@@ -1,13 +1,99 @@
-"""Placeholder until storage lands."""
+"""Note tools: small structured notes per session or per thread that survive restarts.
+
+scope="session" (default) keys notes by the calling session; scope="thread" keys them by a
+continuation_id, so any session continuing that thread sees them.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Annotated, Any, Literal
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
+from pydantic import Field
 
+from common.errors import InvalidArgument
 from instance.runtime import Runtime
+from instance.tools import exai_tool, headers_of
+
+Scope = Literal["session", "thread"]
+Key = Annotated[str, Field(min_length=1, max_length=200, description="Name of the note in its scope.")]
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def _plain(value: Any) -> Any:
+    return value.to_dict() if hasattr(value, "to_dict") else value
 
 
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
-    return None
+    def scope_id(ctx: Context, scope: Scope, continuation_id: str | None) -> str:
+        if scope == "thread":
+            if not continuation_id:
+                raise InvalidArgument(
+                    "scope='thread' needs continuation_id", hint="Pass the thread's continuation_id."
+                )
+            return continuation_id
+        return runtime.session_for(headers_of(ctx))
+
+    @exai_tool(mcp, runtime, description="Write (create or replace) a note in this session or a thread.")
+    async def note_write(
+        key: Key,
+        body: Annotated[str, Field(description="The note text.")],
+        ctx: Context,
+        scope: Scope = "session",
+        continuation_id: str | None = None,
+        kind: Annotated[
+            str, Field(min_length=1, max_length=50, description="decision, constraint, todo…")
+        ] = "note",
+        importance: Annotated[int, Field(ge=0, le=10)] = 0,
+        expected_version: Annotated[
+            int | None, Field(ge=1, description="Fail if the note changed since.")
+        ] = None,
+    ) -> dict[str, Any]:
+        storage = runtime.require_storage()
+        note = await _maybe_await(
+            storage.notes.write(
+                scope=scope,
+                scope_id=scope_id(ctx, scope, continuation_id),
+                key=key,
+                body=body,
+                kind=kind,
+                importance=importance,
+                expected_version=expected_version,
+            )
+        )
+        return {"status": "success", "note": _plain(note)}
+
+    @exai_tool(mcp, runtime, description="Read one note by key.")
+    async def note_read(
+        key: Key, ctx: Context, scope: Scope = "session", continuation_id: str | None = None
+    ) -> dict[str, Any]:
+        storage = runtime.require_storage()
+        note = await _maybe_await(
+            storage.notes.read(scope=scope, scope_id=scope_id(ctx, scope, continuation_id), key=key)
+        )
+        return {"status": "success", "note": _plain(note)}
+
+    @exai_tool(mcp, runtime, description="List the notes of this session or of a thread.")
+    async def note_list(
+        ctx: Context, scope: Scope = "session", continuation_id: str | None = None
+    ) -> dict[str, Any]:
+        storage = runtime.require_storage()
+        notes = await _maybe_await(
+            storage.notes.list(scope=scope, scope_id=scope_id(ctx, scope, continuation_id))
+        )
+        items = [_plain(n) for n in notes]
+        return {"status": "success", "count": len(items), "notes": items}
+
+    @exai_tool(mcp, runtime, description="Delete a note by key.")
+    async def note_delete(
+        key: Key, ctx: Context, scope: Scope = "session", continuation_id: str | None = None
+    ) -> dict[str, Any]:
+        storage = runtime.require_storage()
+        deleted = await _maybe_await(
+            storage.notes.delete(scope=scope, scope_id=scope_id(ctx, scope, continuation_id), key=key)
+        )
+        return {"status": "success", "deleted": bool(deleted) if deleted is not None else True, "key": key}

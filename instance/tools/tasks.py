@@ -1,13 +1,136 @@
-"""Placeholder until storage lands."""
+"""Task tools: work items that outlive the chat, with optimistic locking and an audit trail.
+
+Tasks are written to Postgres directly (not write-behind): the write *is* the product, so when
+Postgres is down these tools say so plainly instead of pretending. Tasks belong to the calling
+session unless created with scope="global".
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Annotated, Any, Literal
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
+from pydantic import Field
 
 from instance.runtime import Runtime
+from instance.tools import exai_tool, headers_of
+
+TaskState = Literal["NOT_STARTED", "IN_PROGRESS", "CANCELLED", "COMPLETE"]
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
-    return None
+    def session(ctx: Context) -> str:
+        return runtime.session_for(headers_of(ctx))
+
+    @exai_tool(mcp, runtime, description="Create a task (session-scoped, or scope='global' to share it).")
+    async def task_create(
+        name: Annotated[str, Field(min_length=1, max_length=500, description="Short title of the task.")],
+        ctx: Context,
+        description: Annotated[str, Field(max_length=20_000)] = "",
+        parent_task_id: Annotated[
+            str | None, Field(description="Id of the parent task, for subtasks.")
+        ] = None,
+        state: TaskState = "NOT_STARTED",
+        metadata: dict[str, Any] | None = None,
+        scope: Literal["session", "global"] = "session",
+    ) -> dict[str, Any]:
+        storage = runtime.require_storage()
+        task = await _maybe_await(
+            storage.tasks.create(
+                session_id=None if scope == "global" else session(ctx),
+                name=name,
+                description=description,
+                parent_task_id=parent_task_id,
+                metadata=metadata or {},
+                state=state,
+            )
+        )
+        return {"status": "success", "task": _plain(task)}
+
+    @exai_tool(
+        mcp,
+        runtime,
+        description=(
+            "Update a task. expected_version must be the task's current version (from task_get); "
+            "a stale version gives a version_conflict error naming the current one."
+        ),
+    )
+    async def task_update(
+        task_id: str,
+        expected_version: Annotated[int, Field(ge=1, description="The version you last read.")],
+        ctx: Context,
+        state: TaskState | None = None,
+        name: Annotated[str | None, Field(min_length=1, max_length=500)] = None,
+        description: Annotated[str | None, Field(max_length=20_000)] = None,
+        metadata: dict[str, Any] | None = None,
+        parent_task_id: Annotated[str | None, Field(description="New parent; '' detaches.")] = None,
+        reopen: Annotated[bool, Field(description="Allow COMPLETE/CANCELLED -> IN_PROGRESS.")] = False,
+    ) -> dict[str, Any]:
+        storage = runtime.require_storage()
+        extra: dict[str, Any] = {}
+        if parent_task_id is not None:  # omitted: unchanged; "": detach from the parent
+            extra["parent_task_id"] = parent_task_id or None
+        task = await _maybe_await(
+            storage.tasks.update(
+                task_id,
+                expected_version=expected_version,
+                session_id=session(ctx),
+                state=state,
+                name=name,
+                description=description,
+                metadata=metadata,
+                reopen=reopen,
+                **extra,
+            )
+        )
+        return {"status": "success", "task": _plain(task)}
+
+    @exai_tool(
+        mcp, runtime, description="Read one task (this session's or a global one), optionally with history."
+    )
+    async def task_get(task_id: str, ctx: Context, include_events: bool = False) -> dict[str, Any]:
+        storage = runtime.require_storage()
+        task = await _maybe_await(storage.tasks.get(task_id, session_id=session(ctx)))
+        out: dict[str, Any] = {"status": "success", "task": _plain(task)}
+        if include_events:
+            out["events"] = _plain(await _maybe_await(storage.tasks.events(task_id, session_id=session(ctx))))
+        return out
+
+    @exai_tool(
+        mcp,
+        runtime,
+        description=(
+            "List tasks: scope 'session' (default), 'global' or 'all'; filter by state or parent; "
+            "tree=True nests subtasks."
+        ),
+    )
+    async def task_list(
+        ctx: Context,
+        scope: Literal["session", "global", "all"] = "session",
+        state: TaskState | None = None,
+        parent_task_id: str | None = None,
+        tree: bool = False,
+    ) -> dict[str, Any]:
+        storage = runtime.require_storage()
+        tasks = await _maybe_await(
+            storage.tasks.list(
+                session_id=session(ctx), scope=scope, state=state, parent_task_id=parent_task_id, tree=tree
+            )
+        )
+        items = _plain(list(tasks))
+        return {"status": "success", "scope": scope, "count": len(items), "tasks": items}

@@ -1,0 +1,249 @@
+"""A fake LLM provider: a real HTTP server on loopback speaking GLM's and Kimi's chat API.
+
+Instances reach it through GLM_API_URL / KIMI_API_URL exactly as they would reach Z.ai or
+Moonshot, so the whole HTTP path (pooling, streaming, timeouts, retries) is exercised. Tests
+script what the next requests get (`script(Behaviour(...), ...)`, then `default`) and read
+back every hit with its timing, which is how they count retries and measure overlap.
+
+It runs uvicorn in a thread with its own event loop, so a test that blocks its own loop
+cannot slow the provider down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+GLM_PATH = "/api/paas/v4"
+KIMI_PATH = "/v1"
+
+
+@dataclass
+class Behaviour:
+    """What one request gets. Defaults: an immediate 200 echoing the last user message."""
+
+    delay: float = 0.0
+    status: int = 200
+    retry_after: str | None = None
+    hang: bool = False
+    content: str | None = None
+    chunk_delay: float = 0.0
+
+
+@dataclass
+class Hit:
+    provider: str
+    model: str
+    stream: bool
+    auth: str
+    body: dict[str, Any]
+    started: float
+    finished: float | None = None
+    status: int = 0
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return list(self.body.get("messages") or [])
+
+
+@dataclass
+class FakeProvider:
+    host: str = "127.0.0.1"
+    port: int = 0
+    default: Behaviour = field(default_factory=Behaviour)
+    hits: list[Hit] = field(default_factory=list)
+    max_active: int = 0
+    _queue: list[Behaviour] = field(default_factory=list)
+    _active: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _server: uvicorn.Server | None = None
+    _thread: threading.Thread | None = None
+
+    # --- control from the test ---------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def glm_url(self) -> str:
+        return self.url + GLM_PATH
+
+    @property
+    def kimi_url(self) -> str:
+        return self.url + KIMI_PATH
+
+    def script(self, *behaviours: Behaviour) -> None:
+        """The next requests get these, in order; later ones get `default`."""
+        with self._lock:
+            self._queue.extend(behaviours)
+
+    def reset(self, default: Behaviour | None = None) -> None:
+        with self._lock:
+            self._queue.clear()
+            self.hits.clear()
+            self.max_active = 0
+            self.default = default or Behaviour()
+
+    def snapshot(self) -> list[Hit]:
+        with self._lock:
+            return list(self.hits)
+
+    def max_overlap(self) -> int:
+        """Most requests that were being answered at the same moment."""
+        return self.max_active
+
+    # --- the server --------------------------------------------------------------------------
+    def _next(self) -> Behaviour:
+        with self._lock:
+            return self._queue.pop(0) if self._queue else self.default
+
+    async def _completions(self, request: Request) -> Response:
+        provider = "glm" if request.url.path.startswith(GLM_PATH) else "kimi"
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": {"message": "body is not JSON"}}, status_code=400)
+        hit = Hit(
+            provider=provider,
+            model=str(body.get("model")),
+            stream=bool(body.get("stream")),
+            auth=request.headers.get("authorization", ""),
+            body=body,
+            started=time.monotonic(),
+        )
+        behaviour = self._next()
+        with self._lock:
+            self.hits.append(hit)
+            self._active += 1
+            self.max_active = max(self.max_active, self._active)
+        try:
+            if not hit.auth.startswith("Bearer ") or len(hit.auth) <= len("Bearer "):
+                hit.status = 401
+                return JSONResponse({"error": {"message": "missing API key"}}, status_code=401)
+            if behaviour.hang:  # until the client gives up
+                while not await request.is_disconnected():
+                    await asyncio.sleep(0.05)
+                hit.status = 499
+                return Response(status_code=499)
+            if behaviour.delay:
+                await asyncio.sleep(behaviour.delay)
+            hit.status = behaviour.status
+            if behaviour.status >= 400:
+                headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else {}
+                return JSONResponse(
+                    {"error": {"message": f"fake error {behaviour.status}", "code": str(behaviour.status)}},
+                    status_code=behaviour.status,
+                    headers=headers,
+                )
+            text = behaviour.content if behaviour.content is not None else _echo(body)
+            usage = {
+                "prompt_tokens": sum(len(str(m.get("content", ""))) // 4 + 1 for m in hit.messages),
+                "completion_tokens": len(text) // 4 + 1,
+            }
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            if hit.stream:
+                return StreamingResponse(
+                    self._stream(provider, hit.model, text, usage, behaviour.chunk_delay),
+                    media_type="text/event-stream",
+                )
+            return JSONResponse(
+                {
+                    "id": "fake-1",
+                    "object": "chat.completion",
+                    "model": hit.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": usage,
+                }
+            )
+        finally:
+            hit.finished = time.monotonic()
+            with self._lock:
+                self._active -= 1
+
+    async def _stream(
+        self, provider: str, model: str, text: str, usage: dict[str, int], chunk_delay: float
+    ) -> AsyncIterator[bytes]:
+        size = max(1, len(text) // 3)
+        pieces = [text[i : i + size] for i in range(0, len(text), size)] or [""]
+        for piece in pieces:
+            chunk = {"id": "fake-1", "model": model, "choices": [{"index": 0, "delta": {"content": piece}}]}
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+            if chunk_delay:
+                await asyncio.sleep(chunk_delay)
+        last: dict[str, Any] = {
+            "id": "fake-1",
+            "model": model,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        }
+        if provider == "kimi":
+            last["choices"][0]["usage"] = usage  # Moonshot puts usage in the last choice
+        else:
+            last["usage"] = usage
+        yield f"data: {json.dumps(last)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route(GLM_PATH + "/chat/completions", self._completions, methods=["POST"]),
+                Route(KIMI_PATH + "/chat/completions", self._completions, methods=["POST"]),
+            ]
+        )
+
+    @contextmanager
+    def running(self) -> Iterator[FakeProvider]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app(), log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+        server = uvicorn.Server(config)
+        server.capture_signals = _no_signals  # type: ignore[method-assign]
+        thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="fake-provider"
+        )
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("fake provider did not start")
+            time.sleep(0.02)
+        self._server, self._thread = server, thread
+        try:
+            yield self
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+            sock.close()
+
+
+@contextmanager
+def _no_signals() -> Iterator[None]:
+    yield
+
+
+def _echo(body: dict[str, Any]) -> str:
+    messages = body.get("messages") or []
+    last = next((m for m in reversed(messages) if m.get("role") == "user"), {"content": ""})
+    content = last.get("content")
+    text = content if isinstance(content, str) else json.dumps(content)
+    return f"fake {body.get('model')} reply #{len(messages)} to: {text[:300]}"

@@ -1,0 +1,157 @@
+"""The provider layer against the fake provider over real HTTP: retries, limits, errors, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from email.utils import formatdate
+
+import pytest
+
+from common.errors import (
+    InvalidArgument,
+    ProviderNotConfigured,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+from common.settings import Settings, load_settings
+from instance.providers import ChatRequest, Providers
+from instance.providers.models import lookup, resolve
+from instance.providers.retry import parse_retry_after
+from tests.fakes.provider import Behaviour, FakeProvider
+
+
+def _settings(fake: FakeProvider, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "glm_api_key": "k-glm",
+        "glm_api_url": fake.glm_url,
+        "kimi_api_key": "k-kimi",
+        "kimi_api_url": fake.kimi_url,
+        "provider_max_retries": 2,
+        "provider_retry_budget": 6.0,
+        "provider_read_timeout": 2.0,
+        "provider_max_concurrency": 8,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+def _request(model: str = "glm-4.6", *, stream: bool = True, text: str = "hello") -> ChatRequest:
+    info = lookup(model)
+    assert info is not None
+    return ChatRequest(model=info, messages=[{"role": "user", "content": text}], stream=stream)
+
+
+@pytest.mark.parametrize("model", ["glm-4.6", "kimi-k2-0905-preview"])
+@pytest.mark.parametrize("stream", [True, False])
+async def test_answer_and_usage_both_providers_streaming_or_not(
+    fake: FakeProvider, model: str, stream: bool
+) -> None:
+    async with Providers.open(_settings(fake)) as providers:
+        info, provider = providers.resolve(model)
+        deltas: list[str] = []
+        result = await provider.chat(_request(model, stream=stream, text="ping"), on_delta=deltas.append)
+    assert "ping" in result.content and result.provider == info.provider
+    assert result.tokens_in and result.tokens_out
+    assert (len(deltas) > 1) == stream
+    [hit] = fake.snapshot()
+    assert hit.stream == stream and hit.model == model
+    assert hit.auth == f"Bearer k-{info.provider}"
+    assert hit.provider == info.provider
+
+
+async def test_429_with_retry_after_is_retried_once_after_the_delay(fake: FakeProvider) -> None:
+    fake.script(Behaviour(status=429, retry_after="1"))
+    async with Providers.open(_settings(fake)) as providers:
+        _, provider = providers.resolve("glm-4.6")
+        result = await provider.chat(_request())
+    hits = fake.snapshot()
+    assert len(hits) == 2 and result.attempts == 2
+    gap = hits[1].started - hits[0].started
+    assert 0.9 <= gap < 3.0, gap
+
+
+async def test_persistent_500_stops_at_max_retries_with_a_clear_error(fake: FakeProvider) -> None:
+    fake.default = Behaviour(status=500)
+    async with Providers.open(_settings(fake)) as providers:
+        _, provider = providers.resolve("glm-4.6")
+        started = time.monotonic()
+        with pytest.raises(ProviderUnavailable) as info:
+            await provider.chat(_request())
+    assert len(fake.snapshot()) == 3  # 1 + EXAI_PROVIDER_MAX_RETRIES, no storm
+    assert time.monotonic() - started < 6.0
+    assert "HTTP 500" in str(info.value) and info.value.details["attempts"] == 3
+
+
+async def test_retry_after_beyond_the_budget_gives_up_at_once(fake: FakeProvider) -> None:
+    fake.default = Behaviour(status=429, retry_after="30")
+    async with Providers.open(_settings(fake)) as providers:
+        _, provider = providers.resolve("kimi")
+        with pytest.raises(ProviderRateLimited) as info:
+            await provider.chat(_request("kimi-k2-0905-preview"))
+    assert len(fake.snapshot()) == 1
+    assert "retry budget" in str(info.value)
+
+
+async def test_hanging_provider_times_out(fake: FakeProvider) -> None:
+    fake.script(Behaviour(hang=True))
+    async with Providers.open(_settings(fake, provider_read_timeout=0.5)) as providers:
+        _, provider = providers.resolve("glm-4.6")
+        with pytest.raises(ProviderTimeout):
+            await provider.chat(_request())
+    assert len(fake.snapshot()) == 1  # a timeout is not retried: the call may be running
+
+
+async def test_rejected_key_is_not_retried(fake: FakeProvider) -> None:
+    fake.script(Behaviour(status=401))
+    async with Providers.open(_settings(fake)) as providers:
+        _, provider = providers.resolve("glm-4.6")
+        with pytest.raises(ProviderRejected) as info:
+            await provider.chat(_request())
+    assert "GLM_API_KEY" in str(info.value) and len(fake.snapshot()) == 1
+
+
+async def test_unreachable_provider_is_unavailable(fake: FakeProvider) -> None:
+    from tests.conftest import free_port
+
+    settings = _settings(
+        fake, glm_api_url=f"http://127.0.0.1:{free_port()}/api/paas/v4", provider_retry_budget=1.0
+    )
+    async with Providers.open(settings) as providers:
+        _, provider = providers.resolve("glm-4.6")
+        with pytest.raises(ProviderUnavailable) as info:
+            await provider.chat(_request())
+    assert "GLM_API_URL" in str(info.value)
+
+
+async def test_per_key_concurrency_limit(fake: FakeProvider) -> None:
+    fake.default = Behaviour(delay=0.3)
+    async with Providers.open(_settings(fake, provider_max_concurrency=2)) as providers:
+        _, provider = providers.resolve("glm-4.6")
+        await asyncio.gather(*(provider.chat(_request()) for _ in range(5)))
+    assert fake.max_overlap() == 2
+
+
+def test_model_resolution_and_auto() -> None:
+    assert resolve("auto", configured=("glm", "kimi"), default_model="glm-4.6").name == "glm-4.6"
+    assert resolve("auto", configured=("kimi",), default_model="glm-4.6").name == "kimi-k2-0905-preview"
+    assert resolve("kimi-k2", configured=("kimi",), default_model="glm-4.6").name == "kimi-k2-0905-preview"
+    assert resolve("glm-4.7", configured=("glm",), default_model="glm-4.6").provider == "glm"
+    with pytest.raises(ProviderNotConfigured) as none:
+        resolve("auto", configured=(), default_model="glm-4.6")
+    assert "GLM_API_KEY" in str(none.value) and "KIMI_API_KEY" in str(none.value)
+    with pytest.raises(ProviderNotConfigured) as kimi:
+        resolve("kimi-k2-turbo-preview", configured=("glm",), default_model="glm-4.6")
+    assert "KIMI_API_KEY" in str(kimi.value)
+    with pytest.raises(InvalidArgument):
+        resolve("gpt-5", configured=("glm",), default_model="glm-4.6")
+
+
+def test_retry_after_parsing() -> None:
+    assert parse_retry_after("2") == 2.0
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    now = time.time()
+    assert 8 <= (parse_retry_after(formatdate(now + 10, usegmt=True), now=now) or 0) <= 10
+    assert parse_retry_after(formatdate(now - 10, usegmt=True), now=now) == 0.0
