@@ -154,7 +154,7 @@ def _as_env(value: Any) -> str:
 
 
 #: Per-process settings that must not be shared by every program.
-_PER_PROCESS = frozenset({"instance_id", "instance_port"})
+_PER_PROCESS = frozenset({"instance_id", "instance_port", "instance_num"})
 
 
 def fleet_environment(settings: Settings, **overrides: str) -> dict[str, str]:
@@ -458,6 +458,17 @@ class SupervisorControl:
                     raise FleetControlError(f"{proc.name} did not start ({proc.state}): {last[0]}")
             if pending and time.monotonic() > deadline:
                 raise FleetControlError(f"still starting after {timeout:.0f}s: {', '.join(sorted(pending))}")
+            if pending:
+                time.sleep(0.2)
+
+    def wait_stopped(self, names: Iterable[str], *, timeout: float = 120.0) -> None:
+        """Block until none of the named processes is running any more."""
+        pending = {full_name(n) for n in names}
+        deadline = time.monotonic() + timeout
+        while pending:
+            pending -= {p.full_name for p in self.processes() if p.state in DEAD_STATES}
+            if pending and time.monotonic() > deadline:
+                raise FleetControlError(f"still stopping after {timeout:.0f}s: {', '.join(sorted(pending))}")
             if pending:
                 time.sleep(0.2)
 

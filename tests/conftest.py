@@ -152,3 +152,41 @@ def make_settings(pg_dsn: str, redis_url: str, redis_prefix: str, tmp_path: Path
         return load_settings(**values)
 
     return make
+
+
+# --- a whole fleet under supervisord (machinery in tests/fleet.py) ------------------------------
+@pytest.fixture
+def fleet_factory(
+    pg_dsn: str, redis_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Any]]:
+    """make(instances=2, max_instances=4, start=True, **settings_overrides) -> a started Fleet.
+
+    Every fleet gets free ports, its own state folder and Redis prefix, and is shut down (its
+    Redis keys deleted) at the end of the test.
+    """
+    from tests.fleet import Fleet
+
+    made: list[Fleet] = []
+
+    def make(*, instances: int = 2, max_instances: int = 4, start: bool = True, **overrides: Any) -> Fleet:
+        fl = Fleet(
+            tmp_path_factory.mktemp("fleet"),
+            database_url=pg_dsn,
+            redis_url=redis_url,
+            redis_prefix=f"{redis_prefix}f{len(made)}",
+            instances=instances,
+            max_instances=max_instances,
+            overrides=overrides,
+        )
+        made.append(fl)
+        return fl.start() if start else fl
+
+    yield make
+    for fl in reversed(made):
+        fl.stop()
+
+
+@pytest.fixture
+def fleet(fleet_factory: Callable[..., Any]) -> Any:
+    """A started fleet: router + 2 of 4 instances, on this run's Postgres and Redis."""
+    return fleet_factory()

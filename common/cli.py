@@ -1,0 +1,520 @@
+"""`exai`: start, inspect, scale and stop the fleet under supervisord.
+
+    exai up            start supervisord (and the embedded Postgres/Redis when no URLs are set),
+                       migrate, start the router and EXAI_INSTANCES instances, wait for /healthz
+    exai status        a table of processes, their state and ports
+    exai scale N       start/stop instances so that N run; running ones are never restarted
+    exai down          stop everything (data stays in the state folder)
+    exai db migrate    apply schema.sql
+
+The CLI blocks (it is not on an event loop). User errors print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.embedded import EmbeddedPostgres, EmbeddedRedis
+from common.entry import run_entry
+from common.errors import ConfigError, FleetControlError, StorageUnavailable
+from common.keys import Keys
+from common.migrate import migrate
+from common.protocol import MCP_PATH
+from common.settings import Settings, load_settings
+from common.supervisor import (
+    ProcessInfo,
+    SupervisorControl,
+    fleet_environment,
+    plan_scale,
+    render_config,
+    write_config,
+)
+
+PROG = "exai"
+#: The database `exai up` creates in the embedded Postgres.
+EMBEDDED_DB = "exai"
+
+Printer = Callable[[str], None]
+
+
+# --- the fleet's services and secrets --------------------------------------------------------
+@dataclass(frozen=True)
+class Services:
+    """Where the fleet's Postgres and Redis are, and which of them the fleet runs itself."""
+
+    database_url: str
+    redis_url: str
+    postgres: EmbeddedPostgres | None
+    redis: EmbeddedRedis | None
+
+
+def services_for(settings: Settings) -> Services:
+    """Configured URLs win; a missing one means the embedded server (data in the state folder)."""
+    pg = redis = None
+    if settings.database_url is None:
+        pg = EmbeddedPostgres(settings.state_dir / "postgres", settings.embedded_pg_port)
+    if settings.redis_url is None:
+        redis = EmbeddedRedis(settings.state_dir / "redis", settings.embedded_redis_port)
+    return Services(
+        database_url=settings.database_url or (pg.dsn(EMBEDDED_DB) if pg else ""),
+        redis_url=settings.redis_url or (redis.url() if redis else ""),
+        postgres=pg,
+        redis=redis,
+    )
+
+
+def _secret(path: Path, configured: str | None) -> str:
+    """A configured token, else the one generated into `path` (0600) on first use."""
+    if configured:
+        return configured
+    if path.exists():
+        token = path.read_text(encoding="ascii").strip()
+        if token:
+            return token
+    token = secrets.token_urlsafe(32)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(token + "\n", encoding="ascii")
+    return token
+
+
+def internal_token(settings: Settings) -> str:
+    return _secret(settings.state_dir / "internal_token", settings.internal_token)
+
+
+def admin_token(settings: Settings) -> str:
+    return _secret(settings.state_dir / "admin_token", settings.admin_token)
+
+
+def prepare_state(settings: Settings) -> None:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    settings.state_dir.chmod(0o700)
+    (settings.state_dir / "logs").mkdir(exist_ok=True)
+
+
+# --- pre-flight checks -----------------------------------------------------------------------
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Same options as the servers: a port in TIME_WAIT after `exai down` is not "in use".
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def check_ports(settings: Settings, services: Services) -> None:
+    """Fail with one line naming the variable if a port the fleet needs is taken."""
+    wanted: list[tuple[str, int, str]] = [(settings.router_host, settings.router_port, "EXAI_ROUTER_PORT")]
+    if services.postgres is not None:
+        wanted.append(("127.0.0.1", services.postgres.port, "EXAI_EMBEDDED_PG_PORT"))
+    if services.redis is not None:
+        wanted.append(("127.0.0.1", services.redis.port, "EXAI_EMBEDDED_REDIS_PORT"))
+    for num in range(1, settings.max_instances + 1):
+        wanted.append(("127.0.0.1", settings.instance_port_for(num), "EXAI_INSTANCE_BASE_PORT"))
+    for host, port, var in wanted:
+        if port > 65535:
+            raise ConfigError(f"{var}: port {port} is above 65535.", hint="Choose a lower port.")
+        if not _port_free(host, port):
+            raise ConfigError(
+                f"{var}: port {port} on {host} is already in use.",
+                hint=f"Stop what listens there, or set {var} to a free port.",
+            )
+
+
+def _where(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or ''}".rstrip(":")
+
+
+def check_redis(url: str) -> None:
+    """Fail with one line if the configured Redis does not answer PING."""
+    import redis as redis_sync
+
+    client = redis_sync.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        client.ping()
+    except (redis_sync.RedisError, OSError) as exc:
+        raise ConfigError(
+            f"REDIS_URL: cannot reach Redis at {_where(url)} ({exc}).",
+            hint="Start Redis there, fix REDIS_URL, or unset it to use the embedded Redis.",
+        ) from None
+    finally:
+        client.close()
+
+
+async def _ensure_database(server_dsn: str, dbname: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(server_dsn, timeout=10)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", dbname):
+            await conn.execute(f'CREATE DATABASE "{dbname}"')
+    finally:
+        await conn.close()
+
+
+def run_migration(database_url: str) -> int:
+    try:
+        return asyncio.run(migrate(database_url))
+    except StorageUnavailable as exc:
+        reason = exc.message.rsplit(": ", 1)[-1]
+        raise StorageUnavailable(
+            f"DATABASE_URL: cannot connect to Postgres at {_where(database_url)} ({reason}).",
+            hint="Start Postgres there, fix DATABASE_URL, or unset it to use the embedded Postgres.",
+        ) from exc
+
+
+# --- supervisord -----------------------------------------------------------------------------
+def control(settings: Settings) -> SupervisorControl:
+    return SupervisorControl(settings.supervisor_socket)
+
+
+def render(settings: Settings, services: Services, *, bin_dir: Path | None = None) -> Path:
+    """Render deploy/supervisord.conf.tmpl into the state folder for these services."""
+    env = fleet_environment(
+        settings,
+        DATABASE_URL=services.database_url,
+        REDIS_URL=services.redis_url,
+        EXAI_INTERNAL_TOKEN=internal_token(settings),
+        EXAI_ADMIN_TOKEN=admin_token(settings),
+    )
+    pg, redis = services.postgres, services.redis
+    text = render_config(
+        settings,
+        env,
+        postgres_command=pg.command() if pg else None,
+        postgres_user=pg.run_as if pg else None,
+        redis_command=redis.command() if redis else None,
+        bin_dir=bin_dir,
+    )
+    return write_config(settings, text)
+
+
+def start_supervisord(settings: Settings, conf: Path, *, timeout: float = 30.0) -> SupervisorControl:
+    supervisord = Path(sys.executable).parent / "supervisord"
+    argv = [str(supervisord if supervisord.exists() else "supervisord"), "-c", str(conf)]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise FleetControlError(f"supervisord did not start: {last[0]}.", hint=f"Check {conf}.")
+    ctl = control(settings)
+    deadline = time.monotonic() + timeout
+    while not ctl.is_running():
+        if time.monotonic() > deadline:
+            log = settings.state_dir / "logs" / "supervisord.log"
+            raise FleetControlError(f"supervisord did not answer within {timeout:.0f}s.", hint=f"See {log}.")
+        time.sleep(0.1)
+    return ctl
+
+
+def wait_healthz(settings: Settings, ctl: SupervisorControl, *, timeout: float = 60.0) -> None:
+    url = f"http://{settings.router_host}:{settings.router_port}/healthz"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        ctl.wait_running(["router"], timeout=max(1.0, deadline - time.monotonic()))
+        if time.monotonic() > deadline:
+            raise FleetControlError(
+                f"the router did not answer {url} within {timeout:.0f}s.",
+                hint=f"See {settings.state_dir / 'logs' / 'router.log'}.",
+            )
+        time.sleep(0.2)
+
+
+def registered_instances(redis_url: str, prefix: str) -> set[str]:
+    """Ids of instances whose registry entry is alive and ready."""
+    import redis as redis_sync
+
+    keys = Keys(prefix)
+    client = redis_sync.Redis.from_url(redis_url, decode_responses=True, socket_timeout=3)
+    try:
+        ready = set()
+        for member in client.smembers(keys.instances()):  # type: ignore[union-attr]
+            if client.hget(keys.instance(str(member)), "state") == "ready":
+                ready.add(str(member))
+        return ready
+    finally:
+        client.close()
+
+
+def busy_instances(redis_url: str, prefix: str) -> set[str]:
+    """Ids of instances bound to a session (best effort: empty when Redis is unreachable)."""
+    import redis as redis_sync
+
+    keys = Keys(prefix)
+    try:
+        client = redis_sync.Redis.from_url(redis_url, decode_responses=True, socket_timeout=3)
+        try:
+            busy = set()
+            for member in client.smembers(keys.instances()):  # type: ignore[union-attr]
+                if client.hget(keys.instance(str(member)), "session"):
+                    busy.add(str(member))
+            return busy
+        finally:
+            client.close()
+    except (redis_sync.RedisError, OSError):
+        return set()
+
+
+@dataclass(frozen=True)
+class Launched:
+    control: SupervisorControl
+    services: Services
+    conf: Path
+    instances: tuple[str, ...]
+
+
+def launch(
+    settings: Settings,
+    *,
+    instances: int | None = None,
+    bin_dir: Path | None = None,
+    say: Printer = lambda _msg: None,
+    timeout: float = 90.0,
+) -> Launched:
+    """Bring the fleet up: checks, config, supervisord, services, schema, router, instances.
+
+    Assumes supervisord is not running for this state folder. On failure it shuts down what
+    it started, so nothing is left behind.
+    """
+    count = settings.instances if instances is None else instances
+    if count > settings.max_instances:
+        raise ConfigError(f"cannot start {count} instances: EXAI_MAX_INSTANCES is {settings.max_instances}")
+    services = services_for(settings)
+    prepare_state(settings)
+    check_ports(settings, services)
+    if services.redis is None:
+        check_redis(services.redis_url)
+    if services.postgres is None:
+        say("applying the schema")
+        run_migration(services.database_url)
+    else:
+        services.postgres.ensure_initialized()
+    if services.redis is not None:
+        services.redis.ensure_initialized()
+    conf = render(settings, services, bin_dir=bin_dir)
+    ctl = start_supervisord(settings, conf)
+    try:
+        if services.postgres is not None:
+            say(f"starting the embedded Postgres on port {services.postgres.port}")
+            ctl.start("postgres")
+        if services.redis is not None:
+            say(f"starting the embedded Redis on port {services.redis.port}")
+            ctl.start("redis")
+        if services.postgres is not None:
+            pg = services.postgres
+            pg.wait_ready(timeout, alive=lambda: ctl.process("postgres").active)
+            asyncio.run(_ensure_database(pg.dsn("postgres"), EMBEDDED_DB))
+            say("applying the schema")
+            run_migration(services.database_url)
+        if services.redis is not None:
+            rd = services.redis
+            rd.wait_ready(timeout, alive=lambda: ctl.process("redis").active)
+        say("starting the router")
+        ctl.start("router")
+        names = ctl.start_instances(range(1, count + 1))
+        say(f"starting {count} instance(s)")
+        services_up = [n for n, svc in (("postgres", services.postgres), ("redis", services.redis)) if svc]
+        ctl.wait_running([*services_up, "router", *names], timeout=timeout)
+        wait_healthz(settings, ctl, timeout=timeout)
+    except BaseException:
+        ctl.shutdown()
+        raise
+    return Launched(control=ctl, services=services, conf=conf, instances=tuple(names))
+
+
+def scale(settings: Settings, ctl: SupervisorControl, target: int) -> tuple[list[str], list[str]]:
+    """Start or stop instances so that `target` run; returns (started, stopped) names."""
+    if target < 0:
+        raise ConfigError("the instance count must be 0 or more")
+    if target > settings.max_instances:
+        raise ConfigError(
+            f"cannot scale to {target}: EXAI_MAX_INSTANCES is {settings.max_instances}.",
+            hint="Raise EXAI_MAX_INSTANCES and run `exai down` then `exai up` to provision more.",
+        )
+    infos = ctl.processes()
+    busy: set[str] = set()
+    if target < sum(1 for p in infos if p.active and p.instance_num is not None):
+        busy = busy_instances(services_for(settings).redis_url, settings.redis_prefix)
+    plan = plan_scale(infos, target, busy)
+    for name in plan.start:
+        ctl.start(name, wait=False)
+    for name in plan.stop:
+        ctl.stop(name, wait=False)
+    if plan.stop:
+        ctl.wait_stopped(plan.stop)
+    if plan.start:
+        ctl.wait_running(plan.start)
+    return list(plan.start), list(plan.stop)
+
+
+# --- output ----------------------------------------------------------------------------------
+def _port_of(settings: Settings, proc: ProcessInfo) -> str:
+    if proc.instance_num is not None:
+        return str(settings.instance_port_for(proc.instance_num))
+    if proc.name == "router":
+        return str(settings.router_port)
+    if proc.name == "postgres":
+        return str(settings.embedded_pg_port)
+    if proc.name == "redis":
+        return str(settings.embedded_redis_port)
+    return "-"
+
+
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def status_table(settings: Settings, procs: Sequence[ProcessInfo]) -> str:
+    order = {"postgres": 0, "redis": 1, "router": 2}
+    rows = [("NAME", "STATE", "PID", "PORT", "UPTIME")]
+    for p in sorted(procs, key=lambda p: (order.get(p.name, 3), p.instance_num or 0)):
+        rows.append((p.name, p.state, str(p.pid or "-"), _port_of(settings, p), _uptime(p.uptime)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _summary(settings: Settings, procs: Sequence[ProcessInfo]) -> str:
+    running = sum(1 for p in procs if p.instance_num is not None and p.state == "RUNNING")
+    return f"{running} of {settings.max_instances} instances running"
+
+
+# --- commands --------------------------------------------------------------------------------
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    ctl = control(settings)
+    if ctl.is_running():
+        print(f"EXAI fleet is already running ({settings.supervisor_conf}).")
+        print(status_table(settings, ctl.processes()))
+        return 0
+    launched = launch(settings, instances=args.instances, say=lambda m: print(f"exai: {m}", flush=True))
+    procs = launched.control.processes()
+    url = f"http://{settings.router_host}:{settings.router_port}{MCP_PATH}"
+    token = admin_token(settings)
+    print()
+    print(f"EXAI fleet is up: router on {url}, {_summary(settings, procs)}.")
+    if launched.services.postgres or launched.services.redis:
+        print(f"Embedded services keep their data in {settings.state_dir}.")
+    print()
+    print("Connect a client:")
+    print(f"  Claude Code:     claude mcp add --transport http exai {url}")
+    print(f"  any MCP client:  Streamable HTTP at {url}")
+    if settings.auth_tokens:
+        print("                   with the header 'Authorization: Bearer <one of EXAI_AUTH_TOKENS>'")
+    print()
+    shown = "(EXAI_ADMIN_TOKEN)" if settings.admin_token else token
+    print(f"Admin token:       {shown}")
+    admin = f"http://{settings.router_host}:{settings.router_port}/admin/instances"
+    print(f"  curl -H 'Authorization: Bearer {token}' {admin}")
+    print(f"supervisorctl:     supervisorctl -c {launched.conf} status")
+    print("Stop it with `exai down`; scale with `exai scale N`.")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    ctl = control(settings)
+    if not ctl.is_running():
+        print("EXAI fleet is not running.")
+        return 0
+    print("exai: stopping instances, router and services ...", flush=True)
+    ctl.shutdown()
+    print("EXAI fleet stopped. Data stays in " + str(settings.state_dir))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    ctl = control(settings)
+    if not ctl.is_running():
+        print(f"EXAI fleet is not running (no supervisord at {settings.supervisor_socket}).")
+        return 3
+    procs = ctl.processes()
+    print(status_table(settings, procs))
+    print(f"\n{_summary(settings, procs)}; config {settings.supervisor_conf}")
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    ctl = control(settings)
+    if not ctl.is_running():
+        raise FleetControlError("the fleet is not running.", hint="Start it with `exai up`.")
+    started, stopped = scale(settings, ctl, args.count)
+    if started:
+        print(f"started {', '.join(started)}")
+    if stopped:
+        print(f"stopped {', '.join(stopped)}")
+    if not started and not stopped:
+        print(f"{args.count} instance(s) already running")
+    print(_summary(settings, ctl.processes()))
+    return 0
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    services = services_for(settings)
+    pg = services.postgres
+    if pg is None or control(settings).is_running():
+        version = run_migration(services.database_url)
+    else:
+        # Embedded and the fleet is down: run the server just long enough to migrate.
+        prepare_state(settings)
+        with pg.running():
+            asyncio.run(_ensure_database(pg.dsn("postgres"), EMBEDDED_DB))
+            version = run_migration(services.database_url)
+    print(f"schema version {version} applied to {_where(services.database_url)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Run the EXAI MCP fleet under supervisord.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start the fleet (embedded Postgres/Redis when no URLs are set)")
+    up.add_argument("--instances", type=int, default=None, help="instances to start (default EXAI_INSTANCES)")
+    up.set_defaults(func=cmd_up)
+
+    sub.add_parser("down", help="stop the fleet; data stays in the state folder").set_defaults(func=cmd_down)
+    sub.add_parser("status", help="processes, their state and ports").set_defaults(func=cmd_status)
+
+    sc = sub.add_parser("scale", help="run N instances without restarting running ones")
+    sc.add_argument("count", type=int, metavar="N")
+    sc.set_defaults(func=cmd_scale)
+
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_sub.add_parser("migrate", help="apply schema.sql (idempotent)").set_defaults(func=cmd_db_migrate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_entry(lambda: int(args.func(args)), prog=PROG)

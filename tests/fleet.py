@@ -1,0 +1,229 @@
+"""A whole fleet under real supervisord, on free ports in a temporary state folder, for tests.
+
+    fleet = Fleet(tmp_path / "state", database_url=..., redis_url=..., redis_prefix="t1")
+    with fleet:                      # start(): same path as `exai up`, then wait for registrations
+        httpx.post(fleet.mcp_url, ...)
+        fleet.kill_instance(1)       # SIGKILL; supervisord restarts it
+    # stop(): `supervisorctl shutdown`, then the fleet's Redis keys are deleted
+
+Tests normally get one from the `fleet` / `fleet_factory` fixtures in conftest.py.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import redis as redis_sync
+
+from common.cli import admin_token, internal_token, launch, registered_instances, scale
+from common.keys import Keys
+from common.protocol import MCP_PATH, instance_process_name
+from common.settings import Settings, load_settings
+from common.supervisor import ProcessInfo, SupervisorClient, SupervisorControl
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(count: int) -> int:
+    """A base port such that base+1 .. base+count are all free."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - count)
+        if all(_port_free(base + n) for n in range(1, count + 1)):
+            return base
+    raise RuntimeError(f"no block of {count} free ports found")
+
+
+class Fleet:
+    """Router + instances under supervisord for one test; see the module docstring."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        database_url: str,
+        redis_url: str,
+        redis_prefix: str,
+        instances: int = 2,
+        max_instances: int = 4,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        values: dict[str, Any] = {
+            "state_dir": state_dir,
+            "database_url": database_url,
+            "redis_url": redis_url,
+            "redis_prefix": redis_prefix,
+            "router_port": free_port(),
+            "instance_base_port": free_port_block(max_instances),
+            "instances": instances,
+            "max_instances": max_instances,
+            "glm_api_key": None,
+            "kimi_api_key": None,
+            "log_level": "DEBUG",
+        }
+        values.update(overrides or {})
+        self.settings: Settings = load_settings(**values)
+        self.keys = Keys(self.settings.redis_prefix)
+        self.supervisor = SupervisorControl(self.settings.supervisor_socket)
+        self._started = False
+
+    # --- addresses and secrets -------------------------------------------------------------
+    @property
+    def router_url(self) -> str:
+        return f"http://{self.settings.router_host}:{self.settings.router_port}"
+
+    @property
+    def mcp_url(self) -> str:
+        return self.router_url + MCP_PATH
+
+    @property
+    def admin_token(self) -> str:
+        return admin_token(self.settings)
+
+    @property
+    def internal_token(self) -> str:
+        return internal_token(self.settings)
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def instance_port(self, num: int) -> int:
+        return self.settings.instance_port_for(num)
+
+    def instance_id(self, num: int) -> str:
+        return instance_process_name(num)
+
+    def supervisor_client(self) -> SupervisorClient:
+        """A new asyncio client (create it on the test's loop; `await client.close()` after)."""
+        return SupervisorClient(self.settings.supervisor_socket)
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self, *, timeout: float = 60.0) -> Fleet:
+        """`exai up`'s path (checks, config, supervisord, router, instances, /healthz), then wait
+        until the instances are registered in Redis."""
+        launch(self.settings, timeout=timeout)
+        self._started = True
+        self.wait_registered(self.settings.instances, timeout=timeout)
+        return self
+
+    def stop(self) -> None:
+        """`supervisorctl shutdown` and wait; then delete this fleet's Redis keys."""
+        try:
+            self.supervisor.shutdown()
+        finally:
+            self._started = False
+            client = redis_sync.Redis.from_url(self.settings.redis_url or "", decode_responses=True)
+            try:
+                for key in client.scan_iter(match=self.keys.pattern(), count=500):
+                    client.delete(key)
+            except redis_sync.RedisError:
+                pass
+            finally:
+                client.close()
+
+    def __enter__(self) -> Fleet:
+        return self.start()
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()
+
+    # --- inspection ------------------------------------------------------------------------
+    def processes(self) -> list[ProcessInfo]:
+        return self.supervisor.processes()
+
+    def process(self, name: str) -> ProcessInfo:
+        return self.supervisor.process(name)
+
+    def running_instances(self) -> list[str]:
+        return [p.name for p in self.supervisor.instances() if p.state == "RUNNING"]
+
+    def registered(self) -> set[str]:
+        """Ids of instances registered in Redis as ready."""
+        return registered_instances(self.settings.redis_url or "", self.settings.redis_prefix)
+
+    def wait_registered(self, count: int | None = None, *, timeout: float = 30.0) -> set[str]:
+        """Wait until exactly the RUNNING instances (and `count` of them, if given) are registered."""
+        deadline = time.monotonic() + timeout
+        while True:
+            running = set(self.running_instances())
+            ready = self.registered()
+            if running == ready and (count is None or len(ready) == count):
+                return ready
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"registered {sorted(ready)}, running {sorted(running)}, wanted {count}")
+            time.sleep(0.1)
+
+    def log(self, name: str, length: int = 20000) -> str:
+        """The tail of a program's log ("router", "instance_01", ...)."""
+        return self.supervisor.tail(name, length)
+
+    # --- control ---------------------------------------------------------------------------
+    def scale(self, count: int) -> tuple[list[str], list[str]]:
+        """`exai scale`: returns (started, stopped) process names."""
+        return scale(self.settings, self.supervisor, count)
+
+    def start_instance(self, num: int, *, wait: bool = True) -> None:
+        name = self.instance_id(num)
+        self.supervisor.start(name, wait=False)
+        if wait:
+            self.supervisor.wait_running([name])
+
+    def stop_instance(self, num: int) -> None:
+        """Graceful stop (SIGTERM: the instance drains and deregisters)."""
+        self.supervisor.stop(self.instance_id(num), wait=True)
+
+    def restart_instance(self, num: int) -> None:
+        self.stop_instance(num)
+        self.start_instance(num)
+
+    def kill_instance(self, num: int, sig: int = signal.SIGKILL) -> int:
+        """Send `sig` to the instance (default SIGKILL: no draining, no deregistering).
+
+        supervisord restarts it (autorestart). Returns the pid that was signalled.
+        """
+        return self._kill(self.instance_id(num), sig)
+
+    def kill_router(self, sig: int = signal.SIGKILL) -> int:
+        return self._kill("router", sig)
+
+    def restart_router(self) -> None:
+        self.supervisor.stop("router", wait=True)
+        self.supervisor.start("router", wait=False)
+        self.supervisor.wait_running(["router"])
+
+    def _kill(self, name: str, sig: int) -> int:
+        pid = self.supervisor.process(name).pid
+        if not pid:
+            raise RuntimeError(f"{name} is not running")
+        self.supervisor.signal(name, int(sig))
+        return pid
+
+    def wait_restarted(self, name: str, old_pid: int, *, timeout: float = 30.0) -> int:
+        """Wait until supervisord runs `name` again under a new pid; return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = self.supervisor.process(name)
+            if proc.state == "RUNNING" and proc.pid and proc.pid != old_pid:
+                return proc.pid
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not restarted (state {proc.state}, pid {proc.pid})")
+            time.sleep(0.1)
