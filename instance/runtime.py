@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -77,6 +77,7 @@ class Binding:
     principal: str | None = None
     client: str | None = None
     era: str | None = None
+    recorded: bool = False
 
 
 class Runtime:
@@ -94,6 +95,7 @@ class Runtime:
         self.calls_total = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._background: set[asyncio.Task[None]] = set()
         # Opened by the lifespan (see instance.app), None before and after.
         self.providers: Providers | None = None
         self.storage: Any = None
@@ -171,6 +173,19 @@ class Runtime:
         except TimeoutError:
             return False
         return True
+
+    def background(self, work: Awaitable[Any], *, what: str) -> None:
+        """Run best-effort work (telemetry) without awaiting it; failures are logged, not raised."""
+
+        async def run() -> None:
+            try:
+                await work
+            except Exception as exc:
+                log.warning("%s failed: %s", what, exc)
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def require_storage(self) -> Any:
         if self.storage is None:

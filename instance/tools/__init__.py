@@ -60,6 +60,7 @@ def exai_tool(mcp: MCPServer[Any], runtime: Runtime, *, description: str) -> Cal
             ctx = _context_of(kwargs)
             headers = headers_of(ctx)
             runtime.observe(headers)
+            await _touch_session(runtime)
             started = time.perf_counter()
             status, error = "success", None
             try:
@@ -90,30 +91,38 @@ def exai_tool(mcp: MCPServer[Any], runtime: Runtime, *, description: str) -> Cal
 def _record(
     runtime: Runtime, name: str, headers: dict[str, str], status: str, error: str | None, seconds: float
 ) -> None:
-    """Telemetry goes through the write-behind spool; losing it must never fail the call."""
+    """Telemetry goes to the write-behind spool in the background; it must never fail or slow a call."""
     storage = runtime.storage
-    if storage is None or not hasattr(storage, "record_tool_call"):
+    if storage is None:
         return
-    try:
-        result = storage.record_tool_call(
+    runtime.background(
+        storage.record_tool_call(
             session_id=runtime.session_for(headers),
+            instance_id=runtime.identity.id,
             tool_name=name,
             status=status,
             duration_ms=seconds * 1000.0,
             error=error,
-        )
-        if inspect.isawaitable(result):
-            # Telemetry is fire-and-forget by design; keep a reference until it is done.
-            import asyncio
-
-            task = asyncio.ensure_future(result)
-            _pending.add(task)
-            task.add_done_callback(_pending.discard)
-    except Exception:  # telemetry only
-        log.debug("could not record tool call %s", name, exc_info=True)
+        ),
+        what=f"recording the {name} call",
+    )
 
 
-_pending: set[Any] = set()
+async def _touch_session(runtime: Runtime) -> None:
+    """Record the bound session once per binding, so `sessions` shows who used this instance."""
+    binding = runtime.binding
+    if binding is None or binding.recorded or runtime.storage is None:
+        return
+    binding.recorded = True
+    runtime.background(
+        runtime.storage.touch_session(
+            session_id=binding.session,
+            principal=binding.principal,
+            client_name=binding.client,
+            era=binding.era,
+        ),
+        what="recording the session",
+    )
 
 
 def register_tools(mcp: MCPServer[Any], runtime: Runtime) -> None:
