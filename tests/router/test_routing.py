@@ -1,0 +1,196 @@
+"""End to end through the router's port: isolation, failover, restart, backpressure, DELETE.
+
+One fleet of five real `exai-instance` processes (fake LLM provider) and a real `exai-router`
+process serves the whole module; every test leaves it with five free instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.fakes.provider import FakeProvider
+from tests.router.conftest import Fleet, mcp_client, status_of
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[FakeProvider]:
+    with FakeProvider().running() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+async def fleet(make_fleet: Any, provider: FakeProvider) -> Fleet:
+    fleet: Fleet = await make_fleet(
+        instances=5, GLM_API_KEY="fake-key", GLM_API_URL=provider.glm_url, DEFAULT_MODEL="glm-4.6"
+    )
+    return fleet
+
+
+@pytest.fixture(autouse=True)
+async def clean_fleet(fleet: Fleet) -> AsyncIterator[None]:
+    yield
+    await fleet.end_all_sessions()
+
+
+async def _sessions(fleet: Fleet) -> list[dict[str, Any]]:
+    status, body = await fleet.admin("GET", "/admin/sessions")
+    assert status == 200
+    return list(body["sessions"])
+
+
+async def test_five_clients_of_both_eras_each_get_their_own_instance(fleet: Fleet) -> None:
+    modes = ["legacy", "2026-07-28", "legacy", "2026-07-28", "legacy"]
+    seen: list[dict[str, Any]] = []
+    gate = asyncio.Event()
+    ready = asyncio.Semaphore(0)
+
+    async def one(i: int, mode: str) -> None:
+        async with mcp_client(fleet.url, mode, name=f"client-{i}") as client:
+            mine = {"mode": mode, **await status_of(client)}
+            seen.append(mine)
+            ready.release()
+            await gate.wait()  # stay open until all five are counted
+            again = await status_of(client)
+            assert (again["session"], again["instance_id"]) == (mine["session"], mine["instance_id"])
+
+    tasks = [asyncio.create_task(one(i, m)) for i, m in enumerate(modes)]
+    for _ in modes:
+        await asyncio.wait_for(ready.acquire(), 60)
+    try:
+        instances = {s["instance_id"] for s in seen}
+        assert len(instances) == 5, seen
+        sessions = await _sessions(fleet)
+        assert len(sessions) == 5
+        by_id = {s["id"]: s for s in sessions}
+        for st in seen:
+            # The status tool reports the router's session id; the admin API agrees on the instance.
+            assert by_id[st["session"]]["instance"] == st["instance_id"]
+            assert by_id[st["session"]]["era"] == ("handshake" if st["mode"] == "legacy" else "stateless")
+        assert {s["era"] for s in sessions} == {"handshake", "stateless"}
+
+        # A sixth session while all five are busy: 503 after the deadline, with Retry-After.
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                fleet.url,
+                json={
+                    "jsonrpc": "2.0",
+                    "id": 1,
+                    "method": "initialize",
+                    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "6th"}},
+                },
+                headers={"Accept": "application/json, text/event-stream"},
+            ) as r,
+        ):
+            assert r.status == 503
+            assert int(r.headers["Retry-After"]) >= 1
+            body = await r.json()
+            assert body["id"] == 1
+            assert body["error"]["data"]["error"] == "no_free_instance"
+            assert "exai scale" in body["error"]["message"]
+    finally:
+        gate.set()
+        await asyncio.gather(*tasks)
+    # Handshake clients sent DELETE on close: their sessions are gone; stateless ones remain.
+    remaining = await _sessions(fleet)
+    assert {s["era"] for s in remaining} <= {"stateless"}
+
+
+async def test_kill_9_moves_a_handshake_session_and_its_thread_continues(fleet: Fleet) -> None:
+    sent_ids: list[str] = []
+    async with mcp_client(fleet.url, "legacy", name="failover", session_ids=sent_ids) as client:
+        before = await status_of(client)
+        first = await client.call_tool("chat", {"prompt": "remember the word walnut"})
+        assert not first.is_error, first
+        cid = (first.structured_content or {})["continuation_id"]
+
+        await fleet.stop(before["instance_id"], signal.SIGKILL)
+
+        after = await status_of(client)
+        assert after["session"] == before["session"]
+        assert after["instance_id"] != before["instance_id"]
+        second = await client.call_tool("chat", {"prompt": "what was the word?", "continuation_id": cid})
+        assert not second.is_error, second
+        assert (second.structured_content or {})["continuation_id"] == cid
+        # The client never saw another session id.
+        assert set(sent_ids) == {before["session"]}
+
+    await fleet.start_instance(int(before["instance_id"].rsplit("_", 1)[1]))
+    await fleet.wait_instances(5)
+    status, body = await fleet.admin("GET", "/metrics")
+    assert "exai_router_failovers_total" in body
+
+
+async def test_router_restart_keeps_sessions(fleet: Fleet) -> None:
+    sent_ids: list[str] = []
+    async with (
+        mcp_client(fleet.url, "legacy", name="restart-a", session_ids=sent_ids) as a,
+        mcp_client(fleet.url, "2026-07-28", name="restart-b") as b,
+    ):
+        sa, sb = await status_of(a), await status_of(b)
+        await fleet.stop("router")
+        await fleet.start_router()
+        sa2, sb2 = await status_of(a), await status_of(b)
+        assert (sa2["session"], sa2["instance_id"]) == (sa["session"], sa["instance_id"])
+        assert (sb2["session"], sb2["instance_id"]) == (sb["session"], sb["instance_id"])
+        assert set(sent_ids) == {sa["session"]}
+
+
+async def test_delete_ends_the_session_and_resets_the_instance(fleet: Fleet) -> None:
+    async with mcp_client(fleet.url, "legacy", name="deleter") as client:
+        st = await status_of(client)
+        assert st["bound_session"] == st["session"]
+    assert st["session"] not in {s["id"] for s in await _sessions(fleet)}
+    status, body = await fleet.admin("GET", "/admin/instances")
+    inst = next(i for i in body["instances"] if i["id"] == st["instance_id"])
+    assert inst["session"] is None  # lease released
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"http://127.0.0.1:{inst['port']}/internal/health",
+            headers={"X-Exai-Internal-Token": fleet.env["EXAI_INTERNAL_TOKEN"]},
+        ) as r,
+    ):
+        assert (await r.json())["session"] == ""  # reset before anyone else gets it
+
+
+async def test_unknown_or_foreign_session_id_is_404(fleet: Fleet) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            fleet.url,
+            data=json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/list"}),
+            headers={
+                "Content-Type": "application/json",
+                "Accept": "application/json, text/event-stream",
+                "Mcp-Session-Id": "not-a-session",
+                "MCP-Protocol-Version": "2025-11-25",
+            },
+        ) as r,
+    ):
+        assert r.status == 404
+        body = await r.json()
+        assert body["id"] == 7 and body["error"]["data"]["error"] == "session_not_found"
+
+
+async def test_stateless_sessions_key_on_name_and_client(fleet: Fleet) -> None:
+    async with mcp_client(fleet.url + "/s/alpha", "2026-07-28", name="x") as a1:
+        s1 = await status_of(a1)
+    async with mcp_client(fleet.url + "/s/alpha", "2026-07-28", name="y") as a2:
+        s2 = await status_of(a2)
+    assert s1["session"] == s2["session"]  # the explicit name wins over clientInfo
+    async with mcp_client(fleet.url, "2026-07-28", name="y") as b:
+        s3 = await status_of(b)
+    assert s3["session"] != s1["session"] and s3["instance_id"] != s1["instance_id"]
+    sessions = {s["id"]: s for s in await _sessions(fleet)}
+    assert sessions[s1["session"]]["key"].endswith("/name/alpha")
+    assert sessions[s3["session"]]["client"] == "y"
