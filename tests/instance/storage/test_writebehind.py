@@ -1,0 +1,149 @@
+"""The spool and the flusher: group commit, full-spool policies, replay after restart, poison rows."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+import asyncpg
+import pytest
+
+from common.errors import SpoolFull
+from common.settings import Settings
+from instance.storage import Storage
+from instance.storage.writebehind import KIND_MESSAGE
+from tests.instance.storage.conftest import FaultProxy
+
+
+async def _count_ids(dsn: str, table: str, ids: list[str]) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            f"SELECT id::text, count(*) AS n FROM {table} WHERE id::text = ANY($1) GROUP BY id", ids
+        )
+    finally:
+        await conn.close()
+    return {r["id"]: r["n"] for r in rows}
+
+
+async def test_concurrent_appends_share_fsyncs(storage: Storage, pg_dsn: str) -> None:
+    cid = await storage.history.new_thread(session_id="s", tool_name="chat", model=None)
+    before = storage.backlog()
+    msgs = await asyncio.gather(*(storage.history.append(cid, "user", f"m{i}") for i in range(200)))
+    after = storage.backlog()
+    appends = after["appends_total"] - before["appends_total"]
+    commits = after["commits_total"] - before["commits_total"]
+    assert appends == 200 and commits < appends / 4  # group commit: many appends per fsync
+    assert await storage.flush(10)
+    counts = await _count_ids(pg_dsn, "messages", [m.id for m in msgs])
+    assert len(counts) == 200 and set(counts.values()) == {1}
+
+
+async def test_full_spool_refuses_loudly_and_keeps_everything_it_accepted(
+    storage_settings: Callable[..., Settings],
+    pg_proxy: FaultProxy,
+    pg_dsn: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = storage_settings(
+        database_url=pg_proxy.url(pg_dsn),
+        spool_max_bytes=8192,
+        spool_full_policy="refuse",
+        history_cache_turns=0,
+    )
+    pg_proxy.cut()
+    accepted: list[str] = []
+    async with Storage.open(settings, instance_id="t-refuse", redis=None) as st:
+        cid = await st.history.new_thread(session_id="s", tool_name="chat", model=None)
+        with pytest.raises(SpoolFull) as info:
+            for i in range(1000):
+                accepted.append((await st.history.append(cid, "user", f"message {i} " + "x" * 200)).id)
+        assert "refused" in info.value.message and "EXAI_SPOOL_MAX_BYTES" in str(info.value)
+        assert st.backlog()["refused_total"] == 1 and st.backlog()["bytes"] <= 8192
+        assert any("SPOOL FULL" in r.message for r in caplog.records)
+        pg_proxy.restore()
+        assert await st.flush(10)
+        # room again: writes are accepted
+        accepted.append((await st.history.append(cid, "user", "after")).id)
+        assert await st.flush(10)
+    counts = await _count_ids(pg_dsn, "messages", accepted)
+    assert len(counts) == len(accepted) and set(counts.values()) == {1}
+
+
+async def test_full_spool_blocks_callers_until_the_flusher_frees_room(
+    storage_settings: Callable[..., Settings], pg_proxy: FaultProxy, pg_dsn: str
+) -> None:
+    settings = storage_settings(
+        database_url=pg_proxy.url(pg_dsn),
+        spool_max_bytes=8192,
+        spool_full_policy="block",
+        spool_block_timeout=0.3,
+        history_cache_turns=0,
+    )
+    pg_proxy.cut()
+    async with Storage.open(settings, instance_id="t-block", redis=None) as st:
+        cid = await st.history.new_thread(session_id="s", tool_name="chat", model=None)
+        with pytest.raises(SpoolFull, match="stayed full"):
+            for i in range(1000):
+                await st.history.append(cid, "user", f"message {i} " + "x" * 200)
+        st.spool.block_timeout = 30.0
+        blocked = asyncio.create_task(st.history.append(cid, "user", "patient"))
+        await asyncio.sleep(0.2)
+        assert not blocked.done()  # waiting for room, not dropped and not failed
+        pg_proxy.restore()
+        msg = await asyncio.wait_for(blocked, timeout=30)
+        assert await st.flush(10)
+        assert st.backlog()["blocked_total"] >= 2
+    assert await _count_ids(pg_dsn, "messages", [msg.id]) == {msg.id: 1}
+
+
+async def test_spool_replays_after_restart(
+    storage_settings: Callable[..., Settings], pg_proxy: FaultProxy, pg_dsn: str
+) -> None:
+    down = storage_settings(database_url=pg_proxy.url(pg_dsn), history_cache_turns=0)
+    pg_proxy.cut()
+    async with Storage.open(down, instance_id="t-replay", redis=None, close_flush_timeout=0.2) as st:
+        cid = await st.history.new_thread(session_id="s", tool_name="chat", model=None)
+        ids = [(await st.history.append(cid, "user", f"m{i}")).id for i in range(20)]
+        await st.record_tool_call(
+            session_id="s", instance_id=None, tool_name="chat", status="ok", duration_ms=3.0
+        )
+        await st.touch_session(session_id="s-replay", principal="p", client_name="claude", era="handshake")
+        await st.touch_session(session_id="s-replay", principal="p", client_name="claude", era="handshake")
+    # same state dir and instance id, Postgres back: the spool is the backlog and drains
+    async with Storage.open(
+        storage_settings(history_cache_turns=0), instance_id="t-replay", redis=None
+    ) as st:
+        assert st.backlog()["rows"] == 24 or st.backlog()["flushed_total"] > 0
+        assert await st.flush(10)
+        assert st.backlog()["rows"] == 0
+        assert [m.content for m in await st.history.load(cid)] == [f"m{i}" for i in range(20)]
+    counts = await _count_ids(pg_dsn, "messages", ids)
+    assert len(counts) == 20 and set(counts.values()) == {1}
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM sessions WHERE id = 's-replay'") == 1
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM tool_calls WHERE session_id = 's' AND instance_id = 't-replay'"
+            )
+            == 1
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_row_postgres_refuses_is_quarantined_not_dropped_and_does_not_block(
+    storage: Storage, pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cid = await storage.history.new_thread(session_id="s", tool_name="chat", model=None)
+    good = await storage.history.append(cid, "user", "good before")
+    poison = dict(good.to_dict(), id=str(uuid.uuid4()), role="oracle")  # violates the role CHECK
+    await storage.spool.append(KIND_MESSAGE, poison, thread_id=cid)
+    after = await storage.history.append(cid, "assistant", "good after")
+    assert await storage.flush(10)
+    assert storage.backlog()["dead_rows"] == 1
+    assert any("DEAD ROW" in r.message for r in caplog.records)
+    counts = await _count_ids(pg_dsn, "messages", [good.id, after.id, poison["id"]])
+    assert counts == {good.id: 1, after.id: 1}
