@@ -486,13 +486,14 @@ class SupervisorControl:
         except SupervisorUnavailable:
             return
         deadline = time.monotonic() + timeout
-        while _pid_alive(pid):
+        while pid_alive(pid):
             if time.monotonic() > deadline:
                 raise FleetControlError(f"supervisord (pid {pid}) did not exit within {timeout:.0f}s")
             time.sleep(0.1)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, exited but not yet reaped, counts as gone)."""
     import os
 
     try:
