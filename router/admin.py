@@ -129,10 +129,11 @@ async def readyz(request: web.Request) -> web.Response:
         instances = await proxy.registry.instances()
     except REDIS_DOWN_ERRORS as exc:
         return _json({"ready": False, "reason": f"Redis unreachable: {exc}"}, status=503)
-    ready = [i for i in instances.values() if i.state == "ready"]
-    if not ready:
+    live = [i for i in instances.values() if i.state != "stopping"]
+    if not live:
         return _json({"ready": False, "reason": "no instance registered"}, status=503)
-    return _json({"ready": True, "instances": len(ready)})
+    free = sum(1 for i in live if i.state == "ready" and not i.session)
+    return _json({"ready": True, "instances": len(live), "unbound": free})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -65,14 +65,22 @@ class Fleet:
         return f"http://127.0.0.1:{self.router_port}/mcp"
 
     async def _spawn(self, name: str, argv: list[str], extra: dict[str, str] | None = None) -> None:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-        self.procs[name] = await asyncio.create_subprocess_exec(
-            *argv, env={**self.env, **(extra or {})}, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL
-        )
-        log.close()
+        log = await asyncio.to_thread(open, self.logs / f"{name}.log", "ab")
+        try:
+            self.procs[name] = await asyncio.create_subprocess_exec(
+                *argv,
+                env={**self.env, **(extra or {})},
+                stdout=log,
+                stderr=log,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            log.close()
 
     async def start_instance(self, num: int) -> None:
-        await self._spawn(f"instance_{num:02d}", [str(BIN / "exai-instance")], {"EXAI_INSTANCE_NUM": str(num)})
+        await self._spawn(
+            f"instance_{num:02d}", [str(BIN / "exai-instance")], {"EXAI_INSTANCE_NUM": str(num)}
+        )
 
     async def start_router(self, **extra: str) -> None:
         await self._spawn("router", [str(BIN / "exai-router")], extra)

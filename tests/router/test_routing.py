@@ -86,7 +86,11 @@ async def test_five_clients_of_both_eras_each_get_their_own_instance(fleet: Flee
                     "jsonrpc": "2.0",
                     "id": 1,
                     "method": "initialize",
-                    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "6th"}},
+                    "params": {
+                        "protocolVersion": "2025-11-25",
+                        "capabilities": {},
+                        "clientInfo": {"name": "6th"},
+                    },
                 },
                 headers={"Accept": "application/json, text/event-stream"},
             ) as r,
@@ -126,7 +130,7 @@ async def test_kill_9_moves_a_handshake_session_and_its_thread_continues(fleet: 
 
     await fleet.start_instance(int(before["instance_id"].rsplit("_", 1)[1]))
     await fleet.wait_instances(5)
-    status, body = await fleet.admin("GET", "/metrics")
+    _, body = await fleet.admin("GET", "/metrics")
     assert "exai_router_failovers_total" in body
 
 
@@ -150,7 +154,7 @@ async def test_delete_ends_the_session_and_resets_the_instance(fleet: Fleet) -> 
         st = await status_of(client)
         assert st["bound_session"] == st["session"]
     assert st["session"] not in {s["id"] for s in await _sessions(fleet)}
-    status, body = await fleet.admin("GET", "/admin/instances")
+    _, body = await fleet.admin("GET", "/admin/instances")
     inst = next(i for i in body["instances"] if i["id"] == st["instance_id"])
     assert inst["session"] is None  # lease released
     async with (

@@ -1,0 +1,182 @@
+"""Security and input checks at the router's door, against a real router with client tokens.
+
+The router here requires EXAI_AUTH_TOKENS (alice, bob); one instance behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import free_port
+from tests.router.conftest import ADMIN_TOKEN, Fleet, mcp_client, status_of
+
+pytestmark = pytest.mark.timeout(90)
+
+ALICE, BOB = "tok-alice-123", "tok-bob-456"
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw"}},
+}
+ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+async def fleet(make_fleet: Any) -> Fleet:
+    fleet: Fleet = await make_fleet(
+        instances=1, EXAI_AUTH_TOKENS=f"alice={ALICE},bob={BOB}", EXAI_MAX_BODY_BYTES="4096"
+    )
+    return fleet
+
+
+async def _post(
+    fleet: Fleet, body: bytes | dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as http, http.post(fleet.url, data=data, headers=headers or {}) as r:
+        text = await r.text()
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = text
+        return r.status, dict(r.headers), parsed
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {**ACCEPT, "Authorization": f"Bearer {token}"}
+
+
+async def test_mcp_requires_a_known_token(fleet: Fleet) -> None:
+    status, _, body = await _post(fleet, INIT, ACCEPT)
+    assert status == 401 and body["error"]["data"]["error"] == "unauthorized"
+    status, _, body = await _post(fleet, INIT, _bearer("nope"))
+    assert status == 401
+
+
+async def test_a_session_answers_only_its_principal(fleet: Fleet) -> None:
+    async with mcp_client(fleet.url, "legacy", token=ALICE) as alice:
+        st = await status_of(alice)
+        assert st["principal"] == "alice"
+        req = {"jsonrpc": "2.0", "id": 5, "method": "tools/list"}
+        headers = {**_bearer(BOB), "Mcp-Session-Id": st["session"], "MCP-Protocol-Version": "2025-11-25"}
+        status, _, body = await _post(fleet, req, headers)
+        assert status == 404 and body["id"] == 5
+        await status_of(alice)  # alice is unaffected
+
+
+async def test_foreign_origin_is_refused_and_local_origin_allowed(fleet: Fleet) -> None:
+    status, _, body = await _post(fleet, INIT, {**_bearer(ALICE), "Origin": "http://evil.example"})
+    assert status == 403 and body["error"]["data"]["error"] == "forbidden"
+    status, headers, _ = await _post(fleet, INIT, {**_bearer(ALICE), "Origin": "http://localhost:3000"})
+    assert status == 200 and "Mcp-Session-Id" in headers
+    await fleet.end_all_sessions()
+
+
+async def test_oversized_and_malformed_bodies_get_jsonrpc_errors(fleet: Fleet) -> None:
+    big = {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {"pad": "x" * 5000}}
+    status, _, body = await _post(fleet, big, _bearer(ALICE))
+    assert status == 413 and body["error"]["data"]["error"] == "payload_too_large"
+
+    status, _, body = await _post(fleet, b'{"jsonrpc": "2.0", "id": 3, "meth', _bearer(ALICE))
+    assert status == 400 and body["error"]["code"] == -32700
+
+    status, _, body = await _post(fleet, b"[1, 2, 3]", _bearer(ALICE))
+    assert status == 400 and body["error"]["code"] == -32600
+
+    status, _, body = await _post(fleet, INIT, {**_bearer(ALICE), "Content-Type": "text/plain"})
+    assert status == 400 and body["error"]["code"] == -32600
+
+
+async def test_admin_endpoints_with_curl(fleet: Fleet) -> None:
+    """`curl` on every admin endpoint: no token -> 401, wrong token -> 401, right token -> 2xx."""
+    base = f"http://127.0.0.1:{fleet.router_port}"
+    async with mcp_client(fleet.url, "legacy", token=ALICE) as client:
+        st = await status_of(client)
+        sid, iid = st["session"], st["instance_id"]
+        endpoints = [
+            ("GET", "/admin/openapi.json"),
+            ("GET", "/admin/sessions"),
+            ("GET", f"/admin/sessions/{sid}"),
+            ("GET", "/admin/instances"),
+        ]
+
+        async def curl(method: str, path: str, token: str | None) -> tuple[int, Any]:
+            argv = ["curl", "-s", "-w", "\n%{http_code}", "-X", method, base + path]
+            if token:
+                argv += ["-H", f"Authorization: Bearer {token}"]
+            proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE)
+            out, _ = await proc.communicate()
+            text, _, code = out.decode().rpartition("\n")
+            return int(code), json.loads(text) if text.strip() else None
+
+        for method, path in [
+            *endpoints,
+            ("POST", f"/admin/instances/{iid}/drain"),
+            ("DELETE", f"/admin/sessions/{sid}"),
+        ]:
+            assert (await curl(method, path, None))[0] == 401, path
+            assert (await curl(method, path, "wrong"))[0] == 401, path
+        for method, path in endpoints:
+            code, body = await curl(method, path, ADMIN_TOKEN)
+            assert code == 200, (path, body)
+        code, body = await curl("GET", f"/admin/sessions/{sid}", ADMIN_TOKEN)
+        assert body["instance"] == iid and body["principal"] == "alice" and body["total"] >= 1
+        code, body = await curl("GET", "/admin/instances", ADMIN_TOKEN)
+        row = next(i for i in body["instances"] if i["id"] == iid)
+        assert row["session"] == sid and row["heartbeat_age"] < 5 and row["port"] > 0
+        code, body = await curl("GET", "/admin/openapi.json", ADMIN_TOKEN)
+        assert body["openapi"].startswith("3.") and "/admin/sessions/{id}" in body["paths"]
+
+        code, body = await curl("DELETE", f"/admin/sessions/{sid}", ADMIN_TOKEN)
+        assert code == 200 and body == {"ended": sid}
+        assert (await curl("GET", f"/admin/sessions/{sid}", ADMIN_TOKEN))[0] == 404
+
+        code, body = await curl("POST", f"/admin/instances/{iid}/drain", ADMIN_TOKEN)
+        assert code == 200 and body == {"draining": iid}
+        code, body = await curl("GET", "/admin/instances", ADMIN_TOKEN)
+        assert next(i for i in body["instances"] if i["id"] == iid)["draining"] is True
+
+    for path in ("/healthz", "/readyz", "/metrics"):
+        code, _ = await asyncio.wait_for(_plain(base + path), 10)
+        assert code == 200, path
+    _, metrics = await _plain(base + "/metrics")
+    for name in (
+        "exai_router_sessions",
+        "exai_router_instances",
+        "exai_router_request_seconds_bucket",
+        "exai_router_allocation_waits_total",
+        "exai_router_upstream_errors_total",
+    ):
+        assert name in metrics
+
+
+async def _plain(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.get(url) as r:
+        return r.status, await r.text()
+
+
+def _run_router(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    exe = str(Path(sys.executable).parent / "exai-router")
+    return subprocess.run([exe], env=env, capture_output=True, text=True, timeout=30)
+
+
+async def test_public_bind_without_tokens_and_busy_port_fail_in_one_line(fleet: Fleet) -> None:
+    env = {k: v for k, v in fleet.env.items() if k != "EXAI_AUTH_TOKENS"}
+    env.update(EXAI_ROUTER_HOST="0.0.0.0", EXAI_ROUTER_PORT=str(free_port()))
+    done = await asyncio.to_thread(_run_router, env)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "EXAI_AUTH_TOKENS" in done.stderr
+
+    env = {**fleet.env, "EXAI_ROUTER_PORT": str(fleet.router_port)}
+    done = await asyncio.to_thread(_run_router, env)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "exai-router: error:" in done.stderr
