@@ -1,0 +1,141 @@
+"""Failure paths: a call in flight on a dying instance, client disconnects, idle sessions.
+
+The fake provider holds calls open (delay) so a test can act while a call is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from mcp.shared.exceptions import MCPError
+
+from tests.fakes.provider import Behaviour, FakeProvider
+from tests.router.conftest import INTERNAL_TOKEN, Fleet, mcp_client, status_of
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[FakeProvider]:
+    with FakeProvider().running() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+async def fleet(make_fleet: Any, provider: FakeProvider) -> Fleet:
+    fleet: Fleet = await make_fleet(
+        instances=2,
+        GLM_API_KEY="fake-key",
+        GLM_API_URL=provider.glm_url,
+        EXAI_SESSION_IDLE_TIMEOUT="3",
+        EXAI_PROVIDER_MAX_RETRIES="0",
+    )
+    return fleet
+
+
+async def _health(fleet: Fleet, instance_id: str) -> dict[str, Any]:
+    port = fleet.base_port + int(instance_id.rsplit("_", 1)[1])
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"http://127.0.0.1:{port}/internal/health", headers={"X-Exai-Internal-Token": INTERNAL_TOKEN}
+        ) as r,
+    ):
+        return dict(await r.json())
+
+
+async def _until(pred: Any, timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await pred():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_call_in_flight_on_a_killed_instance_gets_a_clear_error(
+    fleet: Fleet, provider: FakeProvider, mode: str
+) -> None:
+    provider.reset(Behaviour(delay=60))
+    async with mcp_client(fleet.url, mode, name=f"inflight-{mode}") as client:
+        before = await status_of(client)
+        call = asyncio.create_task(client.call_tool("chat", {"prompt": "slow one"}))
+        await _until(lambda: asyncio.sleep(0, bool(provider.snapshot())))
+        await fleet.stop(before["instance_id"], signal.SIGKILL)
+        with pytest.raises(MCPError) as info:
+            await asyncio.wait_for(call, 30)
+        assert info.value.error.code == -32000
+        assert "stopped" in info.value.error.message and "instance_lost" in json.dumps(info.value.error.data)
+
+        provider.reset()
+        after = await status_of(client)  # the next call is served elsewhere, same session
+        assert after["session"] == before["session"] and after["instance_id"] != before["instance_id"]
+    await fleet.start_instance(int(before["instance_id"].rsplit("_", 1)[1]))
+    await fleet.wait_instances(2)
+    await fleet.end_all_sessions()
+
+
+async def test_client_disconnect_cancels_the_upstream_call(fleet: Fleet, provider: FakeProvider) -> None:
+    provider.reset(Behaviour(delay=60))
+    async with mcp_client(fleet.url, "2026-07-28", name="quitter") as client:
+        st = await status_of(client)
+    body = {
+        "jsonrpc": "2.0",
+        "id": 9,
+        "method": "tools/call",
+        "params": {
+            "name": "chat",
+            "arguments": {"prompt": "never mind"},
+            "_meta": {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientInfo": {"name": "quitter", "version": "1"},
+                "io.modelcontextprotocol/clientCapabilities": {},
+            },
+        },
+    }
+    headers = {
+        "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": "2026-07-28",
+        "Mcp-Method": "tools/call",
+        "Mcp-Name": "chat",
+    }
+
+    async def post() -> None:
+        async with aiohttp.ClientSession() as http, http.post(fleet.url, json=body, headers=headers) as r:
+            await r.read()
+
+    task = asyncio.create_task(post())
+
+    async def running() -> bool:
+        return int((await _health(fleet, st["instance_id"]))["inflight"]) >= 1
+
+    await _until(running)
+    task.cancel()  # the client goes away mid-call
+
+    async def idle() -> bool:
+        return int((await _health(fleet, st["instance_id"]))["inflight"]) == 0
+
+    await _until(idle)  # the instance cancelled the call although the provider still holds it
+    provider.reset()
+    await fleet.end_all_sessions()
+
+
+async def test_idle_sessions_end_and_free_their_instance(fleet: Fleet) -> None:
+    async with mcp_client(fleet.url, "2026-07-28", name="sleepy") as client:
+        st = await status_of(client)
+
+    async def gone() -> bool:
+        _, body = await fleet.admin("GET", "/admin/sessions")
+        return st["session"] not in {s["id"] for s in body["sessions"]}
+
+    await _until(gone, timeout=20)
+    _, body = await fleet.admin("GET", "/admin/instances")
+    assert next(i for i in body["instances"] if i["id"] == st["instance_id"])["session"] is None
+    _, metrics = await fleet.admin("GET", "/metrics")
+    assert 'exai_router_sessions_ended_total{reason="idle"}' in metrics
