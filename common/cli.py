@@ -37,6 +37,7 @@ from common.supervisor import (
     ProcessInfo,
     SupervisorControl,
     fleet_environment,
+    pid_alive,
     plan_scale,
     render_config,
     write_config,
@@ -434,6 +435,26 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"  curl -H 'Authorization: Bearer {token}' {admin}")
     print(f"supervisorctl:     supervisorctl -c {launched.conf} status")
     print("Stop it with `exai down`; scale with `exai scale N`.")
+    if args.foreground:
+        return _stay_in_foreground(launched.control)
+    return 0
+
+
+def _stay_in_foreground(ctl: SupervisorControl) -> int:
+    """For containers: live as long as supervisord; SIGTERM/SIGINT shut the fleet down."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    pid = ctl.pid()
+    sys.stdout.flush()
+    while not stop.wait(1.0):
+        if not pid_alive(pid):
+            print("exai: supervisord exited", file=sys.stderr)
+            return 1
+    ctl.shutdown()
     return 0
 
 
@@ -499,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start the fleet (embedded Postgres/Redis when no URLs are set)")
     up.add_argument("--instances", type=int, default=None, help="instances to start (default EXAI_INSTANCES)")
+    up.add_argument(
+        "--foreground", action="store_true", help="stay attached until SIGTERM, then stop the fleet (containers)"
+    )
     up.set_defaults(func=cmd_up)
 
     sub.add_parser("down", help="stop the fleet; data stays in the state folder").set_defaults(func=cmd_down)

@@ -89,3 +89,16 @@ def test_db_migrate(env: dict[str, str], pg_dsn: str) -> None:
     result = exai("db", "migrate", env=env)
     assert result.returncode == 0, result.stderr
     assert "schema version" in result.stdout
+
+
+def test_env_example_documents_every_setting() -> None:
+    from pydantic import AliasChoices
+
+    from common import PROJECT_ROOT
+    from common.settings import Settings
+
+    text = (PROJECT_ROOT / ".env.example").read_text()
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        var = alias.choices[0] if isinstance(alias, AliasChoices) else alias
+        assert f"# {var}=" in text, f"{var} ({name}) is missing from .env.example"
