@@ -70,7 +70,8 @@ class InternalTokenMiddleware:
             if self.runtime.state == "stopping" and scope["method"] == "POST":
                 await _error_response(ShuttingDown("this instance is shutting down"))(scope, receive, send)
                 return
-            self.runtime.observe(headers)
+            if scope["method"] != "DELETE":  # a session's goodbye must not re-bind it after a reset
+                self.runtime.observe(headers)
         await self.app(scope, receive, send)
 
 

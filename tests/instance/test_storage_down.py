@@ -1,0 +1,68 @@
+"""Postgres unreachable: chat keeps answering (write-behind), task tools say storage is down."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from tests.fakes.provider import FakeProvider
+from tests.fakes.tcp_proxy import TcpProxy
+from tests.instance.conftest import SpawnInstance, connect, new_session
+
+
+@pytest.fixture
+def pg_proxy(pg_dsn: str) -> Iterator[tuple[TcpProxy, str]]:
+    parts = urlsplit(pg_dsn)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).running() as proxy:
+        netloc = parts.netloc.rsplit("@", 1)
+        auth = netloc[0] + "@" if len(netloc) == 2 else ""
+        yield proxy, urlunsplit(parts._replace(netloc=f"{auth}127.0.0.1:{proxy.port}"))
+
+
+async def _messages(dsn: str, cid: str) -> list[tuple[str, str]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT role, content FROM messages WHERE conversation_id = $1 ORDER BY created_at, seq", cid
+        )
+    finally:
+        await conn.close()
+    return [(r["role"], r["content"]) for r in rows]
+
+
+async def test_chat_answers_and_turns_land_later(
+    fake: FakeProvider, spawn_instance: SpawnInstance, pg_proxy: tuple[TcpProxy, str], pg_dsn: str
+) -> None:
+    proxy, via_proxy = pg_proxy
+    inst = spawn_instance(DATABASE_URL=via_proxy)
+    proxy.down()
+    async with connect(inst, "legacy", session=new_session()) as client:
+        first = await client.call_tool("chat", {"prompt": "written while Postgres is down"})
+        assert not first.is_error, first.content
+        cid = first.structured_content["continuation_id"]  # type: ignore[index]
+        # The thread continues from the instance's own pending writes and the Redis cache.
+        second = await client.call_tool("chat", {"prompt": "and again", "continuation_id": cid})
+        assert not second.is_error, second.content
+
+        task = await client.call_tool("task_create", {"name": "needs Postgres"})
+        text = " ".join(getattr(c, "text", "") for c in task.content)
+        assert task.is_error and "[storage_unavailable]" in text and "Postgres" in text
+        assert "Traceback" not in text
+
+        status = await client.call_tool("status", {})
+        backlog = status.structured_content["storage"]["backlog"]  # type: ignore[index]
+        assert backlog
+
+    assert await _messages(pg_dsn, cid) == []
+    proxy.up()
+    for _ in range(100):
+        rows = await _messages(pg_dsn, cid)
+        if len(rows) == 4:
+            break
+        await asyncio.sleep(0.1)
+    assert [r[0] for r in rows] == ["user", "assistant", "user", "assistant"]
+    assert rows[0][1] == "written while Postgres is down"
