@@ -521,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the fleet (embedded Postgres/Redis when no URLs are set)")
     up.add_argument("--instances", type=int, default=None, help="instances to start (default EXAI_INSTANCES)")
     up.add_argument(
-        "--foreground", action="store_true", help="stay attached until SIGTERM, then stop the fleet (containers)"
+        "--foreground", action="store_true", help="stay attached; SIGTERM stops the fleet (containers)"
     )
     up.set_defaults(func=cmd_up)
 
