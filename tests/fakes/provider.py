@@ -134,7 +134,7 @@ class FakeProvider:
                 hit.status = 401
                 return JSONResponse({"error": {"message": "missing API key"}}, status_code=401)
             if behaviour.hang:  # until the client gives up
-                while not await request.is_disconnected():
+                while not await request.is_disconnected():  # noqa: ASYNC110 - Starlette polls
                     await asyncio.sleep(0.05)
                 hit.status = 499
                 return Response(status_code=499)
