@@ -137,6 +137,7 @@ async def test_files_from_allowed_roots(
         ({"prompt": "x", "thinking_mode": "extreme"}, "thinking_mode"),
         ({"prompt": "x", "files": ["relative.py"]}, "not absolute"),
         ({"prompt": "x", "continuation_id": "not-a-uuid"}, "continuation_id"),
+        ({"prompt": "x", "continuation": "abc"}, "[invalid_argument] unknown argument(s) continuation"),
         ({"prompt": "x", "continuation_id": "9b2f8f5e-8f57-4a53-9a53-1f7d3b1f0c11"}, "[thread_not_found]"),
     ],
 )
