@@ -83,7 +83,7 @@ class Allocator:
         deadline = started + self.settings.allocation_deadline
         spare_task: asyncio.Task[str | None] | None = None
         if self.settings.autostart_spares and self.start_spare is not None:
-            spare_task = asyncio.create_task(self.start_spare())
+            spare_task = asyncio.create_task(self._start_spare(self.start_spare))
         try:
             while True:
                 remaining = deadline - time.monotonic()
@@ -103,6 +103,12 @@ class Allocator:
             self.metrics.allocation_wait_seconds.observe(time.monotonic() - started)
             if spare_task is not None and not spare_task.done():
                 spare_task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def _start_spare(self, start: Callable[[], Coroutine[Any, Any, str | None]]) -> str | None:
+        name = await start()
+        if name:
+            self.metrics.spares_started.inc()
+        return name
 
     def _refusal(self) -> NoFreeInstance:
         live = len(self.registry.last)

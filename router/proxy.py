@@ -58,6 +58,23 @@ _DROP_RESPONSE = frozenset(
 _SESSION_KEY_HEADER = "X-Exai-Session-Key"
 
 
+# Requests that read and change nothing: repeating one after an ambiguous failure is harmless.
+_REPEATABLE_METHODS = frozenset(
+    {
+        "ping", "server/discover", "tools/list", "prompts/list", "prompts/get", "resources/list",
+        "resources/templates/list", "resources/read", "completion/complete",
+    }
+)  # fmt: skip
+
+
+def _safe_to_repeat(http_method: str, msg: Message | None) -> bool:
+    if http_method == "GET":
+        return True
+    if msg is None or msg.method is None:
+        return False
+    return msg.id is None or msg.method in _REPEATABLE_METHODS  # notifications, reads
+
+
 class Proxy:
     """Holds the pieces a proxied request needs; the aiohttp handlers are its methods."""
 
@@ -303,6 +320,9 @@ class Proxy:
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     # The request went out and the instance vanished: it may have run.
                     self.metrics.upstream_errors.inc(kind="lost")
+                    if _safe_to_repeat(request.method, msg) and attempt < MAX_ATTEMPTS - 1:
+                        await self.check_and_rebind(sess, generation, target)
+                        continue
                     self._spawn(self.check_and_rebind(sess, generation, target))
                     why = exc.__class__.__name__
                     raise InstanceLost(

@@ -201,17 +201,24 @@ async def mcp_client(
         if session_ids is not None and (sid := request.headers.get("mcp-session-id")):
             session_ids.append(sid)
 
-    async with (
-        httpx2.AsyncClient(
-            headers=headers, timeout=httpx2.Timeout(30.0, read=60.0), event_hooks={"request": [record]}
-        ) as http,
-        Client(
-            streamable_http_client(url, http_client=http),
-            mode=mode,  # type: ignore[arg-type]
-            client_info=mcp_types.Implementation(name=name, version="1"),
-        ) as client,
-    ):
-        yield client
+    try:
+        async with (
+            httpx2.AsyncClient(
+                headers=headers, timeout=httpx2.Timeout(30.0, read=60.0), event_hooks={"request": [record]}
+            ) as http,
+            Client(
+                streamable_http_client(url, http_client=http),
+                mode=mode,  # type: ignore[arg-type]
+                client_info=mcp_types.Implementation(name=name, version="1"),
+            ) as client,
+        ):
+            yield client
+    except BaseExceptionGroup as group:
+        # anyio nests the real failure ten task groups deep; show it plainly.
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise leaf from None
 
 
 async def status_of(client: Client) -> dict[str, Any]:

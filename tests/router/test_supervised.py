@@ -1,0 +1,84 @@
+"""The router in a fleet run by real supervisord (the `exai up` path): spares, kill -9, restart.
+
+Five instances autostarted, a sixth provisioned as a spare. Sessions stay open throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from common.supervisor import pid_alive
+from tests.router.conftest import mcp_client, status_of
+
+pytestmark = pytest.mark.timeout(180)
+
+
+async def _admin(fleet: Any, path: str) -> Any:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(fleet.router_url + path, headers=fleet.admin_headers()) as r,
+    ):
+        assert r.status == 200
+        return await r.json()
+
+
+async def test_spare_kill9_and_router_restart_under_supervisord(fleet_factory: Callable[..., Any]) -> None:
+    fleet = await asyncio.to_thread(
+        fleet_factory,
+        instances=5,
+        max_instances=6,
+        allocation_deadline=30.0,
+        autostart_spares=True,
+        heartbeat_interval=0.5,
+        heartbeat_ttl=2.0,
+        log_level="INFO",
+    )
+    modes = ["legacy", "2026-07-28", "legacy", "2026-07-28", "legacy", "legacy"]
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(mcp_client(fleet.mcp_url, mode, name=f"sup-{i}"))
+            for i, mode in enumerate(modes[:5])
+        ]
+        first = [await status_of(c) for c in clients]
+        assert len({s["instance_id"] for s in first}) == 5
+
+        # A sixth session with five busy: the router starts the provisioned spare for it.
+        sixth = await stack.enter_async_context(mcp_client(fleet.mcp_url, "legacy", name="sup-5"))
+        s6 = await status_of(sixth)
+        assert s6["instance_id"] == fleet.instance_id(6)
+        clients.append(sixth)
+        first.append(s6)
+        metrics = await _metrics(fleet)
+        assert "exai_router_spares_started_total 1" in metrics
+
+        # kill -9 the instance under a live handshake session: supervisord restarts it and the
+        # client's next call succeeds with the same session id.
+        victim = first[0]
+        pid = await asyncio.to_thread(fleet.kill_instance, int(victim["instance_id"].rsplit("_", 1)[1]))
+        for _ in range(500):  # until the kernel has closed the dead process's sockets
+            if not pid_alive(pid):
+                break
+            await asyncio.sleep(0.02)
+        again = await status_of(clients[0])
+        assert again["session"] == victim["session"] and again["pid"] != victim["pid"]
+        first[0] = again
+
+        # Router restart under supervisord: every session continues where it was.
+        await asyncio.to_thread(fleet.restart_router)
+        after = [await status_of(c) for c in clients]
+        assert [(s["session"], s["instance_id"]) for s in after] == [
+            (s["session"], s["instance_id"]) for s in first
+        ]
+        body = await _admin(fleet, "/admin/sessions")
+        assert {s["id"] for s in body["sessions"]} == {s["session"] for s in after}
+
+
+async def _metrics(fleet: Any) -> str:
+    async with aiohttp.ClientSession() as http, http.get(fleet.router_url + "/metrics") as r:
+        return await r.text()
