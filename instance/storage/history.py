@@ -13,6 +13,8 @@ then this process reads that thread from Postgres.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -105,6 +107,8 @@ class HistoryStore:
         self._turns = cache_turns
         self._clock = _SeqClock()
         self._dirty: set[str] = set()
+        self._cache_queue: list[tuple[str, str, asyncio.Future[None]]] = []
+        self._cache_sender: asyncio.Task[None] | None = None
         cache.on_recover = self._drop_dirty
 
     # --- writing ---------------------------------------------------------------------------
@@ -191,19 +195,67 @@ class HistoryStore:
             metadata=check_metadata(metadata),
         )
         data = msg.to_dict()
-        await self._spool.append(KIND_MESSAGE, data, thread_id=cid)
-        if self._turns > 0:
-            blob = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-            try:
-                await self._cache.call(
-                    lambda r: r.eval(
-                        _APPEND_LUA, 2, self._keys.thread(cid), self._keys.thread_meta(cid), blob,
-                        self._turns, CACHE_TTL_MS,
-                    )  # type: ignore[no-any-return]
-                )  # fmt: skip
-            except CacheDown:
-                self._dirty.add(cid)
+        if self._turns <= 0:
+            await self._spool.append(KIND_MESSAGE, data, thread_id=cid)
+            return msg
+        # The local fsync and the Redis round trip overlap: the caller waits for the slower one.
+        spooled, _ = await asyncio.gather(
+            self._spool.append(KIND_MESSAGE, data, thread_id=cid),
+            self._cache_append(cid, json.dumps(data, separators=(",", ":"), ensure_ascii=False)),
+            return_exceptions=True,
+        )
+        if isinstance(spooled, BaseException):
+            # Not durable, so it must not stay visible in the cache either.
+            self._dirty.add(cid)
+            with contextlib.suppress(CacheDown):
+                await self._cache.call(self._drop_dirty_now)
+            raise spooled
         return msg
+
+    async def _cache_append(self, cid: str, blob: str) -> None:
+        """Write the turn through to Redis; concurrent appends share one pipelined round trip.
+
+        Like the spool's group commit: the first caller sends, callers arriving meanwhile join
+        the next pipeline. Each caller returns only after its own turn reached Redis (or Redis
+        was found down and the thread marked for invalidation).
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._cache_queue.append((cid, blob, fut))
+        if self._cache_sender is None or self._cache_sender.done():
+            self._cache_sender = asyncio.create_task(self._send_cache_appends())
+        await fut
+
+    async def _send_cache_appends(self) -> None:
+        while self._cache_queue:
+            await asyncio.sleep(0)
+            group, self._cache_queue = self._cache_queue, []
+
+            async def send(r: Redis, group: list[tuple[str, str, asyncio.Future[None]]] = group) -> None:
+                async with r.pipeline(transaction=False) as pipe:
+                    for cid, blob, _ in group:
+                        pipe.eval(
+                            _APPEND_LUA, 2, self._keys.thread(cid), self._keys.thread_meta(cid), blob,
+                            self._turns, CACHE_TTL_MS,
+                        )  # fmt: skip
+                    await pipe.execute()
+
+            try:
+                await self._cache.call(send)
+            except CacheDown:
+                self._dirty.update(cid for cid, _, _ in group)
+            except Exception as exc:  # a cache bug must not fail a write that is already durable
+                log.warning(
+                    "Redis cache write failed (%s: %s); dropping those threads' cache",
+                    type(exc).__name__,
+                    exc,
+                )
+                self._dirty.update(cid for cid, _, _ in group)
+            for _, _, fut in group:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _drop_dirty_now(self, _: Redis) -> None:
+        await self._drop_dirty()
 
     async def _drop_dirty(self) -> None:
         """Redis is back: drop the caches that missed appends while it was away."""

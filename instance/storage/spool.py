@@ -115,6 +115,8 @@ class Spool:
         self._reserved = 0
         self._queue: list[_Pending] = []
         self._queued = asyncio.Event()
+        self._grown = asyncio.Event()
+        self._group_target = 0
         self._space = asyncio.Event()
         self._empty = asyncio.Event()
         self._full_episode = False
@@ -206,6 +208,8 @@ class Spool:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(kind, thread_id, time.time(), blob, fut))
         self._queued.set()
+        if self._group_target and len(self._queue) >= self._group_target:
+            self._grown.set()
         await fut
 
     async def _admit(self, size: int) -> None:
@@ -251,11 +255,25 @@ class Spool:
             log.error("SPOOL FULL at %s: %s (policy=%s)", self.path, what, self.full_policy)
 
     async def _commit_loop(self) -> None:
+        """Group commit: one transaction (one fsync) for every append waiting at that moment.
+
+        An append that finds the spool idle is committed at once (after one loop turn, so appends
+        made in the same turn join it). Appends that arrive while an fsync is running form the
+        next group. If the previous group was bigger than what is queued now (concurrent writers
+        are active), wait up to `fsync_window_ms` for them to catch up rather than fsync twice.
+        """
+        last_group = 1
         while True:
             await self._queued.wait()
-            if self.fsync_window > 0:
-                await asyncio.sleep(self.fsync_window)  # let concurrent appends join this commit
+            await asyncio.sleep(0)
+            if self.fsync_window > 0 and len(self._queue) < last_group:
+                self._group_target = last_group
+                self._grown.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._grown.wait(), timeout=self.fsync_window)
+                self._group_target = 0
             batch, self._queue = self._queue, []
+            last_group = max(1, len(batch))
             self._queued.clear()
             if batch:
                 await asyncio.shield(self._commit(batch))
