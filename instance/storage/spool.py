@@ -176,6 +176,7 @@ class Spool:
         if self._closed:
             return
         self._closed = True
+        self._space.set()  # writers blocked on a full spool wake up and are told it closed
         if self._committer is not None:
             self._queued.set()
             self._committer.cancel()
@@ -282,7 +283,7 @@ class Spool:
         size = sum(len(p.blob) for p in batch)
         try:
             await self._call(self._insert_sync, [(p.kind, p.thread_id, p.created, p.blob) for p in batch])
-        except (OSError, sqlite3.Error) as exc:
+        except Exception as exc:  # disk full, I/O error, ...: every waiting caller must get an answer
             self._reserved -= size
             log.error("cannot write to the spool %s: %s", self.path, exc)
             err = StorageError(
