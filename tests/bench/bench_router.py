@@ -1,0 +1,290 @@
+"""Router overhead and session isolation, measured side by side in one run.
+
+    python tests/bench/bench_router.py [--calls 400] [--chat-calls 25]
+
+Starts five real `exai-instance` processes and a real `exai-router` (fake LLM provider on
+loopback, answering in 200 ms), then measures with a raw HTTP client speaking the 2026-07-28
+wire (one POST = one tools/call, JSON answer), so the numbers are the fleet's, not a client
+library's:
+
+1. overhead: the `version` tool through the router vs. directly to the instance (with the
+   router's internal headers), interleaved call by call, with 1 and with 5 concurrent sessions;
+2. isolation: the `chat` tool (provider answers in 200 ms) with 1 session busy vs. 5 sessions
+   busy at once, through the router. Ratio = p50(5 busy) / p50(1 busy); 1.00 is perfect.
+
+Prints a table and saves JSON to tests/bench/results/router-<timestamp>.json.
+Uses EXAI_TEST_DATABASE_URL / EXAI_TEST_REDIS_URL (default: the local servers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from common import protocol as p  # noqa: E402
+from common.migrate import migrate  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
+from tests.router.conftest import ADMIN_TOKEN, INTERNAL_TOKEN, Fleet  # noqa: E402
+
+VERSION = "2026-07-28"
+HEADERS = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": VERSION}
+
+
+def _body(tool: str, args: dict[str, Any], client: str, rid: int) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": rid,
+        "method": "tools/call",
+        "params": {
+            "name": tool,
+            "arguments": args,
+            "_meta": {
+                "io.modelcontextprotocol/protocolVersion": VERSION,
+                "io.modelcontextprotocol/clientInfo": {"name": client, "version": "1"},
+                "io.modelcontextprotocol/clientCapabilities": {},
+            },
+        },
+    }
+
+
+class Caller:
+    """One session's worth of calls over one keep-alive connection."""
+
+    def __init__(self, url: str, client: str, extra: dict[str, str] | None = None) -> None:
+        self.url = url
+        self.client = client
+        self.headers = {**HEADERS, **(extra or {})}
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4))
+        self.rid = 0
+
+    async def call(self, tool: str, args: dict[str, Any]) -> float:
+        self.rid += 1
+        body = json.dumps(_body(tool, args, self.client, self.rid)).encode()
+        headers = {
+            **self.headers,
+            "Content-Type": "application/json",
+            "Mcp-Method": "tools/call",
+            "Mcp-Name": tool,
+        }
+        started = time.perf_counter()
+        async with self.http.post(self.url, data=body, headers=headers) as r:
+            payload = await r.read()
+        elapsed = time.perf_counter() - started
+        if r.status != 200 or b'"isError":true' in payload:
+            raise RuntimeError(f"{tool} via {self.url}: {r.status} {payload[:300]!r}")
+        return elapsed
+
+    async def close(self) -> None:
+        await self.http.close()
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "n": len(ordered),
+        "p50_ms": round(statistics.median(ordered) * 1000, 3),
+        "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3),
+        "mean_ms": round(statistics.fmean(ordered) * 1000, 3),
+    }
+
+
+async def _overhead(fleet: Fleet, sessions: int, calls: int) -> dict[str, Any]:
+    """Each session alternates router and direct calls to the same instance, concurrently."""
+    routed = [Caller(fleet.url, f"bench-{i}") for i in range(sessions)]
+    direct: list[Caller] = []
+    for i, c in enumerate(routed):
+        await c.call("version", {})  # binds the session
+        status = await _status(c)
+        direct.append(
+            Caller(
+                f"http://127.0.0.1:{status['port']}/mcp",
+                f"bench-{i}",
+                {
+                    p.INTERNAL_TOKEN_HEADER: INTERNAL_TOKEN,
+                    p.SESSION_HEADER: status["session"],
+                    p.PRINCIPAL_HEADER: "local",
+                    p.ERA_HEADER: "stateless",
+                    p.CLIENT_HEADER: f"bench-{i}",
+                },
+            )
+        )
+    via_router: list[float] = []
+    to_instance: list[float] = []
+
+    async def run(r: Caller, d: Caller) -> None:
+        for _ in range(20):  # warm both paths
+            await r.call("version", {})
+            await d.call("version", {})
+        for _ in range(calls):
+            via_router.append(await r.call("version", {}))
+            to_instance.append(await d.call("version", {}))
+
+    await asyncio.gather(*(run(r, d) for r, d in zip(routed, direct, strict=True)))
+    for c in (*routed, *direct):
+        await c.close()
+    router_s, direct_s = _stats(via_router), _stats(to_instance)
+    return {
+        "sessions": sessions,
+        "router": router_s,
+        "direct": direct_s,
+        "added_p50_ms": round(router_s["p50_ms"] - direct_s["p50_ms"], 3),
+        "added_p99_ms": round(router_s["p99_ms"] - direct_s["p99_ms"], 3),
+    }
+
+
+async def _status(c: Caller) -> dict[str, Any]:
+    c.rid += 1
+    body = json.dumps(_body("status", {}, c.client, c.rid)).encode()
+    headers = {
+        **c.headers,
+        "Content-Type": "application/json",
+        "Mcp-Method": "tools/call",
+        "Mcp-Name": "status",
+    }
+    async with c.http.post(c.url, data=body, headers=headers) as r:
+        return dict(json.loads(await r.read())["result"]["structuredContent"])
+
+
+async def _isolation(fleet: Fleet, calls: int) -> dict[str, Any]:
+    async def busy(n: int) -> list[float]:
+        callers = [Caller(fleet.url, f"iso-{n}-{i}") for i in range(n)]
+        samples: list[float] = []
+
+        async def run(c: Caller) -> None:
+            await c.call("version", {})
+            for k in range(calls):
+                samples.append(await c.call("chat", {"prompt": f"question {k} from {c.client}"}))
+
+        await asyncio.gather(*(run(c) for c in callers))
+        for c in callers:
+            await c.close()
+        return samples
+
+    one = _stats(await busy(1))
+    await fleet.end_all_sessions()
+    five = _stats(await busy(5))
+    await fleet.end_all_sessions()
+    return {"one_busy": one, "five_busy": five, "ratio_p50": round(five["p50_ms"] / one["p50_ms"], 4)}
+
+
+def _with_db(dsn: str, name: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=400, help="version calls per session and path")
+    ap.add_argument("--chat-calls", type=int, default=25, help="chat calls per session")
+    ap.add_argument(
+        "--nodelay-shim",
+        action="store_true",
+        help="start instances through instance_nodelay_shim.py (TCP_NODELAY; see that file)",
+    )
+    args = ap.parse_args()
+
+    pg = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    redis_url = os.environ.get("EXAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    dbname = f"exai_bench_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(pg)
+    await admin.execute(f'CREATE DATABASE "{dbname}"')
+    await admin.close()
+    dsn = _with_db(pg, dbname)
+    await migrate(dsn)
+    state = Path(os.environ.get("TMPDIR", "/tmp")) / f"exai-bench-{secrets.token_hex(4)}"
+    state.mkdir(parents=True)
+    prefix = f"exaibench{secrets.token_hex(3)}"
+    results: dict[str, Any] = {}
+    with FakeProvider(default=Behaviour(delay=0.2)).running() as provider:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("EXAI_", "GLM_", "KIMI_"))},
+            "DATABASE_URL": dsn,
+            "REDIS_URL": redis_url,
+            "EXAI_REDIS_PREFIX": prefix,
+            "EXAI_STATE_DIR": str(state),
+            "EXAI_ROUTER_PORT": str(free_port()),
+            "EXAI_INSTANCE_BASE_PORT": str(free_port() - 1),
+            "EXAI_INTERNAL_TOKEN": INTERNAL_TOKEN,
+            "EXAI_ADMIN_TOKEN": ADMIN_TOKEN,
+            "EXAI_LOG_LEVEL": "WARNING",
+            "GLM_API_KEY": "fake-key",
+            "GLM_API_URL": provider.glm_url,
+            "EXAI_PROVIDER_MAX_RETRIES": "0",
+        }
+        fleet = Fleet(env, state, redis_url, prefix)
+        try:
+            if args.nodelay_shim:
+                shim = [sys.executable, str(Path(__file__).with_name("instance_nodelay_shim.py"))]
+                await asyncio.gather(
+                    *(
+                        fleet._spawn(f"instance_{n:02d}", shim, {"EXAI_INSTANCE_NUM": str(n)})
+                        for n in range(1, 6)
+                    )
+                )
+            else:
+                await asyncio.gather(*(fleet.start_instance(n) for n in range(1, 6)))
+            await fleet.start_router()
+            await fleet.wait_instances(5)
+            results["overhead_1"] = await _overhead(fleet, 1, args.calls)
+            await fleet.end_all_sessions()
+            results["overhead_5"] = await _overhead(fleet, 5, args.calls)
+            await fleet.end_all_sessions()
+            results["isolation"] = await _isolation(fleet, args.chat_calls)
+        finally:
+            await fleet.close()
+            admin = await asyncpg.connect(pg)
+            await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+            await admin.close()
+
+    results["meta"] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "wire": f"MCP {VERSION} JSON over HTTP/1.1 keep-alive, one call per POST",
+        "provider_delay_s": 0.2,
+        "instances_started_with_nodelay_shim": args.nodelay_shim,
+        "targets": {"added_p50_ms": "< 1", "isolation_ratio_p50": "<= 1.05"},
+    }
+    _print(results)
+    out = ROOT / "tests" / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"router-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"saved {path.relative_to(ROOT)}")
+    return 0
+
+
+def _print(r: dict[str, Any]) -> None:
+    print("\nrouter overhead: `version` tool, router vs direct to the same instance (ms)")
+    cols = ("sessions", "router p50", "direct p50", "added", "router p99", "direct p99")
+    print(f"{cols[0]:>8}  {cols[1]:>10} {cols[2]:>10} {cols[3]:>7}   {cols[4]:>10} {cols[5]:>10}")
+    for key in ("overhead_1", "overhead_5"):
+        o = r[key]
+        print(
+            f"{o['sessions']:>8}  {o['router']['p50_ms']:>10.3f} {o['direct']['p50_ms']:>10.3f} "
+            f"{o['added_p50_ms']:>7.3f}   {o['router']['p99_ms']:>10.3f} {o['direct']['p99_ms']:>10.3f}"
+        )
+    i = r["isolation"]
+    print("\nisolation: `chat` with the provider answering in 200 ms, through the router (ms)")
+    print(f"  1 session busy : p50 {i['one_busy']['p50_ms']:.1f}  p99 {i['one_busy']['p99_ms']:.1f}")
+    print(f"  5 sessions busy: p50 {i['five_busy']['p50_ms']:.1f}  p99 {i['five_busy']['p99_ms']:.1f}")
+    print(f"  ratio p50 (5 busy / 1 busy): {i['ratio_p50']:.3f}  (target <= 1.05)\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))
