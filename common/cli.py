@@ -257,8 +257,25 @@ def registered_instances(redis_url: str, prefix: str) -> set[str]:
             if client.hget(keys.instance(str(member)), "state") == "ready":
                 ready.add(str(member))
         return ready
+    except (redis_sync.RedisError, OSError) as exc:
+        raise FleetControlError(f"cannot read the instance registry at {_where(redis_url)}: {exc}.") from None
     finally:
         client.close()
+
+
+def wait_registered(
+    redis_url: str, prefix: str, names: Sequence[str], ctl: SupervisorControl, *, timeout: float = 60.0
+) -> None:
+    """Wait until the started instances are in the registry, so the router can hand them out."""
+    deadline = time.monotonic() + timeout
+    while missing := set(names) - registered_instances(redis_url, prefix):
+        ctl.wait_running(missing, timeout=max(1.0, deadline - time.monotonic()))
+        if time.monotonic() > deadline:
+            raise FleetControlError(
+                f"instances not registered in Redis within {timeout:.0f}s: {', '.join(sorted(missing))}.",
+                hint=f"See their logs in {ctl.socket_path.parent / 'logs'}.",
+            )
+        time.sleep(0.1)
 
 
 def busy_instances(redis_url: str, prefix: str) -> set[str]:
@@ -341,6 +358,7 @@ def launch(
         services_up = [n for n, svc in (("postgres", services.postgres), ("redis", services.redis)) if svc]
         ctl.wait_running([*services_up, "router", *names], timeout=timeout)
         wait_healthz(settings, ctl, timeout=timeout)
+        wait_registered(services.redis_url, settings.redis_prefix, names, ctl, timeout=timeout)
     except BaseException:
         ctl.shutdown()
         raise
@@ -369,6 +387,7 @@ def scale(settings: Settings, ctl: SupervisorControl, target: int) -> tuple[list
         ctl.wait_stopped(plan.stop)
     if plan.start:
         ctl.wait_running(plan.start)
+        wait_registered(services_for(settings).redis_url, settings.redis_prefix, plan.start, ctl)
     return list(plan.start), list(plan.stop)
 
 
