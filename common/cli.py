@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import json
 import secrets
 import socket
 import subprocess
@@ -498,6 +499,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     procs = ctl.processes()
     print(status_table(settings, procs))
     print(f"\n{_summary(settings, procs)}; config {settings.supervisor_conf}")
+    _print_sessions_per_instance(settings)
+    return 0
+
+
+def _print_sessions_per_instance(settings: Settings) -> None:
+    """The router's view: which session holds which instance (skipped if the router is down)."""
+    from router.admin_client import AdminUnavailable, sessions_by_instance
+
+    try:
+        bound = sessions_by_instance(settings, admin_token(settings))
+    except AdminUnavailable as exc:
+        print(f"sessions: unavailable ({exc.message})")
+        return
+    print(f"sessions: {len(bound)} bound" + "".join(f"\n  {i}  {s}" for i, s in sorted(bound.items())))
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    from router.admin_client import fetch_sessions, sessions_table
+
+    settings = load_settings()
+    sessions = fetch_sessions(settings, admin_token(settings))
+    print(json.dumps(sessions, indent=2) if args.json else sessions_table(sessions))
     return 0
 
 
@@ -546,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("down", help="stop the fleet; data stays in the state folder").set_defaults(func=cmd_down)
     sub.add_parser("status", help="processes, their state and ports").set_defaults(func=cmd_status)
+    ss = sub.add_parser("sessions", help="open sessions (from the router's admin API)")
+    ss.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ss.set_defaults(func=cmd_sessions)
 
     sc = sub.add_parser("scale", help="run N instances without restarting running ones")
     sc.add_argument("count", type=int, metavar="N")

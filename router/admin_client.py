@@ -1,0 +1,81 @@
+"""A small client of the router's admin API for the `exai` CLI (`exai sessions`, `exai status`).
+
+Synchronous on purpose: the CLI runs no event loop, and one short request per command is
+all it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from common.errors import ExaiError
+from common.settings import Settings
+
+
+class AdminUnavailable(ExaiError):
+    """The router's admin API could not be reached or refused the token."""
+
+    code = "admin_unavailable"
+    default_hint = (
+        "Is the fleet up (`exai status`)? The admin token is EXAI_ADMIN_TOKEN or <state>/admin_token."
+    )
+
+
+def _base(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.router_host in ("0.0.0.0", "::", "") else settings.router_host
+    return f"http://{host}:{settings.router_port}"
+
+
+def admin_get(settings: Settings, token: str, path: str, *, timeout: float = 5.0) -> Any:
+    req = urllib.request.Request(_base(settings) + path, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise AdminUnavailable(f"router admin API answered {exc.code} for {path}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise AdminUnavailable(f"router admin API unreachable at {_base(settings)} ({exc})") from None
+
+
+def fetch_sessions(settings: Settings, token: str) -> list[dict[str, Any]]:
+    return list(admin_get(settings, token, "/admin/sessions")["sessions"])
+
+
+def fetch_instances(settings: Settings, token: str) -> list[dict[str, Any]]:
+    return list(admin_get(settings, token, "/admin/instances")["instances"])
+
+
+def sessions_by_instance(settings: Settings, token: str) -> dict[str, str]:
+    """instance id -> session id holding it (for `exai status`)."""
+    return {i["id"]: i["session"] for i in fetch_instances(settings, token) if i.get("session")}
+
+
+def _age(ts: float, now: float) -> str:
+    s = max(0, int(now - ts))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def sessions_table(sessions: list[dict[str, Any]], *, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    rows = [("SESSION", "INSTANCE", "CLIENT", "ERA", "AGE", "IDLE", "INFLIGHT", "TOTAL")]
+    for s in sessions:
+        rows.append(
+            (
+                s["id"],
+                s.get("instance") or "-",
+                s.get("client") or "-",
+                s["era"],
+                _age(s["created"], now),
+                _age(s["last_seen"], now),
+                str(s.get("inflight", 0)),
+                str(s.get("total", 0)),
+            )
+        )
+    if len(rows) == 1:
+        return "no sessions"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
