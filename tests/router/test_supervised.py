@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import aiohttp
@@ -78,7 +82,34 @@ async def test_spare_kill9_and_router_restart_under_supervisord(fleet_factory: C
         body = await _admin(fleet, "/admin/sessions")
         assert {s["id"] for s in body["sessions"]} == {s["session"] for s in after}
 
+        # The CLI shows the same through the admin API.
+        table = await _exai(fleet, "sessions")
+        assert all(s["session"] in table for s in after) and "INSTANCE" in table
+        status = await _exai(fleet, "status")
+        assert "sessions: 6 bound" in status and after[0]["session"] in status
+
 
 async def _metrics(fleet: Any) -> str:
     async with aiohttp.ClientSession() as http, http.get(fleet.router_url + "/metrics") as r:
         return await r.text()
+
+
+async def _exai(fleet: Any, *args: str) -> str:
+    st = fleet.settings
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXAI_")}
+    env.update(
+        EXAI_STATE_DIR=str(st.state_dir),
+        EXAI_ROUTER_PORT=str(st.router_port),
+        EXAI_INSTANCE_BASE_PORT=str(st.instance_base_port),
+        EXAI_MAX_INSTANCES=str(st.max_instances),
+        EXAI_INSTANCES=str(st.instances),
+        EXAI_REDIS_PREFIX=st.redis_prefix,
+        REDIS_URL=st.redis_url or "",
+        DATABASE_URL=st.database_url or "",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "exai"), *args, env=env, stdout=PIPE, stderr=PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
