@@ -253,8 +253,8 @@ class Proxy:
                     await asyncio.shield(self.end(sess, "failed-open", persisted=False))
                 raise
             finally:
-                if not lock.locked() or len(self._creating) > 1024:
-                    self._creating.pop(key, None)
+                if self._creating.get(key) is lock and not getattr(lock, "_waiters", None):
+                    del self._creating[key]  # nobody else is waiting to open this key
             return sess
 
     # --- forwarding ------------------------------------------------------------------------
