@@ -191,11 +191,6 @@ async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=400, help="version calls per session and path")
     ap.add_argument("--chat-calls", type=int, default=25, help="chat calls per session")
-    ap.add_argument(
-        "--nodelay-shim",
-        action="store_true",
-        help="start instances through instance_nodelay_shim.py (TCP_NODELAY; see that file)",
-    )
     args = ap.parse_args()
 
     pg = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -228,16 +223,7 @@ async def main() -> int:
         }
         fleet = Fleet(env, state, redis_url, prefix)
         try:
-            if args.nodelay_shim:
-                shim = [sys.executable, str(Path(__file__).with_name("instance_nodelay_shim.py"))]
-                await asyncio.gather(
-                    *(
-                        fleet._spawn(f"instance_{n:02d}", shim, {"EXAI_INSTANCE_NUM": str(n)})
-                        for n in range(1, 6)
-                    )
-                )
-            else:
-                await asyncio.gather(*(fleet.start_instance(n) for n in range(1, 6)))
+            await asyncio.gather(*(fleet.start_instance(n) for n in range(1, 6)))
             await fleet.start_router()
             await fleet.wait_instances(5)
             results["overhead_1"] = await _overhead(fleet, 1, args.calls)
@@ -257,7 +243,6 @@ async def main() -> int:
         "python": sys.version.split()[0],
         "wire": f"MCP {VERSION} JSON over HTTP/1.1 keep-alive, one call per POST",
         "provider_delay_s": 0.2,
-        "instances_started_with_nodelay_shim": args.nodelay_shim,
         "targets": {"added_p50_ms": "< 1", "isolation_ratio_p50": "<= 1.05"},
     }
     _print(results)
