@@ -7,7 +7,6 @@ waiting for Postgres, and a Postgres outage delays the write, never loses it.
 
 from __future__ import annotations
 
-import inspect
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -29,10 +28,6 @@ SYSTEM_PROMPT = (
 )
 
 ThinkingMode = Literal["minimal", "low", "medium", "high", "max"]
-
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
 
 
 def _fit(history: list[dict[str, str]], budget_chars: int) -> tuple[list[dict[str, str]], int]:
@@ -82,7 +77,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
 
         history_records: list[Any] = []
         if continuation_id:
-            history_records = list(await _maybe_await(storage.history.load(continuation_id)))
+            history_records = list(await storage.history.load(continuation_id))
             if len(history_records) + 2 > MAX_THREAD_TURNS:
                 raise InvalidArgument(
                     f"thread {continuation_id} has reached its limit of {MAX_THREAD_TURNS} turns",
@@ -90,9 +85,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 )
             cid = continuation_id
         else:
-            cid = await _maybe_await(
-                storage.history.new_thread(session_id=session_id, tool_name="chat", model=info.name)
-            )
+            cid = await storage.history.new_thread(session_id=session_id, tool_name="chat", model=info.name)
 
         history = [
             {"role": m.role, "content": m.content}
@@ -122,19 +115,15 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             result = await provider.chat(request, on_delta=progress.on_delta)
 
         common = {"session_id": session_id, "tool_name": "chat", "model": result.model}
-        await _maybe_await(
-            storage.history.append(cid, "user", prompt, files=[f.path for f in loaded], **common)
-        )
-        await _maybe_await(
-            storage.history.append(
-                cid,
-                "assistant",
-                result.content,
-                tokens_in=result.tokens_in,
-                tokens_out=result.tokens_out,
-                metadata={"provider": result.provider, "finish_reason": result.finish_reason},
-                **common,
-            )
+        await storage.history.append(cid, "user", prompt, files=[f.path for f in loaded], **common)
+        await storage.history.append(
+            cid,
+            "assistant",
+            result.content,
+            tokens_in=result.tokens_in,
+            tokens_out=result.tokens_out,
+            metadata={"provider": result.provider, "finish_reason": result.finish_reason},
+            **common,
         )
 
         turns = len(history_records) + 2

@@ -6,7 +6,6 @@ continuation_id, so any session continuing that thread sees them.
 
 from __future__ import annotations
 
-import inspect
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -18,14 +17,6 @@ from instance.tools import exai_tool, headers_of
 
 Scope = Literal["session", "thread"]
 Key = Annotated[str, Field(min_length=1, max_length=200, description="Name of the note in its scope.")]
-
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-def _plain(value: Any) -> Any:
-    return value.to_dict() if hasattr(value, "to_dict") else value
 
 
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
@@ -54,38 +45,32 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         ] = None,
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
-        note = await _maybe_await(
-            storage.notes.write(
-                scope=scope,
-                scope_id=scope_id(ctx, scope, continuation_id),
-                key=key,
-                body=body,
-                kind=kind,
-                importance=importance,
-                expected_version=expected_version,
-            )
+        note = await storage.notes.write(
+            scope=scope,
+            scope_id=scope_id(ctx, scope, continuation_id),
+            key=key,
+            body=body,
+            kind=kind,
+            importance=importance,
+            expected_version=expected_version,
         )
-        return {"status": "success", "note": _plain(note)}
+        return {"status": "success", "note": note.to_dict()}
 
     @exai_tool(mcp, runtime, description="Read one note by key.")
     async def note_read(
         key: Key, ctx: Context, scope: Scope = "session", continuation_id: str | None = None
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
-        note = await _maybe_await(
-            storage.notes.read(scope=scope, scope_id=scope_id(ctx, scope, continuation_id), key=key)
-        )
-        return {"status": "success", "note": _plain(note)}
+        note = await storage.notes.read(scope=scope, scope_id=scope_id(ctx, scope, continuation_id), key=key)
+        return {"status": "success", "note": note.to_dict()}
 
     @exai_tool(mcp, runtime, description="List the notes of this session or of a thread.")
     async def note_list(
         ctx: Context, scope: Scope = "session", continuation_id: str | None = None
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
-        notes = await _maybe_await(
-            storage.notes.list(scope=scope, scope_id=scope_id(ctx, scope, continuation_id))
-        )
-        items = [_plain(n) for n in notes]
+        notes = await storage.notes.list(scope=scope, scope_id=scope_id(ctx, scope, continuation_id))
+        items = [n.to_dict() for n in notes]
         return {"status": "success", "count": len(items), "notes": items}
 
     @exai_tool(mcp, runtime, description="Delete a note by key.")
@@ -93,7 +78,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         key: Key, ctx: Context, scope: Scope = "session", continuation_id: str | None = None
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
-        deleted = await _maybe_await(
-            storage.notes.delete(scope=scope, scope_id=scope_id(ctx, scope, continuation_id), key=key)
+        deleted = await storage.notes.delete(
+            scope=scope, scope_id=scope_id(ctx, scope, continuation_id), key=key
         )
-        return {"status": "success", "deleted": bool(deleted) if deleted is not None else True, "key": key}
+        return {"status": "success", "deleted": deleted, "key": key}

@@ -7,7 +7,6 @@ session unless created with scope="global".
 
 from __future__ import annotations
 
-import inspect
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -17,20 +16,6 @@ from instance.runtime import Runtime
 from instance.tools import exai_tool, headers_of
 
 TaskState = Literal["NOT_STARTED", "IN_PROGRESS", "CANCELLED", "COMPLETE"]
-
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
@@ -50,17 +35,15 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         scope: Literal["session", "global"] = "session",
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
-        task = await _maybe_await(
-            storage.tasks.create(
-                session_id=None if scope == "global" else session(ctx),
-                name=name,
-                description=description,
-                parent_task_id=parent_task_id,
-                metadata=metadata or {},
-                state=state,
-            )
+        task = await storage.tasks.create(
+            session_id=None if scope == "global" else session(ctx),
+            name=name,
+            description=description,
+            parent_task_id=parent_task_id,
+            metadata=metadata or {},
+            state=state,
         )
-        return {"status": "success", "task": _plain(task)}
+        return {"status": "success", "task": task.to_dict()}
 
     @exai_tool(
         mcp,
@@ -85,30 +68,30 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         extra: dict[str, Any] = {}
         if parent_task_id is not None:  # omitted: unchanged; "": detach from the parent
             extra["parent_task_id"] = parent_task_id or None
-        task = await _maybe_await(
-            storage.tasks.update(
-                task_id,
-                expected_version=expected_version,
-                session_id=session(ctx),
-                state=state,
-                name=name,
-                description=description,
-                metadata=metadata,
-                reopen=reopen,
-                **extra,
-            )
+        task = await storage.tasks.update(
+            task_id,
+            expected_version=expected_version,
+            session_id=session(ctx),
+            state=state,
+            name=name,
+            description=description,
+            metadata=metadata,
+            reopen=reopen,
+            **extra,
         )
-        return {"status": "success", "task": _plain(task)}
+        return {"status": "success", "task": task.to_dict()}
 
     @exai_tool(
         mcp, runtime, description="Read one task (this session's or a global one), optionally with history."
     )
     async def task_get(task_id: str, ctx: Context, include_events: bool = False) -> dict[str, Any]:
         storage = runtime.require_storage()
-        task = await _maybe_await(storage.tasks.get(task_id, session_id=session(ctx)))
-        out: dict[str, Any] = {"status": "success", "task": _plain(task)}
+        task = await storage.tasks.get(task_id, session_id=session(ctx))
+        out: dict[str, Any] = {"status": "success", "task": task.to_dict()}
         if include_events:
-            out["events"] = _plain(await _maybe_await(storage.tasks.events(task_id, session_id=session(ctx))))
+            out["events"] = [
+                e.to_dict() for e in await storage.tasks.events(task_id, session_id=session(ctx))
+            ]
         return out
 
     @exai_tool(
@@ -127,10 +110,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         tree: bool = False,
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
-        tasks = await _maybe_await(
-            storage.tasks.list(
-                session_id=session(ctx), scope=scope, state=state, parent_task_id=parent_task_id, tree=tree
-            )
+        tasks = await storage.tasks.list(
+            session_id=session(ctx), scope=scope, state=state, parent_task_id=parent_task_id, tree=tree
         )
-        items = _plain(list(tasks))
+        items = [t.to_dict() for t in tasks]
         return {"status": "success", "scope": scope, "count": len(items), "tasks": items}
