@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import inspect
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,6 +29,7 @@ from common.settings import Settings
 from instance.providers import Providers
 from instance.registry import Registry
 from instance.runtime import Identity, Runtime
+from instance.storage import Storage
 from instance.tools import register_tools
 
 log = logging.getLogger(__name__)
@@ -158,14 +158,10 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
     return app, runtime
 
 
-async def _open_storage(stack: contextlib.AsyncExitStack, settings: Settings, runtime: Runtime) -> Any:
+async def _open_storage(
+    stack: contextlib.AsyncExitStack, settings: Settings, runtime: Runtime
+) -> Storage | None:
     """Open the storage facade; without it the instance still answers, and says why tools fail."""
-    try:
-        from instance.storage import Storage  # type: ignore[attr-defined, unused-ignore]
-    except ImportError as exc:
-        runtime.storage_error = f"storage layer not installed ({exc})"
-        log.error("%s", runtime.storage_error)
-        return None
     try:
         return await stack.enter_async_context(
             Storage.open(settings, instance_id=runtime.identity.id, redis=runtime.redis)
@@ -182,8 +178,6 @@ async def _flush(runtime: Runtime) -> None:
         return
     timeout = runtime.settings.drain_timeout
     try:
-        result = storage.flush(timeout)
-        if inspect.isawaitable(result):
-            await result
+        await storage.flush(timeout)
     except Exception as exc:
         log.error("spool flush on shutdown did not finish: %s (the spool replays on next start)", exc)

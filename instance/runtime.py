@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from instance.providers import Providers
+    from instance.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class Runtime:
         self._background: set[asyncio.Task[None]] = set()
         # Opened by the lifespan (see instance.app), None before and after.
         self.providers: Providers | None = None
-        self.storage: Any = None
+        self.storage: Storage | None = None
         self.storage_error: str | None = None
         self.redis: Redis | None = None
         # Hooks set by the app: wake the registry heartbeat, close the SDK's MCP sessions.
@@ -187,7 +188,7 @@ class Runtime:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def require_storage(self) -> Any:
+    def require_storage(self) -> Storage:
         if self.storage is None:
             raise StorageUnavailable(
                 "storage is not available on this instance"

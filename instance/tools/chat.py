@@ -114,16 +114,25 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         async with progress_heartbeat(ctx, f"waiting for {info.name}") as progress:
             result = await provider.chat(request, on_delta=progress.on_delta)
 
-        common = {"session_id": session_id, "tool_name": "chat", "model": result.model}
-        await storage.history.append(cid, "user", prompt, files=[f.path for f in loaded], **common)
+        await storage.history.append(
+            cid,
+            "user",
+            prompt,
+            session_id=session_id,
+            tool_name="chat",
+            model=result.model,
+            files=[f.path for f in loaded],
+        )
         await storage.history.append(
             cid,
             "assistant",
             result.content,
+            session_id=session_id,
+            tool_name="chat",
+            model=result.model,
             tokens_in=result.tokens_in,
             tokens_out=result.tokens_out,
             metadata={"provider": result.provider, "finish_reason": result.finish_reason},
-            **common,
         )
 
         turns = len(history_records) + 2
