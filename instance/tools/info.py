@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import inspect
 import time
 from typing import Any
 
@@ -54,15 +53,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
     )
     async def status(ctx: Context) -> dict[str, Any]:
         storage = runtime.storage
-        backlog: Any = None
-        pool: Any = None
-        if storage is not None:
-            backlog = storage.backlog()
-            if inspect.isawaitable(backlog):
-                backlog = await backlog
-            pool = storage.pool_stats()
-            if inspect.isawaitable(pool):
-                pool = await pool
+        backlog = storage.backlog() if storage is not None else None
+        pool = storage.pool_stats() if storage is not None else None
         binding = runtime.binding
         return {
             "status": "success",
