@@ -155,15 +155,10 @@ def make_settings(pg_dsn: str, redis_url: str, redis_prefix: str, tmp_path: Path
 
 
 # --- a whole fleet under supervisord (machinery in tests/fleet.py) ------------------------------
-@pytest.fixture
-def fleet_factory(
-    pg_dsn: str, redis_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFactory
+@contextlib.contextmanager
+def _fleet_maker(
+    pg_dsn: str, redis_url: str, prefix: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., Any]]:
-    """make(instances=2, max_instances=4, start=True, **settings_overrides) -> a started Fleet.
-
-    Every fleet gets free ports, its own state folder and Redis prefix, and is shut down (its
-    Redis keys deleted) at the end of the test.
-    """
     from tests.fleet import Fleet
 
     made: list[Fleet] = []
@@ -173,7 +168,7 @@ def fleet_factory(
             tmp_path_factory.mktemp("fleet"),
             database_url=pg_dsn,
             redis_url=redis_url,
-            redis_prefix=f"{redis_prefix}f{len(made)}",
+            redis_prefix=f"{prefix}{len(made)}",
             instances=instances,
             max_instances=max_instances,
             overrides=overrides,
@@ -181,9 +176,34 @@ def fleet_factory(
         made.append(fl)
         return fl.start() if start else fl
 
-    yield make
-    for fl in reversed(made):
-        fl.stop()
+    try:
+        yield make
+    finally:
+        for fl in reversed(made):
+            fl.stop()
+
+
+@pytest.fixture
+def fleet_factory(
+    pg_dsn: str, redis_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Any]]:
+    """make(instances=2, max_instances=4, start=True, **settings_overrides) -> a started Fleet.
+
+    Every fleet gets free ports, its own state folder and Redis prefix, and is shut down (its
+    Redis keys deleted) at the end of the test.
+    """
+    with _fleet_maker(pg_dsn, redis_url, f"{redis_prefix}f", tmp_path_factory) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def module_fleet_factory(
+    pg_dsn: str, redis_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Any]]:
+    """`fleet_factory` for fleets that a whole test module shares (shut down at module end)."""
+    prefix = f"{redis_prefix}m{secrets.token_hex(2)}"
+    with _fleet_maker(pg_dsn, redis_url, prefix, tmp_path_factory) as make:
+        yield make
 
 
 @pytest.fixture

@@ -6,11 +6,16 @@
         fleet.kill_instance(1)       # SIGKILL; supervisord restarts it
     # stop(): `supervisorctl shutdown`, then the fleet's Redis keys are deleted
 
-Tests normally get one from the `fleet` / `fleet_factory` fixtures in conftest.py.
+Tests normally get one from the `fleet` / `fleet_factory` / `module_fleet_factory` fixtures in
+conftest.py. Control methods are blocking (call them through `asyncio.to_thread` from async
+tests); the router-facing helpers (`admin`, `end_all_sessions`, `wait_instances`) are async.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import random
 import signal
 import socket
@@ -20,13 +25,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import aiohttp
 import redis as redis_sync
 
 from common.cli import admin_token, internal_token, launch, registered_instances, scale
+from common.errors import SupervisorFault
 from common.keys import Keys
 from common.protocol import MCP_PATH, instance_process_name
 from common.settings import Settings, load_settings
-from common.supervisor import ProcessInfo, SupervisorClient, SupervisorControl
+from common.supervisor import ProcessInfo, SupervisorClient, SupervisorControl, fleet_environment, pid_alive
 
 
 def free_port() -> int:
@@ -112,6 +119,12 @@ class Fleet:
     def instance_id(self, num: int) -> str:
         return instance_process_name(num)
 
+    def environment(self) -> dict[str, str]:
+        """The environment supervisord gives the fleet's programs, on top of this process's
+        (minus its own EXAI_/GLM_/KIMI_ variables): for running an extra `exai-router` by hand."""
+        own = {k: v for k, v in os.environ.items() if not k.startswith(("EXAI_", "GLM_", "KIMI_"))}
+        return {**own, **fleet_environment(self.settings)}
+
     def supervisor_client(self) -> SupervisorClient:
         """A new asyncio client (create it on the test's loop; `await client.close()` after)."""
         return SupervisorClient(self.settings.supervisor_socket)
@@ -195,12 +208,50 @@ class Fleet:
         self.stop_instance(num)
         self.start_instance(num)
 
-    def kill_instance(self, num: int, sig: int = signal.SIGKILL) -> int:
+    def kill_instance(self, num: int, sig: int = signal.SIGKILL, *, restart: bool = True) -> int:
         """Send `sig` to the instance (default SIGKILL: no draining, no deregistering).
 
-        supervisord restarts it (autorestart). Returns the pid that was signalled.
+        supervisord restarts it (autorestart). With `restart=False` the crash is final, like an
+        instance that supervisord gave up on: wait until the process is gone, then make sure
+        supervisord leaves it stopped (a replacement it already spawned is stopped again).
+        Returns the pid that was signalled.
         """
-        return self._kill(self.instance_id(num), sig)
+        name = self.instance_id(num)
+        pid = self._kill(name, sig)
+        if not restart:
+            self._wait_dead(pid)
+            self._keep_stopped(name)
+        return pid
+
+    def _wait_dead(self, pid: int, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pid {pid} still alive after {timeout}s")
+            time.sleep(0.01)
+
+    def _keep_stopped(self, name: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        while True:
+            proc = self.supervisor.process(name)
+            if not seen or seen[-1] != proc.state:
+                seen.append(proc.state)
+            if proc.state == "STOPPED":
+                return
+            if proc.active:  # autorestart already spawned a replacement (or has not reaped yet)
+                try:
+                    self.supervisor.stop(name, wait=False)  # administrative stop: no more restarts
+                except SupervisorFault as exc:  # it changed state meanwhile; look again
+                    seen.append(f"stop failed: {exc}")
+                if proc.pid:
+                    # A replacement still starting up may not handle SIGTERM yet: do not wait
+                    # supervisord's stopwaitsecs for it.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGKILL)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not stay stopped: {' -> '.join(seen)}")
+            time.sleep(0.02)
 
     def kill_router(self, sig: int = signal.SIGKILL) -> int:
         return self._kill("router", sig)
@@ -227,3 +278,38 @@ class Fleet:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} not restarted (state {proc.state}, pid {proc.pid})")
             time.sleep(0.1)
+
+    # --- the router's admin API (async: call from the test's event loop) -----------------------
+    async def admin(self, method: str, path: str, *, token: str | None = "") -> tuple[int, Any]:
+        """(status, parsed JSON or text) of an admin-API (or /metrics, /healthz) request.
+
+        `token` defaults to the fleet's admin token; None sends no Authorization header.
+        """
+        token = self.admin_token if token == "" else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(method, self.router_url + path, headers=headers) as r,
+        ):
+            ctype = r.headers.get("Content-Type", "")
+            return r.status, (await r.json() if "json" in ctype else await r.text())
+
+    async def end_all_sessions(self) -> None:
+        """End every session through the admin API (instances are reset and freed)."""
+        status, body = await self.admin("GET", "/admin/sessions")
+        if status == 200:
+            for s in body["sessions"]:
+                await self.admin("DELETE", f"/admin/sessions/{s['id']}")
+
+    async def wait_instances(self, count: int, *, timeout: float = 40.0) -> list[dict[str, Any]]:
+        """Until the router's admin API lists at least `count` ready instances."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            status, body = await self.admin("GET", "/admin/instances")
+            ready = [i for i in body.get("instances", []) if i["state"] == "ready"] if status == 200 else []
+            if len(ready) >= count:
+                return ready
+            if loop.time() > deadline:
+                raise TimeoutError(f"only {len(ready)} of {count} instances ready: {body}")
+            await asyncio.sleep(0.2)

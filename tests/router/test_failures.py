@@ -1,14 +1,14 @@
 """Failure paths: a call in flight on a dying instance, client disconnects, idle sessions.
 
-The fake provider holds calls open (delay) so a test can act while a call is in flight.
+The fake provider holds calls open (delay) so a test can act while a call is in flight. The
+fleet runs under real supervisord (tests/fleet.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -16,7 +16,8 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from tests.fakes.provider import Behaviour, FakeProvider
-from tests.router.conftest import INTERNAL_TOKEN, Fleet, mcp_client, status_of
+from tests.fleet import Fleet
+from tests.router.conftest import ROUTER_TEST_SETTINGS, instance_num, mcp_client, status_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,23 +29,25 @@ def provider() -> Iterator[FakeProvider]:
 
 
 @pytest.fixture(scope="module")
-async def fleet(make_fleet: Any, provider: FakeProvider) -> Fleet:
-    fleet: Fleet = await make_fleet(
+def fleet(module_fleet_factory: Callable[..., Fleet], provider: FakeProvider) -> Fleet:
+    return module_fleet_factory(
         instances=2,
-        GLM_API_KEY="fake-key",
-        GLM_API_URL=provider.glm_url,
-        EXAI_SESSION_IDLE_TIMEOUT="3",
-        EXAI_PROVIDER_MAX_RETRIES="0",
+        max_instances=2,
+        glm_api_key="fake-key",
+        glm_api_url=provider.glm_url,
+        session_idle_timeout=3.0,
+        provider_max_retries=0,
+        **ROUTER_TEST_SETTINGS,
     )
-    return fleet
 
 
 async def _health(fleet: Fleet, instance_id: str) -> dict[str, Any]:
-    port = fleet.base_port + int(instance_id.rsplit("_", 1)[1])
+    port = fleet.instance_port(instance_num(instance_id))
     async with (
         aiohttp.ClientSession() as http,
         http.get(
-            f"http://127.0.0.1:{port}/internal/health", headers={"X-Exai-Internal-Token": INTERNAL_TOKEN}
+            f"http://127.0.0.1:{port}/internal/health",
+            headers={"X-Exai-Internal-Token": fleet.internal_token},
         ) as r,
     ):
         return dict(await r.json())
@@ -63,11 +66,12 @@ async def test_call_in_flight_on_a_killed_instance_gets_a_clear_error(
     fleet: Fleet, provider: FakeProvider, mode: str
 ) -> None:
     provider.reset(Behaviour(delay=60))
-    async with mcp_client(fleet.url, mode, name=f"inflight-{mode}") as client:
+    async with mcp_client(fleet.mcp_url, mode, name=f"inflight-{mode}") as client:
         before = await status_of(client)
         call = asyncio.create_task(client.call_tool("chat", {"prompt": "slow one"}))
         await _until(lambda: asyncio.sleep(0, bool(provider.snapshot())))
-        await fleet.stop(before["instance_id"], signal.SIGKILL)
+        # kill -9, and supervisord does not bring it back (like an instance it gave up on).
+        await asyncio.to_thread(fleet.kill_instance, instance_num(before["instance_id"]), restart=False)
         with pytest.raises(MCPError) as info:
             await asyncio.wait_for(call, 30)
         assert info.value.error.code == -32000
@@ -76,14 +80,14 @@ async def test_call_in_flight_on_a_killed_instance_gets_a_clear_error(
         provider.reset()
         after = await status_of(client)  # the next call is served elsewhere, same session
         assert after["session"] == before["session"] and after["instance_id"] != before["instance_id"]
-    await fleet.start_instance(int(before["instance_id"].rsplit("_", 1)[1]))
+    await asyncio.to_thread(fleet.start_instance, instance_num(before["instance_id"]))
     await fleet.wait_instances(2)
     await fleet.end_all_sessions()
 
 
 async def test_client_disconnect_cancels_the_upstream_call(fleet: Fleet, provider: FakeProvider) -> None:
     provider.reset(Behaviour(delay=60))
-    async with mcp_client(fleet.url, "2026-07-28", name="quitter") as client:
+    async with mcp_client(fleet.mcp_url, "2026-07-28", name="quitter") as client:
         st = await status_of(client)
     body = {
         "jsonrpc": "2.0",
@@ -107,7 +111,7 @@ async def test_client_disconnect_cancels_the_upstream_call(fleet: Fleet, provide
     }
 
     async def post() -> None:
-        async with aiohttp.ClientSession() as http, http.post(fleet.url, json=body, headers=headers) as r:
+        async with aiohttp.ClientSession() as http, http.post(fleet.mcp_url, json=body, headers=headers) as r:
             await r.read()
 
     task = asyncio.create_task(post())
@@ -127,7 +131,7 @@ async def test_client_disconnect_cancels_the_upstream_call(fleet: Fleet, provide
 
 
 async def test_idle_sessions_end_and_free_their_instance(fleet: Fleet) -> None:
-    async with mcp_client(fleet.url, "2026-07-28", name="sleepy") as client:
+    async with mcp_client(fleet.mcp_url, "2026-07-28", name="sleepy") as client:
         st = await status_of(client)
 
     async def gone() -> bool:

@@ -1,22 +1,23 @@
 """End to end through the router's port: isolation, failover, restart, backpressure, DELETE.
 
-One fleet of five real `exai-instance` processes (fake LLM provider) and a real `exai-router`
-process serves the whole module; every test leaves it with five free instances.
+One fleet under real supervisord (tests/fleet.py: five `exai-instance` processes with the fake
+LLM provider, and `exai-router`) serves the whole module; every test leaves it with five free
+instances.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.fakes.provider import FakeProvider
-from tests.router.conftest import Fleet, mcp_client, status_of
+from tests.fleet import Fleet
+from tests.router.conftest import ROUTER_TEST_SETTINGS, instance_num, mcp_client, status_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,11 +29,15 @@ def provider() -> Iterator[FakeProvider]:
 
 
 @pytest.fixture(scope="module")
-async def fleet(make_fleet: Any, provider: FakeProvider) -> Fleet:
-    fleet: Fleet = await make_fleet(
-        instances=5, GLM_API_KEY="fake-key", GLM_API_URL=provider.glm_url, DEFAULT_MODEL="glm-4.6"
+def fleet(module_fleet_factory: Callable[..., Fleet], provider: FakeProvider) -> Fleet:
+    return module_fleet_factory(
+        instances=5,
+        max_instances=5,
+        glm_api_key="fake-key",
+        glm_api_url=provider.glm_url,
+        default_model="glm-4.6",
+        **ROUTER_TEST_SETTINGS,
     )
-    return fleet
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +59,7 @@ async def test_five_clients_of_both_eras_each_get_their_own_instance(fleet: Flee
     ready = asyncio.Semaphore(0)
 
     async def one(i: int, mode: str) -> None:
-        async with mcp_client(fleet.url, mode, name=f"client-{i}") as client:
+        async with mcp_client(fleet.mcp_url, mode, name=f"client-{i}") as client:
             mine = {"mode": mode, **await status_of(client)}
             seen.append(mine)
             ready.release()
@@ -81,7 +86,7 @@ async def test_five_clients_of_both_eras_each_get_their_own_instance(fleet: Flee
         async with (
             aiohttp.ClientSession() as http,
             http.post(
-                fleet.url,
+                fleet.mcp_url,
                 json={
                     "jsonrpc": "2.0",
                     "id": 1,
@@ -111,13 +116,14 @@ async def test_five_clients_of_both_eras_each_get_their_own_instance(fleet: Flee
 
 async def test_kill_9_moves_a_handshake_session_and_its_thread_continues(fleet: Fleet) -> None:
     sent_ids: list[str] = []
-    async with mcp_client(fleet.url, "legacy", name="failover", session_ids=sent_ids) as client:
+    async with mcp_client(fleet.mcp_url, "legacy", name="failover", session_ids=sent_ids) as client:
         before = await status_of(client)
         first = await client.call_tool("chat", {"prompt": "remember the word walnut"})
         assert not first.is_error, first
         cid = (first.structured_content or {})["continuation_id"]
 
-        await fleet.stop(before["instance_id"], signal.SIGKILL)
+        # kill -9, and supervisord does not bring it back (like an instance it gave up on).
+        await asyncio.to_thread(fleet.kill_instance, instance_num(before["instance_id"]), restart=False)
 
         after = await status_of(client)
         assert after["session"] == before["session"]
@@ -128,7 +134,7 @@ async def test_kill_9_moves_a_handshake_session_and_its_thread_continues(fleet: 
         # The client never saw another session id.
         assert set(sent_ids) == {before["session"]}
 
-    await fleet.start_instance(int(before["instance_id"].rsplit("_", 1)[1]))
+    await asyncio.to_thread(fleet.start_instance, instance_num(before["instance_id"]))
     await fleet.wait_instances(5)
     _, body = await fleet.admin("GET", "/metrics")
     assert "exai_router_failovers_total" in body
@@ -137,12 +143,11 @@ async def test_kill_9_moves_a_handshake_session_and_its_thread_continues(fleet: 
 async def test_router_restart_keeps_sessions(fleet: Fleet) -> None:
     sent_ids: list[str] = []
     async with (
-        mcp_client(fleet.url, "legacy", name="restart-a", session_ids=sent_ids) as a,
-        mcp_client(fleet.url, "2026-07-28", name="restart-b") as b,
+        mcp_client(fleet.mcp_url, "legacy", name="restart-a", session_ids=sent_ids) as a,
+        mcp_client(fleet.mcp_url, "2026-07-28", name="restart-b") as b,
     ):
         sa, sb = await status_of(a), await status_of(b)
-        await fleet.stop("router")
-        await fleet.start_router()
+        await asyncio.to_thread(fleet.restart_router)
         sa2, sb2 = await status_of(a), await status_of(b)
         assert (sa2["session"], sa2["instance_id"]) == (sa["session"], sa["instance_id"])
         assert (sb2["session"], sb2["instance_id"]) == (sb["session"], sb["instance_id"])
@@ -150,7 +155,7 @@ async def test_router_restart_keeps_sessions(fleet: Fleet) -> None:
 
 
 async def test_delete_ends_the_session_and_resets_the_instance(fleet: Fleet) -> None:
-    async with mcp_client(fleet.url, "legacy", name="deleter") as client:
+    async with mcp_client(fleet.mcp_url, "legacy", name="deleter") as client:
         st = await status_of(client)
         assert st["bound_session"] == st["session"]
     assert st["session"] not in {s["id"] for s in await _sessions(fleet)}
@@ -161,7 +166,7 @@ async def test_delete_ends_the_session_and_resets_the_instance(fleet: Fleet) -> 
         aiohttp.ClientSession() as http,
         http.get(
             f"http://127.0.0.1:{inst['port']}/internal/health",
-            headers={"X-Exai-Internal-Token": fleet.env["EXAI_INTERNAL_TOKEN"]},
+            headers={"X-Exai-Internal-Token": fleet.internal_token},
         ) as r,
     ):
         assert (await r.json())["session"] == ""  # reset before anyone else gets it
@@ -171,7 +176,7 @@ async def test_unknown_or_foreign_session_id_is_404(fleet: Fleet) -> None:
     async with (
         aiohttp.ClientSession() as http,
         http.post(
-            fleet.url,
+            fleet.mcp_url,
             data=json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/list"}),
             headers={
                 "Content-Type": "application/json",
@@ -187,12 +192,12 @@ async def test_unknown_or_foreign_session_id_is_404(fleet: Fleet) -> None:
 
 
 async def test_stateless_sessions_key_on_name_and_client(fleet: Fleet) -> None:
-    async with mcp_client(fleet.url + "/s/alpha", "2026-07-28", name="x") as a1:
+    async with mcp_client(fleet.mcp_url + "/s/alpha", "2026-07-28", name="x") as a1:
         s1 = await status_of(a1)
-    async with mcp_client(fleet.url + "/s/alpha", "2026-07-28", name="y") as a2:
+    async with mcp_client(fleet.mcp_url + "/s/alpha", "2026-07-28", name="y") as a2:
         s2 = await status_of(a2)
     assert s1["session"] == s2["session"]  # the explicit name wins over clientInfo
-    async with mcp_client(fleet.url, "2026-07-28", name="y") as b:
+    async with mcp_client(fleet.mcp_url, "2026-07-28", name="y") as b:
         s3 = await status_of(b)
     assert s3["session"] != s1["session"] and s3["instance_id"] != s1["instance_id"]
     sessions = {s["id"]: s for s in await _sessions(fleet)}

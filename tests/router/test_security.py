@@ -1,6 +1,7 @@
 """Security and input checks at the router's door, against a real router with client tokens.
 
-The router here requires EXAI_AUTH_TOKENS (alice, bob); one instance behind it.
+The router here requires EXAI_AUTH_TOKENS (alice, bob); one instance behind it, both under
+real supervisord (tests/fleet.py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,8 @@ import aiohttp
 import pytest
 
 from tests.conftest import free_port
-from tests.router.conftest import ADMIN_TOKEN, Fleet, mcp_client, status_of
+from tests.fleet import Fleet
+from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client, status_of
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -31,18 +34,24 @@ ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "appl
 
 
 @pytest.fixture(scope="module")
-async def fleet(make_fleet: Any) -> Fleet:
-    fleet: Fleet = await make_fleet(
-        instances=1, EXAI_AUTH_TOKENS=f"alice={ALICE},bob={BOB}", EXAI_MAX_BODY_BYTES="4096"
+def fleet(module_fleet_factory: Callable[..., Fleet]) -> Fleet:
+    return module_fleet_factory(
+        instances=1,
+        max_instances=1,
+        auth_tokens=[f"alice={ALICE}", f"bob={BOB}"],
+        max_body_bytes=4096,
+        **ROUTER_TEST_SETTINGS,
     )
-    return fleet
 
 
 async def _post(
     fleet: Fleet, body: bytes | dict[str, Any], headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], Any]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    async with aiohttp.ClientSession() as http, http.post(fleet.url, data=data, headers=headers or {}) as r:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(fleet.mcp_url, data=data, headers=headers or {}) as r,
+    ):
         text = await r.text()
         try:
             parsed = json.loads(text)
@@ -63,7 +72,7 @@ async def test_mcp_requires_a_known_token(fleet: Fleet) -> None:
 
 
 async def test_a_session_answers_only_its_principal(fleet: Fleet) -> None:
-    async with mcp_client(fleet.url, "legacy", token=ALICE) as alice:
+    async with mcp_client(fleet.mcp_url, "legacy", token=ALICE) as alice:
         st = await status_of(alice)
         assert st["principal"] == "alice"
         req = {"jsonrpc": "2.0", "id": 5, "method": "tools/list"}
@@ -98,8 +107,8 @@ async def test_oversized_and_malformed_bodies_get_jsonrpc_errors(fleet: Fleet) -
 
 async def test_admin_endpoints_with_curl(fleet: Fleet) -> None:
     """`curl` on every admin endpoint: no token -> 401, wrong token -> 401, right token -> 2xx."""
-    base = f"http://127.0.0.1:{fleet.router_port}"
-    async with mcp_client(fleet.url, "legacy", token=ALICE) as client:
+    base = fleet.router_url
+    async with mcp_client(fleet.mcp_url, "legacy", token=ALICE) as client:
         st = await status_of(client)
         sid, iid = st["session"], st["instance_id"]
         endpoints = [
@@ -126,23 +135,23 @@ async def test_admin_endpoints_with_curl(fleet: Fleet) -> None:
             assert (await curl(method, path, None))[0] == 401, path
             assert (await curl(method, path, "wrong"))[0] == 401, path
         for method, path in endpoints:
-            code, body = await curl(method, path, ADMIN_TOKEN)
+            code, body = await curl(method, path, fleet.admin_token)
             assert code == 200, (path, body)
-        code, body = await curl("GET", f"/admin/sessions/{sid}", ADMIN_TOKEN)
+        code, body = await curl("GET", f"/admin/sessions/{sid}", fleet.admin_token)
         assert body["instance"] == iid and body["principal"] == "alice" and body["total"] >= 1
-        code, body = await curl("GET", "/admin/instances", ADMIN_TOKEN)
+        code, body = await curl("GET", "/admin/instances", fleet.admin_token)
         row = next(i for i in body["instances"] if i["id"] == iid)
         assert row["session"] == sid and row["heartbeat_age"] < 5 and row["port"] > 0
-        code, body = await curl("GET", "/admin/openapi.json", ADMIN_TOKEN)
+        code, body = await curl("GET", "/admin/openapi.json", fleet.admin_token)
         assert body["openapi"].startswith("3.") and "/admin/sessions/{id}" in body["paths"]
 
-        code, body = await curl("DELETE", f"/admin/sessions/{sid}", ADMIN_TOKEN)
+        code, body = await curl("DELETE", f"/admin/sessions/{sid}", fleet.admin_token)
         assert code == 200 and body == {"ended": sid}
-        assert (await curl("GET", f"/admin/sessions/{sid}", ADMIN_TOKEN))[0] == 404
+        assert (await curl("GET", f"/admin/sessions/{sid}", fleet.admin_token))[0] == 404
 
-        code, body = await curl("POST", f"/admin/instances/{iid}/drain", ADMIN_TOKEN)
+        code, body = await curl("POST", f"/admin/instances/{iid}/drain", fleet.admin_token)
         assert code == 200 and body == {"draining": iid}
-        code, body = await curl("GET", "/admin/instances", ADMIN_TOKEN)
+        code, body = await curl("GET", "/admin/instances", fleet.admin_token)
         assert next(i for i in body["instances"] if i["id"] == iid)["draining"] is True
 
     for path in ("/healthz", "/readyz", "/metrics"):
@@ -170,13 +179,13 @@ def _run_router(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 async def test_public_bind_without_tokens_and_busy_port_fail_in_one_line(fleet: Fleet) -> None:
-    env = {k: v for k, v in fleet.env.items() if k != "EXAI_AUTH_TOKENS"}
+    env = {k: v for k, v in fleet.environment().items() if k != "EXAI_AUTH_TOKENS"}
     env.update(EXAI_ROUTER_HOST="0.0.0.0", EXAI_ROUTER_PORT=str(free_port()))
     done = await asyncio.to_thread(_run_router, env)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "EXAI_AUTH_TOKENS" in done.stderr
 
-    env = {**fleet.env, "EXAI_ROUTER_PORT": str(fleet.router_port)}
+    env = {**fleet.environment(), "EXAI_ROUTER_PORT": str(fleet.settings.router_port)}
     done = await asyncio.to_thread(_run_router, env)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "exai-router: error:" in done.stderr
