@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     session_idle_timeout: float = Field(3600.0, gt=0, validation_alias="EXAI_SESSION_IDLE_TIMEOUT")
     lease_ttl: float = Field(30.0, gt=0, validation_alias="EXAI_LEASE_TTL")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, validation_alias="EXAI_MAX_BODY_BYTES")
+    # Silence allowed on a POST response from an instance (SSE pings come every 15 s). GET
+    # streams (server-to-client notifications) have no read timeout: they may idle for hours.
+    upstream_read_timeout: float = Field(120.0, gt=0, validation_alias="EXAI_UPSTREAM_READ_TIMEOUT")
     drain_timeout: float = Field(20.0, gt=0, validation_alias="EXAI_DRAIN_TIMEOUT")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias="EXAI_LOG_LEVEL")
 

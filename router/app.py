@@ -1,8 +1,8 @@
 """The router's aiohttp Application: resources opened and closed by cleanup contexts.
 
-One Redis client and one upstream ClientSession per process. The connector has no total
-limit: every upstream connection mirrors one client request in flight (a long-lived GET
-stream included), so a pool cap could only make open streams starve new calls.
+One Redis client and the upstream HTTP clients per process (router/upstream.py): calls and
+long-lived GET streams use separate, bounded connection pools, so open streams can never
+starve calls.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
 from aiohttp import web
 
 from common.keys import Keys
@@ -28,6 +27,7 @@ from router.registry import Registry
 from router.security import Guard
 from router.sessions import SessionTable
 from router.spares import Spares
+from router.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +94,15 @@ def create_app(settings: Settings) -> web.Application:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         redis = create_redis(settings.redis_url, max_connections=64)
         keys = Keys(settings.redis_prefix)
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=None)
-        http = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, timeout=aiohttp.ClientTimeout(None)
-        )
+        upstream = Upstream.create(settings.max_instances)
         registry = Registry(redis, keys)
         leases = Leases(redis, keys, settings.lease_ttl)
         spares = Spares(settings.supervisor_socket)
         allocator = Allocator(settings, registry, leases, metrics, start_spare=spares.start_one)
         table = SessionTable(redis, keys)
         proxy = Proxy(
-            http=http,
+            http=upstream.calls,
+            streams=upstream.streams,
             table=table,
             registry=registry,
             leases=leases,
@@ -113,10 +111,11 @@ def create_app(settings: Settings) -> web.Application:
             metrics=metrics,
             internal_token=settings.internal_token or "",
             max_body_bytes=settings.max_body_bytes,
+            read_timeout=settings.upstream_read_timeout,
         )
         allocator.reset = proxy.reset_instance
         app[admin.PROXY_KEY] = proxy
-        _wire_gauges(metrics, proxy)
+        _wire_gauges(metrics, proxy, upstream)
         try:
             loaded = await table.load()
             if loaded:
@@ -142,7 +141,7 @@ def create_app(settings: Settings) -> web.Application:
             await spares.close()
             with contextlib.suppress(*REDIS_DOWN_ERRORS):
                 await table.flush()
-            await http.close()
+            await upstream.close()
             await redis.aclose()
 
     app.cleanup_ctx.append(resources)
@@ -156,7 +155,7 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-def _wire_gauges(metrics: Metrics, proxy: Proxy) -> None:
+def _wire_gauges(metrics: Metrics, proxy: Proxy, upstream: Upstream) -> None:
     def sessions() -> dict[Labels, float]:
         out: dict[Labels, float] = {(("era", "handshake"),): 0, (("era", "stateless"),): 0}
         for s in proxy.table.by_id.values():
@@ -178,6 +177,15 @@ def _wire_gauges(metrics: Metrics, proxy: Proxy) -> None:
     metrics.gauge("exai_router_sessions", "Open sessions known to this router, by era.", sessions)
     metrics.gauge("exai_router_instances", "Live instances by state (busy = bound to a session).", instances)
     metrics.gauge("exai_router_requests_inflight", "Requests being proxied right now.", inflight)
+    metrics.gauge(
+        "exai_router_upstream_streams", "GET streams open to instances (their own connection pool).",
+        lambda: {(): float(sum(proxy.open_streams.values()))},
+    )  # fmt: skip
+    metrics.gauge(
+        "exai_router_upstream_stale_dropped",
+        "Pooled connections dropped before reuse because the instance had closed them.",
+        lambda: {(): float(upstream.stale_dropped)},
+    )
     metrics.gauge(
         "exai_router_allocation_waiters", "Sessions waiting for a free instance.",
         lambda: {(): float(proxy.allocator.waiters)},

@@ -35,11 +35,11 @@ from router.metrics import Metrics
 from router.registry import Instance, Registry
 from router.security import Guard
 from router.sessions import Session, SessionTable, new_session_id
+from router.upstream import STREAMS_PER_INSTANCE
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
-POST_READ_TIMEOUT = 120.0  # instances ping SSE streams every 15 s; silence this long means trouble
 CONTROL_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=3)
 _HANDSHAKE_VERSIONS = frozenset(HANDSHAKE_PROTOCOL_VERSIONS)
 
@@ -56,6 +56,20 @@ _DROP_RESPONSE = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "server", "date", "mcp-session-id", "content-encoding"}
 )
 _SESSION_KEY_HEADER = "X-Exai-Session-Key"
+_SILENT_HINT = (
+    "The instance may still be working on it; raise EXAI_UPSTREAM_READ_TIMEOUT if calls "
+    "legitimately stay silent this long. Retry the call if it is safe to repeat."
+)
+
+
+def _lost(target: Instance, exc: BaseException, read_timeout: float | None) -> InstanceLost:
+    if isinstance(exc, aiohttp.ServerTimeoutError) and read_timeout:
+        return InstanceLost(
+            f"Instance {target.id} sent nothing for {read_timeout:g}s while handling this request.",
+            hint=_SILENT_HINT,
+        )
+    why = exc.__class__.__name__
+    return InstanceLost(f"Instance {target.id} stopped answering while handling this request ({why}).")
 
 
 # Requests that read and change nothing: repeating one after an ambiguous failure is harmless.
@@ -82,6 +96,7 @@ class Proxy:
         self,
         *,
         http: aiohttp.ClientSession,
+        streams: aiohttp.ClientSession,
         table: SessionTable,
         registry: Registry,
         leases: Leases,
@@ -90,8 +105,13 @@ class Proxy:
         metrics: Metrics,
         internal_token: str,
         max_body_bytes: int,
+        read_timeout: float = 120.0,
     ) -> None:
-        self.http = http
+        self.http = http  # calls and control requests
+        self.streams = streams  # long-lived GET streams, a pool of their own (router/upstream.py)
+        self.post_timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=read_timeout)
+        self.get_timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=None)
+        self.open_streams: dict[str, int] = {}  # session id -> GET streams open through this router
         self.table = table
         self.registry = registry
         self.leases = leases
@@ -283,9 +303,12 @@ class Proxy:
         opening: bool = False,
     ) -> web.StreamResponse:
         is_get = request.method == "GET"
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=3, sock_read=None if is_get else POST_READ_TIMEOUT
-        )
+        if is_get:
+            if self.open_streams.get(sess.id, 0) >= STREAMS_PER_INSTANCE:
+                conflict = BadRequest("Conflict: this session already has its server-to-client streams open.")
+                return error_response(conflict, None, status=409)
+            self.open_streams[sess.id] = self.open_streams.get(sess.id, 0) + 1
+        client, timeout = (self.streams, self.get_timeout) if is_get else (self.http, self.post_timeout)
         sess.inflight += 1
         sess.total += 1
         self.table.touch(sess)
@@ -300,7 +323,7 @@ class Proxy:
                 if sess.upstream_sid and not opening:
                     headers[p.MCP_SESSION_ID] = sess.upstream_sid
                 try:
-                    upstream = await self.http.request(
+                    upstream = await client.request(
                         request.method,
                         target.base_url + p.MCP_PATH,
                         data=body,
@@ -324,10 +347,7 @@ class Proxy:
                         await self.check_and_rebind(sess, generation, target)
                         continue
                     self._spawn(self.check_and_rebind(sess, generation, target))
-                    why = exc.__class__.__name__
-                    raise InstanceLost(
-                        f"Instance {target.id} stopped answering while handling this request ({why})."
-                    ) from None
+                    raise _lost(target, exc, timeout.sock_read) from None
                 if (
                     upstream.status == 404
                     and sess.era == "handshake"
@@ -346,6 +366,12 @@ class Proxy:
         finally:
             sess.inflight -= 1
             self.table.touch(sess)
+            if is_get:
+                left = self.open_streams.get(sess.id, 1) - 1
+                if left > 0:
+                    self.open_streams[sess.id] = left
+                else:
+                    self.open_streams.pop(sess.id, None)
 
     async def _relay(
         self,
@@ -383,12 +409,16 @@ class Proxy:
                 aiohttp.ClientPayloadError,
                 aiohttp.ServerDisconnectedError,
                 aiohttp.ClientOSError,
+                aiohttp.ServerTimeoutError,  # silent for longer than EXAI_UPSTREAM_READ_TIMEOUT
             ) as exc:
                 self.metrics.upstream_errors.inc(kind="lost-midstream")
-                log.warning("instance %s dropped a response for session %s: %s", target.id, sess.id[:8], exc)
+                log.warning("instance %s dropped a response for session %s: %r", target.id, sess.id[:8], exc)
                 sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
                 if msg is not None and msg.is_request and sse:
-                    lost = InstanceLost(f"Instance {target.id} stopped while handling this request.")
+                    if isinstance(exc, aiohttp.ServerTimeoutError):
+                        lost = _lost(target, exc, self.post_timeout.sock_read)
+                    else:
+                        lost = InstanceLost(f"Instance {target.id} stopped while handling this request.")
                     with contextlib.suppress(ConnectionError):
                         await resp.write(sse_error_event(lost, msg.id))
                 self._spawn(self.check_and_rebind(sess, sess.generation, target))

@@ -2,7 +2,13 @@
 
 An instance is alive while its registry hash exists (the heartbeat refreshes its TTL); the
 router adds what only it sees: connection failures mark an instance process as suspect until
-a new process (another pid) registers under the same id.
+a new process (another pid) registers under the same id, or for SUSPECT_SECONDS at most.
+
+Suspicion is short on purpose. A process that really died loses its registry entry within
+EXAI_HEARTBEAT_TTL anyway, and trying it once more costs one refused connection. But a process
+that supervisord has just restarted registers as ready a moment before its listener is open:
+refused connections then mean "not yet", and suspecting that pid for good would leave the
+instance unusable until its next restart (sessions waiting for it time out).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from common.keys import Keys
+
+SUSPECT_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +65,7 @@ class Registry:
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
-        self._suspect: dict[str, str] = {}  # instance id -> pid that failed
+        self._suspect: dict[str, tuple[str, float]] = {}  # instance id -> (pid that failed, when)
         self.last: dict[str, Instance] = {}
 
     async def instances(self) -> dict[str, Instance]:
@@ -78,7 +86,8 @@ class Registry:
                 gone.append(iid)
                 continue
             found[iid] = inst
-            if self._suspect.get(iid) not in (None, inst.pid):
+            mark = self._suspect.get(iid)
+            if mark is not None and mark[0] != inst.pid:
                 del self._suspect[iid]  # a new process took over the id
         if gone:
             await self.redis.srem(self.keys.instances(), *gone)
@@ -90,10 +99,16 @@ class Registry:
         return Instance.from_hash(row) if row else None
 
     def mark_suspect(self, inst: Instance) -> None:
-        self._suspect[inst.id] = inst.pid
+        self._suspect[inst.id] = (inst.pid, time.monotonic())
 
     def is_suspect(self, inst: Instance) -> bool:
-        return self._suspect.get(inst.id) == inst.pid
+        mark = self._suspect.get(inst.id)
+        if mark is None:
+            return False
+        if mark[0] == inst.pid and time.monotonic() - mark[1] < SUSPECT_SECONDS:
+            return True
+        del self._suspect[inst.id]
+        return False
 
     async def draining(self) -> set[str]:
         return {str(i) for i in await self.redis.smembers(self.keys.draining())}
