@@ -2,8 +2,9 @@
 
     python tests/bench/bench_router.py [--calls 400] [--chat-calls 25]
 
-Starts five real `exai-instance` processes and a real `exai-router` (fake LLM provider on
-loopback, answering in 200 ms), then measures with a raw HTTP client speaking the 2026-07-28
+Starts a fleet under real supervisord (tests/fleet.py: five `exai-instance` processes and
+`exai-router`, the `exai up` path; fake LLM provider on loopback answering in 200 ms), then
+measures with a raw HTTP client speaking the 2026-07-28
 wire (one POST = one tools/call, JSON answer), so the numbers are the fleet's, not a client
 library's:
 
@@ -38,9 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from common import protocol as p  # noqa: E402
 from common.migrate import migrate  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
 from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
-from tests.router.conftest import ADMIN_TOKEN, INTERNAL_TOKEN, Fleet  # noqa: E402
+from tests.fleet import Fleet  # noqa: E402
 
 VERSION = "2026-07-28"
 HEADERS = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": VERSION}
@@ -106,17 +106,17 @@ def _stats(samples: list[float]) -> dict[str, float]:
 
 async def _overhead(fleet: Fleet, sessions: int, calls: int) -> dict[str, Any]:
     """Each session alternates router and direct calls to the same instance, concurrently."""
-    routed = [Caller(fleet.url, f"bench-{i}") for i in range(sessions)]
+    routed = [Caller(fleet.mcp_url, f"bench-{i}") for i in range(sessions)]
     direct: list[Caller] = []
     for i, c in enumerate(routed):
         await c.call("version", {})  # binds the session
         status = await _status(c)
         direct.append(
             Caller(
-                f"http://127.0.0.1:{status['port']}/mcp",
+                f"http://127.0.0.1:{fleet.instance_port(_num(status['instance_id']))}/mcp",
                 f"bench-{i}",
                 {
-                    p.INTERNAL_TOKEN_HEADER: INTERNAL_TOKEN,
+                    p.INTERNAL_TOKEN_HEADER: fleet.internal_token,
                     p.SESSION_HEADER: status["session"],
                     p.PRINCIPAL_HEADER: "local",
                     p.ERA_HEADER: "stateless",
@@ -148,6 +148,10 @@ async def _overhead(fleet: Fleet, sessions: int, calls: int) -> dict[str, Any]:
     }
 
 
+def _num(instance_id: str) -> int:
+    return int(instance_id.rsplit("_", 1)[1])
+
+
 async def _status(c: Caller) -> dict[str, Any]:
     c.rid += 1
     body = json.dumps(_body("status", {}, c.client, c.rid)).encode()
@@ -163,7 +167,7 @@ async def _status(c: Caller) -> dict[str, Any]:
 
 async def _isolation(fleet: Fleet, calls: int) -> dict[str, Any]:
     async def busy(n: int) -> list[float]:
-        callers = [Caller(fleet.url, f"iso-{n}-{i}") for i in range(n)]
+        callers = [Caller(fleet.mcp_url, f"iso-{n}-{i}") for i in range(n)]
         samples: list[float] = []
 
         async def run(c: Caller) -> None:
@@ -206,25 +210,23 @@ async def main() -> int:
     prefix = f"exaibench{secrets.token_hex(3)}"
     results: dict[str, Any] = {}
     with FakeProvider(default=Behaviour(delay=0.2)).running() as provider:
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("EXAI_", "GLM_", "KIMI_"))},
-            "DATABASE_URL": dsn,
-            "REDIS_URL": redis_url,
-            "EXAI_REDIS_PREFIX": prefix,
-            "EXAI_STATE_DIR": str(state),
-            "EXAI_ROUTER_PORT": str(free_port()),
-            "EXAI_INSTANCE_BASE_PORT": str(free_port() - 1),
-            "EXAI_INTERNAL_TOKEN": INTERNAL_TOKEN,
-            "EXAI_ADMIN_TOKEN": ADMIN_TOKEN,
-            "EXAI_LOG_LEVEL": "WARNING",
-            "GLM_API_KEY": "fake-key",
-            "GLM_API_URL": provider.glm_url,
-            "EXAI_PROVIDER_MAX_RETRIES": "0",
-        }
-        fleet = Fleet(env, state, redis_url, prefix)
+        fleet = Fleet(
+            state,
+            database_url=dsn,
+            redis_url=redis_url,
+            redis_prefix=prefix,
+            instances=5,
+            max_instances=5,
+            overrides={
+                "log_level": "WARNING",
+                "glm_api_key": "fake-key",
+                "glm_api_url": provider.glm_url,
+                "provider_max_retries": 0,
+                "autostart_spares": False,
+            },
+        )
         try:
-            await asyncio.gather(*(fleet.start_instance(n) for n in range(1, 6)))
-            await fleet.start_router()
+            await asyncio.to_thread(fleet.start)
             await fleet.wait_instances(5)
             results["overhead_1"] = await _overhead(fleet, 1, args.calls)
             await fleet.end_all_sessions()
@@ -232,7 +234,7 @@ async def main() -> int:
             await fleet.end_all_sessions()
             results["isolation"] = await _isolation(fleet, args.chat_calls)
         finally:
-            await fleet.close()
+            await asyncio.to_thread(fleet.stop)
             admin = await asyncpg.connect(pg)
             await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
             await admin.close()
