@@ -99,7 +99,8 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
             runtime.providers = await stack.enter_async_context(Providers.open(settings))
             registry = Registry(runtime, redis) if redis is not None else None
             runtime.on_change = registry.poke if registry is not None else (lambda: None)
-            runtime.set_state("ready")
+            if runtime.state == "starting":  # a SIGTERM during startup must not be undone
+                runtime.set_state("ready")
             if registry is not None:
                 await registry.start()
             log.info("instance %s ready on %s:%d", identity.id, identity.host, identity.port)

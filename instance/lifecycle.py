@@ -79,5 +79,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    # Listen now, before the lifespan registers the instance as ready: a router connecting in
+    # between waits in the backlog until uvicorn accepts, instead of being refused.
+    sock.listen(socket.SOMAXCONN)
     sock.set_inheritable(True)
     return sock

@@ -32,6 +32,7 @@ class Registry:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._redis_ok = True
+        self._stopped = False
         self.beats = 0
 
     def fields(self) -> dict[str, str]:
@@ -77,10 +78,11 @@ class Registry:
 
     async def _run(self) -> None:
         interval = self.runtime.settings.heartbeat_interval
-        while True:
+        while not self._stopped:
             await self.beat()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def start(self) -> None:
@@ -89,6 +91,10 @@ class Registry:
 
     async def stop(self) -> None:
         """Stop beating and remove the entry so the router stops routing here at once."""
+        # A flag as well as cancel(): a cancellation that lands inside a Redis call can come
+        # back as a redis TimeoutError, which beat() treats as "Redis down" and swallows.
+        self._stopped = True
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

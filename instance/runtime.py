@@ -170,7 +170,8 @@ class Runtime:
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no call is in flight; False if `timeout` ran out first."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
         except TimeoutError:
             return False
         return True

@@ -8,6 +8,7 @@ waiting, the router asks supervisord to start a provisioned spare if that is all
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -91,10 +92,9 @@ class Allocator:
                     self.metrics.allocation_failures.inc()
                     raise self._refusal()
                 self._freed.clear()
-                try:
-                    await asyncio.wait_for(self._freed.wait(), min(POLL_INTERVAL * 2, remaining))
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(POLL_INTERVAL * 2, remaining)):
+                        await self._freed.wait()
                 inst = await self.try_once(session_id)
                 if inst is not None:
                     return inst

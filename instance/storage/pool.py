@@ -77,8 +77,8 @@ class Database:
                 return self._pool
             self._last_attempt = time.monotonic()
             try:
-                pool = await asyncio.wait_for(
-                    asyncpg.create_pool(
+                async with asyncio.timeout(self._acquire_timeout + 1.0):
+                    pool = await asyncpg.create_pool(
                         self._dsn,
                         min_size=self._min,
                         max_size=self._max,
@@ -89,9 +89,7 @@ class Database:
                         statement_cache_size=0 if self._pgbouncer else 100,
                         max_inactive_connection_lifetime=60.0,
                         server_settings={"application_name": "exai-instance"},
-                    ),
-                    timeout=self._acquire_timeout + 1.0,
-                )
+                    )
             except ValueError as exc:
                 raise ConfigError(f"DATABASE_URL: {exc}") from None
             except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
@@ -106,7 +104,8 @@ class Database:
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
-                await asyncio.wait_for(pool.close(), timeout=5.0)
+                async with asyncio.timeout(5.0):
+                    await pool.close()
             except CONNECTION_ERRORS:
                 pool.terminate()
 

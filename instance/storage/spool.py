@@ -245,7 +245,8 @@ class Spool:
                 )
             self._space.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._space.wait(), timeout=remaining)
+                async with asyncio.timeout(remaining):
+                    await self._space.wait()
             if self._closed:
                 raise StorageError("the spool closed while this write waited for space; it was not stored")
         self._reserved += size
@@ -271,7 +272,8 @@ class Spool:
                 self._group_target = last_group
                 self._grown.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._grown.wait(), timeout=self.fsync_window)
+                    async with asyncio.timeout(self.fsync_window):
+                        await self._grown.wait()
                 self._group_target = 0
             batch, self._queue = self._queue, []
             last_group = max(1, len(batch))

@@ -199,7 +199,8 @@ class Flusher:
         self._urgent.set()
         self._wake.set()
         try:
-            await asyncio.wait_for(self._spool.wait_empty(), timeout=timeout)
+            async with asyncio.timeout(timeout):
+                await self._spool.wait_empty()
             return True
         except TimeoutError:
             return self._spool.rows == 0
@@ -214,7 +215,8 @@ class Flusher:
             if self._spool.rows < self._batch_size and not self._urgent.is_set():
                 # Time trigger: give the batch up to flush_interval_ms to fill up.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), timeout=self._interval)
+                    async with asyncio.timeout(self._interval):
+                        await self._full.wait()
             self._full.clear()
             self._wake.clear()
             while self._spool.rows > 0:
@@ -229,7 +231,8 @@ class Flusher:
                     backoff = min(backoff * 2, self._max_backoff)
                     # A flush() request cuts the wait short so a shutdown tries Postgres at once.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._urgent.wait(), timeout=delay)
+                        async with asyncio.timeout(delay):
+                            await self._urgent.wait()
                     if self._urgent.is_set():
                         await asyncio.sleep(min(delay, 0.2))
                     continue
