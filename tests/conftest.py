@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,9 @@ import redis.asyncio as aioredis
 from common.keys import Keys
 from common.migrate import migrate
 from common.settings import Settings, load_settings
+from tests.ports import free_port
 
 RUN_ID = secrets.token_hex(4)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _docker_reachable() -> bool:

@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import signal
-import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,30 +32,7 @@ from common.keys import Keys
 from common.protocol import MCP_PATH, instance_process_name
 from common.settings import Settings, load_settings
 from common.supervisor import ProcessInfo, SupervisorClient, SupervisorControl, fleet_environment, pid_alive
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_block(count: int) -> int:
-    """A base port such that base+1 .. base+count are all free."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
-        if all(_port_free(base + n) for n in range(1, count + 1)):
-            return base
-    raise RuntimeError(f"no block of {count} free ports found")
+from tests.ports import free_port, free_port_block
 
 
 class Fleet:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.ports import free_port, free_port_block
 
 EXAI = [sys.executable, "-c", "import sys; from common.cli import main; sys.exit(main())"]
 
@@ -28,7 +28,7 @@ def env(tmp_path: Path) -> dict[str, str]:
     base.update(
         EXAI_STATE_DIR=str(tmp_path / "state"),
         EXAI_ROUTER_PORT=str(free_port()),
-        EXAI_INSTANCE_BASE_PORT=str(free_port() // 2 + 20000),
+        EXAI_INSTANCE_BASE_PORT=str(free_port_block(2)),
         EXAI_MAX_INSTANCES="2",
         EXAI_INSTANCES="1",
     )

@@ -9,7 +9,7 @@ import asyncpg
 import redis as redis_sync
 
 from common.embedded import EmbeddedPostgres, EmbeddedRedis
-from tests.conftest import free_port
+from tests.ports import free_port
 
 
 async def _pg(dsn: str, *statements: str) -> object:

@@ -18,8 +18,8 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from common.supervisor import SupervisorControl, pid_alive
-from tests.conftest import free_port
-from tests.fleet import Fleet, free_port_block
+from tests.fleet import Fleet
+from tests.ports import free_port, free_port_block
 from tests.test_cli import exai
 
 

@@ -26,8 +26,8 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from common.protocol import INTERNAL_TOKEN_HEADER, SESSION_HEADER
-from tests.conftest import free_port
 from tests.fakes.provider import FakeProvider
+from tests.ports import free_port
 
 INTERNAL_TOKEN = "test-internal-" + secrets.token_hex(8)
 ERAS = ["legacy", "2026-07-28"]

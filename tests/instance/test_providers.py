@@ -114,7 +114,7 @@ async def test_rejected_key_is_not_retried(fake: FakeProvider) -> None:
 
 
 async def test_unreachable_provider_is_unavailable(fake: FakeProvider) -> None:
-    from tests.conftest import free_port
+    from tests.ports import free_port
 
     settings = _settings(
         fake, glm_api_url=f"http://127.0.0.1:{free_port()}/api/paas/v4", provider_retry_budget=1.0

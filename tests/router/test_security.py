@@ -17,8 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import free_port
 from tests.fleet import Fleet
+from tests.ports import free_port
 from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client, status_of
 
 pytestmark = pytest.mark.timeout(90)
