@@ -17,6 +17,9 @@ PRINCIPAL_HEADER: Final = "X-Exai-Principal"  # who opened the session (token na
 CLIENT_HEADER: Final = "X-Exai-Client"  # clientInfo.name, when known
 ERA_HEADER: Final = "X-Exai-Era"  # "handshake" | "stateless"
 
+# Header a client may send to name its session explicitly (2026-07-28 era; same as /mcp/s/{name}).
+SESSION_KEY_HEADER: Final = "X-Exai-Session-Key"
+
 # MCP headers the router must preserve or translate.
 MCP_SESSION_ID: Final = "Mcp-Session-Id"
 MCP_PROTOCOL_VERSION: Final = "MCP-Protocol-Version"

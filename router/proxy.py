@@ -55,7 +55,6 @@ _DROP_REQUEST = frozenset(
 _DROP_RESPONSE = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "server", "date", "mcp-session-id", "content-encoding"}
 )
-_SESSION_KEY_HEADER = "X-Exai-Session-Key"
 _SILENT_HINT = (
     "The instance may still be working on it; raise EXAI_UPSTREAM_READ_TIMEOUT if calls "
     "legitimately stay silent this long. Retry the call if it is safe to repeat."
@@ -220,7 +219,7 @@ class Proxy:
     # --- stateless era ---------------------------------------------------------------------
     def session_key(self, request: web.Request, principal: str, msg: Message | None) -> tuple[str, str]:
         """(key, client name): explicit name, else clientInfo.name, else the client address."""
-        name = request.match_info.get("name") or request.headers.get(_SESSION_KEY_HEADER)
+        name = request.match_info.get("name") or request.headers.get(p.SESSION_KEY_HEADER)
         client = (msg.client_name() if msg else None) or ""
         if name:
             return f"{principal}/name/{name}", client
