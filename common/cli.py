@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import secrets
@@ -427,6 +428,12 @@ def _summary(settings: Settings, procs: Sequence[ProcessInfo]) -> str:
 
 
 # --- commands --------------------------------------------------------------------------------
+def _progress(message: str) -> None:
+    """Progress lines of `exai up`; a closed stdout (`exai up | head`) must not abort the launch."""
+    with contextlib.suppress(BrokenPipeError):
+        print(f"exai: {message}", flush=True)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings = load_settings()
     ctl = control(settings)
@@ -434,7 +441,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"EXAI fleet is already running ({settings.supervisor_conf}).")
         print(status_table(settings, ctl.processes()))
         return 0
-    launched = launch(settings, instances=args.instances, say=lambda m: print(f"exai: {m}", flush=True))
+    launched = launch(settings, instances=args.instances, say=_progress)
     procs = launched.control.processes()
     url = f"http://{settings.router_host}:{settings.router_port}{MCP_PATH}"
     token = admin_token(settings)
