@@ -145,6 +145,9 @@ class Database:
                 last = exc
                 if attempt + 1 < attempts:
                     log.info("Postgres connection lost during %s (%s); retrying once", what, _describe(exc))
+                    # One dead connection usually means all of them (a Postgres restart, a
+                    # failover): replace every idle one, so the retry gets a fresh connection.
+                    await pool.expire_connections()
                     continue
                 self._note_down(exc)
                 raise StorageUnavailable(

@@ -138,8 +138,13 @@ async def test_idle_sessions_end_and_free_their_instance(fleet: Fleet) -> None:
         _, body = await fleet.admin("GET", "/admin/sessions")
         return st["session"] not in {s["id"] for s in body["sessions"]}
 
+    async def freed() -> bool:
+        # The lease is released only after the instance has been reset, a moment after the
+        # session leaves the table.
+        _, body = await fleet.admin("GET", "/admin/instances")
+        return next(i for i in body["instances"] if i["id"] == st["instance_id"])["session"] is None
+
     await _until(gone, timeout=20)
-    _, body = await fleet.admin("GET", "/admin/instances")
-    assert next(i for i in body["instances"] if i["id"] == st["instance_id"])["session"] is None
+    await _until(freed, timeout=10)
     _, metrics = await fleet.admin("GET", "/metrics")
     assert 'exai_router_sessions_ended_total{reason="idle"}' in metrics
