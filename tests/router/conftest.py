@@ -8,13 +8,16 @@ Clients are the SDK's own `Client` over HTTP.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx2
 import mcp_types
+import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+
+from tests.fakes.provider import FakeProvider
 
 # What the router tests want from every fleet (tests/fleet.py, real supervisord): quick
 # heartbeats so a dead instance leaves the registry fast, a short allocation deadline, no spares.
@@ -25,6 +28,13 @@ ROUTER_TEST_SETTINGS: dict[str, Any] = {
     "autostart_spares": False,
     "log_level": "INFO",
 }
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[FakeProvider]:
+    """The fake LLM provider (a real HTTP server on loopback) for one test module's fleet."""
+    with FakeProvider().running() as fake:
+        yield fake
 
 
 def instance_num(instance_id: str) -> int:

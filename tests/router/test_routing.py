@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -20,12 +20,6 @@ from tests.fleet import Fleet
 from tests.router.conftest import ROUTER_TEST_SETTINGS, instance_num, mcp_client, status_of
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def provider() -> Iterator[FakeProvider]:
-    with FakeProvider().running() as fake:
-        yield fake
 
 
 @pytest.fixture(scope="module")

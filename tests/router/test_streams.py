@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.timeout(120)
 VERSION = "2025-11-25"
 ACCEPT = "application/json, text/event-stream"
 READ_TIMEOUT = 2.0
-
-
-@pytest.fixture(scope="module")
-def provider() -> Iterator[FakeProvider]:
-    with FakeProvider().running() as fake:
-        yield fake
 
 
 @pytest.fixture(scope="module")
