@@ -69,6 +69,15 @@ async def test_spare_kill9_and_router_restart_under_supervisord(fleet_factory: C
             if not pid_alive(pid):
                 break
             await asyncio.sleep(0.02)
+        # The client's next call comes once the fleet has seen the crash (the registry no longer
+        # shows the dead pid). A call racing the kill itself may have been written into the
+        # dying connection, which no proxy can tell from a call the instance was running, so
+        # it gets the instance_lost error instead (tests/router/test_failures.py).
+        for _ in range(500):
+            listed = (await _admin(fleet, "/admin/instances"))["instances"]
+            if all(i["pid"] != pid for i in listed):
+                break
+            await asyncio.sleep(0.02)
         again = await status_of(clients[0])
         assert again["session"] == victim["session"] and again["pid"] != victim["pid"]
         first[0] = again
