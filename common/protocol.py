@@ -30,7 +30,7 @@ LAST_EVENT_ID: Final = "Last-Event-ID"
 # Instance endpoints outside MCP (all require the internal token).
 INTERNAL_HEALTH: Final = "/internal/health"  # GET -> {"id", "state", "session", "inflight"}
 INTERNAL_RESET: Final = "/internal/reset"  # POST -> forget the bound session, close MCP sessions
-INTERNAL_DRAIN: Final = "/internal/drain"  # POST -> stop taking new sessions
+INTERNAL_DRAIN: Final = "/internal/drain"  # POST -> stop taking new sessions; DELETE -> take them again
 
 Era = Literal["handshake", "stateless"]
 InstanceState = Literal["starting", "ready", "draining", "stopping"]

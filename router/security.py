@@ -19,6 +19,11 @@ from common.errors import ConfigError, Forbidden, Unauthorized
 from common.settings import Settings
 
 LOCAL_PRINCIPAL = "local"
+ADMIN_TOKEN_WHERE = (
+    "The admin token is EXAI_ADMIN_TOKEN if you set it, else the one `exai up` generated into the "
+    "file admin_token in the state folder (EXAI_STATE_DIR, default ~/.local/state/exai): "
+    "TOKEN=$(cat ~/.local/state/exai/admin_token)."
+)
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
 
@@ -89,11 +94,9 @@ class Guard:
             raise Forbidden("The admin API is disabled.", hint="Set EXAI_ADMIN_TOKEN to enable it.")
         token = _bearer(request)
         if token is None:
-            raise Unauthorized(
-                "Missing bearer token.", hint="Send 'Authorization: Bearer $EXAI_ADMIN_TOKEN'."
-            )
+            raise Unauthorized("Missing bearer token.", hint=f"Send 'Authorization: Bearer <token>'. {ADMIN_TOKEN_WHERE}")
         if not hmac.compare_digest(self.admin_token.encode(), token.encode()):
-            raise Unauthorized("Wrong admin token.", hint="Use the value of EXAI_ADMIN_TOKEN.")
+            raise Unauthorized("Wrong admin token.", hint=ADMIN_TOKEN_WHERE)
 
     def check_origin(self, request: web.Request) -> None:
         """Absent Origin (non-browser clients) and loopback origins pass; others must be listed."""

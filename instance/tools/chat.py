@@ -160,7 +160,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             out["continuation_offer"] = {
                 "continuation_id": cid,
                 "remaining_turns": remaining,
-                "note": f"You can continue this conversation for {remaining} more turns by passing "
-                "this continuation_id to chat.",
+                "note": f"You can continue this conversation for {remaining} more turns "
+                f"({remaining // 2} more chat calls: each call adds two) by passing this continuation_id to chat.",
             }
         return out
