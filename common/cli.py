@@ -436,10 +436,17 @@ def _progress(message: str) -> None:
 
 def provider_keys_line(settings: Settings) -> str:
     """Which provider keys `exai up` found, so a missing one is seen before the first chat fails."""
-    found = [name for name, key in (("GLM_API_KEY", settings.glm_api_key), ("KIMI_API_KEY", settings.kimi_api_key)) if key]
+    found = [
+        name
+        for name, key in (("GLM_API_KEY", settings.glm_api_key), ("KIMI_API_KEY", settings.kimi_api_key))
+        if key
+    ]
     missing = [n for n in ("GLM_API_KEY", "KIMI_API_KEY") if n not in found]
     if not found:
-        return "none found: set GLM_API_KEY and/or KIMI_API_KEY (environment or .env), then `exai down && exai up`"
+        return (
+            "none found: set GLM_API_KEY and/or KIMI_API_KEY (environment or .env), "
+            "then `exai down && exai up`"
+        )
     line = "found " + ", ".join(found)
     if missing:
         line += f" ({', '.join(missing)} not set: its models are unavailable)"
@@ -556,7 +563,10 @@ def cmd_drain(args: argparse.Namespace) -> int:
     settings = load_settings()
     set_draining(settings, admin_token(settings), args.instance, args.command == "drain")
     if args.command == "drain":
-        print(f"{args.instance} is draining: it takes no new session (undo with `exai undrain {args.instance}`).")
+        print(
+            f"{args.instance} is draining: no new session goes there "
+            f"(`exai undrain {args.instance}` undoes it)."
+        )
     else:
         print(f"{args.instance} takes new sessions again.")
     return 0

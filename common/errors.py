@@ -63,6 +63,13 @@ class ExaiError(Exception):
         }
 
 
+class InternalError(ExaiError):
+    """Something failed that should not have: a bug or an unexpected state (the log has the details)."""
+
+    code = "internal_error"
+    default_hint = "Retrying may help; the instance log has the details."
+
+
 # --- configuration -------------------------------------------------------------------------
 class ConfigError(ExaiError):
     """A setting is missing or malformed; the message names the variable."""

@@ -160,9 +160,7 @@ async def readyz(request: web.Request) -> web.Response:
         )
     holders = await proxy.leases.holders([i.id for i in usable])
     free = sum(1 for i in usable if holders.get(i.id) is None)
-    return _json(
-        {"ready": True, "instances": len(usable), "unbound": free, "registered": len(instances)}
-    )
+    return _json({"ready": True, "instances": len(usable), "unbound": free, "registered": len(instances)})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -87,7 +87,9 @@ class Maintenance:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[route_errors, admin.admin_auth])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[route_errors, admin.admin_auth]
+    )
     app[SETTINGS_KEY] = settings
     metrics = Metrics()
     app[admin.METRICS_KEY] = metrics

@@ -125,7 +125,10 @@ OPENAPI: dict[str, Any] = {
                     "200": _ok(
                         {
                             "type": "object",
-                            "properties": {"undrained": {"type": "string"}, "was_draining": {"type": "boolean"}},
+                            "properties": {
+                                "undrained": {"type": "string"},
+                                "was_draining": {"type": "boolean"},
+                            },
                         },
                         "undrained",
                     ),

@@ -143,7 +143,9 @@ class Proxy:
                 msg = parse_message(body)
             elif request.method not in ("GET", "DELETE"):
                 raise MethodNotAllowed(
-                    f"{request.method} is not allowed on /mcp", hint="Use POST, GET or DELETE.", allow="GET, POST, DELETE"
+                    f"{request.method} is not allowed on /mcp",
+                    hint="Use POST, GET or DELETE.",
+                    allow="GET, POST, DELETE",
                 )
             version = request.headers.get(p.MCP_PROTOCOL_VERSION)
             if version is not None and version not in _HANDSHAKE_VERSIONS:
@@ -571,7 +573,9 @@ class Proxy:
         except REDIS_DOWN_ERRORS as exc:
             # The session is over for clients now; its record and lease go when Redis returns.
             self.unfinished_ends[sess.id] = (sess, inst, persisted, reason)
-            log.warning("session %s ended (%s); Redis unreachable (%s), finishing later", sess.id[:8], reason, exc)
+            log.warning(
+                "session %s ended (%s); Redis unreachable (%s), finishing later", sess.id[:8], reason, exc
+            )
             return
         self._ended(sess, reason)
 

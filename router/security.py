@@ -94,7 +94,9 @@ class Guard:
             raise Forbidden("The admin API is disabled.", hint="Set EXAI_ADMIN_TOKEN to enable it.")
         token = _bearer(request)
         if token is None:
-            raise Unauthorized("Missing bearer token.", hint=f"Send 'Authorization: Bearer <token>'. {ADMIN_TOKEN_WHERE}")
+            raise Unauthorized(
+                "Missing bearer token.", hint=f"Send 'Authorization: Bearer <token>'. {ADMIN_TOKEN_WHERE}"
+            )
         if not hmac.compare_digest(self.admin_token.encode(), token.encode()):
             raise Unauthorized("Wrong admin token.", hint=ADMIN_TOKEN_WHERE)
 

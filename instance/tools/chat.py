@@ -16,6 +16,7 @@ from common.errors import InvalidArgument
 from instance.providers import ChatRequest
 from instance.runtime import Runtime
 from instance.tools import exai_tool, headers_of
+from instance.tools.checks import check_chat_arguments, storable_reply
 from instance.tools.files import read_files
 from instance.tools.progress import progress_heartbeat
 
@@ -68,6 +69,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
     ) -> dict[str, Any]:
         if not prompt.strip():
             raise InvalidArgument("prompt is empty", hint="Say what you want to ask.")
+        check_chat_arguments(prompt, continuation_id, files)
         providers = runtime.providers
         assert providers is not None, "providers are opened by the lifespan"
         info, provider = providers.resolve(model)
@@ -84,8 +86,6 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                     hint="Start a new thread (call chat without continuation_id) and summarise what matters.",
                 )
             cid = continuation_id
-        else:
-            cid = await storage.history.new_thread(session_id=session_id, tool_name="chat", model=info.name)
 
         history = [
             {"role": m.role, "content": m.content}
@@ -113,6 +113,9 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         )
         async with progress_heartbeat(ctx, f"waiting for {info.name}") as progress:
             result = await provider.chat(request, on_delta=progress.on_delta)
+        content = storable_reply(result.content)
+        if not continuation_id:  # created only now: a refused or failed call leaves no empty thread
+            cid = await storage.history.new_thread(session_id=session_id, tool_name="chat", model=info.name)
 
         await storage.history.append(
             cid,
@@ -126,7 +129,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         await storage.history.append(
             cid,
             "assistant",
-            result.content,
+            content,
             session_id=session_id,
             tool_name="chat",
             model=result.model,
@@ -139,7 +142,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         remaining = max(0, MAX_THREAD_TURNS - turns)
         out: dict[str, Any] = {
             "status": "continuation_available" if remaining else "success",
-            "content": result.content,
+            "content": content,
             "content_type": "text",
             "continuation_id": cid,
             "metadata": {
@@ -161,6 +164,6 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 "continuation_id": cid,
                 "remaining_turns": remaining,
                 "note": f"You can continue this conversation for {remaining} more turns "
-                f"({remaining // 2} more chat calls: each call adds two) by passing this continuation_id to chat.",
+                f"({remaining // 2} chat calls: each adds two) by passing this continuation_id to chat.",
             }
         return out

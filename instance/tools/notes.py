@@ -39,9 +39,9 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         kind: Annotated[
             str, Field(min_length=1, max_length=50, description="decision, constraint, todo…")
         ] = "note",
-        importance: Annotated[int, Field(ge=0, le=10)] = 0,
+        importance: Annotated[int, Field(ge=0, le=10, strict=True)] = 0,
         expected_version: Annotated[
-            int | None, Field(ge=1, description="Fail if the note changed since.")
+            int | None, Field(ge=1, strict=True, description="Fail if the note changed since.")
         ] = None,
     ) -> dict[str, Any]:
         storage = runtime.require_storage()

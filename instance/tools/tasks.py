@@ -55,7 +55,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
     )
     async def task_update(
         task_id: str,
-        expected_version: Annotated[int, Field(ge=1, description="The version you last read.")],
+        expected_version: Annotated[int, Field(ge=1, strict=True, description="The version you last read.")],
         ctx: Context,
         state: TaskState | None = None,
         name: Annotated[str | None, Field(min_length=1, max_length=500)] = None,
