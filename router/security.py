@@ -7,7 +7,6 @@ page in the user's browser from driving the local router through DNS rebinding.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from common.errors import ConfigError, Forbidden, Unauthorized
+from common.protocol import ADMIN_PRINCIPAL, principals_of
 from common.settings import Settings
 
 LOCAL_PRINCIPAL = "local"
@@ -65,13 +65,12 @@ class Guard:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Guard:
-        tokens: dict[str, str] = {}
-        for entry in settings.auth_tokens:
-            name, sep, token = entry.partition("=")
-            if not sep:
-                token = entry
-                name = "token-" + hashlib.sha256(entry.encode()).hexdigest()[:8]
-            tokens[token] = name
+        tokens = principals_of(settings.auth_tokens)
+        reserved = sorted(name for name in tokens.values() if name.startswith("@"))
+        if reserved:
+            raise ConfigError(
+                f"EXAI_AUTH_TOKENS: principal names cannot start with '@' ({', '.join(reserved)})"
+            )
         return cls(tokens=tokens, admin_token=settings.admin_token, origins=tuple(settings.allowed_origins))
 
     def principal(self, request: web.Request) -> str:
@@ -87,6 +86,8 @@ class Guard:
         for known, name in self.tokens.items():
             if hmac.compare_digest(known.encode(), token.encode()):
                 return name
+        if self.admin_token and hmac.compare_digest(self.admin_token.encode(), token.encode()):
+            return ADMIN_PRINCIPAL  # the admin sees every principal's threads, notes and tasks
         raise Unauthorized("Unknown bearer token.", hint="Use a token listed in EXAI_AUTH_TOKENS.")
 
     def check_admin(self, request: web.Request) -> None:

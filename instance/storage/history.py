@@ -123,6 +123,7 @@ class HistoryStore:
         model: str | None,
         thread_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        principal: str | None = None,
     ) -> str:
         """Start a thread and return its continuation_id (write-behind, durable on return)."""
         fresh = thread_id is None
@@ -137,13 +138,14 @@ class HistoryStore:
             "model": model,
             "created_at": created,
             "metadata": meta,
+            "principal": principal,
         }
         await self._spool.append(KIND_CONVERSATION, payload, thread_id=cid)
         # Only a brand-new id can start a complete (empty) cache; a caller-chosen id may name
         # a thread that already has turns elsewhere.
         if fresh and self._turns > 0:
             fields = ["session_id", session_id or "", "tool_name", tool_name, "model", model or ""]
-            fields += ["created_at", created, "turns", "0"]
+            fields += ["created_at", created, "turns", "0", "principal", principal or ""]
             try:
                 await self._cache.call(
                     lambda r: r.eval(
@@ -313,6 +315,42 @@ class HistoryStore:
         if not found and not pending and cached is None:
             raise ThreadNotFound(f"no conversation thread has continuation_id {cid}")
         return _cut(_sort_dedupe(rows + local), limit)
+
+    async def check_access(self, continuation_id: str, owner: str | None) -> str:
+        """The thread's id if it exists and `owner` may use it (None: anyone); ThreadNotFound otherwise.
+
+        A thread belongs to the principal that started it; one started before owners were
+        recorded belongs to nobody and stays visible to all. A thread of another principal is
+        reported exactly like one that does not exist, so ids cannot be probed.
+        """
+        cid = as_uuid(continuation_id, "continuation_id")
+        found, recorded = await self._owner(cid)
+        if not found or (owner is not None and recorded is not None and recorded != owner):
+            raise ThreadNotFound(f"no conversation thread has continuation_id {cid}")
+        return cid
+
+    async def _owner(self, cid: str) -> tuple[bool, str | None]:
+        """(whether the thread exists, the principal recorded as its owner)."""
+        for entry in await self._spool.pending_for_thread(cid):
+            if entry.kind == KIND_CONVERSATION:
+                return True, entry.payload.get("principal") or None
+        try:
+            meta = await self._cache.call(lambda r: r.hget(self._keys.thread_meta(cid), "principal"))  # type: ignore[arg-type,return-value]
+            if meta is not None:
+                return True, str(meta) or None
+        except CacheDown:
+            pass
+
+        async def op(conn: asyncpg.Connection) -> tuple[bool, str | None]:
+            row = await conn.fetchrow("SELECT principal FROM conversations WHERE id = $1", cid)
+            if row is not None:
+                return True, row["principal"]
+            has_turns = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM messages WHERE conversation_id = $1)", cid
+            )
+            return bool(has_turns), None
+
+        return await self._db.run(op, what="looking up the thread")
 
     async def exists(self, continuation_id: str) -> bool:
         cid = as_uuid(continuation_id, "continuation_id")

@@ -79,6 +79,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
 
         history_records: list[Any] = []
         if continuation_id:
+            if (owner := runtime.owner_for(headers_of(ctx))) is not None:
+                await storage.history.check_access(continuation_id, owner)
             history_records = list(await storage.history.load(continuation_id))
             if len(history_records) + 2 > MAX_THREAD_TURNS:
                 raise InvalidArgument(
@@ -115,7 +117,12 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             result = await provider.chat(request, on_delta=progress.on_delta)
         content = storable_reply(result.content)
         if not continuation_id:  # created only now: a refused or failed call leaves no empty thread
-            cid = await storage.history.new_thread(session_id=session_id, tool_name="chat", model=info.name)
+            cid = await storage.history.new_thread(
+                session_id=session_id,
+                tool_name="chat",
+                model=info.name,
+                principal=runtime.principal_for(headers_of(ctx)),
+            )
 
         await storage.history.append(
             cid,
