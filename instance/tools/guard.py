@@ -113,10 +113,15 @@ def unknown_argument_guard(mcp: MCPServer[Any]) -> Any:
                 )
             )
         result = await call_next(ctx)
+        # The chain hands back the wire form (a dict); a model only if a middleware built one.
         if isinstance(result, CallToolResult) and result.is_error:
             for block in result.content:
                 if isinstance(block, TextContent):
                     block.text = shaped_error_text(block.text, tool)
+        elif isinstance(result, dict) and result.get("isError"):
+            for item in result.get("content") or []:
+                if isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str):
+                    item["text"] = shaped_error_text(item["text"], tool)
         return result
 
     return guard
