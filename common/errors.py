@@ -48,9 +48,9 @@ class ExaiError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape used in tool errors and admin responses."""
-        out: dict[str, Any] = {"error": self.code, "message": self.message}
+        out: dict[str, Any] = {"error": self.code, "message": _sentence(self.message)}
         if self.hint:
-            out["hint"] = self.hint
+            out["hint"] = _sentence(self.hint)
         if self.details:
             out["details"] = self.details
         return out
