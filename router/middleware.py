@@ -19,7 +19,14 @@ from typing import Any
 
 from aiohttp import web
 
-from common.errors import BadRequest, ExaiError, MethodNotAllowed, RedisUnavailable, RouteNotFound
+from common.errors import (
+    BadRequest,
+    ExaiError,
+    InternalError,
+    MethodNotAllowed,
+    RedisUnavailable,
+    RouteNotFound,
+)
 from common.redis import REDIS_DOWN_ERRORS
 
 log = logging.getLogger(__name__)
@@ -84,3 +91,15 @@ async def route_errors(request: web.Request, handler: Any) -> web.StreamResponse
         return error_for(request, RouteNotFound(f"Nothing lives at {request.path}"))
     except ExaiError as exc:
         return error_for(request, exc)
+    except web.HTTPException:
+        raise  # redirects and the like: aiohttp's own answer is right
+    except Exception:
+        # A bug: still an answer in the route's format, and the traceback in the log.
+        log.exception("%s %s failed", request.method, request.path)
+        return error_for(
+            request,
+            InternalError(
+                f"The router failed to handle {request.method} {request.path}",
+                hint="Retrying may help; logs/router.log in the state folder has the details.",
+            ),
+        )
