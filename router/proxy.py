@@ -251,9 +251,9 @@ class Proxy:
     ) -> web.StreamResponse:
         key, client = self.session_key(request, principal, msg)
         sess = await self.table.fetch_by_key(key)
-        if sess is None or sess.ended:
+        if request.method == "GET" or sess is None or sess.ended:
             if request.method != "POST":
-                # The 2026-07-28 transport has only POST; let an instance say so if one is bound.
+                # The 2026-07-28 transport has only POST (DELETE ends a session that exists).
                 raise MethodNotAllowed(
                     f"{request.method} is not allowed here: 2026-07-28 sessions use POST only", allow="POST"
                 )
