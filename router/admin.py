@@ -148,7 +148,8 @@ async def readyz(request: web.Request) -> web.Response:
         await proxy.table.redis.ping()
         instances = await proxy.registry.instances()
     except REDIS_DOWN_ERRORS as exc:
-        return _json({"ready": False, "reason": f"Redis unreachable: {exc}"}, status=503)
+        body = {"ready": False, "reason": f"Redis unreachable: {exc}"}
+        return web.json_response(body, status=503, headers={"Retry-After": "2"})
     draining = await proxy.registry.draining()
     # Only instances that can take a session count: ready (not starting, draining or stopping),
     # not drained by an operator.
