@@ -120,8 +120,9 @@ def unknown_argument_guard(mcp: MCPServer[Any]) -> Any:
                     block.text = shaped_error_text(block.text, tool)
         elif isinstance(result, dict) and result.get("isError"):
             for item in result.get("content") or []:
-                if isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str):
-                    item["text"] = shaped_error_text(item["text"], tool)
+                text = item.get("text") if isinstance(item, dict) else None
+                if isinstance(text, str):
+                    item["text"] = shaped_error_text(text, tool)
         return result
 
     return guard
