@@ -97,6 +97,11 @@ async def test_a_reply_with_nul_is_stored_whole(fake: FakeProvider, instance_a: 
 
 # --- point 7: one error shape ----------------------------------------------------------------
 BAD = "invalid_argument"
+NESTED: dict[str, Any] = {}
+_level = NESTED
+for _ in range(40):
+    _level["n"] = {}
+    _level = _level["n"]
 
 
 @pytest.mark.parametrize(
@@ -108,6 +113,9 @@ BAD = "invalid_argument"
         ("task_update", {"task_id": "x", "expected_version": True, "name": "n"}, BAD, "version"),
         ("note_write", {"key": "k", "body": "b", "importance": "3"}, "invalid_argument", "importance"),
         ("no_such_tool", {}, "unknown_tool", "no_such_tool"),
+        ("task_create", {"name": "x", "metadata": {"a": "b\x00"}}, BAD, "NUL"),
+        ("task_create", {"name": "x", "metadata": NESTED}, BAD, "nested"),
+        ("note_write", {"key": "k", "body": "a\x00b"}, BAD, "NUL"),
         ("chat", {"prompt": "hi", "model": "gpt-5"}, "invalid_argument", "'gpt-5'. Use one of"),
         ("chat", {"prompt": "hi", "continuation": "x"}, "invalid_argument", "continuation"),
         ("note_read", {"key": "k", "scope": "thread", "continuation_id": "no"}, BAD, "continuation_id"),
