@@ -135,7 +135,7 @@ def _check_mcp_answer(status: int, headers: dict[str, str], body: bytes) -> None
 
 def _sse_messages(body: bytes) -> list[dict[str, Any]]:
     out = []
-    for line in body.decode("utf-8").splitlines():
+    for line in re.split(r"\r\n|\r|\n", body.decode("utf-8")):  # SSE's line ends, not str.splitlines's
         if line.startswith("data:") and line[5:].strip():
             out.append(json.loads(line[5:]))
     return out
