@@ -32,7 +32,14 @@ from common.errors import (
 )
 from common.redis import REDIS_DOWN_ERRORS
 from router.allocation import Allocator
-from router.jsonrpc import Message, error_response, parse_message, sse_error_event
+from router.jsonrpc import (
+    Message,
+    error_response,
+    instance_refusal,
+    is_jsonrpc_type,
+    parse_message,
+    sse_error_event,
+)
 from router.leases import Leases
 from router.metrics import Metrics
 from router.registry import Instance, Registry
@@ -411,6 +418,11 @@ class Proxy:
                 if upstream.status < 400 and upstream_sid:
                     sess.upstream_sid = upstream_sid
                     await self.table.save(sess)
+            if upstream.status >= 400 and not is_jsonrpc_type(upstream.headers.get("Content-Type", "")):
+                # The SDK answers some refusals (406, 405 …) with an empty body: say what it meant.
+                detail = (await upstream.content.read(1024)).decode("utf-8", "replace")
+                refusal = instance_refusal(upstream.status, upstream.reason or "", detail)
+                return error_response(refusal, msg.id if msg else None, status=upstream.status)
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for k, v in upstream.headers.items():
                 if k.lower() not in _DROP_RESPONSE:
