@@ -18,6 +18,8 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common.errors import (
     BadRequest,
@@ -27,7 +29,6 @@ from common.errors import (
     RedisUnavailable,
     RouteNotFound,
 )
-from common.redis import REDIS_DOWN_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ async def route_errors(request: web.Request, handler: Any) -> web.StreamResponse
         )
     try:
         return await handler(request)  # type: ignore[no-any-return]
-    except REDIS_DOWN_ERRORS as exc:
+    except (RedisConnectionError, RedisTimeoutError) as exc:
         log.warning("%s %s: Redis unreachable (%s)", request.method, request.path, exc)
         return error_for(
             request,
@@ -91,8 +92,8 @@ async def route_errors(request: web.Request, handler: Any) -> web.StreamResponse
         return error_for(request, RouteNotFound(f"Nothing lives at {request.path}"))
     except ExaiError as exc:
         return error_for(request, exc)
-    except web.HTTPException:
-        raise  # redirects and the like: aiohttp's own answer is right
+    except (web.HTTPException, ConnectionResetError):
+        raise  # redirects and the like: aiohttp's own answer is right; a client that left gets none
     except Exception:
         # A bug: still an answer in the route's format, and the traceback in the log.
         log.exception("%s %s failed", request.method, request.path)
