@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -152,8 +155,12 @@ async def test_a_drain_can_be_undone_and_a_restart_clears_it(fleet: Fleet) -> No
         async with mcp_client(fleet.mcp_url, "legacy") as client:
             await status_of(client)
 
-    status, body = await fleet.admin("DELETE", f"/admin/instances/{ids[0]}/drain")
-    assert status == 200 and body == {"undrained": ids[0], "was_draining": True}
+    exai = str(Path(sys.executable).with_name("exai"))
+    proc = await asyncio.create_subprocess_exec(
+        exai, "undrain", ids[0], env=fleet.environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0 and b"takes new sessions again" in out, out
     status, body = await _ready(fleet)
     assert status == 200 and body["instances"] == 1, body
     async with mcp_client(fleet.mcp_url, "legacy") as client:
@@ -172,5 +179,7 @@ async def test_a_drain_can_be_undone_and_a_restart_clears_it(fleet: Fleet) -> No
         await asyncio.sleep(0.2)
     status, body = await _ready(fleet)
     assert status == 200 and body["instances"] == 2
+    status, body = await fleet.admin("DELETE", f"/admin/instances/{ids[1]}/drain")
+    assert status == 200 and body == {"undrained": ids[1], "was_draining": False}
     status, body = await fleet.admin("DELETE", "/admin/instances/no-such-instance/drain")
     assert status == 404 and body["error"] == "not_found"
