@@ -122,6 +122,12 @@ CREATE TABLE IF NOT EXISTS session_links (
     CHECK (session_a < session_b)
 );
 
-INSERT INTO exai_schema_version (id, version) VALUES (1, 1)
+-- Version 2: who owns a thread or a task. With several principals (EXAI_AUTH_TOKENS) each sees
+-- only its own (NULL: a row from before version 2, visible to all); one principal sees all.
+ALTER TABLE conversations ADD COLUMN IF NOT EXISTS principal text;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS principal text;
+CREATE INDEX IF NOT EXISTS tasks_principal_idx ON tasks (principal) WHERE session_id IS NULL;
+
+INSERT INTO exai_schema_version (id, version) VALUES (1, 2)
 ON CONFLICT (id) DO UPDATE SET version = GREATEST(exai_schema_version.version, EXCLUDED.version),
                                applied_at = now();

@@ -434,6 +434,31 @@ def _progress(message: str) -> None:
         print(f"exai: {message}", flush=True)
 
 
+def provider_keys_line(settings: Settings) -> str:
+    """Which provider keys `exai up` found, so a missing one is seen before the first chat fails."""
+    found = [
+        name
+        for name, key in (("GLM_API_KEY", settings.glm_api_key), ("KIMI_API_KEY", settings.kimi_api_key))
+        if key
+    ]
+    missing = [n for n in ("GLM_API_KEY", "KIMI_API_KEY") if n not in found]
+    if not found:
+        return (
+            "none found: set GLM_API_KEY and/or KIMI_API_KEY (environment or .env), "
+            "then `exai down && exai up`"
+        )
+    line = "found " + ", ".join(found)
+    if missing:
+        line += f" ({', '.join(missing)} not set: its models are unavailable)"
+    return line
+
+
+def supervisorctl_command() -> str:
+    """supervisorctl by its full path in this venv, so the line works without the venv active."""
+    exe = Path(sys.executable).with_name("supervisorctl")
+    return str(exe) if exe.exists() else "supervisorctl"
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings = load_settings()
     ctl = control(settings)
@@ -460,7 +485,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"Admin token:       {shown}")
     admin = f"http://{settings.router_host}:{settings.router_port}/admin/instances"
     print(f"  curl -H 'Authorization: Bearer {token}' {admin}")
-    print(f"supervisorctl:     supervisorctl -c {launched.conf} status")
+    print(f"Provider keys:     {provider_keys_line(settings)}")
+    print(f"supervisorctl:     {supervisorctl_command()} -c {launched.conf} status")
     print("Stop it with `exai down`; scale with `exai scale N`.")
     if args.foreground:
         return _stay_in_foreground(launched.control)
@@ -531,6 +557,21 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    from router.admin_client import set_draining
+
+    settings = load_settings()
+    set_draining(settings, admin_token(settings), args.instance, args.command == "drain")
+    if args.command == "drain":
+        print(
+            f"{args.instance} is draining: no new session goes there "
+            f"(`exai undrain {args.instance}` undoes it)."
+        )
+    else:
+        print(f"{args.instance} takes new sessions again.")
+    return 0
+
+
 def cmd_scale(args: argparse.Namespace) -> int:
     settings = load_settings()
     ctl = control(settings)
@@ -579,6 +620,11 @@ def build_parser() -> argparse.ArgumentParser:
     ss = sub.add_parser("sessions", help="open sessions (from the router's admin API)")
     ss.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ss.set_defaults(func=cmd_sessions)
+
+    for name, what in (("drain", "stop giving an instance new sessions"), ("undrain", "undo `exai drain`")):
+        dr = sub.add_parser(name, help=what)
+        dr.add_argument("instance", metavar="INSTANCE_ID", help="e.g. instance_03 (see `exai status`)")
+        dr.set_defaults(func=cmd_drain)
 
     sc = sub.add_parser("scale", help="run N instances without restarting running ones")
     sc.add_argument("count", type=int, metavar="N")

@@ -18,6 +18,14 @@ INTERNAL_ERROR = -32603
 SERVER_ERROR = -32000
 
 
+def _sentence(text: str) -> str:
+    """`text` ending in a full stop (or the ?/! it already has), so parts never run together."""
+    text = text.strip()
+    if not text or text.endswith((".", "?", "!")):
+        return text
+    return text + "."
+
+
 class ExaiError(Exception):
     """Something the fleet could not do, explained for its user."""
 
@@ -33,13 +41,16 @@ class ExaiError(Exception):
         self.details = details
 
     def __str__(self) -> str:
-        return f"{self.message} {self.hint}" if self.hint else self.message
+        """`what happened. what to do.`: each part one sentence ending in a full stop."""
+        if not self.hint:
+            return _sentence(self.message)
+        return f"{_sentence(self.message)} {_sentence(self.hint)}"
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape used in tool errors and admin responses."""
-        out: dict[str, Any] = {"error": self.code, "message": self.message}
+        out: dict[str, Any] = {"error": self.code, "message": _sentence(self.message)}
         if self.hint:
-            out["hint"] = self.hint
+            out["hint"] = _sentence(self.hint)
         if self.details:
             out["details"] = self.details
         return out
@@ -50,6 +61,13 @@ class ExaiError(Exception):
             "id": request_id,
             "error": {"code": self.jsonrpc_code, "message": str(self), "data": self.to_dict()},
         }
+
+
+class InternalError(ExaiError):
+    """Something failed that should not have: a bug or an unexpected state (the log has the details)."""
+
+    code = "internal_error"
+    default_hint = "Retrying may help; the instance log has the details."
 
 
 # --- configuration -------------------------------------------------------------------------
@@ -289,6 +307,46 @@ class ParseError(BadRequest):
 
     code = "parse_error"
     jsonrpc_code = PARSE_ERROR
+
+
+class RedisUnavailable(RoutingError):
+    """Redis, which holds the session table, the leases and the instance registry, is unreachable."""
+
+    code = "redis_unavailable"
+    http_status = 503
+    default_hint = (
+        "Retry after the Retry-After delay; sessions that are already open keep working. "
+        "Check that Redis (REDIS_URL) is up."
+    )
+
+
+class MethodNotAllowed(BadRequest):
+    """The HTTP method is not one this path serves."""
+
+    code = "method_not_allowed"
+    http_status = 405
+
+
+class RouteNotFound(BadRequest):
+    """No endpoint lives at this path."""
+
+    code = "route_not_found"
+    http_status = 404
+    default_hint = "MCP clients connect to /mcp; the admin API is listed at /admin/openapi.json."
+
+
+class RequestTimeout(BadRequest):
+    """The client did not send its whole request in time."""
+
+    code = "request_timeout"
+    http_status = 408
+    default_hint = "Send the request again on a new connection (EXAI_BODY_TIMEOUT sets the limit)."
+
+
+class UnknownTool(NotFound):
+    """A tools/call named a tool this server does not have."""
+
+    code = "unknown_tool"
 
 
 class ShuttingDown(ExaiError):

@@ -17,6 +17,25 @@ PRINCIPAL_HEADER: Final = "X-Exai-Principal"  # who opened the session (token na
 CLIENT_HEADER: Final = "X-Exai-Client"  # clientInfo.name, when known
 ERA_HEADER: Final = "X-Exai-Era"  # "handshake" | "stateless"
 
+# The principal of a client that uses the admin token on /mcp: it sees every principal's threads,
+# notes and tasks. Token names in EXAI_AUTH_TOKENS cannot start with "@", so none can claim it.
+ADMIN_PRINCIPAL: Final = "@admin"
+
+
+def principals_of(auth_tokens: list[str]) -> dict[str, str]:
+    """token -> principal name, from EXAI_AUTH_TOKENS entries (`name=token`, or a bare token)."""
+    import hashlib
+
+    out: dict[str, str] = {}
+    for entry in auth_tokens:
+        name, sep, token = entry.partition("=")
+        if not sep:
+            token = entry
+            name = "token-" + hashlib.sha256(entry.encode()).hexdigest()[:8]
+        out[token] = name
+    return out
+
+
 # Header a client may send to name its session explicitly (2026-07-28 era; same as /mcp/s/{name}).
 SESSION_KEY_HEADER: Final = "X-Exai-Session-Key"
 
@@ -30,7 +49,7 @@ LAST_EVENT_ID: Final = "Last-Event-ID"
 # Instance endpoints outside MCP (all require the internal token).
 INTERNAL_HEALTH: Final = "/internal/health"  # GET -> {"id", "state", "session", "inflight"}
 INTERNAL_RESET: Final = "/internal/reset"  # POST -> forget the bound session, close MCP sessions
-INTERNAL_DRAIN: Final = "/internal/drain"  # POST -> stop taking new sessions
+INTERNAL_DRAIN: Final = "/internal/drain"  # POST -> stop taking new sessions; DELETE -> take them again
 
 Era = Literal["handshake", "stateless"]
 InstanceState = Literal["starting", "ready", "draining", "stopping"]

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     # Silence allowed on a POST response from an instance (SSE pings come every 15 s). GET
     # streams (server-to-client notifications) have no read timeout: they may idle for hours.
     upstream_read_timeout: float = Field(120.0, gt=0, validation_alias="EXAI_UPSTREAM_READ_TIMEOUT")
+    # Slow clients: seconds a connection may sit idle or half-way through its request headers,
+    # and seconds a request body may take to arrive, before the router gives up on it.
+    header_timeout: float = Field(30.0, gt=0, validation_alias="EXAI_HEADER_TIMEOUT")
+    body_timeout: float = Field(30.0, gt=0, validation_alias="EXAI_BODY_TIMEOUT")
     drain_timeout: float = Field(20.0, gt=0, validation_alias="EXAI_DRAIN_TIMEOUT")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias="EXAI_LOG_LEVEL")
 

@@ -131,9 +131,12 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
         await runtime.reset()
         return JSONResponse(runtime.health())
 
-    @mcp.custom_route(INTERNAL_DRAIN, methods=["POST"])
+    @mcp.custom_route(INTERNAL_DRAIN, methods=["POST", "DELETE"])
     async def drain(request: Request) -> Response:
-        if runtime.state != "stopping":
+        if request.method == "DELETE":  # undo a drain
+            if runtime.state == "draining":
+                runtime.set_state("ready")
+        elif runtime.state != "stopping":
             runtime.set_state("draining")
         return JSONResponse(runtime.health())
 

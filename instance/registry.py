@@ -86,6 +86,11 @@ class Registry:
             self._wake.clear()
 
     async def start(self) -> None:
+        # A new process starts undrained: draining is an order to the process that got it.
+        try:
+            await self.redis.srem(self.keys.draining(), self.runtime.identity.id)
+        except REDIS_DOWN_ERRORS as exc:
+            log.warning("registry: could not clear a drain mark (%s)", exc)
         await self.beat()
         self._task = asyncio.create_task(self._run(), name="registry-heartbeat")
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.errors import ConfigError, ShuttingDown, StorageUnavailable
 from common.protocol import (
+    ADMIN_PRINCIPAL,
     CLIENT_HEADER,
     ERA_HEADER,
     MCP_SESSION_ID,
@@ -25,6 +26,7 @@ from common.protocol import (
     SESSION_HEADER,
     InstanceState,
     instance_process_name,
+    principals_of,
 )
 from common.settings import Settings
 
@@ -129,6 +131,27 @@ class Runtime:
         )
         log.info("bound to session %s", sid)
         self.on_change()
+
+    @property
+    def scoped(self) -> bool:
+        """Whether threads, notes and tasks are private to a principal: only with several of them."""
+        return len(set(principals_of(self.settings.auth_tokens).values())) > 1
+
+    def principal_for(self, headers: Mapping[str, str] | None) -> str | None:
+        """Who is calling, as the router said (recorded on what the call creates)."""
+        principal = (headers or {}).get(PRINCIPAL_HEADER)
+        if principal is None and self.binding is not None:
+            principal = self.binding.principal
+        return principal or None
+
+    def owner_for(self, headers: Mapping[str, str] | None) -> str | None:
+        """The principal whose threads and tasks this call may see; None: it may see all of them."""
+        if not self.scoped:
+            return None
+        principal = self.principal_for(headers)
+        if principal == ADMIN_PRINCIPAL:
+            return None
+        return principal or LOCAL_SESSION
 
     def session_for(self, headers: Mapping[str, str] | None) -> str:
         """The session id that scopes tasks and notes for this request."""

@@ -19,6 +19,7 @@ from common.redis import REDIS_DOWN_ERRORS
 from router.metrics import Metrics
 from router.openapi import OPENAPI
 from router.proxy import CONTROL_TIMEOUT, Proxy
+from router.registry import Instance
 
 PROXY_KEY = web.AppKey("proxy", Proxy)
 METRICS_KEY = web.AppKey("metrics", Metrics)
@@ -104,14 +105,33 @@ async def drain_instance(request: web.Request) -> web.Response:
     if inst is None:
         raise NotFound(f"No live instance {iid!r}.")
     await proxy.registry.set_draining(iid)
+    await _tell_instance(proxy, inst, "POST")
+    return _json({"draining": iid})
+
+
+async def undrain_instance(request: web.Request) -> web.Response:
+    """Undo a drain: the instance takes new sessions again."""
+    proxy = request.app[PROXY_KEY]
+    iid = request.match_info["id"]
+    was_draining = await proxy.registry.clear_draining(iid)
+    inst = await proxy.registry.get(iid)
+    if inst is None and not was_draining:
+        raise NotFound(f"No live instance {iid!r}.")
+    if inst is not None:
+        await _tell_instance(proxy, inst, "DELETE")
+    proxy.allocator.notify_freed()
+    return _json({"undrained": iid, "was_draining": was_draining})
+
+
+async def _tell_instance(proxy: Proxy, inst: Instance, method: str) -> None:
     with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-        async with proxy.http.post(
+        async with proxy.http.request(
+            method,
             inst.base_url + p.INTERNAL_DRAIN,
             headers={p.INTERNAL_TOKEN_HEADER: proxy.internal_token},
             timeout=CONTROL_TIMEOUT,
         ) as r:
             await r.read()
-    return _json({"draining": iid})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -128,12 +148,20 @@ async def readyz(request: web.Request) -> web.Response:
         await proxy.table.redis.ping()
         instances = await proxy.registry.instances()
     except REDIS_DOWN_ERRORS as exc:
-        return _json({"ready": False, "reason": f"Redis unreachable: {exc}"}, status=503)
-    live = [i for i in instances.values() if i.state != "stopping"]
-    if not live:
-        return _json({"ready": False, "reason": "no instance registered"}, status=503)
-    free = sum(1 for i in live if i.state == "ready" and not i.session)
-    return _json({"ready": True, "instances": len(live), "unbound": free})
+        body = {"ready": False, "reason": f"Redis unreachable: {exc}"}
+        return web.json_response(body, status=503, headers={"Retry-After": "2"})
+    draining = await proxy.registry.draining()
+    # Only instances that can take a session count: ready (not starting, draining or stopping),
+    # not drained by an operator.
+    usable = [i for i in instances.values() if i.state == "ready" and i.id not in draining]
+    if not usable:
+        reason = "no instance can take a session" if instances else "no instance registered"
+        return _json(
+            {"ready": False, "reason": reason, "instances": 0, "registered": len(instances)}, status=503
+        )
+    holders = await proxy.leases.holders([i.id for i in usable])
+    free = sum(1 for i in usable if holders.get(i.id) is None)
+    return _json({"ready": True, "instances": len(usable), "unbound": free, "registered": len(instances)})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -156,3 +184,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/admin/sessions/{id}", end_session)
     app.router.add_get("/admin/instances", list_instances)
     app.router.add_post("/admin/instances/{id}/drain", drain_instance)
+    app.router.add_delete("/admin/instances/{id}/drain", undrain_instance)

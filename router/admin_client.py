@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -30,8 +31,10 @@ def _base(settings: Settings) -> str:
     return f"http://{host}:{settings.router_port}"
 
 
-def admin_get(settings: Settings, token: str, path: str, *, timeout: float = 5.0) -> Any:
-    req = urllib.request.Request(_base(settings) + path, headers={"Authorization": f"Bearer {token}"})
+def admin_get(settings: Settings, token: str, path: str, *, timeout: float = 5.0, method: str = "GET") -> Any:
+    req = urllib.request.Request(
+        _base(settings) + path, headers={"Authorization": f"Bearer {token}"}, method=method
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
@@ -47,6 +50,12 @@ def fetch_sessions(settings: Settings, token: str) -> list[dict[str, Any]]:
 
 def fetch_instances(settings: Settings, token: str) -> list[dict[str, Any]]:
     return list(admin_get(settings, token, "/admin/instances")["instances"])
+
+
+def set_draining(settings: Settings, token: str, instance_id: str, draining: bool) -> dict[str, Any]:
+    """Drain an instance (no new sessions) or undo that."""
+    path = f"/admin/instances/{urllib.parse.quote(instance_id, safe='')}/drain"
+    return dict(admin_get(settings, token, path, method="POST" if draining else "DELETE"))
 
 
 def sessions_by_instance(settings: Settings, token: str) -> dict[str, str]:

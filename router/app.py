@@ -22,6 +22,7 @@ from router import admin
 from router.allocation import Allocator
 from router.leases import Leases
 from router.metrics import Labels, Metrics
+from router.middleware import route_errors
 from router.proxy import Proxy
 from router.registry import Registry
 from router.security import Guard
@@ -86,7 +87,9 @@ class Maintenance:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[admin.admin_auth])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[route_errors, admin.admin_auth]
+    )
     app[SETTINGS_KEY] = settings
     metrics = Metrics()
     app[admin.METRICS_KEY] = metrics
@@ -112,6 +115,7 @@ def create_app(settings: Settings) -> web.Application:
             internal_token=settings.internal_token or "",
             max_body_bytes=settings.max_body_bytes,
             read_timeout=settings.upstream_read_timeout,
+            body_timeout=settings.body_timeout,
         )
         allocator.reset = proxy.reset_instance
         app[admin.PROXY_KEY] = proxy
@@ -129,6 +133,7 @@ def create_app(settings: Settings) -> web.Application:
         tasks = [
             asyncio.create_task(_every(settings.lease_ttl / 3, "lease renewal", maint.renew_leases)),
             asyncio.create_task(_every(1.0, "session flush", table.flush)),
+            asyncio.create_task(_every(1.0, "unfinished session ends", proxy.finish_ends)),
             asyncio.create_task(_every(sweep, "idle sweep", maint.sweep_idle)),
         ]
         try:

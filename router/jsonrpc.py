@@ -80,6 +80,26 @@ def error_response(
     )
 
 
+def is_jsonrpc_type(content_type: str) -> bool:
+    """Whether a response body of this type carries JSON-RPC (JSON or SSE events)."""
+    kind = content_type.split(";")[0].strip().lower()
+    return kind in ("application/json", "text/event-stream")
+
+
+_REFUSALS = {
+    405: "This method is not allowed for this session",
+    406: "Not Acceptable: the client must accept both application/json and text/event-stream",
+    415: "Unsupported Media Type: Content-Type must be application/json",
+}
+
+
+def instance_refusal(status: int, reason: str, detail: str) -> BadRequest:
+    """An instance's non-JSON 4xx/5xx answer, as an error the client can read."""
+    what = _REFUSALS.get(status) or f"The instance refused the request ({status} {reason})".strip()
+    detail = " ".join(detail.split())[:300]
+    return BadRequest(f"{what}{': ' + detail if detail else ''}")
+
+
 def sse_error_event(exc: ExaiError, request_id: Any) -> bytes:
     """The same error as one SSE event, for a stream whose headers already went out."""
     data = json.dumps(exc.to_jsonrpc(request_id), separators=(",", ":"))

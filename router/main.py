@@ -22,7 +22,15 @@ async def serve(settings: Settings) -> None:
     app = create_app(settings)
     # handler_cancellation: a client that disconnects cancels its handler, which closes the
     # upstream connection, which cancels the call on the instance.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    # keepalive_timeout also bounds a connection that never finishes its request headers: aiohttp
+    # closes a connection that has no complete request this long after it opened or last answered.
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=5.0,
+        keepalive_timeout=settings.header_timeout,
+    )
     await runner.setup()
     try:
         site = web.TCPSite(

@@ -47,6 +47,7 @@ def _ok(schema: dict[str, Any], description: str) -> dict[str, Any]:
 _ERRORS = {
     "401": _ok(_ERROR, "missing or wrong admin token"),
     "403": _ok(_ERROR, "admin API disabled (EXAI_ADMIN_TOKEN unset)"),
+    "503": _ok(_ERROR, "Redis unreachable (redis_unavailable; see the Retry-After header)"),
 }
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 
@@ -113,6 +114,23 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "200": _ok(
                         {"type": "object", "properties": {"draining": {"type": "string"}}}, "draining"
+                    ),
+                    "404": _ok(_ERROR, "unknown"),
+                    **_ERRORS,
+                },
+            },
+            "delete": {
+                "summary": "Undo a drain: the instance takes new sessions again (a restart also undoes it)",
+                "responses": {
+                    "200": _ok(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "undrained": {"type": "string"},
+                                "was_draining": {"type": "boolean"},
+                            },
+                        },
+                        "undrained",
                     ),
                     "404": _ok(_ERROR, "unknown"),
                     **_ERRORS,

@@ -24,12 +24,22 @@ from common.errors import (
     BadRequest,
     ExaiError,
     InstanceLost,
+    MethodNotAllowed,
     NoFreeInstance,
     PayloadTooLarge,
+    RequestTimeout,
     SessionNotFound,
 )
+from common.redis import REDIS_DOWN_ERRORS
 from router.allocation import Allocator
-from router.jsonrpc import Message, error_response, parse_message, sse_error_event
+from router.jsonrpc import (
+    Message,
+    error_response,
+    instance_refusal,
+    is_jsonrpc_type,
+    parse_message,
+    sse_error_event,
+)
 from router.leases import Leases
 from router.metrics import Metrics
 from router.registry import Instance, Registry
@@ -105,6 +115,7 @@ class Proxy:
         internal_token: str,
         max_body_bytes: int,
         read_timeout: float = 120.0,
+        body_timeout: float = 30.0,
     ) -> None:
         self.http = http  # calls and control requests
         self.streams = streams  # long-lived GET streams, a pool of their own (router/upstream.py)
@@ -119,9 +130,12 @@ class Proxy:
         self.metrics = metrics
         self.internal_token = internal_token
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout  # a client trickling its body is cut off after this
         self.targets: dict[str, Instance] = {}  # session id -> instance it is bound to
         self._creating: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Sessions ended while Redis was down: (session, instance, persisted, reason) by id.
+        self.unfinished_ends: dict[str, tuple[Session, Instance | None, bool, str]] = {}
 
     # --- entry -----------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -135,7 +149,11 @@ class Proxy:
                 body = await self._read_body(request)
                 msg = parse_message(body)
             elif request.method not in ("GET", "DELETE"):
-                return web.Response(status=405, headers={"Allow": "GET, POST, DELETE"})
+                raise MethodNotAllowed(
+                    f"{request.method} is not allowed on /mcp",
+                    hint="Use POST, GET or DELETE.",
+                    allow="GET, POST, DELETE",
+                )
             version = request.headers.get(p.MCP_PROTOCOL_VERSION)
             if version is not None and version not in _HANDSHAKE_VERSIONS:
                 return await self._stateless(request, principal, body, msg, started)
@@ -143,6 +161,8 @@ class Proxy:
         except NoFreeInstance as exc:
             retry = str(exc.details.get("retry_after", self.allocator.retry_after))
             return error_response(exc, msg.id if msg else None, headers={"Retry-After": retry})
+        except MethodNotAllowed as exc:
+            return error_response(exc, None, headers={"Allow": str(exc.details.get("allow", "POST"))})
         except ExaiError as exc:
             return error_response(exc, msg.id if msg else exc.details.get("request_id"))
 
@@ -154,10 +174,16 @@ class Proxy:
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"Request body of {request.content_length} bytes exceeds {limit} bytes.")
         buf = bytearray()
-        async for chunk in request.content.iter_any():
-            buf += chunk
-            if len(buf) > limit:
-                raise PayloadTooLarge(f"Request body exceeds {limit} bytes (EXAI_MAX_BODY_BYTES).")
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                async for chunk in request.content.iter_any():
+                    buf += chunk
+                    if len(buf) > limit:
+                        raise PayloadTooLarge(f"Request body exceeds {limit} bytes (EXAI_MAX_BODY_BYTES).")
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body did not arrive within {self.body_timeout:g}s ({len(buf)} bytes came)"
+            ) from None
         return bytes(buf)
 
     # --- handshake era ---------------------------------------------------------------------
@@ -232,10 +258,12 @@ class Proxy:
     ) -> web.StreamResponse:
         key, client = self.session_key(request, principal, msg)
         sess = await self.table.fetch_by_key(key)
-        if sess is None or sess.ended:
+        if request.method == "GET" or sess is None or sess.ended:
             if request.method != "POST":
-                # The 2026-07-28 transport has only POST; let an instance say so if one is bound.
-                return web.Response(status=405, headers={"Allow": "POST"})
+                # The 2026-07-28 transport has only POST (DELETE ends a session that exists).
+                raise MethodNotAllowed(
+                    f"{request.method} is not allowed here: 2026-07-28 sessions use POST only", allow="POST"
+                )
             sess = await self._open_stateless(request, principal, key, client)
         if request.method == "DELETE":
             await self.end(sess, "delete")
@@ -390,6 +418,11 @@ class Proxy:
                 if upstream.status < 400 and upstream_sid:
                     sess.upstream_sid = upstream_sid
                     await self.table.save(sess)
+            if upstream.status >= 400 and not is_jsonrpc_type(upstream.headers.get("Content-Type", "")):
+                # The SDK answers some refusals (406, 405 …) with an empty body: say what it meant.
+                detail = (await upstream.content.read(1024)).decode("utf-8", "replace")
+                refusal = instance_refusal(upstream.status, upstream.reason or "", detail)
+                return error_response(refusal, msg.id if msg else None, status=upstream.status)
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for k, v in upstream.headers.items():
                 if k.lower() not in _DROP_RESPONSE:
@@ -547,6 +580,18 @@ class Proxy:
             return
         sess.ended = True
         inst = self.targets.pop(sess.id, None)
+        try:
+            await self._release(sess, inst, persisted)
+        except REDIS_DOWN_ERRORS as exc:
+            # The session is over for clients now; its record and lease go when Redis returns.
+            self.unfinished_ends[sess.id] = (sess, inst, persisted, reason)
+            log.warning(
+                "session %s ended (%s); Redis unreachable (%s), finishing later", sess.id[:8], reason, exc
+            )
+            return
+        self._ended(sess, reason)
+
+    async def _release(self, sess: Session, inst: Instance | None, persisted: bool) -> None:
         if persisted:
             await self.table.remove(sess)
         if inst is None and sess.instance_id:
@@ -555,9 +600,18 @@ class Proxy:
             await self.reset_instance(inst)
         if sess.instance_id:
             await self.leases.release(sess.instance_id, sess.id)
+
+    def _ended(self, sess: Session, reason: str) -> None:
         self.allocator.notify_freed()
         self.metrics.sessions_ended.inc(reason=reason)
         log.info("session %s ended (%s), instance %s freed", sess.id[:8], reason, sess.instance_id or "-")
+
+    async def finish_ends(self) -> None:
+        """Finish the ends (DELETE, idle, admin) that Redis was down for; raises while it still is."""
+        for sid, (sess, inst, persisted, reason) in list(self.unfinished_ends.items()):
+            await self._release(sess, inst, persisted)
+            del self.unfinished_ends[sid]
+            self._ended(sess, reason)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

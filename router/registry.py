@@ -115,3 +115,7 @@ class Registry:
 
     async def set_draining(self, instance_id: str) -> None:
         await self.redis.sadd(self.keys.draining(), instance_id)
+
+    async def clear_draining(self, instance_id: str) -> bool:
+        """Undo a drain; False if the instance was not draining."""
+        return bool(await self.redis.srem(self.keys.draining(), instance_id))

@@ -7,7 +7,6 @@ page in the user's browser from driving the local router through DNS rebinding.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 from dataclasses import dataclass
@@ -16,9 +15,15 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from common.errors import ConfigError, Forbidden, Unauthorized
+from common.protocol import ADMIN_PRINCIPAL, principals_of
 from common.settings import Settings
 
 LOCAL_PRINCIPAL = "local"
+ADMIN_TOKEN_WHERE = (
+    "The admin token is EXAI_ADMIN_TOKEN if you set it, else the one `exai up` generated into the "
+    "file admin_token in the state folder (EXAI_STATE_DIR, default ~/.local/state/exai): "
+    "TOKEN=$(cat ~/.local/state/exai/admin_token)."
+)
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
 
@@ -60,13 +65,12 @@ class Guard:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Guard:
-        tokens: dict[str, str] = {}
-        for entry in settings.auth_tokens:
-            name, sep, token = entry.partition("=")
-            if not sep:
-                token = entry
-                name = "token-" + hashlib.sha256(entry.encode()).hexdigest()[:8]
-            tokens[token] = name
+        tokens = principals_of(settings.auth_tokens)
+        reserved = sorted(name for name in tokens.values() if name.startswith("@"))
+        if reserved:
+            raise ConfigError(
+                f"EXAI_AUTH_TOKENS: principal names cannot start with '@' ({', '.join(reserved)})"
+            )
         return cls(tokens=tokens, admin_token=settings.admin_token, origins=tuple(settings.allowed_origins))
 
     def principal(self, request: web.Request) -> str:
@@ -82,6 +86,8 @@ class Guard:
         for known, name in self.tokens.items():
             if hmac.compare_digest(known.encode(), token.encode()):
                 return name
+        if self.admin_token and hmac.compare_digest(self.admin_token.encode(), token.encode()):
+            return ADMIN_PRINCIPAL  # the admin sees every principal's threads, notes and tasks
         raise Unauthorized("Unknown bearer token.", hint="Use a token listed in EXAI_AUTH_TOKENS.")
 
     def check_admin(self, request: web.Request) -> None:
@@ -90,10 +96,10 @@ class Guard:
         token = _bearer(request)
         if token is None:
             raise Unauthorized(
-                "Missing bearer token.", hint="Send 'Authorization: Bearer $EXAI_ADMIN_TOKEN'."
+                "Missing bearer token.", hint=f"Send 'Authorization: Bearer <token>'. {ADMIN_TOKEN_WHERE}"
             )
         if not hmac.compare_digest(self.admin_token.encode(), token.encode()):
-            raise Unauthorized("Wrong admin token.", hint="Use the value of EXAI_ADMIN_TOKEN.")
+            raise Unauthorized("Wrong admin token.", hint=ADMIN_TOKEN_WHERE)
 
     def check_origin(self, request: web.Request) -> None:
         """Absent Origin (non-browser clients) and loopback origins pass; others must be listed."""

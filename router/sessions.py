@@ -95,6 +95,7 @@ class SessionTable:
         self.by_id: dict[str, Session] = {}
         self.by_key: dict[str, Session] = {}
         self._dirty: set[str] = set()
+        self._removing: set[str] = set()  # ended here, record not yet deleted from Redis
 
     async def load(self) -> int:
         """Pull every session from Redis into memory (router start)."""
@@ -108,6 +109,8 @@ class SessionTable:
         sess = self.by_id.get(sid)
         if sess is not None:
             return sess
+        if sid in self._removing:
+            return None
         data: dict[str, str] = await self.redis.hgetall(self.keys.session(sid))  # type: ignore[assignment]
         if not data or "id" not in data:
             return None
@@ -163,6 +166,7 @@ class SessionTable:
 
     async def remove(self, sess: Session) -> None:
         sess.ended = True
+        self._removing.add(sess.id)
         self.by_id.pop(sess.id, None)
         if sess.key and self.by_key.get(sess.key) is sess:
             del self.by_key[sess.key]
@@ -175,6 +179,7 @@ class SessionTable:
             current = await self.redis.get(self.keys.session_key(sess.key))
             if current == sess.id:
                 await self.redis.delete(self.keys.session_key(sess.key))
+        self._removing.discard(sess.id)
 
     async def idle_ids(self, older_than: float) -> list[str]:
         return [str(s) for s in await self.redis.zrangebyscore(self.keys.sessions(), "-inf", older_than)]

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -231,10 +232,21 @@ class Fleet:
     def kill_router(self, sig: int = signal.SIGKILL) -> int:
         return self._kill("router", sig)
 
-    def restart_router(self) -> None:
+    def restart_router(self, *, timeout: float = 30.0) -> None:
         self.supervisor.stop("router", wait=True)
         self.supervisor.start("router", wait=False)
         self.supervisor.wait_running(["router"])
+        # RUNNING means "up for startsecs", not "listening": on a busy machine the import alone
+        # can take longer, and a client connecting then is refused.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.settings.router_port), timeout=1.0):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the restarted router does not accept connections") from None
+                time.sleep(0.1)
 
     def _kill(self, name: str, sig: int) -> int:
         pid = self.supervisor.process(name).pid

@@ -8,7 +8,10 @@ Cache correctness rule: the Redis list of a thread is trusted only if it was cre
 `new_thread` and every later append extended it (the append script does nothing when the
 thread's meta hash is missing, so a lost or expired cache never comes back partial). When an
 append could not reach Redis, the thread's cache is dropped as soon as Redis returns; until
-then this process reads that thread from Postgres.
+then this process reads that thread from Postgres. That alone is not enough: the process that
+missed the appends may never call Redis again, and a Redis restored from its AOF brings back a
+cache that claims to be whole. So every cache hit is checked against Postgres (one indexed
+count of the turns the cache lacks); Postgres is the truth, the cache only saves the read.
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ class HistoryStore:
         model: str | None,
         thread_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        principal: str | None = None,
     ) -> str:
         """Start a thread and return its continuation_id (write-behind, durable on return)."""
         fresh = thread_id is None
@@ -134,13 +138,14 @@ class HistoryStore:
             "model": model,
             "created_at": created,
             "metadata": meta,
+            "principal": principal,
         }
         await self._spool.append(KIND_CONVERSATION, payload, thread_id=cid)
         # Only a brand-new id can start a complete (empty) cache; a caller-chosen id may name
         # a thread that already has turns elsewhere.
         if fresh and self._turns > 0:
             fields = ["session_id", session_id or "", "tool_name", tool_name, "model", model or ""]
-            fields += ["created_at", created, "turns", "0"]
+            fields += ["created_at", created, "turns", "0", "principal", principal or ""]
             try:
                 await self._cache.call(
                     lambda r: r.eval(
@@ -277,7 +282,25 @@ class HistoryStore:
         local = [Message.from_dict(e.payload) for e in pending if e.kind == KIND_MESSAGE]
         cached, complete = await self._read_cache(cid)
         if cached is not None and (complete or (limit is not None and len(cached) >= limit)):
-            return _cut(_sort_dedupe(cached + local), limit)
+            known = cached + local
+            try:
+                stale = await self._db.run(
+                    lambda c: self._missing_from_cache(c, cid, known, complete),
+                    what="checking the thread cache",
+                )
+            except StorageUnavailable:
+                log.warning("Postgres is down: thread %s served from its %d cached turns", cid, len(cached))
+                return _cut(_sort_dedupe(cached + local), limit)
+            if not stale:
+                return _cut(_sort_dedupe(cached + local), limit)
+            # Turns were written while Redis was away (by a process that never saw it return):
+            # Postgres is the truth, and this cache can never be trusted again.
+            log.warning("thread %s: the Redis cache misses %d turns Postgres holds; dropping it", cid, stale)
+            with contextlib.suppress(CacheDown):
+                await self._cache.call(
+                    lambda r: r.delete(self._keys.thread(cid), self._keys.thread_meta(cid))  # type: ignore[no-any-return]
+                )
+            cached = None
         try:
             found, rows = await self._db.run(lambda c: self._fetch(c, cid, limit), what="reading the thread")
         except StorageUnavailable:
@@ -292,6 +315,42 @@ class HistoryStore:
         if not found and not pending and cached is None:
             raise ThreadNotFound(f"no conversation thread has continuation_id {cid}")
         return _cut(_sort_dedupe(rows + local), limit)
+
+    async def check_access(self, continuation_id: str, owner: str | None) -> str:
+        """The thread's id if it exists and `owner` may use it (None: anyone); ThreadNotFound otherwise.
+
+        A thread belongs to the principal that started it; one started before owners were
+        recorded belongs to nobody and stays visible to all. A thread of another principal is
+        reported exactly like one that does not exist, so ids cannot be probed.
+        """
+        cid = as_uuid(continuation_id, "continuation_id")
+        found, recorded = await self._owner(cid)
+        if not found or (owner is not None and recorded is not None and recorded != owner):
+            raise ThreadNotFound(f"no conversation thread has continuation_id {cid}")
+        return cid
+
+    async def _owner(self, cid: str) -> tuple[bool, str | None]:
+        """(whether the thread exists, the principal recorded as its owner)."""
+        for entry in await self._spool.pending_for_thread(cid):
+            if entry.kind == KIND_CONVERSATION:
+                return True, entry.payload.get("principal") or None
+        try:
+            meta = await self._cache.call(lambda r: r.hget(self._keys.thread_meta(cid), "principal"))  # type: ignore[arg-type,return-value]
+            if meta is not None:
+                return True, str(meta) or None
+        except CacheDown:
+            pass
+
+        async def op(conn: asyncpg.Connection) -> tuple[bool, str | None]:
+            row = await conn.fetchrow("SELECT principal FROM conversations WHERE id = $1", cid)
+            if row is not None:
+                return True, row["principal"]
+            has_turns = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM messages WHERE conversation_id = $1)", cid
+            )
+            return bool(has_turns), None
+
+        return await self._db.run(op, what="looking up the thread")
 
     async def exists(self, continuation_id: str) -> bool:
         cid = as_uuid(continuation_id, "continuation_id")
@@ -329,6 +388,25 @@ class HistoryStore:
             log.warning("ignoring a malformed cache entry for thread %s: %s", cid, exc)
             return None, False
         return messages, len(messages) >= turns
+
+    @staticmethod
+    async def _missing_from_cache(
+        conn: asyncpg.Connection, cid: str, known: list[Message], whole: bool
+    ) -> int:
+        """How many turns Postgres holds that `known` lacks (within `known`'s time window unless `whole`).
+
+        One indexed count, so a cache hit still costs one small query, never a wrong history.
+        """
+        oldest = min(((m.created_at, m.seq) for m in known), default=None)
+        since = None if whole or oldest is None else oldest[0]
+        count = await conn.fetchval(
+            "SELECT count(*) FROM messages WHERE conversation_id = $1 AND NOT (id = ANY($2::uuid[]))"
+            " AND ($3::timestamptz IS NULL OR created_at >= $3)",
+            cid,
+            [m.id for m in known],
+            since,
+        )
+        return int(count or 0)
 
     @staticmethod
     async def _fetch(conn: asyncpg.Connection, cid: str, limit: int | None) -> tuple[bool, list[Message]]:

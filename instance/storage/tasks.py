@@ -39,8 +39,12 @@ _COLS = (
     "id, session_id, name, description, state, parent_task_id, created_at, updated_at, completed_at,"
     " metadata, version"
 )
-# A session sees its own tasks and the global ones (session_id IS NULL).
-_VISIBLE = "(session_id IS NULL OR session_id = $2)"
+# A session sees its own tasks and the global ones (session_id IS NULL) of its principal ($3;
+# NULL: every principal's, the single-principal default and the admin; rows without an owner
+# are from before owners were recorded and stay visible to all).
+_VISIBLE = (
+    "(session_id = $2 OR (session_id IS NULL AND ($3::text IS NULL OR principal IS NULL OR principal = $3)))"
+)
 
 
 class _Unchanged:
@@ -75,6 +79,8 @@ class TaskStore:
         metadata: dict[str, Any] | None = None,
         state: str = "NOT_STARTED",
         task_id: str | None = None,
+        principal: str | None = None,
+        owner: str | None = None,
     ) -> Task:
         """Create a task; with a caller-chosen `task_id` a repeated create returns the same task."""
         tid = new_id() if task_id is None else as_uuid(task_id, "task_id")
@@ -92,11 +98,11 @@ class TaskStore:
         async def op(conn: asyncpg.Connection) -> Task:
             async with conn.transaction():
                 if parent is not None:
-                    await self._require_visible(conn, parent, session_id, what="parent task")
+                    await self._require_visible(conn, parent, session_id, owner, what="parent task")
                 row = await conn.fetchrow(
                     f"INSERT INTO tasks (id, session_id, name, description, state, parent_task_id, metadata,"
-                    f" completed_at) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb,"
-                    f" CASE WHEN $5 = 'COMPLETE' THEN now() END)"
+                    f" completed_at, principal) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb,"
+                    f" CASE WHEN $5 = 'COMPLETE' THEN now() END, $8)"
                     f" ON CONFLICT (id) DO NOTHING RETURNING {_COLS}",
                     tid,
                     session_id,
@@ -105,10 +111,11 @@ class TaskStore:
                     state,
                     parent,
                     json.dumps(meta),
+                    principal,
                 )
                 if row is None:  # the id exists: a replayed create, or a clash with another task
                     existing = await conn.fetchrow(
-                        f"SELECT {_COLS} FROM tasks WHERE id = $1 AND {_VISIBLE}", tid, session_id
+                        f"SELECT {_COLS} FROM tasks WHERE id = $1 AND {_VISIBLE}", tid, session_id, owner
                     )
                     if existing is None:
                         raise InvalidArgument(
@@ -133,6 +140,7 @@ class TaskStore:
         metadata: dict[str, Any] | None = None,
         parent_task_id: Any = UNCHANGED,
         reopen: bool = False,
+        owner: str | None = None,
     ) -> Task:
         """Apply a change if the task is still at `expected_version`; VersionConflict otherwise.
 
@@ -176,7 +184,10 @@ class TaskStore:
         async def op(conn: asyncpg.Connection) -> Task:
             async with conn.transaction():
                 row = await conn.fetchrow(
-                    f"SELECT {_COLS} FROM tasks WHERE id = $1 AND {_VISIBLE} FOR UPDATE", tid, session_id
+                    f"SELECT {_COLS} FROM tasks WHERE id = $1 AND {_VISIBLE} FOR UPDATE",
+                    tid,
+                    session_id,
+                    owner,
                 )
                 if row is None:
                     raise TaskNotFound(f"no task {tid} is visible to this session")
@@ -196,7 +207,7 @@ class TaskStore:
                     )
                 new_state = _next_state(current.state, state, reopen)
                 if parent_given and parent is not None:
-                    await self._require_visible(conn, parent, session_id, what="parent task")
+                    await self._require_visible(conn, parent, session_id, owner, what="parent task")
                     await _refuse_cycle(conn, tid, parent)
                 changes: dict[str, Any] = {}
                 if name is not None and name != current.name:
@@ -241,12 +252,12 @@ class TaskStore:
 
         return await self._db.run(op, what="updating the task")
 
-    async def get(self, task_id: str, *, session_id: str | None) -> Task:
+    async def get(self, task_id: str, *, session_id: str | None, owner: str | None = None) -> Task:
         tid = as_uuid(task_id, "task_id")
 
         async def op(conn: asyncpg.Connection) -> asyncpg.Record | None:
             return await conn.fetchrow(
-                f"SELECT {_COLS} FROM tasks WHERE id = $1 AND {_VISIBLE}", tid, session_id
+                f"SELECT {_COLS} FROM tasks WHERE id = $1 AND {_VISIBLE}", tid, session_id, owner
             )
 
         row = await self._db.run(op, what="reading the task")
@@ -262,6 +273,7 @@ class TaskStore:
         state: str | None = None,
         parent_task_id: str | None = None,
         tree: bool = False,
+        owner: str | None = None,
     ) -> list[Task] | list[TaskNode]:
         """Tasks visible to the session, oldest first; `tree=True` nests children under parents."""
         if scope not in ("session", "global", "all"):
@@ -276,12 +288,15 @@ class TaskStore:
             args.append(value)
             return f"${len(args)}"
 
+        def mine() -> str:
+            return "TRUE" if owner is None else f"(principal IS NULL OR principal = {arg(owner)})"
+
         if scope == "session":
             where.append(f"session_id = {arg(session_id)}" if session_id is not None else "FALSE")
         elif scope == "global":
-            where.append("session_id IS NULL")
+            where.append(f"session_id IS NULL AND {mine()}")
         else:
-            where.append(f"(session_id IS NULL OR session_id = {arg(session_id)})")
+            where.append(f"((session_id IS NULL AND {mine()}) OR session_id = {arg(session_id)})")
         if state is not None:
             where.append(f"state = {arg(state)}")
         if parent is not None:
@@ -294,12 +309,14 @@ class TaskStore:
         tasks = [Task.from_row(r) for r in await self._db.run(op, what="listing tasks")]
         return build_tree(tasks) if tree else tasks
 
-    async def events(self, task_id: str, *, session_id: str | None) -> builtins.list[TaskEvent]:
+    async def events(
+        self, task_id: str, *, session_id: str | None, owner: str | None = None
+    ) -> builtins.list[TaskEvent]:
         """The audit trail of a visible task, oldest first."""
         tid = as_uuid(task_id, "task_id")
 
         async def op(conn: asyncpg.Connection) -> list[asyncpg.Record] | None:
-            await self._require_visible(conn, tid, session_id, what="task")
+            await self._require_visible(conn, tid, session_id, owner, what="task")
             return await conn.fetch(  # type: ignore[no-any-return]
                 "SELECT id, task_id, session_id, event, from_state, to_state, version, changes, created_at"
                 " FROM task_events WHERE task_id = $1 ORDER BY version, created_at",
@@ -311,10 +328,10 @@ class TaskStore:
 
     @staticmethod
     async def _require_visible(
-        conn: asyncpg.Connection, tid: str, session_id: str | None, *, what: str
+        conn: asyncpg.Connection, tid: str, session_id: str | None, owner: str | None, *, what: str
     ) -> None:
         ok = await conn.fetchval(
-            f"SELECT EXISTS (SELECT 1 FROM tasks WHERE id = $1 AND {_VISIBLE})", tid, session_id
+            f"SELECT EXISTS (SELECT 1 FROM tasks WHERE id = $1 AND {_VISIBLE})", tid, session_id, owner
         )
         if not ok:
             raise TaskNotFound(f"no {what} {tid} is visible to this session")

@@ -28,8 +28,21 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-def _check_json(value: Any, path: str) -> None:
-    if value is None or isinstance(value, bool | int | str):
+METADATA_MAX_DEPTH = 32
+
+
+def _check_json(value: Any, path: str, depth: int = 0) -> None:
+    if depth > METADATA_MAX_DEPTH:
+        raise InvalidArgument(
+            f"metadata is nested deeper than {METADATA_MAX_DEPTH} levels (at metadata{path[:100]})"
+        )
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidArgument(
+                f"metadata{path[:100]} contains a NUL character, which Postgres cannot store"
+            )
+        return
+    if value is None or isinstance(value, bool | int):
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -37,7 +50,7 @@ def _check_json(value: Any, path: str) -> None:
         return
     if isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            _check_json(item, f"{path}[{i}]")
+            _check_json(item, f"{path}[{i}]", depth + 1)
         return
     if isinstance(value, dict):
         for k, item in value.items():
@@ -45,7 +58,9 @@ def _check_json(value: Any, path: str) -> None:
                 raise InvalidArgument(
                     f"metadata{path} has a non-string key {k!r}; JSON object keys are strings"
                 )
-            _check_json(item, f"{path}.{k}")
+            if "\x00" in k:
+                raise InvalidArgument(f"metadata{path[:100]} has a key with a NUL character")
+            _check_json(item, f"{path}.{k}", depth + 1)
         return
     raise InvalidArgument(
         f"metadata{path} is a {type(value).__name__}, which is not JSON (use str, number, list, dict)"

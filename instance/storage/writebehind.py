@@ -49,10 +49,10 @@ def _jsonb(value: Any, default: str) -> str:
 
 
 _CONVERSATIONS_SQL = """
-INSERT INTO conversations (id, session_id, tool_name, model, created_at, metadata)
-SELECT u.id, u.session_id, u.tool_name, u.model, u.created_at, u.metadata::jsonb
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[])
-     AS u(id, session_id, tool_name, model, created_at, metadata)
+INSERT INTO conversations (id, session_id, tool_name, model, created_at, metadata, principal)
+SELECT u.id, u.session_id, u.tool_name, u.model, u.created_at, u.metadata::jsonb, u.principal
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::text[])
+     AS u(id, session_id, tool_name, model, created_at, metadata, principal)
 ON CONFLICT (id) DO NOTHING
 """
 
@@ -115,10 +115,10 @@ async def write_entries(conn: asyncpg.Connection, entries: Sequence[SpoolEntry])
         if KIND_CONVERSATION in by_kind:
             rows = [
                 (p["id"], p.get("session_id"), p.get("tool_name"), p.get("model"), _ts(p["created_at"]),
-                 _jsonb(p.get("metadata"), "{}"))
+                 _jsonb(p.get("metadata"), "{}"), p.get("principal"))
                 for p in _dedupe(by_kind[KIND_CONVERSATION])
             ]  # fmt: skip
-            await conn.execute(_CONVERSATIONS_SQL, *_columns(rows, 6))
+            await conn.execute(_CONVERSATIONS_SQL, *_columns(rows, 7))
         if KIND_MESSAGE in by_kind:
             rows = [
                 (p["id"], p["continuation_id"], p["seq"], p["role"], p["content"], p.get("session_id"),

@@ -16,6 +16,7 @@ from common.errors import InvalidArgument
 from instance.providers import ChatRequest
 from instance.runtime import Runtime
 from instance.tools import exai_tool, headers_of
+from instance.tools.checks import check_chat_arguments, storable_reply
 from instance.tools.files import read_files
 from instance.tools.progress import progress_heartbeat
 
@@ -68,6 +69,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
     ) -> dict[str, Any]:
         if not prompt.strip():
             raise InvalidArgument("prompt is empty", hint="Say what you want to ask.")
+        check_chat_arguments(prompt, continuation_id, files)
         providers = runtime.providers
         assert providers is not None, "providers are opened by the lifespan"
         info, provider = providers.resolve(model)
@@ -77,6 +79,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
 
         history_records: list[Any] = []
         if continuation_id:
+            if (owner := runtime.owner_for(headers_of(ctx))) is not None:
+                await storage.history.check_access(continuation_id, owner)
             history_records = list(await storage.history.load(continuation_id))
             if len(history_records) + 2 > MAX_THREAD_TURNS:
                 raise InvalidArgument(
@@ -84,8 +88,6 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                     hint="Start a new thread (call chat without continuation_id) and summarise what matters.",
                 )
             cid = continuation_id
-        else:
-            cid = await storage.history.new_thread(session_id=session_id, tool_name="chat", model=info.name)
 
         history = [
             {"role": m.role, "content": m.content}
@@ -113,6 +115,14 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         )
         async with progress_heartbeat(ctx, f"waiting for {info.name}") as progress:
             result = await provider.chat(request, on_delta=progress.on_delta)
+        content = storable_reply(result.content)
+        if not continuation_id:  # created only now: a refused or failed call leaves no empty thread
+            cid = await storage.history.new_thread(
+                session_id=session_id,
+                tool_name="chat",
+                model=info.name,
+                principal=runtime.principal_for(headers_of(ctx)),
+            )
 
         await storage.history.append(
             cid,
@@ -126,7 +136,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         await storage.history.append(
             cid,
             "assistant",
-            result.content,
+            content,
             session_id=session_id,
             tool_name="chat",
             model=result.model,
@@ -139,7 +149,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         remaining = max(0, MAX_THREAD_TURNS - turns)
         out: dict[str, Any] = {
             "status": "continuation_available" if remaining else "success",
-            "content": result.content,
+            "content": content,
             "content_type": "text",
             "continuation_id": cid,
             "metadata": {
@@ -160,7 +170,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             out["continuation_offer"] = {
                 "continuation_id": cid,
                 "remaining_turns": remaining,
-                "note": f"You can continue this conversation for {remaining} more turns by passing "
-                "this continuation_id to chat.",
+                "note": f"You can continue this conversation for {remaining} more turns "
+                f"({remaining // 2} chat calls: each adds two) by passing this continuation_id to chat.",
             }
         return out

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import InvalidArgument
+from instance.tools.checks import check_path
 
 MAX_FILE_BYTES = 256 * 1024
 MAX_TOTAL_BYTES = 1024 * 1024
@@ -64,4 +65,11 @@ async def read_files(paths: list[str], roots: list[Path]) -> list[LoadedFile]:
     """Check and read `paths` in a worker thread: file I/O never runs on the event loop."""
     if not paths:
         return []
-    return await asyncio.to_thread(_read_all, paths, roots)
+    for raw in paths:
+        check_path(raw)
+    try:
+        return await asyncio.to_thread(_read_all, paths, roots)
+    except (OSError, ValueError) as exc:  # a name too long, a loop of links, a path the OS refuses
+        raise InvalidArgument(
+            f"a file in files cannot be read ({type(exc).__name__}: {exc})", hint="Pass readable file paths."
+        ) from None

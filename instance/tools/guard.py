@@ -1,40 +1,128 @@
-"""Refuse tool arguments the tool does not have, instead of silently ignoring a typo.
+"""Every tools/call goes through here: arguments checked first, every error in the fleet's shape.
 
 The SDK validates types but drops unknown keys, so `continuation="…"` (for continuation_id)
-would quietly start a new thread. This middleware checks names against each tool's schema.
+would quietly start a new thread; it answers an unknown tool with `Unknown tool: x`, a bad
+argument with pydantic's multi-line dump, and prefixes tool errors with `Error executing tool
+x:`. This middleware checks the tool name and the arguments against the tool's JSON Schema
+before the tool runs (so nothing is paid for or written on a bad call), and rewrites whatever
+error text still comes back into `[code] what happened. what to do.`
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
+import jsonschema
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp_types import CallToolResult, TextContent
 
+from common.errors import ExaiError, InternalError, InvalidArgument, UnknownTool
+
+_PREFIX = re.compile(r"^Error executing tool [^:]*: ?")
+# One error of pydantic's ValidationError text: the field path line, then the indented message.
+_PYDANTIC_ERROR = re.compile(r"^(?P<loc>\S[^\n]*)\n {2}(?P<msg>[^\n\[]+?)\s*(?:\[|$)", re.MULTILINE)
+MAX_SHOWN = 3
+
+
+def _error_result(exc: ExaiError) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=f"[{exc.code}] {exc}")], is_error=True)
+
+
+def _where(path: Any) -> str:
+    parts = [str(p) for p in path]
+    return ".".join(parts) if parts else "arguments"
+
+
+def _schema_errors(validator: jsonschema.protocols.Validator, arguments: Mapping[str, Any]) -> str | None:
+    errors = sorted(validator.iter_errors(dict(arguments)), key=lambda e: list(map(str, e.absolute_path)))
+    if not errors:
+        return None
+    shown = []
+    for err in errors[:MAX_SHOWN]:
+        message = err.message if len(err.message) <= 300 else err.message[:300] + "…"
+        shown.append(f"{_where(err.absolute_path)}: {message}")
+    more = f" (and {len(errors) - MAX_SHOWN} more)" if len(errors) > MAX_SHOWN else ""
+    return "; ".join(shown) + more
+
+
+def shaped_error_text(text: str, tool: str) -> str:
+    """Any error text the SDK produced for `tool`, as `[code] what happened. what to do.`"""
+    text = _PREFIX.sub("", text, count=1).strip()
+    if text.startswith("["):
+        return text
+    if "validation error" in text.split("\n", 1)[0]:
+        found = [f"{m['loc'].strip()}: {m['msg'].strip()}" for m in _PYDANTIC_ERROR.finditer(text)]
+        what = "; ".join(found[:MAX_SHOWN]) or "the arguments do not match the tool's schema"
+        exc: ExaiError = InvalidArgument(
+            f"bad argument for {tool}: {what}", hint="Fix the argument; tools/list shows each tool's schema."
+        )
+    else:
+        exc = InternalError(f"the {tool} tool failed ({text or 'no details'})")
+    return f"[{exc.code}] {exc}"
+
 
 def unknown_argument_guard(mcp: MCPServer[Any]) -> Any:
-    allowed: dict[str, frozenset[str]] = {}
+    validators: dict[str, jsonschema.protocols.Validator] = {}
+    properties: dict[str, frozenset[str]] = {}
+
+    async def load() -> None:
+        for tool in await mcp.list_tools():
+            schema = dict(tool.input_schema or {})
+            cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+            validators[tool.name] = cls(schema)
+            properties[tool.name] = frozenset(schema.get("properties", {}))
 
     async def guard(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
         params = ctx.params
         if ctx.method != "tools/call" or not isinstance(params, Mapping):
             return await call_next(ctx)
-        arguments = params.get("arguments") or {}
-        if not allowed:
-            for tool in await mcp.list_tools():
-                allowed[tool.name] = frozenset((tool.input_schema or {}).get("properties", {}))
-        names = allowed.get(str(params.get("name")))
-        if names is None or not isinstance(arguments, Mapping):
-            return await call_next(ctx)
-        unknown = sorted(set(arguments) - names)
-        if not unknown:
-            return await call_next(ctx)
-        text = (
-            f"[invalid_argument] unknown argument(s) {', '.join(unknown)} for tool {params.get('name')}. "
-            f"Valid arguments: {', '.join(sorted(names))}."
-        )
-        return CallToolResult(content=[TextContent(type="text", text=text)], is_error=True)
+        if not validators:
+            await load()
+        name = params.get("name")
+        arguments = params.get("arguments")
+        arguments = {} if arguments is None else arguments
+        tool = str(name)
+        validator = validators.get(tool)
+        if validator is None:
+            known = ", ".join(sorted(validators))
+            return _error_result(
+                UnknownTool(
+                    f"there is no tool named {tool[:100]!r}",
+                    hint=f"Call one of this server's tools ({known}); tools/list describes them.",
+                )
+            )
+        if not isinstance(arguments, Mapping):
+            return _error_result(InvalidArgument(f"the arguments of {tool} must be a JSON object"))
+        unknown = sorted(set(arguments) - properties[tool])
+        if unknown:
+            return _error_result(
+                InvalidArgument(
+                    f"unknown argument(s) {', '.join(u[:100] for u in unknown[:10])} for tool {tool}",
+                    hint=f"Valid arguments: {', '.join(sorted(properties[tool]))}.",
+                )
+            )
+        problem = _schema_errors(validator, arguments)
+        if problem is not None:
+            return _error_result(
+                InvalidArgument(
+                    f"bad argument for {tool}: {problem}",
+                    hint="Fix the argument; tools/list shows the schema.",
+                )
+            )
+        result = await call_next(ctx)
+        # The chain hands back the wire form (a dict); a model only if a middleware built one.
+        if isinstance(result, CallToolResult) and result.is_error:
+            for block in result.content:
+                if isinstance(block, TextContent):
+                    block.text = shaped_error_text(block.text, tool)
+        elif isinstance(result, dict) and result.get("isError"):
+            for item in result.get("content") or []:
+                text = item.get("text") if isinstance(item, dict) else None
+                if isinstance(text, str):
+                    item["text"] = shaped_error_text(text, tool)
+        return result
 
     return guard

@@ -20,13 +20,15 @@ Key = Annotated[str, Field(min_length=1, max_length=200, description="Name of th
 
 
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
-    def scope_id(ctx: Context, scope: Scope, continuation_id: str | None) -> str:
+    async def scope_id(ctx: Context, scope: Scope, continuation_id: str | None) -> str:
         if scope == "thread":
             if not continuation_id:
                 raise InvalidArgument(
                     "scope='thread' needs continuation_id", hint="Pass the thread's continuation_id."
                 )
-            return continuation_id
+            # A thread's notes are the thread's: only an existing thread this caller may use.
+            owner = runtime.owner_for(headers_of(ctx))
+            return await runtime.require_storage().history.check_access(continuation_id, owner)
         return runtime.session_for(headers_of(ctx))
 
     @exai_tool(mcp, runtime, description="Write (create or replace) a note in this session or a thread.")
@@ -39,15 +41,15 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         kind: Annotated[
             str, Field(min_length=1, max_length=50, description="decision, constraint, todo…")
         ] = "note",
-        importance: Annotated[int, Field(ge=0, le=10)] = 0,
+        importance: Annotated[int, Field(ge=0, le=10, strict=True)] = 0,
         expected_version: Annotated[
-            int | None, Field(ge=1, description="Fail if the note changed since.")
+            int | None, Field(ge=1, strict=True, description="Fail if the note changed since.")
         ] = None,
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
         note = await storage.notes.write(
             scope=scope,
-            scope_id=scope_id(ctx, scope, continuation_id),
+            scope_id=await scope_id(ctx, scope, continuation_id),
             key=key,
             body=body,
             kind=kind,
@@ -61,7 +63,9 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         key: Key, ctx: Context, scope: Scope = "session", continuation_id: str | None = None
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
-        note = await storage.notes.read(scope=scope, scope_id=scope_id(ctx, scope, continuation_id), key=key)
+        note = await storage.notes.read(
+            scope=scope, scope_id=await scope_id(ctx, scope, continuation_id), key=key
+        )
         return {"status": "success", "note": note.to_dict()}
 
     @exai_tool(mcp, runtime, description="List the notes of this session or of a thread.")
@@ -69,7 +73,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         ctx: Context, scope: Scope = "session", continuation_id: str | None = None
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
-        notes = await storage.notes.list(scope=scope, scope_id=scope_id(ctx, scope, continuation_id))
+        notes = await storage.notes.list(scope=scope, scope_id=await scope_id(ctx, scope, continuation_id))
         items = [n.to_dict() for n in notes]
         return {"status": "success", "count": len(items), "notes": items}
 
@@ -79,6 +83,6 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
         deleted = await storage.notes.delete(
-            scope=scope, scope_id=scope_id(ctx, scope, continuation_id), key=key
+            scope=scope, scope_id=await scope_id(ctx, scope, continuation_id), key=key
         )
         return {"status": "success", "deleted": deleted, "key": key}

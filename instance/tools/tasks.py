@@ -42,6 +42,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             parent_task_id=parent_task_id,
             metadata=metadata or {},
             state=state,
+            principal=runtime.principal_for(headers_of(ctx)),
+            owner=runtime.owner_for(headers_of(ctx)),
         )
         return {"status": "success", "task": task.to_dict()}
 
@@ -55,7 +57,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
     )
     async def task_update(
         task_id: str,
-        expected_version: Annotated[int, Field(ge=1, description="The version you last read.")],
+        expected_version: Annotated[int, Field(ge=1, strict=True, description="The version you last read.")],
         ctx: Context,
         state: TaskState | None = None,
         name: Annotated[str | None, Field(min_length=1, max_length=500)] = None,
@@ -77,6 +79,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             description=description,
             metadata=metadata,
             reopen=reopen,
+            owner=runtime.owner_for(headers_of(ctx)),
             **extra,
         )
         return {"status": "success", "task": task.to_dict()}
@@ -86,11 +89,12 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
     )
     async def task_get(task_id: str, ctx: Context, include_events: bool = False) -> dict[str, Any]:
         storage = runtime.require_storage()
-        task = await storage.tasks.get(task_id, session_id=session(ctx))
+        owner = runtime.owner_for(headers_of(ctx))
+        task = await storage.tasks.get(task_id, session_id=session(ctx), owner=owner)
         out: dict[str, Any] = {"status": "success", "task": task.to_dict()}
         if include_events:
             out["events"] = [
-                e.to_dict() for e in await storage.tasks.events(task_id, session_id=session(ctx))
+                e.to_dict() for e in await storage.tasks.events(task_id, session_id=session(ctx), owner=owner)
             ]
         return out
 
@@ -111,7 +115,12 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
         tasks = await storage.tasks.list(
-            session_id=session(ctx), scope=scope, state=state, parent_task_id=parent_task_id, tree=tree
+            session_id=session(ctx),
+            scope=scope,
+            state=state,
+            parent_task_id=parent_task_id,
+            tree=tree,
+            owner=runtime.owner_for(headers_of(ctx)),
         )
         items = [t.to_dict() for t in tasks]
         return {"status": "success", "scope": scope, "count": len(items), "tasks": items}

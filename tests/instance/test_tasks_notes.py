@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -85,6 +86,10 @@ async def test_task_lifecycle_with_version_conflict(instance_a: InstanceProc, mo
         assert shared["id"] in {t["id"] for t in scoped["tasks"]}
 
 
+# `[code] what happened. what to do.`: a code, then sentences that each end in a full stop.
+ERROR_SHAPE = re.compile(r"\[[a-z_]+\] [^\n]+[.?!]", re.DOTALL)
+
+
 @pytest.mark.parametrize(
     ("tool", "arguments", "expected"),
     [
@@ -104,7 +109,7 @@ async def test_task_lifecycle_with_version_conflict(instance_a: InstanceProc, mo
         ("note_write", {"key": "k", "body": "b", "scope": "thread"}, "continuation_id"),
         ("note_write", {"key": "", "body": "b"}, "key"),
         ("note_read", {"key": "never-written"}, "[note_not_found]"),
-        ("nonexistent_tool", {}, "Unknown tool"),
+        ("nonexistent_tool", {}, "[unknown_tool]"),
     ],
 )
 async def test_bad_task_and_note_inputs(
@@ -113,6 +118,7 @@ async def test_bad_task_and_note_inputs(
     async with connect(instance_a, "2026-07-28", session=new_session()) as client:
         result = await client.call_tool(tool, arguments)
     assert expected in _err(result)
+    assert ERROR_SHAPE.fullmatch(_err(result)), _err(result)
 
 
 @pytest.mark.parametrize("mode", ERAS)

@@ -153,6 +153,10 @@ async def test_admin_endpoints_with_curl(fleet: Fleet) -> None:
         assert code == 200 and body == {"draining": iid}
         code, body = await curl("GET", "/admin/instances", fleet.admin_token)
         assert next(i for i in body["instances"] if i["id"] == iid)["draining"] is True
+        # The only instance is drained: not ready, until the drain is undone.
+        assert (await _plain(base + "/readyz"))[0] == 503
+        code, body = await curl("DELETE", f"/admin/instances/{iid}/drain", fleet.admin_token)
+        assert code == 200 and body == {"undrained": iid, "was_draining": True}
 
     for path in ("/healthz", "/readyz", "/metrics"):
         code, _ = await asyncio.wait_for(_plain(base + path), 10)

@@ -1,0 +1,63 @@
+"""A thread's Redis cache can never hide turns that Postgres holds (issue 14, point 2).
+
+Reproduction: process A writes turns while its link to Redis is cut (its cache appends fail,
+the thread is only marked dirty in A's memory), its spool flushes them to Postgres, Redis comes
+back, and A never touches Redis again. Process B then reads the thread: the cache still says
+"2 turns, complete" while Postgres holds 4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+
+from common.keys import Keys
+from common.redis import create_redis
+from common.settings import Settings
+from instance.storage import Storage
+from tests.instance.storage.conftest import FaultProxy
+
+
+async def test_turns_written_while_redis_was_away_are_never_hidden(
+    storage_settings: Callable[..., Settings], redis_proxy: FaultProxy, redis_url: str, redis: Redis
+) -> None:
+    settings_a = storage_settings(redis_url=redis_proxy.url(redis_url))
+    settings_b = storage_settings()
+    redis_a = create_redis(settings_a.redis_url)
+    try:
+        async with (
+            Storage.open(settings_a, instance_id="t-away-a", redis=redis_a) as a,
+            Storage.open(settings_b, instance_id="t-away-b", redis=redis) as b,
+        ):
+            cid = await a.history.new_thread(session_id="s", tool_name="chat", model=None)
+            await a.history.append(cid, "user", "q1")
+            await a.history.append(cid, "assistant", "a1")
+            assert await a.flush(10)
+            redis_proxy.cut()
+            for text in ("q2", "a2", "q3", "a3"):
+                await a.history.append(cid, "user" if text[0] == "q" else "assistant", text)
+            assert await a.flush(10)
+            redis_proxy.restore()  # A stays idle: it never learns that Redis is back
+            keys = Keys(settings_b.redis_prefix)
+            assert await redis.hget(keys.thread_meta(cid), "turns") == "2"  # the cache claims 2 of 2
+
+            loaded = [m.content for m in await b.history.load(cid)]
+            assert loaded == ["q1", "a1", "q2", "a2", "q3", "a3"]
+            assert [m.content for m in await b.history.load(cid, limit=2)] == ["q3", "a3"]
+            # The stale cache is gone, and new turns on B are still read back in full.
+            assert not await redis.exists(keys.thread_meta(cid))
+            await b.history.append(cid, "user", "q4")
+            assert [m.content for m in await b.history.load(cid)][-2:] == ["a3", "q4"]
+    finally:
+        await redis_a.aclose()
+
+
+async def test_a_consistent_cache_still_serves_reads(storage: Storage, redis: Redis) -> None:
+    cid = await storage.history.new_thread(session_id="s", tool_name="chat", model=None)
+    await storage.history.append(cid, "user", "hello")
+    await storage.history.append(cid, "assistant", "hi")
+    assert await storage.flush(10)
+    assert [m.content for m in await storage.history.load(cid)] == ["hello", "hi"]
+    keys = Keys(storage.settings.redis_prefix)
+    assert await redis.exists(keys.thread_meta(cid))  # checked, found whole, kept
