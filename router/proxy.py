@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -36,6 +36,9 @@ from router.registry import Instance, Registry
 from router.security import Guard
 from router.sessions import Session, SessionTable, new_session_id
 from router.upstream import STREAMS_PER_INSTANCE
+
+if TYPE_CHECKING:
+    from router.streams import Hub
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +125,7 @@ class Proxy:
         self.targets: dict[str, Instance] = {}  # session id -> instance it is bound to
         self._creating: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self.notifications: Hub | None = None  # notification streams held here (router/streams.py)
 
     # --- entry -----------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -177,6 +181,8 @@ class Proxy:
             sess.protocol_version = version
         if request.method == "DELETE":
             return await self._delete(request, sess, started)
+        if request.method == "GET" and self.notifications is not None:
+            return await self.notifications.serve_get(request, sess)
         return await self._forward(request, sess, body, msg, started)
 
     async def _open_handshake(
@@ -231,6 +237,16 @@ class Proxy:
         self, request: web.Request, principal: str, body: bytes | None, msg: Message | None, started: float
     ) -> web.StreamResponse:
         key, client = self.session_key(request, principal, msg)
+        hub = self.notifications
+        if (
+            hub is not None
+            and msg is not None
+            and msg.method == "subscriptions/listen"
+            and msg.id is not None
+        ):
+            return await hub.serve_listen(request, principal, key, client, msg)
+        if hub is not None and request.method == "GET" and (resume := hub.listen_resume(request)) is not None:
+            return await hub.resume_listen(request, principal, *resume)
         sess = await self.table.fetch_by_key(key)
         if sess is None or sess.ended:
             if request.method != "POST":
@@ -549,6 +565,8 @@ class Proxy:
         inst = self.targets.pop(sess.id, None)
         if persisted:
             await self.table.remove(sess)
+        if self.notifications is not None:
+            await self.notifications.session_ended(sess.id)
         if inst is None and sess.instance_id:
             inst = await self.registry.get(sess.instance_id)
         if inst is not None:
