@@ -1,0 +1,194 @@
+"""Notification streams end at the router: GET streams and subscriptions/listen, resumable.
+
+One fleet under real supervisord serves the module. Notifications are published the way
+instances publish them (common/notifications.EventLog on the fleet's Redis) or through the
+admin API; streams are read with a raw SSE reader where a test needs event ids and
+Last-Event-ID, and with the SDK's own `Client` otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from mcp.client.subscriptions import ResourcesListChanged, ResourceUpdated, ToolsListChanged
+
+from common.notifications import EventLog, notification, parse_id
+from tests.fakes.provider import FakeProvider
+from tests.fleet import Fleet
+from tests.router.conftest import ROUTER_TEST_SETTINGS, instance_num, mcp_client, status_of
+from tests.router.sse import Reader
+
+pytestmark = pytest.mark.timeout(180)
+
+VERSION = "2025-11-25"
+ACCEPT = "application/json, text/event-stream"
+UPDATED = "notifications/resources/updated"
+
+
+@pytest.fixture(scope="module")
+def fleet(module_fleet_factory: Callable[..., Fleet], provider: FakeProvider) -> Fleet:
+    return module_fleet_factory(
+        instances=2,
+        max_instances=2,
+        glm_api_key="fake-key",
+        glm_api_url=provider.glm_url,
+        stream_keepalive=1.0,
+        stream_retry_ms=4000,
+        **ROUTER_TEST_SETTINGS,
+    )
+
+
+@pytest.fixture(autouse=True)
+async def clean_fleet(fleet: Fleet) -> AsyncIterator[None]:
+    yield
+    await fleet.end_all_sessions()
+
+
+@pytest.fixture
+async def events(fleet: Fleet) -> AsyncIterator[EventLog]:
+    """The instances' publishing path, from the test process (works while the router is down)."""
+    client = aioredis.Redis.from_url(fleet.settings.redis_url or "", decode_responses=True)
+    yield EventLog(client, fleet.keys, maxlen=fleet.settings.notify_log_maxlen, ttl=600)
+    await client.aclose()
+
+
+class Handshake:
+    """A handshake-era session spoken by hand, so the test sees every header and event id."""
+
+    def __init__(self, fleet: Fleet, http: aiohttp.ClientSession) -> None:
+        self.fleet, self.http, self.sid = fleet, http, ""
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        h = {"Accept": ACCEPT, "MCP-Protocol-Version": VERSION, **extra}
+        if self.sid:
+            h["Mcp-Session-Id"] = self.sid
+        return h
+
+    async def open(self, name: str) -> Handshake:
+        init = {
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "initialize",
+            "params": {"protocolVersion": VERSION, "capabilities": {}, "clientInfo": {"name": name}},
+        }
+        async with self.http.post(self.fleet.mcp_url, json=init, headers=self.headers()) as r:
+            assert r.status == 200, await r.text()
+            self.sid = r.headers["Mcp-Session-Id"]
+        note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        async with self.http.post(self.fleet.mcp_url, json=note, headers=self.headers()) as r:
+            assert r.status == 202, await r.text()
+        return self
+
+    async def status(self) -> dict[str, Any]:
+        req = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "status", "arguments": {}}}
+        async with self.http.post(self.fleet.mcp_url, json=req, headers=self.headers()) as r:
+            text = await r.text()
+        for line in text.splitlines():
+            if line.startswith("data:"):
+                text = line[5:]
+        return dict(json.loads(text)["result"]["structuredContent"])
+
+    async def stream(self, last_event_id: str | None = None) -> aiohttp.ClientResponse:
+        extra = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        return await self.http.get(self.fleet.mcp_url, headers=self.headers(Accept="text/event-stream", **extra))
+
+
+def _numbers(reader: Reader) -> list[int]:
+    return [int(f.data["params"]["uri"].rsplit("/", 1)[1]) for f in reader.messages if f.data]
+
+
+async def _publish(events: EventLog, sid: str, *numbers: int) -> None:
+    for n in numbers:
+        await events.append(sid, notification(UPDATED, {"uri": f"exai://test/{n}"}))
+
+
+async def _notify(fleet: Fleet, sid: str, method: str, params: dict[str, Any] | None = None) -> Any:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{fleet.router_url}/admin/sessions/{sid}/notify",
+            json={"method": method, "params": params},
+            headers=fleet.admin_headers(),
+        ) as r,
+    ):
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def _wait_healthy(fleet: Fleet, timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                status, _ = await fleet.admin("GET", "/healthz", token=None)
+                if status == 200:
+                    return
+            await asyncio.sleep(0.1)
+
+
+async def _metric(fleet: Fleet, line_start: str) -> float:
+    _, text = await fleet.admin("GET", "/metrics")
+    for line in text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_get_stream_survives_instance_kill_and_router_restart(fleet: Fleet, events: EventLog) -> None:
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        sess = await Handshake(fleet, http).open("survivor")
+        before = await sess.status()
+        first = Reader(await sess.stream()).start()
+        assert first.resp.status == 200
+        assert first.resp.headers["Content-Type"].startswith("text/event-stream")
+        assert first.resp.headers["Mcp-Session-Id"] == sess.sid
+
+        # Published through the admin API (the router writes it to the log, like an instance).
+        body = await _notify(fleet, sess.sid, UPDATED, {"uri": "exai://test/1"})
+        assert parse_id(body["id"]) is not None
+        await _publish(events, sess.sid, 2, 3)
+        await first.wait_for(3)
+
+        # The session's instance dies: the stream is not its to lose.
+        await asyncio.to_thread(fleet.kill_instance, instance_num(before["instance_id"]))
+        await _publish(events, sess.sid, 4, 5)
+        await first.wait_for(5)
+        assert not first.done and first.retry == 4000
+        await first.wait_keepalive()  # a quiet stream is kept alive with comments
+
+        # The router restarts: the stream ends; events published meanwhile wait in the log.
+        await asyncio.to_thread(fleet.supervisor.stop, "router", wait=True)
+        await first.wait_for(99, timeout=20)
+        assert first.done
+        await _publish(events, sess.sid, 6, 7, 8)
+        await asyncio.to_thread(fleet.supervisor.start, "router", wait=False)
+        await asyncio.to_thread(fleet.supervisor.wait_running, ["router"])
+        await _wait_healthy(fleet)
+
+        last = first.messages[-1].id
+        second = Reader(await sess.stream(last_event_id=last)).start()
+        assert second.resp.status == 200, await second.resp.text()
+        await second.wait_for(3)
+        await _publish(events, sess.sid, 9, 10)
+        await second.wait_for(5)
+
+        got = _numbers(first) + _numbers(second)
+        assert got == list(range(1, 11))
+        ids = [f.id for f in first.messages + second.messages]
+        parsed = [parse_id(i) for i in ids]
+        assert None not in parsed and parsed == sorted(parsed) and len(set(ids)) == len(ids)
+
+        # The session itself carries on (on another instance, its initialize replayed).
+        after = await sess.status()
+        assert after["session"] == sess.sid
+        assert await _metric(fleet, 'exai_router_notify_catchups_total{kind="get"}') == 1
+        assert await _metric(fleet, 'exai_router_notify_catchup_events_total{kind="get"}') == 3
+        await first.stop()
+        await second.stop()
