@@ -192,3 +192,143 @@ async def test_get_stream_survives_instance_kill_and_router_restart(fleet: Fleet
         assert await _metric(fleet, 'exai_router_notify_catchup_events_total{kind="get"}') == 3
         await first.stop()
         await second.stop()
+
+
+async def _session_of(fleet: Fleet, client_name: str) -> dict[str, Any]:
+    _, body = await fleet.admin("GET", "/admin/sessions")
+    mine = [s for s in body["sessions"] if s["client"] == client_name]
+    assert len(mine) == 1, body
+    return dict(mine[0])
+
+
+async def test_listen_with_the_sdk_client_costs_no_instance_and_resumes(fleet: Fleet, events: EventLog) -> None:
+    async with mcp_client(fleet.mcp_url, "2026-07-28", name="listener") as client:
+        async with client.listen(resources_list_changed=True, resource_subscriptions=["exai://notes"]) as sub:
+            assert sub.honored.resources_list_changed is True
+            assert sub.honored.resource_subscriptions == ["exai://notes"]
+            sess = await _session_of(fleet, "listener")
+            assert sess["instance"] is None  # listening binds no instance
+
+            received: list[Any] = []
+
+            async def collect(n: int) -> None:
+                async for event in sub:
+                    received.append(event)
+                    if len(received) == n:
+                        return
+
+            await _notify(fleet, sess["id"], "notifications/tools/list_changed")  # not asked for
+            await _notify(fleet, sess["id"], "notifications/resources/list_changed")
+            await _notify(fleet, sess["id"], UPDATED, {"uri": "exai://notes"})
+            await _notify(fleet, sess["id"], UPDATED, {"uri": "exai://elsewhere"})  # not subscribed
+            await asyncio.wait_for(collect(2), 20)
+            assert received == [ResourcesListChanged(), ResourceUpdated(uri="exai://notes")]
+
+            # A call from the same client lands in the listening session (and now binds one).
+            status = await status_of(client)
+            assert status["session"] == sess["id"]
+
+            # The router restarts: the SDK resumes the listen stream by itself (GET with
+            # Last-Event-ID); what was published while the router was down arrives, once.
+            await asyncio.to_thread(fleet.supervisor.stop, "router", wait=True)
+            await events.append(sess["id"], notification("notifications/resources/list_changed"))
+            await asyncio.to_thread(fleet.supervisor.start, "router", wait=False)
+            await _wait_healthy(fleet)
+            await asyncio.wait_for(collect(3), 30)
+            await events.append(sess["id"], notification(UPDATED, {"uri": "exai://notes"}))
+            await asyncio.wait_for(collect(4), 20)
+            assert received[2:] == [ResourcesListChanged(), ResourceUpdated(uri="exai://notes")]
+            assert ToolsListChanged() not in received
+            assert await _metric(fleet, 'exai_router_notify_catchups_total{kind="listen"}') == 1
+
+            # Ending the session ends the subscription gracefully (the iteration just stops).
+            status_code, _ = await fleet.admin("DELETE", f"/admin/sessions/{sess['id']}")
+            assert status_code == 200
+            rest = [e async for e in sub]
+            assert rest == []
+
+
+async def test_listen_wire_format_matches_the_sdk(fleet: Fleet) -> None:
+    """The raw frames: ack first, subscription id in every _meta, ids for resuming."""
+    headers = {"Accept": ACCEPT, "MCP-Protocol-Version": "2026-07-28", "Content-Type": "application/json"}
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "raw-listener", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
+    listen = {
+        "jsonrpc": "2.0",
+        "id": "sub-7",
+        "method": "subscriptions/listen",
+        "params": {"notifications": {"toolsListChanged": True, "promptsListChanged": False}, "_meta": meta},
+    }
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        resp = await http.post(fleet.mcp_url, json=listen, headers=headers)
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+        reader = Reader(resp).start()
+        ack = (await reader.wait_for(1))[0]
+        sub_meta = {"io.modelcontextprotocol/subscriptionId": "sub-7"}
+        assert ack.data == {
+            "jsonrpc": "2.0",
+            "method": "notifications/subscriptions/acknowledged",
+            "params": {"_meta": sub_meta, "notifications": {"toolsListChanged": True}},
+        }
+        sess = await _session_of(fleet, "raw-listener")
+        await _notify(fleet, sess["id"], "notifications/tools/list_changed")
+        note = (await reader.wait_for(2))[1]
+        assert note.data == {"jsonrpc": "2.0", "method": "notifications/tools/list_changed", "params": {"_meta": sub_meta}}
+        assert ack.id and note.id and ack.id.rsplit(".", 1)[0] == note.id.rsplit(".", 1)[0]
+
+        await fleet.admin("DELETE", f"/admin/sessions/{sess['id']}")
+        final = (await reader.wait_for(3))[2]
+        assert final.data == {
+            "jsonrpc": "2.0",
+            "id": "sub-7",
+            "result": {"_meta": sub_meta, "resultType": "complete"},
+        }
+        await reader.wait_for(4)
+        assert reader.done
+        await reader.stop()
+
+
+async def test_streams_see_only_their_own_session_and_are_capped(fleet: Fleet) -> None:
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        a = await Handshake(fleet, http).open("iso-a")
+        b = await Handshake(fleet, http).open("iso-b")
+        ra, rb = Reader(await a.stream()).start(), Reader(await b.stream()).start()
+        for n in range(1, 7):
+            await _notify(fleet, (a if n % 2 else b).sid, UPDATED, {"uri": f"exai://test/{n}"})
+        await ra.wait_for(3)
+        await rb.wait_for(3)
+        assert _numbers(ra) == [1, 3, 5] and _numbers(rb) == [2, 4, 6]
+
+        # EXAI_STREAMS_PER_SESSION (4): a fifth stream of one session is refused at once.
+        extra = [Reader(await a.stream()).start() for _ in range(3)]
+        refused = await a.stream()
+        assert refused.status == 409
+        assert (await refused.json())["error"]["data"]["error"] == "too_many_streams"
+        assert await _metric(fleet, 'exai_router_notify_streams{kind="get"}') == 5
+
+        # A client that goes away frees its stream (the handler is cancelled on disconnect).
+        for r in extra:
+            await r.stop()
+        async with asyncio.timeout(20):
+            while await _metric(fleet, 'exai_router_notify_streams{kind="get"}') != 2:
+                await asyncio.sleep(0.1)
+        late = Reader(await a.stream()).start()
+        assert late.resp.status == 200
+        await _notify(fleet, a.sid, UPDATED, {"uri": "exai://test/7"})
+        await late.wait_for(1)
+        await ra.wait_for(4)
+        assert _numbers(late) == [7] and _numbers(ra) == [1, 3, 5, 7] and _numbers(rb) == [2, 4, 6]
+
+        # DELETE ends the session and its streams.
+        async with http.delete(fleet.mcp_url, headers=a.headers()) as r:
+            assert r.status == 200
+        await ra.wait_for(99)
+        await late.wait_for(99)
+        assert ra.done and late.done and not rb.done
+        for r in (ra, rb, late):
+            await r.stop()
