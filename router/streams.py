@@ -71,6 +71,7 @@ vocabulary (linked-session events), which GET streams always carry."""
 BATCH = 200
 MAX_BACKOFF = 5.0
 SUBSCRIBE_WAIT = 2.0
+POLL = 0.5  # how often the pub/sub reader looks up from Redis (resubscribing late streams)
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache, no-transform",
@@ -227,6 +228,8 @@ class Hub:
         self.closing = False
         self._pubsub: PubSub | None = None
         self._confirm: dict[str, asyncio.Future[None]] = {}
+        self._channels: set[str] = set()  # session channels asked for on the current connection
+        self._resync = False
         self._creating: dict[str, asyncio.Lock] = {}
         self._prefix = keys.session_channel("")
         self._hub_channel = keys.fleet_channel()
@@ -257,17 +260,26 @@ class Hub:
             pubsub = self.redis.pubsub()
             try:
                 # The hub's own channel last: once it is confirmed, every channel before it is live.
-                channels = [self.keys.session_channel(sid) for sid in self.watchers]
-                await pubsub.subscribe(*channels, self._hub_channel)
+                self._channels = {self.keys.session_channel(sid) for sid in self.watchers}
+                self._resync = False
+                await pubsub.subscribe(*self._channels, self._hub_channel)
                 self._pubsub = pubsub
                 if not first:
                     self.stats.reconnects.inc()
                 first = False
                 while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=self.keepalive)
+                    msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=POLL)
                     if msg is not None:
                         self._on_message(msg)
                         backoff = 0.1
+                    if self._resync and self.connected:
+                        # Streams that opened while we were (re)connecting: subscribe them now;
+                        # each confirmation wakes its streams to read what they missed.
+                        self._resync = False
+                        missing = {self.keys.session_channel(sid) for sid in self.watchers} - self._channels
+                        if missing:
+                            self._channels |= missing
+                            await pubsub.subscribe(*missing)
             except asyncio.CancelledError:
                 raise
             except REDIS_DOWN_ERRORS as exc:
@@ -298,12 +310,16 @@ class Hub:
                 if not self.connected:
                     log.info("pub/sub connected; %d sessions with open streams catch up", len(self.watchers))
                 self.connected = True
+                self._resync = True
                 self._wake_all()  # whatever was published while we were away is in the logs
+            elif channel.startswith(self._prefix):
+                self._wake(channel[len(self._prefix) :], ended=False)
             return
         if kind != "message" or not channel.startswith(self._prefix):
             return
-        sid = channel[len(self._prefix) :]
-        ended = msg.get("data") == END
+        self._wake(channel[len(self._prefix) :], ended=msg.get("data") == END)
+
+    def _wake(self, sid: str, *, ended: bool) -> None:
         for w in self.watchers.get(sid, ()):
             w.ended = w.ended or ended
             w.wake.set()
@@ -317,11 +333,13 @@ class Hub:
         """Subscribe to the session's channel and wait until Redis confirms it (bounded)."""
         pubsub = self._pubsub
         if pubsub is None or not self.connected:
-            return  # run() subscribes every watched session when it (re)connects
+            self._resync = True  # run() subscribes it once connected (and that wakes the stream)
+            return
         channel = self.keys.session_channel(sid)
         fut = self._confirm.get(channel)
         if fut is None:
             fut = self._confirm[channel] = asyncio.get_running_loop().create_future()
+            self._channels.add(channel)
             try:
                 await pubsub.subscribe(channel)
             except REDIS_DOWN_ERRORS:
@@ -331,9 +349,11 @@ class Hub:
 
     async def _unsubscribe(self, sid: str) -> None:
         pubsub = self._pubsub
+        channel = self.keys.session_channel(sid)
+        self._channels.discard(channel)
         if pubsub is not None and self.connected:
             with contextlib.suppress(*REDIS_DOWN_ERRORS):
-                await pubsub.unsubscribe(self.keys.session_channel(sid))
+                await pubsub.unsubscribe(channel)
 
     @contextlib.asynccontextmanager
     async def watch(self, sid: str, kind: str) -> AsyncIterator[Watch]:
