@@ -31,6 +31,7 @@ from common.settings import Settings
 from instance.notify import Notifier
 from instance.providers import Providers
 from instance.registry import Registry
+from instance.resources import register as register_resources
 from instance.runtime import Identity, Runtime
 from instance.storage import Storage
 from instance.tools import register_tools
@@ -125,6 +126,7 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
         log_level=settings.log_level,
     )
     register_tools(mcp, runtime)
+    register_resources(mcp, runtime)
 
     @mcp.custom_route(INTERNAL_HEALTH, methods=["GET"])
     async def health(request: Request) -> Response:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
+from instance.resources import tasks_changed
 from instance.runtime import Runtime
 from instance.tools import exai_tool, headers_of
 
@@ -43,6 +44,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             metadata=metadata or {},
             state=state,
         )
+        if task.session_id:
+            tasks_changed(runtime, task.session_id)
         return {"status": "success", "task": task.to_dict()}
 
     @exai_tool(
@@ -79,6 +82,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             reopen=reopen,
             **extra,
         )
+        if task.session_id:
+            tasks_changed(runtime, task.session_id)
         return {"status": "success", "task": task.to_dict()}
 
     @exai_tool(

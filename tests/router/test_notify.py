@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import mcp_types
 import pytest
 import redis.asyncio as aioredis
 from mcp.client.subscriptions import ResourcesListChanged, ResourceUpdated, ToolsListChanged
@@ -87,7 +88,12 @@ class Handshake:
         return self
 
     async def status(self) -> dict[str, Any]:
-        req = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "status", "arguments": {}}}
+        req = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "status", "arguments": {}},
+        }
         async with self.http.post(self.fleet.mcp_url, json=req, headers=self.headers()) as r:
             text = await r.text()
         for line in text.splitlines():
@@ -97,7 +103,9 @@ class Handshake:
 
     async def stream(self, last_event_id: str | None = None) -> aiohttp.ClientResponse:
         extra = {"Last-Event-ID": last_event_id} if last_event_id else {}
-        return await self.http.get(self.fleet.mcp_url, headers=self.headers(Accept="text/event-stream", **extra))
+        return await self.http.get(
+            self.fleet.mcp_url, headers=self.headers(Accept="text/event-stream", **extra)
+        )
 
 
 def _numbers(reader: Reader) -> list[int]:
@@ -130,6 +138,13 @@ async def _wait_healthy(fleet: Fleet, timeout: float = 30.0) -> None:
                 if status == 200:
                     return
             await asyncio.sleep(0.1)
+
+
+async def _wait_metric(fleet: Fleet, line_start: str, value: float, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while (seen := await _metric(fleet, line_start)) != value:  # noqa: ASYNC110 - polling a server
+            await asyncio.sleep(0.1)
+    assert seen == value
 
 
 async def _metric(fleet: Fleet, line_start: str) -> float:
@@ -201,7 +216,9 @@ async def _session_of(fleet: Fleet, client_name: str) -> dict[str, Any]:
     return dict(mine[0])
 
 
-async def test_listen_with_the_sdk_client_costs_no_instance_and_resumes(fleet: Fleet, events: EventLog) -> None:
+async def test_listen_with_the_sdk_client_costs_no_instance_and_resumes(
+    fleet: Fleet, events: EventLog
+) -> None:
     async with mcp_client(fleet.mcp_url, "2026-07-28", name="listener") as client:
         async with client.listen(resources_list_changed=True, resource_subscriptions=["exai://notes"]) as sub:
             assert sub.honored.resources_list_changed is True
@@ -277,7 +294,11 @@ async def test_listen_wire_format_matches_the_sdk(fleet: Fleet) -> None:
         sess = await _session_of(fleet, "raw-listener")
         await _notify(fleet, sess["id"], "notifications/tools/list_changed")
         note = (await reader.wait_for(2))[1]
-        assert note.data == {"jsonrpc": "2.0", "method": "notifications/tools/list_changed", "params": {"_meta": sub_meta}}
+        assert note.data == {
+            "jsonrpc": "2.0",
+            "method": "notifications/tools/list_changed",
+            "params": {"_meta": sub_meta},
+        }
         assert ack.id and note.id and ack.id.rsplit(".", 1)[0] == note.id.rsplit(".", 1)[0]
 
         await fleet.admin("DELETE", f"/admin/sessions/{sess['id']}")
@@ -314,9 +335,7 @@ async def test_streams_see_only_their_own_session_and_are_capped(fleet: Fleet) -
         # A client that goes away frees its stream (the handler is cancelled on disconnect).
         for r in extra:
             await r.stop()
-        async with asyncio.timeout(20):
-            while await _metric(fleet, 'exai_router_notify_streams{kind="get"}') != 2:
-                await asyncio.sleep(0.1)
+        await _wait_metric(fleet, 'exai_router_notify_streams{kind="get"}', 2)
         late = Reader(await a.stream()).start()
         assert late.resp.status == 200
         await _notify(fleet, a.sid, UPDATED, {"uri": "exai://test/7"})
@@ -332,3 +351,49 @@ async def test_streams_see_only_their_own_session_and_are_capped(fleet: Fleet) -
         assert ra.done and late.done and not rb.done
         for r in (ra, rb, late):
             await r.stop()
+
+
+NOTES_URI = "exai://session/notes"
+TASKS_URI = "exai://session/tasks"
+
+
+async def test_instances_announce_note_and_task_changes_to_both_eras(fleet: Fleet) -> None:
+    """The real producers: note and task tools publish resources/updated for the session."""
+    seen: list[Any] = []
+    arrived = asyncio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, mcp_types.ResourceUpdatedNotification):
+            seen.append(message.params.uri)
+            arrived.set()
+
+    async def next_update() -> str:
+        async with asyncio.timeout(20):
+            while not seen:
+                arrived.clear()
+                await arrived.wait()
+        return str(seen.pop(0))
+
+    # Handshake era: the SDK client's own GET stream (held by the router) brings them.
+    async with mcp_client(fleet.mcp_url, "legacy", name="producer-a", message_handler=on_message) as a:
+        await _wait_metric(fleet, 'exai_router_notify_streams{kind="get"}', 1)
+        write = await a.call_tool("note_write", {"key": "plan", "body": "ship it"})
+        assert not write.is_error, write
+        assert await next_update() == NOTES_URI
+        created = await a.call_tool("task_create", {"name": "write the README"})
+        assert not created.is_error, created
+        assert await next_update() == TASKS_URI
+        content = await a.read_resource(NOTES_URI)
+        body = json.loads(content.contents[0].text)  # type: ignore[union-attr]
+        assert [n["key"] for n in body["notes"]] == ["plan"]
+        assert body["session"] == (await status_of(a))["session"]
+
+    # 2026-07-28: a listen stream that subscribed to the notes resource.
+    async with (
+        mcp_client(fleet.mcp_url, "2026-07-28", name="producer-b") as b,
+        b.listen(resource_subscriptions=[NOTES_URI]) as sub,
+    ):
+        await b.call_tool("task_create", {"name": "not subscribed to tasks"})
+        await b.call_tool("note_write", {"key": "k", "body": "v"})
+        event = await asyncio.wait_for(anext(aiter(sub)), 20)
+        assert event == ResourceUpdated(uri=NOTES_URI)
