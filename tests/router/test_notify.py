@@ -386,7 +386,9 @@ async def test_instances_announce_note_and_task_changes_to_both_eras(fleet: Flee
         content = await a.read_resource(NOTES_URI)
         body = json.loads(content.contents[0].text)  # type: ignore[union-attr]
         assert [n["key"] for n in body["notes"]] == ["plan"]
-        assert body["session"] == (await status_of(a))["session"]
+        status = await status_of(a)
+        assert body["session"] == status["session"]
+        assert status["notifications"] == {"published": 2, "pending": 0, "dropped": 0}
 
     # 2026-07-28: a listen stream that subscribed to the notes resource.
     async with (
