@@ -245,7 +245,10 @@ class Proxy:
             and msg.id is not None
         ):
             return await hub.serve_listen(request, principal, key, client, msg)
-        if hub is not None and request.method == "GET" and (resume := hub.listen_resume(request)) is not None:
+        if hub is not None and request.method == "GET":
+            # The 2026-07-28 transport has no GET, except to resume a listen stream held here.
+            if (resume := hub.listen_resume(request)) is None:
+                return web.Response(status=405, headers={"Allow": "POST"})
             return await hub.resume_listen(request, principal, *resume)
         sess = await self.table.fetch_by_key(key)
         if sess is None or sess.ended:

@@ -36,17 +36,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from mcp.shared.subscriptions import (
-    SUBSCRIPTION_ID_META_KEY,
-    event_from_wire,
-    event_matches,
-    event_to_notification,
-)
 from mcp_types import (
+    NotificationParams,
+    PromptListChangedNotification,
+    ResourceListChangedNotification,
+    ResourceUpdatedNotification,
+    ResourceUpdatedNotificationParams,
     SubscriptionFilter,
     SubscriptionsAcknowledgedNotification,
     SubscriptionsAcknowledgedNotificationParams,
     SubscriptionsListenResult,
+    ToolListChangedNotification,
 )
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -64,6 +64,20 @@ from router.sessions import Session, SessionTable, new_session_id
 log = logging.getLogger(__name__)
 
 LISTEN_METHOD = "subscriptions/listen"
+SUBSCRIPTION_ID_META_KEY = "io.modelcontextprotocol/subscriptionId"
+UPDATED = "notifications/resources/updated"
+# The notifications a listen stream carries (the SDK's vocabulary) and the filter flag of each.
+# Only mcp_types here: importing the `mcp` package would add seconds to the router's start.
+_LIST_CHANGED = {
+    "notifications/tools/list_changed": "tools_list_changed",
+    "notifications/prompts/list_changed": "prompts_list_changed",
+    "notifications/resources/list_changed": "resources_list_changed",
+}
+_LIST_CHANGED_MODELS: dict[str, Any] = {
+    "notifications/tools/list_changed": ToolListChangedNotification,
+    "notifications/prompts/list_changed": PromptListChangedNotification,
+    "notifications/resources/list_changed": ResourceListChangedNotification,
+}
 EXAI_EVENTS_FILTER = "exaiEvents"
 """Listen-filter extension key: also deliver notifications outside the SDK's change
 vocabulary (linked-session events), which GET streams always carry."""
@@ -120,21 +134,31 @@ class Listen:
         return cls(token, str(data["sid"]), data["id"], SubscriptionFilter.model_validate(data["filter"]))
 
     def frame(self, ev: Event) -> bytes | None:
-        """The event as this subscription's frame, or None if the client did not ask for it."""
-        kind = event_from_wire(ev.method, ev.params)
+        """The event as this subscription's frame, or None if the client did not ask for it.
+
+        The change vocabulary is the SDK's (mcp.shared.subscriptions), matched the same way:
+        a list change if its flag was honoured, a resource update if its URI was subscribed.
+        """
         event_id = f"{self.token}.{ev.id}"
-        if kind is None:
-            if getattr(self.honored, EXAI_EVENTS_FILTER, None) is not True:
+        flag = _LIST_CHANGED.get(ev.method)
+        if flag is not None:
+            if getattr(self.honored, flag) is not True:
+                return None
+            note: Any = _LIST_CHANGED_MODELS[ev.method](params=NotificationParams(_meta=self.meta))
+        elif ev.method == UPDATED:
+            uri = (ev.params or {}).get("uri")
+            if not isinstance(uri, str) or uri not in (self.honored.resource_subscriptions or ()):
+                return None
+            note = ResourceUpdatedNotification(
+                params=ResourceUpdatedNotificationParams(uri=uri, _meta=self.meta)
+            )
+        else:
+            if (self.honored.model_extra or {}).get(EXAI_EVENTS_FILTER) is not True:
                 return None
             params = {**(ev.params or {}), "_meta": {**((ev.params or {}).get("_meta") or {}), **self.meta}}
             return sse_frame({**ev.message, "params": params}, event_id)
-        uris = frozenset(self.honored.resource_subscriptions or ())
-        if not event_matches(self.honored, uris, kind):
-            return None
-        note = event_to_notification(kind, self.meta).model_dump(
-            by_alias=True, mode="json", exclude_none=True
-        )
-        return sse_frame({"jsonrpc": "2.0", **note}, event_id)
+        body = note.model_dump(by_alias=True, mode="json", exclude_none=True)
+        return sse_frame({"jsonrpc": "2.0", **body}, event_id)
 
     def ack(self, cursor: str) -> bytes:
         params = SubscriptionsAcknowledgedNotificationParams(notifications=self.honored, _meta=self.meta)

@@ -301,6 +301,15 @@ async def test_listen_wire_format_matches_the_sdk(fleet: Fleet) -> None:
         }
         assert ack.id and note.id and ack.id.rsplit(".", 1)[0] == note.id.rsplit(".", 1)[0]
 
+        # A plain GET in this era is refused (and binds nothing); a stale listen id is unknown.
+        get_headers = {"Accept": "text/event-stream", "MCP-Protocol-Version": "2026-07-28"}
+        async with http.get(fleet.mcp_url, headers=get_headers) as r:
+            assert r.status == 405
+        async with http.get(fleet.mcp_url, headers={**get_headers, "Last-Event-ID": "nope.1-0"}) as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["data"]["error"] == "session_not_found"
+        assert (await _session_of(fleet, "raw-listener"))["instance"] is None
+
         await fleet.admin("DELETE", f"/admin/sessions/{sess['id']}")
         final = (await reader.wait_for(3))[2]
         assert final.data == {
