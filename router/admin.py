@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from common import protocol as p
-from common.errors import ExaiError, InvalidArgument, NotFound
+from common.errors import ExaiError, InvalidArgument, NotFound, StorageUnavailable
 from common.notifications import notification
 from common.redis import REDIS_DOWN_ERRORS
 from router.metrics import Metrics
@@ -90,7 +90,13 @@ async def notify_session(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise InvalidArgument('The body must be a JSON object: {"method": ..., "params": ...}.')
     message = notification(str(body.get("method", "")), body.get("params"))
-    event_id = await proxy.notifications.events.append(sess.id, message)
+    try:
+        event_id = await proxy.notifications.events.append(sess.id, message)
+    except REDIS_DOWN_ERRORS as exc:
+        raise StorageUnavailable(
+            f"Redis is unreachable ({exc}); the notification was not published.",
+            hint="Retry once Redis is up.",
+        ) from None
     return _json({"session": sess.id, "id": event_id})
 
 

@@ -277,7 +277,10 @@ async def test_listen_wire_format_matches_the_sdk(fleet: Fleet) -> None:
         "jsonrpc": "2.0",
         "id": "sub-7",
         "method": "subscriptions/listen",
-        "params": {"notifications": {"toolsListChanged": True, "promptsListChanged": False}, "_meta": meta},
+        "params": {
+            "notifications": {"toolsListChanged": True, "promptsListChanged": False, "exaiEvents": True},
+            "_meta": meta,
+        },
     }
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
     async with aiohttp.ClientSession(timeout=timeout) as http:
@@ -289,7 +292,7 @@ async def test_listen_wire_format_matches_the_sdk(fleet: Fleet) -> None:
         assert ack.data == {
             "jsonrpc": "2.0",
             "method": "notifications/subscriptions/acknowledged",
-            "params": {"_meta": sub_meta, "notifications": {"toolsListChanged": True}},
+            "params": {"_meta": sub_meta, "notifications": {"toolsListChanged": True, "exaiEvents": True}},
         }
         sess = await _session_of(fleet, "raw-listener")
         await _notify(fleet, sess["id"], "notifications/tools/list_changed")
@@ -300,6 +303,14 @@ async def test_listen_wire_format_matches_the_sdk(fleet: Fleet) -> None:
             "params": {"_meta": sub_meta},
         }
         assert ack.id and note.id and ack.id.rsplit(".", 1)[0] == note.id.rsplit(".", 1)[0]
+        # Outside the change vocabulary (linked-session events next): only with exaiEvents.
+        await _notify(fleet, sess["id"], "notifications/exai/linked", {"from": "peer", "text": "hi"})
+        linked = (await reader.wait_for(3))[2]
+        assert linked.data == {
+            "jsonrpc": "2.0",
+            "method": "notifications/exai/linked",
+            "params": {"from": "peer", "text": "hi", "_meta": sub_meta},
+        }
 
         # A plain GET in this era is refused (and binds nothing); a stale listen id is unknown.
         get_headers = {"Accept": "text/event-stream", "MCP-Protocol-Version": "2026-07-28"}
@@ -311,13 +322,13 @@ async def test_listen_wire_format_matches_the_sdk(fleet: Fleet) -> None:
         assert (await _session_of(fleet, "raw-listener"))["instance"] is None
 
         await fleet.admin("DELETE", f"/admin/sessions/{sess['id']}")
-        final = (await reader.wait_for(3))[2]
+        final = (await reader.wait_for(4))[3]
         assert final.data == {
             "jsonrpc": "2.0",
             "id": "sub-7",
             "result": {"_meta": sub_meta, "resultType": "complete"},
         }
-        await reader.wait_for(4)
+        await reader.wait_for(5)
         assert reader.done
         await reader.stop()
 
