@@ -9,7 +9,6 @@ Last-Event-ID, and with the SDK's own `Client` otherwise.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -130,16 +129,6 @@ async def _notify(fleet: Fleet, sid: str, method: str, params: dict[str, Any] | 
         return await r.json()
 
 
-async def _wait_healthy(fleet: Fleet, timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            with contextlib.suppress(aiohttp.ClientError):
-                status, _ = await fleet.admin("GET", "/healthz", token=None)
-                if status == 200:
-                    return
-            await asyncio.sleep(0.1)
-
-
 async def _wait_metric(fleet: Fleet, line_start: str, value: float, timeout: float = 20.0) -> None:
     async with asyncio.timeout(timeout):
         while (seen := await _metric(fleet, line_start)) != value:  # noqa: ASYNC110 - polling a server
@@ -189,8 +178,7 @@ async def test_get_stream_survives_instance_kill_and_router_restart(fleet: Fleet
         assert first.done
         await _publish(events, sess.sid, 6, 7, 8)
         await asyncio.to_thread(fleet.supervisor.start, "router", wait=False)
-        await asyncio.to_thread(fleet.supervisor.wait_running, ["router"])
-        await _wait_healthy(fleet)
+        await asyncio.to_thread(fleet.wait_router_listening)
 
         last = first.messages[-1].id
         second = Reader(await sess.stream(last_event_id=last)).start()
@@ -255,7 +243,7 @@ async def test_listen_with_the_sdk_client_costs_no_instance_and_resumes(
             await asyncio.to_thread(fleet.supervisor.stop, "router", wait=True)
             await events.append(sess["id"], notification("notifications/resources/list_changed"))
             await asyncio.to_thread(fleet.supervisor.start, "router", wait=False)
-            await _wait_healthy(fleet)
+            await asyncio.to_thread(fleet.wait_router_listening)
             await asyncio.wait_for(collect(3), 30)
             await events.append(sess["id"], notification(UPDATED, {"uri": "exai://notes"}))
             await asyncio.wait_for(collect(4), 20)
