@@ -349,6 +349,15 @@ class UnknownTool(NotFound):
     code = "unknown_tool"
 
 
+class TooManyStreams(RoutingError):
+    """The session already holds as many notification streams as EXAI_STREAMS_PER_SESSION allows."""
+
+    code = "too_many_streams"
+    jsonrpc_code = INVALID_REQUEST
+    http_status = 409
+    default_hint = "Close a stream this session no longer reads, or raise EXAI_STREAMS_PER_SESSION."
+
+
 class ShuttingDown(ExaiError):
     """The process is stopping and takes no new work."""
 

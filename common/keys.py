@@ -14,8 +14,10 @@ Keyspace (with the default prefix):
     exai:session:{sid}                  HASH  the router's session record (instance, principal, era, ...)
     exai:session-key:{key}              STR   stateless-era session key -> session id
     exai:links:{sid}                    SET   session ids linked to sid
-    exai:events:{sid}                   STREAM durable copy of linked-session events (catch-up)
-    exai:chan:session:{sid}             PUBSUB live linked-session events for sid
+    exai:events:{sid}                   STREAM server-to-client notifications of sid (bounded, expires
+                                               with the session; Last-Event-ID catch-up)
+    exai:chan:session:{sid}             PUBSUB "a new event is in exai:events:{sid}" (or "end")
+    exai:listen:{token}                 STR   a 2026-07-28 listen stream (session, request id, filter)
     exai:chan:fleet                     PUBSUB fleet control (instance reset/drain notices)
     exai:thread:{cid}                   LIST  recent turns of a thread (JSON), newest last
     exai:thread-meta:{cid}              HASH  thread metadata cache
@@ -65,6 +67,9 @@ class Keys:
 
     def session_channel(self, session_id: str) -> str:
         return self._k("chan", "session", session_id)
+
+    def listen(self, token: str) -> str:
+        return self._k("listen", token)
 
     def fleet_channel(self) -> str:
         return self._k("chan", "fleet")

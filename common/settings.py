@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     header_timeout: float = Field(30.0, gt=0, validation_alias="EXAI_HEADER_TIMEOUT")
     body_timeout: float = Field(30.0, gt=0, validation_alias="EXAI_BODY_TIMEOUT")
     drain_timeout: float = Field(20.0, gt=0, validation_alias="EXAI_DRAIN_TIMEOUT")
+    # Router-held notification streams (router/streams.py) and the per-session event log.
+    stream_keepalive: float = Field(15.0, gt=0, validation_alias="EXAI_STREAM_KEEPALIVE")
+    streams_per_session: int = Field(4, ge=1, le=64, validation_alias="EXAI_STREAMS_PER_SESSION")
+    stream_retry_ms: int = Field(2000, ge=0, validation_alias="EXAI_STREAM_RETRY_MS")
+    notify_log_maxlen: int = Field(1000, ge=1, validation_alias="EXAI_NOTIFY_LOG_MAXLEN")
+    notify_buffer: int = Field(1000, ge=1, validation_alias="EXAI_NOTIFY_BUFFER")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias="EXAI_LOG_LEVEL")
 
     @field_validator("auth_tokens", "allowed_origins", mode="before")

@@ -23,11 +23,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common import __version__
 from common.errors import ConfigError, ExaiError, ShuttingDown, Unauthorized
+from common.keys import Keys
+from common.notifications import EventLog
 from common.protocol import INTERNAL_DRAIN, INTERNAL_HEALTH, INTERNAL_RESET, INTERNAL_TOKEN_HEADER, MCP_PATH
 from common.redis import create_redis
 from common.settings import Settings
+from instance.notify import Notifier
 from instance.providers import Providers
 from instance.registry import Registry
+from instance.resources import register as register_resources
 from instance.runtime import Identity, Runtime
 from instance.storage import Storage
 from instance.tools import register_tools
@@ -95,6 +99,7 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
                     "REDIS_URL is not set: this instance is not registered and the router cannot find it"
                 )
             runtime.redis = redis
+            runtime.notifier = await stack.enter_async_context(_notifier(settings, redis).running())
             runtime.storage = await _open_storage(stack, settings, runtime)
             runtime.providers = await stack.enter_async_context(Providers.open(settings))
             registry = Registry(runtime, redis) if redis is not None else None
@@ -121,6 +126,7 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
         log_level=settings.log_level,
     )
     register_tools(mcp, runtime)
+    register_resources(mcp, runtime)
 
     @mcp.custom_route(INTERNAL_HEALTH, methods=["GET"])
     async def health(request: Request) -> Response:
@@ -160,6 +166,14 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
 
     runtime.close_mcp_sessions = close_mcp_sessions
     return app, runtime
+
+
+def _notifier(settings: Settings, redis: Any) -> Notifier:
+    events = None
+    if redis is not None:
+        keys = Keys(settings.redis_prefix)
+        events = EventLog(redis, keys, maxlen=settings.notify_log_maxlen, ttl=settings.session_idle_timeout)
+    return Notifier(events, buffer=settings.notify_buffer)
 
 
 async def _open_storage(

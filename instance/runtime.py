@@ -33,6 +33,7 @@ from common.settings import Settings
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from instance.notify import Notifier
     from instance.providers import Providers
     from instance.storage import Storage
 
@@ -104,6 +105,7 @@ class Runtime:
         self.storage: Storage | None = None
         self.storage_error: str | None = None
         self.redis: Redis | None = None
+        self.notifier: Notifier | None = None  # publishes to the session's router-held streams
         # Hooks set by the app: wake the registry heartbeat, close the SDK's MCP sessions.
         self.on_change: Callable[[], None] = lambda: None
         self.close_mcp_sessions: Callable[[], Any] | None = None
@@ -211,6 +213,11 @@ class Runtime:
         task = asyncio.create_task(run())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def notify(self, session_id: str | None, method: str, params: dict[str, Any] | None = None) -> None:
+        """Send a notification to the session's streams (held by the router); never blocks."""
+        if self.notifier is not None:
+            self.notifier.publish(session_id or self.session, method, params)
 
     def require_storage(self) -> Storage:
         if self.storage is None:

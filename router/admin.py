@@ -14,7 +14,8 @@ import aiohttp
 from aiohttp import web
 
 from common import protocol as p
-from common.errors import ExaiError, NotFound
+from common.errors import ExaiError, InvalidArgument, NotFound, StorageUnavailable
+from common.notifications import notification
 from common.redis import REDIS_DOWN_ERRORS
 from router.metrics import Metrics
 from router.openapi import OPENAPI
@@ -73,6 +74,31 @@ async def end_session(request: web.Request) -> web.Response:
         raise NotFound(f"No session {request.match_info['id']!r}.")
     await proxy.end(sess, "admin")
     return _json({"ended": sess.id})
+
+
+async def notify_session(request: web.Request) -> web.Response:
+    """Publish a notification to a session's streams, as an instance would (tests, operators)."""
+    proxy = request.app[PROXY_KEY]
+    sess = await proxy.table.fetch(request.match_info["id"])
+    if sess is None or sess.ended or proxy.notifications is None:
+        raise NotFound(f"No session {request.match_info['id']!r}.")
+    try:
+        body = await request.json()
+    except ValueError:
+        raise InvalidArgument(
+            'The body must be JSON: {"method": "notifications/...", "params": {...}}.'
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidArgument('The body must be a JSON object: {"method": ..., "params": ...}.')
+    message = notification(str(body.get("method", "")), body.get("params"))
+    try:
+        event_id = await proxy.notifications.events.append(sess.id, message)
+    except REDIS_DOWN_ERRORS as exc:
+        raise StorageUnavailable(
+            f"Redis is unreachable ({exc}); the notification was not published.",
+            hint="Retry once Redis is up.",
+        ) from None
+    return _json({"session": sess.id, "id": event_id})
 
 
 async def instances_view(proxy: Proxy) -> list[dict[str, Any]]:
@@ -182,6 +208,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/sessions", list_sessions)
     app.router.add_get("/admin/sessions/{id}", get_session)
     app.router.add_delete("/admin/sessions/{id}", end_session)
+    app.router.add_post("/admin/sessions/{id}/notify", notify_session)
     app.router.add_get("/admin/instances", list_instances)
     app.router.add_post("/admin/instances/{id}/drain", drain_instance)
     app.router.add_delete("/admin/instances/{id}/drain", undrain_instance)

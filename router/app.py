@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from common.keys import Keys
+from common.notifications import EventLog
 from common.redis import REDIS_DOWN_ERRORS, create_redis
 from common.settings import Settings
 from router import admin
@@ -28,6 +29,7 @@ from router.registry import Registry
 from router.security import Guard
 from router.sessions import SessionTable
 from router.spares import Spares
+from router.streams import Hub
 from router.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,13 @@ def create_app(settings: Settings) -> web.Application:
         )
         allocator.reset = proxy.reset_instance
         app[admin.PROXY_KEY] = proxy
+        events = EventLog(redis, keys, maxlen=settings.notify_log_maxlen, ttl=settings.session_idle_timeout)
+        hub = Hub(
+            redis=redis, keys=keys, events=events, table=table, metrics=metrics,
+            keepalive=settings.stream_keepalive, per_session=settings.streams_per_session,
+            retry_ms=settings.stream_retry_ms, session_ttl=settings.session_idle_timeout,
+        )  # fmt: skip
+        proxy.notifications = hub
         _wire_gauges(metrics, proxy, upstream)
         try:
             loaded = await table.load()
@@ -135,6 +144,8 @@ def create_app(settings: Settings) -> web.Application:
             asyncio.create_task(_every(1.0, "session flush", table.flush)),
             asyncio.create_task(_every(1.0, "unfinished session ends", proxy.finish_ends)),
             asyncio.create_task(_every(sweep, "idle sweep", maint.sweep_idle)),
+            asyncio.create_task(hub.run(), name="notification hub"),
+            asyncio.create_task(_every(sweep, "stream sessions", hub.keep_sessions)),
         ]
         try:
             yield
@@ -150,6 +161,7 @@ def create_app(settings: Settings) -> web.Application:
             await redis.aclose()
 
     app.cleanup_ctx.append(resources)
+    app.on_shutdown.append(_close_streams)
     admin.add_routes(app)
 
     async def mcp(request: web.Request) -> web.StreamResponse:
@@ -158,6 +170,13 @@ def create_app(settings: Settings) -> web.Application:
     for path in ("/mcp", "/mcp/", "/mcp/s/{name}"):
         app.router.add_route("*", path, mcp)
     return app
+
+
+async def _close_streams(app: web.Application) -> None:
+    """Drop held notification streams first on shutdown, so clients move to the next router."""
+    hub = app[admin.PROXY_KEY].notifications
+    if hub is not None:
+        await hub.close()
 
 
 def _wire_gauges(metrics: Metrics, proxy: Proxy, upstream: Upstream) -> None:

@@ -108,6 +108,10 @@ class Metrics:
         self.spares_started = Counter("exai_router_spares_started_total", "Idle instances started on demand.")
         self.sessions_ended = Counter("exai_router_sessions_ended_total", "Sessions ended, by reason.")
         self.gauges: list[Gauge] = []
+        self.extra: list[Counter | Histogram] = []  # registered by the parts that own them
+
+    def add(self, metric: Counter | Histogram) -> None:
+        self.extra.append(metric)
 
     def gauge(self, name: str, doc: str, collect: Callable[[], dict[Labels, float]]) -> None:
         self.gauges.append(Gauge(name, doc, collect))
@@ -125,6 +129,7 @@ class Metrics:
                 self.allocation_wait_seconds,
                 self.spares_started,
                 self.sessions_ended,
+                *self.extra,
             )
         ]
         return "\n".join(line for part in parts for line in part) + "\n"

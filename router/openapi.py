@@ -92,6 +92,47 @@ OPENAPI: dict[str, Any] = {
                 },
             },
         },
+        "/admin/sessions/{id}/notify": {
+            "parameters": [_ID],
+            "post": {
+                "summary": "Publish a notification to a session's streams (as an instance would)",
+                "description": "Appends the notification to the session's event log; the router "
+                "writes it to the session's GET stream and matching subscriptions/listen streams.",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "method": {
+                                        "type": "string",
+                                        "example": "notifications/resources/updated",
+                                    },
+                                    "params": {"type": "object", "example": {"uri": "exai://notes"}},
+                                },
+                                "required": ["method"],
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _ok(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "session": {"type": "string"},
+                                "id": {"type": "string", "description": "the event id (SSE id)"},
+                            },
+                        },
+                        "logged and published",
+                    ),
+                    "400": _ok(_ERROR, "not a notification"),
+                    "404": _ok(_ERROR, "unknown session"),
+                    **_ERRORS,
+                },
+            },
+        },
         "/admin/instances": {
             "get": {
                 "summary": "List instances",

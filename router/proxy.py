@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -46,6 +46,9 @@ from router.registry import Instance, Registry
 from router.security import Guard
 from router.sessions import Session, SessionTable, new_session_id
 from router.upstream import STREAMS_PER_INSTANCE
+
+if TYPE_CHECKING:
+    from router.streams import Hub
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +139,7 @@ class Proxy:
         self._background: set[asyncio.Task[Any]] = set()
         # Sessions ended while Redis was down: (session, instance, persisted, reason) by id.
         self.unfinished_ends: dict[str, tuple[Session, Instance | None, bool, str]] = {}
+        self.notifications: Hub | None = None  # notification streams held here (router/streams.py)
 
     # --- entry -----------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -203,6 +207,8 @@ class Proxy:
             sess.protocol_version = version
         if request.method == "DELETE":
             return await self._delete(request, sess, started)
+        if request.method == "GET" and self.notifications is not None:
+            return await self.notifications.serve_get(request, sess)
         return await self._forward(request, sess, body, msg, started)
 
     async def _open_handshake(
@@ -257,6 +263,23 @@ class Proxy:
         self, request: web.Request, principal: str, body: bytes | None, msg: Message | None, started: float
     ) -> web.StreamResponse:
         key, client = self.session_key(request, principal, msg)
+        hub = self.notifications
+        if (
+            hub is not None
+            and msg is not None
+            and msg.method == "subscriptions/listen"
+            and msg.id is not None
+        ):
+            return await hub.serve_listen(request, principal, key, client, msg)
+        if hub is not None and request.method == "GET":
+            # The 2026-07-28 transport has no GET, except to resume a listen stream held here.
+            if (resume := hub.listen_resume(request)) is None:
+                raise MethodNotAllowed(
+                    "GET is not allowed here: 2026-07-28 sessions use POST only "
+                    "(GET only resumes a subscriptions/listen stream)",
+                    allow="POST",
+                )
+            return await hub.resume_listen(request, principal, *resume)
         sess = await self.table.fetch_by_key(key)
         if request.method == "GET" or sess is None or sess.ended:
             if request.method != "POST":
@@ -594,6 +617,8 @@ class Proxy:
     async def _release(self, sess: Session, inst: Instance | None, persisted: bool) -> None:
         if persisted:
             await self.table.remove(sess)
+        if self.notifications is not None:
+            await self.notifications.session_ended(sess.id)
         if inst is None and sess.instance_id:
             inst = await self.registry.get(sess.instance_id)
         if inst is not None:

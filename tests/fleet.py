@@ -17,8 +17,8 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import time
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -236,17 +236,22 @@ class Fleet:
         self.supervisor.stop("router", wait=True)
         self.supervisor.start("router", wait=False)
         self.supervisor.wait_running(["router"])
-        # RUNNING means "up for startsecs", not "listening": on a busy machine the import alone
-        # can take longer, and a client connecting then is refused.
+        self.wait_router_listening(timeout)
+
+    def wait_router_listening(self, timeout: float = 30.0) -> None:
+        """supervisord says RUNNING after startsecs (1 s); on a loaded machine the router may
+        need longer to import and bind its port. Wait until /healthz answers."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", self.settings.router_port), timeout=1.0):
-                    return
+                with urllib.request.urlopen(self.router_url + "/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return
             except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the restarted router does not accept connections") from None
-                time.sleep(0.1)
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the router did not answer /healthz within {timeout:g}s")
+            time.sleep(0.05)
 
     def _kill(self, name: str, sig: int) -> int:
         pid = self.supervisor.process(name).pid

@@ -77,4 +77,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 "backlog": backlog,
                 "pool": pool,
             },
+            # Notifications for the session's router-held streams: published, queued while Redis
+            # is unreachable, and dropped because EXAI_NOTIFY_BUFFER was full.
+            "notifications": runtime.notifier.stats() if runtime.notifier else None,
         }

@@ -12,6 +12,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
 from common.errors import InvalidArgument
+from instance.resources import notes_changed
 from instance.runtime import Runtime
 from instance.tools import exai_tool, headers_of
 
@@ -56,6 +57,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             importance=importance,
             expected_version=expected_version,
         )
+        if scope == "session":
+            notes_changed(runtime, note.scope_id)
         return {"status": "success", "note": note.to_dict()}
 
     @exai_tool(mcp, runtime, description="Read one note by key.")
@@ -85,4 +88,6 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         deleted = await storage.notes.delete(
             scope=scope, scope_id=await scope_id(ctx, scope, continuation_id), key=key
         )
+        if deleted and scope == "session":
+            notes_changed(runtime, runtime.session_for(headers_of(ctx)))
         return {"status": "success", "deleted": deleted, "key": key}

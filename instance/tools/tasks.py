@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
+from instance.resources import tasks_changed
 from instance.runtime import Runtime
 from instance.tools import exai_tool, headers_of
 
@@ -45,6 +46,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             principal=runtime.principal_for(headers_of(ctx)),
             owner=runtime.owner_for(headers_of(ctx)),
         )
+        if task.session_id:
+            tasks_changed(runtime, task.session_id)
         return {"status": "success", "task": task.to_dict()}
 
     @exai_tool(
@@ -82,6 +85,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             owner=runtime.owner_for(headers_of(ctx)),
             **extra,
         )
+        if task.session_id:
+            tasks_changed(runtime, task.session_id)
         return {"status": "success", "task": task.to_dict()}
 
     @exai_tool(

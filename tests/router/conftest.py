@@ -50,10 +50,12 @@ async def mcp_client(
     name: str = "tests",
     token: str | None = None,
     session_ids: list[str] | None = None,
+    message_handler: Any = None,
 ) -> AsyncIterator[Client]:
     """A real SDK client through the router (mode: 'legacy' handshake era or '2026-07-28').
 
-    `session_ids` collects the Mcp-Session-Id of every request the client sends.
+    `session_ids` collects the Mcp-Session-Id of every request the client sends;
+    `message_handler` sees what the server sends outside answers (notifications).
     """
     headers = {"Authorization": f"Bearer {token}"} if token else {}
 
@@ -70,6 +72,7 @@ async def mcp_client(
                 streamable_http_client(url, http_client=http),
                 mode=mode,  # type: ignore[arg-type]
                 client_info=mcp_types.Implementation(name=name, version="1"),
+                message_handler=message_handler,
             ) as client,
         ):
             yield client

@@ -1,9 +1,9 @@
-"""Long-lived GET streams through the router: no read timeout, and a pool of their own.
+"""Long-lived GET streams: no read timeout, and they never take what calls need.
 
 Handshake-era clients keep a GET stream open for server-to-client messages, silent for as long
-as the server has nothing to say. The router's upstream read timeout (EXAI_UPSTREAM_READ_TIMEOUT,
-2 s here) applies to POST answers only, and open streams use their own bounded connection pool,
-so they can neither be cut off by a timeout nor use up the connections calls need.
+as the server has nothing to say. The router holds those streams itself (router/streams.py), so
+the upstream read timeout (EXAI_UPSTREAM_READ_TIMEOUT, 2 s here) that applies to POST answers
+cannot cut them off, and they use no connection to an instance at all.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def fleet(module_fleet_factory: Callable[..., Fleet], provider: FakeProvider) ->
         glm_api_url=provider.glm_url,
         provider_max_retries=0,
         upstream_read_timeout=READ_TIMEOUT,
+        streams_per_session=1,
         **ROUTER_TEST_SETTINGS,
     )
 
@@ -129,7 +130,7 @@ async def test_a_silent_get_stream_outlives_the_upstream_read_timeout(
             status = _ok(await sess.call("status"))  # the session works while its stream is open
             assert status["session"] == sess.sid
             _, metrics = await fleet.admin("GET", "/metrics")
-            assert "exai_router_upstream_streams 1" in metrics
+            assert 'exai_router_notify_streams{kind="get"} 1' in metrics
 
             # A POST answer that stays silent longer than the read timeout is cut off with a
             # clear error (the provider takes 3 x the timeout to answer).
@@ -155,7 +156,7 @@ async def test_open_streams_never_starve_calls(fleet: Fleet) -> None:
         streams = [await stack.enter_async_context(s.stream()) for s in sessions]
         assert [s.status for s in streams] == [200, 200, 200]
 
-        # A session's extra stream is refused at once (by the instance or the router), not queued.
+        # A session's extra stream is refused at once (EXAI_STREAMS_PER_SESSION=1), not queued.
         async with sessions[0].stream() as extra:
             assert extra.status == 409
         async with sessions[0].stream() as extra:
@@ -169,4 +170,4 @@ async def test_open_streams_never_starve_calls(fleet: Fleet) -> None:
         assert len({st["instance_id"] for st in statuses}) == 3
         assert all(not s.content.at_eof() for s in streams)
         _, metrics = await fleet.admin("GET", "/metrics")
-        assert "exai_router_upstream_streams 3" in metrics
+        assert 'exai_router_notify_streams{kind="get"} 3' in metrics
