@@ -188,7 +188,9 @@ class Relay:
         except ExaiError as exc:
             await self.write(exc.to_jsonrpc(request_id))
         except ValueError as exc:  # the router's body was not JSON
-            await self.write(BridgeError(f"The router sent a malformed message ({exc}).").to_jsonrpc(request_id))
+            await self.write(
+                BridgeError(f"The router sent a malformed message ({exc}).").to_jsonrpc(request_id)
+            )
 
     async def _deliver(self, message: dict[str, Any]) -> None:
         """Post a notification or a response (the router answers 202); failures are only logged."""
@@ -269,7 +271,9 @@ class Relay:
                 continue
             raise RouterConnectionLost("The connection to the EXAI router broke before the answer arrived.")
 
-    async def _answer(self, message: dict[str, Any], resp: httpx.Response, request_id: Any, *, relay: bool) -> bool:
+    async def _answer(
+        self, message: dict[str, Any], resp: httpx.Response, request_id: Any, *, relay: bool
+    ) -> bool:
         """Relay the response body; True once the request's answer (or the notification's ack) is through."""
         if message.get("method") == "initialize" and resp.status_code < 400:
             self.sid = resp.headers.get(p.MCP_SESSION_ID) or self.sid
@@ -333,14 +337,17 @@ class Relay:
             out["id"] = request_id
             await self.write(out)
         else:
-            await self.write(BridgeError(f"The router refused the request ({resp.status_code}).").to_jsonrpc(request_id))
+            await self.write(
+                BridgeError(f"The router refused the request ({resp.status_code}).").to_jsonrpc(request_id)
+            )
 
     def _disconnected(self, exc: Exception) -> None:
         if not self._router_down:
             self._router_down = True
             self.say(
                 f"exai-bridge: cannot reach the EXAI router at {self.url} ({exc or exc.__class__.__name__}); "
-                f"waiting up to {self.retry_seconds:g}s per request. Is the fleet running? Start it with `exai up`."
+                f"waiting up to {self.retry_seconds:g}s per request. "
+                "Is the fleet running? Start it with `exai up`."
             )
 
     def _connected(self) -> None:

@@ -303,9 +303,7 @@ class RouterUnreachable(BridgeError):
 
     code = "router_unreachable"
     http_status = 503
-    default_hint = (
-        "Nothing was sent. Start the fleet with `exai up` (or check EXAI_BRIDGE_URL), then retry."
-    )
+    default_hint = "Nothing was sent. Start the fleet with `exai up` (or check EXAI_BRIDGE_URL), then retry."
 
 
 class RouterConnectionLost(BridgeError):

@@ -58,3 +58,23 @@ INSTANCE_PROGRAM: Final = "instance"
 def instance_process_name(num: int) -> str:
     """supervisord's process name for instance number `num` (1-based)."""
     return f"{INSTANCE_PROGRAM}_{num:02d}"
+
+
+# Instances on other hosts: each registers the address routers should connect to (its
+# EXAI_INSTANCE_ADVERTISE_HOST), and its registry id names that host, so that instance_01 of
+# two hosts never share a registry entry. On the default loopback address the id is the
+# supervisord process name, as it always was.
+DEFAULT_INSTANCE_HOST: Final = "127.0.0.1"
+
+
+def registry_id(name: str, advertise_host: str) -> str:
+    """The registry id of instance `name` reached at `advertise_host`."""
+    return name if advertise_host == DEFAULT_INSTANCE_HOST else f"{name}@{advertise_host}"
+
+
+def local_name(instance_id: str, advertise_host: str) -> str | None:
+    """The process name behind registry id `instance_id` if it is advertised at `advertise_host`."""
+    name, sep, host = instance_id.partition("@")
+    if not sep:
+        return name if advertise_host == DEFAULT_INSTANCE_HOST else None
+    return name if host == advertise_host else None

@@ -182,6 +182,18 @@ class Settings(BaseSettings):
         return self.instance_base_port + num
 
     @property
+    def instance_advertise(self) -> str:
+        """The address an instance registers: EXAI_INSTANCE_ADVERTISE_HOST, else where it listens
+        (this host's name when it listens on every interface)."""
+        if self.instance_advertise_host:
+            return self.instance_advertise_host
+        if self.instance_host in ("0.0.0.0", "::"):
+            import socket
+
+            return socket.gethostname()
+        return self.instance_host
+
+    @property
     def supervisor_socket(self) -> Path:
         return self.state_dir / "supervisor.sock"
 

@@ -29,7 +29,11 @@ INIT = {
     "jsonrpc": "2.0",
     "id": 0,
     "method": "initialize",
-    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"},
+    },
 }
 
 
@@ -117,7 +121,9 @@ async def _bridge(*args: str, env: dict[str, str], cwd: Path) -> asyncio.subproc
 async def test_closing_stdin_exits_0_and_ends_the_session(fleet: Fleet, tmp_path: Path) -> None:
     proc = await _bridge(env=bridge_env(fleet), cwd=tmp_path)
     call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "status", "arguments": {}}}
-    init, status = await _exchange(proc, INIT, {"jsonrpc": "2.0", "method": "notifications/initialized"}, call)
+    init, status = await _exchange(
+        proc, INIT, {"jsonrpc": "2.0", "method": "notifications/initialized"}, call
+    )
     assert init["result"]["protocolVersion"] == "2025-11-25"
     session = status["result"]["structuredContent"]["session"]
     _, body = await fleet.admin("GET", "/admin/sessions")
