@@ -31,6 +31,9 @@ LAST_EVENT_ID: Final = "Last-Event-ID"
 INTERNAL_HEALTH: Final = "/internal/health"  # GET -> {"id", "state", "session", "inflight"}
 INTERNAL_RESET: Final = "/internal/reset"  # POST -> forget the bound session, close MCP sessions
 INTERNAL_DRAIN: Final = "/internal/drain"  # POST -> stop taking new sessions
+# Token-free probes of an instance for an orchestrator (Kubernetes): the state, nothing else.
+PROBE_LIVE: Final = "/healthz"  # GET -> 200 {"state"} while the process answers
+PROBE_READY: Final = "/readyz"  # GET -> 200 when "ready", 503 while starting, draining or stopping
 
 Era = Literal["handshake", "stateless"]
 InstanceState = Literal["starting", "ready", "draining", "stopping"]

@@ -50,6 +50,12 @@ class Identity:
     host: str
     port: int
     advertise: str = DEFAULT_INSTANCE_HOST
+    name: str = ""  # the process name (stable across restarts, unlike a pod address in `id`)
+
+    @property
+    def spool_name(self) -> str:
+        """Names the local spool, which a restarted process of the same name must replay."""
+        return self.name or self.id
 
 
 def resolve_identity(settings: Settings) -> Identity:
@@ -71,7 +77,11 @@ def resolve_identity(settings: Settings) -> Identity:
     name = settings.instance_id or (instance_process_name(num) if num is not None else f"instance_p{port}")
     advertise = settings.instance_advertise
     return Identity(
-        id=registry_id(name, advertise), host=settings.instance_host, port=port, advertise=advertise
+        id=registry_id(name, advertise),
+        host=settings.instance_host,
+        port=port,
+        advertise=advertise,
+        name=name,
     )
 
 

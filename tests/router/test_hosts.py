@@ -61,6 +61,16 @@ async def test_routers_route_to_instances_on_other_hosts_and_survive_a_host_dyin
         token = {"X-Exai-Internal-Token": fleet.internal_token}
         async with http.get(url + "/internal/health", headers=token) as r:
             assert r.status == 200
+        # Orchestrator probes need no token and tell nothing but the state.
+        async with http.get(url + "/healthz") as r:
+            assert r.status == 200 and await r.json() == {"state": "ready"}
+        async with http.get(url + "/readyz") as r:
+            assert r.status == 200
+        spare = f"http://{HOST_A}:{host_a.instance_port(2)}"
+        async with http.post(spare + "/internal/drain", headers=token) as r:
+            assert r.status == 200
+        async with http.get(spare + "/readyz") as r:
+            assert r.status == 503 and await r.json() == {"state": "draining"}
 
     async with (
         mcp_client(fleet.mcp_url, "legacy", name="one") as one,
