@@ -114,10 +114,10 @@ async def test_claude_code_connects_with_the_snippet(fleet: Fleet, claude: Path,
     }
 
     async def run(*args: str) -> str:
+        pipe = asyncio.subprocess
         proc = await asyncio.create_subprocess_exec(
-            str(claude), *args, cwd=project, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
+            str(claude), *args, cwd=project, env=env, stdin=pipe.DEVNULL, stdout=pipe.PIPE, stderr=pipe.STDOUT
+        )
         out, _ = await asyncio.wait_for(proc.communicate(), 120)
         assert proc.returncode == 0, out.decode()
         return out.decode()
