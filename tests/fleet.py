@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import redis as redis_sync
 
-from common.cli import admin_token, internal_token, launch, registered_instances, scale
+from common.cli import admin_token, internal_token, launch, registered_instances, scale, wait_healthz
 from common.errors import FleetControlError, SupervisorFault
 from common.keys import Keys
 from common.protocol import MCP_PATH, instance_process_name, registry_id
@@ -232,9 +232,12 @@ class Fleet:
         return self._kill("router", sig)
 
     def restart_router(self) -> None:
+        """Stop and start the router; return once it answers /healthz (supervisord's RUNNING
+        comes after startsecs, which a loaded machine's imports can outlast)."""
         self.supervisor.stop("router", wait=True)
         self.supervisor.start("router", wait=False)
         self.supervisor.wait_running(["router"])
+        wait_healthz(self.settings, self.supervisor)
 
     def _kill(self, name: str, sig: int) -> int:
         pid = self.supervisor.process(name).pid
