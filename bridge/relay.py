@@ -128,7 +128,6 @@ class Relay:
     calls: dict[str, Call] = field(default_factory=dict)
     _reopen_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _listener: asyncio.Task[None] | None = None
-    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _router_down: bool = False
     _token_refused: bool = False
 
@@ -393,17 +392,18 @@ class Relay:
                 async with self.http.stream("GET", self.url, headers=headers) as resp:
                     if resp.status_code == 405:
                         return  # this server offers no stream
-                    if resp.status_code == 404:
+                    if resp.status_code == 404:  # the router forgot the session
                         await resp.aread()
                         with contextlib.suppress(ExaiError):
                             await self._reopen(sid)
-                        last_id = None
-                        continue
-                    if resp.status_code == 200:
+                    elif resp.status_code == 200:
                         async for event in sse_events(resp):
                             last_id = event.id or last_id
                             if event.data:
-                                await self.write(json.loads(event.data))
+                                try:
+                                    await self.write(json.loads(event.data))
+                                except ValueError:
+                                    log.warning("skipped a malformed event: %r", event.data[:200])
                     else:
                         await resp.aread()
             except httpx.TransportError as exc:
