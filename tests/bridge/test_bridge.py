@@ -1,7 +1,8 @@
 """exai-bridge driven by the Python SDK's own stdio client, and by hand, through a real fleet.
 
 A whole session per protocol era: tools, progress, cancellation, a router restart in the
-middle (the client must not notice), a session the router forgot (the bridge opens a new one),
+middle and a failover to another instance (the client must not notice either), a session the
+router forgot (the bridge opens a new one),
 and the bridge's own exits and messages.
 """
 
@@ -17,7 +18,7 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
-from tests.bridge.conftest import BRIDGE, TOKEN, bridge_env, instance_inflight, until
+from tests.bridge.conftest import BRIDGE, TOKEN, bridge_env, instance_inflight, instance_num, until
 from tests.fakes.provider import Behaviour, FakeProvider
 from tests.fleet import Fleet
 from tests.ports import free_port
@@ -81,6 +82,20 @@ async def test_python_stdio_client_through_the_bridge_across_a_router_restart(
         await asyncio.to_thread(fleet.restart_router)
         after_restart = await status_of(client)
         assert after_restart["session"] == first["session"]
+
+        # The instance dies (kill -9, not restarted): the router moves the session elsewhere.
+        num = instance_num(first["instance_id"])
+        pid = await asyncio.to_thread(fleet.kill_instance, num, restart=False)
+
+        async def gone() -> bool:  # the next call comes once the registry has dropped the pid
+            _, body = await fleet.admin("GET", "/admin/instances")
+            return all(str(i["pid"]) != str(pid) for i in body["instances"])
+
+        await until(gone)
+        moved = await status_of(client)
+        assert moved["session"] == first["session"] and moved["instance_id"] != first["instance_id"]
+        await asyncio.to_thread(fleet.start_instance, num)
+        await fleet.wait_instances(2)
 
         # The router forgets the session (ended by the admin): the next call still works.
         status, _ = await fleet.admin("DELETE", f"/admin/sessions/{first['session']}")
