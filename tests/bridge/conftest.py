@@ -8,36 +8,52 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from tests.conftest import _fleet_maker
 from tests.fakes.provider import FakeProvider
 from tests.fleet import Fleet
-from tests.router.conftest import ROUTER_TEST_SETTINGS, instance_num, provider  # noqa: F401 - fixture
+from tests.router.conftest import ROUTER_TEST_SETTINGS, instance_num
 
 BRIDGE = str(Path(sys.executable).parent / "exai-bridge")
 TOKEN = "bridge-test-token"
 
 
-@pytest.fixture(scope="module")
-def fleet(module_fleet_factory: Callable[..., Fleet], provider: FakeProvider) -> Fleet:  # noqa: F811
-    return module_fleet_factory(
-        instances=2,
-        max_instances=2,
-        glm_api_key="fake-key",
-        glm_api_url=provider.glm_url,
-        provider_max_retries=0,
-        auth_tokens=[f"tester={TOKEN}"],
-        **ROUTER_TEST_SETTINGS,
-    )
+@pytest.fixture(scope="package")
+def provider() -> Iterator[FakeProvider]:
+    """The fake LLM provider (a real HTTP server on loopback) for the bridge tests' fleet."""
+    with FakeProvider().running() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="package")
+def fleet(
+    pg_dsn: str,
+    redis_url: str,
+    redis_prefix: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    provider: FakeProvider,
+) -> Iterator[Fleet]:
+    """One fleet for every bridge test module (each fleet costs seconds to start)."""
+    with _fleet_maker(pg_dsn, redis_url, f"{redis_prefix}b", tmp_path_factory) as make:
+        yield make(
+            instances=2,
+            max_instances=2,
+            glm_api_key="fake-key",
+            glm_api_url=provider.glm_url,
+            provider_max_retries=0,
+            auth_tokens=[f"tester={TOKEN}"],
+            **ROUTER_TEST_SETTINGS,
+        )
 
 
 @pytest.fixture(autouse=True)
-async def clean_fleet(fleet: Fleet, provider: FakeProvider) -> AsyncIterator[None]:  # noqa: F811
+async def clean_fleet(fleet: Fleet, provider: FakeProvider) -> AsyncIterator[None]:
     yield
     provider.reset()
     await fleet.end_all_sessions()
