@@ -33,7 +33,7 @@ from common.entry import run_entry
 from common.errors import ConfigError, FleetControlError, StorageUnavailable
 from common.keys import Keys
 from common.migrate import migrate
-from common.protocol import MCP_PATH
+from common.protocol import DEFAULT_INSTANCE_HOST, MCP_PATH, local_name
 from common.settings import Settings, load_settings
 from common.supervisor import (
     ProcessInfo,
@@ -129,7 +129,7 @@ def check_ports(settings: Settings, services: Services) -> None:
     if services.redis is not None:
         wanted.append(("127.0.0.1", services.redis.port, "EXAI_EMBEDDED_REDIS_PORT"))
     for num in range(1, settings.max_instances + 1):
-        wanted.append(("127.0.0.1", settings.instance_port_for(num), "EXAI_INSTANCE_BASE_PORT"))
+        wanted.append((settings.instance_host, settings.instance_port_for(num), "EXAI_INSTANCE_BASE_PORT"))
     for host, port, var in wanted:
         if port > 65535:
             raise ConfigError(f"{var}: port {port} is above 65535.", hint="Choose a lower port.")
@@ -247,8 +247,9 @@ def wait_healthz(settings: Settings, ctl: SupervisorControl, *, timeout: float =
         time.sleep(0.2)
 
 
-def registered_instances(redis_url: str, prefix: str) -> set[str]:
-    """Ids of instances whose registry entry is alive and ready."""
+def registered_instances(redis_url: str, prefix: str, host: str = DEFAULT_INSTANCE_HOST) -> set[str]:
+    """Process names of this host's instances (advertised at `host`) whose registry entry is
+    alive and ready; other hosts' instances in the same registry are left out."""
     import redis as redis_sync
 
     keys = Keys(prefix)
@@ -256,8 +257,9 @@ def registered_instances(redis_url: str, prefix: str) -> set[str]:
     try:
         ready = set()
         for member in client.smembers(keys.instances()):  # type: ignore[union-attr]
-            if client.hget(keys.instance(str(member)), "state") == "ready":
-                ready.add(str(member))
+            name = local_name(str(member), host)
+            if name is not None and client.hget(keys.instance(str(member)), "state") == "ready":
+                ready.add(name)
         return ready
     except (redis_sync.RedisError, OSError) as exc:
         raise FleetControlError(f"cannot read the instance registry at {_where(redis_url)}: {exc}.") from None
@@ -266,11 +268,17 @@ def registered_instances(redis_url: str, prefix: str) -> set[str]:
 
 
 def wait_registered(
-    redis_url: str, prefix: str, names: Sequence[str], ctl: SupervisorControl, *, timeout: float = 60.0
+    redis_url: str,
+    prefix: str,
+    names: Sequence[str],
+    ctl: SupervisorControl,
+    *,
+    timeout: float = 60.0,
+    host: str = DEFAULT_INSTANCE_HOST,
 ) -> None:
     """Wait until the started instances are in the registry, so the router can hand them out."""
     deadline = time.monotonic() + timeout
-    while missing := set(names) - registered_instances(redis_url, prefix):
+    while missing := set(names) - registered_instances(redis_url, prefix, host):
         ctl.wait_running(missing, timeout=max(1.0, deadline - time.monotonic()))
         if time.monotonic() > deadline:
             raise FleetControlError(
@@ -280,8 +288,9 @@ def wait_registered(
         time.sleep(0.1)
 
 
-def busy_instances(redis_url: str, prefix: str) -> set[str]:
-    """Ids of instances bound to a session (best effort: empty when Redis is unreachable)."""
+def busy_instances(redis_url: str, prefix: str, host: str = DEFAULT_INSTANCE_HOST) -> set[str]:
+    """Process names of this host's instances bound to a session (best effort: empty when Redis
+    is unreachable)."""
     import redis as redis_sync
 
     keys = Keys(prefix)
@@ -290,8 +299,9 @@ def busy_instances(redis_url: str, prefix: str) -> set[str]:
         try:
             busy = set()
             for member in client.smembers(keys.instances()):  # type: ignore[union-attr]
-                if client.hget(keys.instance(str(member)), "session"):
-                    busy.add(str(member))
+                name = local_name(str(member), host)
+                if name is not None and client.hget(keys.instance(str(member)), "session"):
+                    busy.add(name)
             return busy
         finally:
             client.close()
@@ -360,7 +370,14 @@ def launch(
         services_up = [n for n, svc in (("postgres", services.postgres), ("redis", services.redis)) if svc]
         ctl.wait_running([*services_up, "router", *names], timeout=timeout)
         wait_healthz(settings, ctl, timeout=timeout)
-        wait_registered(services.redis_url, settings.redis_prefix, names, ctl, timeout=timeout)
+        wait_registered(
+            services.redis_url,
+            settings.redis_prefix,
+            names,
+            ctl,
+            timeout=timeout,
+            host=settings.instance_advertise,
+        )
     except BaseException:
         ctl.shutdown()
         raise
@@ -379,7 +396,9 @@ def scale(settings: Settings, ctl: SupervisorControl, target: int) -> tuple[list
     infos = ctl.processes()
     busy: set[str] = set()
     if target < sum(1 for p in infos if p.active and p.instance_num is not None):
-        busy = busy_instances(services_for(settings).redis_url, settings.redis_prefix)
+        busy = busy_instances(
+            services_for(settings).redis_url, settings.redis_prefix, settings.instance_advertise
+        )
     plan = plan_scale(infos, target, busy)
     for name in plan.start:
         ctl.start(name, wait=False)
@@ -389,7 +408,13 @@ def scale(settings: Settings, ctl: SupervisorControl, target: int) -> tuple[list
         ctl.wait_stopped(plan.stop)
     if plan.start:
         ctl.wait_running(plan.start)
-        wait_registered(services_for(settings).redis_url, settings.redis_prefix, plan.start, ctl)
+        wait_registered(
+            services_for(settings).redis_url,
+            settings.redis_prefix,
+            plan.start,
+            ctl,
+            host=settings.instance_advertise,
+        )
     return list(plan.start), list(plan.stop)
 
 

@@ -358,6 +358,28 @@ class TooManyStreams(RoutingError):
     default_hint = "Close a stream this session no longer reads, or raise EXAI_STREAMS_PER_SESSION."
 
 
+# --- exai-bridge (stdio clients) -------------------------------------------------------------
+class BridgeError(RoutingError):
+    """exai-bridge could not carry a message between its stdio client and the router."""
+
+    code = "bridge_error"
+
+
+class RouterUnreachable(BridgeError):
+    """The router did not accept a connection for EXAI_BRIDGE_RETRY_SECONDS; nothing was sent."""
+
+    code = "router_unreachable"
+    http_status = 503
+    default_hint = "Nothing was sent. Start the fleet with `exai up` (or check EXAI_BRIDGE_URL), then retry."
+
+
+class RouterConnectionLost(BridgeError):
+    """The connection to the router broke while a request was in flight."""
+
+    code = "router_connection_lost"
+    default_hint = "The call may or may not have run; retry it if it is safe to repeat."
+
+
 class ShuttingDown(ExaiError):
     """The process is stopping and takes no new work."""
 

@@ -50,6 +50,9 @@ LAST_EVENT_ID: Final = "Last-Event-ID"
 INTERNAL_HEALTH: Final = "/internal/health"  # GET -> {"id", "state", "session", "inflight"}
 INTERNAL_RESET: Final = "/internal/reset"  # POST -> forget the bound session, close MCP sessions
 INTERNAL_DRAIN: Final = "/internal/drain"  # POST -> stop taking new sessions; DELETE -> take them again
+# Token-free probes of an instance for an orchestrator (Kubernetes): the state, nothing else.
+PROBE_LIVE: Final = "/healthz"  # GET -> 200 {"state"} while the process answers
+PROBE_READY: Final = "/readyz"  # GET -> 200 when "ready", 503 while starting, draining or stopping
 
 Era = Literal["handshake", "stateless"]
 InstanceState = Literal["starting", "ready", "draining", "stopping"]
@@ -77,3 +80,23 @@ INSTANCE_PROGRAM: Final = "instance"
 def instance_process_name(num: int) -> str:
     """supervisord's process name for instance number `num` (1-based)."""
     return f"{INSTANCE_PROGRAM}_{num:02d}"
+
+
+# Instances on other hosts: each registers the address routers should connect to (its
+# EXAI_INSTANCE_ADVERTISE_HOST), and its registry id names that host, so that instance_01 of
+# two hosts never share a registry entry. On the default loopback address the id is the
+# supervisord process name, as it always was.
+DEFAULT_INSTANCE_HOST: Final = "127.0.0.1"
+
+
+def registry_id(name: str, advertise_host: str) -> str:
+    """The registry id of instance `name` reached at `advertise_host`."""
+    return name if advertise_host == DEFAULT_INSTANCE_HOST else f"{name}@{advertise_host}"
+
+
+def local_name(instance_id: str, advertise_host: str) -> str | None:
+    """The process name behind registry id `instance_id` if it is advertised at `advertise_host`."""
+    name, sep, host = instance_id.partition("@")
+    if not sep:
+        return name if advertise_host == DEFAULT_INSTANCE_HOST else None
+    return name if host == advertise_host else None

@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     instance_id: str | None = Field(None, validation_alias="EXAI_INSTANCE_ID")
     instance_port: int | None = Field(None, ge=1, le=65535, validation_alias="EXAI_INSTANCE_PORT")
     instance_num: int | None = Field(None, ge=0, le=1000, validation_alias="EXAI_INSTANCE_NUM")
+    # Address an instance listens on, and the one it registers for routers to connect to (another
+    # host's routers need a routable address; unset: the listen address, or the host name when
+    # listening on every interface).
+    instance_host: str = Field("127.0.0.1", min_length=1, validation_alias="EXAI_INSTANCE_HOST")
+    instance_advertise_host: str | None = Field(None, validation_alias="EXAI_INSTANCE_ADVERTISE_HOST")
     state_dir: Path = Field(default_factory=_default_state_dir, validation_alias="EXAI_STATE_DIR")
     admin_token: str | None = Field(None, validation_alias="EXAI_ADMIN_TOKEN")
     auth_tokens: Annotated[list[str], NoDecode] = Field(
@@ -109,6 +114,15 @@ class Settings(BaseSettings):
     notify_log_maxlen: int = Field(1000, ge=1, validation_alias="EXAI_NOTIFY_LOG_MAXLEN")
     notify_buffer: int = Field(1000, ge=1, validation_alias="EXAI_NOTIFY_BUFFER")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias="EXAI_LOG_LEVEL")
+
+    # --- exai-bridge (stdio clients) ----------------------------------------------------------
+    # The router URL (unset: this machine's EXAI_ROUTER_PORT), the session name (unset: one new
+    # name per bridge process), the bearer token, and how long a request waits for a router that
+    # does not accept connections (restarting, or down) before the client gets an error.
+    bridge_url: str | None = Field(None, validation_alias="EXAI_BRIDGE_URL")
+    bridge_session: str | None = Field(None, validation_alias="EXAI_BRIDGE_SESSION")
+    bridge_token: str | None = Field(None, validation_alias="EXAI_BRIDGE_TOKEN")
+    bridge_retry_seconds: float = Field(60.0, ge=0, validation_alias="EXAI_BRIDGE_RETRY_SECONDS")
 
     @field_validator("auth_tokens", "allowed_origins", mode="before")
     @classmethod
@@ -176,6 +190,18 @@ class Settings(BaseSettings):
 
     def instance_port_for(self, num: int) -> int:
         return self.instance_base_port + num
+
+    @property
+    def instance_advertise(self) -> str:
+        """The address an instance registers: EXAI_INSTANCE_ADVERTISE_HOST, else where it listens
+        (this host's name when it listens on every interface)."""
+        if self.instance_advertise_host:
+            return self.instance_advertise_host
+        if self.instance_host in ("0.0.0.0", "::"):
+            import socket
+
+            return socket.gethostname()
+        return self.instance_host
 
     @property
     def supervisor_socket(self) -> Path:

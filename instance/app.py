@@ -25,7 +25,15 @@ from common import __version__
 from common.errors import ConfigError, ExaiError, ShuttingDown, Unauthorized
 from common.keys import Keys
 from common.notifications import EventLog
-from common.protocol import INTERNAL_DRAIN, INTERNAL_HEALTH, INTERNAL_RESET, INTERNAL_TOKEN_HEADER, MCP_PATH
+from common.protocol import (
+    INTERNAL_DRAIN,
+    INTERNAL_HEALTH,
+    INTERNAL_RESET,
+    INTERNAL_TOKEN_HEADER,
+    MCP_PATH,
+    PROBE_LIVE,
+    PROBE_READY,
+)
 from common.redis import create_redis
 from common.settings import Settings
 from instance.notify import Notifier
@@ -60,6 +68,12 @@ class InternalTokenMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if scope["path"] in (PROBE_LIVE, PROBE_READY) and scope["method"] == "GET":
+            # Orchestrator probes (Kubernetes) carry no token; they learn the state and nothing else.
+            ready = self.runtime.state == "ready"
+            status = 200 if scope["path"] == PROBE_LIVE or ready else 503
+            await JSONResponse({"state": self.runtime.state}, status_code=status)(scope, receive, send)
             return
         headers = Headers(scope=scope)
         given = headers.get(INTERNAL_TOKEN_HEADER, "").encode()
@@ -182,7 +196,7 @@ async def _open_storage(
     """Open the storage facade; without it the instance still answers, and says why tools fail."""
     try:
         return await stack.enter_async_context(
-            Storage.open(settings, instance_id=runtime.identity.id, redis=runtime.redis)
+            Storage.open(settings, instance_id=runtime.identity.spool_name, redis=runtime.redis)
         )
     except ExaiError as exc:
         runtime.storage_error = str(exc)

@@ -39,7 +39,7 @@ class Registry:
         rt = self.runtime
         values: dict[str, str] = {
             "id": rt.identity.id,
-            "host": rt.identity.host,
+            "host": rt.identity.advertise,
             "port": str(rt.identity.port),
             "pid": str(rt.pid),
             "state": rt.state,

@@ -20,6 +20,7 @@ from common.errors import ConfigError, ShuttingDown, StorageUnavailable
 from common.protocol import (
     ADMIN_PRINCIPAL,
     CLIENT_HEADER,
+    DEFAULT_INSTANCE_HOST,
     ERA_HEADER,
     MCP_SESSION_ID,
     PRINCIPAL_HEADER,
@@ -27,6 +28,7 @@ from common.protocol import (
     InstanceState,
     instance_process_name,
     principals_of,
+    registry_id,
 )
 from common.settings import Settings
 
@@ -44,11 +46,19 @@ LOCAL_SESSION = "local"
 
 @dataclass(frozen=True)
 class Identity:
-    """Where this instance lives: its registry id and loopback address."""
+    """Where this instance lives: its registry id, the address it listens on, and the address
+    routers connect to (another host's routers need a routable one)."""
 
     id: str
     host: str
     port: int
+    advertise: str = DEFAULT_INSTANCE_HOST
+    name: str = ""  # the process name (stable across restarts, unlike a pod address in `id`)
+
+    @property
+    def spool_name(self) -> str:
+        """Names the local spool, which a restarted process of the same name must replay."""
+        return self.name or self.id
 
 
 def resolve_identity(settings: Settings) -> Identity:
@@ -67,10 +77,15 @@ def resolve_identity(settings: Settings) -> Identity:
         )
     if port > 65535:
         raise ConfigError(f"EXAI_INSTANCE_BASE_PORT + EXAI_INSTANCE_NUM gives port {port}, above 65535")
-    instance_id = settings.instance_id or (
-        instance_process_name(num) if num is not None else f"instance_p{port}"
+    name = settings.instance_id or (instance_process_name(num) if num is not None else f"instance_p{port}")
+    advertise = settings.instance_advertise
+    return Identity(
+        id=registry_id(name, advertise),
+        host=settings.instance_host,
+        port=port,
+        advertise=advertise,
+        name=name,
     )
-    return Identity(id=instance_id, host="127.0.0.1", port=port)
 
 
 @dataclass

@@ -36,7 +36,8 @@ class Instance:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 pod address
+        return f"http://{host}:{self.port}"
 
     @property
     def heartbeat_age(self) -> float:

@@ -18,7 +18,6 @@ import contextlib
 import os
 import signal
 import time
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -27,10 +26,10 @@ from typing import Any
 import aiohttp
 import redis as redis_sync
 
-from common.cli import admin_token, internal_token, launch, registered_instances, scale
-from common.errors import SupervisorFault
+from common.cli import admin_token, internal_token, launch, registered_instances, scale, wait_healthz
+from common.errors import FleetControlError, SupervisorFault
 from common.keys import Keys
-from common.protocol import MCP_PATH, instance_process_name
+from common.protocol import MCP_PATH, instance_process_name, registry_id
 from common.settings import Settings, load_settings
 from common.supervisor import ProcessInfo, SupervisorClient, SupervisorControl, fleet_environment, pid_alive
 from tests.ports import free_port, free_port_block
@@ -233,25 +232,16 @@ class Fleet:
         return self._kill("router", sig)
 
     def restart_router(self, *, timeout: float = 30.0) -> None:
+        """Stop and start the router; return once it answers /healthz (supervisord's RUNNING
+        comes after startsecs, which a loaded machine's imports can outlast)."""
         self.supervisor.stop("router", wait=True)
         self.supervisor.start("router", wait=False)
         self.supervisor.wait_running(["router"])
         self.wait_router_listening(timeout)
 
     def wait_router_listening(self, timeout: float = 30.0) -> None:
-        """supervisord says RUNNING after startsecs (1 s); on a loaded machine the router may
-        need longer to import and bind its port. Wait until /healthz answers."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(self.router_url + "/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the router did not answer /healthz within {timeout:g}s")
-            time.sleep(0.05)
+        """Block until the router answers /healthz."""
+        wait_healthz(self.settings, self.supervisor, timeout=timeout)
 
     def _kill(self, name: str, sig: int) -> int:
         pid = self.supervisor.process(name).pid
@@ -305,3 +295,95 @@ class Fleet:
             if loop.time() > deadline:
                 raise TimeoutError(f"only {len(ready)} of {count} instances ready: {body}")
             await asyncio.sleep(0.2)
+
+
+class InstanceHost:
+    """Another machine of a fleet: its own supervisord running only instances, on `address`.
+
+    The instances listen on `address` (127.0.0.2, 127.0.0.3, ... stand in for other hosts'
+    addresses), advertise it in the fleet's Redis registry, use the fleet's Postgres, Redis and
+    internal token, and are routed to by the fleet's router like local ones. The router
+    program is in the rendered config (same template) but never started here.
+
+        with InstanceHost(fleet, tmp_path / "host2", "127.0.0.2", instances=2) as host:
+            ...
+            host.kill()   # the whole host at once: supervisord and its instances, SIGKILL
+    """
+
+    def __init__(self, fleet: Fleet, state_dir: Path, address: str, *, instances: int = 2) -> None:
+        values: dict[str, Any] = {name: getattr(fleet.settings, name) for name in Settings.model_fields}
+        values.update(
+            state_dir=state_dir,
+            instance_host=address,
+            instance_advertise_host=address,
+            instance_base_port=free_port_block(instances),
+            instances=instances,
+            max_instances=instances,
+            internal_token=fleet.internal_token,
+            admin_token=fleet.admin_token,
+            router_port=free_port(),  # never listened on
+        )
+        self.fleet = fleet
+        self.address = address
+        self.settings: Settings = load_settings(**values)
+        self.supervisor = SupervisorControl(self.settings.supervisor_socket)
+        self.names: list[str] = []
+        self._alive = False
+
+    def instance_id(self, num: int) -> str:
+        """The registry id of this host's instance `num` (instance_01@127.0.0.2)."""
+        return registry_id(instance_process_name(num), self.address)
+
+    def instance_port(self, num: int) -> int:
+        return self.settings.instance_port_for(num)
+
+    def start(self, *, timeout: float = 60.0) -> InstanceHost:
+        from common.cli import prepare_state, render, services_for, start_supervisord, wait_registered
+
+        prepare_state(self.settings)
+        services = services_for(self.settings)
+        conf = render(self.settings, services)
+        ctl = start_supervisord(self.settings, conf)
+        self._alive = True
+        try:
+            self.names = ctl.start_instances(range(1, self.settings.instances + 1))
+            ctl.wait_running(self.names, timeout=timeout)
+            wait_registered(
+                services.redis_url,
+                self.settings.redis_prefix,
+                self.names,
+                ctl,
+                timeout=timeout,
+                host=self.address,
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def kill(self) -> list[int]:
+        """The host disappears: SIGKILL to supervisord first (so it restarts nothing), then to
+        every instance. Nothing drains or deregisters. Returns the pids killed."""
+        pids = [self.supervisor.pid()] + [p.pid for p in self.supervisor.instances() if p.pid]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while any(pid_alive(pid) for pid in pids):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pids {pids} still alive")
+            time.sleep(0.02)
+        self._alive = False
+        return pids
+
+    def stop(self) -> None:
+        if self._alive:
+            self._alive = False
+            with contextlib.suppress(FleetControlError, OSError):
+                self.supervisor.shutdown()
+
+    def __enter__(self) -> InstanceHost:
+        return self.start()
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()

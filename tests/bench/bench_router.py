@@ -187,6 +187,61 @@ async def _isolation(fleet: Fleet, calls: int) -> dict[str, Any]:
     return {"one_busy": one, "five_busy": five, "ratio_p50": round(five["p50_ms"] / one["p50_ms"], 4)}
 
 
+async def _bridge_overhead(fleet: Fleet, calls: int) -> dict[str, Any]:
+    """`version` through exai-bridge (a stdio line in, a line out) vs. an HTTP client posting
+    to the router directly, both in the same session (same X-Exai-Session-Key), interleaved."""
+    name = "bench-bridge"
+    bridge = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "exai-bridge"),
+        fleet.mcp_url,
+        "--session",
+        name,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        limit=64 * 1024 * 1024,
+    )
+    assert bridge.stdin is not None and bridge.stdout is not None
+    stdin, stdout = bridge.stdin, bridge.stdout
+    direct = Caller(fleet.mcp_url, name, {p.SESSION_KEY_HEADER: name})
+    rid = 0
+
+    async def via_bridge() -> float:
+        nonlocal rid
+        rid += 1
+        line = json.dumps(_body("version", {}, name, rid)).encode() + b"\n"
+        started = time.perf_counter()
+        stdin.write(line)
+        await stdin.drain()
+        answer = await stdout.readline()
+        elapsed = time.perf_counter() - started
+        if b'"result"' not in answer:
+            raise RuntimeError(f"version via exai-bridge: {answer[:300]!r}")
+        return elapsed
+
+    bridged: list[float] = []
+    straight: list[float] = []
+    try:
+        for _ in range(20):  # warm both paths (and bind the session)
+            await via_bridge()
+            await direct.call("version", {})
+        for _ in range(calls):
+            bridged.append(await via_bridge())
+            straight.append(await direct.call("version", {}))
+    finally:
+        await direct.close()
+        stdin.close()
+        await asyncio.wait_for(bridge.wait(), 30)
+    bridge_s, direct_s = _stats(bridged), _stats(straight)
+    return {
+        "bridge": bridge_s,
+        "direct_http": direct_s,
+        "added_p50_ms": round(bridge_s["p50_ms"] - direct_s["p50_ms"], 3),
+        "added_p99_ms": round(bridge_s["p99_ms"] - direct_s["p99_ms"], 3),
+        "exit_code": bridge.returncode,
+    }
+
+
 def _with_db(dsn: str, name: str) -> str:
     return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
 
@@ -233,6 +288,8 @@ async def main() -> int:
             results["overhead_5"] = await _overhead(fleet, 5, args.calls)
             await fleet.end_all_sessions()
             results["isolation"] = await _isolation(fleet, args.chat_calls)
+            await fleet.end_all_sessions()
+            results["bridge_overhead"] = await _bridge_overhead(fleet, args.calls)
         finally:
             await asyncio.to_thread(fleet.stop)
             admin = await asyncpg.connect(pg)
@@ -271,6 +328,12 @@ def _print(r: dict[str, Any]) -> None:
     print(f"  1 session busy : p50 {i['one_busy']['p50_ms']:.1f}  p99 {i['one_busy']['p99_ms']:.1f}")
     print(f"  5 sessions busy: p50 {i['five_busy']['p50_ms']:.1f}  p99 {i['five_busy']['p99_ms']:.1f}")
     print(f"  ratio p50 (5 busy / 1 busy): {i['ratio_p50']:.3f}  (target <= 1.05)\n")
+    if "bridge_overhead" in r:
+        b = r["bridge_overhead"]
+        print("exai-bridge overhead: `version` via stdio -> exai-bridge -> router vs HTTP -> router (ms)")
+        print(f"  bridge p50 {b['bridge']['p50_ms']:.3f}  p99 {b['bridge']['p99_ms']:.3f}")
+        print(f"  direct p50 {b['direct_http']['p50_ms']:.3f}  p99 {b['direct_http']['p99_ms']:.3f}")
+        print(f"  added  p50 {b['added_p50_ms']:.3f}  p99 {b['added_p99_ms']:.3f}\n")
 
 
 if __name__ == "__main__":
