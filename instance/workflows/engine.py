@@ -9,12 +9,12 @@ use_assistant_model is false; consensus instead consults all its models concurre
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 from mcp.server.mcpserver import Context
 from pydantic import BaseModel
 
@@ -69,19 +69,23 @@ class Engine:
         storage = self.runtime.require_storage()
         session_id = self.runtime.session_for(headers_of(ctx))
         # Everything that can be refused is checked before the step is recorded.
-        experts = self._experts(spec, args, extras) if consult_models else []
-        git = await self._git(spec, args, extras)
-
         cid = args.get("continuation_id")
-        messages: list[Message] = []
-        if cid:
-            messages = list(await storage.history.load(cid))
-        else:
+        messages: list[Message] = list(await storage.history.load(cid)) if cid else []
+        record = state.step_record(args, extras)
+        work = state.fold(spec.name, messages)
+        work.add(record)
+        settings = work.settings({f.name: f.default for f in spec.extra_fields})
+        experts = self._experts(spec, args, settings) if consult_models else []
+        git = await self._git(spec, settings)
+        files = []
+        if consult_models:
+            files = await read_files(work.relevant_files, self.runtime.settings.allowed_file_roots)
+
+        if not cid:
             cid = await storage.history.new_thread(
                 session_id=session_id, tool_name=spec.name, model=experts[0][0].name if experts else None
             )
-        record = state.step_record(args, extras)
-        recorded = await storage.history.append(
+        await storage.history.append(
             cid,
             "user",
             state.step_text(spec.name, record),
@@ -90,8 +94,6 @@ class Engine:
             files=list(args.get("relevant_files") or []),
             metadata={state.STEP_KEY: record},
         )
-        messages.append(recorded)
-        work = state.fold(spec.name, messages)
 
         out = self._base(spec, args, work, cid)
         if git is not None:
@@ -100,7 +102,6 @@ class Engine:
             return self._pause(spec, args, out, cid)
         if not consult_models:
             return self._finish_locally(spec, args, work, out)
-        files = await read_files(work.relevant_files, self.runtime.settings.allowed_file_roots)
         history = state.conversation(messages)
         if spec.final == "consensus":
             return await self._consensus(ctx, spec, args, work, files, experts, out, cid, session_id)
@@ -168,7 +169,7 @@ class Engine:
             resolved.append((info, provider, entry))
         return resolved
 
-    async def _git(self, spec: WorkflowSpec, args: Arguments, extras: Arguments) -> GitChanges | None:
+    async def _git(self, spec: WorkflowSpec, extras: Arguments) -> GitChanges | None:
         if not spec.reads_git or not extras.get("path"):
             return None
         return await read_changes(
@@ -364,7 +365,17 @@ class Engine:
                 },
             }
 
-        voices = list(await asyncio.gather(*(ask(*expert) for expert in experts)))
+        # An anyio task group, not asyncio.gather: when the SDK cancels the call (its cancel scope),
+        # tasks in the group are cancelled by anyio and close their provider requests; plain
+        # asyncio children were seen to leave their HTTP requests open.
+        voices: list[dict[str, Any]] = [{} for _ in experts]
+
+        async def ask_into(index: int) -> None:
+            voices[index] = await ask(*experts[index])
+
+        async with anyio.create_task_group() as group:
+            for index in range(len(experts)):
+                group.start_soon(ask_into, index)
         succeeded = [v for v in voices if v["status"] == "success"]
         if not succeeded:
             raise ProviderError(
@@ -498,7 +509,11 @@ def _model_metadata(consultation: Consultation, files: Sequence[LoadedFile]) -> 
 def expert_prompt(spec: WorkflowSpec, work: state.Work, git: GitChanges | None) -> str:
     """What the expert model reads: the request, the work step by step, and the task."""
     sections = [f"=== {spec.name.upper()} REQUEST ===\n{work.initial_request}"]
-    settings = {k: v for k, v in work.settings().items() if k not in ("path",)}
+    settings = {
+        k: v
+        for k, v in work.settings({f.name: f.default for f in spec.extra_fields}).items()
+        if v not in (None, [], "") and k != "path"
+    }
     if settings:
         sections.append(
             "=== SETTINGS ===\n"

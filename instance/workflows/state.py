@@ -10,7 +10,7 @@ another session) and sees the same work. Folding rules, in message order:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,11 +100,15 @@ class Work:
     def confidence(self) -> str:
         return str(self.steps[-1].get("confidence") or "") if self.steps else ""
 
-    def settings(self) -> dict[str, Any]:
-        """The tool's own fields, the latest value of each across the steps."""
-        merged: dict[str, Any] = {}
+    def settings(self, defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """The tool's own fields: for each, the latest value given that differs from its default.
+
+        Clients usually send these in step 1 only; later steps then carry the defaults, which
+        must not undo what step 1 asked for.
+        """
+        merged = dict(defaults)
         for s in self.steps:
-            merged.update({k: v for k, v in (s.get("extras") or {}).items() if v not in (None, [], "")})
+            merged.update({k: v for k, v in (s.get("extras") or {}).items() if v != defaults.get(k)})
         return merged
 
     def status(self) -> dict[str, Any]:
