@@ -17,6 +17,7 @@ from jsonschema.exceptions import ValidationError
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp_types import CallToolResult, TextContent
+from pydantic import BaseModel
 
 from common.errors import ExaiError, InvalidArgument, UnknownTool
 
@@ -38,6 +39,16 @@ def _problem(error: ValidationError) -> str:
         best = min(error.context, key=lambda e: e.validator == "type" and e.validator_value == "null")
         return f"{_where(error)}: {best.message}"
     return f"{_where(error)}: {error.message}"
+
+
+def _refused_by_sdk(result: HandlerResult, name: str) -> bool:
+    """True for the SDK's argument-validation error (our tools' own errors carry a [code])."""
+    data = result.model_dump(by_alias=True) if isinstance(result, BaseModel) else result
+    if not isinstance(data, dict) or not data.get("isError") or not data.get("content"):
+        return False
+    text = data["content"][0].get("text") if isinstance(data["content"][0], dict) else None
+    prefix = f"Error executing tool {name}: "
+    return isinstance(text, str) and text.startswith(prefix) and not text[len(prefix) :].startswith("[")
 
 
 def unknown_argument_guard(mcp: MCPServer[Any]) -> Any:
@@ -72,7 +83,13 @@ def unknown_argument_guard(mcp: MCPServer[Any]) -> Any:
                 )
             )
         problems = sorted(validator.iter_errors(dict(arguments)), key=lambda e: list(e.absolute_path))
-        if problems:
+        if not problems:
+            return await call_next(ctx)
+        # The SDK's own validation is lenient where JSON Schema is strict (it accepts "3" for an
+        # integer, as EXAI did), so the call goes ahead; only if the SDK refuses it too does the
+        # client get the schema's account of what is wrong.
+        result = await call_next(ctx)
+        if _refused_by_sdk(result, name):
             listed = "; ".join(_problem(p) for p in problems[:MAX_PROBLEMS])
             more = f" (and {len(problems) - MAX_PROBLEMS} more)" if len(problems) > MAX_PROBLEMS else ""
             return _refuse(
@@ -81,6 +98,6 @@ def unknown_argument_guard(mcp: MCPServer[Any]) -> Any:
                     hint="Fix the named arguments; tools/list gives their types, ranges and allowed values.",
                 )
             )
-        return await call_next(ctx)
+        return result
 
     return guard

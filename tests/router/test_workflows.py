@@ -303,7 +303,15 @@ async def test_last_step_without_the_expert(fleet: Fleet, provider: FakeProvider
             )
         )
         challenged = _ok(await client.call_tool("challenge", {"prompt": "Tabs beat spaces."}))
-    assert certain["status"] == "certain_confidence_proceed_with_fix"
+        # Numbers sent as strings are accepted, as EXAI's lenient validation did.
+        lenient = _ok(
+            await client.call_tool(
+                "debug",
+                _step("debug", project, 1, 1, more=False, findings="ok", confidence="certain")
+                | {"step_number": "1", "total_steps": "1"},
+            )
+        )
+    assert certain["status"] == lenient["status"] == "certain_confidence_proceed_with_fix"
     assert certain["expert_analysis"]["status"] == "skipped_due_to_certain_confidence"
     assert planned["status"] == "planning_complete"
     assert declined["status"] == "local_work_complete"
