@@ -149,12 +149,6 @@ class ThreadNotFound(NotFound):
     default_hint = "Start a new thread by calling chat without continuation_id."
 
 
-class UnknownTool(NotFound):
-    """A tools/call named a tool this server does not have."""
-
-    code = "unknown_tool"
-
-
 class GitFailed(ExaiError):
     """git could not read the repository a workflow tool was pointed at."""
 
@@ -306,6 +300,12 @@ class ParseError(BadRequest):
 
     code = "parse_error"
     jsonrpc_code = PARSE_ERROR
+
+
+class UnknownTool(NotFound):
+    """A tools/call named a tool this server does not have."""
+
+    code = "unknown_tool"
 
 
 class ShuttingDown(ExaiError):
