@@ -167,6 +167,17 @@ class ThreadNotFound(NotFound):
     default_hint = "Start a new thread by calling chat without continuation_id."
 
 
+class GitFailed(ExaiError):
+    """git could not read the repository a workflow tool was pointed at."""
+
+    code = "git_failed"
+    jsonrpc_code = SERVER_ERROR
+    http_status = 502
+    default_hint = (
+        "Check that `path` is inside a git working tree and that git is installed on the fleet's host."
+    )
+
+
 class VersionConflict(ExaiError):
     """An update carried a version that is no longer current: someone else changed the row."""
 

@@ -7,17 +7,21 @@ waiting for Postgres, and a Postgres outage delays the write, never loses it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
 from common.errors import InvalidArgument
-from instance.providers import ChatRequest
+from instance.providers import ChatRequest, ChatResult, ModelInfo
+from instance.providers.base import OpenAICompatibleProvider
 from instance.runtime import Runtime
+from instance.storage.models import Message
 from instance.tools import exai_tool, headers_of
 from instance.tools.checks import check_chat_arguments, storable_reply
-from instance.tools.files import read_files
+from instance.tools.files import LoadedFile, read_files
 from instance.tools.progress import progress_heartbeat
 
 MAX_THREAD_TURNS = 20
@@ -39,6 +43,60 @@ def _fit(history: list[dict[str, str]], budget_chars: int) -> tuple[list[dict[st
         kept.pop(0)
         dropped += 1
     return kept, dropped
+
+
+@dataclass
+class Consultation:
+    """What one model call returned, and how much of the thread had to be left out."""
+
+    result: ChatResult
+    dropped: int
+
+
+async def consult(
+    ctx: Context,
+    *,
+    thread: Sequence[Message],
+    prompt: str,
+    files: Sequence[LoadedFile],
+    model: ModelInfo,
+    provider: OpenAICompatibleProvider,
+    system_prompt: str,
+    temperature: float | None = None,
+    thinking_mode: str | None = None,
+    use_websearch: bool = False,
+    label: str | None = None,
+) -> Consultation:
+    """The one place a tool turns a thread, a prompt and files into a provider call.
+
+    chat and every workflow tool call this, so prompt assembly (history budget, files) and the
+    call's progress notifications and cancellation behave the same everywhere.
+    """
+    history = [
+        {"role": m.role, "content": m.content} for m in thread if m.role in ("user", "assistant", "system")
+    ]
+    user_text = prompt
+    if files:
+        user_text = prompt + "\n\n" + "\n\n".join(f.as_prompt() for f in files)
+    budget = max(0, (model.context_window - min(model.max_output_tokens, 16_384)) * 3 - len(user_text))
+    history, dropped = _fit(history, budget)
+    messages = [
+        {"role": "system", "content": system_prompt},
+        *history,
+        {"role": "user", "content": user_text},
+    ]
+
+    thinking = None if thinking_mode is None else thinking_mode != "minimal"
+    request = ChatRequest(
+        model=model,
+        messages=messages,
+        temperature=temperature,
+        thinking=thinking,
+        web_search=use_websearch,
+    )
+    async with progress_heartbeat(ctx, label or f"waiting for {model.name}") as progress:
+        result = await provider.chat(request, on_delta=progress.on_delta)
+    return Consultation(result, dropped)
 
 
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
@@ -89,32 +147,19 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 )
             cid = continuation_id
 
-        history = [
-            {"role": m.role, "content": m.content}
-            for m in history_records
-            if m.role in ("user", "assistant", "system")
-        ]
-        user_text = prompt
-        if loaded:
-            user_text = prompt + "\n\n" + "\n\n".join(f.as_prompt() for f in loaded)
-        budget = max(0, (info.context_window - min(info.max_output_tokens, 16_384)) * 3 - len(user_text))
-        history, dropped = _fit(history, budget)
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            *history,
-            {"role": "user", "content": user_text},
-        ]
-
-        thinking = None if thinking_mode is None else thinking_mode != "minimal"
-        request = ChatRequest(
+        consultation = await consult(
+            ctx,
+            thread=history_records,
+            prompt=prompt,
+            files=loaded,
             model=info,
-            messages=messages,
+            provider=provider,
+            system_prompt=SYSTEM_PROMPT,
             temperature=temperature,
-            thinking=thinking,
-            web_search=use_websearch,
+            thinking_mode=thinking_mode,
+            use_websearch=use_websearch,
         )
-        async with progress_heartbeat(ctx, f"waiting for {info.name}") as progress:
-            result = await provider.chat(request, on_delta=progress.on_delta)
+        result, dropped = consultation.result, consultation.dropped
         content = storable_reply(result.content)
         if not continuation_id:  # created only now: a refused or failed call leaves no empty thread
             cid = await storage.history.new_thread(

@@ -22,27 +22,40 @@ class LoadedFile:
         return f'<file path="{self.path}">\n{self.text}\n</file>'
 
 
+def allowed_path(raw: str, roots: list[Path], *, what: str) -> Path:
+    """`raw` resolved (symlinks followed), if it is absolute and under one of `roots`; blocking."""
+    if not roots:
+        raise InvalidArgument(
+            f"a {what} path was given but no file root is allowed on this server",
+            hint="Set EXAI_ALLOWED_ROOTS to the project folders the fleet may read (os.pathsep-separated).",
+        )
+    candidate = Path(raw).expanduser()
+    if not candidate.is_absolute():
+        raise InvalidArgument(
+            f"{what} path {raw!r} is not absolute", hint=f"Pass absolute paths for the {what}."
+        )
+    path = candidate.resolve()
+    resolved_roots = [r.expanduser().resolve() for r in roots]
+    if not any(path == root or root in path.parents for root in resolved_roots):
+        allowed = ", ".join(str(r) for r in resolved_roots)
+        raise InvalidArgument(
+            f"{what} {raw!r} is outside the allowed roots",
+            hint=f"Only paths under {allowed} can be read (EXAI_ALLOWED_ROOTS).",
+        )
+    return path
+
+
 def _read_all(paths: list[str], roots: list[Path]) -> list[LoadedFile]:
     if not roots:
         raise InvalidArgument(
             "files were given but no file root is allowed on this server",
             hint="Set EXAI_ALLOWED_ROOTS to the project folders the fleet may read (os.pathsep-separated).",
         )
-    resolved_roots = [r.expanduser().resolve() for r in roots]
     out: list[LoadedFile] = []
     total = 0
     seen: set[Path] = set()
     for raw in paths:
-        candidate = Path(raw).expanduser()
-        if not candidate.is_absolute():
-            raise InvalidArgument(f"file path {raw!r} is not absolute", hint="Pass absolute paths in files.")
-        path = candidate.resolve()
-        if not any(path == root or root in path.parents for root in resolved_roots):
-            allowed = ", ".join(str(r) for r in resolved_roots)
-            raise InvalidArgument(
-                f"file {raw!r} is outside the allowed roots",
-                hint=f"Only files under {allowed} can be read (EXAI_ALLOWED_ROOTS).",
-            )
+        path = allowed_path(raw, roots, what="file")
         if path in seen:
             continue
         seen.add(path)

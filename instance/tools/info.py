@@ -10,6 +10,15 @@ from mcp.server.mcpserver import Context, MCPServer
 
 from instance.runtime import Runtime
 from instance.tools import exai_tool, headers_of
+from instance.workflows.catalog import PURPOSES as WORKFLOW_PURPOSES
+
+TOOL_PURPOSES: dict[str, str] = {
+    "chat": "Ask GLM or Kimi for a second opinion; threads continue across sessions and instances.",
+    **WORKFLOW_PURPOSES,
+    "listmodels": "The models this server can call, and every tool with its purpose.",
+    "version": "Version of the server, its instance and the MCP SDK.",
+    "status": "Health of the instance serving this session.",
+}
 
 
 def _sdk_version() -> str:
@@ -44,6 +53,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             "default_model": runtime.settings.default_model,
             "configured_providers": configured,
             "models": models,
+            "tools": [{"name": name, "purpose": purpose} for name, purpose in TOOL_PURPOSES.items()],
             "note": "model='auto' picks the default model if its provider has a key, else any configured one."
             + ("" if configured else " No provider is configured: set GLM_API_KEY and/or KIMI_API_KEY."),
         }

@@ -67,6 +67,7 @@ class FakeProvider:
     hits: list[Hit] = field(default_factory=list)
     max_active: int = 0
     _queue: list[Behaviour] = field(default_factory=list)
+    _queues: dict[str, list[Behaviour]] = field(default_factory=dict)
     _active: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: uvicorn.Server | None = None
@@ -90,9 +91,15 @@ class FakeProvider:
         with self._lock:
             self._queue.extend(behaviours)
 
+    def script_for(self, provider: str, *behaviours: Behaviour) -> None:
+        """The next requests to one provider ("glm" or "kimi") get these, before `script`'s."""
+        with self._lock:
+            self._queues.setdefault(provider, []).extend(behaviours)
+
     def reset(self, default: Behaviour | None = None) -> None:
         with self._lock:
             self._queue.clear()
+            self._queues.clear()
             self.hits.clear()
             self.max_active = 0
             self.default = default or Behaviour()
@@ -106,8 +113,11 @@ class FakeProvider:
         return self.max_active
 
     # --- the server --------------------------------------------------------------------------
-    def _next(self) -> Behaviour:
+    def _next(self, provider: str) -> Behaviour:
         with self._lock:
+            own = self._queues.get(provider)
+            if own:
+                return own.pop(0)
             return self._queue.pop(0) if self._queue else self.default
 
     async def _completions(self, request: Request) -> Response:
@@ -124,7 +134,7 @@ class FakeProvider:
             body=body,
             started=time.monotonic(),
         )
-        behaviour = self._next()
+        behaviour = self._next(provider)
         with self._lock:
             self.hits.append(hit)
             self._active += 1
