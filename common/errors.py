@@ -233,6 +233,14 @@ class NoFreeInstance(RoutingError):
     )
 
 
+class InstanceFenced(RoutingError):
+    """An instance refused a request or a reset: it serves another session (fencing token)."""
+
+    code = "instance_fenced"
+    http_status = 409
+    default_hint = "The router moves the session to another instance; retry if this reached you."
+
+
 class SessionNotFound(RoutingError):
     """The Mcp-Session-Id is unknown, expired, or belongs to another principal."""
 
@@ -248,6 +256,16 @@ class InstanceLost(RoutingError):
     code = "instance_lost"
     default_hint = (
         "The call may or may not have run. Your session was moved to another instance; "
+        "retry the call if it is safe to repeat."
+    )
+
+
+class CallCut(InstanceLost):
+    """An operator scaled the fleet down while the call was running, and its wait ran out."""
+
+    code = "call_cut"
+    default_hint = (
+        "The call may or may not have run. Your session continues on another instance; "
         "retry the call if it is safe to repeat."
     )
 
@@ -282,6 +300,12 @@ class BadRequest(RoutingError):
     code = "bad_request"
     jsonrpc_code = INVALID_REQUEST
     http_status = 400
+
+
+class UnsupportedProtocolVersion(BadRequest):
+    """The MCP protocol version is unknown, or the request mixes the two protocol eras."""
+
+    code = "unsupported_protocol_version"
 
 
 class ParseError(BadRequest):

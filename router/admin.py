@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from common import protocol as p
-from common.errors import ExaiError, NotFound
+from common.errors import BadRequest, ExaiError, NotFound
 from common.redis import REDIS_DOWN_ERRORS
 from router.metrics import Metrics
 from router.openapi import OPENAPI
@@ -54,7 +54,8 @@ async def list_sessions(request: web.Request) -> web.Response:
         if sess is not None and not sess.ended:
             out.append(sess.public())
     out.sort(key=lambda s: s["created"])
-    return _json({"sessions": out})
+    counts = {state: sum(1 for s in out if s["state"] == state) for state in ("working", "idle", "parked")}
+    return _json({"sessions": out, "counts": counts})
 
 
 async def get_session(request: web.Request) -> web.Response:
@@ -70,7 +71,7 @@ async def end_session(request: web.Request) -> web.Response:
     sess = await proxy.table.fetch(request.match_info["id"])
     if sess is None or sess.ended:
         raise NotFound(f"No session {request.match_info['id']!r}.")
-    await proxy.end(sess, "admin")
+    await proxy.bindings.end(sess, "admin")
     return _json({"ended": sess.id})
 
 
@@ -112,6 +113,21 @@ async def drain_instance(request: web.Request) -> web.Response:
         ) as r:
             await r.read()
     return _json({"draining": iid})
+
+
+async def evict_instance(request: web.Request) -> web.Response:
+    """Before an instance is stopped: no new sessions there, and park the ones it serves."""
+    proxy = request.app[PROXY_KEY]
+    iid = request.match_info["id"]
+    try:
+        wait = float(request.query.get("wait", "20"))
+    except ValueError:
+        raise BadRequest("Query parameter 'wait' must be a number of seconds.") from None
+    if not 0 <= wait <= 600:
+        raise BadRequest("Query parameter 'wait' must be between 0 and 600 seconds.")
+    await proxy.registry.set_draining(iid)
+    result = await proxy.bindings.evict(iid, wait)
+    return _json(result.to_dict())
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -156,3 +172,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/admin/sessions/{id}", end_session)
     app.router.add_get("/admin/instances", list_instances)
     app.router.add_post("/admin/instances/{id}/drain", drain_instance)
+    app.router.add_post("/admin/instances/{id}/evict", evict_instance)

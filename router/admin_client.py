@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -30,8 +31,10 @@ def _base(settings: Settings) -> str:
     return f"http://{host}:{settings.router_port}"
 
 
-def admin_get(settings: Settings, token: str, path: str, *, timeout: float = 5.0) -> Any:
-    req = urllib.request.Request(_base(settings) + path, headers={"Authorization": f"Bearer {token}"})
+def admin_get(settings: Settings, token: str, path: str, *, timeout: float = 5.0, method: str = "GET") -> Any:
+    req = urllib.request.Request(
+        _base(settings) + path, headers={"Authorization": f"Bearer {token}"}, method=method
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
@@ -43,6 +46,12 @@ def admin_get(settings: Settings, token: str, path: str, *, timeout: float = 5.0
 
 def fetch_sessions(settings: Settings, token: str) -> list[dict[str, Any]]:
     return list(admin_get(settings, token, "/admin/sessions")["sessions"])
+
+
+def evict_instance(settings: Settings, token: str, instance_id: str, wait: float) -> dict[str, Any]:
+    """Ask the router to park the sessions of an instance about to stop (see `exai scale`)."""
+    path = f"/admin/instances/{urllib.parse.quote(instance_id)}/evict?wait={wait:g}"
+    return dict(admin_get(settings, token, path, timeout=wait + 15, method="POST"))
 
 
 def fetch_instances(settings: Settings, token: str) -> list[dict[str, Any]]:
@@ -61,11 +70,12 @@ def _age(ts: float, now: float) -> str:
 
 def sessions_table(sessions: list[dict[str, Any]], *, now: float | None = None) -> str:
     now = time.time() if now is None else now
-    rows = [("SESSION", "INSTANCE", "CLIENT", "ERA", "AGE", "IDLE", "INFLIGHT", "TOTAL")]
+    rows = [("SESSION", "STATE", "INSTANCE", "CLIENT", "ERA", "AGE", "IDLE", "INFLIGHT", "TOTAL")]
     for s in sessions:
         rows.append(
             (
                 s["id"],
+                s.get("state") or "-",
                 s.get("instance") or "-",
                 s.get("client") or "-",
                 s["era"],

@@ -49,7 +49,7 @@ async def _every(interval: float, name: str, fn: Callable[[], Awaitable[None]]) 
 
 
 class Maintenance:
-    """Background rounds: lease renewal, counter flush, idle sweep."""
+    """Background rounds: lease renewal, counter flush, parking, expiry."""
 
     def __init__(self, proxy: Proxy, settings: Settings) -> None:
         self.proxy = proxy
@@ -57,6 +57,7 @@ class Maintenance:
 
     async def renew_leases(self) -> None:
         table = self.proxy.table
+        bindings = self.proxy.bindings
         pairs = [(s.instance_id, s.id) for s in table.by_id.values() if s.instance_id and not s.ended]
         for (iid, sid), ok in (await self.proxy.leases.renew(pairs)).items():
             if ok:
@@ -64,13 +65,17 @@ class Maintenance:
             sess = table.by_id.get(sid)
             if sess is None or sess.ended or sess.instance_id != iid:
                 continue
-            if not await self.proxy.leases.acquire(iid, sid):
+            if not await self.proxy.leases.reacquire(iid, sid):
                 # Another session owns the instance now: rebind on this session's next request.
                 log.warning("session %s lost its lease on %s", sid[:8], iid)
                 sess.instance_id = ""
-                self.proxy.targets.pop(sid, None)
+                bindings.targets.pop(sid, None)
+
+    async def park_idle(self) -> None:
+        await self.proxy.bindings.park_idle(self.settings.session_park_after)
 
     async def sweep_idle(self) -> None:
+        """Expiry: forget sessions without requests for EXAI_SESSION_IDLE_TIMEOUT."""
         table = self.proxy.table
         await table.flush()
         cutoff = time.time() - self.settings.session_idle_timeout
@@ -82,7 +87,7 @@ class Maintenance:
             if sess.inflight:
                 table.touch(sess)
                 continue
-            await self.proxy.end(sess, "idle")
+            await self.proxy.bindings.end(sess, "expired")
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -97,9 +102,16 @@ def create_app(settings: Settings) -> web.Application:
         upstream = Upstream.create(settings.max_instances)
         registry = Registry(redis, keys)
         leases = Leases(redis, keys, settings.lease_ttl)
-        spares = Spares(settings.supervisor_socket)
-        allocator = Allocator(settings, registry, leases, metrics, start_spare=spares.start_one)
-        table = SessionTable(redis, keys)
+        spares = Spares(settings.supervisor_socket, cap=registry.cap)
+        table = SessionTable(redis, keys, expire_after=settings.session_idle_timeout)
+        allocator = Allocator(
+            settings,
+            registry,
+            leases,
+            metrics,
+            start_spare=spares.start_one,
+            working=lambda: sum(1 for s in table.by_id.values() if s.inflight and not s.ended),
+        )
         proxy = Proxy(
             http=upstream.calls,
             streams=upstream.streams,
@@ -113,7 +125,8 @@ def create_app(settings: Settings) -> web.Application:
             max_body_bytes=settings.max_body_bytes,
             read_timeout=settings.upstream_read_timeout,
         )
-        allocator.reset = proxy.reset_instance
+        allocator.reset = proxy.bindings.reset_instance
+        allocator.reconcile = proxy.bindings.reconcile
         app[admin.PROXY_KEY] = proxy
         _wire_gauges(metrics, proxy, upstream)
         try:
@@ -126,10 +139,12 @@ def create_app(settings: Settings) -> web.Application:
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await maint.renew_leases()
         sweep = max(0.2, min(30.0, settings.session_idle_timeout / 4))
+        park = max(0.1, min(5.0, settings.session_park_after / 4))
         tasks = [
             asyncio.create_task(_every(settings.lease_ttl / 3, "lease renewal", maint.renew_leases)),
             asyncio.create_task(_every(1.0, "session flush", table.flush)),
-            asyncio.create_task(_every(sweep, "idle sweep", maint.sweep_idle)),
+            asyncio.create_task(_every(park, "parking", maint.park_idle)),
+            asyncio.create_task(_every(sweep, "expiry sweep", maint.sweep_idle)),
         ]
         try:
             yield
@@ -163,6 +178,13 @@ def _wire_gauges(metrics: Metrics, proxy: Proxy, upstream: Upstream) -> None:
                 out[(("era", s.era),)] += 1
         return out
 
+    def by_state() -> dict[Labels, float]:
+        out: dict[Labels, float] = {(("state", st),): 0 for st in ("working", "idle", "parked")}
+        for s in proxy.table.by_id.values():
+            if not s.ended:
+                out[(("state", s.state),)] += 1
+        return out
+
     def instances() -> dict[Labels, float]:
         out: dict[Labels, float] = {}
         busy = {s.instance_id for s in proxy.table.by_id.values() if not s.ended}
@@ -175,6 +197,11 @@ def _wire_gauges(metrics: Metrics, proxy: Proxy, upstream: Upstream) -> None:
         return {(): float(sum(s.inflight for s in proxy.table.by_id.values()))}
 
     metrics.gauge("exai_router_sessions", "Open sessions known to this router, by era.", sessions)
+    metrics.gauge(
+        "exai_router_sessions_by_state",
+        "Open sessions known to this router: working (a call in flight), idle (bound), parked.",
+        by_state,
+    )
     metrics.gauge("exai_router_instances", "Live instances by state (busy = bound to a session).", instances)
     metrics.gauge("exai_router_requests_inflight", "Requests being proxied right now.", inflight)
     metrics.gauge(

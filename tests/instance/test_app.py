@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.keys import Keys
-from common.protocol import INTERNAL_TOKEN_HEADER, REGISTRY_FIELDS
+from common.protocol import FENCED_HEADER, INTERNAL_TOKEN_HEADER, REGISTRY_FIELDS, SESSION_HEADER
 from tests.fakes.provider import Behaviour, FakeProvider
 from tests.instance.conftest import ERAS, INTERNAL_TOKEN, InstanceProc, SpawnInstance, connect, new_session
 
@@ -65,7 +65,17 @@ async def test_registry_heartbeat_reset_and_drain(
     async with connect(instance_a, "legacy", session=session) as client:
         await client.call_tool("version", {})
         assert await redis_client.hget(key, "session") == session
-        reset = instance_a.internal("POST", "/internal/reset").json()
+        # Fencing: another session's request and a reset that does not name this session are
+        # refused; the reset that names it is done.
+        other = instance_a.internal(
+            "POST", "/mcp", headers={SESSION_HEADER: new_session(), "Content-Type": "application/json"},
+            content=b'{"jsonrpc":"2.0","id":1,"method":"ping"}',
+        )  # fmt: skip
+        assert other.status_code == 409 and other.headers.get(FENCED_HEADER) == "1"
+        assert other.json()["error"]["data"]["error"] == "instance_fenced"
+        assert instance_a.internal("POST", "/internal/reset").status_code == 409
+        assert await redis_client.hget(key, "session") == session
+        reset = instance_a.internal("POST", "/internal/reset", headers={SESSION_HEADER: session}).json()
         assert reset["session"] == ""
     await asyncio.sleep(0.3)
     assert await redis_client.hget(key, "session") == ""
