@@ -42,6 +42,7 @@ class Allocator:
         start_spare: Callable[[], Coroutine[Any, Any, str | None]] | None = None,
         reset: Callable[[Instance, str, str], Coroutine[Any, Any, bool]] | None = None,
         reconcile: Callable[[Instance], Coroutine[Any, Any, bool]] | None = None,
+        reclaim: Callable[[], Coroutine[Any, Any, bool]] | None = None,
         working: Callable[[], int] | None = None,
     ) -> None:
         self.settings = settings
@@ -51,6 +52,7 @@ class Allocator:
         self.start_spare = start_spare
         self.reset = reset
         self.reconcile = reconcile
+        self.reclaim = reclaim
         self.working = working or (lambda: 0)
         self.waiters = 0
         self._freed = asyncio.Event()
@@ -90,8 +92,14 @@ class Allocator:
             return inst, fence
         return None
 
-    async def allocate(self, session_id: str) -> tuple[Instance, int]:
+    async def _try_or_reclaim(self, session_id: str) -> tuple[Instance, int] | None:
         got = await self.try_once(session_id)
+        if got is None and self.reclaim is not None and await self.reclaim():
+            got = await self.try_once(session_id)  # an idle session was just parked
+        return got
+
+    async def allocate(self, session_id: str) -> tuple[Instance, int]:
+        got = await self._try_or_reclaim(session_id)
         if got is not None:
             return got
         if self.waiters >= MAX_WAITERS:
@@ -114,7 +122,7 @@ class Allocator:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(POLL_INTERVAL * 2, remaining)):
                         await self._freed.wait()
-                got = await self.try_once(session_id)
+                got = await self._try_or_reclaim(session_id)
                 if got is not None:
                     return got
         finally:

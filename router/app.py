@@ -127,6 +127,7 @@ def create_app(settings: Settings) -> web.Application:
         )
         allocator.reset = proxy.bindings.reset_instance
         allocator.reconcile = proxy.bindings.reconcile
+        allocator.reclaim = proxy.bindings.reclaim
         app[admin.PROXY_KEY] = proxy
         _wire_gauges(metrics, proxy, upstream)
         try:

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 CONTROL_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=3)
+# While a session waits for an instance, bound sessions idle this long are parked at once
+# (not only after EXAI_SESSION_PARK_AFTER): an idle session must never cause a 503. The grace
+# keeps a client's back-to-back requests (initialize, then its first call) on one instance.
+PRESSURE_GRACE = 0.2
 
 
 @dataclass
@@ -130,6 +134,10 @@ class Bindings:
             if keep and old is not None and await self.leases.holder(old.id) == sess.id:
                 inst = await self.registry.get(old.id) or old
             elif old_id:
+                # Unbound from here on, so that lease renewal cannot take the old lease back
+                # while this session waits for an instance.
+                sess.instance_id = ""
+                self.targets.pop(sess.id, None)
                 await self.leases.release(old_id, sess.id)
             for _ in range(MAX_ATTEMPTS):
                 if inst is None:
@@ -262,6 +270,20 @@ class Bindings:
             if sess.last_seen <= cutoff and await self.park(sess, "idle"):
                 parked += 1
         return parked
+
+    async def reclaim(self) -> bool:
+        """Park the longest-idle bound session for a waiting one; False if none is idle."""
+        cutoff = time.time() - PRESSURE_GRACE
+        idle = sorted(
+            (s for s in self.table.by_id.values() if s.instance_id and not s.ended and not s.inflight),
+            key=lambda s: s.last_seen,
+        )
+        for sess in idle:
+            if sess.last_seen > cutoff:
+                return False
+            if await self.park(sess, "pressure"):
+                return True
+        return False
 
     async def evict(self, instance_id: str, wait: float) -> Eviction:
         """Park every session bound to `instance_id` (being stopped): wait up to `wait` seconds

@@ -25,7 +25,15 @@ from typing import Any
 import aiohttp
 import redis as redis_sync
 
-from common.cli import ScaleReport, admin_token, internal_token, launch, registered_instances, scale
+from common.cli import (
+    ScaleReport,
+    admin_token,
+    internal_token,
+    launch,
+    registered_instances,
+    scale,
+    wait_healthz,
+)
 from common.errors import SupervisorFault
 from common.keys import Keys
 from common.protocol import MCP_PATH, instance_process_name
@@ -228,9 +236,12 @@ class Fleet:
         return self._kill("router", sig)
 
     def restart_router(self) -> None:
+        """Stop and start the router; return once it answers /healthz (RUNNING comes earlier:
+        supervisord's startsecs is 1 s, and a loaded machine may need longer to listen)."""
         self.supervisor.stop("router", wait=True)
         self.supervisor.start("router", wait=False)
         self.supervisor.wait_running(["router"])
+        wait_healthz(self.settings, self.supervisor)
 
     def _kill(self, name: str, sig: int) -> int:
         pid = self.supervisor.process(name).pid
