@@ -65,7 +65,9 @@ class Maintenance:
             sess = table.by_id.get(sid)
             if sess is None or sess.ended or sess.instance_id != iid:
                 continue
-            if not await self.proxy.leases.reacquire(iid, sid):
+            if await self.proxy.leases.reacquire(iid, sid):
+                self.proxy.metrics.leases_reconciled.inc()  # Redis had lost it; restored
+            else:
                 # Another session owns the instance now: rebind on this session's next request.
                 log.warning("session %s lost its lease on %s", sid[:8], iid)
                 sess.instance_id = ""
