@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_WAITERS = 256
 POLL_INTERVAL = 0.1
+SPARE_RECHECK = 2.0
 
 
 class Allocator:
@@ -39,7 +40,7 @@ class Allocator:
         registry: Registry,
         leases: Leases,
         metrics: Metrics,
-        start_spare: Callable[[], Coroutine[Any, Any, str | None]] | None = None,
+        start_spare: Callable[[int], Coroutine[Any, Any, str | None]] | None = None,
         reset: Callable[[Instance, str, str], Coroutine[Any, Any, bool]] | None = None,
         reconcile: Callable[[Instance], Coroutine[Any, Any, bool]] | None = None,
         reclaim: Callable[[], Coroutine[Any, Any, bool]] | None = None,
@@ -110,14 +111,24 @@ class Allocator:
         started = time.monotonic()
         deadline = started + self.settings.allocation_deadline
         spare_task: asyncio.Task[str | None] | None = None
-        if self.settings.autostart_spares and self.start_spare is not None:
-            spare_task = asyncio.create_task(self._start_spare(self.start_spare))
+        next_spare = started
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.metrics.allocation_failures.inc()
                     raise self._refusal()
+                if (
+                    self.settings.autostart_spares
+                    and self.start_spare is not None
+                    and time.monotonic() >= next_spare
+                    and (spare_task is None or spare_task.done())
+                ):
+                    # Asked again every SPARE_RECHECK seconds: a spare that died while booting
+                    # must not leave this waiter without one.
+                    spare_task = asyncio.create_task(self._start_spare(self.start_spare))
+                    spare_task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+                    next_spare = time.monotonic() + SPARE_RECHECK
                 self._freed.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(POLL_INTERVAL * 2, remaining)):
@@ -128,11 +139,9 @@ class Allocator:
         finally:
             self.waiters -= 1
             self.metrics.allocation_wait_seconds.observe(time.monotonic() - started)
-            if spare_task is not None and not spare_task.done():
-                spare_task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    async def _start_spare(self, start: Callable[[], Coroutine[Any, Any, str | None]]) -> str | None:
-        name = await start()
+    async def _start_spare(self, start: Callable[[int], Coroutine[Any, Any, str | None]]) -> str | None:
+        name = await start(self.waiters)
         if name:
             self.metrics.spares_started.inc()
         return name

@@ -104,7 +104,11 @@ def create_app(settings: Settings) -> web.Application:
         upstream = Upstream.create(settings.max_instances)
         registry = Registry(redis, keys)
         leases = Leases(redis, keys, settings.lease_ttl)
-        spares = Spares(settings.supervisor_socket, cap=registry.cap)
+
+        async def registered() -> set[str]:
+            return set(await registry.instances())
+
+        spares = Spares(settings.supervisor_socket, cap=registry.cap, registered=registered)
         table = SessionTable(redis, keys, expire_after=settings.session_idle_timeout)
         allocator = Allocator(
             settings,

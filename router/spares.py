@@ -1,10 +1,11 @@
 """Start provisioned idle instances through supervisord when every running one is busy.
 
 supervisord provisions EXAI_MAX_INSTANCES instance processes but autostarts only EXAI_INSTANCES;
-the others are spares. Every allocation that has to wait asks for one spare of its own, so
-several waiters start several spares at once; the starts themselves go one at a time (a few
-milliseconds each, `wait=False`), and a cooldown per instance keeps one that fails at startup
-from being started again and again. `exai scale N` sets a ceiling (Redis key
+the others are spares. Every allocation that has to wait asks for a spare, so several waiters
+start several spares at once, but never more than are waiting: spares still booting (running
+in supervisord, not yet registered) count against the waiters. The starts themselves go one
+at a time (a few milliseconds each, `wait=False`), and a cooldown per instance keeps one that
+fails at startup from being started again and again. `exai scale N` sets a ceiling (Redis key
 `instance-cap`): no spare starts while N instances run, so a parked session never undoes a
 scale-down.
 """
@@ -30,16 +31,19 @@ class Spares:
         *,
         cooldown: float = 10.0,
         cap: Callable[[], Awaitable[int | None]] | None = None,
+        registered: Callable[[], Awaitable[set[str]]] | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.cooldown = cooldown
         self.cap = cap
+        self.registered = registered
         self._started: dict[str, float] = {}  # process name -> when this router last started it
         self._lock = asyncio.Lock()
         self._client: SupervisorClient | None = None
 
-    async def start_one(self) -> str | None:
-        """The process name started, or None (none left, at the ceiling, or no supervisord)."""
+    async def start_one(self, waiting: int = 1) -> str | None:
+        """Start a spare for `waiting` waiters: the name started, or None (enough booting
+        already, none left, at the ceiling, or no supervisord)."""
         if not self.socket_path.exists():
             return None
         async with self._lock:
@@ -50,6 +54,10 @@ class Spares:
                 ceiling = await self.cap() if self.cap is not None else None
                 if ceiling is not None and sum(1 for p in procs if p.active) >= ceiling:
                     return None
+                if self.registered is not None:
+                    ready = await self.registered()
+                    if sum(1 for p in procs if p.active and p.name not in ready) >= waiting:
+                        return None  # enough spares are booting for everyone who waits
                 now = time.monotonic()
                 for proc in procs:
                     if proc.active or now - self._started.get(proc.name, -float("inf")) < self.cooldown:

@@ -41,6 +41,7 @@ class Behaviour:
     hang: bool = False
     content: str | None = None
     chunk_delay: float = 0.0
+    gate: threading.Event | None = None  # answer only once the test sets it (after any delay)
 
 
 @dataclass
@@ -101,6 +102,11 @@ class FakeProvider:
         with self._lock:
             return list(self.hits)
 
+    def active(self) -> int:
+        """Requests being answered right now."""
+        with self._lock:
+            return self._active
+
     def max_overlap(self) -> int:
         """Most requests that were being answered at the same moment."""
         return self.max_active
@@ -140,6 +146,9 @@ class FakeProvider:
                 return Response(status_code=499)
             if behaviour.delay:
                 await asyncio.sleep(behaviour.delay)
+            if behaviour.gate is not None:
+                # A threading.Event set from the test's own loop: wait for it in a thread.
+                await asyncio.to_thread(behaviour.gate.wait)
             hit.status = behaviour.status
             if behaviour.status >= 400:
                 headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else {}
