@@ -146,9 +146,9 @@ class FakeProvider:
                 return Response(status_code=499)
             if behaviour.delay:
                 await asyncio.sleep(behaviour.delay)
-            if behaviour.gate is not None:
-                # A threading.Event set from the test's own loop: wait for it in a thread.
-                await asyncio.to_thread(behaviour.gate.wait)
+            # A threading.Event that the test sets from its own loop: polled, like `hang`.
+            while behaviour.gate is not None and not behaviour.gate.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
             hit.status = behaviour.status
             if behaviour.status >= 400:
                 headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else {}
