@@ -149,6 +149,14 @@ class ThreadNotFound(NotFound):
     default_hint = "Start a new thread by calling chat without continuation_id."
 
 
+class SessionBusy(ExaiError):
+    """An admin action needs a session with nothing in flight, and it is working."""
+
+    code = "session_busy"
+    http_status = 409
+    default_hint = "Try again when its calls have finished."
+
+
 class VersionConflict(ExaiError):
     """An update carried a version that is no longer current: someone else changed the row."""
 

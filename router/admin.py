@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from common import protocol as p
-from common.errors import BadRequest, ExaiError, NotFound
+from common.errors import BadRequest, ExaiError, NotFound, SessionBusy
 from common.redis import REDIS_DOWN_ERRORS
 from router.metrics import Metrics
 from router.openapi import OPENAPI
@@ -73,6 +73,19 @@ async def end_session(request: web.Request) -> web.Response:
         raise NotFound(f"No session {request.match_info['id']!r}.")
     await proxy.bindings.end(sess, "admin")
     return _json({"ended": sess.id})
+
+
+async def park_session(request: web.Request) -> web.Response:
+    """Give the session's instance back now (its next request binds it again)."""
+    proxy = request.app[PROXY_KEY]
+    sess = await proxy.table.fetch(request.match_info["id"])
+    if sess is None or sess.ended:
+        raise NotFound(f"No session {request.match_info['id']!r}.")
+    if sess.state == "parked":
+        return _json({"parked": sess.id})
+    if not await proxy.bindings.park(sess, "admin"):
+        raise SessionBusy(f"Session {sess.id!r} has {sess.inflight} request(s) in flight; not parked.")
+    return _json({"parked": sess.id})
 
 
 async def instances_view(proxy: Proxy) -> list[dict[str, Any]]:
@@ -170,6 +183,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/sessions", list_sessions)
     app.router.add_get("/admin/sessions/{id}", get_session)
     app.router.add_delete("/admin/sessions/{id}", end_session)
+    app.router.add_post("/admin/sessions/{id}/park", park_session)
     app.router.add_get("/admin/instances", list_instances)
     app.router.add_post("/admin/instances/{id}/drain", drain_instance)
     app.router.add_post("/admin/instances/{id}/evict", evict_instance)

@@ -125,6 +125,18 @@ OPENAPI: dict[str, Any] = {
                 },
             },
         },
+        "/admin/sessions/{id}/park": {
+            "parameters": [_ID],
+            "post": {
+                "summary": "Park a session now: its instance is reset and freed, its next request binds one",
+                "responses": {
+                    "200": _ok({"type": "object", "properties": {"parked": {"type": "string"}}}, "parked"),
+                    "404": _ok(_ERROR, "unknown"),
+                    "409": _ok(_ERROR, "a request is in flight"),
+                    **_ERRORS,
+                },
+            },
+        },
         "/admin/instances": {
             "get": {
                 "summary": "List instances",
