@@ -580,14 +580,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _print_sessions_per_instance(settings: Settings) -> None:
     """The router's view: which session holds which instance (skipped if the router is down)."""
-    from router.admin_client import AdminUnavailable, sessions_by_instance
+    from router.admin_client import AdminUnavailable, admin_get, sessions_by_instance
 
     try:
         bound = sessions_by_instance(settings, admin_token(settings))
     except AdminUnavailable as exc:
         print(f"sessions: unavailable ({exc.message})")
         return
-    print(f"sessions: {len(bound)} bound" + "".join(f"\n  {i}  {s}" for i, s in sorted(bound.items())))
+    parked = ""
+    with contextlib.suppress(AdminUnavailable, KeyError, TypeError):
+        counts = admin_get(settings, admin_token(settings), "/admin/sessions")["counts"]
+        parked = f", {counts['parked']} parked"
+    lines = "".join(f"\n  {i}  {s}" for i, s in sorted(bound.items()))
+    print(f"sessions: {len(bound)} bound{parked}{lines}")
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:

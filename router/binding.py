@@ -257,6 +257,16 @@ class Bindings:
         self.metrics.sessions_parked.inc(reason=reason)
         log.info("session %s parked (%s), instance %s freed", sess.id[:8], reason, iid)
 
+    async def _quiet_elsewhere(self, sess: Session, cutoff: float) -> bool:
+        """For a session this router has not served since it loaded it (another router may
+        serve it now): True if the record in Redis was not touched after `cutoff` either."""
+        if sess.routed_here:
+            return True
+        seen = await self.table.redis.hget(self.table.keys.session(sess.id), "last_seen")  # type: ignore[misc]
+        if seen is not None and float(seen) > sess.last_seen:
+            sess.last_seen = float(seen)
+        return sess.last_seen <= cutoff
+
     async def park_idle(self, park_after: float) -> int:
         """Park every bound session of this router idle for `park_after` seconds."""
         cutoff = time.time() - park_after
@@ -267,6 +277,8 @@ class Bindings:
         ]
         parked = 0
         for sess in idle:
+            if not await self._quiet_elsewhere(sess, cutoff):
+                continue
             if sess.last_seen <= cutoff and await self.park(sess, "idle"):
                 parked += 1
         return parked
@@ -281,6 +293,8 @@ class Bindings:
         for sess in idle:
             if sess.last_seen > cutoff:
                 return False
+            if not sess.routed_here:
+                continue  # possibly served by another router right now: only park_idle's check
             if await self.park(sess, "pressure"):
                 return True
         return False

@@ -329,6 +329,7 @@ class Proxy:
             call = _call_of(msg)
             sess.calls[id(call)] = call
         sess.total += 1
+        sess.routed_here = True
         self.table.touch(sess)
         bindings = self.bindings
         try:

@@ -52,6 +52,7 @@ class Session:
     parks: int = 0
     resumes: int = 0
     calls: dict[int, Call] = field(default_factory=dict, repr=False)  # in flight on this router
+    routed_here: bool = False  # this router has proxied a request of it since it loaded it
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     ended: bool = False
 
