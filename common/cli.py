@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -27,6 +28,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common.embedded import EmbeddedPostgres, EmbeddedRedis
 from common.entry import run_entry
@@ -288,6 +290,11 @@ def wait_registered(
         time.sleep(0.1)
 
 
+def _forget_scale_state(r: Any, keys: Keys) -> None:
+    """A fresh `exai up`: no ceiling from an old `exai scale`, nothing left draining."""
+    r.delete(keys.instance_cap(), keys.draining())
+
+
 def busy_instances(redis_url: str, prefix: str, host: str = DEFAULT_INSTANCE_HOST) -> set[str]:
     """Process names of this host's instances bound to a session (best effort: empty when Redis
     is unreachable)."""
@@ -378,14 +385,49 @@ def launch(
             timeout=timeout,
             host=settings.instance_advertise,
         )
+        _control_keys(services.redis_url, settings.redis_prefix, _forget_scale_state)
     except BaseException:
         ctl.shutdown()
         raise
     return Launched(control=ctl, services=services, conf=conf, instances=tuple(names))
 
 
-def scale(settings: Settings, ctl: SupervisorControl, target: int) -> tuple[list[str], list[str]]:
-    """Start or stop instances so that `target` run; returns (started, stopped) names."""
+@dataclass
+class ScaleReport:
+    """What `exai scale` did: processes started and stopped, sessions parked, calls cut."""
+
+    started: list[str]
+    stopped: list[str]
+    parked: list[str]
+    cut: list[dict[str, str]]
+    problems: list[str]
+
+
+def _control_keys(redis_url: str, prefix: str, fn: Callable[[Any, Keys], None]) -> str | None:
+    """Run `fn(redis, keys)` on the fleet's Redis; the error text if Redis is unreachable."""
+    import redis as redis_sync
+
+    try:
+        client = redis_sync.Redis.from_url(redis_url, decode_responses=True, socket_timeout=3)
+        try:
+            fn(client, Keys(prefix))
+        finally:
+            client.close()
+    except (redis_sync.RedisError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+def scale(
+    settings: Settings, ctl: SupervisorControl, target: int, *, wait: float | None = None
+) -> ScaleReport:
+    """Start or stop instances so that `target` run.
+
+    Before an instance stops, the router parks the sessions it serves (waiting up to `wait`
+    seconds, default EXAI_DRAIN_TIMEOUT, for their calls in flight, then cutting them with an
+    error that says so); they continue on the remaining instances. `target` also becomes the
+    ceiling for spares the router starts on demand, so a returning session cannot undo it.
+    """
     if target < 0:
         raise ConfigError("the instance count must be 0 or more")
     if target > settings.max_instances:
@@ -393,29 +435,47 @@ def scale(settings: Settings, ctl: SupervisorControl, target: int) -> tuple[list
             f"cannot scale to {target}: EXAI_MAX_INSTANCES is {settings.max_instances}.",
             hint="Raise EXAI_MAX_INSTANCES and run `exai down` then `exai up` to provision more.",
         )
+    from router.admin_client import AdminUnavailable, evict_instance
+
+    redis_url = services_for(settings).redis_url
+    prefix = settings.redis_prefix
+    wait = settings.drain_timeout if wait is None else wait
     infos = ctl.processes()
     busy: set[str] = set()
     if target < sum(1 for p in infos if p.active and p.instance_num is not None):
-        busy = busy_instances(
-            services_for(settings).redis_url, settings.redis_prefix, settings.instance_advertise
-        )
+        busy = busy_instances(redis_url, prefix, settings.instance_advertise)
     plan = plan_scale(infos, target, busy)
+    report = ScaleReport(list(plan.start), list(plan.stop), [], [], [])
+
+    def cap_and_undrain(r: Any, keys: Keys) -> None:
+        r.set(keys.instance_cap(), str(target))
+        if plan.start:
+            r.srem(keys.draining(), *plan.start)  # a stopped instance comes back able to serve
+
+    if (err := _control_keys(redis_url, prefix, cap_and_undrain)) is not None:
+        report.problems.append(f"could not record the instance ceiling in Redis ({err})")
     for name in plan.start:
         ctl.start(name, wait=False)
-    for name in plan.stop:
-        ctl.stop(name, wait=False)
     if plan.stop:
+        token = admin_token(settings)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(plan.stop)) as pool:
+            futures = {name: pool.submit(evict_instance, settings, token, name, wait) for name in plan.stop}
+        for name, fut in futures.items():
+            try:
+                result = fut.result()
+            except AdminUnavailable as exc:
+                report.problems.append(f"{name}: sessions not parked, router unreachable ({exc.message})")
+                continue
+            report.parked += result.get("parked", [])
+            report.cut += result.get("cut", [])
+        for name in plan.stop:
+            ctl.stop(name, wait=False)
         ctl.wait_stopped(plan.stop)
+        _control_keys(redis_url, prefix, lambda r, keys: r.srem(keys.draining(), *plan.stop))
     if plan.start:
         ctl.wait_running(plan.start)
-        wait_registered(
-            services_for(settings).redis_url,
-            settings.redis_prefix,
-            plan.start,
-            ctl,
-            host=settings.instance_advertise,
-        )
-    return list(plan.start), list(plan.stop)
+        wait_registered(redis_url, prefix, plan.start, ctl, host=settings.instance_advertise)
+    return report
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -563,14 +623,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _print_sessions_per_instance(settings: Settings) -> None:
     """The router's view: which session holds which instance (skipped if the router is down)."""
-    from router.admin_client import AdminUnavailable, sessions_by_instance
+    from router.admin_client import AdminUnavailable, admin_get, sessions_by_instance
 
     try:
         bound = sessions_by_instance(settings, admin_token(settings))
     except AdminUnavailable as exc:
         print(f"sessions: unavailable ({exc.message})")
         return
-    print(f"sessions: {len(bound)} bound" + "".join(f"\n  {i}  {s}" for i, s in sorted(bound.items())))
+    parked = ""
+    with contextlib.suppress(AdminUnavailable, KeyError, TypeError):
+        counts = admin_get(settings, admin_token(settings), "/admin/sessions")["counts"]
+        parked = f", {counts['parked']} parked"
+    lines = "".join(f"\n  {i}  {s}" for i, s in sorted(bound.items()))
+    print(f"sessions: {len(bound)} bound{parked}{lines}")
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
@@ -602,13 +667,20 @@ def cmd_scale(args: argparse.Namespace) -> int:
     ctl = control(settings)
     if not ctl.is_running():
         raise FleetControlError("the fleet is not running.", hint="Start it with `exai up`.")
-    started, stopped = scale(settings, ctl, args.count)
-    if started:
-        print(f"started {', '.join(started)}")
-    if stopped:
-        print(f"stopped {', '.join(stopped)}")
-    if not started and not stopped:
+    report = scale(settings, ctl, args.count, wait=args.wait)
+    if report.started:
+        print(f"started {', '.join(report.started)}")
+    if report.stopped:
+        print(f"stopped {', '.join(report.stopped)}")
+        print(f"parked {len(report.parked)} session(s); they continue on the remaining instances")
+    for cut in report.cut:
+        waited = settings.drain_timeout if args.wait is None else args.wait
+        print(f"cut {cut['call']} of session {cut['session']} (still running after {waited:g}s)")
+    for problem in report.problems:
+        print(f"warning: {problem}")
+    if not report.started and not report.stopped:
         print(f"{args.count} instance(s) already running")
+    print(f"the router starts no spare beyond {args.count} running instance(s) until the next scale or up")
     print(_summary(settings, ctl.processes()))
     return 0
 
@@ -653,6 +725,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("scale", help="run N instances without restarting running ones")
     sc.add_argument("count", type=int, metavar="N")
+    sc.add_argument(
+        "--wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds calls on stopping instances may take before they are cut (default EXAI_DRAIN_TIMEOUT)",
+    )
     sc.set_defaults(func=cmd_scale)
 
     db = sub.add_parser("db", help="database maintenance")

@@ -178,6 +178,14 @@ class GitFailed(ExaiError):
     )
 
 
+class SessionBusy(ExaiError):
+    """An admin action needs a session with nothing in flight, and it is working."""
+
+    code = "session_busy"
+    http_status = 409
+    default_hint = "Try again when its calls have finished."
+
+
 class VersionConflict(ExaiError):
     """An update carried a version that is no longer current: someone else changed the row."""
 
@@ -262,6 +270,14 @@ class NoFreeInstance(RoutingError):
     )
 
 
+class InstanceFenced(RoutingError):
+    """An instance refused a request or a reset: it serves another session (fencing token)."""
+
+    code = "instance_fenced"
+    http_status = 409
+    default_hint = "The router moves the session to another instance; retry if this reached you."
+
+
 class SessionNotFound(RoutingError):
     """The Mcp-Session-Id is unknown, expired, or belongs to another principal."""
 
@@ -277,6 +293,16 @@ class InstanceLost(RoutingError):
     code = "instance_lost"
     default_hint = (
         "The call may or may not have run. Your session was moved to another instance; "
+        "retry the call if it is safe to repeat."
+    )
+
+
+class CallCut(InstanceLost):
+    """An operator scaled the fleet down while the call was running, and its wait ran out."""
+
+    code = "call_cut"
+    default_hint = (
+        "The call may or may not have run. Your session continues on another instance; "
         "retry the call if it is safe to repeat."
     )
 
@@ -311,6 +337,12 @@ class BadRequest(RoutingError):
     code = "bad_request"
     jsonrpc_code = INVALID_REQUEST
     http_status = 400
+
+
+class UnsupportedProtocolVersion(BadRequest):
+    """The MCP protocol version is unknown, or the request mixes the two protocol eras."""
+
+    code = "unsupported_protocol_version"
 
 
 class ParseError(BadRequest):

@@ -9,6 +9,8 @@ Keyspace (with the default prefix):
     exai:instances                      SET   ids of instances that have registered
     exai:instance:{id}                  HASH  id, host, port, pid, state, session, started_at, heartbeat (TTL)
     exai:lease:{instance_id}            STR   session id holding the instance (SET NX PX, renewed)
+    exai:lease-gen:{instance_id}        STR   counter: fencing token of the instance's latest lease
+    exai:instance-cap                   STR   `exai scale N`: spares are started only below N running
     exai:draining                       SET   instance ids an operator drained (no new sessions)
     exai:sessions                       ZSET  session ids scored by last-seen time (idle sweep)
     exai:session:{sid}                  HASH  the router's session record (instance, principal, era, ...)
@@ -45,6 +47,12 @@ class Keys:
 
     def lease(self, instance_id: str) -> str:
         return self._k("lease", instance_id)
+
+    def lease_generation(self, instance_id: str) -> str:
+        return self._k("lease-gen", instance_id)
+
+    def instance_cap(self) -> str:
+        return self._k("instance-cap")
 
     def draining(self) -> str:
         return self._k("draining")

@@ -16,6 +16,11 @@ SESSION_HEADER: Final = "X-Exai-Session"  # the router's session id
 PRINCIPAL_HEADER: Final = "X-Exai-Principal"  # who opened the session (token name or "local")
 CLIENT_HEADER: Final = "X-Exai-Client"  # clientInfo.name, when known
 ERA_HEADER: Final = "X-Exai-Era"  # "handshake" | "stateless"
+# Fencing token (lease generation) of the router's binding. An instance bound to one session
+# refuses requests for another, and a reset that does not name its session and this token.
+FENCE_HEADER: Final = "X-Exai-Fence"
+# Set on an instance's 409 when it refused a request or reset because it serves another session.
+FENCED_HEADER: Final = "X-Exai-Fenced"
 
 # The principal of a client that uses the admin token on /mcp: it sees every principal's threads,
 # notes and tasks. Token names in EXAI_AUTH_TOKENS cannot start with "@", so none can claim it.
@@ -49,6 +54,7 @@ LAST_EVENT_ID: Final = "Last-Event-ID"
 # Instance endpoints outside MCP (all require the internal token).
 INTERNAL_HEALTH: Final = "/internal/health"  # GET -> {"id", "state", "session", "inflight"}
 INTERNAL_RESET: Final = "/internal/reset"  # POST -> forget the bound session, close MCP sessions
+# (the reset must name the bound session and its fence in SESSION_HEADER / FENCE_HEADER)
 INTERNAL_DRAIN: Final = "/internal/drain"  # POST -> stop taking new sessions; DELETE -> take them again
 # Token-free probes of an instance for an orchestrator (Kubernetes): the state, nothing else.
 PROBE_LIVE: Final = "/healthz"  # GET -> 200 {"state"} while the process answers
@@ -59,7 +65,8 @@ InstanceState = Literal["starting", "ready", "draining", "stopping"]
 
 # Fields of the instance registry hash (Keys.instance(id)); the key has a TTL refreshed by the
 # heartbeat, so a dead instance disappears within EXAI_HEARTBEAT_TTL seconds.
-# Values are strings; "session" is "" while unbound; started_at and heartbeat are Unix epoch seconds.
+# Values are strings; "session" is "" while unbound ("fence" is then ""); started_at and
+# heartbeat are Unix epoch seconds.
 REGISTRY_FIELDS: Final = (
     "id",
     "host",
@@ -70,6 +77,7 @@ REGISTRY_FIELDS: Final = (
     "started_at",
     "heartbeat",
     "version",
+    "fence",
 )
 
 # supervisord naming, shared by `exai` (rendering the config, scaling) and the router (spares).

@@ -96,7 +96,10 @@ class Settings(BaseSettings):
     heartbeat_ttl: float = Field(6.0, gt=0, validation_alias="EXAI_HEARTBEAT_TTL")
     allocation_deadline: float = Field(10.0, ge=0, validation_alias="EXAI_ALLOCATION_DEADLINE")
     autostart_spares: bool = Field(True, validation_alias="EXAI_AUTOSTART_SPARES")
-    session_idle_timeout: float = Field(3600.0, gt=0, validation_alias="EXAI_SESSION_IDLE_TIMEOUT")
+    # Expiry: a session without requests for this long is forgotten (parked sessions included).
+    session_idle_timeout: float = Field(7 * 86400.0, gt=0, validation_alias="EXAI_SESSION_IDLE_TIMEOUT")
+    # Parking: a session with nothing in flight for this long gives its instance back.
+    session_park_after: float = Field(30.0, gt=0, validation_alias="EXAI_SESSION_PARK_AFTER")
     lease_ttl: float = Field(30.0, gt=0, validation_alias="EXAI_LEASE_TTL")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, validation_alias="EXAI_MAX_BODY_BYTES")
     # Silence allowed on a POST response from an instance (SSE pings come every 15 s). GET

@@ -8,6 +8,7 @@ Both speak plain XML-RPC (xmlrpc.client encodes and decodes) over HTTP on the un
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
@@ -34,6 +35,8 @@ RPC_PATH = "/RPC2"
 ACTIVE_STATES = frozenset({"STARTING", "RUNNING", "BACKOFF"})
 #: States a process only leaves when someone starts it again.
 DEAD_STATES = frozenset({"STOPPED", "EXITED", "FATAL", "UNKNOWN"})
+# How often a stop re-sends SIGTERM to an instance that is still alive (see `_resignal`).
+RESIGNAL_EVERY = 1.0
 
 # supervisor.xmlrpc.Faults codes we treat as "already done".
 _ALREADY_STARTED = 60
@@ -427,11 +430,33 @@ class SupervisorControl:
 
     def stop(self, name: str, *, wait: bool = True) -> bool:
         try:
-            return bool(self.call("supervisor.stopProcess", full_name(name), wait))
+            stopping = bool(self.call("supervisor.stopProcess", full_name(name), False))
         except SupervisorFault as exc:
             if _fault_code(exc) == _NOT_RUNNING:
                 return False
             raise
+        if wait:
+            self.wait_stopped([name])
+        return stopping
+
+    def _resignal(self, procs: Iterable[ProcessInfo]) -> None:
+        """SIGTERM again every instance that supervisord is still stopping.
+
+        supervisord forks, then the child closes its file descriptors and execs the program.
+        A SIGTERM that lands in between (a stop moments after a start) is taken by the copy of
+        supervisord's own handler in the child and vanishes with the exec: the instance starts
+        normally and never hears it, and supervisord waits stopwaitsecs before its SIGKILL.
+        An instance treats a repeated SIGTERM as the same request to drain, so re-sending is
+        harmless; supervisord runs on this machine (unix socket), so its pids are ours.
+        """
+        import os
+        import signal
+
+        for proc in procs:
+            alive = proc.pid and pid_alive(proc.pid)
+            if proc.state == "STOPPING" and proc.instance_num is not None and alive:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(proc.pid, signal.SIGTERM)
 
     def signal(self, name: str, sig: str | int) -> None:
         self.call("supervisor.signalProcess", full_name(name), str(sig))
@@ -465,12 +490,17 @@ class SupervisorControl:
         """Block until none of the named processes is running any more."""
         pending = {full_name(n) for n in names}
         deadline = time.monotonic() + timeout
+        resignal = time.monotonic() + RESIGNAL_EVERY
         while pending:
-            pending -= {p.full_name for p in self.processes() if p.state in DEAD_STATES}
+            procs = self.processes()
+            pending -= {p.full_name for p in procs if p.state in DEAD_STATES}
             if pending and time.monotonic() > deadline:
                 raise FleetControlError(f"still stopping after {timeout:.0f}s: {', '.join(sorted(pending))}")
+            if pending and time.monotonic() > resignal:
+                self._resignal(p for p in procs if p.full_name in pending)
+                resignal = time.monotonic() + RESIGNAL_EVERY
             if pending:
-                time.sleep(0.2)
+                time.sleep(0.1)
 
     def start_instances(self, nums: Iterable[int]) -> list[str]:
         names = [instance_process_name(n) for n in nums]
@@ -486,9 +516,14 @@ class SupervisorControl:
         except SupervisorUnavailable:
             return
         deadline = time.monotonic() + timeout
+        resignal = time.monotonic() + RESIGNAL_EVERY
         while pid_alive(pid):
             if time.monotonic() > deadline:
                 raise FleetControlError(f"supervisord (pid {pid}) did not exit within {timeout:.0f}s")
+            if time.monotonic() > resignal:
+                with contextlib.suppress(SupervisorUnavailable, SupervisorFault):
+                    self._resignal(self.processes())
+                resignal = time.monotonic() + RESIGNAL_EVERY
             time.sleep(0.1)
 
 

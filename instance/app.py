@@ -22,10 +22,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common import __version__
-from common.errors import ConfigError, ExaiError, ShuttingDown, Unauthorized
+from common.errors import ConfigError, ExaiError, InstanceFenced, ShuttingDown, Unauthorized
 from common.keys import Keys
 from common.notifications import EventLog
 from common.protocol import (
+    FENCED_HEADER,
     INTERNAL_DRAIN,
     INTERNAL_HEALTH,
     INTERNAL_RESET,
@@ -55,6 +56,11 @@ INSTRUCTIONS = (
 
 def _error_response(exc: ExaiError) -> Response:
     return JSONResponse(exc.to_jsonrpc(), status_code=exc.http_status)
+
+
+def _fenced(runtime: Runtime) -> Response:
+    error = InstanceFenced(f"Instance {runtime.identity.id} serves another session.")
+    return JSONResponse(error.to_jsonrpc(), status_code=error.http_status, headers={FENCED_HEADER: "1"})
 
 
 class InternalTokenMiddleware:
@@ -89,7 +95,9 @@ class InternalTokenMiddleware:
                 await _error_response(ShuttingDown("this instance is shutting down"))(scope, receive, send)
                 return
             if scope["method"] != "DELETE":  # a session's goodbye must not re-bind it after a reset
-                self.runtime.observe(headers)
+                if not self.runtime.observe(headers):
+                    await _fenced(self.runtime)(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
 
@@ -148,6 +156,8 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
 
     @mcp.custom_route(INTERNAL_RESET, methods=["POST"])
     async def reset(request: Request) -> Response:
+        if not runtime.may_reset(request.headers):
+            return _fenced(runtime)
         await runtime.reset()
         return JSONResponse(runtime.health())
 

@@ -3,7 +3,8 @@
 On the first SIGTERM (or SIGINT) the instance turns "stopping" (the registry says so at once,
 new tool calls get a ShuttingDown error), waits up to EXAI_DRAIN_TIMEOUT for in-flight calls,
 closes its MCP sessions so open streams end, and only then lets uvicorn stop; the lifespan
-then flushes the spool and deregisters. A second signal stops at once.
+then flushes the spool and deregisters. A repeated SIGTERM is the same request (stoppers
+re-send it, see common/supervisor.py); a second SIGINT (Ctrl-C twice) stops at once.
 """
 
 from __future__ import annotations
@@ -47,10 +48,12 @@ class InstanceServer(uvicorn.Server):
         if self._drain_task is None:
             log.info("%s received: draining", signal.Signals(sig).name)
             self._drain_task = asyncio.create_task(self.drain(), name="drain")
+        elif sig == signal.SIGTERM:
+            log.info("SIGTERM again: still draining")
         else:
             log.warning("second %s: stopping without waiting", signal.Signals(sig).name)
             self.should_exit = True
-            self.force_exit = sig == signal.SIGINT
+            self.force_exit = True
 
     async def drain(self) -> None:
         rt = self.runtime

@@ -47,6 +47,7 @@ class Registry:
             "started_at": f"{rt.started_at:.3f}",
             "heartbeat": f"{time.time():.3f}",
             "version": rt.version,
+            "fence": rt.binding.fence if rt.binding else "",
         }
         assert tuple(values) == REGISTRY_FIELDS
         return values

@@ -22,6 +22,7 @@ from common.protocol import (
     CLIENT_HEADER,
     DEFAULT_INSTANCE_HOST,
     ERA_HEADER,
+    FENCE_HEADER,
     MCP_SESSION_ID,
     PRINCIPAL_HEADER,
     SESSION_HEADER,
@@ -96,6 +97,7 @@ class Binding:
     principal: str | None = None
     client: str | None = None
     era: str | None = None
+    fence: str = ""  # the router's lease generation for this binding ("" if it sent none)
     recorded: bool = False
 
 
@@ -130,24 +132,45 @@ class Runtime:
     def session(self) -> str | None:
         return self.binding.session if self.binding else None
 
-    def observe(self, headers: Mapping[str, str]) -> None:
-        """Bind to the session named by the router's headers (a new session replaces the old)."""
+    def observe(self, headers: Mapping[str, str]) -> bool:
+        """Bind to the session named by the router's headers; False if bound to another one.
+
+        An instance serves one session until the router resets it: a request for another
+        session means some router's view of the leases is wrong (Redis lost them), and
+        answering it would hand this session's process to a second client.
+        """
         sid = headers.get(SESSION_HEADER)
         if not sid:
-            return
+            return True
+        fence = headers.get(FENCE_HEADER) or ""
         current = self.binding
-        if current is not None and current.session == sid:
-            return
         if current is not None:
-            log.warning("session %s replaces %s without a reset", sid, current.session)
+            if current.session != sid:
+                log.warning("refused session %s: bound to %s (fence %s)", sid, current.session, current.fence)
+                return False
+            if fence and fence != current.fence:
+                current.fence = fence  # the same session under a renewed lease
+                self.on_change()
+            return True
         self.binding = Binding(
             session=sid,
             principal=headers.get(PRINCIPAL_HEADER),
             client=headers.get(CLIENT_HEADER),
             era=headers.get(ERA_HEADER),
+            fence=fence,
         )
-        log.info("bound to session %s", sid)
+        log.info("bound to session %s (fence %s)", sid, fence or "-")
         self.on_change()
+        return True
+
+    def may_reset(self, headers: Mapping[str, str]) -> bool:
+        """A reset must name the bound session and its fencing token (or find nothing bound)."""
+        current = self.binding
+        if current is None:
+            return True
+        if headers.get(SESSION_HEADER) != current.session:
+            return False
+        return not current.fence or headers.get(FENCE_HEADER) == current.fence
 
     @property
     def scoped(self) -> bool:
@@ -247,6 +270,7 @@ class Runtime:
             "id": self.identity.id,
             "state": self.state,
             "session": self.session or "",
+            "fence": self.binding.fence if self.binding else "",
             "inflight": self.inflight,
             "port": self.identity.port,
             "pid": self.pid,

@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from common import protocol as p
-from common.errors import ExaiError, InvalidArgument, NotFound, StorageUnavailable
+from common.errors import BadRequest, ExaiError, InvalidArgument, NotFound, SessionBusy, StorageUnavailable
 from common.notifications import notification
 from common.redis import REDIS_DOWN_ERRORS
 from router.metrics import Metrics
@@ -56,7 +56,8 @@ async def list_sessions(request: web.Request) -> web.Response:
         if sess is not None and not sess.ended:
             out.append(sess.public())
     out.sort(key=lambda s: s["created"])
-    return _json({"sessions": out})
+    counts = {state: sum(1 for s in out if s["state"] == state) for state in ("working", "idle", "parked")}
+    return _json({"sessions": out, "counts": counts})
 
 
 async def get_session(request: web.Request) -> web.Response:
@@ -72,7 +73,7 @@ async def end_session(request: web.Request) -> web.Response:
     sess = await proxy.table.fetch(request.match_info["id"])
     if sess is None or sess.ended:
         raise NotFound(f"No session {request.match_info['id']!r}.")
-    await proxy.end(sess, "admin")
+    await proxy.bindings.end(sess, "admin")
     return _json({"ended": sess.id})
 
 
@@ -99,6 +100,19 @@ async def notify_session(request: web.Request) -> web.Response:
             hint="Retry once Redis is up.",
         ) from None
     return _json({"session": sess.id, "id": event_id})
+
+
+async def park_session(request: web.Request) -> web.Response:
+    """Give the session's instance back now (its next request binds it again)."""
+    proxy = request.app[PROXY_KEY]
+    sess = await proxy.table.fetch(request.match_info["id"])
+    if sess is None or sess.ended:
+        raise NotFound(f"No session {request.match_info['id']!r}.")
+    if sess.state == "parked":
+        return _json({"parked": sess.id})
+    if not await proxy.bindings.park(sess, "admin"):
+        raise SessionBusy(f"Session {sess.id!r} has {sess.inflight} request(s) in flight; not parked.")
+    return _json({"parked": sess.id})
 
 
 async def instances_view(proxy: Proxy) -> list[dict[str, Any]]:
@@ -160,6 +174,21 @@ async def _tell_instance(proxy: Proxy, inst: Instance, method: str) -> None:
             await r.read()
 
 
+async def evict_instance(request: web.Request) -> web.Response:
+    """Before an instance is stopped: no new sessions there, and park the ones it serves."""
+    proxy = request.app[PROXY_KEY]
+    iid = request.match_info["id"]
+    try:
+        wait = float(request.query.get("wait", "20"))
+    except ValueError:
+        raise BadRequest("Query parameter 'wait' must be a number of seconds.") from None
+    if not 0 <= wait <= 600:
+        raise BadRequest("Query parameter 'wait' must be between 0 and 600 seconds.")
+    await proxy.registry.set_draining(iid)
+    result = await proxy.bindings.evict(iid, wait)
+    return _json(result.to_dict())
+
+
 async def openapi(request: web.Request) -> web.Response:
     return _json(OPENAPI)
 
@@ -209,6 +238,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/sessions/{id}", get_session)
     app.router.add_delete("/admin/sessions/{id}", end_session)
     app.router.add_post("/admin/sessions/{id}/notify", notify_session)
+    app.router.add_post("/admin/sessions/{id}/park", park_session)
     app.router.add_get("/admin/instances", list_instances)
     app.router.add_post("/admin/instances/{id}/drain", drain_instance)
     app.router.add_delete("/admin/instances/{id}/drain", undrain_instance)
+    app.router.add_post("/admin/instances/{id}/evict", evict_instance)

@@ -48,6 +48,12 @@ def fetch_sessions(settings: Settings, token: str) -> list[dict[str, Any]]:
     return list(admin_get(settings, token, "/admin/sessions")["sessions"])
 
 
+def evict_instance(settings: Settings, token: str, instance_id: str, wait: float) -> dict[str, Any]:
+    """Ask the router to park the sessions of an instance about to stop (see `exai scale`)."""
+    path = f"/admin/instances/{urllib.parse.quote(instance_id)}/evict?wait={wait:g}"
+    return dict(admin_get(settings, token, path, timeout=wait + 15, method="POST"))
+
+
 def fetch_instances(settings: Settings, token: str) -> list[dict[str, Any]]:
     return list(admin_get(settings, token, "/admin/instances")["instances"])
 
@@ -70,11 +76,12 @@ def _age(ts: float, now: float) -> str:
 
 def sessions_table(sessions: list[dict[str, Any]], *, now: float | None = None) -> str:
     now = time.time() if now is None else now
-    rows = [("SESSION", "INSTANCE", "CLIENT", "ERA", "AGE", "IDLE", "INFLIGHT", "TOTAL")]
+    rows = [("SESSION", "STATE", "INSTANCE", "CLIENT", "ERA", "AGE", "IDLE", "INFLIGHT", "TOTAL")]
     for s in sessions:
         rows.append(
             (
                 s["id"],
+                s.get("state") or "-",
                 s.get("instance") or "-",
                 s.get("client") or "-",
                 s["era"],

@@ -1,8 +1,13 @@
 """Finding a free instance for a session: try, wait up to a deadline, then refuse clearly.
 
 Waiting is bounded twice: in time (EXAI_ALLOCATION_DEADLINE) and in numbers (MAX_WAITERS),
-so a burst of new sessions can never turn into an unbounded queue or a hung request. While
-waiting, the router asks supervisord to start a provisioned spare if that is allowed.
+so a burst of new sessions can never turn into an unbounded queue or a hung request. Every
+waiter asks supervisord for a provisioned spare of its own (router/spares.py), so several
+waiters start several spares at once. Idle sessions park (router/binding.py), so waiting
+means that more sessions are working at this moment than instances run.
+
+An instance without a lease key whose registry entry names a live session bound to it is not
+free: Redis lost the lease, and `reconcile` restores it instead of resetting the instance.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_WAITERS = 256
 POLL_INTERVAL = 0.1
+SPARE_RECHECK = 2.0
 
 
 class Allocator:
@@ -34,8 +40,11 @@ class Allocator:
         registry: Registry,
         leases: Leases,
         metrics: Metrics,
-        start_spare: Callable[[], Coroutine[Any, Any, str | None]] | None = None,
-        reset: Callable[[Instance], Coroutine[Any, Any, None]] | None = None,
+        start_spare: Callable[[int], Coroutine[Any, Any, str | None]] | None = None,
+        reset: Callable[[Instance, str, str], Coroutine[Any, Any, bool]] | None = None,
+        reconcile: Callable[[Instance], Coroutine[Any, Any, bool]] | None = None,
+        reclaim: Callable[[], Coroutine[Any, Any, bool]] | None = None,
+        working: Callable[[], int] | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -43,6 +52,9 @@ class Allocator:
         self.metrics = metrics
         self.start_spare = start_spare
         self.reset = reset
+        self.reconcile = reconcile
+        self.reclaim = reclaim
+        self.working = working or (lambda: 0)
         self.waiters = 0
         self._freed = asyncio.Event()
 
@@ -54,7 +66,8 @@ class Allocator:
     def retry_after(self) -> int:
         return max(1, math.ceil(min(self.settings.allocation_deadline, 30.0) or 5.0))
 
-    async def try_once(self, session_id: str) -> Instance | None:
+    async def try_once(self, session_id: str) -> tuple[Instance, int] | None:
+        """A free instance and the fencing token of its new lease, or None."""
         instances = await self.registry.instances()
         draining = await self.registry.draining()
         candidates = [
@@ -64,17 +77,32 @@ class Allocator:
         ]
         holders = await self.leases.holders([c.id for c in candidates])
         for inst in candidates:
-            if holders.get(inst.id) is None and await self.leases.acquire(inst.id, session_id):
-                if inst.session and inst.session != session_id and self.reset is not None:
-                    # A session ended without its reset (a router died mid-way): reset now.
-                    await self.reset(inst)
-                return inst
+            if holders.get(inst.id) is not None:
+                continue
+            stale = bool(inst.session) and inst.session != session_id
+            if stale and self.reconcile is not None and await self.reconcile(inst):
+                continue  # its session is alive and bound there: the lease was lost, not freed
+            fence = await self.leases.acquire(inst.id, session_id)
+            if not fence:
+                continue
+            if stale and self.reset is not None and not await self.reset(inst, inst.session, inst.fence):
+                # A session ended without its reset (a router died mid-way) would let us reset
+                # here; the instance refused, so it serves a session this router cannot see.
+                await self.leases.release(inst.id, session_id)
+                continue
+            return inst, fence
         return None
 
-    async def allocate(self, session_id: str) -> Instance:
-        inst = await self.try_once(session_id)
-        if inst is not None:
-            return inst
+    async def _try_or_reclaim(self, session_id: str) -> tuple[Instance, int] | None:
+        got = await self.try_once(session_id)
+        if got is None and self.reclaim is not None and await self.reclaim():
+            got = await self.try_once(session_id)  # an idle session was just parked
+        return got
+
+    async def allocate(self, session_id: str) -> tuple[Instance, int]:
+        got = await self._try_or_reclaim(session_id)
+        if got is not None:
+            return got
         if self.waiters >= MAX_WAITERS:
             self.metrics.allocation_failures.inc()
             raise self._refusal()
@@ -83,39 +111,56 @@ class Allocator:
         started = time.monotonic()
         deadline = started + self.settings.allocation_deadline
         spare_task: asyncio.Task[str | None] | None = None
-        if self.settings.autostart_spares and self.start_spare is not None:
-            spare_task = asyncio.create_task(self._start_spare(self.start_spare))
+        next_spare = started
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.metrics.allocation_failures.inc()
                     raise self._refusal()
+                if (
+                    self.settings.autostart_spares
+                    and self.start_spare is not None
+                    and time.monotonic() >= next_spare
+                    and (spare_task is None or spare_task.done())
+                ):
+                    # Asked again every SPARE_RECHECK seconds: a spare that died while booting
+                    # must not leave this waiter without one.
+                    spare_task = asyncio.create_task(self._start_spare(self.start_spare))
+                    spare_task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+                    next_spare = time.monotonic() + SPARE_RECHECK
                 self._freed.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(POLL_INTERVAL * 2, remaining)):
                         await self._freed.wait()
-                inst = await self.try_once(session_id)
-                if inst is not None:
-                    return inst
+                got = await self._try_or_reclaim(session_id)
+                if got is not None:
+                    return got
         finally:
             self.waiters -= 1
             self.metrics.allocation_wait_seconds.observe(time.monotonic() - started)
-            if spare_task is not None and not spare_task.done():
-                spare_task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    async def _start_spare(self, start: Callable[[], Coroutine[Any, Any, str | None]]) -> str | None:
-        name = await start()
+    async def _start_spare(self, start: Callable[[int], Coroutine[Any, Any, str | None]]) -> str | None:
+        name = await start(self.waiters)
         if name:
             self.metrics.spares_started.inc()
         return name
 
     def _refusal(self) -> NoFreeInstance:
         live = len(self.registry.last)
+        working = self.working()
+        cap = self.settings.max_instances
         return NoFreeInstance(
-            f"No free instance: all {live} running instances are serving other sessions "
-            f"(waited {self.settings.allocation_deadline:g}s).",
+            f"No free instance: {working} sessions are working at this moment and all {live} "
+            f"running instances serve one each (at most EXAI_MAX_INSTANCES={cap} run; waited "
+            f"{self.settings.allocation_deadline:g}s). Idle sessions do not count: they give "
+            f"their instance back after EXAI_SESSION_PARK_AFTER.",
+            hint=(
+                f"Retry after {self.retry_after}s (Retry-After), when a call has finished; or add "
+                f"instances with `exai scale N` (raise EXAI_MAX_INSTANCES beyond {cap})."
+            ),
             running=live,
-            max_instances=self.settings.max_instances,
+            working=working,
+            max_instances=cap,
             retry_after=self.retry_after,
         )

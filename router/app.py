@@ -52,7 +52,7 @@ async def _every(interval: float, name: str, fn: Callable[[], Awaitable[None]]) 
 
 
 class Maintenance:
-    """Background rounds: lease renewal, counter flush, idle sweep."""
+    """Background rounds: lease renewal, counter flush, parking, expiry."""
 
     def __init__(self, proxy: Proxy, settings: Settings) -> None:
         self.proxy = proxy
@@ -60,6 +60,7 @@ class Maintenance:
 
     async def renew_leases(self) -> None:
         table = self.proxy.table
+        bindings = self.proxy.bindings
         pairs = [(s.instance_id, s.id) for s in table.by_id.values() if s.instance_id and not s.ended]
         for (iid, sid), ok in (await self.proxy.leases.renew(pairs)).items():
             if ok:
@@ -67,13 +68,19 @@ class Maintenance:
             sess = table.by_id.get(sid)
             if sess is None or sess.ended or sess.instance_id != iid:
                 continue
-            if not await self.proxy.leases.acquire(iid, sid):
+            if await self.proxy.leases.reacquire(iid, sid):
+                self.proxy.metrics.leases_reconciled.inc()  # Redis had lost it; restored
+            else:
                 # Another session owns the instance now: rebind on this session's next request.
                 log.warning("session %s lost its lease on %s", sid[:8], iid)
                 sess.instance_id = ""
-                self.proxy.targets.pop(sid, None)
+                bindings.targets.pop(sid, None)
+
+    async def park_idle(self) -> None:
+        await self.proxy.bindings.park_idle(self.settings.session_park_after)
 
     async def sweep_idle(self) -> None:
+        """Expiry: forget sessions without requests for EXAI_SESSION_IDLE_TIMEOUT."""
         table = self.proxy.table
         await table.flush()
         cutoff = time.time() - self.settings.session_idle_timeout
@@ -85,7 +92,7 @@ class Maintenance:
             if sess.inflight:
                 table.touch(sess)
                 continue
-            await self.proxy.end(sess, "idle")
+            await self.proxy.bindings.end(sess, "expired")
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -102,9 +109,20 @@ def create_app(settings: Settings) -> web.Application:
         upstream = Upstream.create(settings.max_instances)
         registry = Registry(redis, keys)
         leases = Leases(redis, keys, settings.lease_ttl)
-        spares = Spares(settings.supervisor_socket)
-        allocator = Allocator(settings, registry, leases, metrics, start_spare=spares.start_one)
-        table = SessionTable(redis, keys)
+
+        async def registered() -> set[str]:
+            return set(await registry.instances())
+
+        spares = Spares(settings.supervisor_socket, cap=registry.cap, registered=registered)
+        table = SessionTable(redis, keys, expire_after=settings.session_idle_timeout)
+        allocator = Allocator(
+            settings,
+            registry,
+            leases,
+            metrics,
+            start_spare=spares.start_one,
+            working=lambda: sum(1 for s in table.by_id.values() if s.inflight and not s.ended),
+        )
         proxy = Proxy(
             http=upstream.calls,
             streams=upstream.streams,
@@ -119,7 +137,9 @@ def create_app(settings: Settings) -> web.Application:
             read_timeout=settings.upstream_read_timeout,
             body_timeout=settings.body_timeout,
         )
-        allocator.reset = proxy.reset_instance
+        allocator.reset = proxy.bindings.reset_instance
+        allocator.reconcile = proxy.bindings.reconcile
+        allocator.reclaim = proxy.bindings.reclaim
         app[admin.PROXY_KEY] = proxy
         events = EventLog(redis, keys, maxlen=settings.notify_log_maxlen, ttl=settings.session_idle_timeout)
         hub = Hub(
@@ -127,7 +147,7 @@ def create_app(settings: Settings) -> web.Application:
             keepalive=settings.stream_keepalive, per_session=settings.streams_per_session,
             retry_ms=settings.stream_retry_ms, session_ttl=settings.session_idle_timeout,
         )  # fmt: skip
-        proxy.notifications = hub
+        proxy.notifications = proxy.bindings.notifications = hub
         _wire_gauges(metrics, proxy, upstream)
         try:
             loaded = await table.load()
@@ -139,11 +159,13 @@ def create_app(settings: Settings) -> web.Application:
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await maint.renew_leases()
         sweep = max(0.2, min(30.0, settings.session_idle_timeout / 4))
+        park = max(0.1, min(5.0, settings.session_park_after / 4))
         tasks = [
             asyncio.create_task(_every(settings.lease_ttl / 3, "lease renewal", maint.renew_leases)),
             asyncio.create_task(_every(1.0, "session flush", table.flush)),
-            asyncio.create_task(_every(1.0, "unfinished session ends", proxy.finish_ends)),
-            asyncio.create_task(_every(sweep, "idle sweep", maint.sweep_idle)),
+            asyncio.create_task(_every(1.0, "unfinished session ends", proxy.bindings.finish_ends)),
+            asyncio.create_task(_every(park, "parking", maint.park_idle)),
+            asyncio.create_task(_every(sweep, "expiry sweep", maint.sweep_idle)),
             asyncio.create_task(hub.run(), name="notification hub"),
             asyncio.create_task(_every(sweep, "stream sessions", hub.keep_sessions)),
         ]
@@ -187,6 +209,13 @@ def _wire_gauges(metrics: Metrics, proxy: Proxy, upstream: Upstream) -> None:
                 out[(("era", s.era),)] += 1
         return out
 
+    def by_state() -> dict[Labels, float]:
+        out: dict[Labels, float] = {(("state", st),): 0 for st in ("working", "idle", "parked")}
+        for s in proxy.table.by_id.values():
+            if not s.ended:
+                out[(("state", s.state),)] += 1
+        return out
+
     def instances() -> dict[Labels, float]:
         out: dict[Labels, float] = {}
         busy = {s.instance_id for s in proxy.table.by_id.values() if not s.ended}
@@ -199,6 +228,11 @@ def _wire_gauges(metrics: Metrics, proxy: Proxy, upstream: Upstream) -> None:
         return {(): float(sum(s.inflight for s in proxy.table.by_id.values()))}
 
     metrics.gauge("exai_router_sessions", "Open sessions known to this router, by era.", sessions)
+    metrics.gauge(
+        "exai_router_sessions_by_state",
+        "Open sessions known to this router: working (a call in flight), idle (bound), parked.",
+        by_state,
+    )
     metrics.gauge("exai_router_instances", "Live instances by state (busy = bound to a session).", instances)
     metrics.gauge("exai_router_requests_inflight", "Requests being proxied right now.", inflight)
     metrics.gauge(

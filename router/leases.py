@@ -3,6 +3,11 @@
 A lease is `SET lease:{instance} {session} NX PX ttl`; the holder renews it while the session
 lives. Renewal and release compare the value first (in Lua), so a router never extends or
 frees a lease another router won after this one's expired.
+
+Every new lease also gets a fencing token, the instance's lease generation (a counter per
+instance). The router hands it to the instance with each request; the instance keeps the
+token of the session it serves and refuses a reset that does not carry it, so a router whose
+view of the leases is wrong (Redis lost them) cannot take a busy instance away.
 """
 
 from __future__ import annotations
@@ -20,6 +25,13 @@ end
 return 0
 """
 
+_ACQUIRE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('incr', KEYS[2])
+end
+return 0
+"""
+
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
@@ -33,10 +45,17 @@ class Leases:
         self.redis = redis
         self.keys = keys
         self.ttl_ms = int(ttl * 1000)
+        self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
 
-    async def acquire(self, instance_id: str, session_id: str) -> bool:
+    async def acquire(self, instance_id: str, session_id: str) -> int:
+        """Take a free instance: its new fencing token, or 0 if another session holds it."""
+        keys = [self.keys.lease(instance_id), self.keys.lease_generation(instance_id)]
+        return int(await self._acquire(keys=keys, args=[session_id, self.ttl_ms]))
+
+    async def reacquire(self, instance_id: str, session_id: str) -> bool:
+        """Restore a lost lease for the session that still holds the instance (same token)."""
         return bool(await self.redis.set(self.keys.lease(instance_id), session_id, nx=True, px=self.ttl_ms))
 
     async def holder(self, instance_id: str) -> str | None:

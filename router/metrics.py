@@ -107,6 +107,22 @@ class Metrics:
         )
         self.spares_started = Counter("exai_router_spares_started_total", "Idle instances started on demand.")
         self.sessions_ended = Counter("exai_router_sessions_ended_total", "Sessions ended, by reason.")
+        self.sessions_parked = Counter(
+            "exai_router_sessions_parked_total", "Sessions that gave their instance back, by reason."
+        )
+        self.sessions_resumed = Counter(
+            "exai_router_sessions_resumed_total", "Parked sessions bound to an instance again."
+        )
+        self.resume_seconds = Histogram(
+            "exai_router_resume_seconds", "Time to bind a parked session again (allocation + replay)."
+        )
+        self.leases_reconciled = Counter(
+            "exai_router_leases_reconciled_total",
+            "Lease keys restored from the registry (an instance named a live session, Redis had no lease).",
+        )
+        self.calls_cut = Counter(
+            "exai_router_calls_cut_total", "Calls cut because their instance was being stopped."
+        )
         self.gauges: list[Gauge] = []
         self.extra: list[Counter | Histogram] = []  # registered by the parts that own them
 
@@ -129,6 +145,11 @@ class Metrics:
                 self.allocation_wait_seconds,
                 self.spares_started,
                 self.sessions_ended,
+                self.sessions_parked,
+                self.sessions_resumed,
+                self.resume_seconds,
+                self.leases_reconciled,
+                self.calls_cut,
                 *self.extra,
             )
         ]

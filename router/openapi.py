@@ -17,8 +17,36 @@ _SESSION = {
         "last_seen": {"type": "number", "description": "Unix time"},
         "inflight": {"type": "integer", "description": "requests in flight through this router"},
         "total": {"type": "integer"},
+        "state": {
+            "type": "string",
+            "enum": ["working", "idle", "parked"],
+            "description": "working: a request in flight; idle: bound to its instance, nothing in "
+            "flight; parked: no instance (idle for EXAI_SESSION_PARK_AFTER), the next request binds one",
+        },
+        "parked_at": {"type": ["number", "null"], "description": "Unix time of the last park, null if bound"},
+        "parks": {"type": "integer", "description": "times the session gave its instance back"},
+        "resumes": {"type": "integer", "description": "times a parked session was bound again"},
     },
-    "required": ["id", "instance", "era", "created", "last_seen", "inflight", "total"],
+    "required": ["id", "instance", "era", "created", "last_seen", "inflight", "total", "state"],
+}
+_COUNTS = {
+    "type": "object",
+    "properties": {k: {"type": "integer"} for k in ("working", "idle", "parked")},
+}
+_EVICTION = {
+    "type": "object",
+    "properties": {
+        "instance": {"type": "string"},
+        "parked": {"type": "array", "items": {"type": "string"}, "description": "sessions parked"},
+        "cut": {
+            "type": "array",
+            "description": "calls still running when the wait ran out; each got a call_cut error",
+            "items": {
+                "type": "object",
+                "properties": {"session": {"type": "string"}, "call": {"type": "string"}},
+            },
+        },
+    },
 }
 _INSTANCE = {
     "type": "object",
@@ -61,7 +89,7 @@ OPENAPI: dict[str, Any] = {
     },
     "components": {
         "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
-        "schemas": {"Session": _SESSION, "Instance": _INSTANCE, "Error": _ERROR},
+        "schemas": {"Session": _SESSION, "Instance": _INSTANCE, "Error": _ERROR, "Eviction": _EVICTION},
     },
     "security": [{"admin": []}],
     "paths": {
@@ -70,8 +98,14 @@ OPENAPI: dict[str, Any] = {
                 "summary": "List sessions",
                 "responses": {
                     "200": _ok(
-                        {"type": "object", "properties": {"sessions": {"type": "array", "items": _SESSION}}},
-                        "all sessions",
+                        {
+                            "type": "object",
+                            "properties": {
+                                "sessions": {"type": "array", "items": _SESSION},
+                                "counts": _COUNTS,
+                            },
+                        },
+                        "all sessions, and how many are working, idle and parked",
                     ),
                     **_ERRORS,
                 },
@@ -133,6 +167,18 @@ OPENAPI: dict[str, Any] = {
                 },
             },
         },
+        "/admin/sessions/{id}/park": {
+            "parameters": [_ID],
+            "post": {
+                "summary": "Park a session now: its instance is reset and freed, its next request binds one",
+                "responses": {
+                    "200": _ok({"type": "object", "properties": {"parked": {"type": "string"}}}, "parked"),
+                    "404": _ok(_ERROR, "unknown"),
+                    "409": _ok(_ERROR, "a request is in flight"),
+                    **_ERRORS,
+                },
+            },
+        },
         "/admin/instances": {
             "get": {
                 "summary": "List instances",
@@ -174,6 +220,26 @@ OPENAPI: dict[str, Any] = {
                         "undrained",
                     ),
                     "404": _ok(_ERROR, "unknown"),
+                    **_ERRORS,
+                },
+            },
+        },
+        "/admin/instances/{id}/evict": {
+            "parameters": [
+                _ID,
+                {
+                    "name": "wait",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "number", "minimum": 0, "maximum": 600, "default": 20},
+                    "description": "seconds to wait for calls in flight before cutting them",
+                },
+            ],
+            "post": {
+                "summary": "Before stopping an instance (exai scale): drain it and park its sessions",
+                "responses": {
+                    "200": _ok(_EVICTION, "what was parked and cut"),
+                    "400": _ok(_ERROR, "bad wait"),
                     **_ERRORS,
                 },
             },

@@ -1,4 +1,4 @@
-"""The /mcp proxy: one instance per session, both MCP eras, failover without losing the session.
+"""The /mcp proxy: HTTP relaying for both MCP eras; sessions bind through router/binding.py.
 
 Request bodies are single JSON-RPC messages capped at EXAI_MAX_BODY_BYTES; the router reads
 each one (the method decides the route, `_meta` names the client, and a call that never
@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
-from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from common import protocol as p
 from common.errors import (
     BadRequest,
+    CallCut,
     ExaiError,
     InstanceLost,
     MethodNotAllowed,
@@ -30,8 +29,8 @@ from common.errors import (
     RequestTimeout,
     SessionNotFound,
 )
-from common.redis import REDIS_DOWN_ERRORS
 from router.allocation import Allocator
+from router.binding import CONTROL_TIMEOUT, MAX_ATTEMPTS, Bindings
 from router.jsonrpc import (
     Message,
     error_response,
@@ -44,17 +43,16 @@ from router.leases import Leases
 from router.metrics import Metrics
 from router.registry import Instance, Registry
 from router.security import Guard
-from router.sessions import Session, SessionTable, new_session_id
+from router.sessions import Call, Session, SessionTable, new_session_id
 from router.upstream import STREAMS_PER_INSTANCE
+from router.versions import era_of
 
 if TYPE_CHECKING:
     from router.streams import Hub
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3
-CONTROL_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=3)
-_HANDSHAKE_VERSIONS = frozenset(HANDSHAKE_PROTOCOL_VERSIONS)
+__all__ = ["CONTROL_TIMEOUT", "Proxy"]
 
 # Never forwarded upstream: hop-by-hop, the client's credentials and browser context (the
 # router has checked them), and any X-Exai-* a client made up.
@@ -91,6 +89,16 @@ _REPEATABLE_METHODS = frozenset(
         "resources/templates/list", "resources/read", "completion/complete",
     }
 )  # fmt: skip
+
+
+HOLD_PING_SECONDS = 15.0
+
+
+def _call_of(msg: Message | None) -> Call:
+    """What a request in flight is, for the report of a scale-down that cut it."""
+    method = (msg.method or "response") if msg is not None else "DELETE"
+    name = (msg.params or {}).get("name") if msg is not None and msg.method == "tools/call" else None
+    return Call(method=method, name=name if isinstance(name, str) else "", task=asyncio.current_task())
 
 
 def _safe_to_repeat(http_method: str, msg: Message | None) -> bool:
@@ -134,11 +142,17 @@ class Proxy:
         self.internal_token = internal_token
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout  # a client trickling its body is cut off after this
-        self.targets: dict[str, Instance] = {}  # session id -> instance it is bound to
+        self.bindings = Bindings(
+            http=http,
+            table=table,
+            registry=registry,
+            leases=leases,
+            allocator=allocator,
+            metrics=metrics,
+            internal_token=internal_token,
+        )
         self._creating: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[Any]] = set()
-        # Sessions ended while Redis was down: (session, instance, persisted, reason) by id.
-        self.unfinished_ends: dict[str, tuple[Session, Instance | None, bool, str]] = {}
         self.notifications: Hub | None = None  # notification streams held here (router/streams.py)
 
     # --- entry -----------------------------------------------------------------------------
@@ -158,8 +172,7 @@ class Proxy:
                     hint="Use POST, GET or DELETE.",
                     allow="GET, POST, DELETE",
                 )
-            version = request.headers.get(p.MCP_PROTOCOL_VERSION)
-            if version is not None and version not in _HANDSHAKE_VERSIONS:
+            if era_of(request.headers.get(p.MCP_PROTOCOL_VERSION), msg) == "stateless":
                 return await self._stateless(request, principal, body, msg, started)
             return await self._handshake(request, principal, body, msg, started)
         except NoFreeInstance as exc:
@@ -224,17 +237,16 @@ class Proxy:
             protocol_version=str(params.get("protocolVersion", "")),
             client_addr=request.remote or "",
         )
-        inst = await self.allocator.allocate(sess.id)
-        self._bind(sess, inst)
+        self.bindings.bind(sess, *await self.allocator.allocate(sess.id))
         try:
             return await self._forward(request, sess, body, msg, started, opening=True)
         finally:
             if not sess.upstream_sid and not sess.ended:
                 # initialize failed or the client went away: the instance is free again.
-                self._spawn(self.end(sess, "failed-open", persisted=False))
+                self._spawn(self.bindings.end(sess, "failed-open", persisted=False))
 
     async def _delete(self, request: web.Request, sess: Session, started: float) -> web.StreamResponse:
-        target = await self._target(sess)
+        target = await self.bindings.target(sess)  # None when parked: nothing to tell an instance
         status = 200
         if target is not None:
             headers = self._upstream_headers(request, sess)
@@ -244,7 +256,7 @@ class Proxy:
                     target.base_url + p.MCP_PATH, headers=headers, timeout=CONTROL_TIMEOUT
                 ):
                     pass
-        await self.end(sess, "delete")
+        await self.bindings.end(sess, "delete")
         self.metrics.request_seconds.observe(time.perf_counter() - started, route="/mcp", method="DELETE")
         return web.Response(status=status, headers={p.MCP_SESSION_ID: sess.id})
 
@@ -289,7 +301,7 @@ class Proxy:
                 )
             sess = await self._open_stateless(request, principal, key, client)
         if request.method == "DELETE":
-            await self.end(sess, "delete")
+            await self.bindings.end(sess, "delete")
             return web.Response(status=204)
         return await self._forward(request, sess, body, msg, started)
 
@@ -307,12 +319,11 @@ class Proxy:
                 key=key,
                 client_addr=request.remote or "",
             )
-            inst = await self.allocator.allocate(sess.id)
-            self._bind(sess, inst)
+            self.bindings.bind(sess, *await self.allocator.allocate(sess.id))
             try:
                 winner = await self.table.claim_key(key, sess.id)
                 if winner != sess.id:  # another router opened it first
-                    await self.end(sess, "lost-race", persisted=False)
+                    await self.bindings.end(sess, "lost-race", persisted=False)
                     other = await self.table.fetch(winner)
                     if other is None:
                         raise SessionNotFound("Session is being opened elsewhere; retry.")
@@ -320,7 +331,7 @@ class Proxy:
                 await self.table.save(sess)
             except BaseException:
                 if not sess.ended:
-                    await asyncio.shield(self.end(sess, "failed-open", persisted=False))
+                    await asyncio.shield(self.bindings.end(sess, "failed-open", persisted=False))
                 raise
             finally:
                 if self._creating.get(key) is lock and not getattr(lock, "_waiters", None):
@@ -338,6 +349,7 @@ class Proxy:
         headers[p.SESSION_HEADER] = sess.id
         headers[p.PRINCIPAL_HEADER] = sess.principal
         headers[p.ERA_HEADER] = sess.era
+        headers[p.FENCE_HEADER] = str(sess.fence)
         if sess.client:
             headers[p.CLIENT_HEADER] = sess.client
         return headers
@@ -359,15 +371,23 @@ class Proxy:
                 return error_response(conflict, None, status=409)
             self.open_streams[sess.id] = self.open_streams.get(sess.id, 0) + 1
         client, timeout = (self.streams, self.get_timeout) if is_get else (self.http, self.post_timeout)
-        sess.inflight += 1
+        call: Call | None = None
+        if not is_get:  # a GET stream is not work: it neither keeps a session bound nor resumes it
+            sess.inflight += 1
+            call = _call_of(msg)
+            sess.calls[id(call)] = call
         sess.total += 1
+        sess.routed_here = True
         self.table.touch(sess)
+        bindings = self.bindings
         try:
             for attempt in range(MAX_ATTEMPTS):
                 generation = sess.generation
-                target = await self._target(sess)
+                if is_get and not sess.instance_id:
+                    return await self._hold_stream(request, sess)
+                target = await bindings.target(sess)
                 if target is None:
-                    await self.rebind(sess, generation, "instance gone from registry")
+                    await bindings.rebind(sess, generation, "instance gone from registry")
                     continue
                 headers = self._upstream_headers(request, sess)
                 if sess.upstream_sid and not opening:
@@ -386,18 +406,28 @@ class Proxy:
                     self.registry.mark_suspect(target)
                     log.warning("instance %s refused session %s: %s", target.id, sess.id[:8], exc)
                     if opening:
-                        await self._reopen(sess, target)
+                        await bindings.reopen(sess, target)
                     else:
-                        await self.rebind(sess, generation, "connection refused")
+                        await bindings.rebind(sess, generation, "connection refused")
                     continue
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     # The request went out and the instance vanished: it may have run.
                     self.metrics.upstream_errors.inc(kind="lost")
                     if _safe_to_repeat(request.method, msg) and attempt < MAX_ATTEMPTS - 1:
-                        await self.check_and_rebind(sess, generation, target)
+                        await bindings.check_and_rebind(sess, generation, target)
                         continue
-                    self._spawn(self.check_and_rebind(sess, generation, target))
+                    self._spawn(bindings.check_and_rebind(sess, generation, target))
                     raise _lost(target, exc, timeout.sock_read) from None
+                fenced = upstream.status == 409 and upstream.headers.get(p.FENCED_HEADER)
+                if fenced and attempt < MAX_ATTEMPTS - 1:
+                    # The instance serves another session (Redis lost its lease): it ran nothing.
+                    upstream.release()
+                    self.metrics.upstream_errors.inc(kind="fenced")
+                    if opening:
+                        await bindings.reopen(sess, target)
+                    else:
+                        await bindings.rebind(sess, generation, "instance serves another session")
+                    continue
                 if (
                     upstream.status == 404
                     and sess.era == "handshake"
@@ -409,12 +439,20 @@ class Proxy:
                     # it refused before running anything, so rebuild the session and resend.
                     upstream.release()
                     self.metrics.upstream_errors.inc(kind="session-unknown")
-                    await self.rebind(sess, generation, "instance lost the session", keep=True)
+                    await bindings.rebind(sess, generation, "instance lost the session", keep=True)
                     continue
-                return await self._relay(request, sess, msg, upstream, target, started, opening=opening)
+                return await self._relay(
+                    request, sess, msg, upstream, target, started, opening=opening, call=call
+                )
             raise InstanceLost("Could not reach a working instance for this session after several tries.")
+        except asyncio.CancelledError:
+            if call is None or not call.cut:
+                raise
+            return await self._cut(call, msg)
         finally:
-            sess.inflight -= 1
+            if call is not None:
+                sess.inflight -= 1
+                sess.calls.pop(id(call), None)
             self.table.touch(sess)
             if is_get:
                 left = self.open_streams.get(sess.id, 1) - 1
@@ -422,6 +460,41 @@ class Proxy:
                     self.open_streams[sess.id] = left
                 else:
                     self.open_streams.pop(sess.id, None)
+
+    async def _cut(self, call: Call, msg: Message | None) -> web.StreamResponse:
+        """Answer a call that a scale-down cut (its instance is being stopped)."""
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        error = CallCut(f"The fleet was scaled down while this call ({call.describe()}) was running.")
+        rid = msg.id if msg is not None else None
+        resp = call.response
+        if resp is None:
+            return error_response(error, rid)
+        if resp.headers.get("Content-Type", "").startswith("text/event-stream") and rid is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await resp.write(sse_error_event(error, rid))
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await resp.write_eof()
+        return resp
+
+    async def _hold_stream(self, request: web.Request, sess: Session) -> web.StreamResponse:
+        """A parked session's GET stream: held here, so listening never binds an instance.
+
+        Only keep-alive comments flow on it until the session ends or the client leaves
+        (notifications for parked sessions are the router-held streams' job).
+        """
+        resp = web.StreamResponse(
+            status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        if sess.era == "handshake":
+            resp.headers[p.MCP_SESSION_ID] = sess.id
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while not sess.ended:
+                await resp.write(b": parked\n\n")
+                await asyncio.sleep(HOLD_PING_SECONDS)
+        return resp
 
     async def _relay(
         self,
@@ -433,6 +506,7 @@ class Proxy:
         started: float,
         *,
         opening: bool,
+        call: Call | None = None,
     ) -> web.StreamResponse:
         """Copy the upstream response to the client as it arrives."""
         try:
@@ -453,6 +527,8 @@ class Proxy:
             if sess.era == "handshake" and (sess.upstream_sid or p.MCP_SESSION_ID in upstream.headers):
                 resp.headers[p.MCP_SESSION_ID] = sess.id
             await resp.prepare(request)
+            if call is not None:
+                call.response = resp
             self.metrics.request_seconds.observe(
                 time.perf_counter() - started, route=request.match_info.route.resource.canonical
                 if request.match_info.route.resource is not None else "/mcp", method=request.method,
@@ -476,7 +552,7 @@ class Proxy:
                         lost = InstanceLost(f"Instance {target.id} stopped while handling this request.")
                     with contextlib.suppress(ConnectionError):
                         await resp.write(sse_error_event(lost, msg.id))
-                self._spawn(self.check_and_rebind(sess, sess.generation, target))
+                self._spawn(self.bindings.check_and_rebind(sess, sess.generation, target))
             except ConnectionError:
                 # The client went away; closing upstream tells the instance to cancel the call.
                 upstream.close()
@@ -489,154 +565,6 @@ class Proxy:
                 upstream.release()
             else:
                 upstream.close()  # never return a half-read connection to the pool
-
-    # --- binding and failover -------------------------------------------------------------
-    def _bind(self, sess: Session, inst: Instance) -> None:
-        sess.instance_id = inst.id
-        self.targets[sess.id] = inst
-
-    async def _target(self, sess: Session) -> Instance | None:
-        inst = self.targets.get(sess.id)
-        if inst is not None and inst.id == sess.instance_id:
-            return inst
-        if not sess.instance_id:
-            return None
-        inst = await self.registry.get(sess.instance_id)
-        if inst is not None:
-            self.targets[sess.id] = inst
-        return inst
-
-    async def _reopen(self, sess: Session, failed: Instance) -> None:
-        """An initialize could not be delivered: give the unsaved session another instance."""
-        await self.leases.release(failed.id, sess.id)
-        self._bind(sess, await self.allocator.allocate(sess.id))
-
-    async def check_and_rebind(self, sess: Session, generation: int, target: Instance) -> None:
-        """After a lost response: move the session only if the instance process really is gone."""
-        try:
-            async with self.http.get(
-                target.base_url + p.INTERNAL_HEALTH,
-                headers={p.INTERNAL_TOKEN_HEADER: self.internal_token},
-                timeout=aiohttp.ClientTimeout(total=2),
-            ) as r:
-                if r.status == 200:
-                    return
-        except (aiohttp.ClientError, TimeoutError):
-            pass
-        self.registry.mark_suspect(target)
-        with contextlib.suppress(ExaiError):
-            await self.rebind(sess, generation, "instance died")
-
-    async def rebind(self, sess: Session, generation: int, reason: str, *, keep: bool = False) -> None:
-        """Move `sess` to a working instance once, however many requests noticed the failure."""
-        async with sess.lock:
-            if sess.generation != generation or sess.ended:
-                return
-            old = self.targets.get(sess.id)
-            old_id = sess.instance_id
-            inst: Instance | None = None
-            if keep and old is not None and await self.leases.holder(old.id) == sess.id:
-                inst = await self.registry.get(old.id) or old
-            elif old_id:
-                await self.leases.release(old_id, sess.id)
-            for _ in range(MAX_ATTEMPTS):
-                if inst is None:
-                    inst = await self.allocator.allocate(sess.id)
-                try:
-                    if sess.era == "handshake" and sess.upstream_sid:
-                        sess.upstream_sid = await self._replay_initialize(sess, inst)
-                    break
-                except (aiohttp.ClientError, TimeoutError, InstanceLost) as exc:
-                    log.warning("replaying initialize on %s failed: %s", inst.id, exc)
-                    self.registry.mark_suspect(inst)
-                    await self.leases.release(inst.id, sess.id)
-                    inst = None
-            if inst is None:
-                raise InstanceLost("No instance could take over this session.")
-            self._bind(sess, inst)
-            sess.generation += 1
-            await self.table.save(sess)
-            self.metrics.failovers.inc()
-            log.info("session %s moved %s -> %s (%s)", sess.id[:8], old_id or "-", inst.id, reason)
-
-    async def _replay_initialize(self, sess: Session, inst: Instance) -> str:
-        """Open the session again on `inst` with the client's own initialize."""
-        headers = {
-            p.INTERNAL_TOKEN_HEADER: self.internal_token,
-            p.SESSION_HEADER: sess.id,
-            p.PRINCIPAL_HEADER: sess.principal,
-            p.ERA_HEADER: sess.era,
-            "Accept": "application/json, text/event-stream",
-            "Content-Type": "application/json",
-        }
-        if sess.client:
-            headers[p.CLIENT_HEADER] = sess.client
-        url = inst.base_url + p.MCP_PATH
-        async with self.http.post(
-            url, data=sess.init_body.encode(), headers=headers, timeout=CONTROL_TIMEOUT
-        ) as r:
-            await r.read()
-            upstream_sid = r.headers.get(p.MCP_SESSION_ID)
-            if r.status != 200 or not upstream_sid:
-                raise InstanceLost(f"Instance {inst.id} refused the replayed initialize ({r.status}).")
-        headers[p.MCP_SESSION_ID] = upstream_sid
-        if sess.protocol_version:
-            headers[p.MCP_PROTOCOL_VERSION] = sess.protocol_version
-        note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
-        async with self.http.post(url, data=note, headers=headers, timeout=CONTROL_TIMEOUT) as r:
-            await r.read()
-        return upstream_sid
-
-    # --- ending ----------------------------------------------------------------------------
-    async def reset_instance(self, inst: Instance) -> None:
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with self.http.post(
-                inst.base_url + p.INTERNAL_RESET,
-                headers={p.INTERNAL_TOKEN_HEADER: self.internal_token},
-                timeout=CONTROL_TIMEOUT,
-            ) as r:
-                await r.read()
-
-    async def end(self, sess: Session, reason: str, *, persisted: bool = True) -> None:
-        """Forget the session, reset its instance, then free the lease (in that order)."""
-        if sess.ended:
-            return
-        sess.ended = True
-        inst = self.targets.pop(sess.id, None)
-        try:
-            await self._release(sess, inst, persisted)
-        except REDIS_DOWN_ERRORS as exc:
-            # The session is over for clients now; its record and lease go when Redis returns.
-            self.unfinished_ends[sess.id] = (sess, inst, persisted, reason)
-            log.warning(
-                "session %s ended (%s); Redis unreachable (%s), finishing later", sess.id[:8], reason, exc
-            )
-            return
-        self._ended(sess, reason)
-
-    async def _release(self, sess: Session, inst: Instance | None, persisted: bool) -> None:
-        if persisted:
-            await self.table.remove(sess)
-        if self.notifications is not None:
-            await self.notifications.session_ended(sess.id)
-        if inst is None and sess.instance_id:
-            inst = await self.registry.get(sess.instance_id)
-        if inst is not None:
-            await self.reset_instance(inst)
-        if sess.instance_id:
-            await self.leases.release(sess.instance_id, sess.id)
-
-    def _ended(self, sess: Session, reason: str) -> None:
-        self.allocator.notify_freed()
-        self.metrics.sessions_ended.inc(reason=reason)
-        log.info("session %s ended (%s), instance %s freed", sess.id[:8], reason, sess.instance_id or "-")
-
-    async def finish_ends(self) -> None:
-        """Finish the ends (DELETE, idle, admin) that Redis was down for; raises while it still is."""
-        for sid, (sess, inst, persisted, reason) in list(self.unfinished_ends.items()):
-            await self._release(sess, inst, persisted)
-            del self.unfinished_ends[sid]
-            self._ended(sess, reason)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

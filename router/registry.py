@@ -33,6 +33,7 @@ class Instance:
     session: str
     started_at: float
     heartbeat: float
+    fence: str = ""  # the fencing token of the session it serves ("" while unbound)
 
     @property
     def base_url(self) -> str:
@@ -55,6 +56,7 @@ class Instance:
                 session=data.get("session", ""),
                 started_at=float(data.get("started_at") or 0),
                 heartbeat=float(data.get("heartbeat") or 0),
+                fence=data.get("fence", ""),
             )
         except (KeyError, ValueError):
             return None
@@ -120,3 +122,8 @@ class Registry:
     async def clear_draining(self, instance_id: str) -> bool:
         """Undo a drain; False if the instance was not draining."""
         return bool(await self.redis.srem(self.keys.draining(), instance_id))
+
+    async def cap(self) -> int | None:
+        """The operator's ceiling on running instances (`exai scale N`), if one is set."""
+        value = await self.redis.get(self.keys.instance_cap())
+        return int(value) if value is not None and str(value).isdigit() else None

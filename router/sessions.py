@@ -1,5 +1,10 @@
 """The session table: the router's memory as the fast path, Redis as the record.
 
+A session outlives its instance: a parked session has no instance (`instance_id` is "") and
+keeps everything else, so its next request binds it anywhere (router/binding.py). The
+record's Redis keys expire after EXAI_SESSION_IDLE_TIMEOUT without requests, even if no
+router is left to sweep them.
+
 Structural changes (create, rebind, end) are written through to Redis before the client sees
 their effect, so a restarted router (or a second one) finds every session. Per-request
 bookkeeping (last seen, counters) stays in memory and is flushed in the background, keeping
@@ -40,15 +45,29 @@ class Session:
     created: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
     total: int = 0
-    inflight: int = 0
+    inflight: int = 0  # requests in flight (POST/DELETE: work); GET streams are not work
     generation: int = 0  # bumped on every rebind so concurrent failures rebind once
+    fence: int = 0  # fencing token of the current lease (router/leases.py)
+    parked_at: float = 0.0  # when the session last gave its instance back (0: never)
+    parks: int = 0
+    resumes: int = 0
+    calls: dict[int, Call] = field(default_factory=dict, repr=False)  # in flight on this router
+    routed_here: bool = False  # this router has proxied a request of it since it loaded it
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     ended: bool = False
 
     _FIELDS = (
         "id", "era", "principal", "client", "key", "instance_id", "upstream_sid", "init_body",
         "protocol_version", "client_addr", "created", "last_seen", "total", "generation",
+        "fence", "parked_at", "parks", "resumes",
     )  # fmt: skip
+
+    @property
+    def state(self) -> str:
+        """working (a request in flight), idle (bound, nothing in flight) or parked."""
+        if self.inflight:
+            return "working"
+        return "idle" if self.instance_id else "parked"
 
     def to_hash(self) -> dict[str, str]:
         return {f: str(getattr(self, f)) for f in self._FIELDS}
@@ -70,6 +89,10 @@ class Session:
             last_seen=float(data.get("last_seen") or 0),
             total=int(data.get("total") or 0),
             generation=int(data.get("generation") or 0),
+            fence=int(data.get("fence") or 0),
+            parked_at=float(data.get("parked_at") or 0),
+            parks=int(data.get("parks") or 0),
+            resumes=int(data.get("resumes") or 0),
         )
 
     def public(self) -> dict[str, Any]:
@@ -85,13 +108,33 @@ class Session:
             "last_seen": self.last_seen,
             "inflight": self.inflight,
             "total": self.total,
+            "state": self.state,
+            "parked_at": self.parked_at or None,
+            "parks": self.parks,
+            "resumes": self.resumes,
         }
 
 
+@dataclass(eq=False)
+class Call:
+    """A request in flight, so that a scale-down can say which calls it cut, and cut them."""
+
+    method: str
+    name: str  # the tool's name for tools/call, else ""
+    task: asyncio.Task[Any] | None
+    started: float = field(default_factory=time.monotonic)
+    response: Any = None  # the client's StreamResponse once its headers went out
+    cut: bool = False
+
+    def describe(self) -> str:
+        return f"{self.method} {self.name}".strip()
+
+
 class SessionTable:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, expire_after: float = 7 * 86400.0) -> None:
         self.redis = redis
         self.keys = keys
+        self.expire_ms = int(expire_after * 1000)
         self.by_id: dict[str, Session] = {}
         self.by_key: dict[str, Session] = {}
         self._dirty: set[str] = set()
@@ -136,9 +179,10 @@ class SessionTable:
             self.by_key[sess.key] = sess
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.session(sess.id), mapping=sess.to_hash())  # type: ignore[arg-type]
+            pipe.pexpire(self.keys.session(sess.id), self.expire_ms)
             pipe.zadd(self.keys.sessions(), {sess.id: sess.last_seen})
             if sess.key:
-                pipe.set(self.keys.session_key(sess.key), sess.id)
+                pipe.set(self.keys.session_key(sess.key), sess.id, px=self.expire_ms)
             await pipe.execute()
 
     async def claim_key(self, key: str, sid: str) -> str:
@@ -161,6 +205,9 @@ class SessionTable:
             for s in live:
                 fields = {"last_seen": str(s.last_seen), "total": str(s.total)}
                 pipe.hset(self.keys.session(s.id), mapping=fields)  # type: ignore[arg-type]
+                pipe.pexpire(self.keys.session(s.id), self.expire_ms)
+                if s.key:
+                    pipe.pexpire(self.keys.session_key(s.key), self.expire_ms)
                 pipe.zadd(self.keys.sessions(), {s.id: s.last_seen}, xx=True)
             await pipe.execute()
 

@@ -26,7 +26,15 @@ from typing import Any
 import aiohttp
 import redis as redis_sync
 
-from common.cli import admin_token, internal_token, launch, registered_instances, scale, wait_healthz
+from common.cli import (
+    ScaleReport,
+    admin_token,
+    internal_token,
+    launch,
+    registered_instances,
+    scale,
+    wait_healthz,
+)
 from common.errors import FleetControlError, SupervisorFault
 from common.keys import Keys
 from common.protocol import MCP_PATH, instance_process_name, registry_id
@@ -165,9 +173,9 @@ class Fleet:
         return self.supervisor.tail(name, length)
 
     # --- control ---------------------------------------------------------------------------
-    def scale(self, count: int) -> tuple[list[str], list[str]]:
-        """`exai scale`: returns (started, stopped) process names."""
-        return scale(self.settings, self.supervisor, count)
+    def scale(self, count: int, *, wait: float | None = None) -> ScaleReport:
+        """`exai scale` (blocking): what it started, stopped, parked and cut."""
+        return scale(self.settings, self.supervisor, count, wait=wait)
 
     def start_instance(self, num: int, *, wait: bool = True) -> None:
         name = self.instance_id(num)
@@ -216,14 +224,11 @@ class Fleet:
                 return
             if proc.active:  # autorestart already spawned a replacement (or has not reaped yet)
                 try:
-                    self.supervisor.stop(name, wait=False)  # administrative stop: no more restarts
+                    # An administrative stop (no more restarts); it re-sends SIGTERM to a
+                    # replacement that was spawned just as the stop came (common/supervisor.py).
+                    self.supervisor.stop(name, wait=True)
                 except SupervisorFault as exc:  # it changed state meanwhile; look again
                     seen.append(f"stop failed: {exc}")
-                if proc.pid:
-                    # A replacement still starting up may not handle SIGTERM yet: do not wait
-                    # supervisord's stopwaitsecs for it.
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGKILL)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} did not stay stopped: {' -> '.join(seen)}")
             time.sleep(0.02)

@@ -12,6 +12,12 @@ library's:
    router's internal headers), interleaved call by call, with 1 and with 5 concurrent sessions;
 2. isolation: the `chat` tool (provider answers in 200 ms) with 1 session busy vs. 5 sessions
    busy at once, through the router. Ratio = p50(5 busy) / p50(1 busy); 1.00 is perfect.
+3. resume: the first `version` call after the session was parked (POST /admin/sessions/{id}/park)
+   vs. a call on the same session while bound, interleaved, for both eras (the handshake era
+   replays `initialize` + `notifications/initialized` on the new instance). Target: <= 15 ms p50.
+4. sessions served per instance: N sessions that each call `chat` (200 ms) and then think for
+   THINK_S seconds, over 5 instances, parking after 1 s idle; for growing N, how many calls
+   got 503 and the call latency. Sessions per instance = N / 5 at the largest N without 503.
 
 Prints a table and saves JSON to tests/bench/results/router-<timestamp>.json.
 Uses EXAI_TEST_DATABASE_URL / EXAI_TEST_REDIS_URL (default: the local servers).
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -91,6 +98,59 @@ class Caller:
         return elapsed
 
     async def close(self) -> None:
+        await self.http.close()
+
+
+class HandshakeCaller:
+    """A handshake-era session (initialize, Mcp-Session-Id) over one keep-alive connection."""
+
+    def __init__(self, url: str, client: str) -> None:
+        self.url = url
+        self.client = client
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4))
+        self.headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+        self.rid = 0
+        self.session = ""
+
+    async def open(self) -> None:
+        init = {
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": self.client},
+            },
+        }
+        async with self.http.post(self.url, data=json.dumps(init), headers=self.headers) as r:
+            await r.read()
+            self.session = r.headers[p.MCP_SESSION_ID]
+        self.headers.update({p.MCP_SESSION_ID: self.session, p.MCP_PROTOCOL_VERSION: "2025-11-25"})
+        note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        async with self.http.post(self.url, data=note, headers=self.headers) as r:
+            await r.read()
+
+    async def call(self, tool: str, args: dict[str, Any]) -> float:
+        self.rid += 1
+        body = {
+            "jsonrpc": "2.0",
+            "id": self.rid,
+            "method": "tools/call",
+            "params": {"name": tool, "arguments": args},
+        }
+        started = time.perf_counter()
+        async with self.http.post(self.url, data=json.dumps(body), headers=self.headers) as r:
+            payload = await r.read()
+        elapsed = time.perf_counter() - started
+        if r.status != 200 or b'"isError":true' in payload:
+            raise RuntimeError(f"{tool}: {r.status} {payload[:300]!r}")
+        return elapsed
+
+    async def close(self) -> None:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with self.http.delete(self.url, headers=self.headers) as r:
+                await r.read()
         await self.http.close()
 
 
@@ -242,6 +302,77 @@ async def _bridge_overhead(fleet: Fleet, calls: int) -> dict[str, Any]:
     }
 
 
+async def _park(fleet: Fleet, session: str) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{fleet.router_url}/admin/sessions/{session}/park", headers=fleet.admin_headers()) as r,
+    ):
+        if r.status != 200:
+            raise RuntimeError(f"park {session}: {r.status} {await r.text()}")
+
+
+async def _resume(fleet: Fleet, samples: int) -> dict[str, Any]:
+    """Per era: a call on a bound session vs. the first call after parking it."""
+    out: dict[str, Any] = {}
+    stateless = Caller(fleet.mcp_url, "resume-stateless")
+    handshake = HandshakeCaller(fleet.mcp_url, "resume-handshake")
+    await handshake.open()
+    await stateless.call("version", {})
+    sid = {"stateless": (await _status(stateless))["session"], "handshake": handshake.session}
+    for era, caller in (("stateless", stateless), ("handshake", handshake)):
+        bound: list[float] = []
+        resumed: list[float] = []
+        for _ in range(5):  # warm
+            await caller.call("version", {})
+        for _ in range(samples):
+            await caller.call("version", {})
+            bound.append(await caller.call("version", {}))
+            await _park(fleet, sid[era])
+            resumed.append(await caller.call("version", {}))
+        b, r = _stats(bound), _stats(resumed)
+        out[era] = {"bound": b, "resumed": r, "added_p50_ms": round(r["p50_ms"] - b["p50_ms"], 3)}
+    await stateless.close()
+    await handshake.close()
+    return out
+
+
+THINK_S = 2.0
+
+
+async def _served_once(fleet: Fleet, n: int, seconds: float) -> dict[str, Any]:
+    callers = [Caller(fleet.mcp_url, f"served-{n}-{i}") for i in range(n)]
+    latencies: list[float] = []
+    refused = 0
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+
+    async def run(c: Caller, offset: float) -> None:
+        nonlocal refused
+        await asyncio.sleep(offset)  # spread the sessions' phases over one think time
+        while loop.time() < end:
+            try:
+                latencies.append(await c.call("chat", {"prompt": "a question"}))
+            except RuntimeError as exc:
+                if " 503 " not in str(exc):
+                    raise
+                refused += 1
+            await asyncio.sleep(THINK_S)
+
+    await asyncio.gather(*(run(c, THINK_S * i / n) for i, c in enumerate(callers)))
+    for c in callers:
+        await c.close()
+    await fleet.end_all_sessions()
+    row: dict[str, Any] = {"sessions": n, "per_instance": n / 5, "calls": len(latencies), "refused": refused}
+    if latencies:
+        row["latency"] = _stats(latencies)
+    return row
+
+
+async def _served(fleet: Fleet, counts: list[int], seconds: float) -> list[dict[str, Any]]:
+    """N sessions each doing chat (200 ms) + THINK_S of thinking, for `seconds`."""
+    return [await _served_once(fleet, n, seconds) for n in counts]
+
+
 def _with_db(dsn: str, name: str) -> str:
     return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
 
@@ -250,6 +381,9 @@ async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=400, help="version calls per session and path")
     ap.add_argument("--chat-calls", type=int, default=25, help="chat calls per session")
+    ap.add_argument("--resume-samples", type=int, default=60, help="park/resume pairs per era")
+    ap.add_argument("--served", default="10,25,40,60", help="session counts for the work-rate run")
+    ap.add_argument("--served-seconds", type=float, default=20.0, help="duration of each work-rate run")
     args = ap.parse_args()
 
     pg = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -278,6 +412,8 @@ async def main() -> int:
                 "glm_api_url": provider.glm_url,
                 "provider_max_retries": 0,
                 "autostart_spares": False,
+                "session_park_after": 1.0,
+                "allocation_deadline": 10.0,
             },
         )
         try:
@@ -288,6 +424,10 @@ async def main() -> int:
             results["overhead_5"] = await _overhead(fleet, 5, args.calls)
             await fleet.end_all_sessions()
             results["isolation"] = await _isolation(fleet, args.chat_calls)
+            results["resume"] = await _resume(fleet, args.resume_samples)
+            await fleet.end_all_sessions()
+            counts = [int(x) for x in args.served.split(",") if x]
+            results["served"] = await _served(fleet, counts, args.served_seconds)
             await fleet.end_all_sessions()
             results["bridge_overhead"] = await _bridge_overhead(fleet, args.calls)
         finally:
@@ -302,7 +442,8 @@ async def main() -> int:
         "python": sys.version.split()[0],
         "wire": f"MCP {VERSION} JSON over HTTP/1.1 keep-alive, one call per POST",
         "provider_delay_s": 0.2,
-        "targets": {"added_p50_ms": "< 1", "isolation_ratio_p50": "<= 1.05"},
+        "targets": {"added_p50_ms": "< 1", "isolation_ratio_p50": "<= 1.05", "resume_added_p50_ms": "<= 15"},
+        "served": {"instances": 5, "park_after_s": 1.0, "think_s": THINK_S, "chat_s": 0.2},
     }
     _print(results)
     out = ROOT / "tests" / "bench" / "results"
@@ -328,6 +469,22 @@ def _print(r: dict[str, Any]) -> None:
     print(f"  1 session busy : p50 {i['one_busy']['p50_ms']:.1f}  p99 {i['one_busy']['p99_ms']:.1f}")
     print(f"  5 sessions busy: p50 {i['five_busy']['p50_ms']:.1f}  p99 {i['five_busy']['p99_ms']:.1f}")
     print(f"  ratio p50 (5 busy / 1 busy): {i['ratio_p50']:.3f}  (target <= 1.05)\n")
+    print("resume: `version` on a bound session vs. the first call after a park (ms)")
+    for era, x in r["resume"].items():
+        print(
+            f"  {era:<9} bound p50 {x['bound']['p50_ms']:.2f} p99 {x['bound']['p99_ms']:.2f}   "
+            f"resumed p50 {x['resumed']['p50_ms']:.2f} p99 {x['resumed']['p99_ms']:.2f}   "
+            f"added p50 {x['added_p50_ms']:.2f}  (target <= 15)"
+        )
+    print(f"\nsessions served by 5 instances: chat (200 ms) then {THINK_S:g} s thinking, park after 1 s")
+    for row in r["served"]:
+        lat = row.get("latency", {})
+        print(
+            f"  {row['sessions']:>3} sessions ({row['per_instance']:.0f}/instance): {row['calls']} calls, "
+            f"{row['refused']} refused (503), "
+            f"p50 {lat.get('p50_ms', 0):.0f} ms, p99 {lat.get('p99_ms', 0):.0f} ms"
+        )
+    print()
     if "bridge_overhead" in r:
         b = r["bridge_overhead"]
         print("exai-bridge overhead: `version` via stdio -> exai-bridge -> router vs HTTP -> router (ms)")

@@ -41,6 +41,7 @@ class Behaviour:
     hang: bool = False
     content: str | None = None
     chunk_delay: float = 0.0
+    gate: threading.Event | None = None  # answer only once the test sets it (after any delay)
 
 
 @dataclass
@@ -108,6 +109,11 @@ class FakeProvider:
         with self._lock:
             return list(self.hits)
 
+    def active(self) -> int:
+        """Requests being answered right now."""
+        with self._lock:
+            return self._active
+
     def max_overlap(self) -> int:
         """Most requests that were being answered at the same moment."""
         return self.max_active
@@ -150,6 +156,9 @@ class FakeProvider:
                 return Response(status_code=499)
             if behaviour.delay:
                 await asyncio.sleep(behaviour.delay)
+            # A threading.Event that the test sets from its own loop: polled, like `hang`.
+            while behaviour.gate is not None and not behaviour.gate.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
             hit.status = behaviour.status
             if behaviour.status >= 400:
                 headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after else {}

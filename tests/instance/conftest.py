@@ -232,8 +232,17 @@ async def connect(
     if session is not None:
         headers[SESSION_HEADER] = session
     http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(60.0))
-    async with http, Client(streamable_http_client(inst.url + "/mcp", http_client=http), mode=mode) as client:  # type: ignore[arg-type]
-        yield client
+    async with http:
+        try:
+            transport = streamable_http_client(inst.url + "/mcp", http_client=http)
+            async with Client(transport, mode=mode) as client:  # type: ignore[arg-type]
+                yield client
+        finally:
+            if session is not None:
+                # As the router does when a session ends: an instance bound to one session
+                # refuses the next one until it is reset in that session's name.
+                with contextlib.suppress(httpx2.HTTPError):
+                    await http.post(inst.url + "/internal/reset")
 
 
 def new_session() -> str:

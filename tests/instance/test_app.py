@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from common.keys import Keys
-from common.protocol import INTERNAL_TOKEN_HEADER, REGISTRY_FIELDS
+from common.protocol import FENCED_HEADER, INTERNAL_TOKEN_HEADER, REGISTRY_FIELDS, SESSION_HEADER
 from tests.fakes.provider import Behaviour, FakeProvider
 from tests.instance.conftest import ERAS, INTERNAL_TOKEN, InstanceProc, SpawnInstance, connect, new_session
 
@@ -39,11 +39,11 @@ async def test_version_and_status_report_the_bound_session(instance_a: InstanceP
     async with connect(instance_a, mode, session=session) as client:
         version = (await client.call_tool("version", {})).structured_content
         status = (await client.call_tool("status", {})).structured_content
+        health = (await asyncio.to_thread(instance_a.internal, "GET", "/internal/health")).json()
     assert version and version["instance_id"] == instance_a.id and version["version"]
     assert status and status["bound_session"] == session and status["session"] == session
     assert status["providers"]["glm"]["max_concurrency"] >= 1
     assert "backlog" in status["storage"] and status["storage"]["available"]
-    health = instance_a.internal("GET", "/internal/health").json()
     assert health["session"] == session and health["id"] == instance_a.id
 
 
@@ -65,7 +65,23 @@ async def test_registry_heartbeat_reset_and_drain(
     async with connect(instance_a, "legacy", session=session) as client:
         await client.call_tool("version", {})
         assert await redis_client.hget(key, "session") == session
-        reset = instance_a.internal("POST", "/internal/reset").json()
+        # Fencing: another session's request and a reset that does not name this session are
+        # refused; the reset that names it is done.
+        other = await asyncio.to_thread(
+            instance_a.internal, "POST", "/mcp",
+            headers={SESSION_HEADER: new_session(), "Content-Type": "application/json"},
+            content=b'{"jsonrpc":"2.0","id":1,"method":"ping"}',
+        )  # fmt: skip
+        assert other.status_code == 409 and other.headers.get(FENCED_HEADER) == "1"
+        assert other.json()["error"]["data"]["error"] == "instance_fenced"
+        refused = await asyncio.to_thread(instance_a.internal, "POST", "/internal/reset")
+        assert refused.status_code == 409
+        assert await redis_client.hget(key, "session") == session
+        reset = (
+            await asyncio.to_thread(
+                instance_a.internal, "POST", "/internal/reset", headers={SESSION_HEADER: session}
+            )
+        ).json()
         assert reset["session"] == ""
     await asyncio.sleep(0.3)
     assert await redis_client.hget(key, "session") == ""

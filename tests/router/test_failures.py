@@ -124,7 +124,7 @@ async def test_client_disconnect_cancels_the_upstream_call(fleet: Fleet, provide
     await fleet.end_all_sessions()
 
 
-async def test_idle_sessions_end_and_free_their_instance(fleet: Fleet) -> None:
+async def test_sessions_expire_and_free_their_instance(fleet: Fleet) -> None:
     async with mcp_client(fleet.mcp_url, "2026-07-28", name="sleepy") as client:
         st = await status_of(client)
 
@@ -141,4 +141,4 @@ async def test_idle_sessions_end_and_free_their_instance(fleet: Fleet) -> None:
     await _until(gone, timeout=20)
     await _until(freed, timeout=10)
     _, metrics = await fleet.admin("GET", "/metrics")
-    assert 'exai_router_sessions_ended_total{reason="idle"}' in metrics
+    assert 'exai_router_sessions_ended_total{reason="expired"}' in metrics

@@ -1,0 +1,378 @@
+"""Which instance serves which session: bind, park, resume, fail over, evict, end.
+
+A session is the durable unit, an instance the worker that serves it while it works. A
+session with nothing in flight for EXAI_SESSION_PARK_AFTER is *parked*: its instance is reset
+with the lease's fencing token and freed, and the session keeps everything else (principal,
+client, era, the handshake's `initialize`, counters). Its next request binds it to any free
+instance again, replaying `initialize` + `notifications/initialized` in the handshake era:
+the same path as a failover after an instance died.
+
+Leases in Redis make a binding exclusive across routers; the registry is the cross-check
+when Redis has lost lease keys: an instance whose entry names a live session that is bound to
+it gets its lease back instead of being handed to someone else (`reconcile`), and the
+instance itself refuses a reset or another session without the right token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from common import protocol as p
+from common.errors import ExaiError, InstanceLost
+from common.redis import REDIS_DOWN_ERRORS
+from router.allocation import Allocator
+from router.leases import Leases
+from router.metrics import Metrics
+from router.registry import Instance, Registry
+from router.sessions import Session, SessionTable
+
+if TYPE_CHECKING:
+    from router.streams import Hub
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+CONTROL_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=3)
+# While a session waits for an instance, bound sessions idle this long are parked at once
+# (not only after EXAI_SESSION_PARK_AFTER): an idle session must never cause a 503. The grace
+# keeps a client's back-to-back requests (initialize, then its first call) on one instance.
+PRESSURE_GRACE = 0.2
+
+
+@dataclass
+class Eviction:
+    """What taking the sessions off one instance did (for `exai scale` and the admin API)."""
+
+    instance: str
+    parked: list[str] = field(default_factory=list)
+    cut: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"instance": self.instance, "parked": self.parked, "cut": self.cut}
+
+
+class Bindings:
+    """Owns the session -> instance map and every change to it."""
+
+    def __init__(
+        self,
+        *,
+        http: aiohttp.ClientSession,
+        table: SessionTable,
+        registry: Registry,
+        leases: Leases,
+        allocator: Allocator,
+        metrics: Metrics,
+        internal_token: str,
+    ) -> None:
+        self.http = http
+        self.table = table
+        self.registry = registry
+        self.leases = leases
+        self.allocator = allocator
+        self.metrics = metrics
+        self.internal_token = internal_token
+        self.targets: dict[str, Instance] = {}  # session id -> instance it is bound to
+        # Sessions ended while Redis was down: (session, instance, persisted, reason) by id.
+        self.unfinished_ends: dict[str, tuple[Session, Instance | None, bool, str]] = {}
+        self.notifications: Hub | None = None  # told when a session ends (router/streams.py)
+
+    # --- binding ---------------------------------------------------------------------------
+    def bind(self, sess: Session, inst: Instance, fence: int) -> None:
+        sess.instance_id = inst.id
+        sess.fence = fence
+        self.targets[sess.id] = inst
+
+    async def target(self, sess: Session) -> Instance | None:
+        """The instance serving `sess`, or None (parked, or its instance left the registry)."""
+        inst = self.targets.get(sess.id)
+        if inst is not None and inst.id == sess.instance_id:
+            return inst
+        if not sess.instance_id:
+            return None
+        inst = await self.registry.get(sess.instance_id)
+        if inst is not None:
+            self.targets[sess.id] = inst
+        return inst
+
+    async def reopen(self, sess: Session, failed: Instance) -> None:
+        """An initialize could not be delivered: give the unsaved session another instance."""
+        await self.leases.release(failed.id, sess.id)
+        self.bind(sess, *await self.allocator.allocate(sess.id))
+
+    async def check_and_rebind(self, sess: Session, generation: int, target: Instance) -> None:
+        """After a lost response: move the session only if the instance process really is gone."""
+        try:
+            async with self.http.get(
+                target.base_url + p.INTERNAL_HEALTH,
+                headers={p.INTERNAL_TOKEN_HEADER: self.internal_token},
+                timeout=aiohttp.ClientTimeout(total=2),
+            ) as r:
+                if r.status == 200:
+                    return
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        self.registry.mark_suspect(target)
+        with contextlib.suppress(ExaiError):
+            await self.rebind(sess, generation, "instance died")
+
+    async def rebind(self, sess: Session, generation: int, reason: str, *, keep: bool = False) -> None:
+        """Bind `sess` to a working instance once, however many requests noticed the need.
+
+        A parked session comes through here too: that is resuming, counted apart from failovers.
+        """
+        started = time.perf_counter()
+        async with sess.lock:
+            if sess.generation != generation or sess.ended:
+                return
+            resuming = not sess.instance_id and bool(sess.parked_at)
+            old = self.targets.get(sess.id)
+            old_id = sess.instance_id
+            inst: Instance | None = None
+            fence = sess.fence
+            if keep and old is not None and await self.leases.holder(old.id) == sess.id:
+                inst = await self.registry.get(old.id) or old
+            elif old_id:
+                # Unbound from here on, so that lease renewal cannot take the old lease back
+                # while this session waits for an instance.
+                sess.instance_id = ""
+                self.targets.pop(sess.id, None)
+                await self.leases.release(old_id, sess.id)
+            for _ in range(MAX_ATTEMPTS):
+                if inst is None:
+                    inst, fence = await self.allocator.allocate(sess.id)
+                try:
+                    if sess.era == "handshake" and sess.upstream_sid:
+                        sess.upstream_sid = await self._replay_initialize(sess, inst, fence)
+                    break
+                except (aiohttp.ClientError, TimeoutError, InstanceLost) as exc:
+                    log.warning("replaying initialize on %s failed: %s", inst.id, exc)
+                    self.registry.mark_suspect(inst)
+                    await self.leases.release(inst.id, sess.id)
+                    inst = None
+            if inst is None:
+                raise InstanceLost("No instance could take over this session.")
+            self.bind(sess, inst, fence)
+            sess.generation += 1
+            if resuming:
+                sess.parked_at = 0.0
+                sess.resumes += 1
+            await self.table.save(sess)
+            if resuming:
+                self.metrics.sessions_resumed.inc()
+                self.metrics.resume_seconds.observe(time.perf_counter() - started)
+                log.info("session %s resumed on %s", sess.id[:8], inst.id)
+            else:
+                self.metrics.failovers.inc()
+                log.info("session %s moved %s -> %s (%s)", sess.id[:8], old_id or "-", inst.id, reason)
+
+    async def _replay_initialize(self, sess: Session, inst: Instance, fence: int) -> str:
+        """Open the session again on `inst` with the client's own initialize."""
+        headers = {
+            p.INTERNAL_TOKEN_HEADER: self.internal_token,
+            p.SESSION_HEADER: sess.id,
+            p.PRINCIPAL_HEADER: sess.principal,
+            p.ERA_HEADER: sess.era,
+            p.FENCE_HEADER: str(fence),
+            "Accept": "application/json, text/event-stream",
+            "Content-Type": "application/json",
+        }
+        if sess.client:
+            headers[p.CLIENT_HEADER] = sess.client
+        url = inst.base_url + p.MCP_PATH
+        async with self.http.post(
+            url, data=sess.init_body.encode(), headers=headers, timeout=CONTROL_TIMEOUT
+        ) as r:
+            await r.read()
+            upstream_sid = r.headers.get(p.MCP_SESSION_ID)
+            if r.status != 200 or not upstream_sid:
+                raise InstanceLost(f"Instance {inst.id} refused the replayed initialize ({r.status}).")
+        headers[p.MCP_SESSION_ID] = upstream_sid
+        if sess.protocol_version:
+            headers[p.MCP_PROTOCOL_VERSION] = sess.protocol_version
+        note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
+        async with self.http.post(url, data=note, headers=headers, timeout=CONTROL_TIMEOUT) as r:
+            await r.read()
+        return upstream_sid
+
+    # --- fencing and reconciliation --------------------------------------------------------
+    async def reset_instance(self, inst: Instance, session_id: str, fence: int | str) -> bool:
+        """Reset `inst`, naming the binding it should have; False if it serves someone else."""
+        headers = {p.INTERNAL_TOKEN_HEADER: self.internal_token, p.SESSION_HEADER: session_id}
+        if fence:
+            headers[p.FENCE_HEADER] = str(fence)
+        try:
+            async with self.http.post(
+                inst.base_url + p.INTERNAL_RESET, headers=headers, timeout=CONTROL_TIMEOUT
+            ) as r:
+                await r.read()
+                if r.status == 409:
+                    log.warning("instance %s refused a reset for session %s", inst.id, session_id[:8])
+                    return False
+        except (aiohttp.ClientError, TimeoutError):
+            pass  # gone or unreachable: nothing of another session's to protect there
+        return True
+
+    async def reconcile(self, inst: Instance) -> bool:
+        """True if `inst` (no lease in Redis) still serves a live session: its lease is restored.
+
+        Redis can lose lease keys (expired during an outage, deleted, restored from an old
+        snapshot). Their absence proves nothing while the instance's registry entry names a
+        session whose record says it is bound there.
+        """
+        if not inst.session:
+            return False
+        owner = await self.table.fetch(inst.session)
+        if owner is None or owner.ended or owner.instance_id != inst.id:
+            return False
+        if await self.leases.reacquire(inst.id, owner.id):
+            self.metrics.leases_reconciled.inc()
+            log.warning("lease of %s for session %s was missing: restored", inst.id, owner.id[:8])
+        return True
+
+    # --- parking ---------------------------------------------------------------------------
+    async def park(self, sess: Session, reason: str) -> bool:
+        """Give the session's instance back; False if it is working or not bound."""
+        async with sess.lock:
+            if sess.ended or not sess.instance_id or sess.inflight:
+                return False
+            await self._release(sess, reason)
+            return True
+
+    async def _release(self, sess: Session, reason: str) -> None:
+        """Unbind (caller holds sess.lock): record first, then reset, then free the lease."""
+        inst = self.targets.pop(sess.id, None)
+        iid, fence = sess.instance_id, sess.fence
+        sess.instance_id = ""
+        sess.parked_at = time.time()
+        sess.parks += 1
+        await self.table.save(sess)  # any router now resumes it instead of using the instance
+        if inst is None or inst.id != iid:
+            inst = await self.registry.get(iid)
+        if inst is not None:
+            await self.reset_instance(inst, sess.id, fence)
+        await self.leases.release(iid, sess.id)
+        self.allocator.notify_freed()
+        self.metrics.sessions_parked.inc(reason=reason)
+        log.info("session %s parked (%s), instance %s freed", sess.id[:8], reason, iid)
+
+    async def _quiet_elsewhere(self, sess: Session, cutoff: float) -> bool:
+        """For a session this router has not served since it loaded it (another router may
+        serve it now): True if the record in Redis was not touched after `cutoff` either."""
+        if sess.routed_here:
+            return True
+        seen = await self.table.redis.hget(self.table.keys.session(sess.id), "last_seen")  # type: ignore[misc]
+        if seen is not None and float(seen) > sess.last_seen:
+            sess.last_seen = float(seen)
+        return sess.last_seen <= cutoff
+
+    async def park_idle(self, park_after: float) -> int:
+        """Park every bound session of this router idle for `park_after` seconds."""
+        cutoff = time.time() - park_after
+        idle = [
+            s
+            for s in list(self.table.by_id.values())
+            if s.instance_id and not s.ended and not s.inflight and s.last_seen <= cutoff
+        ]
+        parked = 0
+        for sess in idle:
+            if not await self._quiet_elsewhere(sess, cutoff):
+                continue
+            if sess.last_seen <= cutoff and await self.park(sess, "idle"):
+                parked += 1
+        return parked
+
+    async def reclaim(self) -> bool:
+        """Park the longest-idle bound session for a waiting one; False if none is idle."""
+        cutoff = time.time() - PRESSURE_GRACE
+        idle = sorted(
+            (s for s in self.table.by_id.values() if s.instance_id and not s.ended and not s.inflight),
+            key=lambda s: s.last_seen,
+        )
+        for sess in idle:
+            if sess.last_seen > cutoff:
+                return False
+            if not sess.routed_here:
+                continue  # possibly served by another router right now: only park_idle's check
+            if await self.park(sess, "pressure"):
+                return True
+        return False
+
+    async def evict(self, instance_id: str, wait: float) -> Eviction:
+        """Park every session bound to `instance_id` (being stopped): wait up to `wait` seconds
+        for their calls in flight, then cut what is left, each with an error that says so."""
+        result = Eviction(instance_id)
+        deadline = time.monotonic() + wait
+        while True:
+            bound = [s for s in self.table.by_id.values() if s.instance_id == instance_id and not s.ended]
+            if not bound:
+                return result
+            for sess in bound:
+                if not sess.inflight and await self.park(sess, "evicted"):
+                    result.parked.append(sess.id)
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for sess in [s for s in self.table.by_id.values() if s.instance_id == instance_id and not s.ended]:
+            async with sess.lock:
+                if sess.instance_id != instance_id or sess.ended:
+                    continue
+                for call in list(sess.calls.values()):
+                    result.cut.append({"session": sess.id, "call": call.describe()})
+                    call.cut = True
+                    self.metrics.calls_cut.inc()
+                    if call.task is not None:
+                        call.task.cancel()
+                await self._release(sess, "evicted")
+                result.parked.append(sess.id)
+        return result
+
+    # --- ending ----------------------------------------------------------------------------
+    async def end(self, sess: Session, reason: str, *, persisted: bool = True) -> None:
+        """Forget the session, reset its instance, then free the lease (in that order)."""
+        if sess.ended:
+            return
+        sess.ended = True
+        inst = self.targets.pop(sess.id, None)
+        try:
+            await self._forget(sess, inst, persisted)
+        except REDIS_DOWN_ERRORS as exc:
+            # The session is over for clients now; its record and lease go when Redis returns.
+            self.unfinished_ends[sess.id] = (sess, inst, persisted, reason)
+            log.warning(
+                "session %s ended (%s); Redis unreachable (%s), finishing later", sess.id[:8], reason, exc
+            )
+            return
+        self._ended(sess, reason)
+
+    async def _forget(self, sess: Session, inst: Instance | None, persisted: bool) -> None:
+        if persisted:
+            await self.table.remove(sess)
+        if self.notifications is not None:
+            await self.notifications.session_ended(sess.id)
+        if inst is None and sess.instance_id:
+            inst = await self.registry.get(sess.instance_id)
+        if inst is not None:
+            await self.reset_instance(inst, sess.id, sess.fence)
+        if sess.instance_id:
+            await self.leases.release(sess.instance_id, sess.id)
+
+    def _ended(self, sess: Session, reason: str) -> None:
+        self.allocator.notify_freed()
+        self.metrics.sessions_ended.inc(reason=reason)
+        log.info("session %s ended (%s), instance %s freed", sess.id[:8], reason, sess.instance_id or "-")
+
+    async def finish_ends(self) -> None:
+        """Finish the ends (DELETE, expiry, admin) that Redis was down for; raises while it still is."""
+        for sid, (sess, inst, persisted, reason) in list(self.unfinished_ends.items()):
+            await self._forget(sess, inst, persisted)
+            del self.unfinished_ends[sid]
+            self._ended(sess, reason)
