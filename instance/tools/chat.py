@@ -13,6 +13,8 @@ from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
 from common.errors import InvalidArgument
+from instance.context import Block, Turn, build_prompt
+from instance.context.policy import policy_for, summarizer_for
 from instance.providers import ChatRequest
 from instance.runtime import Runtime
 from instance.tools import exai_tool, headers_of
@@ -20,7 +22,7 @@ from instance.tools.files import read_files
 from instance.tools.progress import progress_heartbeat
 
 MAX_THREAD_TURNS = 20
-"""Turns (user and assistant messages) a thread may hold, as in EXAI's MAX_CONVERSATION_TURNS."""
+"""Default turns a thread may hold, as in EXAI's MAX_CONVERSATION_TURNS (EXAI_THREAD_MAX_TURNS)."""
 
 SYSTEM_PROMPT = (
     "You are a senior engineer consulted by a coding agent for a second opinion. Answer precisely, "
@@ -28,16 +30,6 @@ SYSTEM_PROMPT = (
 )
 
 ThinkingMode = Literal["minimal", "low", "medium", "high", "max"]
-
-
-def _fit(history: list[dict[str, str]], budget_chars: int) -> tuple[list[dict[str, str]], int]:
-    """Drop the oldest turns until the history fits; returns (kept, dropped)."""
-    kept = list(history)
-    dropped = 0
-    while kept and sum(len(m["content"]) for m in kept) > budget_chars:
-        kept.pop(0)
-        dropped += 1
-    return kept, dropped
 
 
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
@@ -65,6 +57,12 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             ThinkingMode | None, Field(description="Reasoning depth; 'minimal' turns thinking off.")
         ] = None,
         use_websearch: Annotated[bool, Field(description="Let the model search the web (GLM).")] = False,
+        history_tokens: Annotated[
+            int | None, Field(ge=0, description="Most tokens of thread history to send (older turns compacted).")
+        ] = None,
+        recent_turns: Annotated[
+            int | None, Field(ge=0, le=1000, description="Most recent turns always sent verbatim.")
+        ] = None,
     ) -> dict[str, Any]:
         if not prompt.strip():
             raise InvalidArgument("prompt is empty", hint="Say what you want to ask.")
@@ -75,33 +73,29 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         session_id = runtime.session_for(headers_of(ctx))
         loaded = await read_files(files or [], runtime.settings.allowed_file_roots)
 
+        max_turns = runtime.settings.thread_max_turns
         history_records: list[Any] = []
         if continuation_id:
             history_records = list(await storage.history.load(continuation_id))
-            if len(history_records) + 2 > MAX_THREAD_TURNS:
+            if len(history_records) + 2 > max_turns:
                 raise InvalidArgument(
-                    f"thread {continuation_id} has reached its limit of {MAX_THREAD_TURNS} turns",
+                    f"thread {continuation_id} has reached its limit of {max_turns} turns",
                     hint="Start a new thread (call chat without continuation_id) and summarise what matters.",
                 )
             cid = continuation_id
         else:
             cid = await storage.history.new_thread(session_id=session_id, tool_name="chat", model=info.name)
 
-        history = [
-            {"role": m.role, "content": m.content}
-            for m in history_records
-            if m.role in ("user", "assistant", "system")
-        ]
-        user_text = prompt
-        if loaded:
-            user_text = prompt + "\n\n" + "\n\n".join(f.as_prompt() for f in loaded)
-        budget = max(0, (info.context_window - min(info.max_output_tokens, 16_384)) * 3 - len(user_text))
-        history, dropped = _fit(history, budget)
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            *history,
-            {"role": "user", "content": user_text},
-        ]
+        built = await build_prompt(
+            [Turn(m.id, m.role, m.content) for m in history_records],
+            prompt,
+            info,
+            system=SYSTEM_PROMPT,
+            policy=policy_for(runtime.settings, info, history_tokens=history_tokens, recent_turns=recent_turns),
+            extras=[Block("files", "\n\n".join(f.as_prompt() for f in loaded))] if loaded else (),
+            **summarizer_for(runtime, provider, info),
+        )
+        messages = built.messages
 
         thinking = None if thinking_mode is None else thinking_mode != "minimal"
         request = ChatRequest(
@@ -117,11 +111,12 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         await storage.history.append(
             cid,
             "user",
-            prompt,
+            built.user_content,
             session_id=session_id,
             tool_name="chat",
             model=result.model,
             files=[f.path for f in loaded],
+            metadata=built.user_metadata,
         )
         await storage.history.append(
             cid,
@@ -136,7 +131,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         )
 
         turns = len(history_records) + 2
-        remaining = max(0, MAX_THREAD_TURNS - turns)
+        remaining = max(0, max_turns - turns)
         out: dict[str, Any] = {
             "status": "continuation_available" if remaining else "success",
             "content": result.content,
@@ -150,7 +145,9 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 "duration_ms": round(result.seconds * 1000, 1),
                 "attempts": result.attempts,
                 "thread_turns": turns,
-                "history_turns_dropped": dropped,
+                "history_turns_dropped": built.history.turns_omitted,
+                "tokens_sent": built.tokens_sent,
+                "context": built.report(),
                 "files": [f.path for f in loaded],
                 "notes": result.notes,
                 "instance_id": runtime.identity.id,
