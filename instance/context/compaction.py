@@ -26,7 +26,7 @@ from typing import Any
 
 from instance.context.scoring import Scorer, Unit, split_units
 
-RECENT_SHARE = 0.6
+RECENT_SHARE = 0.4
 OMITTED_COST = 6  # tokens an omitted turn adds to the "[turns a-b omitted]" line, roughly
 ELISION = "[…]"
 HEADER = "[Earlier turns of this thread, compacted to fit the context budget; the most recent turns follow verbatim.]"
@@ -150,6 +150,14 @@ def compact(
         units.extend(split_units(t.content, pos, t.role))
     tokens = [count(u.text) for u in units]
     scores = [scorer.score(u) for u in units]
+    # A sentence said again adds nothing: only its latest copy keeps its score.
+    latest: dict[str, int] = {}
+    for k, u in enumerate(units):
+        if u.kind == "prose":
+            latest[" ".join(u.text.lower().split())] = k
+    for k, u in enumerate(units):
+        if u.kind == "prose" and latest[" ".join(u.text.lower().split())] != k:
+            scores[k] -= 3.0
     summaries = summaries or {}
 
     masked = [False] * len(units)

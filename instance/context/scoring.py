@@ -183,14 +183,14 @@ _OBLIGATION = _lex(
     "forbidden forbid prohibited disallow disallowed banned avoid ensure guarantee guaranteed "
     "limit limited cap capped max maximum min minimum least most exceed exceeds within "
     "strictly exactly no-one nobody nothing neither nor without except unless allowed "
-    "important critical crucial keep stay remain non-negotiable hard"
+    "important critical crucial non-negotiable"
 )
 _NEGATION = _lex("not no don't dont doesn't isn't aren't wasn't weren't won't never neither nor nothing none")
 _COMMITMENT = _lex(
     "decide decided decision decisions chose choose chosen choice go going went pick picked "
     "opt opted settle settled agree agreed agreement adopt adopted final finally conclusion "
     "conclude concluded plan plans planned commit committed switch switched replace replaced "
-    "instead rather prefer preferred use using adopt keep drop dropped moving move "
+    "instead rather prefer preferred adopt drop dropped standardise standardize standardising "
     "we'll we will let's lets approve approved accepted accept reject rejected winner"
 )
 _CORRECTION = _lex(
