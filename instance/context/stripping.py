@@ -294,7 +294,8 @@ def strip_echoes(
             marker = f"{sep_l}{marker}{sep_r}"
         removed = prompt[s:e]
         spans = tuple(
-            (usable[t].id, tws[t].starts[a], tws[t].ends[b - 1]) for t, a, b in parts
+            (usable[t].id, tws[t].starts[a], _punct_end(usable[t].content, tws[t].ends[b - 1]))
+            for t, a, b in parts
         )
         strips.append(
             Strip(
@@ -316,6 +317,11 @@ def strip_echoes(
     pieces.append(prompt[cursor:])
     text = _tidy("".join(pieces))
     return StripResult(prompt, text, tuple(strips), before, counter(text))
+
+
+def _punct_end(text: str, end: int) -> int:
+    m = re.compile(r"[.!?;:,'\"”’)\]]*").match(text, end)
+    return m.end() if m else end
 
 
 def _tidy(text: str) -> str:
