@@ -8,8 +8,8 @@ tags vanish from that view, and a re-formatted echo reads the same as a verbatim
 
 Matching: every run of `SHINGLE` consecutive words of every stored turn goes into a hash index;
 the prompt is scanned left to right, and where a shingle hits, the match is extended word by
-word as long as both sides agree. A match shorter than `min_words` (default 20 words, setting
-EXAI_CONTEXT_STRIP_MIN_WORDS) is never stripped: a short quote is the user's own point, and
+word as long as both sides agree. A match shorter than `min_words` (default 20 words, counted
+as a reader does: whitespace-separated; setting EXAI_CONTEXT_STRIP_MIN_WORDS) is never stripped: a short quote is the user's own point, and
 code, logs or documents the thread has not seen cannot match at all. Ellipsis-truncated echoes
 match on the part that is there.
 
@@ -151,7 +151,7 @@ class _Match:
     parts: list[tuple[int, int, int]]  # (turn position in list, turn word start, turn word end)
 
 
-def _find_matches(prompt: _Words, turns: list[_Words], min_words: int) -> list[_Match]:
+def _find_matches(text: str, prompt: _Words, turns: list[_Words], min_words: int) -> list[_Match]:
     index: dict[tuple[str, ...], list[tuple[int, int]]] = {}
     for t, tw in enumerate(turns):
         for j in range(len(tw.words) - SHINGLE + 1):
@@ -174,7 +174,9 @@ def _find_matches(prompt: _Words, turns: list[_Words], min_words: int) -> list[_
                 best = (n, -t, -j)
         assert best is not None
         n, t, j = best[0], -best[1], -best[2]
-        if n >= min_words:
+        # the threshold counts words as a reader does (whitespace-separated), so a quoted log
+        # line full of punctuation is not "longer" than it looks
+        if n >= min_words and len(text[prompt.starts[i] : prompt.ends[i + n - 1]].split()) >= min_words:
             out.append(_Match(i, i + n, [(t, j, j + n)]))
             i += n
         else:
@@ -254,7 +256,7 @@ def strip_echoes(
         return StripResult(prompt, prompt, (), before, before)
     pw = _words(prompt)
     tws = [_words(t.content) for t in usable]
-    matches = _find_matches(pw, tws, max(min_words, SHINGLE))
+    matches = _find_matches(prompt, pw, tws, max(min_words, SHINGLE))
     if not matches:
         return StripResult(prompt, prompt, (), before, before)
 

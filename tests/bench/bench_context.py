@@ -34,7 +34,7 @@ from instance.context.builder import ContextPolicy, Turn, build_prompt  # noqa: 
 from instance.context.compaction import HistoryTurn, compact, digest  # noqa: E402
 from instance.context.scoring import split_units  # noqa: E402
 from instance.context.tokens import counter_for  # noqa: E402
-from tests.bench.context_corpus import Thread, make_corpus  # noqa: E402
+from tests.bench.context_corpus import ECHO_STYLES, Thread, make_corpus  # noqa: E402
 
 SYSTEM = "You are a senior engineer consulted by a coding agent for a second opinion."
 FRACTIONS = (0.25, 0.5, 0.75)
@@ -96,18 +96,6 @@ def survival(threads: list[Thread]) -> dict[str, Any]:
     return {"survival_pct": table, "compact_ms_mean": round(1000 * sum(timings) / len(timings), 2)}
 
 
-_STYLES = [
-    lambda r, c: c,
-    lambda r, c: "\n".join("> " + line for line in c.split("\n")),
-    lambda r, c: f"{r.capitalize()}: {c}",
-    lambda r, c: f'<message role="{r}">\n{c}\n</message>',
-    lambda r, c: f"### {r.capitalize()}\n\n{c}",
-    lambda r, c: (c[:400] + "...") if len(c) > 400 else c,
-    lambda r, c: "\n".join("    " + line for line in c.split("\n")),
-    lambda r, c: c.replace("\n", "\r\n") + "\r\n",
-]
-
-
 async def echo_overhead(threads: list[Thread], turns_per_thread: int = 20) -> dict[str, Any]:
     """Prompt tokens sent over whole threads: echoing client (strip on/off) vs ideal client."""
     model = "glm-4.6"
@@ -121,7 +109,7 @@ async def echo_overhead(threads: list[Thread], turns_per_thread: int = 20) -> di
         ideal: list[Turn] = []
         for i in range(0, len(turns) - 1, 2):
             new = turns[i]["content"]
-            style = _STYLES[(k + i // 2) % len(_STYLES)]
+            style = list(ECHO_STYLES.values())[(k + i // 2) % len(ECHO_STYLES)]
             echoed = "\n\n".join(style(t.role, t.content) for t in ideal)
             prompt = (echoed + "\n\n" + new) if echoed else new
             reply = turns[i + 1]["content"]
