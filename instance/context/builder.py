@@ -108,7 +108,9 @@ async def build_prompt(
     """Messages for one call; `model` is a `ModelInfo` (or a model name)."""
     policy = policy or ContextPolicy()
     counter = _family_of(model)
-    window = context_window or getattr(model, "context_window", 128_000)
+    window: int = (
+        context_window if context_window is not None else int(getattr(model, "context_window", 128_000))
+    )
     hist = [t for t in thread if t.role in ("user", "assistant", "system", "tool")]
 
     # (1) phase 1: strip echoes of stored turns (pure CPU on possibly large text: off the loop)
@@ -154,7 +156,11 @@ async def build_prompt(
                 found[d] = " ".join(res.split())
         history = await asyncio.to_thread(run, found)
 
-    messages = [{"role": "system", "content": system_text}, *history.messages, {"role": "user", "content": user_text}]
+    messages = [
+        {"role": "system", "content": system_text},
+        *history.messages,
+        {"role": "user", "content": user_text},
+    ]
     sent = await counter.acount_messages(messages)
     stored_extra = [b.text for b in extras if b.stored]
     user_content = "\n\n".join([strip.text, *stored_extra]) if stored_extra else strip.text

@@ -29,7 +29,10 @@ from instance.context.scoring import Scorer, Unit, split_units
 RECENT_SHARE = 0.4
 OMITTED_COST = 6  # tokens an omitted turn adds to the "[turns a-b omitted]" line, roughly
 ELISION = "[…]"
-HEADER = "[Earlier turns of this thread, compacted to fit the context budget; the most recent turns follow verbatim.]"
+HEADER = (
+    "[Earlier turns of this thread, compacted to fit the context budget; "
+    "the most recent turns follow verbatim.]"
+)
 
 _ERRLINE_RE = re.compile(
     r"(?i)\b(?:error|exception|fatal|panic|failed|failure|refused|denied|timeout|traceback)\b"
@@ -267,7 +270,10 @@ def compact(
                 remove(k)
                 dropped[k] = True
         for k in sorted(prose, key=lambda k: (-scores[k], -units[k].turn, units[k].order)):
-            if tokens[k] + 1 + (turn_head[units[k].turn] if live[units[k].turn] == 0 else 0) > old_budget - est:
+            if (
+                tokens[k] + 1 + (turn_head[units[k].turn] if live[units[k].turn] == 0 else 0)
+                > old_budget - est
+            ):
                 continue
             dropped[k] = False
             add(k)

@@ -44,7 +44,11 @@ def policy_for(
             break
     return ContextPolicy(
         history_share=float(over.get("history_share", settings.context_history_share)),
-        recent_turns=int(recent_turns if recent_turns is not None else over.get("recent_turns", settings.context_recent_turns)),
+        recent_turns=int(
+            recent_turns
+            if recent_turns is not None
+            else over.get("recent_turns", settings.context_recent_turns)
+        ),
         max_history_tokens=history_tokens,
         output_reserve=min(model.max_output_tokens, 16_384),
         strip=settings.context_strip,

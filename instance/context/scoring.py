@@ -93,36 +93,43 @@ def split_units(text: str, turn: int, role: str) -> list[Unit]:
     for kind, chunk in chunks:
         if kind == "bulk":
             out.append(Unit(turn, len(out), "bulk", chunk.strip("\n"), "\n\n"))
-            continue
-        lines = chunk.split("\n")
-        i = 0
-        para: list[str] = []
-
-        def flush_para() -> None:
-            if para:
-                _prose_units(" \n".join(para) if False else "\n".join(para), turn, out)
-                para.clear()
-
-        while i < len(lines):
-            # a run of >= 3 code-like lines (blank lines inside allowed) is bulk
-            j = i
-            codeish = 0
-            while j < len(lines) and (_codeish(lines[j]) or (not lines[j].strip() and j + 1 < len(lines) and _codeish(lines[j + 1]))):
-                codeish += 1 if lines[j].strip() else 0
-                j += 1
-            if codeish >= 3:
-                flush_para()
-                out.append(Unit(turn, len(out), "bulk", "\n".join(lines[i:j]).strip("\n"), "\n\n"))
-                i = j
-                continue
-            line = lines[i]
-            if not line.strip():
-                flush_para()
-            else:
-                para.append(line)
-            i += 1
-        flush_para()
+        else:
+            _split_text(chunk, turn, out)
     return [u for u in out if u.text.strip()]
+
+
+def _code_run(lines: list[str], i: int) -> int:
+    """End of the run of code-like lines starting at `i` (blank lines inside allowed)."""
+    j = i
+    while j < len(lines) and (
+        _codeish(lines[j]) or (not lines[j].strip() and j + 1 < len(lines) and _codeish(lines[j + 1]))
+    ):
+        j += 1
+    return j
+
+
+def _split_text(chunk: str, turn: int, out: list[Unit]) -> None:
+    """Paragraphs become prose units; a run of >= 3 code-like lines inside becomes one bulk unit."""
+    lines = chunk.split("\n")
+    para: list[str] = []
+    i = 0
+    while i < len(lines):
+        j = _code_run(lines, i)
+        if sum(1 for line in lines[i:j] if line.strip()) >= 3:
+            if para:
+                _prose_units("\n".join(para), turn, out)
+                para = []
+            out.append(Unit(turn, len(out), "bulk", "\n".join(lines[i:j]).strip("\n"), "\n\n"))
+            i = j
+            continue
+        if lines[i].strip():
+            para.append(lines[i])
+        elif para:
+            _prose_units("\n".join(para), turn, out)
+            para = []
+        i += 1
+    if para:
+        _prose_units("\n".join(para), turn, out)
 
 
 def _prose_units(para: str, turn: int, out: list[Unit]) -> None:
@@ -136,7 +143,7 @@ def _prose_units(para: str, turn: int, out: list[Unit]) -> None:
         sentences = _sentences(item)
         for n, s in enumerate(sentences):
             last = n == len(sentences) - 1
-            sep = (" " if not last else ("\n" if k < len(items) - 1 else "\n\n"))
+            sep = " " if not last else ("\n" if k < len(items) - 1 else "\n\n")
             out.append(Unit(turn, len(out), "prose", s, sep))
 
 
@@ -159,19 +166,25 @@ _WORD_RE = re.compile(r"[A-Za-z][A-Za-z'’-]*|\d+")
 _SPECIFIC_RES = [
     re.compile(r"`[^`\n]{1,80}`"),
     re.compile(r"(?<![\w/])(?:[\w.-]+/)+[\w.-]+"),  # paths
-    re.compile(r"\b[\w-]+\.(?:py|pyi|js|ts|tsx|jsx|go|rs|java|kt|rb|php|c|h|cc|cpp|hpp|cs|sql|toml|yaml|yml|json|ini|cfg|conf|md|sh|lock|txt|env|proto|html|css)\b"),
+    re.compile(
+        r"\b[\w-]+\.(?:py|pyi|js|ts|tsx|jsx|go|rs|java|kt|rb|php|c|h|cc|cpp|hpp|cs|sql|toml|yaml|yml|json|ini|cfg|conf|md|sh|lock|txt|env|proto|html|css)\b"
+    ),
     re.compile(r"\b[a-z]+(?:_[a-z0-9]+)+\b"),  # snake_case
     re.compile(r"\b[A-Z][a-z]+(?:[A-Z][a-z0-9]+)+\b"),  # CamelCase
     re.compile(r"\b[a-z]+(?:[A-Z][a-z0-9]+)+\b"),  # camelCase
     re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b"),  # CONSTANT_CASE
     re.compile(r"\b\w+\(\)"),  # call()
     re.compile(r"(?<!\w)--?[a-z][\w-]+"),  # flags
-    re.compile(r"\b\d+(?:\.\d+)*\s?(?:ms|s|sec|secs|seconds?|minutes?|min|h|hours?|days?|kb|mb|gb|tb|kib|mib|gib|%|x|rps|qps|req/s|tokens?|bytes?|lines?|rows?|connections?|workers?|retries|attempts|px)\b", re.I),
+    re.compile(
+        r"\b\d+(?:\.\d+)*\s?(?:ms|s|sec|secs|seconds?|minutes?|min|h|hours?|days?|kb|mb|gb|tb|kib|mib|gib|%|x|rps|qps|req/s|tokens?|bytes?|lines?|rows?|connections?|workers?|retries|attempts|px)\b",
+        re.I,
+    ),
     re.compile(r"\bv?\d+\.\d+(?:\.\d+)*\b"),  # versions, decimals
     re.compile(r"(?<![\w.])\d{2,}(?![\w.])"),  # other multi-digit numbers (ports, codes, ids)
     re.compile(r"\b[A-Z]{2,}-?\d+\b"),  # ticket ids, codes
     re.compile(r"https?://\S+"),
 ]
+
 
 def _lex(words: str) -> frozenset[str]:
     return frozenset(words.split())

@@ -9,8 +9,9 @@ tags vanish from that view, and a re-formatted echo reads the same as a verbatim
 Matching: every run of `SHINGLE` consecutive words of every stored turn goes into a hash index;
 the prompt is scanned left to right, and where a shingle hits, the match is extended word by
 word as long as both sides agree. A match shorter than `min_words` (default 20 words, counted
-as a reader does: whitespace-separated; setting EXAI_CONTEXT_STRIP_MIN_WORDS) is never stripped: a short quote is the user's own point, and
-code, logs or documents the thread has not seen cannot match at all. Ellipsis-truncated echoes
+as a reader does: whitespace-separated; setting EXAI_CONTEXT_STRIP_MIN_WORDS) is never
+stripped: a short quote is the user's own point, and code, logs or documents the thread has
+not seen cannot match at all. Ellipsis-truncated echoes
 match on the part that is there.
 
 What is cut: the span of matched words plus the decoration that belonged to it (a role label or
@@ -46,7 +47,10 @@ _LABEL_WORDS = frozenset(
     copy pasted paste echo verbatim note see""".split()
 )
 _TAG_RE = re.compile(r"</?[A-Za-z][\w:.-]*(?:\s+[\w:.-]+(?:=(?:\"[^\"]*\"|'[^']*'|[^\s>]+))?)*\s*/?>")
-_ELLIPSIS_RE = re.compile(r"(?:\.{3,}|…|\[\s*(?:\.{3}|…|truncated|snip|cut|more)\s*\]|\(\s*(?:truncated|cont\.?|continued)\s*\))", re.I)
+_ELLIPSIS_RE = re.compile(
+    r"(?:\.{3,}|…|\[\s*(?:\.{3}|…|truncated|snip|cut|more)\s*\]|\(\s*(?:truncated|cont\.?|continued)\s*\))",
+    re.I,
+)
 
 
 @dataclass(frozen=True)
@@ -166,9 +170,9 @@ def _find_matches(text: str, prompt: _Words, turns: list[_Words], min_words: int
             continue
         best: tuple[int, int, int] | None = None  # (length, -t, -j) maximised
         for t, j in hits:
-            tw = turns[t].words
+            other = turns[t].words
             n = SHINGLE
-            while i + n < len(pw) and j + n < len(tw) and pw[i + n] == tw[j + n]:
+            while i + n < len(pw) and j + n < len(other) and pw[i + n] == other[j + n]:
                 n += 1
             if best is None or (n, -t, -j) > best:
                 best = (n, -t, -j)

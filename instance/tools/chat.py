@@ -58,7 +58,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         ] = None,
         use_websearch: Annotated[bool, Field(description="Let the model search the web (GLM).")] = False,
         history_tokens: Annotated[
-            int | None, Field(ge=0, description="Most tokens of thread history to send (older turns compacted).")
+            int | None,
+            Field(ge=0, description="Most tokens of thread history to send (older turns compacted)."),
         ] = None,
         recent_turns: Annotated[
             int | None, Field(ge=0, le=1000, description="Most recent turns always sent verbatim.")
@@ -91,7 +92,9 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             prompt,
             info,
             system=SYSTEM_PROMPT,
-            policy=policy_for(runtime.settings, info, history_tokens=history_tokens, recent_turns=recent_turns),
+            policy=policy_for(
+                runtime.settings, info, history_tokens=history_tokens, recent_turns=recent_turns
+            ),
             extras=[Block("files", "\n\n".join(f.as_prompt() for f in loaded))] if loaded else (),
             **summarizer_for(runtime, provider, info),
         )

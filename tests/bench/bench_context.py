@@ -30,11 +30,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from instance.context.builder import ContextPolicy, Turn, build_prompt  # noqa: E402
-from instance.context.compaction import HistoryTurn, compact, digest  # noqa: E402
-from instance.context.scoring import split_units  # noqa: E402
-from instance.context.tokens import counter_for  # noqa: E402
-from tests.bench.context_corpus import ECHO_STYLES, Thread, make_corpus  # noqa: E402
+from instance.context.builder import ContextPolicy, Turn, build_prompt
+from instance.context.compaction import HistoryTurn, compact, digest
+from instance.context.scoring import split_units
+from instance.context.tokens import counter_for
+from tests.bench.context_corpus import ECHO_STYLES, Thread, make_corpus
 
 SYSTEM = "You are a senior engineer consulted by a coding agent for a second opinion."
 FRACTIONS = (0.25, 0.5, 0.75)
@@ -79,7 +79,9 @@ def survival(threads: list[Thread]) -> dict[str, Any]:
             assert sum(cost(m) for m in comp) <= budget + c.framing("user"), "compaction overshot its budget"
             for name, out in (("truncation", trunc), ("masking", masked), ("compaction", comp)):
                 text = "\n".join(m["content"] for m in out)
-                bucket = res.setdefault(f"{int(f * 100)}%", {}).setdefault(name, {"critical": [0, 0], "all": [0, 0]})
+                bucket = res.setdefault(f"{int(f * 100)}%", {}).setdefault(
+                    name, {"critical": [0, 0], "all": [0, 0]}
+                )
                 for fact in th.facts:
                     hit = fact.needle in text
                     bucket["all"][0] += hit
@@ -118,7 +120,9 @@ async def echo_overhead(threads: list[Thread], turns_per_thread: int = 20) -> di
                 ("echo_stripped", stored_on, prompt, policy_on),
                 ("echo_unstripped", stored_off, prompt, policy_off),
             ):
-                built = await build_prompt(stored, text, model, system=SYSTEM, policy=policy, context_window=10_000_000)
+                built = await build_prompt(
+                    stored, text, model, system=SYSTEM, policy=policy, context_window=10_000_000
+                )
                 totals[name] += built.tokens_sent
                 stored.append(Turn(f"{name}{i}", "user", built.user_content))
                 stored.append(Turn(f"{name}{i}a", "assistant", reply))
@@ -144,21 +148,31 @@ def main() -> None:
     surv = survival(threads)
     echo = asyncio.run(echo_overhead(threads))
     result = {
-        "corpus": {"threads": len(threads), "turns": args.turns, "seed": args.seed, "facts": facts,
-                   "critical_facts": crit, "tokens_per_thread_mean": sum(sizes) // len(sizes)},
+        "corpus": {
+            "threads": len(threads),
+            "turns": args.turns,
+            "seed": args.seed,
+            "facts": facts,
+            "critical_facts": crit,
+            "tokens_per_thread_mean": sum(sizes) // len(sizes),
+        },
         **surv,
         "echo": echo,
         "determinism_digest": digest(json.dumps(surv["survival_pct"], sort_keys=True)),
     }
-    print(f"corpus: {len(threads)} threads x {args.turns} turns, ~{result['corpus']['tokens_per_thread_mean']} "
-          f"GLM tokens each, {facts} planted facts ({crit} critical)")
+    print(
+        f"corpus: {len(threads)} threads x {args.turns} turns, ~{result['corpus']['tokens_per_thread_mean']} "
+        f"GLM tokens each, {facts} planted facts ({crit} critical)"
+    )
     print(f"{'budget':>7} {'strategy':>11} {'critical %':>11} {'all %':>7}")
     for frac, by in surv["survival_pct"].items():
         for name, v in by.items():
             print(f"{frac:>7} {name:>11} {v['critical']:>11} {v['all']:>7}")
     print(f"compaction: {surv['compact_ms_mean']} ms per call (mean)")
-    print(f"echo overhead vs ideal client: {echo['overhead_with_stripping']} with stripping, "
-          f"{echo['overhead_without_stripping']} without ({echo['prompt_tokens']})")
+    print(
+        f"echo overhead vs ideal client: {echo['overhead_with_stripping']} with stripping, "
+        f"{echo['overhead_without_stripping']} without ({echo['prompt_tokens']})"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -22,9 +22,31 @@ from typing import Any
 
 CRITICAL = {"decision", "correction", "constraint", "error_fix"}
 
-_MODULES = ["billing", "ingest", "router", "scheduler", "auth", "cache", "export", "search", "notify", "ledger"]
+_MODULES = [
+    "billing",
+    "ingest",
+    "router",
+    "scheduler",
+    "auth",
+    "cache",
+    "export",
+    "search",
+    "notify",
+    "ledger",
+]
 _NOUNS = ["queue", "pool", "worker", "index", "session", "lease", "token", "snapshot", "batch", "retry"]
-_LIBS = ["asyncpg", "httpx", "redis", "pydantic", "uvicorn", "sqlalchemy", "celery", "boto3", "grpcio", "orjson"]
+_LIBS = [
+    "asyncpg",
+    "httpx",
+    "redis",
+    "pydantic",
+    "uvicorn",
+    "sqlalchemy",
+    "celery",
+    "boto3",
+    "grpcio",
+    "orjson",
+]
 
 
 @dataclass
@@ -48,7 +70,9 @@ def _ident(rng: random.Random) -> str:
 
 
 def _file(rng: random.Random) -> str:
-    return f"{rng.choice(['src', 'app', 'lib', 'services'])}/{rng.choice(_MODULES)}/{rng.choice(_NOUNS)}_{rng.randint(2, 9)}{rng.choice(['.py', '.ts', '.go'])}"
+    root = rng.choice(["src", "app", "lib", "services"])
+    ext = rng.choice([".py", ".ts", ".go"])
+    return f"{root}/{rng.choice(_MODULES)}/{rng.choice(_NOUNS)}_{rng.randint(2, 9)}{ext}"
 
 
 def _code(rng: random.Random) -> str:
@@ -95,9 +119,12 @@ def _fact(kind: str, rng: random.Random) -> tuple[str, str]:
     elif kind == "error_fix":
         needle = code
         forms = [
-            f"The crash was error {code} from the payment gateway; it went away once we retried with a fresh idempotency key.",
-            f"Root cause of {code}: the connection was reused after the pool closed it. Recreating the client per worker fixed it.",
-            f"We kept hitting {code} in CI, turned out the fixture leaked a transaction; wrapping it in a savepoint solved it.",
+            f"The crash was error {code} from the payment gateway; it went away once we retried "
+            "with a fresh idempotency key.",
+            f"Root cause of {code}: the connection was reused after the pool closed it. "
+            "Recreating the client per worker fixed it.",
+            f"We kept hitting {code} in CI, turned out the fixture leaked a transaction; "
+            "wrapping it in a savepoint solved it.",
             f"{code} showed up again under load. Raising the read deadline to {n} seconds made it disappear.",
             f"The {code} failures came from clock skew on the runner, so we now sync time before the suite.",
             f"Fixed {code}: the migration ran before the role existed, reordering the scripts resolved it.",
@@ -155,15 +182,43 @@ _FILLER = [
 ]
 
 
-_SUBJECTS = ["The handler", "This approach", "The current setup", "That module", "The test suite", "Our client code",
-             "The background job", "The config loader", "The deployment script", "The retry wrapper", "The API layer"]
-_PREDICATES = ["is probably fine for now", "could be simplified a little", "reads better after the refactor",
-               "has grown over time", "looks similar to what other teams do", "might need a second look later",
-               "was written before the current conventions", "behaves as expected in my runs",
-               "does a bit more work than it needs to", "is covered by the integration tests",
-               "would benefit from clearer names", "works, but the error messages are vague"]
-_TAILS = ["", " in most cases", ", at least in staging", ", as far as I can tell", " once the data is warm",
-          " when traffic is low", ", which is reassuring", ", though I have not profiled it"]
+_SUBJECTS = [
+    "The handler",
+    "This approach",
+    "The current setup",
+    "That module",
+    "The test suite",
+    "Our client code",
+    "The background job",
+    "The config loader",
+    "The deployment script",
+    "The retry wrapper",
+    "The API layer",
+]
+_PREDICATES = [
+    "is probably fine for now",
+    "could be simplified a little",
+    "reads better after the refactor",
+    "has grown over time",
+    "looks similar to what other teams do",
+    "might need a second look later",
+    "was written before the current conventions",
+    "behaves as expected in my runs",
+    "does a bit more work than it needs to",
+    "is covered by the integration tests",
+    "would benefit from clearer names",
+    "works, but the error messages are vague",
+]
+_TAILS = [
+    "",
+    " in most cases",
+    ", at least in staging",
+    ", as far as I can tell",
+    " once the data is warm",
+    " when traffic is low",
+    ", which is reassuring",
+    ", though I have not profiled it",
+]
 
 
 def _filler(rng: random.Random, k: int) -> str:
@@ -173,7 +228,14 @@ def _filler(rng: random.Random, k: int) -> str:
             out.append(f"{rng.choice(_SUBJECTS)} {rng.choice(_PREDICATES)}{rng.choice(_TAILS)}.")
             continue
         s = rng.choice(_FILLER)
-        out.append(s.format(n=rng.randint(2, 900), path=_file(rng), v=f"{rng.randint(1, 5)}.{rng.randint(0, 20)}", const=_ident(rng).upper()))
+        out.append(
+            s.format(
+                n=rng.randint(2, 900),
+                path=_file(rng),
+                v=f"{rng.randint(1, 5)}.{rng.randint(0, 20)}",
+                const=_ident(rng).upper(),
+            )
+        )
     return " ".join(out)
 
 
@@ -181,20 +243,34 @@ def _log(rng: random.Random) -> str:
     lines = []
     for i in range(rng.randint(12, 40)):
         lvl = rng.choice(["INFO", "INFO", "DEBUG", "WARN", "INFO", "ERROR"])
-        lines.append(f"2026-03-{rng.randint(10, 28)} 12:{i % 60:02d}:{rng.randint(0, 59):02d} {lvl} {rng.choice(_MODULES)}.{rng.choice(_NOUNS)} id={rng.randint(1000, 99999)} elapsed={rng.randint(1, 900)}ms status={rng.choice([200, 200, 204, 500, 503])}")
+        when = f"2026-03-{rng.randint(10, 28)} 12:{i % 60:02d}:{rng.randint(0, 59):02d}"
+        where = f"{rng.choice(_MODULES)}.{rng.choice(_NOUNS)}"
+        status = rng.choice([200, 200, 204, 500, 503])
+        took = f"elapsed={rng.randint(1, 900)}ms"
+        lines.append(f"{when} {lvl} {where} id={rng.randint(1000, 99999)} {took} status={status}")
     return "\n".join(lines)
 
 
 def _trace(rng: random.Random) -> str:
-    frames = [f'  File "/srv/app/{rng.choice(_MODULES)}/{rng.choice(_NOUNS)}.py", line {rng.randint(10, 900)}, in {rng.choice(_NOUNS)}_{rng.choice(["run", "get", "put", "flush"])}\n    {rng.choice(["await self._send(batch)", "return conn.execute(q)", "raise TimeoutError()", "data = json.loads(raw)"])}' for _ in range(rng.randint(4, 10))]
-    return "Traceback (most recent call last):\n" + "\n".join(frames) + f"\n{rng.choice(['TimeoutError', 'KeyError', 'ConnectionResetError'])}: {rng.choice(['timed out', 'batch_id', 'peer closed'])}"
+    frames = []
+    for _ in range(rng.randint(4, 10)):
+        where = f"/srv/app/{rng.choice(_MODULES)}/{rng.choice(_NOUNS)}.py"
+        func = f"{rng.choice(_NOUNS)}_{rng.choice(['run', 'get', 'put', 'flush'])}"
+        code = rng.choice(["await self._send(batch)", "return conn.execute(q)", "data = json.loads(raw)"])
+        frames.append(f'  File "{where}", line {rng.randint(10, 900)}, in {func}\n    {code}')
+    exc = rng.choice(["TimeoutError", "KeyError", "ConnectionResetError"])
+    return (
+        "Traceback (most recent call last):\n"
+        + "\n".join(frames)
+        + f"\n{exc}: {rng.choice(['timed out', 'peer closed'])}"
+    )
 
 
 def _codeblock(rng: random.Random) -> str:
     name = _ident(rng)
+    rhs = ["await fetch(item)", "acc + 1", "cfg.get(name)", "None"]
     body = "\n".join(
-        f"    {rng.choice(['x', 'y', 'acc', 'item'])} = {rng.choice(['await fetch(item)', 'acc + 1', 'cfg.get(name)', 'None'])}"
-        for _ in range(rng.randint(6, 24))
+        f"    {rng.choice(['x', 'y', 'acc', 'item'])} = {rng.choice(rhs)}" for _ in range(rng.randint(6, 24))
     )
     return f"```python\nasync def {name}(cfg, items):\n{body}\n    return acc\n```"
 

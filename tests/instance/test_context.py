@@ -52,7 +52,9 @@ async def _stored(dsn: str, cid: str, n: int) -> list[asyncpg.Record]:
     raise AssertionError(f"thread {cid} has {len(rows)} stored turns, expected {n}")
 
 
-async def _say(client: Client, fake: FakeProvider, prompt: str, reply: str, cid: str | None, **args: Any) -> dict[str, Any]:
+async def _say(
+    client: Client, fake: FakeProvider, prompt: str, reply: str, cid: str | None, **args: Any
+) -> dict[str, Any]:
     fake.script(Behaviour(content=reply))
     call = {"prompt": prompt, "model": "glm-4.6", **args}
     if cid:
@@ -109,24 +111,29 @@ def _control_prompts(n: int, base: list[str], seed: int = 5) -> list[str]:
         kind = i % 4
         if kind == 0:
             lines = [f"def {ids()}(self, {ids()}: int) -> str:"] + [
-                f"    {ids()} = self.{ids()}({ids()}, timeout={rng.randint(1, 99)})" for _ in range(rng.randint(4, 20))
+                f"    {ids()} = self.{ids()}({ids()}, timeout={rng.randint(1, 99)})"
+                for _ in range(rng.randint(4, 20))
             ]
             body = "```python\n" + "\n".join(lines) + "\n```"
             out.append(f"Why does this fail under load?\n\n{body}")
         elif kind == 1:
             lines = [
                 f"2026-04-{rng.randint(10, 28)} 09:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d} "
-                f"{rng.choice(['INFO', 'WARN', 'ERROR'])} {ids()} request={ids()} took={rng.randint(1, 999)}ms"
+                f"{rng.choice(['INFO', 'WARN', 'ERROR'])} {ids()} request={ids()} "
+                f"took={rng.randint(1, 999)}ms"
                 for _ in range(rng.randint(5, 30))
             ]
             out.append("Here is the log from staging:\n" + "\n".join(lines) + "\nWhat stands out?")
         elif kind == 2:
             sentences = [
                 f"Section {rng.randint(1, 40)} of the {ids()} spec says the {ids()} field is "
-                f"{rng.choice(['optional', 'required', 'deprecated'])} and must be at most {rng.randint(2, 900)} bytes."
+                f"{rng.choice(['optional', 'required', 'deprecated'])} and must be at most "
+                f"{rng.randint(2, 900)} bytes."
                 for _ in range(rng.randint(3, 12))
             ]
-            out.append("From the design document:\n\n> " + "\n> ".join(sentences) + "\n\nDoes our code follow it?")
+            out.append(
+                "From the design document:\n\n> " + "\n> ".join(sentences) + "\n\nDoes our code follow it?"
+            )
         else:  # a short deliberate quote of a stored turn (below the threshold)
             words = rng.choice(base).split()
             k = rng.randint(0, max(0, len(words) - 16))
@@ -136,9 +143,7 @@ def _control_prompts(n: int, base: list[str], seed: int = 5) -> list[str]:
     return out
 
 
-async def test_control_prompts_are_never_stripped(
-    fake: FakeProvider, ctx_instance: InstanceProc
-) -> None:
+async def test_control_prompts_are_never_stripped(fake: FakeProvider, ctx_instance: InstanceProc) -> None:
     th = make_thread(77, turns=4)
     prompts = _control_prompts(1000, [t["content"] for t in th.turns])
     sem = asyncio.Semaphore(5)
@@ -146,7 +151,9 @@ async def test_control_prompts_are_never_stripped(
 
     async def thread(k: int, mine: list[str]) -> None:
         async with sem, connect(ctx_instance, ERAS[k % 2], session=new_session()) as client:
-            cid = (await _say(client, fake, th.turns[0]["content"], th.turns[1]["content"], None))["continuation_id"]
+            cid = (await _say(client, fake, th.turns[0]["content"], th.turns[1]["content"], None))[
+                "continuation_id"
+            ]
             await _say(client, fake, th.turns[2]["content"], th.turns[3]["content"], cid)
             for prompt in mine:
                 out = _ok(await client.call_tool("chat", {"prompt": prompt, "continuation_id": cid}))
@@ -197,7 +204,9 @@ async def test_compaction_through_chat_is_deterministic_and_reported(
         async with connect(ctx_instance, mode, session=new_session()) as client:
             cid = None
             for i in range(0, 18, 2):
-                cid = (await _say(client, fake, th.turns[i]["content"], th.turns[i + 1]["content"], cid))["continuation_id"]
+                cid = (await _say(client, fake, th.turns[i]["content"], th.turns[i + 1]["content"], cid))[
+                    "continuation_id"
+                ]
             full = GLM.count_messages(fake.snapshot()[-1].messages)
             results.append(
                 await _say(client, fake, question, "ok", cid, history_tokens=full // 4, recent_turns=2)

@@ -9,7 +9,10 @@ from instance.context.stripping import StoredTurn, strip_echoes, unstrip
 from instance.context.tokens import OFFLOAD_CHARS, counter_for
 from tests.bench.context_corpus import make_thread
 
-RECORDED = [{"role": "system", "content": "You are a helpful assistant"}, {"role": "user", "content": "Say hi in Portuguese"}]
+RECORDED = [
+    {"role": "system", "content": "You are a helpful assistant"},
+    {"role": "user", "content": "Say hi in Portuguese"},
+]
 
 
 def test_counts_match_recorded_provider_usage() -> None:
@@ -60,14 +63,18 @@ def test_compaction_is_deterministic_and_never_cuts_a_sentence() -> None:
     for seg in _kept_segments(a.messages[0]["content"]):
         assert seg in original, seg
         end = original.index(seg) + len(seg)
-        assert seg[-1] in ".!?:`" or end == len(original) or original[end] in "\n", f"cut mid-sentence: {seg!r}"
+        assert seg[-1] in ".!?:`" or end == len(original) or original[end] in "\n", (
+            f"cut mid-sentence: {seg!r}"
+        )
 
 
 def _kept_segments(text: str) -> list[str]:
     import re
 
     text = re.sub(r"^--- turn \d+ \(\w+\) ---$", "\n", text, flags=re.M)
-    text = re.sub(r"\[masked [^\n]*\]|\[turns? [\d-]+ omitted: \d+ tokens\]|\[Earlier turns[^\]]*\]", "\n", text)
+    text = re.sub(
+        r"\[masked [^\n]*\]|\[turns? [\d-]+ omitted: \d+ tokens\]|\[Earlier turns[^\]]*\]", "\n", text
+    )
     out: list[str] = []
     for chunk in text.split(ELISION):
         for line in chunk.split("\n"):
