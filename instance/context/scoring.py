@@ -163,6 +163,7 @@ def _sentences(text: str) -> list[str]:
 # --- signals ----------------------------------------------------------------------------------
 
 _WORD_RE = re.compile(r"[A-Za-z][A-Za-z'’-]*|\d+")
+_NAME_RE = re.compile(r"\b[A-Z][a-z]+[A-Za-z0-9]*\b")
 _SPECIFIC_RES = [
     re.compile(r"`[^`\n]{1,80}`"),
     re.compile(r"(?<![\w/])(?:[\w.-]+/)+[\w.-]+"),  # paths
@@ -196,7 +197,8 @@ _OBLIGATION = _lex(
     "forbidden forbid prohibited disallow disallowed banned avoid ensure guarantee guaranteed "
     "limit limited cap capped max maximum min minimum least most exceed exceeds within "
     "strictly exactly no-one nobody nothing neither nor without except unless allowed "
-    "important critical crucial non-negotiable"
+    "important critical crucial non-negotiable frozen freeze off-limits policy compliance legal "
+    "audit blocked blocks banned pinned locked restricted restriction circumstances"
 )
 _NEGATION = _lex("not no don't dont doesn't isn't aren't wasn't weren't won't never neither nor nothing none")
 _COMMITMENT = _lex(
@@ -204,12 +206,29 @@ _COMMITMENT = _lex(
     "opt opted settle settled agree agreed agreement adopt adopted final finally conclusion "
     "conclude concluded plan plans planned commit committed switch switched replace replaced "
     "instead rather prefer preferred adopt drop dropped standardise standardize standardising "
-    "we'll we will let's lets approve approved accepted accept reject rejected winner"
+    "we'll we will let's lets approve approved accepted accept reject rejected winner wins "
+    "vote voted ship shipping select selected henceforth forward onwards"
 )
 _CORRECTION = _lex(
     "actually wrong incorrect mistake mistaken typo misread misunderstood correction correct "
     "corrected oops sorry meant mean clarify clarification instead rather revert undo ignore "
-    "scratch disregard wait nope"
+    "scratch disregard wait nope restate rephrase"
+)
+_COMMIT_PHRASE_RE = re.compile(
+    r"\b(?:from (?:now|here) on|going forward|for good|once and for all|is the way)\b"
+)
+_HEDGE = _lex(
+    "probably might maybe perhaps could usually generally general typically often sometimes "
+    "somewhat roughly seems seem think consider worth overall bit little tend tends arguably"
+)
+# Capitalised words that are ordinary English at the start of a sentence, not names.
+_COMMON_CAPS = _lex(
+    "the this that these those it we i you they there here what when where why how if but and so "
+    "also let please our my your sure thanks ok okay yes no maybe in on at for with one most some "
+    "all any each every a an as once after before since because keep make use check see do does "
+    "did is are was were have has had not still just only overall good great nice hmm actually "
+    "well right now then whatever nobody everything nothing small who which while though although "
+    "given going from after agreed team decision correction fixed root open sorry wait"
 )
 _FAILURE = _lex(
     "error errors exception exceptions traceback fail fails failed failing failure failures "
@@ -270,15 +289,17 @@ class Scorer:
         words = [w.lower() for w in _WORD_RE.findall(text)]
         wset = set(words)
         role = self._roles[unit.turn] if unit.turn < len(self._roles) else "user"
-        s = {"user": 1.0, "assistant": 0.5, "system": 0.8}.get(role, 0.1)
+        s = {"user": 1.0, "assistant": 0.7, "system": 0.8}.get(role, 0.1)
 
         specific = sum(len(r.findall(text)) for r in _SPECIFIC_RES)
+        # names: capitalised words that are not ordinary sentence starters (Postgres, Kafka ...)
+        specific += sum(1 for w in _NAME_RE.findall(text) if w.lower() not in _COMMON_CAPS)
         s += min(2.0, 0.9 * math.log1p(specific) * 1.3)
         if wset & _OBLIGATION:
             s += 1.0 + 0.2 * min(2, len(wset & _OBLIGATION) - 1)
         if wset & _NEGATION:
             s += 0.4
-        if wset & _COMMITMENT:
+        if wset & _COMMITMENT or _COMMIT_PHRASE_RE.search(lower):
             s += 0.8
         if wset & _CORRECTION:
             s += 0.9 if role == "user" else 0.4
@@ -303,6 +324,11 @@ class Scorer:
             s -= 1.5
         if len(words) < 5 and specific == 0:
             s -= 0.8
+        if wset & _HEDGE and specific == 0:
+            s -= 0.6
+        # terms said in this turn only: new information
+        hapax = sum(1 for w in set(cw) if len(w) >= 4 and self._df.get(w, 0) <= 1)
+        s += 0.3 * min(3, hapax)
         return round(s, 6)
 
     def score_all(self, units: Iterable[Unit]) -> list[Scored]:

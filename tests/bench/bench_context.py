@@ -138,9 +138,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=12)
     ap.add_argument("--turns", type=int, default=36)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument(
+        "--phrasing", choices=["main", "alt", "plain"], default="main", help="fact phrasings of the corpus"
+    )
+    ap.add_argument(
+        "--corpus", help="a corpus JSON file (context_corpus.py output) instead of generating one"
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_context.json"))
     args = ap.parse_args()
-    threads = make_corpus(args.threads, args.seed, args.turns)
+    if args.corpus:
+        threads = load_corpus(args.corpus)
+    else:
+        threads = make_corpus(args.threads, args.seed, args.turns, args.phrasing)
     c = counter_for("glm-4.6")
     sizes = [sum(c.count(t["content"]) for t in th.turns) for th in threads]
     facts = sum(len(th.facts) for th in threads)

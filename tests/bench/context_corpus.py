@@ -148,6 +148,58 @@ def _fact(kind: str, rng: random.Random) -> tuple[str, str]:
     return rng.choice(forms), needle
 
 
+def _fact_alt(kind: str, rng: random.Random) -> tuple[str, str]:
+    """A second, disjoint set of phrasings (plainer, fewer cue words), to test generalisation."""
+    n = rng.randint(11, 97)
+    ident, path, code = _ident(rng), _file(rng), _code(rng)
+    lib = rng.choice(_LIBS)
+    tech = rng.choice(["Postgres", "Kafka", "SQLite", "NATS", "Envoy", "Terraform", "Celery", "Nginx"])
+    if kind == "decision":
+        needle = ident
+        forms = [
+            f"Going forward {ident} is how we do it.",
+            f"{ident} wins, the other branch can be closed.",
+            f"Ship it with {ident}.",
+            f"My vote and the team's: {ident}.",
+            f"From here on the importer talks to {ident} and nothing else.",
+        ]
+    elif kind == "correction":
+        needle = f"{n * 100}"
+        forms = [
+            f"Ignore the figure from before, the right one is {n * 100}.",
+            f"Small fix to what I told you: {n * 100} per minute.",
+            f"That number was off by a bit, it should read {n * 100}.",
+            f"Hmm, let me restate it: {n * 100} is the ceiling.",
+        ]
+    elif kind == "constraint":
+        needle = tech
+        forms = [
+            f"{tech} stays frozen until the audit ends.",
+            f"Under no circumstances do we bring {tech} into this repo.",
+            f"{tech} is off-limits for the billing code.",
+            f"Legal said the EU data can't go through {tech}.",
+        ]
+    elif kind == "error_fix":
+        needle = code
+        forms = [
+            f"{code} kept biting us; swapping the driver made it go away.",
+            f"The {code} alarms stopped after we pinned the image.",
+            f"It was the proxy all along behind {code} — bypassing it cleared things up.",
+            f"{code} again, same story: a stale DNS entry, flushing it sorted it out.",
+        ]
+    elif kind == "file_ref":
+        needle = path
+        forms = [f"Check {path}.", f"It's all in {path}.", f"See {path} for the wiring."]
+    else:
+        needle = ident
+        forms = [
+            f"Who decides on {ident}?",
+            f"{ident}: per tenant, or one for everybody?",
+            f"Not sure yet what happens to {ident} after the cut-over.",
+        ]
+    return rng.choice(forms), needle
+
+
 _FILLER = [
     "That makes sense to me.",
     "Let me think about this for a second.",
@@ -275,7 +327,51 @@ def _codeblock(rng: random.Random) -> str:
     return f"```python\nasync def {name}(cfg, items):\n{body}\n    return acc\n```"
 
 
-def make_thread(seed: int, turns: int = 36) -> Thread:
+def _fact_plain(kind: str, rng: random.Random) -> tuple[str, str]:
+    """Held-out phrasings written after the scorer was tuned: few identifiers, plain words."""
+    day = rng.choice(["Tuesday", "Thursday", "Friday", "Monday"])
+    other = rng.choice([d for d in ("Tuesday", "Thursday", "Friday", "Monday") if d != day])
+    thing = rng.choice(
+        ["blue-green rollout", "canary release", "nightly rebuild", "read replica", "feature flag"]
+    )
+    pkg = rng.choice(["pkg/parse/lexer.go", "cmd/agent/main.go", "web/src/routes.tsx", "api/v2/handlers.py"])
+    if kind == "decision":
+        return rng.choice(
+            [
+                f"For the launch we will do a {thing}, that was the outcome of the review.",
+                f"Fine, the {thing} it is.",
+                f"Both options were discussed and the {thing} came out ahead.",
+            ]
+        ), thing
+    if kind == "correction":
+        return rng.choice(
+            [
+                f"I said {other} but the freeze really starts on {day}.",
+                f"Not {other} — {day}. My calendar was wrong.",
+            ]
+        ), day
+    if kind == "constraint":
+        return rng.choice(
+            [
+                f"Downtime while the {thing} runs is not acceptable for the customers in Asia.",
+                f"We get exactly one maintenance window for the {thing}, on {day} night.",
+            ]
+        ), thing
+    if kind == "error_fix":
+        return rng.choice(
+            [
+                f"The upload test was flaky because two tests shared the temp dir; giving each its own dir for the {thing} fixed it.",
+                f"Memory kept climbing during the {thing} until we closed the cursor after each page.",
+            ]
+        ), thing
+    if kind == "file_ref":
+        return f"The code that matters here is {pkg}.", pkg
+    return rng.choice(
+        [f"Should the {thing} be rolled back automatically?", f"Who signs off on the {thing}?"]
+    ), thing
+
+
+def make_thread(seed: int, turns: int = 36, phrasing: str = "main") -> Thread:
     rng = random.Random(seed)
     th = Thread(id=f"t{seed}")
     kinds = ["decision", "correction", "constraint", "error_fix", "file_ref", "open_question"]
@@ -300,7 +396,8 @@ def make_thread(seed: int, turns: int = 36) -> Thread:
             kind = rng.choice(kinds)
             if kind == "correction" and role != "user":
                 kind = "decision"
-            text, needle = _fact(kind, rng)
+            maker = {"alt": _fact_alt, "plain": _fact_plain}.get(phrasing, _fact)
+            text, needle = maker(kind, rng)
             pos = rng.randint(0, len(parts))
             parts.insert(pos, text)
             th.facts.append(Fact(kind, needle, t, kind in CRITICAL, text))
@@ -327,8 +424,18 @@ def echo(turns: list[dict[str, str]], style: str) -> str:
     return "\n\n".join(fmt(t["role"], t["content"]) for t in turns)
 
 
-def make_corpus(n: int = 12, seed: int = 7, turns: int = 36) -> list[Thread]:
-    return [make_thread(seed * 1000 + i, turns) for i in range(n)]
+def make_corpus(n: int = 12, seed: int = 7, turns: int = 36, phrasing: str = "main") -> list[Thread]:
+    return [make_thread(seed * 1000 + i, turns, phrasing) for i in range(n)]
+
+
+def load_corpus(path: str) -> list[Thread]:
+    """A corpus saved by `main` (or written by hand in the same JSON shape)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return [
+        Thread(id=str(t["id"]), turns=list(t["turns"]), facts=[Fact(**f) for f in t.get("facts", [])])
+        for t in data
+    ]
 
 
 def main() -> None:
@@ -336,8 +443,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=12)
     ap.add_argument("--turns", type=int, default=36)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--phrasing", choices=["main", "alt", "plain"], default="main")
     args = ap.parse_args()
-    corpus: list[dict[str, Any]] = [asdict(t) for t in make_corpus(args.threads, args.seed, args.turns)]
+    threads = make_corpus(args.threads, args.seed, args.turns, args.phrasing)
+    corpus: list[dict[str, Any]] = [asdict(t) for t in threads]
     print(json.dumps(corpus, indent=1, ensure_ascii=False))
 
 
