@@ -34,7 +34,7 @@ from instance.context.builder import ContextPolicy, Turn, build_prompt
 from instance.context.compaction import HistoryTurn, compact, digest
 from instance.context.scoring import split_units
 from instance.context.tokens import counter_for
-from tests.bench.context_corpus import ECHO_STYLES, Thread, make_corpus
+from tests.bench.context_corpus import ECHO_STYLES, Thread, load_corpus, make_corpus
 
 SYSTEM = "You are a senior engineer consulted by a coding agent for a second opinion."
 FRACTIONS = (0.25, 0.5, 0.75)

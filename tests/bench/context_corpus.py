@@ -152,7 +152,6 @@ def _fact_alt(kind: str, rng: random.Random) -> tuple[str, str]:
     """A second, disjoint set of phrasings (plainer, fewer cue words), to test generalisation."""
     n = rng.randint(11, 97)
     ident, path, code = _ident(rng), _file(rng), _code(rng)
-    lib = rng.choice(_LIBS)
     tech = rng.choice(["Postgres", "Kafka", "SQLite", "NATS", "Envoy", "Terraform", "Celery", "Nginx"])
     if kind == "decision":
         needle = ident
@@ -360,7 +359,8 @@ def _fact_plain(kind: str, rng: random.Random) -> tuple[str, str]:
     if kind == "error_fix":
         return rng.choice(
             [
-                f"The upload test was flaky because two tests shared the temp dir; giving each its own dir for the {thing} fixed it.",
+                "The upload test was flaky because two tests shared the temp dir; "
+                f"giving each its own dir for the {thing} fixed it.",
                 f"Memory kept climbing during the {thing} until we closed the cursor after each page.",
             ]
         ), thing
