@@ -46,6 +46,7 @@ _LABEL_WORDS = frozenset(
     start original full here is was re your our s previously before earlier recap summary
     copy pasted paste echo verbatim note see""".split()
 )
+_GLUE_WORDS = frozenset("the a an of from in on at is was here re s i you we my your our".split())
 _TAG_RE = re.compile(r"</?[A-Za-z][\w:.-]*(?:\s+[\w:.-]+(?:=(?:\"[^\"]*\"|'[^']*'|[^\s>]+))?)*\s*/?>")
 _ELLIPSIS_RE = re.compile(
     r"(?:\.{3,}|…|\[\s*(?:\.{3}|…|truncated|snip|cut|more)\s*\]|\(\s*(?:truncated|cont\.?|continued)\s*\))",
@@ -188,16 +189,57 @@ def _find_matches(text: str, prompt: _Words, turns: list[_Words], min_words: int
     return out
 
 
+def _with_short_turns(text: str, pw: _Words, turns: list[_Words], matches: list[_Match]) -> list[_Match]:
+    """Add whole stored turns too short for the threshold that sit inside a re-sent transcript.
+
+    A short turn ("Thanks, that works.") is only cut when all of it is there, nothing but
+    labels or whitespace separates it from a cut of the normal kind, and it is inside the
+    pasted history (a cut follows it, or it ends the prompt): then it is part of the same
+    transcript, not a quote the user chose or the start of the new question.
+    """
+    if not matches:
+        return matches
+    found = list(matches)
+    taken = [(m.p0, m.p1) for m in matches]
+    positions: dict[str, list[int]] = {}
+    for i, w in enumerate(pw.words):
+        positions.setdefault(w, []).append(i)
+    for t, tw in enumerate(turns):
+        n = len(tw.words)
+        if n < 3 or n >= SHINGLE * 4:
+            continue
+        for i in positions.get(tw.words[0], []):
+            if pw.words[i : i + n] != tw.words:
+                continue
+            if any(a < i + n and i < b for a, b in taken):
+                continue
+            s, e = pw.starts[i], pw.ends[i + n - 1]
+            # inside the transcript: a cut follows it, or a cut precedes it and the prompt ends
+            before_cut = any(a >= i + n and _is_label_text(text[e : pw.starts[a]]) for a, b in taken)
+            after_cut = _is_label_text(text[e:]) and any(
+                b <= i and _is_label_text(text[pw.ends[b - 1] : s]) for a, b in taken
+            )
+            near = before_cut or after_cut
+            if near:
+                found.append(_Match(i, i + n, [(t, 0, n)]))
+                taken.append((i, i + n))
+                break
+    found.sort(key=lambda m: m.p0)
+    return found
+
+
 def _is_label_text(text: str) -> bool:
     """True if `text` is only decoration: role labels, tags, quote marks, headings, ellipses."""
     rest = _ELLIPSIS_RE.sub(" ", _TAG_RE.sub(" ", text))
     words = [w.casefold() for w in _WORD_RE.findall(rest)]
     if len(words) > 8:
         return False
+    if words and all(w in _GLUE_WORDS for w in words) and not re.search(r"[:#>|<\[]", text):
+        return False  # "The" before a match is the start of the user's sentence, not a label
     return all(w in _LABEL_WORDS or w.isdigit() for w in words)
 
 
-_TAIL_RE = re.compile(r"(?:[^\S\n]?\w{1,30}\s*(?:\.{3,}|…)|[.!?;:,'\"”’)\]*_`]+)")
+_TAIL_RE = re.compile(r"(?:[^\n]{0,40}?(?:\.{3,}|…)(?=[^\S\n]*(?:\n|$))|[.!?;:,'\"”’)\]*_`]+)")
 _HEAD_RE = re.compile(r"[\"'“‘(\[*_`]+$")
 
 
@@ -263,6 +305,8 @@ def strip_echoes(
     matches = _find_matches(prompt, pw, tws, max(min_words, SHINGLE))
     if not matches:
         return StripResult(prompt, prompt, (), before, before)
+
+    matches = _with_short_turns(prompt, pw, tws, matches)
 
     # Character regions, grown over their decoration, then merged across label-only gaps.
     regions: list[list[Any]] = []  # [start, end, words, parts]
