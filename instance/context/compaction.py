@@ -27,6 +27,7 @@ from typing import Any
 from instance.context.scoring import Scorer, Unit, split_units
 
 RECENT_SHARE = 0.4
+PLACEHOLDER_VALUE = 1.5  # what a masked block's one-line placeholder is worth next to a sentence
 OMITTED_COST = 6  # tokens an omitted turn adds to the "[turns a-b omitted]" line, roughly
 ELISION = "[…]"
 HEADER = (
@@ -257,30 +258,29 @@ def compact(
             remove(k)
             masked[k] = True
             add(k)
-    # b. still too big: start from placeholders only and add prose by score, best first
+    # b. still too big: rebuild from nothing, best first. A placeholder competes like a
+    #    sentence of middling value (more if it carries an error line); weak prose loses to it.
+    value = [
+        scores[k] if u.kind == "prose" else PLACEHOLDER_VALUE + (0.8 if _salient(u.text) else 0.0)
+        for k, u in enumerate(units)
+    ]
     if est > old_budget:
-        prose = [k for k in range(len(units)) if units[k].kind == "prose"]
-        for k in prose:
+        for k in range(len(units)):
             remove(k)
             dropped[k] = True
-        for k in range(len(units)):  # placeholders alone too big: drop them oldest first
-            if est <= old_budget:
-                break
-            if units[k].kind == "bulk":
-                remove(k)
-                dropped[k] = True
-        for k in sorted(prose, key=lambda k: (-scores[k], -units[k].turn, units[k].order)):
-            if (
-                tokens[k] + 1 + (turn_head[units[k].turn] if live[units[k].turn] == 0 else 0)
-                > old_budget - est
-            ):
+        for k in sorted(range(len(units)), key=lambda k: (-value[k], -units[k].turn, units[k].order)):
+            t = units[k].turn
+            need = (ph[k] if masked[k] else tokens[k] + 1) + (
+                turn_head[t] - OMITTED_COST if live[t] == 0 else 0
+            )
+            if need > old_budget - est:
                 continue
             dropped[k] = False
             add(k)
-    # c. exact check: drop the lowest-scored survivors until the rendered text fits
+    # c. exact check: drop the least valuable survivors until the rendered text fits
     survivors = sorted(
         (k for k in range(len(units)) if not dropped[k]),
-        key=lambda k: (units[k].kind == "bulk", scores[k], units[k].turn, units[k].order),
+        key=lambda k: (value[k], units[k].turn, units[k].order),
     )
     while survivors and count(render()[0]) > old_budget:
         dropped[survivors.pop(0)] = True

@@ -37,7 +37,7 @@ from instance.context.tokens import counter_for
 from tests.bench.context_corpus import ECHO_STYLES, Thread, load_corpus, make_corpus
 
 SYSTEM = "You are a senior engineer consulted by a coding agent for a second opinion."
-FRACTIONS = (0.25, 0.5, 0.75)
+FRACTIONS = (0.1, 0.25, 0.5, 0.75)  # 10 %: beyond the targets, to show where it bends
 RECENT = 4
 
 
