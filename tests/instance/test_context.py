@@ -223,3 +223,40 @@ async def test_compaction_through_chat_is_deterministic_and_reported(
     assert meta["tokens_sent"] == meta["tokens_in"] == GLM.count_messages(sent[0])
     kept_facts = [f for f in th.facts if f.turn < 16 and f.critical and f.needle in sent[0][1]["content"]]
     assert len(kept_facts) == len([f for f in th.facts if f.turn < 16 and f.critical])
+
+
+async def test_summaries_are_off_by_default_and_paid_once_when_on(
+    fake: FakeProvider, ctx_instance: InstanceProc, spawn_instance: SpawnInstance
+) -> None:
+    from instance.context.policy import SUMMARY_PROMPT
+
+    th = make_thread(12, turns=12)
+
+    def summary_calls() -> int:
+        return sum(1 for h in fake.snapshot() if h.messages[0]["content"] == SUMMARY_PROMPT)
+
+    async def compacted_call(inst: InstanceProc) -> dict[str, Any]:
+        """A thread of logs and code, then one call whose budget forces its blocks to be masked."""
+        async with connect(inst, "legacy", session=new_session()) as client:
+            cid = None
+            for i in range(0, 10, 2):
+                args = {"prompt": th.turns[i]["content"], **({"continuation_id": cid} if cid else {})}
+                cid = _ok(await client.call_tool("chat", args))["continuation_id"]
+            args = {"prompt": "And now?", "continuation_id": cid, "history_tokens": 700, "recent_turns": 2}
+            return _ok(await client.call_tool("chat", args))
+
+    off = await compacted_call(ctx_instance)
+    assert off["metadata"]["context"]["history"]["blocks_masked"] > 0
+    assert summary_calls() == 0 and off["metadata"]["context"]["history"]["summarised"] == 0
+
+    inst = spawn_instance(EXAI_CONTEXT_SUMMARIES="true")
+    first = await compacted_call(inst)
+    paid = summary_calls()
+    history = first["metadata"]["context"]["history"]
+    assert paid > 0 and history["summarised"] > 0
+    last = [h for h in fake.snapshot() if h.messages[0]["content"] != SUMMARY_PROMPT][-1]
+    assert "summary: fake" in last.messages[1]["content"]
+    # the same blocks in another thread: every summary comes from the cache
+    again = await compacted_call(inst)
+    assert again["metadata"]["context"]["history"]["summarised"] == history["summarised"]
+    assert summary_calls() == paid
