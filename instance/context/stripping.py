@@ -9,7 +9,7 @@ tags vanish from that view, and a re-formatted echo reads the same as a verbatim
 Matching: every run of `SHINGLE` consecutive words of every stored turn goes into a hash index;
 the prompt is scanned left to right, and where a shingle hits, the match is extended word by
 word as long as both sides agree. A match shorter than `min_words` (default 20 words, counted
-as a reader does: whitespace-separated; setting EXAI_CONTEXT_STRIP_MIN_WORDS) is never
+as a reader does: whitespace-separated, a CJK character each; EXAI_CONTEXT_STRIP_MIN_WORDS) is never
 stripped: a short quote is the user's own point, and code, logs or documents the thread has
 not seen cannot match at all. Ellipsis-truncated echoes
 match on the part that is there.
@@ -156,6 +156,14 @@ class _Match:
     parts: list[tuple[int, int, int]]  # (turn position in list, turn word start, turn word end)
 
 
+_CJK_RE = re.compile(f"[{_CJK}]")
+
+
+def _reader_words(text: str) -> int:
+    """Words as a reader counts them: whitespace-separated, each CJK character one word."""
+    return sum(max(1, len(_CJK_RE.findall(part))) for part in text.split())
+
+
 def _find_matches(text: str, prompt: _Words, turns: list[_Words], min_words: int) -> list[_Match]:
     index: dict[tuple[str, ...], list[tuple[int, int]]] = {}
     for t, tw in enumerate(turns):
@@ -181,7 +189,7 @@ def _find_matches(text: str, prompt: _Words, turns: list[_Words], min_words: int
         n, t, j = best[0], -best[1], -best[2]
         # the threshold counts words as a reader does (whitespace-separated), so a quoted log
         # line full of punctuation is not "longer" than it looks
-        if n >= min_words and len(text[prompt.starts[i] : prompt.ends[i + n - 1]].split()) >= min_words:
+        if n >= min_words and _reader_words(text[prompt.starts[i] : prompt.ends[i + n - 1]]) >= min_words:
             out.append(_Match(i, i + n, [(t, j, j + n)]))
             i += n
         else:
