@@ -289,8 +289,10 @@ def compact(
     n_masked = sum(1 for k in range(len(units)) if masked[k] and not dropped[k])
     n_dropped = sum(1 for k in range(len(units)) if dropped[k] and units[k].kind == "prose")
     messages: list[dict[str, str]] = []
-    if old:
+    if old and count(text) <= old_budget:  # a budget too small even for the outline: no history
         messages.append({"role": "user", "content": text})
+    elif old:
+        kept_turns = 0
     messages.extend({"role": t.role, "content": t.content} for t in recent)
     after = sum(framing(m["role"]) + count(m["content"]) for m in messages)
     masked_blocks = tuple(

@@ -81,3 +81,11 @@ def _kept_segments(text: str) -> list[str]:
             if line.strip():
                 out.append(line.strip())
     return out
+
+
+def test_a_budget_too_small_for_any_history_sends_none_and_says_so() -> None:
+    th = make_thread(1, turns=10)
+    turns = [HistoryTurn(str(i), i + 1, t["role"], t["content"]) for i, t in enumerate(th.turns)]
+    c = counter_for("kimi-k2")
+    out = compact(turns, 0, c.count, c.framing, recent_turns=4)
+    assert out.messages == [] and out.turns_omitted == 10 and out.tokens_after == 0
