@@ -269,9 +269,9 @@ def compact(
             remove(k)
             dropped[k] = True
         for k in sorted(range(len(units)), key=lambda k: (-value[k], -units[k].turn, units[k].order)):
-            t = units[k].turn
+            tp = units[k].turn
             need = (ph[k] if masked[k] else tokens[k] + 1) + (
-                turn_head[t] - OMITTED_COST if live[t] == 0 else 0
+                turn_head[tp] - OMITTED_COST if live[tp] == 0 else 0
             )
             if need > old_budget - est:
                 continue
