@@ -27,6 +27,7 @@ from typing import Any
 from instance.context.scoring import Scorer, Unit, split_units
 
 RECENT_SHARE = 0.4
+STEP = 6  # turns: how far the compaction boundary moves at a time (stable mode)
 PLACEHOLDER_VALUE = 1.5  # what a masked block's one-line placeholder is worth next to a sentence
 OMITTED_COST = 6  # tokens an omitted turn adds to the "[turns a-b omitted]" line, roughly
 ELISION = "[…]"
@@ -142,12 +143,23 @@ def compact(
     if before <= budget:
         return Compacted(verbatim_all, before, before, len(turns), len(turns))
 
-    r = min(recent_turns, len(turns))
-    while r > 0 and sum(full[len(turns) - r :]) > RECENT_SHARE * budget:
-        r -= 1
-    old, recent = list(turns[: len(turns) - r]), list(turns[len(turns) - r :])
-    old_budget = budget - sum(full[len(turns) - r :]) - framing("user")
-    scorer = Scorer([t.content for t in turns], [t.role for t in turns], focus)
+    n = len(turns)
+    # Stable mode: the boundary moves in steps of STEP turns and the older part always gets the
+    # same share of the budget, so for several calls in a row the compacted message is the same
+    # text and the provider's prompt cache keeps matching it.
+    boundary = ((n - min(recent_turns, n)) // STEP) * STEP
+    stable_budget = int(budget * (1 - RECENT_SHARE)) - framing("user")
+    if boundary > 0 and sum(full[boundary:]) <= budget - int(budget * (1 - RECENT_SHARE)):
+        old, recent = list(turns[:boundary]), list(turns[boundary:])
+        old_budget = stable_budget
+        scorer = Scorer([t.content for t in old], [t.role for t in old])
+    else:
+        r = min(recent_turns, n)
+        while r > 0 and sum(full[n - r :]) > RECENT_SHARE * budget:
+            r -= 1
+        old, recent = list(turns[: n - r]), list(turns[n - r :])
+        old_budget = budget - sum(full[n - r :]) - framing("user")
+        scorer = Scorer([t.content for t in turns], [t.role for t in turns], focus)
 
     units: list[Unit] = []
     for pos, t in enumerate(old):

@@ -133,6 +133,33 @@ async def echo_overhead(threads: list[Thread], turns_per_thread: int = 20) -> di
     }
 
 
+def prefix_reuse(threads: list[Thread], fraction: float = 0.5) -> dict[str, Any]:
+    """A growing thread over its budget: how often a call's prompt starts with the previous one.
+
+    The budget is `fraction` of the final thread's history; the thread grows two turns per
+    call. A call "reuses" when the previous call's whole history is a prefix of its own, which
+    is what a provider's prompt cache needs to hit.
+    """
+    c = counter_for("glm-4.6")
+    calls = reused = compacted = 0
+    for th in threads:
+        turns = [HistoryTurn(str(i), i + 1, t["role"], t["content"]) for i, t in enumerate(th.turns)]
+        budget = int(fraction * sum(c.framing(t.role) + c.count(t.content) for t in turns))
+        prev: list[dict[str, str]] | None = None
+        for n in range(2, len(turns) + 1, 2):
+            out = compact(turns[:n], budget, c.count, c.framing, recent_turns=RECENT)
+            if prev is not None:
+                calls += 1
+                compacted += out.compacted
+                reused += out.messages[: len(prev)] == prev
+            prev = out.messages
+    return {
+        "calls": calls,
+        "compacted_calls": compacted,
+        "prefix_reused_pct": round(100.0 * reused / max(1, calls), 1),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=12)
@@ -156,6 +183,7 @@ def main() -> None:
     crit = sum(f.critical for th in threads for f in th.facts)
     surv = survival(threads)
     echo = asyncio.run(echo_overhead(threads))
+    reuse = prefix_reuse(threads)
     result = {
         "corpus": {
             "threads": len(threads),
@@ -167,6 +195,7 @@ def main() -> None:
         },
         **surv,
         "echo": echo,
+        "prefix_reuse_at_50pct": reuse,
         "determinism_digest": digest(json.dumps(surv["survival_pct"], sort_keys=True)),
     }
     print(
@@ -181,6 +210,11 @@ def main() -> None:
     print(
         f"echo overhead vs ideal client: {echo['overhead_with_stripping']} with stripping, "
         f"{echo['overhead_without_stripping']} without ({echo['prompt_tokens']})"
+    )
+    print(
+        f"growing thread, budget 50 % of its final size: {reuse['prefix_reused_pct']} % of "
+        f"{reuse['calls']} calls start with the previous call's prompt "
+        f"({reuse['compacted_calls']} were compacted)"
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -89,3 +89,18 @@ def test_a_budget_too_small_for_any_history_sends_none_and_says_so() -> None:
     c = counter_for("kimi-k2")
     out = compact(turns, 0, c.count, c.framing, recent_turns=4)
     assert out.messages == [] and out.turns_omitted == 10 and out.tokens_after == 0
+
+
+def test_compacted_prefix_stays_the_same_while_the_thread_grows() -> None:
+    """Stable mode: the boundary moves in steps, so consecutive calls share the compacted text."""
+    th = make_thread(8, turns=40)
+    turns = [HistoryTurn(str(i), i + 1, t["role"], t["content"]) for i, t in enumerate(th.turns)]
+    c = counter_for("glm-4.6")
+    budget = int(0.6 * sum(c.framing(t.role) + c.count(t.content) for t in turns[:30]))
+    runs = [compact(turns[:n], budget, c.count, c.framing, recent_turns=4) for n in range(28, 41, 2)]
+    assert all(r.compacted and r.tokens_after <= budget for r in runs)
+    reused = sum(a.messages[0] == b.messages[0] for a, b in zip(runs, runs[1:], strict=False))
+    assert reused >= 4, reused  # 6 transitions, the boundary moved twice
+    for a, b in zip(runs, runs[1:], strict=False):
+        if a.messages[0] == b.messages[0]:  # then the whole earlier prompt is a prefix of the next
+            assert b.messages[: len(a.messages)] == a.messages
