@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from instance.context.compaction import ELISION, HistoryTurn, compact
 from instance.context.stripping import StoredTurn, strip_echoes, unstrip
@@ -99,8 +100,8 @@ def test_compacted_prefix_stays_the_same_while_the_thread_grows() -> None:
     budget = int(0.6 * sum(c.framing(t.role) + c.count(t.content) for t in turns[:30]))
     runs = [compact(turns[:n], budget, c.count, c.framing, recent_turns=4) for n in range(28, 41, 2)]
     assert all(r.compacted and r.tokens_after <= budget for r in runs)
-    reused = sum(a.messages[0] == b.messages[0] for a, b in zip(runs, runs[1:], strict=False))
+    reused = sum(a.messages[0] == b.messages[0] for a, b in itertools.pairwise(runs))
     assert reused >= 4, reused  # 6 transitions, the boundary moved twice
-    for a, b in zip(runs, runs[1:], strict=False):
+    for a, b in itertools.pairwise(runs):
         if a.messages[0] == b.messages[0]:  # then the whole earlier prompt is a prefix of the next
             assert b.messages[: len(a.messages)] == a.messages
