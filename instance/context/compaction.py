@@ -2,13 +2,18 @@
 
 1. If the whole history fits, it is sent verbatim (append-only: the provider's prompt cache
    keeps matching the prefix from one call to the next).
-2. Otherwise the most recent turns stay verbatim (`recent_turns`, shrunk only if they alone
-   would take more than `RECENT_SHARE` of the budget) and the older turns are compacted:
+2. Otherwise the most recent turns stay verbatim and the older turns are compacted. Stable
+   mode first: the boundary moves in steps of `STEP` turns and the older part always gets
+   1 - `RECENT_SHARE` of the budget, so consecutive calls share the same compacted message
+   (and the provider's prompt cache keeps hitting). When the turns after that boundary would
+   take more than `RECENT_SHARE`, exact mode: the last `recent_turns` turns (fewer if they
+   alone take more than `RECENT_SHARE`), the older part gets the rest. Then:
    a. bulk — code blocks, logs, stack traces, tool output, long pasted data — is masked first,
       oldest first, each block replaced by a one-line placeholder that says what was there
       (kind, size, its first error line; a model summary when summaries are on);
-   b. if that is not enough, prose is dropped a whole sentence at a time, lowest importance
-      first (see `scoring`); what stays is shown in its original order, each gap marked `[…]`;
+   b. if that is not enough, the older part is chosen again, best first: sentences by
+      importance (see `scoring`), each placeholder valued like a middling sentence; what stays
+      is shown in its original order, each gap marked `[…]`;
    c. turns with nothing left are named in one line (`[turns 4-6 omitted: 812 tokens]`).
 3. Nothing is ever cut inside a sentence: units are whole sentences, list items or blocks,
    and every omission is marked where it happened.
@@ -179,8 +184,8 @@ def compact(
     masked = [False] * len(units)
     dropped = [False] * len(units)
 
-    def render() -> tuple[str, int, int, int]:
-        """(text, turns with something left, turns omitted, placeholders with a summary)"""
+    def render() -> tuple[str, int, int]:
+        """(text, turns with something left, placeholders with a summary)"""
         lines = [HEADER]
         omitted: list[int] = []
         omitted_tokens = 0
@@ -227,7 +232,7 @@ def compact(
                 body.append(ELISION)
             lines.append(f"--- turn {t.index} ({t.role}) ---\n" + "".join(body).strip())
         flush_omitted()
-        return "\n".join(lines), kept_turns, 0, summarised
+        return "\n".join(lines), kept_turns, summarised
 
     # Running estimate of the rendered size (exact check at the end).
     ph = [
@@ -297,7 +302,7 @@ def compact(
     while survivors and count(render()[0]) > old_budget:
         dropped[survivors.pop(0)] = True
 
-    text, kept_turns, _, summarised = render()
+    text, kept_turns, summarised = render()
     n_masked = sum(1 for k in range(len(units)) if masked[k] and not dropped[k])
     n_dropped = sum(1 for k in range(len(units)) if dropped[k] and units[k].kind == "prose")
     messages: list[dict[str, str]] = []
