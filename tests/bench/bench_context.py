@@ -34,7 +34,8 @@ from instance.context.builder import ContextPolicy, Turn, build_prompt
 from instance.context.compaction import HistoryTurn, compact, digest
 from instance.context.scoring import split_units
 from instance.context.tokens import counter_for
-from tests.bench.context_corpus import ECHO_STYLES, Thread, load_corpus, make_corpus
+from tests.bench.context_corpus import Thread, make_corpus
+from tests.bench.echo_styles import ECHO_STYLES
 
 SYSTEM = "You are a senior engineer consulted by a coding agent for a second opinion."
 FRACTIONS = (0.1, 0.25, 0.5, 0.75)  # 10 %: beyond the targets, to show where it bends
@@ -174,6 +175,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_context.json"))
     args = ap.parse_args()
     if args.corpus:
+        from tests.bench.context_corpus import load_corpus
+
         threads = load_corpus(args.corpus)
     else:
         threads = make_corpus(args.threads, args.seed, args.turns, args.phrasing)

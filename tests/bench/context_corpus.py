@@ -405,25 +405,6 @@ def make_thread(seed: int, turns: int = 36, phrasing: str = "main") -> Thread:
     return th
 
 
-ECHO_STYLES: dict[str, Any] = {
-    "verbatim": lambda role, text: text,
-    "quoted": lambda role, text: "\n".join("> " + line for line in text.split("\n")),
-    "role_labels": lambda role, text: f"{role.capitalize()}: {text}",
-    "xml_tags": lambda role, text: f'<message role="{role}">\n{text}\n</message>',
-    "md_headings": lambda role, text: f"### {role.capitalize()}\n\n{text}",
-    "ellipsis": lambda role, text: (text[:400] + "...") if len(text) > 400 else text,
-    "reindented": lambda role, text: "\n".join("    " + line for line in text.split("\n")),
-    "whitespace": lambda role, text: "  ".join(text.replace("\n", "\r\n").split(" ")) + "\r\n",
-}
-"""How clients re-send earlier turns: each takes (role, text) and returns the echoed text."""
-
-
-def echo(turns: list[dict[str, str]], style: str) -> str:
-    """The whole history as an echoing client pastes it in front of its new prompt."""
-    fmt = ECHO_STYLES[style]
-    return "\n\n".join(fmt(t["role"], t["content"]) for t in turns)
-
-
 def make_corpus(n: int = 12, seed: int = 7, turns: int = 36, phrasing: str = "main") -> list[Thread]:
     return [make_thread(seed * 1000 + i, turns, phrasing) for i in range(n)]
 

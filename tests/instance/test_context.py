@@ -17,7 +17,8 @@ import pytest
 from mcp import Client
 
 from instance.context.tokens import counter_for
-from tests.bench.context_corpus import ECHO_STYLES, echo, make_thread
+from tests.bench.context_corpus import make_thread
+from tests.bench.echo_styles import ECHO_STYLES, echo
 from tests.fakes.provider import Behaviour, FakeProvider
 from tests.instance.conftest import ERAS, InstanceProc, SpawnInstance, connect, new_session
 
