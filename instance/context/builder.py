@@ -111,7 +111,7 @@ async def build_prompt(
     window: int = (
         context_window if context_window is not None else int(getattr(model, "context_window", 128_000))
     )
-    hist = [t for t in thread if t.role in ("user", "assistant", "system", "tool")]
+    hist = [t for t in thread if t.role in ("user", "assistant", "system")]  # as chat always sent
 
     # (1) phase 1: strip echoes of stored turns (pure CPU on possibly large text: off the loop)
     stored = [StoredTurn(t.id, i + 1, t.role, t.content) for i, t in enumerate(hist)]
