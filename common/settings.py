@@ -69,6 +69,18 @@ class Settings(BaseSettings):
     embedded_pg_port: int = Field(8432, ge=1, le=65535, validation_alias="EXAI_EMBEDDED_PG_PORT")
     embedded_redis_port: int = Field(8379, ge=1, le=65535, validation_alias="EXAI_EMBEDDED_REDIS_PORT")
 
+    # --- context engineering (instance/context) ---------------------------------------------
+    thread_max_turns: int = Field(20, ge=2, le=10_000, validation_alias="EXAI_THREAD_MAX_TURNS")
+    context_history_share: float = Field(0.5, gt=0, le=1, validation_alias="EXAI_CONTEXT_HISTORY_SHARE")
+    context_recent_turns: int = Field(4, ge=0, le=1000, validation_alias="EXAI_CONTEXT_RECENT_TURNS")
+    context_strip: bool = Field(True, validation_alias="EXAI_CONTEXT_STRIP")
+    context_strip_min_words: int = Field(20, ge=6, le=10_000, validation_alias="EXAI_CONTEXT_STRIP_MIN_WORDS")
+    context_summaries: bool = Field(False, validation_alias="EXAI_CONTEXT_SUMMARIES")
+    # Per-model overrides, JSON: {"glm-4.5-flash": {"history_share": 0.25, "recent_turns": 2}}
+    context_model_overrides: dict[str, dict[str, float]] = Field(
+        default_factory=dict, validation_alias="EXAI_CONTEXT_MODEL_OVERRIDES"
+    )
+
     # --- fleet -----------------------------------------------------------------------------
     router_host: str = Field("127.0.0.1", validation_alias="EXAI_ROUTER_HOST")
     router_port: int = Field(8079, ge=1, le=65535, validation_alias="EXAI_ROUTER_PORT")

@@ -15,6 +15,8 @@ from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
 from common.errors import InvalidArgument
+from instance.context import Block, BuiltPrompt, Turn, build_prompt
+from instance.context.policy import policy_for, summarizer_for
 from instance.providers import ChatRequest, ChatResult, ModelInfo
 from instance.providers.base import OpenAICompatibleProvider
 from instance.runtime import Runtime
@@ -25,7 +27,7 @@ from instance.tools.files import LoadedFile, read_files
 from instance.tools.progress import progress_heartbeat
 
 MAX_THREAD_TURNS = 20
-"""Turns (user and assistant messages) a thread may hold, as in EXAI's MAX_CONVERSATION_TURNS."""
+"""Default turns a thread may hold, as in EXAI's MAX_CONVERSATION_TURNS (EXAI_THREAD_MAX_TURNS)."""
 
 SYSTEM_PROMPT = (
     "You are a senior engineer consulted by a coding agent for a second opinion. Answer precisely, "
@@ -35,26 +37,22 @@ SYSTEM_PROMPT = (
 ThinkingMode = Literal["minimal", "low", "medium", "high", "max"]
 
 
-def _fit(history: list[dict[str, str]], budget_chars: int) -> tuple[list[dict[str, str]], int]:
-    """Drop the oldest turns until the history fits; returns (kept, dropped)."""
-    kept = list(history)
-    dropped = 0
-    while kept and sum(len(m["content"]) for m in kept) > budget_chars:
-        kept.pop(0)
-        dropped += 1
-    return kept, dropped
-
-
 @dataclass
 class Consultation:
-    """What one model call returned, and how much of the thread had to be left out."""
+    """What one model call returned, and the prompt that was sent (what was stripped/compacted)."""
 
     result: ChatResult
-    dropped: int
+    built: BuiltPrompt
+
+    @property
+    def dropped(self) -> int:
+        """Thread turns left out of the prompt entirely."""
+        return self.built.history.turns_omitted
 
 
 async def consult(
     ctx: Context,
+    runtime: Runtime,
     *,
     thread: Sequence[Message],
     prompt: str,
@@ -66,37 +64,38 @@ async def consult(
     thinking_mode: str | None = None,
     use_websearch: bool = False,
     label: str | None = None,
+    history_tokens: int | None = None,
+    recent_turns: int | None = None,
+    extras: Sequence[Block] = (),
 ) -> Consultation:
     """The one place a tool turns a thread, a prompt and files into a provider call.
 
-    chat and every workflow tool call this, so prompt assembly (history budget, files) and the
-    call's progress notifications and cancellation behave the same everywhere.
+    chat and every workflow tool call this, so prompt assembly (instance/context: stripping,
+    compaction, token budgets), progress notifications and cancellation behave the same everywhere.
     """
-    history = [
-        {"role": m.role, "content": m.content} for m in thread if m.role in ("user", "assistant", "system")
-    ]
-    user_text = prompt
+    blocks = list(extras)
     if files:
-        user_text = prompt + "\n\n" + "\n\n".join(f.as_prompt() for f in files)
-    budget = max(0, (model.context_window - min(model.max_output_tokens, 16_384)) * 3 - len(user_text))
-    history, dropped = _fit(history, budget)
-    messages = [
-        {"role": "system", "content": system_prompt},
-        *history,
-        {"role": "user", "content": user_text},
-    ]
-
+        blocks.append(Block("files", "\n\n".join(f.as_prompt() for f in files)))
+    built = await build_prompt(
+        [Turn(m.id, m.role, m.content) for m in thread],
+        prompt,
+        model,
+        system=system_prompt,
+        policy=policy_for(runtime.settings, model, history_tokens=history_tokens, recent_turns=recent_turns),
+        extras=blocks,
+        **summarizer_for(runtime, provider, model),
+    )
     thinking = None if thinking_mode is None else thinking_mode != "minimal"
     request = ChatRequest(
         model=model,
-        messages=messages,
+        messages=built.messages,
         temperature=temperature,
         thinking=thinking,
         web_search=use_websearch,
     )
     async with progress_heartbeat(ctx, label or f"waiting for {model.name}") as progress:
         result = await provider.chat(request, on_delta=progress.on_delta)
-    return Consultation(result, dropped)
+    return Consultation(result, built)
 
 
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
@@ -124,6 +123,13 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             ThinkingMode | None, Field(description="Reasoning depth; 'minimal' turns thinking off.")
         ] = None,
         use_websearch: Annotated[bool, Field(description="Let the model search the web (GLM).")] = False,
+        history_tokens: Annotated[
+            int | None,
+            Field(ge=0, description="Most tokens of thread history to send (older turns compacted)."),
+        ] = None,
+        recent_turns: Annotated[
+            int | None, Field(ge=0, le=1000, description="Most recent turns always sent verbatim.")
+        ] = None,
     ) -> dict[str, Any]:
         if not prompt.strip():
             raise InvalidArgument("prompt is empty", hint="Say what you want to ask.")
@@ -135,20 +141,22 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         session_id = runtime.session_for(headers_of(ctx))
         loaded = await read_files(files or [], runtime.settings.allowed_file_roots)
 
+        max_turns = runtime.settings.thread_max_turns
         history_records: list[Any] = []
         if continuation_id:
             if (owner := runtime.owner_for(headers_of(ctx))) is not None:
                 await storage.history.check_access(continuation_id, owner)
             history_records = list(await storage.history.load(continuation_id))
-            if len(history_records) + 2 > MAX_THREAD_TURNS:
+            if len(history_records) + 2 > max_turns:
                 raise InvalidArgument(
-                    f"thread {continuation_id} has reached its limit of {MAX_THREAD_TURNS} turns",
+                    f"thread {continuation_id} has reached its limit of {max_turns} turns",
                     hint="Start a new thread (call chat without continuation_id) and summarise what matters.",
                 )
             cid = continuation_id
 
         consultation = await consult(
             ctx,
+            runtime,
             thread=history_records,
             prompt=prompt,
             files=loaded,
@@ -158,8 +166,10 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             temperature=temperature,
             thinking_mode=thinking_mode,
             use_websearch=use_websearch,
+            history_tokens=history_tokens,
+            recent_turns=recent_turns,
         )
-        result, dropped = consultation.result, consultation.dropped
+        result, built = consultation.result, consultation.built
         content = storable_reply(result.content)
         if not continuation_id:  # created only now: a refused or failed call leaves no empty thread
             cid = await storage.history.new_thread(
@@ -172,11 +182,12 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         await storage.history.append(
             cid,
             "user",
-            prompt,
+            built.user_content,
             session_id=session_id,
             tool_name="chat",
             model=result.model,
             files=[f.path for f in loaded],
+            metadata=built.user_metadata,
         )
         await storage.history.append(
             cid,
@@ -191,7 +202,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         )
 
         turns = len(history_records) + 2
-        remaining = max(0, MAX_THREAD_TURNS - turns)
+        remaining = max(0, max_turns - turns)
         out: dict[str, Any] = {
             "status": "continuation_available" if remaining else "success",
             "content": content,
@@ -205,7 +216,9 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 "duration_ms": round(result.seconds * 1000, 1),
                 "attempts": result.attempts,
                 "thread_turns": turns,
-                "history_turns_dropped": dropped,
+                "history_turns_dropped": built.history.turns_omitted,
+                "tokens_sent": built.tokens_sent,
+                "context": built.report(),
                 "files": [f.path for f in loaded],
                 "notes": result.notes,
                 "instance_id": runtime.identity.id,
