@@ -12,11 +12,11 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, StorageUnavailable
+from instance.context import capture, disclosure, notes_block
 from instance.providers import ChatRequest
 from instance.runtime import Runtime
 from instance.tools import exai_tool, headers_of
-from instance.tools.files import read_files
 from instance.tools.progress import progress_heartbeat
 
 MAX_THREAD_TURNS = 20
@@ -57,7 +57,14 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         continuation_id: Annotated[
             str | None, Field(description="Thread id returned by an earlier call, to continue it.")
         ] = None,
-        files: Annotated[list[str] | None, Field(description="Absolute paths of files to include.")] = None,
+        files: Annotated[
+            list[str] | None,
+            Field(
+                description="Absolute paths of files to include; a new file arrives as an outline (small "
+                "files whole), 'PATH:START-END' sends exactly those lines, an unchanged file is sent once "
+                "per thread."
+            ),
+        ] = None,
         temperature: Annotated[
             float | None, Field(ge=0.0, le=2.0, description="Sampling temperature.")
         ] = None,
@@ -73,7 +80,6 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         info, provider = providers.resolve(model)
         storage = runtime.require_storage()
         session_id = runtime.session_for(headers_of(ctx))
-        loaded = await read_files(files or [], runtime.settings.allowed_file_roots)
 
         history_records: list[Any] = []
         if continuation_id:
@@ -83,24 +89,30 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                     f"thread {continuation_id} has reached its limit of {MAX_THREAD_TURNS} turns",
                     hint="Start a new thread (call chat without continuation_id) and summarise what matters.",
                 )
+        # [context phase 4] files: outline first, exact ranges on request, once per thread.
+        disclosed = await disclosure.disclose(
+            history_records,
+            files or [],
+            roots=runtime.settings.allowed_file_roots,
+            model=info.name,
+            full_below_tokens=runtime.settings.file_full_tokens,
+        )
+        if continuation_id:
             cid = continuation_id
         else:
             cid = await storage.history.new_thread(session_id=session_id, tool_name="chat", model=info.name)
 
-        history = [
-            {"role": m.role, "content": m.content}
-            for m in history_records
-            if m.role in ("user", "assistant", "system")
-        ]
-        user_text = prompt
-        if loaded:
-            user_text = prompt + "\n\n" + "\n\n".join(f.as_prompt() for f in loaded)
-        budget = max(0, (info.context_window - min(info.max_output_tokens, 16_384)) * 3 - len(user_text))
+        history = disclosure.history_messages(history_records, disclosed)
+        user_text = prompt + ("\n\n" + disclosed.block if disclosed.block else "")
+        # [context phase 3] the thread's and session's notes, within budget, at the top of the new turn.
+        notes = await _notes_for(runtime, thread_id=continuation_id, session_id=session_id, model=info.name)
+        sent_text = notes.text + "\n\n" + user_text if notes.text else user_text
+        budget = max(0, (info.context_window - min(info.max_output_tokens, 16_384)) * 3 - len(sent_text))
         history, dropped = _fit(history, budget)
         messages = [
             {"role": "system", "content": SYSTEM_PROMPT},
             *history,
-            {"role": "user", "content": user_text},
+            {"role": "user", "content": sent_text},
         ]
 
         thinking = None if thinking_mode is None else thinking_mode != "minimal"
@@ -114,16 +126,17 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         async with progress_heartbeat(ctx, f"waiting for {info.name}") as progress:
             result = await provider.chat(request, on_delta=progress.on_delta)
 
-        await storage.history.append(
+        user_turn = await storage.history.append(
             cid,
             "user",
-            prompt,
+            user_text,
             session_id=session_id,
             tool_name="chat",
             model=result.model,
-            files=[f.path for f in loaded],
+            files=disclosed.paths,
+            metadata={disclosure.META_KEY: disclosed.metadata(len(prompt))} if disclosed.entries else None,
         )
-        await storage.history.append(
+        answer_turn = await storage.history.append(
             cid,
             "assistant",
             result.content,
@@ -135,6 +148,10 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             metadata={"provider": result.provider, "finish_reason": result.finish_reason},
         )
 
+        # [context phase 3] notes captured from this exchange (written in the background).
+        captured = _capture(
+            runtime, provider, info, cid, prompt, result.content, user_turn.id, answer_turn.id
+        )
         turns = len(history_records) + 2
         remaining = max(0, MAX_THREAD_TURNS - turns)
         out: dict[str, Any] = {
@@ -151,7 +168,11 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 "attempts": result.attempts,
                 "thread_turns": turns,
                 "history_turns_dropped": dropped,
-                "files": [f.path for f in loaded],
+                "files": disclosed.paths,
+                "files_disclosed": disclosed.report,
+                "notes_injected": notes.report(),
+                "notes_omitted": notes.report_omitted(),
+                "notes_captured": captured,
                 "notes": result.notes,
                 "instance_id": runtime.identity.id,
             },
@@ -164,3 +185,44 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 "this continuation_id to chat.",
             }
         return out
+
+
+async def _notes_for(
+    runtime: Runtime, *, thread_id: str | None, session_id: str | None, model: str
+) -> notes_block.NotesBlock:
+    """The notes block for a call; without Postgres the call goes on without notes."""
+    storage = runtime.require_storage()
+    try:
+        found = await notes_block.load(storage.notes, thread_id=thread_id, session_id=session_id)
+    except StorageUnavailable:
+        return notes_block.NotesBlock()
+    return notes_block.select(found, budget_tokens=runtime.settings.notes_budget_tokens, model=model)
+
+
+def _capture(
+    runtime: Runtime,
+    provider: Any,
+    info: Any,
+    thread_id: str,
+    prompt: str,
+    answer: str,
+    user_turn: str,
+    answer_turn: str,
+) -> list[dict[str, Any]]:
+    """Start capturing notes from this exchange; returns what the deterministic extractor found."""
+    mode = runtime.settings.note_capture
+    storage = runtime.require_storage()
+    if mode == "off":
+        return []
+    if mode == "model":
+        runtime.background(
+            capture.capture_with_model(
+                storage.notes, provider, info, thread_id, prompt, answer, user_turn, answer_turn
+            ),
+            what="capturing notes with the model",
+        )
+        return []
+    found = capture.extract_turn(prompt, answer, user_turn=user_turn, assistant_turn=answer_turn)
+    if found:
+        runtime.background(capture.save(storage.notes, thread_id, found), what="saving captured notes")
+    return [n.to_dict() for n in found]
