@@ -39,7 +39,12 @@ MAX_TOTAL_BYTES = 1024 * 1024
 DEFAULT_FULL_BELOW_TOKENS = 600
 """Files at or under this many tokens are sent whole: their outline would save little."""
 
+OUTLINE_SHARE = 0.08
+"""An outline's symbol lines may take this share of the file's tokens; bigger ones get coarser."""
+
 META_KEY = "disclosed"
+SHA_SHOWN = 12
+"""Hex digits of a file's SHA-256 shown in the prompt (the ledger keeps all 64)."""
 _RANGE = re.compile(r"^(?P<path>.+?):(?P<start>\d+)-(?P<end>\d+)$")
 
 FileSpecInput = str | Mapping[str, Any]
@@ -171,6 +176,28 @@ class LedgerEntry:
     span: tuple[int, int] | None = None  # [start, end) in the stored turn's content; None: referred
     tokens: int = 0
 
+    @property
+    def opening(self) -> str:
+        """The start of this entry's block in the turn, as rendered."""
+        extra: dict[str, Any] = {"part": self.part}
+        if self.part == "lines" and self.lines is not None:
+            extra["lines"] = f"{self.lines[0]}-{self.lines[1]}"
+        return f"<file {_attrs(self.path, self.sha256, **extra)}"
+
+    def locate(self, content: str) -> tuple[int, int] | None:
+        """Where the block is in `content`: at its recorded span, else found by its opening.
+
+        The search covers a caller that stored the turn with a different prefix (for example
+        after stripping echoes) than the one the span was computed against.
+        """
+        if self.span is None:
+            return None
+        a, b = self.span
+        if 0 <= a < b <= len(content) and content.startswith(self.opening, a):
+            return a, b
+        i = content.find(self.opening)
+        return (i, i + (b - a)) if i >= 0 and i + (b - a) <= len(content) else None
+
     def covers(self, part: str, lines: tuple[int, int] | None) -> bool:
         if self.span is None:
             return False
@@ -241,15 +268,16 @@ class Disclosure:
 
 def _attrs(path: str, sha: str, **extra: Any) -> str:
     more = "".join(f' {k}="{v}"' for k, v in extra.items())
-    return f'path="{path}" sha256="{sha[:16]}"{more}'
+    return f'path="{path}" sha256="{sha[:SHA_SHOWN]}"{more}'
 
 
-def _render_outline(f: FileBytes) -> str:
-    text = f.text
-    o = outline(f.path, text)
-    body = o.render()
-    head = _attrs(f.path, f.sha256, part="outline", lines=o.lines, parser=o.parser)
-    hint = f"(Outline only. Ask for exact lines with files=['{f.path}:START-END'].)"
+def _render_outline(f: FileBytes, *, file_tokens: int, model: str) -> str:
+    """The outline block, as detailed as OUTLINE_SHARE of the file's tokens allows."""
+    o = outline(f.path, f.text)
+    body, detail = o.fit(int(file_tokens * OUTLINE_SHARE), lambda t: count_tokens(t, model))
+    extra = {} if detail == "full" else {"detail": detail}
+    head = _attrs(f.path, f.sha256, part="outline", lines=o.lines, **extra)
+    hint = "(outline: line ranges, then symbol; ask for lines as PATH:START-END)"
     return f"<file {head}>\n{body}\n{hint}\n</file>"
 
 
@@ -325,7 +353,7 @@ def _plan(
             status = "referred"
         else:
             if part == "outline":
-                rendered = _render_outline(f)
+                rendered = _render_outline(f, file_tokens=file_tokens, model=model)
             elif part == "lines":
                 assert lines is not None
                 chunk = line_slice(f.data, *lines).decode("utf-8", errors="replace")
@@ -406,8 +434,9 @@ def history_messages(records: Sequence[Any], disclosure: Disclosure | None = Non
         for e in sorted(ledger.get(id(rec), []), key=lambda e: -(e.span or (0, 0))[0]):
             if e.span is None or newest.get(e.path, e.sha256) == e.sha256:
                 continue
-            a, b = e.span
-            if 0 <= a < b <= len(content) and content.startswith("<file ", a):
+            where = e.locate(content)
+            if where is not None:
+                a, b = where
                 marker = f'<file {_attrs(e.path, e.sha256)} superseded="yes" note="a newer copy follows"/>'
                 content = content[:a] + marker + content[b:]
         out.append({"role": rec.role, "content": content})

@@ -12,12 +12,19 @@ from __future__ import annotations
 import ast
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+Detail = Literal["full", "brief", "names", "top"]
+DETAILS: tuple[Detail, ...] = ("full", "brief", "names", "top")
 
 SIGNATURE_MAX = 160
 """Characters of a signature kept in an outline; longer ones end with an ellipsis."""
+DEFAULT_MAX = 12
+"""A parameter default longer than this shows as `…`."""
+CONSTANT_RUN = 4
+CONSTANT_NAMES = 8
 CONSTANT_MAX = 100
 """Characters of a constant's `NAME = value` kept; values are for recognition, not reading."""
 PLAIN_MAX_ENTRIES = 60
@@ -36,6 +43,7 @@ class Symbol:
     end: int
     signature: str
     depth: int = 0
+    brief: str = ""  # the signature without types and defaults; empty: same as signature
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,13 +62,41 @@ class Outline:
     lines: int
     symbols: list[Symbol] = field(default_factory=list)
 
-    def render(self) -> str:
-        """One line per symbol, indented by nesting: `L12-40 class Foo(Base)`."""
+    def render(self, detail: Detail = "full") -> str:
+        """One line per symbol, indented by nesting: `12-40 class Foo(Base)` (1-based lines).
+
+        Coarser details for big files: "brief" drops parameter types and defaults, "names"
+        folds a class's members into its line as `name line`, "top" keeps top-level symbols.
+        """
         out = []
-        for s in self.symbols:
-            where = f"L{s.start}" if s.start == s.end else f"L{s.start}-{s.end}"
-            out.append(f"{'  ' * s.depth}{where} {s.signature}")
+        symbols = self.symbols
+        for i, s in enumerate(symbols):
+            if s.depth > 0 and detail in ("names", "top"):
+                continue
+            where = f"{s.start}" if s.start == s.end else f"{s.start}-{s.end}"
+            text = s.signature if detail == "full" else (s.brief or s.signature)
+            if detail in ("names", "top"):
+                members = []
+                for child in symbols[i + 1 :]:
+                    if child.depth == 0:
+                        break
+                    if child.depth == 1:
+                        members.append(child)
+                if members and detail == "names":
+                    text += ": " + ", ".join(f"{m.name} {m.start}" for m in members)
+                elif members:
+                    text += f" ({len(members)} members)"
+            out.append(f"{'  ' * s.depth}{where} {text}")
         return "\n".join(out)
+
+    def fit(self, max_tokens: int, count: Callable[[str], int]) -> tuple[str, Detail]:
+        """The most detailed rendering within `max_tokens` (the coarsest one if none fits)."""
+        text = ""
+        for detail in DETAILS:
+            text = self.render(detail)
+            if count(text) <= max_tokens:
+                return text, detail
+        return text, DETAILS[-1]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,7 +124,7 @@ def outline(path: str, text: str) -> Outline:
     lines = line_count(text)
     if lower.endswith(_PY_SUFFIXES):
         try:
-            return Outline("python", "ast", lines, list(_python(ast.parse(text))))
+            return Outline("python", "ast", lines, _python(ast.parse(text)))
         except (SyntaxError, ValueError, RecursionError):
             pass
     elif lower.endswith(_MD_SUFFIXES):
@@ -107,10 +143,50 @@ def outline(path: str, text: str) -> Outline:
 # --- Python ----------------------------------------------------------------------------------
 
 
-def _py_def(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
-    prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
-    returns = f" -> {ast.unparse(node.returns)}" if node.returns is not None else ""
-    return _clip(f"{prefix} {node.name}({ast.unparse(node.args)}){returns}")
+def _py_args(args: ast.arguments, *, method: bool) -> str:
+    """Parameters as written, minus `self`/`cls`, with long defaults shortened to `…`."""
+    args = ast.arguments(
+        posonlyargs=list(args.posonlyargs),
+        args=list(args.args),
+        vararg=args.vararg,
+        kwonlyargs=list(args.kwonlyargs),
+        kw_defaults=[
+            d if d is None or len(ast.unparse(d)) <= DEFAULT_MAX else ast.Constant(...)
+            for d in args.kw_defaults
+        ],
+        kwarg=args.kwarg,
+        defaults=[d if len(ast.unparse(d)) <= DEFAULT_MAX else ast.Constant(...) for d in args.defaults],
+    )
+    first = args.posonlyargs or args.args
+    if method and first and first[0].arg in ("self", "cls"):
+        first.pop(0)
+    return ast.unparse(args).replace("Ellipsis", "…")
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and name not in ("__init__", "__call__")
+
+
+def _py_brief(node: ast.FunctionDef | ast.AsyncFunctionDef, *, method: bool) -> str:
+    a = node.args
+    names = [x.arg for x in (*a.posonlyargs, *a.args)]
+    if method and names and names[0] in ("self", "cls"):
+        names.pop(0)
+    names += [f"*{a.vararg.arg}"] if a.vararg else []
+    names += [x.arg for x in a.kwonlyargs] + ([f"**{a.kwarg.arg}"] if a.kwarg else [])
+    prefix = "async " if isinstance(node, ast.AsyncFunctionDef) else ""
+    return _clip(f"{prefix}{node.name}({', '.join(names)})")
+
+
+def _py_def(node: ast.FunctionDef | ast.AsyncFunctionDef, *, method: bool) -> str:
+    # `def` and `-> None` are left out: the indentation says function or method, and most
+    # methods return None. What remains is what a reader needs to choose lines.
+    prefix = "async " if isinstance(node, ast.AsyncFunctionDef) else ""
+    if _private(node.name):  # helpers and protocol methods: the name says enough to ask for lines
+        return f"{prefix}{node.name}(…)"
+    returns = ast.unparse(node.returns) if node.returns is not None else "None"
+    tail = "" if returns == "None" else f" -> {returns}"
+    return _clip(f"{prefix}{node.name}({_py_args(node.args, method=method)}){tail}")
 
 
 def _py_class(node: ast.ClassDef) -> str:
@@ -126,8 +202,9 @@ def _py_constant(node: ast.Assign | ast.AnnAssign) -> tuple[str, str] | None:
     return names[0], _clip(ast.unparse(node)[:CONSTANT_MAX])
 
 
-def _python(tree: ast.Module) -> Iterator[Symbol]:
+def _python(tree: ast.Module) -> list[Symbol]:
     def walk(body: list[ast.stmt], depth: int, in_class: bool) -> Iterator[Symbol]:
+        seen_overloads: set[str] = set()
         for node in body:
             end = node.end_lineno or node.lineno
             start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
@@ -135,14 +212,52 @@ def _python(tree: ast.Module) -> Iterator[Symbol]:
                 yield Symbol("class", node.name, start, end, _py_class(node), depth)
                 yield from walk(node.body, depth + 1, True)
             elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                if any(ast.unparse(d).endswith("overload") for d in node.decorator_list):
+                    seen_overloads.add(node.name)  # the implementation that follows stands for them
+                    continue
                 kind = "method" if in_class else "function"
-                yield Symbol(kind, node.name, start, end, _py_def(node), depth)
+                sig, brief = _py_def(node, method=in_class), _py_brief(node, method=in_class)
+                yield Symbol(kind, node.name, start, end, sig, depth, brief if sig != brief else "")
             elif isinstance(node, ast.Assign | ast.AnnAssign) and (depth == 0 or in_class):
                 found = _py_constant(node)
                 if found is not None and (depth == 0 or found[0].isupper()):
                     yield Symbol("constant", found[0], start, end, found[1], depth)
 
-    yield from walk(tree.body, 0, False)
+    return _group_constants(list(walk(tree.body, 0, False)))
+
+
+def _group_constants(symbols: list[Symbol]) -> list[Symbol]:
+    """A run of CONSTANT_RUN or more constants becomes one line of names (tables of codes, headers)."""
+    out: list[Symbol] = []
+    i = 0
+    while i < len(symbols):
+        j = i
+        while j < len(symbols) and symbols[j].kind == "constant" and symbols[j].depth == symbols[i].depth:
+            j += 1
+        run = symbols[i:j]
+        if len(run) >= CONSTANT_RUN:
+            names = [s.name for s in run]
+            shown = ", ".join(names[:CONSTANT_NAMES]) + (
+                f", +{len(names) - CONSTANT_NAMES} more" if len(names) > CONSTANT_NAMES else ""
+            )
+            out.append(
+                Symbol(
+                    "constants",
+                    names[0],
+                    run[0].start,
+                    run[-1].end,
+                    _clip(f"constants: {shown}"),
+                    run[0].depth,
+                )
+            )
+            i = j
+        elif run:
+            out.extend(run)
+            i = j
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
 
 
 # --- Markdown --------------------------------------------------------------------------------

@@ -135,8 +135,8 @@ async def test_outlines_for_python_typescript_and_markdown(
         ("method", "put", [14, 15]),
         ("function", "helper", [18, 19]),
     ]
-    assert "def helper(x: int, *, flag: bool=False) -> int" in py["outline"]
-    assert "async def put(self, key: str, value: bytes) -> None" in py["outline"]
+    assert "18-19 helper(x: int, *, flag: bool=False) -> int" in py["outline"]
+    assert "  14-15 async put(key: str, value: bytes)\n" in py["outline"]
 
     assert (ts["parser"], ts["language"]) == ("tree-sitter", "typescript")
     assert table(ts) == [
@@ -169,7 +169,7 @@ async def test_chat_sends_an_outline_first_then_exact_ranges(
         first = _ok(await client.call_tool("chat", {"prompt": "review", "files": [str(path)]}))
         sent = fake.snapshot()[-1].messages[-1]["content"]
         assert "ZEBRA" not in sent, "an outline carries no function bodies"
-        assert "def function_39(value: int, scale: float=1.0) -> float" in sent
+        assert re.search(r"\n\d+-\d+ function_39\(value", sent), sent
         [report] = first["metadata"]["files_disclosed"]
         assert (report["part"], report["status"]) == ("outline", "sent")
         assert report["tokens"] <= report["file_tokens"] * 0.25
@@ -225,7 +225,7 @@ async def test_an_unchanged_file_is_sent_once_in_five_turns(
         assert statuses == (["sent"] * 3 if turn == 0 else ["referred"] * 3), (turn, statuses)
         everything = "\n".join(m["content"] for m in fake.snapshot()[-1].messages)
         assert everything.count("SMALL_MARKER = 'KOALA'") == 1, turn
-        assert everything.count("def function_0(") == 1, turn  # in the outline only
+        assert everything.count(" function_0(value") == 1, turn  # in the outline only
         assert everything.count("Generated module WOMBAT") == 1, turn  # the 1-2 range, once
     # The file changes: the new copy goes in, the old one leaves the prompt (newest wins).
     small.write_text("SMALL_MARKER = 'PLATYPUS'\n")
