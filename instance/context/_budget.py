@@ -16,6 +16,7 @@ this one file.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -43,16 +44,14 @@ def _resolve() -> tuple[str, Callable[[str, str | None], int]]:
         return "instance.context.tokens", via_tokens
     except ImportError:
         pass
-    try:
-        _splintr("glm4")
+    if importlib.util.find_spec("splintr") is not None:  # vocabularies load on first use
 
         def via_splintr(text: str, model: str | None = None) -> int:
             kimi = (model or "").lower().startswith(("kimi", "moonshot"))
             return len(_splintr("kimi_k2" if kimi else "glm4").encode_ordinary(text)) if text else 0
 
         return "splintr", via_splintr
-    except Exception:
-        return "estimate (3.5 bytes/token)", _estimate
+    return "estimate (3.5 bytes/token)", _estimate
 
 
 COUNTER, _count = _resolve()

@@ -7,6 +7,7 @@ waiting for Postgres, and a Postgres outage delays the write, never loses it.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -196,7 +197,10 @@ async def _notes_for(
         found = await notes_block.load(storage.notes, thread_id=thread_id, session_id=session_id)
     except StorageUnavailable:
         return notes_block.NotesBlock()
-    return notes_block.select(found, budget_tokens=runtime.settings.notes_budget_tokens, model=model)
+    # Counting may load a tokenizer vocabulary on first use: keep it off the event loop.
+    return await asyncio.to_thread(
+        notes_block.select, found, budget_tokens=runtime.settings.notes_budget_tokens, model=model
+    )
 
 
 def _capture(
