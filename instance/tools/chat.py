@@ -193,6 +193,8 @@ async def _notes_for(
 ) -> notes_block.NotesBlock:
     """The notes block for a call; without Postgres the call goes on without notes."""
     storage = runtime.require_storage()
+    if storage.db.last_error is not None and not storage.db.connected:
+        return notes_block.NotesBlock()  # Postgres is known to be down: do not wait for a timeout
     try:
         found = await notes_block.load(storage.notes, thread_id=thread_id, session_id=session_id)
     except StorageUnavailable:
