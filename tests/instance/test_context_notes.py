@@ -160,3 +160,21 @@ async def test_notes_survive_an_instance_restart(fake: FakeProvider, spawn_insta
     async with connect(inst, "legacy", session=session) as client:
         _ok(await client.call_tool("chat", {"prompt": "remind me", "continuation_id": cid}))
     assert "cache = Redis streams" in _sent(fake)
+
+
+async def test_model_assisted_capture(fake: FakeProvider, spawn_instance: SpawnInstance) -> None:
+    inst = spawn_instance(EXAI_NOTE_CAPTURE="model")
+    fake.script(
+        Behaviour(content="I would keep the spool in SQLite; it is crash-safe."),  # the answer
+        Behaviour(content="Decision: spool = SQLite in WAL mode\nNONE of the rest"),  # the restatement
+    )
+    async with connect(inst, "legacy", session=new_session()) as client:
+        result = _ok(await client.call_tool("chat", {"prompt": "where should the spool live?"}))
+        cid = result["continuation_id"]
+        notes = await _thread_notes(client, cid, want=1)
+    assert [(n["kind"], n["body"], n["source"]) for n in notes] == [
+        ("decision", "spool = SQLite in WAL mode", "auto")
+    ]
+    restate = fake.snapshot()[1]
+    assert "Restate the exchange" in restate.messages[0]["content"]
+    assert "where should the spool live?" in restate.messages[1]["content"]
