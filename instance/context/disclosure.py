@@ -418,8 +418,12 @@ async def disclose(
     return await asyncio.to_thread(work)
 
 
-def history_messages(records: Sequence[Any], disclosure: Disclosure | None = None) -> list[dict[str, str]]:
-    """The stored turns as prompt messages, with copies of files that changed since replaced."""
+def rendered_contents(records: Sequence[Any], disclosure: Disclosure | None = None) -> list[str]:
+    """Each stored turn's content as the prompt should carry it (one per record, same order).
+
+    Blocks of files that changed since (a newer hash in a later turn or in `disclosure`) are
+    replaced by a one-line marker; everything else is the stored text, byte for byte.
+    """
     newest = (
         disclosure.newest
         if disclosure is not None
@@ -428,8 +432,6 @@ def history_messages(records: Sequence[Any], disclosure: Disclosure | None = Non
     ledger = {id(rec): entries for _, rec, entries in ledger_of(records)}
     out = []
     for rec in records:
-        if rec.role not in ("user", "assistant", "system"):
-            continue
         content = rec.content
         for e in sorted(ledger.get(id(rec), []), key=lambda e: -(e.span or (0, 0))[0]):
             if e.span is None or newest.get(e.path, e.sha256) == e.sha256:
@@ -439,5 +441,14 @@ def history_messages(records: Sequence[Any], disclosure: Disclosure | None = Non
                 a, b = where
                 marker = f'<file {_attrs(e.path, e.sha256)} superseded="yes" note="a newer copy follows"/>'
                 content = content[:a] + marker + content[b:]
-        out.append({"role": rec.role, "content": content})
+        out.append(content)
     return out
+
+
+def history_messages(records: Sequence[Any], disclosure: Disclosure | None = None) -> list[dict[str, str]]:
+    """The stored turns as prompt messages (`rendered_contents`), tool turns left out."""
+    return [
+        {"role": rec.role, "content": content}
+        for rec, content in zip(records, rendered_contents(records, disclosure), strict=True)
+        if rec.role in ("user", "assistant", "system")
+    ]
