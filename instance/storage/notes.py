@@ -88,7 +88,8 @@ class NoteStore:
                         VALUES ($1, $2, $3, $4, $5, $6, $7)
                         ON CONFLICT (scope, scope_id, key) DO UPDATE SET
                             body = EXCLUDED.body, kind = EXCLUDED.kind, importance = EXCLUDED.importance,
-                            version = notes.version + 1, updated_at = now()
+                            version = notes.version + 1, updated_at = now(),
+                            source = 'manual', source_turn = NULL
                         RETURNING {_COLS}""",
                     note_id, scope, scope_id, key, body, kind, importance,
                 )  # fmt: skip
@@ -104,7 +105,7 @@ class NoteStore:
             else:
                 row = await conn.fetchrow(
                     f"""UPDATE notes SET body = $4, kind = $5, importance = $6, version = version + 1,
-                            updated_at = now()
+                            updated_at = now(), source = 'manual', source_turn = NULL
                         WHERE scope = $1 AND scope_id = $2 AND key = $3 AND version = $7
                         RETURNING {_COLS}""",
                     scope, scope_id, key, body, kind, importance, expected_version,
