@@ -161,7 +161,8 @@ class NoteStore:
                    ON CONFLICT (scope, scope_id, key) DO UPDATE SET
                        body = EXCLUDED.body, kind = EXCLUDED.kind,
                        importance = GREATEST(notes.importance, EXCLUDED.importance),
-                       source_turn = EXCLUDED.source_turn, version = notes.version + 1, updated_at = now()
+                       source = 'auto', source_turn = EXCLUDED.source_turn,
+                       version = notes.version + 1, updated_at = now()
                    WHERE notes.body IS DISTINCT FROM EXCLUDED.body
                    RETURNING version""",
                 new_id(), scope, scope_id, key, data, kind, importance, source_turn,

@@ -86,6 +86,10 @@ async def test_captured_notes_merge_supersede_and_become_manual_when_edited(stor
     assert (note.body, note.version, note.source_turn) == ("db = SQLite", 2, "t3")
     edited = await storage.notes.write(scope="thread", scope_id=sid, key="auto-decision-db", body="db = both")
     assert (edited.version, edited.source, edited.source_turn) == (3, "manual", None)
+    assert await capture("db = both", "t5") is False  # a turn repeating the edit changes nothing
+    assert await capture("db = CockroachDB", "t6") is True  # a new statement supersedes the edit
+    note = await storage.notes.read(scope="thread", scope_id=sid, key="auto-decision-db")
+    assert (note.body, note.version, note.source, note.source_turn) == ("db = CockroachDB", 4, "auto", "t6")
     big = await storage.notes.capture(
         scope="thread", scope_id=sid, key="auto-todo-big", body="é" * 100_000, kind="todo",
         importance=5, source_turn="t4",
