@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     allowed_file_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, validation_alias="EXAI_ALLOWED_ROOTS"
     )
+    # Context engineering, phases 3-4: notes injected into chat, captured notes, file disclosure.
+    notes_budget_tokens: int = Field(1024, ge=0, validation_alias="EXAI_NOTES_BUDGET_TOKENS")
+    note_capture: Literal["deterministic", "model", "off"] = Field(
+        "deterministic", validation_alias="EXAI_NOTE_CAPTURE"
+    )
+    file_full_tokens: int = Field(600, ge=0, validation_alias="EXAI_FILE_FULL_TOKENS")
 
     # --- storage ---------------------------------------------------------------------------
     database_url: str | None = Field(None, validation_alias=AliasChoices("DATABASE_URL", "SUPABASE_DB_URL"))

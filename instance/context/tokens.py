@@ -163,3 +163,8 @@ def counter_for(model: str, provider: str | None = None) -> TokenCounter:
         if found is None:
             found = _COUNTERS[family] = TokenCounter(family)
         return found
+
+
+def count_tokens(text: str, model: str | None = None) -> int:
+    """Tokens of `text` as content in `model`'s vocabulary (GLM-4 when no model is named)."""
+    return counter_for(model or "glm-4.6").count(text)

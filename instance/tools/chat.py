@@ -7,6 +7,7 @@ waiting for Postgres, and a Postgres outage delays the write, never loses it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -14,8 +15,8 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
-from common.errors import InvalidArgument
-from instance.context import Block, BuiltPrompt, Turn, build_prompt
+from common.errors import InvalidArgument, StorageUnavailable
+from instance.context import Block, BuiltPrompt, Turn, build_prompt, capture, disclosure, notes_block
 from instance.context.policy import policy_for, summarizer_for
 from instance.providers import ChatRequest, ChatResult, ModelInfo
 from instance.providers.base import OpenAICompatibleProvider
@@ -23,7 +24,7 @@ from instance.runtime import Runtime
 from instance.storage.models import Message
 from instance.tools import exai_tool, headers_of
 from instance.tools.checks import check_chat_arguments, storable_reply
-from instance.tools.files import LoadedFile, read_files
+from instance.tools.files import LoadedFile
 from instance.tools.progress import progress_heartbeat
 
 MAX_THREAD_TURNS = 20
@@ -67,6 +68,7 @@ async def consult(
     history_tokens: int | None = None,
     recent_turns: int | None = None,
     extras: Sequence[Block] = (),
+    disclosed: disclosure.Disclosure | None = None,
 ) -> Consultation:
     """The one place a tool turns a thread, a prompt and files into a provider call.
 
@@ -77,7 +79,11 @@ async def consult(
     if files:
         blocks.append(Block("files", "\n\n".join(f.as_prompt() for f in files)))
     built = await build_prompt(
-        [Turn(m.id, m.role, m.content) for m in thread],
+        # Stored turns as the prompt carries them: file copies superseded by newer ones become markers.
+        [
+            Turn(m.id, m.role, content)
+            for m, content in zip(thread, disclosure.rendered_contents(thread, disclosed), strict=True)
+        ],
         prompt,
         model,
         system=system_prompt,
@@ -115,7 +121,14 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         continuation_id: Annotated[
             str | None, Field(description="Thread id returned by an earlier call, to continue it.")
         ] = None,
-        files: Annotated[list[str] | None, Field(description="Absolute paths of files to include.")] = None,
+        files: Annotated[
+            list[str] | None,
+            Field(
+                description="Absolute paths of files to include; a new file arrives as an outline (small "
+                "files whole), 'PATH:START-END' sends exactly those lines, an unchanged file is sent once "
+                "per thread."
+            ),
+        ] = None,
         temperature: Annotated[
             float | None, Field(ge=0.0, le=2.0, description="Sampling temperature.")
         ] = None,
@@ -139,7 +152,6 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         info, provider = providers.resolve(model)
         storage = runtime.require_storage()
         session_id = runtime.session_for(headers_of(ctx))
-        loaded = await read_files(files or [], runtime.settings.allowed_file_roots)
 
         max_turns = runtime.settings.thread_max_turns
         history_records: list[Any] = []
@@ -152,14 +164,30 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                     f"thread {continuation_id} has reached its limit of {max_turns} turns",
                     hint="Start a new thread (call chat without continuation_id) and summarise what matters.",
                 )
+        # [context phase 4] files: outline first, exact ranges on request, once per thread.
+        disclosed = await disclosure.disclose(
+            history_records,
+            files or [],
+            roots=runtime.settings.allowed_file_roots,
+            model=info.name,
+            full_below_tokens=runtime.settings.file_full_tokens,
+        )
+        if continuation_id:
             cid = continuation_id
 
+        # [context phase 3] the thread's and session's notes, within budget, in the new turn.
+        notes = await _notes_for(runtime, thread_id=continuation_id, session_id=session_id, model=info.name)
+        extras = [Block("notes", notes.text)] if notes.text else []
+        if disclosed.block:
+            extras.append(Block("files", disclosed.block, stored=True))
         consultation = await consult(
             ctx,
             runtime,
             thread=history_records,
             prompt=prompt,
-            files=loaded,
+            files=[],
+            extras=extras,
+            disclosed=disclosed,
             model=info,
             provider=provider,
             system_prompt=SYSTEM_PROMPT,
@@ -179,17 +207,21 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 principal=runtime.principal_for(headers_of(ctx)),
             )
 
-        await storage.history.append(
+        user_metadata = dict(built.user_metadata)
+        if disclosed.entries:  # where each file block sits in the stored turn (after the prompt)
+            offset = len(built.user_content) - len(disclosed.block) - 2
+            user_metadata[disclosure.META_KEY] = disclosed.metadata(offset)
+        user_turn = await storage.history.append(
             cid,
             "user",
             built.user_content,
             session_id=session_id,
             tool_name="chat",
             model=result.model,
-            files=[f.path for f in loaded],
-            metadata=built.user_metadata,
+            files=disclosed.paths,
+            metadata=user_metadata,
         )
-        await storage.history.append(
+        answer_turn = await storage.history.append(
             cid,
             "assistant",
             content,
@@ -201,6 +233,10 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             metadata={"provider": result.provider, "finish_reason": result.finish_reason},
         )
 
+        # [context phase 3] notes captured from this exchange (written in the background).
+        captured = _capture(
+            runtime, provider, info, cid, built.strip.text, content, user_turn.id, answer_turn.id
+        )
         turns = len(history_records) + 2
         remaining = max(0, max_turns - turns)
         out: dict[str, Any] = {
@@ -219,7 +255,11 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 "history_turns_dropped": built.history.turns_omitted,
                 "tokens_sent": built.tokens_sent,
                 "context": built.report(),
-                "files": [f.path for f in loaded],
+                "files": disclosed.paths,
+                "files_disclosed": disclosed.report,
+                "notes_injected": notes.report(),
+                "notes_omitted": notes.report_omitted(),
+                "notes_captured": captured,
                 "notes": result.notes,
                 "instance_id": runtime.identity.id,
             },
@@ -232,3 +272,49 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 f"({remaining // 2} chat calls: each adds two) by passing this continuation_id to chat.",
             }
         return out
+
+
+async def _notes_for(
+    runtime: Runtime, *, thread_id: str | None, session_id: str | None, model: str
+) -> notes_block.NotesBlock:
+    """The notes block for a call; without Postgres the call goes on without notes."""
+    storage = runtime.require_storage()
+    if storage.db.last_error is not None and not storage.db.connected:
+        return notes_block.NotesBlock()  # Postgres is known to be down: do not wait for a timeout
+    try:
+        found = await notes_block.load(storage.notes, thread_id=thread_id, session_id=session_id)
+    except StorageUnavailable:
+        return notes_block.NotesBlock()
+    # Counting may load a tokenizer vocabulary on first use: keep it off the event loop.
+    return await asyncio.to_thread(
+        notes_block.select, found, budget_tokens=runtime.settings.notes_budget_tokens, model=model
+    )
+
+
+def _capture(
+    runtime: Runtime,
+    provider: Any,
+    info: Any,
+    thread_id: str,
+    prompt: str,
+    answer: str,
+    user_turn: str,
+    answer_turn: str,
+) -> list[dict[str, Any]]:
+    """Start capturing notes from this exchange; returns what the deterministic extractor found."""
+    mode = runtime.settings.note_capture
+    storage = runtime.require_storage()
+    if mode == "off":
+        return []
+    if mode == "model":
+        runtime.background(
+            capture.capture_with_model(
+                storage.notes, provider, info, thread_id, prompt, answer, user_turn, answer_turn
+            ),
+            what="capturing notes with the model",
+        )
+        return []
+    found = capture.extract_turn(prompt, answer, user_turn=user_turn, assistant_turn=answer_turn)
+    if found:
+        runtime.background(capture.save(storage.notes, thread_id, found), what="saving captured notes")
+    return [n.to_dict() for n in found]
