@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidArgument
-from instance.context.tokens import count_tokens
 from instance.context.outline import line_count, outline
+from instance.context.tokens import count_tokens
 
 MAX_FILE_BYTES = 256 * 1024
 MAX_TOTAL_BYTES = 1024 * 1024

@@ -21,7 +21,8 @@ What it measures, in one run:
 4. Cross-scope leaks: 4 sessions x 2 threads, each with its own session and thread notes;
    every chat's prompt is searched for any other scope's note. Target: 0.
 
-Token counts come from `instance/context/tokens.py` (the providers' own vocabularies). Uses EXAI_TEST_DATABASE_URL / EXAI_TEST_REDIS_URL (defaults: the local servers).
+Token counts come from `instance/context/tokens.py` (the providers' own vocabularies).
+Uses EXAI_TEST_DATABASE_URL / EXAI_TEST_REDIS_URL (defaults: the local servers).
 Prints a table and saves JSON under tests/bench/results/disclosure-<timestamp>.json.
 """
 
@@ -47,9 +48,10 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
+from instance.context._budget import COUNTER, count_tokens
+
 from common.migrate import migrate
 from instance.context import disclosure
-from instance.context._budget import COUNTER, count_tokens
 from instance.tools.chat import SYSTEM_PROMPT
 from tests.fakes.provider import Behaviour, FakeProvider
 from tests.instance.conftest import _SCRUB, INTERNAL_TOKEN, InstanceProc, connect
