@@ -26,8 +26,8 @@ GLM = counter_for("glm-4.6")
 
 
 @pytest.fixture(scope="module")
-# Phases 1-2 in isolation: notes captured from the corpus turns (phase 3) would join the prompt.
 def ctx_instance(session_spawner: SpawnInstance) -> InstanceProc:
+    # Phases 1-2 in isolation: notes captured from the corpus turns (phase 3) would join the prompt.
     return session_spawner("inst_ctx", EXAI_THREAD_MAX_TURNS="200", EXAI_NOTE_CAPTURE="off")
 
 
