@@ -148,21 +148,28 @@ def _control_prompts(n: int, base: list[str], seed: int = 5) -> list[str]:
 async def test_control_prompts_are_never_stripped(fake: FakeProvider, ctx_instance: InstanceProc) -> None:
     th = make_thread(77, turns=4)
     prompts = _control_prompts(1000, [t["content"] for t in th.turns])
-    sem = asyncio.Semaphore(5)
     stripped: list[str] = []
 
-    async def thread(k: int, mine: list[str]) -> None:
-        async with sem, connect(ctx_instance, ERAS[k % 2], session=new_session()) as client:
-            cid = (await _say(client, fake, th.turns[0]["content"], th.turns[1]["content"], None))[
-                "continuation_id"
-            ]
-            await _say(client, fake, th.turns[2]["content"], th.turns[3]["content"], cid)
-            for prompt in mine:
-                out = _ok(await client.call_tool("chat", {"prompt": prompt, "continuation_id": cid}))
-                if out["metadata"]["context"]["stripped"]["cuts"]:
-                    stripped.append(prompt)
+    async def thread(client: Client, mine: list[str]) -> None:
+        first = await _say(client, fake, th.turns[0]["content"], th.turns[1]["content"], None)
+        cid = first["continuation_id"]
+        await _say(client, fake, th.turns[2]["content"], th.turns[3]["content"], cid)
+        for prompt in mine:
+            out = _ok(await client.call_tool("chat", {"prompt": prompt, "continuation_id": cid}))
+            if out["metadata"]["context"]["stripped"]["cuts"]:
+                stripped.append(prompt)
 
-    await asyncio.gather(*(thread(k, prompts[k::25]) for k in range(25)))
+    # An instance serves one session at a time (the router's binding): 25 threads, five at a time,
+    # through one session per protocol era.
+    sem = asyncio.Semaphore(5)
+
+    async def limited(client: Client, k: int) -> None:
+        async with sem:
+            await thread(client, prompts[k::25])
+
+    for era, ks in ((ERAS[0], range(0, 25, 2)), (ERAS[1], range(1, 25, 2))):
+        async with connect(ctx_instance, era, session=new_session()) as client:
+            await asyncio.gather(*(limited(client, k) for k in ks))
     assert not stripped, f"{len(stripped)} control prompts were stripped, e.g. {stripped[0]!r}"
     sent_users = [h.messages[-1]["content"] for h in fake.snapshot() if h.messages[-1]["content"] in prompts]
     assert len(set(sent_users)) == 1000, "every control prompt must reach the provider unchanged"
