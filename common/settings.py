@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     upstream_read_timeout: float = Field(120.0, gt=0, validation_alias="EXAI_UPSTREAM_READ_TIMEOUT")
     drain_timeout: float = Field(20.0, gt=0, validation_alias="EXAI_DRAIN_TIMEOUT")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias="EXAI_LOG_LEVEL")
+    # TEST ONLY (the soak run, tests/soak): every tool call keeps this many bytes referenced for
+    # the life of the instance, a deliberate leak the soak must catch. Never set it in production.
+    test_leak_per_call_bytes: int = Field(0, ge=0, validation_alias="EXAI_TEST_LEAK_PER_CALL_BYTES")
 
     @field_validator("auth_tokens", "allowed_origins", mode="before")
     @classmethod
