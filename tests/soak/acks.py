@@ -2,8 +2,9 @@
 
 A write counts as acknowledged when its tool call returned without error. The log is kept in
 memory and appended to `acks.jsonl` in the run folder at every sample (in a worker thread, off
-the event loop), so a crashed run still shows what was promised. At the end, after the fleet has stopped (instances drain their
-spools on SIGTERM), `check` looks every entry up in the fleet's database:
+the event loop), so a crashed run still shows what was promised. At the end, after the fleet
+has stopped (instances drain their spools on SIGTERM), `check` looks every entry up in the
+fleet's database:
 
 - chat turn: the conversation row, the user message with the exact prompt, and at least as many
   assistant messages in the thread as acknowledged turns;
@@ -64,7 +65,10 @@ async def _check(entries: list[dict[str, Any]], conn: asyncpg.Connection) -> dic
     missing: list[str] = []
     turns = [e for e in entries if e["kind"] == "chat_turn"]
     cids = sorted({e["cid"] for e in turns})
-    conv = {str(r["id"]) for r in await conn.fetch("SELECT id FROM conversations WHERE id = ANY($1::uuid[])", cids)}
+    conv = {
+        str(r["id"])
+        for r in await conn.fetch("SELECT id FROM conversations WHERE id = ANY($1::uuid[])", cids)
+    }
     rows = await conn.fetch(
         "SELECT conversation_id, role, content FROM messages WHERE conversation_id = ANY($1::uuid[])", cids
     )
@@ -75,7 +79,9 @@ async def _check(entries: list[dict[str, Any]], conn: asyncpg.Connection) -> dic
         if cid not in conv:
             missing.append(f"conversation {cid} (acknowledged by chat) has no row")
         if assistant[cid] < acked_turns[cid]:
-            missing.append(f"conversation {cid}: {acked_turns[cid]} turns acknowledged, {assistant[cid]} replies stored")
+            missing.append(
+                f"conversation {cid}: {acked_turns[cid]} turns acknowledged, {assistant[cid]} replies stored"
+            )
     for e in turns:
         if (e["cid"], e["prompt"]) not in user:
             missing.append(f"chat turn {e['prompt'][:40]!r} of conversation {e['cid']} is not stored")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import secrets
 import time
@@ -137,10 +138,29 @@ class SoakSession:
         return dict(result.structured_content or {})
 
 
-def describe(exc: BaseException) -> str:
+def leaf(exc: BaseException) -> BaseException:
+    """The first real exception inside anyio's nested groups."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
+    return exc
+
+
+def describe(exc: BaseException) -> str:
+    exc = leaf(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+class TerminationFailures(logging.Handler):
+    """The SDK only logs a failed DELETE of a handshake-era session; count it as a failed 'end'."""
+
+    def __init__(self, calls: CallLog) -> None:
+        super().__init__(logging.WARNING)
+        self.calls = calls
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Session termination failed"):
+            self.calls.add(self.calls.now(), "end", "handshake", False, message)
 
 
 Scenario = Callable[[SoakSession], Awaitable[None]]
@@ -186,12 +206,16 @@ async def continue_thread(s: SoakSession) -> None:
 
 async def tasks(s: SoakSession) -> None:
     """Create a task, move it along with optimistic versions, list and read it."""
-    out = await s.call("task_create", {"name": f"soak {secrets.token_hex(4)}", "description": text(s.rng, 300)})
+    out = await s.call(
+        "task_create", {"name": f"soak {secrets.token_hex(4)}", "description": text(s.rng, 300)}
+    )
     task = out["task"]
     s.shared.acks.add("task_create", id=task["id"], version=task["version"])
     for state in ("IN_PROGRESS", "COMPLETE")[: s.rng.randint(1, 2)]:
         await s.pause()
-        out = await s.call("task_update", {"task_id": task["id"], "expected_version": task["version"], "state": state})
+        out = await s.call(
+            "task_update", {"task_id": task["id"], "expected_version": task["version"], "state": state}
+        )
         task = out["task"]
         s.shared.acks.add("task_update", id=task["id"], version=task["version"])
     await s.pause()
@@ -204,16 +228,22 @@ async def notes(s: SoakSession) -> None:
     written: list[dict[str, Any]] = []
     for _ in range(s.rng.randint(1, 3)):
         body = text(s.rng, int(s.rng.uniform(50, 2000)))
-        out = await s.call("note_write", {"key": f"k-{secrets.token_hex(4)}", "body": body, "kind": "decision"})
+        out = await s.call(
+            "note_write", {"key": f"k-{secrets.token_hex(4)}", "body": body, "kind": "decision"}
+        )
         note = out["note"]
-        s.shared.acks.add("note_write", scope=note["scope"], scope_id=note["scope_id"], key=note["key"], body=body)
+        s.shared.acks.add(
+            "note_write", scope=note["scope"], scope_id=note["scope_id"], key=note["key"], body=body
+        )
         written.append(note)
         await s.pause()
     note = s.rng.choice(written)
     body = text(s.rng, 400)
     args = {"key": note["key"], "body": body, "expected_version": note["version"]}
     out = await s.call("note_write", args)
-    s.shared.acks.add("note_write", scope=note["scope"], scope_id=note["scope_id"], key=note["key"], body=body)
+    s.shared.acks.add(
+        "note_write", scope=note["scope"], scope_id=note["scope_id"], key=note["key"], body=body
+    )
     await s.call("note_read", {"key": note["key"]})
     await s.call("note_list", {})
     if s.rng.random() < 0.3:
@@ -274,7 +304,7 @@ class Actor:
     mix: dict[str, float]
     index: int
     handshake_share: float = 0.5
-    abandon_share: float = 0.15
+    abandon_share: float = 0.1
     rng: random.Random = field(default_factory=random.Random)
     sessions: int = 0
 
@@ -304,15 +334,22 @@ class Actor:
                 s = SoakSession(self.shared, client, label, name, self.rng)
                 names = list(self.mix)
                 weights = [self.mix[n] for n in names]
-                for _ in range(self.rng.randint(1, 3)):
-                    await SCENARIOS[self.rng.choices(names, weights)[0]](s)
-                    await s.pause()
-                if era == STATELESS and not abandon:
-                    await self._delete(url, label)
-        except CallFailed:
-            pass  # recorded; the session goes away as a broken client would
+                try:
+                    for _ in range(self.rng.randint(1, 3)):
+                        await SCENARIOS[self.rng.choices(names, weights)[0]](s)
+                        await s.pause()
+                finally:  # after a failed call too: the client ends what it opened
+                    if era == STATELESS and not abandon:
+                        await self._delete(url, label)
         except (Exception, BaseExceptionGroup) as exc:
-            log.add(started if not opened else log.now(), "open" if not opened else "close", label, False, describe(exc))
+            if not isinstance(leaf(exc), CallFailed):  # a failed call is in the log already
+                log.add(
+                    started if not opened else log.now(),
+                    "open" if not opened else "close",
+                    label,
+                    False,
+                    describe(exc),
+                )
 
     @contextlib.asynccontextmanager
     async def _client(self, url: str, era: str, name: str, abandon: bool) -> AsyncIterator[Client]:

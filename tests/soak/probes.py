@@ -141,7 +141,13 @@ class Probe:
                 with contextlib.suppress(Exception):
                     await self._redis.aclose()
             self._redis = None
-            return {"redis_clients": None, "redis_keys": None, "redis_total_keys": None, "sessions": None, "leases": None}
+            return {
+                "redis_clients": None,
+                "redis_keys": None,
+                "redis_total_keys": None,
+                "sessions": None,
+                "leases": None,
+            }
 
     def _call_stats(self, t: float) -> dict[str, Any]:
         calls = self.calls.calls

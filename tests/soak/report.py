@@ -112,7 +112,13 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         lines = [(n, [s["procs"][n][signal] if n in s["procs"] else None for s in samples]) for n in names]
         panels.append((title, lines))
     panels.append(
-        ("connections", [("Postgres (fleet db)", _col(samples, "pg_conns")), ("Redis clients", _col(samples, "redis_clients"))])
+        (
+            "connections",
+            [
+                ("Postgres (fleet db)", _col(samples, "pg_conns")),
+                ("Redis clients", _col(samples, "redis_clients")),
+            ],
+        )
     )
     keys = [
         ("sessions", _col(samples, "sessions")),
@@ -121,11 +127,17 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     ]
     panels.append(("Redis keys", keys))
     panels.append(("spool backlog (rows)", [("rows", _col(samples, "spool_rows"))]))
-    panels.append(("calls/s, errors", [("calls/s", _col(samples, "calls_per_s")), ("errors", _col(samples, "errors"))]))
+    panels.append(
+        ("calls/s, errors", [("calls/s", _col(samples, "calls_per_s")), ("errors", _col(samples, "errors"))])
+    )
     panels.append(
         (
             "latency (ms)",
-            [("p50 all", _col(samples, "p50_ms")), ("p99 all", _col(samples, "p99_ms")), ("p50 non-LLM", _col(samples, "fast_p50_ms"))],
+            [
+                ("p50 all", _col(samples, "p50_ms")),
+                ("p99 all", _col(samples, "p99_ms")),
+                ("p50 non-LLM", _col(samples, "fast_p50_ms")),
+            ],
         )
     )
     fig, axes = plt.subplots(len(panels), 1, figsize=(12, 2.3 * len(panels)), sharex=True)
@@ -144,15 +156,27 @@ def plot(report: dict[str, Any], path: Path) -> bool:
             if f.get("started") is None:
                 continue
             end = f.get("ended") or f["started"]
-            ax.axvspan(f["started"] / 60, max(end, f["started"] + 2) / 60, color=FAULT_COLOURS[f["kind"]], alpha=0.25)
+            ax.axvspan(
+                f["started"] / 60, max(end, f["started"] + 2) / 60, color=FAULT_COLOURS[f["kind"]], alpha=0.25
+            )
         ax.legend(fontsize=6, loc="upper left", ncol=4)
         ax.tick_params(labelsize=7)
     top = axes[0]
     for f in report["faults"]:
         if f.get("started") is not None:
-            top.annotate(f["kind"], (f["started"] / 60, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
-                         color=FAULT_COLOURS[f["kind"]], va="bottom")
-    axes[-1].set_xlabel("minutes (dotted: end of warm-up; shaded: faults — red kill -9, purple Redis restart, orange Postgres cut)", fontsize=8)
+            top.annotate(
+                f["kind"],
+                (f["started"] / 60, 1.0),
+                xycoords=("data", "axes fraction"),
+                fontsize=7,
+                color=FAULT_COLOURS[f["kind"]],
+                va="bottom",
+            )
+    axes[-1].set_xlabel(
+        "minutes (dotted: end of warm-up; shaded: faults — "
+        "red kill -9, purple Redis restart, orange Postgres cut)",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

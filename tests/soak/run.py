@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import secrets
@@ -21,7 +22,7 @@ from tests.ports import free_port
 from tests.soak import acks as ack_check
 from tests.soak import report as rep
 from tests.soak.acks import AckLog
-from tests.soak.mix import Actor, CallLog, RealisticProvider, Shared, parse_mix
+from tests.soak.mix import Actor, CallLog, RealisticProvider, Shared, TerminationFailures, parse_mix
 from tests.soak.probes import Probe
 from tests.soak.services import (
     DEFAULT_FAULTS,
@@ -42,21 +43,38 @@ RESULTS = ROOT / "tests" / "soak" / "results"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m tests.soak", description="Soak a real fleet; judge and plot the run.")
+    ap = argparse.ArgumentParser(
+        prog="python -m tests.soak", description="Soak a real fleet; judge and plot the run."
+    )
     ap.add_argument("--duration", default="1h", help="load time: 90s, 2m, 1h (default 1h)")
-    ap.add_argument("--warmup", default=None, help="ignored by the slope tests (default: 20%% of the run, at most 10m)")
+    ap.add_argument(
+        "--warmup", default=None, help="ignored by the slope tests (default: 20%% of the run, at most 10m)"
+    )
     ap.add_argument("--interval", default="5s", help="sampling interval (default 5s)")
     ap.add_argument("--clients", type=int, default=4, help="concurrent client actors (default 4)")
     ap.add_argument("--instances", type=int, default=4, help="instances started (default 4)")
-    ap.add_argument("--max-instances", type=int, default=6, help="instances provisioned (default 6)")
-    ap.add_argument("--mix", default=None, help="scenario weights, e.g. chat=4,tasks=2 (default: mix.DEFAULT_MIX)")
+    ap.add_argument("--max-instances", type=int, default=8, help="instances provisioned (default 8)")
+    ap.add_argument(
+        "--mix", default=None, help="scenario weights, e.g. chat=4,tasks=2 (default: mix.DEFAULT_MIX)"
+    )
     ap.add_argument("--handshake-share", type=float, default=0.5, help="share of handshake-era sessions")
-    ap.add_argument("--abandon-share", type=float, default=0.15, help="share of sessions never ended")
+    ap.add_argument("--abandon-share", type=float, default=0.1, help="share of sessions never ended")
     ap.add_argument("--think", type=float, default=1.0, help="scale of think times between calls")
-    ap.add_argument("--idle-timeout", default="60s", help="EXAI_SESSION_IDLE_TIMEOUT of the fleet (default 60s)")
-    ap.add_argument("--faults", default=DEFAULT_FAULTS, help=f"fault schedule or 'none' (default {DEFAULT_FAULTS})")
-    ap.add_argument("--leak-bytes", type=int, default=0, help="EXAI_TEST_LEAK_PER_CALL_BYTES (test only: the soak must fail)")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON and PNG (default tests/soak/results)")
+    ap.add_argument(
+        "--idle-timeout", default="30s", help="EXAI_SESSION_IDLE_TIMEOUT of the fleet (default 30s)"
+    )
+    ap.add_argument(
+        "--faults", default=DEFAULT_FAULTS, help=f"fault schedule or 'none' (default {DEFAULT_FAULTS})"
+    )
+    ap.add_argument(
+        "--leak-bytes",
+        type=int,
+        default=0,
+        help="EXAI_TEST_LEAK_PER_CALL_BYTES (test only: the soak must fail)",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=RESULTS, help="folder for JSON and PNG (default tests/soak/results)"
+    )
     ap.add_argument("--name", default=None, help="file stem (default soak-<UTC time>)")
     ap.add_argument("--seed", type=int, default=None, help="random seed")
     ap.add_argument("--keep", action="store_true", help="keep the run folder (state, logs, acks.jsonl)")
@@ -86,8 +104,14 @@ def finish(report: dict[str, Any], stem: Path) -> int:
     stem.with_suffix(".txt").write_text(text + "\n")
     print()
     print(text)
-    print(f"\nreport: {stem.with_suffix('.json')}" + (f", plot: {stem.with_suffix('.png')}" if plotted else
-          " (no plot: install matplotlib, e.g. pip install -e '.[soak]')"))
+    print(
+        f"\nreport: {stem.with_suffix('.json')}"
+        + (
+            f", plot: {stem.with_suffix('.png')}"
+            if plotted
+            else " (no plot: install matplotlib, e.g. pip install -e '.[soak]')"
+        )
+    )
     return 0 if report["verdict"]["passed"] else 1
 
 
@@ -105,13 +129,27 @@ async def soak(args: argparse.Namespace) -> int:
     started = wall()
     print(f"[soak] {started}: run folder {run_dir}, {duration / 60:.1f} min, seed {seed}", flush=True)
     report: dict[str, Any] = {
-        "meta": {"started": started, "duration_s": duration, "seed": seed, "cpus": os.cpu_count(),
-                 "python": sys.version.split()[0], "argv": sys.argv[1:]},
+        "meta": {
+            "started": started,
+            "duration_s": duration,
+            "seed": seed,
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "argv": sys.argv[1:],
+        },
         "config": {
-            "warmup_s": warmup, "interval_s": interval, "clients": args.clients, "instances": args.instances,
-            "max_instances": args.max_instances, "mix": mix, "handshake_share": args.handshake_share,
-            "abandon_share": args.abandon_share, "think": args.think, "idle_timeout_s": parse_duration(args.idle_timeout),
-            "leak_bytes_per_call": args.leak_bytes, "fault_grace_s": FAULT_GRACE,
+            "warmup_s": warmup,
+            "interval_s": interval,
+            "clients": args.clients,
+            "instances": args.instances,
+            "max_instances": args.max_instances,
+            "mix": mix,
+            "handshake_share": args.handshake_share,
+            "abandon_share": args.abandon_share,
+            "think": args.think,
+            "idle_timeout_s": parse_duration(args.idle_timeout),
+            "leak_bytes_per_call": args.leak_bytes,
+            "fault_grace_s": FAULT_GRACE,
         },
     }
     try:
@@ -159,7 +197,9 @@ async def _run(
                 )
                 await asyncio.to_thread(fleet.start)
                 try:
-                    await _load(args, report, fleet, dsn, redis, proxy, acklog, duration, interval, faults, mix)
+                    await _load(
+                        args, report, fleet, dsn, redis, proxy, acklog, duration, interval, faults, mix
+                    )
                 finally:
                     print("[soak] stopping the fleet (instances drain their spools)", flush=True)
                     await asyncio.to_thread(fleet.stop)
@@ -183,6 +223,9 @@ async def _load(
     mix: dict[str, float],
 ) -> None:
     calls = CallLog(t0=time.monotonic())
+    sdk_log = logging.getLogger("mcp.client.streamable_http")
+    sdk_log.addHandler(TerminationFailures(calls))
+    sdk_log.propagate = False  # counted, not printed
     shared = Shared(fleet.router_url, calls, acklog, think=args.think)
     probe = Probe(fleet, dsn, redis.url, calls)
     stop = asyncio.Event()
@@ -200,10 +243,13 @@ async def _load(
             await asyncio.sleep(min(60.0, left))
             last = probe.samples[-1] if probe.samples else {}
             print(
-                f"[soak {calls.now():7.1f}s] calls {len(calls.calls)} ({sum(1 for c in calls.calls if not c.ok)} failed), "
-                f"sessions {last.get('sessions')}, pg {last.get('pg_conns')}, redis {last.get('redis_clients')}, "
+                f"[soak {calls.now():7.1f}s] calls {len(calls.calls)} "
+                f"({sum(1 for c in calls.calls if not c.ok)} failed), sessions {last.get('sessions')}, "
+                f"pg {last.get('pg_conns')}, redis {last.get('redis_clients')}, "
                 f"spool {last.get('spool_rows')}, procs "
-                + " ".join(f"{n}={p['rss_mb']:.0f}MB/{p['fds']}fd" for n, p in sorted(last.get("procs", {}).items())),
+                + " ".join(
+                    f"{n}={p['rss_mb']:.0f}MB/{p['fds']}fd" for n, p in sorted(last.get("procs", {}).items())
+                ),
                 flush=True,
             )
     finally:

@@ -67,13 +67,27 @@ class OwnRedis:
             if binary is None:
                 raise
             e = self.embedded
-            return [binary, "--port", str(e.port), "--bind", e.host, "--dir", str(e.data_dir), "--appendonly", "yes"]
+            return [
+                binary,
+                "--port",
+                str(e.port),
+                "--bind",
+                e.host,
+                "--dir",
+                str(e.data_dir),
+                "--appendonly",
+                "yes",
+            ]
 
     def start(self) -> None:
         self.embedded.ensure_initialized()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self._argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                self._argv(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         proc = self.proc
         self.embedded.wait_ready(30.0, alive=lambda: proc.poll() is None)
@@ -114,7 +128,8 @@ async def postgres(run_dir: Path) -> AsyncIterator[tuple[str, str]]:
             server = pg.dsn("postgres")
             where = f"own embedded Postgres on port {pg.port}"
         else:
-            where = f"database on {urlsplit(server).hostname}:{urlsplit(server).port or 5432} (EXAI_TEST_DATABASE_URL)"
+            parts = urlsplit(server)
+            where = f"database on {parts.hostname}:{parts.port or 5432} (EXAI_TEST_DATABASE_URL)"
         dbname = f"exai_soak_{secrets.token_hex(4)}"
         admin = await asyncpg.connect(server)
         try:
@@ -209,27 +224,43 @@ async def inject(fault: Fault, fleet: Fleet, redis: OwnRedis, proxy: TcpProxy, n
             fault.started = now()
             pid = await asyncio.to_thread(fleet.kill_instance, num)
             new_pid = await asyncio.to_thread(fleet.wait_restarted, name, pid, timeout=60.0)
-            await asyncio.to_thread(fleet.wait_registered, None, timeout=60.0)
+            registered = await _registered(fleet, name, timeout=60.0)
             fault.ended = now()
-            fault.detail = f"SIGKILL {name} (pid {pid}); supervisord restarted it as pid {new_pid}"
+            fault.detail = f"SIGKILL {name} (pid {pid}); supervisord restarted it as pid {new_pid}" + (
+                "" if registered else ", not registered again within 60 s"
+            )
         elif fault.kind == "redis":
             fault.started = now()
             await asyncio.to_thread(redis.stop)
             await asyncio.sleep(fault.length)
             await asyncio.to_thread(redis.start)
             fault.ended = now()
-            fault.detail = f"the soak's redis-server stopped (SIGTERM) for {fault.length:.0f} s, then started again"
+            fault.detail = (
+                f"the soak's redis-server stopped (SIGTERM) for {fault.length:.0f} s, then started again"
+            )
         elif fault.kind == "pg":
             fault.started = now()
             await asyncio.to_thread(proxy.down)
             await asyncio.sleep(fault.length)
             await asyncio.to_thread(proxy.up)
             fault.ended = now()
-            fault.detail = f"the fleet's path to Postgres cut for {fault.length:.0f} s (proxy closed, connections reset)"
+            fault.detail = (
+                f"the fleet's path to Postgres cut for {fault.length:.0f} s (proxy closed, connections reset)"
+            )
     except Exception as exc:
         fault.error = f"{type(exc).__name__}: {exc}"
         if fault.ended is None and fault.started is not None:
             fault.ended = now()
+
+
+async def _registered(fleet: Fleet, name: str, timeout: float) -> bool:
+    """Wait until the restarted instance is back in the registry."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if name in await asyncio.to_thread(fleet.registered):
+            return True
+        await asyncio.sleep(0.5)
+    return False
 
 
 async def run_schedule(

@@ -17,7 +17,8 @@ steady climb however small each step is. A signal fails when BOTH hold:
 | fds | 30 /h | 12 | each process, same |
 | pg_conns | 10 /h | 6 | backends on the fleet's database |
 | redis_clients | 10 /h | 6 | clients of the soak's Redis |
-| redis_keys:KIND | 60 /h | 20 | fleet keys of each kind, except thread caches (`thread`, `thread-meta`, `cache`: bounded by their TTL, not by the load) |
+| redis_keys:KIND | 60 /h | 20 | fleet keys of each kind but thread caches (`thread`, `thread-meta`, |
+| | | | `cache`: their TTL bounds them, not the load) |
 
 A process series is fitted only if it covers at least 40% of the post-warm-up span (an
 instance started late, or killed early, has too little to say).
@@ -75,7 +76,10 @@ def theil_sen(xs: list[float], ys: list[float]) -> float:
         idx = [int(i * step) for i in range(MAX_POINTS)]
         xs, ys = [xs[i] for i in idx], [ys[i] for i in idx]
     slopes = [
-        (ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]
+        (ys[j] - ys[i]) / (xs[j] - xs[i])
+        for i in range(len(xs))
+        for j in range(i + 1, len(xs))
+        if xs[j] != xs[i]
     ]
     return statistics.median(slopes) if slopes else 0.0
 
@@ -137,7 +141,9 @@ def judge(report: dict[str, Any]) -> dict[str, Any]:
             checks.append(c)
     kinds = sorted({k for s in post for k in (s.get("redis_keys") or {})} - TTL_BOUNDED_KINDS)
     for kind in kinds:
-        points = [(s["t"], float(s["redis_keys"].get(kind, 0))) for s in post if s.get("redis_keys") is not None]
+        points = [
+            (s["t"], float(s["redis_keys"].get(kind, 0))) for s in post if s.get("redis_keys") is not None
+        ]
         c = growth_check("Redis", f"keys '{kind}'", points, LIMITS["redis_keys"], span)
         if c is not None:
             checks.append(c)
@@ -193,10 +199,19 @@ def judge(report: dict[str, Any]) -> dict[str, Any]:
     for f in report["faults"]:
         if f.get("error") or f.get("started") is None:
             checks.append(
-                Check(f"fault {f['kind']}", False, f"scheduled fault {f['kind']} at {f['at']:.0f} s did not run: {f.get('error')}")
+                Check(
+                    f"fault {f['kind']}",
+                    False,
+                    f"scheduled fault {f['kind']} at {f['at']:.0f} s did not run: {f.get('error')}",
+                )
             )
     if report.get("calls", {}).get("ok", 0) == 0:
         checks.append(Check("load", False, "no call succeeded: the soak drove nothing"))
 
     failures = [c.message for c in checks if not c.ok]
-    return {"passed": not failures, "failures": failures, "checks": [asdict(c) for c in checks], "skipped": skipped}
+    return {
+        "passed": not failures,
+        "failures": failures,
+        "checks": [asdict(c) for c in checks],
+        "skipped": skipped,
+    }
