@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.soak.mix import Call
+from tests.soak.verdict import TTL_BOUNDED_KINDS
 
 FAULT_COLOURS = {"kill": "tab:red", "redis": "tab:purple", "pg": "tab:orange"}
 
@@ -46,7 +47,14 @@ def call_summary(calls: list[Call]) -> dict[str, Any]:
 
 
 def save(report: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    """Indented JSON, with one line per sample and per failed call (an hour is 720 samples)."""
+    rows = {k: report.get(k, []) for k in ("errors", "samples")}
+    head = json.dumps({k: v for k, v in report.items() if k not in rows}, indent=1)
+    parts = [head[: head.rfind("}")].rstrip()]
+    for key, items in rows.items():
+        lines = ",\n  ".join(json.dumps(x) for x in items)
+        parts.append(f',\n "{key}": [\n  {lines}\n ]' if items else f',\n "{key}": []')
+    path.write_text("".join(parts) + "\n}\n")
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -124,6 +132,7 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         ("sessions", _col(samples, "sessions")),
         ("leases", _col(samples, "leases")),
         ("all fleet keys", _col(samples, "redis_total_keys")),
+        ("all but thread caches", [_uncached(s) for s in samples]),
     ]
     panels.append(("Redis keys", keys))
     panels.append(("spool backlog (rows)", [("rows", _col(samples, "spool_rows"))]))
@@ -151,6 +160,8 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         for label, ys in lines:
             ax.plot(t, [float("nan") if y is None else y for y in ys], label=label, linewidth=0.9)
         ax.set_ylabel(title, fontsize=8)
+        if title.startswith("latency"):
+            ax.set_yscale("log")
         ax.axvline(report["config"]["warmup_s"] / 60, color="grey", linestyle=":", linewidth=0.8)
         for f in report["faults"]:
             if f.get("started") is None:
@@ -181,6 +192,13 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
+
+
+def _uncached(sample: dict[str, Any]) -> float | None:
+    kinds = sample.get("redis_keys")
+    if kinds is None:
+        return None
+    return float(sum(n for kind, n in kinds.items() if kind not in TTL_BOUNDED_KINDS))
 
 
 def _col(samples: list[dict[str, Any]], key: str) -> list[float | None]:
