@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -85,15 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
-        report = rep_load(args.report)
+        report = dict(json.loads(args.report.read_text()))
         return finish(report, args.report.with_suffix(""))
     return asyncio.run(soak(args))
-
-
-def rep_load(path: Path) -> dict[str, Any]:
-    import json
-
-    return dict(json.loads(path.read_text()))
 
 
 def finish(report: dict[str, Any], stem: Path) -> int:
