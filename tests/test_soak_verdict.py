@@ -65,6 +65,13 @@ def test_a_slow_leak_fails_naming_process_and_signal() -> None:
     assert verdict["failures"][0].startswith("instance_01 (pid 100): rss_mb grew +")
 
 
+def test_a_pool_that_refills_after_a_restart_passes() -> None:
+    """RSS here stands for any counter: it drops at a fault and climbs back to its old level."""
+    rss = [100.0] * 300 + [60.0 + min(40.0, i * 0.1) for i in range(420)]
+    verdict = judge(_run(rss))
+    assert verdict["passed"], verdict["failures"]
+
+
 def test_errors_fail_only_outside_fault_windows() -> None:
     flat = [85.0] * 720
     during = {

@@ -8,6 +8,8 @@ One sample holds:
 - `pg_conns`: backends in pg_stat_activity connected to the fleet's database (the probe's own
   connection excluded);
 - `redis_clients`: `INFO clients` connected_clients of the soak's Redis, minus the probe's own;
+- `get_streams`: handshake-era GET (notification) streams the router holds open to instances
+  (`exai_router_upstream_streams` of its /metrics);
 - `redis_keys`: the fleet's keys by kind (the second part of the name: session, lease,
   instance, thread, ...), `sessions` (ZCARD of the session index) and `leases`;
 - `spool_rows` / `spool_bytes`: rows waiting in the instances' write-behind spools (read-only
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 
@@ -149,6 +152,20 @@ class Probe:
                 "leases": None,
             }
 
+    async def _get_streams(self) -> int | None:
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+                http.get(self.fleet.router_url + "/metrics") as r,
+            ):
+                text = await r.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+        for line in text.splitlines():
+            if line.startswith("exai_router_upstream_streams "):
+                return int(float(line.split()[1]))
+        return None
+
     def _call_stats(self, t: float) -> dict[str, Any]:
         calls = self.calls.calls
         new = calls[self._next_call :]
@@ -169,17 +186,19 @@ class Probe:
 
     async def sample(self) -> dict[str, Any]:
         t = self.calls.now()
-        procs, spool, pg, rd = await asyncio.gather(
+        procs, spool, pg, rd, streams = await asyncio.gather(
             asyncio.to_thread(_processes, self.fleet),
             asyncio.to_thread(_spools, self.fleet.settings.state_dir),
             self._pg_conns(),
             self._redis_stats(),
+            self._get_streams(),
         )
         sample = {
             "t": round(t, 2),
             "procs": procs,
             "pg_conns": pg,
             **rd,
+            "get_streams": streams,
             "spool_rows": spool[0],
             "spool_bytes": spool[1],
             **self._call_stats(t),

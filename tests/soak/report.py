@@ -125,6 +125,7 @@ def plot(report: dict[str, Any], path: Path) -> bool:
             [
                 ("Postgres (fleet db)", _col(samples, "pg_conns")),
                 ("Redis clients", _col(samples, "redis_clients")),
+                ("GET streams (router)", _col(samples, "get_streams")),
             ],
         )
     )

@@ -9,7 +9,11 @@ steady climb however small each step is. A signal fails when BOTH hold:
   machine does not: a few MB of allocator and cache settling per process, fds and
   connections that come and go with the load), and
 - the growth the slope implies over the fitted span is above `min_growth` (so a two-minute CI
-  run, where a 1 MB wobble is 40 MB/hour, only fails on a leak that is large in absolute terms).
+  run, where a 1 MB wobble is 40 MB/hour, only fails on a leak that is large in absolute terms),
+- and it is still climbing: the median of the last quarter of the span is above the highest
+  value of the first quarter. A connection pool that empties when Redis restarts and refills
+  to its old size afterwards, or RSS that steps up once when a new code path first runs, then
+  stays, does not pass this; a leak keeps setting new highs.
 
 | signal | per_hour | min_growth | series |
 |---|---|---|---|
@@ -17,6 +21,7 @@ steady climb however small each step is. A signal fails when BOTH hold:
 | fds | 30 /h | 12 | each process, same |
 | pg_conns | 10 /h | 6 | backends on the fleet's database |
 | redis_clients | 10 /h | 6 | clients of the soak's Redis |
+| get_streams | 10 /h | 6 | GET streams the router holds open to instances |
 | redis_keys:KIND | 60 /h | 20 | fleet keys of each kind but thread caches (`thread`, `thread-meta`, |
 | | | | `cache`: their TTL bounds them, not the load) |
 
@@ -52,6 +57,7 @@ LIMITS: dict[str, Limit] = {
     "fds": Limit(30.0, 12.0, "fds"),
     "pg_conns": Limit(10.0, 6.0, "connections"),
     "redis_clients": Limit(10.0, 6.0, "connections"),
+    "get_streams": Limit(10.0, 6.0, "streams"),
     "redis_keys": Limit(60.0, 20.0, "keys"),
 }
 TTL_BOUNDED_KINDS = frozenset({"thread", "thread-meta", "cache"})
@@ -95,11 +101,16 @@ def growth_check(
         return None
     slope_h = theil_sen([p[0] for p in points], [p[1] for p in points]) * 3600
     growth = slope_h * covered / 3600
-    ok = not (slope_h > limit.per_hour and growth > limit.min_growth)
+    quarter = max(1, len(points) // 4)
+    first_high = max(p[1] for p in points[:quarter])
+    last_median = statistics.median(p[1] for p in points[-quarter:])
+    climbing = last_median > first_high
+    ok = not (slope_h > limit.per_hour and growth > limit.min_growth and climbing)
     message = (
         f"{name}: {signal} grew {slope_h:+.1f} {limit.unit}/hour after warm-up "
         f"({growth:+.1f} {limit.unit} over {covered / 60:.1f} min, Theil–Sen over {len(points)} samples; "
-        f"limit {limit.per_hour:g} {limit.unit}/hour and {limit.min_growth:g} {limit.unit})"
+        f"limit {limit.per_hour:g} {limit.unit}/hour and {limit.min_growth:g} {limit.unit}; "
+        f"last quarter's median {last_median:g} vs first quarter's high {first_high:g})"
     )
     return Check(f"{name} {signal}", ok, message, round(slope_h, 3))
 
@@ -134,7 +145,7 @@ def judge(report: dict[str, Any]) -> dict[str, Any]:
             else:
                 checks.append(c)
 
-    for signal in ("pg_conns", "redis_clients"):
+    for signal in ("pg_conns", "redis_clients", "get_streams"):
         points = [(s["t"], float(s[signal])) for s in post if s.get(signal) is not None]
         c = growth_check("fleet", signal, points, LIMITS[signal], span)
         if c is not None:
