@@ -32,7 +32,7 @@ def _run(
             }
         )
     return {
-        "config": {"warmup_s": 600.0},
+        "config": {"warmup_s": 600.0, "interval_s": 5.0},
         "samples": samples,
         "fault_windows": list(windows),
         "faults": [],

@@ -84,6 +84,8 @@ def summary(report: dict[str, Any]) -> str:
     )
     if verdict["failures"]:
         text += " Failures: " + " | ".join(verdict["failures"])
+    if verdict.get("notes"):
+        text += " Notes: " + " | ".join(verdict["notes"])
     return text
 
 

@@ -39,6 +39,7 @@ A scheduled fault that could not be injected fails it too (the run did not test 
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -113,6 +114,21 @@ def growth_check(
         f"last quarter's median {last_median:g} vs first quarter's high {first_high:g})"
     )
     return Check(f"{name} {signal}", ok, message, round(slope_h, 3))
+
+
+def _stalls(samples: list[dict[str, Any]], interval: float, faults: list[dict[str, Any]]) -> list[str]:
+    """Not failures, but worth knowing: the soak itself (or the machine) stopped for a while."""
+    notes = [
+        f"no sample for {b['t'] - a['t']:.0f} s after {a['t']:.0f} s: the soak process or the machine stalled"
+        for a, b in itertools.pairwise(samples)
+        if b["t"] - a["t"] > 3 * interval
+    ]
+    notes += [
+        f"fault {f['kind']} started {f['started'] - f['at']:.0f} s late (scheduled at {f['at']:.0f} s)"
+        for f in faults
+        if f.get("started") is not None and f["started"] - f["at"] > 10
+    ]
+    return notes
 
 
 def _in_windows(t0: float, t1: float, windows: list[tuple[float, float]]) -> bool:
@@ -219,10 +235,12 @@ def judge(report: dict[str, Any]) -> dict[str, Any]:
     if report.get("calls", {}).get("ok", 0) == 0:
         checks.append(Check("load", False, "no call succeeded: the soak drove nothing"))
 
+    notes = _stalls(samples, float(report["config"]["interval_s"]), report["faults"])
     failures = [c.message for c in checks if not c.ok]
     return {
         "passed": not failures,
         "failures": failures,
         "checks": [asdict(c) for c in checks],
         "skipped": skipped,
+        "notes": notes,
     }
