@@ -61,7 +61,7 @@ class RealisticProvider(FakeProvider):
     seed: int = 0
     _rng: random.Random = field(default_factory=random.Random)
 
-    def _next(self) -> Behaviour:
+    def _next(self, provider: str) -> Behaviour:
         with self._lock:
             delay = min(6.0, max(0.3, self._rng.lognormvariate(0.2, 0.6)))
             size = int(min(6000, max(200, self._rng.lognormvariate(7.0, 0.8))))
