@@ -133,4 +133,7 @@ def register_tools(mcp: MCPServer[Any], runtime: Runtime) -> None:
     for module in (info, chat, tasks, notes):
         module.register(mcp, runtime)
     register_workflows(mcp, runtime)
+    from instance.tools import links
+
+    links.register(mcp, runtime)
     mcp.middleware.append(unknown_argument_guard(mcp))
