@@ -212,3 +212,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/instances", list_instances)
     app.router.add_post("/admin/instances/{id}/drain", drain_instance)
     app.router.add_delete("/admin/instances/{id}/drain", undrain_instance)
+    from router import links
+
+    links.add_routes(app)
