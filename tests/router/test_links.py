@@ -27,8 +27,8 @@ ALICE, BOB = "tok-alice", "tok-bob"
 @pytest.fixture(scope="module")
 def fleet(module_fleet_factory: Callable[..., Fleet], provider: FakeProvider) -> Fleet:
     return module_fleet_factory(
-        instances=3,
-        max_instances=3,
+        instances=4,
+        max_instances=4,
         glm_api_key="fake-key",
         glm_api_url=provider.glm_url,
         auth_tokens=[f"alice={ALICE}", f"bob={BOB}"],
