@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import mcp_types
@@ -149,15 +152,35 @@ async def test_two_eras_share_tasks_notes_messages_and_reservations(fleet: Fleet
         await asyncio.sleep(1.0)
         assert not [m for m in outsider_updates if isinstance(m, mcp_types.ResourceUpdatedNotification)]
 
-        # The admin sees the group, its members and their cursors; leaving leaves a handoff.
+        # The admin sees the group, its members and their cursors, and may link across principals.
         code, groups = await fleet.admin("GET", "/admin/links")
         assert code == 200, groups
         (proj,) = [g for g in groups["groups"] if g["group"] == group]
         assert len(proj["members"]) == 2
+        bob_sid = (await status_of(bob))["session"]
+        listed_by_cli = await asyncio.to_thread(
+            subprocess.run,
+            [str(Path(sys.executable).with_name("exai")), "links", "add", group, bob_sid],
+            env=fleet.environment(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert listed_by_cli.returncode == 0, listed_by_cli.stderr
+        assert json.loads(listed_by_cli.stdout)["joined"] is True
+        await call(bob, "link_send", {"group": group, "body": "hello from bob"})
+        listed_by_cli = await asyncio.to_thread(
+            subprocess.run,
+            [str(Path(sys.executable).with_name("exai")), "links"],
+            env=fleet.environment(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert listed_by_cli.returncode == 0, listed_by_cli.stderr
+        assert bob_sid in listed_by_cli.stdout and "other-bob" in listed_by_cli.stdout
         left = await call(a, "link_leave", {"group": group, "handoff": "parser is half done"})
         assert left["left"] is True
         box = await call(b, "link_inbox", {"group": group})
-        assert [(e["kind"], e.get("body")) for e in box["events"]][-1] == ("leave", "parser is half done")
+        assert [(e["kind"], e.get("body")) for e in box["events"]][-3:] == [
+            ("join", None),
+            ("message", "hello from bob"),
+            ("leave", "parser is half done"),
+        ]
 
 
 async def test_200_messages_arrive_in_order_once_across_an_instance_kill(fleet: Fleet) -> None:
