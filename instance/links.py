@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 UPDATED = "notifications/resources/updated"
 GROUP_SCOPE_PREFIX = "link:"
+GROUP_CONTEXT_MESSAGES = 50  # newest group messages considered for a chat's group context
 
 
 def group_scope_id(group: str) -> str:
@@ -163,3 +164,62 @@ class Links:
         db.check_group(group)
         await self.run(lambda conn: db.member(conn, group, session), what=f"checking link group {group!r}")
         return group_scope_id(group)
+
+    async def group_context(
+        self, group: str, session: str, *, budget_chars: int
+    ) -> tuple[str, dict[str, Any]]:
+        """A prompt block with the group's recent messages, group notes and the other members'
+        in-progress tasks, newest cut first to stay within `budget_chars`; and what it holds."""
+        storage = self.runtime.require_storage()
+
+        async def read(conn: asyncpg.Connection) -> tuple[list[db.LinkEvent], list[dict[str, Any]]]:
+            await db.member(conn, group, session)
+            return await db.recent(conn, group, session, limit=GROUP_CONTEXT_MESSAGES), await db.members(
+                conn, group
+            )
+
+        events, members = await self.run(read, what=f"reading the context of link group {group!r}")
+        notes = await storage.notes.list(scope="session", scope_id=group_scope_id(group))
+        sections: list[tuple[str, list[str]]] = [
+            ("Group notes", [f"- {n.key} ({n.kind}): {n.body}" for n in notes]),
+            ("In progress", []),
+            ("Recent messages", []),
+        ]
+        for m in members:
+            if m["session"] == session:
+                continue
+            working = await storage.tasks.list(session_id=m["session"], scope="session", state="IN_PROGRESS")
+            who = m["client"] or m["session"][:8]
+            sections[1][1].extend(f"- {who}: {t.to_dict()['name']}" for t in working)
+        group_tasks = await storage.tasks.list(
+            session_id=group_scope_id(group), scope="session", state="IN_PROGRESS"
+        )
+        sections[1][1].extend(f"- group task: {t.to_dict()['name']}" for t in group_tasks)
+        for e in reversed(events):  # newest first, so the budget cuts the oldest
+            if e.kind == "message":
+                sections[2][1].append(
+                    f"- {e.sender and e.sender[:8]}: {e.subject + ': ' if e.subject else ''}{e.body}"
+                )
+        header = f"[Context shared by link group {group!r}]\n"
+        used = len(header)
+        kept: dict[str, list[str]] = {}
+        truncated = False
+        for title, lines in sections:
+            for line in lines:
+                if used + len(line) + 1 > budget_chars:
+                    truncated = True
+                    break
+                kept.setdefault(title, []).append(line)
+                used += len(line) + 1
+        if "Recent messages" in kept:
+            kept["Recent messages"].reverse()  # back to oldest first
+        text = header + "\n".join(f"{title}:\n" + "\n".join(lines) for title, lines in kept.items())
+        summary = {
+            "group": group,
+            "notes": len(kept.get("Group notes", [])),
+            "tasks": len(kept.get("In progress", [])),
+            "messages": len(kept.get("Recent messages", [])),
+            "chars": len(text) if kept else 0,
+            "truncated": truncated,
+        }
+        return (text if kept else ""), summary

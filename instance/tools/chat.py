@@ -99,6 +99,9 @@ async def consult(
     return Consultation(result, dropped)
 
 
+GROUP_CONTEXT_CHARS = 8000  # budget of include_group_context, in characters (~2k tokens)
+
+
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
     @exai_tool(
         mcp,
@@ -124,6 +127,14 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             ThinkingMode | None, Field(description="Reasoning depth; 'minimal' turns thinking off.")
         ] = None,
         use_websearch: Annotated[bool, Field(description="Let the model search the web (GLM).")] = False,
+        include_group_context: Annotated[
+            str | None,
+            Field(
+                max_length=100,
+                description="A link group you are in: add its notes, in-progress tasks and recent "
+                "messages to the prompt (within a budget; the result says what was included).",
+            ),
+        ] = None,
     ) -> dict[str, Any]:
         if not prompt.strip():
             raise InvalidArgument("prompt is empty", hint="Say what you want to ask.")
@@ -147,10 +158,18 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 )
             cid = continuation_id
 
+        group_context: dict[str, Any] | None = None
+        prompt_sent = prompt
+        if include_group_context:
+            block, group_context = await runtime.links.group_context(
+                include_group_context, session_id, budget_chars=GROUP_CONTEXT_CHARS
+            )
+            if block:  # sent with this call only; the thread stores the prompt as given
+                prompt_sent = block + "\n\n" + prompt
         consultation = await consult(
             ctx,
             thread=history_records,
-            prompt=prompt,
+            prompt=prompt_sent,
             files=loaded,
             model=info,
             provider=provider,
@@ -211,6 +230,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 "instance_id": runtime.identity.id,
             },
         }
+        if group_context is not None:
+            out["metadata"]["group_context"] = group_context
         if remaining:
             out["continuation_offer"] = {
                 "continuation_id": cid,

@@ -58,7 +58,9 @@ async def error_of(client: Client, tool: str, args: dict[str, Any]) -> str:
     return str(result.content[0].text)  # type: ignore[union-attr]
 
 
-async def test_two_eras_share_tasks_notes_messages_and_reservations(fleet: Fleet) -> None:
+async def test_two_eras_share_tasks_notes_messages_and_reservations(
+    fleet: Fleet, provider: FakeProvider
+) -> None:
     group = "proj"
     inbox = f"exai://link/{group}/inbox"
     a_updates: list[str] = []
@@ -137,6 +139,17 @@ async def test_two_eras_share_tasks_notes_messages_and_reservations(fleet: Fleet
         assert "version_conflict" in await error_of(
             a, "task_update", {"task_id": task["id"], "expected_version": 1, "name": "x", "group": group}
         )
+        # Shared chat context, opt-in per call: B's prompt carries A's note, task and message.
+        answer = await call(b, "chat", {"prompt": "what is A doing?", "include_group_context": group})
+        included = answer["metadata"]["group_context"]
+        assert (included["notes"], included["tasks"], included["messages"]) == (1, 1, 1)
+        sent_prompt = provider.snapshot()[-1].messages[-1]["content"]
+        assert "parser first" in sent_prompt and "I take the parser" in sent_prompt
+        assert sent_prompt.endswith("what is A doing?")
+        plain = await call(b, "chat", {"prompt": "no context", "continuation_id": answer["continuation_id"]})
+        assert "group_context" not in plain["metadata"]
+        assert "I take the parser" not in provider.snapshot()[-1].messages[-1]["content"]
+
         # A conflicting exclusive reservation is refused, naming the holder and the expiry.
         refused = await error_of(b, "link_reserve", {"group": group, "paths": ["src/parser.py"]})
         assert "reservation_conflict" in refused and a_sid in refused and "agent-a" in refused
