@@ -12,21 +12,25 @@ notifications and sends them when Redis returns, and the tools keep working from
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import asyncpg
 
 from common import links as db
+from common.errors import ExaiError
 from common.keys import Keys
 from common.protocol import ADMIN_PRINCIPAL, CLIENT_HEADER
 from common.redis import REDIS_DOWN_ERRORS
 from instance.runtime import Runtime
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 UPDATED = "notifications/resources/updated"
 GROUP_SCOPE_PREFIX = "link:"
+LINK_GROUP_HEADER = "exai-link-group"  # connect-time linking (X-Exai-* headers stay at the router)
 GROUP_CONTEXT_MESSAGES = 50  # newest group messages considered for a chat's group context
 
 
@@ -45,6 +49,7 @@ class Links:
         self.notified = 0
         self.catch_ups = 0
         self.caught_up_events = 0
+        self._header_joins: set[tuple[str, str]] = set()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -223,3 +228,29 @@ class Links:
             "truncated": truncated,
         }
         return (text if kept else ""), summary
+
+    async def join_from_header(self, headers: Mapping[str, str]) -> None:
+        """Connect-time linking: a client that sends `Exai-Link-Group: <group>` on its requests
+        joins that group on its first tool call (same principal rules as link_join)."""
+        group = headers.get(LINK_GROUP_HEADER) or headers.get(LINK_GROUP_HEADER.title())
+        if not group:
+            return
+        session, principal, client, crosses = self.caller(headers)
+        if (session, group) in self._header_joins:
+            return
+        self._header_joins.add((session, group))
+
+        async def join(conn: asyncpg.Connection) -> tuple[db.LinkEvent | None, list[str]]:
+            _, event = await db.join(conn, group, session, principal=principal, client=client, admin=crosses)
+            return event, [m["session"] for m in await db.members(conn, group)]
+
+        try:
+            db.check_group(group)
+            event, sessions = await self.run(join, what=f"joining link group {group!r}", write=True)
+        except ExaiError as exc:
+            log.warning(
+                "session %s could not join link group %r from its header: %s", session[:8], group, exc
+            )
+            return
+        if event is not None:
+            self.announce(event, sessions)

@@ -200,11 +200,15 @@ async def test_200_messages_arrive_in_order_once_across_an_instance_kill(fleet: 
     group = "kill"
     async with (
         mcp_client(fleet.mcp_url, "legacy", name="sender", token=ALICE) as a,
-        mcp_client(fleet.mcp_url, "legacy", name="receiver", token=ALICE) as b,
+        mcp_client(
+            fleet.mcp_url, "legacy", name="receiver", token=ALICE, headers={"Exai-Link-Group": group}
+        ) as b,
     ):
-        await call(a, "link_join", {"group": group})
-        await call(b, "link_join", {"group": group})
+        # Connect-time linking: B sends Exai-Link-Group and is in the group after its first call.
         b_instance = instance_num((await status_of(b))["instance_id"])
+        assert (await call(b, "link_status"))["groups"] == [group]
+        await call(a, "link_join", {"group": group})
+        await call(b, "link_inbox", {"group": group})  # A's join: read
         received: list[dict[str, Any]] = []
 
         async def read_some() -> None:
