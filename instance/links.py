@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -108,11 +109,31 @@ class Links:
         """Queue the inbox update for every member the event concerns (never the sender)."""
         self.events += 1
         uri = db.inbox_uri(event.group)
+        notified = 0
         for sid in sessions:
             if sid == event.sender or (event.recipient is not None and sid != event.recipient):
                 continue
             self.runtime.notify(sid, UPDATED, {"uri": uri})
-            self.notified += 1
+            notified += 1
+        self.notified += notified
+        self._count(events=1, notified=notified)
+
+    def _count(self, **fields: float) -> None:
+        """Add to the fleet-wide counters in Redis (router /metrics), off the call's path."""
+        redis = self.runtime.redis
+        if redis is None:
+            return
+
+        async def add() -> None:
+            try:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for name, amount in fields.items():
+                        pipe.hincrbyfloat(self.keys.link_stats(), name, amount)
+                    await pipe.execute()
+            except REDIS_DOWN_ERRORS:
+                pass  # counters are best effort; the events themselves are in Postgres
+
+        self.runtime.background(add(), what="counting link events")
 
     async def presence(self, sessions: list[str]) -> dict[str, str]:
         """'active' (on an instance), 'parked' (no instance), 'ended' or 'unknown' (Redis down),
@@ -156,6 +177,12 @@ class Links:
         if events:
             self.catch_ups += 1
             self.caught_up_events += len(events)
+            if ack:  # delivery lag: from the event stored to its member reading it
+                now = datetime.now(UTC)
+                lag = sum((now - e.created_at).total_seconds() for e in events)
+                self._count(
+                    catchups=1, caught_up_events=len(events), lag_seconds_sum=lag, lag_count=len(events)
+                )
         return events, cursor
 
     async def require_member(self, group: str | None, session: str) -> str:

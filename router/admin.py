@@ -194,6 +194,9 @@ async def metrics(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     with contextlib.suppress(*REDIS_DOWN_ERRORS):
         await proxy.registry.instances()  # fresh instance gauges
+    from router.links import refresh_metrics
+
+    await refresh_metrics(request)  # fleet-wide link-group counters
     return web.Response(
         text=request.app[METRICS_KEY].render(), content_type="text/plain", charset="utf-8",
         headers={"X-Content-Type-Options": "nosniff"},

@@ -10,6 +10,7 @@ each member's notification log.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -111,7 +112,40 @@ async def delete_group(request: web.Request) -> web.Response:
     return web.json_response({"group": group, "deleted": True})
 
 
+_STATS = {
+    "events": ("exai_links_events_total", "Link-group events stored (messages, tasks, notes, joins, ...)."),
+    "notified": ("exai_links_notifications_total", "Inbox notifications queued for group members."),
+    "catchups": ("exai_links_catchups_total", "link_inbox reads that returned (caught up) events."),
+    "caught_up_events": ("exai_links_catchup_events_total", "Events returned by those reads."),
+    "lag_seconds_sum": ("exai_links_delivery_lag_seconds_sum", "Sum of (read - stored) time of read events."),
+    "lag_count": ("exai_links_delivery_lag_seconds_count", "Events in that sum."),
+}
+_snapshot: dict[str, float] = {}
+
+
+def _read(field: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {(): _snapshot.get(field, 0.0)}
+
+
+async def refresh_metrics(request: web.Request) -> None:
+    """Read the fleet-wide link counters (instances add to them in Redis) before /metrics renders."""
+    from router.admin import PROXY_KEY
+
+    table = request.app[PROXY_KEY].table
+    with contextlib.suppress(*REDIS_DOWN_ERRORS):
+        raw = await table.redis.hgetall(table.keys.link_stats())
+        _snapshot.clear()
+        for name, value in (raw or {}).items():
+            with contextlib.suppress(ValueError):
+                _snapshot[str(name)] = float(value)
+
+
 def add_routes(app: web.Application) -> None:
+    from router.admin import METRICS_KEY
+
+    metrics = app[METRICS_KEY]
+    for field, (name, doc) in _STATS.items():
+        metrics.gauge(name, doc, functools.partial(_read, field))
     app.router.add_get("/admin/links", list_groups)
     app.router.add_get("/admin/links/{group}", get_group)
     app.router.add_delete("/admin/links/{group}", delete_group)

@@ -186,6 +186,17 @@ async def test_two_eras_share_tasks_notes_messages_and_reservations(
         )  # fmt: skip
         assert listed_by_cli.returncode == 0, listed_by_cli.stderr
         assert bob_sid in listed_by_cli.stdout and "other-bob" in listed_by_cli.stdout
+        _, text = await fleet.admin("GET", "/metrics")
+        counters = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines()
+            if line.startswith("exai_links_")
+        }
+        assert counters["exai_links_events_total"] >= 8 and counters["exai_links_notifications_total"] >= 6
+        assert (
+            counters["exai_links_catchups_total"] >= 1
+            and counters["exai_links_delivery_lag_seconds_count"] >= 4
+        )
         left = await call(a, "link_leave", {"group": group, "handoff": "parser is half done"})
         assert left["left"] is True
         box = await call(b, "link_inbox", {"group": group})
