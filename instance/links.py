@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from common import links as db
-from common.errors import ExaiError
+from common.errors import ExaiError, NotLinked
 from common.keys import Keys
 from common.protocol import ADMIN_PRINCIPAL, CLIENT_HEADER
 from common.redis import REDIS_DOWN_ERRORS
@@ -91,7 +91,13 @@ class Links:
             async with conn.transaction():
                 await db.member(conn, group, sender)
                 if recipient is not None:
-                    await db.member(conn, group, recipient)
+                    try:
+                        await db.member(conn, group, recipient)
+                    except NotLinked:
+                        raise NotLinked(
+                            f"{recipient!r} is not a member of link group {group!r}",
+                            hint="Send to a member's session id (see link_status) or omit `to` for all.",
+                        ) from None
                 event = await db.append(
                     conn, group, kind, sender=sender, recipient=recipient, subject=subject,
                     thread=thread, body=body, data=data,

@@ -126,6 +126,8 @@ async def test_two_eras_share_tasks_notes_messages_and_reservations(
             sent["id"], a_sid, "I take the parser", "split",
         )  # fmt: skip
         assert (await call(b, "link_inbox", {"group": group}))["events"] == []
+        refused_to = await error_of(b, "link_send", {"group": group, "body": "psst", "to": "nobody"})
+        assert "not_linked" in refused_to and "'nobody' is not a member" in refused_to
         listed = await call(b, "task_list", {"scope": "group", "group": group})
         assert [t["id"] for t in listed["tasks"]] == [task["id"]]
         note = await call(b, "note_read", {"key": "plan", "scope": "group", "group": group})
