@@ -135,3 +135,52 @@ CREATE INDEX IF NOT EXISTS tasks_principal_idx ON tasks (principal) WHERE sessio
 INSERT INTO exai_schema_version (id, version) VALUES (1, 2)
 ON CONFLICT (id) DO UPDATE SET version = GREATEST(exai_schema_version.version, EXCLUDED.version),
                                applied_at = now();
+
+-- Version 3: link groups (linked sessions). A group's events have per-group ids 1, 2, 3, ...
+-- taken from link_groups.seq in the transaction that stores the event (the group row lock
+-- makes ids commit in order); each member keeps a cursor (read_upto) over them.
+CREATE TABLE IF NOT EXISTS link_groups (
+    name        text PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 100),
+    principal   text,
+    seq         bigint NOT NULL DEFAULT 0,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS link_members (
+    group_name    text NOT NULL REFERENCES link_groups (name) ON DELETE CASCADE,
+    session_id    text NOT NULL,
+    principal     text,
+    client_name   text,
+    read_upto     bigint NOT NULL DEFAULT 0,
+    joined_at     timestamptz NOT NULL DEFAULT now(),
+    last_seen_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (group_name, session_id)
+);
+CREATE INDEX IF NOT EXISTS link_members_session_idx ON link_members (session_id);
+
+CREATE TABLE IF NOT EXISTS link_events (
+    group_name  text NOT NULL,
+    id          bigint NOT NULL,
+    kind        text NOT NULL,
+    sender      text,
+    recipient   text,
+    subject     text,
+    thread      text,
+    body        text NOT NULL DEFAULT '',
+    data        jsonb NOT NULL DEFAULT '{}'::jsonb,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (group_name, id)
+);
+
+CREATE TABLE IF NOT EXISTS link_reservations (
+    group_name  text NOT NULL REFERENCES link_groups (name) ON DELETE CASCADE,
+    pattern     text NOT NULL,
+    session_id  text NOT NULL,
+    exclusive   boolean NOT NULL DEFAULT true,
+    expires_at  timestamptz NOT NULL,
+    PRIMARY KEY (group_name, pattern, session_id)
+);
+
+INSERT INTO exai_schema_version (id, version) VALUES (1, 3)
+ON CONFLICT (id) DO UPDATE SET version = GREATEST(exai_schema_version.version, EXCLUDED.version),
+                               applied_at = now();

@@ -32,7 +32,7 @@ from typing import Any
 
 from common.embedded import EmbeddedPostgres, EmbeddedRedis
 from common.entry import run_entry
-from common.errors import ConfigError, FleetControlError, StorageUnavailable
+from common.errors import ConfigError, FleetControlError, InvalidArgument, StorageUnavailable
 from common.keys import Keys
 from common.migrate import migrate
 from common.protocol import DEFAULT_INSTANCE_HOST, MCP_PATH, local_name
@@ -647,6 +647,36 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_links(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from router.admin_client import admin_get, links_table
+
+    settings = load_settings()
+    token = admin_token(settings)
+    if args.action == "list":
+        groups = admin_get(settings, token, "/admin/links")["groups"]
+        print(json.dumps(groups, indent=2) if args.json else links_table(groups))
+        return 0
+    if not args.group or (args.action in ("add", "remove") and not args.session):
+        raise InvalidArgument(
+            f"`exai links {args.action}` needs GROUP" + (" SESSION" if args.action != "delete" else "")
+        )
+    group = quote(args.group, safe="")
+    if args.action == "add":
+        out = admin_get(
+            settings, token, f"/admin/links/{group}/members", method="POST", body={"session": args.session}
+        )
+    elif args.action == "remove":
+        out = admin_get(
+            settings, token, f"/admin/links/{group}/members/{quote(args.session, safe='')}", method="DELETE"
+        )
+    else:
+        out = admin_get(settings, token, f"/admin/links/{group}", method="DELETE")
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     from router.admin_client import set_draining
 
@@ -717,6 +747,15 @@ def build_parser() -> argparse.ArgumentParser:
     ss = sub.add_parser("sessions", help="open sessions (from the router's admin API)")
     ss.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ss.set_defaults(func=cmd_sessions)
+
+    lk = sub.add_parser(
+        "links", help="link groups: list, or add/remove a session, delete a group (admin API)"
+    )
+    lk.add_argument("action", nargs="?", default="list", choices=("list", "add", "remove", "delete"))
+    lk.add_argument("group", nargs="?", metavar="GROUP")
+    lk.add_argument("session", nargs="?", metavar="SESSION")
+    lk.add_argument("--json", action="store_true", help="print JSON instead of a table (list)")
+    lk.set_defaults(func=cmd_links)
 
     for name, what in (("drain", "stop giving an instance new sessions"), ("undrain", "undo `exai drain`")):
         dr = sub.add_parser(name, help=what)

@@ -430,3 +430,40 @@ class ShuttingDown(ExaiError):
     jsonrpc_code = SERVER_ERROR
     http_status = 503
     default_hint = "Retry; the router moves the session to another instance."
+
+
+# --- linked sessions -----------------------------------------------------------------------
+class LinkForbidden(ExaiError):
+    """A session tried to join (or act in) a link group its principal is not allowed into."""
+
+    code = "link_forbidden"
+    jsonrpc_code = INVALID_PARAMS
+    http_status = 403
+    default_hint = (
+        "Only sessions of the group's principal may join; "
+        "the admin can link others (POST /admin/links/{group}/members)."
+    )
+
+
+class NotLinked(NotFound):
+    """The session is not a member of the link group it named."""
+
+    code = "not_linked"
+    default_hint = "Join the group first with link_join (link_status lists your groups)."
+
+
+class ReservationConflict(ExaiError):
+    """An advisory file reservation overlaps an exclusive one held by another session."""
+
+    code = "reservation_conflict"
+    jsonrpc_code = SERVER_ERROR
+    http_status = 409
+    default_hint = (
+        "Wait until it expires, ask the holder (link_send) to release it, or reserve non-exclusively."
+    )
+
+
+class MessageTooLarge(InvalidArgument):
+    """A link message body exceeds EXAI_LINK_MESSAGE_MAX_BYTES."""
+
+    code = "message_too_large"

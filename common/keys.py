@@ -16,6 +16,8 @@ Keyspace (with the default prefix):
     exai:session:{sid}                  HASH  the router's session record (instance, principal, era, ...)
     exai:session-key:{key}              STR   stateless-era session key -> session id
     exai:links:{sid}                    SET   session ids linked to sid
+    exai:link-stats                     HASH  fleet-wide link-group counters (events, notified, catch-ups,
+                                               delivery lag sum/count) for the router's /metrics
     exai:events:{sid}                   STREAM server-to-client notifications of sid (bounded, expires
                                                with the session; Last-Event-ID catch-up)
     exai:chan:session:{sid}             PUBSUB "a new event is in exai:events:{sid}" (or "end")
@@ -69,6 +71,9 @@ class Keys:
 
     def links(self, session_id: str) -> str:
         return self._k("links", session_id)
+
+    def link_stats(self) -> str:
+        return self._k("link-stats")
 
     def events(self, session_id: str) -> str:
         return self._k("events", session_id)

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     fsync_window_ms: float = Field(2.0, ge=0, validation_alias="EXAI_FSYNC_WINDOW_MS")
     history_cache_turns: int = Field(50, ge=0, validation_alias="EXAI_HISTORY_CACHE_TURNS")
     note_max_bytes: int = Field(16 * 1024, ge=64, validation_alias="EXAI_NOTE_MAX_BYTES")
+    # Linked sessions: largest link_send body (UTF-8 bytes) and longest file reservation (seconds).
+    link_message_max_bytes: int = Field(16 * 1024, ge=64, validation_alias="EXAI_LINK_MESSAGE_MAX_BYTES")
+    link_reservation_max_ttl: float = Field(
+        24 * 3600.0, gt=0, validation_alias="EXAI_LINK_RESERVATION_MAX_TTL"
+    )
     # Ports of the embedded Postgres / Redis that `exai up` runs when DATABASE_URL / REDIS_URL are unset.
     embedded_pg_port: int = Field(8432, ge=1, le=65535, validation_alias="EXAI_EMBEDDED_PG_PORT")
     embedded_redis_port: int = Field(8379, ge=1, le=65535, validation_alias="EXAI_EMBEDDED_REDIS_PORT")

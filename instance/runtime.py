@@ -125,6 +125,7 @@ class Runtime:
         self.storage_error: str | None = None
         self.redis: Redis | None = None
         self.notifier: Notifier | None = None  # publishes to the session's router-held streams
+        self.links: Any = None  # instance.links.Links, set when the link tools are registered
         # Hooks set by the app: wake the registry heartbeat, close the SDK's MCP sessions.
         self.on_change: Callable[[], None] = lambda: None
         self.close_mcp_sessions: Callable[[], Any] | None = None

@@ -223,6 +223,9 @@ async def metrics(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     with contextlib.suppress(*REDIS_DOWN_ERRORS):
         await proxy.registry.instances()  # fresh instance gauges
+    from router.links import refresh_metrics
+
+    await refresh_metrics(request)  # fleet-wide link-group counters
     return web.Response(
         text=request.app[METRICS_KEY].render(), content_type="text/plain", charset="utf-8",
         headers={"X-Content-Type-Options": "nosniff"},
@@ -243,3 +246,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/instances/{id}/drain", drain_instance)
     app.router.add_delete("/admin/instances/{id}/drain", undrain_instance)
     app.router.add_post("/admin/instances/{id}/evict", evict_instance)
+    from router import links
+
+    links.add_routes(app)

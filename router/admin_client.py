@@ -31,10 +31,15 @@ def _base(settings: Settings) -> str:
     return f"http://{host}:{settings.router_port}"
 
 
-def admin_get(settings: Settings, token: str, path: str, *, timeout: float = 5.0, method: str = "GET") -> Any:
-    req = urllib.request.Request(
-        _base(settings) + path, headers={"Authorization": f"Bearer {token}"}, method=method
-    )
+def admin_get(
+    settings: Settings, token: str, path: str, *, timeout: float = 5.0, method: str = "GET", body: Any = None
+) -> Any:
+    headers = {"Authorization": f"Bearer {token}"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(_base(settings) + path, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
@@ -95,3 +100,18 @@ def sessions_table(sessions: list[dict[str, Any]], *, now: float | None = None) 
         return "no sessions"
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def links_table(groups: list[dict[str, Any]]) -> str:
+    """`exai links`: one line per group, then one per member with its cursor."""
+    if not groups:
+        return "no link groups"
+    lines = []
+    for g in groups:
+        lines.append(f"{g['group']}  owner={g.get('principal') or '-'}  events={g['events']}")
+        for m in g["members"]:
+            lines.append(
+                f"  {m['session']}  {m.get('client') or '-'}  cursor={m['cursor']} behind={m['behind']}"
+                f"  last_seen={m['last_seen']}"
+            )
+    return "\n".join(lines)

@@ -78,6 +78,28 @@ _ERRORS = {
     "503": _ok(_ERROR, "Redis unreachable (redis_unavailable; see the Retry-After header)"),
 }
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_GROUP = {"name": "group", "in": "path", "required": True, "schema": {"type": "string"}}
+_LINK_MEMBER = {
+    "type": "object",
+    "properties": {
+        "session": {"type": "string"},
+        "principal": {"type": ["string", "null"]},
+        "client": {"type": ["string", "null"]},
+        "cursor": {"type": "integer", "description": "last event id the member acknowledged"},
+        "behind": {"type": "integer", "description": "events after its cursor"},
+        "joined_at": {"type": "string"},
+        "last_seen": {"type": "string"},
+    },
+}
+_LINK_GROUP = {
+    "type": "object",
+    "properties": {
+        "group": {"type": "string"},
+        "principal": {"type": ["string", "null"], "description": "owner; others join only via the admin"},
+        "events": {"type": "integer", "description": "id of the newest event"},
+        "members": {"type": "array", "items": _LINK_MEMBER},
+    },
+}
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -240,6 +262,80 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "200": _ok(_EVICTION, "what was parked and cut"),
                     "400": _ok(_ERROR, "bad wait"),
+                    **_ERRORS,
+                },
+            },
+        },
+        "/admin/links": {
+            "get": {
+                "summary": "List link groups with their members and cursors",
+                "responses": {
+                    "200": _ok(
+                        {"type": "object", "properties": {"groups": {"type": "array", "items": _LINK_GROUP}}},
+                        "all link groups",
+                    ),
+                    **_ERRORS,
+                },
+            }
+        },
+        "/admin/links/{group}": {
+            "parameters": [_GROUP],
+            "get": {
+                "summary": "One link group: members, cursors, reservations",
+                "responses": {"200": _ok(_LINK_GROUP, "the group"), "404": _ok(_ERROR, "unknown"), **_ERRORS},
+            },
+            "delete": {
+                "summary": "Delete a link group and its event log",
+                "responses": {
+                    "200": _ok({"type": "object", "properties": {"deleted": {"type": "boolean"}}}, "deleted"),
+                    "404": _ok(_ERROR, "unknown"),
+                    **_ERRORS,
+                },
+            },
+        },
+        "/admin/links/{group}/members": {
+            "parameters": [_GROUP],
+            "post": {
+                "summary": "Link a session into a group (any principal; creates the group)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {"session": {"type": "string"}},
+                                "required": ["session"],
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _ok(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "group": {"type": "string"},
+                                "session": {"type": "string"},
+                                "joined": {"type": "boolean", "description": "false: already a member"},
+                            },
+                        },
+                        "linked",
+                    ),
+                    "404": _ok(_ERROR, "unknown session"),
+                    **_ERRORS,
+                },
+            },
+        },
+        "/admin/links/{group}/members/{session}": {
+            "parameters": [
+                _GROUP,
+                {"name": "session", "in": "path", "required": True, "schema": {"type": "string"}},
+            ],
+            "delete": {
+                "summary": "Remove a session from a group (a leave event with a handoff note)",
+                "responses": {
+                    "200": _ok({"type": "object", "properties": {"removed": {"type": "boolean"}}}, "removed"),
+                    "404": _ok(_ERROR, "not a member"),
                     **_ERRORS,
                 },
             },

@@ -18,6 +18,10 @@ EXPECTED_TABLES = {
     "task_events",
     "notes",
     "session_links",
+    "link_groups",
+    "link_members",
+    "link_events",
+    "link_reservations",
 }
 
 

@@ -61,6 +61,8 @@ def exai_tool(mcp: MCPServer[Any], runtime: Runtime, *, description: str) -> Cal
             headers = headers_of(ctx)
             runtime.observe(headers)
             await _touch_session(runtime)
+            if runtime.links is not None:
+                await runtime.links.join_from_header(headers)
             started = time.perf_counter()
             status, error = "success", None
             try:
@@ -133,4 +135,7 @@ def register_tools(mcp: MCPServer[Any], runtime: Runtime) -> None:
     for module in (info, chat, tasks, notes, files):
         module.register(mcp, runtime)
     register_workflows(mcp, runtime)
+    from instance.tools import links
+
+    links.register(mcp, runtime)
     mcp.middleware.append(unknown_argument_guard(mcp))

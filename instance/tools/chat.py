@@ -104,6 +104,9 @@ async def consult(
     return Consultation(result, built)
 
 
+GROUP_CONTEXT_CHARS = 8000  # budget of include_group_context, in characters (~2k tokens)
+
+
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
     @exai_tool(
         mcp,
@@ -143,6 +146,14 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         recent_turns: Annotated[
             int | None, Field(ge=0, le=1000, description="Most recent turns always sent verbatim.")
         ] = None,
+        include_group_context: Annotated[
+            str | None,
+            Field(
+                max_length=100,
+                description="A link group you are in: add its notes, in-progress tasks and recent "
+                "messages to the prompt (within a budget; the result says what was included).",
+            ),
+        ] = None,
     ) -> dict[str, Any]:
         if not prompt.strip():
             raise InvalidArgument("prompt is empty", hint="Say what you want to ask.")
@@ -180,6 +191,14 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         extras = [Block("notes", notes.text)] if notes.text else []
         if disclosed.block:
             extras.append(Block("files", disclosed.block, stored=True))
+        # Linked sessions: the group's notes, in-progress tasks and recent messages, this call only.
+        group_context: dict[str, Any] | None = None
+        if include_group_context:
+            block, group_context = await runtime.links.group_context(
+                include_group_context, session_id, budget_chars=GROUP_CONTEXT_CHARS
+            )
+            if block:
+                extras.append(Block("group", block))
         consultation = await consult(
             ctx,
             runtime,
@@ -264,6 +283,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 "instance_id": runtime.identity.id,
             },
         }
+        if group_context is not None:
+            out["metadata"]["group_context"] = group_context
         if remaining:
             out["continuation_offer"] = {
                 "continuation_id": cid,

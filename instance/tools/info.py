@@ -90,4 +90,5 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             # Notifications for the session's router-held streams: published, queued while Redis
             # is unreachable, and dropped because EXAI_NOTIFY_BUFFER was full.
             "notifications": runtime.notifier.stats() if runtime.notifier else None,
+            "links": runtime.links.stats() if runtime.links else None,
         }

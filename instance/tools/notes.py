@@ -1,7 +1,9 @@
 """Note tools: small structured notes per session or per thread that survive restarts.
 
 scope="session" (default) keys notes by the calling session; scope="thread" keys them by a
-continuation_id, so any session continuing that thread sees them.
+continuation_id, so any session continuing that thread sees them; scope="group" keys them by a
+link group (stored as session notes of the id "link:{group}"), so every member sees them, and
+each change is a group event (instance/links.py).
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ from instance.resources import notes_changed
 from instance.runtime import Runtime
 from instance.tools import exai_tool, headers_of
 
-Scope = Literal["session", "thread"]
+Scope = Literal["session", "thread", "group"]
+GroupName = Annotated[str | None, Field(max_length=100, description="The link group, for scope='group'.")]
 Key = Annotated[str, Field(min_length=1, max_length=200, description="Name of the note in its scope.")]
 
 
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
-    async def scope_id(ctx: Context, scope: Scope, continuation_id: str | None) -> str:
+    async def scope_id(
+        ctx: Context, scope: Scope, continuation_id: str | None, group: str | None = None
+    ) -> str:
+        if scope == "group":
+            return str(await runtime.links.require_member(group, runtime.session_for(headers_of(ctx))))
         if scope == "thread":
             if not continuation_id:
                 raise InvalidArgument(
@@ -39,6 +46,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         ctx: Context,
         scope: Scope = "session",
         continuation_id: str | None = None,
+        group: GroupName = None,
         kind: Annotated[
             str, Field(min_length=1, max_length=50, description="decision, constraint, todo…")
         ] = "note",
@@ -49,8 +57,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
         note = await storage.notes.write(
-            scope=scope,
-            scope_id=await scope_id(ctx, scope, continuation_id),
+            scope=_stored(scope),
+            scope_id=await scope_id(ctx, scope, continuation_id, group),
             key=key,
             body=body,
             kind=kind,
@@ -59,35 +67,56 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         )
         if scope == "session":
             notes_changed(runtime, note.scope_id)
+        elif scope == "group" and group:
+            sender = runtime.session_for(headers_of(ctx))
+            await runtime.links.emit(group, "note", sender, data={"key": key, "version": note.version})
         return {"status": "success", "note": note.to_dict()}
 
     @exai_tool(mcp, runtime, description="Read one note by key.")
     async def note_read(
-        key: Key, ctx: Context, scope: Scope = "session", continuation_id: str | None = None
+        key: Key,
+        ctx: Context,
+        scope: Scope = "session",
+        continuation_id: str | None = None,
+        group: GroupName = None,
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
         note = await storage.notes.read(
-            scope=scope, scope_id=await scope_id(ctx, scope, continuation_id), key=key
+            scope=_stored(scope), scope_id=await scope_id(ctx, scope, continuation_id, group), key=key
         )
         return {"status": "success", "note": note.to_dict()}
 
     @exai_tool(mcp, runtime, description="List the notes of this session or of a thread.")
     async def note_list(
-        ctx: Context, scope: Scope = "session", continuation_id: str | None = None
+        ctx: Context, scope: Scope = "session", continuation_id: str | None = None, group: GroupName = None
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
-        notes = await storage.notes.list(scope=scope, scope_id=await scope_id(ctx, scope, continuation_id))
+        notes = await storage.notes.list(
+            scope=_stored(scope), scope_id=await scope_id(ctx, scope, continuation_id, group)
+        )
         items = [n.to_dict() for n in notes]
         return {"status": "success", "count": len(items), "notes": items}
 
     @exai_tool(mcp, runtime, description="Delete a note by key.")
     async def note_delete(
-        key: Key, ctx: Context, scope: Scope = "session", continuation_id: str | None = None
+        key: Key,
+        ctx: Context,
+        scope: Scope = "session",
+        continuation_id: str | None = None,
+        group: GroupName = None,
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
         deleted = await storage.notes.delete(
-            scope=scope, scope_id=await scope_id(ctx, scope, continuation_id), key=key
+            scope=_stored(scope), scope_id=await scope_id(ctx, scope, continuation_id, group), key=key
         )
         if deleted and scope == "session":
             notes_changed(runtime, runtime.session_for(headers_of(ctx)))
+        elif deleted and scope == "group" and group:
+            sender = runtime.session_for(headers_of(ctx))
+            await runtime.links.emit(group, "note", sender, data={"key": key, "deleted": True})
         return {"status": "success", "deleted": deleted, "key": key}
+
+
+def _stored(scope: Scope) -> str:
+    """Group notes are stored as session notes of the group's scope id (link:{group})."""
+    return "session" if scope == "group" else scope

@@ -2,7 +2,9 @@
 
 Tasks are written to Postgres directly (not write-behind): the write *is* the product, so when
 Postgres is down these tools say so plainly instead of pretending. Tasks belong to the calling
-session unless created with scope="global".
+session unless created with scope="global", or belong to a link group with scope="group"
+(stored under the session id "link:{group}"; every member may read and update them, each
+change is a group event, and optimistic locking works as for any task).
 """
 
 from __future__ import annotations
@@ -12,16 +14,31 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
+from common.errors import InvalidArgument
 from instance.resources import tasks_changed
 from instance.runtime import Runtime
 from instance.tools import exai_tool, headers_of
 
 TaskState = Literal["NOT_STARTED", "IN_PROGRESS", "CANCELLED", "COMPLETE"]
+GroupName = Annotated[
+    str | None, Field(max_length=100, description="A link group: its tasks instead of this session's.")
+]
 
 
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
     def session(ctx: Context) -> str:
         return runtime.session_for(headers_of(ctx))
+
+    async def scope_of(ctx: Context, group: str | None) -> str:
+        """The session id the task lives under: the caller's, or its link group's."""
+        if group:
+            return str(await runtime.links.require_member(group, session(ctx)))
+        return session(ctx)
+
+    async def group_event(ctx: Context, group: str | None, task: Any) -> None:
+        if group:
+            data = {"task_id": task.id, "name": task.name, "state": task.state, "version": task.version}
+            await runtime.links.emit(group, "task", session(ctx), data=data)
 
     @exai_tool(mcp, runtime, description="Create a task (session-scoped, or scope='global' to share it).")
     async def task_create(
@@ -33,11 +50,15 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         ] = None,
         state: TaskState = "NOT_STARTED",
         metadata: dict[str, Any] | None = None,
-        scope: Literal["session", "global"] = "session",
+        scope: Literal["session", "global", "group"] = "session",
+        group: GroupName = None,
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
+        if scope == "group" and not group:
+            raise InvalidArgument("scope='group' needs group", hint="Pass the link group's name.")
+        group = group if scope == "group" else None
         task = await storage.tasks.create(
-            session_id=None if scope == "global" else session(ctx),
+            session_id=None if scope == "global" else await scope_of(ctx, group),
             name=name,
             description=description,
             parent_task_id=parent_task_id,
@@ -46,15 +67,17 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             principal=runtime.principal_for(headers_of(ctx)),
             owner=runtime.owner_for(headers_of(ctx)),
         )
-        if task.session_id:
+        if task.session_id and not group:
             tasks_changed(runtime, task.session_id)
+        await group_event(ctx, group, task)
         return {"status": "success", "task": task.to_dict()}
 
     @exai_tool(
         mcp,
         runtime,
         description=(
-            "Update a task. expected_version must be the task's current version (from task_get); "
+            "Update a task (pass group for a link group's task). expected_version must be the "
+            "task's current version (from task_get); "
             "a stale version gives a version_conflict error naming the current one."
         ),
     )
@@ -68,6 +91,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         metadata: dict[str, Any] | None = None,
         parent_task_id: Annotated[str | None, Field(description="New parent; '' detaches.")] = None,
         reopen: Annotated[bool, Field(description="Allow COMPLETE/CANCELLED -> IN_PROGRESS.")] = False,
+        group: GroupName = None,
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
         extra: dict[str, Any] = {}
@@ -76,7 +100,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         task = await storage.tasks.update(
             task_id,
             expected_version=expected_version,
-            session_id=session(ctx),
+            session_id=await scope_of(ctx, group),
             state=state,
             name=name,
             description=description,
@@ -85,21 +109,25 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             owner=runtime.owner_for(headers_of(ctx)),
             **extra,
         )
-        if task.session_id:
+        if task.session_id and not group:
             tasks_changed(runtime, task.session_id)
+        await group_event(ctx, group, task)
         return {"status": "success", "task": task.to_dict()}
 
     @exai_tool(
         mcp, runtime, description="Read one task (this session's or a global one), optionally with history."
     )
-    async def task_get(task_id: str, ctx: Context, include_events: bool = False) -> dict[str, Any]:
+    async def task_get(
+        task_id: str, ctx: Context, include_events: bool = False, group: GroupName = None
+    ) -> dict[str, Any]:
         storage = runtime.require_storage()
         owner = runtime.owner_for(headers_of(ctx))
-        task = await storage.tasks.get(task_id, session_id=session(ctx), owner=owner)
+        sid = await scope_of(ctx, group)
+        task = await storage.tasks.get(task_id, session_id=sid, owner=owner)
         out: dict[str, Any] = {"status": "success", "task": task.to_dict()}
         if include_events:
             out["events"] = [
-                e.to_dict() for e in await storage.tasks.events(task_id, session_id=session(ctx), owner=owner)
+                e.to_dict() for e in await storage.tasks.events(task_id, session_id=sid, owner=owner)
             ]
         return out
 
@@ -113,15 +141,18 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
     )
     async def task_list(
         ctx: Context,
-        scope: Literal["session", "global", "all"] = "session",
+        scope: Literal["session", "global", "all", "group"] = "session",
         state: TaskState | None = None,
         parent_task_id: str | None = None,
         tree: bool = False,
+        group: GroupName = None,
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
+        if scope == "group" and not group:
+            raise InvalidArgument("scope='group' needs group", hint="Pass the link group's name.")
         tasks = await storage.tasks.list(
-            session_id=session(ctx),
-            scope=scope,
+            session_id=await scope_of(ctx, group if scope == "group" else None),
+            scope="session" if scope == "group" else scope,
             state=state,
             parent_task_id=parent_task_id,
             tree=tree,

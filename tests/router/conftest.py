@@ -51,13 +51,14 @@ async def mcp_client(
     token: str | None = None,
     session_ids: list[str] | None = None,
     message_handler: Any = None,
+    headers: dict[str, str] | None = None,
 ) -> AsyncIterator[Client]:
     """A real SDK client through the router (mode: 'legacy' handshake era or '2026-07-28').
 
     `session_ids` collects the Mcp-Session-Id of every request the client sends;
     `message_handler` sees what the server sends outside answers (notifications).
     """
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
 
     async def record(request: httpx2.Request) -> None:
         if session_ids is not None and (sid := request.headers.get("mcp-session-id")):

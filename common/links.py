@@ -1,0 +1,389 @@
+"""Link groups in Postgres: membership, the durable per-group event log, cursors, reservations.
+
+Shared by instances (the link_* tools) and the router (the /admin/links API), so both apply
+the same rules. Every function takes an open asyncpg connection.
+
+Event ids are per group and gapless (1, 2, 3, ...): `append` takes the next one from
+`link_groups.seq` in the same transaction that stores the event, so the group row lock makes
+ids commit in id order and a reader that saw id N has seen every id below it. A member's
+cursor (`read_upto`) only moves forward (GREATEST), which makes catch-up exactly once: a
+reader asks for ids above its cursor, in order, and acknowledging twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from common.errors import InvalidArgument, LinkForbidden, NotLinked, ReservationConflict
+
+GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+KINDS = ("join", "leave", "message", "task", "note", "reserve", "release")
+
+
+def check_group(name: Any) -> str:
+    if not isinstance(name, str) or not GROUP_RE.match(name):
+        raise InvalidArgument(
+            "group must be 1-100 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
+            f"got {name!r}"
+        )
+    return name
+
+
+def inbox_uri(group: str) -> str:
+    """The MCP resource whose `notifications/resources/updated` announces the group's events."""
+    return f"exai://link/{group}/inbox"
+
+
+def status_uri(group: str) -> str:
+    return f"exai://link/{group}/status"
+
+
+@dataclass(frozen=True, slots=True)
+class LinkEvent:
+    group: str
+    id: int
+    kind: str
+    sender: str | None
+    recipient: str | None
+    subject: str | None
+    thread: str | None
+    body: str
+    data: dict[str, Any]
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> LinkEvent:
+        data = row["data"]
+        return cls(
+            group=row["group_name"],
+            id=int(row["id"]),
+            kind=row["kind"],
+            sender=row["sender"],
+            recipient=row["recipient"],
+            subject=row["subject"],
+            thread=row["thread"],
+            body=row["body"],
+            data=json.loads(data) if isinstance(data, str) else dict(data or {}),
+            created_at=row["created_at"],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "kind": self.kind,
+            "from": self.sender,
+            "to": self.recipient or "all",
+            "created_at": self.created_at.isoformat(),
+        }
+        for name in ("subject", "thread"):
+            if getattr(self, name):
+                out[name] = getattr(self, name)
+        if self.body:
+            out["body"] = self.body
+        if self.data:
+            out["data"] = self.data
+        return out
+
+
+_EVENT_COLS = "group_name, id, kind, sender, recipient, subject, thread, body, data, created_at"
+
+
+async def append(
+    conn: asyncpg.Connection,
+    group: str,
+    kind: str,
+    *,
+    sender: str | None,
+    recipient: str | None = None,
+    subject: str | None = None,
+    thread: str | None = None,
+    body: str = "",
+    data: dict[str, Any] | None = None,
+) -> LinkEvent:
+    """Store one event with the group's next id (call inside a transaction or alone)."""
+    async with conn.transaction():
+        seq = await conn.fetchval("UPDATE link_groups SET seq = seq + 1 WHERE name = $1 RETURNING seq", group)
+        if seq is None:
+            raise NotLinked(f"no link group {group!r}")
+        row = await conn.fetchrow(
+            f"INSERT INTO link_events ({_EVENT_COLS}) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, now()) "
+            f"RETURNING {_EVENT_COLS}",
+            group, seq, kind, sender, recipient, subject, thread, body,
+            json.dumps(data or {}, separators=(",", ":")),
+        )  # fmt: skip
+    return LinkEvent.from_row(row)
+
+
+async def join(
+    conn: asyncpg.Connection,
+    group: str,
+    session: str,
+    *,
+    principal: str | None,
+    client: str | None,
+    admin: bool = False,
+) -> tuple[bool, LinkEvent | None]:
+    """Add `session` to `group` (creating the group, owned by `principal`).
+
+    Refused with LinkForbidden when the group belongs to another principal, unless `admin`.
+    Returns (joined now, the join event); joining twice is a no-op (False, None).
+    """
+    check_group(group)
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO link_groups (name, principal) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            group, principal,
+        )  # fmt: skip
+        row = await conn.fetchrow("SELECT principal, seq FROM link_groups WHERE name = $1 FOR UPDATE", group)
+        owner = row["principal"]
+        if not admin and owner is not None and owner != principal:
+            raise LinkForbidden(f"link group {group!r} belongs to another principal")
+        inserted = await conn.fetchval(
+            "INSERT INTO link_members (group_name, session_id, principal, client_name, read_upto) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (group_name, session_id) DO NOTHING RETURNING 1",
+            group, session, principal, client, row["seq"],
+        )  # fmt: skip
+        if not inserted:
+            await touch(conn, group, session)
+            return False, None
+        event = await append(conn, group, "join", sender=session, data={"client": client})
+        # The joiner's own join event is not news to it.
+        await conn.execute(
+            "UPDATE link_members SET read_upto = $3 WHERE group_name = $1 AND session_id = $2",
+            group, session, event.id,
+        )  # fmt: skip
+    return True, event
+
+
+async def leave(
+    conn: asyncpg.Connection, group: str, session: str, *, handoff: str | None = None
+) -> LinkEvent | None:
+    """Remove `session` from `group`, leaving an optional handoff note in the log."""
+    async with conn.transaction():
+        deleted = await conn.fetchval(
+            "DELETE FROM link_members WHERE group_name = $1 AND session_id = $2 RETURNING 1", group, session
+        )
+        if not deleted:
+            return None
+        await conn.execute(
+            "DELETE FROM link_reservations WHERE group_name = $1 AND session_id = $2", group, session
+        )
+        return await append(conn, group, "leave", sender=session, body=handoff or "")
+
+
+async def member(conn: asyncpg.Connection, group: str, session: str) -> asyncpg.Record:
+    """The member row of `session` in `group`, or NotLinked (outsiders see nothing)."""
+    row = await conn.fetchrow(
+        "SELECT * FROM link_members WHERE group_name = $1 AND session_id = $2", group, session
+    )
+    if row is None:
+        raise NotLinked(f"this session is not a member of link group {group!r}")
+    return row
+
+
+async def touch(conn: asyncpg.Connection, group: str, session: str) -> None:
+    await conn.execute(
+        "UPDATE link_members SET last_seen_at = now() WHERE group_name = $1 AND session_id = $2",
+        group, session,
+    )  # fmt: skip
+
+
+async def members(conn: asyncpg.Connection, group: str) -> list[dict[str, Any]]:
+    head = await conn.fetchval("SELECT seq FROM link_groups WHERE name = $1", group)
+    rows = await conn.fetch(
+        "SELECT session_id, principal, client_name, read_upto, joined_at, last_seen_at "
+        "FROM link_members WHERE group_name = $1 ORDER BY joined_at, session_id",
+        group,
+    )
+    return [
+        {
+            "session": r["session_id"],
+            "principal": r["principal"],
+            "client": r["client_name"],
+            "cursor": int(r["read_upto"]),
+            "behind": max(0, int(head or 0) - int(r["read_upto"])),
+            "joined_at": r["joined_at"].isoformat(),
+            "last_seen": r["last_seen_at"].isoformat(),
+        }
+        for r in rows
+    ]
+
+
+async def groups_of(conn: asyncpg.Connection, session: str) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT group_name FROM link_members WHERE session_id = $1 ORDER BY group_name", session
+    )
+    return [r["group_name"] for r in rows]
+
+
+async def groups(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+    rows = await conn.fetch("SELECT name, principal, seq, created_at FROM link_groups ORDER BY name")
+    out = []
+    for r in rows:
+        out.append(
+            {
+                "group": r["name"],
+                "principal": r["principal"],
+                "events": int(r["seq"]),
+                "created_at": r["created_at"].isoformat(),
+                "members": await members(conn, r["name"]),
+            }
+        )
+    return out
+
+
+async def delete_group(conn: asyncpg.Connection, group: str) -> bool:
+    async with conn.transaction():
+        await conn.execute("DELETE FROM link_events WHERE group_name = $1", group)
+        return bool(await conn.fetchval("DELETE FROM link_groups WHERE name = $1 RETURNING 1", group))
+
+
+async def unread(conn: asyncpg.Connection, group: str, session: str, *, limit: int) -> list[LinkEvent]:
+    """Events after the member's cursor that are for it (to all or to it), oldest first."""
+    row = await member(conn, group, session)
+    rows = await conn.fetch(
+        f"SELECT {_EVENT_COLS} FROM link_events WHERE group_name = $1 AND id > $2 "
+        "AND (sender IS DISTINCT FROM $3) AND (recipient IS NULL OR recipient = $3) "
+        "ORDER BY id LIMIT $4",
+        group, row["read_upto"], session, limit,
+    )  # fmt: skip
+    return [LinkEvent.from_row(r) for r in rows]
+
+
+async def recent(conn: asyncpg.Connection, group: str, session: str, *, limit: int) -> list[LinkEvent]:
+    """The newest events this member may see (read or not), oldest first."""
+    rows = await conn.fetch(
+        f"SELECT {_EVENT_COLS} FROM link_events WHERE group_name = $1 "
+        "AND (recipient IS NULL OR recipient = $2 OR sender = $2) ORDER BY id DESC LIMIT $3",
+        group, session, limit,
+    )  # fmt: skip
+    return [LinkEvent.from_row(r) for r in reversed(rows)]
+
+
+async def ack(conn: asyncpg.Connection, group: str, session: str, upto: int) -> int:
+    """Move the member's cursor forward to `upto` (never back); returns the cursor."""
+    head = await conn.fetchval("SELECT seq FROM link_groups WHERE name = $1", group)
+    cursor = await conn.fetchval(
+        "UPDATE link_members SET read_upto = GREATEST(read_upto, LEAST($3::bigint, $4::bigint)), "
+        "last_seen_at = now() WHERE group_name = $1 AND session_id = $2 RETURNING read_upto",
+        group, session, upto, int(head or 0),
+    )  # fmt: skip
+    if cursor is None:
+        raise NotLinked(f"this session is not a member of link group {group!r}")
+    return int(cursor)
+
+
+# --- advisory file reservations -------------------------------------------------------------
+def _literal_prefix(pattern: str) -> str:
+    cut = len(pattern)
+    for ch in "*?[":
+        i = pattern.find(ch)
+        if i != -1:
+            cut = min(cut, i)
+    return pattern[:cut]
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Whether two path globs may name a common file (conservative: when unsure, yes)."""
+    if a == b or fnmatch.fnmatchcase(a, b) or fnmatch.fnmatchcase(b, a):
+        return True
+    pa, pb = _literal_prefix(a), _literal_prefix(b)
+    wild_a, wild_b = pa != a, pb != b
+    if wild_a and wild_b:
+        return pa.startswith(pb) or pb.startswith(pa)
+    if wild_a:
+        return b.startswith(pa) and fnmatch.fnmatchcase(b, a)
+    if wild_b:
+        return a.startswith(pb) and fnmatch.fnmatchcase(a, b)
+    return False
+
+
+async def reserve(
+    conn: asyncpg.Connection, group: str, session: str, patterns: list[str], *, ttl: float, exclusive: bool
+) -> list[dict[str, Any]]:
+    """Reserve `patterns` for `ttl` seconds; refuse (all of them) if one overlaps another
+    session's reservation where either side is exclusive."""
+    async with conn.transaction():
+        await conn.execute("SELECT 1 FROM link_groups WHERE name = $1 FOR UPDATE", group)
+        await conn.execute("DELETE FROM link_reservations WHERE expires_at <= now()")
+        held = await conn.fetch(
+            "SELECT pattern, session_id, exclusive, expires_at FROM link_reservations "
+            "WHERE group_name = $1 AND session_id <> $2",
+            group, session,
+        )  # fmt: skip
+        for pattern in patterns:
+            for h in held:
+                if (exclusive or h["exclusive"]) and overlaps(pattern, h["pattern"]):
+                    client = await conn.fetchval(
+                        "SELECT client_name FROM link_members WHERE group_name = $1 AND session_id = $2",
+                        group, h["session_id"],
+                    )  # fmt: skip
+                    raise ReservationConflict(
+                        f"{pattern!r} overlaps {h['pattern']!r}, reserved "
+                        f"{'exclusively ' if h['exclusive'] else ''}by session {h['session_id']}"
+                        f" ({client or 'unknown client'}) until {h['expires_at'].isoformat()}",
+                        holder=h["session_id"],
+                        holder_client=client,
+                        pattern=h["pattern"],
+                        expires_at=h["expires_at"].isoformat(),
+                    )
+        rows = []
+        for pattern in patterns:
+            row = await conn.fetchrow(
+                "INSERT INTO link_reservations (group_name, pattern, session_id, exclusive, expires_at) "
+                "VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5)) "
+                "ON CONFLICT (group_name, pattern, session_id) DO UPDATE "
+                "SET exclusive = EXCLUDED.exclusive, expires_at = EXCLUDED.expires_at "
+                "RETURNING pattern, exclusive, expires_at",
+                group, pattern, session, exclusive, float(ttl),
+            )  # fmt: skip
+            rows.append(
+                {
+                    "pattern": row["pattern"],
+                    "exclusive": row["exclusive"],
+                    "expires_at": row["expires_at"].isoformat(),
+                }
+            )
+        return rows
+
+
+async def release(
+    conn: asyncpg.Connection, group: str, session: str, patterns: list[str] | None
+) -> list[str]:
+    if patterns:
+        rows = await conn.fetch(
+            "DELETE FROM link_reservations WHERE group_name = $1 AND session_id = $2 AND pattern = ANY($3) "
+            "RETURNING pattern",
+            group, session, patterns,
+        )  # fmt: skip
+    else:
+        rows = await conn.fetch(
+            "DELETE FROM link_reservations WHERE group_name = $1 AND session_id = $2 RETURNING pattern",
+            group, session,
+        )  # fmt: skip
+    return [r["pattern"] for r in rows]
+
+
+async def reservations(conn: asyncpg.Connection, group: str) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT pattern, session_id, exclusive, expires_at FROM link_reservations "
+        "WHERE group_name = $1 AND expires_at > now() ORDER BY pattern, session_id",
+        group,
+    )
+    return [
+        {
+            "pattern": r["pattern"],
+            "session": r["session_id"],
+            "exclusive": r["exclusive"],
+            "expires_at": r["expires_at"].isoformat(),
+        }
+        for r in rows
+    ]

@@ -1,0 +1,289 @@
+"""The instance's side of link groups: store an event, then tell the other members.
+
+Every group event (join, leave, message, group task or note change, reservation) is stored in
+Postgres first (common/links.py: per-group ids 1, 2, 3, ..., the durable log every member
+catches up from with its cursor). Then, for each member it concerns, the instance publishes
+`notifications/resources/updated` for `exai://link/{group}/inbox` to that member's own
+notification log (instance/notify.py -> the router-held streams). So delivery follows each
+member's session wherever it is (on an instance, or parked with only its router-held stream)
+and never needs the member's instance to be alive; while Redis is down the instance holds the
+notifications and sends them when Redis returns, and the tools keep working from Postgres.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import asyncpg
+
+from common import links as db
+from common.errors import ExaiError, NotLinked
+from common.keys import Keys
+from common.protocol import ADMIN_PRINCIPAL, CLIENT_HEADER
+from common.redis import REDIS_DOWN_ERRORS
+from instance.runtime import Runtime
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+UPDATED = "notifications/resources/updated"
+GROUP_SCOPE_PREFIX = "link:"
+LINK_GROUP_HEADER = "exai-link-group"  # connect-time linking (X-Exai-* headers stay at the router)
+GROUP_CONTEXT_MESSAGES = 50  # newest group messages considered for a chat's group context
+
+
+def group_scope_id(group: str) -> str:
+    """The session id under which a group's tasks and notes are stored (scope='group')."""
+    return GROUP_SCOPE_PREFIX + db.check_group(group)
+
+
+class Links:
+    """Link-group operations for the tools and resources of one instance."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.keys = Keys(runtime.settings.redis_prefix)
+        self.events = 0
+        self.notified = 0
+        self.catch_ups = 0
+        self.caught_up_events = 0
+        self._header_joins: set[tuple[str, str]] = set()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "events": self.events,
+            "notified": self.notified,
+            "catch_ups": self.catch_ups,
+            "caught_up_events": self.caught_up_events,
+        }
+
+    async def run(
+        self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, what: str, write: bool = False
+    ) -> T:
+        return await self.runtime.require_storage().db.run(fn, idempotent=not write, what=what)
+
+    def caller(self, headers: Mapping[str, str]) -> tuple[str, str | None, str | None, bool]:
+        """(session, principal, client name, may cross principals) of the calling session."""
+        rt = self.runtime
+        principal = rt.principal_for(headers)
+        client = headers.get(CLIENT_HEADER) or (rt.binding.client if rt.binding else None)
+        crosses = not rt.scoped or principal == ADMIN_PRINCIPAL
+        return rt.session_for(headers), principal, client, crosses
+
+    async def emit(
+        self,
+        group: str,
+        kind: str,
+        sender: str,
+        *,
+        recipient: str | None = None,
+        subject: str | None = None,
+        thread: str | None = None,
+        body: str = "",
+        data: dict[str, Any] | None = None,
+    ) -> db.LinkEvent:
+        """Store one event (the sender must be a member), then notify the members it concerns."""
+
+        async def store(conn: asyncpg.Connection) -> tuple[db.LinkEvent, list[str]]:
+            async with conn.transaction():
+                await db.member(conn, group, sender)
+                if recipient is not None:
+                    try:
+                        await db.member(conn, group, recipient)
+                    except NotLinked:
+                        raise NotLinked(
+                            f"{recipient!r} is not a member of link group {group!r}",
+                            hint="Send to a member's session id (see link_status) or omit `to` for all.",
+                        ) from None
+                event = await db.append(
+                    conn, group, kind, sender=sender, recipient=recipient, subject=subject,
+                    thread=thread, body=body, data=data,
+                )  # fmt: skip
+                await db.touch(conn, group, sender)
+                return event, [m["session"] for m in await db.members(conn, group)]
+
+        event, sessions = await self.run(
+            store, what=f"storing a {kind} event of link group {group!r}", write=True
+        )
+        self.announce(event, sessions)
+        return event
+
+    def announce(self, event: db.LinkEvent, sessions: list[str]) -> None:
+        """Queue the inbox update for every member the event concerns (never the sender)."""
+        self.events += 1
+        uri = db.inbox_uri(event.group)
+        notified = 0
+        for sid in sessions:
+            if sid == event.sender or (event.recipient is not None and sid != event.recipient):
+                continue
+            self.runtime.notify(sid, UPDATED, {"uri": uri})
+            notified += 1
+        self.notified += notified
+        self._count(events=1, notified=notified)
+
+    def _count(self, **fields: float) -> None:
+        """Add to the fleet-wide counters in Redis (router /metrics), off the call's path."""
+        redis = self.runtime.redis
+        if redis is None:
+            return
+
+        async def add() -> None:
+            try:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for name, amount in fields.items():
+                        pipe.hincrbyfloat(self.keys.link_stats(), name, amount)
+                    await pipe.execute()
+            except REDIS_DOWN_ERRORS:
+                pass  # counters are best effort; the events themselves are in Postgres
+
+        self.runtime.background(add(), what="counting link events")
+
+    async def presence(self, sessions: list[str]) -> dict[str, str]:
+        """'active' (on an instance), 'parked' (no instance), 'ended' or 'unknown' (Redis down),
+        from the router's session table."""
+        redis = self.runtime.redis
+        if redis is None:
+            return dict.fromkeys(sessions, "unknown")
+        out: dict[str, str] = {}
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                for sid in sessions:
+                    pipe.hget(self.keys.session(sid), "instance_id")
+                    pipe.exists(self.keys.session(sid))
+                replies = await pipe.execute()
+        except REDIS_DOWN_ERRORS:
+            return dict.fromkeys(sessions, "unknown")
+        for i, sid in enumerate(sessions):
+            instance, exists = replies[2 * i], replies[2 * i + 1]
+            out[sid] = "active" if instance else ("parked" if exists else "ended")
+        return out
+
+    async def inbox(
+        self, group: str, session: str, *, limit: int, ack: bool
+    ) -> tuple[list[db.LinkEvent], int]:
+        """Unread events (oldest first) and the cursor after acknowledging them (if `ack`)."""
+
+        async def read(conn: asyncpg.Connection) -> tuple[list[db.LinkEvent], int]:
+            # The head first: ids commit in order, so every event up to it is visible now and
+            # those not returned were for others; later ones are covered by the last returned.
+            head = int(await conn.fetchval("SELECT seq FROM link_groups WHERE name = $1", group) or 0)
+            events = await db.unread(conn, group, session, limit=limit)
+            cursor = int((await db.member(conn, group, session))["read_upto"])
+            if ack:
+                upto = events[-1].id if events else head
+                if len(events) < limit:
+                    upto = max(upto, head)
+                cursor = await db.ack(conn, group, session, upto)
+            return events, cursor
+
+        events, cursor = await self.run(read, what=f"reading the inbox of link group {group!r}", write=ack)
+        if events:
+            self.catch_ups += 1
+            self.caught_up_events += len(events)
+            if ack:  # delivery lag: from the event stored to its member reading it
+                now = datetime.now(UTC)
+                lag = sum((now - e.created_at).total_seconds() for e in events)
+                self._count(
+                    catchups=1, caught_up_events=len(events), lag_seconds_sum=lag, lag_count=len(events)
+                )
+        return events, cursor
+
+    async def require_member(self, group: str | None, session: str) -> str:
+        """The group-scope id for tasks and notes of `group`, once `session` is shown a member."""
+        if not group:
+            from common.errors import InvalidArgument
+
+            raise InvalidArgument(
+                "scope='group' needs group", hint="Pass the link group's name (link_status lists yours)."
+            )
+        db.check_group(group)
+        await self.run(lambda conn: db.member(conn, group, session), what=f"checking link group {group!r}")
+        return group_scope_id(group)
+
+    async def group_context(
+        self, group: str, session: str, *, budget_chars: int
+    ) -> tuple[str, dict[str, Any]]:
+        """A prompt block with the group's recent messages, group notes and the other members'
+        in-progress tasks, newest cut first to stay within `budget_chars`; and what it holds."""
+        storage = self.runtime.require_storage()
+
+        async def read(conn: asyncpg.Connection) -> tuple[list[db.LinkEvent], list[dict[str, Any]]]:
+            await db.member(conn, group, session)
+            return await db.recent(conn, group, session, limit=GROUP_CONTEXT_MESSAGES), await db.members(
+                conn, group
+            )
+
+        events, members = await self.run(read, what=f"reading the context of link group {group!r}")
+        notes = await storage.notes.list(scope="session", scope_id=group_scope_id(group))
+        sections: list[tuple[str, list[str]]] = [
+            ("Group notes", [f"- {n.key} ({n.kind}): {n.body}" for n in notes]),
+            ("In progress", []),
+            ("Recent messages", []),
+        ]
+        for m in members:
+            if m["session"] == session:
+                continue
+            working = await storage.tasks.list(session_id=m["session"], scope="session", state="IN_PROGRESS")
+            who = m["client"] or m["session"][:8]
+            sections[1][1].extend(f"- {who}: {t.to_dict()['name']}" for t in working)
+        group_tasks = await storage.tasks.list(
+            session_id=group_scope_id(group), scope="session", state="IN_PROGRESS"
+        )
+        sections[1][1].extend(f"- group task: {t.to_dict()['name']}" for t in group_tasks)
+        for e in reversed(events):  # newest first, so the budget cuts the oldest
+            if e.kind == "message":
+                sections[2][1].append(
+                    f"- {e.sender and e.sender[:8]}: {e.subject + ': ' if e.subject else ''}{e.body}"
+                )
+        header = f"[Context shared by link group {group!r}]\n"
+        used = len(header)
+        kept: dict[str, list[str]] = {}
+        truncated = False
+        for title, lines in sections:
+            for line in lines:
+                if used + len(line) + 1 > budget_chars:
+                    truncated = True
+                    break
+                kept.setdefault(title, []).append(line)
+                used += len(line) + 1
+        if "Recent messages" in kept:
+            kept["Recent messages"].reverse()  # back to oldest first
+        text = header + "\n".join(f"{title}:\n" + "\n".join(lines) for title, lines in kept.items())
+        summary = {
+            "group": group,
+            "notes": len(kept.get("Group notes", [])),
+            "tasks": len(kept.get("In progress", [])),
+            "messages": len(kept.get("Recent messages", [])),
+            "chars": len(text) if kept else 0,
+            "truncated": truncated,
+        }
+        return (text if kept else ""), summary
+
+    async def join_from_header(self, headers: Mapping[str, str]) -> None:
+        """Connect-time linking: a client that sends `Exai-Link-Group: <group>` on its requests
+        joins that group on its first tool call (same principal rules as link_join)."""
+        group = headers.get(LINK_GROUP_HEADER) or headers.get(LINK_GROUP_HEADER.title())
+        if not group:
+            return
+        session, principal, client, crosses = self.caller(headers)
+        if (session, group) in self._header_joins:
+            return
+        self._header_joins.add((session, group))
+
+        async def join(conn: asyncpg.Connection) -> tuple[db.LinkEvent | None, list[str]]:
+            _, event = await db.join(conn, group, session, principal=principal, client=client, admin=crosses)
+            return event, [m["session"] for m in await db.members(conn, group)]
+
+        try:
+            db.check_group(group)
+            event, sessions = await self.run(join, what=f"joining link group {group!r}", write=True)
+        except ExaiError as exc:
+            log.warning(
+                "session %s could not join link group %r from its header: %s", session[:8], group, exc
+            )
+            return
+        if event is not None:
+            self.announce(event, sessions)

@@ -1,0 +1,255 @@
+"""Link tools and resources: sessions that choose to work together in a named group.
+
+Tools: link_join, link_leave (with a handoff note), link_status (members, clients, active or
+parked, last seen, in-progress tasks, reservations), link_send, link_inbox (unread first,
+acknowledge), link_reserve / link_release (advisory file reservations with a TTL).
+Resources: `exai://link/{group}/inbox` (this session's unread events, not acknowledged) and
+`exai://link/{group}/status`. Each group event sends the members it concerns
+`notifications/resources/updated` for the inbox URI (see instance/links.py).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import asyncpg
+from mcp.server.mcpserver import Context, MCPServer
+from pydantic import Field
+
+from common import links as db
+from common.errors import InvalidArgument, MessageTooLarge
+from instance.links import Links, group_scope_id
+from instance.runtime import Runtime
+from instance.tools import exai_tool, headers_of
+
+Group = Annotated[
+    str, Field(min_length=1, max_length=100, description="The link group's name, e.g. the project's.")
+]
+
+
+def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
+    links = Links(runtime)
+    runtime.links = links
+
+    async def status_of(group: str, session: str) -> dict[str, Any]:
+        async def read(conn: asyncpg.Connection) -> dict[str, Any]:
+            me = await db.member(conn, group, session)
+            head = await conn.fetchval("SELECT seq FROM link_groups WHERE name = $1", group)
+            unread = await conn.fetchval(
+                "SELECT count(*) FROM link_events WHERE group_name = $1 AND id > $2 "
+                "AND sender IS DISTINCT FROM $3 AND (recipient IS NULL OR recipient = $3)",
+                group, me["read_upto"], session,
+            )  # fmt: skip
+            return {
+                "members": await db.members(conn, group),
+                "reservations": await db.reservations(conn, group),
+                "head": int(head or 0),
+                "cursor": int(me["read_upto"]),
+                "unread": int(unread or 0),
+            }
+
+        state = await links.run(read, what=f"reading link group {group!r}")
+        presence = await links.presence([m["session"] for m in state["members"]])
+        storage = runtime.require_storage()
+        for m in state["members"]:
+            m["state"] = presence[m["session"]]
+            m["you"] = m["session"] == session
+            working = await storage.tasks.list(session_id=m["session"], scope="session", state="IN_PROGRESS")
+            m["working_on"] = [t.to_dict()["name"] for t in working]
+        group_tasks = await storage.tasks.list(session_id=group_scope_id(group), scope="session")
+        return {"group": group, **state, "group_tasks": [t.to_dict() for t in group_tasks]}
+
+    @exai_tool(
+        mcp,
+        runtime,
+        description=(
+            "Join a link group (created on first join, owned by your principal) to share messages, "
+            "group tasks and notes, and file reservations with the other sessions in it."
+        ),
+    )
+    async def link_join(group: Group, ctx: Context) -> dict[str, Any]:
+        db.check_group(group)
+        session, principal, client, crosses = links.caller(headers_of(ctx))
+
+        async def join(conn: asyncpg.Connection) -> tuple[bool, db.LinkEvent | None, list[str]]:
+            joined, event = await db.join(
+                conn, group, session, principal=principal, client=client, admin=crosses
+            )
+            return joined, event, [m["session"] for m in await db.members(conn, group)]
+
+        joined, event, sessions = await links.run(join, what=f"joining link group {group!r}", write=True)
+        if event is not None:
+            links.announce(event, sessions)
+        return {"status": "success", "group": group, "joined": joined, "inbox": db.inbox_uri(group)}
+
+    @exai_tool(
+        mcp, runtime, description="Leave a link group, optionally leaving a handoff note for the others."
+    )
+    async def link_leave(
+        group: Group,
+        ctx: Context,
+        handoff: Annotated[str | None, Field(description="What the others should know or pick up.")] = None,
+    ) -> dict[str, Any]:
+        session = runtime.session_for(headers_of(ctx))
+        _check_body(runtime, handoff or "")
+
+        async def leave(conn: asyncpg.Connection) -> tuple[db.LinkEvent | None, list[str]]:
+            event = await db.leave(conn, group, session, handoff=handoff)
+            return event, [m["session"] for m in await db.members(conn, group)]
+
+        event, sessions = await links.run(leave, what=f"leaving link group {group!r}", write=True)
+        if event is not None:
+            links.announce(event, sessions)
+        return {"status": "success", "group": group, "left": event is not None}
+
+    @exai_tool(
+        mcp,
+        runtime,
+        description=(
+            "Without group: the groups this session is in. With group: its members (client, active or "
+            "parked, last seen, in-progress tasks), reservations, group tasks and your unread count."
+        ),
+    )
+    async def link_status(ctx: Context, group: Group | None = None) -> dict[str, Any]:
+        session = runtime.session_for(headers_of(ctx))
+        if group is None:
+            mine = await links.run(lambda conn: db.groups_of(conn, session), what="listing link groups")
+            return {"status": "success", "session": session, "groups": mine}
+        return {"status": "success", "session": session, **await status_of(group, session)}
+
+    @exai_tool(
+        mcp,
+        runtime,
+        description=(
+            "Send a message to one member (to=session id) or all members of a link group, with an "
+            "optional subject and thread; they get it live and in link_inbox."
+        ),
+    )
+    async def link_send(
+        group: Group,
+        body: Annotated[str, Field(min_length=1)],
+        ctx: Context,
+        to: Annotated[str | None, Field(description="A member's session id; omit for everyone.")] = None,
+        subject: Annotated[str | None, Field(max_length=200)] = None,
+        thread: Annotated[str | None, Field(max_length=200, description="Groups replies together.")] = None,
+    ) -> dict[str, Any]:
+        _check_body(runtime, body)
+        session = runtime.session_for(headers_of(ctx))
+        recipient = None if to in (None, "", "all") else to
+        event = await links.emit(
+            group, "message", session, recipient=recipient, subject=subject, thread=thread, body=body
+        )
+        return {"status": "success", "group": group, "id": event.id, "to": recipient or "all"}
+
+    @exai_tool(
+        mcp,
+        runtime,
+        description=(
+            "Your unread events of a link group (messages, task/note changes, reservations, joins), "
+            "oldest first; ack=True (default) marks them read so each arrives exactly once."
+        ),
+    )
+    async def link_inbox(
+        group: Group,
+        ctx: Context,
+        limit: Annotated[int, Field(ge=1, le=1000, strict=True)] = 100,
+        ack: bool = True,
+    ) -> dict[str, Any]:
+        session = runtime.session_for(headers_of(ctx))
+        events, cursor = await links.inbox(group, session, limit=limit, ack=ack)
+        return {
+            "status": "success",
+            "group": group,
+            "count": len(events),
+            "events": [e.to_dict() for e in events],
+            "cursor": cursor,
+            "more": len(events) == limit,
+        }
+
+    @exai_tool(
+        mcp,
+        runtime,
+        description=(
+            "Reserve files (paths or globs such as 'src/**') in a link group for ttl seconds. An "
+            "overlap with another member's reservation is refused when either is exclusive (advisory)."
+        ),
+    )
+    async def link_reserve(
+        group: Group,
+        paths: Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=500)]], Field(min_length=1, max_length=100)
+        ],
+        ctx: Context,
+        ttl: Annotated[float, Field(gt=0, description="Seconds until the reservation expires.")] = 3600.0,
+        exclusive: bool = True,
+    ) -> dict[str, Any]:
+        limit = runtime.settings.link_reservation_max_ttl
+        if ttl > limit:
+            raise InvalidArgument(
+                f"ttl is {ttl:g}s; the limit is {limit:g}s",
+                hint="Reserve for less and renew (EXAI_LINK_RESERVATION_MAX_TTL sets the limit).",
+            )
+        session = runtime.session_for(headers_of(ctx))
+        patterns = list(dict.fromkeys(paths))
+
+        async def reserve(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+            await db.member(conn, group, session)
+            return await db.reserve(conn, group, session, patterns, ttl=ttl, exclusive=exclusive)
+
+        held = await links.run(reserve, what=f"reserving files in link group {group!r}", write=True)
+        await links.emit(group, "reserve", session, data={"reservations": held})
+        return {"status": "success", "group": group, "reserved": held}
+
+    @exai_tool(
+        mcp, runtime, description="Release your file reservations in a link group (all, or the given paths)."
+    )
+    async def link_release(group: Group, ctx: Context, paths: list[str] | None = None) -> dict[str, Any]:
+        session = runtime.session_for(headers_of(ctx))
+
+        async def release(conn: asyncpg.Connection) -> list[str]:
+            await db.member(conn, group, session)
+            return await db.release(conn, group, session, paths)
+
+        released = await links.run(release, what=f"releasing files in link group {group!r}", write=True)
+        if released:
+            await links.emit(group, "release", session, data={"patterns": released})
+        return {"status": "success", "group": group, "released": released}
+
+    @mcp.resource(
+        "exai://link/{group}/inbox",
+        name="link-inbox",
+        description=(
+            "This session's unread events in a link group (JSON, not acknowledged; link_inbox "
+            "acknowledges). notifications/resources/updated for this URI says a new one arrived."
+        ),
+        mime_type="application/json",
+    )
+    async def link_inbox_resource(group: str) -> str:
+        session = runtime.session_for(None)
+        events, cursor = await links.inbox(group, session, limit=1000, ack=False)
+        return json.dumps({"group": group, "cursor": cursor, "events": [e.to_dict() for e in events]})
+
+    @mcp.resource(
+        "exai://link/{group}/status",
+        name="link-status",
+        description="A link group's members, presence, reservations and group tasks (JSON).",
+        mime_type="application/json",
+    )
+    async def link_status_resource(group: str) -> str:
+        return json.dumps(await status_of(group, runtime.session_for(None)), default=str)
+
+    return links
+
+
+def _check_body(runtime: Runtime, body: str) -> None:
+    size = len(body.encode())
+    limit = runtime.settings.link_message_max_bytes
+    if size > limit:
+        raise MessageTooLarge(
+            f"the message is {size} bytes; the limit is {limit} bytes",
+            hint="Shorten it, or put the details in a group note "
+            "(EXAI_LINK_MESSAGE_MAX_BYTES sets the limit).",
+            size=size,
+            limit=limit,
+        )

@@ -1,0 +1,153 @@
+"""The admin API of link groups: list groups, members and cursors; link or unlink any session.
+
+Group state lives in Postgres (common/links.py), so these handlers open one short asyncpg
+connection per call (admin calls are rare; the proxy path never touches Postgres). The admin
+may link sessions of any principal. Members hear about an admin join or removal like any
+other group event: `notifications/resources/updated` for the group's inbox URI, appended to
+each member's notification log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from common import links as db
+from common.errors import InvalidArgument, NotFound, StorageUnavailable
+from common.notifications import notification
+from common.redis import REDIS_DOWN_ERRORS
+from common.settings import Settings
+
+UPDATED = "notifications/resources/updated"
+
+
+@contextlib.asynccontextmanager
+async def _connect(request: web.Request) -> AsyncIterator[asyncpg.Connection]:
+    from router.app import SETTINGS_KEY
+
+    settings: Settings = request.app[SETTINGS_KEY]
+    if not settings.database_url:
+        raise StorageUnavailable("DATABASE_URL is not set; link groups live in Postgres.")
+    try:
+        conn = await asyncpg.connect(settings.database_url, timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise StorageUnavailable(f"Postgres is unreachable ({exc}).", hint="Retry once it is up.") from None
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def _announce(request: web.Request, event: db.LinkEvent | None, sessions: list[str]) -> None:
+    from router.admin import PROXY_KEY
+
+    notifications = request.app[PROXY_KEY].notifications
+    if event is None or notifications is None:
+        return
+    message = notification(UPDATED, {"uri": db.inbox_uri(event.group)})
+    for sid in sessions:
+        if sid != event.sender:
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):  # the durable log has it; link_inbox catches up
+                await notifications.events.append(sid, message)
+
+
+async def list_groups(request: web.Request) -> web.Response:
+    async with _connect(request) as conn:
+        return web.json_response({"groups": await db.groups(conn)})
+
+
+async def get_group(request: web.Request) -> web.Response:
+    group = db.check_group(request.match_info["group"])
+    async with _connect(request) as conn:
+        for g in await db.groups(conn):
+            if g["group"] == group:
+                g["reservations"] = await db.reservations(conn, group)
+                return web.json_response(g)
+    raise NotFound(f"No link group {group!r}.")
+
+
+async def add_member(request: web.Request) -> web.Response:
+    from router.admin import PROXY_KEY
+
+    group = db.check_group(request.match_info["group"])
+    try:
+        body: Any = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("session"), str):
+        raise InvalidArgument('The body must be JSON: {"session": "<session id>"}.')
+    sess = await request.app[PROXY_KEY].table.fetch(body["session"])
+    if sess is None or sess.ended:
+        raise NotFound(f"No session {body['session']!r}.")
+    async with _connect(request) as conn:
+        joined, event = await db.join(
+            conn, group, sess.id, principal=sess.principal or None, client=sess.client or None, admin=True
+        )
+        sessions = [m["session"] for m in await db.members(conn, group)]
+    await _announce(request, event, sessions)
+    return web.json_response({"group": group, "session": sess.id, "joined": joined})
+
+
+async def remove_member(request: web.Request) -> web.Response:
+    group = db.check_group(request.match_info["group"])
+    async with _connect(request) as conn:
+        event = await db.leave(conn, group, request.match_info["session"], handoff="removed by the admin")
+        sessions = [m["session"] for m in await db.members(conn, group)]
+    if event is None:
+        raise NotFound(f"Session {request.match_info['session']!r} is not in link group {group!r}.")
+    await _announce(request, event, sessions)
+    return web.json_response({"group": group, "session": request.match_info["session"], "removed": True})
+
+
+async def delete_group(request: web.Request) -> web.Response:
+    group = db.check_group(request.match_info["group"])
+    async with _connect(request) as conn:
+        if not await db.delete_group(conn, group):
+            raise NotFound(f"No link group {group!r}.")
+    return web.json_response({"group": group, "deleted": True})
+
+
+_STATS = {
+    "events": ("exai_links_events_total", "Link-group events stored (messages, tasks, notes, joins, ...)."),
+    "notified": ("exai_links_notifications_total", "Inbox notifications queued for group members."),
+    "catchups": ("exai_links_catchups_total", "link_inbox reads that returned (caught up) events."),
+    "caught_up_events": ("exai_links_catchup_events_total", "Events returned by those reads."),
+    "lag_seconds_sum": ("exai_links_delivery_lag_seconds_sum", "Sum of (read - stored) time of read events."),
+    "lag_count": ("exai_links_delivery_lag_seconds_count", "Events in that sum."),
+}
+_snapshot: dict[str, float] = {}
+
+
+def _read(field: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {(): _snapshot.get(field, 0.0)}
+
+
+async def refresh_metrics(request: web.Request) -> None:
+    """Read the fleet-wide link counters (instances add to them in Redis) before /metrics renders."""
+    from router.admin import PROXY_KEY
+
+    table = request.app[PROXY_KEY].table
+    with contextlib.suppress(*REDIS_DOWN_ERRORS):
+        raw = await table.redis.hgetall(table.keys.link_stats())
+        _snapshot.clear()
+        for name, value in (raw or {}).items():
+            with contextlib.suppress(ValueError):
+                _snapshot[str(name)] = float(value)
+
+
+def add_routes(app: web.Application) -> None:
+    from router.admin import METRICS_KEY
+
+    metrics = app[METRICS_KEY]
+    for field, (name, doc) in _STATS.items():
+        metrics.gauge(name, doc, functools.partial(_read, field))
+    app.router.add_get("/admin/links", list_groups)
+    app.router.add_get("/admin/links/{group}", get_group)
+    app.router.add_delete("/admin/links/{group}", delete_group)
+    app.router.add_post("/admin/links/{group}/members", add_member)
+    app.router.add_delete("/admin/links/{group}/members/{session}", remove_member)

@@ -1,0 +1,80 @@
+"""common/links.py on a real Postgres: ids, cursors, principals and reservation overlaps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from common import links as db
+from common.errors import InvalidArgument, LinkForbidden, NotLinked, ReservationConflict
+from common.migrate import migrate
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ("src/**", "src/app.py", True),
+        ("src/**", "src/deep/x.py", True),
+        ("src/*.py", "src/app.py", True),
+        ("src/**", "docs/**", False),
+        ("src/a.py", "src/b.py", False),
+        ("src/*.py", "docs/x.py", False),
+        ("src/parser/**", "src/**", True),
+        ("*.md", "README.md", True),
+    ],
+)
+def test_reservation_patterns_overlap(a: str, b: str, expected: bool) -> None:
+    assert db.overlaps(a, b) is expected
+    assert db.overlaps(b, a) is expected
+
+
+def test_group_names_are_checked() -> None:
+    assert db.check_group("my-project.v2") == "my-project.v2"
+    for bad in ("", "-x", "a/b", "x" * 101, "exai://x"):
+        with pytest.raises(InvalidArgument):
+            db.check_group(bad)
+
+
+async def test_concurrent_senders_get_gapless_ids_and_cursors_read_each_once(pg_dsn: str) -> None:
+    await migrate(pg_dsn)
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=6)
+    try:
+        async with pool.acquire() as conn:
+            assert (await db.join(conn, "store", "s-a", principal="alice", client="a"))[0]
+            assert (await db.join(conn, "store", "s-b", principal="alice", client="b"))[0]
+            assert (await db.join(conn, "store", "s-b", principal="alice", client="b")) == (False, None)
+            with pytest.raises(LinkForbidden):
+                await db.join(conn, "store", "s-c", principal="bob", client="c")
+            assert (await db.join(conn, "store", "s-admin", principal="bob", client="c", admin=True))[0]
+            with pytest.raises(NotLinked):
+                await db.unread(conn, "store", "s-outsider", limit=10)
+
+        async def send(i: int) -> int:
+            async with pool.acquire() as conn:
+                return (await db.append(conn, "store", "message", sender="s-a", body=f"m{i}")).id
+
+        ids = await asyncio.gather(*(send(i) for i in range(60)))
+        assert sorted(ids) == list(range(4, 64))  # after the three joins, gapless
+        async with pool.acquire() as conn:
+            seen: list[int] = []
+            while page := await db.unread(conn, "store", "s-b", limit=7):
+                seen += [e.id for e in page]
+                await db.ack(conn, "store", "s-b", page[-1].id)
+                await db.ack(conn, "store", "s-b", page[0].id)  # a late, smaller ack never moves it back
+            assert seen == [3, *sorted(ids)]  # the admin-linked join, then the messages
+
+            held = await db.reserve(conn, "store", "s-a", ["src/**"], ttl=60, exclusive=True)
+            assert held[0]["pattern"] == "src/**"
+            with pytest.raises(ReservationConflict) as refused:
+                await db.reserve(conn, "store", "s-b", ["src/x.py"], ttl=60, exclusive=False)
+            assert refused.value.details["holder"] == "s-a" and refused.value.details["holder_client"] == "a"
+            await db.reserve(conn, "store", "s-b", ["docs/**"], ttl=60, exclusive=True)
+            await db.reserve(conn, "store", "s-a", ["tmp/**"], ttl=0.2, exclusive=True)
+            await asyncio.sleep(0.5)  # expired reservations stop conflicting
+            await db.reserve(conn, "store", "s-b", ["tmp/x"], ttl=60, exclusive=True)
+            assert await db.release(conn, "store", "s-a", None) == ["src/**"]
+            await db.reserve(conn, "store", "s-b", ["src/x.py"], ttl=60, exclusive=True)
+    finally:
+        await pool.close()

@@ -1,0 +1,252 @@
+"""Linked sessions through the router: real clients of both eras, a real supervisord fleet.
+
+Two principals (alice, bob) so the principal rule is exercised; alice's sessions link up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import mcp_types
+import pytest
+from mcp import Client
+from mcp.client.subscriptions import ResourceUpdated
+
+from tests.fakes.provider import FakeProvider
+from tests.fleet import Fleet
+from tests.router.conftest import ROUTER_TEST_SETTINGS, instance_num, mcp_client, status_of
+
+pytestmark = pytest.mark.timeout(240)
+
+ALICE, BOB = "tok-alice", "tok-bob"
+
+
+@pytest.fixture(scope="module")
+def fleet(module_fleet_factory: Callable[..., Fleet], provider: FakeProvider) -> Fleet:
+    return module_fleet_factory(
+        instances=4,
+        max_instances=4,
+        glm_api_key="fake-key",
+        glm_api_url=provider.glm_url,
+        auth_tokens=[f"alice={ALICE}", f"bob={BOB}"],
+        **ROUTER_TEST_SETTINGS,
+    )
+
+
+@pytest.fixture(autouse=True)
+async def clean_fleet(fleet: Fleet) -> AsyncIterator[None]:
+    yield
+    await fleet.end_all_sessions()
+
+
+async def call(client: Client, tool: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    result = await client.call_tool(tool, args or {})
+    assert not result.is_error, result
+    assert result.structured_content is not None
+    return dict(result.structured_content)
+
+
+async def error_of(client: Client, tool: str, args: dict[str, Any]) -> str:
+    result = await client.call_tool(tool, args)
+    assert result.is_error, result
+    return str(result.content[0].text)  # type: ignore[union-attr]
+
+
+async def test_two_eras_share_tasks_notes_messages_and_reservations(
+    fleet: Fleet, provider: FakeProvider
+) -> None:
+    group = "proj"
+    inbox = f"exai://link/{group}/inbox"
+    a_updates: list[str] = []
+
+    async def on_a(message: Any) -> None:
+        if isinstance(message, mcp_types.ResourceUpdatedNotification):
+            a_updates.append(str(message.params.uri))
+
+    outsider_updates: list[Any] = []
+
+    async def on_outsider(message: Any) -> None:
+        outsider_updates.append(message)
+
+    async with (
+        mcp_client(fleet.mcp_url, "legacy", name="agent-a", token=ALICE, message_handler=on_a) as a,
+        mcp_client(fleet.mcp_url, "2026-07-28", name="agent-b", token=ALICE) as b,
+        mcp_client(fleet.mcp_url, "legacy", name="other-bob", token=BOB, message_handler=on_outsider) as bob,
+        mcp_client(
+            fleet.mcp_url, "legacy", name="alice-outsider", token=ALICE, message_handler=on_outsider
+        ) as c,
+    ):
+        a_sid = (await status_of(a))["session"]
+        assert (await call(a, "link_join", {"group": group}))["joined"] is True
+        assert (await call(b, "link_join", {"group": group}))["joined"] is True
+        async with asyncio.timeout(20):  # A hears that B joined, on its router-held GET stream
+            while inbox not in a_updates:  # noqa: ASYNC110 - waiting for a server push
+                await asyncio.sleep(0.05)
+
+        async with b.listen(resource_subscriptions=[inbox]) as sub:
+            updates = aiter(sub)
+
+            async def next_update() -> Any:
+                return await asyncio.wait_for(anext(updates), 20)
+
+            task = (
+                await call(a, "task_create", {"name": "port the parser", "scope": "group", "group": group})
+            )["task"]
+            assert await next_update() == ResourceUpdated(uri=inbox)
+            await call(
+                a, "note_write", {"key": "plan", "body": "parser first", "scope": "group", "group": group}
+            )
+            assert await next_update() == ResourceUpdated(uri=inbox)
+            sent = await call(
+                a, "link_send", {"group": group, "body": "I take the parser", "subject": "split"}
+            )
+            assert await next_update() == ResourceUpdated(uri=inbox)
+            await call(a, "link_reserve", {"group": group, "paths": ["src/**"], "ttl": 600})
+            assert await next_update() == ResourceUpdated(uri=inbox)
+
+        # B sees everything through the resources...
+        content = await b.read_resource(inbox)
+        unread = json.loads(content.contents[0].text)  # type: ignore[union-attr]
+        assert [e["kind"] for e in unread["events"]] == ["task", "note", "message", "reserve"]
+        status = json.loads((await b.read_resource(f"exai://link/{group}/status")).contents[0].text)  # type: ignore[union-attr]
+        assert {m["client"] for m in status["members"]} == {"agent-a", "agent-b"}
+        assert {m["state"] for m in status["members"]} == {"active"}
+        assert [t["name"] for t in status["group_tasks"]] == ["port the parser"]
+        # ...and through the tools, exactly once.
+        box = await call(b, "link_inbox", {"group": group})
+        assert [e["kind"] for e in box["events"]] == ["task", "note", "message", "reserve"]
+        message = box["events"][2]
+        assert (message["id"], message["from"], message["body"], message["subject"]) == (
+            sent["id"], a_sid, "I take the parser", "split",
+        )  # fmt: skip
+        assert (await call(b, "link_inbox", {"group": group}))["events"] == []
+        refused_to = await error_of(b, "link_send", {"group": group, "body": "psst", "to": "nobody"})
+        assert "not_linked" in refused_to and "'nobody' is not a member" in refused_to
+        listed = await call(b, "task_list", {"scope": "group", "group": group})
+        assert [t["id"] for t in listed["tasks"]] == [task["id"]]
+        note = await call(b, "note_read", {"key": "plan", "scope": "group", "group": group})
+        assert note["note"]["body"] == "parser first"
+        # Optimistic locking holds on group tasks: B updates, A's stale version is refused.
+        await call(
+            b,
+            "task_update",
+            {"task_id": task["id"], "expected_version": 1, "state": "IN_PROGRESS", "group": group},
+        )
+        assert "version_conflict" in await error_of(
+            a, "task_update", {"task_id": task["id"], "expected_version": 1, "name": "x", "group": group}
+        )
+        # Shared chat context, opt-in per call: B's prompt carries A's note, task and message.
+        answer = await call(b, "chat", {"prompt": "what is A doing?", "include_group_context": group})
+        included = answer["metadata"]["group_context"]
+        assert (included["notes"], included["tasks"], included["messages"]) == (1, 1, 1)
+        sent_prompt = provider.snapshot()[-1].messages[-1]["content"]
+        assert "parser first" in sent_prompt and "I take the parser" in sent_prompt
+        assert sent_prompt.endswith("what is A doing?")
+        plain = await call(b, "chat", {"prompt": "no context", "continuation_id": answer["continuation_id"]})
+        assert "group_context" not in plain["metadata"]
+        assert "I take the parser" not in provider.snapshot()[-1].messages[-1]["content"]
+
+        # A conflicting exclusive reservation is refused, naming the holder and the expiry.
+        refused = await error_of(b, "link_reserve", {"group": group, "paths": ["src/parser.py"]})
+        assert "reservation_conflict" in refused and a_sid in refused and "agent-a" in refused
+        assert "until" in refused
+        await call(b, "link_reserve", {"group": group, "paths": ["docs/**"]})  # no overlap: fine
+
+        # Outsiders: bob (another principal) cannot join; alice's unlinked session reads nothing.
+        assert "link_forbidden" in await error_of(bob, "link_join", {"group": group})
+        for outsider in (bob, c):
+            assert "not_linked" in await error_of(outsider, "link_inbox", {"group": group})
+            assert "not_linked" in await error_of(outsider, "link_send", {"group": group, "body": "hi"})
+        await call(a, "link_send", {"group": group, "body": "after the outsiders tried"})
+        await asyncio.sleep(1.0)
+        assert not [m for m in outsider_updates if isinstance(m, mcp_types.ResourceUpdatedNotification)]
+
+        # The admin sees the group, its members and their cursors, and may link across principals.
+        code, groups = await fleet.admin("GET", "/admin/links")
+        assert code == 200, groups
+        (proj,) = [g for g in groups["groups"] if g["group"] == group]
+        assert len(proj["members"]) == 2
+        bob_sid = (await status_of(bob))["session"]
+        listed_by_cli = await asyncio.to_thread(
+            subprocess.run,
+            [str(Path(sys.executable).with_name("exai")), "links", "add", group, bob_sid],
+            env=fleet.environment(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert listed_by_cli.returncode == 0, listed_by_cli.stderr
+        assert json.loads(listed_by_cli.stdout)["joined"] is True
+        await call(bob, "link_send", {"group": group, "body": "hello from bob"})
+        listed_by_cli = await asyncio.to_thread(
+            subprocess.run,
+            [str(Path(sys.executable).with_name("exai")), "links"],
+            env=fleet.environment(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert listed_by_cli.returncode == 0, listed_by_cli.stderr
+        assert bob_sid in listed_by_cli.stdout and "other-bob" in listed_by_cli.stdout
+        _, text = await fleet.admin("GET", "/metrics")
+        counters = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines()
+            if line.startswith("exai_links_")
+        }
+        assert counters["exai_links_events_total"] >= 8 and counters["exai_links_notifications_total"] >= 6
+        assert (
+            counters["exai_links_catchups_total"] >= 1
+            and counters["exai_links_delivery_lag_seconds_count"] >= 4
+        )
+        left = await call(a, "link_leave", {"group": group, "handoff": "parser is half done"})
+        assert left["left"] is True
+        box = await call(b, "link_inbox", {"group": group})
+        assert [(e["kind"], e.get("body")) for e in box["events"]][-3:] == [
+            ("join", None),
+            ("message", "hello from bob"),
+            ("leave", "parser is half done"),
+        ]
+
+
+async def test_200_messages_arrive_in_order_once_across_an_instance_kill(fleet: Fleet) -> None:
+    group = "kill"
+    async with (
+        mcp_client(fleet.mcp_url, "legacy", name="sender", token=ALICE) as a,
+        mcp_client(
+            fleet.mcp_url, "legacy", name="receiver", token=ALICE, headers={"Exai-Link-Group": group}
+        ) as b,
+    ):
+        # Connect-time linking: B sends Exai-Link-Group and is in the group after its first call.
+        b_instance = instance_num((await status_of(b))["instance_id"])
+        assert (await call(b, "link_status"))["groups"] == [group]
+        await call(a, "link_join", {"group": group})
+        await call(b, "link_inbox", {"group": group})  # A's join: read
+        received: list[dict[str, Any]] = []
+
+        async def read_some() -> None:
+            for _ in range(100):  # the instance may be restarting: retry until B is served again
+                result = await b.call_tool("link_inbox", {"group": group, "limit": 37})
+                if not result.is_error:
+                    received.extend(result.structured_content["events"])  # type: ignore[index]
+                    return
+                await asyncio.sleep(0.2)
+            raise AssertionError("B was never served again")
+
+        for i in range(200):
+            await call(a, "link_send", {"group": group, "body": f"m{i}"})
+            if i == 60:
+                await read_some()
+                await asyncio.to_thread(fleet.kill_instance, b_instance)
+            if i == 120:
+                await read_some()
+        async with asyncio.timeout(60):
+            while len(received) < 200:
+                before = len(received)
+                await read_some()
+                if len(received) == before:
+                    break
+        bodies = [e["body"] for e in received]
+        assert bodies == [f"m{i}" for i in range(200)]
+        ids = [e["id"] for e in received]
+        assert ids == sorted(set(ids))

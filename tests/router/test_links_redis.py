@@ -1,0 +1,92 @@
+"""Linked sessions across a Redis restart (a Redis of this module's own; the shared one is never touched).
+
+Group state and the event log are in Postgres, so link tools keep working while Redis is down;
+the inbox notifications published meanwhile are held by the instance and delivered when Redis
+returns; the receiver ends with every message once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import mcp_types
+import pytest
+
+from tests.fakes.provider import FakeProvider
+from tests.fleet import Fleet
+from tests.redis_server import OwnRedis
+from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client
+from tests.router.test_links import call
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRedis]:
+    server = OwnRedis(Path(tmp_path_factory.mktemp("own-redis")) / "data").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(own_redis: OwnRedis, module_fleet_factory: Callable[..., Fleet], provider: FakeProvider) -> Fleet:
+    return module_fleet_factory(
+        instances=2,
+        max_instances=2,
+        redis_url=own_redis.url,
+        glm_api_key="fake-key",
+        glm_api_url=provider.glm_url,
+        **ROUTER_TEST_SETTINGS,
+    )
+
+
+async def test_messages_sent_while_redis_restarts_arrive_once_in_order(
+    fleet: Fleet, own_redis: OwnRedis
+) -> None:
+    group = "outage"
+    inbox = f"exai://link/{group}/inbox"
+    updates: list[str] = []
+
+    async def on_b(message: Any) -> None:
+        if isinstance(message, mcp_types.ResourceUpdatedNotification):
+            updates.append(str(message.params.uri))
+
+    await fleet.wait_instances(2)
+    async with (
+        mcp_client(fleet.mcp_url, "legacy", name="sender") as a,
+        mcp_client(fleet.mcp_url, "legacy", name="receiver", message_handler=on_b) as b,
+    ):
+        await call(a, "link_join", {"group": group})
+        await call(b, "link_join", {"group": group})
+        received: list[dict[str, Any]] = []
+        for i in range(50):
+            await call(a, "link_send", {"group": group, "body": f"m{i}"})
+        received += (await call(b, "link_inbox", {"group": group, "limit": 30}))["events"]
+
+        own_redis.kill()
+        try:
+            for i in range(50, 150):  # tools keep working from Postgres while Redis is down
+                await call(a, "link_send", {"group": group, "body": f"m{i}"})
+            received += (await call(b, "link_inbox", {"group": group, "limit": 60}))["events"]
+            seen_before = len(updates)
+        finally:
+            own_redis.start()
+
+        # What the instance held while Redis was down reaches B's stream once Redis is back.
+        async with asyncio.timeout(40):
+            while len(updates) == seen_before:  # noqa: ASYNC110 - waiting for a server push
+                await asyncio.sleep(0.1)
+        assert set(updates) == {inbox}
+        for i in range(150, 200):
+            await call(a, "link_send", {"group": group, "body": f"m{i}"})
+        while True:
+            batch = (await call(b, "link_inbox", {"group": group, "limit": 45}))["events"]
+            if not batch:
+                break
+            received += batch
+        assert [e["body"] for e in received] == [f"m{i}" for i in range(200)]
+        ids = [e["id"] for e in received]
+        assert ids == sorted(set(ids))
