@@ -90,7 +90,7 @@ async def test_spare_kill9_and_router_restart_under_supervisord(
         # it gets the instance_lost error instead (tests/router/test_failures.py).
         for _ in range(500):
             listed = (await _admin(fleet, "/admin/instances"))["instances"]
-            if all(i["pid"] != pid for i in listed):
+            if all(str(i["pid"]) != str(pid) for i in listed):  # registry pids are strings
                 break
             await asyncio.sleep(0.02)
         again = await status_of(clients[0])
