@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -253,6 +254,10 @@ def _wire_gauges(metrics: Metrics, proxy: Proxy, upstream: Upstream) -> None:
         "Open sessions known to this router: working (a call in flight), idle (bound), parked.",
         by_state,
     )
+    metrics.gauge(
+        "exai_router_process", "This router process (one of EXAI_ROUTER_PROCESSES), by pid.",
+        lambda: {(("pid", str(os.getpid())),): 1.0},
+    )  # fmt: skip
     metrics.gauge("exai_router_instances", "Live instances by state (busy = bound to a session).", instances)
     metrics.gauge("exai_router_requests_inflight", "Requests being proxied right now.", inflight)
     metrics.gauge(
