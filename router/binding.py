@@ -11,6 +11,11 @@ Leases in Redis make a binding exclusive across routers; the registry is the cro
 when Redis has lost lease keys: an instance whose entry names a live session that is bound to
 it gets its lease back instead of being handed to someone else (`reconcile`), and the
 instance itself refuses a reset or another session without the right token.
+
+With several routers, the session record in Redis decides: a router whose cached copy is
+stale takes the record's view when the change notice or its lease round says so
+(`moved_elsewhere`, router/sessions.py), and frees a lease it still holds for a binding the
+record no longer names.
 """
 
 from __future__ import annotations

@@ -75,6 +75,15 @@ def _pid(metric_line: str) -> str:
     return metric_line.split('pid="')[1].split('"')[0]
 
 
+async def _cached(fleet: Fleet, router_url: str) -> float:
+    """Sessions a router holds in memory (its exai_router_sessions gauge)."""
+    status, text = await fleet.admin("GET", "/metrics", router_url=router_url)
+    assert status == 200
+    lines = [line for line in text.splitlines() if line.startswith("exai_router_sessions{")]
+    assert lines, text[:500]
+    return sum(float(line.split()[-1]) for line in lines)
+
+
 async def _sessions(fleet: Fleet, router_url: str) -> dict[str, dict[str, Any]]:
     status, body = await fleet.admin("GET", "/admin/sessions", router_url=router_url)
     assert status == 200, body
@@ -137,6 +146,7 @@ async def test_sessions_move_between_routers_and_end_everywhere(fleet: Fleet) ->
                 await fleet.admin("DELETE", f"/admin/sessions/{sid}")
             await asyncio.sleep(4 * 1.0 + 1.0)  # several lease-renewal and flush rounds (ttl 3 s)
             assert await _sessions(fleet, b) == {} and await _sessions(fleet, a) == {}
+            assert await _cached(fleet, b) == 0  # gone from the second router's memory too
             for sid in ended:
                 assert not await redis.exists(fleet.keys.session(sid)), "a flush re-created it"
             for num in (1, 2):
