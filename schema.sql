@@ -112,6 +112,10 @@ CREATE TABLE IF NOT EXISTS notes (
     updated_at  timestamptz NOT NULL DEFAULT now(),
     UNIQUE (scope, scope_id, key)
 );
+-- Captured notes (context engineering, phase 3) say where they came from: `source` is 'manual'
+-- (note_write) or 'auto' (extracted from a turn), `source_turn` the id of that turn's message.
+ALTER TABLE notes ADD COLUMN IF NOT EXISTS source text NOT NULL DEFAULT 'manual';
+ALTER TABLE notes ADD COLUMN IF NOT EXISTS source_turn text;
 
 -- Linked sessions share context; stored once per pair with a < b.
 CREATE TABLE IF NOT EXISTS session_links (

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     allowed_file_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, validation_alias="EXAI_ALLOWED_ROOTS"
     )
+    # Context engineering, phases 3-4: notes injected into chat, captured notes, file disclosure.
+    notes_budget_tokens: int = Field(1024, ge=0, validation_alias="EXAI_NOTES_BUDGET_TOKENS")
+    note_capture: Literal["deterministic", "model", "off"] = Field(
+        "deterministic", validation_alias="EXAI_NOTE_CAPTURE"
+    )
+    file_full_tokens: int = Field(600, ge=0, validation_alias="EXAI_FILE_FULL_TOKENS")
 
     # --- storage ---------------------------------------------------------------------------
     database_url: str | None = Field(None, validation_alias=AliasChoices("DATABASE_URL", "SUPABASE_DB_URL"))
@@ -68,6 +74,18 @@ class Settings(BaseSettings):
     # Ports of the embedded Postgres / Redis that `exai up` runs when DATABASE_URL / REDIS_URL are unset.
     embedded_pg_port: int = Field(8432, ge=1, le=65535, validation_alias="EXAI_EMBEDDED_PG_PORT")
     embedded_redis_port: int = Field(8379, ge=1, le=65535, validation_alias="EXAI_EMBEDDED_REDIS_PORT")
+
+    # --- context engineering (instance/context) ---------------------------------------------
+    thread_max_turns: int = Field(20, ge=2, le=10_000, validation_alias="EXAI_THREAD_MAX_TURNS")
+    context_history_share: float = Field(0.5, gt=0, le=1, validation_alias="EXAI_CONTEXT_HISTORY_SHARE")
+    context_recent_turns: int = Field(4, ge=0, le=1000, validation_alias="EXAI_CONTEXT_RECENT_TURNS")
+    context_strip: bool = Field(True, validation_alias="EXAI_CONTEXT_STRIP")
+    context_strip_min_words: int = Field(20, ge=6, le=10_000, validation_alias="EXAI_CONTEXT_STRIP_MIN_WORDS")
+    context_summaries: bool = Field(False, validation_alias="EXAI_CONTEXT_SUMMARIES")
+    # Per-model overrides, JSON: {"glm-4.5-flash": {"history_share": 0.25, "recent_turns": 2}}
+    context_model_overrides: dict[str, dict[str, float]] = Field(
+        default_factory=dict, validation_alias="EXAI_CONTEXT_MODEL_OVERRIDES"
+    )
 
     # --- fleet -----------------------------------------------------------------------------
     router_host: str = Field("127.0.0.1", validation_alias="EXAI_ROUTER_HOST")
@@ -119,6 +137,9 @@ class Settings(BaseSettings):
     notify_log_maxlen: int = Field(1000, ge=1, validation_alias="EXAI_NOTIFY_LOG_MAXLEN")
     notify_buffer: int = Field(1000, ge=1, validation_alias="EXAI_NOTIFY_BUFFER")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias="EXAI_LOG_LEVEL")
+    # TEST ONLY (the soak run, tests/soak): every tool call keeps this many bytes referenced for
+    # the life of the instance, a deliberate leak the soak must catch. Never set it in production.
+    test_leak_per_call_bytes: int = Field(0, ge=0, validation_alias="EXAI_TEST_LEAK_PER_CALL_BYTES")
 
     # --- exai-bridge (stdio clients) ----------------------------------------------------------
     # The router URL (unset: this machine's EXAI_ROUTER_PORT), the session name (unset: one new

@@ -114,6 +114,8 @@ class Runtime:
         self.binding: Binding | None = None
         self.inflight = 0
         self.calls_total = 0
+        # EXAI_TEST_LEAK_PER_CALL_BYTES (test only): references kept on purpose, see call().
+        self._test_leak: list[bytes] = []
         self._idle = asyncio.Event()
         self._idle.set()
         self._background: set[asyncio.Task[None]] = set()
@@ -222,6 +224,8 @@ class Runtime:
             raise ShuttingDown("this instance is shutting down and takes no new calls")
         self.inflight += 1
         self.calls_total += 1
+        if self.settings.test_leak_per_call_bytes:
+            self._test_leak.append(os.urandom(self.settings.test_leak_per_call_bytes))
         self._idle.clear()
         try:
             yield

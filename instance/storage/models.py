@@ -239,6 +239,8 @@ class Note:
     version: int
     created_at: datetime
     updated_at: datetime
+    source: str = "manual"
+    source_turn: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -252,6 +254,8 @@ class Note:
             "version": self.version,
             "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at),
+            "source": self.source,
+            "source_turn": self.source_turn,
         }
 
     @classmethod
@@ -267,4 +271,6 @@ class Note:
             version=int(r["version"]),
             created_at=r["created_at"],
             updated_at=r["updated_at"],
+            source=r.get("source") or "manual",
+            source_turn=r.get("source_turn"),
         )

@@ -19,7 +19,9 @@ from instance.storage.validation import check_text, new_id
 KEY_MAX = 200
 KIND_MAX = 50
 SCOPES = ("thread", "session")
-_COLS = "id, scope, scope_id, key, body, kind, importance, version, created_at, updated_at"
+_COLS = (
+    "id, scope, scope_id, key, body, kind, importance, version, created_at, updated_at, source, source_turn"
+)
 
 
 def _check_scope(scope: Any, scope_id: Any) -> None:
@@ -86,7 +88,8 @@ class NoteStore:
                         VALUES ($1, $2, $3, $4, $5, $6, $7)
                         ON CONFLICT (scope, scope_id, key) DO UPDATE SET
                             body = EXCLUDED.body, kind = EXCLUDED.kind, importance = EXCLUDED.importance,
-                            version = notes.version + 1, updated_at = now()
+                            version = notes.version + 1, updated_at = now(),
+                            source = 'manual', source_turn = NULL
                         RETURNING {_COLS}""",
                     note_id, scope, scope_id, key, body, kind, importance,
                 )  # fmt: skip
@@ -102,7 +105,7 @@ class NoteStore:
             else:
                 row = await conn.fetchrow(
                     f"""UPDATE notes SET body = $4, kind = $5, importance = $6, version = version + 1,
-                            updated_at = now()
+                            updated_at = now(), source = 'manual', source_turn = NULL
                         WHERE scope = $1 AND scope_id = $2 AND key = $3 AND version = $7
                         RETURNING {_COLS}""",
                     scope, scope_id, key, body, kind, importance, expected_version,
@@ -127,6 +130,45 @@ class NoteStore:
             )
 
         return await self._db.run(op, what="writing the note")
+
+    async def capture(
+        self,
+        *,
+        scope: str,
+        scope_id: str,
+        key: str,
+        body: str,
+        kind: str,
+        importance: int,
+        source_turn: str | None,
+    ) -> bool:
+        """Write a note captured from a turn; True if it was created or its text changed.
+
+        The same text again merges into the existing note (no new version); a different text
+        under the same key supersedes it (version + 1, source turn updated). Bodies over the
+        size limit are cut rather than refused: capture must never fail a call.
+        """
+        _check_scope(scope, scope_id)
+        _check_key(key)
+        check_text(kind, "kind", min_len=1, max_len=KIND_MAX)
+        data = body.encode()[: self._max_bytes].decode("utf-8", errors="ignore")
+        check_text(data, "body", min_len=1)
+
+        async def op(conn: asyncpg.Connection) -> asyncpg.Record | None:
+            return await conn.fetchrow(
+                """INSERT INTO notes (id, scope, scope_id, key, body, kind, importance, source, source_turn)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, 'auto', $8)
+                   ON CONFLICT (scope, scope_id, key) DO UPDATE SET
+                       body = EXCLUDED.body, kind = EXCLUDED.kind,
+                       importance = GREATEST(notes.importance, EXCLUDED.importance),
+                       source = 'auto', source_turn = EXCLUDED.source_turn,
+                       version = notes.version + 1, updated_at = now()
+                   WHERE notes.body IS DISTINCT FROM EXCLUDED.body
+                   RETURNING version""",
+                new_id(), scope, scope_id, key, data, kind, importance, source_turn,
+            )  # fmt: skip
+
+        return await self._db.run(op, what="capturing a note") is not None
 
     async def read(self, *, scope: str, scope_id: str, key: str) -> Note:
         _check_scope(scope, scope_id)

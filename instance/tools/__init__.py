@@ -126,11 +126,11 @@ async def _touch_session(runtime: Runtime) -> None:
 
 
 def register_tools(mcp: MCPServer[Any], runtime: Runtime) -> None:
-    from instance.tools import chat, info, notes, tasks
+    from instance.tools import chat, files, info, notes, tasks
     from instance.tools.guard import unknown_argument_guard
     from instance.tools.workflows import register as register_workflows
 
-    for module in (info, chat, tasks, notes):
+    for module in (info, chat, tasks, notes, files):
         module.register(mcp, runtime)
     register_workflows(mcp, runtime)
     mcp.middleware.append(unknown_argument_guard(mcp))

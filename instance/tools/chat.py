@@ -7,6 +7,7 @@ waiting for Postgres, and a Postgres outage delays the write, never loses it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -14,18 +15,20 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, StorageUnavailable
+from instance.context import Block, BuiltPrompt, Turn, build_prompt, capture, disclosure, notes_block
+from instance.context.policy import policy_for, summarizer_for
 from instance.providers import ChatRequest, ChatResult, ModelInfo
 from instance.providers.base import OpenAICompatibleProvider
 from instance.runtime import Runtime
 from instance.storage.models import Message
 from instance.tools import exai_tool, headers_of
 from instance.tools.checks import check_chat_arguments, storable_reply
-from instance.tools.files import LoadedFile, read_files
+from instance.tools.files import LoadedFile
 from instance.tools.progress import progress_heartbeat
 
 MAX_THREAD_TURNS = 20
-"""Turns (user and assistant messages) a thread may hold, as in EXAI's MAX_CONVERSATION_TURNS."""
+"""Default turns a thread may hold, as in EXAI's MAX_CONVERSATION_TURNS (EXAI_THREAD_MAX_TURNS)."""
 
 SYSTEM_PROMPT = (
     "You are a senior engineer consulted by a coding agent for a second opinion. Answer precisely, "
@@ -35,26 +38,22 @@ SYSTEM_PROMPT = (
 ThinkingMode = Literal["minimal", "low", "medium", "high", "max"]
 
 
-def _fit(history: list[dict[str, str]], budget_chars: int) -> tuple[list[dict[str, str]], int]:
-    """Drop the oldest turns until the history fits; returns (kept, dropped)."""
-    kept = list(history)
-    dropped = 0
-    while kept and sum(len(m["content"]) for m in kept) > budget_chars:
-        kept.pop(0)
-        dropped += 1
-    return kept, dropped
-
-
 @dataclass
 class Consultation:
-    """What one model call returned, and how much of the thread had to be left out."""
+    """What one model call returned, and the prompt that was sent (what was stripped/compacted)."""
 
     result: ChatResult
-    dropped: int
+    built: BuiltPrompt
+
+    @property
+    def dropped(self) -> int:
+        """Thread turns left out of the prompt entirely."""
+        return self.built.history.turns_omitted
 
 
 async def consult(
     ctx: Context,
+    runtime: Runtime,
     *,
     thread: Sequence[Message],
     prompt: str,
@@ -66,37 +65,43 @@ async def consult(
     thinking_mode: str | None = None,
     use_websearch: bool = False,
     label: str | None = None,
+    history_tokens: int | None = None,
+    recent_turns: int | None = None,
+    extras: Sequence[Block] = (),
+    disclosed: disclosure.Disclosure | None = None,
 ) -> Consultation:
     """The one place a tool turns a thread, a prompt and files into a provider call.
 
-    chat and every workflow tool call this, so prompt assembly (history budget, files) and the
-    call's progress notifications and cancellation behave the same everywhere.
+    chat and every workflow tool call this, so prompt assembly (instance/context: stripping,
+    compaction, token budgets), progress notifications and cancellation behave the same everywhere.
     """
-    history = [
-        {"role": m.role, "content": m.content} for m in thread if m.role in ("user", "assistant", "system")
-    ]
-    user_text = prompt
+    blocks = list(extras)
     if files:
-        user_text = prompt + "\n\n" + "\n\n".join(f.as_prompt() for f in files)
-    budget = max(0, (model.context_window - min(model.max_output_tokens, 16_384)) * 3 - len(user_text))
-    history, dropped = _fit(history, budget)
-    messages = [
-        {"role": "system", "content": system_prompt},
-        *history,
-        {"role": "user", "content": user_text},
-    ]
-
+        blocks.append(Block("files", "\n\n".join(f.as_prompt() for f in files)))
+    built = await build_prompt(
+        # Stored turns as the prompt carries them: file copies superseded by newer ones become markers.
+        [
+            Turn(m.id, m.role, content)
+            for m, content in zip(thread, disclosure.rendered_contents(thread, disclosed), strict=True)
+        ],
+        prompt,
+        model,
+        system=system_prompt,
+        policy=policy_for(runtime.settings, model, history_tokens=history_tokens, recent_turns=recent_turns),
+        extras=blocks,
+        **summarizer_for(runtime, provider, model),
+    )
     thinking = None if thinking_mode is None else thinking_mode != "minimal"
     request = ChatRequest(
         model=model,
-        messages=messages,
+        messages=built.messages,
         temperature=temperature,
         thinking=thinking,
         web_search=use_websearch,
     )
     async with progress_heartbeat(ctx, label or f"waiting for {model.name}") as progress:
         result = await provider.chat(request, on_delta=progress.on_delta)
-    return Consultation(result, dropped)
+    return Consultation(result, built)
 
 
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
@@ -116,7 +121,14 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         continuation_id: Annotated[
             str | None, Field(description="Thread id returned by an earlier call, to continue it.")
         ] = None,
-        files: Annotated[list[str] | None, Field(description="Absolute paths of files to include.")] = None,
+        files: Annotated[
+            list[str] | None,
+            Field(
+                description="Absolute paths of files to include; a new file arrives as an outline (small "
+                "files whole), 'PATH:START-END' sends exactly those lines, an unchanged file is sent once "
+                "per thread."
+            ),
+        ] = None,
         temperature: Annotated[
             float | None, Field(ge=0.0, le=2.0, description="Sampling temperature.")
         ] = None,
@@ -124,6 +136,13 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             ThinkingMode | None, Field(description="Reasoning depth; 'minimal' turns thinking off.")
         ] = None,
         use_websearch: Annotated[bool, Field(description="Let the model search the web (GLM).")] = False,
+        history_tokens: Annotated[
+            int | None,
+            Field(ge=0, description="Most tokens of thread history to send (older turns compacted)."),
+        ] = None,
+        recent_turns: Annotated[
+            int | None, Field(ge=0, le=1000, description="Most recent turns always sent verbatim.")
+        ] = None,
     ) -> dict[str, Any]:
         if not prompt.strip():
             raise InvalidArgument("prompt is empty", hint="Say what you want to ask.")
@@ -133,33 +152,52 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         info, provider = providers.resolve(model)
         storage = runtime.require_storage()
         session_id = runtime.session_for(headers_of(ctx))
-        loaded = await read_files(files or [], runtime.settings.allowed_file_roots)
 
+        max_turns = runtime.settings.thread_max_turns
         history_records: list[Any] = []
         if continuation_id:
             if (owner := runtime.owner_for(headers_of(ctx))) is not None:
                 await storage.history.check_access(continuation_id, owner)
             history_records = list(await storage.history.load(continuation_id))
-            if len(history_records) + 2 > MAX_THREAD_TURNS:
+            if len(history_records) + 2 > max_turns:
                 raise InvalidArgument(
-                    f"thread {continuation_id} has reached its limit of {MAX_THREAD_TURNS} turns",
+                    f"thread {continuation_id} has reached its limit of {max_turns} turns",
                     hint="Start a new thread (call chat without continuation_id) and summarise what matters.",
                 )
+        # [context phase 4] files: outline first, exact ranges on request, once per thread.
+        disclosed = await disclosure.disclose(
+            history_records,
+            files or [],
+            roots=runtime.settings.allowed_file_roots,
+            model=info.name,
+            full_below_tokens=runtime.settings.file_full_tokens,
+        )
+        if continuation_id:
             cid = continuation_id
 
+        # [context phase 3] the thread's and session's notes, within budget, in the new turn.
+        notes = await _notes_for(runtime, thread_id=continuation_id, session_id=session_id, model=info.name)
+        extras = [Block("notes", notes.text)] if notes.text else []
+        if disclosed.block:
+            extras.append(Block("files", disclosed.block, stored=True))
         consultation = await consult(
             ctx,
+            runtime,
             thread=history_records,
             prompt=prompt,
-            files=loaded,
+            files=[],
+            extras=extras,
+            disclosed=disclosed,
             model=info,
             provider=provider,
             system_prompt=SYSTEM_PROMPT,
             temperature=temperature,
             thinking_mode=thinking_mode,
             use_websearch=use_websearch,
+            history_tokens=history_tokens,
+            recent_turns=recent_turns,
         )
-        result, dropped = consultation.result, consultation.dropped
+        result, built = consultation.result, consultation.built
         content = storable_reply(result.content)
         if not continuation_id:  # created only now: a refused or failed call leaves no empty thread
             cid = await storage.history.new_thread(
@@ -169,16 +207,21 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 principal=runtime.principal_for(headers_of(ctx)),
             )
 
-        await storage.history.append(
+        user_metadata = dict(built.user_metadata)
+        if disclosed.entries:  # where each file block sits in the stored turn (after the prompt)
+            offset = len(built.user_content) - len(disclosed.block) - 2
+            user_metadata[disclosure.META_KEY] = disclosed.metadata(offset)
+        user_turn = await storage.history.append(
             cid,
             "user",
-            prompt,
+            built.user_content,
             session_id=session_id,
             tool_name="chat",
             model=result.model,
-            files=[f.path for f in loaded],
+            files=disclosed.paths,
+            metadata=user_metadata,
         )
-        await storage.history.append(
+        answer_turn = await storage.history.append(
             cid,
             "assistant",
             content,
@@ -190,8 +233,12 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             metadata={"provider": result.provider, "finish_reason": result.finish_reason},
         )
 
+        # [context phase 3] notes captured from this exchange (written in the background).
+        captured = _capture(
+            runtime, provider, info, cid, built.strip.text, content, user_turn.id, answer_turn.id
+        )
         turns = len(history_records) + 2
-        remaining = max(0, MAX_THREAD_TURNS - turns)
+        remaining = max(0, max_turns - turns)
         out: dict[str, Any] = {
             "status": "continuation_available" if remaining else "success",
             "content": content,
@@ -205,8 +252,14 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 "duration_ms": round(result.seconds * 1000, 1),
                 "attempts": result.attempts,
                 "thread_turns": turns,
-                "history_turns_dropped": dropped,
-                "files": [f.path for f in loaded],
+                "history_turns_dropped": built.history.turns_omitted,
+                "tokens_sent": built.tokens_sent,
+                "context": built.report(),
+                "files": disclosed.paths,
+                "files_disclosed": disclosed.report,
+                "notes_injected": notes.report(),
+                "notes_omitted": notes.report_omitted(),
+                "notes_captured": captured,
                 "notes": result.notes,
                 "instance_id": runtime.identity.id,
             },
@@ -219,3 +272,49 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 f"({remaining // 2} chat calls: each adds two) by passing this continuation_id to chat.",
             }
         return out
+
+
+async def _notes_for(
+    runtime: Runtime, *, thread_id: str | None, session_id: str | None, model: str
+) -> notes_block.NotesBlock:
+    """The notes block for a call; without Postgres the call goes on without notes."""
+    storage = runtime.require_storage()
+    if storage.db.last_error is not None and not storage.db.connected:
+        return notes_block.NotesBlock()  # Postgres is known to be down: do not wait for a timeout
+    try:
+        found = await notes_block.load(storage.notes, thread_id=thread_id, session_id=session_id)
+    except StorageUnavailable:
+        return notes_block.NotesBlock()
+    # Counting may load a tokenizer vocabulary on first use: keep it off the event loop.
+    return await asyncio.to_thread(
+        notes_block.select, found, budget_tokens=runtime.settings.notes_budget_tokens, model=model
+    )
+
+
+def _capture(
+    runtime: Runtime,
+    provider: Any,
+    info: Any,
+    thread_id: str,
+    prompt: str,
+    answer: str,
+    user_turn: str,
+    answer_turn: str,
+) -> list[dict[str, Any]]:
+    """Start capturing notes from this exchange; returns what the deterministic extractor found."""
+    mode = runtime.settings.note_capture
+    storage = runtime.require_storage()
+    if mode == "off":
+        return []
+    if mode == "model":
+        runtime.background(
+            capture.capture_with_model(
+                storage.notes, provider, info, thread_id, prompt, answer, user_turn, answer_turn
+            ),
+            what="capturing notes with the model",
+        )
+        return []
+    found = capture.extract_turn(prompt, answer, user_turn=user_turn, assistant_turn=answer_turn)
+    if found:
+        runtime.background(capture.save(storage.notes, thread_id, found), what="saving captured notes")
+    return [n.to_dict() for n in found]

@@ -1,12 +1,22 @@
-"""Reading the files a tool call names, only from the allowed roots, off the event loop."""
+"""Reading the files a tool call names, only from the allowed roots, off the event loop.
+
+Also the file tools an agent calls directly (`file_outline`, `file_read`), built on
+`instance/context/disclosure.py`, which is what `chat` uses for its `files`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any
+
+from mcp.server.mcpserver import MCPServer
+from pydantic import Field
 
 from common.errors import InvalidArgument
+from instance.runtime import Runtime
+from instance.tools import exai_tool
 from instance.tools.checks import check_path
 
 MAX_FILE_BYTES = 256 * 1024
@@ -86,3 +96,57 @@ async def read_files(paths: list[str], roots: list[Path]) -> list[LoadedFile]:
         raise InvalidArgument(
             f"a file in files cannot be read ({type(exc).__name__}: {exc})", hint="Pass readable file paths."
         ) from None
+
+
+def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
+    """`file_outline` and `file_read`: progressive disclosure for the calling agent itself."""
+    from instance.context import disclosure
+    from instance.context.outline import line_count, outline
+
+    roots = runtime.settings.allowed_file_roots
+
+    @exai_tool(
+        mcp,
+        runtime,
+        description="Outline of a file under the allowed roots: classes, functions, methods, constants "
+        "(headings for Markdown) with line ranges and signatures, and the file's sha256.",
+    )
+    async def file_outline(
+        path: Annotated[str, Field(min_length=1, description="Absolute path under EXAI_ALLOWED_ROOTS.")],
+    ) -> dict[str, Any]:
+        check_path(path)
+
+        def work() -> dict[str, Any]:
+            f = disclosure.read_checked(path, roots)
+            o = outline(f.path, f.text)
+            return {"status": "success", "path": f.path, "sha256": f.sha256, "bytes": len(f.data),
+                    **o.to_dict(), "outline": o.render()}  # fmt: skip
+
+        return await asyncio.to_thread(work)
+
+    @exai_tool(
+        mcp,
+        runtime,
+        description="Exact lines of a file under the allowed roots (1-based, inclusive), byte for byte, "
+        "with the file's sha256 so a later call can tell whether it changed.",
+    )
+    async def file_read(
+        path: Annotated[str, Field(min_length=1, description="Absolute path under EXAI_ALLOWED_ROOTS.")],
+        start_line: Annotated[int, Field(ge=1, description="First line, 1-based.")] = 1,
+        end_line: Annotated[
+            int | None, Field(ge=1, description="Last line, inclusive; default: end.")
+        ] = None,
+    ) -> dict[str, Any]:
+        check_path(path)
+
+        def work() -> dict[str, Any]:
+            f = disclosure.read_checked(path, roots)
+            total = line_count(f.text)
+            end = total if end_line is None else min(end_line, total)
+            if start_line > max(total, 1) or (end_line is not None and end_line < start_line):
+                raise InvalidArgument(f"lines {start_line}-{end_line} are not in {path!r} ({total} lines)")
+            chunk = disclosure.line_slice(f.data, start_line, end)
+            return {"status": "success", "path": f.path, "sha256": f.sha256, "total_lines": total,
+                    "lines": [start_line, end], "text": chunk.decode("utf-8", errors="replace")}  # fmt: skip
+
+        return await asyncio.to_thread(work)

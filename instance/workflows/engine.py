@@ -288,6 +288,7 @@ class Engine:
         info, provider, _ = expert
         consultation = await consult(
             ctx,
+            self.runtime,
             thread=history,
             prompt=expert_prompt(spec, work, git),
             files=files,
@@ -345,6 +346,7 @@ class Engine:
             try:
                 consultation = await consult(
                     ctx,
+                    self.runtime,
                     thread=[],  # blinded: each model sees the proposal and files, not the others
                     prompt=f"Proposal to evaluate:\n\n{proposal}",
                     files=files,
@@ -473,6 +475,7 @@ class Engine:
             info, provider = expert
             consultation = await consult(
                 ctx,
+                self.runtime,
                 thread=state.conversation(messages),
                 prompt=wrapped,
                 files=[],

@@ -27,6 +27,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from instance.context.tokens import counter_for
+
 GLM_PATH = "/api/paas/v4"
 KIMI_PATH = "/v1"
 
@@ -168,9 +170,10 @@ class FakeProvider:
                     headers=headers,
                 )
             text = behaviour.content if behaviour.content is not None else _echo(body)
+            counter = counter_for(hit.model, provider)  # the model's real tokenizer, as providers bill
             usage = {
-                "prompt_tokens": sum(len(str(m.get("content", ""))) // 4 + 1 for m in hit.messages),
-                "completion_tokens": len(text) // 4 + 1,
+                "prompt_tokens": counter.count_messages(hit.messages),
+                "completion_tokens": counter.count(text) + 1,
             }
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             if hit.stream:

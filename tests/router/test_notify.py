@@ -158,8 +158,13 @@ async def test_get_stream_survives_instance_kill_and_router_restart(fleet: Fleet
         body = await _notify(fleet, sess.sid, UPDATED, {"uri": "exai://test/1"})
         assert parse_id(body["id"]) is not None
         # What parking does to an instance (reset, session forgotten) does not touch the stream.
-        reset = f"http://127.0.0.1:{before['port']}/internal/reset"
-        async with http.post(reset, headers={"X-Exai-Internal-Token": fleet.internal_token}) as r:
+        base = f"http://127.0.0.1:{before['port']}"
+        internal = {"X-Exai-Internal-Token": fleet.internal_token}
+        async with http.get(base + "/internal/health", headers=internal) as r:
+            fence = (await r.json())["fence"]
+        # As the router resets it: in the bound session's name, with its lease's fencing token.
+        fenced = {**internal, "X-Exai-Session": sess.sid, "X-Exai-Fence": fence}
+        async with http.post(base + "/internal/reset", headers=fenced) as r:
             assert r.status == 200 and (await r.json())["session"] == ""
         await _publish(events, sess.sid, 2, 3)
         await first.wait_for(3)

@@ -66,3 +66,34 @@ async def test_bad_notes_are_refused_and_change_nothing(storage: Storage) -> Non
         await storage.notes.write(scope="session", scope_id=scope_id, key="new", body="x", expected_version=3)
     notes = await storage.notes.list(scope="session", scope_id=scope_id)
     assert [(n.key, n.body, n.version) for n in notes] == [("k", "original", 1)]
+
+
+async def test_captured_notes_merge_supersede_and_become_manual_when_edited(storage: Storage) -> None:
+    sid = str(uuid.uuid4())
+
+    async def capture(body: str, turn: str, importance: int = 7) -> bool:
+        return await storage.notes.capture(
+            scope="thread", scope_id=sid, key="auto-decision-db", body=body, kind="decision",
+            importance=importance, source_turn=turn,
+        )  # fmt: skip
+
+    assert await capture("db = Postgres", "t1") is True
+    assert await capture("db = Postgres", "t2", importance=3) is False  # same text: merged
+    note = await storage.notes.read(scope="thread", scope_id=sid, key="auto-decision-db")
+    assert (note.version, note.source, note.source_turn, note.importance) == (1, "auto", "t1", 7)
+    assert await capture("db = SQLite", "t3") is True  # same subject, new text: supersedes
+    note = await storage.notes.read(scope="thread", scope_id=sid, key="auto-decision-db")
+    assert (note.body, note.version, note.source_turn) == ("db = SQLite", 2, "t3")
+    edited = await storage.notes.write(scope="thread", scope_id=sid, key="auto-decision-db", body="db = both")
+    assert (edited.version, edited.source, edited.source_turn) == (3, "manual", None)
+    assert await capture("db = both", "t5") is False  # a turn repeating the edit changes nothing
+    assert await capture("db = CockroachDB", "t6") is True  # a new statement supersedes the edit
+    note = await storage.notes.read(scope="thread", scope_id=sid, key="auto-decision-db")
+    assert (note.body, note.version, note.source, note.source_turn) == ("db = CockroachDB", 4, "auto", "t6")
+    big = await storage.notes.capture(
+        scope="thread", scope_id=sid, key="auto-todo-big", body="é" * 100_000, kind="todo",
+        importance=5, source_turn="t4",
+    )  # fmt: skip
+    assert big is True
+    cut = await storage.notes.read(scope="thread", scope_id=sid, key="auto-todo-big")
+    assert len(cut.body.encode()) <= storage.settings.note_max_bytes

@@ -1,0 +1,170 @@
+"""Exact token counts for GLM and Kimi, offline, with each model's own vocabulary.
+
+The vocabularies come from the `splintr-rs` wheel (GLM-4/4.5/4.6 share `glm4`; every Kimi K2
+model uses `kimi_k2`), so counting needs no network and no download at run time. A chat
+request is billed for its content plus the chat template's framing around each message;
+`count_messages` adds that framing as each model's template lays it out:
+
+    GLM   [gMASK]<sop><|system|>\\n{system}<|user|>\\n{user}<|assistant|>
+    Kimi  <|im_system|>system<|im_middle|>{system}<|im_end|><|im_user|>user<|im_middle|>...
+          <|im_assistant|>assistant<|im_middle|>
+
+Content is encoded with `encode_ordinary`, so a message that spells a control token is
+counted as the text it is. Counting a big text (a pasted log, a file) takes milliseconds, so
+`acount` moves texts above `OFFLOAD_CHARS` to a worker thread; an LRU cache keyed by a digest
+of the text makes re-counting a thread's stored turns free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Literal
+
+Family = Literal["glm", "kimi"]
+
+OFFLOAD_CHARS = 16_384
+"""Texts longer than this are encoded in a worker thread by `acount` (about 1 ms of CPU)."""
+
+CACHE_ENTRIES = 4096
+_CACHE_MIN_CHARS = 64  # shorter texts are cheaper to encode than to hash and look up
+
+
+@dataclass(frozen=True)
+class _Template:
+    vocabulary: str
+    prefix: str  # once per request
+    role_open: Mapping[str, str]
+    close: str  # after each message
+    generation: str  # the assistant header the server appends
+
+
+_TEMPLATES: dict[Family, _Template] = {
+    "glm": _Template(
+        vocabulary="glm4",
+        prefix="[gMASK]<sop>",
+        role_open={
+            "system": "<|system|>\n",
+            "user": "<|user|>\n",
+            "assistant": "<|assistant|>\n",
+            "tool": "<|observation|>\n",
+        },
+        close="",
+        generation="<|assistant|>",
+    ),
+    "kimi": _Template(
+        vocabulary="kimi_k2",
+        prefix="",
+        role_open={
+            "system": "<|im_system|>system<|im_middle|>",
+            "user": "<|im_user|>user<|im_middle|>",
+            "assistant": "<|im_assistant|>assistant<|im_middle|>",
+            "tool": "<|im_system|>tool<|im_middle|>",
+        },
+        close="<|im_end|>",
+        generation="<|im_assistant|>assistant<|im_middle|>",
+    ),
+}
+
+
+def family_of(model: str, provider: str | None = None) -> Family:
+    """The tokenizer family of a model name (provider wins when given: passthrough names)."""
+    if provider in ("glm", "kimi"):
+        return provider  # type: ignore[return-value]
+    name = model.strip().lower()
+    return "kimi" if name.startswith(("kimi", "moonshot")) else "glm"
+
+
+@cache
+def _tokenizer(vocabulary: str) -> Any:
+    from splintr import Tokenizer
+
+    return Tokenizer.from_pretrained(vocabulary)
+
+
+class TokenCounter:
+    """Counts tokens of one model family; thread-safe, shared by every call of an instance."""
+
+    def __init__(self, family: Family) -> None:
+        self.family = family
+        self._template = _TEMPLATES[family]
+        self._tok = _tokenizer(self._template.vocabulary)
+        self._cache: OrderedDict[bytes, int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._framing = {role: self._special(opener) + self._special(self._template.close)
+                         for role, opener in self._template.role_open.items()}  # fmt: skip
+        self._fixed = self._special(self._template.prefix) + self._special(self._template.generation)
+
+    def _special(self, text: str) -> int:
+        return len(self._tok.encode_with_special(text)) if text else 0
+
+    def count(self, text: str) -> int:
+        """Tokens of `text` as message content (control-token spellings count as plain text)."""
+        if not text:
+            return 0
+        if len(text) < _CACHE_MIN_CHARS:
+            return len(self._tok.encode_ordinary(text))
+        key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        n = len(self._tok.encode_ordinary(text))
+        with self._lock:
+            self._cache[key] = n
+            if len(self._cache) > CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        return n
+
+    async def acount(self, text: str) -> int:
+        """`count` that keeps the event loop free for big texts."""
+        if len(text) > OFFLOAD_CHARS:
+            return await asyncio.to_thread(self.count, text)
+        return self.count(text)
+
+    def framing(self, role: str) -> int:
+        """Template tokens around one message of `role`."""
+        return self._framing.get(role, self._framing["user"])
+
+    @property
+    def fixed(self) -> int:
+        """Template tokens once per request (prefix and the generation header)."""
+        return self._fixed
+
+    def message(self, role: str, content: str) -> int:
+        return self.framing(role) + self.count(content)
+
+    def count_messages(self, messages: Iterable[Mapping[str, Any]]) -> int:
+        """Prompt tokens a provider bills for these chat messages (no tools, text content)."""
+        return self._fixed + sum(self.message(str(m["role"]), str(m.get("content") or "")) for m in messages)
+
+    async def acount_messages(self, messages: Iterable[Mapping[str, Any]]) -> int:
+        msgs = list(messages)
+        if sum(len(str(m.get("content") or "")) for m in msgs) > OFFLOAD_CHARS:
+            return await asyncio.to_thread(self.count_messages, msgs)
+        return self.count_messages(msgs)
+
+
+_COUNTERS: dict[Family, TokenCounter] = {}
+_COUNTERS_LOCK = threading.Lock()
+
+
+def counter_for(model: str, provider: str | None = None) -> TokenCounter:
+    """The shared counter of a model's family (vocabulary loaded once per process)."""
+    family = family_of(model, provider)
+    with _COUNTERS_LOCK:
+        found = _COUNTERS.get(family)
+        if found is None:
+            found = _COUNTERS[family] = TokenCounter(family)
+        return found
+
+
+def count_tokens(text: str, model: str | None = None) -> int:
+    """Tokens of `text` as content in `model`'s vocabulary (GLM-4 when no model is named)."""
+    return counter_for(model or "glm-4.6").count(text)

@@ -1,0 +1,107 @@
+"""The context package without services: token counts, stripping and compaction rules."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from instance.context.compaction import ELISION, HistoryTurn, compact
+from instance.context.stripping import StoredTurn, strip_echoes, unstrip
+from instance.context.tokens import OFFLOAD_CHARS, counter_for
+from tests.bench.context_corpus import make_thread
+
+RECORDED = [
+    {"role": "system", "content": "You are a helpful assistant"},
+    {"role": "user", "content": "Say hi in Portuguese"},
+]
+
+
+def test_counts_match_recorded_provider_usage() -> None:
+    # prompt_tokens reported for exactly these messages by recorded real responses:
+    # Kimi K2 (moonshotai/kimi-k2-instruct-0905) 20, GLM-4.6V 16.
+    assert counter_for("kimi-k2-0905-preview").count_messages(RECORDED) == 20
+    assert counter_for("glm-4.6").count_messages(RECORDED) == 16
+
+
+def test_control_token_spellings_count_as_text() -> None:
+    glm = counter_for("glm-4.6")
+    assert glm.count("<|user|>") > 1
+    assert glm.count("") == 0
+
+
+async def test_big_texts_are_counted_off_the_loop_with_the_same_result() -> None:
+    kimi = counter_for("kimi")
+    text = "def handler(request):\n    return 42  # 答案\n" * (OFFLOAD_CHARS // 20)
+    assert await kimi.acount(text) == kimi.count(text) > 1000
+    assert await asyncio.gather(kimi.acount(text), kimi.acount(text)) == [kimi.count(text)] * 2
+
+
+def test_unstrip_restores_the_referred_text() -> None:
+    t1 = " ".join(f"word{i}" for i in range(40)) + "."
+    turns = [StoredTurn("a", 1, "user", t1)]
+    res = strip_echoes(f"Before that, you wrote: {t1} What next?", turns)
+    assert res.text == "Before that, you wrote: [repeats turn 1] What next?"
+    assert unstrip(res.text, res.strips, turns) == f"Before that, you wrote: {t1} What next?"
+
+
+def test_short_quotes_are_never_stripped() -> None:
+    t1 = " ".join(f"w{i}" for i in range(60))
+    quote = " ".join(f"w{i}" for i in range(10, 29))  # 19 words, under the 20-word threshold
+    res = strip_echoes(f"About '{quote}' — why?", [StoredTurn("a", 1, "assistant", t1)])
+    assert not res.strips and res.text == f"About '{quote}' — why?"
+
+
+def test_compaction_is_deterministic_and_never_cuts_a_sentence() -> None:
+    th = make_thread(4242)
+    turns = [HistoryTurn(str(i), i + 1, t["role"], t["content"]) for i, t in enumerate(th.turns)]
+    c = counter_for("glm-4.6")
+    full = sum(c.framing(t.role) + c.count(t.content) for t in turns)
+    a = compact(turns, full // 4, c.count, c.framing, recent_turns=4)
+    b = compact(list(turns), full // 4, c.count, c.framing, recent_turns=4)
+    assert a.messages == b.messages and a.compacted
+    assert a.tokens_after <= full // 4 + c.framing("user")
+    original = "\n".join(t.content for t in turns)
+    for seg in _kept_segments(a.messages[0]["content"]):
+        assert seg in original, seg
+        end = original.index(seg) + len(seg)
+        assert seg[-1] in ".!?:`" or end == len(original) or original[end] in "\n", (
+            f"cut mid-sentence: {seg!r}"
+        )
+
+
+def _kept_segments(text: str) -> list[str]:
+    import re
+
+    text = re.sub(r"^--- turn \d+ \(\w+\) ---$", "\n", text, flags=re.M)
+    text = re.sub(
+        r"\[masked [^\n]*\]|\[turns? [\d-]+ omitted: \d+ tokens\]|\[Earlier turns[^\]]*\]", "\n", text
+    )
+    out: list[str] = []
+    for chunk in text.split(ELISION):
+        for line in chunk.split("\n"):
+            if line.strip():
+                out.append(line.strip())
+    return out
+
+
+def test_a_budget_too_small_for_any_history_sends_none_and_says_so() -> None:
+    th = make_thread(1, turns=10)
+    turns = [HistoryTurn(str(i), i + 1, t["role"], t["content"]) for i, t in enumerate(th.turns)]
+    c = counter_for("kimi-k2")
+    out = compact(turns, 0, c.count, c.framing, recent_turns=4)
+    assert out.messages == [] and out.turns_omitted == 10 and out.tokens_after == 0
+
+
+def test_compacted_prefix_stays_the_same_while_the_thread_grows() -> None:
+    """Stable mode: the boundary moves in steps, so consecutive calls share the compacted text."""
+    th = make_thread(8, turns=40)
+    turns = [HistoryTurn(str(i), i + 1, t["role"], t["content"]) for i, t in enumerate(th.turns)]
+    c = counter_for("glm-4.6")
+    budget = int(0.6 * sum(c.framing(t.role) + c.count(t.content) for t in turns[:30]))
+    runs = [compact(turns[:n], budget, c.count, c.framing, recent_turns=4) for n in range(28, 41, 2)]
+    assert all(r.compacted and r.tokens_after <= budget for r in runs)
+    reused = sum(a.messages[0] == b.messages[0] for a, b in itertools.pairwise(runs))
+    assert reused >= 4, reused  # 6 transitions, the boundary moved twice
+    for a, b in itertools.pairwise(runs):
+        if a.messages[0] == b.messages[0]:  # then the whole earlier prompt is a prefix of the next
+            assert b.messages[: len(a.messages)] == a.messages
