@@ -44,6 +44,7 @@ from common.supervisor import (
     pid_alive,
     plan_scale,
     render_config,
+    router_names,
     write_config,
 )
 
@@ -240,7 +241,7 @@ def wait_healthz(settings: Settings, ctl: SupervisorControl, *, timeout: float =
                     return
         except (urllib.error.URLError, OSError):
             pass
-        ctl.wait_running(["router"], timeout=max(1.0, deadline - time.monotonic()))
+        ctl.wait_running(router_names(settings), timeout=max(1.0, deadline - time.monotonic()))
         if time.monotonic() > deadline:
             raise FleetControlError(
                 f"the router did not answer {url} within {timeout:.0f}s.",
@@ -371,11 +372,12 @@ def launch(
             rd = services.redis
             rd.wait_ready(timeout, alive=lambda: ctl.process("redis").active)
         say("starting the router")
-        ctl.start("router")
+        for router in router_names(settings):
+            ctl.start(router)
         names = ctl.start_instances(range(1, count + 1))
         say(f"starting {count} instance(s)")
         services_up = [n for n, svc in (("postgres", services.postgres), ("redis", services.redis)) if svc]
-        ctl.wait_running([*services_up, "router", *names], timeout=timeout)
+        ctl.wait_running([*services_up, *router_names(settings), *names], timeout=timeout)
         wait_healthz(settings, ctl, timeout=timeout)
         wait_registered(
             services.redis_url,
@@ -482,7 +484,7 @@ def scale(
 def _port_of(settings: Settings, proc: ProcessInfo) -> str:
     if proc.instance_num is not None:
         return str(settings.instance_port_for(proc.instance_num))
-    if proc.name == "router":
+    if proc.group == "router":
         return str(settings.router_port)
     if proc.name == "postgres":
         return str(settings.embedded_pg_port)
@@ -501,7 +503,7 @@ def _uptime(seconds: float | None) -> str:
 def status_table(settings: Settings, procs: Sequence[ProcessInfo]) -> str:
     order = {"postgres": 0, "redis": 1, "router": 2}
     rows = [("NAME", "STATE", "PID", "PORT", "UPTIME")]
-    for p in sorted(procs, key=lambda p: (order.get(p.name, 3), p.instance_num or 0)):
+    for p in sorted(procs, key=lambda p: (order.get(p.group, 3), p.instance_num or 0, p.name)):
         rows.append((p.name, p.state, str(p.pid or "-"), _port_of(settings, p), _uptime(p.uptime)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)

@@ -23,6 +23,8 @@ Keyspace (with the default prefix):
     exai:chan:session:{sid}             PUBSUB "a new event is in exai:events:{sid}" (or "end")
     exai:listen:{token}                 STR   a 2026-07-28 listen stream (session, request id, filter)
     exai:chan:fleet                     PUBSUB fleet control (instance reset/drain notices)
+    exai:chan:sessions                  PUBSUB "{sid} {ver} {router}": a session record changed (ver -1:
+                                               ended); other routers re-read or drop their copy
     exai:thread:{cid}                   LIST  recent turns of a thread (JSON), newest last
     exai:thread-meta:{cid}              HASH  thread metadata cache
     exai:cache:{name}:{key}             STR   generic short-lived cache entries
@@ -86,6 +88,9 @@ class Keys:
 
     def fleet_channel(self) -> str:
         return self._k("chan", "fleet")
+
+    def sessions_channel(self) -> str:
+        return self._k("chan", "sessions")
 
     # threads and caches
     def thread(self, continuation_id: str) -> str:

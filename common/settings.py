@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     # --- fleet -----------------------------------------------------------------------------
     router_host: str = Field("127.0.0.1", validation_alias="EXAI_ROUTER_HOST")
     router_port: int = Field(8079, ge=1, le=65535, validation_alias="EXAI_ROUTER_PORT")
+    # Router processes sharing EXAI_ROUTER_PORT (SO_REUSEPORT; the kernel spreads connections).
+    router_processes: int = Field(1, ge=1, le=64, validation_alias="EXAI_ROUTER_PROCESSES")
     instances: int = Field(5, ge=0, validation_alias="EXAI_INSTANCES")
     max_instances: int = Field(16, ge=1, le=256, validation_alias="EXAI_MAX_INSTANCES")
     instance_base_port: int = Field(8100, ge=1, le=65000, validation_alias="EXAI_INSTANCE_BASE_PORT")

@@ -102,6 +102,13 @@ def full_name(name: str) -> str:
     return f"{name}:{name}"
 
 
+def router_names(settings: Settings) -> list[str]:
+    """supervisord's names of the router processes (EXAI_ROUTER_PROCESSES of them)."""
+    if settings.router_processes == 1:
+        return ["router"]
+    return [f"router:router_{n}" for n in range(1, settings.router_processes + 1)]
+
+
 def instances_of(infos: Iterable[ProcessInfo]) -> list[ProcessInfo]:
     """The instance-group members, ordered by instance number."""
     members = [p for p in infos if p.instance_num is not None]
@@ -225,6 +232,10 @@ def render_config(
         "state_dir": _escape(str(state_dir)),
         "environment": _environment_line(environment),
         "router_command": _command([str(bins / "exai-router")]),
+        "router_processes": str(settings.router_processes),
+        "router_process_name": (
+            "%(program_name)s" if settings.router_processes == 1 else "router_%(process_num)d"
+        ),
         "instance_command": _command([str(bins / "exai-instance")]),
         "instance_program": INSTANCE_PROGRAM,
         "group": SUPERVISOR_GROUP,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -21,7 +22,7 @@ from common.redis import REDIS_DOWN_ERRORS, create_redis
 from common.settings import Settings
 from router import admin
 from router.allocation import Allocator
-from router.leases import Leases
+from router.leases import LEASE_LOST, RECORD_GONE, RECORD_MOVED, Leases
 from router.metrics import Labels, Metrics
 from router.middleware import route_errors
 from router.proxy import Proxy
@@ -59,22 +60,40 @@ class Maintenance:
         self.settings = settings
 
     async def renew_leases(self) -> None:
+        """Renew this router's leases where the session records still name the binding, and
+        check every cached session against its record (the fallback for missed notices)."""
         table = self.proxy.table
         bindings = self.proxy.bindings
-        pairs = [(s.instance_id, s.id) for s in table.by_id.values() if s.instance_id and not s.ended]
-        for (iid, sid), ok in (await self.proxy.leases.renew(pairs)).items():
-            if ok:
+        cached = [s for s in table.by_id.values() if s.stored and not s.ended]
+        bound = [s for s in cached if s.instance_id]
+        unbound = [s for s in cached if not s.instance_id]
+        pairs = [(s.instance_id, s.id) for s in bound]
+        results = await self.proxy.leases.renew_bound(pairs)
+        for sess, (iid, sid), code in zip(bound, pairs, results, strict=True):
+            if sess.ended or sess.instance_id != iid or sess.lock.locked():
+                continue  # changed meanwhile, or being rebound here right now
+            if code == RECORD_GONE:
+                table.drop(sess)  # ended through another router
+                await self.proxy.leases.release(iid, sid)
+            elif code == RECORD_MOVED:
+                await bindings.moved_elsewhere(sess, iid)
+            elif code == LEASE_LOST:
+                if await self.proxy.leases.reacquire(iid, sid):
+                    self.proxy.metrics.leases_reconciled.inc()  # Redis had lost it; restored
+                else:
+                    # Another session owns the instance now: rebind on this session's next request.
+                    log.warning("session %s lost its lease on %s", sid[:8], iid)
+                    sess.instance_id = ""
+                    bindings.targets.pop(sid, None)
+            elif code > sess.ver:
+                await table.refresh(sess)
+        for sess, ver in zip(unbound, await table.versions(unbound), strict=True):
+            if sess.ended or sess.lock.locked():
                 continue
-            sess = table.by_id.get(sid)
-            if sess is None or sess.ended or sess.instance_id != iid:
-                continue
-            if await self.proxy.leases.reacquire(iid, sid):
-                self.proxy.metrics.leases_reconciled.inc()  # Redis had lost it; restored
-            else:
-                # Another session owns the instance now: rebind on this session's next request.
-                log.warning("session %s lost its lease on %s", sid[:8], iid)
-                sess.instance_id = ""
-                bindings.targets.pop(sid, None)
+            if ver < 0:
+                table.drop(sess)
+            elif ver > sess.ver:
+                await table.refresh(sess)
 
     async def park_idle(self) -> None:
         await self.proxy.bindings.park_idle(self.settings.session_park_after)
@@ -160,8 +179,10 @@ def create_app(settings: Settings) -> web.Application:
             await maint.renew_leases()
         sweep = max(0.2, min(30.0, settings.session_idle_timeout / 4))
         park = max(0.1, min(5.0, settings.session_park_after / 4))
+        renew = min(2.0, settings.lease_ttl / 3)  # also the check of cached sessions against Redis
         tasks = [
-            asyncio.create_task(_every(settings.lease_ttl / 3, "lease renewal", maint.renew_leases)),
+            asyncio.create_task(_every(renew, "lease renewal", maint.renew_leases)),
+            asyncio.create_task(_every(1.0, "session change notices", table.watch)),
             asyncio.create_task(_every(1.0, "session flush", table.flush)),
             asyncio.create_task(_every(1.0, "unfinished session ends", proxy.bindings.finish_ends)),
             asyncio.create_task(_every(park, "parking", maint.park_idle)),
@@ -233,6 +254,10 @@ def _wire_gauges(metrics: Metrics, proxy: Proxy, upstream: Upstream) -> None:
         "Open sessions known to this router: working (a call in flight), idle (bound), parked.",
         by_state,
     )
+    metrics.gauge(
+        "exai_router_process", "This router process (one of EXAI_ROUTER_PROCESSES), by pid.",
+        lambda: {(("pid", str(os.getpid())),): 1.0},
+    )  # fmt: skip
     metrics.gauge("exai_router_instances", "Live instances by state (busy = bound to a session).", instances)
     metrics.gauge("exai_router_requests_inflight", "Requests being proxied right now.", inflight)
     metrics.gauge(

@@ -11,6 +11,11 @@ Leases in Redis make a binding exclusive across routers; the registry is the cro
 when Redis has lost lease keys: an instance whose entry names a live session that is bound to
 it gets its lease back instead of being handed to someone else (`reconcile`), and the
 instance itself refuses a reset or another session without the right token.
+
+With several routers, the session record in Redis decides: a router whose cached copy is
+stale takes the record's view when the change notice or its lease round says so
+(`moved_elsewhere`, router/sessions.py), and frees a lease it still holds for a binding the
+record no longer names.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from common import protocol as p
-from common.errors import ExaiError, InstanceLost
+from common.errors import ExaiError, InstanceLost, SessionNotFound
 from common.redis import REDIS_DOWN_ERRORS
 from router.allocation import Allocator
 from router.leases import Leases
@@ -84,6 +89,30 @@ class Bindings:
         # Sessions ended while Redis was down: (session, instance, persisted, reason) by id.
         self.unfinished_ends: dict[str, tuple[Session, Instance | None, bool, str]] = {}
         self.notifications: Hub | None = None  # told when a session ends (router/streams.py)
+        table.on_drop.append(self._dropped)
+
+    def _dropped(self, sess: Session) -> None:
+        """Another router ended `sess`: forget where it was bound here."""
+        self.targets.pop(sess.id, None)
+        self.allocator.notify_freed()
+
+    async def moved_elsewhere(self, sess: Session, iid: str) -> None:
+        """The record says `sess` no longer uses `iid` (another router parked or moved it):
+        take the record's view, and free `iid` if this router's lease on it is left over."""
+        fence = sess.fence
+        async with sess.lock:
+            if sess.ended or sess.instance_id != iid:
+                return
+            if not await self.table.refresh(sess) or sess.instance_id == iid:
+                return
+            self.targets.pop(sess.id, None)
+            if await self.leases.holder(iid) == sess.id:
+                inst = await self.registry.get(iid)
+                if inst is not None:
+                    await self.reset_instance(inst, sess.id, fence)
+                await self.leases.release(iid, sess.id)
+                self.allocator.notify_freed()
+                log.info("session %s is served elsewhere now: left-over lease on %s freed", sess.id[:8], iid)
 
     # --- binding ---------------------------------------------------------------------------
     def bind(self, sess: Session, inst: Instance, fence: int) -> None:
@@ -165,7 +194,13 @@ class Bindings:
             if resuming:
                 sess.parked_at = 0.0
                 sess.resumes += 1
-            await self.table.save(sess)
+            if not await self.table.save(sess, create=not sess.stored):
+                # Ended through another router meanwhile: give the new instance back.
+                self.targets.pop(sess.id, None)
+                await self.reset_instance(inst, sess.id, fence)
+                await self.leases.release(inst.id, sess.id)
+                self.allocator.notify_freed()
+                raise SessionNotFound("Session not found (it was ended).")
             if resuming:
                 self.metrics.sessions_resumed.inc()
                 self.metrics.resume_seconds.observe(time.perf_counter() - started)
@@ -254,7 +289,8 @@ class Bindings:
         sess.instance_id = ""
         sess.parked_at = time.time()
         sess.parks += 1
-        await self.table.save(sess)  # any router now resumes it instead of using the instance
+        if not await self.table.save(sess, create=False):  # any router now resumes it instead
+            return  # ended through another router, which reset and freed the instance
         if inst is None or inst.id != iid:
             inst = await self.registry.get(iid)
         if inst is not None:
@@ -265,10 +301,9 @@ class Bindings:
         log.info("session %s parked (%s), instance %s freed", sess.id[:8], reason, iid)
 
     async def _quiet_elsewhere(self, sess: Session, cutoff: float) -> bool:
-        """For a session this router has not served since it loaded it (another router may
-        serve it now): True if the record in Redis was not touched after `cutoff` either."""
-        if sess.routed_here:
-            return True
+        """True if the record in Redis was not touched after `cutoff` either: another router
+        may serve the session now (even one this router served before), and each flushes its
+        last-seen times (a call in flight counts as now) into the record."""
         seen = await self.table.redis.hget(self.table.keys.session(sess.id), "last_seen")  # type: ignore[misc]
         if seen is not None and float(seen) > sess.last_seen:
             sess.last_seen = float(seen)
@@ -302,6 +337,8 @@ class Bindings:
                 return False
             if not sess.routed_here:
                 continue  # possibly served by another router right now: only park_idle's check
+            if not await self._quiet_elsewhere(sess, cutoff):
+                continue  # another router served it since
             if await self.park(sess, "pressure"):
                 return True
         return False

@@ -25,6 +25,23 @@ end
 return 0
 """
 
+# Renew a lease only while the session's record still names this instance, and say how it
+# stands. KEYS: lease, session record. ARGV: session id, ttl ms, instance id. Returns the
+# record's version (renewed), 0 (the record names the instance but the lease is not the
+# session's), -1 (the record is gone), -2 (the record names another instance, or none).
+_RENEW_BOUND = """
+local bound = redis.call('hget', KEYS[2], 'instance_id')
+if not bound then return -1 end
+if bound ~= ARGV[3] then return -2 end
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('pexpire', KEYS[1], ARGV[2])
+return tonumber(redis.call('hget', KEYS[2], 'ver') or '1')
+"""
+
+RECORD_GONE = -1
+RECORD_MOVED = -2
+LEASE_LOST = 0
+
 _ACQUIRE = """
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('incr', KEYS[2])
@@ -48,6 +65,7 @@ class Leases:
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._renew_bound = redis.register_script(_RENEW_BOUND)
 
     async def acquire(self, instance_id: str, session_id: str) -> int:
         """Take a free instance: its new fencing token, or 0 if another session holds it."""
@@ -78,6 +96,19 @@ class Leases:
                 await self._renew(keys=[self.keys.lease(iid)], args=[sid, self.ttl_ms], client=pipe)
             results = await pipe.execute()
         return {pair: bool(r) for pair, r in zip(pairs, results, strict=True)}
+
+    async def renew_bound(self, bindings: list[tuple[str, str]]) -> list[int]:
+        """Compare-and-renew (instance, session) leases against the session records in one
+        round trip: a router never keeps a lease alive for a binding the record no longer
+        names. One result per pair, as `_RENEW_BOUND` returns them."""
+        if not bindings:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for iid, sid in bindings:
+                keys = [self.keys.lease(iid), self.keys.session(sid)]
+                await self._renew_bound(keys=keys, args=[sid, self.ttl_ms, iid], client=pipe)
+            results = await pipe.execute()
+        return [int(r) for r in results]
 
     async def release(self, instance_id: str, session_id: str) -> bool:
         return bool(await self._release(keys=[self.keys.lease(instance_id)], args=[session_id]))

@@ -33,8 +33,14 @@ async def serve(settings: Settings) -> None:
     )
     await runner.setup()
     try:
+        # Several router processes share the port (EXAI_ROUTER_PROCESSES) with SO_REUSEPORT.
         site = web.TCPSite(
-            runner, settings.router_host, settings.router_port, backlog=1024, reuse_address=True
+            runner,
+            settings.router_host,
+            settings.router_port,
+            backlog=1024,
+            reuse_address=True,
+            reuse_port=settings.router_processes > 1 or None,
         )
         await site.start()
         log.info("router listening on http://%s:%s/mcp", settings.router_host, settings.router_port)

@@ -9,13 +9,23 @@ Structural changes (create, rebind, end) are written through to Redis before the
 their effect, so a restarted router (or a second one) finds every session. Per-request
 bookkeeping (last seen, counters) stays in memory and is flushed in the background, keeping
 Redis off the proxy path.
+
+Several routers share the table, and Redis is the truth: every structural write bumps the
+record's `ver` and is announced on the sessions channel, so the other routers re-read (or
+drop) their cached copy; since pub/sub can miss, the flush and the lease renewal rounds
+(router/app.py) compare versions too. Writes never re-create a record another router
+deleted: an update (`save(create=False)`) and a counter flush only apply while the record
+exists, in one script each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +33,9 @@ from redis.asyncio import Redis
 
 from common.keys import Keys
 from common.protocol import Era
+from common.redis import REDIS_DOWN_ERRORS
+
+log = logging.getLogger(__name__)
 
 
 def new_session_id() -> str:
@@ -55,12 +68,24 @@ class Session:
     routed_here: bool = False  # this router has proxied a request of it since it loaded it
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     ended: bool = False
+    ver: int = 0  # the record's version in Redis as this router last saw it
+    stored: bool = False  # the record exists in Redis (loaded from it, or saved by this router)
+    flushed_total: int = 0  # the part of `total` already counted in Redis
 
     _FIELDS = (
         "id", "era", "principal", "client", "key", "instance_id", "upstream_sid", "init_body",
         "protocol_version", "client_addr", "created", "last_seen", "total", "generation",
         "fence", "parked_at", "parks", "resumes",
     )  # fmt: skip
+    # What a structural write sets; last_seen and total are merged (max, sum) instead.
+    _STRUCTURAL = (
+        "id", "era", "principal", "client", "key", "instance_id", "upstream_sid", "init_body",
+        "protocol_version", "client_addr", "created", "generation", "fence", "parked_at", "parks",
+        "resumes",
+    )  # fmt: skip
+    # What a re-read from Redis updates in a cached copy (the rest cannot change).
+    _MUTABLE = ("instance_id", "upstream_sid", "protocol_version", "generation", "fence", "parked_at",
+                "parks", "resumes")  # fmt: skip
 
     @property
     def state(self) -> str:
@@ -71,6 +96,20 @@ class Session:
 
     def to_hash(self) -> dict[str, str]:
         return {f: str(getattr(self, f)) for f in self._FIELDS}
+
+    def structural(self) -> list[str]:
+        return [x for f in self._STRUCTURAL for x in (f, str(getattr(self, f)))]
+
+    def update_from(self, other: Session) -> None:
+        """Take the record's view of what another router may have changed."""
+        for f in self._MUTABLE:
+            setattr(self, f, getattr(other, f))
+        self.ver = other.ver
+        if other.last_seen > self.last_seen:
+            self.last_seen = other.last_seen
+            self.routed_here = False  # served elsewhere since: only Redis knows when it was last used
+        self.total = other.total + (self.total - self.flushed_total)
+        self.flushed_total = other.total
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> Session:
@@ -93,6 +132,9 @@ class Session:
             parked_at=float(data.get("parked_at") or 0),
             parks=int(data.get("parks") or 0),
             resumes=int(data.get("resumes") or 0),
+            ver=int(data.get("ver") or 0),
+            stored=True,
+            flushed_total=int(data.get("total") or 0),
         )
 
     def public(self) -> dict[str, Any]:
@@ -130,6 +172,52 @@ class Call:
         return f"{self.method} {self.name}".strip()
 
 
+# A structural write. KEYS: record, sessions zset, channel. ARGV: create ("1"/"0"), expiry ms,
+# last_seen, session id, total, router id, then field/value pairs. Returns the new version, or
+# -1 when the record is gone and this is not a create (another router ended the session).
+_SAVE = """
+local exists = redis.call('exists', KEYS[1]) == 1
+if not exists and ARGV[1] ~= '1' then return -1 end
+if not exists then redis.call('hset', KEYS[1], 'total', ARGV[5], 'last_seen', ARGV[3]) end
+redis.call('hset', KEYS[1], unpack(ARGV, 7))
+local seen = redis.call('hget', KEYS[1], 'last_seen')
+if tonumber(ARGV[3]) > tonumber(seen or '0') then
+  redis.call('hset', KEYS[1], 'last_seen', ARGV[3])
+  seen = ARGV[3]
+end
+local ver = redis.call('hincrby', KEYS[1], 'ver', 1)
+redis.call('pexpire', KEYS[1], ARGV[2])
+redis.call('zadd', KEYS[2], seen, ARGV[4])
+redis.call('publish', KEYS[3], ARGV[4] .. ' ' .. ver .. ' ' .. ARGV[6])
+return ver
+"""
+
+# A counter flush. KEYS: record, sessions zset [, stateless key mapping]. ARGV: last_seen,
+# total delta, expiry ms, session id. Returns {version, total, last_seen}, or {-1} if the
+# record is gone: a flush never re-creates a session.
+_FLUSH = """
+if redis.call('exists', KEYS[1]) == 0 then return {-1} end
+local seen = redis.call('hget', KEYS[1], 'last_seen')
+if tonumber(ARGV[1]) > tonumber(seen or '0') then
+  redis.call('hset', KEYS[1], 'last_seen', ARGV[1])
+  seen = ARGV[1]
+end
+local total = redis.call('hincrby', KEYS[1], 'total', ARGV[2])
+redis.call('pexpire', KEYS[1], ARGV[3])
+redis.call('zadd', KEYS[2], 'XX', seen, ARGV[4])
+if #KEYS > 2 then redis.call('pexpire', KEYS[3], ARGV[3]) end
+return {tonumber(redis.call('hget', KEYS[1], 'ver') or '0'), total, seen}
+"""
+
+# An end. KEYS: record, sessions zset, channel. ARGV: session id, router id.
+_REMOVE = """
+redis.call('del', KEYS[1])
+redis.call('zrem', KEYS[2], ARGV[1])
+redis.call('publish', KEYS[3], ARGV[1] .. ' -1 ' .. ARGV[2])
+return 1
+"""
+
+
 class SessionTable:
     def __init__(self, redis: Redis, keys: Keys, expire_after: float = 7 * 86400.0) -> None:
         self.redis = redis
@@ -139,6 +227,12 @@ class SessionTable:
         self.by_key: dict[str, Session] = {}
         self._dirty: set[str] = set()
         self._removing: set[str] = set()  # ended here, record not yet deleted from Redis
+        self.origin = secrets.token_hex(6)  # this router process, in change notices
+        self.on_drop: list[Callable[[Session], None]] = []  # told when another router ended one
+        self._save = redis.register_script(_SAVE)
+        self._flush = redis.register_script(_FLUSH)
+        self._remove = redis.register_script(_REMOVE)
+        self._refreshing: set[asyncio.Task[None]] = set()
 
     async def load(self) -> int:
         """Pull every session from Redis into memory (router start)."""
@@ -172,18 +266,26 @@ class SessionTable:
         sid = await self.redis.get(self.keys.session_key(key))
         return await self.fetch(str(sid)) if sid else None
 
-    async def save(self, sess: Session) -> None:
-        """Write the whole record through to Redis."""
+    async def save(self, sess: Session, *, create: bool = True) -> bool:
+        """Write the record through to Redis; False (and the session dropped here) when it is
+        an update (`create=False`) of a record another router has deleted meanwhile."""
+        if sess.ended:
+            return False
         self.by_id[sess.id] = sess
         if sess.key:
             self.by_key[sess.key] = sess
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.session(sess.id), mapping=sess.to_hash())  # type: ignore[arg-type]
-            pipe.pexpire(self.keys.session(sess.id), self.expire_ms)
-            pipe.zadd(self.keys.sessions(), {sess.id: sess.last_seen})
-            if sess.key:
-                pipe.set(self.keys.session_key(sess.key), sess.id, px=self.expire_ms)
-            await pipe.execute()
+        keys = [self.keys.session(sess.id), self.keys.sessions(), self.keys.sessions_channel()]
+        args: list[str | int] = ["1" if create else "0", self.expire_ms, repr(sess.last_seen), sess.id]
+        args += [sess.total, self.origin]
+        ver = int(await self._save(keys=keys, args=[*args, *sess.structural()]))
+        if ver < 0:
+            log.info("session %s was ended by another router", sess.id[:8])
+            self.drop(sess)
+            return False
+        sess.ver, sess.stored = ver, True
+        if sess.key:
+            await self.redis.set(self.keys.session_key(sess.key), sess.id, px=self.expire_ms)
+        return True
 
     async def claim_key(self, key: str, sid: str) -> str:
         """Bind a stateless key to `sid` unless another router did first; returns the winner."""
@@ -196,20 +298,43 @@ class SessionTable:
         self._dirty.add(sess.id)
 
     async def flush(self) -> None:
-        """Persist last-seen times and counters of sessions used since the last flush."""
+        """Persist last-seen times and counters of sessions used since the last flush.
+
+        A session with a call in flight counts as seen now, so that other routers (which
+        cannot see this router's calls) do not take it for idle."""
+        now = time.time()
+        for busy in self.by_id.values():
+            if busy.inflight and not busy.ended:
+                busy.last_seen = now
+                self._dirty.add(busy.id)
         dirty, self._dirty = self._dirty, set()
-        live = [s for sid in dirty if (s := self.by_id.get(sid)) is not None and not s.ended]
+        cached = [c for sid in dirty if (c := self.by_id.get(sid)) is not None and not c.ended]
+        live = [c for c in cached if c.stored]
+        self._dirty.update(c.id for c in cached if not c.stored)  # not saved yet: next round
         if not live:
             return
+        sent = [s.total for s in live]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for s in live:
-                fields = {"last_seen": str(s.last_seen), "total": str(s.total)}
-                pipe.hset(self.keys.session(s.id), mapping=fields)  # type: ignore[arg-type]
-                pipe.pexpire(self.keys.session(s.id), self.expire_ms)
+            for s, total in zip(live, sent, strict=True):
+                keys = [self.keys.session(s.id), self.keys.sessions()]
                 if s.key:
-                    pipe.pexpire(self.keys.session_key(s.key), self.expire_ms)
-                pipe.zadd(self.keys.sessions(), {s.id: s.last_seen}, xx=True)
-            await pipe.execute()
+                    keys.append(self.keys.session_key(s.key))
+                args: list[str | int] = [repr(s.last_seen), total - s.flushed_total, self.expire_ms, s.id]
+                await self._flush(keys=keys, args=args, client=pipe)
+            results = await pipe.execute()
+        for s, total, res in zip(live, sent, results, strict=True):
+            if int(res[0]) < 0:
+                log.info("session %s was ended by another router", s.id[:8])
+                self.drop(s)
+                continue
+            ver, stored_total, seen = int(res[0]), int(res[1]), float(res[2])
+            s.total = stored_total + (s.total - total)
+            s.flushed_total = stored_total
+            if seen > s.last_seen:
+                s.last_seen = seen
+                s.routed_here = False
+            if ver > s.ver:
+                self.refresh_soon(s)
 
     async def remove(self, sess: Session) -> None:
         sess.ended = True
@@ -217,10 +342,8 @@ class SessionTable:
         self.by_id.pop(sess.id, None)
         if sess.key and self.by_key.get(sess.key) is sess:
             del self.by_key[sess.key]
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.session(sess.id))
-            pipe.zrem(self.keys.sessions(), sess.id)
-            await pipe.execute()
+        keys = [self.keys.session(sess.id), self.keys.sessions(), self.keys.sessions_channel()]
+        await self._remove(keys=keys, args=[sess.id, self.origin])
         if sess.key:
             # Only drop the key mapping if it still points at this session.
             current = await self.redis.get(self.keys.session_key(sess.key))
@@ -230,3 +353,77 @@ class SessionTable:
 
     async def idle_ids(self, older_than: float) -> list[str]:
         return [str(s) for s in await self.redis.zrangebyscore(self.keys.sessions(), "-inf", older_than)]
+
+    # --- agreeing with the other routers ------------------------------------------------------
+    def drop(self, sess: Session) -> None:
+        """Forget a session another router ended (its record is gone from Redis)."""
+        if sess.ended and self.by_id.get(sess.id) is not sess:
+            return
+        sess.ended = True
+        if self.by_id.get(sess.id) is sess:
+            del self.by_id[sess.id]
+        if sess.key and self.by_key.get(sess.key) is sess:
+            del self.by_key[sess.key]
+        for hook in self.on_drop:
+            hook(sess)
+
+    async def refresh(self, sess: Session) -> bool:
+        """Re-read the record of a cached session; False (and dropped) if it is gone."""
+        data: dict[str, str] = await self.redis.hgetall(self.keys.session(sess.id))  # type: ignore[assignment]
+        if sess.ended:
+            return False
+        if not data or "id" not in data:
+            if sess.stored:
+                self.drop(sess)
+            return False
+        fresh = Session.from_hash(data)
+        if fresh.ver > sess.ver or not sess.stored:
+            sess.update_from(fresh)
+            sess.stored = True
+        return True
+
+    def refresh_soon(self, sess: Session) -> None:
+        task = asyncio.create_task(self._refresh_quietly(sess))
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
+
+    async def _refresh_quietly(self, sess: Session) -> None:
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await self.refresh(sess)
+
+    async def versions(self, sessions: list[Session]) -> list[int]:
+        """The records' versions in one round trip (-1: gone)."""
+        if not sessions:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for s in sessions:
+                pipe.hget(self.keys.session(s.id), "ver")
+            values = await pipe.execute()
+        return [int(v) if v is not None else -1 for v in values]
+
+    def noticed(self, message: str) -> None:
+        """A change notice from the sessions channel: "{sid} {ver} {router}"."""
+        parts = message.split(" ")
+        if len(parts) != 3 or parts[2] == self.origin:
+            return
+        sess = self.by_id.get(parts[0])
+        if sess is None or sess.ended:
+            return
+        ver = int(parts[1])
+        if ver < 0:
+            self.drop(sess)
+        elif ver > sess.ver:
+            self.refresh_soon(sess)
+
+    async def watch(self) -> None:
+        """Follow the sessions channel until cancelled (the renewal round covers what it misses)."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.keys.sessions_channel())
+            async for msg in pubsub.listen():
+                if msg.get("type") == "message":
+                    data = msg["data"]
+                    self.noticed(data.decode() if isinstance(data, bytes) else str(data))
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()

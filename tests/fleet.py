@@ -17,7 +17,10 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -267,16 +270,19 @@ class Fleet:
             time.sleep(0.1)
 
     # --- the router's admin API (async: call from the test's event loop) -----------------------
-    async def admin(self, method: str, path: str, *, token: str | None = "") -> tuple[int, Any]:
+    async def admin(
+        self, method: str, path: str, *, token: str | None = "", router_url: str | None = None
+    ) -> tuple[int, Any]:
         """(status, parsed JSON or text) of an admin-API (or /metrics, /healthz) request.
 
         `token` defaults to the fleet's admin token; None sends no Authorization header.
+        `router_url` asks another router of the fleet (an `ExtraRouter`'s url).
         """
         token = self.admin_token if token == "" else token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         async with (
             aiohttp.ClientSession() as http,
-            http.request(method, self.router_url + path, headers=headers) as r,
+            http.request(method, (router_url or self.router_url) + path, headers=headers) as r,
         ):
             ctype = r.headers.get("Content-Type", "")
             return r.status, (await r.json() if "json" in ctype else await r.text())
@@ -300,6 +306,71 @@ class Fleet:
             if loop.time() > deadline:
                 raise TimeoutError(f"only {len(ready)} of {count} instances ready: {body}")
             await asyncio.sleep(0.2)
+
+
+class ExtraRouter:
+    """Another `exai-router` process on its own port, against the fleet's Redis, prefix and
+    supervisord (as a router on another machine would run): a second router of the fleet.
+
+    Not supervised, so a test can SIGKILL it and see it stay dead. Its log is `log_path`.
+    """
+
+    def __init__(self, fleet: Fleet, *, port: int | None = None) -> None:
+        self.fleet = fleet
+        self.port = port or free_port()
+        self.log_path = fleet.settings.state_dir / "logs" / f"router-extra-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{self.fleet.settings.router_host}:{self.port}"
+
+    @property
+    def mcp_url(self) -> str:
+        return self.router_url + MCP_PATH
+
+    def start(self, *, timeout: float = 30.0) -> ExtraRouter:
+        env = {
+            **self.fleet.environment(),
+            "EXAI_ROUTER_PORT": str(self.port),
+            "EXAI_INTERNAL_TOKEN": self.fleet.internal_token,
+            "EXAI_ADMIN_TOKEN": self.fleet.admin_token,
+        }
+        exe = str(Path(sys.executable).parent / "exai-router")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([exe], env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the extra router exited: {self.log()[-2000:]}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(self.router_url + "/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the extra router did not answer: {self.log()[-2000:]}")
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    async def admin(self, method: str, path: str) -> tuple[int, Any]:
+        return await self.fleet.admin(method, path, router_url=self.router_url)
+
+    def __enter__(self) -> ExtraRouter:
+        return self.start()
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()
 
 
 class InstanceHost:
