@@ -384,7 +384,13 @@ async def main() -> int:
     ap.add_argument("--resume-samples", type=int, default=60, help="park/resume pairs per era")
     ap.add_argument("--served", default="10,25,40,60", help="session counts for the work-rate run")
     ap.add_argument("--served-seconds", type=float, default=20.0, help="duration of each work-rate run")
+    ap.add_argument(
+        "--parts",
+        default="overhead,isolation,resume,served,bridge",
+        help="comma-separated parts to run (overhead,isolation,resume,served,bridge)",
+    )
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
 
     pg = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("EXAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -419,17 +425,22 @@ async def main() -> int:
         try:
             await asyncio.to_thread(fleet.start)
             await fleet.wait_instances(5)
-            results["overhead_1"] = await _overhead(fleet, 1, args.calls)
-            await fleet.end_all_sessions()
-            results["overhead_5"] = await _overhead(fleet, 5, args.calls)
-            await fleet.end_all_sessions()
-            results["isolation"] = await _isolation(fleet, args.chat_calls)
-            results["resume"] = await _resume(fleet, args.resume_samples)
-            await fleet.end_all_sessions()
-            counts = [int(x) for x in args.served.split(",") if x]
-            results["served"] = await _served(fleet, counts, args.served_seconds)
-            await fleet.end_all_sessions()
-            results["bridge_overhead"] = await _bridge_overhead(fleet, args.calls)
+            if "overhead" in parts:
+                results["overhead_1"] = await _overhead(fleet, 1, args.calls)
+                await fleet.end_all_sessions()
+                results["overhead_5"] = await _overhead(fleet, 5, args.calls)
+                await fleet.end_all_sessions()
+            if "isolation" in parts:
+                results["isolation"] = await _isolation(fleet, args.chat_calls)
+            if "resume" in parts:
+                results["resume"] = await _resume(fleet, args.resume_samples)
+                await fleet.end_all_sessions()
+            if "served" in parts:
+                counts = [int(x) for x in args.served.split(",") if x]
+                results["served"] = await _served(fleet, counts, args.served_seconds)
+                await fleet.end_all_sessions()
+            if "bridge" in parts:
+                results["bridge_overhead"] = await _bridge_overhead(fleet, args.calls)
         finally:
             await asyncio.to_thread(fleet.stop)
             admin = await asyncpg.connect(pg)
@@ -459,16 +470,32 @@ def _print(r: dict[str, Any]) -> None:
     cols = ("sessions", "router p50", "direct p50", "added", "router p99", "direct p99")
     print(f"{cols[0]:>8}  {cols[1]:>10} {cols[2]:>10} {cols[3]:>7}   {cols[4]:>10} {cols[5]:>10}")
     for key in ("overhead_1", "overhead_5"):
+        if key not in r:
+            continue
         o = r[key]
         print(
             f"{o['sessions']:>8}  {o['router']['p50_ms']:>10.3f} {o['direct']['p50_ms']:>10.3f} "
             f"{o['added_p50_ms']:>7.3f}   {o['router']['p99_ms']:>10.3f} {o['direct']['p99_ms']:>10.3f}"
         )
+    if "isolation" in r:
+        _print_isolation(r)
+    if "resume" in r:
+        _print_resume(r)
+    if "served" in r:
+        _print_served(r)
+    if "bridge_overhead" in r:
+        _print_bridge(r)
+
+
+def _print_isolation(r: dict[str, Any]) -> None:
     i = r["isolation"]
     print("\nisolation: `chat` with the provider answering in 200 ms, through the router (ms)")
     print(f"  1 session busy : p50 {i['one_busy']['p50_ms']:.1f}  p99 {i['one_busy']['p99_ms']:.1f}")
     print(f"  5 sessions busy: p50 {i['five_busy']['p50_ms']:.1f}  p99 {i['five_busy']['p99_ms']:.1f}")
     print(f"  ratio p50 (5 busy / 1 busy): {i['ratio_p50']:.3f}  (target <= 1.05)\n")
+
+
+def _print_resume(r: dict[str, Any]) -> None:
     print("resume: `version` on a bound session vs. the first call after a park (ms)")
     for era, x in r["resume"].items():
         print(
@@ -476,6 +503,9 @@ def _print(r: dict[str, Any]) -> None:
             f"resumed p50 {x['resumed']['p50_ms']:.2f} p99 {x['resumed']['p99_ms']:.2f}   "
             f"added p50 {x['added_p50_ms']:.2f}  (target <= 15)"
         )
+
+
+def _print_served(r: dict[str, Any]) -> None:
     print(f"\nsessions served by 5 instances: chat (200 ms) then {THINK_S:g} s thinking, park after 1 s")
     for row in r["served"]:
         lat = row.get("latency", {})
@@ -485,6 +515,9 @@ def _print(r: dict[str, Any]) -> None:
             f"p50 {lat.get('p50_ms', 0):.0f} ms, p99 {lat.get('p99_ms', 0):.0f} ms"
         )
     print()
+
+
+def _print_bridge(r: dict[str, Any]) -> None:
     if "bridge_overhead" in r:
         b = r["bridge_overhead"]
         print("exai-bridge overhead: `version` via stdio -> exai-bridge -> router vs HTTP -> router (ms)")
