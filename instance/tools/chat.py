@@ -7,6 +7,8 @@ waiting for Postgres, and a Postgres outage delays the write, never loses it.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -19,6 +21,7 @@ from instance.providers import ChatRequest, ChatResult, ModelInfo
 from instance.providers.base import OpenAICompatibleProvider
 from instance.runtime import Runtime
 from instance.storage.models import Message
+from instance.timing import chat_stages
 from instance.tools import exai_tool, headers_of
 from instance.tools.checks import check_chat_arguments, storable_reply
 from instance.tools.files import LoadedFile, read_files
@@ -125,6 +128,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         ] = None,
         use_websearch: Annotated[bool, Field(description="Let the model search the web (GLM).")] = False,
     ) -> dict[str, Any]:
+        started = time.perf_counter()
         if not prompt.strip():
             raise InvalidArgument("prompt is empty", hint="Say what you want to ask.")
         check_chat_arguments(prompt, continuation_id, files)
@@ -136,6 +140,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         loaded = await read_files(files or [], runtime.settings.allowed_file_roots)
 
         history_records: list[Any] = []
+        loaded_at = time.perf_counter()
         if continuation_id:
             if (owner := runtime.owner_for(headers_of(ctx))) is not None:
                 await storage.history.check_access(continuation_id, owner)
@@ -146,6 +151,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                     hint="Start a new thread (call chat without continuation_id) and summarise what matters.",
                 )
             cid = continuation_id
+        consult_at = time.perf_counter()
+        chat_stages.add("thread_load", consult_at - loaded_at)
 
         consultation = await consult(
             ctx,
@@ -160,6 +167,9 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             use_websearch=use_websearch,
         )
         result, dropped = consultation.result, consultation.dropped
+        appending_at = time.perf_counter()
+        chat_stages.add("provider", result.seconds)
+        chat_stages.add("context", max(0.0, appending_at - consult_at - result.seconds))
         content = storable_reply(result.content)
         if not continuation_id:  # created only now: a refused or failed call leaves no empty thread
             cid = await storage.history.new_thread(
@@ -169,26 +179,31 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 principal=runtime.principal_for(headers_of(ctx)),
             )
 
-        await storage.history.append(
-            cid,
-            "user",
-            prompt,
-            session_id=session_id,
-            tool_name="chat",
-            model=result.model,
-            files=[f.path for f in loaded],
+        # Both turns at once: they share one spool fsync and one Redis pipeline (each takes its
+        # sequence number when called, so the user turn stays first).
+        await asyncio.gather(
+            storage.history.append(
+                cid,
+                "user",
+                prompt,
+                session_id=session_id,
+                tool_name="chat",
+                model=result.model,
+                files=[f.path for f in loaded],
+            ),
+            storage.history.append(
+                cid,
+                "assistant",
+                content,
+                session_id=session_id,
+                tool_name="chat",
+                model=result.model,
+                tokens_in=result.tokens_in,
+                tokens_out=result.tokens_out,
+                metadata={"provider": result.provider, "finish_reason": result.finish_reason},
+            ),
         )
-        await storage.history.append(
-            cid,
-            "assistant",
-            content,
-            session_id=session_id,
-            tool_name="chat",
-            model=result.model,
-            tokens_in=result.tokens_in,
-            tokens_out=result.tokens_out,
-            metadata={"provider": result.provider, "finish_reason": result.finish_reason},
-        )
+        chat_stages.add("storage_append", time.perf_counter() - appending_at)
 
         turns = len(history_records) + 2
         remaining = max(0, MAX_THREAD_TURNS - turns)
@@ -218,4 +233,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 "note": f"You can continue this conversation for {remaining} more turns "
                 f"({remaining // 2} chat calls: each adds two) by passing this continuation_id to chat.",
             }
+        total = time.perf_counter() - started
+        chat_stages.add("total", total)
+        chat_stages.add("fleet", max(0.0, total - result.seconds))
         return out
