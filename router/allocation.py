@@ -100,8 +100,8 @@ class Allocator:
         registry read saw (the script re-checks each one's state, drain mark and lease)."""
         known = [inst.id for inst in self.registry.last.values() if not self.registry.is_suspect(inst)]
         got = await self.leases.acquire_first(known, session_id)
-        if got is None:
-            return None
+        if isinstance(got, list):
+            return None  # none free (stale ones, if any, are the slow path's to reconcile)
         iid, fence, row = got
         inst = Instance.from_hash(row)
         if inst is None or inst.id != iid:  # malformed entry: give it back, take the slow path
