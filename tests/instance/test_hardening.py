@@ -145,8 +145,15 @@ async def _as(inst: InstanceProc, principal: str) -> AsyncIterator[Client]:
         PRINCIPAL_HEADER: principal,
     }
     http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(60.0))
-    async with http, Client(streamable_http_client(inst.url + "/mcp", http_client=http)) as client:
-        yield client
+    async with http:
+        try:
+            async with Client(streamable_http_client(inst.url + "/mcp", http_client=http)) as client:
+                yield client
+        finally:
+            # As the router does when a session ends: the instance takes the next session only
+            # after a reset in this one's name.
+            with contextlib.suppress(httpx2.HTTPError):
+                await http.post(inst.url + "/internal/reset")
 
 
 @pytest.fixture(scope="module")
