@@ -157,10 +157,9 @@ async def test_get_stream_survives_instance_kill_and_router_restart(fleet: Fleet
         # Published through the admin API (the router writes it to the log, like an instance).
         body = await _notify(fleet, sess.sid, UPDATED, {"uri": "exai://test/1"})
         assert parse_id(body["id"]) is not None
-        # What parking does to an instance (reset, session forgotten) does not touch the stream.
-        reset = f"http://127.0.0.1:{before['port']}/internal/reset"
-        async with http.post(reset, headers={"X-Exai-Internal-Token": fleet.internal_token}) as r:
-            assert r.status == 200 and (await r.json())["session"] == ""
+        # Parking (the instance is reset, the session forgotten there) does not touch the stream.
+        status, _ = await fleet.admin("POST", f"/admin/sessions/{sess.sid}/park")
+        assert status == 200
         await _publish(events, sess.sid, 2, 3)
         await first.wait_for(3)
         assert (await sess.status())["session"] == sess.sid  # rebuilt on the same instance
