@@ -519,11 +519,7 @@ class Proxy:
             self._observe(request, started)
             self._stages(started, sent, answered)
             try:
-                body = upstream.content
-                async for chunk in body.iter_any():
-                    if body.at_eof():  # the last chunk: with the headers and the end, in one write
-                        await resp.write_eof(chunk)
-                        break
+                async for chunk in upstream.content.iter_any():
                     await resp.write(chunk)
             except (
                 aiohttp.ClientPayloadError,
