@@ -56,6 +56,7 @@ INTERNAL_HEALTH: Final = "/internal/health"  # GET -> {"id", "state", "session",
 INTERNAL_RESET: Final = "/internal/reset"  # POST -> forget the bound session, close MCP sessions
 # (the reset must name the bound session and its fence in SESSION_HEADER / FENCE_HEADER)
 INTERNAL_DRAIN: Final = "/internal/drain"  # POST -> stop taking new sessions; DELETE -> take them again
+INTERNAL_METRICS: Final = "/internal/metrics"  # GET -> Prometheus text: chat stage timings
 # Token-free probes of an instance for an orchestrator (Kubernetes): the state, nothing else.
 PROBE_LIVE: Final = "/healthz"  # GET -> 200 {"state"} while the process answers
 PROBE_READY: Final = "/readyz"  # GET -> 200 when "ready", 503 while starting, draining or stopping

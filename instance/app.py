@@ -18,7 +18,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common import __version__
@@ -29,6 +29,7 @@ from common.protocol import (
     FENCED_HEADER,
     INTERNAL_DRAIN,
     INTERNAL_HEALTH,
+    INTERNAL_METRICS,
     INTERNAL_RESET,
     INTERNAL_TOKEN_HEADER,
     MCP_PATH,
@@ -43,6 +44,7 @@ from instance.registry import Registry
 from instance.resources import register as register_resources
 from instance.runtime import Identity, Runtime
 from instance.storage import Storage
+from instance.timing import chat_stages
 from instance.tools import register_tools
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,10 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
             return _fenced(runtime)
         await runtime.reset()
         return JSONResponse(runtime.health())
+
+    @mcp.custom_route(INTERNAL_METRICS, methods=["GET"])
+    async def stage_metrics(request: Request) -> Response:
+        return PlainTextResponse(chat_stages.render(), media_type="text/plain; version=0.0.4")
 
     @mcp.custom_route(INTERNAL_DRAIN, methods=["POST", "DELETE"])
     async def drain(request: Request) -> Response:

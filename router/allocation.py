@@ -68,6 +68,8 @@ class Allocator:
 
     async def try_once(self, session_id: str) -> tuple[Instance, int] | None:
         """A free instance and the fencing token of its new lease, or None."""
+        if (got := await self._try_known(session_id)) is not None:
+            return got
         instances = await self.registry.instances()
         draining = await self.registry.draining()
         candidates = [
@@ -92,6 +94,20 @@ class Allocator:
                 continue
             return inst, fence
         return None
+
+    async def _try_known(self, session_id: str) -> tuple[Instance, int] | None:
+        """The usual case in one Redis round trip: lease a free instance among those the last
+        registry read saw (the script re-checks each one's state, drain mark and lease)."""
+        known = [inst.id for inst in self.registry.last.values() if not self.registry.is_suspect(inst)]
+        got = await self.leases.acquire_first(known, session_id)
+        if isinstance(got, list):
+            return None  # none free (stale ones, if any, are the slow path's to reconcile)
+        iid, fence, row = got
+        inst = Instance.from_hash(row)
+        if inst is None or inst.id != iid:  # malformed entry: give it back, take the slow path
+            await self.leases.release(iid, session_id)
+            return None
+        return inst, fence
 
     async def _try_or_reclaim(self, session_id: str) -> tuple[Instance, int] | None:
         got = await self.try_once(session_id)

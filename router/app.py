@@ -1,8 +1,7 @@
 """The router's aiohttp Application: resources opened and closed by cleanup contexts.
 
-One Redis client and the upstream HTTP clients per process (router/upstream.py): calls and
-long-lived GET streams use separate, bounded connection pools, so open streams can never
-starve calls.
+One Redis client and one bounded upstream HTTP pool per process (router/upstream.py);
+notification streams are held by the router itself (router/streams.py), never relayed.
 """
 
 from __future__ import annotations
@@ -144,7 +143,6 @@ def create_app(settings: Settings) -> web.Application:
         )
         proxy = Proxy(
             http=upstream.calls,
-            streams=upstream.streams,
             table=table,
             registry=registry,
             leases=leases,
@@ -260,10 +258,6 @@ def _wire_gauges(metrics: Metrics, proxy: Proxy, upstream: Upstream) -> None:
     )  # fmt: skip
     metrics.gauge("exai_router_instances", "Live instances by state (busy = bound to a session).", instances)
     metrics.gauge("exai_router_requests_inflight", "Requests being proxied right now.", inflight)
-    metrics.gauge(
-        "exai_router_upstream_streams", "GET streams open to instances (their own connection pool).",
-        lambda: {(): float(sum(proxy.open_streams.values()))},
-    )  # fmt: skip
     metrics.gauge(
         "exai_router_upstream_stale_dropped",
         "Pooled connections dropped before reuse because the instance had closed them.",

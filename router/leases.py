@@ -49,6 +49,34 @@ end
 return 0
 """
 
+# One round trip for a new session's usual allocation: the first candidate that is registered,
+# ready, not draining, bound to no other session and unleased gets the lease and a new fencing
+# token. KEYS[1] = the draining set, then per candidate: instance hash, lease, lease generation.
+# Returns {instance id, fence, instance hash as a flat list}; or {'', 0, {}, {id}} at the first
+# unleased instance naming another session (a lost lease to reconcile, or a reset that never
+# happened: the caller's slower path deals with it, in the same order); or {'', 0, {}, {}}.
+_ACQUIRE_FIRST = """
+for i = 2, #KEYS, 3 do
+  local id = ARGV[2 + (i - 2) / 3 + 1]
+  if redis.call('sismember', KEYS[1], id) == 0 then
+    local row = redis.call('hmget', KEYS[i], 'state', 'session', 'port')
+    local ready = row[1] == false or row[1] == 'ready'
+    local owner = row[2]
+    if row[3] and ready then
+      if owner == false or owner == '' or owner == ARGV[1] then
+        if redis.call('set', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+          local fence = redis.call('incr', KEYS[i + 2])
+          return {id, fence, redis.call('hgetall', KEYS[i])}
+        end
+      elseif redis.call('exists', KEYS[i + 1]) == 0 then
+        return {'', 0, {}, {id}}
+      end
+    end
+  end
+end
+return {'', 0, {}, {}}
+"""
+
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
@@ -66,11 +94,34 @@ class Leases:
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._renew_bound = redis.register_script(_RENEW_BOUND)
+        self._acquire_first = redis.register_script(_ACQUIRE_FIRST)
 
     async def acquire(self, instance_id: str, session_id: str) -> int:
         """Take a free instance: its new fencing token, or 0 if another session holds it."""
         keys = [self.keys.lease(instance_id), self.keys.lease_generation(instance_id)]
         return int(await self._acquire(keys=keys, args=[session_id, self.ttl_ms]))
+
+    async def acquire_first(
+        self, instance_ids: list[str], session_id: str
+    ) -> tuple[str, int, dict[str, str]] | list[str]:
+        """In one round trip, lease the first of `instance_ids` that is registered, ready, not
+        draining, bound to no other session and unleased: (id, fencing token, registry hash).
+
+        Otherwise a list: [] when none qualifies, or [id] of the first unleased instance that
+        names another session, before any free one (it may need a reconcile or a reset first:
+        the caller's slower path, which looks at the instances in the same order).
+        """
+        if not instance_ids:
+            return []
+        keys = [self.keys.draining()]
+        for iid in instance_ids:
+            keys += [self.keys.instance(iid), self.keys.lease(iid), self.keys.lease_generation(iid)]
+        got = await self._acquire_first(keys=keys, args=[session_id, self.ttl_ms, *instance_ids])
+        iid, fence, flat = got[0], got[1], got[2]
+        if not iid:
+            return [str(i) for i in got[3]] if len(got) > 3 and got[3] else []
+        row = {str(flat[k]): str(flat[k + 1]) for k in range(0, len(flat), 2)}
+        return str(iid), int(fence), row
 
     async def reacquire(self, instance_id: str, session_id: str) -> bool:
         """Restore a lost lease for the session that still holds the instance (same token)."""

@@ -2,8 +2,10 @@
 
 Request bodies are single JSON-RPC messages capped at EXAI_MAX_BODY_BYTES; the router reads
 each one (the method decides the route, `_meta` names the client, and a call that never
-reached a dead instance must be re-sent). Response bodies are never buffered: they are copied
-chunk by chunk as they arrive, which keeps SSE events and keep-alive pings flowing.
+reached a dead instance must be re-sent). A JSON answer of known, small length (the 2026-07-28
+era's usual answer) is read whole and sent in one write with Content-Length; every other body
+(SSE, large or unsized) is copied chunk by chunk as it arrives, which keeps SSE events and
+keep-alive pings flowing. Every GET is served by router/streams.py, never relayed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from common import protocol as p
 from common.errors import (
@@ -40,11 +43,10 @@ from router.jsonrpc import (
     sse_error_event,
 )
 from router.leases import Leases
-from router.metrics import Metrics
+from router.metrics import Histogram, Metrics
 from router.registry import Instance, Registry
 from router.security import Guard
 from router.sessions import Call, Session, SessionTable, new_session_id
-from router.upstream import STREAMS_PER_INSTANCE
 from router.versions import era_of
 
 if TYPE_CHECKING:
@@ -90,8 +92,11 @@ _REPEATABLE_METHODS = frozenset(
     }
 )  # fmt: skip
 
+# JSON answers up to this size are read whole and sent with Content-Length in one write;
+# larger ones (and SSE) are copied chunk by chunk as they arrive.
+JSON_WHOLE_MAX = 1 << 20
 
-HOLD_PING_SECONDS = 15.0
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0)
 
 
 def _call_of(msg: Message | None) -> Call:
@@ -101,9 +106,7 @@ def _call_of(msg: Message | None) -> Call:
     return Call(method=method, name=name if isinstance(name, str) else "", task=asyncio.current_task())
 
 
-def _safe_to_repeat(http_method: str, msg: Message | None) -> bool:
-    if http_method == "GET":
-        return True
+def _safe_to_repeat(msg: Message | None) -> bool:
     if msg is None or msg.method is None:
         return False
     return msg.id is None or msg.method in _REPEATABLE_METHODS  # notifications, reads
@@ -116,7 +119,6 @@ class Proxy:
         self,
         *,
         http: aiohttp.ClientSession,
-        streams: aiohttp.ClientSession,
         table: SessionTable,
         registry: Registry,
         leases: Leases,
@@ -129,10 +131,7 @@ class Proxy:
         body_timeout: float = 30.0,
     ) -> None:
         self.http = http  # calls and control requests
-        self.streams = streams  # long-lived GET streams, a pool of their own (router/upstream.py)
         self.post_timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=read_timeout)
-        self.get_timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=None)
-        self.open_streams: dict[str, int] = {}  # session id -> GET streams open through this router
         self.table = table
         self.registry = registry
         self.leases = leases
@@ -151,6 +150,14 @@ class Proxy:
             metrics=metrics,
             internal_token=internal_token,
         )
+        self.stage_seconds = Histogram(
+            "exai_router_call_stage_seconds",
+            "A proxied call's time by stage: router (the router's own work before and after the "
+            "instance) and instance (from sending the call to its answer: whole JSON answers until "
+            "read, streamed answers until their headers).",
+            STAGE_BUCKETS,
+        )
+        metrics.add(self.stage_seconds)
         self._creating: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self.notifications: Hub | None = None  # notification streams held here (router/streams.py)
@@ -220,7 +227,9 @@ class Proxy:
             sess.protocol_version = version
         if request.method == "DELETE":
             return await self._delete(request, sess, started)
-        if request.method == "GET" and self.notifications is not None:
+        if request.method == "GET":
+            if self.notifications is None:
+                raise MethodNotAllowed("GET streams are not served by this router", allow="POST, DELETE")
             return await self.notifications.serve_get(request, sess)
         return await self._forward(request, sess, body, msg, started)
 
@@ -364,18 +373,11 @@ class Proxy:
         *,
         opening: bool = False,
     ) -> web.StreamResponse:
-        is_get = request.method == "GET"
-        if is_get:
-            if self.open_streams.get(sess.id, 0) >= STREAMS_PER_INSTANCE:
-                conflict = BadRequest("Conflict: this session already has its server-to-client streams open.")
-                return error_response(conflict, None, status=409)
-            self.open_streams[sess.id] = self.open_streams.get(sess.id, 0) + 1
-        client, timeout = (self.streams, self.get_timeout) if is_get else (self.http, self.post_timeout)
-        call: Call | None = None
-        if not is_get:  # a GET stream is not work: it neither keeps a session bound nor resumes it
-            sess.inflight += 1
-            call = _call_of(msg)
-            sess.calls[id(call)] = call
+        # GET streams never come here: router/streams.py serves every GET.
+        client, timeout = self.http, self.post_timeout
+        sess.inflight += 1
+        call = _call_of(msg)
+        sess.calls[id(call)] = call
         sess.total += 1
         sess.routed_here = True
         self.table.touch(sess)
@@ -383,8 +385,6 @@ class Proxy:
         try:
             for attempt in range(MAX_ATTEMPTS):
                 generation = sess.generation
-                if is_get and not sess.instance_id:
-                    return await self._hold_stream(request, sess)
                 target = await bindings.target(sess)
                 if target is None:
                     await bindings.rebind(sess, generation, "instance gone from registry")
@@ -392,6 +392,7 @@ class Proxy:
                 headers = self._upstream_headers(request, sess)
                 if sess.upstream_sid and not opening:
                     headers[p.MCP_SESSION_ID] = sess.upstream_sid
+                sent = time.perf_counter()
                 try:
                     upstream = await client.request(
                         request.method,
@@ -413,7 +414,7 @@ class Proxy:
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     # The request went out and the instance vanished: it may have run.
                     self.metrics.upstream_errors.inc(kind="lost")
-                    if _safe_to_repeat(request.method, msg) and attempt < MAX_ATTEMPTS - 1:
+                    if _safe_to_repeat(msg) and attempt < MAX_ATTEMPTS - 1:
                         await bindings.check_and_rebind(sess, generation, target)
                         continue
                     self._spawn(bindings.check_and_rebind(sess, generation, target))
@@ -442,24 +443,17 @@ class Proxy:
                     await bindings.rebind(sess, generation, "instance lost the session", keep=True)
                     continue
                 return await self._relay(
-                    request, sess, msg, upstream, target, started, opening=opening, call=call
+                    request, sess, msg, upstream, target, started, opening=opening, call=call, sent=sent
                 )
             raise InstanceLost("Could not reach a working instance for this session after several tries.")
         except asyncio.CancelledError:
-            if call is None or not call.cut:
+            if not call.cut:
                 raise
             return await self._cut(call, msg)
         finally:
-            if call is not None:
-                sess.inflight -= 1
-                sess.calls.pop(id(call), None)
+            sess.inflight -= 1
+            sess.calls.pop(id(call), None)
             self.table.touch(sess)
-            if is_get:
-                left = self.open_streams.get(sess.id, 1) - 1
-                if left > 0:
-                    self.open_streams[sess.id] = left
-                else:
-                    self.open_streams.pop(sess.id, None)
 
     async def _cut(self, call: Call, msg: Message | None) -> web.StreamResponse:
         """Answer a call that a scale-down cut (its instance is being stopped)."""
@@ -478,24 +472,6 @@ class Proxy:
             await resp.write_eof()
         return resp
 
-    async def _hold_stream(self, request: web.Request, sess: Session) -> web.StreamResponse:
-        """A parked session's GET stream: held here, so listening never binds an instance.
-
-        Only keep-alive comments flow on it until the session ends or the client leaves
-        (notifications for parked sessions are the router-held streams' job).
-        """
-        resp = web.StreamResponse(
-            status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        if sess.era == "handshake":
-            resp.headers[p.MCP_SESSION_ID] = sess.id
-        await resp.prepare(request)
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            while not sess.ended:
-                await resp.write(b": parked\n\n")
-                await asyncio.sleep(HOLD_PING_SECONDS)
-        return resp
-
     async def _relay(
         self,
         request: web.Request,
@@ -507,8 +483,11 @@ class Proxy:
         *,
         opening: bool,
         call: Call | None = None,
+        sent: float | None = None,
     ) -> web.StreamResponse:
         """Copy the upstream response to the client as it arrives."""
+        answered = time.perf_counter()
+        sent = answered if sent is None else sent
         try:
             if opening:
                 upstream_sid = upstream.headers.get(p.MCP_SESSION_ID)
@@ -520,19 +499,25 @@ class Proxy:
                 detail = (await upstream.content.read(1024)).decode("utf-8", "replace")
                 refusal = instance_refusal(upstream.status, upstream.reason or "", detail)
                 return error_response(refusal, msg.id if msg else None, status=upstream.status)
-            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for k, v in upstream.headers.items():
-                if k.lower() not in _DROP_RESPONSE:
-                    resp.headers.add(k, v)
+            headers = CIMultiDict(
+                (k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE
+            )
             if sess.era == "handshake" and (sess.upstream_sid or p.MCP_SESSION_ID in upstream.headers):
-                resp.headers[p.MCP_SESSION_ID] = sess.id
+                headers[p.MCP_SESSION_ID] = sess.id
+            length = upstream.content_length
+            if (
+                length is not None
+                and length <= JSON_WHOLE_MAX
+                and headers.get("Content-Type", "").startswith("application/json")
+            ):
+                # A whole JSON answer: one write with Content-Length, no chunked framing.
+                return await self._whole(request, sess, upstream, target, headers, (started, sent))
+            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
             await resp.prepare(request)
             if call is not None:
                 call.response = resp
-            self.metrics.request_seconds.observe(
-                time.perf_counter() - started, route=request.match_info.route.resource.canonical
-                if request.match_info.route.resource is not None else "/mcp", method=request.method,
-            )  # fmt: skip
+            self._observe(request, started)
+            self._stages(started, sent, answered)
             try:
                 async for chunk in upstream.content.iter_any():
                     await resp.write(chunk)
@@ -565,6 +550,47 @@ class Proxy:
                 upstream.release()
             else:
                 upstream.close()  # never return a half-read connection to the pool
+
+    async def _whole(
+        self,
+        request: web.Request,
+        sess: Session,
+        upstream: aiohttp.ClientResponse,
+        target: Instance,
+        headers: CIMultiDict[str],
+        clock: tuple[float, float],
+    ) -> web.Response:
+        """Read a JSON answer whole (its length is known and small) and send it in one write."""
+        headers.popall("Content-Length", None)  # web.Response sets it from the body
+        try:
+            body = await upstream.read()
+        except (
+            aiohttp.ClientPayloadError,
+            aiohttp.ServerDisconnectedError,
+            aiohttp.ClientOSError,
+            aiohttp.ServerTimeoutError,
+        ) as exc:
+            # Headers came, the body did not: the instance may have run the call.
+            self.metrics.upstream_errors.inc(kind="lost-midstream")
+            log.warning("instance %s dropped a response for session %s: %r", target.id, sess.id[:8], exc)
+            self._spawn(self.bindings.check_and_rebind(sess, sess.generation, target))
+            raise _lost(target, exc, self.post_timeout.sock_read) from None
+        started, sent = clock
+        answered = time.perf_counter()
+        self._observe(request, started)
+        resp = web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+        self._stages(started, sent, answered)
+        return resp
+
+    def _stages(self, started: float, sent: float, answered: float) -> None:
+        self.stage_seconds.observe(answered - sent, stage="instance")
+        self.stage_seconds.observe((sent - started) + (time.perf_counter() - answered), stage="router")
+
+    def _observe(self, request: web.Request, started: float) -> None:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "/mcp"
+        elapsed = time.perf_counter() - started
+        self.metrics.request_seconds.observe(elapsed, route=route, method=request.method)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

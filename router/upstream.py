@@ -1,17 +1,11 @@
-"""The router's HTTP clients towards its instances: two bounded pools, stale connections dropped.
+"""The router's HTTP client towards its instances: one bounded pool, stale connections dropped.
 
-Two ClientSessions, each with its own connector, so that long-lived streams can never starve
-calls:
+`calls` carries POST and DELETE requests and the router's own control requests (health,
+reset, replayed initialize). At most CALLS_PER_INSTANCE connections per instance; an instance
+serves one session, so this only bounds what one client can have in flight at once. No GET
+stream goes to an instance: the router holds notification streams itself (router/streams.py).
 
-- `calls`: POST and DELETE requests and the router's own control requests (health, reset,
-  replayed initialize). At most CALLS_PER_INSTANCE connections per instance; an instance
-  serves one session, so this only bounds what one client can have in flight at once.
-- `streams`: handshake-era GET streams (server-to-client notifications), which stay open for
-  as long as the client listens. At most STREAMS_PER_INSTANCE per instance, hence at most
-  max_instances x STREAMS_PER_INSTANCE in all; the proxy refuses a session's extra stream
-  with 409 before it could ever wait for a slot.
-
-Both connectors check a pooled keep-alive connection before reusing it: when an instance
+The connector checks a pooled keep-alive connection before reusing it: when an instance
 process dies (kill -9, OOM), the kernel closes its sockets at once, but the router's event
 loop may not have read that EOF yet when the next request picks the idle connection. Writing
 a request into such a connection fails in a way that looks exactly like "the instance died
@@ -34,7 +28,6 @@ if TYPE_CHECKING:
     from aiohttp.tracing import Trace
 
 CALLS_PER_INSTANCE = 32
-STREAMS_PER_INSTANCE = 2
 KEEPALIVE_TIMEOUT = 30.0
 
 
@@ -72,31 +65,24 @@ class CheckedConnector(aiohttp.TCPConnector):
 @dataclass
 class Upstream:
     calls: aiohttp.ClientSession
-    streams: aiohttp.ClientSession
 
     @classmethod
     def create(cls, max_instances: int) -> Upstream:
-        def session(per_host: int, total: int) -> aiohttp.ClientSession:
-            connector = CheckedConnector(
-                limit=total, limit_per_host=per_host, keepalive_timeout=KEEPALIVE_TIMEOUT, ttl_dns_cache=None
-            )
-            return aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, timeout=aiohttp.ClientTimeout(None)
-            )
-
-        return cls(
-            calls=session(CALLS_PER_INSTANCE, CALLS_PER_INSTANCE * max_instances),
-            streams=session(STREAMS_PER_INSTANCE, STREAMS_PER_INSTANCE * max_instances),
+        connector = CheckedConnector(
+            limit=CALLS_PER_INSTANCE * max_instances,
+            limit_per_host=CALLS_PER_INSTANCE,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
+            ttl_dns_cache=None,
         )
+        calls = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, timeout=aiohttp.ClientTimeout(None)
+        )
+        return cls(calls=calls)
 
     @property
     def stale_dropped(self) -> int:
-        return sum(
-            s.connector.stale_dropped
-            for s in (self.calls, self.streams)
-            if isinstance(s.connector, CheckedConnector)
-        )
+        connector = self.calls.connector
+        return connector.stale_dropped if isinstance(connector, CheckedConnector) else 0
 
     async def close(self) -> None:
         await self.calls.close()
-        await self.streams.close()

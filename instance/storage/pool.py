@@ -41,6 +41,10 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, CONNECTION_ERRORS)
 
 
+async def _keep_session_state(conn: asyncpg.Connection) -> None:
+    """The pool's reset hook: nothing to undo (see `connect`)."""
+
+
 class Database:
     """Owns the asyncpg pool of one instance process and runs operations on it.
 
@@ -89,6 +93,11 @@ class Database:
                         statement_cache_size=0 if self._pgbouncer else 100,
                         max_inactive_connection_lifetime=60.0,
                         server_settings={"application_name": "exai-instance"},
+                        # asyncpg still rolls back an open transaction on release; this skips only
+                        # its reset query (UNLISTEN, RESET ALL, advisory unlock, CLOSE ALL), one
+                        # round trip per operation on the answer's path. Nothing here changes
+                        # session state: no LISTEN, SET, advisory locks or cursors.
+                        reset=_keep_session_state,
                     )
             except ValueError as exc:
                 raise ConfigError(f"DATABASE_URL: {exc}") from None

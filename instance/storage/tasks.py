@@ -12,6 +12,7 @@ committed returns the task instead of reporting a false conflict.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 from typing import Any, Literal
 
@@ -94,8 +95,42 @@ class TaskStore:
         if parent == tid:
             raise InvalidArgument("a task cannot be its own parent")
         event_id = new_id()
+        changes = {"name": name, "state": state, "parent_task_id": parent, "metadata": meta}
+
+        async def fast(conn: asyncpg.Connection) -> Task | None:
+            # One statement (atomic on its own): the row and its `created` event, or nothing
+            # when the id exists or the parent is not visible (the transaction below says which).
+            row = await conn.fetchrow(
+                f"""WITH ins AS (
+                    INSERT INTO tasks (id, session_id, name, description, state, parent_task_id, metadata,
+                        completed_at, principal)
+                    SELECT $1, $2, $4, $5, $6, $7::uuid, $8::jsonb,
+                        CASE WHEN $6 = 'COMPLETE' THEN now() END, $9
+                    WHERE $7::uuid IS NULL OR EXISTS (SELECT 1 FROM tasks WHERE id = $7::uuid AND {_VISIBLE})
+                    ON CONFLICT (id) DO NOTHING RETURNING {_COLS}
+                ), ev AS (
+                    INSERT INTO task_events (id, task_id, session_id, event, from_state, to_state, version,
+                        changes)
+                    SELECT $10, id, $2, 'created', NULL, state, 1, $11::jsonb FROM ins
+                )
+                SELECT * FROM ins""",
+                tid,
+                session_id,
+                owner,
+                name,
+                description,
+                state,
+                parent,
+                json.dumps(meta),
+                principal,
+                event_id,
+                json.dumps(changes, default=str),
+            )
+            return None if row is None else Task.from_row(row)
 
         async def op(conn: asyncpg.Connection) -> Task:
+            if (task := await fast(conn)) is not None:
+                return task
             async with conn.transaction():
                 if parent is not None:
                     await self._require_visible(conn, parent, session_id, owner, what="parent task")
@@ -122,7 +157,6 @@ class TaskStore:
                             f"task id {tid} is already used by a task this session cannot see"
                         )
                     return Task.from_row(existing)
-                changes = {"name": name, "state": state, "parent_task_id": parent, "metadata": meta}
                 await _event(conn, event_id, tid, session_id, "created", None, state, 1, changes)
                 return Task.from_row(row)
 
@@ -180,8 +214,80 @@ class TaskStore:
                 "nothing to update: give at least one of state, name, description, metadata, parent"
             )
         event_id = new_id()
+        # Where the task may be now -> where this update takes it (transitions refused leave it out).
+        moves: dict[str, str] = {}
+        for current_state in TASK_STATES:
+            with contextlib.suppress(InvalidTransition):
+                moves[current_state] = _next_state(current_state, state, reopen)
+
+        async def fast(conn: asyncpg.Connection) -> Task | None:
+            # One statement (atomic on its own) for the usual update: the row at the expected
+            # version moves along an allowed transition and its event is written. Anything else
+            # (conflict, unknown task, refused transition, a new parent to check, a retry after
+            # our own commit) returns nothing and the transaction below explains it.
+            row = await conn.fetchrow(
+                f"""WITH cur AS (
+                    SELECT tasks.id, tasks.name, tasks.description, tasks.metadata, tasks.parent_task_id,
+                        tasks.state, m.to_state
+                    FROM tasks JOIN unnest($9::text[], $10::text[]) AS m(from_state, to_state)
+                        ON m.from_state = tasks.state
+                    WHERE tasks.id = $1 AND tasks.version = $4 AND {_VISIBLE}
+                    FOR UPDATE OF tasks
+                ), upd AS (
+                    UPDATE tasks SET
+                        name = COALESCE($5, tasks.name),
+                        description = COALESCE($6, tasks.description),
+                        metadata = COALESCE($7::jsonb, tasks.metadata),
+                        parent_task_id = CASE WHEN $8 THEN NULL ELSE tasks.parent_task_id END,
+                        state = cur.to_state,
+                        completed_at = CASE WHEN cur.to_state = 'COMPLETE' AND tasks.state <> 'COMPLETE'
+                                            THEN now()
+                                            WHEN cur.to_state <> 'COMPLETE' THEN NULL
+                                            ELSE tasks.completed_at END,
+                        updated_at = now(),
+                        version = tasks.version + 1
+                    FROM cur WHERE tasks.id = cur.id
+                    RETURNING {", ".join("tasks." + c.strip() for c in _COLS.split(","))},
+                        cur.state AS from_state, cur.name AS old_name, cur.description AS old_description,
+                        cur.metadata AS old_metadata, cur.parent_task_id AS old_parent
+                ), ev AS (
+                    INSERT INTO task_events (id, task_id, session_id, event, from_state, to_state, version,
+                        changes)
+                    SELECT $11, id, $2,
+                        CASE WHEN $12 THEN 'reopened' WHEN state <> from_state THEN 'state_changed'
+                             ELSE 'updated' END,
+                        from_state, state, version,
+                        (CASE WHEN $5::text IS NOT NULL AND $5 <> old_name
+                              THEN jsonb_build_object('name', $5::text) ELSE '{{}}'::jsonb END)
+                        || (CASE WHEN $6::text IS NOT NULL AND $6 <> old_description
+                                 THEN jsonb_build_object('description', $6::text) ELSE '{{}}'::jsonb END)
+                        || (CASE WHEN $7::jsonb IS NOT NULL AND $7::jsonb <> old_metadata
+                                 THEN jsonb_build_object('metadata', $7::jsonb) ELSE '{{}}'::jsonb END)
+                        || (CASE WHEN $8 AND old_parent IS NOT NULL
+                                 THEN jsonb_build_object('parent_task_id', NULL) ELSE '{{}}'::jsonb END)
+                        || (CASE WHEN state <> from_state
+                                 THEN jsonb_build_object('state', state) ELSE '{{}}'::jsonb END)
+                    FROM upd
+                )
+                SELECT {_COLS} FROM upd""",
+                tid,
+                session_id,
+                owner,
+                expected_version,
+                name,
+                description,
+                None if meta is None else json.dumps(meta),
+                parent_given,
+                list(moves),
+                list(moves.values()),
+                event_id,
+                reopen,
+            )
+            return None if row is None else Task.from_row(row)
 
         async def op(conn: asyncpg.Connection) -> Task:
+            if parent is None and moves and (task := await fast(conn)) is not None:
+                return task
             async with conn.transaction():
                 row = await conn.fetchrow(
                     f"SELECT {_COLS} FROM tasks WHERE id = $1 AND {_VISIBLE} FOR UPDATE",

@@ -8,6 +8,7 @@ waiting for Postgres, and a Postgres outage delays the write, never loses it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -22,6 +23,7 @@ from instance.providers import ChatRequest, ChatResult, ModelInfo
 from instance.providers.base import OpenAICompatibleProvider
 from instance.runtime import Runtime
 from instance.storage.models import Message
+from instance.timing import chat_stages
 from instance.tools import exai_tool, headers_of
 from instance.tools.checks import check_chat_arguments, storable_reply
 from instance.tools.files import LoadedFile
@@ -155,6 +157,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             ),
         ] = None,
     ) -> dict[str, Any]:
+        started = time.perf_counter()
         if not prompt.strip():
             raise InvalidArgument("prompt is empty", hint="Say what you want to ask.")
         check_chat_arguments(prompt, continuation_id, files)
@@ -166,6 +169,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
 
         max_turns = runtime.settings.thread_max_turns
         history_records: list[Any] = []
+        loaded_at = time.perf_counter()
         if continuation_id:
             if (owner := runtime.owner_for(headers_of(ctx))) is not None:
                 await storage.history.check_access(continuation_id, owner)
@@ -185,6 +189,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         )
         if continuation_id:
             cid = continuation_id
+        consult_at = time.perf_counter()
+        chat_stages.add("thread_load", consult_at - loaded_at)
 
         # [context phase 3] the thread's and session's notes, within budget, in the new turn.
         notes = await _notes_for(runtime, thread_id=continuation_id, session_id=session_id, model=info.name)
@@ -217,6 +223,9 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             recent_turns=recent_turns,
         )
         result, built = consultation.result, consultation.built
+        appending_at = time.perf_counter()
+        chat_stages.add("provider", result.seconds)
+        chat_stages.add("context", max(0.0, appending_at - consult_at - result.seconds))
         content = storable_reply(result.content)
         if not continuation_id:  # created only now: a refused or failed call leaves no empty thread
             cid = await storage.history.new_thread(
@@ -230,27 +239,32 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         if disclosed.entries:  # where each file block sits in the stored turn (after the prompt)
             offset = len(built.user_content) - len(disclosed.block) - 2
             user_metadata[disclosure.META_KEY] = disclosed.metadata(offset)
-        user_turn = await storage.history.append(
-            cid,
-            "user",
-            built.user_content,
-            session_id=session_id,
-            tool_name="chat",
-            model=result.model,
-            files=disclosed.paths,
-            metadata=user_metadata,
+        # Both turns at once: they share one spool fsync and one Redis pipeline (each takes its
+        # sequence number when called, so the user turn stays first).
+        user_turn, answer_turn = await asyncio.gather(
+            storage.history.append(
+                cid,
+                "user",
+                built.user_content,
+                session_id=session_id,
+                tool_name="chat",
+                model=result.model,
+                files=disclosed.paths,
+                metadata=user_metadata,
+            ),
+            storage.history.append(
+                cid,
+                "assistant",
+                content,
+                session_id=session_id,
+                tool_name="chat",
+                model=result.model,
+                tokens_in=result.tokens_in,
+                tokens_out=result.tokens_out,
+                metadata={"provider": result.provider, "finish_reason": result.finish_reason},
+            ),
         )
-        answer_turn = await storage.history.append(
-            cid,
-            "assistant",
-            content,
-            session_id=session_id,
-            tool_name="chat",
-            model=result.model,
-            tokens_in=result.tokens_in,
-            tokens_out=result.tokens_out,
-            metadata={"provider": result.provider, "finish_reason": result.finish_reason},
-        )
+        chat_stages.add("storage_append", time.perf_counter() - appending_at)
 
         # [context phase 3] notes captured from this exchange (written in the background).
         captured = _capture(
@@ -292,6 +306,9 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 "note": f"You can continue this conversation for {remaining} more turns "
                 f"({remaining // 2} chat calls: each adds two) by passing this continuation_id to chat.",
             }
+        total = time.perf_counter() - started
+        chat_stages.add("total", total)
+        chat_stages.add("fleet", max(0.0, total - result.seconds))
         return out
 
 

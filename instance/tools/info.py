@@ -9,6 +9,7 @@ from typing import Any
 from mcp.server.mcpserver import Context, MCPServer
 
 from instance.runtime import Runtime
+from instance.timing import chat_stages
 from instance.tools import exai_tool, headers_of
 from instance.workflows.catalog import PURPOSES as WORKFLOW_PURPOSES
 
@@ -91,4 +92,6 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             # is unreachable, and dropped because EXAI_NOTIFY_BUFFER was full.
             "notifications": runtime.notifier.stats() if runtime.notifier else None,
             "links": runtime.links.stats() if runtime.links else None,
+            # Where this instance's chat calls spent their time (fleet = total - provider).
+            "chat_stages": chat_stages.summary(),
         }

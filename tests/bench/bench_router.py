@@ -104,11 +104,12 @@ class Caller:
 class HandshakeCaller:
     """A handshake-era session (initialize, Mcp-Session-Id) over one keep-alive connection."""
 
-    def __init__(self, url: str, client: str) -> None:
+    def __init__(self, url: str, client: str, extra: dict[str, str] | None = None) -> None:
         self.url = url
         self.client = client
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4))
         self.headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+        self.headers.update(extra or {})
         self.rid = 0
         self.session = ""
 
@@ -164,47 +165,213 @@ def _stats(samples: list[float]) -> dict[str, float]:
     }
 
 
-async def _overhead(fleet: Fleet, sessions: int, calls: int) -> dict[str, Any]:
-    """Each session alternates router and direct calls to the same instance, concurrently."""
-    routed = [Caller(fleet.mcp_url, f"bench-{i}") for i in range(sessions)]
-    direct: list[Caller] = []
-    for i, c in enumerate(routed):
-        await c.call("version", {})  # binds the session
-        status = await _status(c)
-        direct.append(
-            Caller(
-                f"http://127.0.0.1:{fleet.instance_port(_num(status['instance_id']))}/mcp",
-                f"bench-{i}",
-                {
-                    p.INTERNAL_TOKEN_HEADER: fleet.internal_token,
-                    p.SESSION_HEADER: status["session"],
-                    p.PRINCIPAL_HEADER: "local",
-                    p.ERA_HEADER: "stateless",
-                    p.CLIENT_HEADER: f"bench-{i}",
-                },
-            )
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Nginx:
+    """nginx as a plain keep-alive reverse proxy, one listening port per instance."""
+
+    BIN = Path("/usr/sbin/nginx")
+
+    def __init__(self, state: Path, fleet: Fleet, count: int) -> None:
+        self.dir = state / "nginx"
+        self.ports = {n: _free_port() for n in range(1, count + 1)}
+        servers = "\n".join(
+            f"upstream inst{n} {{ server 127.0.0.1:{fleet.instance_port(n)}; keepalive 16; }}\n"
+            f"server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://inst{n};"
+            ' proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } }'
+            for n, port in self.ports.items()
         )
+        self.conf = (
+            "worker_processes 1; daemon on; pid nginx.pid; error_log error.log;\n"
+            "events { worker_connections 1024; }\n"
+            "http { access_log off; client_body_temp_path tmp; proxy_temp_path tmp;\n"
+            f"{servers}\n}}\n"
+        )
+
+    async def __aenter__(self) -> Nginx:
+        (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
+        (self.dir / "nginx.conf").write_text(self.conf)
+        proc = await asyncio.create_subprocess_exec(str(self.BIN), "-p", str(self.dir), "-c", "nginx.conf")
+        await proc.wait()
+        await asyncio.sleep(0.3)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            str(self.BIN), "-p", str(self.dir), "-c", "nginx.conf", "-s", "stop"
+        )
+        await proc.wait()
+
+    @property
+    def master_pid(self) -> int:
+        return int((self.dir / "nginx.pid").read_text().strip())
+
+    def worker_cpu(self) -> float:
+        children = Path(f"/proc/{self.master_pid}/task/{self.master_pid}/children").read_text().split()
+        return sum(_cpu_seconds(int(c)) for c in children)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _overhead(
+    fleet: Fleet, sessions: int, calls: int, era: str = "stateless", nginx: Nginx | None = None
+) -> dict[str, Any]:
+    """Each session alternates router, nginx and direct calls to the same instance, concurrently."""
+    routed: list[Caller | HandshakeCaller] = []
+    direct: list[Caller | HandshakeCaller] = []
+    proxied: list[Caller | HandshakeCaller] = []
+    for i in range(sessions):
+        client = f"bench-{era}-{sessions}-{i}"
+        r: Caller | HandshakeCaller
+        if era == "stateless":
+            r = Caller(fleet.mcp_url, client)
+        else:
+            r = HandshakeCaller(fleet.mcp_url, client)
+            await r.open()
+        routed.append(r)
+        await r.call("version", {})  # binds the session
+        status = await _status(r)
+        num = _num(status["instance_id"])
+        extra = {
+            p.INTERNAL_TOKEN_HEADER: fleet.internal_token,
+            p.SESSION_HEADER: status["session"],
+            p.PRINCIPAL_HEADER: "local",
+            p.ERA_HEADER: era,
+            p.CLIENT_HEADER: client,
+        }
+        urls = [f"http://127.0.0.1:{fleet.instance_port(num)}/mcp"]
+        if nginx is not None:
+            urls.append(f"http://127.0.0.1:{nginx.ports[num]}/mcp")
+        for url, into in zip(urls, (direct, proxied), strict=False):
+            c: Caller | HandshakeCaller
+            if era == "stateless":
+                c = Caller(url, client, extra)
+            else:
+                c = HandshakeCaller(url, client, extra)
+                await c.open()
+            into.append(c)
     via_router: list[float] = []
     to_instance: list[float] = []
+    via_nginx: list[float] = []
+    router_pid = fleet.process("router").pid
+    cpu: dict[str, float] = {}
 
-    async def run(r: Caller, d: Caller) -> None:
-        for _ in range(20):  # warm both paths
+    async def run(i: int) -> None:
+        r, d = routed[i], direct[i]
+        n = proxied[i] if proxied else None
+        for _ in range(20):  # warm every path
             await r.call("version", {})
             await d.call("version", {})
+            if n is not None:
+                await n.call("version", {})
         for _ in range(calls):
             via_router.append(await r.call("version", {}))
             to_instance.append(await d.call("version", {}))
+            if n is not None:
+                via_nginx.append(await n.call("version", {}))
 
-    await asyncio.gather(*(run(r, d) for r, d in zip(routed, direct, strict=True)))
-    for c in (*routed, *direct):
+    cpu["router0"] = _cpu_seconds(router_pid)
+    cpu["nginx0"] = nginx.worker_cpu() if nginx is not None else 0.0
+    await asyncio.gather(*(run(i) for i in range(sessions)))
+    router_cpu = _cpu_seconds(router_pid) - cpu["router0"]
+    nginx_cpu = (nginx.worker_cpu() - cpu["nginx0"]) if nginx is not None else 0.0
+    for c in (*routed, *direct, *proxied):
         await c.close()
     router_s, direct_s = _stats(via_router), _stats(to_instance)
-    return {
+    out: dict[str, Any] = {
+        "era": era,
         "sessions": sessions,
         "router": router_s,
         "direct": direct_s,
         "added_p50_ms": round(router_s["p50_ms"] - direct_s["p50_ms"], 3),
         "added_p99_ms": round(router_s["p99_ms"] - direct_s["p99_ms"], 3),
+        # includes the warm-up calls (20 per session) and the router's own housekeeping
+        "router_cpu_ms_per_call": round(router_cpu * 1000 / ((calls + 20) * sessions), 3),
+    }
+    if nginx is not None:
+        nginx_s = _stats(via_nginx)
+        out["nginx"] = nginx_s
+        out["nginx_added_p50_ms"] = round(nginx_s["p50_ms"] - direct_s["p50_ms"], 3)
+        out["nginx_cpu_ms_per_call"] = round(nginx_cpu * 1000 / ((calls + 20) * sessions), 3)
+    return out
+
+
+async def _first_call(fleet: Fleet, samples: int) -> dict[str, Any]:
+    """A new 2026-07-28 session's first call (allocation, lease, session record) vs. its second."""
+    first: list[float] = []
+    second: list[float] = []
+    for i in range(samples):
+        c = Caller(fleet.mcp_url, f"first-{i}-{secrets.token_hex(2)}")
+        first.append(await c.call("version", {}))
+        second.append(await c.call("version", {}))
+        await c.close()
+    a, b = _stats(first), _stats(second)
+    return {"first": a, "bound": b, "added_p50_ms": round(a["p50_ms"] - b["p50_ms"], 3)}
+
+
+async def _rate(fleet: Fleet, clients: int, seconds: float) -> dict[str, Any]:
+    """Calls/s of `version` with `clients` concurrent clients calling back to back, spread over
+    five sessions (one per instance), through the router and then straight to the instances."""
+    anchors = [Caller(fleet.mcp_url, f"rate-{i}") for i in range(5)]
+    bound = []
+    for a in anchors:
+        await a.call("version", {})
+        bound.append(await _status(a))
+
+    async def measure(direct: bool) -> dict[str, Any]:
+        callers: list[Caller] = []
+        for i in range(clients):
+            st = bound[i % len(bound)]
+            client = f"rate-{i % len(bound)}"
+            if direct:
+                extra = {
+                    p.INTERNAL_TOKEN_HEADER: fleet.internal_token,
+                    p.SESSION_HEADER: st["session"],
+                    p.PRINCIPAL_HEADER: "local",
+                    p.ERA_HEADER: "stateless",
+                    p.CLIENT_HEADER: client,
+                }
+                url = f"http://127.0.0.1:{fleet.instance_port(_num(st['instance_id']))}/mcp"
+                callers.append(Caller(url, client, extra))
+            else:
+                callers.append(Caller(fleet.mcp_url, client))
+        done = errors = 0
+        stop = time.monotonic() + seconds
+
+        async def run(c: Caller) -> None:
+            nonlocal done, errors
+            while time.monotonic() < stop:
+                try:
+                    await c.call("version", {})
+                    done += 1
+                except RuntimeError:
+                    errors += 1
+                    await asyncio.sleep(0.05)
+
+        await asyncio.gather(*(run(c) for c in callers))
+        for c in callers:
+            await c.close()
+        return {"calls_per_s": round(done / seconds, 1), "errors": errors}
+
+    routed = await measure(False)
+    direct = await measure(True)
+    for a in anchors:
+        await a.close()
+    return {
+        "clients": clients,
+        "router": routed,
+        "direct": direct,
+        "router_share": round(routed["calls_per_s"] / max(direct["calls_per_s"], 1e-9), 3),
     }
 
 
@@ -212,17 +379,25 @@ def _num(instance_id: str) -> int:
     return int(instance_id.rsplit("_", 1)[1])
 
 
-async def _status(c: Caller) -> dict[str, Any]:
+async def _status(c: Caller | HandshakeCaller) -> dict[str, Any]:
     c.rid += 1
-    body = json.dumps(_body("status", {}, c.client, c.rid)).encode()
-    headers = {
-        **c.headers,
-        "Content-Type": "application/json",
-        "Mcp-Method": "tools/call",
-        "Mcp-Name": "status",
-    }
-    async with c.http.post(c.url, data=body, headers=headers) as r:
-        return dict(json.loads(await r.read())["result"]["structuredContent"])
+    if isinstance(c, HandshakeCaller):
+        msg: dict[str, Any] = {
+            "jsonrpc": "2.0",
+            "id": c.rid,
+            "method": "tools/call",
+            "params": {"name": "status", "arguments": {}},
+        }
+        headers = dict(c.headers)
+    else:
+        msg = _body("status", {}, c.client, c.rid)
+        headers = {**c.headers, "Content-Type": "application/json", "Mcp-Method": "tools/call"}
+        headers["Mcp-Name"] = "status"
+    async with c.http.post(c.url, data=json.dumps(msg).encode(), headers=headers) as r:
+        raw = (await r.read()).decode()
+    if r.headers.get("Content-Type", "").startswith("text/event-stream"):
+        raw = [line[5:].strip() for line in raw.splitlines() if line.startswith("data:")][-1]
+    return dict(json.loads(raw)["result"]["structuredContent"])
 
 
 async def _isolation(fleet: Fleet, calls: int) -> dict[str, Any]:
@@ -384,7 +559,15 @@ async def main() -> int:
     ap.add_argument("--resume-samples", type=int, default=60, help="park/resume pairs per era")
     ap.add_argument("--served", default="10,25,40,60", help="session counts for the work-rate run")
     ap.add_argument("--served-seconds", type=float, default=20.0, help="duration of each work-rate run")
+    ap.add_argument(
+        "--parts",
+        default="overhead,first,rate,isolation,resume,served,bridge",
+        help="comma-separated parts to run (overhead,first,rate,isolation,resume,served,bridge)",
+    )
+    ap.add_argument("--first-samples", type=int, default=60, help="new sessions for the first-call part")
+    ap.add_argument("--rate-seconds", type=float, default=10.0, help="duration of each calls/s run")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
 
     pg = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("EXAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -419,17 +602,34 @@ async def main() -> int:
         try:
             await asyncio.to_thread(fleet.start)
             await fleet.wait_instances(5)
-            results["overhead_1"] = await _overhead(fleet, 1, args.calls)
-            await fleet.end_all_sessions()
-            results["overhead_5"] = await _overhead(fleet, 5, args.calls)
-            await fleet.end_all_sessions()
-            results["isolation"] = await _isolation(fleet, args.chat_calls)
-            results["resume"] = await _resume(fleet, args.resume_samples)
-            await fleet.end_all_sessions()
-            counts = [int(x) for x in args.served.split(",") if x]
-            results["served"] = await _served(fleet, counts, args.served_seconds)
-            await fleet.end_all_sessions()
-            results["bridge_overhead"] = await _bridge_overhead(fleet, args.calls)
+            if "overhead" in parts:
+                async with contextlib.AsyncExitStack() as stack:
+                    nginx = None
+                    if Nginx.BIN.exists():
+                        nginx = await stack.enter_async_context(Nginx(state, fleet, 5))
+                    else:
+                        print(f"nginx not found at {Nginx.BIN}: the nginx column is skipped")
+                    for era in ("stateless", "handshake"):
+                        for n in (1, 5):
+                            results[f"overhead_{era}_{n}"] = await _overhead(fleet, n, args.calls, era, nginx)
+                            await fleet.end_all_sessions()
+            if "first" in parts:
+                results["first_call"] = await _first_call(fleet, args.first_samples)
+                await fleet.end_all_sessions()
+            if "rate" in parts:
+                results["rate"] = [await _rate(fleet, n, args.rate_seconds) for n in (32, 64)]
+                await fleet.end_all_sessions()
+            if "isolation" in parts:
+                results["isolation"] = await _isolation(fleet, args.chat_calls)
+            if "resume" in parts:
+                results["resume"] = await _resume(fleet, args.resume_samples)
+                await fleet.end_all_sessions()
+            if "served" in parts:
+                counts = [int(x) for x in args.served.split(",") if x]
+                results["served"] = await _served(fleet, counts, args.served_seconds)
+                await fleet.end_all_sessions()
+            if "bridge" in parts:
+                results["bridge_overhead"] = await _bridge_overhead(fleet, args.calls)
         finally:
             await asyncio.to_thread(fleet.stop)
             admin = await asyncpg.connect(pg)
@@ -458,17 +658,50 @@ def _print(r: dict[str, Any]) -> None:
     print("\nrouter overhead: `version` tool, router vs direct to the same instance (ms)")
     cols = ("sessions", "router p50", "direct p50", "added", "router p99", "direct p99")
     print(f"{cols[0]:>8}  {cols[1]:>10} {cols[2]:>10} {cols[3]:>7}   {cols[4]:>10} {cols[5]:>10}")
-    for key in ("overhead_1", "overhead_5"):
+    for key in [k for k in r if k.startswith("overhead_")]:
         o = r[key]
-        print(
-            f"{o['sessions']:>8}  {o['router']['p50_ms']:>10.3f} {o['direct']['p50_ms']:>10.3f} "
-            f"{o['added_p50_ms']:>7.3f}   {o['router']['p99_ms']:>10.3f} {o['direct']['p99_ms']:>10.3f}"
+        nginx = (
+            f"   nginx p50 {o['nginx']['p50_ms']:.3f} (+{o['nginx_added_p50_ms']:.3f}, "
+            f"cpu {o['nginx_cpu_ms_per_call']:.3f} ms/call)"
+            if "nginx" in o
+            else ""
         )
+        print(
+            f"{o['era'][:5]:>5} {o['sessions']:>2}  {o['router']['p50_ms']:>10.3f} "
+            f"{o['direct']['p50_ms']:>10.3f} "
+            f"{o['added_p50_ms']:>7.3f}   {o['router']['p99_ms']:>10.3f} {o['direct']['p99_ms']:>10.3f}"
+            f"   router cpu {o['router_cpu_ms_per_call']:.3f} ms/call{nginx}"
+        )
+    if "first_call" in r:
+        f = r["first_call"]
+        print(
+            f"\nnew session's first call p50 {f['first']['p50_ms']:.3f} vs bound {f['bound']['p50_ms']:.3f}"
+            f" (added {f['added_p50_ms']:.3f}; target <= 1)"
+        )
+    for row in r.get("rate", []):
+        print(
+            f"calls/s with {row['clients']} clients over 5 sessions: router {row['router']['calls_per_s']}"
+            f" direct {row['direct']['calls_per_s']} (router/direct {row['router_share']:.2f}; target >= 0.8)"
+        )
+    if "isolation" in r:
+        _print_isolation(r)
+    if "resume" in r:
+        _print_resume(r)
+    if "served" in r:
+        _print_served(r)
+    if "bridge_overhead" in r:
+        _print_bridge(r)
+
+
+def _print_isolation(r: dict[str, Any]) -> None:
     i = r["isolation"]
     print("\nisolation: `chat` with the provider answering in 200 ms, through the router (ms)")
     print(f"  1 session busy : p50 {i['one_busy']['p50_ms']:.1f}  p99 {i['one_busy']['p99_ms']:.1f}")
     print(f"  5 sessions busy: p50 {i['five_busy']['p50_ms']:.1f}  p99 {i['five_busy']['p99_ms']:.1f}")
     print(f"  ratio p50 (5 busy / 1 busy): {i['ratio_p50']:.3f}  (target <= 1.05)\n")
+
+
+def _print_resume(r: dict[str, Any]) -> None:
     print("resume: `version` on a bound session vs. the first call after a park (ms)")
     for era, x in r["resume"].items():
         print(
@@ -476,6 +709,9 @@ def _print(r: dict[str, Any]) -> None:
             f"resumed p50 {x['resumed']['p50_ms']:.2f} p99 {x['resumed']['p99_ms']:.2f}   "
             f"added p50 {x['added_p50_ms']:.2f}  (target <= 15)"
         )
+
+
+def _print_served(r: dict[str, Any]) -> None:
     print(f"\nsessions served by 5 instances: chat (200 ms) then {THINK_S:g} s thinking, park after 1 s")
     for row in r["served"]:
         lat = row.get("latency", {})
@@ -485,6 +721,9 @@ def _print(r: dict[str, Any]) -> None:
             f"p50 {lat.get('p50_ms', 0):.0f} ms, p99 {lat.get('p99_ms', 0):.0f} ms"
         )
     print()
+
+
+def _print_bridge(r: dict[str, Any]) -> None:
     if "bridge_overhead" in r:
         b = r["bridge_overhead"]
         print("exai-bridge overhead: `version` via stdio -> exai-bridge -> router vs HTTP -> router (ms)")

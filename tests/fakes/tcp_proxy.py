@@ -2,7 +2,8 @@
 
 It runs in its own thread and event loop so the instance subprocess keeps being served (or
 refused) whatever the test's own loop is doing. `down()` closes the listener and every open
-connection; `up()` listens again on the same port.
+connection; `up()` listens again on the same port. `delay` (seconds, settable at any time)
+holds every chunk coming back from the target that long: a slow network to Postgres.
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.host = "127.0.0.1"
         self.port = 0
+        self.delay = 0.0
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="tcp-proxy")
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, slow: bool = False
+    ) -> None:
         with contextlib.suppress(Exception):
             while data := await reader.read(65536):
+                if slow and self.delay > 0:
+                    await asyncio.sleep(self.delay)
                 writer.write(data)
                 await writer.drain()
         writer.close()
@@ -40,7 +46,7 @@ class TcpProxy:
             return
         self._writers.update((writer, up_writer))
         try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer, slow=True))
         finally:
             self._writers.difference_update((writer, up_writer))
 

@@ -184,3 +184,107 @@ async def test_stateless_sessions_key_on_name_and_client(fleet: Fleet) -> None:
     sessions = {s["id"]: s for s in await _sessions(fleet)}
     assert sessions[s1["session"]]["key"].endswith("/name/alpha")
     assert sessions[s3["session"]]["client"] == "y"
+
+
+async def test_json_answers_carry_content_length_and_sse_answers_stream(fleet: Fleet) -> None:
+    """A 2026-07-28 JSON answer leaves the router in one piece with Content-Length (no chunked
+    framing); a handshake-era SSE answer is still streamed, and both carry the whole answer."""
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "lengthy", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }
+    call = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": "version", "arguments": {}, "_meta": meta},
+    }
+    headers = {
+        "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": "2026-07-28",
+        "Mcp-Method": "tools/call",
+        "Mcp-Name": "version",
+    }
+    async with aiohttp.ClientSession() as http:
+        for _ in range(2):  # the first call opens the session, the second finds it bound
+            async with http.post(fleet.mcp_url, json=call, headers=headers) as r:
+                raw = await r.read()
+                assert r.status == 200, raw
+                assert r.headers["Content-Type"].startswith("application/json")
+                assert int(r.headers["Content-Length"]) == len(raw)
+                assert "Transfer-Encoding" not in r.headers
+                answer = json.loads(raw)
+                assert answer["id"] == 7 and not answer["result"].get("isError"), answer
+
+        init = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "streamy", "version": "1"},
+            },
+        }
+        hs = {"Accept": "application/json, text/event-stream"}
+        async with http.post(fleet.mcp_url, json=init, headers=hs) as r:
+            assert r.status == 200, await r.text()
+            sid = r.headers["Mcp-Session-Id"]
+            await r.read()
+        hs = {**hs, "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-06-18"}
+        note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        async with http.post(fleet.mcp_url, json=note, headers=hs) as r:
+            assert r.status == 202
+        call = {
+            "jsonrpc": "2.0",
+            "id": 8,
+            "method": "tools/call",
+            "params": {"name": "version", "arguments": {}},
+        }
+        async with http.post(fleet.mcp_url, json=call, headers=hs) as r:
+            text = await r.text()
+            assert r.status == 200, text
+            if r.headers["Content-Type"].startswith("text/event-stream"):
+                assert "Content-Length" not in r.headers
+                data = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
+                answer = json.loads(data[-1])
+            else:
+                assert int(r.headers["Content-Length"]) == len(text.encode())
+                answer = json.loads(text)
+            assert answer["id"] == 8 and not answer["result"].get("isError"), answer
+
+
+async def test_chat_stage_timings_are_exposed(fleet: Fleet) -> None:
+    """After a chat call, its stages show in the `status` tool and the instance's
+    /internal/metrics; the router's /metrics splits proxied calls into router and instance time."""
+    async with mcp_client(fleet.mcp_url, "2026-07-28", name="stages") as client:
+        first = await client.call_tool("chat", {"prompt": "time me"})
+        assert not first.is_error, first
+        assert first.structured_content is not None
+        cid = first.structured_content["continuation_id"]
+        second = await client.call_tool("chat", {"prompt": "and again", "continuation_id": cid})
+        assert not second.is_error, second
+        st = await status_of(client)
+    stages = st["chat_stages"]
+    for name in ("thread_load", "context", "provider", "storage_append", "total", "fleet"):
+        assert stages[name]["count"] >= 2, (name, stages)
+    assert stages["total"]["p50_ms"] >= stages["provider"]["p50_ms"] > 0, stages
+
+    port = fleet.instance_port(instance_num(st["instance_id"]))
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"http://127.0.0.1:{port}/internal/metrics",
+            headers={"X-Exai-Internal-Token": fleet.internal_token},
+        ) as r,
+    ):
+        assert r.status == 200
+        text = await r.text()
+    assert 'exai_instance_chat_stage_seconds_count{stage="storage_append"}' in text
+    assert 'exai_instance_chat_stage_seconds_count{stage="fleet"}' in text
+
+    status, metrics = await fleet.admin("GET", "/metrics")
+    assert status == 200
+    assert 'exai_router_call_stage_seconds_count{stage="router"}' in metrics
+    assert 'exai_router_call_stage_seconds_count{stage="instance"}' in metrics

@@ -1,0 +1,208 @@
+"""The fleet's own overhead on a `chat` call, with Postgres normal, slowed and cut.
+
+    python tests/bench/bench_chat.py [--calls 40] [--provider-delay 0.05] [--pg-delay 0.2]
+
+Starts a fleet under real supervisord (tests/fleet.py: five instances and the router) whose
+Postgres connections go through a loopback forwarder (tests/fakes/tcp_proxy.py), so the bench
+can slow Postgres down (every answer held --pg-delay seconds) or cut it. Each session calls
+`chat` over the raw 2026-07-28 wire, continuing its own thread (so every call loads the
+thread and appends two turns). Overhead per call = client-observed latency minus the time the
+fake provider itself reports for that request (its start to its finish). Measured at 1 and 5
+concurrent sessions for each Postgres condition. Target: <= 3 ms p50, and unchanged
+(<= 1.05x) with Postgres slowed or cut.
+
+Also prints the instances' own stage breakdown (the `status` tool's chat_stages) for each run.
+Saves JSON to tests/bench/results/chat-<timestamp>.json.
+Uses EXAI_TEST_DATABASE_URL / EXAI_TEST_REDIS_URL (default: the local servers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import asyncpg
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from common.migrate import migrate  # noqa: E402
+from tests.bench.bench_router import HEADERS, _body, _stats, _with_db  # noqa: E402
+from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
+from tests.fakes.tcp_proxy import TcpProxy  # noqa: E402
+from tests.fleet import Fleet  # noqa: E402
+
+
+class ChatCaller:
+    """One session calling chat on its own thread over one keep-alive connection."""
+
+    def __init__(self, url: str, client: str) -> None:
+        self.url = url
+        self.client = client
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2))
+        self.rid = 0
+        self.cid: str | None = None
+
+    async def call(self, tool: str, args: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        self.rid += 1
+        body = json.dumps(_body(tool, args, self.client, self.rid)).encode()
+        headers = {**HEADERS, "Content-Type": "application/json", "Mcp-Method": "tools/call"}
+        headers["Mcp-Name"] = tool
+        started = time.perf_counter()
+        async with self.http.post(self.url, data=body, headers=headers) as r:
+            payload = await r.read()
+        elapsed = time.perf_counter() - started
+        answer = json.loads(payload)
+        result = answer.get("result") or {}
+        if r.status != 200 or result.get("isError") or "error" in answer:
+            raise RuntimeError(f"{tool}: {r.status} {payload[:300]!r}")
+        return elapsed, dict(result.get("structuredContent") or {})
+
+    async def chat(self, prompt: str) -> float:
+        args: dict[str, Any] = {"prompt": prompt}
+        if self.cid:
+            args["continuation_id"] = self.cid
+        elapsed, out = await self.call("chat", args)
+        # A thread holds 20 turns: start a new one before it is full.
+        self.cid = out.get("continuation_id") if out.get("status") == "continuation_available" else None
+        return elapsed
+
+    async def close(self) -> None:
+        async with self.http.delete(self.url, headers=HEADERS) as r:
+            await r.read()
+        await self.http.close()
+
+
+def _provider_seconds(provider: FakeProvider) -> dict[str, float]:
+    """Last user message -> seconds the fake provider spent on that request."""
+    spent: dict[str, float] = {}
+    for hit in provider.snapshot():
+        msgs = hit.messages
+        if hit.finished is not None and msgs:
+            spent[str(msgs[-1].get("content", ""))] = hit.finished - hit.started
+    return spent
+
+
+async def _run(fleet: Fleet, provider: FakeProvider, sessions: int, calls: int, tag: str) -> dict[str, Any]:
+    callers = [ChatCaller(fleet.mcp_url, f"chat-{tag}-{sessions}-{i}") for i in range(sessions)]
+    latency: dict[str, float] = {}
+
+    async def run(c: ChatCaller) -> None:
+        for k in range(3):  # warm: bind the session, open its thread
+            await c.chat(f"warm {k} {c.client}")
+        for k in range(calls):
+            prompt = f"q {k} {c.client} {secrets.token_hex(3)}"
+            latency[prompt] = await c.chat(prompt)
+
+    await asyncio.gather(*(run(c) for c in callers))
+    _, st = await callers[0].call("status", {})
+    for c in callers:
+        await c.close()
+    spent = _provider_seconds(provider)
+    overhead = [lat - spent[p] for p, lat in latency.items() if p in spent]
+    return {
+        "sessions": sessions,
+        "postgres": tag,
+        "latency": _stats(list(latency.values())),
+        "overhead": _stats(overhead),
+        "instance_stages": st.get("chat_stages"),
+    }
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=40, help="chat calls per session and condition")
+    ap.add_argument("--provider-delay", type=float, default=0.05, help="fake provider's answer time (s)")
+    ap.add_argument("--pg-delay", type=float, default=0.2, help="Postgres slowdown (s)")
+    args = ap.parse_args()
+
+    pg = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    redis_url = os.environ.get("EXAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    dbname = f"exai_bench_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(pg)
+    await admin.execute(f'CREATE DATABASE "{dbname}"')
+    await admin.close()
+    await migrate(_with_db(pg, dbname))
+    parts = urlsplit(pg)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    state = Path(os.environ.get("TMPDIR", "/tmp")) / f"exai-bench-{secrets.token_hex(4)}"
+    state.mkdir(parents=True)
+    results: dict[str, Any] = {"runs": []}
+    with proxy.running(), FakeProvider(default=Behaviour(delay=args.provider_delay)).running() as provider:
+        netloc = f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}"
+        dsn = _with_db(parts._replace(netloc=netloc).geturl(), dbname)
+        fleet = Fleet(
+            state,
+            database_url=dsn,
+            redis_url=redis_url,
+            redis_prefix=f"exaibench{secrets.token_hex(3)}",
+            instances=5,
+            max_instances=5,
+            overrides={
+                "log_level": "WARNING",
+                "glm_api_key": "fake-key",
+                "glm_api_url": provider.glm_url,
+                "provider_max_retries": 0,
+                "autostart_spares": False,
+                "allocation_deadline": 10.0,
+            },
+        )
+        try:
+            await asyncio.to_thread(fleet.start)
+            await fleet.wait_instances(5)
+            for tag in ("normal", "slowed", "cut"):
+                proxy.delay = args.pg_delay if tag == "slowed" else 0.0
+                if tag == "cut":
+                    proxy.down()
+                for n in (1, 5):
+                    provider.reset(Behaviour(delay=args.provider_delay))
+                    results["runs"].append(await _run(fleet, provider, n, args.calls, tag))
+                    await fleet.end_all_sessions()
+            proxy.up()
+        finally:
+            await asyncio.to_thread(fleet.stop)
+            admin = await asyncpg.connect(pg)
+            await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+            await admin.close()
+
+    load = [round(x, 2) for x in os.getloadavg()]
+    results["meta"] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cpus": os.cpu_count(),
+        "load_after": load,
+        "provider_delay_s": args.provider_delay,
+        "pg_delay_s": args.pg_delay,
+        "targets": {"overhead_p50_ms": "<= 3", "slowed_or_cut_vs_normal": "<= 1.05x"},
+    }
+    print("\nfleet overhead on `chat` = client latency - fake provider's own time (ms)")
+    print(f"{'postgres':>8} {'sessions':>8}  {'overhead p50':>12} {'p99':>8}   {'latency p50':>11}")
+    for r in results["runs"]:
+        o, lat = r["overhead"], r["latency"]
+        print(
+            f"{r['postgres']:>8} {r['sessions']:>8}  {o['p50_ms']:>12.2f} {o['p99_ms']:>8.2f}"
+            f"   {lat['p50_ms']:>11.2f}"
+        )
+    print("\ninstance stages (p50 ms, last run of each condition, cumulative per instance):")
+    for r in results["runs"]:
+        stages = r.get("instance_stages") or {}
+        row = "  ".join(f"{k} {v['p50_ms']:.2f}" for k, v in stages.items())
+        print(f"  {r['postgres']:>6} x{r['sessions']}: {row}")
+    out = ROOT / "tests" / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"saved {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main()))

@@ -1,0 +1,62 @@
+"""The one-round-trip lease of a new session (router/leases.py `acquire_first`), on real Redis.
+
+It must take only an instance that is registered, ready, not draining, bound to no other
+session and unleased, exactly as the slower allocation path would.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import redis.asyncio as aioredis
+
+from common.keys import Keys
+from router.leases import Leases
+
+
+async def _register(r: aioredis.Redis, keys: Keys, iid: str, **fields: str) -> None:
+    row = {"id": iid, "host": "127.0.0.1", "port": "1", "state": "ready", "session": "", **fields}
+    await r.hset(keys.instance(iid), mapping=row)  # type: ignore[arg-type,misc]
+
+
+async def test_acquire_first_takes_only_a_free_ready_instance(
+    redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    tag = secrets.token_hex(3)
+    ids = [f"inst-{tag}-{n}" for n in range(6)]
+    busy, draining, starting, gone, free, bound = ids
+    leases = Leases(redis_client, keys, ttl=30)
+    for iid in (busy, draining, free):
+        await _register(redis_client, keys, iid)
+    await _register(redis_client, keys, starting, state="starting")
+    await _register(redis_client, keys, bound, session="someone-else")
+    # `gone` has no registry entry at all (its heartbeat key expired)
+    assert await leases.acquire(busy, "holder") > 0
+    await redis_client.sadd(keys.draining(), draining)  # type: ignore[misc]
+
+    got = await leases.acquire_first(ids, "newcomer")
+    assert isinstance(got, tuple), got
+    iid, fence, row = got
+    assert iid == free and fence > 0 and row["id"] == free
+    assert await leases.holder(free) == "newcomer"
+    assert await leases.holder(busy) == "holder"  # a busy instance is refused, its lease kept
+    for other in (draining, starting, bound, gone):
+        assert await leases.holder(other) is None
+
+    # Nothing free is left: no lease is taken anywhere, and a second session gets nothing
+    # but the unleased instance that names another session (a lost lease to reconcile).
+    assert await leases.acquire_first(ids, "late") == [bound]
+    assert await leases.acquire_first([busy, draining, starting, gone], "late") == []
+    assert await leases.holder(free) == "newcomer"
+    # That instance comes before a free one: nothing is taken, the slow path decides in order.
+    assert await leases.release(free, "newcomer")
+    assert await leases.acquire_first([bound, free], "late") == [bound]
+    assert await leases.holder(free) is None
+    assert await leases.acquire(free, "newcomer") > fence
+    fence = int(str(await redis_client.get(keys.lease_generation(free))))
+
+    # The fencing token grows with each new lease of the same instance.
+    assert await leases.release(free, "newcomer")
+    again = await leases.acquire_first([free], "next")
+    assert isinstance(again, tuple) and again[1] > fence
+    await redis_client.srem(keys.draining(), draining)  # type: ignore[misc]
