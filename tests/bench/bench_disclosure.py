@@ -16,8 +16,8 @@ What it measures, in one run:
    Three calls also ask for a line range and one file changes halfway, as an agent would.
 3. Notes recall across a restart: notes written by hand and captured from turns, then the
    instance is stopped and started again; the share whose text is in the next prompt of the
-   thread. Target: 100 %. (Recall after phase-2 compaction is measured once compaction is
-   merged; this tree has no compaction.)
+   thread, then once more with the history squeezed by phase-2 compaction (32 tokens, no
+   verbatim turns). Target: 100 % both times.
 4. Cross-scope leaks: 4 sessions x 2 threads, each with its own session and thread notes;
    every chat's prompt is searched for any other scope's note. Target: 0.
 
@@ -48,10 +48,9 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from instance.context._budget import COUNTER, count_tokens
-
 from common.migrate import migrate
 from instance.context import disclosure
+from instance.context.tokens import count_tokens
 from instance.tools.chat import SYSTEM_PROMPT
 from tests.fakes.provider import Behaviour, FakeProvider
 from tests.instance.conftest import _SCRUB, INTERNAL_TOKEN, InstanceProc, connect
@@ -252,14 +251,26 @@ async def _notes_recall(inst: InstanceProc, fake: FakeProvider) -> dict[str, Any
     inst.start()
     async with connect(inst, "legacy", session="s_bench_recall") as client:
         _ok(await client.call_tool("chat", {"prompt": "summarise", "continuation_id": cid}))
-    sent = fake.snapshot()[-1].messages[-1]["content"]
+        sent = fake.snapshot()[-1].messages[-1]["content"]
+        # The same thread squeezed by phase-2 compaction: a tiny history budget, no verbatim turns.
+        squeezed = _ok(
+            await client.call_tool(
+                "chat",
+                {"prompt": "once more", "continuation_id": cid, "history_tokens": 32, "recent_turns": 0},
+            )
+        )
+        compacted_prompt = "\n".join(str(m["content"]) for m in fake.snapshot()[-1].messages)
     found = sum(body in sent for body in expected)
+    found_compacted = sum(body in compacted_prompt for body in expected)
+    history = squeezed["metadata"]["context"]["history"]
     return {
         "notes": len(expected),
         "captured_automatically": len(auto),
         "in_prompt_after_restart": found,
         "recall": round(found / len(expected), 4),
-        "compaction": "not in this tree; measured after phase 2 is merged",
+        "in_prompt_after_compaction": found_compacted,
+        "recall_after_compaction": round(found_compacted / len(expected), 4),
+        "compaction": {k: history.get(k) for k in ("tokens_before", "tokens_after", "turns_omitted")},
     }
 
 
@@ -340,7 +351,7 @@ async def main() -> int:
         shutil.rmtree(home, ignore_errors=True)
     results["meta"] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "token_counter": COUNTER,
+        "token_counter": "splintr-rs (instance/context/tokens.py)",
         "full_below_tokens": full_below,
         "cpus": os.cpu_count(),
         "load_avg": os.getloadavg(),
@@ -354,6 +365,7 @@ async def main() -> int:
     ok = (
         (results["outline_share"]["python"]["aggregate_share"] or 1) <= 0.10
         and results["notes_recall"]["recall"] == 1.0
+        and results["notes_recall"]["recall_after_compaction"] == 1.0
         and results["leaks"]["leaks_or_misses"] == 0
     )
     return 0 if ok else 1
@@ -378,6 +390,10 @@ def _print(r: dict[str, Any]) -> None:
         f"recall {n['recall']}"
     )
     print(f"  ({n['captured_automatically']} of them captured automatically)")
+    print(
+        f"notes after compaction: {n['in_prompt_after_compaction']}/{n['notes']} in the prompt, "
+        f"recall {n['recall_after_compaction']} (history {n['compaction']})"
+    )
     lk = r["leaks"]
     print(f"cross-scope: {lk['checks']} checks, {lk['sessions']} sessions x 2 threads")
     print(f"  leaks or misses: {lk['leaks_or_misses']}")
