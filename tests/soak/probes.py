@@ -8,8 +8,8 @@ One sample holds:
 - `pg_conns`: backends in pg_stat_activity connected to the fleet's database (the probe's own
   connection excluded);
 - `redis_clients`: `INFO clients` connected_clients of the soak's Redis, minus the probe's own;
-- `get_streams`: handshake-era GET (notification) streams the router holds open to instances
-  (`exai_router_upstream_streams` of its /metrics);
+- `get_streams`: notification streams (GET and subscriptions/listen) the router holds open
+  (`exai_router_notify_streams` of its /metrics);
 - `redis_keys`: the fleet's keys by kind (the second part of the name: session, lease,
   instance, thread, ...), `sessions` (ZCARD of the session index) and `leases`;
 - `spool_rows` / `spool_bytes`: rows waiting in the instances' write-behind spools (read-only
@@ -161,10 +161,13 @@ class Probe:
                 text = await r.text()
         except (aiohttp.ClientError, TimeoutError):
             return None
-        for line in text.splitlines():
-            if line.startswith("exai_router_upstream_streams "):
-                return int(float(line.split()[1]))
-        return None
+        # The router holds notification streams itself (GET and subscriptions/listen, by kind).
+        open_streams = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("exai_router_notify_streams{")
+        ]
+        return int(sum(open_streams)) if open_streams else None
 
     def _call_stats(self, t: float) -> dict[str, Any]:
         calls = self.calls.calls
