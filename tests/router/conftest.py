@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -18,6 +19,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.fakes.provider import FakeProvider
+from tests.redis_server import OwnRedis
 
 # What the router tests want from every fleet (tests/fleet.py, real supervisord): quick
 # heartbeats so a dead instance leaves the registry fast, a short allocation deadline, no spares.
@@ -90,3 +92,11 @@ async def status_of(client: Client) -> dict[str, Any]:
     assert not result.is_error, result
     assert result.structured_content is not None
     return dict(result.structured_content)
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRedis]:
+    """A redis-server of the module's own (AOF on), for tests that kill and restart Redis."""
+    server = OwnRedis(Path(tmp_path_factory.mktemp("own-redis")) / "data").start()
+    yield server
+    server.stop()

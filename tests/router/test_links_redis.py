@@ -8,8 +8,7 @@ returns; the receiver ends with every message once, in order.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import mcp_types
@@ -22,13 +21,6 @@ from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client
 from tests.router.test_links import call
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module")
-def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRedis]:
-    server = OwnRedis(Path(tmp_path_factory.mktemp("own-redis")) / "data").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
