@@ -13,6 +13,7 @@ from common.logs import setup_logging
 from common.settings import Settings, load_settings
 from router.app import create_app
 from router.security import check_bind
+from router.server import RouterRunner
 
 log = logging.getLogger("router")
 
@@ -24,7 +25,7 @@ async def serve(settings: Settings) -> None:
     # upstream connection, which cancels the call on the instance.
     # keepalive_timeout also bounds a connection that never finishes its request headers: aiohttp
     # closes a connection that has no complete request this long after it opened or last answered.
-    runner = web.AppRunner(
+    runner = RouterRunner(
         app,
         handler_cancellation=True,
         access_log=None,

@@ -109,6 +109,42 @@ async def test_admin_401_says_where_the_token_is(fleet: Fleet) -> None:
     assert status == 401 and "admin_token" in body["hint"] and "state folder" in body["hint"]
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(b"GARBAGE\r\n\r\n", id="no-http-version"),
+        pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40, id="tls-hello"),
+        pytest.param(b"POST /mcp HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", id="header-without-colon"),
+        pytest.param(
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n", id="header-too-long"
+        ),
+        pytest.param(
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
+            id="two-content-lengths",
+        ),
+        pytest.param(
+            b"POST /mcp HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            id="bad-chunk-size",
+        ),
+        pytest.param(b"GET /mcp HTTP/9.9\r\nHost: x\r\n\r\n", id="unknown-http-version"),
+    ],
+)
+async def test_requests_that_break_http_framing_get_a_json_rpc_400(
+    fleet: Fleet, request_bytes: bytes
+) -> None:
+    """aiohttp's parser refuses these before any handler runs; the answer is still the router's."""
+    status, h, body = await raw(fleet, request_bytes)
+    assert 400 <= status < 500, (status, body)
+    assert h["content-type"].startswith("application/json"), (h, body)
+    error = jsonrpc_error(body)
+    assert error["data"]["error"] in ("bad_request", "payload_too_large"), error
+    assert error["message"].endswith("."), error
+    assert error["data"]["message"].endswith("."), error
+    async with mcp_client(fleet.mcp_url, "legacy") as client:  # the router is fine afterwards
+        await status_of(client)
+    await fleet.end_all_sessions()
+
+
 # --- point 9: slow clients -------------------------------------------------------------------
 async def test_half_sent_headers_and_bodies_are_cut_off(fleet: Fleet) -> None:
     port = int(fleet.router_url.rsplit(":", 1)[1])
