@@ -10,20 +10,31 @@ When a tool changes one of them, the instance publishes `notifications/resources
 for its URI to the session's notification stream (instance/notify.py); the router delivers
 it on the session's GET stream, or on a `subscriptions/listen` stream that subscribed to the
 URI. A client that keeps the list in view re-reads the resource instead of polling.
+
+Handshake-era clients may first ask with `resources/subscribe` (the server advertises
+`resources.subscribe`). The instance accepts a subscription to any of its own resources and
+refuses other URIs; updates are sent to the session whether or not it subscribed (a session is
+only ever told about its own notes and tasks and its own link groups), so a client that never
+subscribes still hears of them, and `resources/unsubscribe` is accepted for symmetry.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
+from mcp import types
 from mcp.server.mcpserver import MCPServer
+from mcp.shared.exceptions import MCPError
 
 from instance.runtime import Runtime
 
 NOTES_URI = "exai://session/notes"
 TASKS_URI = "exai://session/tasks"
 UPDATED = "notifications/resources/updated"
+# Every URI this instance serves: the two static resources and the link-group templates.
+_OWN_URI = re.compile(r"^exai://(session/(notes|tasks)|link/[A-Za-z0-9][A-Za-z0-9._-]{0,99}/(inbox|status))$")
 
 
 def notes_changed(runtime: Runtime, session_id: str) -> None:
@@ -34,7 +45,36 @@ def tasks_changed(runtime: Runtime, session_id: str) -> None:
     runtime.notify(session_id, UPDATED, {"uri": TASKS_URI})
 
 
+def _check_subscribable(uri: str) -> None:
+    if not _OWN_URI.match(uri):
+        raise MCPError(
+            code=types.INVALID_PARAMS,
+            message=f"[resource_not_found] There is no resource {uri!r} to subscribe to. "
+            "Use a URI from resources/list or resources/templates/list "
+            "(exai://session/notes, exai://session/tasks, exai://link/{group}/inbox or /status).",
+            data={"uri": uri},
+        )
+
+
+def _accept_subscriptions(mcp: MCPServer[Any]) -> None:
+    async def subscribe(ctx: Any, params: types.SubscribeRequestParams) -> types.EmptyResult:
+        _check_subscribable(str(params.uri))
+        return types.EmptyResult()
+
+    async def unsubscribe(ctx: Any, params: types.UnsubscribeRequestParams) -> types.EmptyResult:
+        _check_subscribable(str(params.uri))
+        return types.EmptyResult()
+
+    # MCPServer has no public hook for these two methods; its low-level server does. Having the
+    # handler is also what makes the SDK advertise `resources.subscribe` in the handshake era.
+    lowlevel = mcp._lowlevel_server
+    lowlevel.add_request_handler("resources/subscribe", types.SubscribeRequestParams, subscribe)
+    lowlevel.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, unsubscribe)
+
+
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
+    _accept_subscriptions(mcp)
+
     @mcp.resource(
         NOTES_URI,
         name="session-notes",

@@ -18,6 +18,7 @@ import mcp_types
 import pytest
 import redis.asyncio as aioredis
 from mcp.client.subscriptions import ResourcesListChanged, ResourceUpdated, ToolsListChanged
+from mcp.shared.exceptions import MCPError
 
 from common.notifications import EventLog, notification, parse_id
 from tests.fakes.provider import FakeProvider
@@ -375,6 +376,7 @@ NOTES_URI = "exai://session/notes"
 TASKS_URI = "exai://session/tasks"
 
 
+@pytest.mark.filterwarnings("ignore:resources/(un)?subscribe is removed")
 async def test_instances_announce_note_and_task_changes_to_both_eras(fleet: Fleet) -> None:
     """The real producers: note and task tools publish resources/updated for the session."""
     seen: list[Any] = []
@@ -395,6 +397,15 @@ async def test_instances_announce_note_and_task_changes_to_both_eras(fleet: Flee
     # Handshake era: the SDK client's own GET stream (held by the router) brings them.
     async with mcp_client(fleet.mcp_url, "legacy", name="producer-a", message_handler=on_message) as a:
         await _wait_metric(fleet, 'exai_router_notify_streams{kind="get"}', 1)
+        # A handshake-era client may ask first: the server advertises and accepts subscriptions
+        # to its own resources and refuses a URI it does not serve.
+        resources = a.server_capabilities.resources
+        assert resources is not None and resources.subscribe, a.server_capabilities
+        await a.subscribe_resource(NOTES_URI)
+        await a.subscribe_resource("exai://link/my-project/inbox")
+        with pytest.raises(MCPError) as refused:
+            await a.subscribe_resource("file:///etc/passwd")
+        assert refused.value.code == -32602 and "resources/list" in refused.value.message
         write = await a.call_tool("note_write", {"key": "plan", "body": "ship it"})
         assert not write.is_error, write
         assert await next_update() == NOTES_URI
@@ -407,6 +418,7 @@ async def test_instances_announce_note_and_task_changes_to_both_eras(fleet: Flee
         status = await status_of(a)
         assert body["session"] == status["session"]
         assert status["notifications"] == {"published": 2, "pending": 0, "dropped": 0}
+        await a.unsubscribe_resource(NOTES_URI)
 
     # 2026-07-28: a listen stream that subscribed to the notes resource.
     async with (
