@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import node
 from tests.bridge.conftest import BRIDGE, bridge_env, instance_inflight, until
 from tests.fakes.provider import Behaviour, FakeProvider
 from tests.fleet import Fleet
@@ -27,12 +26,7 @@ NODE_DIR = Path(__file__).parent / "node"
 
 @pytest.fixture(scope="module")
 def node_client() -> Path:
-    if shutil.which("node") is None:
-        pytest.skip("node is not installed")
-    if not (NODE_DIR / "node_modules" / "@modelcontextprotocol" / "sdk").is_dir():
-        npm = shutil.which("npm")
-        assert npm is not None, "node is installed but npm is not"
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300)
+    node.installed(NODE_DIR, "node_modules/@modelcontextprotocol/sdk", timeout=300)
     return NODE_DIR / "client.mjs"
 
 

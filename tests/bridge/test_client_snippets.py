@@ -19,8 +19,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
+from tests import node
 from tests.bridge.conftest import BRIDGE, TOKEN
 from tests.fleet import Fleet
 
@@ -90,14 +89,7 @@ async def test_every_snippet_entry_connects(fleet: Fleet, snippet: Path, tmp_pat
 
 @pytest.fixture(scope="module")
 def claude() -> Path:
-    if shutil.which("node") is None:
-        pytest.skip("node is not installed")
-    binary = CLAUDE_CODE_DIR / "node_modules" / ".bin" / "claude"
-    if not binary.exists():
-        npm = shutil.which("npm")
-        assert npm is not None, "node is installed but npm is not"
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=CLAUDE_CODE_DIR, check=True, timeout=600)
-    return binary
+    return node.installed(CLAUDE_CODE_DIR, "node_modules/.bin/claude")
 
 
 async def test_claude_code_connects_with_the_snippet(fleet: Fleet, claude: Path, tmp_path: Path) -> None:

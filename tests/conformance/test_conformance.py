@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import node
 from tests.fleet import Fleet
 from tests.router.conftest import ROUTER_TEST_SETTINGS
 
@@ -43,14 +42,7 @@ SCENARIOS = [
 
 @pytest.fixture(scope="module")
 def suite() -> Path:
-    if shutil.which("node") is None:
-        pytest.skip("node is not installed")
-    cli = HERE / "node_modules" / ".bin" / "conformance"
-    if not cli.exists():
-        npm = shutil.which("npm")
-        assert npm is not None, "node is installed but npm is not"
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=HERE, check=True, timeout=300)
-    return cli
+    return node.installed(HERE, "node_modules/.bin/conformance", timeout=300)
 
 
 @pytest.fixture(scope="module")
