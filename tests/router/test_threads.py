@@ -184,6 +184,10 @@ async def test_a_thread_is_shared_across_principals_only_through_a_link_group(
         refused = await error_of(outsider, "chat", {"prompt": "tok-B-03 hi", "continuation_id": cid})
         assert refused.startswith("[thread_not_found] ")
 
+        # The admin sees every principal's threads, in no group at all.
+        async with mcp_client(fleet.mcp_url, "legacy", name="the-admin", token=fleet.admin_token) as admin:
+            assert (await call(admin, "note_read", read))["note"]["body"] == "use plan X"
+
         # Leaving the group ends the sharing.
         assert (await call(bob, "link_leave", {"group": group}))["left"] is True
         refused = await error_of(bob, "chat", {"prompt": "tok-B-04 hi", "continuation_id": cid})
