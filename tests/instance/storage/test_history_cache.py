@@ -153,3 +153,38 @@ async def test_a_writer_killed_while_redis_was_down_still_invalidates_the_cache(
                 assert b.history.marks_applied_total >= 1
     finally:
         await redis_a.aclose()
+
+
+async def test_a_read_stops_where_an_exchange_is_not_stored_yet(
+    storage_settings: Callable[..., Settings], pg_proxy: FaultProxy, pg_dsn: str, redis: Redis
+) -> None:
+    """Exchange 4 took its position on a writer whose Postgres is cut, exchange 5 was stored
+    elsewhere: a reader gets 1-3 (a prefix of the final order), then 1-5 once 4 lands."""
+    small = {"history_cache_turns": 2}  # the cache covers the last exchange only
+    async with (
+        Storage.open(storage_settings(**small), instance_id="t-gap-a", redis=redis) as a,
+        Storage.open(
+            storage_settings(database_url=pg_proxy.url(pg_dsn), **small),
+            instance_id="t-gap-slow",
+            redis=redis,
+        ) as slow,
+        Storage.open(storage_settings(**small), instance_id="t-gap-reader", redis=redis) as reader,
+    ):
+        cid = await a.history.new_thread(session_id="s", tool_name="chat", model=None)
+        for i in (1, 2, 3):
+            await a.history.append_exchange(cid, exchange(f"q{i}", f"a{i}"))
+        assert await a.flush(10)
+        await slow.history.load(cid)
+        pg_proxy.cut()
+        await slow.history.append_exchange(cid, exchange("q4", "a4"))
+        await a.history.load(cid)
+        await a.history.append_exchange(cid, exchange("q5", "a5"))
+        assert await a.flush(10)
+
+        loaded = await reader.history.load(cid)
+        assert [m.content for m in loaded] == ["q1", "a1", "q2", "a2", "q3", "a3"]
+        pg_proxy.restore()
+        assert await slow.flush(10)
+        loaded = await reader.history.load(cid)
+        assert [m.content for m in loaded] == [f"{r}{i}" for i in range(1, 6) for r in ("q", "a")]
+        assert [m.pos for m in loaded] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
