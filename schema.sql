@@ -184,3 +184,23 @@ CREATE TABLE IF NOT EXISTS link_reservations (
 INSERT INTO exai_schema_version (id, version) VALUES (1, 3)
 ON CONFLICT (id) DO UPDATE SET version = GREATEST(exai_schema_version.version, EXCLUDED.version),
                                applied_at = now();
+
+-- Version 4 (threads): a thread's exchanges are ordered by `pos`, a per-thread position taken
+-- when the exchange is appended (both turns of one chat call share it; see docs/ARCHITECTURE.md,
+-- "Thread order"). Rows written before it have pos NULL and sort first, by (created_at, seq).
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS pos bigint;
+CREATE INDEX IF NOT EXISTS messages_conversation_pos_idx
+    ON messages (conversation_id, pos NULLS FIRST, created_at, seq);
+
+-- Threads whose turns were written while their writer could not reach Redis: every instance
+-- polls this (a few rows a second at most) and drops those threads' Redis cache.
+CREATE TABLE IF NOT EXISTS thread_cache_marks (
+    id               uuid PRIMARY KEY,
+    conversation_id  uuid NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS thread_cache_marks_created_idx ON thread_cache_marks (created_at);
+
+INSERT INTO exai_schema_version (id, version) VALUES (1, 4)
+ON CONFLICT (id) DO UPDATE SET version = GREATEST(exai_schema_version.version, EXCLUDED.version),
+                               applied_at = now();

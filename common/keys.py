@@ -26,7 +26,8 @@ Keyspace (with the default prefix):
     exai:chan:sessions                  PUBSUB "{sid} {ver} {router}": a session record changed (ver -1:
                                                ended); other routers re-read or drop their copy
     exai:thread:{cid}                   LIST  recent turns of a thread (JSON), newest last
-    exai:thread-meta:{cid}              HASH  thread metadata cache
+    exai:thread-meta:{cid}              HASH  thread metadata cache (`run`: Redis run_id it was checked on)
+    exai:thread-pos:{cid}               STR   the thread's last exchange position (its sequencer)
     exai:cache:{name}:{key}             STR   generic short-lived cache entries
 """
 
@@ -98,6 +99,10 @@ class Keys:
 
     def thread_meta(self, continuation_id: str) -> str:
         return self._k("thread-meta", continuation_id)
+
+    def thread_pos(self, continuation_id: str) -> str:
+        """The thread's turn-position counter (the sequencer of its exchanges; outlives the cache)."""
+        return self._k("thread-pos", continuation_id)
 
     def cache(self, name: str, key: str) -> str:
         return self._k("cache", name, key)

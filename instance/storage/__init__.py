@@ -122,6 +122,7 @@ class Storage:
             with contextlib.suppress(Exception):
                 await db.connect()  # warm the pool if Postgres is up; later uses retry if not
             flusher.start()
+            storage.history.start()
             yield storage
         finally:
             await storage.aclose(flush_timeout=close_flush_timeout)
@@ -130,6 +131,7 @@ class Storage:
                     await redis.aclose()
 
     async def aclose(self, *, flush_timeout: float) -> None:
+        await self.history.stop()
         try:
             if self.spool.rows and not await self.flush(flush_timeout):
                 log.warning(

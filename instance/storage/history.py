@@ -4,24 +4,38 @@ Where a thread's turns live, freshest first: this process's spool (not yet flush
 (the most recent `history_cache_turns` turns, written through on every append), Postgres (all
 turns that were flushed, by any process). `load` merges them and dedupes by message id.
 
+Order (docs/ARCHITECTURE.md, "Thread order"): the turns one call appends (chat's question and
+answer) are one exchange and share one position `pos`, taken from the thread's counter in Redis
+by the same script that extends the cache, so positions and the cache never disagree and two
+sessions continuing one thread get positions 1, 2, 3, ... in the order their appends reached
+Redis. A thread is read back ordered by (pos, created_at, seq); a position that is missing but
+younger than GAP_WAIT_S is an exchange still on its way to Postgres, and the history is cut
+there, so a prompt is always built from a prefix of the final order. Without Redis, a process
+continues after the highest position it has seen (ties are kept together and broken by time).
+
 Cache correctness rule: the Redis list of a thread is trusted only if it was created empty by
-`new_thread` and every later append extended it (the append script does nothing when the
-thread's meta hash is missing, so a lost or expired cache never comes back partial). When an
-append could not reach Redis, the thread's cache is dropped as soon as Redis returns; until
-then this process reads that thread from Postgres. That alone is not enough: the process that
-missed the appends may never call Redis again, and a Redis restored from its AOF brings back a
-cache that claims to be whole. So every cache hit is checked against Postgres (one indexed
-count of the turns the cache lacks); Postgres is the truth, the cache only saves the read.
+`new_thread` and every later append extended it (the append script leaves a missing cache
+missing, so a lost or expired cache never comes back partial). Two things can still make a live
+cache older than Postgres, and each is caught without asking Postgres on every hit:
+- appends that could not reach Redis: the writer drops the cache as soon as it reaches Redis
+  again, and (durably, through its spool) records a mark in Postgres that every instance polls
+  (`sync_marks`, every CACHE_SYNC_S) and applies by dropping the cache, so a writer that died or
+  never reconnects still invalidates it;
+- Redis losing writes (a restart from its AOF): every cache records the Redis run_id it was
+  last checked on; a cache read on another run_id is checked once against Postgres (one indexed
+  count), then stamped with the current run_id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
-from datetime import UTC, datetime
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -40,30 +54,68 @@ from instance.storage.validation import (
     check_text,
     new_id,
 )
-from instance.storage.writebehind import KIND_CONVERSATION, KIND_MESSAGE
+from instance.storage.writebehind import KIND_CACHE_MARK, KIND_CONVERSATION, KIND_MESSAGE
 
 log = logging.getLogger(__name__)
 
 CACHE_TTL_MS = 7 * 24 * 3600 * 1000
 CONTENT_MAX_CHARS = 4 * 1024 * 1024
 
-# KEYS: list, meta. ARGV: message json, max turns, ttl ms. Extends only a cache that exists.
+GAP_WAIT_S = 10.0
+"""A missing position younger than this is an exchange still on its way (cut there); older: lost."""
+CACHE_SYNC_S = 0.5
+"""How often an instance applies the cache marks other instances left in Postgres."""
+MARK_OVERLAP_S = 10.0
+"""Marks are re-read this far back, so one committed late (its transaction began earlier) is seen."""
+MARK_KEEP = "1 day"
+_POS_PLACEHOLDER = '{"pos":null'
+
+# KEYS: list, meta, pos counter. ARGV: floor, cached turns, ttl ms, then one JSON turn each
+# starting with '{"pos":null'. Takes the thread's next position (past `floor`, the highest the
+# caller has seen: a lost counter restarts from there) and extends the cache, if it exists, with
+# the turns carrying it, in one atomic step. Returns the position; -1 if the counter is missing
+# and the caller knows no floor (floor = -1).
 _APPEND_LUA = """
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[1], ARGV[1])
-redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
-redis.call('HINCRBY', KEYS[2], 'turns', 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+local cur = tonumber(redis.call('GET', KEYS[3]) or '-1')
+local floor = tonumber(ARGV[1])
+if cur < 0 and floor < 0 then return -1 end
+if floor > cur then cur = floor end
+local pos = cur + 1
+redis.call('SET', KEYS[3], pos, 'PX', ARGV[3])
+if tonumber(ARGV[2]) > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+  for i = 4, #ARGV do
+    redis.call('RPUSH', KEYS[1], '{"pos":' .. pos .. string.sub(ARGV[i], 12))
+  end
+  redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+  redis.call('HINCRBY', KEYS[2], 'turns', #ARGV - 3)
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+return pos
+"""
+
+_RUN_ID_LUA = "string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')"
+
+# KEYS: list, meta. ARGV: ttl ms, then field/value pairs. Creates the cache of a new thread once,
+# stamped with the run_id of the Redis process that holds it.
+_CREATE_LUA = f"""
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[2], 'run', {_RUN_ID_LUA}, unpack(ARGV, 2))
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: list, meta. ARGV: ttl ms, then field/value pairs. Creates the cache of a new thread once.
-_CREATE_LUA = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[2], unpack(ARGV, 2))
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
+# KEYS: meta, list. Returns {} on a miss, else {meta as field/value list, turns, current run_id}.
+_READ_LUA = f"""
+local meta = redis.call('HGETALL', KEYS[1])
+if #meta == 0 then return {{}} end
+return {{meta, redis.call('LRANGE', KEYS[2], 0, -1), {_RUN_ID_LUA}}}
+"""
+
+# KEYS: meta. ARGV: run_id. Records that the cache was checked against Postgres on this run.
+_STAMP_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'run', ARGV[1]) end
 return 1
 """
 
@@ -80,8 +132,13 @@ class _SeqClock:
         return self._last
 
 
+def _order(m: Message) -> tuple[int, datetime, int]:
+    """Thread order: exchange position, then time (turns written before positions come first)."""
+    return (-1 if m.pos is None else m.pos, m.created_at, m.seq)
+
+
 def _sort_dedupe(messages: list[Message]) -> list[Message]:
-    messages.sort(key=lambda m: (m.created_at, m.seq))
+    messages.sort(key=_order)
     seen: set[str] = set()
     out: list[Message] = []
     for m in messages:  # the first copy of an id wins: that is the one Postgres kept
@@ -110,9 +167,21 @@ class HistoryStore:
         self._turns = cache_turns
         self._clock = _SeqClock()
         self._dirty: set[str] = set()
-        self._cache_queue: list[tuple[str, str, asyncio.Future[None]]] = []
+        self._known: dict[str, int] = {}  # the highest exchange position seen per thread
+        self._cache_queue: list[tuple[str, list[str], int, asyncio.Future[int]]] = []
         self._cache_sender: asyncio.Task[None] | None = None
+        self._marks_since: datetime | None = None
+        self._marks_seen: dict[str, datetime] = {}
+        self._marks_pruned_at = 0.0
+        self._syncer: asyncio.Task[None] | None = None
+        self.marks_applied_total = 0
+        self.cache_checks_total = 0  # caches checked against Postgres (new Redis run, or no stamp)
         cache.on_recover = self._drop_dirty
+
+    @property
+    def _marking(self) -> bool:
+        """Whether appends that miss Redis must leave a mark (only if a fleet cache may exist)."""
+        return self._cache.redis is not None and self._turns > 0
 
     # --- writing ---------------------------------------------------------------------------
     async def new_thread(
@@ -141,6 +210,8 @@ class HistoryStore:
             "principal": principal,
         }
         await self._spool.append(KIND_CONVERSATION, payload, thread_id=cid)
+        if fresh:
+            self._note_pos(cid, 0)  # nothing before it: its first exchange is position 1
         # Only a brand-new id can start a complete (empty) cache; a caller-chosen id may name
         # a thread that already has turns elsewhere.
         if fresh and self._turns > 0:
@@ -176,88 +247,170 @@ class HistoryStore:
         metadata: dict[str, Any] | None = None,
         message_id: str | None = None,
     ) -> Message:
-        """Add a turn; returns once the spool holds it durably (Postgres gets it in the background)."""
+        """Add one turn as an exchange of its own (see `append_exchange`)."""
+        turn = {
+            "role": role,
+            "content": content,
+            "session_id": session_id,
+            "tool_name": tool_name,
+            "model": model,
+            "files": files,
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+            "metadata": metadata,
+            "message_id": message_id,
+        }
+        (msg,) = await self.append_exchange(continuation_id, [turn])
+        return msg
+
+    async def append_exchange(
+        self, continuation_id: str, turns: Sequence[Mapping[str, Any]]
+    ) -> list[Message]:
+        """Add turns that belong together (a question and its answer) as one exchange.
+
+        They take one position in the thread, in the order given, and nothing another session
+        appends can come between them. Each turn is a mapping of `append`'s arguments. Returns
+        once the spool holds them durably (Postgres gets them in the background).
+        """
         cid = as_uuid(continuation_id, "continuation_id")
-        if role not in ROLES:
-            raise InvalidArgument(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        check_text(content, "content", max_len=CONTENT_MAX_CHARS)
-        if files is not None and (not isinstance(files, list) or not all(isinstance(f, str) for f in files)):
-            raise InvalidArgument("files must be a list of path strings")
-        seq = self._clock.next()
-        msg = Message(
-            id=new_id() if message_id is None else as_uuid(message_id, "message_id"),
-            continuation_id=cid,
-            seq=seq,
-            role=role,
-            content=content,
-            created_at=datetime.fromtimestamp(seq / 1e6, UTC),
-            session_id=session_id,
-            tool_name=tool_name,
-            model=model,
-            files=list(files or []),
-            tokens_in=check_optional_int(tokens_in, "tokens_in"),
-            tokens_out=check_optional_int(tokens_out, "tokens_out"),
-            metadata=check_metadata(metadata),
-        )
-        data = msg.to_dict()
-        if self._turns <= 0:
-            await self._spool.append(KIND_MESSAGE, data, thread_id=cid)
-            return msg
-        # The local fsync and the Redis round trip overlap: the caller waits for the slower one.
-        spooled, _ = await asyncio.gather(
-            self._spool.append(KIND_MESSAGE, data, thread_id=cid),
-            self._cache_append(cid, json.dumps(data, separators=(",", ":"), ensure_ascii=False)),
+        if not turns:
+            raise InvalidArgument("an exchange needs at least one turn")
+        drafts: list[Message] = []
+        first: int | None = None
+        for t in turns:
+            role, content, files = t.get("role"), t.get("content"), t.get("files")
+            if role not in ROLES:
+                raise InvalidArgument(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+            check_text(content, "content", max_len=CONTENT_MAX_CHARS)
+            if files is not None and (
+                not isinstance(files, list) or not all(isinstance(f, str) for f in files)
+            ):
+                raise InvalidArgument("files must be a list of path strings")
+            seq = self._clock.next()
+            first = seq if first is None else first
+            message_id = t.get("message_id")
+            drafts.append(
+                Message(
+                    id=new_id() if message_id is None else as_uuid(message_id, "message_id"),
+                    continuation_id=cid,
+                    seq=seq,
+                    role=str(role),
+                    content=str(content),
+                    created_at=datetime.fromtimestamp(first / 1e6, UTC),  # one time for the exchange
+                    session_id=t.get("session_id"),
+                    tool_name=t.get("tool_name"),
+                    model=t.get("model"),
+                    files=list(files or []),
+                    tokens_in=check_optional_int(t.get("tokens_in"), "tokens_in"),
+                    tokens_out=check_optional_int(t.get("tokens_out"), "tokens_out"),
+                    metadata=check_metadata(t.get("metadata")),
+                )
+            )
+        pos, cached = await self._position(cid, drafts)
+        messages = [dataclasses.replace(m, pos=pos) for m in drafts]
+        entries: list[tuple[str, dict[str, Any]]] = [(KIND_MESSAGE, m.to_dict()) for m in messages]
+        if not cached and self._marking:  # a cache elsewhere may now be older than Postgres
+            entries.insert(0, (KIND_CACHE_MARK, {"id": new_id(), "conversation_id": cid}))
+        results = await asyncio.gather(
+            *(self._spool.append(kind, payload, thread_id=cid) for kind, payload in entries),
             return_exceptions=True,
         )
-        if isinstance(spooled, BaseException):
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
             # Not durable, so it must not stay visible in the cache either.
             self._dirty.add(cid)
             with contextlib.suppress(CacheDown):
                 await self._cache.call(self._drop_dirty_now)
-            raise spooled
-        return msg
+            raise failed
+        self._note_pos(cid, pos)
+        return messages
 
-    async def _cache_append(self, cid: str, blob: str) -> None:
-        """Write the turn through to Redis; concurrent appends share one pipelined round trip.
+    def _note_pos(self, cid: str, pos: int) -> None:
+        if len(self._known) > 50_000:
+            self._known.clear()  # only a floor for a lost counter: forgetting it is safe
+        if pos > self._known.get(cid, -1):
+            self._known[cid] = pos
 
-        Like the spool's group commit: the first caller sends, callers arriving meanwhile join
-        the next pipeline. Each caller returns only after its own turn reached Redis (or Redis
-        was found down and the thread marked for invalidation).
-        """
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._cache_queue.append((cid, blob, fut))
+    async def _position(self, cid: str, drafts: list[Message]) -> tuple[int, bool]:
+        """(the exchange's position, whether the cache saw it) — from Redis when reachable."""
+        blobs = []
+        for m in drafts:
+            blob = json.dumps(m.to_dict(), separators=(",", ":"), ensure_ascii=False)
+            assert blob.startswith(_POS_PLACEHOLDER)
+            blobs.append(blob)
+        floor = self._known.get(cid, -1)
+        if self._cache.redis is not None:
+            try:
+                pos = await self._cache_append(cid, blobs, floor)
+                if pos < 0:  # the counter is gone (expired, or Redis lost it): restart past storage
+                    floor = await self._floor_from_storage(cid)
+                    pos = await self._cache_append(cid, blobs, floor)
+                if pos >= 0:
+                    return pos, cid not in self._dirty
+            except CacheDown:
+                pass
+            except Exception as exc:  # a cache bug must not fail the write
+                log.warning("Redis position for thread %s failed (%s: %s)", cid, type(exc).__name__, exc)
+        # Redis unreachable: continue after the highest position this process has seen.
+        if floor < 0:
+            floor = await self._floor_from_storage(cid)
+        self._dirty.add(cid)
+        return floor + 1, False
+
+    async def _floor_from_storage(self, cid: str) -> int:
+        """The highest position this process can find for the thread (spool, then Postgres)."""
+        top = 0
+        for e in await self._spool.pending_for_thread(cid):
+            if e.kind == KIND_MESSAGE and e.payload.get("pos") is not None:
+                top = max(top, int(e.payload["pos"]))
+        with contextlib.suppress(StorageUnavailable):
+            stored = await self._db.run(
+                lambda c: c.fetchval("SELECT max(pos) FROM messages WHERE conversation_id = $1", cid),
+                what="finding the thread's last position",
+            )
+            top = max(top, int(stored or 0))
+        return top
+
+    async def _cache_append(self, cid: str, blobs: list[str], floor: int) -> int:
+        """Take a position and write the turns through to Redis; concurrent appends share one
+        pipelined round trip (like the spool's group commit). Raises CacheDown."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._cache_queue.append((cid, blobs, floor, fut))
         if self._cache_sender is None or self._cache_sender.done():
             self._cache_sender = asyncio.create_task(self._send_cache_appends())
-        await fut
+        return await fut
 
     async def _send_cache_appends(self) -> None:
         while self._cache_queue:
             await asyncio.sleep(0)
             group, self._cache_queue = self._cache_queue, []
 
-            async def send(r: Redis, group: list[tuple[str, str, asyncio.Future[None]]] = group) -> None:
+            async def send(
+                r: Redis, group: list[tuple[str, list[str], int, asyncio.Future[int]]] = group
+            ) -> list[Any]:
                 async with r.pipeline(transaction=False) as pipe:
-                    for cid, blob, _ in group:
+                    for cid, blobs, floor, _ in group:
                         pipe.eval(
-                            _APPEND_LUA, 2, self._keys.thread(cid), self._keys.thread_meta(cid), blob,
-                            self._turns, CACHE_TTL_MS,
+                            _APPEND_LUA, 3, self._keys.thread(cid), self._keys.thread_meta(cid),
+                            self._keys.thread_pos(cid), floor, self._turns, CACHE_TTL_MS, *blobs,
                         )  # fmt: skip
-                    await pipe.execute()
+                    return await pipe.execute()  # type: ignore[no-any-return]
 
             try:
-                await self._cache.call(send)
-            except CacheDown:
-                self._dirty.update(cid for cid, _, _ in group)
-            except Exception as exc:  # a cache bug must not fail a write that is already durable
-                log.warning(
-                    "Redis cache write failed (%s: %s); dropping those threads' cache",
-                    type(exc).__name__,
-                    exc,
-                )
-                self._dirty.update(cid for cid, _, _ in group)
-            for _, _, fut in group:
+                results = await self._cache.call(send)
+            except BaseException as exc:
+                error = exc if isinstance(exc, CacheDown) else CacheDown(f"{type(exc).__name__}: {exc}")
+                if not isinstance(exc, CacheDown):
+                    log.warning("Redis cache write failed (%s); those threads fall back", error)
+                for _, _, _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(error)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, _, _, fut), pos in zip(group, results, strict=True):
                 if not fut.done():
-                    fut.set_result(None)
+                    fut.set_result(int(pos))
 
     async def _drop_dirty_now(self, _: Redis) -> None:
         await self._drop_dirty()
@@ -272,62 +425,146 @@ class HistoryStore:
         self._dirty.difference_update(dirty)
         log.info("dropped the Redis cache of %d threads that missed appends during the outage", len(dirty))
 
+    # --- other instances' marks --------------------------------------------------------------
+    def start(self) -> None:
+        """Start applying other instances' cache marks (only where a Redis cache is used)."""
+        if self._marking and self._syncer is None:
+            self._syncer = asyncio.create_task(self._sync_loop(), name="exai-thread-marks")
+
+    async def stop(self) -> None:
+        if self._syncer is not None:
+            self._syncer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._syncer
+            self._syncer = None
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CACHE_SYNC_S)
+            if self._db.last_error is not None and not self._db.connected:
+                continue  # Postgres is known down: the flusher's reconnects will tell
+            try:
+                await self.sync_marks()
+            except (StorageUnavailable, CacheDown):
+                pass
+            except Exception as exc:
+                log.warning("applying thread cache marks failed: %s: %s", type(exc).__name__, exc)
+
+    async def sync_marks(self) -> int:
+        """Drop the Redis cache of threads whose turns some instance wrote without reaching Redis.
+
+        Reads the marks committed since the last call (with an overlap, so a mark whose
+        transaction began earlier than it committed is not skipped); returns how many threads'
+        caches it dropped. Raises StorageUnavailable or CacheDown when a side is unreachable
+        (the marks are read again next time).
+        """
+        since = self._marks_since
+        prune = time.monotonic() - self._marks_pruned_at > 3600
+
+        async def op(conn: asyncpg.Connection) -> tuple[datetime, list[asyncpg.Record]]:
+            if prune:
+                await conn.execute(
+                    f"DELETE FROM thread_cache_marks WHERE created_at < now() - interval '{MARK_KEEP}'"
+                )
+            now = await conn.fetchval("SELECT now()")
+            rows = await conn.fetch(
+                "SELECT id::text AS id, conversation_id::text AS cid, created_at FROM thread_cache_marks"
+                " WHERE created_at > coalesce($1::timestamptz, now() - interval '1 hour') - $2::interval",
+                since,
+                timedelta(seconds=MARK_OVERLAP_S),
+            )
+            return now, rows
+
+        now, rows = await self._db.run(op, what="reading thread cache marks")
+        if prune:
+            self._marks_pruned_at = time.monotonic()
+        fresh = [r for r in rows if r["id"] not in self._marks_seen]
+        cids = sorted({r["cid"] for r in fresh})
+        if cids:
+            keys = [k for cid in cids for k in (self._keys.thread(cid), self._keys.thread_meta(cid))]
+            await self._cache.call(lambda r: r.delete(*keys))  # type: ignore[no-any-return]
+            log.info("dropped the Redis cache of %d threads written without it elsewhere", len(cids))
+            self.marks_applied_total += len(cids)
+        horizon = now - timedelta(seconds=2 * MARK_OVERLAP_S)
+        for r in fresh:
+            self._marks_seen[r["id"]] = r["created_at"]
+        self._marks_seen = {k: v for k, v in self._marks_seen.items() if v > horizon}
+        self._marks_since = now
+        return len(cids)
+
     # --- reading ---------------------------------------------------------------------------
     async def load(self, continuation_id: str, *, limit: int | None = None) -> list[Message]:
-        """The thread's turns oldest first (the last `limit` if given); ThreadNotFound if none exist."""
+        """The thread's turns oldest first (the last `limit` if given); ThreadNotFound if none exist.
+
+        Always a prefix of the thread's final order (see the module docstring).
+        """
         cid = as_uuid(continuation_id, "continuation_id")
         if limit is not None and (not isinstance(limit, int) or limit < 0):
             raise InvalidArgument(f"limit must be a non-negative integer, got {limit!r}")
         pending = await self._spool.pending_for_thread(cid)
         local = [Message.from_dict(e.payload) for e in pending if e.kind == KIND_MESSAGE]
-        cached, complete = await self._read_cache(cid)
+        cached, complete = await self._read_cache(cid, local, limit)
         if cached is not None and (complete or (limit is not None and len(cached) >= limit)):
-            known = cached + local
-            try:
-                stale = await self._db.run(
-                    lambda c: self._missing_from_cache(c, cid, known, complete),
-                    what="checking the thread cache",
-                )
-            except StorageUnavailable:
-                log.warning("Postgres is down: thread %s served from its %d cached turns", cid, len(cached))
-                return _cut(_sort_dedupe(cached + local), limit)
-            if not stale:
-                return _cut(_sort_dedupe(cached + local), limit)
-            # Turns were written while Redis was away (by a process that never saw it return):
-            # Postgres is the truth, and this cache can never be trusted again.
-            log.warning("thread %s: the Redis cache misses %d turns Postgres holds; dropping it", cid, stale)
-            with contextlib.suppress(CacheDown):
-                await self._cache.call(
-                    lambda r: r.delete(self._keys.thread(cid), self._keys.thread_meta(cid))  # type: ignore[no-any-return]
-                )
-            cached = None
+            return self._finish(cid, cached + local, limit, whole=complete)
         try:
             found, rows = await self._db.run(lambda c: self._fetch(c, cid, limit), what="reading the thread")
         except StorageUnavailable:
             if _has_conversation(pending):
-                return _cut(_sort_dedupe(local), limit)  # created here, nothing of it flushed yet
+                return self._finish(cid, local, limit, whole=True)  # created here, nothing flushed yet
             if cached is not None:
                 log.warning(
                     "Postgres is down: thread %s served from its %d cached recent turns", cid, len(cached)
                 )
-                return _cut(_sort_dedupe(cached + local), limit)
+                return self._finish(cid, cached + local, limit, whole=False)
             raise
         if not found and not pending and cached is None:
             raise ThreadNotFound(f"no conversation thread has continuation_id {cid}")
-        return _cut(_sort_dedupe(rows + local), limit)
+        # A partial cache still covers exchanges other instances have not flushed yet.
+        return self._finish(cid, rows + (cached or []) + local, limit, whole=limit is None)
 
-    async def check_access(self, continuation_id: str, owner: str | None) -> str:
+    def _finish(self, cid: str, messages: list[Message], limit: int | None, *, whole: bool) -> list[Message]:
+        ordered = _sort_dedupe(messages)
+        top = max((m.pos for m in ordered if m.pos is not None), default=None)
+        if top is not None:
+            self._note_pos(cid, top)
+        return _cut(_until_gap(ordered, whole=whole), limit)
+
+    async def check_access(
+        self, continuation_id: str, owner: str | None, *, session: str | None = None
+    ) -> str:
         """The thread's id if it exists and `owner` may use it (None: anyone); ThreadNotFound otherwise.
 
         A thread belongs to the principal that started it; one started before owners were
-        recorded belongs to nobody and stays visible to all. A thread of another principal is
-        reported exactly like one that does not exist, so ids cannot be probed.
+        recorded belongs to nobody and stays visible to all. Another principal may use it only
+        when its calling `session` shares a link group with a session of the thread's owner:
+        only the admin can put sessions of two principals in one group, so that is the admin's
+        explicit consent (docs/LINKED_SESSIONS.md, "Sharing threads across principals"). A
+        thread of another principal is otherwise reported exactly like one that does not
+        exist, so ids cannot be probed.
         """
         cid = as_uuid(continuation_id, "continuation_id")
         found, recorded = await self._owner(cid)
-        if not found or (owner is not None and recorded is not None and recorded != owner):
+        if not found:
             raise ThreadNotFound(f"no conversation thread has continuation_id {cid}")
+        if owner is not None and recorded is not None and recorded != owner:
+            if session is None or not await self._shared_with(session, recorded):
+                raise ThreadNotFound(f"no conversation thread has continuation_id {cid}")
         return cid
+
+    async def _shared_with(self, session: str, principal: str) -> bool:
+        """Whether `session` is in a link group with a session of `principal`."""
+        return bool(
+            await self._db.run(
+                lambda c: c.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM link_members me JOIN link_members other"
+                    " ON other.group_name = me.group_name"
+                    " WHERE me.session_id = $1 AND other.principal = $2)",
+                    session,
+                    principal,
+                ),
+                what="checking the link groups that share this thread",
+            )
+        )
 
     async def _owner(self, cid: str) -> tuple[bool, str | None]:
         """(whether the thread exists, the principal recorded as its owner)."""
@@ -364,30 +601,59 @@ class HistoryStore:
         found, _ = await self._db.run(lambda c: self._fetch(c, cid, 0), what="looking up the thread")
         return found
 
-    async def _read_cache(self, cid: str) -> tuple[list[Message] | None, bool]:
-        """(cached recent turns, whether they are the whole thread), or (None, False) on a miss."""
+    async def _read_cache(
+        self, cid: str, local: list[Message], limit: int | None
+    ) -> tuple[list[Message] | None, bool]:
+        """(cached recent turns, whether they are the whole thread), or (None, False) on a miss.
+
+        A cache last checked on another Redis run (Redis restarted, perhaps from an AOF without
+        its latest writes) is checked against Postgres once before it is used on its own, then
+        stamped; every later hit on this run costs no Postgres query.
+        """
         if self._turns <= 0 or cid in self._dirty:
             return None, False
-
-        async def read(r: Redis) -> list[Any]:
-            async with r.pipeline(transaction=True) as pipe:
-                pipe.hgetall(self._keys.thread_meta(cid))
-                pipe.lrange(self._keys.thread(cid), 0, -1)
-                return await pipe.execute()  # type: ignore[no-any-return]
-
+        meta_key = self._keys.thread_meta(cid)
         try:
-            meta, items = await self._cache.call(read)
+            found = await self._cache.call(
+                lambda r: r.eval(_READ_LUA, 2, meta_key, self._keys.thread(cid))  # type: ignore[no-any-return]
+            )
         except CacheDown:
             return None, False
-        if not meta:
+        if not found:
             return None, False
         try:
+            flat, items, run = found
+            meta = dict(zip(flat[::2], flat[1::2], strict=True))
             messages = [Message.from_dict(json.loads(item)) for item in items]
             turns = int(meta.get("turns", 0))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring a malformed cache entry for thread %s: %s", cid, exc)
             return None, False
-        return messages, len(messages) >= turns
+        complete = len(messages) >= turns
+        if meta.get("run") == run:
+            return messages, complete
+        if not (complete or (limit is not None and len(messages) >= limit)):
+            return messages, complete  # merged with Postgres's rows anyway: it can hide nothing
+        self.cache_checks_total += 1
+        try:
+            stale = await self._db.run(
+                lambda c: self._missing_from_cache(c, cid, messages + local, complete),
+                what="checking the thread cache",
+            )
+        except StorageUnavailable:
+            log.warning("Postgres is down: thread %s served from its %d cached turns", cid, len(messages))
+            return messages, complete
+        if stale:
+            # Redis lost writes that Postgres holds: Postgres is the truth, this cache is done.
+            log.warning("thread %s: the Redis cache misses %d turns Postgres holds; dropping it", cid, stale)
+            with contextlib.suppress(CacheDown):
+                await self._cache.call(
+                    lambda r: r.delete(self._keys.thread(cid), meta_key)  # type: ignore[no-any-return]
+                )
+            return None, False
+        with contextlib.suppress(CacheDown):
+            await self._cache.call(lambda r: r.eval(_STAMP_LUA, 1, meta_key, run))  # type: ignore[no-any-return]
+        return messages, complete
 
     @staticmethod
     async def _missing_from_cache(
@@ -419,16 +685,19 @@ class HistoryStore:
             return bool(found), []
         cols = (
             "id, conversation_id, seq, role, content, session_id, tool_name, model, files, tokens_in,"
-            " tokens_out, created_at, metadata"
+            " tokens_out, created_at, metadata, pos"
         )
         if limit is None:
             rows = await conn.fetch(
-                f"SELECT {cols} FROM messages WHERE conversation_id = $1 ORDER BY created_at, seq", cid
+                f"SELECT {cols} FROM messages WHERE conversation_id = $1"
+                " ORDER BY pos NULLS FIRST, created_at, seq",
+                cid,
             )
         else:
             rows = await conn.fetch(
                 f"SELECT * FROM (SELECT {cols} FROM messages WHERE conversation_id = $1"
-                " ORDER BY created_at DESC, seq DESC LIMIT $2) t ORDER BY created_at, seq",
+                " ORDER BY pos DESC NULLS LAST, created_at DESC, seq DESC LIMIT $2) t"
+                " ORDER BY pos NULLS FIRST, created_at, seq",
                 cid,
                 limit,
             )
@@ -437,6 +706,29 @@ class HistoryStore:
             await conn.fetchval("SELECT EXISTS (SELECT 1 FROM conversations WHERE id = $1)", cid)
         )
         return found, messages
+
+
+def _until_gap(messages: list[Message], *, whole: bool) -> list[Message]:
+    """`messages` (in thread order) up to the first missing position younger than GAP_WAIT_S.
+
+    A young gap is an exchange another instance has taken a position for but not flushed yet
+    (and no cache covers): what follows it is left out, so the caller sees a prefix of the
+    thread's order. An old gap is an exchange that was lost (its writer died between Redis and
+    its spool) and is skipped. `whole`: the list starts at the thread's beginning (position 1).
+    """
+    expected = 1 if whole else None
+    now = datetime.now(UTC)
+    for i, m in enumerate(messages):
+        if m.pos is None:
+            continue
+        if expected is not None and m.pos > expected:
+            if (now - m.created_at).total_seconds() < GAP_WAIT_S:
+                log.info(
+                    "thread %s: position %d is not stored yet; reading up to it", m.continuation_id, expected
+                )
+                return messages[:i]
+        expected = m.pos + 1 if expected is None else max(expected, m.pos + 1)
+    return messages
 
 
 def _cut(messages: list[Message], limit: int | None) -> list[Message]:

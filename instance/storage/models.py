@@ -58,9 +58,11 @@ class Message:
     tokens_in: int | None = None
     tokens_out: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    pos: int | None = None  # the exchange's position in its thread (None: written before positions)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        return {  # "pos" first: the cache's append script fills it in place (instance/storage/history.py)
+            "pos": self.pos,
             "id": self.id,
             "continuation_id": self.continuation_id,
             "seq": self.seq,
@@ -95,6 +97,7 @@ class Message:
             tokens_in=d.get("tokens_in"),
             tokens_out=d.get("tokens_out"),
             metadata=dict(d.get("metadata") or {}),
+            pos=None if d.get("pos") is None else int(d["pos"]),
         )
 
     @classmethod
@@ -113,6 +116,7 @@ class Message:
             tokens_in=r["tokens_in"],
             tokens_out=r["tokens_out"],
             metadata=dict(_json_obj(r["metadata"], {})),
+            pos=r.get("pos"),
         )
 
 

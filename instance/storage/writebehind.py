@@ -34,6 +34,7 @@ KIND_CONVERSATION = "conversation"
 KIND_MESSAGE = "message"
 KIND_TOOL_CALL = "tool_call"
 KIND_SESSION = "session"
+KIND_CACHE_MARK = "thread_cache_mark"
 
 
 def _ts(value: Any) -> datetime | None:
@@ -58,13 +59,20 @@ ON CONFLICT (id) DO NOTHING
 
 _MESSAGES_SQL = """
 INSERT INTO messages (id, conversation_id, seq, role, content, session_id, tool_name, model, files,
-                      tokens_in, tokens_out, created_at, metadata)
+                      tokens_in, tokens_out, created_at, metadata, pos)
 SELECT u.id, u.conversation_id, u.seq, u.role, u.content, u.session_id, u.tool_name, u.model,
-       u.files::jsonb, u.tokens_in, u.tokens_out, u.created_at, u.metadata::jsonb
+       u.files::jsonb, u.tokens_in, u.tokens_out, u.created_at, u.metadata::jsonb, u.pos
 FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::text[], $9::text[], $10::int[], $11::int[], $12::timestamptz[], $13::text[])
+            $8::text[], $9::text[], $10::int[], $11::int[], $12::timestamptz[], $13::text[],
+            $14::bigint[])
      AS u(id, conversation_id, seq, role, content, session_id, tool_name, model, files,
-          tokens_in, tokens_out, created_at, metadata)
+          tokens_in, tokens_out, created_at, metadata, pos)
+ON CONFLICT (id) DO NOTHING
+"""
+
+_CACHE_MARKS_SQL = """
+INSERT INTO thread_cache_marks (id, conversation_id)
+SELECT * FROM unnest($1::uuid[], $2::uuid[])
 ON CONFLICT (id) DO NOTHING
 """
 
@@ -107,7 +115,7 @@ async def write_entries(conn: asyncpg.Connection, entries: Sequence[SpoolEntry])
     by_kind: dict[str, list[SpoolEntry]] = {}
     for e in entries:
         by_kind.setdefault(e.kind, []).append(e)
-    unknown = set(by_kind) - {KIND_CONVERSATION, KIND_MESSAGE, KIND_TOOL_CALL, KIND_SESSION}
+    unknown = set(by_kind) - {KIND_CONVERSATION, KIND_MESSAGE, KIND_TOOL_CALL, KIND_SESSION, KIND_CACHE_MARK}
     if unknown:
         raise asyncpg.DataError(f"unknown spool record kind(s): {sorted(unknown)}")
     rows: list[tuple[Any, ...]]
@@ -123,10 +131,13 @@ async def write_entries(conn: asyncpg.Connection, entries: Sequence[SpoolEntry])
             rows = [
                 (p["id"], p["continuation_id"], p["seq"], p["role"], p["content"], p.get("session_id"),
                  p.get("tool_name"), p.get("model"), _jsonb(p.get("files"), "[]"), p.get("tokens_in"),
-                 p.get("tokens_out"), _ts(p["created_at"]), _jsonb(p.get("metadata"), "{}"))
+                 p.get("tokens_out"), _ts(p["created_at"]), _jsonb(p.get("metadata"), "{}"), p.get("pos"))
                 for p in _dedupe(by_kind[KIND_MESSAGE])
             ]  # fmt: skip
-            await conn.execute(_MESSAGES_SQL, *_columns(rows, 13))
+            await conn.execute(_MESSAGES_SQL, *_columns(rows, 14))
+        if KIND_CACHE_MARK in by_kind:  # after the messages: a mark is seen only with its turns
+            rows = [(p["id"], p["conversation_id"]) for p in _dedupe(by_kind[KIND_CACHE_MARK])]
+            await conn.execute(_CACHE_MARKS_SQL, *_columns(rows, 2))
         if KIND_TOOL_CALL in by_kind:
             rows = [
                 (p["id"], p.get("session_id"), p.get("instance_id"), p["tool_name"], p["status"],

@@ -172,7 +172,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         loaded_at = time.perf_counter()
         if continuation_id:
             if (owner := runtime.owner_for(headers_of(ctx))) is not None:
-                await storage.history.check_access(continuation_id, owner)
+                await storage.history.check_access(continuation_id, owner, session=session_id)
             history_records = list(await storage.history.load(continuation_id))
             if len(history_records) + 2 > max_turns:
                 raise InvalidArgument(
@@ -239,30 +239,31 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         if disclosed.entries:  # where each file block sits in the stored turn (after the prompt)
             offset = len(built.user_content) - len(disclosed.block) - 2
             user_metadata[disclosure.META_KEY] = disclosed.metadata(offset)
-        # Both turns at once: they share one spool fsync and one Redis pipeline (each takes its
-        # sequence number when called, so the user turn stays first).
-        user_turn, answer_turn = await asyncio.gather(
-            storage.history.append(
-                cid,
-                "user",
-                built.user_content,
-                session_id=session_id,
-                tool_name="chat",
-                model=result.model,
-                files=disclosed.paths,
-                metadata=user_metadata,
-            ),
-            storage.history.append(
-                cid,
-                "assistant",
-                content,
-                session_id=session_id,
-                tool_name="chat",
-                model=result.model,
-                tokens_in=result.tokens_in,
-                tokens_out=result.tokens_out,
-                metadata={"provider": result.provider, "finish_reason": result.finish_reason},
-            ),
+        # Both turns as one exchange: one position in the thread (nothing another session appends
+        # comes between them), one Redis round trip, one spool fsync.
+        user_turn, answer_turn = await storage.history.append_exchange(
+            cid,
+            [
+                {
+                    "role": "user",
+                    "content": built.user_content,
+                    "session_id": session_id,
+                    "tool_name": "chat",
+                    "model": result.model,
+                    "files": disclosed.paths,
+                    "metadata": user_metadata,
+                },
+                {
+                    "role": "assistant",
+                    "content": content,
+                    "session_id": session_id,
+                    "tool_name": "chat",
+                    "model": result.model,
+                    "tokens_in": result.tokens_in,
+                    "tokens_out": result.tokens_out,
+                    "metadata": {"provider": result.provider, "finish_reason": result.finish_reason},
+                },
+            ],
         )
         chat_stages.add("storage_append", time.perf_counter() - appending_at)
 

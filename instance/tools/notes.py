@@ -36,7 +36,9 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 )
             # A thread's notes are the thread's: only an existing thread this caller may use.
             owner = runtime.owner_for(headers_of(ctx))
-            return await runtime.require_storage().history.check_access(continuation_id, owner)
+            return await runtime.require_storage().history.check_access(
+                continuation_id, owner, session=runtime.session_for(headers_of(ctx))
+            )
         return runtime.session_for(headers_of(ctx))
 
     @exai_tool(mcp, runtime, description="Write (create or replace) a note in this session or a thread.")

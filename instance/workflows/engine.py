@@ -58,9 +58,12 @@ class Engine:
 
     # --- the step ---------------------------------------------------------------------------
     async def _check_thread(self, ctx: Context, cid: str) -> None:
-        """With several principals, a thread is continued only by the principal that owns it."""
+        """With several principals, a thread is continued by the principal that owns it (or one
+        whose session shares a link group with the owner's: HistoryStore.check_access)."""
         if (owner := self.runtime.owner_for(headers_of(ctx))) is not None:
-            await self.runtime.require_storage().history.check_access(cid, owner)
+            await self.runtime.require_storage().history.check_access(
+                cid, owner, session=self.runtime.session_for(headers_of(ctx))
+            )
 
     async def step(self, spec: WorkflowSpec, ctx: Context, arguments: Arguments) -> dict[str, Any]:
         args = {name: _plain(value) for name, value in arguments.items()}

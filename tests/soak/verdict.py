@@ -61,7 +61,7 @@ LIMITS: dict[str, Limit] = {
     "get_streams": Limit(10.0, 6.0, "streams"),
     "redis_keys": Limit(60.0, 20.0, "keys"),
 }
-TTL_BOUNDED_KINDS = frozenset({"thread", "thread-meta", "cache"})
+TTL_BOUNDED_KINDS = frozenset({"thread", "thread-meta", "thread-pos", "cache"})
 MIN_COVERAGE = 0.4
 DRIFT_ABS_MS = 50.0
 DRIFT_REL = 0.5

@@ -4,10 +4,15 @@ Reproduction: process A writes turns while its link to Redis is cut (its cache a
 the thread is only marked dirty in A's memory), its spool flushes them to Postgres, Redis comes
 back, and A never touches Redis again. Process B then reads the thread: the cache still says
 "2 turns, complete" while Postgres holds 4.
+
+A cache hit no longer asks Postgres (instance/storage/history.py): A's spool carries a mark
+with those turns, and B drops the cache when it applies the marks (every CACHE_SYNC_S), so B
+reads the whole thread within that delay. A Redis restart is caught by the run_id stamp.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from redis.asyncio import Redis
@@ -16,6 +21,7 @@ from common.keys import Keys
 from common.redis import create_redis
 from common.settings import Settings
 from instance.storage import Storage
+from instance.storage.history import CACHE_SYNC_S
 from tests.instance.storage.conftest import FaultProxy
 
 
@@ -42,8 +48,14 @@ async def test_turns_written_while_redis_was_away_are_never_hidden(
             keys = Keys(settings_b.redis_prefix)
             assert await redis.hget(keys.thread_meta(cid), "turns") == "2"  # the cache claims 2 of 2
 
-            loaded = [m.content for m in await b.history.load(cid)]
-            assert loaded == ["q1", "a1", "q2", "a2", "q3", "a3"]
+            whole = ["q1", "a1", "q2", "a2", "q3", "a3"]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10 * CACHE_SYNC_S
+            while (loaded := [m.content for m in await b.history.load(cid)]) != whole:
+                assert loaded == ["q1", "a1"], loaded  # the cache's prefix until B applies the mark
+                assert loop.time() < deadline, "B never applied A's cache mark"
+                await asyncio.sleep(CACHE_SYNC_S / 5)
+            assert b.history.marks_applied_total >= 1
             assert [m.content for m in await b.history.load(cid, limit=2)] == ["q3", "a3"]
             # The stale cache is gone, and new turns on B are still read back in full.
             assert not await redis.exists(keys.thread_meta(cid))

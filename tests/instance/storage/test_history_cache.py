@@ -1,0 +1,190 @@
+"""The thread cache without a Postgres query per hit, and still never hiding turns Postgres holds.
+
+A cache hit is checked against Postgres only when the cache was last checked on another Redis
+run (Redis restarted, perhaps from an AOF that lacks its last writes); appends that missed Redis
+leave a mark in Postgres through the writer's spool, which every instance applies. Scenarios
+(issue 14, point 2): Redis restarted from its AOF with an old cache; the writer killed while
+Redis was down (its in-memory "dirty" set is gone). The writer cut off from Redis alone is
+test_history_truth.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from common.keys import Keys
+from common.redis import create_redis
+from common.settings import Settings
+from instance.storage import Storage
+from instance.storage.history import CACHE_SYNC_S
+from tests.instance.storage.conftest import FaultProxy
+from tests.redis_server import OwnRedis
+
+
+def exchange(q: str, a: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+class QueryCounter:
+    """Counts the Postgres operations a Storage runs (a spy on Database.run, which it still calls)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.count = 0
+        real = storage.db.run
+
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return await real(*args, **kwargs)
+
+        storage.db.run = run  # type: ignore[method-assign]
+
+
+async def until_reachable(client: Redis) -> None:
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                await client.ping()
+                return
+            except Exception:
+                await asyncio.sleep(0.1)
+
+
+async def test_a_redis_restarted_from_its_aof_is_checked_once_then_hits_cost_no_query(
+    storage_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    own = OwnRedis(tmp_path / "redis").start()
+    client = create_redis(own.url)
+    try:
+        async with Storage.open(storage_settings(), instance_id="t-aof", redis=client) as st:
+            h = st.history
+            lossy = await h.new_thread(session_id="s", tool_name="chat", model=None)
+            kept = await h.new_thread(session_id="s", tool_name="chat", model=None)
+            for cid in (lossy, kept):
+                await h.append_exchange(cid, exchange("q1", "a1"))
+                await h.append_exchange(cid, exchange("q2", "a2"))
+            assert await st.flush(10)
+            queries = QueryCounter(st)
+            for cid in (lossy, kept):
+                assert [m.content for m in await h.load(cid)] == ["q1", "a1", "q2", "a2"]
+            assert queries.count == 0 and h.cache_checks_total == 0  # hits on the run they were made on
+
+            # The AOF lost the last exchange of one thread (as an everysec fsync can), then a restart.
+            keys = Keys(st.settings.redis_prefix)
+            await client.rpop(keys.thread(lossy), 2)
+            await client.hincrby(keys.thread_meta(lossy), "turns", -2)
+            await client.decr(keys.thread_pos(lossy))
+            await client.execute_command("BGREWRITEAOF")
+            await asyncio.sleep(1.5)  # let the rewrite land before the SIGKILL
+            own.kill()
+            own.start()
+            await until_reachable(client)
+            assert await client.hget(keys.thread_meta(lossy), "turns") == "2"  # the old cache is back
+
+            # Each cache is checked once on the new run: the stale one is dropped, the other stamped.
+            assert [m.content for m in await h.load(lossy)] == ["q1", "a1", "q2", "a2"]
+            assert not await client.exists(keys.thread_meta(lossy))
+            assert [m.content for m in await h.load(kept)] == ["q1", "a1", "q2", "a2"]
+            assert h.cache_checks_total == 2
+            before = queries.count
+            for _ in range(3):
+                assert [m.content for m in await h.load(kept)] == ["q1", "a1", "q2", "a2"]
+            assert queries.count == before and h.cache_checks_total == 2
+
+            # Positions go on past what Postgres holds, though the counter lost one.
+            await h.append_exchange(lossy, exchange("q3", "a3"))
+            await h.append_exchange(kept, exchange("q3", "a3"))
+            for cid in (lossy, kept):
+                loaded = await h.load(cid)
+                assert [m.content for m in loaded] == ["q1", "a1", "q2", "a2", "q3", "a3"]
+                assert [m.pos for m in loaded] == [1, 1, 2, 2, 3, 3]
+    finally:
+        await client.aclose()
+        own.stop()
+
+
+async def test_a_writer_killed_while_redis_was_down_still_invalidates_the_cache(
+    storage_settings: Callable[..., Settings],
+    redis_proxy: FaultProxy,
+    pg_proxy: FaultProxy,
+    redis_url: str,
+    pg_dsn: str,
+    redis: Redis,
+    tmp_path: Path,
+) -> None:
+    settings_a = storage_settings(redis_url=redis_proxy.url(redis_url), database_url=pg_proxy.url(pg_dsn))
+    spool_a = tmp_path / "spool-a"
+    redis_a = create_redis(settings_a.redis_url)
+    try:
+        async with Storage.open(storage_settings(), instance_id="t-killed-b", redis=redis) as b:
+            async with Storage.open(
+                settings_a,
+                instance_id="t-killed-a",
+                redis=redis_a,
+                spool_dir=spool_a,
+                close_flush_timeout=0.2,
+            ) as a:
+                cid = await a.history.new_thread(session_id="s", tool_name="chat", model=None)
+                await a.history.append_exchange(cid, exchange("q1", "a1"))
+                assert await a.flush(10)
+                assert [m.content for m in await b.history.load(cid)] == ["q1", "a1"]
+                redis_proxy.cut()
+                pg_proxy.cut()
+                await a.history.append_exchange(cid, exchange("q2", "a2"))
+            # A is gone with its turns (and the mark) only in its spool, its memory lost.
+            redis_proxy.restore()
+            pg_proxy.restore()
+            assert [m.content for m in await b.history.load(cid)] == ["q1", "a1"]  # nothing else stored yet
+
+            async with Storage.open(
+                settings_a, instance_id="t-killed-a", redis=redis_a, spool_dir=spool_a
+            ) as a2:
+                assert await a2.flush(10)  # the restarted writer replays its spool, mark included
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 10 * CACHE_SYNC_S
+                while (loaded := [m.content for m in await b.history.load(cid)]) != ["q1", "a1", "q2", "a2"]:
+                    assert loaded == ["q1", "a1"], loaded
+                    assert loop.time() < deadline, "B never applied the replayed cache mark"
+                    await asyncio.sleep(CACHE_SYNC_S / 5)
+                assert b.history.marks_applied_total >= 1
+    finally:
+        await redis_a.aclose()
+
+
+async def test_a_read_stops_where_an_exchange_is_not_stored_yet(
+    storage_settings: Callable[..., Settings], pg_proxy: FaultProxy, pg_dsn: str, redis: Redis
+) -> None:
+    """Exchange 4 took its position on a writer whose Postgres is cut, exchange 5 was stored
+    elsewhere: a reader gets 1-3 (a prefix of the final order), then 1-5 once 4 lands."""
+    small = {"history_cache_turns": 2}  # the cache covers the last exchange only
+    async with (
+        Storage.open(storage_settings(**small), instance_id="t-gap-a", redis=redis) as a,
+        Storage.open(
+            storage_settings(database_url=pg_proxy.url(pg_dsn), **small),
+            instance_id="t-gap-slow",
+            redis=redis,
+        ) as slow,
+        Storage.open(storage_settings(**small), instance_id="t-gap-reader", redis=redis) as reader,
+    ):
+        cid = await a.history.new_thread(session_id="s", tool_name="chat", model=None)
+        for i in (1, 2, 3):
+            await a.history.append_exchange(cid, exchange(f"q{i}", f"a{i}"))
+        assert await a.flush(10)
+        await slow.history.load(cid)
+        pg_proxy.cut()
+        await slow.history.append_exchange(cid, exchange("q4", "a4"))
+        await a.history.load(cid)
+        await a.history.append_exchange(cid, exchange("q5", "a5"))
+        assert await a.flush(10)
+
+        loaded = await reader.history.load(cid)
+        assert [m.content for m in loaded] == ["q1", "a1", "q2", "a2", "q3", "a3"]
+        pg_proxy.restore()
+        assert await slow.flush(10)
+        loaded = await reader.history.load(cid)
+        assert [m.content for m in loaded] == [f"{r}{i}" for i in range(1, 6) for r in ("q", "a")]
+        assert [m.pos for m in loaded] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
