@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncpg
 
+from common import links as link_store
 from common.errors import StorageUnavailable
 from instance.storage.pool import Database
 from instance.storage.spool import Spool, SpoolEntry
@@ -34,6 +35,7 @@ KIND_CONVERSATION = "conversation"
 KIND_MESSAGE = "message"
 KIND_TOOL_CALL = "tool_call"
 KIND_SESSION = "session"
+KIND_LINK_EVENT = "link_event"  # a link group's event; ids are given in Postgres (common/links.py)
 
 
 def _ts(value: Any) -> datetime | None:
@@ -102,12 +104,16 @@ def _dedupe(entries: Sequence[SpoolEntry], key: str = "id") -> list[dict[str, An
     return list(out.values())
 
 
-async def write_entries(conn: asyncpg.Connection, entries: Sequence[SpoolEntry]) -> None:
-    """Insert a batch of spooled rows in one transaction (idempotent)."""
+async def write_entries(conn: asyncpg.Connection, entries: Sequence[SpoolEntry]) -> list[Any]:
+    """Insert a batch of spooled rows in one transaction (idempotent).
+
+    Returns the link-group events stored now (with their group ids and members), for the
+    instance to publish after the commit; a replayed event is not among them.
+    """
     by_kind: dict[str, list[SpoolEntry]] = {}
     for e in entries:
         by_kind.setdefault(e.kind, []).append(e)
-    unknown = set(by_kind) - {KIND_CONVERSATION, KIND_MESSAGE, KIND_TOOL_CALL, KIND_SESSION}
+    unknown = set(by_kind) - {KIND_CONVERSATION, KIND_MESSAGE, KIND_TOOL_CALL, KIND_SESSION, KIND_LINK_EVENT}
     if unknown:
         raise asyncpg.DataError(f"unknown spool record kind(s): {sorted(unknown)}")
     rows: list[tuple[Any, ...]]
@@ -141,6 +147,10 @@ async def write_entries(conn: asyncpg.Connection, entries: Sequence[SpoolEntry])
                 for p in _dedupe(by_kind[KIND_SESSION])
             ]
             await conn.execute(_SESSIONS_SQL, *_columns(rows, 5))
+        linked: list[Any] = []
+        if KIND_LINK_EVENT in by_kind:
+            linked = await link_store.store_spooled(conn, [e.payload for e in by_kind[KIND_LINK_EVENT]])
+    return linked
 
 
 class Flusher:
@@ -155,6 +165,7 @@ class Flusher:
         interval_s: float,
         max_backoff_s: float = 5.0,
         writer: Callable[[asyncpg.Connection, Sequence[SpoolEntry]], Any] = write_entries,
+        after_write: Callable[[Any], None] | None = None,
     ) -> None:
         self._spool = spool
         self._db = db
@@ -162,6 +173,7 @@ class Flusher:
         self._interval = interval_s
         self._max_backoff = max_backoff_s
         self._writer = writer
+        self.after_write = after_write  # told what each committed batch wrote (link events)
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._urgent = asyncio.Event()
@@ -177,6 +189,11 @@ class Flusher:
         self._wake.set()
         if rows >= self._batch_size:
             self._full.set()
+
+    def kick(self) -> None:
+        """Flush what is spooled without waiting for the batch to fill (link events are live)."""
+        self._wake.set()
+        self._full.set()
 
     def start(self) -> None:
         if self._spool.rows:
@@ -241,23 +258,33 @@ class Flusher:
 
     async def _flush_batch(self, batch: list[SpoolEntry]) -> None:
         try:
-            await self._db.run(lambda conn: self._writer(conn, batch), what="flushing the spool")
+            written = await self._db.run(lambda conn: self._writer(conn, batch), what="flushing the spool")
         except asyncpg.PostgresError as exc:
             log.error(
                 "Postgres rejected a spool batch of %d rows (%s); isolating the bad rows", len(batch), exc
             )
             await self._isolate(batch)
             return
+        self._written(written)
         await self._spool.ack(batch)
 
-    async def _write_one(self, entry: SpoolEntry, conn: asyncpg.Connection) -> None:
-        await self._writer(conn, [entry])
+    def _written(self, written: Any) -> None:
+        if self.after_write is not None and written:
+            try:
+                self.after_write(written)
+            except Exception:
+                log.exception("announcing a flushed batch failed (the rows are stored)")
+
+    async def _write_one(self, entry: SpoolEntry, conn: asyncpg.Connection) -> Any:
+        return await self._writer(conn, [entry])
 
     async def _isolate(self, batch: list[SpoolEntry]) -> None:
         """Write rows one by one; the ones Postgres refuses go to the spool's dead table, loudly."""
         for entry in batch:
             try:
-                await self._db.run(functools.partial(self._write_one, entry), what="flushing one spool row")
+                written = await self._db.run(
+                    functools.partial(self._write_one, entry), what="flushing one spool row"
+                )
             except asyncpg.PostgresError as exc:
                 log.error(
                     "DEAD ROW: Postgres refuses spool row seq=%d kind=%s (%s: %s); kept in %s table 'dead'",
@@ -269,6 +296,7 @@ class Flusher:
                 )
                 await self._spool.quarantine([entry], f"{type(exc).__name__}: {exc}")
                 continue
+            self._written(written)
             await self._spool.ack([entry])
 
     def _record_failure(self, message: str) -> None:
