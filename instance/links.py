@@ -105,15 +105,12 @@ class Links:
                 raise
             log.info("Postgres is down: using the cached members of link group %r", group)
             return cached[1]
-        self._remember(group, sessions)
+        self.remember_members(group, sessions)
         return sessions
 
-    def _remember(self, group: str, sessions: Any) -> None:
+    def remember_members(self, group: str, sessions: Any) -> None:
+        """Joins and leaves through this instance set the cached list (others age out)."""
         self._members[group] = (time.monotonic(), frozenset(sessions))
-
-    def forget_members(self, group: str) -> None:
-        """Joins and leaves through this instance drop the cached list (others age out)."""
-        self._members.pop(group, None)
 
     async def check_member(self, group: str, session: str) -> None:
         """NotLinked unless `session` is in `group` (outsiders see nothing). Cheap when cached."""
@@ -175,7 +172,7 @@ class Links:
         now = datetime.now(UTC)
         lag = 0.0
         for event, sessions in written:
-            self._remember(event.group, sessions)
+            self.remember_members(event.group, sessions)
             self.announce(event, sessions)
             lag += max(0.0, (now - event.created_at).total_seconds())
         self._count(publish_lag_seconds_sum=lag, publish_lag_count=len(written))
@@ -373,7 +370,7 @@ class Links:
                 "session %s could not join link group %r from its header: %s", session[:8], group, exc
             )
             return
-        self.forget_members(group)
+        self.remember_members(group, sessions)
         if event is not None:
             self.announce(event, sessions)
 

@@ -100,7 +100,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
         joined, event, sessions, prefs = await links.run(
             join, what=f"joining link group {group!r}", write=True
         )
-        links.forget_members(group)
+        links.remember_members(group, sessions)
         if event is not None:
             links.announce(event, sessions)
         return {
@@ -156,7 +156,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
             return event, [m["session"] for m in await db.members(conn, group)]
 
         event, sessions = await links.run(leave, what=f"leaving link group {group!r}", write=True)
-        links.forget_members(group)
+        links.remember_members(group, sessions)
         if event is not None:
             links.announce(event, sessions)
         return {"status": "success", "group": group, "left": event is not None}
