@@ -432,6 +432,7 @@ async def store_spooled(
     others get the next ids in order. Returns each new event with the group's members then, for
     the notifications. Events of a group deleted meanwhile are dropped (logged).
     """
+    payloads = await _resolve_task_events(conn, payloads)
     by_group: dict[str, dict[str, dict[str, Any]]] = {}
     for p in payloads:
         by_group.setdefault(str(p["group"]), {}).setdefault(str(p["uuid"]), p)
@@ -471,6 +472,37 @@ async def store_spooled(
         )  # fmt: skip
         sessions = [r["session_id"] for r in members_now]
         out.extend((LinkEvent.from_row(r), sessions) for r in sorted(rows, key=lambda r: r["id"]))
+    return out
+
+
+async def _resolve_task_events(
+    conn: asyncpg.Connection, payloads: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Events that name a task write's audit row (`task_event`) get the task's id, name, state
+    and version from it; those whose row does not exist (the write was refused) are dropped."""
+    wanted = [str(p["task_event"]) for p in payloads if p.get("task_event")]
+    if not wanted:
+        return payloads
+    rows = await conn.fetch(
+        "SELECT e.id, e.task_id, e.to_state, e.version, t.name FROM task_events e "
+        "JOIN tasks t ON t.id = e.task_id WHERE e.id = ANY($1::uuid[])",
+        wanted,
+    )
+    found = {str(r["id"]): r for r in rows}
+    out = []
+    for p in payloads:
+        if p.get("task_event"):
+            r = found.get(str(p["task_event"]))
+            if r is None:
+                continue  # the task write did not happen: no event
+            data = {
+                "task_id": str(r["task_id"]),
+                "name": r["name"],
+                "state": r["to_state"],
+                "version": r["version"],
+            }
+            p = {**p, "data": data}
+        out.append(p)
     return out
 
 

@@ -17,6 +17,8 @@ spool, while Redis is down the notifications wait in the instance; catch-up read
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 UPDATED = "notifications/resources/updated"
 GROUP_SCOPE_PREFIX = "link:"
 LINK_GROUP_HEADER = "exai-link-group"  # connect-time linking (X-Exai-* headers stay at the router)
+TASK_WRITE_WAIT_SECONDS = 60.0  # longest the flusher holds a task event for its task write
 GROUP_CONTEXT_MESSAGES = 50  # newest group messages considered for a chat's group context
 
 
@@ -62,6 +65,7 @@ class Links:
         self.spooled = 0
         self._header_joins: set[tuple[str, str]] = set()
         self._members: dict[str, tuple[float, frozenset[str]]] = {}  # group -> (read at, sessions)
+        self._inflight: dict[str, asyncio.Event] = {}  # task_events id -> set when its write ends
 
     def stats(self) -> dict[str, int]:
         return {
@@ -161,10 +165,53 @@ class Links:
             "data": data or {},
             "created_at": time.time(),
         }
-        await storage.spool.append(KIND_LINK_EVENT, payload)
+        await storage.spool.append(KIND_LINK_EVENT, payload, urgent=True)
         storage.flusher.kick()  # live: no waiting for a batch to fill
         self.spooled += 1
         return event_id
+
+    async def emit_task_event(self, group: str, sender: str, task_event: str) -> None:
+        """Spool a group task event that depends on a task write running at the same time.
+
+        The payload names the write's audit row (`task_event`, a task_events id) instead of the
+        task's state: the flusher fills in the task id, name, state and version from that row,
+        or drops the event if the row does not exist (the write was refused or rolled back).
+        Until `settled(task_event)` the flusher holds any batch with this event, so it never
+        looks for the row before the write has finished (after a crash nothing is in flight
+        and the row's presence is final). The caller checked membership already.
+        """
+        storage = self.runtime.require_storage()
+        storage.flusher.gate = self._gate
+        self._inflight[task_event] = asyncio.Event()
+        payload = {
+            "uuid": str(uuid.uuid4()),
+            "group": group,
+            "kind": "task",
+            "sender": sender,
+            "task_event": task_event,
+            "created_at": time.time(),
+        }
+        await storage.spool.append(KIND_LINK_EVENT, payload, urgent=True)
+        self.spooled += 1
+
+    def settled(self, task_event: str) -> None:
+        """The task write named by `task_event` finished (either way): its event may be flushed."""
+        done = self._inflight.pop(task_event, None)
+        if done is not None:
+            done.set()
+        storage = self.runtime.storage
+        if storage is not None:
+            storage.flusher.kick()
+
+    async def _gate(self, batch: list[Any]) -> None:
+        """Before the flusher writes `batch`: wait for the task writes its events depend on."""
+        for entry in batch:
+            if entry.kind == KIND_LINK_EVENT and (
+                waiting := self._inflight.get(entry.payload.get("task_event"))
+            ):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(TASK_WRITE_WAIT_SECONDS):
+                        await waiting.wait()
 
     def flushed(self, written: list[tuple[db.LinkEvent, list[str]]]) -> None:
         """The flusher stored these events (ids given, in order): tell the members, add them to

@@ -18,7 +18,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -174,6 +174,8 @@ class Flusher:
         self._max_backoff = max_backoff_s
         self._writer = writer
         self.after_write = after_write  # told what each committed batch wrote (link events)
+        # Awaited before a batch is written (link events wait for the task write they name).
+        self.gate: Callable[[list[SpoolEntry]], Awaitable[None]] | None = None
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._urgent = asyncio.Event()
@@ -240,6 +242,8 @@ class Flusher:
                 batch = await self._spool.read_batch(self._batch_size)
                 if not batch:
                     break
+                if self.gate is not None:
+                    await self.gate(batch)
                 try:
                     await self._flush_batch(batch)
                 except StorageUnavailable as exc:

@@ -272,10 +272,23 @@ async def test_an_ended_session_hands_off_and_opted_in_chats_carry_the_group(
             ] == "lexer half done"
             task = (await call(a, "task_create", {"name": "write the lexer", "state": "IN_PROGRESS"}))["task"]
             await call(a, "link_reserve", {"group": group, "paths": ["lib/**"], "ttl": 600})
+            review = (await call(a, "task_create", {"name": "review", "scope": "group", "group": group}))[
+                "task"
+            ]
+            stale = {"task_id": review["id"], "expected_version": 7, "name": "x", "group": group}
+            assert "version_conflict" in await error_of(a, "task_update", stale)  # refused: no event
             await call(a, "link_send", {"group": group, "body": "lexer uses regexes"})
             async with asyncio.timeout(20):
-                while len((await call(b, "link_inbox", {"group": group, "ack": False}))["events"]) < 3:  # noqa: ASYNC110
+                while len((await call(b, "link_inbox", {"group": group, "ack": False}))["events"]) < 4:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
+            unread = (await call(b, "link_inbox", {"group": group, "ack": False}))["events"]
+            assert [e["kind"] for e in unread] == ["join", "reserve", "task", "message"]
+            assert unread[2]["data"] == {
+                "task_id": review["id"],
+                "name": "review",
+                "state": "NOT_STARTED",
+                "version": 1,
+            }
 
             # Opted in at join: B's chat includes the group without asking per call.
             answer = await call(b, "chat", {"prompt": "what is going on?"})
