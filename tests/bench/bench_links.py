@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from common import links as db  # noqa: E402
 from common.keys import Keys  # noqa: E402
 from common.migrate import migrate  # noqa: E402
+from instance.storage.spool import Spool  # noqa: E402
 from tests.fleet import Fleet  # noqa: E402
 from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client, status_of  # noqa: E402
 
@@ -181,6 +182,7 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
     finally:
         await conn.close()
     results["server_ms"] = {k: summary(v) for k, v in server.items() if v}
+    results["spool_append_floor"] = await spool_floor(calls)
     results["old_sync_store"] = summary(sync)
     for side in ("server_ms", "client_ms"):
         r = results[side]
@@ -191,6 +193,23 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
             "link_send_minus_noop_p50": round(r["link_send"]["p50_ms"] - r["noop"]["p50_ms"], 3),
         }
     return results
+
+
+async def spool_floor(n: int) -> dict[str, float]:
+    """What one durable spool append (one fsync, this disk, this load) costs on its own: the
+    floor under a link_send that answers only once its event is durable."""
+    with tempfile.TemporaryDirectory(prefix="bench-links-spool-") as tmp:
+        spool = Spool(Path(tmp), max_bytes=1 << 30)
+        await spool.open()
+        try:
+            ms = []
+            for i in range(n):
+                t0 = time.perf_counter()
+                await spool.append("link_event", {"uuid": str(i), "body": f"m{i}"}, urgent=True)
+                ms.append((time.perf_counter() - t0) * 1000)
+        finally:
+            await spool.close()
+    return summary(ms)
 
 
 async def main() -> None:
@@ -239,6 +258,7 @@ async def main() -> None:
     for label, key in (
         ("delivery A -> B (notification)", "delivery"),
         ("old sync store (contrast)", "old_sync_store"),
+        ("spool append alone (fsync floor)", "spool_append_floor"),
     ):
         r = results[key]
         print(f"{label:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
