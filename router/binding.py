@@ -90,7 +90,7 @@ class Bindings:
         # Sessions ended while Redis was down: (session, instance, persisted, reason) by id.
         self.unfinished_ends: dict[str, tuple[Session, Instance | None, bool, str]] = {}
         self.notifications: Hub | None = None  # told when a session ends (router/streams.py)
-        # Told (session, reason) when a session ends, whatever Redis does: link groups' handoff.
+        # Told (session, reason) when an opened session ends, whatever Redis does (link handoff).
         self.on_end: list[Callable[[Session, str], None]] = []
         table.on_drop.append(self._dropped)
 
@@ -381,7 +381,7 @@ class Bindings:
         if sess.ended:
             return
         sess.ended = True
-        for hook in self.on_end:
+        for hook in self.on_end if persisted else ():  # not for a session that never opened
             try:
                 hook(sess, reason)
             except Exception:

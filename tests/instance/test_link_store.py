@@ -78,3 +78,39 @@ async def test_concurrent_senders_get_gapless_ids_and_cursors_read_each_once(pg_
             await db.reserve(conn, "store", "s-b", ["src/x.py"], ttl=60, exclusive=True)
     finally:
         await pool.close()
+
+
+async def test_spooled_events_get_gapless_ids_once_and_a_replay_takes_none(pg_dsn: str) -> None:
+    """What the flusher does with spooled link events: ids in spool order, per group, and a
+    batch replayed after a crash (committed, not yet acknowledged in the spool) changes nothing."""
+    import time
+    import uuid
+
+    await migrate(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await db.join(conn, "spooled-a", "s-1", principal="p", client="one")
+        await db.join(conn, "spooled-b", "s-1", principal="p", client="one")
+        await db.join(conn, "spooled-b", "s-2", principal="p", client="two")
+
+        def event(group: str, body: str, **extra: object) -> dict[str, object]:
+            return {"uuid": str(uuid.uuid4()), "group": group, "kind": "message", "sender": "s-1",
+                    "body": body, "created_at": time.time(), **extra}  # fmt: skip
+
+        batch = [event("spooled-b", "b1"), event("spooled-a", "a1"), event("spooled-b", "b2")]
+        batch.append(event("gone", "to a deleted group"))
+        batch.append(event("spooled-b", "refused task write", kind="task", task_event=str(uuid.uuid4())))
+        async with conn.transaction():
+            stored = await db.store_spooled(conn, batch)
+        assert [(e.group, e.id, e.body) for e, _ in stored] == [
+            ("spooled-a", 2, "a1"), ("spooled-b", 3, "b1"), ("spooled-b", 4, "b2"),
+        ]  # fmt: skip
+        assert sorted(stored[1][1]) == ["s-1", "s-2"]  # the members, for the notifications
+        assert stored[1][0].uuid == batch[0]["uuid"]
+        async with conn.transaction():
+            assert await db.store_spooled(conn, [*batch, event("spooled-b", "b3")]) != []
+        rows = await conn.fetch("SELECT id, body FROM link_events WHERE group_name = 'spooled-b' ORDER BY id")
+        assert [(r["id"], r["body"]) for r in rows] == [(1, ""), (2, ""), (3, "b1"), (4, "b2"), (5, "b3")]
+        assert await conn.fetchval("SELECT seq FROM link_groups WHERE name = 'spooled-b'") == 5
+    finally:
+        await conn.close()
