@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 UPDATED = "notifications/resources/updated"
 GROUP_SCOPE_PREFIX = "link:"
 LINK_GROUP_HEADER = "exai-link-group"  # connect-time linking (X-Exai-* headers stay at the router)
+CHAT_OPT_IN_TTL = 30.0  # seconds an instance trusts a session's cached chat_context opt-ins
+CHAT_OPT_IN_WAIT = 0.5  # longest a chat waits for Postgres to read them (then: none this call)
 TASK_WRITE_WAIT_SECONDS = 60.0  # longest the flusher holds a task event for its task write
 GROUP_CONTEXT_MESSAGES = 50  # newest group messages considered for a chat's group context
 
@@ -65,6 +67,7 @@ class Links:
         self.spooled = 0
         self._header_joins: set[tuple[str, str]] = set()
         self._members: dict[str, tuple[float, frozenset[str]]] = {}  # group -> (read at, sessions)
+        self._chat_groups: dict[str, tuple[float, list[str]]] = {}  # session -> (read at, groups)
         self._inflight: dict[str, asyncio.Event] = {}  # task_events id -> set when its write ends
 
     def stats(self) -> dict[str, int]:
@@ -421,6 +424,34 @@ class Links:
         if event is not None:
             self.announce(event, sessions)
 
+    async def chat_groups(self, session: str) -> list[str]:
+        """The groups `session` opted into for chat context, cached per session for
+        CHAT_OPT_IN_TTL seconds (set at once by link_join through this instance), so a chat of
+        an unlinked session does not wait for Postgres each time. On a miss Postgres gets
+        CHAT_OPT_IN_WAIT seconds; slower or down: no group context this call."""
+        cached = self._chat_groups.get(session)
+        if cached is not None and time.monotonic() - cached[0] < CHAT_OPT_IN_TTL:
+            return cached[1]
+        try:
+            async with asyncio.timeout(CHAT_OPT_IN_WAIT):
+                groups = await self.run(
+                    lambda conn: db.chat_groups(conn, session), what="reading chat opt-ins"
+                )
+        except (StorageUnavailable, TimeoutError) as exc:
+            log.info("chat of %s without its opted-in group context: %s", session[:8], exc or "timeout")
+            return []
+        self.remember_chat_groups(session, groups)
+        return groups
+
+    def forget_chat_groups(self, session: str) -> None:
+        self._chat_groups.pop(session, None)
+
+    def remember_chat_groups(self, session: str, groups: list[str]) -> None:
+        self._chat_groups[session] = (time.monotonic(), groups)
+        if len(self._chat_groups) > 10_000:  # bounded: drop the oldest entries
+            for sid in sorted(self._chat_groups, key=lambda k: self._chat_groups[k][0])[:1000]:
+                del self._chat_groups[sid]
+
     async def chat_context(
         self, requested: str | None, session: str, *, budget_chars: int
     ) -> tuple[list[str], dict[str, Any] | None]:
@@ -434,10 +465,7 @@ class Links:
         if requested:
             block, summary = await self.group_context(requested, session, budget_chars=budget_chars)
             return ([block] if block else []), {**summary, "source": "call"}
-        try:
-            groups = await self.run(lambda conn: db.chat_groups(conn, session), what="reading chat opt-ins")
-        except StorageUnavailable:
-            return [], None
+        groups = await self.chat_groups(session)
         if not groups:
             return [], None
         blocks, summaries = [], []

@@ -89,18 +89,20 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
 
         async def join(
             conn: asyncpg.Connection,
-        ) -> tuple[bool, db.LinkEvent | None, list[str], dict[str, Any]]:
+        ) -> tuple[bool, db.LinkEvent | None, list[str], dict[str, Any], list[str]]:
             async with conn.transaction():
                 joined, event = await db.join(
                     conn, group, session, principal=principal, client=client, admin=crosses
                 )
                 prefs = await db.set_prefs(conn, group, session, chat_context=chat_context)
-            return joined, event, [m["session"] for m in await db.members(conn, group)], prefs
+            members = [m["session"] for m in await db.members(conn, group)]
+            return joined, event, members, prefs, await db.chat_groups(conn, session)
 
-        joined, event, sessions, prefs = await links.run(
+        joined, event, sessions, prefs, chat_groups = await links.run(
             join, what=f"joining link group {group!r}", write=True
         )
         links.remember_members(group, sessions)
+        links.remember_chat_groups(session, chat_groups)
         if event is not None:
             links.announce(event, sessions)
         return {
@@ -157,6 +159,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
 
         event, sessions = await links.run(leave, what=f"leaving link group {group!r}", write=True)
         links.remember_members(group, sessions)
+        links.forget_chat_groups(session)
         if event is not None:
             links.announce(event, sessions)
         return {"status": "success", "group": group, "left": event is not None}
