@@ -179,13 +179,12 @@ class Links:
         The payload names the write's audit row (`task_event`, a task_events id) instead of the
         task's state: the flusher fills in the task id, name, state and version from that row,
         or drops the event if the row does not exist (the write was refused or rolled back).
-        Until `settled(task_event)` the flusher holds any batch with this event, so it never
-        looks for the row before the write has finished (after a crash nothing is in flight
-        and the row's presence is final). The caller checked membership already.
+        Between `expect(task_event)` (called first) and `settled(task_event)` the flusher holds
+        any batch with this event, so it never looks for the row before the write has finished
+        (after a crash nothing is in flight and the row's presence is final). The caller
+        checked membership already.
         """
         storage = self.runtime.require_storage()
-        storage.flusher.gate = self._gate
-        self._inflight[task_event] = asyncio.Event()
         payload = {
             "uuid": str(uuid.uuid4()),
             "group": group,
@@ -196,6 +195,12 @@ class Links:
         }
         await storage.spool.append(KIND_LINK_EVENT, payload, urgent=True)
         self.spooled += 1
+
+    def expect(self, task_event: str) -> None:
+        """A task write naming `task_event` starts now: hold its event until `settled`.
+        (Called before the event is spooled, so the flusher can never see it unheld.)"""
+        self.runtime.require_storage().flusher.gate = self._gate
+        self._inflight[task_event] = asyncio.Event()
 
     def settled(self, task_event: str) -> None:
         """The task write named by `task_event` finished (either way): its event may be flushed."""

@@ -53,6 +53,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         if not group:
             return await write(None)
         event_id = new_id()
+        runtime.links.expect(event_id)
         spooled = asyncio.ensure_future(runtime.links.emit_task_event(group, session(ctx), event_id))
         try:
             return await write(event_id)
