@@ -211,7 +211,8 @@ async def touch(conn: asyncpg.Connection, group: str, session: str) -> None:
 async def members(conn: asyncpg.Connection, group: str) -> list[dict[str, Any]]:
     head = await conn.fetchval("SELECT seq FROM link_groups WHERE name = $1", group)
     rows = await conn.fetch(
-        "SELECT session_id, principal, client_name, read_upto, joined_at, last_seen_at "
+        "SELECT session_id, principal, client_name, read_upto, joined_at, last_seen_at, chat_context, "
+        "handoff IS NOT NULL AS has_handoff "
         "FROM link_members WHERE group_name = $1 ORDER BY joined_at, session_id",
         group,
     )
@@ -224,6 +225,8 @@ async def members(conn: asyncpg.Connection, group: str) -> list[dict[str, Any]]:
             "behind": max(0, int(head or 0) - int(r["read_upto"])),
             "joined_at": r["joined_at"].isoformat(),
             "last_seen": r["last_seen_at"].isoformat(),
+            "chat_context": bool(r["chat_context"]),
+            "handoff_set": bool(r["has_handoff"]),
         }
         for r in rows
     ]

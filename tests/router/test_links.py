@@ -277,6 +277,8 @@ async def test_an_ended_session_hands_off_and_opted_in_chats_carry_the_group(
             ]
             stale = {"task_id": review["id"], "expected_version": 7, "name": "x", "group": group}
             assert "version_conflict" in await error_of(a, "task_update", stale)  # refused: no event
+            blank = {"name": "   ", "scope": "group", "group": group}  # refused before any I/O
+            assert "invalid_argument" in await error_of(a, "task_create", blank)
             await call(a, "link_send", {"group": group, "body": "lexer uses regexes"})
             async with asyncio.timeout(20):
                 while len((await call(b, "link_inbox", {"group": group, "ack": False}))["events"]) < 4:  # noqa: ASYNC110
