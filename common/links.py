@@ -405,14 +405,26 @@ async def reservations(conn: asyncpg.Connection, group: str) -> list[dict[str, A
 
 
 # --- events written behind (instance spool -> flusher) ---------------------------------------
+# One statement per group: take n ids (the UPDATE holds the group row's lock until commit, so
+# ids commit in order; a concurrent flusher waits and then sees the new seq), store the events
+# with them in spool order, mark the senders seen, and return the members for the notifications.
 _SPOOLED_SQL = f"""
-INSERT INTO link_events ({_EVENT_COLS})
-SELECT $1, u.id, u.kind, u.sender, u.recipient, u.subject, u.thread, u.body, u.data::jsonb,
-       u.created_at, u.uuid
-FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-            $9::text[], $10::timestamptz[], $11::uuid[])
-     AS u(id, kind, sender, recipient, subject, thread, body, data, created_at, uuid)
-RETURNING {_EVENT_COLS}
+WITH g AS (
+    UPDATE link_groups SET seq = seq + $11 WHERE name = $1 RETURNING seq
+), ins AS (
+    INSERT INTO link_events ({_EVENT_COLS})
+    SELECT $1, g.seq - $11 + u.ord, u.kind, u.sender, u.recipient, u.subject, u.thread, u.body,
+           u.data::jsonb, u.created_at, u.uuid
+    FROM g, unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                   $8::text[], $9::timestamptz[], $10::uuid[]) WITH ORDINALITY
+            AS u(kind, sender, recipient, subject, thread, body, data, created_at, uuid, ord)
+    RETURNING {_EVENT_COLS}
+), seen AS (
+    UPDATE link_members SET last_seen_at = now()
+    WHERE group_name = $1 AND session_id = ANY($12::text[]) RETURNING 1
+)
+SELECT ins.*, ARRAY(SELECT session_id FROM link_members WHERE group_name = $1) AS members
+FROM ins ORDER BY ins.id
 """
 
 
@@ -439,24 +451,23 @@ async def store_spooled(
     by_group: dict[str, dict[str, dict[str, Any]]] = {}
     for p in payloads:
         by_group.setdefault(str(p["group"]), {}).setdefault(str(p["uuid"]), p)
+    if not by_group:
+        return []
+    # A replay (committed, then the process died before the spool forgot the rows) finds its
+    # uuids stored. No lock needed: only this instance's flusher ever writes these uuids.
+    stored = await conn.fetch(
+        "SELECT uuid FROM link_events WHERE uuid = ANY($1::uuid[])",
+        [u for items in by_group.values() for u in items],
+    )
+    done = {str(r["uuid"]) for r in stored}
     out: list[tuple[LinkEvent, list[str]]] = []
     for group in sorted(by_group):  # one lock order for every flusher: no deadlocks
-        items = by_group[group]
-        seq = await conn.fetchval("SELECT seq FROM link_groups WHERE name = $1 FOR UPDATE", group)
-        if seq is None:
-            log.warning("dropping %d event(s) of link group %r: the group was deleted", len(items), group)
+        new = [p for u, p in by_group[group].items() if u not in done]
+        if not new:
             continue
-        stored = await conn.fetch("SELECT uuid FROM link_events WHERE uuid = ANY($1::uuid[])", list(items))
-        for r in stored:
-            items.pop(str(r["uuid"]), None)
-        if not items:
-            continue
-        new = list(items.values())
-        await conn.execute("UPDATE link_groups SET seq = $2 WHERE name = $1", group, seq + len(new))
         rows = await conn.fetch(
             _SPOOLED_SQL,
             group,
-            [seq + 1 + i for i in range(len(new))],
             [p["kind"] for p in new],
             [p.get("sender") for p in new],
             [p.get("recipient") for p in new],
@@ -466,15 +477,13 @@ async def store_spooled(
             [json.dumps(p.get("data") or {}, separators=(",", ":")) for p in new],
             [_when(p["created_at"]) for p in new],
             [p["uuid"] for p in new],
+            len(new),
+            sorted({p["sender"] for p in new if p.get("sender")}),
         )
-        senders = sorted({p["sender"] for p in new if p.get("sender")})
-        members_now = await conn.fetch(
-            "UPDATE link_members SET last_seen_at = CASE WHEN session_id = ANY($2::text[]) "
-            "THEN now() ELSE last_seen_at END WHERE group_name = $1 RETURNING session_id",
-            group, senders,
-        )  # fmt: skip
-        sessions = [r["session_id"] for r in members_now]
-        out.extend((LinkEvent.from_row(r), sessions) for r in sorted(rows, key=lambda r: r["id"]))
+        if not rows:
+            log.warning("dropping %d event(s) of link group %r: the group was deleted", len(new), group)
+            continue
+        out.extend((LinkEvent.from_row(r), list(r["members"])) for r in rows)
     return out
 
 

@@ -114,3 +114,33 @@ async def test_spooled_events_get_gapless_ids_once_and_a_replay_takes_none(pg_ds
         assert await conn.fetchval("SELECT seq FROM link_groups WHERE name = 'spooled-b'") == 5
     finally:
         await conn.close()
+
+
+async def test_flushers_of_several_instances_interleave_into_gapless_ids(pg_dsn: str) -> None:
+    import time
+    import uuid
+
+    await migrate(pg_dsn)
+    pool = await asyncpg.create_pool(pg_dsn, min_size=4, max_size=4)
+    try:
+        async with pool.acquire() as conn:
+            await db.join(conn, "flushers", "s-x", principal="p", client="x")
+
+        async def flush(instance: int) -> list[int]:
+            ids: list[int] = []
+            for b in range(10):
+                batch = [
+                    {"uuid": str(uuid.uuid4()), "group": "flushers", "kind": "message", "sender": "s-x",
+                     "body": f"{instance}-{b}-{i}", "created_at": time.time()}
+                    for i in range(5)
+                ]  # fmt: skip
+                async with pool.acquire() as conn, conn.transaction():
+                    ids += [e.id for e, _ in await db.store_spooled(conn, batch)]
+            return ids
+
+        per_instance = await asyncio.gather(*(flush(n) for n in range(4)))
+        for ids in per_instance:
+            assert ids == sorted(ids)  # each instance's events keep their spool order
+        assert sorted(i for ids in per_instance for i in ids) == list(range(2, 202))
+    finally:
+        await pool.close()
