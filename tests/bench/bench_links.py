@@ -119,6 +119,15 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
             await asyncio.wait_for(arrived.wait(), 10)
             lat.append((arrived_at[0] - t0) * 1000)
         results["delivery"] = summary(lat)
+        redis = aioredis.Redis.from_url(fleet.settings.redis_url or "", decode_responses=True)
+        try:  # the instances' own count: the sender's call -> the members' notification queued
+            stats = await redis.hgetall(fleet.keys.link_stats())  # type: ignore[misc]
+        finally:
+            await redis.aclose()
+        count = float(stats.get("publish_lag_count", 0) or 0)
+        results["publish_lag_mean_ms"] = (
+            round(float(stats.get("publish_lag_seconds_sum", 0)) / count * 1000, 3) if count else None
+        )
         while (await call(b, "link_inbox", {"group": group, "limit": 1000}))[0]["more"]:
             pass
 
@@ -269,6 +278,7 @@ async def main() -> None:
             f"sender cost ({side.removesuffix('_ms')}, p50 diff): group task {group_cost:+.3f} ms,"
             f" link_send vs no-op {send_cost:+.3f} ms"
         )
+    print(f"write-behind lag (call -> notification queued, mean): {results['publish_lag_mean_ms']} ms")
     c = results["catchup"]
     print(f"catch-up of {c['events']} events: {c['seconds']:.3f} s ({c['events_per_second']}/s)")
     out = ROOT / "tests" / "bench" / "results"
