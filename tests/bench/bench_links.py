@@ -14,7 +14,9 @@ real MCP clients through the router. Measured:
    synchronous path cost (one Postgres transaction per event, common/links.append);
 2. delivery latency: A calls link_send -> B's client has the `notifications/resources/updated`
    for the group's inbox (spool fsync, flusher's Postgres commit with the group id, the
-   member's notification log in Redis, the router-held stream, SSE to B);
+   member's notification log in Redis, the router-held stream, SSE to B); also the part of it
+   after A's call answered (the client's own round trip through the router is the rest), and
+   the instances' own mean of call -> notification queued;
 3. catch-up: B missed `--backlog` events (written straight into Postgres, not measured); time
    for B to read and acknowledge them all with link_inbox(limit=1000) through the router.
 
@@ -112,13 +114,17 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
         await call(b, "link_inbox", {"group": group, "limit": 1000})
         await asyncio.sleep(1.0)
         lat: list[float] = []
+        after_answer: list[float] = []
         for i in range(messages):
             arrived.clear()
             t0 = time.perf_counter()
             await call(a, "link_send", {"group": group, "body": f"d{i}", "to": None})
+            answered = time.perf_counter()
             await asyncio.wait_for(arrived.wait(), 10)
             lat.append((arrived_at[0] - t0) * 1000)
+            after_answer.append((arrived_at[0] - answered) * 1000)  # < 0: B heard before A's answer
         results["delivery"] = summary(lat)
+        results["delivery_after_answer"] = summary(after_answer)
         redis = aioredis.Redis.from_url(fleet.settings.redis_url or "", decode_responses=True)
         try:  # the instances' own count: the sender's call -> the members' notification queued
             stats = await redis.hgetall(fleet.keys.link_stats())  # type: ignore[misc]
@@ -266,6 +272,7 @@ async def main() -> None:
             )
     for label, key in (
         ("delivery A -> B (notification)", "delivery"),
+        ("  of it after A's call answered", "delivery_after_answer"),
         ("old sync store (contrast)", "old_sync_store"),
         ("spool append alone (fsync floor)", "spool_append_floor"),
     ):
