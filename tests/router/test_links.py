@@ -324,3 +324,18 @@ async def test_an_ended_session_hands_off_and_opted_in_chats_carry_the_group(
         assert (await call(b, "link_join", {"group": group, "chat_context": False}))["chat_context"] is False
         after = await call(b, "chat", {"prompt": "and now?"})
         assert "group_context" not in after["metadata"]
+
+        # The admin ending a session (DELETE /admin/sessions/{id}) hands off the same way.
+        async with mcp_client(fleet.mcp_url, "legacy", name="agent-c", token=ALICE) as c:
+            c_sid = (await status_of(c))["session"]
+            await call(c, "link_join", {"group": group})
+            await call(c, "link_handoff", {"group": group, "note": "nothing started"})
+            await call(b, "link_inbox", {"group": group})  # C's join: read
+            code, _ = await fleet.admin("DELETE", f"/admin/sessions/{c_sid}")
+            assert code == 200
+            async with asyncio.timeout(20):
+                while not (events := (await call(b, "link_inbox", {"group": group}))["events"]):  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+        assert [(e["kind"], e["from"], e["body"], e["data"]["reason"]) for e in events] == [
+            ("leave", c_sid, "nothing started", "admin")
+        ]
