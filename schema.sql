@@ -201,6 +201,15 @@ CREATE TABLE IF NOT EXISTS thread_cache_marks (
 );
 CREATE INDEX IF NOT EXISTS thread_cache_marks_created_idx ON thread_cache_marks (created_at);
 
+-- Version 4 (links): linked sessions' events are written behind (the instance's spool -> its flusher).
+-- `uuid` is the event's client-generated id: the flusher inserts it once (a replay after a
+-- crash finds it and takes no new group id). A member's `chat_context` opts its chats into the
+-- group's context by default; `handoff` is the note it leaves when its session ends.
+ALTER TABLE link_events ADD COLUMN IF NOT EXISTS uuid uuid;
+CREATE UNIQUE INDEX IF NOT EXISTS link_events_uuid_idx ON link_events (uuid);
+ALTER TABLE link_members ADD COLUMN IF NOT EXISTS chat_context boolean NOT NULL DEFAULT false;
+ALTER TABLE link_members ADD COLUMN IF NOT EXISTS handoff text;
+
 INSERT INTO exai_schema_version (id, version) VALUES (1, 4)
 ON CONFLICT (id) DO UPDATE SET version = GREATEST(exai_schema_version.version, EXCLUDED.version),
                                applied_at = now();

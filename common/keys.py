@@ -78,6 +78,10 @@ class Keys:
     def link_stats(self) -> str:
         return self._k("link-stats")
 
+    def link_stream(self, group: str) -> str:
+        """A link group's recent events (Redis stream, bounded; Postgres keeps the whole log)."""
+        return self._k("link-stream", group)
+
     def events(self, session_id: str) -> str:
         return self._k("events", session_id)
 

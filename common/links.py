@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,6 +23,8 @@ from typing import Any
 import asyncpg
 
 from common.errors import InvalidArgument, LinkForbidden, NotLinked, ReservationConflict
+
+log = logging.getLogger(__name__)
 
 GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 KINDS = ("join", "leave", "message", "task", "note", "reserve", "release")
@@ -57,6 +60,7 @@ class LinkEvent:
     body: str
     data: dict[str, Any]
     created_at: datetime
+    uuid: str | None = None
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> LinkEvent:
@@ -72,6 +76,7 @@ class LinkEvent:
             body=row["body"],
             data=json.loads(data) if isinstance(data, str) else dict(data or {}),
             created_at=row["created_at"],
+            uuid=str(row["uuid"]) if row["uuid"] is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +87,8 @@ class LinkEvent:
             "to": self.recipient or "all",
             "created_at": self.created_at.isoformat(),
         }
+        if self.uuid:
+            out["uuid"] = self.uuid
         for name in ("subject", "thread"):
             if getattr(self, name):
                 out[name] = getattr(self, name)
@@ -92,7 +99,7 @@ class LinkEvent:
         return out
 
 
-_EVENT_COLS = "group_name, id, kind, sender, recipient, subject, thread, body, data, created_at"
+_EVENT_COLS = "group_name, id, kind, sender, recipient, subject, thread, body, data, created_at, uuid"
 
 
 async def append(
@@ -114,7 +121,7 @@ async def append(
             raise NotLinked(f"no link group {group!r}")
         row = await conn.fetchrow(
             f"INSERT INTO link_events ({_EVENT_COLS}) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, now()) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, now(), NULL) "
             f"RETURNING {_EVENT_COLS}",
             group, seq, kind, sender, recipient, subject, thread, body,
             json.dumps(data or {}, separators=(",", ":")),
@@ -164,7 +171,12 @@ async def join(
 
 
 async def leave(
-    conn: asyncpg.Connection, group: str, session: str, *, handoff: str | None = None
+    conn: asyncpg.Connection,
+    group: str,
+    session: str,
+    *,
+    handoff: str | None = None,
+    data: dict[str, Any] | None = None,
 ) -> LinkEvent | None:
     """Remove `session` from `group`, leaving an optional handoff note in the log."""
     async with conn.transaction():
@@ -176,7 +188,7 @@ async def leave(
         await conn.execute(
             "DELETE FROM link_reservations WHERE group_name = $1 AND session_id = $2", group, session
         )
-        return await append(conn, group, "leave", sender=session, body=handoff or "")
+        return await append(conn, group, "leave", sender=session, body=handoff or "", data=data)
 
 
 async def member(conn: asyncpg.Connection, group: str, session: str) -> asyncpg.Record:
@@ -199,7 +211,8 @@ async def touch(conn: asyncpg.Connection, group: str, session: str) -> None:
 async def members(conn: asyncpg.Connection, group: str) -> list[dict[str, Any]]:
     head = await conn.fetchval("SELECT seq FROM link_groups WHERE name = $1", group)
     rows = await conn.fetch(
-        "SELECT session_id, principal, client_name, read_upto, joined_at, last_seen_at "
+        "SELECT session_id, principal, client_name, read_upto, joined_at, last_seen_at, chat_context, "
+        "handoff IS NOT NULL AS has_handoff "
         "FROM link_members WHERE group_name = $1 ORDER BY joined_at, session_id",
         group,
     )
@@ -212,6 +225,8 @@ async def members(conn: asyncpg.Connection, group: str) -> list[dict[str, Any]]:
             "behind": max(0, int(head or 0) - int(r["read_upto"])),
             "joined_at": r["joined_at"].isoformat(),
             "last_seen": r["last_seen_at"].isoformat(),
+            "chat_context": bool(r["chat_context"]),
+            "handoff_set": bool(r["has_handoff"]),
         }
         for r in rows
     ]
@@ -387,3 +402,198 @@ async def reservations(conn: asyncpg.Connection, group: str) -> list[dict[str, A
         }
         for r in rows
     ]
+
+
+# --- events written behind (instance spool -> flusher) ---------------------------------------
+# One statement per group: take n ids (the UPDATE holds the group row's lock until commit, so
+# ids commit in order; a concurrent flusher waits and then sees the new seq), store the events
+# with them in spool order, mark the senders seen, and return the members for the notifications.
+_SPOOLED_SQL = f"""
+WITH g AS (
+    UPDATE link_groups SET seq = seq + $11 WHERE name = $1 RETURNING seq
+), ins AS (
+    INSERT INTO link_events ({_EVENT_COLS})
+    SELECT $1, g.seq - $11 + u.ord, u.kind, u.sender, u.recipient, u.subject, u.thread, u.body,
+           u.data::jsonb, u.created_at, u.uuid
+    FROM g, unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                   $8::text[], $9::timestamptz[], $10::uuid[]) WITH ORDINALITY
+            AS u(kind, sender, recipient, subject, thread, body, data, created_at, uuid, ord)
+    RETURNING {_EVENT_COLS}
+), seen AS (
+    UPDATE link_members SET last_seen_at = now()
+    WHERE group_name = $1 AND session_id = ANY($12::text[]) RETURNING 1
+)
+SELECT ins.*, ARRAY(SELECT session_id FROM link_members WHERE group_name = $1) AS members
+FROM ins ORDER BY ins.id
+"""
+
+
+def _when(value: Any) -> datetime:
+    from datetime import UTC
+
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    return datetime.fromisoformat(str(value))
+
+
+async def store_spooled(
+    conn: asyncpg.Connection, payloads: list[dict[str, Any]]
+) -> list[tuple[LinkEvent, list[str]]]:
+    """Give spooled events their group ids and store them, idempotently (call in a transaction).
+
+    Each payload is one event as the instance spooled it (`uuid`, `group`, `kind`, `sender`, ...,
+    `created_at` in epoch seconds), in the order the calls made them. Per group, under the group
+    row's lock: the uuids already stored (a replay after a crash) are skipped and take no id, the
+    others get the next ids in order. Returns each new event with the group's members then, for
+    the notifications. Events of a group deleted meanwhile are dropped (logged).
+    """
+    payloads = await _resolve_task_events(conn, payloads)
+    by_group: dict[str, dict[str, dict[str, Any]]] = {}
+    for p in payloads:
+        by_group.setdefault(str(p["group"]), {}).setdefault(str(p["uuid"]), p)
+    if not by_group:
+        return []
+    # A replay (committed, then the process died before the spool forgot the rows) finds its
+    # uuids stored. No lock needed: only this instance's flusher ever writes these uuids.
+    stored = await conn.fetch(
+        "SELECT uuid FROM link_events WHERE uuid = ANY($1::uuid[])",
+        [u for items in by_group.values() for u in items],
+    )
+    done = {str(r["uuid"]) for r in stored}
+    out: list[tuple[LinkEvent, list[str]]] = []
+    for group in sorted(by_group):  # one lock order for every flusher: no deadlocks
+        new = [p for u, p in by_group[group].items() if u not in done]
+        if not new:
+            continue
+        rows = await conn.fetch(
+            _SPOOLED_SQL,
+            group,
+            [p["kind"] for p in new],
+            [p.get("sender") for p in new],
+            [p.get("recipient") for p in new],
+            [p.get("subject") for p in new],
+            [p.get("thread") for p in new],
+            [p.get("body") or "" for p in new],
+            [json.dumps(p.get("data") or {}, separators=(",", ":")) for p in new],
+            [_when(p["created_at"]) for p in new],
+            [p["uuid"] for p in new],
+            len(new),
+            sorted({p["sender"] for p in new if p.get("sender")}),
+        )
+        if not rows:
+            log.warning("dropping %d event(s) of link group %r: the group was deleted", len(new), group)
+            continue
+        out.extend((LinkEvent.from_row(r), list(r["members"])) for r in rows)
+    return out
+
+
+async def _resolve_task_events(
+    conn: asyncpg.Connection, payloads: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Events that name a task write's audit row (`task_event`) get the task's id, name, state
+    and version from it; those whose row does not exist (the write was refused) are dropped."""
+    wanted = [str(p["task_event"]) for p in payloads if p.get("task_event")]
+    if not wanted:
+        return payloads
+    rows = await conn.fetch(
+        "SELECT e.id, e.task_id, e.to_state, e.version, t.name FROM task_events e "
+        "JOIN tasks t ON t.id = e.task_id WHERE e.id = ANY($1::uuid[])",
+        wanted,
+    )
+    found = {str(r["id"]): r for r in rows}
+    out = []
+    for p in payloads:
+        if p.get("task_event"):
+            r = found.get(str(p["task_event"]))
+            if r is None:
+                continue  # the task write did not happen: no event
+            data = {
+                "task_id": str(r["task_id"]),
+                "name": r["name"],
+                "state": r["to_state"],
+                "version": r["version"],
+            }
+            p = {**p, "data": data}
+        out.append(p)
+    return out
+
+
+# --- per-member settings: chat context opt-in, the handoff note -------------------------------
+async def set_prefs(
+    conn: asyncpg.Connection,
+    group: str,
+    session: str,
+    *,
+    chat_context: bool | None = None,
+    handoff: str | None = None,
+) -> dict[str, Any]:
+    """Change what is given (None: unchanged; handoff '' clears it); returns both settings."""
+    row = await conn.fetchrow(
+        "UPDATE link_members SET chat_context = COALESCE($3, chat_context), "
+        "handoff = CASE WHEN $4::text IS NULL THEN handoff ELSE NULLIF($4::text, '') END "
+        "WHERE group_name = $1 AND session_id = $2 RETURNING chat_context, handoff",
+        group, session, chat_context, handoff,
+    )  # fmt: skip
+    if row is None:
+        raise NotLinked(f"this session is not a member of link group {group!r}")
+    return {"chat_context": bool(row["chat_context"]), "handoff": row["handoff"]}
+
+
+async def chat_groups(conn: asyncpg.Connection, session: str) -> list[str]:
+    """The groups whose context this session's chats include by default (opted in)."""
+    rows = await conn.fetch(
+        "SELECT group_name FROM link_members WHERE session_id = $1 AND chat_context ORDER BY group_name",
+        session,
+    )
+    return [r["group_name"] for r in rows]
+
+
+async def end_session(
+    conn: asyncpg.Connection, session: str, *, reason: str
+) -> list[tuple[LinkEvent, list[str]]]:
+    """A session ended: it leaves every group with an automatic handoff.
+
+    The `leave` event carries the member's own handoff note (set with link_handoff, if any) as
+    its body, and in `data`: why the session ended, its in-progress tasks (its own, and the
+    group tasks it last moved to IN_PROGRESS) and the reservations it held (released now).
+    Returns each leave event with the members left, for the notifications.
+    """
+    out: list[tuple[LinkEvent, list[str]]] = []
+    own = await conn.fetch(
+        "SELECT id, name FROM tasks WHERE session_id = $1 AND state = 'IN_PROGRESS' ORDER BY updated_at",
+        session,
+    )
+    for group in await groups_of(conn, session):
+        async with conn.transaction():
+            me = await conn.fetchrow(
+                "SELECT handoff FROM link_members WHERE group_name = $1 AND session_id = $2 FOR UPDATE",
+                group, session,
+            )  # fmt: skip
+            if me is None:
+                continue
+            held = await conn.fetch(
+                "SELECT pattern, exclusive FROM link_reservations "
+                "WHERE group_name = $1 AND session_id = $2 AND expires_at > now() ORDER BY pattern",
+                group, session,
+            )  # fmt: skip
+            group_tasks = await conn.fetch(
+                "SELECT t.id, t.name FROM tasks t JOIN ("
+                "  SELECT DISTINCT ON (data->>'task_id') data->>'task_id' AS task_id, sender "
+                "  FROM link_events WHERE group_name = $1 AND kind = 'task' "
+                "  ORDER BY data->>'task_id', id DESC"
+                ") last ON last.task_id = t.id::text "
+                "WHERE last.sender = $2 AND t.session_id = $3 AND t.state = 'IN_PROGRESS' "
+                "ORDER BY t.updated_at",
+                group, session, "link:" + group,
+            )  # fmt: skip
+            data = {
+                "reason": reason,
+                "in_progress": [{"task_id": str(t["id"]), "name": t["name"]} for t in [*own, *group_tasks]],
+                "released": [{"pattern": r["pattern"], "exclusive": r["exclusive"]} for r in held],
+            }
+            event = await leave(conn, group, session, handoff=me["handoff"] or "", data=data)
+            if event is None:
+                continue
+            rest = await conn.fetch("SELECT session_id FROM link_members WHERE group_name = $1", group)
+            out.append((event, [r["session_id"] for r in rest]))
+    return out

@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     link_reservation_max_ttl: float = Field(
         24 * 3600.0, gt=0, validation_alias="EXAI_LINK_RESERVATION_MAX_TTL"
     )
+    # How long an instance trusts its cached member list of a group (link_send's cheap check).
+    link_member_cache_ttl: float = Field(5.0, ge=0, validation_alias="EXAI_LINK_MEMBER_CACHE_TTL")
+    # Newest events kept in each group's Redis stream (the whole log is in Postgres).
+    link_stream_maxlen: int = Field(10_000, ge=1, validation_alias="EXAI_LINK_STREAM_MAXLEN")
     # Ports of the embedded Postgres / Redis that `exai up` runs when DATABASE_URL / REDIS_URL are unset.
     embedded_pg_port: int = Field(8432, ge=1, le=65535, validation_alias="EXAI_EMBEDDED_PG_PORT")
     embedded_redis_port: int = Field(8379, ge=1, le=65535, validation_alias="EXAI_EMBEDDED_REDIS_PORT")

@@ -212,7 +212,12 @@ async def _open_storage(
     """Open the storage facade; without it the instance still answers, and says why tools fail."""
     try:
         return await stack.enter_async_context(
-            Storage.open(settings, instance_id=runtime.identity.spool_name, redis=runtime.redis)
+            Storage.open(
+                settings,
+                instance_id=runtime.identity.spool_name,
+                redis=runtime.redis,
+                on_flushed=lambda written: runtime.links.flushed(written) if runtime.links else None,
+            )
         )
     except ExaiError as exc:
         runtime.storage_error = str(exc)

@@ -1,18 +1,28 @@
-"""The instance's side of link groups: store an event, then tell the other members.
+"""The instance's side of link groups: take an event, store it behind, then tell the members.
 
-Every group event (join, leave, message, group task or note change, reservation) is stored in
-Postgres first (common/links.py: per-group ids 1, 2, 3, ..., the durable log every member
-catches up from with its cursor). Then, for each member it concerns, the instance publishes
-`notifications/resources/updated` for `exai://link/{group}/inbox` to that member's own
-notification log (instance/notify.py -> the router-held streams). So delivery follows each
-member's session wherever it is (on an instance, or parked with only its router-held stream)
-and never needs the member's instance to be alive; while Redis is down the instance holds the
-notifications and sends them when Redis returns, and the tools keep working from Postgres.
+Messages, group task and note changes and reservation events are written behind: the tool call
+checks membership (cached per group), gives the event a uuid and appends it to the instance's
+durable spool (instance/storage/spool.py), which is all the caller waits for. The flusher
+(instance/storage/writebehind.py) stores it in Postgres with the group's next id
+(common/links.store_spooled: per-group ids 1, 2, 3, ..., gapless, committed in order, a replay
+skipped by uuid), and after the commit `Links.flushed` publishes it: for each member it
+concerns, `notifications/resources/updated` for `exai://link/{group}/inbox` goes to that
+member's own notification log (instance/notify.py -> the router-held streams), and the event is
+added to the group's bounded Redis stream. Joins and leaves (and reservations themselves, which
+need an answer) stay synchronous in Postgres. So delivery follows each member's session wherever
+it is and never needs the member's instance to be alive; a kill -9 after the call answered
+loses nothing (the spool is replayed on restart); while Postgres is down events wait in the
+spool, while Redis is down the notifications wait in the instance; catch-up reads Postgres.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -20,11 +30,12 @@ from typing import Any, TypeVar
 import asyncpg
 
 from common import links as db
-from common.errors import ExaiError, NotLinked
+from common.errors import ExaiError, NotLinked, StorageUnavailable
 from common.keys import Keys
 from common.protocol import ADMIN_PRINCIPAL, CLIENT_HEADER
 from common.redis import REDIS_DOWN_ERRORS
 from instance.runtime import Runtime
+from instance.storage.writebehind import KIND_LINK_EVENT
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -32,6 +43,9 @@ log = logging.getLogger(__name__)
 UPDATED = "notifications/resources/updated"
 GROUP_SCOPE_PREFIX = "link:"
 LINK_GROUP_HEADER = "exai-link-group"  # connect-time linking (X-Exai-* headers stay at the router)
+CHAT_OPT_IN_TTL = 30.0  # seconds an instance trusts a session's cached chat_context opt-ins
+CHAT_OPT_IN_WAIT = 0.5  # longest a chat waits for Postgres to read them (then: none this call)
+TASK_WRITE_WAIT_SECONDS = 60.0  # longest the flusher holds a task event for its task write
 GROUP_CONTEXT_MESSAGES = 50  # newest group messages considered for a chat's group context
 
 
@@ -50,7 +64,11 @@ class Links:
         self.notified = 0
         self.catch_ups = 0
         self.caught_up_events = 0
+        self.spooled = 0
         self._header_joins: set[tuple[str, str]] = set()
+        self._members: dict[str, tuple[float, frozenset[str]]] = {}  # group -> (read at, sessions)
+        self._chat_groups: dict[str, tuple[float, list[str]]] = {}  # session -> (read at, groups)
+        self._inflight: dict[str, asyncio.Event] = {}  # task_events id -> set when its write ends
 
     def stats(self) -> dict[str, int]:
         return {
@@ -58,6 +76,7 @@ class Links:
             "notified": self.notified,
             "catch_ups": self.catch_ups,
             "caught_up_events": self.caught_up_events,
+            "spooled": self.spooled,
         }
 
     async def run(
@@ -73,6 +92,41 @@ class Links:
         crosses = not rt.scoped or principal == ADMIN_PRINCIPAL
         return rt.session_for(headers), principal, client, crosses
 
+    # --- membership, cached per group -----------------------------------------------------
+    async def _members_of(self, group: str, *, fresh: bool = False) -> frozenset[str]:
+        """The group's member sessions: cached for EXAI_LINK_MEMBER_CACHE_TTL seconds, refreshed
+        on a miss; if Postgres is down, the last list read (so link_send keeps working)."""
+        cached = self._members.get(group)
+        ttl = self.runtime.settings.link_member_cache_ttl
+        if cached is not None and not fresh and time.monotonic() - cached[0] < ttl:
+            return cached[1]
+
+        async def read(conn: asyncpg.Connection) -> list[str]:
+            rows = await conn.fetch("SELECT session_id FROM link_members WHERE group_name = $1", group)
+            return [r["session_id"] for r in rows]
+
+        try:
+            sessions = frozenset(await self.run(read, what=f"reading the members of link group {group!r}"))
+        except StorageUnavailable:
+            if cached is None:
+                raise
+            log.info("Postgres is down: using the cached members of link group %r", group)
+            return cached[1]
+        self.remember_members(group, sessions)
+        return sessions
+
+    def remember_members(self, group: str, sessions: Any) -> None:
+        """Joins and leaves through this instance set the cached list (others age out)."""
+        self._members[group] = (time.monotonic(), frozenset(sessions))
+
+    async def check_member(self, group: str, session: str) -> None:
+        """NotLinked unless `session` is in `group` (outsiders see nothing). Cheap when cached."""
+        db.check_group(group)
+        if session in await self._members_of(group):
+            return
+        if session not in await self._members_of(group, fresh=True):
+            raise NotLinked(f"this session is not a member of link group {group!r}")
+
     async def emit(
         self,
         group: str,
@@ -84,32 +138,119 @@ class Links:
         thread: str | None = None,
         body: str = "",
         data: dict[str, Any] | None = None,
-    ) -> db.LinkEvent:
-        """Store one event (the sender must be a member), then notify the members it concerns."""
+    ) -> str:
+        """Take one event (the sender must be a member) and return its uuid once it is durable.
 
-        async def store(conn: asyncpg.Connection) -> tuple[db.LinkEvent, list[str]]:
-            async with conn.transaction():
-                await db.member(conn, group, sender)
-                if recipient is not None:
-                    try:
-                        await db.member(conn, group, recipient)
-                    except NotLinked:
-                        raise NotLinked(
-                            f"{recipient!r} is not a member of link group {group!r}",
-                            hint="Send to a member's session id (see link_status) or omit `to` for all.",
-                        ) from None
-                event = await db.append(
-                    conn, group, kind, sender=sender, recipient=recipient, subject=subject,
-                    thread=thread, body=body, data=data,
-                )  # fmt: skip
-                await db.touch(conn, group, sender)
-                return event, [m["session"] for m in await db.members(conn, group)]
+        The event goes to the write-behind spool (fsync'd there, with whatever else is being
+        appended at that moment); the flusher gives it its group id in Postgres and then
+        `flushed` publishes it. So the caller pays a spool append, not a Postgres transaction,
+        and the event survives a kill -9 of this instance and Postgres being down.
+        """
+        await self.check_member(group, sender)
+        if recipient is not None:
+            members = await self._members_of(group)
+            if recipient not in members and recipient not in await self._members_of(group, fresh=True):
+                raise NotLinked(
+                    f"{recipient!r} is not a member of link group {group!r}",
+                    hint="Send to a member's session id (see link_status) or omit `to` for all.",
+                )
+        storage = self.runtime.require_storage()
+        event_id = str(uuid.uuid4())
+        payload = {
+            "uuid": event_id,
+            "group": group,
+            "kind": kind,
+            "sender": sender,
+            "recipient": recipient,
+            "subject": subject,
+            "thread": thread,
+            "body": body,
+            "data": data or {},
+            "created_at": time.time(),
+        }
+        await storage.spool.append(KIND_LINK_EVENT, payload, urgent=True)
+        storage.flusher.kick()  # live: no waiting for a batch to fill
+        self.spooled += 1
+        return event_id
 
-        event, sessions = await self.run(
-            store, what=f"storing a {kind} event of link group {group!r}", write=True
-        )
-        self.announce(event, sessions)
-        return event
+    async def emit_task_event(self, group: str, sender: str, task_event: str) -> None:
+        """Spool a group task event that depends on a task write running at the same time.
+
+        The payload names the write's audit row (`task_event`, a task_events id) instead of the
+        task's state: the flusher fills in the task id, name, state and version from that row,
+        or drops the event if the row does not exist (the write was refused or rolled back).
+        Between `expect(task_event)` (called first) and `settled(task_event)` the flusher holds
+        any batch with this event, so it never looks for the row before the write has finished
+        (after a crash nothing is in flight and the row's presence is final). The caller
+        checked membership already.
+        """
+        storage = self.runtime.require_storage()
+        payload = {
+            "uuid": str(uuid.uuid4()),
+            "group": group,
+            "kind": "task",
+            "sender": sender,
+            "task_event": task_event,
+            "created_at": time.time(),
+        }
+        await storage.spool.append(KIND_LINK_EVENT, payload, urgent=True)
+        self.spooled += 1
+
+    def expect(self, task_event: str) -> None:
+        """A task write naming `task_event` starts now: hold its event until `settled`.
+        (Called before the event is spooled, so the flusher can never see it unheld.)"""
+        self.runtime.require_storage().flusher.gate = self._gate
+        self._inflight[task_event] = asyncio.Event()
+
+    def settled(self, task_event: str) -> None:
+        """The task write named by `task_event` finished (either way): its event may be flushed."""
+        done = self._inflight.pop(task_event, None)
+        if done is not None:
+            done.set()
+        storage = self.runtime.storage
+        if storage is not None:
+            storage.flusher.kick()
+
+    async def _gate(self, batch: list[Any]) -> None:
+        """Before the flusher writes `batch`: wait for the task writes its events depend on."""
+        for entry in batch:
+            if entry.kind == KIND_LINK_EVENT and (
+                waiting := self._inflight.get(entry.payload.get("task_event"))
+            ):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(TASK_WRITE_WAIT_SECONDS):
+                        await waiting.wait()
+
+    def flushed(self, written: list[tuple[db.LinkEvent, list[str]]]) -> None:
+        """The flusher stored these events (ids given, in order): tell the members, add them to
+        the groups' Redis streams, count the write-behind lag."""
+        now = datetime.now(UTC)
+        lag = 0.0
+        for event, sessions in written:
+            self.remember_members(event.group, sessions)
+            self.announce(event, sessions)
+            lag += max(0.0, (now - event.created_at).total_seconds())
+        self._count(publish_lag_seconds_sum=lag, publish_lag_count=len(written))
+        self._stream(written)
+
+    def _stream(self, written: list[tuple[db.LinkEvent, list[str]]]) -> None:
+        """XADD each event to its group's bounded Redis stream (a live tail; Postgres keeps all)."""
+        redis = self.runtime.redis
+        if redis is None:
+            return
+        maxlen = self.runtime.settings.link_stream_maxlen
+
+        async def add() -> None:
+            try:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for event, _ in written:
+                        fields = {"id": event.id, "event": json.dumps(event.to_dict(), separators=(",", ":"))}
+                        pipe.xadd(self.keys.link_stream(event.group), fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+                    await pipe.execute()
+            except REDIS_DOWN_ERRORS:
+                pass  # the stream is a tail for live readers; catch-up reads Postgres
+
+        self.runtime.background(add(), what="adding link events to their streams")
 
     def announce(self, event: db.LinkEvent, sessions: list[str]) -> None:
         """Queue the inbox update for every member the event concerns (never the sender)."""
@@ -199,8 +340,7 @@ class Links:
             raise InvalidArgument(
                 "scope='group' needs group", hint="Pass the link group's name (link_status lists yours)."
             )
-        db.check_group(group)
-        await self.run(lambda conn: db.member(conn, group, session), what=f"checking link group {group!r}")
+        await self.check_member(group, session)
         return group_scope_id(group)
 
     async def group_context(
@@ -285,5 +425,61 @@ class Links:
                 "session %s could not join link group %r from its header: %s", session[:8], group, exc
             )
             return
+        self.remember_members(group, sessions)
         if event is not None:
             self.announce(event, sessions)
+
+    async def chat_groups(self, session: str) -> list[str]:
+        """The groups `session` opted into for chat context, cached per session for
+        CHAT_OPT_IN_TTL seconds (set at once by link_join through this instance), so a chat of
+        an unlinked session does not wait for Postgres each time. On a miss Postgres gets
+        CHAT_OPT_IN_WAIT seconds; slower or down: no group context this call."""
+        cached = self._chat_groups.get(session)
+        if cached is not None and time.monotonic() - cached[0] < CHAT_OPT_IN_TTL:
+            return cached[1]
+        try:
+            async with asyncio.timeout(CHAT_OPT_IN_WAIT):
+                groups = await self.run(
+                    lambda conn: db.chat_groups(conn, session), what="reading chat opt-ins"
+                )
+        except (StorageUnavailable, TimeoutError) as exc:
+            log.info("chat of %s without its opted-in group context: %s", session[:8], exc or "timeout")
+            return []
+        self.remember_chat_groups(session, groups)
+        return groups
+
+    def forget_chat_groups(self, session: str) -> None:
+        self._chat_groups.pop(session, None)
+
+    def remember_chat_groups(self, session: str, groups: list[str]) -> None:
+        self._chat_groups[session] = (time.monotonic(), groups)
+        if len(self._chat_groups) > 10_000:  # bounded: drop the oldest entries
+            for sid in sorted(self._chat_groups, key=lambda k: self._chat_groups[k][0])[:1000]:
+                del self._chat_groups[sid]
+
+    async def chat_context(
+        self, requested: str | None, session: str, *, budget_chars: int
+    ) -> tuple[list[str], dict[str, Any] | None]:
+        """The group context blocks for a chat call, and what they hold (None: nothing asked).
+
+        `requested` is the call's include_group_context: a group name (that group, this call),
+        "" (none, this call), or None (the groups this member opted into with chat_context).
+        """
+        if requested == "":
+            return [], None
+        if requested:
+            block, summary = await self.group_context(requested, session, budget_chars=budget_chars)
+            return ([block] if block else []), {**summary, "source": "call"}
+        groups = await self.chat_groups(session)
+        if not groups:
+            return [], None
+        blocks, summaries = [], []
+        share = budget_chars // len(groups)
+        for group in groups:
+            block, summary = await self.group_context(group, session, budget_chars=share)
+            if block:
+                blocks.append(block)
+            summaries.append({**summary, "source": "group opt-in"})
+        if len(summaries) == 1:
+            return blocks, summaries[0]
+        return blocks, {"groups": summaries, "source": "group opt-in"}

@@ -22,6 +22,7 @@ from common.settings import Settings
 from router import admin
 from router.allocation import Allocator
 from router.leases import LEASE_LOST, RECORD_GONE, RECORD_MOVED, Leases
+from router.links import EndHandoffs
 from router.metrics import Labels, Metrics
 from router.middleware import route_errors
 from router.proxy import Proxy
@@ -165,6 +166,8 @@ def create_app(settings: Settings) -> web.Application:
             retry_ms=settings.stream_retry_ms, session_ttl=settings.session_idle_timeout,
         )  # fmt: skip
         proxy.notifications = proxy.bindings.notifications = hub
+        handoffs = EndHandoffs(settings, hub)  # an ended session leaves its link groups
+        proxy.bindings.on_end.append(handoffs.ended)
         _wire_gauges(metrics, proxy, upstream)
         try:
             loaded = await table.load()
@@ -187,6 +190,7 @@ def create_app(settings: Settings) -> web.Application:
             asyncio.create_task(_every(sweep, "expiry sweep", maint.sweep_idle)),
             asyncio.create_task(hub.run(), name="notification hub"),
             asyncio.create_task(_every(sweep, "stream sessions", hub.keep_sessions)),
+            asyncio.create_task(_every(0.25, "link handoffs", handoffs.run_pending)),
         ]
         try:
             yield
@@ -194,6 +198,7 @@ def create_app(settings: Settings) -> web.Application:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await handoffs.close()
             await proxy.close()
             await spares.close()
             with contextlib.suppress(*REDIS_DOWN_ERRORS):

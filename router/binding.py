@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +90,8 @@ class Bindings:
         # Sessions ended while Redis was down: (session, instance, persisted, reason) by id.
         self.unfinished_ends: dict[str, tuple[Session, Instance | None, bool, str]] = {}
         self.notifications: Hub | None = None  # told when a session ends (router/streams.py)
+        # Told (session, reason) when an opened session ends, whatever Redis does (link handoff).
+        self.on_end: list[Callable[[Session, str], None]] = []
         table.on_drop.append(self._dropped)
 
     def _dropped(self, sess: Session) -> None:
@@ -378,6 +381,11 @@ class Bindings:
         if sess.ended:
             return
         sess.ended = True
+        for hook in self.on_end if persisted else ():  # not for a session that never opened
+            try:
+                hook(sess, reason)
+            except Exception:
+                log.exception("a session-end hook failed for %s", sess.id[:8])
         inst = self.targets.pop(sess.id, None)
         try:
             await self._forget(sess, inst, persisted)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +25,7 @@ from common.redis import REDIS_DOWN_ERRORS
 from common.settings import Settings
 
 UPDATED = "notifications/resources/updated"
+log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
@@ -46,14 +48,8 @@ async def _connect(request: web.Request) -> AsyncIterator[asyncpg.Connection]:
 async def _announce(request: web.Request, event: db.LinkEvent | None, sessions: list[str]) -> None:
     from router.admin import PROXY_KEY
 
-    notifications = request.app[PROXY_KEY].notifications
-    if event is None or notifications is None:
-        return
-    message = notification(UPDATED, {"uri": db.inbox_uri(event.group)})
-    for sid in sessions:
-        if sid != event.sender:
-            with contextlib.suppress(*REDIS_DOWN_ERRORS):  # the durable log has it; link_inbox catches up
-                await notifications.events.append(sid, message)
+    if event is not None:
+        await _notify(request.app[PROXY_KEY].notifications, event, sessions)
 
 
 async def list_groups(request: web.Request) -> web.Response:
@@ -119,6 +115,11 @@ _STATS = {
     "caught_up_events": ("exai_links_catchup_events_total", "Events returned by those reads."),
     "lag_seconds_sum": ("exai_links_delivery_lag_seconds_sum", "Sum of (read - stored) time of read events."),
     "lag_count": ("exai_links_delivery_lag_seconds_count", "Events in that sum."),
+    "publish_lag_seconds_sum": (
+        "exai_links_publish_lag_seconds_sum",
+        "Sum of (published - sent) time: the sender's call to the members' notification (write-behind).",
+    ),
+    "publish_lag_count": ("exai_links_publish_lag_seconds_count", "Events in that sum."),
 }
 _snapshot: dict[str, float] = {}
 
@@ -151,3 +152,66 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/admin/links/{group}", delete_group)
     app.router.add_post("/admin/links/{group}/members", add_member)
     app.router.add_delete("/admin/links/{group}/members/{session}", remove_member)
+
+
+class EndHandoffs:
+    """A session that ends (client DELETE, admin end, idle expiry) leaves its link groups.
+
+    The router does it, from Postgres, so it works when the session's instance is gone: each
+    group gets a `leave` event whose body is the member's handoff note (link_handoff) and whose
+    data lists its in-progress tasks and the reservations it held (released now); the other
+    members get the inbox notification. Ends are queued in memory and done in the background,
+    retried while Postgres is down (a router restart meanwhile forgets them: the member then
+    stays listed until the admin removes it).
+    """
+
+    def __init__(self, settings: Settings, hub: Any) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.pending: dict[str, str] = {}  # session id -> why it ended
+        self.done = 0
+        self._conn: asyncpg.Connection | None = None
+
+    def ended(self, sess: Any, reason: str) -> None:
+        if self.settings.database_url:
+            self.pending[sess.id] = reason
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self.settings.database_url, timeout=10)
+        return self._conn
+
+    async def run_pending(self) -> None:
+        """One round: hand off every queued end (a failure keeps it for the next round)."""
+        for sid, reason in list(self.pending.items()):
+            try:
+                conn = await self._connection()
+                left = await db.end_session(conn, sid, reason=reason)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("handoff of ended session %s waits for Postgres (%s)", sid[:8], exc)
+                if self._conn is not None:
+                    with contextlib.suppress(Exception):
+                        self._conn.terminate()
+                    self._conn = None
+                return
+            del self.pending[sid]
+            for event, sessions in left:
+                self.done += 1
+                log.info("session %s left link group %r (%s)", sid[:8], event.group, reason)
+                await _notify(self.hub, event, sessions)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None
+
+
+async def _notify(hub: Any, event: db.LinkEvent, sessions: list[str]) -> None:
+    if hub is None:
+        return
+    message = notification(UPDATED, {"uri": db.inbox_uri(event.group)})
+    for sid in sessions:
+        if sid != event.sender:
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):  # the durable log has it; link_inbox catches up
+                await hub.events.append(sid, message)

@@ -89,6 +89,11 @@ _LINK_MEMBER = {
         "behind": {"type": "integer", "description": "events after its cursor"},
         "joined_at": {"type": "string"},
         "last_seen": {"type": "string"},
+        "chat_context": {
+            "type": "boolean",
+            "description": "its chats include the group's context by default",
+        },
+        "handoff_set": {"type": "boolean", "description": "it set a handoff note (link_handoff)"},
     },
 }
 _LINK_GROUP = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,7 @@ class Storage:
         redis: Redis | None = None,
         spool_dir: Path | None = None,
         close_flush_timeout: float = DEFAULT_CLOSE_FLUSH_TIMEOUT,
+        on_flushed: Callable[[Any], None] | None = None,
     ) -> AsyncIterator[Storage]:
         """Open the spool and start the flusher; on exit flush (bounded) and close everything.
 
@@ -113,7 +114,11 @@ class Storage:
             redis = create_redis(settings.redis_url)
         await spool.open()
         flusher = Flusher(
-            spool, db, batch_size=settings.flush_batch_size, interval_s=settings.flush_interval_ms / 1000.0
+            spool,
+            db,
+            batch_size=settings.flush_batch_size,
+            interval_s=settings.flush_interval_ms / 1000.0,
+            after_write=on_flushed,  # link events: publish them once stored (instance/links.py)
         )
         storage = cls(
             settings, instance_id=instance_id, db=db, spool=spool, flusher=flusher, cache=RedisGuard(redis)

@@ -117,6 +117,7 @@ class Spool:
         self._queued = asyncio.Event()
         self._grown = asyncio.Event()
         self._group_target = 0
+        self._urgent = False  # an urgent row is queued: commit without waiting for more
         self._space = asyncio.Event()
         self._empty = asyncio.Event()
         self._full_episode = False
@@ -200,8 +201,14 @@ class Spool:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # --- appending -------------------------------------------------------------------------
-    async def append(self, kind: str, payload: dict[str, Any], *, thread_id: str | None = None) -> None:
-        """Return once the row is fsync'd in the spool; apply the full-spool policy first."""
+    async def append(
+        self, kind: str, payload: dict[str, Any], *, thread_id: str | None = None, urgent: bool = False
+    ) -> None:
+        """Return once the row is fsync'd in the spool; apply the full-spool policy first.
+
+        `urgent`: commit with what is queued now, without waiting `fsync_window_ms` for more
+        writers (a caller that answers only once this row is durable, e.g. a link event).
+        """
         if self._closed:
             raise StorageError("the spool is closed (the instance is shutting down); the write was not taken")
         blob = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
@@ -209,7 +216,9 @@ class Spool:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(kind, thread_id, time.time(), blob, fut))
         self._queued.set()
-        if self._group_target and len(self._queue) >= self._group_target:
+        if urgent:
+            self._urgent = True
+        if urgent or (self._group_target and len(self._queue) >= self._group_target):
             self._grown.set()
         await fut
 
@@ -268,7 +277,7 @@ class Spool:
         while True:
             await self._queued.wait()
             await asyncio.sleep(0)
-            if self.fsync_window > 0 and len(self._queue) < last_group:
+            if self.fsync_window > 0 and len(self._queue) < last_group and not self._urgent:
                 self._group_target = last_group
                 self._grown.clear()
                 with contextlib.suppress(TimeoutError):
@@ -276,6 +285,7 @@ class Spool:
                         await self._grown.wait()
                 self._group_target = 0
             batch, self._queue = self._queue, []
+            self._urgent = False
             last_group = max(1, len(batch))
             self._queued.clear()
             if batch:

@@ -82,8 +82,12 @@ class TaskStore:
         task_id: str | None = None,
         principal: str | None = None,
         owner: str | None = None,
+        event_id: str | None = None,
     ) -> Task:
-        """Create a task; with a caller-chosen `task_id` a repeated create returns the same task."""
+        """Create a task; with a caller-chosen `task_id` a repeated create returns the same task.
+
+        `event_id`: the id of its `created` audit row (a link-group event waits on that row).
+        """
         tid = new_id() if task_id is None else as_uuid(task_id, "task_id")
         check_text(name, "name", min_len=1, max_len=NAME_MAX)
         if not name.strip():
@@ -94,7 +98,7 @@ class TaskStore:
         parent = None if parent_task_id is None else as_uuid(parent_task_id, "parent_task_id")
         if parent == tid:
             raise InvalidArgument("a task cannot be its own parent")
-        event_id = new_id()
+        event_id = new_id() if event_id is None else as_uuid(event_id, "event_id")
         changes = {"name": name, "state": state, "parent_task_id": parent, "metadata": meta}
 
         async def fast(conn: asyncpg.Connection) -> Task | None:
@@ -175,10 +179,12 @@ class TaskStore:
         parent_task_id: Any = UNCHANGED,
         reopen: bool = False,
         owner: str | None = None,
+        event_id: str | None = None,
     ) -> Task:
         """Apply a change if the task is still at `expected_version`; VersionConflict otherwise.
 
         `metadata` replaces the stored object; `parent_task_id=None` detaches from the parent.
+        `event_id`: the id of the change's audit row (a link-group event waits on that row).
         """
         tid = as_uuid(task_id, "task_id")
         if (
@@ -213,7 +219,7 @@ class TaskStore:
             raise InvalidArgument(
                 "nothing to update: give at least one of state, name, description, metadata, parent"
             )
-        event_id = new_id()
+        event_id = new_id() if event_id is None else as_uuid(event_id, "event_id")
         # Where the task may be now -> where this update takes it (transitions refused leave it out).
         moves: dict[str, str] = {}
         for current_state in TASK_STATES:

@@ -18,12 +18,13 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
+from common import links as link_store
 from common.errors import StorageUnavailable
 from instance.storage.pool import Database
 from instance.storage.spool import Spool, SpoolEntry
@@ -35,6 +36,7 @@ KIND_MESSAGE = "message"
 KIND_TOOL_CALL = "tool_call"
 KIND_SESSION = "session"
 KIND_CACHE_MARK = "thread_cache_mark"
+KIND_LINK_EVENT = "link_event"  # a link group's event; ids are given in Postgres (common/links.py)
 
 
 def _ts(value: Any) -> datetime | None:
@@ -110,12 +112,17 @@ def _dedupe(entries: Sequence[SpoolEntry], key: str = "id") -> list[dict[str, An
     return list(out.values())
 
 
-async def write_entries(conn: asyncpg.Connection, entries: Sequence[SpoolEntry]) -> None:
-    """Insert a batch of spooled rows in one transaction (idempotent)."""
+async def write_entries(conn: asyncpg.Connection, entries: Sequence[SpoolEntry]) -> list[Any]:
+    """Insert a batch of spooled rows in one transaction (idempotent).
+
+    Returns the link-group events stored now (with their group ids and members), for the
+    instance to publish after the commit; a replayed event is not among them.
+    """
     by_kind: dict[str, list[SpoolEntry]] = {}
     for e in entries:
         by_kind.setdefault(e.kind, []).append(e)
-    unknown = set(by_kind) - {KIND_CONVERSATION, KIND_MESSAGE, KIND_TOOL_CALL, KIND_SESSION, KIND_CACHE_MARK}
+    known = {KIND_CONVERSATION, KIND_MESSAGE, KIND_TOOL_CALL, KIND_SESSION, KIND_CACHE_MARK, KIND_LINK_EVENT}
+    unknown = set(by_kind) - known
     if unknown:
         raise asyncpg.DataError(f"unknown spool record kind(s): {sorted(unknown)}")
     rows: list[tuple[Any, ...]]
@@ -152,6 +159,10 @@ async def write_entries(conn: asyncpg.Connection, entries: Sequence[SpoolEntry])
                 for p in _dedupe(by_kind[KIND_SESSION])
             ]
             await conn.execute(_SESSIONS_SQL, *_columns(rows, 5))
+        linked: list[Any] = []
+        if KIND_LINK_EVENT in by_kind:
+            linked = await link_store.store_spooled(conn, [e.payload for e in by_kind[KIND_LINK_EVENT]])
+    return linked
 
 
 class Flusher:
@@ -166,6 +177,7 @@ class Flusher:
         interval_s: float,
         max_backoff_s: float = 5.0,
         writer: Callable[[asyncpg.Connection, Sequence[SpoolEntry]], Any] = write_entries,
+        after_write: Callable[[Any], None] | None = None,
     ) -> None:
         self._spool = spool
         self._db = db
@@ -173,6 +185,9 @@ class Flusher:
         self._interval = interval_s
         self._max_backoff = max_backoff_s
         self._writer = writer
+        self.after_write = after_write  # told what each committed batch wrote (link events)
+        # Awaited before a batch is written (link events wait for the task write they name).
+        self.gate: Callable[[list[SpoolEntry]], Awaitable[None]] | None = None
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._urgent = asyncio.Event()
@@ -188,6 +203,11 @@ class Flusher:
         self._wake.set()
         if rows >= self._batch_size:
             self._full.set()
+
+    def kick(self) -> None:
+        """Flush what is spooled without waiting for the batch to fill (link events are live)."""
+        self._wake.set()
+        self._full.set()
 
     def start(self) -> None:
         if self._spool.rows:
@@ -234,6 +254,8 @@ class Flusher:
                 batch = await self._spool.read_batch(self._batch_size)
                 if not batch:
                     break
+                if self.gate is not None:
+                    await self.gate(batch)
                 try:
                     await self._flush_batch(batch)
                 except StorageUnavailable as exc:
@@ -252,23 +274,33 @@ class Flusher:
 
     async def _flush_batch(self, batch: list[SpoolEntry]) -> None:
         try:
-            await self._db.run(lambda conn: self._writer(conn, batch), what="flushing the spool")
+            written = await self._db.run(lambda conn: self._writer(conn, batch), what="flushing the spool")
         except asyncpg.PostgresError as exc:
             log.error(
                 "Postgres rejected a spool batch of %d rows (%s); isolating the bad rows", len(batch), exc
             )
             await self._isolate(batch)
             return
+        self._written(written)
         await self._spool.ack(batch)
 
-    async def _write_one(self, entry: SpoolEntry, conn: asyncpg.Connection) -> None:
-        await self._writer(conn, [entry])
+    def _written(self, written: Any) -> None:
+        if self.after_write is not None and written:
+            try:
+                self.after_write(written)
+            except Exception:
+                log.exception("announcing a flushed batch failed (the rows are stored)")
+
+    async def _write_one(self, entry: SpoolEntry, conn: asyncpg.Connection) -> Any:
+        return await self._writer(conn, [entry])
 
     async def _isolate(self, batch: list[SpoolEntry]) -> None:
         """Write rows one by one; the ones Postgres refuses go to the spool's dead table, loudly."""
         for entry in batch:
             try:
-                await self._db.run(functools.partial(self._write_one, entry), what="flushing one spool row")
+                written = await self._db.run(
+                    functools.partial(self._write_one, entry), what="flushing one spool row"
+                )
             except asyncpg.PostgresError as exc:
                 log.error(
                     "DEAD ROW: Postgres refuses spool row seq=%d kind=%s (%s: %s); kept in %s table 'dead'",
@@ -280,6 +312,7 @@ class Flusher:
                 )
                 await self._spool.quarantine([entry], f"{type(exc).__name__}: {exc}")
                 continue
+            self._written(written)
             await self._spool.ack([entry])
 
     def _record_failure(self, message: str) -> None:

@@ -153,7 +153,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             Field(
                 max_length=100,
                 description="A link group you are in: add its notes, in-progress tasks and recent "
-                "messages to the prompt (within a budget; the result says what was included).",
+                "messages to the prompt (within a budget; the result says what was included). "
+                "Omitted: the groups you opted into (link_join chat_context=true); '' for none.",
             ),
         ] = None,
     ) -> dict[str, Any]:
@@ -198,13 +199,11 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         if disclosed.block:
             extras.append(Block("files", disclosed.block, stored=True))
         # Linked sessions: the group's notes, in-progress tasks and recent messages, this call only.
-        group_context: dict[str, Any] | None = None
-        if include_group_context:
-            block, group_context = await runtime.links.group_context(
-                include_group_context, session_id, budget_chars=GROUP_CONTEXT_CHARS
-            )
-            if block:
-                extras.append(Block("group", block))
+        # None: the groups this member opted into (link_join chat_context); "": none this call.
+        group_blocks, group_context = await runtime.links.chat_context(
+            include_group_context, session_id, budget_chars=GROUP_CONTEXT_CHARS
+        )
+        extras.extend(Block("group", block) for block in group_blocks)
         consultation = await consult(
             ctx,
             runtime,

@@ -1,6 +1,7 @@
 """Link tools and resources: sessions that choose to work together in a named group.
 
-Tools: link_join, link_leave (with a handoff note), link_status (members, clients, active or
+Tools: link_join (chat_context opts chat into the group's context), link_handoff (the note left
+when the session ends or leaves), link_leave (with a handoff note), link_status (members, clients, active or
 parked, last seen, in-progress tasks, reservations), link_send, link_inbox (unread first,
 acknowledge), link_reserve / link_release (advisory file reservations with a TTL).
 Resources: `exai://link/{group}/inbox` (this session's unread events, not acknowledged) and
@@ -22,6 +23,8 @@ from common.errors import InvalidArgument, MessageTooLarge
 from instance.links import Links, group_scope_id
 from instance.runtime import Runtime
 from instance.tools import exai_tool, headers_of
+
+LEAVE_DRAIN_SECONDS = 5.0  # link_leave waits this long for the session's spooled events first
 
 Group = Annotated[
     str, Field(min_length=1, max_length=100, description="The link group's name, e.g. the project's.")
@@ -47,6 +50,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
                 "head": int(head or 0),
                 "cursor": int(me["read_upto"]),
                 "unread": int(unread or 0),
+                "chat_context": bool(me["chat_context"]),
+                "handoff": me["handoff"],
             }
 
         state = await links.run(read, what=f"reading link group {group!r}")
@@ -68,20 +73,64 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
             "group tasks and notes, and file reservations with the other sessions in it."
         ),
     )
-    async def link_join(group: Group, ctx: Context) -> dict[str, Any]:
+    async def link_join(
+        group: Group,
+        ctx: Context,
+        chat_context: Annotated[
+            bool | None,
+            Field(
+                description="True: your chat calls include this group's context by default "
+                "(chat's include_group_context still overrides per call). Omit to keep as is."
+            ),
+        ] = None,
+    ) -> dict[str, Any]:
         db.check_group(group)
         session, principal, client, crosses = links.caller(headers_of(ctx))
 
-        async def join(conn: asyncpg.Connection) -> tuple[bool, db.LinkEvent | None, list[str]]:
-            joined, event = await db.join(
-                conn, group, session, principal=principal, client=client, admin=crosses
-            )
-            return joined, event, [m["session"] for m in await db.members(conn, group)]
+        async def join(
+            conn: asyncpg.Connection,
+        ) -> tuple[bool, db.LinkEvent | None, list[str], dict[str, Any], list[str]]:
+            async with conn.transaction():
+                joined, event = await db.join(
+                    conn, group, session, principal=principal, client=client, admin=crosses
+                )
+                prefs = await db.set_prefs(conn, group, session, chat_context=chat_context)
+            members = [m["session"] for m in await db.members(conn, group)]
+            return joined, event, members, prefs, await db.chat_groups(conn, session)
 
-        joined, event, sessions = await links.run(join, what=f"joining link group {group!r}", write=True)
+        joined, event, sessions, prefs, chat_groups = await links.run(
+            join, what=f"joining link group {group!r}", write=True
+        )
+        links.remember_members(group, sessions)
+        links.remember_chat_groups(session, chat_groups)
         if event is not None:
             links.announce(event, sessions)
-        return {"status": "success", "group": group, "joined": joined, "inbox": db.inbox_uri(group)}
+        return {
+            "status": "success",
+            "group": group,
+            "joined": joined,
+            "inbox": db.inbox_uri(group),
+            "chat_context": prefs["chat_context"],
+        }
+
+    @exai_tool(
+        mcp,
+        runtime,
+        description=(
+            "Set the handoff note this session leaves for the others in a link group when it ends "
+            "or leaves (the automatic handoff adds its in-progress tasks and released reservations); "
+            "'' clears it."
+        ),
+    )
+    async def link_handoff(group: Group, note: str, ctx: Context) -> dict[str, Any]:
+        _check_body(runtime, note)
+        session = runtime.session_for(headers_of(ctx))
+        prefs = await links.run(
+            lambda conn: db.set_prefs(conn, group, session, handoff=note),
+            what=f"setting the handoff note in link group {group!r}",
+            write=True,
+        )
+        return {"status": "success", "group": group, **prefs}
 
     @exai_tool(
         mcp, runtime, description="Leave a link group, optionally leaving a handoff note for the others."
@@ -93,12 +142,24 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
     ) -> dict[str, Any]:
         session = runtime.session_for(headers_of(ctx))
         _check_body(runtime, handoff or "")
+        storage = runtime.require_storage()
+        if storage.spool.rows:  # this session's last events go in before its leave
+            await storage.flusher.flush(LEAVE_DRAIN_SECONDS)
 
         async def leave(conn: asyncpg.Connection) -> tuple[db.LinkEvent | None, list[str]]:
-            event = await db.leave(conn, group, session, handoff=handoff)
+            async with conn.transaction():
+                note = handoff
+                if note is None:  # the note set with link_handoff, if any
+                    note = await conn.fetchval(
+                        "SELECT handoff FROM link_members WHERE group_name = $1 AND session_id = $2",
+                        group, session,
+                    )  # fmt: skip
+                event = await db.leave(conn, group, session, handoff=note)
             return event, [m["session"] for m in await db.members(conn, group)]
 
         event, sessions = await links.run(leave, what=f"leaving link group {group!r}", write=True)
+        links.remember_members(group, sessions)
+        links.forget_chat_groups(session)
         if event is not None:
             links.announce(event, sessions)
         return {"status": "success", "group": group, "left": event is not None}
@@ -140,7 +201,9 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
         event = await links.emit(
             group, "message", session, recipient=recipient, subject=subject, thread=thread, body=body
         )
-        return {"status": "success", "group": group, "id": event.id, "to": recipient or "all"}
+        # The group id is given when the event reaches Postgres (a moment later, in order);
+        # `event` is its uuid, which link_inbox shows the others as "uuid".
+        return {"status": "success", "group": group, "event": event, "to": recipient or "all"}
 
     @exai_tool(
         mcp,

@@ -9,6 +9,9 @@ change is a group event, and optimistic locking works as for any task).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -17,7 +20,10 @@ from pydantic import Field
 from common.errors import InvalidArgument
 from instance.resources import tasks_changed
 from instance.runtime import Runtime
+from instance.storage.validation import new_id
 from instance.tools import exai_tool, headers_of
+
+log = logging.getLogger(__name__)
 
 TaskState = Literal["NOT_STARTED", "IN_PROGRESS", "CANCELLED", "COMPLETE"]
 GroupName = Annotated[
@@ -35,10 +41,28 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             return str(await runtime.links.require_member(group, session(ctx)))
         return session(ctx)
 
-    async def group_event(ctx: Context, group: str | None, task: Any) -> None:
-        if group:
-            data = {"task_id": task.id, "name": task.name, "state": task.state, "version": task.version}
-            await runtime.links.emit(group, "task", session(ctx), data=data)
+    async def with_group_event(
+        ctx: Context, group: str | None, write: Callable[[str | None], Awaitable[Any]]
+    ) -> Any:
+        """Run a task write; for a group task, spool its group event at the same time.
+
+        The event names the write's audit row (task_events id); it is spooled while Postgres
+        runs the write, so it costs the call next to nothing, and the flusher stores it only if
+        that row exists (a refused write leaves no event). See Links.emit_task_event.
+        """
+        if not group:
+            return await write(None)
+        event_id = new_id()
+        runtime.links.expect(event_id)
+        spooled = asyncio.ensure_future(runtime.links.emit_task_event(group, session(ctx), event_id))
+        try:
+            return await write(event_id)
+        finally:
+            runtime.links.settled(event_id)
+            try:
+                await spooled
+            except Exception as exc:  # the task write stands; only its group event is missing
+                log.warning("the group event of a task write in %r was not spooled: %s", group, exc)
 
     @exai_tool(mcp, runtime, description="Create a task (session-scoped, or scope='global' to share it).")
     async def task_create(
@@ -57,19 +81,24 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         if scope == "group" and not group:
             raise InvalidArgument("scope='group' needs group", hint="Pass the link group's name.")
         group = group if scope == "group" else None
-        task = await storage.tasks.create(
-            session_id=None if scope == "global" else await scope_of(ctx, group),
-            name=name,
-            description=description,
-            parent_task_id=parent_task_id,
-            metadata=metadata or {},
-            state=state,
-            principal=runtime.principal_for(headers_of(ctx)),
-            owner=runtime.owner_for(headers_of(ctx)),
+        scope_id = None if scope == "global" else await scope_of(ctx, group)
+        task = await with_group_event(
+            ctx,
+            group,
+            lambda event_id: storage.tasks.create(
+                session_id=scope_id,
+                name=name,
+                description=description,
+                parent_task_id=parent_task_id,
+                metadata=metadata or {},
+                state=state,
+                principal=runtime.principal_for(headers_of(ctx)),
+                owner=runtime.owner_for(headers_of(ctx)),
+                event_id=event_id,
+            ),
         )
         if task.session_id and not group:
             tasks_changed(runtime, task.session_id)
-        await group_event(ctx, group, task)
         return {"status": "success", "task": task.to_dict()}
 
     @exai_tool(
@@ -97,21 +126,26 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         extra: dict[str, Any] = {}
         if parent_task_id is not None:  # omitted: unchanged; "": detach from the parent
             extra["parent_task_id"] = parent_task_id or None
-        task = await storage.tasks.update(
-            task_id,
-            expected_version=expected_version,
-            session_id=await scope_of(ctx, group),
-            state=state,
-            name=name,
-            description=description,
-            metadata=metadata,
-            reopen=reopen,
-            owner=runtime.owner_for(headers_of(ctx)),
-            **extra,
+        scope_id = await scope_of(ctx, group)
+        task = await with_group_event(
+            ctx,
+            group,
+            lambda event_id: storage.tasks.update(
+                task_id,
+                expected_version=expected_version,
+                session_id=scope_id,
+                state=state,
+                name=name,
+                description=description,
+                metadata=metadata,
+                reopen=reopen,
+                owner=runtime.owner_for(headers_of(ctx)),
+                event_id=event_id,
+                **extra,
+            ),
         )
         if task.session_id and not group:
             tasks_changed(runtime, task.session_id)
-        await group_event(ctx, group, task)
         return {"status": "success", "task": task.to_dict()}
 
     @exai_tool(

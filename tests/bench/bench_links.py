@@ -1,20 +1,26 @@
-"""Linked sessions: delivery latency A -> B, catch-up of missed events, the sender's cost.
+"""Linked sessions through a real fleet: the sender's cost, delivery latency A -> B, catch-up.
 
-    python tests/bench/bench_links.py [--messages 500] [--backlog 10000]
+    python tests/bench/bench_links.py [--calls 300] [--messages 300] [--backlog 10000]
 
-Uses the code the link tools run (common/links.py on Postgres, common/notifications.EventLog on
-Redis) in this process, against EXAI_TEST_DATABASE_URL (a fresh database, dropped afterwards)
-and EXAI_TEST_REDIS_URL (a fresh key prefix). Measured:
+Starts a fleet under real supervisord (tests/fleet.py: router + 2 instances) on a fresh database
+(EXAI_TEST_DATABASE_URL, dropped afterwards) and EXAI_TEST_REDIS_URL (a fresh key prefix), with
+real MCP clients through the router. Measured:
 
-1. latency: A's event stored and published (the instance's sender task appends it to B's
-   notification log, which publishes the wake-up) -> B's subscriber on its session channel has
-   it: the pub/sub hop the router's stream hub rides on; and the whole path from the start of
-   A's store (Postgres transaction included);
-2. catch-up: B missed `--backlog` events; time for B to read and acknowledge all of them
-   (link_inbox's queries, pages of 1000);
-3. sender's cost: what a group event adds to A's tool call: the Postgres transaction that stores
-   it (the notification itself is only queued on the call's path, measured separately).
+1. the sender's cost: what a group event adds to the tool call that makes it. Side by side, in
+   the same rounds: `task_create(scope="group")` vs the same call session-scoped, and
+   `link_send` vs `version` (a no-op tool). Both as the instance timed the tool itself (the
+   `duration_ms` it records for every call, read from Postgres afterwards: no HTTP noise) and
+   as the client saw it. The cost is the difference of the p50s. For contrast: what the old
+   synchronous path cost (one Postgres transaction per event, common/links.append);
+2. delivery latency: A calls link_send -> B's client has the `notifications/resources/updated`
+   for the group's inbox (spool fsync, flusher's Postgres commit with the group id, the
+   member's notification log in Redis, the router-held stream, SSE to B); also the part of it
+   after A's call answered (the client's own round trip through the router is the rest), and
+   the instances' own mean of call -> notification queued;
+3. catch-up: B missed `--backlog` events (written straight into Postgres, not measured); time
+   for B to read and acknowledge them all with link_inbox(limit=1000) through the router.
 
+Targets: sender <= 0.2 ms, delivery p50 <= 5 ms, catch-up of 10,000 events <= 1 s.
 Prints a table and saves JSON to tests/bench/results/links-<timestamp>.json.
 """
 
@@ -27,11 +33,13 @@ import os
 import secrets
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import mcp_types
 import redis.asyncio as aioredis
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,10 +48,9 @@ sys.path.insert(0, str(ROOT))
 from common import links as db  # noqa: E402
 from common.keys import Keys  # noqa: E402
 from common.migrate import migrate  # noqa: E402
-from common.notifications import EventLog, notification  # noqa: E402
-from instance.notify import Notifier  # noqa: E402
-
-UPDATED = "notifications/resources/updated"
+from instance.storage.spool import Spool  # noqa: E402
+from tests.fleet import Fleet  # noqa: E402
+from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client, status_of  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:
@@ -54,89 +61,176 @@ def pct(values: list[float], p: float) -> float:
 def summary(ms: list[float]) -> dict[str, float]:
     return {
         "n": len(ms),
-        "p50_ms": round(pct(ms, 50), 3),
+        "p50_ms": round(statistics.median(ms), 3),
         "p99_ms": round(pct(ms, 99), 3),
         "mean_ms": round(statistics.fmean(ms), 3),
     }
 
 
-async def bench(dsn: str, redis_url: str, messages: int, backlog: int) -> dict[str, Any]:
-    conn = await asyncpg.connect(dsn)
-    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    keys = Keys(f"bench-links-{secrets.token_hex(4)}")
-    log = EventLog(redis, keys, maxlen=10_000, ttl=600)
-    notifier = Notifier(log, buffer=10_000)
-    a, b, group = "session-a", "session-b", "bench"
-    results: dict[str, Any] = {"messages": messages, "backlog": backlog}
-    try:
-        await db.join(conn, group, a, principal="p", client="a")
-        await db.join(conn, group, b, principal="p", client="b")
-        pubsub = redis.pubsub()
-        await pubsub.subscribe(keys.session_channel(b))
-        await pubsub.get_message(timeout=1.0)  # the subscribe confirmation
-        hop, whole, store, queue = [], [], [], []
-        async with notifier.running():
-            for i in range(messages):
-                t0 = time.perf_counter()
-                event = await db.append(conn, group, "message", sender=a, body=f"m{i}")
-                t1 = time.perf_counter()
-                notifier.publish(b, UPDATED, {"uri": db.inbox_uri(group)})
-                t2 = time.perf_counter()
-                while True:
-                    got = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                    if got is not None:
-                        break
-                t3 = time.perf_counter()
-                assert event.id > 0
-                store.append((t1 - t0) * 1000)
-                queue.append((t2 - t1) * 1000)
-                hop.append((t3 - t2) * 1000)
-                whole.append((t3 - t0) * 1000)
-        await pubsub.aclose()
-        results["latency_pubsub"] = summary(hop)
-        results["latency_store_to_b"] = summary(whole)
-        results["sender_store"] = summary(store)
-        results["sender_queue_notification"] = summary(queue)
-        await db.ack(conn, group, b, 10**9)
+async def call(client: Any, tool: str, args: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    t0 = time.perf_counter()
+    result = await client.call_tool(tool, args)
+    ms = (time.perf_counter() - t0) * 1000
+    assert not result.is_error, result
+    return dict(result.structured_content), ms
 
-        # B misses `backlog` events (written in one statement: the set-up is not measured).
-        head = await conn.fetchval("SELECT seq FROM link_groups WHERE name = $1", group)
-        await conn.execute(
-            "INSERT INTO link_events (group_name, id, kind, sender, body) "
-            "SELECT $1, $2 + g, 'message', $3, 'backlog ' || g FROM generate_series(1, $4) g",
-            group, head, a, backlog,
-        )  # fmt: skip
-        await conn.execute("UPDATE link_groups SET seq = seq + $2 WHERE name = $1", group, backlog)
+
+async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int) -> dict[str, Any]:
+    group = "bench"
+    inbox = db.inbox_uri(group)
+    results: dict[str, Any] = {"calls": calls, "messages": messages, "backlog": backlog}
+    arrived = asyncio.Event()
+    arrived_at = [0.0]
+
+    async def on_b(message: Any) -> None:
+        if isinstance(message, mcp_types.ResourceUpdatedNotification) and str(message.params.uri) == inbox:
+            arrived_at[0] = time.perf_counter()
+            arrived.set()
+
+    await fleet.wait_instances(2)
+    async with (
+        mcp_client(fleet.mcp_url, "legacy", name="bench-a") as a,
+        mcp_client(fleet.mcp_url, "legacy", name="bench-c") as c,
+        mcp_client(fleet.mcp_url, "legacy", name="bench-b", message_handler=on_b) as b,
+    ):
+        a_sid, c_sid = (await status_of(a))["session"], (await status_of(c))["session"]
+        for client in (a, c, b):
+            await call(client, "link_join", {"group": group})
+        for _ in range(20):  # warm up every path (pools, caches, the flusher)
+            await call(a, "link_send", {"group": group, "body": "warm"})
+            await call(c, "task_create", {"name": "warm"})
+            await call(a, "task_create", {"name": "warm", "scope": "group", "group": group})
+        seen: dict[str, list[float]] = {k: [] for k in ("group_task", "session_task", "link_send", "noop")}
+        for i in range(calls):  # interleaved, so both sides see the same machine load
+            seen["group_task"].append(
+                (await call(a, "task_create", {"name": f"g{i}", "scope": "group", "group": group}))[1]
+            )
+            seen["session_task"].append((await call(c, "task_create", {"name": f"s{i}"}))[1])
+            seen["link_send"].append((await call(a, "link_send", {"group": group, "body": f"m{i}"}))[1])
+            seen["noop"].append((await call(a, "version", {}))[1])
+        results["client_ms"] = {k: summary(v) for k, v in seen.items()}
+
+        # Delivery: one message at a time, A's call start -> B's client has the notification.
+        await call(b, "link_inbox", {"group": group, "limit": 1000})
+        await asyncio.sleep(1.0)
+        lat: list[float] = []
+        after_answer: list[float] = []
+        for i in range(messages):
+            arrived.clear()
+            t0 = time.perf_counter()
+            await call(a, "link_send", {"group": group, "body": f"d{i}", "to": None})
+            answered = time.perf_counter()
+            await asyncio.wait_for(arrived.wait(), 10)
+            lat.append((arrived_at[0] - t0) * 1000)
+            after_answer.append((arrived_at[0] - answered) * 1000)  # < 0: B heard before A's answer
+        results["delivery"] = summary(lat)
+        results["delivery_after_answer"] = summary(after_answer)
+        redis = aioredis.Redis.from_url(fleet.settings.redis_url or "", decode_responses=True)
+        try:  # the instances' own count: the sender's call -> the members' notification queued
+            stats = await redis.hgetall(fleet.keys.link_stats())  # type: ignore[misc]
+        finally:
+            await redis.aclose()
+        count = float(stats.get("publish_lag_count", 0) or 0)
+        results["publish_lag_mean_ms"] = (
+            round(float(stats.get("publish_lag_seconds_sum", 0)) / count * 1000, 3) if count else None
+        )
+        while (await call(b, "link_inbox", {"group": group, "limit": 1000}))[0]["more"]:
+            pass
+
+        # Catch-up: B misses `backlog` events.
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction():
+                head = await conn.fetchval("SELECT seq FROM link_groups WHERE name = $1 FOR UPDATE", group)
+                await conn.execute(
+                    "INSERT INTO link_events (group_name, id, kind, sender, body) "
+                    "SELECT $1, $2 + g, 'message', $3, 'backlog ' || g FROM generate_series(1, $4) g",
+                    group, head, a_sid, backlog,
+                )  # fmt: skip
+                await conn.execute("UPDATE link_groups SET seq = seq + $2 WHERE name = $1", group, backlog)
+        finally:
+            await conn.close()
         t0 = time.perf_counter()
-        seen = 0
+        got = 0
         last = 0
         while True:
-            page = await db.unread(conn, group, b, limit=1000)
-            if not page:
+            page, _ = await call(b, "link_inbox", {"group": group, "limit": 1000})
+            for e in page["events"]:
+                assert e["id"] > last
+                last = e["id"]
+            got += page["count"]
+            if not page["more"]:
                 break
-            assert page[0].id > last
-            last = page[-1].id
-            seen += len(page)
-            await db.ack(conn, group, b, last)
         seconds = time.perf_counter() - t0
-        assert seen == backlog, (seen, backlog)
+        assert got == backlog, (got, backlog)
         results["catchup"] = {
-            "events": seen,
+            "events": got,
             "seconds": round(seconds, 3),
-            "events_per_second": round(seen / seconds),
+            "events_per_second": round(got / seconds),
         }
-        _ = notification  # the notification shape is the one instances publish
+
+    # The tools' own durations as the instances recorded them (write-behind: wait for the rows).
+    await asyncio.sleep(2.0)
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT session_id, tool_name, duration_ms FROM tool_calls "
+            "WHERE tool_name IN ('task_create', 'link_send', 'version') AND status = 'success'"
+        )
+        server: dict[str, list[float]] = {k: [] for k in seen}
+        for r in rows:
+            name, sid = r["tool_name"], r["session_id"]
+            key = {
+                ("task_create", a_sid): "group_task",
+                ("task_create", c_sid): "session_task",
+                ("link_send", a_sid): "link_send",
+                ("version", a_sid): "noop",
+            }.get((name, sid))
+            if key is not None:
+                server[key].append(float(r["duration_ms"]))
+        # The old synchronous path, for contrast: one Postgres transaction per event.
+        sync: list[float] = []
+        for i in range(calls):
+            t0 = time.perf_counter()
+            await db.append(conn, group, "message", sender=a_sid, body=f"sync {i}")
+            sync.append((time.perf_counter() - t0) * 1000)
     finally:
         await conn.close()
-        async for key in redis.scan_iter(keys.pattern()):
-            await redis.delete(key)
-        await redis.aclose()
+    results["server_ms"] = {k: summary(v) for k, v in server.items() if v}
+    results["spool_append_floor"] = await spool_floor(calls)
+    results["old_sync_store"] = summary(sync)
+    for side in ("server_ms", "client_ms"):
+        r = results[side]
+        results[f"sender_cost_{side}"] = {
+            "group_task_minus_session_task_p50": round(
+                r["group_task"]["p50_ms"] - r["session_task"]["p50_ms"], 3
+            ),
+            "link_send_minus_noop_p50": round(r["link_send"]["p50_ms"] - r["noop"]["p50_ms"], 3),
+        }
     return results
+
+
+async def spool_floor(n: int) -> dict[str, float]:
+    """What one durable spool append (one fsync, this disk, this load) costs on its own: the
+    floor under a link_send that answers only once its event is durable."""
+    with tempfile.TemporaryDirectory(prefix="bench-links-spool-") as tmp:
+        spool = Spool(Path(tmp), max_bytes=1 << 30)
+        await spool.open()
+        try:
+            ms = []
+            for i in range(n):
+                t0 = time.perf_counter()
+                await spool.append("link_event", {"uuid": str(i), "body": f"m{i}"}, urgent=True)
+                ms.append((time.perf_counter() - t0) * 1000)
+        finally:
+            await spool.close()
+    return summary(ms)
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--messages", type=int, default=500)
+    ap.add_argument("--calls", type=int, default=300, help="rounds of the four sender calls")
+    ap.add_argument("--messages", type=int, default=300, help="messages timed A -> B")
     ap.add_argument("--backlog", type=int, default=10_000)
     args = ap.parse_args()
     admin_dsn = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -145,16 +239,53 @@ async def main() -> None:
     admin = await asyncpg.connect(admin_dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
     dsn = admin_dsn.rsplit("/", 1)[0] + "/" + name
+    prefix = f"bench-links-{secrets.token_hex(4)}"
     try:
         await migrate(dsn)
-        results = await bench(dsn, redis_url, args.messages, args.backlog)
+        with tempfile.TemporaryDirectory(prefix="bench-links-") as tmp:
+            fleet = Fleet(
+                Path(tmp),
+                database_url=dsn,
+                redis_url=redis_url,
+                redis_prefix=prefix,
+                instances=2,
+                max_instances=2,
+                overrides={**ROUTER_TEST_SETTINGS, "log_level": "WARNING"},
+            )
+            await asyncio.to_thread(fleet.start)
+            try:
+                results = await bench(fleet, dsn, args.calls, args.messages, args.backlog)
+            finally:
+                await asyncio.to_thread(fleet.stop)
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
-    print(f"{'measure':34} {'p50 ms':>9} {'p99 ms':>9}")
-    for key in ("latency_pubsub", "latency_store_to_b", "sender_store", "sender_queue_notification"):
+        redis = aioredis.Redis.from_url(redis_url)
+        async for key in redis.scan_iter(Keys(prefix).pattern()):
+            await redis.delete(key)
+        await redis.aclose()
+    print(f"{'measure':44} {'p50 ms':>9} {'p99 ms':>9} {'n':>6}")
+    for side in ("server_ms", "client_ms"):
+        for key, r in results[side].items():
+            print(
+                f"{side.removesuffix('_ms') + ' ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}"
+            )
+    for label, key in (
+        ("delivery A -> B (notification)", "delivery"),
+        ("  of it after A's call answered", "delivery_after_answer"),
+        ("old sync store (contrast)", "old_sync_store"),
+        ("spool append alone (fsync floor)", "spool_append_floor"),
+    ):
         r = results[key]
-        print(f"{key:34} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f}")
+        print(f"{label:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
+    for side in ("server_ms", "client_ms"):
+        cost = results[f"sender_cost_{side}"]
+        group_cost, send_cost = cost["group_task_minus_session_task_p50"], cost["link_send_minus_noop_p50"]
+        print(
+            f"sender cost ({side.removesuffix('_ms')}, p50 diff): group task {group_cost:+.3f} ms,"
+            f" link_send vs no-op {send_cost:+.3f} ms"
+        )
+    print(f"write-behind lag (call -> notification queued, mean): {results['publish_lag_mean_ms']} ms")
     c = results["catchup"]
     print(f"catch-up of {c['events']} events: {c['seconds']:.3f} s ({c['events_per_second']}/s)")
     out = ROOT / "tests" / "bench" / "results"

@@ -78,3 +78,69 @@ async def test_concurrent_senders_get_gapless_ids_and_cursors_read_each_once(pg_
             await db.reserve(conn, "store", "s-b", ["src/x.py"], ttl=60, exclusive=True)
     finally:
         await pool.close()
+
+
+async def test_spooled_events_get_gapless_ids_once_and_a_replay_takes_none(pg_dsn: str) -> None:
+    """What the flusher does with spooled link events: ids in spool order, per group, and a
+    batch replayed after a crash (committed, not yet acknowledged in the spool) changes nothing."""
+    import time
+    import uuid
+
+    await migrate(pg_dsn)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await db.join(conn, "spooled-a", "s-1", principal="p", client="one")
+        await db.join(conn, "spooled-b", "s-1", principal="p", client="one")
+        await db.join(conn, "spooled-b", "s-2", principal="p", client="two")
+
+        def event(group: str, body: str, **extra: object) -> dict[str, object]:
+            return {"uuid": str(uuid.uuid4()), "group": group, "kind": "message", "sender": "s-1",
+                    "body": body, "created_at": time.time(), **extra}  # fmt: skip
+
+        batch = [event("spooled-b", "b1"), event("spooled-a", "a1"), event("spooled-b", "b2")]
+        batch.append(event("gone", "to a deleted group"))
+        batch.append(event("spooled-b", "refused task write", kind="task", task_event=str(uuid.uuid4())))
+        async with conn.transaction():
+            stored = await db.store_spooled(conn, batch)
+        assert [(e.group, e.id, e.body) for e, _ in stored] == [
+            ("spooled-a", 2, "a1"), ("spooled-b", 3, "b1"), ("spooled-b", 4, "b2"),
+        ]  # fmt: skip
+        assert sorted(stored[1][1]) == ["s-1", "s-2"]  # the members, for the notifications
+        assert stored[1][0].uuid == batch[0]["uuid"]
+        async with conn.transaction():
+            assert await db.store_spooled(conn, [*batch, event("spooled-b", "b3")]) != []
+        rows = await conn.fetch("SELECT id, body FROM link_events WHERE group_name = 'spooled-b' ORDER BY id")
+        assert [(r["id"], r["body"]) for r in rows] == [(1, ""), (2, ""), (3, "b1"), (4, "b2"), (5, "b3")]
+        assert await conn.fetchval("SELECT seq FROM link_groups WHERE name = 'spooled-b'") == 5
+    finally:
+        await conn.close()
+
+
+async def test_flushers_of_several_instances_interleave_into_gapless_ids(pg_dsn: str) -> None:
+    import time
+    import uuid
+
+    await migrate(pg_dsn)
+    pool = await asyncpg.create_pool(pg_dsn, min_size=4, max_size=4)
+    try:
+        async with pool.acquire() as conn:
+            await db.join(conn, "flushers", "s-x", principal="p", client="x")
+
+        async def flush(instance: int) -> list[int]:
+            ids: list[int] = []
+            for b in range(10):
+                batch = [
+                    {"uuid": str(uuid.uuid4()), "group": "flushers", "kind": "message", "sender": "s-x",
+                     "body": f"{instance}-{b}-{i}", "created_at": time.time()}
+                    for i in range(5)
+                ]  # fmt: skip
+                async with pool.acquire() as conn, conn.transaction():
+                    ids += [e.id for e, _ in await db.store_spooled(conn, batch)]
+            return ids
+
+        per_instance = await asyncio.gather(*(flush(n) for n in range(4)))
+        for ids in per_instance:
+            assert ids == sorted(ids)  # each instance's events keep their spool order
+        assert sorted(i for ids in per_instance for i in ids) == list(range(2, 202))
+    finally:
+        await pool.close()

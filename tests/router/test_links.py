@@ -122,8 +122,8 @@ async def test_two_eras_share_tasks_notes_messages_and_reservations(
         box = await call(b, "link_inbox", {"group": group})
         assert [e["kind"] for e in box["events"]] == ["task", "note", "message", "reserve"]
         message = box["events"][2]
-        assert (message["id"], message["from"], message["body"], message["subject"]) == (
-            sent["id"], a_sid, "I take the parser", "split",
+        assert (message["uuid"], message["from"], message["body"], message["subject"]) == (
+            sent["event"], a_sid, "I take the parser", "split",
         )  # fmt: skip
         assert (await call(b, "link_inbox", {"group": group}))["events"] == []
         refused_to = await error_of(b, "link_send", {"group": group, "body": "psst", "to": "nobody"})
@@ -240,13 +240,102 @@ async def test_200_messages_arrive_in_order_once_across_an_instance_kill(fleet: 
                 await asyncio.to_thread(fleet.kill_instance, b_instance)
             if i == 120:
                 await read_some()
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(60):  # the last sends reach Postgres a moment after they answered
             while len(received) < 200:
-                before = len(received)
                 await read_some()
-                if len(received) == before:
-                    break
+                await asyncio.sleep(0.05)
         bodies = [e["body"] for e in received]
         assert bodies == [f"m{i}" for i in range(200)]
         ids = [e["id"] for e in received]
         assert ids == sorted(set(ids))
+
+
+async def test_an_ended_session_hands_off_and_opted_in_chats_carry_the_group(
+    fleet: Fleet, provider: FakeProvider
+) -> None:
+    group = "relay"
+    inbox = f"exai://link/{group}/inbox"
+    b_updates: list[str] = []
+
+    async def on_b(message: Any) -> None:
+        if isinstance(message, mcp_types.ResourceUpdatedNotification):
+            b_updates.append(str(message.params.uri))
+
+    async with mcp_client(fleet.mcp_url, "legacy", name="agent-b", token=ALICE, message_handler=on_b) as b:
+        joined = await call(b, "link_join", {"group": group, "chat_context": True})
+        assert joined["chat_context"] is True
+        async with mcp_client(fleet.mcp_url, "legacy", name="agent-a", token=ALICE) as a:
+            a_sid = (await status_of(a))["session"]
+            await call(a, "link_join", {"group": group})
+            assert (await call(a, "link_handoff", {"group": group, "note": "lexer half done"}))[
+                "handoff"
+            ] == "lexer half done"
+            task = (await call(a, "task_create", {"name": "write the lexer", "state": "IN_PROGRESS"}))["task"]
+            await call(a, "link_reserve", {"group": group, "paths": ["lib/**"], "ttl": 600})
+            review = (await call(a, "task_create", {"name": "review", "scope": "group", "group": group}))[
+                "task"
+            ]
+            stale = {"task_id": review["id"], "expected_version": 7, "name": "x", "group": group}
+            assert "version_conflict" in await error_of(a, "task_update", stale)  # refused: no event
+            blank = {"name": "   ", "scope": "group", "group": group}  # refused before any I/O
+            assert "invalid_argument" in await error_of(a, "task_create", blank)
+            await call(a, "link_send", {"group": group, "body": "lexer uses regexes"})
+            async with asyncio.timeout(20):
+                while len((await call(b, "link_inbox", {"group": group, "ack": False}))["events"]) < 4:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            unread = (await call(b, "link_inbox", {"group": group, "ack": False}))["events"]
+            assert [e["kind"] for e in unread] == ["join", "reserve", "task", "message"]
+            assert unread[2]["data"] == {
+                "task_id": review["id"],
+                "name": "review",
+                "state": "NOT_STARTED",
+                "version": 1,
+            }
+
+            # Opted in at join: B's chat includes the group without asking per call.
+            answer = await call(b, "chat", {"prompt": "what is going on?"})
+            included = answer["metadata"]["group_context"]
+            assert (included["group"], included["source"], included["messages"]) == (group, "group opt-in", 1)
+            prompt = provider.snapshot()[-1].messages[-1]["content"]
+            assert "lexer uses regexes" in prompt and "write the lexer" in prompt
+            # The per-call argument overrides: '' is none this call.
+            plain = await call(b, "chat", {"prompt": "nothing shared", "include_group_context": ""})
+            assert "group_context" not in plain["metadata"]
+            assert "lexer uses regexes" not in provider.snapshot()[-1].messages[-1]["content"]
+            await call(b, "link_inbox", {"group": group})
+            seen = len(b_updates)
+        # A's client closed its session (DELETE /mcp): A leaves with the automatic handoff.
+        async with asyncio.timeout(20):
+            while True:
+                events = (await call(b, "link_inbox", {"group": group}))["events"]
+                if events:
+                    break
+                await asyncio.sleep(0.1)
+        (leave,) = events
+        assert (leave["kind"], leave["from"], leave["body"]) == ("leave", a_sid, "lexer half done")
+        assert leave["data"]["reason"] == "delete"
+        assert leave["data"]["in_progress"] == [{"task_id": task["id"], "name": "write the lexer"}]
+        assert leave["data"]["released"] == [{"pattern": "lib/**", "exclusive": True}]
+        assert len(b_updates) > seen and b_updates[-1] == inbox  # B was told
+        status = await call(b, "link_status", {"group": group})
+        assert [m["client"] for m in status["members"]] == ["agent-b"] and status["reservations"] == []
+        await call(b, "link_reserve", {"group": group, "paths": ["lib/x.py"]})  # released: free
+        # Opting out later: chats no longer include the group.
+        assert (await call(b, "link_join", {"group": group, "chat_context": False}))["chat_context"] is False
+        after = await call(b, "chat", {"prompt": "and now?"})
+        assert "group_context" not in after["metadata"]
+
+        # The admin ending a session (DELETE /admin/sessions/{id}) hands off the same way.
+        async with mcp_client(fleet.mcp_url, "legacy", name="agent-c", token=ALICE) as c:
+            c_sid = (await status_of(c))["session"]
+            await call(c, "link_join", {"group": group})
+            await call(c, "link_handoff", {"group": group, "note": "nothing started"})
+            await call(b, "link_inbox", {"group": group})  # C's join: read
+            code, _ = await fleet.admin("DELETE", f"/admin/sessions/{c_sid}")
+            assert code == 200
+            async with asyncio.timeout(20):
+                while not (events := (await call(b, "link_inbox", {"group": group}))["events"]):  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+        assert [(e["kind"], e["from"], e["body"], e["data"]["reason"]) for e in events] == [
+            ("leave", c_sid, "nothing started", "admin")
+        ]

@@ -1,0 +1,131 @@
+"""Linked sessions' write-behind path through the router: Postgres cut, sender killed.
+
+A group event is durable in the sender instance's spool when link_send answers; the flusher
+gives it its group id in Postgres later. So link_send works while Postgres is unreachable (a
+TCP proxy in front of this run's database is cut, never the shared server), and an event whose
+sender instance is killed with SIGKILL right after the call still arrives, once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import mcp_types
+import pytest
+
+from tests.fakes.tcp_proxy import TcpProxy
+from tests.fleet import Fleet
+from tests.router.conftest import ROUTER_TEST_SETTINGS, instance_num, mcp_client, status_of
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def pg_proxy(pg_dsn: str) -> Iterator[tuple[TcpProxy, str]]:
+    parts = urlsplit(pg_dsn)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).running() as proxy:
+        netloc = parts.netloc.rsplit("@", 1)
+        auth = netloc[0] + "@" if len(netloc) == 2 else ""
+        yield proxy, urlunsplit(parts._replace(netloc=f"{auth}127.0.0.1:{proxy.port}"))
+
+
+@pytest.fixture
+def fleet(
+    pg_proxy: tuple[TcpProxy, str],
+    redis_url: str,
+    redis_prefix: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Fleet]:
+    fl = Fleet(
+        tmp_path_factory.mktemp("fleet"),
+        database_url=pg_proxy[1],
+        redis_url=redis_url,
+        redis_prefix=f"{redis_prefix}spool{secrets.token_hex(2)}",
+        instances=2,
+        max_instances=2,
+        overrides=ROUTER_TEST_SETTINGS,
+    )
+    try:
+        yield fl.start()
+    finally:
+        fl.stop()
+
+
+async def call(client: Any, tool: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    result = await client.call_tool(tool, args or {})
+    assert not result.is_error, result
+    return dict(result.structured_content)
+
+
+async def test_link_send_while_postgres_is_down_and_the_sender_is_killed(
+    fleet: Fleet, pg_proxy: tuple[TcpProxy, str], pg_dsn: str
+) -> None:
+    proxy, _ = pg_proxy
+    group = "spooled"
+    updates: list[str] = []
+
+    async def on_b(message: Any) -> None:
+        if isinstance(message, mcp_types.ResourceUpdatedNotification):
+            updates.append(str(message.params.uri))
+
+    await fleet.wait_instances(2)
+    async with (
+        mcp_client(fleet.mcp_url, "legacy", name="sender") as a,
+        mcp_client(fleet.mcp_url, "legacy", name="receiver", message_handler=on_b) as b,
+    ):
+        a_instance = instance_num((await status_of(a))["instance_id"])
+        await call(a, "link_join", {"group": group})
+        await call(b, "link_join", {"group": group})
+        await call(b, "link_inbox", {"group": group})  # A's join: read
+
+        proxy.down()
+        try:
+            sent = [
+                (await call(a, "link_send", {"group": group, "body": f"p{i}"}))["event"] for i in range(20)
+            ]
+            # B's catch-up needs Postgres: refused plainly, not answered wrongly.
+            refused = await b.call_tool("link_inbox", {"group": group})
+            assert refused.is_error and "storage_unavailable" in str(refused.content[0].text)  # type: ignore[union-attr]
+            # The sender dies with its 20 events only in its spool.
+            await asyncio.to_thread(fleet.kill_instance, a_instance)
+        finally:
+            proxy.up()
+
+        received: list[dict[str, Any]] = []
+
+        async def read_until(count: int) -> None:
+            async with asyncio.timeout(60):
+                while len(received) < count:
+                    result = await b.call_tool("link_inbox", {"group": group})
+                    if not result.is_error:
+                        received.extend(result.structured_content["events"])  # type: ignore[index]
+                    await asyncio.sleep(0.1)
+
+        await read_until(20)
+        assert [e["body"] for e in received] == [f"p{i}" for i in range(20)]
+        assert [e["uuid"] for e in received] == sent
+        assert [e["id"] for e in received] == list(range(received[0]["id"], received[0]["id"] + 20))
+        async with asyncio.timeout(20):  # B was told (after the restarted instance flushed)
+            while not updates:  # noqa: ASYNC110 - waiting for a server push
+                await asyncio.sleep(0.05)
+
+        # With Postgres up: killed right after the call answered, the event still arrives once.
+        a_instance = instance_num((await status_of(a))["instance_id"])
+        last = (await call(a, "link_send", {"group": group, "body": "last words"}))["event"]
+        await asyncio.to_thread(fleet.kill_instance, a_instance)
+        await read_until(21)
+        assert [(e["uuid"], e["body"]) for e in received[20:]] == [(last, "last words")]
+
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT id, uuid FROM link_events WHERE group_name = $1 AND kind = 'message' ORDER BY id", group
+        )
+    finally:
+        await conn.close()
+    assert [str(r["uuid"]) for r in rows] == [*sent, last]  # each stored once, in order
