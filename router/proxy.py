@@ -47,6 +47,7 @@ from router.metrics import Histogram, Metrics
 from router.registry import Instance, Registry
 from router.security import Guard
 from router.sessions import Call, Session, SessionTable, new_session_id
+from router.upstream import Lost, NotSent, Relay, Response, header_block
 from router.versions import era_of
 
 if TYPE_CHECKING:
@@ -75,12 +76,12 @@ _SILENT_HINT = (
 
 
 def _lost(target: Instance, exc: BaseException, read_timeout: float | None) -> InstanceLost:
-    if isinstance(exc, aiohttp.ServerTimeoutError) and read_timeout:
+    if isinstance(exc, Lost) and exc.silent and read_timeout:
         return InstanceLost(
             f"Instance {target.id} sent nothing for {read_timeout:g}s while handling this request.",
             hint=_SILENT_HINT,
         )
-    why = exc.__class__.__name__
+    why = str(exc) if isinstance(exc, Lost) else exc.__class__.__name__
     return InstanceLost(f"Instance {target.id} stopped answering while handling this request ({why}).")
 
 
@@ -119,6 +120,7 @@ class Proxy:
         self,
         *,
         http: aiohttp.ClientSession,
+        relay: Relay | None = None,
         table: SessionTable,
         registry: Registry,
         leases: Leases,
@@ -130,8 +132,9 @@ class Proxy:
         read_timeout: float = 120.0,
         body_timeout: float = 30.0,
     ) -> None:
-        self.http = http  # calls and control requests
-        self.post_timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=read_timeout)
+        self.http = http  # control requests (DELETE, admin)
+        self.relay = relay if relay is not None else Relay()  # proxied calls (router/upstream.py)
+        self.read_timeout = read_timeout
         self.table = table
         self.registry = registry
         self.leases = leases
@@ -348,6 +351,35 @@ class Proxy:
             return sess
 
     # --- forwarding ------------------------------------------------------------------------
+    def _request_head(
+        self, request: web.Request, sess: Session, target: Instance, body: bytes, opening: bool
+    ) -> bytes:
+        """The request line and headers of a proxied call, as bytes ready to send."""
+        lines = [
+            (k, v)
+            for k, v in request.headers.items()
+            if (low := k.lower()) not in _DROP_REQUEST and not low.startswith("x-exai-")
+        ]
+        lines.append((p.INTERNAL_TOKEN_HEADER, self.internal_token))
+        lines.append((p.SESSION_HEADER, sess.id))
+        lines.append((p.PRINCIPAL_HEADER, sess.principal))
+        lines.append((p.ERA_HEADER, sess.era))
+        lines.append((p.FENCE_HEADER, str(sess.fence)))
+        if sess.client:
+            lines.append((p.CLIENT_HEADER, sess.client))
+        if sess.upstream_sid and not opening:
+            lines.append((p.MCP_SESSION_ID, sess.upstream_sid))
+        try:
+            block = header_block(lines)
+        except ValueError as exc:
+            raise BadRequest(f"Bad Request: {exc}.") from None
+        netloc = target.base_url[7:]  # after "http://"
+        return (
+            f"{request.method} {p.MCP_PATH} HTTP/1.1\r\nHost: {netloc}\r\n".encode()
+            + block
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+
     def _upstream_headers(self, request: web.Request, sess: Session) -> dict[str, str]:
         headers = {
             k: v
@@ -373,8 +405,9 @@ class Proxy:
         *,
         opening: bool = False,
     ) -> web.StreamResponse:
-        # GET streams never come here: router/streams.py serves every GET.
-        client, timeout = self.http, self.post_timeout
+        # GET streams never come here: router/streams.py serves every GET; DELETE neither.
+        relay, read_timeout = self.relay, self.read_timeout
+        body = body or b""
         sess.inflight += 1
         call = _call_of(msg)
         sess.calls[id(call)] = call
@@ -389,19 +422,11 @@ class Proxy:
                 if target is None:
                     await bindings.rebind(sess, generation, "instance gone from registry")
                     continue
-                headers = self._upstream_headers(request, sess)
-                if sess.upstream_sid and not opening:
-                    headers[p.MCP_SESSION_ID] = sess.upstream_sid
+                head = self._request_head(request, sess, target, body, opening)
                 sent = time.perf_counter()
                 try:
-                    upstream = await client.request(
-                        request.method,
-                        target.base_url + p.MCP_PATH,
-                        data=body,
-                        headers=headers,
-                        timeout=timeout,
-                    )
-                except aiohttp.ClientConnectorError as exc:
+                    upstream = await relay.send(target.host, target.port, head, body, read_timeout)
+                except NotSent as exc:
                     # Nothing reached the instance: move the session and send it again.
                     self.metrics.upstream_errors.inc(kind="connect")
                     self.registry.mark_suspect(target)
@@ -411,14 +436,14 @@ class Proxy:
                     else:
                         await bindings.rebind(sess, generation, "connection refused")
                     continue
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                except Lost as exc:
                     # The request went out and the instance vanished: it may have run.
                     self.metrics.upstream_errors.inc(kind="lost")
                     if _safe_to_repeat(msg) and attempt < MAX_ATTEMPTS - 1:
                         await bindings.check_and_rebind(sess, generation, target)
                         continue
                     self._spawn(bindings.check_and_rebind(sess, generation, target))
-                    raise _lost(target, exc, timeout.sock_read) from None
+                    raise _lost(target, exc, read_timeout) from None
                 fenced = upstream.status == 409 and upstream.headers.get(p.FENCED_HEADER)
                 if fenced and attempt < MAX_ATTEMPTS - 1:
                     # The instance serves another session (Redis lost its lease): it ran nothing.
@@ -477,7 +502,7 @@ class Proxy:
         request: web.Request,
         sess: Session,
         msg: Message | None,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         target: Instance,
         started: float,
         *,
@@ -496,10 +521,10 @@ class Proxy:
                     await self.table.save(sess)
             if upstream.status >= 400 and not is_jsonrpc_type(upstream.headers.get("Content-Type", "")):
                 # The SDK answers some refusals (406, 405 …) with an empty body: say what it meant.
-                detail = (await upstream.content.read(1024)).decode("utf-8", "replace")
+                detail = (await upstream.read_some(1024)).decode("utf-8", "replace")
                 refusal = instance_refusal(upstream.status, upstream.reason or "", detail)
                 return error_response(refusal, msg.id if msg else None, status=upstream.status)
-            headers = CIMultiDict(
+            headers: CIMultiDict[str] = CIMultiDict(
                 (k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE
             )
             if sess.era == "handshake" and (sess.upstream_sid or p.MCP_SESSION_ID in upstream.headers):
@@ -519,20 +544,15 @@ class Proxy:
             self._observe(request, started)
             self._stages(started, sent, answered)
             try:
-                async for chunk in upstream.content.iter_any():
+                async for chunk in upstream.iter_chunks(self.read_timeout):
                     await resp.write(chunk)
-            except (
-                aiohttp.ClientPayloadError,
-                aiohttp.ServerDisconnectedError,
-                aiohttp.ClientOSError,
-                aiohttp.ServerTimeoutError,  # silent for longer than EXAI_UPSTREAM_READ_TIMEOUT
-            ) as exc:
+            except Lost as exc:  # gone, or silent for longer than EXAI_UPSTREAM_READ_TIMEOUT
                 self.metrics.upstream_errors.inc(kind="lost-midstream")
                 log.warning("instance %s dropped a response for session %s: %r", target.id, sess.id[:8], exc)
                 sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
                 if msg is not None and msg.is_request and sse:
-                    if isinstance(exc, aiohttp.ServerTimeoutError):
-                        lost = _lost(target, exc, self.post_timeout.sock_read)
+                    if exc.silent:
+                        lost = _lost(target, exc, self.read_timeout)
                     else:
                         lost = InstanceLost(f"Instance {target.id} stopped while handling this request.")
                     with contextlib.suppress(ConnectionError):
@@ -546,7 +566,7 @@ class Proxy:
                 await resp.write_eof()
             return resp
         finally:
-            if upstream.content.at_eof():
+            if upstream.at_eof:
                 upstream.release()
             else:
                 upstream.close()  # never return a half-read connection to the pool
@@ -555,7 +575,7 @@ class Proxy:
         self,
         request: web.Request,
         sess: Session,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         target: Instance,
         headers: CIMultiDict[str],
         clock: tuple[float, float],
@@ -563,18 +583,13 @@ class Proxy:
         """Read a JSON answer whole (its length is known and small) and send it in one write."""
         headers.popall("Content-Length", None)  # web.Response sets it from the body
         try:
-            body = await upstream.read()
-        except (
-            aiohttp.ClientPayloadError,
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError,
-            aiohttp.ServerTimeoutError,
-        ) as exc:
+            body = await upstream.read(self.read_timeout)
+        except Lost as exc:
             # Headers came, the body did not: the instance may have run the call.
             self.metrics.upstream_errors.inc(kind="lost-midstream")
             log.warning("instance %s dropped a response for session %s: %r", target.id, sess.id[:8], exc)
             self._spawn(self.bindings.check_and_rebind(sess, sess.generation, target))
-            raise _lost(target, exc, self.post_timeout.sock_read) from None
+            raise _lost(target, exc, self.read_timeout) from None
         started, sent = clock
         answered = time.perf_counter()
         self._observe(request, started)
