@@ -63,7 +63,7 @@ _DROP_REQUEST = frozenset(
     {
         "host", "connection", "keep-alive", "proxy-authorization", "te", "trailer", "transfer-encoding",
         "upgrade", "content-length", "authorization", "origin", "cookie", "accept-encoding",
-        "mcp-session-id",
+        "mcp-session-id", "expect",
     }
 )  # fmt: skip
 _DROP_RESPONSE = frozenset(
@@ -200,6 +200,13 @@ class Proxy:
         limit = self.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"Request body of {request.content_length} bytes exceeds {limit} bytes.")
+        content = request.content
+        if content.is_eof():
+            # The usual case: the whole body came with the headers; no timer, no waiting.
+            data = content.read_nowait(-1)
+            if len(data) > limit:
+                raise PayloadTooLarge(f"Request body exceeds {limit} bytes (EXAI_MAX_BODY_BYTES).")
+            return data
         buf = bytearray()
         try:
             async with asyncio.timeout(self.body_timeout):
@@ -320,7 +327,9 @@ class Proxy:
     async def _open_stateless(self, request: web.Request, principal: str, key: str, client: str) -> Session:
         lock = self._creating.setdefault(key, asyncio.Lock())
         async with lock:
-            sess = await self.table.fetch_by_key(key)
+            # Opened here meanwhile? (the caller has just looked in Redis; another router's
+            # opening is caught by claim_key, so no second round trip for that here)
+            sess = self.table.by_key.get(key)
             if sess is not None and not sess.ended:
                 return sess
             sess = Session(
@@ -340,7 +349,7 @@ class Proxy:
                     if other is None:
                         raise SessionNotFound("Session is being opened elsewhere; retry.")
                     return other
-                await self.table.save(sess)
+                await self.table.save(sess, key_set=True)
             except BaseException:
                 if not sess.ended:
                     await asyncio.shield(self.bindings.end(sess, "failed-open", persisted=False))
@@ -543,8 +552,12 @@ class Proxy:
                 call.response = resp
             self._observe(request, started)
             self._stages(started, sent, answered)
+            last = b""
             try:
                 async for chunk in upstream.iter_chunks(self.read_timeout):
+                    if upstream.at_eof:
+                        last = chunk  # the end: it goes out with the end marker, in one write
+                        break
                     await resp.write(chunk)
             except Lost as exc:  # gone, or silent for longer than EXAI_UPSTREAM_READ_TIMEOUT
                 self.metrics.upstream_errors.inc(kind="lost-midstream")
@@ -563,7 +576,7 @@ class Proxy:
                 upstream.close()
                 return resp
             with contextlib.suppress(ConnectionError):
-                await resp.write_eof()
+                await resp.write_eof(last)
             return resp
         finally:
             if upstream.at_eof:

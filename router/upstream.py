@@ -301,6 +301,8 @@ class Response:
         self._released = True
         conn = self.conn
         if self.complete and self.keep_alive and self.error is None and not conn.closed:
+            if self._paused and conn.transport is not None:
+                conn.transport.resume_reading()  # idle, it must see the instance's EOF
             conn.pool.put(conn)
         else:
             conn.close()
@@ -331,7 +333,7 @@ class _HostPool:
         self.busy = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
 
-    async def acquire(self) -> _Conn:
+    async def acquire(self, *, fresh: bool = False) -> _Conn:
         while self.busy >= CALLS_PER_INSTANCE:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.waiters.append(fut)
@@ -343,9 +345,9 @@ class _HostPool:
                 raise
         self.busy += 1
         now = time.monotonic()
-        while self.idle:
+        while self.idle and not fresh:
             conn = self.idle.pop()  # the most recently used: least likely to be stale
-            if conn.closed:
+            if conn.closed or conn.transport is None or conn.transport.is_closing():
                 continue
             if now - conn.idle_since > KEEPALIVE_TIMEOUT:
                 conn.closed = True
@@ -422,29 +424,40 @@ class Relay:
         no answer's headers came back. The caller must release() or close() the Response.
         """
         pool = self.pool(host, port)
-        conn = await pool.acquire()
-        resp = Response(conn, asyncio.get_running_loop())
-        conn.resp = resp
-        transport = conn.transport
-        if conn.closed or transport is None or transport.is_closing():
-            resp.close()
-            raise NotSent("connection closed before the call was sent")
-        try:
-            if body and len(body) < 65536:
-                transport.write(head + body)  # one send() on the usual path
-            else:
-                transport.write(head)
-                if body:
-                    transport.write(body)
-            if transport.is_closing():
-                # The send failed at once (the peer had reset the connection): nothing went out
-                # that the instance could have acted on.
-                raise NotSent("the connection failed while the call was written")
-            await resp.wait_headers(timeout)
-        except BaseException:
-            resp.close()
-            raise
-        return resp
+        data = head + body if body and len(body) < 65536 else None  # one send() on the usual path
+        fresh = False
+        while True:
+            conn = await pool.acquire(fresh=fresh)
+            resp = Response(conn, asyncio.get_running_loop())
+            conn.resp = resp
+            transport = conn.transport
+            try:
+                if transport is None or conn.closed:
+                    raise NotSent("connection closed before the call was sent")
+                if data is not None:
+                    transport.write(data)
+                else:
+                    transport.write(head)
+                    if body:
+                        transport.write(body)
+                if transport.is_closing():
+                    # The send failed at once (the peer had reset the connection): nothing
+                    # went out that the instance could have acted on.
+                    raise NotSent("the connection failed while the call was written")
+                await resp.wait_headers(timeout)
+            except NotSent:
+                resp.close()
+                if conn.reused and not fresh:
+                    # A pooled connection the instance had dropped: try once on a new one
+                    # (refused there means the instance really is gone).
+                    self.stale_dropped += 1
+                    fresh = True
+                    continue
+                raise
+            except BaseException:
+                resp.close()
+                raise
+            return resp
 
     async def close(self) -> None:
         for pool in self.pools.values():
