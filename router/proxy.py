@@ -162,6 +162,8 @@ class Proxy:
         )
         metrics.add(self.stage_seconds)
         self._creating: dict[str, asyncio.Lock] = {}
+        # session id -> (what the header block depends on, the block): see _request_head
+        self._heads: dict[str, tuple[tuple[Any, ...], bytes]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self.notifications: Hub | None = None  # notification streams held here (router/streams.py)
 
@@ -363,31 +365,45 @@ class Proxy:
     def _request_head(
         self, request: web.Request, sess: Session, target: Instance, body: bytes, opening: bool
     ) -> bytes:
-        """The request line and headers of a proxied call, as bytes ready to send."""
-        lines = [
-            (k, v)
-            for k, v in request.headers.items()
-            if (low := k.lower()) not in _DROP_REQUEST and not low.startswith("x-exai-")
-        ]
-        lines.append((p.INTERNAL_TOKEN_HEADER, self.internal_token))
-        lines.append((p.SESSION_HEADER, sess.id))
-        lines.append((p.PRINCIPAL_HEADER, sess.principal))
-        lines.append((p.ERA_HEADER, sess.era))
-        lines.append((p.FENCE_HEADER, str(sess.fence)))
-        if sess.client:
-            lines.append((p.CLIENT_HEADER, sess.client))
-        if sess.upstream_sid and not opening:
-            lines.append((p.MCP_SESSION_ID, sess.upstream_sid))
+        """The request line and headers of a proxied call, as bytes ready to send.
+
+        The part that only depends on the session and its binding (request line, Host, the
+        router's own headers) is built once per binding and kept; the client's headers are
+        added per call."""
+        upstream_sid = sess.upstream_sid if not opening else ""
+        shape = (request.method, target.base_url, sess.fence, sess.client, upstream_sid, sess.principal)
+        cached = self._heads.get(sess.id)
         try:
-            block = header_block(lines)
+            if cached is not None and cached[0] == shape:
+                fixed = cached[1]
+            else:
+                lines = [
+                    (p.INTERNAL_TOKEN_HEADER, self.internal_token),
+                    (p.SESSION_HEADER, sess.id),
+                    (p.PRINCIPAL_HEADER, sess.principal),
+                    (p.ERA_HEADER, sess.era),
+                    (p.FENCE_HEADER, str(sess.fence)),
+                ]
+                if sess.client:
+                    lines.append((p.CLIENT_HEADER, sess.client))
+                if upstream_sid:
+                    lines.append((p.MCP_SESSION_ID, upstream_sid))
+                netloc = target.base_url[7:]  # after "http://"
+                fixed = f"{request.method} {p.MCP_PATH} HTTP/1.1\r\nHost: {netloc}\r\n".encode()
+                fixed += header_block(lines)
+                if len(self._heads) >= 4096:
+                    self._heads.clear()  # ended sessions' entries go too; rebuilt on next use
+                self._heads[sess.id] = (shape, fixed)
+            block = header_block(
+                [
+                    (k, v)
+                    for k, v in request.headers.items()
+                    if (low := k.lower()) not in _DROP_REQUEST and not low.startswith("x-exai-")
+                ]
+            )
         except ValueError as exc:
             raise BadRequest(f"Bad Request: {exc}.") from None
-        netloc = target.base_url[7:]  # after "http://"
-        return (
-            f"{request.method} {p.MCP_PATH} HTTP/1.1\r\nHost: {netloc}\r\n".encode()
-            + block
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        )
+        return b"".join((fixed, block, b"Content-Length: %d\r\n\r\n" % len(body)))
 
     def _upstream_headers(self, request: web.Request, sess: Session) -> dict[str, str]:
         headers = {
