@@ -144,6 +144,7 @@ def create_app(settings: Settings) -> web.Application:
         )
         proxy = Proxy(
             http=upstream.calls,
+            relay=upstream.relay,
             table=table,
             registry=registry,
             leases=leases,

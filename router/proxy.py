@@ -47,6 +47,7 @@ from router.metrics import Histogram, Metrics
 from router.registry import Instance, Registry
 from router.security import Guard
 from router.sessions import Call, Session, SessionTable, new_session_id
+from router.upstream import Lost, NotSent, Relay, Response, header_block
 from router.versions import era_of
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ _DROP_REQUEST = frozenset(
     {
         "host", "connection", "keep-alive", "proxy-authorization", "te", "trailer", "transfer-encoding",
         "upgrade", "content-length", "authorization", "origin", "cookie", "accept-encoding",
-        "mcp-session-id",
+        "mcp-session-id", "expect",
     }
 )  # fmt: skip
 _DROP_RESPONSE = frozenset(
@@ -75,12 +76,12 @@ _SILENT_HINT = (
 
 
 def _lost(target: Instance, exc: BaseException, read_timeout: float | None) -> InstanceLost:
-    if isinstance(exc, aiohttp.ServerTimeoutError) and read_timeout:
+    if isinstance(exc, Lost) and exc.silent and read_timeout:
         return InstanceLost(
             f"Instance {target.id} sent nothing for {read_timeout:g}s while handling this request.",
             hint=_SILENT_HINT,
         )
-    why = exc.__class__.__name__
+    why = str(exc) if isinstance(exc, Lost) else exc.__class__.__name__
     return InstanceLost(f"Instance {target.id} stopped answering while handling this request ({why}).")
 
 
@@ -119,6 +120,7 @@ class Proxy:
         self,
         *,
         http: aiohttp.ClientSession,
+        relay: Relay | None = None,
         table: SessionTable,
         registry: Registry,
         leases: Leases,
@@ -130,8 +132,9 @@ class Proxy:
         read_timeout: float = 120.0,
         body_timeout: float = 30.0,
     ) -> None:
-        self.http = http  # calls and control requests
-        self.post_timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=read_timeout)
+        self.http = http  # control requests (DELETE, admin)
+        self.relay = relay if relay is not None else Relay()  # proxied calls (router/upstream.py)
+        self.read_timeout = read_timeout
         self.table = table
         self.registry = registry
         self.leases = leases
@@ -159,6 +162,8 @@ class Proxy:
         )
         metrics.add(self.stage_seconds)
         self._creating: dict[str, asyncio.Lock] = {}
+        # session id -> (what the header block depends on, the block): see _request_head
+        self._heads: dict[str, tuple[tuple[Any, ...], bytes]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self.notifications: Hub | None = None  # notification streams held here (router/streams.py)
 
@@ -197,6 +202,13 @@ class Proxy:
         limit = self.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"Request body of {request.content_length} bytes exceeds {limit} bytes.")
+        content = request.content
+        if content.is_eof():
+            # The usual case: the whole body came with the headers; no timer, no waiting.
+            data = content.read_nowait(-1)
+            if len(data) > limit:
+                raise PayloadTooLarge(f"Request body exceeds {limit} bytes (EXAI_MAX_BODY_BYTES).")
+            return data
         buf = bytearray()
         try:
             async with asyncio.timeout(self.body_timeout):
@@ -317,7 +329,9 @@ class Proxy:
     async def _open_stateless(self, request: web.Request, principal: str, key: str, client: str) -> Session:
         lock = self._creating.setdefault(key, asyncio.Lock())
         async with lock:
-            sess = await self.table.fetch_by_key(key)
+            # Opened here meanwhile? (the caller has just looked in Redis; another router's
+            # opening is caught by claim_key, so no second round trip for that here)
+            sess = self.table.by_key.get(key)
             if sess is not None and not sess.ended:
                 return sess
             sess = Session(
@@ -337,7 +351,7 @@ class Proxy:
                     if other is None:
                         raise SessionNotFound("Session is being opened elsewhere; retry.")
                     return other
-                await self.table.save(sess)
+                await self.table.save(sess, key_set=True)
             except BaseException:
                 if not sess.ended:
                     await asyncio.shield(self.bindings.end(sess, "failed-open", persisted=False))
@@ -348,6 +362,49 @@ class Proxy:
             return sess
 
     # --- forwarding ------------------------------------------------------------------------
+    def _request_head(
+        self, request: web.Request, sess: Session, target: Instance, body: bytes, opening: bool
+    ) -> bytes:
+        """The request line and headers of a proxied call, as bytes ready to send.
+
+        The part that only depends on the session and its binding (request line, Host, the
+        router's own headers) is built once per binding and kept; the client's headers are
+        added per call."""
+        upstream_sid = sess.upstream_sid if not opening else ""
+        shape = (request.method, target.base_url, sess.fence, sess.client, upstream_sid, sess.principal)
+        cached = self._heads.get(sess.id)
+        try:
+            if cached is not None and cached[0] == shape:
+                fixed = cached[1]
+            else:
+                lines = [
+                    (p.INTERNAL_TOKEN_HEADER, self.internal_token),
+                    (p.SESSION_HEADER, sess.id),
+                    (p.PRINCIPAL_HEADER, sess.principal),
+                    (p.ERA_HEADER, sess.era),
+                    (p.FENCE_HEADER, str(sess.fence)),
+                ]
+                if sess.client:
+                    lines.append((p.CLIENT_HEADER, sess.client))
+                if upstream_sid:
+                    lines.append((p.MCP_SESSION_ID, upstream_sid))
+                netloc = target.base_url[7:]  # after "http://"
+                fixed = f"{request.method} {p.MCP_PATH} HTTP/1.1\r\nHost: {netloc}\r\n".encode()
+                fixed += header_block(lines)
+                if len(self._heads) >= 4096:
+                    self._heads.clear()  # ended sessions' entries go too; rebuilt on next use
+                self._heads[sess.id] = (shape, fixed)
+            block = header_block(
+                [
+                    (k, v)
+                    for k, v in request.headers.items()
+                    if (low := k.lower()) not in _DROP_REQUEST and not low.startswith("x-exai-")
+                ]
+            )
+        except ValueError as exc:
+            raise BadRequest(f"Bad Request: {exc}.") from None
+        return b"".join((fixed, block, b"Content-Length: %d\r\n\r\n" % len(body)))
+
     def _upstream_headers(self, request: web.Request, sess: Session) -> dict[str, str]:
         headers = {
             k: v
@@ -373,8 +430,9 @@ class Proxy:
         *,
         opening: bool = False,
     ) -> web.StreamResponse:
-        # GET streams never come here: router/streams.py serves every GET.
-        client, timeout = self.http, self.post_timeout
+        # GET streams never come here: router/streams.py serves every GET; DELETE neither.
+        relay, read_timeout = self.relay, self.read_timeout
+        body = body or b""
         sess.inflight += 1
         call = _call_of(msg)
         sess.calls[id(call)] = call
@@ -389,19 +447,11 @@ class Proxy:
                 if target is None:
                     await bindings.rebind(sess, generation, "instance gone from registry")
                     continue
-                headers = self._upstream_headers(request, sess)
-                if sess.upstream_sid and not opening:
-                    headers[p.MCP_SESSION_ID] = sess.upstream_sid
+                head = self._request_head(request, sess, target, body, opening)
                 sent = time.perf_counter()
                 try:
-                    upstream = await client.request(
-                        request.method,
-                        target.base_url + p.MCP_PATH,
-                        data=body,
-                        headers=headers,
-                        timeout=timeout,
-                    )
-                except aiohttp.ClientConnectorError as exc:
+                    upstream = await relay.send(target.host, target.port, head, body, read_timeout)
+                except NotSent as exc:
                     # Nothing reached the instance: move the session and send it again.
                     self.metrics.upstream_errors.inc(kind="connect")
                     self.registry.mark_suspect(target)
@@ -411,14 +461,14 @@ class Proxy:
                     else:
                         await bindings.rebind(sess, generation, "connection refused")
                     continue
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                except Lost as exc:
                     # The request went out and the instance vanished: it may have run.
                     self.metrics.upstream_errors.inc(kind="lost")
                     if _safe_to_repeat(msg) and attempt < MAX_ATTEMPTS - 1:
                         await bindings.check_and_rebind(sess, generation, target)
                         continue
                     self._spawn(bindings.check_and_rebind(sess, generation, target))
-                    raise _lost(target, exc, timeout.sock_read) from None
+                    raise _lost(target, exc, read_timeout) from None
                 fenced = upstream.status == 409 and upstream.headers.get(p.FENCED_HEADER)
                 if fenced and attempt < MAX_ATTEMPTS - 1:
                     # The instance serves another session (Redis lost its lease): it ran nothing.
@@ -477,7 +527,7 @@ class Proxy:
         request: web.Request,
         sess: Session,
         msg: Message | None,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         target: Instance,
         started: float,
         *,
@@ -496,10 +546,10 @@ class Proxy:
                     await self.table.save(sess)
             if upstream.status >= 400 and not is_jsonrpc_type(upstream.headers.get("Content-Type", "")):
                 # The SDK answers some refusals (406, 405 …) with an empty body: say what it meant.
-                detail = (await upstream.content.read(1024)).decode("utf-8", "replace")
+                detail = (await upstream.read_some(1024)).decode("utf-8", "replace")
                 refusal = instance_refusal(upstream.status, upstream.reason or "", detail)
                 return error_response(refusal, msg.id if msg else None, status=upstream.status)
-            headers = CIMultiDict(
+            headers: CIMultiDict[str] = CIMultiDict(
                 (k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE
             )
             if sess.era == "handshake" and (sess.upstream_sid or p.MCP_SESSION_ID in upstream.headers):
@@ -518,21 +568,20 @@ class Proxy:
                 call.response = resp
             self._observe(request, started)
             self._stages(started, sent, answered)
+            last = b""
             try:
-                async for chunk in upstream.content.iter_any():
+                async for chunk in upstream.iter_chunks(self.read_timeout):
+                    if upstream.at_eof:
+                        last = chunk  # the end: it goes out with the end marker, in one write
+                        break
                     await resp.write(chunk)
-            except (
-                aiohttp.ClientPayloadError,
-                aiohttp.ServerDisconnectedError,
-                aiohttp.ClientOSError,
-                aiohttp.ServerTimeoutError,  # silent for longer than EXAI_UPSTREAM_READ_TIMEOUT
-            ) as exc:
+            except Lost as exc:  # gone, or silent for longer than EXAI_UPSTREAM_READ_TIMEOUT
                 self.metrics.upstream_errors.inc(kind="lost-midstream")
                 log.warning("instance %s dropped a response for session %s: %r", target.id, sess.id[:8], exc)
                 sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
                 if msg is not None and msg.is_request and sse:
-                    if isinstance(exc, aiohttp.ServerTimeoutError):
-                        lost = _lost(target, exc, self.post_timeout.sock_read)
+                    if exc.silent:
+                        lost = _lost(target, exc, self.read_timeout)
                     else:
                         lost = InstanceLost(f"Instance {target.id} stopped while handling this request.")
                     with contextlib.suppress(ConnectionError):
@@ -543,10 +592,10 @@ class Proxy:
                 upstream.close()
                 return resp
             with contextlib.suppress(ConnectionError):
-                await resp.write_eof()
+                await resp.write_eof(last)
             return resp
         finally:
-            if upstream.content.at_eof():
+            if upstream.at_eof:
                 upstream.release()
             else:
                 upstream.close()  # never return a half-read connection to the pool
@@ -555,7 +604,7 @@ class Proxy:
         self,
         request: web.Request,
         sess: Session,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         target: Instance,
         headers: CIMultiDict[str],
         clock: tuple[float, float],
@@ -563,18 +612,13 @@ class Proxy:
         """Read a JSON answer whole (its length is known and small) and send it in one write."""
         headers.popall("Content-Length", None)  # web.Response sets it from the body
         try:
-            body = await upstream.read()
-        except (
-            aiohttp.ClientPayloadError,
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError,
-            aiohttp.ServerTimeoutError,
-        ) as exc:
+            body = await upstream.read(self.read_timeout)
+        except Lost as exc:
             # Headers came, the body did not: the instance may have run the call.
             self.metrics.upstream_errors.inc(kind="lost-midstream")
             log.warning("instance %s dropped a response for session %s: %r", target.id, sess.id[:8], exc)
             self._spawn(self.bindings.check_and_rebind(sess, sess.generation, target))
-            raise _lost(target, exc, self.post_timeout.sock_read) from None
+            raise _lost(target, exc, self.read_timeout) from None
         started, sent = clock
         answered = time.perf_counter()
         self._observe(request, started)

@@ -266,7 +266,7 @@ class SessionTable:
         sid = await self.redis.get(self.keys.session_key(key))
         return await self.fetch(str(sid)) if sid else None
 
-    async def save(self, sess: Session, *, create: bool = True) -> bool:
+    async def save(self, sess: Session, *, create: bool = True, key_set: bool = False) -> bool:
         """Write the record through to Redis; False (and the session dropped here) when it is
         an update (`create=False`) of a record another router has deleted meanwhile."""
         if sess.ended:
@@ -283,15 +283,20 @@ class SessionTable:
             self.drop(sess)
             return False
         sess.ver, sess.stored = ver, True
-        if sess.key:
+        if sess.key and not key_set:  # key_set: claim_key just set it, expiry included
             await self.redis.set(self.keys.session_key(sess.key), sess.id, px=self.expire_ms)
         return True
 
     async def claim_key(self, key: str, sid: str) -> str:
         """Bind a stateless key to `sid` unless another router did first; returns the winner."""
-        if await self.redis.set(self.keys.session_key(key), sid, nx=True):
+        name = self.keys.session_key(key)
+        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip either way
+            pipe.set(name, sid, nx=True, px=self.expire_ms)
+            pipe.get(name)
+            claimed, winner = await pipe.execute()
+        if claimed:
             return sid
-        return str(await self.redis.get(self.keys.session_key(key)) or sid)
+        return str(winner or sid)
 
     def touch(self, sess: Session) -> None:
         sess.last_seen = time.time()

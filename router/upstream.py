@@ -1,74 +1,479 @@
-"""The router's HTTP client towards its instances: one bounded pool, stale connections dropped.
+"""The router's HTTP clients towards its instances.
 
-`calls` carries POST and DELETE requests and the router's own control requests (health,
-reset, replayed initialize). At most CALLS_PER_INSTANCE connections per instance; an instance
-serves one session, so this only bounds what one client can have in flight at once. No GET
-stream goes to an instance: the router holds notification streams itself (router/streams.py).
+`Relay` carries every proxied /mcp call: a small HTTP/1.1 keep-alive pool on plain asyncio
+protocols with httptools' C parser. A call is one pre-built block of bytes (request line,
+headers and body) written at once; the answer is parsed as it arrives and handed over either
+whole (a JSON answer of known length) or chunk by chunk (SSE and everything else). At most
+CALLS_PER_INSTANCE connections per instance; further calls wait for one to come free. An
+instance serves one session, so this only bounds what one client can have in flight at once.
 
-The connector checks a pooled keep-alive connection before reusing it: when an instance
-process dies (kill -9, OOM), the kernel closes its sockets at once, but the router's event
-loop may not have read that EOF yet when the next request picks the idle connection. Writing
-a request into such a connection fails in a way that looks exactly like "the instance died
-while handling it" (ambiguous, so a tools/call could not be re-sent). A zero-timeout poll of
-the socket sees the EOF that is already there; the connection is closed and the request goes
-out on a fresh one (refused -> failover, or the restarted process -> session replay).
+`calls` (aiohttp's ClientSession) carries the router's own control requests (health, reset,
+replayed initialize, DELETE): rare, and not worth a second code path.
+
+Which failures mean "the call never reached the instance" (so it may be sent again anywhere)
+is decided here, once: `NotSent` for a refused or timed-out connect, for a pooled connection
+that its peer had already closed, and for a connection lost before the request's bytes had
+left the router; `Lost` for everything after the request went out (the instance may have run
+it). A pooled connection whose peer closes it is dropped the moment the event loop sees the
+EOF (the protocol's connection_lost), so no per-call poll of the socket is needed: when an
+instance process dies, its connections leave the pool before the next call picks one.
 """
 
 from __future__ import annotations
 
-import select
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import aiohttp
-
-if TYPE_CHECKING:
-    from aiohttp.client_proto import ResponseHandler
-    from aiohttp.client_reqrep import ConnectionKey
-    from aiohttp.tracing import Trace
+import httptools  # type: ignore[import-untyped]
+from multidict import CIMultiDict
 
 CALLS_PER_INSTANCE = 32
 KEEPALIVE_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 3.0
+# An answer's body is buffered up to this many bytes before the instance is asked to pause
+# (the client reads slower than the instance writes).
+HIGH_WATER = 256 * 1024
 
 
-def peer_closed(proto: ResponseHandler) -> bool:
-    """True if an idle pooled connection must not be reused: the peer closed it (EOF or reset
-    waiting in the socket) or sent something unasked."""
-    transport = proto.transport
-    if transport is None or transport.is_closing():
-        return True
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return False
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
-    # An idle HTTP/1.1 connection has nothing to read; readable means EOF, RST or garbage.
-    return bool(poller.poll(0))
+class UpstreamError(Exception):
+    """A proxied call failed between the router and the instance."""
 
 
-class CheckedConnector(aiohttp.TCPConnector):
-    """A TCPConnector that never hands out a pooled connection its peer has already closed."""
+class NotSent(UpstreamError):
+    """Nothing of the call reached the instance: it may be sent again, to any instance."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+
+class Lost(UpstreamError):
+    """The call went out and its answer did not (fully) come back: the instance may have run it."""
+
+    def __init__(self, message: str, *, silent: bool = False) -> None:
+        super().__init__(message)
+        self.silent = silent  # nothing arrived for read_timeout seconds
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection to an instance, parsing answers with httptools."""
+
+    __slots__ = (
+        "closed",
+        "idle_since",
+        "key",
+        "parser",
+        "pool",
+        "resp",
+        "reused",
+        "transport",
+    )  # fmt: skip
+
+    def __init__(self, pool: _HostPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self.resp: Response | None = None
+        self.reused = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        resp = self.resp
+        if resp is None:  # an idle connection never has anything to read: drop it
+            self.close()
+            return
+        resp.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            resp._fail(Lost(f"unreadable answer ({exc})"))
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost says the rest
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.lost(self)
+        resp = self.resp
+        if resp is not None and not resp.complete:
+            # The request went out (send() checked that the write did not fail): ambiguous.
+            why = exc.__class__.__name__ if exc is not None else "ServerDisconnected"
+            resp._fail(Lost(why))
+
+    def pause_writing(self) -> None:  # a large body waits in the transport's buffer
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # httptools callbacks
+    def on_status(self, status: bytes) -> None:
+        if self.resp is not None:
+            self.resp.reason = status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.resp is not None:
+            self.resp.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        resp = self.resp
+        if resp is not None:
+            resp.status = self.parser.get_status_code()
+            resp.keep_alive = self.parser.should_keep_alive()
+            resp._headers_done()
+
+    def on_body(self, body: bytes) -> None:
+        if self.resp is not None:
+            self.resp._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.resp is not None:
+            self.resp._complete()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+            self.pool.lost(self)
+
+
+class Response:
+    """An instance's answer as it arrives. `release()` (or `close()`) must follow, always."""
+
+    __slots__ = (
+        "_chunks",
+        "_headers",
+        "_loop",
+        "_paused",
+        "_released",
+        "_size",
+        "_waiter",
+        "complete",
+        "conn",
+        "error",
+        "got_bytes",
+        "keep_alive",
+        "raw_headers",
+        "reason",
+        "status",
+    )  # fmt: skip
+
+    def __init__(self, conn: _Conn, loop: asyncio.AbstractEventLoop) -> None:
+        self.conn = conn
+        self.status = 0
+        self.reason = ""
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = False
+        self.complete = False
+        self.got_bytes = False
+        self.error: UpstreamError | None = None
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._headers: CIMultiDict[str] | None = None
+        self._released = False
+        self._paused = False
+        self._loop = loop
+
+    # --- fed by the connection -----------------------------------------------------------
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _headers_done(self) -> None:
+        self._wake()
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > HIGH_WATER and not self._paused and self.conn.transport is not None:
+            self._paused = True
+            self.conn.transport.pause_reading()
+        self._wake()
+
+    def _complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.error is None:
+            self.error = error
+        self._wake()
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Until the connection reports something, or `timeout` seconds of silence."""
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout, _expire, waiter) if timeout else None
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    async def wait_headers(self, timeout: float | None) -> None:
+        while not self.status:
+            if self.error is not None:
+                raise self.error
+            try:
+                await self._wait(timeout)
+            except TimeoutError:
+                raise Lost(f"nothing for {timeout:g}s", silent=True) from None
+
+    # --- read by the proxy ---------------------------------------------------------------
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        if self._headers is None:
+            self._headers = CIMultiDict(
+                (k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                for k, v in self.raw_headers
+            )
+        return self._headers
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    async def read(self, timeout: float | None) -> bytes:
+        """The whole body (its length is known to be small)."""
+        while not self.complete:
+            if self.error is not None:
+                raise self.error
+            try:
+                await self._wait(timeout)
+            except TimeoutError:
+                raise Lost(f"nothing for {timeout:g}s", silent=True) from None
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        return data
+
+    async def read_some(self, limit: int) -> bytes:
+        """Up to `limit` bytes of what has come (for an error's detail); b"" if nothing yet."""
+        if not self._chunks and not self.complete and self.error is None:
+            try:
+                await self._wait(2.0)
+            except TimeoutError:
+                return b""
+        data = b"".join(self._chunks)[:limit]
+        self._chunks.clear()
+        self._size = 0
+        return data
+
+    async def iter_chunks(self, timeout: float | None) -> AsyncIterator[bytes]:
+        """The body as it arrives; Lost if the instance goes away or stays silent too long."""
+        while True:
+            if self._chunks:
+                data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+                self._chunks.clear()
+                self._size = 0
+                if self._paused and self.conn.transport is not None and not self.conn.closed:
+                    self._paused = False
+                    self.conn.transport.resume_reading()
+                yield data
+                continue
+            if self.complete:
+                return
+            if self.error is not None:
+                raise self.error
+            try:
+                await self._wait(timeout)
+            except TimeoutError:
+                raise Lost(f"nothing for {timeout:g}s", silent=True) from None
+
+    @property
+    def at_eof(self) -> bool:
+        return self.complete and not self._chunks
+
+    def release(self) -> None:
+        """Give the connection back if the answer was read to its end, else close it."""
+        if self._released:
+            return
+        self._released = True
+        conn = self.conn
+        if self.complete and self.keep_alive and self.error is None and not conn.closed:
+            if self._paused and conn.transport is not None:
+                conn.transport.resume_reading()  # idle, it must see the instance's EOF
+            conn.pool.put(conn)
+        else:
+            conn.close()
+            conn.pool.done(conn)
+
+    def close(self) -> None:
+        """Drop the connection (the instance sees the call cancelled)."""
+        if self._released:
+            return
+        self._released = True
+        self.conn.close()
+        self.conn.pool.done(self.conn)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class _HostPool:
+    """Connections to one instance (host, port): idle ones, and a bound on those in use."""
+
+    def __init__(self, relay: Relay, host: str, port: int) -> None:
+        self.relay = relay
+        self.host = host
+        self.port = port
+        self.idle: list[_Conn] = []
+        self.busy = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self, *, fresh: bool = False) -> _Conn:
+        while self.busy >= CALLS_PER_INSTANCE:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.waiters.append(fut)
+            try:
+                await fut
+            except BaseException:
+                if fut.done() and not fut.cancelled():
+                    self._wake_next()  # pass the slot on
+                raise
+        self.busy += 1
+        now = time.monotonic()
+        while self.idle and not fresh:
+            conn = self.idle.pop()  # the most recently used: least likely to be stale
+            if conn.closed or conn.transport is None or conn.transport.is_closing():
+                continue
+            if now - conn.idle_since > KEEPALIVE_TIMEOUT:
+                conn.closed = True
+                if conn.transport is not None:
+                    conn.transport.close()
+                continue
+            conn.reused = True
+            return conn
+        try:
+            return await self._connect()
+        except BaseException:
+            self.busy -= 1
+            self._wake_next()
+            raise
+
+    async def _connect(self) -> _Conn:
+        loop = asyncio.get_running_loop()
+        conn = _Conn(self)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await loop.create_connection(lambda: conn, self.host, self.port)
+        except TimeoutError:
+            raise NotSent(f"connect timed out after {CONNECT_TIMEOUT:g}s") from None
+        except OSError as exc:
+            raise NotSent(f"connect failed ({exc.__class__.__name__}: {exc.strerror or exc})") from None
+        return conn
+
+    def put(self, conn: _Conn) -> None:
+        conn.resp = None
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+        self.busy -= 1
+        self._wake_next()
+
+    def done(self, conn: _Conn) -> None:
+        """A busy connection was closed instead of given back."""
+        conn.resp = None
+        self.busy -= 1
+        self._wake_next()
+
+    def lost(self, conn: _Conn) -> None:
+        if conn.resp is None and conn in self.idle:
+            self.idle.remove(conn)
+            self.relay.stale_dropped += 1
+
+    def _wake_next(self) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+
+class Relay:
+    """The keep-alive pools for proxied calls, one per instance address."""
+
+    def __init__(self) -> None:
+        self.pools: dict[tuple[str, int], _HostPool] = {}
         self.stale_dropped = 0
 
-    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> aiohttp.connector.Connection | None:
+    def pool(self, host: str, port: int) -> _HostPool:
+        key = (host, port)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = _HostPool(self, host, port)
+        return pool
+
+    async def send(
+        self, host: str, port: int, head: bytes, body: bytes | None, timeout: float | None
+    ) -> Response:
+        """Send one request (`head` ends with the blank line) and wait for the answer's headers.
+
+        Raises NotSent when nothing reached the instance, Lost when the call went out and
+        no answer's headers came back. The caller must release() or close() the Response.
+        """
+        pool = self.pool(host, port)
+        data = head + body if body and len(body) < 65536 else None  # one send() on the usual path
+        fresh = False
         while True:
-            conn = await super()._get(key, traces)
-            if conn is None or conn.protocol is None or not peer_closed(conn.protocol):
-                return conn
-            self.stale_dropped += 1
-            conn.close()  # closes the transport and frees the slot; try the next pooled one
+            conn = await pool.acquire(fresh=fresh)
+            resp = Response(conn, asyncio.get_running_loop())
+            conn.resp = resp
+            transport = conn.transport
+            try:
+                if transport is None or conn.closed:
+                    raise NotSent("connection closed before the call was sent")
+                if data is not None:
+                    transport.write(data)
+                else:
+                    transport.write(head)
+                    if body:
+                        transport.write(body)
+                if transport.is_closing():
+                    # The send failed at once (the peer had reset the connection): nothing
+                    # went out that the instance could have acted on.
+                    raise NotSent("the connection failed while the call was written")
+                await resp.wait_headers(timeout)
+            except NotSent:
+                resp.close()
+                if conn.reused and not fresh:
+                    # A pooled connection the instance had dropped: try once on a new one
+                    # (refused there means the instance really is gone).
+                    self.stale_dropped += 1
+                    fresh = True
+                    continue
+                raise
+            except BaseException:
+                resp.close()
+                raise
+            return resp
+
+    async def close(self) -> None:
+        for pool in self.pools.values():
+            for conn in list(pool.idle):
+                conn.close()
+            pool.idle.clear()
 
 
 @dataclass
 class Upstream:
     calls: aiohttp.ClientSession
+    relay: Relay
 
     @classmethod
     def create(cls, max_instances: int) -> Upstream:
-        connector = CheckedConnector(
+        connector = aiohttp.TCPConnector(
             limit=CALLS_PER_INSTANCE * max_instances,
             limit_per_host=CALLS_PER_INSTANCE,
             keepalive_timeout=KEEPALIVE_TIMEOUT,
@@ -77,12 +482,22 @@ class Upstream:
         calls = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, timeout=aiohttp.ClientTimeout(None)
         )
-        return cls(calls=calls)
+        return cls(calls=calls, relay=Relay())
 
     @property
     def stale_dropped(self) -> int:
-        connector = self.calls.connector
-        return connector.stale_dropped if isinstance(connector, CheckedConnector) else 0
+        return self.relay.stale_dropped
 
     async def close(self) -> None:
+        await self.relay.close()
         await self.calls.close()
+
+
+def header_block(lines: list[tuple[str, str]]) -> bytes:
+    """Header lines as bytes; a value with a line break or NUL cannot be sent (ValueError)."""
+    out = []
+    for k, v in lines:
+        if "\r" in v or "\n" in v or "\0" in v:
+            raise ValueError(f"header {k} has a line break in its value")
+        out.append(f"{k}: {v}\r\n")
+    return "".join(out).encode("utf-8", "surrogateescape")
