@@ -219,14 +219,18 @@ class Response:
             if timer is not None:
                 timer.cancel()
 
+    async def _wait_or_lost(self, timeout: float | None) -> None:
+        """`_wait`, with `timeout` seconds of silence reported as a silent instance."""
+        try:
+            await self._wait(timeout)
+        except TimeoutError:
+            raise Lost(f"nothing for {timeout:g}s", silent=True) from None
+
     async def wait_headers(self, timeout: float | None) -> None:
         while not self.status:
             if self.error is not None:
                 raise self.error
-            try:
-                await self._wait(timeout)
-            except TimeoutError:
-                raise Lost(f"nothing for {timeout:g}s", silent=True) from None
+            await self._wait_or_lost(timeout)
 
     # --- read by the proxy ---------------------------------------------------------------
     @property
@@ -248,10 +252,7 @@ class Response:
         while not self.complete:
             if self.error is not None:
                 raise self.error
-            try:
-                await self._wait(timeout)
-            except TimeoutError:
-                raise Lost(f"nothing for {timeout:g}s", silent=True) from None
+            await self._wait_or_lost(timeout)
         data = b"".join(self._chunks)
         self._chunks.clear()
         self._size = 0
@@ -285,10 +286,7 @@ class Response:
                 return
             if self.error is not None:
                 raise self.error
-            try:
-                await self._wait(timeout)
-            except TimeoutError:
-                raise Lost(f"nothing for {timeout:g}s", silent=True) from None
+            await self._wait_or_lost(timeout)
 
     @property
     def at_eof(self) -> bool:

@@ -100,3 +100,18 @@ def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRedis]:
     server = OwnRedis(Path(tmp_path_factory.mktemp("own-redis")) / "data").start()
     yield server
     server.stop()
+
+
+async def call(client: Client, tool: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A tool call that must succeed; its structured result."""
+    result = await client.call_tool(tool, args or {})
+    assert not result.is_error, result
+    assert result.structured_content is not None
+    return dict(result.structured_content)
+
+
+async def error_of(client: Client, tool: str, args: dict[str, Any]) -> str:
+    """A tool call that must fail; its error text."""
+    result = await client.call_tool(tool, args)
+    assert result.is_error, result
+    return str(result.content[0].text)  # type: ignore[union-attr]

@@ -15,12 +15,11 @@ from typing import Any
 
 import mcp_types
 import pytest
-from mcp import Client
 from mcp.client.subscriptions import ResourceUpdated
 
 from tests.fakes.provider import FakeProvider
 from tests.fleet import Fleet
-from tests.router.conftest import ROUTER_TEST_SETTINGS, instance_num, mcp_client, status_of
+from tests.router.conftest import ROUTER_TEST_SETTINGS, call, error_of, instance_num, mcp_client, status_of
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -43,19 +42,6 @@ def fleet(module_fleet_factory: Callable[..., Fleet], provider: FakeProvider) ->
 async def clean_fleet(fleet: Fleet) -> AsyncIterator[None]:
     yield
     await fleet.end_all_sessions()
-
-
-async def call(client: Client, tool: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-    result = await client.call_tool(tool, args or {})
-    assert not result.is_error, result
-    assert result.structured_content is not None
-    return dict(result.structured_content)
-
-
-async def error_of(client: Client, tool: str, args: dict[str, Any]) -> str:
-    result = await client.call_tool(tool, args)
-    assert result.is_error, result
-    return str(result.content[0].text)  # type: ignore[union-attr]
 
 
 async def test_two_eras_share_tasks_notes_messages_and_reservations(

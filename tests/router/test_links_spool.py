@@ -20,7 +20,7 @@ import pytest
 
 from tests.fakes.tcp_proxy import TcpProxy
 from tests.fleet import Fleet
-from tests.router.conftest import ROUTER_TEST_SETTINGS, instance_num, mcp_client, status_of
+from tests.router.conftest import ROUTER_TEST_SETTINGS, call, instance_num, mcp_client, status_of
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -54,12 +54,6 @@ def fleet(
         yield fl.start()
     finally:
         fl.stop()
-
-
-async def call(client: Any, tool: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-    result = await client.call_tool(tool, args or {})
-    assert not result.is_error, result
-    return dict(result.structured_content)
 
 
 async def test_link_send_while_postgres_is_down_and_the_sender_is_killed(

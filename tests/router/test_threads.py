@@ -22,7 +22,7 @@ from mcp import Client
 
 from tests.fakes.provider import Behaviour, FakeProvider
 from tests.fleet import Fleet
-from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client, status_of
+from tests.router.conftest import ROUTER_TEST_SETTINGS, call, error_of, mcp_client, status_of
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -50,19 +50,6 @@ async def clean_fleet(fleet: Fleet, provider: FakeProvider) -> AsyncIterator[Non
     yield
     provider.reset()
     await fleet.end_all_sessions()
-
-
-async def call(client: Client, tool: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-    result = await client.call_tool(tool, args or {})
-    assert not result.is_error, result
-    assert result.structured_content is not None
-    return dict(result.structured_content)
-
-
-async def error_of(client: Client, tool: str, args: dict[str, Any]) -> str:
-    result = await client.call_tool(tool, args)
-    assert result.is_error, result
-    return str(result.content[0].text)  # type: ignore[union-attr]
 
 
 def token_of(text: str) -> str:
