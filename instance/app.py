@@ -165,7 +165,9 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
 
     @mcp.custom_route(INTERNAL_METRICS, methods=["GET"])
     async def stage_metrics(request: Request) -> Response:
-        return PlainTextResponse(chat_stages.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(
+            chat_stages.render() + _storage_metrics(runtime), media_type="text/plain; version=0.0.4"
+        )
 
     @mcp.custom_route(INTERNAL_DRAIN, methods=["POST", "DELETE"])
     async def drain(request: Request) -> Response:
@@ -196,6 +198,30 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
 
     runtime.close_mcp_sessions = close_mcp_sessions
     return app, runtime
+
+
+def _storage_metrics(runtime: Runtime) -> str:
+    """Counters of the thread cache and the write-behind path, in the Prometheus text format."""
+    storage = runtime.storage
+    if storage is None:
+        return ""
+    history, links = storage.history, runtime.links.stats() if runtime.links is not None else {}
+    counters = [
+        ("exai_instance_thread_cache_checks_total",
+         "Thread caches checked against Postgres (first read on a new Redis run).",
+         history.cache_checks_total),
+        ("exai_instance_thread_cache_marks_applied_total",
+         "Thread caches dropped because a writer appended without reaching Redis.",
+         history.marks_applied_total),
+        ("exai_instance_spool_flushed_total", "Spool rows written to Postgres.",
+         storage.flusher.flushed_total),
+        ("exai_instance_link_events_spooled_total", "Link-group events taken into the spool.",
+         links.get("spooled", 0)),
+    ]  # fmt: skip
+    lines = []
+    for name, help_text, value in counters:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
+    return "\n".join(lines) + "\n"
 
 
 def _notifier(settings: Settings, redis: Any) -> Notifier:

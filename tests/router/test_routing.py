@@ -283,6 +283,17 @@ async def test_chat_stage_timings_are_exposed(fleet: Fleet) -> None:
         text = await r.text()
     assert 'exai_instance_chat_stage_seconds_count{stage="storage_append"}' in text
     assert 'exai_instance_chat_stage_seconds_count{stage="fleet"}' in text
+    counters = dict(
+        line.split(" ", 1)
+        for line in text.splitlines()
+        if line.startswith("exai_instance_") and "{" not in line
+    )
+    assert int(counters["exai_instance_spool_flushed_total"]) >= 4, text  # two chats: 4 turns at least
+    assert {
+        "exai_instance_thread_cache_checks_total",
+        "exai_instance_thread_cache_marks_applied_total",
+        "exai_instance_link_events_spooled_total",
+    } <= set(counters), text
 
     status, metrics = await fleet.admin("GET", "/metrics")
     assert status == 200
