@@ -78,6 +78,10 @@ class Keys:
     def link_stats(self) -> str:
         return self._k("link-stats")
 
+    def link_ends(self) -> str:
+        """Sessions that ended and still have to leave their link groups (hash: id -> reason)."""
+        return self._k("link-ends")
+
     def link_stream(self, group: str) -> str:
         """A link group's recent events (Redis stream, bounded; Postgres keeps the whole log)."""
         return self._k("link-stream", group)

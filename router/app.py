@@ -167,7 +167,7 @@ def create_app(settings: Settings) -> web.Application:
             retry_ms=settings.stream_retry_ms, session_ttl=settings.session_idle_timeout,
         )  # fmt: skip
         proxy.notifications = proxy.bindings.notifications = hub
-        handoffs = EndHandoffs(settings, hub)  # an ended session leaves its link groups
+        handoffs = EndHandoffs(settings, hub, redis, keys)  # an ended session leaves its link groups
         proxy.bindings.on_end.append(handoffs.ended)
         _wire_gauges(metrics, proxy, upstream)
         try:

@@ -9,6 +9,7 @@ each member's notification log.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from common import links as db
 from common.errors import InvalidArgument, NotFound, StorageUnavailable
+from common.keys import Keys
 from common.notifications import notification
 from common.redis import REDIS_DOWN_ERRORS
 from common.settings import Settings
@@ -160,21 +162,68 @@ class EndHandoffs:
     The router does it, from Postgres, so it works when the session's instance is gone: each
     group gets a `leave` event whose body is the member's handoff note (link_handoff) and whose
     data lists its in-progress tasks and the reservations it held (released now); the other
-    members get the inbox notification. Ends are queued in memory and done in the background,
-    retried while Postgres is down (a router restart meanwhile forgets them: the member then
-    stays listed until the admin removes it).
+    members get the inbox notification. Ends are done in the background and retried while
+    Postgres is down. They are also written to a Redis hash (`link-ends`) until done, so an end
+    survives a router restart and any router finishes it; an end made while Redis was down too
+    is written there as soon as Redis answers. Doing one twice is harmless (a session that is
+    no longer a member leaves nothing).
     """
 
-    def __init__(self, settings: Settings, hub: Any) -> None:
+    def __init__(self, settings: Settings, hub: Any, redis: Any = None, keys: Keys | None = None) -> None:
         self.settings = settings
         self.hub = hub
+        self.redis = redis
+        self.key = keys.link_ends() if keys is not None else None
         self.pending: dict[str, str] = {}  # session id -> why it ended
+        self._unsaved: set[str] = set()  # pending, not yet in the Redis hash
+        self._saving: set[asyncio.Task[None]] = set()
         self.done = 0
         self._conn: asyncpg.Connection | None = None
 
     def ended(self, sess: Any, reason: str) -> None:
         if self.settings.database_url:
             self.pending[sess.id] = reason
+            self._unsaved.add(sess.id)
+            if self.redis is not None:  # saved at once: the router may be stopped right after
+                task = asyncio.create_task(self._save())
+                self._saving.add(task)
+                task.add_done_callback(self._saving.discard)
+
+    async def _save(self) -> None:
+        if self.redis is None or self.key is None:
+            return
+        unsaved = {sid: self.pending[sid] for sid in list(self._unsaved) if sid in self.pending}
+        if not unsaved:
+            return
+        try:
+            await self.redis.hset(self.key, mapping=unsaved)
+        except REDIS_DOWN_ERRORS:
+            return  # the next round tries again
+        self._unsaved.difference_update(unsaved)
+
+    async def _sync(self) -> None:
+        """Save new ends to Redis and take the ones other routers (or this one before a
+        restart) left there."""
+        if self.redis is None or self.key is None:
+            return
+        await self._save()
+        try:
+            for sid, reason in (await self.redis.hgetall(self.key)).items():
+                self.pending.setdefault(str(sid), str(reason))
+        except REDIS_DOWN_ERRORS as exc:
+            if self.pending:
+                log.warning(
+                    "%d session end(s) kept in memory until Redis answers (%s)", len(self.pending), exc
+                )
+
+    async def _forget(self, sid: str) -> None:
+        del self.pending[sid]
+        self._unsaved.discard(sid)
+        if self.redis is not None and self.key is not None:
+            try:
+                await self.redis.hdel(self.key, sid)
+            except REDIS_DOWN_ERRORS:
+                pass  # done; a later round may do it again, which leaves nothing
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -183,6 +232,7 @@ class EndHandoffs:
 
     async def run_pending(self) -> None:
         """One round: hand off every queued end (a failure keeps it for the next round)."""
+        await self._sync()
         for sid, reason in list(self.pending.items()):
             try:
                 conn = await self._connection()
@@ -194,13 +244,17 @@ class EndHandoffs:
                         self._conn.terminate()
                     self._conn = None
                 return
-            del self.pending[sid]
+            await self._forget(sid)
             for event, sessions in left:
                 self.done += 1
                 log.info("session %s left link group %r (%s)", sid[:8], event.group, reason)
                 await _notify(self.hub, event, sessions)
 
     async def close(self) -> None:
+        with contextlib.suppress(Exception):  # ends not yet saved: one last try, bounded
+            async with asyncio.timeout(2.0):
+                await asyncio.gather(*self._saving, return_exceptions=True)
+                await self._save()
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close()

@@ -123,3 +123,38 @@ async def test_link_send_while_postgres_is_down_and_the_sender_is_killed(
     finally:
         await conn.close()
     assert [str(r["uuid"]) for r in rows] == [*sent, last]  # each stored once, in order
+
+
+async def test_an_end_made_while_postgres_is_down_survives_a_router_restart(
+    fleet: Fleet, pg_proxy: tuple[TcpProxy, str]
+) -> None:
+    """A session that ends while Postgres is cut still leaves its groups with its handoff note,
+    after the router that saw the end was restarted and Postgres came back (router/links.py)."""
+    proxy, _ = pg_proxy
+    group = "ends"
+    await fleet.wait_instances(2)
+    async with mcp_client(fleet.mcp_url, "legacy", name="stays") as b:
+        async with mcp_client(fleet.mcp_url, "legacy", name="leaves") as a:
+            a_session = (await status_of(a))["session"]
+            await call(a, "link_join", {"group": group})
+            await call(b, "link_join", {"group": group})
+            await call(a, "link_handoff", {"group": group, "note": "tests still red"})
+            await call(b, "link_inbox", {"group": group})  # A's join: read
+            proxy.down()
+        # A's client has closed its session (DELETE /mcp) while Postgres is unreachable.
+        try:
+            await asyncio.to_thread(fleet.restart_router)
+        finally:
+            proxy.up()
+        events: list[dict[str, Any]] = []
+        async with asyncio.timeout(60):
+            while not events:
+                result = await b.call_tool("link_inbox", {"group": group})
+                if not result.is_error:
+                    events = [e for e in result.structured_content["events"] if e["kind"] == "leave"]  # type: ignore[index]
+                await asyncio.sleep(0.2)
+        (leave,) = events
+        assert leave["from"] == a_session and leave["body"] == "tests still red", leave
+        assert leave["data"]["reason"] == "delete", leave
+        members = (await call(b, "link_status", {"group": group}))["members"]
+        assert a_session not in {m["session"] for m in members}, members
