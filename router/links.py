@@ -177,6 +177,7 @@ class EndHandoffs:
         self.pending: dict[str, str] = {}  # session id -> why it ended
         self._unsaved: set[str] = set()  # pending, not yet in the Redis hash
         self._saving: set[asyncio.Task[None]] = set()
+        self._pg_warned = self._redis_warned = False
         self.done = 0
         self._conn: asyncpg.Connection | None = None
 
@@ -210,8 +211,10 @@ class EndHandoffs:
         try:
             for sid, reason in (await self.redis.hgetall(self.key)).items():
                 self.pending.setdefault(str(sid), str(reason))
+            self._redis_warned = False
         except REDIS_DOWN_ERRORS as exc:
-            if self.pending:
+            if self.pending and not self._redis_warned:  # once per outage, not every round
+                self._redis_warned = True
                 log.warning(
                     "%d session end(s) kept in memory until Redis answers (%s)", len(self.pending), exc
                 )
@@ -238,12 +241,15 @@ class EndHandoffs:
                 conn = await self._connection()
                 left = await db.end_session(conn, sid, reason=reason)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning("handoff of ended session %s waits for Postgres (%s)", sid[:8], exc)
+                if not self._pg_warned:  # once per outage, not every round
+                    self._pg_warned = True
+                    log.warning("handoff of ended session %s waits for Postgres (%s)", sid[:8], exc)
                 if self._conn is not None:
                     with contextlib.suppress(Exception):
                         self._conn.terminate()
                     self._conn = None
                 return
+            self._pg_warned = False
             await self._forget(sid)
             for event, sessions in left:
                 self.done += 1
