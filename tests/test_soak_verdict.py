@@ -94,3 +94,28 @@ def test_a_missing_acknowledged_write_fails() -> None:
     verdict = judge(run)
     assert not verdict["passed"]
     assert "1 acknowledged writes missing" in verdict["failures"][0]
+
+
+def _restarted(final_mb: float) -> dict[str, Any]:
+    """instance_02 is killed at 300 s; its new pid idles at 93 MB, then grows to `final_mb`
+    once it serves sessions. instance_01 stays at 135 MB throughout."""
+    run = _run([135.0] * 720)
+    for s in run["samples"]:
+        i = int(s["t"] // 5)
+        if s["t"] < 300:
+            s["procs"]["instance_02"] = {"pid": 200, "rss_mb": 135.0, "fds": 15}
+        else:
+            grown = 93.0 + (final_mb - 93.0) * min(1.0, max(0.0, (i - 300) / 300))
+            s["procs"]["instance_02"] = {"pid": 201, "rss_mb": grown, "fds": 15}
+    return run
+
+
+def test_a_restarted_process_growing_to_its_peers_size_passes() -> None:
+    verdict = judge(_restarted(136.0))
+    assert verdict["passed"], verdict["failures"]
+
+
+def test_a_restarted_process_growing_past_its_peers_fails() -> None:
+    verdict = judge(_restarted(200.0))
+    assert not verdict["passed"]
+    assert verdict["failures"][0].startswith("instance_02 (pid 201): rss_mb grew +")
