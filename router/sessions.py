@@ -39,8 +39,13 @@ log = logging.getLogger(__name__)
 
 
 def new_session_id() -> str:
-    """192 random bits, URL-safe, visible ASCII (a valid Mcp-Session-Id)."""
-    return secrets.token_urlsafe(24)
+    """About 192 random bits, URL-safe, visible ASCII (a valid Mcp-Session-Id).
+
+    Never starts with "-": people paste session ids into `exai sessions end ID` and
+    `exai links add GROUP ID`, where a leading dash reads as an option.
+    """
+    sid = secrets.token_urlsafe(24)
+    return sid if sid[0] != "-" else "_" + sid[1:]
 
 
 @dataclass(eq=False)
