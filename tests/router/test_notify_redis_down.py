@@ -1,7 +1,7 @@
 """Redis goes away under an open notification stream, then comes back.
 
 The router and the instance-side publisher run in this process against a Redis server of their
-own (the embedded one, on a free port), because the test stops and restarts it; the shared
+own (tests/redis_server.py, on a free port), because the test stops and restarts it; the shared
 Redis of the test run is never touched. The stream stays open on keep-alive comments while
 Redis is down, the publisher holds what is published meanwhile, and once Redis is back every
 event reaches the stream, in order, once.
@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from common.embedded import EmbeddedRedis
 from common.keys import Keys
 from common.notifications import EventLog
 from common.settings import Settings
@@ -27,37 +25,12 @@ from instance.notify import Notifier
 from router.app import create_app
 from router.sessions import Session, SessionTable
 from tests.ports import free_port
+from tests.redis_server import OwnRedis
 from tests.router.sse import Reader
 
 pytestmark = pytest.mark.timeout(120)
 
 UPDATED = "notifications/resources/updated"
-
-
-class OwnRedis:
-    """A Redis server this test may stop and start (same port, same data)."""
-
-    def __init__(self, base: Path) -> None:
-        self.server = EmbeddedRedis(base / "redis", port=free_port())
-        self._stack: contextlib.ExitStack | None = None
-
-    async def start(self) -> None:
-        stack = contextlib.ExitStack()
-        await asyncio.to_thread(stack.enter_context, self.server.running())
-        self._stack = stack
-
-    async def stop(self) -> None:
-        if self._stack is not None:
-            await asyncio.to_thread(self._stack.close)
-            self._stack = None
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(tmp_path)
-    yield server
-    if server._stack is not None:
-        server._stack.close()
 
 
 @contextlib.asynccontextmanager
@@ -78,9 +51,8 @@ def _numbers(reader: Reader) -> list[int]:
 async def test_stream_stays_open_while_redis_is_down_and_catches_up(
     own_redis: OwnRedis, make_settings: Callable[..., Settings]
 ) -> None:
-    await own_redis.start()
     settings = make_settings(
-        redis_url=own_redis.server.url(),
+        redis_url=own_redis.url,
         router_port=free_port(),
         internal_token="internal",
         stream_keepalive=0.3,
@@ -104,7 +76,7 @@ async def test_stream_stays_open_while_redis_is_down_and_catches_up(
             publisher.publish(sess.id, UPDATED, {"uri": f"exai://test/{n}"})
         await reader.wait_for(2)
 
-        await own_redis.stop()
+        await asyncio.to_thread(own_redis.stop)
         for n in (3, 4):
             publisher.publish(sess.id, UPDATED, {"uri": f"exai://test/{n}"})
         await reader.wait_keepalive()
@@ -112,7 +84,7 @@ async def test_stream_stays_open_while_redis_is_down_and_catches_up(
         assert not reader.done and _numbers(reader) == [1, 2]
         assert publisher.pending == 2 and publisher.dropped == 0
 
-        await own_redis.start()
+        await asyncio.to_thread(own_redis.start)
         await reader.wait_for(4, timeout=60)
         publisher.publish(sess.id, UPDATED, {"uri": f"exai://test/{5}"})
         await reader.wait_for(5)
