@@ -66,9 +66,15 @@ class Allocator:
     def retry_after(self) -> int:
         return max(1, math.ceil(min(self.settings.allocation_deadline, 30.0) or 5.0))
 
-    async def try_once(self, session_id: str) -> tuple[Instance, int] | None:
-        """A free instance and the fencing token of its new lease, or None."""
-        if (got := await self._try_known(session_id)) is not None:
+    def known(self) -> list[str]:
+        """The instances the last registry read saw, suspects left out: the candidates of the
+        one-round-trip lease (here and in router/opening.py), which re-checks each in Redis."""
+        return [inst.id for inst in self.registry.last.values() if not self.registry.is_suspect(inst)]
+
+    async def try_once(self, session_id: str, *, known_first: bool = True) -> tuple[Instance, int] | None:
+        """A free instance and the fencing token of its new lease, or None. `known_first=False`
+        skips the one-round-trip try (the caller has just made it, router/opening.py)."""
+        if known_first and (got := await self._try_known(session_id)) is not None:
             return got
         instances = await self.registry.instances()
         draining = await self.registry.draining()
@@ -98,8 +104,7 @@ class Allocator:
     async def _try_known(self, session_id: str) -> tuple[Instance, int] | None:
         """The usual case in one Redis round trip: lease a free instance among those the last
         registry read saw (the script re-checks each one's state, drain mark and lease)."""
-        known = [inst.id for inst in self.registry.last.values() if not self.registry.is_suspect(inst)]
-        got = await self.leases.acquire_first(known, session_id)
+        got = await self.leases.acquire_first(self.known(), session_id)
         if isinstance(got, list):
             return None  # none free (stale ones, if any, are the slow path's to reconcile)
         iid, fence, row = got
@@ -109,14 +114,17 @@ class Allocator:
             return None
         return inst, fence
 
-    async def _try_or_reclaim(self, session_id: str) -> tuple[Instance, int] | None:
-        got = await self.try_once(session_id)
+    async def _try_or_reclaim(self, session_id: str, known_first: bool = True) -> tuple[Instance, int] | None:
+        got = await self.try_once(session_id, known_first=known_first)
         if got is None and self.reclaim is not None and await self.reclaim():
             got = await self.try_once(session_id)  # an idle session was just parked
         return got
 
-    async def allocate(self, session_id: str) -> tuple[Instance, int]:
-        got = await self._try_or_reclaim(session_id)
+    async def allocate(self, session_id: str, *, known_first: bool = True) -> tuple[Instance, int]:
+        """A free instance and its fencing token: at once, after parking an idle session, or
+        after waiting (bounded). `known_first=False`: the caller has just tried the known
+        instances in one round trip (router/opening.py), so the first try reads the registry."""
+        got = await self._try_or_reclaim(session_id, known_first)
         if got is not None:
             return got
         if self.waiters >= MAX_WAITERS:

@@ -170,6 +170,8 @@ def create_app(settings: Settings) -> web.Application:
         handoffs = EndHandoffs(settings, hub, redis, keys)  # an ended session leaves its link groups
         proxy.bindings.on_end.append(handoffs.ended)
         _wire_gauges(metrics, proxy, upstream)
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):  # else loaded at its first use
+            await proxy.bindings.opening.load()
         try:
             loaded = await table.load()
             if loaded:

@@ -37,6 +37,7 @@ from common.redis import REDIS_DOWN_ERRORS
 from router.allocation import Allocator
 from router.leases import Leases
 from router.metrics import Metrics
+from router.opening import GONE, Opened, Opening
 from router.registry import Instance, Registry
 from router.sessions import Session, SessionTable
 
@@ -86,6 +87,7 @@ class Bindings:
         self.allocator = allocator
         self.metrics = metrics
         self.internal_token = internal_token
+        self.opening = Opening(table, leases)  # lease + record in one round trip
         self.targets: dict[str, Instance] = {}  # session id -> instance it is bound to
         # Sessions ended while Redis was down: (session, instance, persisted, reason) by id.
         self.unfinished_ends: dict[str, tuple[Session, Instance | None, bool, str]] = {}
@@ -122,6 +124,27 @@ class Bindings:
         sess.instance_id = inst.id
         sess.fence = fence
         self.targets[sess.id] = inst
+
+    def opened(self, sess: Session, got: Opened) -> None:
+        """router/opening.py has bound `sess` and written its record: take that on here."""
+        sess.instance_id = got.instance_id
+        sess.fence = got.fence
+        if got.instance is not None:
+            self.targets[sess.id] = got.instance
+        else:
+            self.targets.pop(sess.id, None)  # read from the registry at first use
+        self.table.adopt(sess, got.ver)
+
+    async def undo_open(self, sess: Session, exc: BaseException) -> None:
+        """An opening failed: free the instance the slow path leased for `sess`; and when the
+        opening script's answer may have been lost (not a Redis outage: cancelled, say), drop
+        the record it may have written (a lease it took then expires, never renewed, and its
+        instance never saw the session)."""
+        if sess.instance_id:
+            await self.end(sess, "failed-open", persisted=False)
+        if not isinstance(exc, REDIS_DOWN_ERRORS):
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await self.table.remove(sess)
 
     async def target(self, sess: Session) -> Instance | None:
         """The instance serving `sess`, or None (parked, or its instance left the registry)."""
@@ -178,9 +201,26 @@ class Bindings:
                 sess.instance_id = ""
                 self.targets.pop(sess.id, None)
                 await self.leases.release(old_id, sess.id)
+            # No initialize to replay: lease and record update in one round trip when a known
+            # instance is free; else the allocator's slow path, then the record on its own.
+            one_trip = inst is None and sess.stored and not (sess.era == "handshake" and sess.upstream_sid)
+            if one_trip:
+                changes: dict[str, Any] = {"generation": sess.generation + 1}
+                if resuming:
+                    changes.update(parked_at=0.0, resumes=sess.resumes + 1)
+                got = await self.opening.bind(sess, self.allocator.known(), changes)
+                if got is GONE:
+                    self.table.drop(sess)
+                    raise SessionNotFound("Session not found (it was ended).")
+                if isinstance(got, Opened):
+                    for name, value in changes.items():
+                        setattr(sess, name, value)
+                    self.opened(sess, got)
+                    self._rebound(sess, resuming, started, old_id, reason)
+                    return
             for _ in range(MAX_ATTEMPTS):
                 if inst is None:
-                    inst, fence = await self.allocator.allocate(sess.id)
+                    inst, fence = await self.allocator.allocate(sess.id, known_first=not one_trip)
                 try:
                     if sess.era == "handshake" and sess.upstream_sid:
                         sess.upstream_sid = await self._replay_initialize(sess, inst, fence)
@@ -204,13 +244,16 @@ class Bindings:
                 await self.leases.release(inst.id, sess.id)
                 self.allocator.notify_freed()
                 raise SessionNotFound("Session not found (it was ended).")
-            if resuming:
-                self.metrics.sessions_resumed.inc()
-                self.metrics.resume_seconds.observe(time.perf_counter() - started)
-                log.info("session %s resumed on %s", sess.id[:8], inst.id)
-            else:
-                self.metrics.failovers.inc()
-                log.info("session %s moved %s -> %s (%s)", sess.id[:8], old_id or "-", inst.id, reason)
+            self._rebound(sess, resuming, started, old_id, reason)
+
+    def _rebound(self, sess: Session, resuming: bool, started: float, old_id: str, reason: str) -> None:
+        if resuming:
+            self.metrics.sessions_resumed.inc()
+            self.metrics.resume_seconds.observe(time.perf_counter() - started)
+            log.info("session %s resumed on %s", sess.id[:8], sess.instance_id)
+        else:
+            self.metrics.failovers.inc()
+            log.info("session %s moved %s -> %s (%s)", sess.id[:8], old_id or "-", sess.instance_id, reason)
 
     async def _replay_initialize(self, sess: Session, inst: Instance, fence: int) -> str:
         """Open the session again on `inst` with the client's own initialize."""

@@ -49,33 +49,62 @@ end
 return 0
 """
 
-# One round trip for a new session's usual allocation: the first candidate that is registered,
-# ready, not draining, bound to no other session and unleased gets the lease and a new fencing
-# token. KEYS[1] = the draining set, then per candidate: instance hash, lease, lease generation.
-# Returns {instance id, fence, instance hash as a flat list}; or {'', 0, {}, {id}} at the first
-# unleased instance naming another session (a lost lease to reconcile, or a reset that never
-# happened: the caller's slower path deals with it, in the same order); or {'', 0, {}, {}}.
-_ACQUIRE_FIRST = """
-for i = 2, #KEYS, 3 do
-  local id = ARGV[2 + (i - 2) / 3 + 1]
-  if redis.call('sismember', KEYS[1], id) == 0 then
-    local row = redis.call('hmget', KEYS[i], 'state', 'session', 'port')
-    local ready = row[1] == false or row[1] == 'ready'
-    local owner = row[2]
-    if row[3] and ready then
-      if owner == false or owner == '' or owner == ARGV[1] then
-        if redis.call('set', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-          local fence = redis.call('incr', KEYS[i + 2])
-          return {id, fence, redis.call('hgetall', KEYS[i])}
+# The first free instance among candidates, as a Lua function shared by `_ACQUIRE_FIRST` and
+# the opening script (router/opening.py): the first candidate that is registered, ready, not
+# draining, bound to no other session and unleased gets the lease and a new fencing token.
+# `pick(k, ids, sid, ttl)`: KEYS[k] is the draining set, then per id in `ids` its instance
+# hash, lease and lease generation. Returns (id, fence, index of its hash in KEYS); or
+# ('', id) at the first unleased instance naming another session (a lost lease to reconcile,
+# or a reset that never happened: the caller's slower path deals with it, in the same order);
+# or '' when none qualifies.
+PICK_LUA = """
+local function pick(k, ids, sid, ttl)
+  for n = 1, #ids do
+    local id = ids[n]
+    local i = k + 1 + (n - 1) * 3
+    if redis.call('sismember', KEYS[k], id) == 0 then
+      local row = redis.call('hmget', KEYS[i], 'state', 'session', 'port')
+      local ready = row[1] == false or row[1] == 'ready'
+      local owner = row[2]
+      if row[3] and ready then
+        if owner == false or owner == '' or owner == sid then
+          if redis.call('set', KEYS[i + 1], sid, 'NX', 'PX', ttl) then
+            return id, redis.call('incr', KEYS[i + 2]), i
+          end
+        elseif redis.call('exists', KEYS[i + 1]) == 0 then
+          return '', id
         end
-      elseif redis.call('exists', KEYS[i + 1]) == 0 then
-        return {'', 0, {}, {id}}
       end
     end
   end
+  return ''
 end
+"""
+
+# One round trip for a new lease (`pick` above). KEYS[1] = the draining set, then per
+# candidate: instance hash, lease, lease generation. ARGV: session id, ttl ms, candidate ids.
+# Returns {instance id, fence, instance hash as a flat list}; or {'', 0, {}, {id}} (`pick`'s
+# instance to reconcile first); or {'', 0, {}, {}}.
+_ACQUIRE_FIRST = (
+    PICK_LUA
+    + """
+local ids = {}
+for n = 3, #ARGV do ids[#ids + 1] = ARGV[n] end
+local id, fence, i = pick(1, ids, ARGV[1], ARGV[2])
+if id ~= '' then return {id, fence, redis.call('hgetall', KEYS[i])} end
+if fence then return {'', 0, {}, {fence}} end
 return {'', 0, {}, {}}
 """
+)
+
+
+def candidate_keys(keys: Keys, instance_ids: Iterable[str]) -> list[str]:
+    """`pick`'s KEYS: the draining set, then each candidate's hash, lease and lease generation."""
+    out = [keys.draining()]
+    for iid in instance_ids:
+        out += [keys.instance(iid), keys.lease(iid), keys.lease_generation(iid)]
+    return out
+
 
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -113,9 +142,7 @@ class Leases:
         """
         if not instance_ids:
             return []
-        keys = [self.keys.draining()]
-        for iid in instance_ids:
-            keys += [self.keys.instance(iid), self.keys.lease(iid), self.keys.lease_generation(iid)]
+        keys = candidate_keys(self.keys, instance_ids)
         got = await self._acquire_first(keys=keys, args=[session_id, self.ttl_ms, *instance_ids])
         iid, fence, flat = got[0], got[1], got[2]
         if not iid:

@@ -44,6 +44,7 @@ from router.jsonrpc import (
 )
 from router.leases import Leases
 from router.metrics import Histogram, Metrics
+from router.opening import NoneFree, Opened, Outcome, Taken
 from router.registry import Instance, Registry
 from router.security import Guard
 from router.sessions import Call, Session, SessionTable, new_session_id
@@ -313,7 +314,10 @@ class Proxy:
                     allow="POST",
                 )
             return await hub.resume_listen(request, principal, *resume)
-        sess = await self.table.fetch_by_key(key)
+        if request.method == "POST":
+            sess = self.table.by_key.get(key)  # not cached here: the opening script looks in Redis
+        else:
+            sess = await self.table.fetch_by_key(key)
         if request.method == "GET" or sess is None or sess.ended:
             if request.method != "POST":
                 # The 2026-07-28 transport has only POST (DELETE ends a session that exists).
@@ -327,11 +331,11 @@ class Proxy:
         return await self._forward(request, sess, body, msg, started)
 
     async def _open_stateless(self, request: web.Request, principal: str, key: str, client: str) -> Session:
+        """The session of `key`: cached here, opened by another router (found in Redis), or
+        opened now, in one Redis round trip when a known instance is free (router/opening.py)."""
         lock = self._creating.setdefault(key, asyncio.Lock())
         async with lock:
-            # Opened here meanwhile? (the caller has just looked in Redis; another router's
-            # opening is caught by claim_key, so no second round trip for that here)
-            sess = self.table.by_key.get(key)
+            sess = self.table.by_key.get(key)  # opened here meanwhile?
             if sess is not None and not sess.ended:
                 return sess
             sess = Session(
@@ -342,19 +346,26 @@ class Proxy:
                 key=key,
                 client_addr=request.remote or "",
             )
-            self.bindings.bind(sess, *await self.allocator.allocate(sess.id))
+            opening, bindings = self.bindings.opening, self.bindings
+            got: Outcome | None = None
             try:
-                winner = await self.table.claim_key(key, sess.id)
-                if winner != sess.id:  # another router opened it first
-                    await self.bindings.end(sess, "lost-race", persisted=False)
-                    other = await self.table.fetch(winner)
+                got = await opening.open(sess, self.allocator.known())
+                if isinstance(got, NoneFree):  # the slow path: reconcile, park, wait, spares
+                    leased = await self.allocator.allocate(sess.id, known_first=False)
+                    bindings.bind(sess, *leased)
+                    got = await opening.open(sess, (), given=leased)
+                    if isinstance(got, Taken):  # another router opened it meanwhile
+                        await bindings.end(sess, "lost-race", persisted=False)
+                if isinstance(got, Taken):
+                    other = await self.table.fetch(got.session_id)
                     if other is None:
                         raise SessionNotFound("Session is being opened elsewhere; retry.")
                     return other
-                await self.table.save(sess, key_set=True)
-            except BaseException:
-                if not sess.ended:
-                    await asyncio.shield(self.bindings.end(sess, "failed-open", persisted=False))
+                assert isinstance(got, Opened)
+                bindings.opened(sess, got)
+            except BaseException as exc:
+                if not sess.ended and not isinstance(got, Taken):
+                    await asyncio.shield(bindings.undo_open(sess, exc))
                 raise
             finally:
                 if self._creating.get(key) is lock and not getattr(lock, "_waiters", None):

@@ -102,8 +102,10 @@ class Session:
     def to_hash(self) -> dict[str, str]:
         return {f: str(getattr(self, f)) for f in self._FIELDS}
 
-    def structural(self) -> list[str]:
-        return [x for f in self._STRUCTURAL for x in (f, str(getattr(self, f)))]
+    def structural(self, **changes: Any) -> list[str]:
+        """The structural fields as a flat field/value list; `changes` override values."""
+        values = {f: getattr(self, f) for f in self._STRUCTURAL} | changes
+        return [x for f in self._STRUCTURAL for x in (f, str(values[f]))]
 
     def update_from(self, other: Session) -> None:
         """Take the record's view of what another router may have changed."""
@@ -177,9 +179,10 @@ class Call:
         return f"{self.method} {self.name}".strip()
 
 
-# A structural write. KEYS: record, sessions zset, channel. ARGV: create ("1"/"0"), expiry ms,
-# last_seen, session id, total, router id, then field/value pairs. Returns the new version, or
-# -1 when the record is gone and this is not a create (another router ended the session).
+# A structural write. KEYS: record, sessions zset, channel [, stateless key mapping]. ARGV:
+# create ("1"/"0"), expiry ms, last_seen, session id, total, router id, then field/value pairs.
+# Returns the new version, or -1 when the record is gone and this is not a create (another
+# router ended the session). Only a change is announced: no other router caches a new record.
 _SAVE = """
 local exists = redis.call('exists', KEYS[1]) == 1
 if not exists and ARGV[1] ~= '1' then return -1 end
@@ -193,7 +196,8 @@ end
 local ver = redis.call('hincrby', KEYS[1], 'ver', 1)
 redis.call('pexpire', KEYS[1], ARGV[2])
 redis.call('zadd', KEYS[2], seen, ARGV[4])
-redis.call('publish', KEYS[3], ARGV[4] .. ' ' .. ver .. ' ' .. ARGV[6])
+if #KEYS > 3 then redis.call('set', KEYS[4], ARGV[4], 'PX', ARGV[2]) end
+if exists then redis.call('publish', KEYS[3], ARGV[4] .. ' ' .. ver .. ' ' .. ARGV[6]) end
 return ver
 """
 
@@ -214,10 +218,12 @@ if #KEYS > 2 then redis.call('pexpire', KEYS[3], ARGV[3]) end
 return {tonumber(redis.call('hget', KEYS[1], 'ver') or '0'), total, seen}
 """
 
-# An end. KEYS: record, sessions zset, channel. ARGV: session id, router id.
+# An end. KEYS: record, sessions zset, channel [, stateless key mapping, dropped only while it
+# still names this session]. ARGV: session id, router id.
 _REMOVE = """
 redis.call('del', KEYS[1])
 redis.call('zrem', KEYS[2], ARGV[1])
+if #KEYS > 3 and redis.call('get', KEYS[4]) == ARGV[1] then redis.call('del', KEYS[4]) end
 redis.call('publish', KEYS[3], ARGV[1] .. ' -1 ' .. ARGV[2])
 return 1
 """
@@ -271,25 +277,37 @@ class SessionTable:
         sid = await self.redis.get(self.keys.session_key(key))
         return await self.fetch(str(sid)) if sid else None
 
-    async def save(self, sess: Session, *, create: bool = True, key_set: bool = False) -> bool:
-        """Write the record through to Redis; False (and the session dropped here) when it is
-        an update (`create=False`) of a record another router has deleted meanwhile."""
+    def record_keys(self, sess: Session) -> list[str]:
+        """A structural write's KEYS: record, sessions zset, channel [, stateless key mapping]."""
+        keys = [self.keys.session(sess.id), self.keys.sessions(), self.keys.sessions_channel()]
+        if sess.key:
+            keys.append(self.keys.session_key(sess.key))
+        return keys
+
+    def adopt(self, sess: Session, ver: int) -> None:
+        """`sess` was just written to Redis at version `ver` (router/opening.py): cache it."""
+        self.by_id[sess.id] = sess
+        if sess.key:
+            self.by_key[sess.key] = sess
+        sess.ver, sess.stored = ver, True
+
+    async def save(self, sess: Session, *, create: bool = True) -> bool:
+        """Write the record (and a stateless session's key mapping) through to Redis in one
+        round trip; False (and the session dropped here) when it is an update (`create=False`)
+        of a record another router has deleted meanwhile."""
         if sess.ended:
             return False
         self.by_id[sess.id] = sess
         if sess.key:
             self.by_key[sess.key] = sess
-        keys = [self.keys.session(sess.id), self.keys.sessions(), self.keys.sessions_channel()]
         args: list[str | int] = ["1" if create else "0", self.expire_ms, repr(sess.last_seen), sess.id]
         args += [sess.total, self.origin]
-        ver = int(await self._save(keys=keys, args=[*args, *sess.structural()]))
+        ver = int(await self._save(keys=self.record_keys(sess), args=[*args, *sess.structural()]))
         if ver < 0:
             log.info("session %s was ended by another router", sess.id[:8])
             self.drop(sess)
             return False
         sess.ver, sess.stored = ver, True
-        if sess.key and not key_set:  # key_set: claim_key just set it, expiry included
-            await self.redis.set(self.keys.session_key(sess.key), sess.id, px=self.expire_ms)
         return True
 
     async def claim_key(self, key: str, sid: str) -> str:
@@ -352,13 +370,7 @@ class SessionTable:
         self.by_id.pop(sess.id, None)
         if sess.key and self.by_key.get(sess.key) is sess:
             del self.by_key[sess.key]
-        keys = [self.keys.session(sess.id), self.keys.sessions(), self.keys.sessions_channel()]
-        await self._remove(keys=keys, args=[sess.id, self.origin])
-        if sess.key:
-            # Only drop the key mapping if it still points at this session.
-            current = await self.redis.get(self.keys.session_key(sess.key))
-            if current == sess.id:
-                await self.redis.delete(self.keys.session_key(sess.key))
+        await self._remove(keys=self.record_keys(sess), args=[sess.id, self.origin])
         self._removing.discard(sess.id)
 
     async def idle_ids(self, older_than: float) -> list[str]:

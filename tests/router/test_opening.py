@@ -1,0 +1,177 @@
+"""A session's binding in one Redis round trip (router/opening.py), on real Redis.
+
+Counted on a connection of the test's own that counts the commands it sends: opening a new
+2026-07-28 session, or binding a parked one again, is one EVALSHA, and it writes exactly what
+the slower path would (a fenced lease, the key mapping, the record), never sharing an instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from common.keys import Keys
+from router.leases import Leases
+from router.opening import GONE, NoneFree, Opened, Opening, Taken
+from router.registry import Instance
+from router.sessions import Session, SessionTable, new_session_id
+
+
+class Counting(aioredis.Redis):
+    """A client that counts the commands it sends (a pipeline would count as one)."""
+
+    sent: list[str]
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.sent.append(str(args[0]))
+        return await super().execute_command(*args, **options)
+
+
+@pytest.fixture
+async def counting(redis_url: str) -> AsyncIterator[Counting]:
+    client = Counting.from_url(redis_url, decode_responses=True)
+    client.sent = []
+    yield client
+    await client.aclose()
+
+
+async def _register(r: aioredis.Redis, keys: Keys, iid: str, **fields: str) -> None:
+    row = {"id": iid, "host": "127.0.0.1", "port": "1", "state": "ready", "session": "", **fields}
+    await r.hset(keys.instance(iid), mapping=row)  # type: ignore[arg-type,misc]
+
+
+def _router(client: aioredis.Redis, keys: Keys) -> tuple[SessionTable, Leases, Opening]:
+    table = SessionTable(client, keys, expire_after=60)
+    leases = Leases(client, keys, ttl=30)
+    return table, leases, Opening(table, leases)
+
+
+def _stateless(key: str) -> Session:
+    return Session(id=new_session_id(), era="stateless", principal="local", client="c", key=key)
+
+
+async def test_a_new_session_is_one_round_trip_with_a_fenced_lease_and_its_record(
+    counting: Counting, keys: Keys
+) -> None:
+    tag = secrets.token_hex(3)
+    busy, free = f"op-{tag}-busy", f"op-{tag}-free"
+    for iid in (busy, free):
+        await _register(counting, keys, iid)
+    table, leases, opening = _router(counting, keys)
+    await leases.acquire(busy, "someone")
+    await opening.load()
+    before = int(await counting.get(keys.lease_generation(free)) or 0)
+
+    sess = _stateless(f"local/client/{tag}")
+    counting.sent.clear()
+    got = await opening.open(sess, [busy, free])
+    assert counting.sent == ["EVALSHA"]  # key check, lease, key claim and record: one round trip
+    assert isinstance(got, Opened)
+    assert got.instance_id == free and got.instance is not None and got.instance.id == free
+    assert got.fence == before + 1 == int(await counting.get(keys.lease_generation(free)) or 0)
+    assert await leases.holder(free) == sess.id and await leases.holder(busy) == "someone"
+    assert await counting.get(keys.session_key(sess.key)) == sess.id
+    assert 0 < await counting.pttl(keys.session_key(sess.key)) <= 60_000
+    record = await table.redis.hgetall(keys.session(sess.id))  # type: ignore[misc]
+    stored = Session.from_hash(record)
+    assert (stored.instance_id, stored.fence, stored.ver) == (free, got.fence, got.ver)
+    assert got.ver == 1
+    assert (stored.era, stored.principal, stored.key, stored.client) == ("stateless", "local", sess.key, "c")
+    assert await counting.zscore(keys.sessions(), sess.id) is not None
+
+    # Another router opening the same key gets the existing session, and takes nothing.
+    other_table, _, other = _router(counting, keys)
+    counting.sent.clear()
+    assert await other.open(_stateless(sess.key), [free]) == Taken(sess.id)
+    assert counting.sent == ["EVALSHA"]
+    assert await other_table.fetch(sess.id) is not None
+
+    # Parked, then bound again (resume): one round trip, announced to the other routers.
+    await leases.release(free, sess.id)
+    await table.save(sess, create=False)
+    counting.sent.clear()
+    opening._open.sha = "0" * 40  # as if Redis had restarted: NOSCRIPT, loaded again, retried
+    again = await opening.bind(sess, [busy, free], {"generation": 1, "resumes": 1, "parked_at": 0.0})
+    assert counting.sent == ["EVALSHA", "SCRIPT LOAD", "EVALSHA"]
+    assert isinstance(again, Opened) and again.instance_id == free and again.fence == got.fence + 1
+    counting.sent.clear()
+    assert await opening.bind(sess, [busy, free], {}) == NoneFree("")  # nothing free: nothing written
+    assert counting.sent == ["EVALSHA"]
+    record = await table.redis.hgetall(keys.session(sess.id))  # type: ignore[misc]
+    assert (record["fence"], record["resumes"], record["generation"]) == (str(again.fence), "1", "1")
+    assert int(record["ver"]) == again.ver > got.ver
+
+    # Ended through another router: binding it takes no lease.
+    await leases.release(free, sess.id)
+    await other_table.remove(Session.from_hash(record))
+    assert await counting.get(keys.session_key(sess.key)) is None  # the end dropped the mapping
+    assert await opening.bind(sess, [free], {}) is GONE
+    assert await leases.holder(free) is None
+
+
+async def test_nothing_free_writes_nothing_and_a_given_instance_is_recorded(
+    counting: Counting, keys: Keys
+) -> None:
+    tag = secrets.token_hex(3)
+    stale, draining, starting = (f"op-{tag}-{n}" for n in ("stale", "draining", "starting"))
+    await _register(counting, keys, stale, session="another-session")  # lost lease to reconcile
+    await _register(counting, keys, draining)
+    await _register(counting, keys, starting, state="starting")
+    await counting.sadd(keys.draining(), draining)  # type: ignore[misc]
+    table, leases, opening = _router(counting, keys)
+    sess = _stateless(f"local/client/{tag}")
+
+    assert await opening.open(sess, [draining, starting, stale]) == NoneFree(stale)
+    assert await opening.open(sess, []) == NoneFree("")
+    assert await counting.exists(keys.session(sess.id), keys.session_key(sess.key)) == 0
+    for iid in (stale, draining, starting):
+        assert await leases.holder(iid) is None
+
+    # The slow path's instance: the key claim and the record in one more round trip.
+    fence = await leases.acquire(draining, sess.id)
+    inst = await table.redis.hgetall(keys.instance(draining))  # type: ignore[misc]
+    given = Instance.from_hash(inst)
+    assert given is not None
+    counting.sent.clear()
+    got = await opening.open(sess, [stale], given=(given, fence))
+    assert counting.sent == ["EVALSHA"]
+    assert got == Opened(draining, fence, 1, given)
+    assert await counting.get(keys.session_key(sess.key)) == sess.id
+    assert await counting.hget(keys.session(sess.id), "instance_id") == draining  # type: ignore[misc]
+    await counting.srem(keys.draining(), draining)  # type: ignore[misc]
+
+
+async def test_concurrent_openings_never_share_an_instance(counting: Counting, keys: Keys) -> None:
+    tag = secrets.token_hex(3)
+    ids = [f"op-{tag}-{n}" for n in range(5)]
+    for iid in ids:
+        await _register(counting, keys, iid)
+    routers = [_router(counting, keys)[2] for _ in range(3)]
+
+    # 30 new sessions on three routers at once, 5 free instances: 5 get one each.
+    sessions = [_stateless(f"local/client/{tag}-{n}") for n in range(30)]
+    got = await asyncio.gather(*(routers[n % 3].open(s, ids) for n, s in enumerate(sessions)))
+    opened = [(s, g) for s, g in zip(sessions, got, strict=True) if isinstance(g, Opened)]
+    assert len(opened) == 5
+    assert sorted(g.instance_id for _, g in opened) == sorted(ids)
+    assert all(g == NoneFree("") for g in got if not isinstance(g, Opened))
+    leases = Leases(counting, keys, ttl=30)
+    for sess, g in opened:
+        assert await leases.holder(g.instance_id) == sess.id
+
+    # One key opened by many at once: exactly one session, every other opening is told its id.
+    for s, g in opened:
+        assert isinstance(g, Opened)
+        await leases.release(g.instance_id, s.id)
+    same = [_stateless(f"local/client/{tag}-same") for _ in range(12)]
+    got = await asyncio.gather(*(routers[n % 3].open(s, ids) for n, s in enumerate(same)))
+    winners = [s.id for s, g in zip(same, got, strict=True) if isinstance(g, Opened)]
+    assert len(winners) == 1
+    assert all(g == Taken(winners[0]) for g in got if not isinstance(g, Opened))
+    held = [await leases.holder(iid) for iid in ids]
+    assert held.count(winners[0]) == 1 and held.count(None) == 4
