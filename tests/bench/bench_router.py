@@ -306,8 +306,23 @@ async def _overhead(
     return out
 
 
+async def _router_stage_sum(fleet: Fleet) -> float:
+    """The router's `exai_router_call_stage_seconds_sum{stage="router"}` (its own time, in s)."""
+    status, text = await fleet.admin("GET", "/metrics")
+    if status != 200:
+        raise RuntimeError(f"/metrics: {status}")
+    for line in str(text).splitlines():
+        if line.startswith('exai_router_call_stage_seconds_sum{stage="router"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 async def _first_call(fleet: Fleet, samples: int, *, free: bool) -> dict[str, Any]:
     """A new 2026-07-28 session's first call (allocation, lease, session record) vs. its second.
+
+    Besides the client-observed latency, the router's own time on each call (its stage
+    histogram's sum, read before and after the call: untimed) is less sensitive to a loaded
+    machine's scheduling of the client and the instance.
 
     free=True: every session is ended (untimed) before the next one opens, so a free instance
     waits for each new session: the new-session path itself. free=False: the sessions stay
@@ -316,22 +331,33 @@ async def _first_call(fleet: Fleet, samples: int, *, free: bool) -> dict[str, An
     """
     first: list[float] = []
     second: list[float] = []
+    own_first: list[float] = []
+    own_second: list[float] = []
     for i in range(samples):
         c = Caller(fleet.mcp_url, f"first-{i}-{secrets.token_hex(2)}")
         # Open the client's keep-alive connection first (untimed): the client's own connect and
         # name lookup are not the router's cost of a new session.
         async with c.http.get(fleet.mcp_url.rsplit("/mcp", 1)[0] + "/healthz") as r:
             await r.read()
+        s0 = await _router_stage_sum(fleet)
         first.append(await c.call("version", {}))
+        s1 = await _router_stage_sum(fleet)
         second.append(await c.call("version", {}))
+        s2 = await _router_stage_sum(fleet)
+        own_first.append(s1 - s0)
+        own_second.append(s2 - s1)
         await c.close()
         if free:
             await fleet.end_all_sessions()
     a, b = _stats(first), _stats(second)
+    oa, ob = _stats(own_first), _stats(own_second)
     return {
         "first": a,
         "bound": b,
         "added_p50_ms": round(a["p50_ms"] - b["p50_ms"], 3),
+        "router_own_first": oa,
+        "router_own_bound": ob,
+        "router_own_added_p50_ms": round(oa["p50_ms"] - ob["p50_ms"], 3),
         "free_instance": free,
     }
 
@@ -695,13 +721,15 @@ def _print(r: dict[str, Any]) -> None:
         f = r["first_call"]
         print(
             f"\nnew session's first call, free instance: p50 {f['first']['p50_ms']:.3f} vs bound "
-            f"{f['bound']['p50_ms']:.3f} (added {f['added_p50_ms']:.3f}; target <= 1)"
+            f"{f['bound']['p50_ms']:.3f} (added {f['added_p50_ms']:.3f}; target <= 1); the router's own "
+            f"time {f['router_own_first']['p50_ms']:.3f} vs {f['router_own_bound']['p50_ms']:.3f}"
         )
     if "first_call_full_fleet" in r:
         f = r["first_call_full_fleet"]
         print(
             f"new session's first call, full fleet (parks an idle session): p50 {f['first']['p50_ms']:.3f}"
-            f" vs bound {f['bound']['p50_ms']:.3f} (added {f['added_p50_ms']:.3f})"
+            f" vs bound {f['bound']['p50_ms']:.3f} (added {f['added_p50_ms']:.3f}); the router's own time "
+            f"{f['router_own_first']['p50_ms']:.3f} vs {f['router_own_bound']['p50_ms']:.3f}"
         )
     for row in r.get("rate", []):
         print(
