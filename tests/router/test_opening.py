@@ -10,15 +10,22 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from common.errors import NoFreeInstance
 from common.keys import Keys
+from router.allocation import Allocator
 from router.leases import Leases
+from router.metrics import Metrics
 from router.opening import GONE, NoneFree, Opened, Opening, Taken
-from router.registry import Instance
+from router.proxy import Proxy
+from router.registry import Instance, Registry
+from router.security import Guard
 from router.sessions import Session, SessionTable, new_session_id
 
 
@@ -175,3 +182,60 @@ async def test_concurrent_openings_never_share_an_instance(counting: Counting, k
     assert all(g == Taken(winners[0]) for g in got if not isinstance(g, Opened))
     held = [await leases.holder(iid) for iid in ids]
     assert held.count(winners[0]) == 1 and held.count(None) == 4
+
+
+def _proxy(client: aioredis.Redis, keys: Keys, http: aiohttp.ClientSession) -> Proxy:
+    """The router's /mcp side without a server: what opening a session goes through."""
+    settings: Any = SimpleNamespace(allocation_deadline=0.3, autostart_spares=False, max_instances=2)
+    registry = Registry(client, keys)
+    table, leases, _ = _router(client, keys)
+    allocator = Allocator(settings, registry, leases, Metrics())
+    return Proxy(
+        http=http, table=table, registry=registry, leases=leases, allocator=allocator,
+        guard=Guard(tokens={}, admin_token=None, origins=()), metrics=Metrics(), internal_token="t",
+        max_body_bytes=1 << 20,
+    )  # fmt: skip
+
+
+async def test_the_router_opens_a_session_in_one_round_trip_and_falls_back_when_none_is_known(
+    counting: Counting, keys: Keys
+) -> None:
+    tag = secrets.token_hex(3)
+    keys = Keys(f"{keys.prefix}:op{tag}")  # a registry of this test's own
+    ids = [f"op-{tag}-{n}" for n in range(2)]
+    for iid in ids:
+        await _register(counting, keys, iid)
+        await counting.sadd(keys.instances(), iid)  # type: ignore[misc]
+    request: Any = SimpleNamespace(remote="127.0.0.1")
+    async with aiohttp.ClientSession() as http:
+        one, two = _proxy(counting, keys, http), _proxy(counting, keys, http)
+        await one.registry.instances()  # as after the router's first registry read
+        await one.bindings.opening.load()
+
+        counting.sent.clear()
+        sess = await one._open_stateless(request, "local", f"local/client/{tag}", "c")
+        assert counting.sent == ["EVALSHA"]
+        assert one.table.by_key[sess.key] is sess and sess.stored and sess.ver == 1
+        first = one.bindings.targets[sess.id]
+        assert first.id == sess.instance_id and await one.leases.holder(first.id) == sess.id
+
+        # Another router, which has not read the registry yet: the key's session, from Redis.
+        counting.sent.clear()
+        found = await two._open_stateless(request, "local", f"local/client/{tag}", "c")
+        assert found.id == sess.id and found.instance_id == first.id
+        assert counting.sent == ["EVALSHA", "HGETALL"]
+        # A new key there: nothing known, so the allocator's slow path, then claim and record.
+        other = await two._open_stateless(request, "local", f"local/client/{tag}-2", "c")
+        (second,) = [i for i in ids if i != first.id]
+        assert other.instance_id == second and await two.leases.holder(second) == other.id
+        record = await counting.hgetall(keys.session(other.id))  # type: ignore[misc]
+        assert (record["instance_id"], record["fence"]) == (second, str(other.fence))
+        assert await counting.get(keys.session_key(other.key)) == other.id
+
+        # Both taken: the third waits out the deadline, is refused, and leaves nothing behind.
+        with pytest.raises(NoFreeInstance):
+            await one._open_stateless(request, "local", f"local/client/{tag}-3", "c")
+        assert await counting.get(keys.session_key(f"local/client/{tag}-3")) is None
+        assert await counting.zcard(keys.sessions()) == 2
+        await one.close()
+        await two.close()
