@@ -306,15 +306,18 @@ async def _overhead(
     return out
 
 
-async def _router_stage_sum(fleet: Fleet) -> float:
-    """The router's `exai_router_call_stage_seconds_sum{stage="router"}` (its own time, in s)."""
+async def _stage_sums(fleet: Fleet) -> tuple[float, float]:
+    """The router's `exai_router_call_stage_seconds_sum` for stage "router" (its own time) and
+    "instance" (waiting on the instance), in seconds."""
     status, text = await fleet.admin("GET", "/metrics")
     if status != 200:
         raise RuntimeError(f"/metrics: {status}")
+    sums = {"router": 0.0, "instance": 0.0}
     for line in str(text).splitlines():
-        if line.startswith('exai_router_call_stage_seconds_sum{stage="router"}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        for stage in sums:
+            if line.startswith(f'exai_router_call_stage_seconds_sum{{stage="{stage}"}}'):
+                sums[stage] = float(line.rsplit(" ", 1)[1])
+    return sums["router"], sums["instance"]
 
 
 async def _first_call(fleet: Fleet, samples: int, *, free: bool) -> dict[str, Any]:
@@ -333,19 +336,23 @@ async def _first_call(fleet: Fleet, samples: int, *, free: bool) -> dict[str, An
     second: list[float] = []
     own_first: list[float] = []
     own_second: list[float] = []
+    inst_first: list[float] = []
+    inst_second: list[float] = []
     for i in range(samples):
         c = Caller(fleet.mcp_url, f"first-{i}-{secrets.token_hex(2)}")
         # Open the client's keep-alive connection first (untimed): the client's own connect and
         # name lookup are not the router's cost of a new session.
         async with c.http.get(fleet.mcp_url.rsplit("/mcp", 1)[0] + "/healthz") as r:
             await r.read()
-        s0 = await _router_stage_sum(fleet)
+        s0 = await _stage_sums(fleet)
         first.append(await c.call("version", {}))
-        s1 = await _router_stage_sum(fleet)
+        s1 = await _stage_sums(fleet)
         second.append(await c.call("version", {}))
-        s2 = await _router_stage_sum(fleet)
-        own_first.append(s1 - s0)
-        own_second.append(s2 - s1)
+        s2 = await _stage_sums(fleet)
+        own_first.append(s1[0] - s0[0])
+        own_second.append(s2[0] - s1[0])
+        inst_first.append(s1[1] - s0[1])
+        inst_second.append(s2[1] - s1[1])
         await c.close()
         if free:
             await fleet.end_all_sessions()
@@ -358,6 +365,8 @@ async def _first_call(fleet: Fleet, samples: int, *, free: bool) -> dict[str, An
         "router_own_first": oa,
         "router_own_bound": ob,
         "router_own_added_p50_ms": round(oa["p50_ms"] - ob["p50_ms"], 3),
+        "instance_first": _stats(inst_first),
+        "instance_bound": _stats(inst_second),
         "free_instance": free,
     }
 
@@ -722,7 +731,8 @@ def _print(r: dict[str, Any]) -> None:
         print(
             f"\nnew session's first call, free instance: p50 {f['first']['p50_ms']:.3f} vs bound "
             f"{f['bound']['p50_ms']:.3f} (added {f['added_p50_ms']:.3f}; target <= 1); the router's own "
-            f"time {f['router_own_first']['p50_ms']:.3f} vs {f['router_own_bound']['p50_ms']:.3f}"
+            f"time {f['router_own_first']['p50_ms']:.3f} vs {f['router_own_bound']['p50_ms']:.3f}, waiting "
+            f"on the instance {f['instance_first']['p50_ms']:.3f} vs {f['instance_bound']['p50_ms']:.3f}"
         )
     if "first_call_full_fleet" in r:
         f = r["first_call_full_fleet"]
