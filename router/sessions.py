@@ -7,17 +7,17 @@ router is left to sweep them.
 
 Structural changes (create, rebind, end) are written through to Redis before the client sees
 their effect (a new 2026-07-28 session, and a rebind without an initialize to replay, in one
-round trip with the instance's lease: router/opening.py), so a restarted router (or a second one) finds every session. Per-request
-bookkeeping (last seen, counters) stays in memory and is flushed in the background, keeping
-Redis off the proxy path.
+round trip with the instance's lease: router/opening.py), so a restarted router (or a second
+one) finds every session. Per-request bookkeeping (last seen, counters) stays in memory and
+is flushed in the background, keeping Redis off the proxy path.
 
 Several routers share the table, and Redis is the truth: every structural write bumps the
 record's `ver`, and every change of an existing record is announced on the sessions channel,
 so the other routers re-read (or drop) their cached copy (a new record is not announced: no
-router caches a session before its record exists); since pub/sub can miss, the flush and the lease renewal rounds
-(router/app.py) compare versions too. Writes never re-create a record another router
-deleted: an update (`save(create=False)`) and a counter flush only apply while the record
-exists, in one script each.
+router caches a session before its record exists); since pub/sub can miss, the flush and the
+lease renewal rounds (router/app.py) compare versions too. Writes never re-create a record
+another router deleted: an update (`save(create=False)`) and a counter flush only apply while
+the record exists, in one script each.
 """
 
 from __future__ import annotations
