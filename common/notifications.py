@@ -34,6 +34,20 @@ return id
 """
 
 
+# The same for several events at once (one round trip): KEYS = log, channel, log, channel, ...;
+# ARGV = maxlen, ttl, message, message, ... (one message per pair of keys, appended in order).
+_APPEND_MANY = """
+local ids = {}
+for i = 1, #KEYS / 2 do
+    local id = redis.call('XADD', KEYS[2 * i - 1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[i + 2])
+    redis.call('EXPIRE', KEYS[2 * i - 1], ARGV[2])
+    redis.call('PUBLISH', KEYS[2 * i], id)
+    ids[i] = id
+end
+return ids
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One logged notification: its stream id and the JSON-RPC notification object."""
@@ -90,12 +104,24 @@ class EventLog:
         self.maxlen = maxlen
         self.ttl = max(1, int(ttl))
         self._append = redis.register_script(_APPEND)
+        self._append_many = redis.register_script(_APPEND_MANY)
 
     async def append(self, session_id: str, message: dict[str, Any]) -> str:
         """Log `message` for the session and wake its readers; returns the event id."""
         data = json.dumps(message, separators=(",", ":"))
         keys = [self.keys.events(session_id), self.keys.session_channel(session_id)]
         return str(await self._append(keys=keys, args=[self.maxlen, data, self.ttl]))
+
+    async def append_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[str]:
+        """Log several (session, message) pairs in one round trip, in order; their event ids."""
+        if not items:
+            return []
+        keys: list[str] = []
+        args: list[Any] = [self.maxlen, self.ttl]
+        for session_id, message in items:
+            keys += [self.keys.events(session_id), self.keys.session_channel(session_id)]
+            args.append(json.dumps(message, separators=(",", ":")))
+        return [str(i) for i in await self._append_many(keys=keys, args=args)]
 
     async def after(self, session_id: str, cursor: str, *, count: int = 200) -> list[Event]:
         """Up to `count` events logged after `cursor`, oldest first."""

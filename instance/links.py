@@ -168,8 +168,9 @@ class Links:
             "data": data or {},
             "created_at": time.time(),
         }
-        await storage.spool.append(KIND_LINK_EVENT, payload, urgent=True)
-        storage.flusher.kick()  # live: no waiting for a batch to fill
+        await storage.spool.append(
+            KIND_LINK_EVENT, payload, urgent=True, sync=self.runtime.settings.link_spool_sync
+        )  # the flusher takes it from the spool's memory at once (no waiting for a batch)
         self.spooled += 1
         return event_id
 
@@ -193,7 +194,9 @@ class Links:
             "task_event": task_event,
             "created_at": time.time(),
         }
-        await storage.spool.append(KIND_LINK_EVENT, payload, urgent=True)
+        await storage.spool.append(
+            KIND_LINK_EVENT, payload, urgent=True, sync=self.runtime.settings.link_spool_sync
+        )
         self.spooled += 1
 
     def expect(self, task_event: str) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -111,25 +112,77 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
         results["client_ms"] = {k: summary(v) for k, v in seen.items()}
 
         # Delivery: one message at a time, A's call start -> B's client has the notification.
+        # Where the time goes (wall clock, one machine): the call start -> the tool made the
+        # event (its created_at) -> the notification published on B's session channel (seen by
+        # a subscriber of our own, like the router's) -> B's client has it (the pub/sub hop:
+        # router wake-up, its read of B's log, SSE, the client's parsing).
+        b_sid = (await status_of(b))["session"]
         await call(b, "link_inbox", {"group": group, "limit": 1000})
+        redis = aioredis.Redis.from_url(fleet.settings.redis_url or "", decode_responses=True)
+        pubsub = redis.pubsub()
+        await pubsub.subscribe(fleet.keys.session_channel(b_sid))
+        published_at = [0.0]
+
+        async def listen() -> None:
+            async for msg in pubsub.listen():
+                if msg.get("type") == "message":
+                    published_at[0] = time.time()
+
+        listener = asyncio.create_task(listen())
         await asyncio.sleep(1.0)
         lat: list[float] = []
         after_answer: list[float] = []
+        answer: list[float] = []
+        marks: list[tuple[int, float, float, float]] = []  # (i, call start, published, arrived)
         for i in range(messages):
             arrived.clear()
+            published_at[0] = 0.0
+            wall0 = time.time()
             t0 = time.perf_counter()
             await call(a, "link_send", {"group": group, "body": f"d{i}", "to": None})
             answered = time.perf_counter()
             await asyncio.wait_for(arrived.wait(), 10)
             lat.append((arrived_at[0] - t0) * 1000)
+            answer.append((answered - t0) * 1000)
             after_answer.append((arrived_at[0] - answered) * 1000)  # < 0: B heard before A's answer
+            await asyncio.sleep(0.002)  # let our own subscriber note the publish, if it lags
+            marks.append((i, wall0, published_at[0], wall0 + (arrived_at[0] - t0)))
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
         results["delivery"] = summary(lat)
         results["delivery_after_answer"] = summary(after_answer)
-        redis = aioredis.Redis.from_url(fleet.settings.redis_url or "", decode_responses=True)
+        results["sender_answer"] = summary(answer)
         try:  # the instances' own count: the sender's call -> the members' notification queued
             stats = await redis.hgetall(fleet.keys.link_stats())  # type: ignore[misc]
         finally:
             await redis.aclose()
+        conn = await asyncpg.connect(dsn)
+        try:
+            made = {
+                r["body"]: r["created_at"].timestamp()
+                for r in await conn.fetch(
+                    "SELECT body, created_at FROM link_events WHERE group_name = $1 AND body LIKE 'd%'",
+                    group,
+                )
+            }
+        finally:
+            await conn.close()
+        to_tool, to_publish, hop = [], [], []
+        for i, start, published, got in marks:
+            created = made.get(f"d{i}")
+            if created is None or not published or published > got:
+                continue
+            to_tool.append((created - start) * 1000)
+            to_publish.append((published - created) * 1000)
+            hop.append((got - published) * 1000)
+        if hop:
+            results["delivery_parts"] = {
+                "call_start_to_event_made": summary(to_tool),
+                "event_made_to_published": summary(to_publish),
+                "pubsub_hop_published_to_b": summary(hop),
+            }
         count = float(stats.get("publish_lag_count", 0) or 0)
         results["publish_lag_mean_ms"] = (
             round(float(stats.get("publish_lag_seconds_sum", 0)) / count * 1000, 3) if count else None
@@ -273,11 +326,14 @@ async def main() -> None:
     for label, key in (
         ("delivery A -> B (notification)", "delivery"),
         ("  of it after A's call answered", "delivery_after_answer"),
+        ("A's link_send answered (client)", "sender_answer"),
         ("old sync store (contrast)", "old_sync_store"),
         ("spool append alone (fsync floor)", "spool_append_floor"),
     ):
         r = results[key]
         print(f"{label:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
+    for key, r in results.get("delivery_parts", {}).items():
+        print(f"{'  part: ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
     for side in ("server_ms", "client_ms"):
         cost = results[f"sender_cost_{side}"]
         group_cost, send_cost = cost["group_task_minus_session_task_p50"], cost["link_send_minus_noop_p50"]
@@ -291,7 +347,9 @@ async def main() -> None:
     out = ROOT / "tests" / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"links-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    results["load_average"] = [round(x, 2) for x in os.getloadavg()]
     path.write_text(json.dumps(results, indent=2))
+    print(f"load average at the end: {results['load_average']}")
     print(f"saved {path}")
 
 
