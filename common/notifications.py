@@ -2,11 +2,13 @@
 
 Instances (and the admin API) append; routers read. One Lua script appends the event to the
 session's Redis stream (trimmed to about EXAI_NOTIFY_LOG_MAXLEN entries, expiring with the
-session) and publishes the new entry id on the session's channel, so an event is never
-announced without being in the log. Pub/sub is only the wake-up: a router always reads the
-events themselves from the log, after the last id it delivered, which makes delivery ordered
-and duplicate-free however many times it is woken, and lets it catch up after Redis or the
-router itself was away. The entry ids (`<ms>-<seq>`, increasing) are the SSE event ids.
+session) and publishes the new entry on the session's channel, so an event is never announced
+without being in the log. The publish carries `<previous id> <id> <message>`: a router whose
+stream has written exactly up to the previous id writes the message at once (no read of the
+log); any other router, or any doubt, reads the log after the last id it delivered, which
+makes delivery ordered and duplicate-free however many times it is woken, and lets it catch
+up after Redis or the router itself was away (see `carried`). The entry ids (`<ms>-<seq>`,
+increasing) are the SSE event ids.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ END = "end"
 FIRST_ID = "0-0"
 
 _APPEND = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local prev = last[1] and last[1][1] or '0-0'
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('PUBLISH', KEYS[2], id)
+redis.call('PUBLISH', KEYS[2], prev .. ' ' .. id .. ' ' .. ARGV[2])
 return id
 """
 
@@ -39,9 +43,11 @@ return id
 _APPEND_MANY = """
 local ids = {}
 for i = 1, #KEYS / 2 do
+    local last = redis.call('XREVRANGE', KEYS[2 * i - 1], '+', '-', 'COUNT', 1)
+    local prev = last[1] and last[1][1] or '0-0'
     local id = redis.call('XADD', KEYS[2 * i - 1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[i + 2])
     redis.call('EXPIRE', KEYS[2 * i - 1], ARGV[2])
-    redis.call('PUBLISH', KEYS[2 * i], id)
+    redis.call('PUBLISH', KEYS[2 * i], prev .. ' ' .. id .. ' ' .. ARGV[i + 2])
     ids[i] = id
 end
 return ids
@@ -87,6 +93,20 @@ def parse_id(value: str | None) -> tuple[int, int] | None:
     if not sep or not ms.isdigit() or not seq.isdigit():
         return None
     return int(ms), int(seq)
+
+
+def carried(data: str) -> tuple[str, Event] | None:
+    """(previous id, the event) from a publish on a session's channel, or None when it carries
+    no event (END, a bare id from an older writer, anything unexpected: read the log then)."""
+    prev, sep, rest = data.partition(" ")
+    event_id, sep2, text = rest.partition(" ")
+    if not sep or not sep2 or parse_id(prev) is None or parse_id(event_id) is None:
+        return None
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    return (prev, Event(event_id, message)) if isinstance(message, dict) else None
 
 
 def newer(a: str, b: str) -> bool:

@@ -364,8 +364,6 @@ class Spool:
                 self.hot_rows += 1
                 if self._hot_complete:
                     self._hot[seq] = p  # decoded when the flusher takes it
-            if not p.future.done():
-                p.future.set_result(None)
         if self._hot_complete and len(self._hot) > self.hot_max:
             log.info(
                 "more than %d link rows wait for Postgres; the flusher reads them from the file", self.hot_max
@@ -373,8 +371,13 @@ class Spool:
             self._hot.clear()
             self._hot_complete = False
         self._empty.clear()
+        # The flusher first, then the callers: its wake-up is queued ahead of theirs, so it sends
+        # a live event to Postgres before the loop turns to their answers.
         if self.on_commit is not None:
             self.on_commit(self.rows, hot > 0)
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result(None)
         if not full:  # the callers have their answer; now make the rows power-loss safe too
             self.unsynced_commits += 1
             try:
