@@ -38,20 +38,33 @@ return id
 """
 
 
-# The same for several events at once (one round trip): KEYS = log, channel, log, channel, ...;
-# ARGV = maxlen, ttl, message, message, ... (one message per pair of keys, appended in order).
-_APPEND_MANY = """
-local ids = {}
-for i = 1, #KEYS / 2 do
-    local last = redis.call('XREVRANGE', KEYS[2 * i - 1], '+', '-', 'COUNT', 1)
+# The same for several events at once (one round trip): KEYS = log, channel, log, channel, ...
+# after `skip` leading keys; ARGV = maxlen, ttl, then the messages after `askip` leading args
+# (one message per pair of keys, appended in order).
+_APPEND_EACH = """
+for i = 1, (#KEYS - skip) / 2 do
+    local log, chan = KEYS[skip + 2 * i - 1], KEYS[skip + 2 * i]
+    local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
     local prev = last[1] and last[1][1] or '0-0'
-    local id = redis.call('XADD', KEYS[2 * i - 1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[i + 2])
-    redis.call('EXPIRE', KEYS[2 * i - 1], ARGV[2])
-    redis.call('PUBLISH', KEYS[2 * i], prev .. ' ' .. id .. ' ' .. ARGV[i + 2])
+    local id = redis.call('XADD', log, 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[askip + i])
+    redis.call('EXPIRE', log, ARGV[2])
+    redis.call('PUBLISH', chan, prev .. ' ' .. id .. ' ' .. ARGV[askip + i])
     ids[i] = id
 end
 return ids
 """
+_APPEND_MANY = "local ids, skip, askip = {}, 0, 2\n" + _APPEND_EACH
+# The same, after marking `member` in the sorted set KEYS[1] with score ARGV[4] (dropping members
+# scored below ARGV[5]): ARGV = maxlen, ttl, member, score, now, messages...
+_APPEND_MARKED = (
+    """
+local ids, skip, askip = {}, 1, 5
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[5])
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[3])
+redis.call('EXPIRE', KEYS[1], 3600)
+"""
+    + _APPEND_EACH
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +138,7 @@ class EventLog:
         self.ttl = max(1, int(ttl))
         self._append = redis.register_script(_APPEND)
         self._append_many = redis.register_script(_APPEND_MANY)
+        self._append_marked = redis.register_script(_APPEND_MARKED)
 
     async def append(self, session_id: str, message: dict[str, Any]) -> str:
         """Log `message` for the session and wake its readers; returns the event id."""
@@ -142,6 +156,19 @@ class EventLog:
             keys += [self.keys.events(session_id), self.keys.session_channel(session_id)]
             args.append(json.dumps(message, separators=(",", ":")))
         return [str(i) for i in await self._append_many(keys=keys, args=args)]
+
+    async def append_marked(
+        self, marker: str, member: str, score: float, now: float, items: list[tuple[str, dict[str, Any]]]
+    ) -> list[str]:
+        """`append_many`, in the same atomic step as adding `member` to the sorted set `marker`
+        (scored `score`; members scored below `now` are dropped): a reader woken by one of
+        these events already finds the mark."""
+        keys: list[str] = [marker]
+        args: list[Any] = [self.maxlen, self.ttl, member, score, now]
+        for session_id, message in items:
+            keys += [self.keys.events(session_id), self.keys.session_channel(session_id)]
+            args.append(json.dumps(message, separators=(",", ":")))
+        return [str(i) for i in await self._append_marked(keys=keys, args=args)]
 
     async def after(self, session_id: str, cursor: str, *, count: int = 200) -> list[Event]:
         """Up to `count` events logged after `cursor`, oldest first."""

@@ -1,6 +1,7 @@
 """Linked sessions through a real fleet: the sender's cost, delivery latency A -> B, catch-up.
 
     python tests/bench/bench_links.py [--calls 300] [--messages 300] [--backlog 10000]
+                                      [--set link_spool_sync=normal] [--set link_early_notify=false]
 
 Starts a fleet under real supervisord (tests/fleet.py: router + 2 instances) on a fresh database
 (EXAI_TEST_DATABASE_URL, dropped afterwards) and EXAI_TEST_REDIS_URL (a fresh key prefix), with
@@ -285,10 +286,18 @@ async def main() -> None:
     ap.add_argument("--calls", type=int, default=300, help="rounds of the four sender calls")
     ap.add_argument("--messages", type=int, default=300, help="messages timed A -> B")
     ap.add_argument("--backlog", type=int, default=10_000)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a setting of the fleet, e.g. link_spool_sync=normal or link_early_notify=false",
+    )
     args = ap.parse_args()
     admin_dsn = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("EXAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     name = f"bench_links_{secrets.token_hex(4)}"
+    extra = dict(item.split("=", 1) for item in args.set)
     admin = await asyncpg.connect(admin_dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
     dsn = admin_dsn.rsplit("/", 1)[0] + "/" + name
@@ -303,11 +312,12 @@ async def main() -> None:
                 redis_prefix=prefix,
                 instances=2,
                 max_instances=2,
-                overrides={**ROUTER_TEST_SETTINGS, "log_level": "WARNING"},
+                overrides={**ROUTER_TEST_SETTINGS, "log_level": "WARNING", **extra},
             )
             await asyncio.to_thread(fleet.start)
             try:
                 results = await bench(fleet, dsn, args.calls, args.messages, args.backlog)
+                results["settings"] = extra
             finally:
                 await asyncio.to_thread(fleet.stop)
     finally:
