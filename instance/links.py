@@ -245,6 +245,7 @@ class Links:
             if state.stored is not None:  # the store came first and left the rest to us
                 self._early.pop(event_id, None)
                 self._after_store(*state.stored, told=state.told)
+                self._clear_inflight({group: [event_id]})  # only now: after our mark was made
 
         self.runtime.background(send(), what="announcing a link event early")
 
@@ -330,6 +331,7 @@ class Links:
         now = datetime.now(UTC)
         lag = 0.0
         cleared: dict[str, list[str]] = {}
+        early_count = 0
         for event, sessions in written:
             self.remember_members(event.group, sessions)
             early = self._early.get(event.uuid or "")
@@ -337,13 +339,14 @@ class Links:
                 self.announce(event, sessions)
                 lag += max(0.0, (now - event.created_at).total_seconds())
                 continue
-            cleared.setdefault(event.group, []).append(event.uuid or "")
+            early_count += 1
             if early.done:
                 del self._early[event.uuid or ""]
                 self._after_store(event, sessions, told=early.told)
-            else:
-                early.stored = (event, sessions)  # its announcement finishes the job
-        late = len(written) - sum(map(len, cleared.values()))  # the early ones counted their own
+                cleared.setdefault(event.group, []).append(event.uuid or "")
+            else:  # its announcement finishes the job (and clears the mark after making it)
+                early.stored = (event, sessions)
+        late = len(written) - early_count  # the early ones counted their own lag
         if late:
             self._count(publish_lag_seconds_sum=lag, publish_lag_count=late)
         self._stream(written)
