@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -60,6 +60,7 @@ class _Early:
     """An event announced as soon as it was durable in the spool, before Postgres stored it."""
 
     group: str
+    at: float = field(default_factory=time.monotonic)
     done: bool = False  # the announcement went out (or failed)
     told: frozenset[str] = frozenset()  # the sessions it reached
     stored: tuple[db.LinkEvent, list[str]] | None = None  # stored before the announcement was done
@@ -215,7 +216,7 @@ class Links:
             or notifier is None
             or notifier.events is None
             or cached is None
-            or len(self._early) >= EARLY_MAX
+            or not self._early_room()
         ):
             return
         targets = [s for s in cached[1] if s != sender and (recipient is None or s == recipient)]
@@ -244,10 +245,20 @@ class Links:
             state.done = True
             if state.stored is not None:  # the store came first and left the rest to us
                 self._early.pop(event_id, None)
-                self._after_store(*state.stored, told=state.told)
+                self._after_store(*state.stored, early=state)
                 self._clear_inflight({group: [event_id]})  # only now: after our mark was made
 
         self.runtime.background(send(), what="announcing a link event early")
+
+    def _early_room(self) -> bool:
+        """Room for one more early announcement (EARLY_MAX): entries whose event will never be
+        stored (its group deleted, its row refused) are forgotten after a minute."""
+        if len(self._early) < EARLY_MAX:
+            return True
+        cutoff = time.monotonic() - 60.0
+        for key in [k for k, e in self._early.items() if e.done and e.at < cutoff]:
+            del self._early[key]
+        return len(self._early) < EARLY_MAX
 
     async def _wait_inflight(self, group: str) -> None:
         """Before a read of the inbox: wait (up to INFLIGHT_WAIT) until the group's events that
@@ -342,7 +353,7 @@ class Links:
             early_count += 1
             if early.done:
                 del self._early[event.uuid or ""]
-                self._after_store(event, sessions, told=early.told)
+                self._after_store(event, sessions, early=early)
                 cleared.setdefault(event.group, []).append(event.uuid or "")
             else:  # its announcement finishes the job (and clears the mark after making it)
                 early.stored = (event, sessions)
@@ -353,9 +364,12 @@ class Links:
         if cleared:
             self._clear_inflight(cleared)
 
-    def _after_store(self, event: db.LinkEvent, sessions: list[str], *, told: frozenset[str]) -> None:
-        """An early-announced event is stored: tell whoever the announcement did not reach."""
-        self.announce(event, sessions, told=told)
+    def _after_store(self, event: db.LinkEvent, sessions: list[str], *, early: _Early) -> None:
+        """An early-announced event is stored: tell whoever the announcement did not reach; all
+        of them again if the store came later than a woken reader waits for it (Postgres was
+        slow or down), so nobody is left with a wake-up that read nothing."""
+        late = time.monotonic() - early.at > INFLIGHT_WAIT
+        self.announce(event, sessions, told=frozenset() if late else early.told)
 
     def _clear_inflight(self, cleared: dict[str, list[str]]) -> None:
         """Stored now: readers need not wait for these any more (the marks also expire)."""
