@@ -10,8 +10,9 @@ only means a replay, and replays are idempotent in Postgres.
 
 An append may ask for `sync="normal"` instead: its transaction is committed without the fsync
 (the row is in the operating system's cache, so it survives a kill -9 of this process but not
-a power loss or a kernel crash), the caller is answered, and the WAL is fsync'd right after
-(before the next group commit). Link events use it when EXAI_LINK_SPOOL_SYNC=normal.
+a power loss or a kernel crash), the caller is answered, and the WAL is fsync'd right after on
+a thread of its own (the next commit does not wait for it). Link events use it when
+EXAI_LINK_SPOOL_SYNC=normal.
 
 Rows of the "hot" kinds (link events: someone is waiting for them live) are also kept in memory
 once committed, up to `hot_max` rows, so the flusher can take them at once without reading the
@@ -114,6 +115,9 @@ class Spool:
         self.block_timeout = block_timeout
         self.fsync_window = fsync_window_ms / 1000.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exai-spool")
+        self._sync_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exai-spool-sync")
+        self._unsynced = False  # a sync="normal" commit waits for its fsync
+        self._syncer: asyncio.Task[None] | None = None
         self._db: sqlite3.Connection | None = None
         self._lockfile: IO[str] | None = None
         # Counters of committed, not yet flushed rows (kept in memory so stats never touch disk).
@@ -217,8 +221,11 @@ class Spool:
         if self._queue:  # appends that were waiting when close began still get their answer
             await self._commit(self._queue)
             self._queue = []
+        if self._syncer is not None:
+            await self._syncer  # the last fsync before the file closes
         await self._call(self._close_sync)
         self._executor.shutdown(wait=True)
+        self._sync_executor.shutdown(wait=True)
 
     def _close_sync(self) -> None:
         if self._db is not None:
@@ -380,8 +387,18 @@ class Spool:
                 p.future.set_result(None)
         if not full:  # the callers have their answer; now make the rows power-loss safe too
             self.unsynced_commits += 1
+            self._unsynced = True
+            if self._syncer is None or self._syncer.done():
+                self._syncer = asyncio.create_task(self._sync_loop(), name="exai-spool-sync")
+
+    async def _sync_loop(self) -> None:
+        """fsync the WAL after `sync="normal"` commits, on a thread of its own so the next
+        commit does not wait for it; commits made during one fsync get the next."""
+        loop = asyncio.get_running_loop()
+        while self._unsynced:
+            self._unsynced = False
             try:
-                await self._call(self._fsync_wal_sync)
+                await loop.run_in_executor(self._sync_executor, self._fsync_wal_sync)
             except OSError as exc:  # the rows are committed (kill -9 safe); say it loudly
                 log.error("fsync of the spool WAL %s failed: %s", self.path, exc)
 

@@ -252,6 +252,7 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
         await conn.close()
     results["server_ms"] = {k: summary(v) for k, v in server.items() if v}
     results["spool_append_floor"] = await spool_floor(calls)
+    results["spool_append_floor_normal"] = await spool_floor(calls, sync="normal")
     results["old_sync_store"] = summary(sync)
     for side in ("server_ms", "client_ms"):
         r = results[side]
@@ -264,17 +265,19 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
     return results
 
 
-async def spool_floor(n: int) -> dict[str, float]:
+async def spool_floor(n: int, sync: str = "full") -> dict[str, float]:
     """What one durable spool append (one fsync, this disk, this load) costs on its own: the
-    floor under a link_send that answers only once its event is durable."""
+    floor under a link_send that answers only once its event is durable (sync="normal": once
+    the OS has it, EXAI_LINK_SPOOL_SYNC=normal)."""
     with tempfile.TemporaryDirectory(prefix="bench-links-spool-") as tmp:
         spool = Spool(Path(tmp), max_bytes=1 << 30)
         await spool.open()
+        kw: dict[str, Any] = {"sync": sync} if sync != "full" else {}
         try:
             ms = []
             for i in range(n):
                 t0 = time.perf_counter()
-                await spool.append("link_event", {"uuid": str(i), "body": f"m{i}"}, urgent=True)
+                await spool.append("link_event", {"uuid": str(i), "body": f"m{i}"}, urgent=True, **kw)
                 ms.append((time.perf_counter() - t0) * 1000)
         finally:
             await spool.close()
@@ -339,6 +342,7 @@ async def main() -> None:
         ("A's link_send answered (client)", "sender_answer"),
         ("old sync store (contrast)", "old_sync_store"),
         ("spool append alone (fsync floor)", "spool_append_floor"),
+        ("spool append alone, sync=normal", "spool_append_floor_normal"),
     ):
         r = results[key]
         print(f"{label:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
