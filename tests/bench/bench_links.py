@@ -56,7 +56,6 @@ from instance.storage.spool import Spool  # noqa: E402
 from tests.fleet import Fleet  # noqa: E402
 from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client, status_of  # noqa: E402
 
-
 GAP = 0.025  # seconds between two timed deliveries
 
 
