@@ -378,13 +378,13 @@ class Spool:
             self._hot.clear()
             self._hot_complete = False
         self._empty.clear()
-        # The flusher first, then the callers: its wake-up is queued ahead of theirs, so it sends
-        # a live event to Postgres before the loop turns to their answers.
-        if self.on_commit is not None:
-            self.on_commit(self.rows, hot > 0)
         for p in batch:
             if not p.future.done():
                 p.future.set_result(None)
+        # The callers first (their answer is what a write costs them; a live link event is
+        # announced from there), then the flusher: its wake-up is queued behind theirs.
+        if self.on_commit is not None:
+            asyncio.get_running_loop().call_soon(self.on_commit, self.rows, hot > 0)
         if not full:  # the callers have their answer; now make the rows power-loss safe too
             self.unsynced_commits += 1
             self._unsynced = True
