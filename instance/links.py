@@ -5,14 +5,16 @@ checks membership (cached per group), gives the event a uuid and appends it to t
 durable spool (instance/storage/spool.py), which is all the caller waits for. The flusher
 (instance/storage/writebehind.py) stores it in Postgres with the group's next id
 (common/links.store_spooled: per-group ids 1, 2, 3, ..., gapless, committed in order, a replay
-skipped by uuid), and after the commit `Links.flushed` publishes it: for each member it
-concerns, `notifications/resources/updated` for `exai://link/{group}/inbox` goes to that
-member's own notification log (instance/notify.py -> the router-held streams), and the event is
-added to the group's bounded Redis stream. Joins and leaves (and reservations themselves, which
-need an answer) stay synchronous in Postgres. So delivery follows each member's session wherever
-it is and never needs the member's instance to be alive; a kill -9 after the call answered
-loses nothing (the spool is replayed on restart); while Postgres is down events wait in the
-spool, while Redis is down the notifications wait in the instance; catch-up reads Postgres.
+skipped by uuid), and after the commit `Links.flushed` adds it to the group's bounded Redis
+stream. Each member it concerns gets `notifications/resources/updated` for
+`exai://link/{group}/inbox` in its own notification log (-> the router-held streams): as soon
+as the event is in the spool (`_announce_early`, with an in-flight mark that link_inbox waits
+on, so the woken member reads it), or after the commit for whoever that missed. Joins and
+leaves (and reservations themselves, which need an answer) stay synchronous in Postgres. So
+delivery follows each member's session wherever it is and never needs the member's instance
+to be alive; a kill -9 after the call answered loses nothing (the spool is replayed on
+restart); while Postgres is down events wait in the spool, while Redis is down the
+notifications wait in the instance; catch-up reads Postgres.
 """
 
 from __future__ import annotations
