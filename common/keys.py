@@ -82,6 +82,11 @@ class Keys:
         """Sessions that ended and still have to leave their link groups (hash: id -> reason)."""
         return self._k("link-ends")
 
+    def link_inflight(self, group: str) -> str:
+        """A link group's events announced before Postgres stored them (sorted set: uuid, scored
+        by the time in ms after which readers stop waiting for it)."""
+        return self._k("link-inflight", group)
+
     def link_stream(self, group: str) -> str:
         """A link group's recent events (Redis stream, bounded; Postgres keeps the whole log)."""
         return self._k("link-stream", group)

@@ -405,26 +405,36 @@ async def reservations(conn: asyncpg.Connection, group: str) -> list[dict[str, A
 
 
 # --- events written behind (instance spool -> flusher) ---------------------------------------
-# One statement per group: take n ids (the UPDATE holds the group row's lock until commit, so
-# ids commit in order; a concurrent flusher waits and then sees the new seq), store the events
-# with them in spool order, mark the senders seen, and return the members for the notifications.
+# One statement per group, one round trip: skip the events already stored (a replay after a
+# crash: found by uuid; only this instance's flusher ever writes these uuids), take as many ids as
+# are left (the UPDATE holds the group row's lock until the statement commits, so ids commit in
+# order; a concurrent flusher waits and then sees the new seq), store the events with them in
+# spool order, mark the senders seen, and return the members for the notifications. It always
+# returns one row at least: `found` = 0 says the group does not exist (deleted meanwhile).
 _SPOOLED_SQL = f"""
-WITH g AS (
-    UPDATE link_groups SET seq = seq + $11 WHERE name = $1 RETURNING seq
+WITH fresh AS (
+    SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[], $9::timestamptz[], $10::uuid[]) WITH ORDINALITY
+            AS u(kind, sender, recipient, subject, thread, body, data, created_at, uuid, ord)
+    WHERE NOT EXISTS (SELECT 1 FROM link_events e WHERE e.uuid = u.uuid)
+), numbered AS (
+    SELECT fresh.*, row_number() OVER (ORDER BY fresh.ord) AS k, count(*) OVER () AS n FROM fresh
+), g AS (
+    UPDATE link_groups SET seq = seq + (SELECT count(*) FROM fresh) WHERE name = $1 RETURNING seq
 ), ins AS (
     INSERT INTO link_events ({_EVENT_COLS})
-    SELECT $1, g.seq - $11 + u.ord, u.kind, u.sender, u.recipient, u.subject, u.thread, u.body,
-           u.data::jsonb, u.created_at, u.uuid
-    FROM g, unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                   $8::text[], $9::timestamptz[], $10::uuid[]) WITH ORDINALITY
-            AS u(kind, sender, recipient, subject, thread, body, data, created_at, uuid, ord)
+    SELECT $1, g.seq - n.n + n.k, n.kind, n.sender, n.recipient, n.subject, n.thread, n.body,
+           n.data::jsonb, n.created_at, n.uuid
+    FROM g, numbered n
     RETURNING {_EVENT_COLS}
 ), seen AS (
     UPDATE link_members SET last_seen_at = now()
-    WHERE group_name = $1 AND session_id = ANY($12::text[]) RETURNING 1
+    WHERE group_name = $1 AND session_id IN (SELECT sender FROM fresh) RETURNING 1
 )
-SELECT ins.*, ARRAY(SELECT session_id FROM link_members WHERE group_name = $1) AS members
-FROM ins ORDER BY ins.id
+SELECT (SELECT count(*) FROM g) AS found, ins.*,
+       ARRAY(SELECT session_id FROM link_members WHERE group_name = $1) AS members
+FROM (SELECT 1) AS one LEFT JOIN ins ON true
+ORDER BY ins.id
 """
 
 
@@ -439,7 +449,8 @@ def _when(value: Any) -> datetime:
 async def store_spooled(
     conn: asyncpg.Connection, payloads: list[dict[str, Any]]
 ) -> list[tuple[LinkEvent, list[str]]]:
-    """Give spooled events their group ids and store them, idempotently (call in a transaction).
+    """Give spooled events their group ids and store them, idempotently (alone, or in a
+    transaction: each group is one statement, so one round trip for a batch of one group).
 
     Each payload is one event as the instance spooled it (`uuid`, `group`, `kind`, `sender`, ...,
     `created_at` in epoch seconds), in the order the calls made them. Per group, under the group
@@ -451,20 +462,9 @@ async def store_spooled(
     by_group: dict[str, dict[str, dict[str, Any]]] = {}
     for p in payloads:
         by_group.setdefault(str(p["group"]), {}).setdefault(str(p["uuid"]), p)
-    if not by_group:
-        return []
-    # A replay (committed, then the process died before the spool forgot the rows) finds its
-    # uuids stored. No lock needed: only this instance's flusher ever writes these uuids.
-    stored = await conn.fetch(
-        "SELECT uuid FROM link_events WHERE uuid = ANY($1::uuid[])",
-        [u for items in by_group.values() for u in items],
-    )
-    done = {str(r["uuid"]) for r in stored}
     out: list[tuple[LinkEvent, list[str]]] = []
     for group in sorted(by_group):  # one lock order for every flusher: no deadlocks
-        new = [p for u, p in by_group[group].items() if u not in done]
-        if not new:
-            continue
+        new = list(by_group[group].values())
         rows = await conn.fetch(
             _SPOOLED_SQL,
             group,
@@ -477,13 +477,11 @@ async def store_spooled(
             [json.dumps(p.get("data") or {}, separators=(",", ":")) for p in new],
             [_when(p["created_at"]) for p in new],
             [p["uuid"] for p in new],
-            len(new),
-            sorted({p["sender"] for p in new if p.get("sender")}),
         )
-        if not rows:
+        if not rows[0]["found"]:
             log.warning("dropping %d event(s) of link group %r: the group was deleted", len(new), group)
             continue
-        out.extend((LinkEvent.from_row(r), list(r["members"])) for r in rows)
+        out.extend((LinkEvent.from_row(r), list(r["members"])) for r in rows if r["id"] is not None)
     return out
 
 

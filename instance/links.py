@@ -5,14 +5,16 @@ checks membership (cached per group), gives the event a uuid and appends it to t
 durable spool (instance/storage/spool.py), which is all the caller waits for. The flusher
 (instance/storage/writebehind.py) stores it in Postgres with the group's next id
 (common/links.store_spooled: per-group ids 1, 2, 3, ..., gapless, committed in order, a replay
-skipped by uuid), and after the commit `Links.flushed` publishes it: for each member it
-concerns, `notifications/resources/updated` for `exai://link/{group}/inbox` goes to that
-member's own notification log (instance/notify.py -> the router-held streams), and the event is
-added to the group's bounded Redis stream. Joins and leaves (and reservations themselves, which
-need an answer) stay synchronous in Postgres. So delivery follows each member's session wherever
-it is and never needs the member's instance to be alive; a kill -9 after the call answered
-loses nothing (the spool is replayed on restart); while Postgres is down events wait in the
-spool, while Redis is down the notifications wait in the instance; catch-up reads Postgres.
+skipped by uuid), and after the commit `Links.flushed` adds it to the group's bounded Redis
+stream. Each member it concerns gets `notifications/resources/updated` for
+`exai://link/{group}/inbox` in its own notification log (-> the router-held streams): as soon
+as the event is in the spool (`_announce_early`, with an in-flight mark that link_inbox waits
+on, so the woken member reads it), or after the commit for whoever that missed. Joins and
+leaves (and reservations themselves, which need an answer) stay synchronous in Postgres. So
+delivery follows each member's session wherever it is and never needs the member's instance
+to be alive; a kill -9 after the call answered loses nothing (the spool is replayed on
+restart); while Postgres is down events wait in the spool, while Redis is down the
+notifications wait in the instance; catch-up reads Postgres.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -32,6 +35,7 @@ import asyncpg
 from common import links as db
 from common.errors import ExaiError, NotLinked, StorageUnavailable
 from common.keys import Keys
+from common.notifications import notification
 from common.protocol import ADMIN_PRINCIPAL, CLIENT_HEADER
 from common.redis import REDIS_DOWN_ERRORS
 from instance.runtime import Runtime
@@ -47,6 +51,21 @@ CHAT_OPT_IN_TTL = 30.0  # seconds an instance trusts a session's cached chat_con
 CHAT_OPT_IN_WAIT = 0.5  # longest a chat waits for Postgres to read them (then: none this call)
 TASK_WRITE_WAIT_SECONDS = 60.0  # longest the flusher holds a task event for its task write
 GROUP_CONTEXT_MESSAGES = 50  # newest group messages considered for a chat's group context
+EARLY_MARK_SECONDS = 5.0  # how long readers may wait for an early-announced event to be stored
+INFLIGHT_WAIT = 1.0  # longest a link_inbox read waits for early-announced events (then: as is)
+INFLIGHT_POLL = 0.003  # how often it looks
+EARLY_MAX = 10_000  # early announcements awaiting their store, at most (beyond: after the store)
+
+
+@dataclass(slots=True)
+class _Early:
+    """An event announced as soon as it was durable in the spool, before Postgres stored it."""
+
+    group: str
+    at: float = field(default_factory=time.monotonic)
+    done: bool = False  # the announcement went out (or failed)
+    told: frozenset[str] = frozenset()  # the sessions it reached
+    stored: tuple[db.LinkEvent, list[str]] | None = None  # stored before the announcement was done
 
 
 def group_scope_id(group: str) -> str:
@@ -69,6 +88,8 @@ class Links:
         self._members: dict[str, tuple[float, frozenset[str]]] = {}  # group -> (read at, sessions)
         self._chat_groups: dict[str, tuple[float, list[str]]] = {}  # session -> (read at, groups)
         self._inflight: dict[str, asyncio.Event] = {}  # task_events id -> set when its write ends
+        self._early: dict[str, _Early] = {}  # event uuid -> its early announcement
+        self.early = 0  # events announced before they were stored
 
     def stats(self) -> dict[str, int]:
         return {
@@ -77,6 +98,7 @@ class Links:
             "catch_ups": self.catch_ups,
             "caught_up_events": self.caught_up_events,
             "spooled": self.spooled,
+            "early": self.early,
         }
 
     async def run(
@@ -156,6 +178,7 @@ class Links:
                 )
         storage = self.runtime.require_storage()
         event_id = str(uuid.uuid4())
+        created = time.time()
         payload = {
             "uuid": event_id,
             "group": group,
@@ -166,12 +189,104 @@ class Links:
             "thread": thread,
             "body": body,
             "data": data or {},
-            "created_at": time.time(),
+            "created_at": created,
         }
-        await storage.spool.append(KIND_LINK_EVENT, payload, urgent=True)
-        storage.flusher.kick()  # live: no waiting for a batch to fill
+        await storage.spool.append(
+            KIND_LINK_EVENT, payload, urgent=True, sync=self.runtime.settings.link_spool_sync
+        )  # the flusher takes it from the spool's memory at once (no waiting for a batch)
         self.spooled += 1
+        self._announce_early(group, event_id, sender, recipient, created)
         return event_id
+
+    def _announce_early(
+        self, group: str, event_id: str, sender: str, recipient: str | None, created: float
+    ) -> None:
+        """Tell the members (as this instance knows them) now that the event is durable in the
+        spool, without waiting for Postgres to store it and give it its id.
+
+        The inbox notification carries no event, so what a member then reads must have it: the
+        same atomic Redis step marks the event in flight for its group (Keys.link_inflight), and
+        a link_inbox read first waits for marked events to be stored (`_wait_inflight`). After
+        the store, `flushed` clears the mark and tells the members this one missed (joined
+        meanwhile, or the announcement failed: Redis down), so nobody is told twice or never.
+        """
+        settings = self.runtime.settings
+        notifier = self.runtime.notifier
+        cached = self._members.get(group)
+        if (
+            not settings.link_early_notify
+            or notifier is None
+            or notifier.events is None
+            or cached is None
+            or not self._early_room()
+        ):
+            return
+        targets = [s for s in cached[1] if s != sender and (recipient is None or s == recipient)]
+        if not targets:
+            return
+        state = self._early[event_id] = _Early(group)
+        events = notifier.events
+        message = notification(UPDATED, {"uri": db.inbox_uri(group)})
+
+        async def send() -> None:
+            now = time.time()
+            try:
+                await events.append_marked(
+                    self.keys.link_inflight(group),
+                    event_id,
+                    (now + EARLY_MARK_SECONDS) * 1000,
+                    now * 1000,
+                    [(sid, message) for sid in targets],
+                )
+            except Exception as exc:  # Redis down or anything else: announced after the store
+                log.debug("early announcement of a link event failed: %s", exc)
+            else:
+                state.told = frozenset(targets)
+                self.early += 1
+                self._count(publish_lag_seconds_sum=max(0.0, time.time() - created), publish_lag_count=1)
+            state.done = True
+            if state.stored is not None:  # the store came first and left the rest to us
+                self._early.pop(event_id, None)
+                self._after_store(*state.stored, early=state)
+                self._clear_inflight({group: [event_id]})  # only now: after our mark was made
+
+        self.runtime.background(send(), what="announcing a link event early")
+
+    def _early_room(self) -> bool:
+        """Room for one more early announcement (EARLY_MAX): entries whose event will never be
+        stored (its group deleted, its row refused) are forgotten after a minute."""
+        if len(self._early) < EARLY_MAX:
+            return True
+        cutoff = time.monotonic() - 60.0
+        for key in [k for k, e in self._early.items() if e.done and e.at < cutoff]:
+            del self._early[key]
+        return len(self._early) < EARLY_MAX
+
+    async def _wait_inflight(self, group: str) -> None:
+        """Before a read of the inbox: wait (up to INFLIGHT_WAIT) until the group's events that
+        were announced early are stored, so a member woken by one finds it."""
+        redis = self.runtime.redis
+        if redis is None or not self.runtime.settings.link_early_notify:
+            return
+        try:
+            marked = await redis.zrangebyscore(self.keys.link_inflight(group), time.time() * 1000, "+inf")
+        except REDIS_DOWN_ERRORS:
+            return
+        if not marked:
+            return
+        wanted = [str(m.decode() if isinstance(m, bytes) else m) for m in marked]
+        deadline = time.monotonic() + INFLIGHT_WAIT
+
+        async def stored(conn: asyncpg.Connection) -> int:
+            return int(
+                await conn.fetchval("SELECT count(*) FROM link_events WHERE uuid = ANY($1::uuid[])", wanted)
+            )
+
+        while await self.run(stored, what="waiting for link events in flight") < len(wanted):
+            if time.monotonic() >= deadline:
+                log.info("reading link group %r with %d event(s) still in flight", group, len(wanted))
+                return
+            await asyncio.sleep(INFLIGHT_POLL)
 
     async def emit_task_event(self, group: str, sender: str, task_event: str) -> None:
         """Spool a group task event that depends on a task write running at the same time.
@@ -193,7 +308,9 @@ class Links:
             "task_event": task_event,
             "created_at": time.time(),
         }
-        await storage.spool.append(KIND_LINK_EVENT, payload, urgent=True)
+        await storage.spool.append(
+            KIND_LINK_EVENT, payload, urgent=True, sync=self.runtime.settings.link_spool_sync
+        )
         self.spooled += 1
 
     def expect(self, task_event: str) -> None:
@@ -226,12 +343,52 @@ class Links:
         the groups' Redis streams, count the write-behind lag."""
         now = datetime.now(UTC)
         lag = 0.0
+        cleared: dict[str, list[str]] = {}
+        early_count = 0
         for event, sessions in written:
             self.remember_members(event.group, sessions)
-            self.announce(event, sessions)
-            lag += max(0.0, (now - event.created_at).total_seconds())
-        self._count(publish_lag_seconds_sum=lag, publish_lag_count=len(written))
+            early = self._early.get(event.uuid or "")
+            if early is None:
+                self.announce(event, sessions)
+                lag += max(0.0, (now - event.created_at).total_seconds())
+                continue
+            early_count += 1
+            if early.done:
+                del self._early[event.uuid or ""]
+                self._after_store(event, sessions, early=early)
+                cleared.setdefault(event.group, []).append(event.uuid or "")
+            else:  # its announcement finishes the job (and clears the mark after making it)
+                early.stored = (event, sessions)
+        late = len(written) - early_count  # the early ones counted their own lag
+        if late:
+            self._count(publish_lag_seconds_sum=lag, publish_lag_count=late)
         self._stream(written)
+        if cleared:
+            self._clear_inflight(cleared)
+
+    def _after_store(self, event: db.LinkEvent, sessions: list[str], *, early: _Early) -> None:
+        """An early-announced event is stored: tell whoever the announcement did not reach; all
+        of them again if the store came later than a woken reader waits for it (Postgres was
+        slow or down), so nobody is left with a wake-up that read nothing."""
+        late = time.monotonic() - early.at > INFLIGHT_WAIT
+        self.announce(event, sessions, told=frozenset() if late else early.told)
+
+    def _clear_inflight(self, cleared: dict[str, list[str]]) -> None:
+        """Stored now: readers need not wait for these any more (the marks also expire)."""
+        redis = self.runtime.redis
+        if redis is None:
+            return
+
+        async def clear() -> None:
+            try:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for group, uuids in cleared.items():
+                        pipe.zrem(self.keys.link_inflight(group), *uuids)
+                    await pipe.execute()
+            except REDIS_DOWN_ERRORS:
+                pass  # the marks expire; a reader checks Postgres for them meanwhile
+
+        self.runtime.background(clear(), what="clearing link events in flight")
 
     def _stream(self, written: list[tuple[db.LinkEvent, list[str]]]) -> None:
         """XADD each event to its group's bounded Redis stream (a live tail; Postgres keeps all)."""
@@ -252,13 +409,16 @@ class Links:
 
         self.runtime.background(add(), what="adding link events to their streams")
 
-    def announce(self, event: db.LinkEvent, sessions: list[str]) -> None:
-        """Queue the inbox update for every member the event concerns (never the sender)."""
+    def announce(
+        self, event: db.LinkEvent, sessions: list[str], *, told: frozenset[str] = frozenset()
+    ) -> None:
+        """Queue the inbox update for every member the event concerns (never the sender), but
+        those `told` already (announced early)."""
         self.events += 1
         uri = db.inbox_uri(event.group)
-        notified = 0
+        notified = len(told)
         for sid in sessions:
-            if sid == event.sender or (event.recipient is not None and sid != event.recipient):
+            if sid == event.sender or (event.recipient is not None and sid != event.recipient) or sid in told:
                 continue
             self.runtime.notify(sid, UPDATED, {"uri": uri})
             notified += 1
@@ -320,6 +480,7 @@ class Links:
                 cursor = await db.ack(conn, group, session, upto)
             return events, cursor
 
+        await self._wait_inflight(group)
         events, cursor = await self.run(read, what=f"reading the inbox of link group {group!r}", write=ack)
         if events:
             self.catch_ups += 1

@@ -7,16 +7,18 @@ session's event log in Redis (common/notifications.py), keyed by the router's se
 (the X-Exai-Session header), and the router writes them to the session's streams.
 
 Publishing never blocks or fails a tool call. Events wait in a bounded in-memory queue and
-one sender task appends them in order; while Redis is unreachable the sender retries with
-backoff, and the queue holds up to EXAI_NOTIFY_BUFFER events. Beyond that the oldest queued
-event is dropped, counted and logged (notifications are level triggers: a later event of
-the same kind says at least as much).
+one sender task appends them in order, everything queued at that moment in one round trip
+(one Lua script: a group event for several members, or several events, cost one); while
+Redis is unreachable the sender retries with backoff, and the queue holds up to
+EXAI_NOTIFY_BUFFER events. Beyond that the oldest queued event is dropped, counted and logged
+(notifications are level triggers: a later event of the same kind says at least as much).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -28,6 +30,7 @@ from common.redis import REDIS_DOWN_ERRORS
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 5.0
+SEND_BATCH = 200  # most notifications appended in one round trip
 
 
 class Notifier:
@@ -39,6 +42,7 @@ class Notifier:
         self.published = 0
         self.dropped = 0
         self.failures = 0
+        self.batches = 0  # round trips that appended them
         self._queue: deque[tuple[str, dict[str, Any]]] = deque()
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
@@ -75,9 +79,13 @@ class Notifier:
         down_since: float | None = None
         loop = asyncio.get_running_loop()
         while self._queue:
-            sid, message = self._queue[0]
+            # Everything queued now (up to SEND_BATCH) in one round trip, in order.
+            batch = list(itertools.islice(self._queue, SEND_BATCH))
             try:
-                await self.events.append(sid, message)
+                if len(batch) == 1:
+                    await self.events.append(*batch[0])
+                else:
+                    await self.events.append_many(batch)
             except REDIS_DOWN_ERRORS as exc:
                 self.failures += 1
                 if down_since is None:
@@ -89,10 +97,13 @@ class Notifier:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
-            # The head may have been dropped meanwhile (buffer full); only pop what was sent.
-            if self._queue and self._queue[0][1] is message:
-                self._queue.popleft()
-            self.published += 1
+            # Some of the batch may have been dropped meanwhile (buffer full, oldest first):
+            # pop only what was sent.
+            for _, message in batch:
+                if self._queue and self._queue[0][1] is message:
+                    self._queue.popleft()
+            self.published += len(batch)
+            self.batches += 1
             if down_since is not None:
                 log.info("notifications flowing again after %.1fs", loop.time() - down_since)
                 down_since, backoff = None, 0.05

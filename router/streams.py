@@ -10,12 +10,13 @@ A client's standalone notification stream costs no process and outlives every in
 
 Instances append a session's notifications to its event log in Redis (common/notifications.py);
 this hub holds one Redis pub/sub connection for the whole router, subscribed to the channels of
-the sessions that have a stream open here, and wakes those streams, which read the log after
-the last id they wrote. Frames carry the log's ids as SSE `id:` fields, so a client that
-reconnects with `Last-Event-ID` gets every later event, in order, once, and then live ones
-(the stream is subscribed before it reads the log, so nothing falls between the two). When
-Redis goes away the streams stay open on keep-alive comments and the hub reconnects with
-backoff, then wakes every stream to catch up from the log.
+the sessions that have a stream open here, and wakes those streams, which write the event the
+publish carried when it follows on from the last id they wrote, else read the log after it.
+Frames carry the log's ids as SSE `id:` fields, so a client that reconnects with
+`Last-Event-ID` gets every later event, in order, once, and then live ones (the stream is
+subscribed before it reads the log, so nothing falls between the two). When Redis goes away
+the streams stay open on keep-alive comments and the hub reconnects with backoff, then wakes
+every stream to catch up from the log.
 
 A listen stream's ids name a small record (Keys.listen) with its session, request id and
 filter, so the SDK client's automatic resume (a GET with Last-Event-ID) continues it too.
@@ -31,6 +32,7 @@ import json
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,7 +57,7 @@ from redis.asyncio.client import PubSub
 from common import protocol as p
 from common.errors import BadRequest, InvalidArgument, SessionNotFound, TooManyStreams
 from common.keys import Keys
-from common.notifications import END, Event, EventLog, parse_id
+from common.notifications import END, Event, EventLog, carried, newer, parse_id
 from common.redis import REDIS_DOWN_ERRORS
 from router.jsonrpc import Message, error_response
 from router.metrics import Counter, Labels, Metrics
@@ -83,6 +85,7 @@ EXAI_EVENTS_FILTER = "exaiEvents"
 vocabulary (linked-session events), which GET streams always carry."""
 
 BATCH = 200
+LIVE_MAX = 200  # carried events a stream holds before it reads the log instead
 MAX_BACKOFF = 5.0
 SUBSCRIBE_WAIT = 2.0
 POLL = 0.5  # how often the pub/sub reader looks up from Redis (resubscribing late streams)
@@ -109,6 +112,10 @@ class Watch:
     kind: str  # "get" | "listen"
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     ended: bool = False  # the session ended: finish the stream gracefully
+    # Events the publishes carried, with the id before each (written at once if they follow on
+    # from the stream's cursor), and whether a wake-up needs a read of the log.
+    live: deque[tuple[str, Event]] = field(default_factory=deque)
+    read: bool = False
 
 
 @dataclass(frozen=True)
@@ -341,16 +348,26 @@ class Hub:
             return
         if kind != "message" or not channel.startswith(self._prefix):
             return
-        self._wake(channel[len(self._prefix) :], ended=msg.get("data") == END)
+        data = msg.get("data")
+        sid = channel[len(self._prefix) :]
+        if data == END:
+            self._wake(sid, ended=True)
+        else:
+            self._wake(sid, ended=False, event=carried(str(data)) if data else None)
 
-    def _wake(self, sid: str, *, ended: bool) -> None:
+    def _wake(self, sid: str, *, ended: bool, event: tuple[str, Event] | None = None) -> None:
         for w in self.watchers.get(sid, ()):
             w.ended = w.ended or ended
+            if event is not None and len(w.live) < LIVE_MAX:
+                w.live.append(event)
+            else:
+                w.read = True
             w.wake.set()
 
     def _wake_all(self) -> None:
         for watches in self.watchers.values():
             for w in watches:
+                w.read = True
                 w.wake.set()
 
     async def _subscribe(self, sid: str) -> None:
@@ -447,7 +464,21 @@ class Hub:
         while not (w.ended or self.closing):
             if w.wake.is_set():
                 w.wake.clear()
-                pending = True
+                # The events the publishes carried that follow on from the cursor are written
+                # as they are; a gap, an overflow or a bare wake-up reads the log instead.
+                while w.live and not w.read and w.live[0][0] == cursor:
+                    ev = w.live.popleft()[1]
+                    if (data := frame(ev)) is not None:
+                        await resp.write(data)
+                        self.stats.delivered.inc(kind=w.kind)
+                        next_ping = loop.time() + self.keepalive
+                    cursor = ev.id
+                while w.live and not newer(w.live[0][1].id, cursor):
+                    w.live.popleft()  # written already (read from the log)
+                if w.live or w.read:
+                    w.read = False
+                    w.live.clear()  # the read below covers them
+                    pending = True
             wait = self.keepalive
             if pending:
                 try:

@@ -32,7 +32,7 @@ from instance.storage.pool import Database
 from instance.storage.spool import Spool
 from instance.storage.tasks import UNCHANGED, TaskStore
 from instance.storage.validation import check_optional_int, check_text, new_id
-from instance.storage.writebehind import KIND_SESSION, KIND_TOOL_CALL, Flusher
+from instance.storage.writebehind import KIND_LINK_EVENT, KIND_SESSION, KIND_TOOL_CALL, Flusher
 
 __all__ = [
     "UNCHANGED",
@@ -50,6 +50,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_CLOSE_FLUSH_TIMEOUT = 10.0
+LINK_HOT_MAX = 1000  # link events the spool keeps in memory for the flusher (beyond: from the file)
 
 
 def spool_dir_for(settings: Settings, instance_id: str) -> Path:
@@ -108,6 +109,8 @@ class Storage:
             full_policy=settings.spool_full_policy,
             block_timeout=settings.spool_block_timeout,
             fsync_window_ms=settings.fsync_window_ms,
+            hot_kinds=(KIND_LINK_EVENT,),  # live link events: the flusher takes them from memory
+            hot_max=LINK_HOT_MAX,
         )
         own_redis = redis is None and bool(settings.redis_url)
         if own_redis:

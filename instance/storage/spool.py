@@ -8,6 +8,18 @@ transaction and therefore one fsync (`synchronous=FULL`): an append returns only
 durable. Deletes of flushed rows are not fsynced (`synchronous=NORMAL`): losing one in a crash
 only means a replay, and replays are idempotent in Postgres.
 
+An append may ask for `sync="normal"` instead: its transaction is committed without the fsync
+(the row is in the operating system's cache, so it survives a kill -9 of this process but not
+a power loss or a kernel crash), the caller is answered, and the WAL is fsync'd right after on
+a thread of its own (the next commit does not wait for it). Link events use it when
+EXAI_LINK_SPOOL_SYNC=normal.
+
+Rows of the "hot" kinds (link events: someone is waiting for them live) are also kept in memory
+once committed, up to `hot_max` rows, so the flusher can take them at once without reading the
+file (`hot_batch`). The copy is only used while it holds every unflushed row of those kinds, so
+they still reach Postgres in append order; after an overflow, or rows left by a previous run,
+the flusher reads the file until none of them is left.
+
 A full spool is never a silent drop: the configured policy either blocks the caller until the
 flusher frees space (up to a timeout) or refuses with SpoolFull, and both are logged loudly.
 """
@@ -23,7 +35,7 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +91,7 @@ class _Pending:
     created: float
     blob: bytes
     future: asyncio.Future[None]
+    full: bool = True  # fsync before answering (else: answer after the OS write, fsync after)
 
 
 class Spool:
@@ -92,6 +105,8 @@ class Spool:
         full_policy: Literal["block", "refuse"] = "block",
         block_timeout: float = 30.0,
         fsync_window_ms: float = 2.0,
+        hot_kinds: Collection[str] = (),
+        hot_max: int = 1000,
     ) -> None:
         self.directory = directory
         self.path = directory / "spool.sqlite3"
@@ -100,6 +115,9 @@ class Spool:
         self.block_timeout = block_timeout
         self.fsync_window = fsync_window_ms / 1000.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exai-spool")
+        self._sync_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exai-spool-sync")
+        self._unsynced = False  # a sync="normal" commit waits for its fsync
+        self._syncer: asyncio.Task[None] | None = None
         self._db: sqlite3.Connection | None = None
         self._lockfile: IO[str] | None = None
         # Counters of committed, not yet flushed rows (kept in memory so stats never touch disk).
@@ -123,7 +141,16 @@ class Spool:
         self._full_episode = False
         self._committer: asyncio.Task[None] | None = None
         self._closed = False
-        self.on_commit: Callable[[int], None] | None = None
+        self.on_commit: Callable[[int, bool], None] | None = None  # (rows, hot rows among them)
+        # Committed, unflushed rows of the hot kinds: how many, and their in-memory copy (by seq)
+        # while it is complete (see the module docstring).
+        self.hot_kinds = frozenset(hot_kinds)
+        self.hot_max = hot_max
+        self.hot_rows = 0
+        self._hot: dict[int, SpoolEntry | _Pending] = {}
+        self._hot_complete = True
+        self.hot_taken_total = 0  # rows handed to the flusher from memory
+        self.unsynced_commits = 0  # sync="normal" commits whose fsync came after the answer
 
     # --- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
@@ -170,6 +197,14 @@ class Spool:
         ):
             self._threads[thread_id] = int(n)
         self.dead_rows = int(db.execute("SELECT count(*) FROM dead").fetchone()[0])
+        if self.hot_kinds:
+            marks = ",".join("?" * len(self.hot_kinds))
+            self.hot_rows = int(
+                db.execute(
+                    f"SELECT count(*) FROM spool WHERE kind IN ({marks})", tuple(self.hot_kinds)
+                ).fetchone()[0]
+            )
+        self._hot_complete = self.hot_rows == 0  # rows of a previous run: read from the file
         self._db = db
 
     async def close(self) -> None:
@@ -186,8 +221,11 @@ class Spool:
         if self._queue:  # appends that were waiting when close began still get their answer
             await self._commit(self._queue)
             self._queue = []
+        if self._syncer is not None:
+            await self._syncer  # the last fsync before the file closes
         await self._call(self._close_sync)
         self._executor.shutdown(wait=True)
+        self._sync_executor.shutdown(wait=True)
 
     def _close_sync(self) -> None:
         if self._db is not None:
@@ -202,19 +240,27 @@ class Spool:
 
     # --- appending -------------------------------------------------------------------------
     async def append(
-        self, kind: str, payload: dict[str, Any], *, thread_id: str | None = None, urgent: bool = False
+        self,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        thread_id: str | None = None,
+        urgent: bool = False,
+        sync: Literal["full", "normal"] = "full",
     ) -> None:
         """Return once the row is fsync'd in the spool; apply the full-spool policy first.
 
         `urgent`: commit with what is queued now, without waiting `fsync_window_ms` for more
         writers (a caller that answers only once this row is durable, e.g. a link event).
+        `sync="normal"`: return once the row is committed to the operating system (it survives
+        a kill -9 of this process, not a power loss); the fsync follows at once.
         """
         if self._closed:
             raise StorageError("the spool is closed (the instance is shutting down); the write was not taken")
         blob = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
         await self._admit(len(blob))
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(kind, thread_id, time.time(), blob, fut))
+        self._queue.append(_Pending(kind, thread_id, time.time(), blob, fut, sync != "normal"))
         self._queued.set()
         if urgent:
             self._urgent = True
@@ -293,8 +339,11 @@ class Spool:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         size = sum(len(p.blob) for p in batch)
+        full = any(p.full for p in batch)
         try:
-            await self._call(self._insert_sync, [(p.kind, p.thread_id, p.created, p.blob) for p in batch])
+            seqs = await self._call(
+                self._insert_sync, [(p.kind, p.thread_id, p.created, p.blob) for p in batch], full
+            )
         except Exception as exc:  # disk full, I/O error, ...: every waiting caller must get an answer
             self._reserved -= size
             log.error("cannot write to the spool %s: %s", self.path, exc)
@@ -313,24 +362,75 @@ class Spool:
         self.bytes += size
         if self.oldest is None:
             self.oldest = batch[0].created
-        for p in batch:
+        hot = 0
+        for p, seq in zip(batch, seqs, strict=True):
             if p.thread_id is not None:
                 self._threads[p.thread_id] += 1
+            if p.kind in self.hot_kinds:
+                hot += 1
+                self.hot_rows += 1
+                if self._hot_complete:
+                    self._hot[seq] = p  # decoded when the flusher takes it
+        if self._hot_complete and len(self._hot) > self.hot_max:
+            log.info(
+                "more than %d link rows wait for Postgres; the flusher reads them from the file", self.hot_max
+            )
+            self._hot.clear()
+            self._hot_complete = False
+        self._empty.clear()
+        for p in batch:
             if not p.future.done():
                 p.future.set_result(None)
-        self._empty.clear()
+        # The callers first (their answer is what a write costs them; a live link event is
+        # announced from there), then the flusher: its wake-up is queued behind theirs.
         if self.on_commit is not None:
-            self.on_commit(self.rows)
+            asyncio.get_running_loop().call_soon(self.on_commit, self.rows, hot > 0)
+        if not full:  # the callers have their answer; now make the rows power-loss safe too
+            self.unsynced_commits += 1
+            self._unsynced = True
+            if self._syncer is None or self._syncer.done():
+                self._syncer = asyncio.create_task(self._sync_loop(), name="exai-spool-sync")
 
-    def _insert_sync(self, rows: list[tuple[str, str | None, float, bytes]]) -> None:
+    async def _sync_loop(self) -> None:
+        """fsync the WAL after `sync="normal"` commits, on a thread of its own so the next
+        commit does not wait for it; commits made during one fsync get the next."""
+        loop = asyncio.get_running_loop()
+        while self._unsynced:
+            self._unsynced = False
+            try:
+                await loop.run_in_executor(self._sync_executor, self._fsync_wal_sync)
+            except OSError as exc:  # the rows are committed (kill -9 safe); say it loudly
+                log.error("fsync of the spool WAL %s failed: %s", self.path, exc)
+
+    def _insert_sync(self, rows: list[tuple[str, str | None, float, bytes]], full: bool = True) -> list[int]:
+        """Insert the rows in one transaction; their seqs, in order."""
         db = self._require_db()
-        db.execute("BEGIN IMMEDIATE")
+        if not full:
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL: commit is a write(), no fsync
         try:
-            db.executemany("INSERT INTO spool (kind, thread_id, created, payload) VALUES (?, ?, ?, ?)", rows)
-            db.execute("COMMIT")  # synchronous=FULL: the WAL is fsync'd before this returns
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                seqs = []
+                for row in rows:
+                    cur = db.execute(
+                        "INSERT INTO spool (kind, thread_id, created, payload) VALUES (?, ?, ?, ?)", row
+                    )
+                    seqs.append(int(cur.lastrowid or 0))
+                db.execute("COMMIT")  # synchronous=FULL: the WAL is fsync'd before this returns
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        finally:
+            if not full:
+                db.execute("PRAGMA synchronous=FULL")
+        return seqs
+
+    def _fsync_wal_sync(self) -> None:
+        fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _require_db(self) -> sqlite3.Connection:
         if self._db is None:
@@ -338,6 +438,33 @@ class Spool:
         return self._db
 
     # --- reading and acknowledging ---------------------------------------------------------
+    def hot_batch(self, limit: int) -> list[SpoolEntry]:
+        """The oldest `limit` committed rows of the hot kinds, from memory, in append order; []
+        when there are none or the in-memory copy is incomplete (then read_batch has them)."""
+        if not self._hot_complete or not self._hot:
+            return []
+        out: list[SpoolEntry] = []
+        for seq, item in self._hot.items():
+            if len(out) >= limit:
+                break
+            if isinstance(item, _Pending):
+                item = self._hot[seq] = SpoolEntry(
+                    seq=seq,
+                    kind=item.kind,
+                    thread_id=item.thread_id,
+                    created=item.created,
+                    payload=json.loads(item.blob),
+                    size=len(item.blob),
+                )
+            out.append(item)
+        self.hot_taken_total += len(out)
+        return out
+
+    @property
+    def hot_ready(self) -> bool:
+        """Rows of the hot kinds wait in memory for the flusher."""
+        return self._hot_complete and bool(self._hot)
+
     async def read_batch(self, limit: int) -> list[SpoolEntry]:
         """The oldest `limit` rows, in append order."""
         return await self._call(self._read_sync, limit)
@@ -406,6 +533,9 @@ class Spool:
         self.rows -= len(entries)
         self.bytes -= sum(e.size for e in entries)
         for e in entries:
+            if e.kind in self.hot_kinds:
+                self.hot_rows -= 1
+                self._hot.pop(e.seq, None)
             if e.thread_id is not None:
                 left = self._threads[e.thread_id] - 1
                 if left > 0:
@@ -413,6 +543,9 @@ class Spool:
                 else:
                     self._threads.pop(e.thread_id, None)
         self.oldest = oldest if self.rows > 0 else None
+        if not self._hot_complete and self.hot_rows <= 0:
+            self.hot_rows = 0
+            self._hot_complete = True  # every hot row left was flushed: memory is complete again
         self._space.set()
         if self._full_episode and self.bytes + self._reserved < self.max_bytes * 0.9:
             self._full_episode = False
@@ -433,6 +566,9 @@ class Spool:
             "blocked_total": self.blocked_total,
             "commits_total": self.commits_total,
             "appends_total": self.appends_total,
+            "hot_rows": self.hot_rows,
+            "hot_taken_total": self.hot_taken_total,
+            "unsynced_commits": self.unsynced_commits,
             "max_bytes": self.max_bytes,
             "path": str(self.path),
         }

@@ -4,9 +4,12 @@ Rows are sent oldest first, grouped by table, one `INSERT ... SELECT FROM unnest
 in a single transaction, `ON CONFLICT DO NOTHING` on the client-generated ids: a batch that was
 committed but not yet acknowledged in the spool (kill -9 between the two) is simply replayed.
 A batch is triggered by size (`flush_batch_size` rows) or time (`flush_interval_ms` after the
-first pending row). While Postgres is unreachable the flusher backs off (capped, jittered) and
-the spool keeps accepting. A row that Postgres rejects for good (bad data) is isolated and moved
-to the spool's `dead` table with the error, loudly, so it cannot block everything behind it.
+first pending row); link events go at once, taken from the spool's memory rather than its file
+(Spool.hot_batch), and a batch of link events alone is one SQL statement per group, outside any
+explicit transaction (one round trip). While Postgres is unreachable the flusher backs off
+(capped, jittered) and the spool keeps accepting. A row that Postgres rejects for good (bad
+data) is isolated and moved to the spool's `dead` table with the error, loudly, so it cannot
+block everything behind it.
 """
 
 from __future__ import annotations
@@ -126,6 +129,8 @@ async def write_entries(conn: asyncpg.Connection, entries: Sequence[SpoolEntry])
     if unknown:
         raise asyncpg.DataError(f"unknown spool record kind(s): {sorted(unknown)}")
     rows: list[tuple[Any, ...]]
+    if set(by_kind) == {KIND_LINK_EVENT}:  # live link events: one statement per group, no BEGIN/COMMIT
+        return await link_store.store_spooled(conn, [e.payload for e in by_kind[KIND_LINK_EVENT]])
     async with conn.transaction():
         if KIND_CONVERSATION in by_kind:
             rows = [
@@ -199,9 +204,9 @@ class Flusher:
         self._failing_since: float | None = None
         spool.on_commit = self._on_commit
 
-    def _on_commit(self, rows: int) -> None:
+    def _on_commit(self, rows: int, hot: bool = False) -> None:
         self._wake.set()
-        if rows >= self._batch_size:
+        if hot or rows >= self._batch_size:  # link events are live: no waiting for a batch
             self._full.set()
 
     def kick(self) -> None:
@@ -243,7 +248,11 @@ class Flusher:
         backoff = 0.1
         while True:
             await self._wake.wait()
-            if self._spool.rows < self._batch_size and not self._urgent.is_set():
+            if (
+                self._spool.rows < self._batch_size
+                and not self._urgent.is_set()
+                and not self._spool.hot_ready
+            ):
                 # Time trigger: give the batch up to flush_interval_ms to fill up.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._interval):
@@ -251,7 +260,10 @@ class Flusher:
             self._full.clear()
             self._wake.clear()
             while self._spool.rows > 0:
-                batch = await self._spool.read_batch(self._batch_size)
+                # Link events first, from memory (in their append order); else the file's oldest.
+                batch = self._spool.hot_batch(self._batch_size) or await self._spool.read_batch(
+                    self._batch_size
+                )
                 if not batch:
                     break
                 if self.gate is not None:

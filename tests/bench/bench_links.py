@@ -1,6 +1,7 @@
 """Linked sessions through a real fleet: the sender's cost, delivery latency A -> B, catch-up.
 
     python tests/bench/bench_links.py [--calls 300] [--messages 300] [--backlog 10000]
+                                      [--set link_spool_sync=normal] [--set link_early_notify=false]
 
 Starts a fleet under real supervisord (tests/fleet.py: router + 2 instances) on a fresh database
 (EXAI_TEST_DATABASE_URL, dropped afterwards) and EXAI_TEST_REDIS_URL (a fresh key prefix), with
@@ -13,10 +14,12 @@ real MCP clients through the router. Measured:
    as the client saw it. The cost is the difference of the p50s. For contrast: what the old
    synchronous path cost (one Postgres transaction per event, common/links.append);
 2. delivery latency: A calls link_send -> B's client has the `notifications/resources/updated`
-   for the group's inbox (spool fsync, flusher's Postgres commit with the group id, the
-   member's notification log in Redis, the router-held stream, SSE to B); also the part of it
-   after A's call answered (the client's own round trip through the router is the rest), and
-   the instances' own mean of call -> notification queued;
+   for the group's inbox (the spool append, the member's notification log in Redis, the
+   router-held stream, SSE to B; with EXAI_LINK_EARLY_NOTIFY=false also the flusher's
+   Postgres commit); one message at a time, 25 ms apart. Also the part of it after A's call
+   answered, A's own round trip, and where the time goes (call start -> the tool made the
+   event -> the publish on B's channel, seen by a subscriber of the bench's own -> B's
+   client), and the instances' own mean of call -> notification queued;
 3. catch-up: B missed `--backlog` events (written straight into Postgres, not measured); time
    for B to read and acknowledge them all with link_inbox(limit=1000) through the router.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -51,6 +55,8 @@ from common.migrate import migrate  # noqa: E402
 from instance.storage.spool import Spool  # noqa: E402
 from tests.fleet import Fleet  # noqa: E402
 from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client, status_of  # noqa: E402
+
+GAP = 0.025  # seconds between two timed deliveries
 
 
 def pct(values: list[float], p: float) -> float:
@@ -111,25 +117,79 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
         results["client_ms"] = {k: summary(v) for k, v in seen.items()}
 
         # Delivery: one message at a time, A's call start -> B's client has the notification.
+        # Where the time goes (wall clock, one machine): the call start -> the tool made the
+        # event (its created_at) -> the notification published on B's session channel (seen by
+        # a subscriber of our own, like the router's) -> B's client has it (the pub/sub hop:
+        # router wake-up, its read of B's log, SSE, the client's parsing).
+        b_sid = (await status_of(b))["session"]
         await call(b, "link_inbox", {"group": group, "limit": 1000})
+        redis = aioredis.Redis.from_url(fleet.settings.redis_url or "", decode_responses=True)
+        pubsub = redis.pubsub()
+        await pubsub.subscribe(fleet.keys.session_channel(b_sid))
+        published_at = [0.0]
+
+        async def listen() -> None:
+            async for msg in pubsub.listen():
+                if msg.get("type") == "message":
+                    published_at[0] = time.time()
+
+        listener = asyncio.create_task(listen())
         await asyncio.sleep(1.0)
         lat: list[float] = []
         after_answer: list[float] = []
+        answer: list[float] = []
+        marks: list[tuple[int, float, float, float]] = []  # (i, call start, published, arrived)
         for i in range(messages):
             arrived.clear()
+            published_at[0] = 0.0
+            wall0 = time.time()
             t0 = time.perf_counter()
             await call(a, "link_send", {"group": group, "body": f"d{i}", "to": None})
             answered = time.perf_counter()
             await asyncio.wait_for(arrived.wait(), 10)
             lat.append((arrived_at[0] - t0) * 1000)
+            answer.append((answered - t0) * 1000)
             after_answer.append((arrived_at[0] - answered) * 1000)  # < 0: B heard before A's answer
+            # Spaced out, as messages between agents are: what one message leaves to do in the
+            # background (its store, stream entry, counters) is not charged to the next.
+            await asyncio.sleep(GAP)
+            marks.append((i, wall0, published_at[0], wall0 + (arrived_at[0] - t0)))
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
         results["delivery"] = summary(lat)
         results["delivery_after_answer"] = summary(after_answer)
-        redis = aioredis.Redis.from_url(fleet.settings.redis_url or "", decode_responses=True)
+        results["sender_answer"] = summary(answer)
         try:  # the instances' own count: the sender's call -> the members' notification queued
             stats = await redis.hgetall(fleet.keys.link_stats())  # type: ignore[misc]
         finally:
             await redis.aclose()
+        conn = await asyncpg.connect(dsn)
+        try:
+            made = {
+                r["body"]: r["created_at"].timestamp()
+                for r in await conn.fetch(
+                    "SELECT body, created_at FROM link_events WHERE group_name = $1 AND body LIKE 'd%'",
+                    group,
+                )
+            }
+        finally:
+            await conn.close()
+        to_tool, to_publish, hop = [], [], []
+        for i, start, published, got in marks:
+            created = made.get(f"d{i}")
+            if created is None or not published or published > got:
+                continue
+            to_tool.append((created - start) * 1000)
+            to_publish.append((published - created) * 1000)
+            hop.append((got - published) * 1000)
+        if hop:
+            results["delivery_parts"] = {
+                "call_start_to_event_made": summary(to_tool),
+                "event_made_to_published": summary(to_publish),
+                "pubsub_hop_published_to_b": summary(hop),
+            }
         count = float(stats.get("publish_lag_count", 0) or 0)
         results["publish_lag_mean_ms"] = (
             round(float(stats.get("publish_lag_seconds_sum", 0)) / count * 1000, 3) if count else None
@@ -198,6 +258,10 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
         await conn.close()
     results["server_ms"] = {k: summary(v) for k, v in server.items() if v}
     results["spool_append_floor"] = await spool_floor(calls)
+    try:
+        results["spool_append_floor_normal"] = await spool_floor(calls, sync="normal")
+    except TypeError:  # a spool without sync modes (the code before EXAI_LINK_SPOOL_SYNC)
+        pass
     results["old_sync_store"] = summary(sync)
     for side in ("server_ms", "client_ms"):
         r = results[side]
@@ -210,17 +274,19 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
     return results
 
 
-async def spool_floor(n: int) -> dict[str, float]:
+async def spool_floor(n: int, sync: str = "full") -> dict[str, float]:
     """What one durable spool append (one fsync, this disk, this load) costs on its own: the
-    floor under a link_send that answers only once its event is durable."""
+    floor under a link_send that answers only once its event is durable (sync="normal": once
+    the OS has it, EXAI_LINK_SPOOL_SYNC=normal)."""
     with tempfile.TemporaryDirectory(prefix="bench-links-spool-") as tmp:
         spool = Spool(Path(tmp), max_bytes=1 << 30)
         await spool.open()
+        kw: dict[str, Any] = {"sync": sync} if sync != "full" else {}
         try:
             ms = []
             for i in range(n):
                 t0 = time.perf_counter()
-                await spool.append("link_event", {"uuid": str(i), "body": f"m{i}"}, urgent=True)
+                await spool.append("link_event", {"uuid": str(i), "body": f"m{i}"}, urgent=True, **kw)
                 ms.append((time.perf_counter() - t0) * 1000)
         finally:
             await spool.close()
@@ -232,10 +298,18 @@ async def main() -> None:
     ap.add_argument("--calls", type=int, default=300, help="rounds of the four sender calls")
     ap.add_argument("--messages", type=int, default=300, help="messages timed A -> B")
     ap.add_argument("--backlog", type=int, default=10_000)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a setting of the fleet, e.g. link_spool_sync=normal or link_early_notify=false",
+    )
     args = ap.parse_args()
     admin_dsn = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("EXAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     name = f"bench_links_{secrets.token_hex(4)}"
+    extra = dict(item.split("=", 1) for item in args.set)
     admin = await asyncpg.connect(admin_dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
     dsn = admin_dsn.rsplit("/", 1)[0] + "/" + name
@@ -250,11 +324,12 @@ async def main() -> None:
                 redis_prefix=prefix,
                 instances=2,
                 max_instances=2,
-                overrides={**ROUTER_TEST_SETTINGS, "log_level": "WARNING"},
+                overrides={**ROUTER_TEST_SETTINGS, "log_level": "WARNING", **extra},
             )
             await asyncio.to_thread(fleet.start)
             try:
                 results = await bench(fleet, dsn, args.calls, args.messages, args.backlog)
+                results["settings"] = extra
             finally:
                 await asyncio.to_thread(fleet.stop)
     finally:
@@ -273,11 +348,17 @@ async def main() -> None:
     for label, key in (
         ("delivery A -> B (notification)", "delivery"),
         ("  of it after A's call answered", "delivery_after_answer"),
+        ("A's link_send answered (client)", "sender_answer"),
         ("old sync store (contrast)", "old_sync_store"),
         ("spool append alone (fsync floor)", "spool_append_floor"),
+        ("spool append alone, sync=normal", "spool_append_floor_normal"),
     ):
+        if key not in results:
+            continue
         r = results[key]
         print(f"{label:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
+    for key, r in results.get("delivery_parts", {}).items():
+        print(f"{'  part: ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
     for side in ("server_ms", "client_ms"):
         cost = results[f"sender_cost_{side}"]
         group_cost, send_cost = cost["group_task_minus_session_task_p50"], cost["link_send_minus_noop_p50"]
@@ -291,7 +372,9 @@ async def main() -> None:
     out = ROOT / "tests" / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"links-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    results["load_average"] = [round(x, 2) for x in os.getloadavg()]
     path.write_text(json.dumps(results, indent=2))
+    print(f"load average at the end: {results['load_average']}")
     print(f"saved {path}")
 
 

@@ -9,14 +9,19 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import mcp_types
 import pytest
+import redis.asyncio as aioredis
 from mcp.client.subscriptions import ResourceUpdated
 
+from common import links as link_store
 from tests.fakes.provider import FakeProvider
 from tests.fleet import Fleet
 from tests.router.conftest import ROUTER_TEST_SETTINGS, call, error_of, instance_num, mcp_client, status_of
@@ -325,3 +330,49 @@ async def test_an_ended_session_hands_off_and_opted_in_chats_carry_the_group(
         assert [(e["kind"], e["from"], e["body"], e["data"]["reason"]) for e in events] == [
             ("leave", c_sid, "nothing started", "admin")
         ]
+
+
+async def test_a_member_woken_early_reads_the_event_before_or_after_postgres_has_it(fleet: Fleet) -> None:
+    """Events are announced once the sender's spool has them, before Postgres gives them ids:
+    a member that reads its inbox as soon as it is woken still finds the event, because reads
+    wait for the group's events in flight."""
+    group = "early"
+    woke = asyncio.Event()
+
+    async def on_b(message: Any) -> None:
+        if isinstance(message, mcp_types.ResourceUpdatedNotification):
+            woke.set()
+
+    async with (
+        mcp_client(fleet.mcp_url, "legacy", name="early-a", token=ALICE) as a,
+        mcp_client(fleet.mcp_url, "legacy", name="early-b", token=ALICE, message_handler=on_b) as b,
+    ):
+        a_sid = (await status_of(a))["session"]
+        await call(a, "link_join", {"group": group})
+        await call(b, "link_join", {"group": group})
+        for i in range(5):
+            woke.clear()
+            sent = await call(a, "link_send", {"group": group, "body": f"now {i}"})
+            await asyncio.wait_for(woke.wait(), 20)
+            box = await call(b, "link_inbox", {"group": group})
+            assert [e["uuid"] for e in box["events"]] == [sent["event"]]
+
+        # An event marked in flight that Postgres does not have yet: the read waits for it.
+        event_id = str(uuid.uuid4())
+        redis = aioredis.Redis.from_url(fleet.settings.redis_url or "")
+        try:
+            await redis.zadd(fleet.keys.link_inflight(group), {event_id: (time.time() + 30) * 1000})
+        finally:
+            await redis.aclose()
+        reading = asyncio.create_task(call(b, "link_inbox", {"group": group}))
+        await asyncio.sleep(0.3)
+        conn = await asyncpg.connect(fleet.settings.database_url)
+        try:
+            payload = {"uuid": event_id, "group": group, "kind": "message", "sender": a_sid, "body": "late"}
+            stored = await link_store.store_spooled(conn, [{**payload, "created_at": time.time()}])
+        finally:
+            await conn.close()
+        assert [e.uuid for e, _ in stored] == [event_id]
+        box = await reading
+        assert [(e["uuid"], e["body"]) for e in box["events"]] == [(event_id, "late")]
+        assert (await call(b, "link_inbox", {"group": group}))["events"] == []

@@ -429,3 +429,40 @@ async def test_instances_announce_note_and_task_changes_to_both_eras(fleet: Flee
         await b.call_tool("note_write", {"key": "k", "body": "v"})
         event = await asyncio.wait_for(anext(aiter(sub)), 20)
         assert event == ResourceUpdated(uri=NOTES_URI)
+
+
+async def test_a_carried_event_that_skips_ahead_of_the_stream_is_read_from_the_log(
+    fleet: Fleet, events: EventLog
+) -> None:
+    """Writers publish each event with the id before it, and a stream up to date writes it
+    without reading the log; one that is not (an entry it never heard of, an older writer's
+    bare id) reads the log, so nothing is skipped and nothing is written twice."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        sess = await Handshake(fleet, http).open("gaps")
+        reader = Reader(await sess.stream()).start()
+        assert reader.resp.status == 200
+        await _publish(events, sess.sid, 1)  # carried, follows on from the stream's cursor
+        await reader.wait_for(1)
+        log_key = fleet.keys.events(sess.sid)
+        # 2 is logged without a publish (as if its publish were lost); 3's publish then names 2
+        # as the entry before it, which this stream never wrote.
+        await events.redis.xadd(log_key, {"m": json.dumps(notification(UPDATED, {"uri": "exai://test/2"}))})
+        await _publish(events, sess.sid, 3)
+        await reader.wait_for(3)
+        # An older writer's publish: the bare id.
+        four = await events.redis.xadd(
+            log_key, {"m": json.dumps(notification(UPDATED, {"uri": "exai://test/4"}))}
+        )
+        await events.redis.publish(fleet.keys.session_channel(sess.sid), four)
+        await reader.wait_for(4)
+        await events.append_many(
+            [(sess.sid, notification(UPDATED, {"uri": f"exai://test/{n}"})) for n in (5, 6)]
+        )
+        await reader.wait_for(6)
+        await asyncio.sleep(0.3)  # room for a duplicate to show up
+        assert _numbers(reader) == [1, 2, 3, 4, 5, 6]
+        ids = [f.id for f in reader.messages]
+        parsed = [parse_id(i) for i in ids]
+        assert None not in parsed and parsed == sorted(parsed) and len(set(ids)) == len(ids)
+        await reader.stop()
