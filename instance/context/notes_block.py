@@ -9,7 +9,6 @@ A note that does not fit the budget is left out whole (never cut mid-text) and r
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,8 +72,11 @@ def select(notes: Sequence[Note], *, budget_tokens: int, model: str) -> NotesBlo
 
 
 async def load(store: NoteStore, *, thread_id: str | None, session_id: str | None) -> list[Note]:
-    """The notes in scope for a call: the thread's (if continuing one) and the calling session's."""
-    # Both scopes at once: on a slow Postgres the call waits one round trip, not two.
-    scopes = [("thread", thread_id), ("session", session_id)]
-    found = await asyncio.gather(*(store.list(scope=s, scope_id=i) for s, i in scopes if i))
+    """The notes in scope for a call: the thread's (if continuing one) and the calling session's.
+
+    Served from the Redis copies of the scopes (one round trip); a scope without a copy is read
+    from Postgres (both at once: on a slow Postgres the call waits one round trip, not two).
+    """
+    scopes = [(s, i) for s, i in (("thread", thread_id), ("session", session_id)) if i]
+    found = await store.for_prompt(scopes)
     return [note for notes in found for note in notes]

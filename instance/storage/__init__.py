@@ -28,6 +28,7 @@ from instance.storage.cache import RedisGuard
 from instance.storage.history import HistoryStore
 from instance.storage.models import Message, Note, Task, TaskEvent, TaskNode
 from instance.storage.notes import NoteStore
+from instance.storage.notes_cache import NotesCache
 from instance.storage.pool import Database
 from instance.storage.spool import Spool
 from instance.storage.tasks import UNCHANGED, TaskStore
@@ -83,6 +84,12 @@ class Storage:
         )
         self.tasks = TaskStore(db)
         self.notes = NoteStore(db, max_bytes=settings.note_max_bytes)
+        self.notes.cache = NotesCache(
+            cache,
+            keys,
+            lambda scope, scope_id: self.notes.list(scope=scope, scope_id=scope_id),
+            postgres_down=lambda: db.last_error is not None and not db.connected,
+        )
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -140,6 +147,8 @@ class Storage:
 
     async def aclose(self, *, flush_timeout: float) -> None:
         await self.history.stop()
+        if self.notes.cache is not None:
+            await self.notes.cache.stop()
         try:
             if self.spool.rows and not await self.flush(flush_timeout):
                 log.warning(

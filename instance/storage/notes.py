@@ -1,13 +1,16 @@
 """Structured notes per thread or per session, written straight to Postgres.
 
-Notes survive restarts and compaction because they are rows, not prompt text. Bodies have a
+Notes survive restarts and compaction because they are rows, not prompt text. A chat reads
+them through a Redis copy per scope (`for_prompt`, instance/storage/notes_cache.py); every
+write here tells that copy once it committed, before it returns. Bodies have a
 size limit (EXAI_NOTE_MAX_BYTES, counted in UTF-8 bytes) so that injecting them into a prompt
 stays within budget. A write may carry `expected_version` for optimistic locking, like tasks.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -15,6 +18,9 @@ from common.errors import InvalidArgument, NoteNotFound, NoteTooLarge, VersionCo
 from instance.storage.models import Note
 from instance.storage.pool import Database
 from instance.storage.validation import check_text, new_id
+
+if TYPE_CHECKING:
+    from instance.storage.notes_cache import NotesCache
 
 KEY_MAX = 200
 KIND_MAX = 50
@@ -37,9 +43,24 @@ def _check_key(key: Any) -> None:
 class NoteStore:
     """Create, update, delete and list notes; raises StorageUnavailable when Postgres is down."""
 
-    def __init__(self, db: Database, *, max_bytes: int) -> None:
+    def __init__(self, db: Database, *, max_bytes: int, cache: NotesCache | None = None) -> None:
         self._db = db
         self._max_bytes = max_bytes
+        self.cache = cache
+
+    async def _written(self, scope: str, scope_id: str) -> None:
+        if self.cache is not None:
+            await self.cache.written(scope, scope_id)
+
+    async def for_prompt(self, scopes: Sequence[tuple[str, str]]) -> list[list[Note]]:
+        """The notes of each (scope, scope_id), as `list` orders them, served from the Redis copy
+        when there is one (see instance/storage/notes_cache.py); StorageUnavailable when a scope
+        has no copy and Postgres cannot be read."""
+        for scope, scope_id in scopes:
+            _check_scope(scope, scope_id)
+        if self.cache is None:
+            return [await self.list(scope=s, scope_id=i) for s, i in scopes]
+        return await self.cache.lists(scopes)
 
     async def write(
         self,
@@ -129,7 +150,9 @@ class NoteStore:
                 current_version=current,
             )
 
-        return await self._db.run(op, what="writing the note")
+        note = await self._db.run(op, what="writing the note")
+        await self._written(scope, scope_id)
+        return note
 
     async def capture(
         self,
@@ -168,7 +191,10 @@ class NoteStore:
                 new_id(), scope, scope_id, key, data, kind, importance, source_turn,
             )  # fmt: skip
 
-        return await self._db.run(op, what="capturing a note") is not None
+        changed = await self._db.run(op, what="capturing a note") is not None
+        if changed:
+            await self._written(scope, scope_id)
+        return changed
 
     async def read(self, *, scope: str, scope_id: str, key: str) -> Note:
         _check_scope(scope, scope_id)
@@ -212,4 +238,7 @@ class NoteStore:
             )
 
         status = await self._db.run(op, what="deleting the note")
-        return status.endswith(" 1")
+        deleted = status.endswith(" 1")
+        if deleted:
+            await self._written(scope, scope_id)
+        return deleted

@@ -1,0 +1,250 @@
+"""A Redis copy of each note scope, so a chat reads its notes without waiting for Postgres.
+
+Postgres stays the truth: notes are written there directly (instance/storage/notes.py), and
+this copy is only what a chat call reads to build its notes block. Two keys per scope
+(common/keys.py): the copy (the scope's rows as JSON, with the time they were read) and a
+generation counter.
+
+- A note write commits in Postgres, then bumps the scope's generation and deletes the copy, all
+  before it returns: the next chat misses and reads Postgres, so a writer always sees its write.
+- A reader that missed reads the generation, then Postgres, and stores its copy only if the
+  generation is still the one it read (one Lua step). A write that committed after the read
+  began has bumped it, so a read racing a write can never put the older rows back.
+- A copy older than REFRESH_S is still served, and re-read from Postgres in the background (at
+  most one re-read per scope at a time). That bounds how long a copy can be wrong in the cases
+  the generation cannot catch: a writer that died between its commit and the bump, a bump
+  lost with Redis (restart without its latest writes), a write made while Redis was unreachable.
+- Without Redis, or when it is down, every read goes to Postgres, as before the copy existed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from common.errors import StorageUnavailable
+from common.keys import Keys
+from instance.storage.cache import CacheDown, RedisGuard
+from instance.storage.models import Note
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 5.0
+"""A copy older than this is served and re-read from Postgres in the background."""
+COPY_TTL_MS = 24 * 3600 * 1000
+GENERATION_TTL_MS = 7 * 24 * 3600 * 1000  # outlives every copy, so a copy never meets a reset counter
+
+# KEYS: copy, generation. ARGV: the generation read before Postgres ('' = none), value, ttl ms.
+_STORE_LUA = """
+local g = redis.call('GET', KEYS[2]) or ''
+if g ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS: copy, generation. ARGV: generation ttl ms. After a committed write.
+_BUMP_LUA = """
+local g = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[1])
+return g
+"""
+
+Scope = tuple[str, str]
+Reader = Callable[[str, str], Awaitable[list[Note]]]
+
+
+def _note_from_dict(d: dict[str, Any]) -> Note:
+    from instance.storage.models import parse_ts
+
+    created, updated = parse_ts(d["created_at"]), parse_ts(d["updated_at"])
+    assert created is not None and updated is not None
+    return Note(
+        id=str(d["id"]),
+        scope=str(d["scope"]),
+        scope_id=str(d["scope_id"]),
+        key=str(d["key"]),
+        body=str(d["body"]),
+        kind=str(d["kind"]),
+        importance=int(d["importance"]),
+        version=int(d["version"]),
+        created_at=created,
+        updated_at=updated,
+        source=str(d.get("source") or "manual"),
+        source_turn=d.get("source_turn"),
+    )
+
+
+class NotesCache:
+    """Per-scope copies of notes in Redis; `read_postgres(scope, scope_id)` is the truth."""
+
+    def __init__(
+        self,
+        cache: RedisGuard,
+        keys: Keys,
+        read_postgres: Reader,
+        *,
+        postgres_down: Callable[[], bool] = lambda: False,
+        refresh_s: float = REFRESH_S,
+    ) -> None:
+        self._cache = cache
+        self._keys = keys
+        self._read = read_postgres
+        self._postgres_down = postgres_down
+        self.refresh_s = refresh_s
+        self._refreshing: dict[Scope, asyncio.Task[None]] = {}
+        self.hits_total = 0
+        self.misses_total = 0
+        self.refreshes_total = 0
+        self.refused_total = 0  # copies not stored because a write committed meanwhile
+        self._unbumped: set[Scope] = set()  # written here while Redis was unreachable
+
+    @property
+    def enabled(self) -> bool:
+        return self._cache.redis is not None
+
+    # --- reading ---------------------------------------------------------------------------
+    async def lists(self, scopes: Sequence[Scope]) -> list[list[Note]]:
+        """The notes of each scope, from the copies where present; Postgres for the rest.
+
+        Raises StorageUnavailable when a scope has no copy and Postgres cannot be read.
+        """
+        if not scopes:
+            return []
+        found: list[tuple[Any, Any]] = [(None, None)] * len(scopes)
+        if self.enabled:
+            names = [k for s in scopes for k in (self._copy_key(s), self._gen_key(s))]
+            try:
+                values = await self._cache.call(lambda r: r.mget(names))  # type: ignore[no-any-return]
+                found = [(values[2 * i], values[2 * i + 1]) for i in range(len(scopes))]
+            except CacheDown:
+                pass
+        out: list[list[Note] | None] = [None] * len(scopes)
+        misses: list[int] = []
+        now = time.time()
+        for i, (scope, (raw, _)) in enumerate(zip(scopes, found, strict=True)):
+            copy = None if scope in self._unbumped else self._parse(scope, raw)
+            if copy is None:
+                misses.append(i)
+                continue
+            at, notes = copy
+            out[i] = notes
+            self.hits_total += 1
+            if now - at >= self.refresh_s:
+                self._refresh_later(scope)
+        if misses:
+            self.misses_total += len(misses)
+            read = await asyncio.gather(*(self._read_and_store(scopes[i], found[i][1]) for i in misses))
+            for i, notes in zip(misses, read, strict=True):
+                out[i] = notes
+        return [notes or [] for notes in out]
+
+    def _parse(self, scope: Scope, raw: Any) -> tuple[float, list[Note]] | None:
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            return float(data["at"]), [_note_from_dict(d) for d in data["notes"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring a malformed notes copy of %s %s: %s", scope[0], scope[1], exc)
+            return None
+
+    async def _read_and_store(self, scope: Scope, generation: Any, *, known: bool = True) -> list[Note]:
+        """Read Postgres and store the copy if no write committed since `generation` was read."""
+        if not known and self.enabled:  # a background re-read: take the generation now
+            try:
+                generation = await self._cache.call(lambda r: r.get(self._gen_key(scope)))
+            except CacheDown:
+                return await self._read(*scope)
+        if self._postgres_down():
+            raise StorageUnavailable(f"Postgres is down: the {scope[0]} notes have no copy to serve")
+        read_at = time.time()
+        notes = await self._read(*scope)
+        if scope in self._unbumped:
+            await self.written(*scope)  # retried: the copy goes; the next read stores a new one
+        elif self.enabled:
+            await self._store(scope, generation, read_at, notes)
+        return notes
+
+    async def _store(self, scope: Scope, generation: Any, read_at: float, notes: list[Note]) -> None:
+        gen = "" if generation is None else generation
+        gen = gen.decode() if isinstance(gen, bytes) else str(gen)
+        value = json.dumps(
+            {"at": read_at, "notes": [n.to_dict() for n in notes]}, separators=(",", ":"), ensure_ascii=False
+        )
+        try:
+            stored = await self._cache.call(
+                lambda r: r.eval(
+                    _STORE_LUA, 2, self._copy_key(scope), self._gen_key(scope), gen, value, COPY_TTL_MS
+                )  # type: ignore[no-any-return]
+            )
+        except CacheDown:
+            return
+        if not stored:
+            self.refused_total += 1
+
+    def _refresh_later(self, scope: Scope) -> None:
+        """Re-read one scope in the background, at most one re-read per scope at a time."""
+        if scope in self._refreshing or self._postgres_down():
+            return
+        task = asyncio.create_task(self._refresh(scope), name="exai-notes-refresh")
+        self._refreshing[scope] = task
+        task.add_done_callback(lambda _: self._refreshing.pop(scope, None))
+
+    async def _refresh(self, scope: Scope) -> None:
+        self.refreshes_total += 1
+        try:
+            await self._read_and_store(scope, None, known=False)
+        except StorageUnavailable:
+            pass
+        except Exception as exc:
+            log.warning("re-reading the notes of %s %s failed: %s: %s", *scope, type(exc).__name__, exc)
+
+    async def seed_empty(self, scope: str, scope_id: str) -> None:
+        """Record that a scope nobody can know yet (a brand-new thread) has no notes."""
+        if self.enabled:
+            await self._store((scope, scope_id), None, time.time(), [])
+
+    # --- writing ---------------------------------------------------------------------------
+    async def written(self, scope: str, scope_id: str) -> None:
+        """After a note write of the scope committed: older copies must not be served or stored."""
+        if not self.enabled:
+            return
+        key = (scope, scope_id)
+        try:
+            await self._cache.call(
+                lambda r: r.eval(_BUMP_LUA, 2, self._copy_key(key), self._gen_key(key), GENERATION_TTL_MS)  # type: ignore[no-any-return]
+            )
+        except CacheDown:
+            # This instance reads the scope from Postgres until a bump gets through; elsewhere
+            # the copy is re-read within REFRESH_S.
+            self._unbumped.add(key)
+            return
+        self._unbumped.discard(key)
+
+    async def stop(self) -> None:
+        tasks = list(self._refreshing.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "hits_total": self.hits_total,
+            "misses_total": self.misses_total,
+            "refreshes_total": self.refreshes_total,
+            "refused_total": self.refused_total,
+        }
+
+    def _copy_key(self, scope: Scope) -> str:
+        return self._keys.notes(*scope)
+
+    def _gen_key(self, scope: Scope) -> str:
+        return self._keys.notes_generation(*scope)
