@@ -80,7 +80,12 @@ class Storage:
         self.cache = cache
         keys = Keys(settings.redis_prefix)
         self.history = HistoryStore(
-            db=db, spool=spool, cache=cache, keys=keys, cache_turns=settings.history_cache_turns
+            db=db,
+            spool=spool,
+            cache=cache,
+            keys=keys,
+            cache_turns=settings.history_cache_turns,
+            spool_sync=settings.chat_spool_sync,
         )
         self.tasks = TaskStore(db)
         self.notes = NoteStore(db, max_bytes=settings.note_max_bytes)

@@ -36,7 +36,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 from redis.asyncio import Redis
@@ -159,8 +159,10 @@ class HistoryStore:
         cache: RedisGuard,
         keys: Keys,
         cache_turns: int,
+        spool_sync: Literal["full", "normal"] = "full",
     ) -> None:
         self._db = db
+        self._sync: Literal["full", "normal"] = spool_sync  # EXAI_CHAT_SPOOL_SYNC
         self._spool = spool
         self._cache = cache
         self._keys = keys
@@ -209,7 +211,7 @@ class HistoryStore:
             "metadata": meta,
             "principal": principal,
         }
-        await self._spool.append(KIND_CONVERSATION, payload, thread_id=cid)
+        await self._spool.append(KIND_CONVERSATION, payload, thread_id=cid, sync=self._sync)
         if fresh:
             self._note_pos(cid, 0)  # nothing before it: its first exchange is position 1
         # Only a brand-new id can start a complete (empty) cache; a caller-chosen id may name
@@ -312,7 +314,7 @@ class HistoryStore:
         if not cached and self._marking:  # a cache elsewhere may now be older than Postgres
             entries.insert(0, (KIND_CACHE_MARK, {"id": new_id(), "conversation_id": cid}))
         results = await asyncio.gather(
-            *(self._spool.append(kind, payload, thread_id=cid) for kind, payload in entries),
+            *(self._spool.append(kind, payload, thread_id=cid, sync=self._sync) for kind, payload in entries),
             return_exceptions=True,
         )
         failed = next((r for r in results if isinstance(r, BaseException)), None)

@@ -475,6 +475,10 @@ class Spool:
         )
         return [_entry(row) for row in cur]
 
+    def has_pending(self, thread_id: str) -> bool:
+        """Whether this spool holds unflushed rows of the thread (no disk access)."""
+        return bool(self._threads.get(thread_id))
+
     async def pending_for_thread(self, thread_id: str) -> list[SpoolEntry]:
         """This process's unflushed rows of one thread (so reads see their own writes)."""
         if not self._threads.get(thread_id):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
+import pytest
 from redis.asyncio import Redis
 
 from common.settings import Settings
@@ -35,9 +36,11 @@ async def _counts(dsn: str, ids: list[str]) -> dict[str, int]:
     return {r["id"]: int(r["n"]) for r in rows}
 
 
+@pytest.mark.parametrize("sync", ["full", "normal"])
 async def test_kill_9_under_load_then_restart_keeps_every_acknowledged_write(
-    storage_settings: Callable[..., Settings], pg_dsn: str, tmp_path: Path
+    storage_settings: Callable[..., Settings], pg_dsn: str, tmp_path: Path, sync: str
 ) -> None:
+    """With either EXAI_CHAT_SPOOL_SYNC: what the OS was handed survives the process's kill -9."""
     state_dir = tmp_path / "killed"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -45,6 +48,7 @@ async def test_kill_9_under_load_then_restart_keeps_every_acknowledged_write(
         pg_dsn,
         str(state_dir),
         "t-kill",
+        sync,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
     )

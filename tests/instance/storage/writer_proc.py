@@ -3,7 +3,7 @@
 The kill -9 test runs this, SIGKILLs it mid-stream, and checks that every id printed here
 (every append that returned to its caller) is in Postgres exactly once after a restart.
 
-    python writer_proc.py DSN STATE_DIR INSTANCE_ID
+    python writer_proc.py DSN STATE_DIR INSTANCE_ID [CHAT_SPOOL_SYNC]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from instance.storage import Storage
 WRITERS = 8
 
 
-async def main(dsn: str, state_dir: str, instance_id: str) -> None:
+async def main(dsn: str, state_dir: str, instance_id: str, sync: str = "full") -> None:
     settings = load_settings(
         database_url=dsn,
         redis_url=None,
@@ -26,6 +26,7 @@ async def main(dsn: str, state_dir: str, instance_id: str) -> None:
         flush_interval_ms=200,  # keep rows pending so the kill lands with a backlog
         flush_batch_size=200,
         fsync_window_ms=1.0,
+        chat_spool_sync=sync,
     )
     async with Storage.open(settings, instance_id=instance_id, redis=None) as st:
         cid = await st.history.new_thread(session_id="kill", tool_name="chat", model=None)
@@ -43,4 +44,4 @@ async def main(dsn: str, state_dir: str, instance_id: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:4]))
+    asyncio.run(main(*sys.argv[1:5]))
