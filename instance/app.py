@@ -7,6 +7,7 @@ serves `/mcp` (handshake and 2026-07-28 clients alike) and the router's `/intern
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -38,6 +39,7 @@ from common.protocol import (
 )
 from common.redis import create_redis
 from common.settings import Settings
+from instance.context import tokens
 from instance.notify import Notifier
 from instance.providers import Providers
 from instance.registry import Registry
@@ -126,6 +128,9 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
             runtime.notifier = await stack.enter_async_context(_notifier(settings, redis).running())
             runtime.storage = await _open_storage(stack, settings, runtime)
             runtime.providers = await stack.enter_async_context(Providers.open(settings))
+            # The first chat would otherwise load a tokenizer vocabulary on the event loop.
+            families = [f for f in ("glm", "kimi") if f in runtime.providers.clients]
+            runtime.background(asyncio.to_thread(tokens.preload, families), what="loading tokenizers")
             registry = Registry(runtime, redis) if redis is not None else None
             runtime.on_change = registry.poke if registry is not None else (lambda: None)
             if runtime.state == "starting":  # a SIGTERM during startup must not be undone
@@ -206,6 +211,7 @@ def _storage_metrics(runtime: Runtime) -> str:
     if storage is None:
         return ""
     history, links = storage.history, runtime.links.stats() if runtime.links is not None else {}
+    notes = storage.notes.cache.stats() if storage.notes.cache is not None else {}
     counters = [
         ("exai_instance_thread_cache_checks_total",
          "Thread caches checked against Postgres (first read on a new Redis run).",
@@ -215,6 +221,16 @@ def _storage_metrics(runtime: Runtime) -> str:
          history.marks_applied_total),
         ("exai_instance_spool_flushed_total", "Spool rows written to Postgres.",
          storage.flusher.flushed_total),
+        ("exai_instance_spool_reads_skipped_total",
+         "Thread loads served by a complete cache holding this process's unflushed turns.",
+         history.spool_reads_skipped_total),
+        ("exai_instance_notes_copy_hits_total", "Note scopes a chat read from their Redis copy.",
+         notes.get("hits_total", 0)),
+        ("exai_instance_notes_copy_misses_total", "Note scopes a chat read from Postgres (no copy).",
+         notes.get("misses_total", 0)),
+        ("exai_instance_notes_copy_refused_total",
+         "Note copies not stored because a write committed while they were read.",
+         notes.get("refused_total", 0)),
         ("exai_instance_link_events_spooled_total", "Link-group events taken into the spool.",
          links.get("spooled", 0)),
     ]  # fmt: skip

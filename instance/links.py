@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 UPDATED = "notifications/resources/updated"
 GROUP_SCOPE_PREFIX = "link:"
 LINK_GROUP_HEADER = "exai-link-group"  # connect-time linking (X-Exai-* headers stay at the router)
-CHAT_OPT_IN_TTL = 30.0  # seconds an instance trusts a session's cached chat_context opt-ins
+CHAT_OPT_IN_TTL = 30.0  # seconds before a session's cached chat_context opt-ins are re-read
 CHAT_OPT_IN_WAIT = 0.5  # longest a chat waits for Postgres to read them (then: none this call)
 TASK_WRITE_WAIT_SECONDS = 60.0  # longest the flusher holds a task event for its task write
 GROUP_CONTEXT_MESSAGES = 50  # newest group messages considered for a chat's group context
@@ -87,6 +87,8 @@ class Links:
         self._header_joins: set[tuple[str, str]] = set()
         self._members: dict[str, tuple[float, frozenset[str]]] = {}  # group -> (read at, sessions)
         self._chat_groups: dict[str, tuple[float, list[str]]] = {}  # session -> (read at, groups)
+        self._chat_rereads: set[str] = set()  # sessions whose opt-ins are being re-read
+        self._chat_changes = 0  # opt-ins remembered or forgotten on this instance, ever
         self._inflight: dict[str, asyncio.Event] = {}  # task_events id -> set when its write ends
         self._early: dict[str, _Early] = {}  # event uuid -> its early announcement
         self.early = 0  # events announced before they were stored
@@ -591,28 +593,61 @@ class Links:
             self.announce(event, sessions)
 
     async def chat_groups(self, session: str) -> list[str]:
-        """The groups `session` opted into for chat context, cached per session for
-        CHAT_OPT_IN_TTL seconds (set at once by link_join through this instance), so a chat of
-        an unlinked session does not wait for Postgres each time. On a miss Postgres gets
-        CHAT_OPT_IN_WAIT seconds; slower or down: no group context this call."""
+        """The groups `session` opted into for chat context, cached per session (set at once by
+        link_join through this instance), so a chat does not wait for Postgres each time: a
+        copy older than CHAT_OPT_IN_TTL seconds is still used, and re-read in the background.
+        On a miss Postgres gets CHAT_OPT_IN_WAIT seconds, none when it is known to be down;
+        slower or down: no group context this call."""
         cached = self._chat_groups.get(session)
-        if cached is not None and time.monotonic() - cached[0] < CHAT_OPT_IN_TTL:
+        if cached is not None:
+            if time.monotonic() - cached[0] >= CHAT_OPT_IN_TTL:
+                self._reread_chat_groups(session)
             return cached[1]
+        if self._postgres_down():
+            return []
         try:
             async with asyncio.timeout(CHAT_OPT_IN_WAIT):
-                groups = await self.run(
-                    lambda conn: db.chat_groups(conn, session), what="reading chat opt-ins"
-                )
+                groups = await self._read_chat_groups(session)
         except (StorageUnavailable, TimeoutError) as exc:
             log.info("chat of %s without its opted-in group context: %s", session[:8], exc or "timeout")
             return []
         self.remember_chat_groups(session, groups)
         return groups
 
+    async def _read_chat_groups(self, session: str) -> list[str]:
+        return await self.run(lambda conn: db.chat_groups(conn, session), what="reading chat opt-ins")
+
+    def _postgres_down(self) -> bool:
+        storage = self.runtime.storage
+        return storage is not None and storage.db.last_error is not None and not storage.db.connected
+
+    def _reread_chat_groups(self, session: str) -> None:
+        """Refresh one session's opt-ins off the call's path (one re-read at a time per session).
+        A result is kept only if no opt-in changed on this instance meanwhile (a link_join or
+        link_leave through it is newer than what the re-read may have seen)."""
+        if session in self._chat_rereads or self._postgres_down():
+            return
+        changes = self._chat_changes
+
+        async def reread() -> None:
+            try:
+                groups = await self._read_chat_groups(session)
+            except StorageUnavailable:
+                return
+            finally:
+                self._chat_rereads.discard(session)
+            if self._chat_changes == changes:
+                self.remember_chat_groups(session, groups)
+
+        self._chat_rereads.add(session)
+        self.runtime.background(reread(), what="re-reading chat opt-ins")
+
     def forget_chat_groups(self, session: str) -> None:
+        self._chat_changes += 1
         self._chat_groups.pop(session, None)
 
     def remember_chat_groups(self, session: str, groups: list[str]) -> None:
+        self._chat_changes += 1
         self._chat_groups[session] = (time.monotonic(), groups)
         if len(self._chat_groups) > 10_000:  # bounded: drop the oldest entries
             for sid in sorted(self._chat_groups, key=lambda k: self._chat_groups[k][0])[:1000]:

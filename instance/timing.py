@@ -1,7 +1,10 @@
 """Where a chat call's time goes, stage by stage, so the fleet's own share can be seen and cut.
 
-A call is timed in stages (`thread_load`, `context`, `provider`, `storage_append`, `total`);
-`fleet` is derived per call as `total - provider`, the part the fleet itself spends. Each
+A call is timed in stages: `reads` (the thread, its notes and the group context, read at once;
+each of the three is also timed on its own as `thread_load`, `notes` and `group_context`, so
+they overlap), `context` (prompt building and the rest up to the provider's answer, less the
+provider), `provider`, `storage_append` and `total`; `fleet` is derived per call as
+`total - provider`, the part the fleet itself spends. Each
 stage keeps a count, a sum and the most recent RECENT samples for percentiles; the `status`
 tool shows the summary and `/internal/metrics` renders it in the Prometheus text format.
 
@@ -20,7 +23,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RECENT = 512
-CHAT_STAGES = ("thread_load", "context", "provider", "storage_append", "total", "fleet")
+CHAT_STAGES = (
+    "reads",
+    "thread_load",
+    "notes",
+    "group_context",
+    "context",
+    "provider",
+    "storage_append",
+    "total",
+    "fleet",
+)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from instance.context.compaction import Compacted, HistoryTurn, compact
 from instance.context.stripping import DEFAULT_MIN_WORDS, StoredTurn, StripResult, strip_echoes
-from instance.context.tokens import TokenCounter, counter_for
+from instance.context.tokens import OFFLOAD_CHARS, TokenCounter, counter_for
 
 Summarize = Callable[[str], Awaitable[str]]
 """Async: the text of a masked block -> a short summary (a model call, cached by the caller)."""
@@ -115,10 +115,15 @@ async def build_prompt(
 
     # (1) phase 1: strip echoes of stored turns (pure CPU on possibly large text: off the loop)
     stored = [StoredTurn(t.id, i + 1, t.role, t.content) for i, t in enumerate(hist)]
+    # A small prompt is built on the loop: a worker-thread hop costs more than the work.
+    small = len(new_prompt) + sum(len(t.content) for t in hist) <= OFFLOAD_CHARS
     if policy.strip and stored:
-        strip = await asyncio.to_thread(
-            strip_echoes, new_prompt, stored, min_words=policy.strip_min_words, count=counter.count
-        )
+        if small:
+            strip = strip_echoes(new_prompt, stored, min_words=policy.strip_min_words, count=counter.count)
+        else:
+            strip = await asyncio.to_thread(
+                strip_echoes, new_prompt, stored, min_words=policy.strip_min_words, count=counter.count
+            )
     else:
         n = await counter.acount(new_prompt)
         strip = StripResult(new_prompt, new_prompt, (), n, n)
@@ -146,7 +151,7 @@ async def build_prompt(
             summaries=summaries,
         )
 
-    history = await asyncio.to_thread(run, summary_cache)
+    history = run(summary_cache) if small else await asyncio.to_thread(run, summary_cache)
     if policy.summaries and summarize is not None and history.masked:
         found = dict(summary_cache or {})
         missing = [(d, text) for d, text in history.masked if d not in found]

@@ -165,6 +165,17 @@ def counter_for(model: str, provider: str | None = None) -> TokenCounter:
         return found
 
 
+def ready(model: str, provider: str | None = None) -> bool:
+    """Whether the model family's vocabulary is loaded (counting will not load it now)."""
+    return family_of(model, provider) in _COUNTERS
+
+
+def preload(families: Iterable[Family] = ("glm", "kimi")) -> None:
+    """Load vocabularies up front (blocking: call it off the event loop, at startup)."""
+    for family in families:
+        counter_for(family)
+
+
 def count_tokens(text: str, model: str | None = None) -> int:
     """Tokens of `text` as content in `model`'s vocabulary (GLM-4 when no model is named)."""
     return counter_for(model or "glm-4.6").count(text)

@@ -120,6 +120,10 @@ return 1
 """
 
 
+class _NeedsLocal(Exception):
+    """Internal: a cache read needs this process's unflushed turns to check the cache."""
+
+
 class _SeqClock:
     """Message order across processes: microseconds since the epoch, strictly increasing here."""
 
@@ -170,7 +174,10 @@ class HistoryStore:
         self._clock = _SeqClock()
         self._dirty: set[str] = set()
         self._known: dict[str, int] = {}  # the highest exchange position seen per thread
-        self._cache_queue: list[tuple[str, list[str], int, asyncio.Future[int]]] = []
+        self._last_ids: dict[str, set[str]] = {}  # ids of the last exchange appended here, cached
+        self.spool_reads_skipped_total = 0
+        # (thread, turns, floor, create: the new thread's cache fields or None, answer)
+        self._cache_queue: list[tuple[str, list[str], int, list[str] | None, asyncio.Future[int]]] = []
         self._cache_sender: asyncio.Task[None] | None = None
         self._marks_since: datetime | None = None
         self._marks_seen: dict[str, datetime] = {}
@@ -201,24 +208,13 @@ class HistoryStore:
         cid = new_id() if thread_id is None else as_uuid(thread_id, "thread_id")
         check_text(tool_name, "tool_name", max_len=200)
         meta = check_metadata(metadata)
-        created = datetime.fromtimestamp(self._clock.next() / 1e6, UTC).isoformat()
-        payload = {
-            "id": cid,
-            "session_id": session_id,
-            "tool_name": tool_name,
-            "model": model,
-            "created_at": created,
-            "metadata": meta,
-            "principal": principal,
-        }
+        payload, fields = self._conversation(cid, session_id, tool_name, model, meta, principal)
         await self._spool.append(KIND_CONVERSATION, payload, thread_id=cid, sync=self._sync)
         if fresh:
             self._note_pos(cid, 0)  # nothing before it: its first exchange is position 1
         # Only a brand-new id can start a complete (empty) cache; a caller-chosen id may name
         # a thread that already has turns elsewhere.
         if fresh and self._turns > 0:
-            fields = ["session_id", session_id or "", "tool_name", tool_name, "model", model or ""]
-            fields += ["created_at", created, "turns", "0", "principal", principal or ""]
             try:
                 await self._cache.call(
                     lambda r: r.eval(
@@ -233,6 +229,56 @@ class HistoryStore:
             except CacheDown:
                 pass
         return cid
+
+    def _conversation(
+        self,
+        cid: str,
+        session_id: str | None,
+        tool_name: str,
+        model: str | None,
+        meta: dict[str, Any],
+        principal: str | None,
+    ) -> tuple[dict[str, Any], list[str]]:
+        """A new thread's spool payload, and the fields of its cache's metadata."""
+        created = datetime.fromtimestamp(self._clock.next() / 1e6, UTC).isoformat()
+        payload = {
+            "id": cid,
+            "session_id": session_id,
+            "tool_name": tool_name,
+            "model": model,
+            "created_at": created,
+            "metadata": meta,
+            "principal": principal,
+        }
+        fields = ["session_id", session_id or "", "tool_name", tool_name, "model", model or ""]
+        fields += ["created_at", created, "turns", "0", "principal", principal or ""]
+        return payload, fields
+
+    async def start_thread(
+        self,
+        turns: Sequence[Mapping[str, Any]],
+        *,
+        session_id: str | None,
+        tool_name: str,
+        model: str | None,
+        principal: str | None = None,
+    ) -> tuple[str, list[Message]]:
+        """`new_thread` and its first `append_exchange` together: the thread's cache is created and
+        extended in one Redis round trip, and the thread and its turns share one spool commit."""
+        cid = new_id()
+        check_text(tool_name, "tool_name", max_len=200)
+        payload, fields = self._conversation(cid, session_id, tool_name, model, {}, principal)
+        self._note_pos(cid, 0)
+        created, appended = await asyncio.gather(
+            self._spool.append(KIND_CONVERSATION, payload, thread_id=cid, sync=self._sync),
+            self.append_exchange(cid, turns, create=fields if self._turns > 0 else None),
+            return_exceptions=True,
+        )
+        for result in (created, appended):
+            if isinstance(result, BaseException):
+                raise result
+        assert not isinstance(appended, BaseException)
+        return cid, appended
 
     async def append(
         self,
@@ -266,7 +312,7 @@ class HistoryStore:
         return msg
 
     async def append_exchange(
-        self, continuation_id: str, turns: Sequence[Mapping[str, Any]]
+        self, continuation_id: str, turns: Sequence[Mapping[str, Any]], *, create: list[str] | None = None
     ) -> list[Message]:
         """Add turns that belong together (a question and its answer) as one exchange.
 
@@ -308,7 +354,7 @@ class HistoryStore:
                     metadata=check_metadata(t.get("metadata")),
                 )
             )
-        pos, cached = await self._position(cid, drafts)
+        pos, cached = await self._position(cid, drafts, create)
         messages = [dataclasses.replace(m, pos=pos) for m in drafts]
         entries: list[tuple[str, dict[str, Any]]] = [(KIND_MESSAGE, m.to_dict()) for m in messages]
         if not cached and self._marking:  # a cache elsewhere may now be older than Postgres
@@ -325,6 +371,12 @@ class HistoryStore:
                 await self._cache.call(self._drop_dirty_now)
             raise failed
         self._note_pos(cid, pos)
+        if cached:
+            if len(self._last_ids) > 50_000:
+                self._last_ids.clear()  # forgetting only costs a spool read on the next load
+            self._last_ids[cid] = {m.id for m in messages}
+        else:  # the cache is dropped (dirty): loads read the spool
+            self._last_ids.pop(cid, None)
         return messages
 
     def _note_pos(self, cid: str, pos: int) -> None:
@@ -333,8 +385,13 @@ class HistoryStore:
         if pos > self._known.get(cid, -1):
             self._known[cid] = pos
 
-    async def _position(self, cid: str, drafts: list[Message]) -> tuple[int, bool]:
-        """(the exchange's position, whether the cache saw it) — from Redis when reachable."""
+    async def _position(
+        self, cid: str, drafts: list[Message], create: list[str] | None = None
+    ) -> tuple[int, bool]:
+        """(the exchange's position, whether the cache saw it) — from Redis when reachable.
+
+        `create`: the thread is new, and its (empty) cache is created just before, in the same
+        round trip, with these metadata fields."""
         blobs = []
         for m in drafts:
             blob = json.dumps(m.to_dict(), separators=(",", ":"), ensure_ascii=False)
@@ -343,7 +400,7 @@ class HistoryStore:
         floor = self._known.get(cid, -1)
         if self._cache.redis is not None:
             try:
-                pos = await self._cache_append(cid, blobs, floor)
+                pos = await self._cache_append(cid, blobs, floor, create)
                 if pos < 0:  # the counter is gone (expired, or Redis lost it): restart past storage
                     floor = await self._floor_from_storage(cid)
                     pos = await self._cache_append(cid, blobs, floor)
@@ -373,11 +430,13 @@ class HistoryStore:
             top = max(top, int(stored or 0))
         return top
 
-    async def _cache_append(self, cid: str, blobs: list[str], floor: int) -> int:
+    async def _cache_append(
+        self, cid: str, blobs: list[str], floor: int, create: list[str] | None = None
+    ) -> int:
         """Take a position and write the turns through to Redis; concurrent appends share one
         pipelined round trip (like the spool's group commit). Raises CacheDown."""
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._cache_queue.append((cid, blobs, floor, fut))
+        self._cache_queue.append((cid, blobs, floor, create, fut))
         if self._cache_sender is None or self._cache_sender.done():
             self._cache_sender = asyncio.create_task(self._send_cache_appends())
         return await fut
@@ -388,15 +447,28 @@ class HistoryStore:
             group, self._cache_queue = self._cache_queue, []
 
             async def send(
-                r: Redis, group: list[tuple[str, list[str], int, asyncio.Future[int]]] = group
+                r: Redis,
+                group: list[tuple[str, list[str], int, list[str] | None, asyncio.Future[int]]] = group,
             ) -> list[Any]:
                 async with r.pipeline(transaction=False) as pipe:
-                    for cid, blobs, floor, _ in group:
+                    for cid, blobs, floor, create, _ in group:
+                        if create is not None:  # a new thread's cache first: the append extends it
+                            pipe.eval(
+                                _CREATE_LUA, 2, self._keys.thread(cid), self._keys.thread_meta(cid),
+                                CACHE_TTL_MS, *create,
+                            )  # fmt: skip
                         pipe.eval(
                             _APPEND_LUA, 3, self._keys.thread(cid), self._keys.thread_meta(cid),
                             self._keys.thread_pos(cid), floor, self._turns, CACHE_TTL_MS, *blobs,
                         )  # fmt: skip
-                    return await pipe.execute()  # type: ignore[no-any-return]
+                    answers = await pipe.execute()
+                # One position per append (a create's answer is the one before its append's).
+                out, i = [], 0
+                for item in group:
+                    i += 1 if item[3] is not None else 0
+                    out.append(answers[i])
+                    i += 1
+                return out
 
             try:
                 results = await self._cache.call(send)
@@ -404,13 +476,13 @@ class HistoryStore:
                 error = exc if isinstance(exc, CacheDown) else CacheDown(f"{type(exc).__name__}: {exc}")
                 if not isinstance(exc, CacheDown):
                     log.warning("Redis cache write failed (%s); those threads fall back", error)
-                for _, _, _, fut in group:
+                for *_, fut in group:
                     if not fut.done():
                         fut.set_exception(error)
                 if not isinstance(exc, Exception):
                     raise
                 continue
-            for (_, _, _, fut), pos in zip(group, results, strict=True):
+            for (*_, fut), pos in zip(group, results, strict=True):
                 if not fut.done():
                     fut.set_result(int(pos))
 
@@ -503,6 +575,14 @@ class HistoryStore:
         cid = as_uuid(continuation_id, "continuation_id")
         if limit is not None and (not isinstance(limit, int) or limit < 0):
             raise InvalidArgument(f"limit must be a non-negative integer, got {limit!r}")
+        if limit is None and self._spool.has_pending(cid) and cid in self._last_ids:
+            # This process's unflushed turns of the thread are in a complete cache (its last
+            # exchange is, and Redis loses only a suffix of writes): no spool read needed.
+            with contextlib.suppress(_NeedsLocal):
+                cached, complete = await self._read_cache(cid, None, None)
+                if cached is not None and complete and self._last_ids[cid] <= {m.id for m in cached}:
+                    self.spool_reads_skipped_total += 1
+                    return self._finish(cid, cached, None, whole=True)
         pending = await self._spool.pending_for_thread(cid)
         local = [Message.from_dict(e.payload) for e in pending if e.kind == KIND_MESSAGE]
         cached, complete = await self._read_cache(cid, local, limit)
@@ -570,15 +650,17 @@ class HistoryStore:
 
     async def _owner(self, cid: str) -> tuple[bool, str | None]:
         """(whether the thread exists, the principal recorded as its owner)."""
-        for entry in await self._spool.pending_for_thread(cid):
-            if entry.kind == KIND_CONVERSATION:
-                return True, entry.payload.get("principal") or None
+        # The cache's metadata first (written with the thread, from the same record): a hit
+        # costs no spool read.
         try:
             meta = await self._cache.call(lambda r: r.hget(self._keys.thread_meta(cid), "principal"))  # type: ignore[arg-type,return-value]
             if meta is not None:
                 return True, str(meta) or None
         except CacheDown:
             pass
+        for entry in await self._spool.pending_for_thread(cid):
+            if entry.kind == KIND_CONVERSATION:
+                return True, entry.payload.get("principal") or None
 
         async def op(conn: asyncpg.Connection) -> tuple[bool, str | None]:
             row = await conn.fetchrow("SELECT principal FROM conversations WHERE id = $1", cid)
@@ -604,13 +686,14 @@ class HistoryStore:
         return found
 
     async def _read_cache(
-        self, cid: str, local: list[Message], limit: int | None
+        self, cid: str, local: list[Message] | None, limit: int | None
     ) -> tuple[list[Message] | None, bool]:
         """(cached recent turns, whether they are the whole thread), or (None, False) on a miss.
 
         A cache last checked on another Redis run (Redis restarted, perhaps from an AOF without
         its latest writes) is checked against Postgres once before it is used on its own, then
-        stamped; every later hit on this run costs no Postgres query.
+        stamped; every later hit on this run costs no Postgres query. That check needs this
+        process's unflushed turns: with `local` None it raises _NeedsLocal instead.
         """
         if self._turns <= 0 or cid in self._dirty:
             return None, False
@@ -636,6 +719,8 @@ class HistoryStore:
             return messages, complete
         if not (complete or (limit is not None and len(messages) >= limit)):
             return messages, complete  # merged with Postgres's rows anyway: it can hide nothing
+        if local is None:
+            raise _NeedsLocal
         self.cache_checks_total += 1
         try:
             stale = await self._db.run(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -17,7 +17,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
 from common.errors import InvalidArgument, StorageUnavailable
-from instance.context import Block, BuiltPrompt, Turn, build_prompt, capture, disclosure, notes_block
+from instance.context import Block, BuiltPrompt, Turn, build_prompt, capture, disclosure, notes_block, tokens
 from instance.context.policy import policy_for, summarizer_for
 from instance.providers import ChatRequest, ChatResult, ModelInfo
 from instance.providers.base import OpenAICompatibleProvider
@@ -169,17 +169,29 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         session_id = runtime.session_for(headers_of(ctx))
 
         max_turns = runtime.settings.thread_max_turns
-        history_records: list[Any] = []
         loaded_at = time.perf_counter()
-        if continuation_id:
-            if (owner := runtime.owner_for(headers_of(ctx))) is not None:
-                await storage.history.check_access(continuation_id, owner, session=session_id)
-            history_records = list(await storage.history.load(continuation_id))
-            if len(history_records) + 2 > max_turns:
-                raise InvalidArgument(
-                    f"thread {continuation_id} has reached its limit of {max_turns} turns",
-                    hint="Start a new thread (call chat without continuation_id) and summarise what matters.",
-                )
+        # The thread, its access check, the notes and the group context are independent reads:
+        # all at once, so the call waits for the slowest one, not for their sum.
+        thread_part, notes_part, group_part = await asyncio.gather(
+            _thread_for(runtime, continuation_id, headers_of(ctx), session_id),
+            _notes_for(runtime, thread_id=continuation_id, session_id=session_id, model=info.name),
+            _group_context_for(runtime, include_group_context, session_id),
+            return_exceptions=True,
+        )
+        for part in (thread_part, group_part, notes_part):
+            if isinstance(part, BaseException):
+                raise part
+        assert not isinstance(thread_part, BaseException)
+        assert not isinstance(notes_part, BaseException)
+        assert not isinstance(group_part, BaseException)
+        history_records = thread_part
+        notes = notes_part
+        group_blocks, group_context = group_part
+        if continuation_id and len(history_records) + 2 > max_turns:
+            raise InvalidArgument(
+                f"thread {continuation_id} has reached its limit of {max_turns} turns",
+                hint="Start a new thread (call chat without continuation_id) and summarise what matters.",
+            )
         # [context phase 4] files: outline first, exact ranges on request, once per thread.
         disclosed = await disclosure.disclose(
             history_records,
@@ -191,18 +203,13 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         if continuation_id:
             cid = continuation_id
         consult_at = time.perf_counter()
-        chat_stages.add("thread_load", consult_at - loaded_at)
+        chat_stages.add("reads", consult_at - loaded_at)
 
         # [context phase 3] the thread's and session's notes, within budget, in the new turn.
-        notes = await _notes_for(runtime, thread_id=continuation_id, session_id=session_id, model=info.name)
         extras = [Block("notes", notes.text)] if notes.text else []
         if disclosed.block:
             extras.append(Block("files", disclosed.block, stored=True))
         # Linked sessions: the group's notes, in-progress tasks and recent messages, this call only.
-        # None: the groups this member opted into (link_join chat_context); "": none this call.
-        group_blocks, group_context = await runtime.links.chat_context(
-            include_group_context, session_id, budget_chars=GROUP_CONTEXT_CHARS
-        )
         extras.extend(Block("group", block) for block in group_blocks)
         consultation = await consult(
             ctx,
@@ -226,44 +233,49 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         chat_stages.add("provider", result.seconds)
         chat_stages.add("context", max(0.0, appending_at - consult_at - result.seconds))
         content = storable_reply(result.content)
-        if not continuation_id:  # created only now: a refused or failed call leaves no empty thread
-            cid = await storage.history.new_thread(
-                session_id=session_id,
-                tool_name="chat",
-                model=info.name,
-                principal=runtime.principal_for(headers_of(ctx)),
-            )
 
         user_metadata = dict(built.user_metadata)
         if disclosed.entries:  # where each file block sits in the stored turn (after the prompt)
             offset = len(built.user_content) - len(disclosed.block) - 2
             user_metadata[disclosure.META_KEY] = disclosed.metadata(offset)
         # Both turns as one exchange: one position in the thread (nothing another session appends
-        # comes between them), one Redis round trip, one spool fsync.
-        user_turn, answer_turn = await storage.history.append_exchange(
-            cid,
-            [
-                {
-                    "role": "user",
-                    "content": built.user_content,
-                    "session_id": session_id,
-                    "tool_name": "chat",
-                    "model": result.model,
-                    "files": disclosed.paths,
-                    "metadata": user_metadata,
-                },
-                {
-                    "role": "assistant",
-                    "content": content,
-                    "session_id": session_id,
-                    "tool_name": "chat",
-                    "model": result.model,
-                    "tokens_in": result.tokens_in,
-                    "tokens_out": result.tokens_out,
-                    "metadata": {"provider": result.provider, "finish_reason": result.finish_reason},
-                },
-            ],
-        )
+        # comes between them), one Redis round trip, one spool fsync; a new thread (created only
+        # now: a refused or failed call leaves no empty thread) is in that same round trip and fsync.
+        exchange: list[dict[str, Any]] = [
+            {
+                "role": "user",
+                "content": built.user_content,
+                "session_id": session_id,
+                "tool_name": "chat",
+                "model": result.model,
+                "files": disclosed.paths,
+                "metadata": user_metadata,
+            },
+            {
+                "role": "assistant",
+                "content": content,
+                "session_id": session_id,
+                "tool_name": "chat",
+                "model": result.model,
+                "tokens_in": result.tokens_in,
+                "tokens_out": result.tokens_out,
+                "metadata": {"provider": result.provider, "finish_reason": result.finish_reason},
+            },
+        ]
+        if continuation_id:
+            user_turn, answer_turn = await storage.history.append_exchange(cid, exchange)
+        else:
+            cid, (user_turn, answer_turn) = await storage.history.start_thread(
+                exchange,
+                session_id=session_id,
+                tool_name="chat",
+                model=info.name,
+                principal=runtime.principal_for(headers_of(ctx)),
+            )
+            if storage.notes.cache is not None:  # nobody knows the id yet: it has no notes
+                runtime.background(
+                    storage.notes.cache.seed_empty("thread", cid), what="recording a new thread's notes"
+                )
         chat_stages.add("storage_append", time.perf_counter() - appending_at)
 
         # [context phase 3] notes captured from this exchange (written in the background).
@@ -312,21 +324,67 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         return out
 
 
+async def _thread_for(
+    runtime: Runtime, continuation_id: str | None, headers: dict[str, str], session_id: str | None
+) -> list[Any]:
+    """The continued thread's turns (none for a new thread), once the caller may use it."""
+    started = time.perf_counter()
+    if not continuation_id:
+        chat_stages.add("thread_load", 0.0)
+        return []
+    storage = runtime.require_storage()
+    owner = runtime.owner_for(headers)
+    reads: list[Awaitable[Any]] = [storage.history.load(continuation_id)]
+    if owner is not None:
+        reads.append(storage.history.check_access(continuation_id, owner, session=session_id))
+    found = await asyncio.gather(*reads, return_exceptions=True)
+    for part in reversed(found):  # an access refusal first: it must not tell more than "not found"
+        if isinstance(part, BaseException):
+            raise part
+    chat_stages.add("thread_load", time.perf_counter() - started)
+    records = found[0]
+    assert not isinstance(records, BaseException)
+    return list(records)
+
+
+async def _group_context_for(
+    runtime: Runtime, requested: str | None, session_id: str | None
+) -> tuple[list[str], dict[str, Any] | None]:
+    """Linked sessions: the group's notes, in-progress tasks and recent messages (this call only).
+    None: the groups this member opted into (link_join chat_context); "": none this call."""
+    started = time.perf_counter()
+    try:
+        return await runtime.links.chat_context(requested, session_id, budget_chars=GROUP_CONTEXT_CHARS)
+    finally:
+        chat_stages.add("group_context", time.perf_counter() - started)
+
+
 async def _notes_for(
     runtime: Runtime, *, thread_id: str | None, session_id: str | None, model: str
 ) -> notes_block.NotesBlock:
-    """The notes block for a call; without Postgres the call goes on without notes."""
+    """The notes block for a call; without Postgres (and no copy in Redis) it goes on without."""
+    started = time.perf_counter()
+    try:
+        return await _select_notes(runtime, thread_id=thread_id, session_id=session_id, model=model)
+    finally:
+        chat_stages.add("notes", time.perf_counter() - started)
+
+
+async def _select_notes(
+    runtime: Runtime, *, thread_id: str | None, session_id: str | None, model: str
+) -> notes_block.NotesBlock:
     storage = runtime.require_storage()
-    if storage.db.last_error is not None and not storage.db.connected:
-        return notes_block.NotesBlock()  # Postgres is known to be down: do not wait for a timeout
     try:
         found = await notes_block.load(storage.notes, thread_id=thread_id, session_id=session_id)
     except StorageUnavailable:
         return notes_block.NotesBlock()
-    # Counting may load a tokenizer vocabulary on first use: keep it off the event loop.
-    return await asyncio.to_thread(
-        notes_block.select, found, budget_tokens=runtime.settings.notes_budget_tokens, model=model
-    )
+    if not found:
+        return notes_block.NotesBlock()
+    budget = runtime.settings.notes_budget_tokens
+    if tokens.ready(model) and sum(len(n.body) for n in found) <= tokens.OFFLOAD_CHARS:
+        return notes_block.select(found, budget_tokens=budget, model=model)
+    # Counting may load a tokenizer vocabulary on first use, or take long: keep it off the loop.
+    return await asyncio.to_thread(notes_block.select, found, budget_tokens=budget, model=model)
 
 
 def _capture(

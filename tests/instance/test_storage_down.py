@@ -66,3 +66,24 @@ async def test_chat_answers_and_turns_land_later(
         await asyncio.sleep(0.1)
     assert [r[0] for r in rows] == ["user", "assistant", "user", "assistant"]
     assert rows[0][1] == "written while Postgres is down"
+
+
+async def test_chat_with_postgres_down_still_carries_the_notes_it_had(
+    fake: FakeProvider, spawn_instance: SpawnInstance, pg_proxy: tuple[TcpProxy, str]
+) -> None:
+    """The notes block comes from the scope's Redis copy: a Postgres outage neither stalls the
+    call nor drops the notes read before it."""
+    proxy, via_proxy = pg_proxy
+    inst = spawn_instance(DATABASE_URL=via_proxy)
+    async with connect(inst, "legacy", session=new_session()) as client:
+        wrote = await client.call_tool("note_write", {"key": "db", "body": "use asyncpg", "importance": 5})
+        assert not wrote.is_error, wrote.content
+        first = await client.call_tool("chat", {"prompt": "with Postgres up"})
+        assert not first.is_error, first.content
+        assert [n["key"] for n in first.structured_content["metadata"]["notes_injected"]] == ["db"]  # type: ignore[index]
+        proxy.down()
+        second = await client.call_tool("chat", {"prompt": "with Postgres down"})
+        assert not second.is_error, second.content
+        assert [n["key"] for n in second.structured_content["metadata"]["notes_injected"]] == ["db"]  # type: ignore[index]
+        assert "use asyncpg" in fake.snapshot()[-1].messages[-1]["content"]
+    proxy.up()

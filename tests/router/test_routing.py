@@ -267,7 +267,17 @@ async def test_chat_stage_timings_are_exposed(fleet: Fleet) -> None:
         assert not second.is_error, second
         st = await status_of(client)
     stages = st["chat_stages"]
-    for name in ("thread_load", "context", "provider", "storage_append", "total", "fleet"):
+    for name in (
+        "reads",
+        "thread_load",
+        "notes",
+        "group_context",
+        "context",
+        "provider",
+        "storage_append",
+        "total",
+        "fleet",
+    ):
         assert stages[name]["count"] >= 2, (name, stages)
     assert stages["total"]["p50_ms"] >= stages["provider"]["p50_ms"] > 0, stages
 

@@ -188,3 +188,26 @@ async def test_a_read_stops_where_an_exchange_is_not_stored_yet(
         loaded = await reader.history.load(cid)
         assert [m.content for m in loaded] == [f"{r}{i}" for i in range(1, 6) for r in ("q", "a")]
         assert [m.pos for m in loaded] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+
+
+async def test_a_load_skips_the_spool_only_when_the_cache_holds_this_process_last_exchange(
+    storage_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """Unflushed turns are read from the spool unless a complete cache holds this process's
+    last exchange; a cache that lost it (Redis lost writes) is never served on its own."""
+    settings = storage_settings(flush_interval_ms=60_000, flush_batch_size=10_000)  # rows stay pending
+    async with Storage.open(settings, instance_id="t-skip", redis=redis) as st:
+        cid, _ = await st.history.start_thread(
+            exchange("q1", "a1"), session_id="s", tool_name="chat", model=None
+        )
+        await st.history.append_exchange(cid, exchange("q2", "a2"))
+        assert st.spool.has_pending(cid)
+        assert [m.content for m in await st.history.load(cid)] == ["q1", "a1", "q2", "a2"]
+        assert st.history.spool_reads_skipped_total == 1
+        # Redis loses the last exchange (the list and its count), as after a restart from an AOF.
+        keys = Keys(settings.redis_prefix)
+        await redis.rpop(keys.thread(cid), 2)
+        await redis.hincrby(keys.thread_meta(cid), "turns", -2)
+        assert [m.content for m in await st.history.load(cid)] == ["q1", "a1", "q2", "a2"]
+        assert st.history.spool_reads_skipped_total == 1  # read from the spool this time
+        await redis.delete(keys.thread(cid), keys.thread_meta(cid), keys.thread_pos(cid))
