@@ -1,6 +1,7 @@
 """The fleet's own overhead on a `chat` call, with Postgres normal, slowed and cut.
 
     python tests/bench/bench_chat.py [--calls 40] [--provider-delay 0.05] [--pg-delay 0.2]
+        [--conditions normal,slowed,cut] [--sessions 1,5] [--label NAME] [--spool-ack write]
 
 Starts a fleet under real supervisord (tests/fleet.py: five instances and the router) whose
 Postgres connections go through a loopback forwarder (tests/fakes/tcp_proxy.py), so the bench
@@ -123,7 +124,23 @@ async def main() -> int:
     ap.add_argument("--calls", type=int, default=40, help="chat calls per session and condition")
     ap.add_argument("--provider-delay", type=float, default=0.05, help="fake provider's answer time (s)")
     ap.add_argument("--pg-delay", type=float, default=0.2, help="Postgres slowdown (s)")
+    ap.add_argument(
+        "--conditions", default="normal,slowed,cut", help="Postgres conditions to run, in this order"
+    )
+    ap.add_argument("--sessions", default="1,5", help="concurrent sessions per condition")
+    ap.add_argument("--label", default="", help="a name for this run, kept in the JSON (e.g. before/after)")
+    ap.add_argument("--spool-ack", choices=["fsync", "write"], help="the instances' EXAI_SPOOL_ACK")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=3.0,
+        help="seconds to wait after the fleet is up, so start-up work (tokenizer loads) is not measured",
+    )
     args = ap.parse_args()
+    conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    if not conditions or set(conditions) - {"normal", "slowed", "cut"}:
+        ap.error("--conditions: a comma-separated list of normal, slowed, cut")
+    sessions = [int(n) for n in args.sessions.split(",") if n.strip()]
 
     pg = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("EXAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -137,6 +154,7 @@ async def main() -> int:
     state = Path(os.environ.get("TMPDIR", "/tmp")) / f"exai-bench-{secrets.token_hex(4)}"
     state.mkdir(parents=True)
     results: dict[str, Any] = {"runs": []}
+    load_before = [round(x, 2) for x in os.getloadavg()]
     with proxy.running(), FakeProvider(default=Behaviour(delay=args.provider_delay)).running() as provider:
         netloc = f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}"
         dsn = _with_db(parts._replace(netloc=netloc).geturl(), dbname)
@@ -154,20 +172,25 @@ async def main() -> int:
                 "provider_max_retries": 0,
                 "autostart_spares": False,
                 "allocation_deadline": 10.0,
+                **({"spool_ack": args.spool_ack} if args.spool_ack else {}),
             },
         )
         try:
             await asyncio.to_thread(fleet.start)
             await fleet.wait_instances(5)
-            for tag in ("normal", "slowed", "cut"):
+            await asyncio.sleep(args.settle)
+            cut = False
+            for tag in conditions:
                 proxy.delay = args.pg_delay if tag == "slowed" else 0.0
-                if tag == "cut":
-                    proxy.down()
-                for n in (1, 5):
+                if (tag == "cut") != cut:
+                    (proxy.down if tag == "cut" else proxy.up)()
+                    cut = tag == "cut"
+                for n in sessions:
                     provider.reset(Behaviour(delay=args.provider_delay))
                     results["runs"].append(await _run(fleet, provider, n, args.calls, tag))
                     await fleet.end_all_sessions()
-            proxy.up()
+            if cut:
+                proxy.up()
         finally:
             await asyncio.to_thread(fleet.stop)
             admin = await asyncpg.connect(pg)
@@ -181,6 +204,11 @@ async def main() -> int:
         "load_after": load,
         "provider_delay_s": args.provider_delay,
         "pg_delay_s": args.pg_delay,
+        "calls": args.calls,
+        "label": args.label,
+        "spool_ack": args.spool_ack or "default",
+        "settle_s": args.settle,
+        "load_before": load_before,
         "targets": {"overhead_p50_ms": "<= 3", "slowed_or_cut_vs_normal": "<= 1.05x"},
     }
     print("\nfleet overhead on `chat` = client latency - fake provider's own time (ms)")
@@ -198,9 +226,10 @@ async def main() -> int:
         print(f"  {r['postgres']:>6} x{r['sessions']}: {row}")
     out = ROOT / "tests" / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    label = f"-{args.label}" if args.label else ""
+    path = out / f"chat-{time.strftime('%Y%m%d-%H%M%S')}{label}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"saved {path.relative_to(ROOT)}")
+    print(f"saved {path.relative_to(ROOT)} (load average before {load_before}, after {load})")
     return 0
 
 
