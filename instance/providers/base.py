@@ -9,9 +9,10 @@ never trips the read timeout and the caller can report progress while tokens arr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -300,11 +301,13 @@ class OpenAICompatibleProvider:
         usage: dict[str, Any] = {}
         finish: str | None = None
         model = request.model.name
-        async for line in response.aiter_lines():
+        lines = response.aiter_lines()
+        async for line in lines:
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
+                await _drain(lines)
                 break
             try:
                 chunk = json.loads(data)
@@ -332,6 +335,19 @@ class OpenAICompatibleProvider:
             tokens_out=usage.get("completion_tokens"),
             finish_reason=finish,
         )
+
+
+DRAIN_S = 0.5
+"""How long a finished stream may take to end after `[DONE]` before its connection is dropped."""
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Read what follows `[DONE]` (the chunked body's end): a response left unread makes httpx
+    close its connection, and the next call would open (and for HTTPS, handshake) a new one."""
+    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout(DRAIN_S):
+            async for _ in lines:
+                pass
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -56,6 +56,7 @@ class Hit:
     started: float
     finished: float | None = None
     status: int = 0
+    peer: int | None = None  # the client's port: one value per connection the client used
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -141,6 +142,7 @@ class FakeProvider:
             auth=request.headers.get("authorization", ""),
             body=body,
             started=time.monotonic(),
+            peer=request.client.port if request.client else None,
         )
         behaviour = self._next(provider)
         with self._lock:

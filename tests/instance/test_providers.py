@@ -62,6 +62,19 @@ async def test_answer_and_usage_both_providers_streaming_or_not(
     assert hit.provider == info.provider
 
 
+@pytest.mark.parametrize("stream", [True, False])
+async def test_calls_one_after_another_reuse_one_connection(fake: FakeProvider, stream: bool) -> None:
+    """A streamed answer is read to its end (past `[DONE]`), so its connection goes back to the
+    pool: a chat does not open (for HTTPS: handshake) a new one each time."""
+    async with Providers.open(_settings(fake)) as providers:
+        _, provider = providers.resolve("glm-4.6")
+        for n in range(3):
+            result = await provider.chat(_request(stream=stream, text=f"call {n}"))
+            assert f"call {n}" in result.content
+    peers = {hit.peer for hit in fake.snapshot()}
+    assert len(peers) == 1 and None not in peers, peers
+
+
 async def test_429_with_retry_after_is_retried_once_after_the_delay(fake: FakeProvider) -> None:
     fake.script(Behaviour(status=429, retry_after="1"))
     async with Providers.open(_settings(fake)) as providers:
