@@ -282,22 +282,26 @@ async def test_chat_stage_timings_are_exposed(fleet: Fleet) -> None:
     assert stages["total"]["p50_ms"] >= stages["provider"]["p50_ms"] > 0, stages
 
     port = fleet.instance_port(instance_num(st["instance_id"]))
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(
-            f"http://127.0.0.1:{port}/internal/metrics",
-            headers={"X-Exai-Internal-Token": fleet.internal_token},
-        ) as r,
-    ):
-        assert r.status == 200
-        text = await r.text()
+    for _ in range(100):  # the flusher writes the turns in the background, after the answers
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                f"http://127.0.0.1:{port}/internal/metrics",
+                headers={"X-Exai-Internal-Token": fleet.internal_token},
+            ) as r,
+        ):
+            assert r.status == 200
+            text = await r.text()
+        counters = dict(
+            line.split(" ", 1)
+            for line in text.splitlines()
+            if line.startswith("exai_instance_") and "{" not in line
+        )
+        if int(counters["exai_instance_spool_flushed_total"]) >= 4:
+            break
+        await asyncio.sleep(0.1)
     assert 'exai_instance_chat_stage_seconds_count{stage="storage_append"}' in text
     assert 'exai_instance_chat_stage_seconds_count{stage="fleet"}' in text
-    counters = dict(
-        line.split(" ", 1)
-        for line in text.splitlines()
-        if line.startswith("exai_instance_") and "{" not in line
-    )
     assert int(counters["exai_instance_spool_flushed_total"]) >= 4, text  # two chats: 4 turns at least
     assert {
         "exai_instance_thread_cache_checks_total",
