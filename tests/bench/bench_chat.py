@@ -1,7 +1,7 @@
 """The fleet's own overhead on a `chat` call, with Postgres normal, slowed and cut.
 
     python tests/bench/bench_chat.py [--calls 40] [--provider-delay 0.05] [--pg-delay 0.2]
-        [--conditions normal,slowed,cut] [--sessions 1,5] [--label NAME] [--spool-ack write]
+        [--conditions normal,slowed,cut] [--sessions 1,5] [--label NAME] [--chat-spool-sync normal]
 
 Starts a fleet under real supervisord (tests/fleet.py: five instances and the router) whose
 Postgres connections go through a loopback forwarder (tests/fakes/tcp_proxy.py), so the bench
@@ -129,7 +129,9 @@ async def main() -> int:
     )
     ap.add_argument("--sessions", default="1,5", help="concurrent sessions per condition")
     ap.add_argument("--label", default="", help="a name for this run, kept in the JSON (e.g. before/after)")
-    ap.add_argument("--spool-ack", choices=["fsync", "write"], help="the instances' EXAI_SPOOL_ACK")
+    ap.add_argument(
+        "--chat-spool-sync", choices=["full", "normal"], help="the instances' EXAI_CHAT_SPOOL_SYNC"
+    )
     ap.add_argument(
         "--settle",
         type=float,
@@ -172,7 +174,7 @@ async def main() -> int:
                 "provider_max_retries": 0,
                 "autostart_spares": False,
                 "allocation_deadline": 10.0,
-                **({"spool_ack": args.spool_ack} if args.spool_ack else {}),
+                **({"chat_spool_sync": args.chat_spool_sync} if args.chat_spool_sync else {}),
             },
         )
         try:
@@ -206,7 +208,7 @@ async def main() -> int:
         "pg_delay_s": args.pg_delay,
         "calls": args.calls,
         "label": args.label,
-        "spool_ack": args.spool_ack or "default",
+        "chat_spool_sync": args.chat_spool_sync or "default",
         "settle_s": args.settle,
         "load_before": load_before,
         "targets": {"overhead_p50_ms": "<= 3", "slowed_or_cut_vs_normal": "<= 1.05x"},
