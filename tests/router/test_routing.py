@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from instance.timing import CHAT_STAGES
 from tests.fakes.provider import FakeProvider
 from tests.fleet import Fleet
 from tests.router.conftest import ROUTER_TEST_SETTINGS, instance_num, mcp_client, status_of
@@ -267,17 +268,7 @@ async def test_chat_stage_timings_are_exposed(fleet: Fleet) -> None:
         assert not second.is_error, second
         st = await status_of(client)
     stages = st["chat_stages"]
-    for name in (
-        "reads",
-        "thread_load",
-        "notes",
-        "group_context",
-        "context",
-        "provider",
-        "storage_append",
-        "total",
-        "fleet",
-    ):
+    for name in CHAT_STAGES:
         assert stages[name]["count"] >= 2, (name, stages)
     assert stages["total"]["p50_ms"] >= stages["provider"]["p50_ms"] > 0, stages
 
