@@ -145,6 +145,10 @@ class Metrics:
         self.calls_cut = Counter(
             "exai_router_calls_cut_total", "Calls cut because their instance was being stopped."
         )
+        self.fast_calls = Counter(
+            "exai_router_fast_path_requests_total",
+            "POST /mcp requests served on the fast path (without aiohttp's request objects).",
+        )
         self.gauges: list[Gauge] = []
         self.extra: list[Counter | Histogram] = []  # registered by the parts that own them
 
@@ -172,6 +176,7 @@ class Metrics:
                 self.resume_seconds,
                 self.leases_reconciled,
                 self.calls_cut,
+                self.fast_calls,
                 *self.extra,
             )
         ]

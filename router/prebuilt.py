@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from email.utils import formatdate
 from typing import Any
 
@@ -31,7 +32,7 @@ from aiohttp.http_writer import HttpVersion11, StreamWriter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED", "Raw", "usable"]
+__all__ = ["SUPPORTED", "Raw", "send_response", "usable"]
 
 # aiohttp versions whose StreamResponse/StreamWriter internals this module was checked against.
 _CHECKED = ((3, 10), (3, 11), (3, 12), (3, 13), (3, 14))
@@ -65,7 +66,39 @@ def _date_line() -> bytes:
     return _date[1]
 
 
-def usable(request: web.BaseRequest) -> bool:
+def _bodiless(status: int) -> bool:
+    return status in (204, 304) or 100 <= status < 200
+
+
+_OWN_FIELDS = frozenset({"content-length", "transfer-encoding", "connection", "date", "server"})
+
+
+def send_response(
+    request: Any, status: int, reason: str, headers: Iterable[tuple[str, str]], body: bytes, *, keep: bool
+) -> bool:
+    """Write a whole answer made by the router itself (an error) in one write; True when the
+    connection stays open."""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1", "replace"))]
+    for name, value in headers:
+        if name.lower() in _OWN_FIELDS or "\r" in value or "\n" in value:
+            continue
+        lines.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+    lines.append(_date_line())
+    if not _bodiless(status):
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+    if not keep:
+        lines.append(b"Connection: close\r\n")
+    lines += (b"\r\n", body)
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return False
+    data = b"".join(lines)
+    transport.write(data)
+    request._payload_writer.output_size += len(data)
+    return keep
+
+
+def usable(request: Any) -> bool:
     """Can an answer to `request` be written by `Raw`? (HTTP/1.1 keep-alive, nothing sent yet)"""
     if not SUPPORTED or request.version != HttpVersion11 or not request.keep_alive:
         return False
@@ -76,7 +109,7 @@ def usable(request: web.BaseRequest) -> bool:
 class Raw(web.StreamResponse):
     """An answer whose bytes the router writes to the client's transport itself."""
 
-    def __init__(self, request: web.BaseRequest, status: int, reason: str, content_type: str) -> None:
+    def __init__(self, request: Any, status: int, reason: str, content_type: str) -> None:
         super().__init__(status=status, reason=reason or None, headers={"Content-Type": content_type})
         self._raw_req = request
         self._raw_writer: StreamWriter = request._payload_writer  # type: ignore[assignment]
@@ -103,14 +136,13 @@ class Raw(web.StreamResponse):
 
     @classmethod
     def whole(
-        cls, request: web.BaseRequest, status: int, reason: str, content_type: str, fields: bytes, body: bytes
+        cls, request: Any, status: int, reason: str, content_type: str, fields: bytes, body: bytes
     ) -> Raw:
         """Send a complete answer now, in one write. `fields` are header lines (each ending in
         CRLF) without Content-Length, Date or Connection."""
         self = cls(request, status, reason, content_type)
-        data = b"".join(
-            (self._status_line(), fields, _date_line(), b"Content-Length: %d\r\n\r\n" % len(body), body)
-        )
+        length = b"\r\n" if _bodiless(status) else b"Content-Length: %d\r\n\r\n" % len(body)
+        data = b"".join((self._status_line(), fields, _date_line(), length, body))
         self._send(data)
         self._eof_sent = True
         self._body_length = len(body)
@@ -119,7 +151,7 @@ class Raw(web.StreamResponse):
     @classmethod
     def stream(
         cls,
-        request: web.BaseRequest,
+        request: Any,
         status: int,
         reason: str,
         content_type: str,
@@ -139,7 +171,7 @@ class Raw(web.StreamResponse):
                 raise ConnectionResetError("the client went away")
         return self
 
-    async def prepare(self, request: web.BaseRequest) -> Any:
+    async def prepare(self, request: Any) -> Any:
         if self._eof_sent:
             return None
         return self._payload_writer

@@ -596,11 +596,13 @@ class Proxy:
                 refusal = instance_refusal(upstream.status, upstream.reason or "", detail)
                 return error_response(refusal, msg.id if msg else None, status=upstream.status)
             resp: web.StreamResponse
-            if prebuilt.usable(request) and upstream.status not in (204, 304):
+            if prebuilt.usable(request):
                 # The usual case: the router frames the answer itself (router/prebuilt.py).
                 sid = sess.id if sess.era == "handshake" else None
                 fields, ctype, length = _answer_fields(upstream, sid, bool(sess.upstream_sid))
-                if length is not None and length <= JSON_WHOLE_MAX and ctype.startswith("application/json"):
+                if (
+                    length is not None and length <= JSON_WHOLE_MAX and ctype.startswith("application/json")
+                ) or upstream.status in (204, 304):
                     # A whole JSON answer: status line, headers and body in one write.
                     body = await self._read_whole(sess, upstream, target)
                     self._observe(request, started)
