@@ -321,19 +321,23 @@ class Response:
         """The body as it arrives; Lost if the instance goes away or stays silent too long."""
         while True:
             if self._chunks:
-                data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
-                self._chunks.clear()
-                self._size = 0
-                if self._paused and self.conn.transport is not None and not self.conn.closed:
-                    self._paused = False
-                    self.conn.transport.resume_reading()
-                yield data
+                yield self.take()
                 continue
             if self.complete:
                 return
             if self.error is not None:
                 raise self.error
             await self._wait_or_lost(timeout)
+
+    def take(self) -> bytes:
+        """What has come of the body since the last take (reading resumes if it was paused)."""
+        data = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+        self._chunks.clear()
+        self._size = 0
+        if self._paused and self.conn.transport is not None and not self.conn.closed:
+            self._paused = False
+            self.conn.transport.resume_reading()
+        return data
 
     @property
     def has_data(self) -> bool:

@@ -285,6 +285,7 @@ async def main() -> int:
     ap.add_argument("--calls", type=int, default=300, help="version calls per session, path and round")
     ap.add_argument("--rate-seconds", type=float, default=6.0)
     ap.add_argument("--parts", default="overhead,rate", help="overhead,rate")
+    ap.add_argument("--eras", default="stateless,handshake", help="stateless,handshake")
     ap.add_argument("--idle-seconds", type=float, default=10.0, help="idle CPU measurement")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -338,7 +339,7 @@ async def main() -> int:
                 for rnd in range(args.rounds):
                     row: dict[str, Any] = {"round": rnd + 1, "overhead": [], "rate": []}
                     if "overhead" in parts:
-                        for era in ("stateless", "handshake"):
+                        for era in args.eras.split(","):
                             for n in (1, 5):
                                 r = await _overhead(fleet, builds, n, args.calls, era, nginx)
                                 row["overhead"].append(r)
