@@ -73,6 +73,8 @@ class _Handler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._fast_task is not None:
             # The client sent more before its answer: it is served after the answer.
+            if not data:
+                return
             self._fast_held += data
             if not self._fast_paused and self.transport is not None:
                 self._fast_paused = True
