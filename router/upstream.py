@@ -477,7 +477,7 @@ class Relay:
         fresh = False
         while True:
             conn = await pool.acquire(fresh=fresh)
-            resp = Response(conn, asyncio.get_running_loop())
+            resp = Response(conn, conn.loop)
             conn.resp = resp
             transport = conn.transport
             try:
