@@ -123,7 +123,12 @@ class Build:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                print(f"router {self.name} did not stop within 30 s of SIGTERM; killed", flush=True)
+                self.proc.kill()
+                self.proc.wait()
 
 
 def _twin(c: Caller | HandshakeCaller, url: str) -> Caller | HandshakeCaller:
@@ -224,6 +229,10 @@ async def _rate(
     for a in anchors:
         await a.call("version", {})
         bound.append(await _status(a))
+        for b in builds[1:]:  # every router learns the session before the burst
+            twin = _twin(a, b.mcp_url)
+            await twin.call("version", {})
+            await twin.http.close()
 
     async def measure(target: str) -> float:
         callers: list[Caller] = []
