@@ -38,9 +38,17 @@ log = logging.getLogger(__name__)
 SETTINGS_KEY = web.AppKey("settings", Settings)
 
 
+SHUTDOWN_GRACE = 5.0  # background rounds get this long to stop when the router shuts down
+
+
 async def _every(interval: float, name: str, fn: Callable[[], Awaitable[None]]) -> None:
-    """Run `fn` forever; a failing round is logged and retried next time, never fatal."""
+    """Run `fn` until cancelled; a failing round is logged and retried next time, never fatal."""
+    task = asyncio.current_task()
     while True:
+        if task is not None and task.cancelling():
+            # A round swallowed the cancellation (a client library caught it): stop anyway,
+            # or the router's shutdown would wait for this loop forever.
+            raise asyncio.CancelledError
         await asyncio.sleep(interval)
         try:
             await fn()
@@ -185,22 +193,29 @@ def create_app(settings: Settings) -> web.Application:
         park = max(0.1, min(5.0, settings.session_park_after / 4))
         renew = min(2.0, settings.lease_ttl / 3)  # also the check of cached sessions against Redis
         tasks = [
-            asyncio.create_task(_every(renew, "lease renewal", maint.renew_leases)),
-            asyncio.create_task(_every(1.0, "session change notices", table.watch)),
-            asyncio.create_task(_every(1.0, "session flush", table.flush)),
-            asyncio.create_task(_every(1.0, "unfinished session ends", proxy.bindings.finish_ends)),
-            asyncio.create_task(_every(park, "parking", maint.park_idle)),
-            asyncio.create_task(_every(sweep, "expiry sweep", maint.sweep_idle)),
+            asyncio.create_task(_every(renew, "lease renewal", maint.renew_leases), name="lease renewal"),
+            asyncio.create_task(
+                _every(1.0, "session change notices", table.watch), name="session change notices"
+            ),
+            asyncio.create_task(_every(1.0, "session flush", table.flush), name="session flush"),
+            asyncio.create_task(
+                _every(1.0, "unfinished session ends", proxy.bindings.finish_ends),
+                name="unfinished session ends",
+            ),
+            asyncio.create_task(_every(park, "parking", maint.park_idle), name="parking"),
+            asyncio.create_task(_every(sweep, "expiry sweep", maint.sweep_idle), name="expiry sweep"),
             asyncio.create_task(hub.run(), name="notification hub"),
-            asyncio.create_task(_every(sweep, "stream sessions", hub.keep_sessions)),
-            asyncio.create_task(_every(0.25, "link handoffs", handoffs.run_pending)),
+            asyncio.create_task(_every(sweep, "stream sessions", hub.keep_sessions), name="stream sessions"),
+            asyncio.create_task(_every(0.25, "link handoffs", handoffs.run_pending), name="link handoffs"),
         ]
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, stuck = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+            for task in stuck:  # never seen since _every checks; a shutdown must not hang on one
+                log.warning("background task %s did not stop when cancelled", task.get_name())
             await handoffs.close()
             await proxy.close()
             await spares.close()

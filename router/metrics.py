@@ -60,6 +60,20 @@ class Gauge:
             yield f"{self.name}{_fmt_labels(labels)} {_num(value)}"
 
 
+class Bound:
+    """One labelled series of a Histogram, bound once: observing is a bisect and two adds."""
+
+    __slots__ = ("buckets", "series")
+
+    def __init__(self, buckets: tuple[float, ...], series: list[float]) -> None:
+        self.buckets, self.series = buckets, series
+
+    def observe(self, value: float) -> None:
+        series = self.series
+        series[bisect.bisect_left(self.buckets, value)] += 1
+        series[-1] += value
+
+
 class Histogram:
     def __init__(self, name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.name, self.doc, self.buckets = name, doc, buckets
@@ -72,6 +86,14 @@ class Histogram:
             series = self.series[key] = [0.0] * (len(self.buckets) + 2)
         series[bisect.bisect_left(self.buckets, value)] += 1
         series[-1] += value
+
+    def labelled(self, **labels: str) -> Bound:
+        """The series for `labels`, for a caller that observes it often (no per-call label work)."""
+        key = tuple(sorted(labels.items()))
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = [0.0] * (len(self.buckets) + 2)
+        return Bound(self.buckets, series)
 
     def render(self) -> Iterable[str]:
         yield f"# HELP {self.name} {self.doc}"
@@ -123,6 +145,10 @@ class Metrics:
         self.calls_cut = Counter(
             "exai_router_calls_cut_total", "Calls cut because their instance was being stopped."
         )
+        self.fast_calls = Counter(
+            "exai_router_fast_path_requests_total",
+            "POST /mcp requests served on the fast path (without aiohttp's request objects).",
+        )
         self.gauges: list[Gauge] = []
         self.extra: list[Counter | Histogram] = []  # registered by the parts that own them
 
@@ -150,6 +176,7 @@ class Metrics:
                 self.resume_seconds,
                 self.leases_reconciled,
                 self.calls_cut,
+                self.fast_calls,
                 *self.extra,
             )
         ]

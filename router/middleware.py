@@ -52,6 +52,11 @@ def error_for(request: web.Request, exc: ExaiError, headers: dict[str, str] | No
 
 def _undecodable_header(request: web.Request) -> str | None:
     """The name of the first header whose value is not valid UTF-8, or None."""
+    for raw_name, raw_value in request.raw_headers:
+        if not (raw_name.isascii() and raw_value.isascii()):
+            break
+    else:
+        return None  # all ASCII: the usual case, checked on the raw bytes without decoding
     for name, value in request.headers.items():
         try:
             value.encode("utf-8")

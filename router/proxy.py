@@ -32,6 +32,7 @@ from common.errors import (
     RequestTimeout,
     SessionNotFound,
 )
+from router import prebuilt
 from router.allocation import Allocator
 from router.binding import CONTROL_TIMEOUT, MAX_ATTEMPTS, Bindings
 from router.jsonrpc import (
@@ -43,7 +44,7 @@ from router.jsonrpc import (
     sse_error_event,
 )
 from router.leases import Leases
-from router.metrics import Histogram, Metrics
+from router.metrics import Bound, Histogram, Metrics
 from router.opening import NoneFree, Opened, Outcome, Taken
 from router.registry import Instance, Registry
 from router.security import Guard
@@ -70,6 +71,54 @@ _DROP_REQUEST = frozenset(
 _DROP_RESPONSE = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "server", "date", "mcp-session-id", "content-encoding"}
 )
+_DROP_RESPONSE_RAW = frozenset(name.encode() for name in (*_DROP_RESPONSE, "content-length"))
+# Client header names (as sent) -> forwarded upstream or not; a client sends the same few names
+# on every call, so each name is judged once.
+_FORWARD_NAME: dict[bytes, bool] = {}
+
+
+def _client_fields(raw: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    """The client's headers that go upstream, as header lines (bytes as the client sent them)."""
+    out = []
+    for name, value in raw:
+        keep = _FORWARD_NAME.get(name)
+        if keep is None:
+            low = name.lower()
+            keep = low.decode("latin-1") not in _DROP_REQUEST and not low.startswith(b"x-exai-")
+            if len(_FORWARD_NAME) < 1024:
+                _FORWARD_NAME[name] = keep
+        if keep:
+            if b"\r" in value or b"\n" in value or b"\0" in value:
+                raise ValueError(f"header {name.decode('latin-1')} has a line break in its value")
+            out.append(b"%s: %s\r\n" % (name, value))
+    return b"".join(out)
+
+
+def _answer_fields(upstream: Response, session_id: str | None, always: bool) -> tuple[bytes, str, int | None]:
+    """An instance's answer headers to relay (header lines, without hop-by-hop ones and without
+    Content-Length), its Content-Type and its Content-Length. `session_id` (handshake era)
+    replaces the instance's Mcp-Session-Id, and is added even when the instance sent none if
+    `always`."""
+    out = []
+    seen = always
+    ctype = ""
+    length: int | None = None
+    for name, value in upstream.raw_headers:
+        low = name.lower()
+        if low == b"content-type":
+            ctype = value.decode("latin-1")
+        elif low in _DROP_RESPONSE_RAW:
+            if low == b"content-length" and value.isdigit():
+                length = int(value)
+            elif low == b"mcp-session-id":
+                seen = True
+            continue
+        out.append(b"%s: %s\r\n" % (name, value))
+    if session_id is not None and seen:
+        out.append(b"Mcp-Session-Id: %s\r\n" % session_id.encode())
+    return b"".join(out), ctype, length
+
+
 _SILENT_HINT = (
     "The instance may still be working on it; raise EXAI_UPSTREAM_READ_TIMEOUT if calls "
     "legitimately stay silent this long. Retry the call if it is safe to repeat."
@@ -162,6 +211,9 @@ class Proxy:
             STAGE_BUCKETS,
         )
         metrics.add(self.stage_seconds)
+        self._stage_instance = self.stage_seconds.labelled(stage="instance")
+        self._stage_router = self.stage_seconds.labelled(stage="router")
+        self._request_seconds: dict[tuple[str, str], Bound] = {}
         self._creating: dict[str, asyncio.Lock] = {}
         # session id -> (what the header block depends on, the block): see _request_head
         self._heads: dict[str, tuple[tuple[Any, ...], bytes]] = {}
@@ -405,13 +457,7 @@ class Proxy:
                 if len(self._heads) >= 4096:
                     self._heads.clear()  # ended sessions' entries go too; rebuilt on next use
                 self._heads[sess.id] = (shape, fixed)
-            block = header_block(
-                [
-                    (k, v)
-                    for k, v in request.headers.items()
-                    if (low := k.lower()) not in _DROP_REQUEST and not low.startswith("x-exai-")
-                ]
-            )
+            block = _client_fields(request.raw_headers)
         except ValueError as exc:
             raise BadRequest(f"Bad Request: {exc}.") from None
         return b"".join((fixed, block, b"Content-Length: %d\r\n\r\n" % len(body)))
@@ -560,21 +606,40 @@ class Proxy:
                 detail = (await upstream.read_some(1024)).decode("utf-8", "replace")
                 refusal = instance_refusal(upstream.status, upstream.reason or "", detail)
                 return error_response(refusal, msg.id if msg else None, status=upstream.status)
-            headers: CIMultiDict[str] = CIMultiDict(
-                (k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE
-            )
-            if sess.era == "handshake" and (sess.upstream_sid or p.MCP_SESSION_ID in upstream.headers):
-                headers[p.MCP_SESSION_ID] = sess.id
-            length = upstream.content_length
-            if (
-                length is not None
-                and length <= JSON_WHOLE_MAX
-                and headers.get("Content-Type", "").startswith("application/json")
-            ):
-                # A whole JSON answer: one write with Content-Length, no chunked framing.
-                return await self._whole(request, sess, upstream, target, headers, (started, sent))
-            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-            await resp.prepare(request)
+            resp: web.StreamResponse
+            if prebuilt.usable(request):
+                # The usual case: the router frames the answer itself (router/prebuilt.py).
+                sid = sess.id if sess.era == "handshake" else None
+                fields, ctype, length = _answer_fields(upstream, sid, bool(sess.upstream_sid))
+                if (
+                    length is not None and length <= JSON_WHOLE_MAX and ctype.startswith("application/json")
+                ) or upstream.status in (204, 304):
+                    # A whole JSON answer: status line, headers and body in one write.
+                    body = await self._read_whole(sess, upstream, target)
+                    self._observe(request, started)
+                    resp = prebuilt.Raw.whole(request, upstream.status, upstream.reason, ctype, fields, body)
+                    self._stages(started, sent, answered)
+                    return resp
+                # Streamed: the headers go with the first chunk when it is already here.
+                resp = prebuilt.Raw.stream(
+                    request, upstream.status, upstream.reason, ctype, fields, flush=not upstream.has_data
+                )
+            else:
+                headers: CIMultiDict[str] = CIMultiDict(
+                    (k, v) for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE
+                )
+                if sess.era == "handshake" and (sess.upstream_sid or p.MCP_SESSION_ID in upstream.headers):
+                    headers[p.MCP_SESSION_ID] = sess.id
+                length = upstream.content_length
+                if (
+                    length is not None
+                    and length <= JSON_WHOLE_MAX
+                    and headers.get("Content-Type", "").startswith("application/json")
+                ):
+                    # A whole JSON answer: one write with Content-Length, no chunked framing.
+                    return await self._whole(request, sess, upstream, target, headers, (started, sent))
+                resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+                await resp.prepare(request)
             if call is not None:
                 call.response = resp
             self._observe(request, started)
@@ -622,14 +687,7 @@ class Proxy:
     ) -> web.Response:
         """Read a JSON answer whole (its length is known and small) and send it in one write."""
         headers.popall("Content-Length", None)  # web.Response sets it from the body
-        try:
-            body = await upstream.read(self.read_timeout)
-        except Lost as exc:
-            # Headers came, the body did not: the instance may have run the call.
-            self.metrics.upstream_errors.inc(kind="lost-midstream")
-            log.warning("instance %s dropped a response for session %s: %r", target.id, sess.id[:8], exc)
-            self._spawn(self.bindings.check_and_rebind(sess, sess.generation, target))
-            raise _lost(target, exc, self.read_timeout) from None
+        body = await self._read_whole(sess, upstream, target)
         started, sent = clock
         answered = time.perf_counter()
         self._observe(request, started)
@@ -637,15 +695,31 @@ class Proxy:
         self._stages(started, sent, answered)
         return resp
 
+    async def _read_whole(self, sess: Session, upstream: Response, target: Instance) -> bytes:
+        """A JSON answer's whole body (its length is known and small)."""
+        try:
+            return await upstream.read(self.read_timeout)
+        except Lost as exc:
+            # Headers came, the body did not: the instance may have run the call.
+            self.metrics.upstream_errors.inc(kind="lost-midstream")
+            log.warning("instance %s dropped a response for session %s: %r", target.id, sess.id[:8], exc)
+            self._spawn(self.bindings.check_and_rebind(sess, sess.generation, target))
+            raise _lost(target, exc, self.read_timeout) from None
+
     def _stages(self, started: float, sent: float, answered: float) -> None:
-        self.stage_seconds.observe(answered - sent, stage="instance")
-        self.stage_seconds.observe((sent - started) + (time.perf_counter() - answered), stage="router")
+        self._stage_instance.observe(answered - sent)
+        self._stage_router.observe((sent - started) + (time.perf_counter() - answered))
 
     def _observe(self, request: web.Request, started: float) -> None:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "/mcp"
         elapsed = time.perf_counter() - started
-        self.metrics.request_seconds.observe(elapsed, route=route, method=request.method)
+        resource = request.match_info.route.resource
+        key = (resource.canonical if resource is not None else "/mcp", request.method)
+        series = self._request_seconds.get(key)
+        if series is None:
+            series = self._request_seconds[key] = self.metrics.request_seconds.labelled(
+                route=key[0], method=key[1]
+            )
+        series.observe(elapsed)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -13,14 +13,19 @@ cannot be trusted.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from common.errors import BadRequest, ExaiError, InternalError, PayloadTooLarge, RequestTimeout
+from router import prebuilt
+from router.fastpath import REQUEST_LINE, FastPath, FastRequest, send_plain
+from router.prebuilt import Raw
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,100 @@ def framing_error(status: int, message: str | None) -> ExaiError:
 
 
 class _Handler(RequestHandler):
-    __slots__ = ()
+    """aiohttp's connection handler, with the fast path for `POST /mcp` (router/fastpath.py)
+    and framing errors answered in the router's format."""
+
+    __slots__ = ("_fast", "_fast_held", "_fast_off", "_fast_paused", "_fast_task")
+
+    def __init__(self, manager: Any, *, fast: FastPath | None = None, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._fast = fast
+        self._fast_task: asyncio.Task[None] | None = None
+        self._fast_held = b""  # what came while a fast call was in flight
+        self._fast_off = False  # aiohttp's parser may hold part of a request: it keeps the connection
+        self._fast_paused = False
+
+    # --- the fast path -----------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._fast_task is not None:
+            # The client sent more before its answer: it is served after the answer.
+            if not data:
+                return
+            self._fast_held += data
+            if not self._fast_paused and self.transport is not None:
+                self._fast_paused = True
+                self.transport.pause_reading()
+            return
+        fast = self._fast
+        if (
+            fast is not None
+            and not self._fast_off
+            and data.startswith(REQUEST_LINE)
+            # aiohttp waits for a request (or has had none yet): its parser holds nothing
+            and ((self._waiter is not None and not self._waiter.done()) or self._request_count == 0)
+            and not self._messages
+            and not self._request_in_progress
+            and not self._upgraded
+            and self._payload_parser is None
+            and not self._force_close
+            and not self._close
+        ):
+            request = fast.parse(self, data)
+            if request is not None:
+                self._fast_start(fast, request)
+                return
+        count = self._request_count
+        super().data_received(data)
+        if data and self._request_count == count:
+            self._fast_off = True
+
+    def _fast_start(self, fast: FastPath, request: FastRequest) -> None:
+        if self._keepalive_handle is not None:  # aiohttp would close a connection it sees idle
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+        self._request_in_progress = True  # a graceful shutdown waits for the answer
+        self._request_count += 1
+        if self._manager is not None:
+            self._manager.requests_count += 1
+        self._fast_task = self._loop.create_task(self._fast_run(fast, request))
+
+    async def _fast_run(self, fast: FastPath, request: FastRequest) -> None:
+        keep = False
+        try:
+            resp = await fast.serve(request)
+            if isinstance(resp, Raw) and resp._payload_writer is not None and not resp._eof_sent:
+                with contextlib.suppress(ConnectionError):
+                    await resp.write_eof()  # a stream the proxy left open (its client went away)
+            keep = send_plain(request, resp)
+        except (asyncio.CancelledError, ConnectionError):
+            pass  # the client went away (or the server is shutting down)
+        except Exception:
+            log.exception("fast path: POST /mcp failed")
+        finally:
+            self._fast_task = None
+            self._request_in_progress = False
+            if self._handler_waiter is not None and not self._handler_waiter.done():
+                self._handler_waiter.set_result(None)
+        if not keep or self._force_close or self._close or self.transport is None:
+            self.force_close()
+            return
+        loop = self._loop
+        close_time = loop.time() + self._keepalive_timeout
+        self._next_keepalive_close_time = close_time
+        if self._keepalive_handle is None and self._keepalive_timeout > 0:
+            self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
+        held, self._fast_held = self._fast_held, b""
+        if self._fast_paused:
+            self._fast_paused = False
+            self.transport.resume_reading()
+        if held:
+            self.data_received(held)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        task = self._fast_task
+        if task is not None and self._manager is not None and self._manager.handler_cancellation:
+            task.cancel()  # like aiohttp's handlers: the proxy closes the call upstream
+        super().connection_lost(exc)
 
     def handle_error(
         self,
@@ -77,12 +175,19 @@ class _Handler(RequestHandler):
 class _Server(web.Server):
     """aiohttp's low-level server, making `_Handler` connection handlers."""
 
+    fast: FastPath | None = None
+
     def __call__(self) -> RequestHandler:
-        return _Handler(self, loop=self._loop, **self._kwargs)
+        return _Handler(self, loop=self._loop, fast=self.fast, **self._kwargs)
 
 
 class RouterRunner(web.AppRunner):
-    """`web.AppRunner` whose connections answer framing errors in the router's format."""
+    """`web.AppRunner` whose connections answer framing errors in the router's format and
+    serve plain `POST /mcp` requests on the fast path (`fast_path=False`: aiohttp's path only)."""
+
+    def __init__(self, app: web.Application, *, fast_path: bool = True, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.fast_path = fast_path and prebuilt.SUPPORTED and _FAST_ATTRS
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -90,4 +195,18 @@ class RouterRunner(web.AppRunner):
             log.warning("aiohttp made a %s; framing errors keep aiohttp's plain-text answers", type(server))
             return server
         server.__class__ = _Server
+        if self.fast_path:
+            cast(_Server, server).fast = FastPath(self.app, self.app._client_max_size)
         return server
+
+
+# The private parts of aiohttp's RequestHandler the fast path reads and sets (checked once).
+_SLOTS = {name for cls in RequestHandler.__mro__ for name in getattr(cls, "__slots__", ())}
+_FAST_ATTRS = all(
+    name in _SLOTS
+    for name in (
+        "_waiter", "_messages", "_request_in_progress", "_upgraded", "_payload_parser", "_force_close",
+        "_close", "_keepalive_handle", "_next_keepalive_close_time", "_keepalive_timeout",
+        "_handler_waiter", "_request_count", "_manager", "_loop",
+    )
+) and hasattr(RequestHandler, "_process_keepalive")  # fmt: skip

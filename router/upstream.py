@@ -62,15 +62,27 @@ class _Conn(asyncio.Protocol):
         "closed",
         "idle_since",
         "key",
+        "loop",
         "parser",
         "pool",
         "resp",
         "reused",
+        "silence",
+        "timer",
+        "timer_due",
         "transport",
+        "wait_started",
     )  # fmt: skip
 
     def __init__(self, pool: _HostPool) -> None:
         self.pool = pool
+        self.loop = asyncio.get_running_loop()
+        # One silence timer per connection, not one per wait: a wait only notes when it began,
+        # and the timer, when it fires, either expires the wait or sleeps until it could.
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_due = 0.0
+        self.wait_started = 0.0
+        self.silence = 0.0
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -99,6 +111,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._disarm()
         self.pool.lost(self)
         resp = self.resp
         if resp is not None and not resp.complete:
@@ -142,6 +155,39 @@ class _Conn(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             self.pool.lost(self)
+        self._disarm()
+
+    # the silence timer
+    def watch(self, timeout: float) -> None:
+        """A wait of at most `timeout` seconds of silence begins now."""
+        now = self.loop.time()
+        self.wait_started = now
+        self.silence = timeout
+        due = now + timeout
+        if self.timer is not None and self.timer_due > due:
+            self.timer.cancel()  # armed for a longer silence than this wait allows
+            self.timer = None
+        if self.timer is None:
+            self.timer_due = due
+            self.timer = self.loop.call_at(due, self._check)
+
+    def _check(self) -> None:
+        self.timer = None
+        resp = self.resp
+        waiter = resp._waiter if resp is not None else None
+        if waiter is None or waiter.done() or not self.silence:
+            return  # nobody waits (or the wait has no limit): the next wait arms the timer again
+        due = self.wait_started + self.silence
+        if self.loop.time() >= due:
+            waiter.set_exception(TimeoutError())
+        else:
+            self.timer_due = due
+            self.timer = self.loop.call_at(due, self._check)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class Response:
@@ -211,13 +257,14 @@ class Response:
     async def _wait(self, timeout: float | None) -> None:
         """Until the connection reports something, or `timeout` seconds of silence."""
         waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_later(timeout, _expire, waiter) if timeout else None
+        if timeout:
+            self.conn.watch(timeout)
+        else:
+            self.conn.silence = 0.0  # an armed timer leaves this wait alone
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
 
     async def _wait_or_lost(self, timeout: float | None) -> None:
         """`_wait`, with `timeout` seconds of silence reported as a silent instance."""
@@ -274,19 +321,28 @@ class Response:
         """The body as it arrives; Lost if the instance goes away or stays silent too long."""
         while True:
             if self._chunks:
-                data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
-                self._chunks.clear()
-                self._size = 0
-                if self._paused and self.conn.transport is not None and not self.conn.closed:
-                    self._paused = False
-                    self.conn.transport.resume_reading()
-                yield data
+                yield self.take()
                 continue
             if self.complete:
                 return
             if self.error is not None:
                 raise self.error
             await self._wait_or_lost(timeout)
+
+    def take(self) -> bytes:
+        """What has come of the body since the last take (reading resumes if it was paused)."""
+        data = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+        self._chunks.clear()
+        self._size = 0
+        if self._paused and self.conn.transport is not None and not self.conn.closed:
+            self._paused = False
+            self.conn.transport.resume_reading()
+        return data
+
+    @property
+    def has_data(self) -> bool:
+        """Has part of the body (or its end) already come?"""
+        return bool(self._chunks) or self.complete
 
     @property
     def at_eof(self) -> bool:
@@ -313,11 +369,6 @@ class Response:
         self._released = True
         self.conn.close()
         self.conn.pool.done(self.conn)
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
 
 
 class _HostPool:
@@ -426,7 +477,7 @@ class Relay:
         fresh = False
         while True:
             conn = await pool.acquire(fresh=fresh)
-            resp = Response(conn, asyncio.get_running_loop())
+            resp = Response(conn, conn.loop)
             conn.resp = resp
             transport = conn.transport
             try:

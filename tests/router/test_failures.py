@@ -138,7 +138,11 @@ async def test_sessions_expire_and_free_their_instance(fleet: Fleet) -> None:
         _, body = await fleet.admin("GET", "/admin/instances")
         return next(i for i in body["instances"] if i["id"] == st["instance_id"])["session"] is None
 
+    async def counted() -> bool:
+        # The end is counted once its lease is freed, a moment after `freed` can see it.
+        _, metrics = await fleet.admin("GET", "/metrics")
+        return 'exai_router_sessions_ended_total{reason="expired"}' in metrics
+
     await _until(gone, timeout=20)
     await _until(freed, timeout=10)
-    _, metrics = await fleet.admin("GET", "/metrics")
-    assert 'exai_router_sessions_ended_total{reason="expired"}' in metrics
+    await _until(counted, timeout=5)

@@ -1,0 +1,218 @@
+"""`POST /mcp` served beside aiohttp's request machinery, by the same proxy code.
+
+aiohttp spends about 90 µs of CPU per request on the way to a handler (its request and
+payload objects, URL dispatch, the middleware chain, finishing the response) where a bare
+protocol on httptools spends about 25. The router's hottest request needs none of that: one
+complete `POST /mcp` with a small JSON body, on a keep-alive HTTP/1.1 connection.
+
+`parse` takes such a request straight from the connection's bytes (httptools' C parser) when
+aiohttp's connection handler is idle, and `FastRequest` carries it: it has the few attributes
+the proxy reads from an aiohttp request (method, path, headers, body, remote address, the
+connection's writer). `serve` runs it through the same middleware functions and `Proxy.handle`
+as every other request, so auth and Origin checks, failover, re-sends, cancellation on
+disconnect, limits, metrics and error bodies are the proxy's own; the answer is written by
+router/prebuilt.py, and `send_plain` writes the proxy's own answers (errors) the same way.
+
+Anything else (another method or path, a request split over several reads, pipelining,
+chunked bodies, Expect, non-ASCII headers, HTTP/1.0, Connection: close, oversized bodies,
+`subscriptions/listen`, which holds a stream) goes to aiohttp untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import httptools  # type: ignore[import-untyped]
+from aiohttp import web
+from aiohttp.http_writer import HttpVersion11, StreamWriter
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from router import prebuilt
+from router.admin import PROXY_KEY, admin_auth
+from router.middleware import route_errors
+
+if TYPE_CHECKING:
+    from aiohttp.web_protocol import RequestHandler
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FastPath", "FastRequest"]
+
+REQUEST_LINE = b"POST /mcp HTTP/1.1\r\n"
+# Requests with these headers keep aiohttp's path (framing it handles, or an upgrade).
+_AIOHTTP_ONLY = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+_HELD_STREAM = b"subscriptions/listen"  # served by router/streams.py with aiohttp's response
+
+
+class _Resource:
+    canonical = "/mcp"
+
+
+class _Route:
+    resource = _Resource()
+
+
+class _MatchInfo(dict[str, str]):
+    """What the proxy reads of aiohttp's match info for the plain /mcp route."""
+
+    route = _Route()
+
+
+_MATCH = _MatchInfo()
+
+
+class _Body:
+    """The request body, all of it already here (aiohttp's StreamReader, as far as used)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def is_eof(self) -> bool:
+        return True
+
+    def read_nowait(self, n: int = -1) -> bytes:
+        data, self.data = self.data, b""
+        return data
+
+
+class FastRequest:
+    """A complete `POST /mcp` taken off the connection: the parts of aiohttp's Request the
+    proxy uses."""
+
+    method = "POST"
+    path = "/mcp"
+    version = HttpVersion11
+    keep_alive = True
+    match_info = _MATCH
+
+    __slots__ = ("_headers", "_payload_writer", "content", "handler", "raw_headers")
+
+    def __init__(
+        self, handler: RequestHandler, raw_headers: tuple[tuple[bytes, bytes], ...], body: bytes
+    ) -> None:
+        self.handler = handler
+        self.raw_headers = raw_headers
+        self.content = _Body(body)
+        self._payload_writer = StreamWriter(handler, handler._loop)
+        self._headers: CIMultiDictProxy[str] | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        if self._headers is None:
+            self._headers = CIMultiDictProxy(
+                CIMultiDict((k.decode(), v.decode()) for k, v in self.raw_headers)
+            )
+        return self._headers
+
+    @property
+    def content_length(self) -> int:
+        return len(self.content.data)
+
+    @property
+    def writer(self) -> StreamWriter:
+        return self._payload_writer
+
+    @property
+    def transport(self) -> Any:
+        return self.handler.transport
+
+    @property
+    def remote(self) -> str | None:
+        transport = self.handler.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if isinstance(peer, (list, tuple)) and peer:
+            return str(peer[0])
+        return None if peer is None else str(peer)
+
+
+class _Parsed:
+    """httptools callbacks: one request's headers and body."""
+
+    __slots__ = ("body", "complete", "headers", "keep_alive", "messages", "parser", "url")
+
+    def __init__(self) -> None:
+        self.parser: Any = None
+        self.keep_alive = False
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.complete = False
+        self.messages = 0
+
+    def on_message_begin(self) -> None:
+        self.messages += 1
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        # read now: the parser forgets the request's Connection semantics once it has ended
+        self.keep_alive = self.parser.should_keep_alive() and self.parser.get_http_version() == "1.1"
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class FastPath:
+    """Decides which requests take the fast path and serves them (one per connection at once)."""
+
+    def __init__(self, app: web.Application, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self._handler: Any = None  # route_errors(admin_auth(proxy.handle)), built on first use
+        self._count: Any = None
+
+    def parse(self, handler: RequestHandler, data: bytes) -> FastRequest | None:
+        """The request in `data` if it is one complete, plain `POST /mcp`; else None."""
+        if len(data) > self.max_body_bytes + 16384 or _HELD_STREAM in data:
+            return None
+        parsed = _Parsed()
+        parser = parsed.parser = httptools.HttpRequestParser(parsed)
+        try:
+            parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return None  # aiohttp answers it (a framing error) or upgrades it
+        finally:
+            parsed.parser = None  # no cycle between the parser and its callbacks
+        if not parsed.complete or parsed.messages != 1 or parsed.url != b"/mcp" or not parsed.keep_alive:
+            return None
+        for name, value in parsed.headers:
+            if not (name.isascii() and value.isascii()) or name.lower() in _AIOHTTP_ONLY:
+                return None
+        body = b"".join(parsed.body) if len(parsed.body) != 1 else parsed.body[0]
+        return FastRequest(handler, tuple(parsed.headers), body)
+
+    async def serve(self, request: FastRequest) -> web.StreamResponse:
+        """The proxy's answer, through the same middleware as aiohttp's path."""
+        handler = self._handler
+        if handler is None:
+            proxy = self.app[PROXY_KEY]
+            inner = partial(admin_auth, handler=proxy.handle)
+            handler = self._handler = partial(route_errors, handler=inner)
+            self._count = proxy.metrics.fast_calls
+        self._count.inc()
+        return await handler(request)  # type: ignore[no-any-return]
+
+
+def send_plain(request: FastRequest, resp: web.StreamResponse) -> bool:
+    """Write an answer the proxy made itself (a `web.Response` with its body in bytes, e.g. an
+    error) to the connection; True when the connection stays open. A `Raw` answer has already
+    been written."""
+    if isinstance(resp, prebuilt.Raw):
+        return bool(resp.keep_alive) and resp.prepared and not resp._payload_writer
+    body = getattr(resp, "body", None)
+    if not isinstance(resp, web.Response) or not isinstance(body, bytes) or resp.prepared:
+        log.warning("fast path: cannot write a %s answer; closing the connection", type(resp).__name__)
+        return False
+    keep = resp.keep_alive is not False
+    return prebuilt.send_response(request, resp.status, resp.reason, resp.headers.items(), body, keep=keep)

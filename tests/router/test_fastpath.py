@@ -1,0 +1,258 @@
+"""The fast path for POST /mcp (router/fastpath.py) and the requests it leaves to aiohttp.
+
+Raw HTTP/1.1 over one keep-alive socket, so the test controls how the bytes arrive: in one
+write (the fast path), split, pipelined, or with framing the fast path does not take. Every
+way must give the same answers, in order, on the same connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.fleet import Fleet
+from tests.router.conftest import ROUTER_TEST_SETTINGS
+
+pytestmark = pytest.mark.asyncio
+
+VERSION = "2026-07-28"
+
+
+@pytest.fixture(scope="module")
+def fleet(module_fleet_factory: Callable[..., Fleet]) -> Fleet:
+    return module_fleet_factory(instances=2, max_instances=2, **ROUTER_TEST_SETTINGS)
+
+
+def _call(rid: int, client: str = "fast", tool: str = "version") -> bytes:
+    return json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": rid,
+            "method": "tools/call",
+            "params": {
+                "name": tool,
+                "arguments": {},
+                "_meta": {
+                    "io.modelcontextprotocol/protocolVersion": VERSION,
+                    "io.modelcontextprotocol/clientInfo": {"name": client, "version": "1"},
+                    "io.modelcontextprotocol/clientCapabilities": {},
+                },
+            },
+        }
+    ).encode()
+
+
+def post(body: bytes, *, version: str = VERSION, extra: bytes = b"") -> bytes:
+    if version == VERSION:  # the 2026-07-28 wire names the method and tool in headers too
+        extra = b"Mcp-Method: tools/call\r\nMcp-Name: version\r\n" + extra
+    return (
+        b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: "
+        + version.encode()
+        + b"\r\n"
+        + extra
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+class Conn:
+    """One keep-alive connection to the router; answers read one by one."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, fleet: Fleet) -> Conn:
+        port = int(fleet.router_url.rsplit(":", 1)[1])
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def send(self, *parts: bytes, pause: float = 0.0) -> None:
+        for part in parts:
+            self.writer.write(part)
+            await self.writer.drain()
+            if pause:
+                await asyncio.sleep(pause)
+
+    async def answer(self) -> tuple[int, dict[str, str], bytes]:
+        async with asyncio.timeout(20):
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+            if headers.get("transfer-encoding") == "chunked":
+                body = b""
+                while True:
+                    size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+                    chunk = await self.reader.readexactly(size + 2)
+                    if size == 0:
+                        break
+                    body += chunk[:-2]
+            else:
+                length = int(headers.get("content-length", "0"))
+                body = await self.reader.readexactly(length) if length else b""
+        return status, headers, body
+
+    async def closed(self) -> bool:
+        async with asyncio.timeout(10):
+            return await self.reader.read(1) == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _result(body: bytes) -> dict[str, Any]:
+    data = json.loads(body)
+    assert "result" in data, data
+    return dict(data)
+
+
+async def _fast_count(fleet: Fleet) -> float:
+    _, text = await fleet.admin("GET", "/metrics")
+    found = re.search(r"^exai_router_fast_path_requests_total (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+async def test_calls_on_one_connection_take_the_fast_path(fleet: Fleet) -> None:
+    conn = await Conn.open(fleet)
+    try:
+        before = await _fast_count(fleet)
+        for rid in range(1, 6):
+            await conn.send(post(_call(rid)))
+            status, headers, body = await conn.answer()
+            assert status == 200, body
+            assert headers["content-type"].startswith("application/json")
+            assert "date" in headers and "transfer-encoding" not in headers
+            assert _result(body)["id"] == rid
+        assert await _fast_count(fleet) >= before + 5
+    finally:
+        conn.close()
+
+
+async def test_errors_on_the_fast_path_keep_the_connection(fleet: Fleet) -> None:
+    conn = await Conn.open(fleet)
+    try:
+        await conn.send(post(_call(1), version="1999-01-01"))
+        status, headers, body = await conn.answer()
+        assert status == 400 and headers["content-type"].startswith("application/json")
+        error = json.loads(body)["error"]
+        assert "1999-01-01" in error["message"]
+        await conn.send(post(b"{not json"))
+        status, _, body = await conn.answer()
+        assert status == 400 and "error" in json.loads(body)
+        await conn.send(post(_call(2)))  # the same connection still serves calls
+        status, _, body = await conn.answer()
+        assert status == 200 and _result(body)["id"] == 2
+    finally:
+        conn.close()
+
+
+async def test_split_pipelined_and_held_requests_are_answered_in_order(fleet: Fleet) -> None:
+    conn = await Conn.open(fleet)
+    try:
+        # split: headers first, body a moment later (aiohttp's path from then on)
+        whole = post(_call(1))
+        cut = whole.index(b"\r\n\r\n") + 4
+        await conn.send(whole[:cut], whole[cut:], pause=0.05)
+        status, _, body = await conn.answer()
+        assert status == 200 and _result(body)["id"] == 1
+        # pipelined: two calls in one write
+        await conn.send(post(_call(2)) + post(_call(3)))
+        ids = [_result((await conn.answer())[2])["id"] for _ in range(2)]
+        assert ids == [2, 3]
+    finally:
+        conn.close()
+
+    conn = await Conn.open(fleet)
+    try:
+        # a second call sent while the first is still on the fast path: held, then served
+        await conn.send(post(_call(4)))
+        await conn.send(post(_call(5)))
+        ids = [_result((await conn.answer())[2])["id"] for _ in range(2)]
+        assert ids == [4, 5]
+        await conn.send(post(_call(6)))
+        assert _result((await conn.answer())[2])["id"] == 6
+    finally:
+        conn.close()
+
+
+async def test_requests_the_fast_path_leaves_to_aiohttp(fleet: Fleet) -> None:
+    # Connection: close is answered, then the connection is closed.
+    conn = await Conn.open(fleet)
+    try:
+        await conn.send(post(_call(1), extra=b"Connection: close\r\n"))
+        status, _, body = await conn.answer()
+        assert status == 200 and _result(body)["id"] == 1
+        assert await conn.closed()
+    finally:
+        conn.close()
+    # A chunked request body.
+    conn = await Conn.open(fleet)
+    try:
+        body = _call(2)
+        head = post(body).split(b"Content-Length")[0] + b"Transfer-Encoding: chunked\r\n\r\n"
+        await conn.send(head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        status, _, answer = await conn.answer()
+        assert status == 200 and _result(answer)["id"] == 2
+        # HTTP/1.0 on a fresh connection: answered with a length, connection closed after
+    finally:
+        conn.close()
+    conn = await Conn.open(fleet)
+    try:
+        await conn.send(post(_call(3)).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+        status, _, answer = await conn.answer()
+        assert status == 200 and _result(answer)["id"] == 3
+    finally:
+        conn.close()
+
+
+async def test_handshake_era_sse_answers_on_the_fast_path(fleet: Fleet) -> None:
+    conn = await Conn.open(fleet)
+    try:
+        init = json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 0,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {},
+                    "clientInfo": {"name": "sse"},
+                },
+            }
+        ).encode()
+        await conn.send(post(init, version="2025-11-25"))
+        status, headers, body = await conn.answer()
+        assert status == 200, body
+        sid = headers["mcp-session-id"]
+        extra = b"Mcp-Session-Id: " + sid.encode() + b"\r\n"
+        note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
+        await conn.send(post(note, version="2025-11-25", extra=extra))
+        status, _, _ = await conn.answer()
+        assert status == 202
+        before = await _fast_count(fleet)
+        for rid in (1, 2, 3):
+            call = json.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "id": rid,
+                    "method": "tools/call",
+                    "params": {"name": "version", "arguments": {}},
+                }
+            ).encode()
+            await conn.send(post(call, version="2025-11-25", extra=extra))
+            status, headers, body = await conn.answer()
+            assert status == 200 and headers["mcp-session-id"] == sid
+            if headers["content-type"].startswith("text/event-stream"):
+                assert headers.get("transfer-encoding") == "chunked"
+                data = [ln[5:].strip() for ln in body.decode().splitlines() if ln.startswith("data:")]
+                body = data[-1].encode()
+            assert _result(body)["id"] == rid
+        assert await _fast_count(fleet) >= before + 3
+    finally:
+        conn.close()
