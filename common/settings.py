@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     router_port: int = Field(8079, ge=1, le=65535, validation_alias="EXAI_ROUTER_PORT")
     # Router processes sharing EXAI_ROUTER_PORT (SO_REUSEPORT; the kernel spreads connections).
     router_processes: int = Field(1, ge=1, le=64, validation_alias="EXAI_ROUTER_PROCESSES")
+    # Plain `POST /mcp` requests skip aiohttp's request/response objects (router/fastpath.py);
+    # false sends every request through aiohttp's own path (same behaviour, more CPU per call).
+    router_fast_path: bool = Field(True, validation_alias="EXAI_ROUTER_FAST_PATH")
     instances: int = Field(5, ge=0, validation_alias="EXAI_INSTANCES")
     max_instances: int = Field(16, ge=1, le=256, validation_alias="EXAI_MAX_INSTANCES")
     instance_base_port: int = Field(8100, ge=1, le=65000, validation_alias="EXAI_INSTANCE_BASE_PORT")

@@ -28,6 +28,7 @@ async def serve(settings: Settings) -> None:
     # closes a connection that has no complete request this long after it opened or last answered.
     runner = RouterRunner(
         app,
+        fast_path=settings.router_fast_path,
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=5.0,

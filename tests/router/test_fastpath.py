@@ -256,3 +256,20 @@ async def test_handshake_era_sse_answers_on_the_fast_path(fleet: Fleet) -> None:
         assert await _fast_count(fleet) >= before + 3
     finally:
         conn.close()
+
+
+async def test_the_fast_path_can_be_turned_off(fleet_factory: Callable[..., Fleet]) -> None:
+    # EXAI_ROUTER_FAST_PATH=false: the same calls, served by aiohttp's own request path.
+    slow = await asyncio.to_thread(
+        fleet_factory, instances=1, max_instances=1, router_fast_path=False, **ROUTER_TEST_SETTINGS
+    )
+    conn = await Conn.open(slow)
+    try:
+        for rid in range(1, 4):
+            await conn.send(post(_call(rid)))
+            status, _, body = await conn.answer()
+            assert status == 200, body
+            assert _result(body)["id"] == rid
+        assert await _fast_count(slow) == 0
+    finally:
+        conn.close()
