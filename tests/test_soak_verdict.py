@@ -119,3 +119,18 @@ def test_a_restarted_process_growing_past_its_peers_fails() -> None:
     verdict = judge(_restarted(200.0))
     assert not verdict["passed"]
     assert verdict["failures"][0].startswith("instance_02 (pid 201): rss_mb grew +")
+
+
+def test_note_scope_caches_may_grow_but_other_keys_may_not() -> None:
+    """One notes copy (and generation counter) per thread or scope used: TTL-bounded, like
+    thread caches, so they grow with the traffic; a growing kind that has no TTL fails."""
+    run = _run([85.0] * 720)
+    for i, s in enumerate(run["samples"]):
+        s["redis_keys"].update({"notes": i, "notes-gen": i // 2})
+    verdict = judge(run)
+    assert verdict["passed"], verdict["failures"]
+    for i, s in enumerate(run["samples"]):
+        s["redis_keys"]["lease"] = 4 + i
+    verdict = judge(run)
+    assert not verdict["passed"]
+    assert any("keys 'lease' grew" in f for f in verdict["failures"]), verdict["failures"]

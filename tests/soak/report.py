@@ -135,7 +135,7 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         ("sessions", _col(samples, "sessions")),
         ("leases", _col(samples, "leases")),
         ("all fleet keys", _col(samples, "redis_total_keys")),
-        ("all but thread caches", [_uncached(s) for s in samples]),
+        ("all but thread and note caches", [_uncached(s) for s in samples]),
     ]
     panels.append(("Redis keys", keys))
     panels.append(("spool backlog (rows)", [("rows", _col(samples, "spool_rows"))]))
