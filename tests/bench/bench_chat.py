@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common.migrate import migrate  # noqa: E402
-from tests.bench.bench_router import HEADERS, _body, _stats, _with_db  # noqa: E402
+from tests.bench.bench_router import HEADERS, _body, _stats, _with_db, fake_provider_overrides  # noqa: E402
 from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
 from tests.fakes.tcp_proxy import TcpProxy  # noqa: E402
 from tests.fleet import Fleet  # noqa: E402
@@ -168,12 +168,7 @@ async def main() -> int:
             instances=5,
             max_instances=5,
             overrides={
-                "log_level": "WARNING",
-                "glm_api_key": "fake-key",
-                "glm_api_url": provider.glm_url,
-                "provider_max_retries": 0,
-                "autostart_spares": False,
-                "allocation_deadline": 10.0,
+                **fake_provider_overrides(provider),
                 **({"chat_spool_sync": args.chat_spool_sync} if args.chat_spool_sync else {}),
             },
         )

@@ -604,6 +604,36 @@ def _with_db(dsn: str, name: str) -> str:
     return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
 
 
+async def scratch_database(pg: str, prefix: str) -> str:
+    """A new database on `pg`'s server with the schema applied; its DSN."""
+    dbname = f"{prefix}_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(pg)
+    await admin.execute(f'CREATE DATABASE "{dbname}"')
+    await admin.close()
+    dsn = _with_db(pg, dbname)
+    await migrate(dsn)
+    return dsn
+
+
+async def drop_scratch_database(pg: str, dsn: str) -> None:
+    """Drop a database `scratch_database` made (its name is `dsn`'s path)."""
+    admin = await asyncpg.connect(pg)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{urlsplit(dsn).path.lstrip("/")}" WITH (FORCE)')
+    await admin.close()
+
+
+def fake_provider_overrides(provider: FakeProvider) -> dict[str, Any]:
+    """Fleet settings for a bench: GLM on the fake provider, no retries, no spares, quiet logs."""
+    return {
+        "log_level": "WARNING",
+        "glm_api_key": "fake-key",
+        "glm_api_url": provider.glm_url,
+        "provider_max_retries": 0,
+        "autostart_spares": False,
+        "allocation_deadline": 10.0,
+    }
+
+
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=400, help="version calls per session and path")
@@ -623,12 +653,7 @@ async def main() -> int:
 
     pg = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("EXAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-    dbname = f"exai_bench_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(pg)
-    await admin.execute(f'CREATE DATABASE "{dbname}"')
-    await admin.close()
-    dsn = _with_db(pg, dbname)
-    await migrate(dsn)
+    dsn = await scratch_database(pg, "exai_bench")
     state = Path(os.environ.get("TMPDIR", "/tmp")) / f"exai-bench-{secrets.token_hex(4)}"
     state.mkdir(parents=True)
     prefix = f"exaibench{secrets.token_hex(3)}"
@@ -641,15 +666,7 @@ async def main() -> int:
             redis_prefix=prefix,
             instances=5,
             max_instances=5,
-            overrides={
-                "log_level": "WARNING",
-                "glm_api_key": "fake-key",
-                "glm_api_url": provider.glm_url,
-                "provider_max_retries": 0,
-                "autostart_spares": False,
-                "session_park_after": 1.0,
-                "allocation_deadline": 10.0,
-            },
+            overrides={**fake_provider_overrides(provider), "session_park_after": 1.0},
         )
         try:
             await asyncio.to_thread(fleet.start)
@@ -686,9 +703,7 @@ async def main() -> int:
                 results["bridge_overhead"] = await _bridge_overhead(fleet, args.calls)
         finally:
             await asyncio.to_thread(fleet.stop)
-            admin = await asyncpg.connect(pg)
-            await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-            await admin.close()
+            await drop_scratch_database(pg, dsn)
 
     results["meta"] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

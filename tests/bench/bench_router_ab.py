@@ -33,13 +33,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common import protocol as p  # noqa: E402
-from common.migrate import migrate  # noqa: E402
 from tests.bench.bench_router import (  # noqa: E402
     Caller,
     HandshakeCaller,
@@ -48,7 +45,9 @@ from tests.bench.bench_router import (  # noqa: E402
     _num,
     _stats,
     _status,
-    _with_db,
+    drop_scratch_database,
+    fake_provider_overrides,
+    scratch_database,
 )
 from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
 from tests.fleet import Fleet  # noqa: E402
@@ -301,12 +300,7 @@ async def main() -> int:
 
     pg = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("EXAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-    dbname = f"exai_benchab_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(pg)
-    await admin.execute(f'CREATE DATABASE "{dbname}"')
-    await admin.close()
-    dsn = _with_db(pg, dbname)
-    await migrate(dsn)
+    dsn = await scratch_database(pg, "exai_benchab")
     state = Path(os.environ.get("TMPDIR", "/tmp")) / f"exai-benchab-{secrets.token_hex(4)}"
     state.mkdir(parents=True)
     load0 = os.getloadavg()
@@ -322,14 +316,7 @@ async def main() -> int:
             redis_prefix=f"exaiab{secrets.token_hex(3)}",
             instances=5,
             max_instances=5,
-            overrides={
-                "log_level": "WARNING",
-                "glm_api_key": "fake-key",
-                "glm_api_url": provider.glm_url,
-                "provider_max_retries": 0,
-                "autostart_spares": False,
-                "allocation_deadline": 10.0,
-            },
+            overrides=fake_provider_overrides(provider),
         )
         builds = [Build("A", fleet, _export(args.base, Path(tmp))), Build("B", fleet, ROOT)]
         try:
@@ -365,9 +352,7 @@ async def main() -> int:
             for b in builds:
                 b.stop()
             await asyncio.to_thread(fleet.stop)
-            admin = await asyncpg.connect(pg)
-            await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-            await admin.close()
+            await drop_scratch_database(pg, dsn)
     results["summary"] = _summary(results["rounds"])
     results["meta"] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
