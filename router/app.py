@@ -122,6 +122,11 @@ class Maintenance:
             await self.proxy.bindings.end(sess, "expired")
 
 
+def _sweep_interval(settings: Settings) -> float:
+    """Seconds between expiry sweeps."""
+    return max(0.2, min(30.0, settings.session_idle_timeout / 4))
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes, middlewares=[route_errors, admin.admin_auth]
@@ -141,7 +146,12 @@ def create_app(settings: Settings) -> web.Application:
             return set(await registry.instances())
 
         spares = Spares(settings.supervisor_socket, cap=registry.cap, registered=registered)
-        table = SessionTable(redis, keys, expire_after=settings.session_idle_timeout)
+        # A record outlives the idle timeout by a few sweep rounds, so the expiry sweep ends the
+        # session (resets its instance, frees the lease, counts it) before Redis forgets it; a
+        # record that expired first was dropped as "ended elsewhere" and never counted.
+        table = SessionTable(
+            redis, keys, expire_after=settings.session_idle_timeout + 3 * _sweep_interval(settings)
+        )
         allocator = Allocator(
             settings,
             registry,
@@ -189,7 +199,7 @@ def create_app(settings: Settings) -> web.Application:
         maint = Maintenance(proxy, settings)
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await maint.renew_leases()
-        sweep = max(0.2, min(30.0, settings.session_idle_timeout / 4))
+        sweep = _sweep_interval(settings)
         park = max(0.1, min(5.0, settings.session_park_after / 4))
         renew = min(2.0, settings.lease_ttl / 3)  # also the check of cached sessions against Redis
         tasks = [
