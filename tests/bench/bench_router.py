@@ -242,13 +242,7 @@ async def _overhead(
         await r.call("version", {})  # binds the session
         status = await _status(r)
         num = _num(status["instance_id"])
-        extra = {
-            p.INTERNAL_TOKEN_HEADER: fleet.internal_token,
-            p.SESSION_HEADER: status["session"],
-            p.PRINCIPAL_HEADER: "local",
-            p.ERA_HEADER: era,
-            p.CLIENT_HEADER: client,
-        }
+        extra = direct_headers(fleet, status["session"], era, client)
         urls = [f"http://127.0.0.1:{fleet.instance_port(num)}/mcp"]
         if nginx is not None:
             urls.append(f"http://127.0.0.1:{nginx.ports[num]}/mcp")
@@ -386,15 +380,7 @@ async def _rate(fleet: Fleet, clients: int, seconds: float) -> dict[str, Any]:
             st = bound[i % len(bound)]
             client = f"rate-{i % len(bound)}"
             if direct:
-                extra = {
-                    p.INTERNAL_TOKEN_HEADER: fleet.internal_token,
-                    p.SESSION_HEADER: st["session"],
-                    p.PRINCIPAL_HEADER: "local",
-                    p.ERA_HEADER: "stateless",
-                    p.CLIENT_HEADER: client,
-                }
-                url = f"http://127.0.0.1:{fleet.instance_port(_num(st['instance_id']))}/mcp"
-                callers.append(Caller(url, client, extra))
+                callers.append(direct_caller(fleet, st, client))
             else:
                 callers.append(Caller(fleet.mcp_url, client))
         done = errors = 0
@@ -598,6 +584,23 @@ async def _served_once(fleet: Fleet, n: int, seconds: float) -> dict[str, Any]:
 async def _served(fleet: Fleet, counts: list[int], seconds: float) -> list[dict[str, Any]]:
     """N sessions each doing chat (200 ms) + THINK_S of thinking, for `seconds`."""
     return [await _served_once(fleet, n, seconds) for n in counts]
+
+
+def direct_headers(fleet: Fleet, session: str, era: str, client: str) -> dict[str, str]:
+    """The internal headers the router adds, for calling an instance directly."""
+    return {
+        p.INTERNAL_TOKEN_HEADER: fleet.internal_token,
+        p.SESSION_HEADER: session,
+        p.PRINCIPAL_HEADER: "local",
+        p.ERA_HEADER: era,
+        p.CLIENT_HEADER: client,
+    }
+
+
+def direct_caller(fleet: Fleet, st: dict[str, Any], client: str) -> Caller:
+    """A Caller straight to the instance serving stateless session `st` (what the router sends)."""
+    extra = direct_headers(fleet, st["session"], "stateless", client)
+    return Caller(f"http://127.0.0.1:{fleet.instance_port(_num(st['instance_id']))}/mcp", client, extra)
 
 
 def _with_db(dsn: str, name: str) -> str:

@@ -45,6 +45,8 @@ from tests.bench.bench_router import (  # noqa: E402
     _num,
     _stats,
     _status,
+    direct_caller,
+    direct_headers,
     drop_scratch_database,
     fake_provider_overrides,
     scratch_database,
@@ -159,13 +161,7 @@ async def _overhead(
         row: dict[str, Caller | HandshakeCaller] = {builds[0].name: first}
         for b in builds[1:]:
             row[b.name] = _twin(first, b.mcp_url)
-        extra = {
-            p.INTERNAL_TOKEN_HEADER: fleet.internal_token,
-            p.SESSION_HEADER: status["session"],
-            p.PRINCIPAL_HEADER: "local",
-            p.ERA_HEADER: era,
-            p.CLIENT_HEADER: client,
-        }
+        extra = direct_headers(fleet, status["session"], era, client)
         urls = {"direct": f"http://127.0.0.1:{fleet.instance_port(num)}/mcp"}
         if nginx is not None:
             urls["nginx"] = f"http://127.0.0.1:{nginx.ports[num]}/mcp"
@@ -238,15 +234,7 @@ async def _rate(
         for i in range(clients):
             st, client = bound[i % 5], anchors[i % 5].client
             if target == "direct":
-                extra = {
-                    p.INTERNAL_TOKEN_HEADER: fleet.internal_token,
-                    p.SESSION_HEADER: st["session"],
-                    p.PRINCIPAL_HEADER: "local",
-                    p.ERA_HEADER: "stateless",
-                    p.CLIENT_HEADER: client,
-                }
-                url = f"http://127.0.0.1:{fleet.instance_port(_num(st['instance_id']))}/mcp"
-                callers.append(Caller(url, client, extra))
+                callers.append(direct_caller(fleet, st, client))
             else:
                 build = next(b for b in builds if b.name == target)
                 callers.append(Caller(build.mcp_url, client))
