@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -16,11 +16,17 @@ def create_redis(url: str | None, *, max_connections: int = 32, socket_timeout: 
 
     It never blocks the caller for long: a dead Redis surfaces as a ConnectionError after a couple
     of quick retries, so callers can degrade (skip the cache) instead of hanging.
+
+    The pool blocks: a burst of more than `max_connections` concurrent commands waits (at most
+    `socket_timeout`) for a connection to come back. redis-py's default pool raises
+    ConnectionError("Too many connections") instead, which every caller reads as "Redis is
+    down": 64 clients arriving at once at a router got 503s from a healthy Redis.
     """
     if not url:
         raise ConfigError("REDIS_URL is not set (and no embedded Redis was started)")
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         url,
+        timeout=socket_timeout,
         decode_responses=True,
         max_connections=max_connections,
         socket_timeout=socket_timeout,
@@ -29,6 +35,7 @@ def create_redis(url: str | None, *, max_connections: int = 32, socket_timeout: 
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    return Redis.from_pool(pool)
 
 
 REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
