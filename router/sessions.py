@@ -29,6 +29,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from redis.asyncio import Redis
@@ -246,6 +247,7 @@ class SessionTable:
         self._flush = redis.register_script(_FLUSH)
         self._remove = redis.register_script(_REMOVE)
         self._refreshing: set[asyncio.Task[None]] = set()
+        self._fetching: dict[str, asyncio.Future[Session | None]] = {}  # Redis reads in flight
 
     async def load(self) -> int:
         """Pull every session from Redis into memory (router start)."""
@@ -255,12 +257,28 @@ class SessionTable:
         return len(self.by_id)
 
     async def fetch(self, sid: str) -> Session | None:
-        """Memory first, then Redis (another router may have created it)."""
+        """Memory first, then Redis (another router may have created it). Concurrent fetches of
+        one session share one Redis read: a client retrying a burst of calls, or a router taking
+        over many sessions at once, costs one round trip per session, not one per call."""
         sess = self.by_id.get(sid)
         if sess is not None:
             return sess
         if sid in self._removing:
             return None
+        pending = self._fetching.get(sid)
+        if pending is None:
+            pending = self._fetching[sid] = asyncio.ensure_future(self._fetch(sid))
+            pending.add_done_callback(partial(self._fetched, sid))
+        # shielded: one caller going away (its client disconnected) does not cancel the others' read
+        return await asyncio.shield(pending)
+
+    def _fetched(self, sid: str, done: asyncio.Future[Session | None]) -> None:
+        if self._fetching.get(sid) is done:
+            del self._fetching[sid]
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter may have gone before it came
+
+    async def _fetch(self, sid: str) -> Session | None:
         data: dict[str, str] = await self.redis.hgetall(self.keys.session(sid))  # type: ignore[assignment]
         if not data or "id" not in data:
             return None

@@ -239,3 +239,26 @@ async def test_the_router_opens_a_session_in_one_round_trip_and_falls_back_when_
         assert await counting.zcard(keys.sessions()) == 2
         await one.close()
         await two.close()
+
+
+async def test_concurrent_lookups_of_one_session_share_one_redis_read(counting: Counting, keys: Keys) -> None:
+    """64 calls of a session this router does not hold yet (it was opened by another router) read
+    its record once; a caller that goes away does not cancel the others' read."""
+    other_table, _, _ = _router(counting, keys)
+    sess = Session(id=new_session_id(), era="stateless", principal="local", client="c")
+    assert await other_table.save(sess)
+
+    table, _, _ = _router(counting, keys)
+    counting.sent.clear()
+    first = asyncio.ensure_future(table.fetch(sess.id))
+    await asyncio.sleep(0)
+    first.cancel()  # its client disconnected
+    got = await asyncio.gather(*(table.fetch(sess.id) for _ in range(64)))
+    assert {s.id for s in got if s is not None} == {sess.id} and None not in got
+    assert counting.sent.count("HGETALL") == 1
+    assert first.cancelled()
+    # and a session nobody has is one read too, answered None to every caller
+    counting.sent.clear()
+    unknown = new_session_id()
+    missing = await asyncio.gather(*(table.fetch(unknown) for _ in range(8)))
+    assert missing == [None] * 8 and counting.sent.count("HGETALL") == 1
