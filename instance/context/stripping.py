@@ -214,7 +214,10 @@ def _find_matches(
     wanted = {tuple(pw[i : i + SHINGLE]) for i in range(len(pw) - SHINGLE + 1)}
     index: dict[tuple[str, ...], list[tuple[int, int]]] = {}
     for t, own in enumerate(shingles):
-        common = [k for k in wanted if k in own] if len(wanted) < len(own) else [k for k in own if k in wanted]
+        if len(wanted) < len(own):
+            common = [k for k in wanted if k in own]
+        else:
+            common = [k for k in own if k in wanted]
         for k in common:
             index.setdefault(k, []).extend((t, j) for j in own[k])
     out: list[_Match] = []

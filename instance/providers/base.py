@@ -369,7 +369,7 @@ def _env_proxy(url: str) -> str | None:
     """The proxy HTTP(S)_PROXY / ALL_PROXY name for `url`, unless NO_PROXY exempts its host
     (what httpx did by default); read once per provider, the environment does not change."""
     parts = urlsplit(url)
-    if parts.hostname is None or urllib.request.proxy_bypass_environment(parts.hostname):
+    if parts.hostname is None or urllib.request.proxy_bypass(parts.hostname):
         return None
     proxies = urllib.request.getproxies_environment()
     return proxies.get(parts.scheme) or proxies.get("all") or None
