@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import ssl
+import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -181,6 +182,7 @@ class OpenAICompatibleProvider:
         body, notes = self.payload(request)
         loop = asyncio.get_running_loop()
         started = loop.time()
+        clock = time.perf_counter()  # the call's duration (uvloop's loop.time() is in whole ms)
         deadline = started + self.retry_budget
         self.stats.requests += 1
         attempt = 0
@@ -204,7 +206,7 @@ class OpenAICompatibleProvider:
                 self.stats.failures += 1
                 raise
             result.attempts = attempt
-            result.seconds = loop.time() - started
+            result.seconds = time.perf_counter() - clock
             result.notes.extend(notes)
             if result.tokens_in:
                 self.stats.tokens_in += result.tokens_in
