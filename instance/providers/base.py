@@ -180,6 +180,7 @@ class OpenAICompatibleProvider:
     async def chat(self, request: ChatRequest, on_delta: OnDelta | None = None) -> ChatResult:
         """One chat completion, retried on 429/5xx/connect errors within the retry budget."""
         body, notes = self.payload(request)
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()  # once, for every attempt
         loop = asyncio.get_running_loop()
         started = loop.time()
         clock = time.perf_counter()  # the call's duration (uvloop's loop.time() is in whole ms)
@@ -189,7 +190,7 @@ class OpenAICompatibleProvider:
         while True:
             attempt += 1
             try:
-                result = await self._limited_attempt(body, request, on_delta)
+                result = await self._limited_attempt(data, bool(body.get("stream")), request, on_delta)
             except _Retryable as exc:
                 delay = exc.retry_after if exc.retry_after is not None else backoff(attempt)
                 if attempt > self.max_retries or loop.time() + delay > deadline:
@@ -215,7 +216,7 @@ class OpenAICompatibleProvider:
             return result
 
     async def _limited_attempt(
-        self, body: dict[str, Any], request: ChatRequest, on_delta: OnDelta | None
+        self, data: bytes, stream: bool, request: ChatRequest, on_delta: OnDelta | None
     ) -> ChatResult:
         """One upstream hit under the per-key limit; the limit is not held while backing off."""
         self._waiting += 1
@@ -225,15 +226,14 @@ class OpenAICompatibleProvider:
             self._waiting -= 1
         self._active += 1
         try:
-            return await self._attempt(body, request, on_delta)
+            return await self._attempt(data, stream, request, on_delta)
         finally:
             self._active -= 1
             self._semaphore.release()
 
     async def _attempt(
-        self, body: dict[str, Any], request: ChatRequest, on_delta: OnDelta | None
+        self, data: bytes, stream: bool, request: ChatRequest, on_delta: OnDelta | None
     ) -> ChatResult:
-        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         self.stats.upstream_hits += 1
         received_any = False
         try:
@@ -244,7 +244,7 @@ class OpenAICompatibleProvider:
                     payload = await response.read()
                     raise self._status_error(response, payload, request)
                 received_any = True
-                if body.get("stream"):
+                if stream:
                     return await self._read_stream(response, request, on_delta)
                 return self._parse_full(await response.read(), request)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
