@@ -154,8 +154,10 @@ def _words(text: str) -> _Words:
 Shingles = dict[tuple[str, ...], list[int]]
 """Every run of SHINGLE words of a text -> where it starts (word indexes, ascending)."""
 
-TURN_CACHE_ENTRIES = 1024
-TURN_CACHE_CHARS = 16_000_000
+TURN_CACHE_ENTRIES = 256
+TURN_CACHE_CHARS = 500_000
+"""About 45 bytes of memory per cached character (words, offsets, shingles): ~22 MB at most,
+enough for a 20-turn thread of 25k characters per turn."""
 _turn_cache: OrderedDict[str, tuple[_Words, Shingles]] = OrderedDict()
 _turn_cache_chars = 0
 _turn_cache_lock = threading.Lock()
