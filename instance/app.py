@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common import __version__
 from common.errors import ConfigError, ExaiError, InstanceFenced, ShuttingDown, Unauthorized
@@ -46,7 +47,7 @@ from instance.registry import Registry
 from instance.resources import register as register_resources
 from instance.runtime import Identity, Runtime
 from instance.storage import Storage
-from instance.timing import chat_stages
+from instance.timing import CallClock, chat_stages, current_call, finish_request
 from instance.tools import register_tools
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,26 @@ class InternalTokenMiddleware:
                 if not self.runtime.observe(headers):
                     await _fenced(self.runtime)(scope, receive, send)
                     return
+            if scope["method"] == "POST":
+                await self._timed(scope, receive, send)
+                return
         await self.app(scope, receive, send)
+
+    async def _timed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve a call with a clock the tool wrapper marks, so a chat's time in the SDK (before
+        and after our tool) shows in its stages (instance/timing.py)."""
+        clock = CallClock(time.perf_counter())
+        token = current_call.set(clock)
+
+        async def timed_send(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                finish_request(clock)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            current_call.reset(token)
 
 
 def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtime]:

@@ -7,6 +7,7 @@ import asyncio
 import uvicorn
 
 from common.entry import run_entry
+from common.eventloop import loop_factory
 from common.logs import setup_logging
 from common.settings import load_settings
 from instance.app import build_app
@@ -32,7 +33,10 @@ def _serve() -> int:
         timeout_keep_alive=75,
     )
     server = InstanceServer(config, runtime)
-    asyncio.run(server.serve(sockets=[sock]))
+    # uvloop (where installed): the SDK, the HTTP clients and the storage drivers all run on
+    # the loop's transports and callbacks, which it does in C.
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(server.serve(sockets=[sock]))
     return 0 if server.started else 1
 
 

@@ -1,12 +1,20 @@
 """Where a chat call's time goes, stage by stage, so the fleet's own share can be seen and cut.
 
-A call is timed in stages: `reads` (the thread, its notes and the group context, read at once;
+From the request's arrival at the instance to the last byte of its answer, in order:
+`sdk_in` (the MCP SDK: body parsing, envelope and header checks, argument validation, up to
+our tool wrapper), `wrapper` (the wrapper's bookkeeping: binding, session record, link join),
+then the chat tool itself: `reads` (the thread, its notes and the group context, read at once;
 each of the three is also timed on its own as `thread_load`, `notes` and `group_context`, so
 they overlap), `context` (prompt building and the rest up to the provider's answer, less the
-provider), `provider`, `storage_append` and `total`; `fleet` is derived per call as
-`total - provider`, the part the fleet itself spends. Each
-stage keeps a count, a sum and the most recent RECENT samples for percentiles; the `status`
-tool shows the summary and `/internal/metrics` renders it in the Prometheus text format.
+provider), `provider` (the whole provider call as the instance sees it: the HTTP client's own
+work and the upstream's time), `storage_append` (the exchange's position in Redis and its
+spool commit), `answer` (notes capture and the result dict) and `total` (the tool function,
+start to return); then `sdk_out` (the SDK turning the result into the JSON-RPC answer and
+writing it). `request` is arrival to last byte, and `fleet` is derived per call as
+`request - provider`, the part the instance itself spends (so `sdk_in + wrapper + total -
+provider + sdk_out`). Each stage keeps a count, a sum and the most recent RECENT samples for
+percentiles; the `status` tool shows the summary and `/internal/metrics` renders it in the
+Prometheus text format.
 
     with stages.stage("thread_load"):
         ...
@@ -19,11 +27,14 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 RECENT = 512
 CHAT_STAGES = (
+    "sdk_in",
+    "wrapper",
     "reads",
     "thread_load",
     "notes",
@@ -31,7 +42,10 @@ CHAT_STAGES = (
     "context",
     "provider",
     "storage_append",
+    "answer",
     "total",
+    "sdk_out",
+    "request",
     "fleet",
 )
 
@@ -96,3 +110,42 @@ class Stages:
 
 chat_stages = Stages()
 """The instance's chat timings (one process serves one session at a time: one table suffices)."""
+
+
+@dataclass
+class CallClock:
+    """One request's marks, set by the layers it passes through (perf_counter seconds)."""
+
+    arrived: float
+    tool: str | None = None  # the tool it called, once the tool wrapper is reached
+    entered: float = 0.0  # the tool wrapper started
+    started: float = 0.0  # the tool function started (after the wrapper's bookkeeping)
+    returned: float = 0.0  # the tool wrapper returned
+    provider: float = 0.0  # seconds the tool spent waiting for the provider
+
+
+current_call: ContextVar[CallClock | None] = ContextVar("exai_call_clock", default=None)
+"""The clock of the request being served (set by the instance's outermost middleware; the
+SDK runs the tool in tasks started inside that request, which inherit it)."""
+
+
+def mark_tool(name: str) -> CallClock | None:
+    """The tool wrapper is reached: note which tool, and when."""
+    clock = current_call.get()
+    if clock is not None:
+        clock.tool = name
+        clock.entered = time.perf_counter()
+    return clock
+
+
+def finish_request(clock: CallClock) -> None:
+    """The answer's last byte is written: record the request-level stages of a chat call."""
+    if clock.tool != "chat" or not clock.returned:
+        return
+    now = time.perf_counter()
+    chat_stages.add("sdk_in", clock.entered - clock.arrived)
+    if clock.started:
+        chat_stages.add("wrapper", clock.started - clock.entered)
+    chat_stages.add("sdk_out", now - clock.returned)
+    chat_stages.add("request", now - clock.arrived)
+    chat_stages.add("fleet", max(0.0, now - clock.arrived - clock.provider))

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,6 +151,47 @@ def _words(text: str) -> _Words:
     return _Words(w, s, e)
 
 
+Shingles = dict[tuple[str, ...], list[int]]
+"""Every run of SHINGLE words of a text -> where it starts (word indexes, ascending)."""
+
+TURN_CACHE_ENTRIES = 256
+TURN_CACHE_CHARS = 500_000
+"""About 45 bytes of memory per cached character (words, offsets, shingles): ~22 MB at most,
+enough for a 20-turn thread of 25k characters per turn."""
+_turn_cache: OrderedDict[str, tuple[_Words, Shingles]] = OrderedDict()
+_turn_cache_chars = 0
+_turn_cache_lock = threading.Lock()
+
+
+def _turn_view(text: str) -> tuple[_Words, Shingles]:
+    """A stored turn's words and shingles, computed once per text: a thread's turns do not
+    change, and every call on the thread strips against all of them (an LRU bounded in entries
+    and characters; thread-safe, stripping may run on a worker thread). Callers never mutate
+    what it returns."""
+    global _turn_cache_chars
+    with _turn_cache_lock:
+        hit = _turn_cache.get(text)
+        if hit is not None:
+            _turn_cache.move_to_end(text)
+            return hit
+    words = _words(text)
+    shingles: Shingles = {}
+    w = words.words
+    for j in range(len(w) - SHINGLE + 1):
+        shingles.setdefault(tuple(w[j : j + SHINGLE]), []).append(j)
+    view = (words, shingles)
+    with _turn_cache_lock:
+        if text not in _turn_cache:
+            _turn_cache[text] = view
+            _turn_cache_chars += len(text)
+            while _turn_cache and (
+                len(_turn_cache) > TURN_CACHE_ENTRIES or _turn_cache_chars > TURN_CACHE_CHARS
+            ):
+                old, _ = _turn_cache.popitem(last=False)
+                _turn_cache_chars -= len(old)
+    return view
+
+
 @dataclass
 class _Match:
     p0: int  # prompt word range [p0, p1)
@@ -164,12 +207,21 @@ def _reader_words(text: str) -> int:
     return sum(max(1, len(_CJK_RE.findall(part))) for part in text.split())
 
 
-def _find_matches(text: str, prompt: _Words, turns: list[_Words], min_words: int) -> list[_Match]:
-    index: dict[tuple[str, ...], list[tuple[int, int]]] = {}
-    for t, tw in enumerate(turns):
-        for j in range(len(tw.words) - SHINGLE + 1):
-            index.setdefault(tuple(tw.words[j : j + SHINGLE]), []).append((t, j))
+def _find_matches(
+    text: str, prompt: _Words, turns: list[_Words], min_words: int, shingles: list[Shingles]
+) -> list[_Match]:
     pw = prompt.words
+    # Where each of the prompt's shingles occurs in the turns, (turn, word) ascending; only the
+    # prompt's shingles are ever looked up, so the turns' other shingles need no entry.
+    wanted = {tuple(pw[i : i + SHINGLE]) for i in range(len(pw) - SHINGLE + 1)}
+    index: dict[tuple[str, ...], list[tuple[int, int]]] = {}
+    for t, own in enumerate(shingles):
+        if len(wanted) < len(own):
+            common = [k for k in wanted if k in own]
+        else:
+            common = [k for k in own if k in wanted]
+        for k in common:
+            index.setdefault(k, []).extend((t, j) for j in own[k])
     out: list[_Match] = []
     i = 0
     while i <= len(pw) - SHINGLE:
@@ -309,8 +361,9 @@ def strip_echoes(
     if not usable or not prompt.strip():
         return StripResult(prompt, prompt, (), before, before)
     pw = _words(prompt)
-    tws = [_words(t.content) for t in usable]
-    matches = _find_matches(prompt, pw, tws, max(min_words, SHINGLE))
+    views = [_turn_view(t.content) for t in usable]
+    tws = [words for words, _ in views]
+    matches = _find_matches(prompt, pw, tws, max(min_words, SHINGLE), [own for _, own in views])
     if not matches:
         return StripResult(prompt, prompt, (), before, before)
 

@@ -1,6 +1,6 @@
 """How long to wait before trying a provider again: Retry-After when it says, else backoff.
 
-This is the fleet's only retry layer for provider calls (httpx transport retries are off), so
+This is the fleet's only retry layer for provider calls (aiohttp never repeats a POST), so
 one request becomes at most EXAI_PROVIDER_MAX_RETRIES + 1 upstream hits, and the waits never
 add up to more than EXAI_PROVIDER_RETRY_BUDGET seconds.
 """

@@ -20,6 +20,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 
 from common.errors import ExaiError
 from instance.runtime import Runtime
+from instance.timing import mark_tool
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def exai_tool(mcp: MCPServer[Any], runtime: Runtime, *, description: str) -> Cal
 
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            clock = mark_tool(name)
             ctx = _context_of(kwargs)
             headers = headers_of(ctx)
             runtime.observe(headers)
@@ -83,6 +85,8 @@ def exai_tool(mcp: MCPServer[Any], runtime: Runtime, *, description: str) -> Cal
                 ) from None
             finally:
                 _record(runtime, name, headers, status, error, time.perf_counter() - started)
+                if clock is not None:
+                    clock.returned = time.perf_counter()
 
         mcp.tool(name=name, description=description)(wrapper)
         return cast(F, wrapper)

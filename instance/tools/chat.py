@@ -23,7 +23,7 @@ from instance.providers import ChatRequest, ChatResult, ModelInfo
 from instance.providers.base import OpenAICompatibleProvider
 from instance.runtime import Runtime
 from instance.storage.models import Message
-from instance.timing import chat_stages
+from instance.timing import chat_stages, current_call
 from instance.tools import exai_tool, headers_of
 from instance.tools.checks import check_chat_arguments, storable_reply
 from instance.tools.files import LoadedFile
@@ -159,6 +159,9 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         ] = None,
     ) -> dict[str, Any]:
         started = time.perf_counter()
+        clock = current_call.get()
+        if clock is not None:
+            clock.started = started
         if not prompt.strip():
             raise InvalidArgument("prompt is empty", hint="Say what you want to ask.")
         check_chat_arguments(prompt, continuation_id, files)
@@ -276,7 +279,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 runtime.background(
                     storage.notes.cache.seed_empty("thread", cid), what="recording a new thread's notes"
                 )
-        chat_stages.add("storage_append", time.perf_counter() - appending_at)
+        answering_at = time.perf_counter()
+        chat_stages.add("storage_append", answering_at - appending_at)
 
         # [context phase 3] notes captured from this exchange (written in the background).
         captured = _capture(
@@ -318,9 +322,13 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 "note": f"You can continue this conversation for {remaining} more turns "
                 f"({remaining // 2} chat calls: each adds two) by passing this continuation_id to chat.",
             }
-        total = time.perf_counter() - started
-        chat_stages.add("total", total)
-        chat_stages.add("fleet", max(0.0, total - result.seconds))
+        finished = time.perf_counter()
+        chat_stages.add("answer", finished - answering_at)
+        chat_stages.add("total", finished - started)
+        if clock is not None:  # `fleet` is counted once the answer is written (timing.finish_request)
+            clock.provider = result.seconds
+        else:  # called without the instance's HTTP layer: the tool's own share
+            chat_stages.add("fleet", max(0.0, finished - started - result.seconds))
         return out
 
 

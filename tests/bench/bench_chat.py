@@ -8,11 +8,15 @@ Postgres connections go through a loopback forwarder (tests/fakes/tcp_proxy.py),
 can slow Postgres down (every answer held --pg-delay seconds) or cut it. Each session calls
 `chat` over the raw 2026-07-28 wire, continuing its own thread (so every call loads the
 thread and appends two turns). Overhead per call = client-observed latency minus the time the
-fake provider itself reports for that request (its start to its finish). Measured at 1 and 5
-concurrent sessions for each Postgres condition. Target: <= 3 ms p50, and unchanged
+fake provider itself reports for that request (its start to its finish); also printed net of
+the fake's own HTTP work (reading the request, streaming the answer), which is not the fleet's.
+Measured at 1 and 5 concurrent sessions for each Postgres condition. Target: <= 3 ms p50, and unchanged
 (<= 1.05x) with Postgres slowed or cut.
 
-Also prints the instances' own stage breakdown (the `status` tool's chat_stages) for each run.
+Also prints the instances' own stage breakdown (the `status` tool's chat_stages, instance/timing.py:
+from the request's arrival at the instance through the SDK, the tool's stages and the provider
+call to the answer's last byte) for each run, and splits the overhead into the instance's own
+share and the rest (router, loopback HTTP, the fake provider's HTTP handling).
 Saves JSON to tests/bench/results/chat-<timestamp>.json.
 Uses EXAI_TEST_DATABASE_URL / EXAI_TEST_REDIS_URL (default: the local servers).
 """
@@ -37,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common.migrate import migrate  # noqa: E402
+from instance.timing import CHAT_STAGES  # noqa: E402
 from tests.bench.bench_router import HEADERS, _body, _stats, _with_db, fake_provider_overrides  # noqa: E402
 from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
 from tests.fakes.tcp_proxy import TcpProxy  # noqa: E402
@@ -83,12 +88,17 @@ class ChatCaller:
         await self.http.close()
 
 
-def _provider_seconds(provider: FakeProvider) -> dict[str, float]:
-    """Last user message -> seconds the fake provider spent on that request."""
+def _provider_seconds(provider: FakeProvider, *, with_http: bool = False) -> dict[str, float]:
+    """Last user message -> seconds the fake provider spent on that request: its handler's time
+    (`started` to `finished`), or with `with_http` its whole part, reading and parsing the
+    request and streaming the answer included (`received` to `sent`)."""
     spent: dict[str, float] = {}
     for hit in provider.snapshot():
         msgs = hit.messages
-        if hit.finished is not None and msgs:
+        if with_http:
+            if hit.received is not None and hit.sent is not None and msgs:
+                spent[str(msgs[-1].get("content", ""))] = hit.sent - hit.received
+        elif hit.finished is not None and msgs:
             spent[str(msgs[-1].get("content", ""))] = hit.finished - hit.started
     return spent
 
@@ -110,11 +120,14 @@ async def _run(fleet: Fleet, provider: FakeProvider, sessions: int, calls: int, 
         await c.close()
     spent = _provider_seconds(provider)
     overhead = [lat - spent[p] for p, lat in latency.items() if p in spent]
+    whole = _provider_seconds(provider, with_http=True)
+    net = [lat - whole[p] for p, lat in latency.items() if p in whole]
     return {
         "sessions": sessions,
         "postgres": tag,
         "latency": _stats(list(latency.values())),
         "overhead": _stats(overhead),
+        "overhead_net_of_fake_http": _stats(net),
         "instance_stages": st.get("chat_stages"),
     }
 
@@ -209,17 +222,26 @@ async def main() -> int:
         "targets": {"overhead_p50_ms": "<= 3", "slowed_or_cut_vs_normal": "<= 1.05x"},
     }
     print("\nfleet overhead on `chat` = client latency - fake provider's own time (ms)")
-    print(f"{'postgres':>8} {'sessions':>8}  {'overhead p50':>12} {'p99':>8}   {'latency p50':>11}")
+    print("  (net: also less the fake's own HTTP work, reading the request and streaming the answer;")
+    print("   instance: its own `fleet` stage, request arrival to last byte less the provider call;")
+    print("   outside: overhead p50 - instance, i.e. router, loopback HTTP, the fake's HTTP handling)")
+    print(
+        f"{'postgres':>8} {'sessions':>8}  {'overhead p50':>12} {'p99':>8}   {'latency p50':>11}"
+        f"  {'net p50':>8}  {'instance':>8} {'outside':>8}"
+    )
     for r in results["runs"]:
-        o, lat = r["overhead"], r["latency"]
+        o, lat, net = r["overhead"], r["latency"], r["overhead_net_of_fake_http"]
+        own = (r.get("instance_stages") or {}).get("fleet", {}).get("p50_ms")
+        tail = f"  {own:>8.2f} {o['p50_ms'] - own:>8.2f}" if own is not None else ""
         print(
             f"{r['postgres']:>8} {r['sessions']:>8}  {o['p50_ms']:>12.2f} {o['p99_ms']:>8.2f}"
-            f"   {lat['p50_ms']:>11.2f}"
+            f"   {lat['p50_ms']:>11.2f}  {net['p50_ms']:>8.2f}{tail}"
         )
-    print("\ninstance stages (p50 ms, last run of each condition, cumulative per instance):")
+    print("\ninstance stages (p50 ms, in call order; cumulative per instance, from one session's instance):")
     for r in results["runs"]:
         stages = r.get("instance_stages") or {}
-        row = "  ".join(f"{k} {v['p50_ms']:.2f}" for k, v in stages.items())
+        order = [k for k in CHAT_STAGES if k in stages] + [k for k in stages if k not in CHAT_STAGES]
+        row = "  ".join(f"{k} {stages[k]['p50_ms']:.2f}" for k in order)
         print(f"  {r['postgres']:>6} x{r['sessions']}: {row}")
     out = ROOT / "tests" / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,10 @@ class Hit:
     finished: float | None = None
     status: int = 0
     peer: int | None = None  # the client's port: one value per connection the client used
+    # The fake's whole part, HTTP included: from the request's arrival (before its body is read
+    # and parsed) to the answer's last chunk handed to the server (after `finished` when streamed).
+    received: float | None = None
+    sent: float | None = None
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -130,6 +134,7 @@ class FakeProvider:
             return self._queue.pop(0) if self._queue else self.default
 
     async def _completions(self, request: Request) -> Response:
+        received = time.monotonic()
         provider = "glm" if request.url.path.startswith(GLM_PATH) else "kimi"
         try:
             body = await request.json()
@@ -143,6 +148,7 @@ class FakeProvider:
             body=body,
             started=time.monotonic(),
             peer=request.client.port if request.client else None,
+            received=received,
         )
         behaviour = self._next(provider)
         with self._lock:
@@ -180,7 +186,7 @@ class FakeProvider:
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             if hit.stream:
                 return StreamingResponse(
-                    self._stream(provider, hit.model, text, usage, behaviour.chunk_delay),
+                    self._stream(hit, provider, text, usage, behaviour.chunk_delay),
                     media_type="text/event-stream",
                 )
             return JSONResponse(
@@ -200,12 +206,15 @@ class FakeProvider:
             )
         finally:
             hit.finished = time.monotonic()
+            if not hit.stream or hit.status != 200:
+                hit.sent = hit.finished
             with self._lock:
                 self._active -= 1
 
     async def _stream(
-        self, provider: str, model: str, text: str, usage: dict[str, int], chunk_delay: float
+        self, hit: Hit, provider: str, text: str, usage: dict[str, int], chunk_delay: float
     ) -> AsyncIterator[bytes]:
+        model = hit.model
         size = max(1, len(text) // 3)
         pieces = [text[i : i + size] for i in range(0, len(text), size)] or [""]
         for piece in pieces:
@@ -224,6 +233,7 @@ class FakeProvider:
             last["usage"] = usage
         yield f"data: {json.dumps(last)}\n\n".encode()
         yield b"data: [DONE]\n\n"
+        hit.sent = time.monotonic()  # the server asks for more once the last chunk is written
 
     def app(self) -> Starlette:
         return Starlette(

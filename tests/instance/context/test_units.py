@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+from instance.context import stripping
 from instance.context.compaction import ELISION, HistoryTurn, compact
 from instance.context.stripping import StoredTurn, strip_echoes, unstrip
 from instance.context.tokens import OFFLOAD_CHARS, counter_for
@@ -42,6 +43,23 @@ def test_unstrip_restores_the_referred_text() -> None:
     res = strip_echoes(f"Before that, you wrote: {t1} What next?", turns)
     assert res.text == "Before that, you wrote: [repeats turn 1] What next?"
     assert unstrip(res.text, res.strips, turns) == f"Before that, you wrote: {t1} What next?"
+
+
+def test_a_thread_stripped_again_gives_the_same_cuts() -> None:
+    """Stored turns are tokenised once and reused: a call on a grown thread, some of its turns
+    already seen and some not, cuts exactly what a first call on a fresh process would."""
+    t1 = " ".join(f"alpha{i}" for i in range(50)) + "."
+    t2 = " ".join(f"beta{i}" for i in range(30)) + " " + " ".join(f"alpha{i}" for i in range(10, 40))
+    t3 = " ".join(f"gamma{i}" for i in range(45))
+    prompt = f"You said: {t2} and then: {t3} So what now?"
+    short = [StoredTurn("a", 1, "user", t1), StoredTurn("b", 2, "assistant", t2)]
+    grown = [*short, StoredTurn("c", 3, "user", t3)]
+    first = strip_echoes(prompt, short)
+    assert strip_echoes(prompt, short) == first and first.strips
+    warm = strip_echoes(prompt, grown)
+    stripping._turn_cache.clear()  # a fresh process: nothing seen yet
+    cold = strip_echoes(prompt, grown)
+    assert warm == cold and {i for s in cold.strips for i in s.turn_ids} == {"b", "c"}
 
 
 def test_short_quotes_are_never_stripped() -> None:
