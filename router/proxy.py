@@ -53,6 +53,7 @@ from router.upstream import Lost, NotSent, Relay, Response, header_block
 from router.versions import era_of
 
 if TYPE_CHECKING:
+    from router.express import Sent
     from router.streams import Hub
 
 log = logging.getLogger(__name__)
@@ -240,13 +241,25 @@ class Proxy:
             if era_of(request.headers.get(p.MCP_PROTOCOL_VERSION), msg) == "stateless":
                 return await self._stateless(request, principal, body, msg, started)
             return await self._handshake(request, principal, body, msg, started)
-        except NoFreeInstance as exc:
+        except ExaiError as exc:
+            return self._refused(exc, msg)
+
+    async def take_up(
+        self, request: web.Request, sess: Session, body: bytes, msg: Message, started: float, first: Sent
+    ) -> web.StreamResponse:
+        """Carry on with a call router/express.py sent (`handle`, from its forwarding on)."""
+        try:
+            return await self._forward(request, sess, body, msg, started, first=first)
+        except ExaiError as exc:
+            return self._refused(exc, msg)
+
+    def _refused(self, exc: ExaiError, msg: Message | None) -> web.Response:
+        if isinstance(exc, NoFreeInstance):
             retry = str(exc.details.get("retry_after", self.allocator.retry_after))
             return error_response(exc, msg.id if msg else None, headers={"Retry-After": retry})
-        except MethodNotAllowed as exc:
+        if isinstance(exc, MethodNotAllowed):
             return error_response(exc, None, headers={"Allow": str(exc.details.get("allow", "POST"))})
-        except ExaiError as exc:
-            return error_response(exc, msg.id if msg else exc.details.get("request_id"))
+        return error_response(exc, msg.id if msg else exc.details.get("request_id"))
 
     async def _read_body(self, request: web.Request) -> bytes:
         ctype = request.headers.get("Content-Type", "")
@@ -486,28 +499,48 @@ class Proxy:
         started: float,
         *,
         opening: bool = False,
+        first: Sent | None = None,
     ) -> web.StreamResponse:
+        """Send the call (again, to another instance, when it never arrived) and relay the answer.
+
+        `first` is a call router/express.py already sent (its bookkeeping done): its answer is
+        taken up here, as the first attempt's, when it needs more than a whole JSON answer."""
         # GET streams never come here: router/streams.py serves every GET; DELETE neither.
         relay, read_timeout = self.relay, self.read_timeout
         body = body or b""
-        sess.inflight += 1
-        call = _call_of(msg)
-        sess.calls[id(call)] = call
-        sess.total += 1
-        sess.routed_here = True
-        self.table.touch(sess)
+        if first is None:
+            sess.inflight += 1
+            call = _call_of(msg)
+            sess.calls[id(call)] = call
+            sess.total += 1
+            sess.routed_here = True
+            self.table.touch(sess)
+        else:
+            call = first.call
+            call.task = asyncio.current_task()
         bindings = self.bindings
         try:
             for attempt in range(MAX_ATTEMPTS):
-                generation = sess.generation
-                target = await bindings.target(sess)
-                if target is None:
-                    await bindings.rebind(sess, generation, "instance gone from registry")
-                    continue
-                head = self._request_head(request, sess, target, body, opening)
-                sent = time.perf_counter()
+                taken, first = first, None
+                if taken is not None:
+                    generation, target, sent = taken.generation, taken.target, taken.sent
+                    if call.cut:  # a scale-down cut it before this task took it up
+                        taken.upstream.close()
+                        raise asyncio.CancelledError
+                else:
+                    generation = sess.generation
+                    found = await bindings.target(sess)
+                    if found is None:
+                        await bindings.rebind(sess, generation, "instance gone from registry")
+                        continue
+                    target = found
+                    head = self._request_head(request, sess, target, body, opening)
+                    sent = time.perf_counter()
                 try:
-                    upstream = await relay.send(target.host, target.port, head, body, read_timeout)
+                    if taken is not None:
+                        upstream = await relay.resume(taken.upstream, read_timeout)
+                    else:
+                        upstream = await relay.send(target.host, target.port, head, body, read_timeout)
                 except NotSent as exc:
                     # Nothing reached the instance: move the session and send it again.
                     self.metrics.upstream_errors.inc(kind="connect")

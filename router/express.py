@@ -1,0 +1,273 @@
+"""A proxied call served without a task: the usual `POST /mcp`, start to answer in callbacks.
+
+The fast path (router/fastpath.py) took a complete `POST /mcp` off the connection. When its
+session is cached here and bound to a known instance, and an idle pooled connection to that
+instance is free, `start` sends the call right away, from the connection's `data_received`,
+and follows the answer from the upstream connection's callbacks: no task, no coroutine chain,
+no future per wait. A whole JSON answer (the 2026-07-28 era's usual answer) is written to the
+client in one write the moment its last byte has come.
+
+Everything else is the proxy's own code, unchanged:
+
+- before anything is sent (an Origin or token to refuse, a body that is not one JSON-RPC
+  object, a session to open, resume or fetch from Redis, a binding to look up, no idle
+  connection, a connection the instance had dropped), `start` returns None and the request
+  takes the fast path's task through `Proxy.handle`, from the beginning;
+- after the call went out, anything but a whole JSON answer (a lost or silent instance, a
+  fenced or unknown session, a refusal, an SSE or large answer) hands the call, as sent, to
+  `Proxy._forward` in a task (`Sent`), which carries on exactly as if it had sent the call
+  itself: failover, re-send of calls that never arrived, error bodies, streaming;
+- a scale-down that cuts the call (`Call.task.cancel()`) hands it over the same way, and the
+  proxy answers the cut; a client that goes away closes the upstream connection, which tells
+  the instance to cancel the call.
+
+Bookkeeping (calls in flight, the session's counters and last-seen time, request and stage
+metrics) is the proxy's, done at the same points.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from common import protocol as p
+from common.errors import ExaiError
+from router import prebuilt
+from router.jsonrpc import Message, is_jsonrpc_type, parse_message
+from router.proxy import _answer_fields
+from router.sessions import Call, Session
+from router.upstream import HIGH_WATER, Lost, Response
+from router.versions import era_of
+
+if TYPE_CHECKING:
+    from router.fastpath import FastRequest
+    from router.proxy import Proxy
+    from router.registry import Instance
+
+__all__ = ["Express", "Sent", "start"]
+
+_JSON_WHOLE_MAX = HIGH_WATER  # larger whole answers go through the proxy's reading
+
+
+class Sent:
+    """A call `Express` sent, for `Proxy._forward` to take up as its first attempt."""
+
+    __slots__ = ("call", "generation", "sent", "target", "upstream")
+
+    def __init__(
+        self, call: Call, generation: int, target: Instance, sent: float, upstream: Response
+    ) -> None:
+        self.call = call
+        self.generation = generation
+        self.target = target
+        self.sent = sent
+        self.upstream = upstream
+
+
+def start(proxy: Proxy, handler: Any, request: FastRequest) -> Express | None:
+    """Send `request` to its session's instance now, or None (nothing sent, no state changed)
+    when anything about it needs the proxy's full path."""
+    started = time.perf_counter()
+    headers = request.headers
+    try:
+        proxy.guard.check_origin(request)  # type: ignore[arg-type]
+        principal = proxy.guard.principal(request)  # type: ignore[arg-type]
+        ctype = headers.get("Content-Type", "")
+        body = request.content.data
+        if ctype.split(";")[0].strip().lower() != "application/json" or len(body) > proxy.max_body_bytes:
+            return None
+        msg = parse_message(body)
+        version = headers.get(p.MCP_PROTOCOL_VERSION)
+        era = era_of(version, msg)
+    except ExaiError:
+        return None  # the full path refuses it, in its own words
+    table = proxy.table
+    sess: Session | None
+    if msg.method == "subscriptions/listen":
+        return None  # a held stream (router/streams.py)
+    if era == "stateless":
+        key, _ = proxy.session_key(request, principal, msg)  # type: ignore[arg-type]
+        sess = table.by_key.get(key)
+        if sess is None or sess.ended:
+            return None
+    else:
+        sid = headers.get(p.MCP_SESSION_ID)
+        sess = table.by_id.get(sid) if sid is not None else None
+        if sess is None or sess.ended or sess.principal != principal or sess.era != "handshake":
+            return None
+        if version and version != sess.protocol_version:
+            sess.protocol_version = version
+    target = proxy.bindings.targets.get(sess.id)
+    if target is None or target.id != sess.instance_id:
+        return None
+    try:
+        head = proxy._request_head(request, sess, target, body, False)  # type: ignore[arg-type]
+    except ExaiError:
+        return None
+    generation = sess.generation
+    sent = time.perf_counter()
+    upstream = proxy.relay.send_now(target.host, target.port, head + body, proxy.read_timeout)
+    if upstream is None:
+        return None
+    # From here on the call is out: the same bookkeeping as Proxy._forward.
+    express = Express(proxy, handler, request, sess, msg, body, target, generation, upstream, started, sent)
+    sess.inflight += 1
+    sess.calls[id(express.call)] = express.call
+    sess.total += 1
+    sess.routed_here = True
+    table.touch(sess)
+    upstream.notify = express.on_upstream
+    return express
+
+
+def _call_of(msg: Message) -> Call:
+    name = (msg.params or {}).get("name") if msg.method == "tools/call" else None
+    return Call(method=msg.method or "response", name=name if isinstance(name, str) else "", task=None)
+
+
+class Express:
+    """One call in flight on the express path (see the module's doc)."""
+
+    __slots__ = (
+        "answered", "body", "call", "done", "generation", "handler", "msg", "proxy", "request",
+        "sent", "sess", "started", "target", "upstream",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        handler: Any,
+        request: FastRequest,
+        sess: Session,
+        msg: Message,
+        body: bytes,
+        target: Instance,
+        generation: int,
+        upstream: Response,
+        started: float,
+        sent: float,
+    ) -> None:
+        self.proxy = proxy
+        self.handler = handler
+        self.request = request
+        self.sess = sess
+        self.msg = msg
+        self.body = body
+        self.target = target
+        self.generation = generation
+        self.upstream = upstream
+        self.started = started
+        self.sent = sent
+        self.answered = 0.0
+        self.done = False
+        self.call = _call_of(msg)
+        self.call.task = self  # type: ignore[assignment]  # cancel() below: a scale-down's cut
+
+    # --- the upstream answer ---------------------------------------------------------------
+    def on_upstream(self, timed_out: bool) -> None:
+        """The upstream connection read something, lost the connection or stayed silent."""
+        if self.done:
+            return
+        up = self.upstream
+        if timed_out:
+            if up.error is None:
+                up.error = Lost(f"nothing for {self.proxy.read_timeout:g}s", silent=True)
+            self._hand_over()
+            return
+        if up.error is not None:
+            self._hand_over()  # lost: the proxy decides (re-send, rebind, error body)
+            return
+        if not up.status:
+            self._wait()  # for the rest of the headers
+            return
+        if not self.answered:
+            self.answered = time.perf_counter()
+            if not self._plain():
+                self._hand_over()
+                return
+        if not up.complete:
+            self._wait()  # for the rest of the body
+            return
+        self._finish()
+
+    def _wait(self) -> None:
+        """A new wait of at most EXAI_UPSTREAM_READ_TIMEOUT of silence (as Response._wait)."""
+        timeout = self.proxy.read_timeout
+        if timeout:
+            self.upstream.conn.watch(timeout)
+
+    def _plain(self) -> bool:
+        """Is the answer one the proxy would send whole, as it came (no retry, no refusal)?"""
+        up, sess = self.upstream, self.sess
+        status = up.status
+        if status == 409 or (status == 404 and sess.upstream_sid):
+            return False  # fenced, or the instance lost the session: the proxy moves it
+        ctype = length = None
+        for name, value in up.raw_headers:
+            low = name.lower()
+            if low == b"content-type":
+                ctype = value.decode("latin-1")
+            elif low == b"content-length":
+                length = int(value) if value.isdigit() else None
+        if status >= 400 and not is_jsonrpc_type(ctype or ""):
+            return False
+        if status in (204, 304):
+            return True
+        whole = length is not None and length <= _JSON_WHOLE_MAX
+        return whole and (ctype or "").startswith("application/json")
+
+    def _finish(self) -> None:
+        """Write the whole answer to the client in one write and give the connection back."""
+        self.done = True
+        proxy, up, sess, request = self.proxy, self.upstream, self.sess, self.request
+        up.notify = None
+        body = up.take()
+        sid = sess.id if sess.era == "handshake" else None
+        fields, _, _ = _answer_fields(up, sid, bool(sess.upstream_sid))
+        proxy._observe(request, self.started)  # type: ignore[arg-type]
+        data = prebuilt.whole_bytes(up.status, up.reason, fields, body)
+        transport = self.handler.transport
+        keep = transport is not None and not transport.is_closing()
+        if keep:
+            transport.write(data)
+            request._payload_writer.output_size += len(data)
+        proxy._stages(self.started, self.sent, self.answered)
+        up.release()
+        self._end()
+        self.handler._express_done(keep)
+
+    def _end(self) -> None:
+        sess = self.sess
+        sess.inflight -= 1
+        sess.calls.pop(id(self.call), None)
+        self.proxy.table.touch(sess)
+
+    def _hand_over(self) -> None:
+        """The proxy's full path takes the call up from here, in a task."""
+        self.done = True
+        up = self.upstream
+        up.notify = None
+        taken = Sent(self.call, self.generation, self.target, self.sent, up)
+        proxy, request, sess, msg, body, started = (
+            self.proxy, self.request, self.sess, self.msg, self.body, self.started
+        )  # fmt: skip
+        self.handler._express_to_task(
+            lambda _request: proxy.take_up(request, sess, body, msg, started, taken)  # type: ignore[arg-type]
+        )
+
+    # --- the call's end from outside ----------------------------------------------------------
+    def cancel(self, msg: Any = None) -> bool:
+        """A scale-down cut the call (`Call.cut` is set): the proxy answers it, in a task."""
+        if self.done:
+            return False
+        self._hand_over()
+        return True
+
+    def client_gone(self) -> None:
+        """The client closed its connection: closing the upstream one cancels the call there."""
+        if self.done:
+            return
+        self.done = True
+        self.upstream.notify = None
+        self.upstream.close()
+        self._end()
