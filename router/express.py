@@ -129,7 +129,7 @@ class Express:
     """One call in flight on the express path (see the module's doc)."""
 
     __slots__ = (
-        "answered", "body", "call", "done", "generation", "handler", "msg", "proxy", "request",
+        "answered", "body", "call", "done", "fields", "generation", "handler", "msg", "proxy", "request",
         "sent", "sess", "started", "target", "upstream",
     )  # fmt: skip
 
@@ -159,6 +159,7 @@ class Express:
         self.started = started
         self.sent = sent
         self.answered = 0.0
+        self.fields = b""  # the answer's header lines to relay (Proxy's _answer_fields)
         self.done = False
         self.call = _call_of(msg)
         self.call.task = self  # type: ignore[assignment]  # cancel() below: a scale-down's cut
@@ -202,30 +203,22 @@ class Express:
         status = up.status
         if status == 409 or (status == 404 and sess.upstream_sid):
             return False  # fenced, or the instance lost the session: the proxy moves it
-        ctype = length = None
-        for name, value in up.raw_headers:
-            low = name.lower()
-            if low == b"content-type":
-                ctype = value.decode("latin-1")
-            elif low == b"content-length":
-                length = int(value) if value.isdigit() else None
-        if status >= 400 and not is_jsonrpc_type(ctype or ""):
+        sid = sess.id if sess.era == "handshake" else None
+        self.fields, ctype, length = _answer_fields(up, sid, bool(sess.upstream_sid))
+        if status >= 400 and not is_jsonrpc_type(ctype):
             return False
         if status in (204, 304):
             return True
-        whole = length is not None and length <= _JSON_WHOLE_MAX
-        return whole and (ctype or "").startswith("application/json")
+        return length is not None and length <= _JSON_WHOLE_MAX and ctype.startswith("application/json")
 
     def _finish(self) -> None:
         """Write the whole answer to the client in one write and give the connection back."""
         self.done = True
-        proxy, up, sess, request = self.proxy, self.upstream, self.sess, self.request
+        proxy, up, request = self.proxy, self.upstream, self.request
         up.notify = None
         body = up.take()
-        sid = sess.id if sess.era == "handshake" else None
-        fields, _, _ = _answer_fields(up, sid, bool(sess.upstream_sid))
         proxy._observe(request, self.started)  # type: ignore[arg-type]
-        data = prebuilt.whole_bytes(up.status, up.reason, fields, body)
+        data = prebuilt.whole_bytes(up.status, up.reason, self.fields, body)
         transport = self.handler.transport
         keep = transport is not None and not transport.is_closing()
         if keep:

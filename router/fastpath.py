@@ -176,6 +176,7 @@ class FastPath:
         self._handler: Any = None  # route_errors(admin_auth(proxy.handle)), built on first use
         self._count: Any = None
         self._proxy: Any = None
+        self._express_count: Any = None
 
     def parse(self, handler: RequestHandler, data: bytes) -> FastRequest | None:
         """The request in `data` if it is one complete, plain `POST /mcp`; else None."""
@@ -202,6 +203,7 @@ class FastPath:
         inner = partial(admin_auth, handler=proxy.handle)
         self._handler = partial(route_errors, handler=inner)
         self._count = proxy.metrics.fast_calls
+        self._express_count = proxy.metrics.express_calls
 
     def express(self, handler: RequestHandler, request: FastRequest) -> Express | None:
         """The call sent on the express path (router/express.py), or None: serve() it then."""
@@ -210,6 +212,7 @@ class FastPath:
         sent = express_start(self._proxy, handler, request)
         if sent is not None:
             self._count.inc()
+            self._express_count.inc()
         return sent
 
     async def serve(
