@@ -571,6 +571,22 @@ class Relay:
             raise
         return resp
 
+    def prune(self, live: set[tuple[str, int]]) -> int:
+        """Drop the pools of addresses no longer in use (`live`: the registry's instances and
+        the bound sessions' targets), closing their idle connections; a pool with a call in
+        flight or waiting stays until a later round. Instances come and go (k8s gives each new
+        pod a new address), so the pools would otherwise grow for the router's lifetime.
+        Returns how many pools went."""
+        gone = [
+            key for key, pool in self.pools.items() if key not in live and not pool.busy and not pool.waiters
+        ]
+        for key in gone:
+            pool = self.pools.pop(key)
+            for conn in list(pool.idle):
+                conn.close()
+            pool.idle.clear()
+        return len(gone)
+
     async def close(self) -> None:
         for pool in self.pools.values():
             for conn in list(pool.idle):
