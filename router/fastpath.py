@@ -209,7 +209,11 @@ class FastPath:
         """The call sent on the express path (router/express.py), or None: serve() it then."""
         if self._handler is None:
             self._setup()
-        sent = express_start(self._proxy, handler, request)
+        try:
+            sent = express_start(self._proxy, handler, request)
+        except Exception:  # a bug: the proxy's own path serves it
+            log.exception("express path: could not start POST /mcp")
+            return None
         if sent is not None:
             self._count.inc()
             self._express_count.inc()

@@ -174,6 +174,16 @@ class _Handler(RequestHandler):
         if held:
             self.data_received(held)
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._express is not None:
+            self._express.blocked = True  # an express answer being copied waits for the drain
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._express is not None:
+            self._express.unblock()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         task, express = self._fast_task, self._express
         if self._manager is not None and self._manager.handler_cancellation:
