@@ -43,7 +43,7 @@ from common import protocol as p
 from common.errors import CallCut, ExaiError, InstanceLost
 from router import prebuilt
 from router.jsonrpc import Message, is_jsonrpc_type, parse_message, sse_error_event
-from router.proxy import JSON_WHOLE_MAX, _answer_fields, _lost
+from router.proxy import JSON_WHOLE_MAX, _answer_fields, _lost, client_fields, key_of
 from router.sessions import Call, Session
 from router.upstream import HIGH_WATER, Lost, Response
 from router.versions import era_of
@@ -75,20 +75,48 @@ class Sent:
         self.upstream = upstream
 
 
+class _Derived:
+    """What a client's headers say, as the proxy reads them: the same for every call that
+    sends the same headers (Content-Length aside), so kept per connection (`memo_key`)."""
+
+    __slots__ = ("block", "json", "key", "name", "principal", "sid", "version")
+
+    def __init__(self, proxy: Proxy, request: FastRequest) -> None:
+        headers = request.headers
+        proxy.guard.check_origin(request)  # type: ignore[arg-type]
+        self.key = request.memo_key
+        self.principal = proxy.guard.principal(request)  # type: ignore[arg-type]
+        ctype = headers.get("Content-Type", "")
+        self.json = ctype.split(";")[0].strip().lower() == "application/json"
+        self.version = headers.get(p.MCP_PROTOCOL_VERSION)
+        self.sid = headers.get(p.MCP_SESSION_ID)
+        self.name = headers.get(p.SESSION_KEY_HEADER)  # the route has no {name} on /mcp
+        self.block = client_fields(request.raw_headers)  # the client's headers that go upstream
+
+
+def _derived(proxy: Proxy, handler: Any, request: FastRequest) -> _Derived | None:
+    memo = handler._fast_memo
+    if memo is not None and memo.key == request.memo_key:
+        return memo  # type: ignore[no-any-return]
+    try:
+        memo = _Derived(proxy, request)
+    except (ExaiError, ValueError):
+        return None  # refused (Origin, token, a header value): the full path says why
+    handler._fast_memo = memo
+    return memo
+
+
 def start(proxy: Proxy, handler: Any, request: FastRequest) -> Express | None:
     """Send `request` to its session's instance now, or None (nothing sent, no state changed)
     when anything about it needs the proxy's full path."""
     started = time.perf_counter()
-    headers = request.headers
+    said = _derived(proxy, handler, request)
+    body = request.content.data
+    if said is None or not said.json or len(body) > proxy.max_body_bytes:
+        return None
+    principal, version = said.principal, said.version
     try:
-        proxy.guard.check_origin(request)  # type: ignore[arg-type]
-        principal = proxy.guard.principal(request)  # type: ignore[arg-type]
-        ctype = headers.get("Content-Type", "")
-        body = request.content.data
-        if ctype.split(";")[0].strip().lower() != "application/json" or len(body) > proxy.max_body_bytes:
-            return None
         msg = parse_message(body)
-        version = headers.get(p.MCP_PROTOCOL_VERSION)
         era = era_of(version, msg)
     except ExaiError:
         return None  # the full path refuses it, in its own words
@@ -97,12 +125,12 @@ def start(proxy: Proxy, handler: Any, request: FastRequest) -> Express | None:
     if msg.method == "subscriptions/listen":
         return None  # a held stream (router/streams.py)
     if era == "stateless":
-        key, _ = proxy.session_key(request, principal, msg)  # type: ignore[arg-type]
+        key = key_of(principal, said.name, msg.client_name() or "", request)  # type: ignore[arg-type]
         sess = table.by_key.get(key)
         if sess is None or sess.ended:
             return None
     else:
-        sid = headers.get(p.MCP_SESSION_ID)
+        sid = said.sid
         sess = table.by_id.get(sid) if sid is not None else None
         if sess is None or sess.ended or sess.principal != principal or sess.era != "handshake":
             return None
@@ -112,7 +140,7 @@ def start(proxy: Proxy, handler: Any, request: FastRequest) -> Express | None:
     if target is None or target.id != sess.instance_id:
         return None
     try:
-        head = proxy._request_head(request, sess, target, body, False)  # type: ignore[arg-type]
+        head = proxy._request_head(request, sess, target, body, False, said.block)  # type: ignore[arg-type]
     except ExaiError:
         return None
     generation = sess.generation

@@ -93,13 +93,20 @@ class FastRequest:
     keep_alive = True
     match_info = _MATCH
 
-    __slots__ = ("_headers", "_payload_writer", "content", "handler", "raw_headers")
+    __slots__ = ("_headers", "_payload_writer", "content", "handler", "memo_key", "raw_headers")
 
     def __init__(
-        self, handler: RequestHandler, raw_headers: tuple[tuple[bytes, bytes], ...], body: bytes
+        self,
+        handler: RequestHandler,
+        raw_headers: tuple[tuple[bytes, bytes], ...],
+        body: bytes,
+        memo_key: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         self.handler = handler
         self.raw_headers = raw_headers
+        # The headers but Content-Length: a client sends the same ones on every call of a
+        # connection, so what the express path derives from them is kept per connection.
+        self.memo_key = memo_key
         self.content = _Body(body)
         self._payload_writer = StreamWriter(handler, handler._loop)
         self._headers: CIMultiDictProxy[str] | None = None
@@ -192,11 +199,18 @@ class FastPath:
             parsed.parser = None  # no cycle between the parser and its callbacks
         if not parsed.complete or parsed.messages != 1 or parsed.url != b"/mcp" or not parsed.keep_alive:
             return None
-        for name, value in parsed.headers:
-            if not (name.isascii() and value.isascii()) or name.lower() in _AIOHTTP_ONLY:
+        kept = []
+        for pair in parsed.headers:
+            name, value = pair
+            if not (name.isascii() and value.isascii()):
                 return None
+            low = name.lower()
+            if low in _AIOHTTP_ONLY:
+                return None
+            if low != b"content-length":
+                kept.append(pair)
         body = b"".join(parsed.body) if len(parsed.body) != 1 else parsed.body[0]
-        return FastRequest(handler, tuple(parsed.headers), body)
+        return FastRequest(handler, tuple(parsed.headers), body, tuple(kept))
 
     def _setup(self) -> None:
         proxy = self._proxy = self.app[PROXY_KEY]

@@ -78,7 +78,7 @@ _DROP_RESPONSE_RAW = frozenset(name.encode() for name in (*_DROP_RESPONSE, "cont
 _FORWARD_NAME: dict[bytes, bool] = {}
 
 
-def _client_fields(raw: tuple[tuple[bytes, bytes], ...]) -> bytes:
+def client_fields(raw: tuple[tuple[bytes, bytes], ...]) -> bytes:
     """The client's headers that go upstream, as header lines (bytes as the client sent them)."""
     out = []
     for name, value in raw:
@@ -118,6 +118,15 @@ def _answer_fields(upstream: Response, session_id: str | None, always: bool) -> 
     if session_id is not None and seen:
         out.append(b"Mcp-Session-Id: %s\r\n" % session_id.encode())
     return b"".join(out), ctype, length
+
+
+def key_of(principal: str, name: str | None, client: str, request: web.Request) -> str:
+    """A stateless session's key: explicit name, else clientInfo.name, else the client address."""
+    if name:
+        return f"{principal}/name/{name}"
+    if client:
+        return f"{principal}/client/{client}"
+    return f"{principal}/addr/{request.remote}"
 
 
 _SILENT_HINT = (
@@ -352,11 +361,7 @@ class Proxy:
         """(key, client name): explicit name, else clientInfo.name, else the client address."""
         name = request.match_info.get("name") or request.headers.get(p.SESSION_KEY_HEADER)
         client = (msg.client_name() if msg else None) or ""
-        if name:
-            return f"{principal}/name/{name}", client
-        if client:
-            return f"{principal}/client/{client}", client
-        return f"{principal}/addr/{request.remote}", client
+        return key_of(principal, name, client, request), client
 
     async def _stateless(
         self, request: web.Request, principal: str, body: bytes | None, msg: Message | None, started: float
@@ -439,13 +444,19 @@ class Proxy:
 
     # --- forwarding ------------------------------------------------------------------------
     def _request_head(
-        self, request: web.Request, sess: Session, target: Instance, body: bytes, opening: bool
+        self,
+        request: web.Request,
+        sess: Session,
+        target: Instance,
+        body: bytes,
+        opening: bool,
+        block: bytes | None = None,
     ) -> bytes:
         """The request line and headers of a proxied call, as bytes ready to send.
 
         The part that only depends on the session and its binding (request line, Host, the
         router's own headers) is built once per binding and kept; the client's headers are
-        added per call."""
+        added per call (`block`: the caller has them as header lines already)."""
         upstream_sid = sess.upstream_sid if not opening else ""
         shape = (request.method, target.base_url, sess.fence, sess.client, upstream_sid, sess.principal)
         cached = self._heads.get(sess.id)
@@ -470,7 +481,8 @@ class Proxy:
                 if len(self._heads) >= 4096:
                     self._heads.clear()  # ended sessions' entries go too; rebuilt on next use
                 self._heads[sess.id] = (shape, fixed)
-            block = _client_fields(request.raw_headers)
+            if block is None:
+                block = client_fields(request.raw_headers)
         except ValueError as exc:
             raise BadRequest(f"Bad Request: {exc}.") from None
         return b"".join((fixed, block, b"Content-Length: %d\r\n\r\n" % len(body)))

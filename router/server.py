@@ -63,13 +63,14 @@ class _Handler(RequestHandler):
     """aiohttp's connection handler, with the fast path for `POST /mcp` (router/fastpath.py)
     and framing errors answered in the router's format."""
 
-    __slots__ = ("_express", "_fast", "_fast_held", "_fast_off", "_fast_paused", "_fast_task")
+    __slots__ = ("_express", "_fast", "_fast_held", "_fast_memo", "_fast_off", "_fast_paused", "_fast_task")
 
     def __init__(self, manager: Any, *, fast: FastPath | None = None, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._fast = fast
         self._fast_task: asyncio.Task[None] | None = None
         self._express: Express | None = None  # a call on the express path (router/express.py)
+        self._fast_memo: Any = None  # what router/express.py derived from this client's headers
         self._fast_held = b""  # what came while a fast call was in flight
         self._fast_off = False  # aiohttp's parser may hold part of a request: it keeps the connection
         self._fast_paused = False

@@ -158,6 +158,26 @@ async def test_errors_on_the_fast_path_keep_the_connection(fleet: Fleet) -> None
         conn.close()
 
 
+async def test_each_call_s_own_headers_are_judged_on_one_connection(fleet: Fleet) -> None:
+    # The express path keeps what it read from a client's headers per connection; a call with
+    # other headers (a foreign Origin, a header value with a line break) is judged on its own.
+    conn = await Conn.open(fleet)
+    try:
+        await conn.send(post(_call(1)))
+        assert (await conn.answer())[0] == 200
+        await conn.send(post(_call(2), extra=b"Origin: https://evil.example\r\n"))
+        status, _, body = await conn.answer()
+        assert status == 403 and "evil.example" in json.loads(body)["error"]["message"]
+        await conn.send(post(_call(3)))
+        status, _, body = await conn.answer()
+        assert status == 200 and _result(body)["id"] == 3
+        await conn.send(post(_call(44444)))  # another Content-Length, the same headers
+        status, _, body = await conn.answer()
+        assert status == 200 and _result(body)["id"] == 44444
+    finally:
+        conn.close()
+
+
 async def test_split_pipelined_and_held_requests_are_answered_in_order(fleet: Fleet) -> None:
     conn = await Conn.open(fleet)
     try:
