@@ -280,7 +280,7 @@ async def test_handshake_era_sse_answers_on_the_fast_path(fleet: Fleet) -> None:
                 body = data[-1].encode()
             assert _result(body)["id"] == rid
         assert await _fast_count(fleet) >= before + 3
-        # sent on the express path; an SSE answer is handed to the proxy's full path
+        # sent on the express path, the SSE answers copied there as they come
         assert await _express_count(fleet) >= express + 3
     finally:
         conn.close()
