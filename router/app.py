@@ -39,6 +39,7 @@ SETTINGS_KEY = web.AppKey("settings", Settings)
 
 
 SHUTDOWN_GRACE = 5.0  # background rounds get this long to stop when the router shuts down
+POOL_PRUNE_INTERVAL = 30.0  # seconds between drops of connection pools of departed instances
 
 
 async def _every(interval: float, name: str, fn: Callable[[], Awaitable[None]]) -> None:
@@ -102,6 +103,15 @@ class Maintenance:
                 table.drop(sess)
             elif ver > sess.ver:
                 await table.refresh(sess)
+
+    async def prune_pools(self) -> None:
+        """Forget upstream connection pools of instances that left the registry."""
+        proxy = self.proxy
+        live = {(i.host, i.port) for i in (await proxy.registry.instances()).values()}
+        live |= {(t.host, t.port) for t in proxy.bindings.targets.values()}
+        dropped = proxy.relay.prune(live)
+        if dropped:
+            log.info("dropped the connection pools of %d instance address(es) no longer registered", dropped)
 
     async def park_idle(self) -> None:
         await self.proxy.bindings.park_idle(self.settings.session_park_after)
@@ -217,6 +227,9 @@ def create_app(settings: Settings) -> web.Application:
             asyncio.create_task(hub.run(), name="notification hub"),
             asyncio.create_task(_every(sweep, "stream sessions", hub.keep_sessions), name="stream sessions"),
             asyncio.create_task(_every(0.25, "link handoffs", handoffs.run_pending), name="link handoffs"),
+            asyncio.create_task(
+                _every(POOL_PRUNE_INTERVAL, "upstream pools", maint.prune_pools), name="upstream pools"
+            ),
         ]
         try:
             yield

@@ -21,6 +21,7 @@ chunked bodies, Expect, non-ASCII headers, HTTP/1.0, Connection: close, oversize
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -31,10 +32,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from router import prebuilt
 from router.admin import PROXY_KEY, admin_auth
+from router.express import start as express_start
 from router.middleware import route_errors
 
 if TYPE_CHECKING:
     from aiohttp.web_protocol import RequestHandler
+
+    from router.express import Express
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +93,20 @@ class FastRequest:
     keep_alive = True
     match_info = _MATCH
 
-    __slots__ = ("_headers", "_payload_writer", "content", "handler", "raw_headers")
+    __slots__ = ("_headers", "_payload_writer", "content", "handler", "memo_key", "raw_headers")
 
     def __init__(
-        self, handler: RequestHandler, raw_headers: tuple[tuple[bytes, bytes], ...], body: bytes
+        self,
+        handler: RequestHandler,
+        raw_headers: tuple[tuple[bytes, bytes], ...],
+        body: bytes,
+        memo_key: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         self.handler = handler
         self.raw_headers = raw_headers
+        # The headers but Content-Length: a client sends the same ones on every call of a
+        # connection, so what the express path derives from them is kept per connection.
+        self.memo_key = memo_key
         self.content = _Body(body)
         self._payload_writer = StreamWriter(handler, handler._loop)
         self._headers: CIMultiDictProxy[str] | None = None
@@ -171,6 +182,8 @@ class FastPath:
         self.max_body_bytes = max_body_bytes
         self._handler: Any = None  # route_errors(admin_auth(proxy.handle)), built on first use
         self._count: Any = None
+        self._proxy: Any = None
+        self._express_count: Any = None
 
     def parse(self, handler: RequestHandler, data: bytes) -> FastRequest | None:
         """The request in `data` if it is one complete, plain `POST /mcp`; else None."""
@@ -186,22 +199,51 @@ class FastPath:
             parsed.parser = None  # no cycle between the parser and its callbacks
         if not parsed.complete or parsed.messages != 1 or parsed.url != b"/mcp" or not parsed.keep_alive:
             return None
-        for name, value in parsed.headers:
-            if not (name.isascii() and value.isascii()) or name.lower() in _AIOHTTP_ONLY:
+        kept = []
+        for pair in parsed.headers:
+            name, value = pair
+            if not (name.isascii() and value.isascii()):
                 return None
+            low = name.lower()
+            if low in _AIOHTTP_ONLY:
+                return None
+            if low != b"content-length":
+                kept.append(pair)
         body = b"".join(parsed.body) if len(parsed.body) != 1 else parsed.body[0]
-        return FastRequest(handler, tuple(parsed.headers), body)
+        return FastRequest(handler, tuple(parsed.headers), body, tuple(kept))
 
-    async def serve(self, request: FastRequest) -> web.StreamResponse:
-        """The proxy's answer, through the same middleware as aiohttp's path."""
-        handler = self._handler
-        if handler is None:
-            proxy = self.app[PROXY_KEY]
-            inner = partial(admin_auth, handler=proxy.handle)
-            handler = self._handler = partial(route_errors, handler=inner)
-            self._count = proxy.metrics.fast_calls
+    def _setup(self) -> None:
+        proxy = self._proxy = self.app[PROXY_KEY]
+        inner = partial(admin_auth, handler=proxy.handle)
+        self._handler = partial(route_errors, handler=inner)
+        self._count = proxy.metrics.fast_calls
+        self._express_count = proxy.metrics.express_calls
+
+    def express(self, handler: RequestHandler, request: FastRequest) -> Express | None:
+        """The call sent on the express path (router/express.py), or None: serve() it then."""
+        if self._handler is None:
+            self._setup()
+        try:
+            sent = express_start(self._proxy, handler, request)
+        except Exception:  # a bug: the proxy's own path serves it
+            log.exception("express path: could not start POST /mcp")
+            return None
+        if sent is not None:
+            self._count.inc()
+            self._express_count.inc()
+        return sent
+
+    async def serve(
+        self, request: FastRequest, inner: Callable[[Any], Awaitable[web.StreamResponse]] | None = None
+    ) -> web.StreamResponse:
+        """The proxy's answer, through the same middleware as aiohttp's path (`inner`: the
+        proxy taking up a call the express path sent, counted already)."""
+        if self._handler is None:
+            self._setup()
+        if inner is not None:
+            return await route_errors(request, partial(admin_auth, handler=inner))  # type: ignore[arg-type]
         self._count.inc()
-        return await handler(request)  # type: ignore[no-any-return]
+        return await self._handler(request)  # type: ignore[no-any-return]
 
 
 def send_plain(request: FastRequest, resp: web.StreamResponse) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -46,6 +47,9 @@ async def serve(settings: Settings) -> None:
             reuse_port=settings.router_processes > 1 or None,
         )
         await site.start()
+        # What startup made lives as long as the process: the collector need not scan it again
+        # on every full collection (a cost the proxied calls' allocations otherwise trigger).
+        gc.freeze()
         log.info("router listening on http://%s:%s/mcp", settings.router_host, settings.router_port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

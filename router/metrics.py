@@ -149,6 +149,11 @@ class Metrics:
             "exai_router_fast_path_requests_total",
             "POST /mcp requests served on the fast path (without aiohttp's request objects).",
         )
+        self.express_calls = Counter(
+            "exai_router_express_calls_total",
+            "Fast-path calls sent on the express path (no task; router/express.py), those handed "
+            "to the proxy's full path after the send included.",
+        )
         self.gauges: list[Gauge] = []
         self.extra: list[Counter | Histogram] = []  # registered by the parts that own them
 
@@ -177,6 +182,7 @@ class Metrics:
                 self.leases_reconciled,
                 self.calls_cut,
                 self.fast_calls,
+                self.express_calls,
                 *self.extra,
             )
         ]

@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Iterable
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
@@ -32,7 +33,7 @@ from aiohttp.http_writer import HttpVersion11, StreamWriter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED", "Raw", "send_response", "usable"]
+__all__ = ["END", "SUPPORTED", "Raw", "chunk", "send_response", "stream_head", "usable", "whole_bytes"]
 
 # aiohttp versions whose StreamResponse/StreamWriter internals this module was checked against.
 _CHECKED = ((3, 10), (3, 11), (3, 12), (3, 13), (3, 14))
@@ -98,6 +99,36 @@ def send_response(
     return keep
 
 
+def whole_bytes(status: int, reason: str, fields: bytes, body: bytes) -> bytes:
+    """A complete answer (status line, headers, Content-Length, body) as one block of bytes.
+    `fields` are header lines (each ending in CRLF, Content-Type among them) without
+    Content-Length, Date or Connection."""
+    length = b"\r\n" if _bodiless(status) else b"Content-Length: %d\r\n\r\n" % len(body)
+    status_line = b"HTTP/1.1 %d %s\r\n" % (status, (reason or _reason(status)).encode("latin-1", "replace"))
+    return b"".join((status_line, fields, _date_line(), length, body))
+
+
+def stream_head(status: int, reason: str, fields: bytes) -> bytes:
+    """The status line and headers of a chunked answer (`fields` as for `whole_bytes`)."""
+    status_line = b"HTTP/1.1 %d %s\r\n" % (status, (reason or _reason(status)).encode("latin-1", "replace"))
+    return b"".join((status_line, fields, _date_line(), b"Transfer-Encoding: chunked\r\n\r\n"))
+
+
+def chunk(data: bytes) -> bytes:
+    """One piece of a chunked answer (nothing for no data: an empty chunk would end it)."""
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+
+
+END = b"0\r\n\r\n"  # the end of a chunked answer
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
 def usable(request: Any) -> bool:
     """Can an answer to `request` be written by `Raw`? (HTTP/1.1 keep-alive, nothing sent yet)"""
     if not SUPPORTED or request.version != HttpVersion11 or not request.keep_alive:
@@ -141,9 +172,7 @@ class Raw(web.StreamResponse):
         """Send a complete answer now, in one write. `fields` are header lines (each ending in
         CRLF) without Content-Length, Date or Connection."""
         self = cls(request, status, reason, content_type)
-        length = b"\r\n" if _bodiless(status) else b"Content-Length: %d\r\n\r\n" % len(body)
-        data = b"".join((self._status_line(), fields, _date_line(), length, body))
-        self._send(data)
+        self._send(whole_bytes(status, self.reason, fields, body))
         self._eof_sent = True
         self._body_length = len(body)
         return self
@@ -162,8 +191,7 @@ class Raw(web.StreamResponse):
         """Start a chunked answer. With `flush` the headers go out now (no body is there yet,
         and the client should see them); else they go with the first chunk."""
         self = cls(request, status, reason, content_type)
-        chunked = b"Transfer-Encoding: chunked\r\n\r\n"
-        self._pending = b"".join((self._status_line(), fields, _date_line(), chunked))
+        self._pending = stream_head(status, self.reason, fields)
         self._payload_writer = self._raw_writer  # aiohttp's prepare() sees it started
         if flush:
             head, self._pending = self._pending, b""

@@ -53,6 +53,7 @@ from router.upstream import Lost, NotSent, Relay, Response, header_block
 from router.versions import era_of
 
 if TYPE_CHECKING:
+    from router.express import Sent
     from router.streams import Hub
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ _DROP_RESPONSE_RAW = frozenset(name.encode() for name in (*_DROP_RESPONSE, "cont
 _FORWARD_NAME: dict[bytes, bool] = {}
 
 
-def _client_fields(raw: tuple[tuple[bytes, bytes], ...]) -> bytes:
+def client_fields(raw: tuple[tuple[bytes, bytes], ...]) -> bytes:
     """The client's headers that go upstream, as header lines (bytes as the client sent them)."""
     out = []
     for name, value in raw:
@@ -117,6 +118,15 @@ def _answer_fields(upstream: Response, session_id: str | None, always: bool) -> 
     if session_id is not None and seen:
         out.append(b"Mcp-Session-Id: %s\r\n" % session_id.encode())
     return b"".join(out), ctype, length
+
+
+def key_of(principal: str, name: str | None, client: str, request: web.Request) -> str:
+    """A stateless session's key: explicit name, else clientInfo.name, else the client address."""
+    if name:
+        return f"{principal}/name/{name}"
+    if client:
+        return f"{principal}/client/{client}"
+    return f"{principal}/addr/{request.remote}"
 
 
 _SILENT_HINT = (
@@ -240,13 +250,25 @@ class Proxy:
             if era_of(request.headers.get(p.MCP_PROTOCOL_VERSION), msg) == "stateless":
                 return await self._stateless(request, principal, body, msg, started)
             return await self._handshake(request, principal, body, msg, started)
-        except NoFreeInstance as exc:
+        except ExaiError as exc:
+            return self._refused(exc, msg)
+
+    async def take_up(
+        self, request: web.Request, sess: Session, body: bytes, msg: Message, started: float, first: Sent
+    ) -> web.StreamResponse:
+        """Carry on with a call router/express.py sent (`handle`, from its forwarding on)."""
+        try:
+            return await self._forward(request, sess, body, msg, started, first=first)
+        except ExaiError as exc:
+            return self._refused(exc, msg)
+
+    def _refused(self, exc: ExaiError, msg: Message | None) -> web.Response:
+        if isinstance(exc, NoFreeInstance):
             retry = str(exc.details.get("retry_after", self.allocator.retry_after))
             return error_response(exc, msg.id if msg else None, headers={"Retry-After": retry})
-        except MethodNotAllowed as exc:
+        if isinstance(exc, MethodNotAllowed):
             return error_response(exc, None, headers={"Allow": str(exc.details.get("allow", "POST"))})
-        except ExaiError as exc:
-            return error_response(exc, msg.id if msg else exc.details.get("request_id"))
+        return error_response(exc, msg.id if msg else exc.details.get("request_id"))
 
     async def _read_body(self, request: web.Request) -> bytes:
         ctype = request.headers.get("Content-Type", "")
@@ -339,11 +361,7 @@ class Proxy:
         """(key, client name): explicit name, else clientInfo.name, else the client address."""
         name = request.match_info.get("name") or request.headers.get(p.SESSION_KEY_HEADER)
         client = (msg.client_name() if msg else None) or ""
-        if name:
-            return f"{principal}/name/{name}", client
-        if client:
-            return f"{principal}/client/{client}", client
-        return f"{principal}/addr/{request.remote}", client
+        return key_of(principal, name, client, request), client
 
     async def _stateless(
         self, request: web.Request, principal: str, body: bytes | None, msg: Message | None, started: float
@@ -426,13 +444,19 @@ class Proxy:
 
     # --- forwarding ------------------------------------------------------------------------
     def _request_head(
-        self, request: web.Request, sess: Session, target: Instance, body: bytes, opening: bool
+        self,
+        request: web.Request,
+        sess: Session,
+        target: Instance,
+        body: bytes,
+        opening: bool,
+        block: bytes | None = None,
     ) -> bytes:
         """The request line and headers of a proxied call, as bytes ready to send.
 
         The part that only depends on the session and its binding (request line, Host, the
         router's own headers) is built once per binding and kept; the client's headers are
-        added per call."""
+        added per call (`block`: the caller has them as header lines already)."""
         upstream_sid = sess.upstream_sid if not opening else ""
         shape = (request.method, target.base_url, sess.fence, sess.client, upstream_sid, sess.principal)
         cached = self._heads.get(sess.id)
@@ -457,7 +481,8 @@ class Proxy:
                 if len(self._heads) >= 4096:
                     self._heads.clear()  # ended sessions' entries go too; rebuilt on next use
                 self._heads[sess.id] = (shape, fixed)
-            block = _client_fields(request.raw_headers)
+            if block is None:
+                block = client_fields(request.raw_headers)
         except ValueError as exc:
             raise BadRequest(f"Bad Request: {exc}.") from None
         return b"".join((fixed, block, b"Content-Length: %d\r\n\r\n" % len(body)))
@@ -486,28 +511,48 @@ class Proxy:
         started: float,
         *,
         opening: bool = False,
+        first: Sent | None = None,
     ) -> web.StreamResponse:
+        """Send the call (again, to another instance, when it never arrived) and relay the answer.
+
+        `first` is a call router/express.py already sent (its bookkeeping done): its answer is
+        taken up here, as the first attempt's, when it needs more than a whole JSON answer."""
         # GET streams never come here: router/streams.py serves every GET; DELETE neither.
         relay, read_timeout = self.relay, self.read_timeout
         body = body or b""
-        sess.inflight += 1
-        call = _call_of(msg)
-        sess.calls[id(call)] = call
-        sess.total += 1
-        sess.routed_here = True
-        self.table.touch(sess)
+        if first is None:
+            sess.inflight += 1
+            call = _call_of(msg)
+            sess.calls[id(call)] = call
+            sess.total += 1
+            sess.routed_here = True
+            self.table.touch(sess)
+        else:
+            call = first.call
+            call.task = asyncio.current_task()
         bindings = self.bindings
         try:
             for attempt in range(MAX_ATTEMPTS):
-                generation = sess.generation
-                target = await bindings.target(sess)
-                if target is None:
-                    await bindings.rebind(sess, generation, "instance gone from registry")
-                    continue
-                head = self._request_head(request, sess, target, body, opening)
-                sent = time.perf_counter()
+                taken, first = first, None
+                if taken is not None:
+                    generation, target, sent = taken.generation, taken.target, taken.sent
+                    if call.cut:  # a scale-down cut it before this task took it up
+                        taken.upstream.close()
+                        raise asyncio.CancelledError
+                else:
+                    generation = sess.generation
+                    found = await bindings.target(sess)
+                    if found is None:
+                        await bindings.rebind(sess, generation, "instance gone from registry")
+                        continue
+                    target = found
+                    head = self._request_head(request, sess, target, body, opening)
+                    sent = time.perf_counter()
                 try:
-                    upstream = await relay.send(target.host, target.port, head, body, read_timeout)
+                    if taken is not None:
+                        upstream = await relay.resume(taken.upstream, read_timeout)
+                    else:
+                        upstream = await relay.send(target.host, target.port, head, body, read_timeout)
                 except NotSent as exc:
                     # Nothing reached the instance: move the session and send it again.
                     self.metrics.upstream_errors.inc(kind="connect")

@@ -17,7 +17,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -26,6 +27,9 @@ from common.errors import BadRequest, ExaiError, InternalError, PayloadTooLarge,
 from router import prebuilt
 from router.fastpath import REQUEST_LINE, FastPath, FastRequest, send_plain
 from router.prebuilt import Raw
+
+if TYPE_CHECKING:
+    from router.express import Express
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +63,21 @@ class _Handler(RequestHandler):
     """aiohttp's connection handler, with the fast path for `POST /mcp` (router/fastpath.py)
     and framing errors answered in the router's format."""
 
-    __slots__ = ("_fast", "_fast_held", "_fast_off", "_fast_paused", "_fast_task")
+    __slots__ = ("_express", "_fast", "_fast_held", "_fast_memo", "_fast_off", "_fast_paused", "_fast_task")
 
     def __init__(self, manager: Any, *, fast: FastPath | None = None, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._fast = fast
         self._fast_task: asyncio.Task[None] | None = None
+        self._express: Express | None = None  # a call on the express path (router/express.py)
+        self._fast_memo: Any = None  # what router/express.py derived from this client's headers
         self._fast_held = b""  # what came while a fast call was in flight
         self._fast_off = False  # aiohttp's parser may hold part of a request: it keeps the connection
         self._fast_paused = False
 
     # --- the fast path -----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if self._fast_task is not None:
+        if self._fast_task is not None or self._express is not None:
             # The client sent more before its answer: it is served after the answer.
             if not data:
                 return
@@ -96,14 +102,14 @@ class _Handler(RequestHandler):
         ):
             request = fast.parse(self, data)
             if request is not None:
-                self._fast_start(fast, request)
+                self._fast_start(fast, request, fast.express(self, request))
                 return
         count = self._request_count
         super().data_received(data)
         if data and self._request_count == count:
             self._fast_off = True
 
-    def _fast_start(self, fast: FastPath, request: FastRequest) -> None:
+    def _fast_start(self, fast: FastPath, request: FastRequest, express: Express | None) -> None:
         if self._keepalive_handle is not None:  # aiohttp would close a connection it sees idle
             self._keepalive_handle.cancel()
             self._keepalive_handle = None
@@ -111,12 +117,32 @@ class _Handler(RequestHandler):
         self._request_count += 1
         if self._manager is not None:
             self._manager.requests_count += 1
-        self._fast_task = self._loop.create_task(self._fast_run(fast, request))
+        if express is not None:
+            self._express = express  # sent: its answer comes in the upstream connection's callbacks
+        else:
+            self._fast_task = self._loop.create_task(self._fast_run(fast, request))
 
-    async def _fast_run(self, fast: FastPath, request: FastRequest) -> None:
+    def _express_to_task(self, inner: Callable[[Any], Awaitable[web.StreamResponse]]) -> None:
+        """The express call needs the proxy's full path: `inner` (the proxy taking it up) runs
+        in the fast path's task."""
+        express, self._express = self._express, None
+        assert express is not None and self._fast is not None
+        self._fast_task = self._loop.create_task(self._fast_run(self._fast, express.request, inner))
+
+    def _express_done(self, keep: bool) -> None:
+        """The express call's answer went out (or could not: the client had gone)."""
+        self._express = None
+        self._fast_end(keep)
+
+    async def _fast_run(
+        self,
+        fast: FastPath,
+        request: FastRequest,
+        inner: Callable[[Any], Awaitable[web.StreamResponse]] | None = None,
+    ) -> None:
         keep = False
         try:
-            resp = await fast.serve(request)
+            resp = await fast.serve(request, inner)
             if isinstance(resp, Raw) and resp._payload_writer is not None and not resp._eof_sent:
                 with contextlib.suppress(ConnectionError):
                     await resp.write_eof()  # a stream the proxy left open (its client went away)
@@ -127,9 +153,13 @@ class _Handler(RequestHandler):
             log.exception("fast path: POST /mcp failed")
         finally:
             self._fast_task = None
-            self._request_in_progress = False
-            if self._handler_waiter is not None and not self._handler_waiter.done():
-                self._handler_waiter.set_result(None)
+        self._fast_end(keep)
+
+    def _fast_end(self, keep: bool) -> None:
+        """After a fast-path answer: keep the connection (and serve what came meanwhile) or close it."""
+        self._request_in_progress = False
+        if self._handler_waiter is not None and not self._handler_waiter.done():
+            self._handler_waiter.set_result(None)
         if not keep or self._force_close or self._close or self.transport is None:
             self.force_close()
             return
@@ -145,10 +175,27 @@ class _Handler(RequestHandler):
         if held:
             self.data_received(held)
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._express is not None:
+            self._express.blocked = True  # an express answer being copied waits for the drain
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._express is not None:
+            self._express.unblock()
+
     def connection_lost(self, exc: BaseException | None) -> None:
-        task = self._fast_task
-        if task is not None and self._manager is not None and self._manager.handler_cancellation:
-            task.cancel()  # like aiohttp's handlers: the proxy closes the call upstream
+        task, express = self._fast_task, self._express
+        if self._manager is not None and self._manager.handler_cancellation:
+            if task is not None:
+                task.cancel()  # like aiohttp's handlers: the proxy closes the call upstream
+            elif express is not None:
+                self._express = None
+                express.client_gone()  # the same, for a call on the express path
+                self._request_in_progress = False
+                if self._handler_waiter is not None and not self._handler_waiter.done():
+                    self._handler_waiter.set_result(None)
         super().connection_lost(exc)
 
     def handle_error(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -105,6 +105,8 @@ class _Conn(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             resp._fail(Lost(f"unreadable answer ({exc})"))
             self.close()
+        if resp.notify is not None:  # after the parser is done with this read, never inside it
+            resp.notify(False)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost says the rest
@@ -118,6 +120,8 @@ class _Conn(asyncio.Protocol):
             # The request went out (send() checked that the write did not fail): ambiguous.
             why = exc.__class__.__name__ if exc is not None else "ServerDisconnected"
             resp._fail(Lost(why))
+            if resp.notify is not None:
+                resp.notify(False)
 
     def pause_writing(self) -> None:  # a large body waits in the transport's buffer
         pass
@@ -175,11 +179,15 @@ class _Conn(asyncio.Protocol):
         self.timer = None
         resp = self.resp
         waiter = resp._waiter if resp is not None else None
-        if waiter is None or waiter.done() or not self.silence:
+        watched = waiter is not None and not waiter.done()
+        if resp is None or not self.silence or not (watched or resp.notify is not None):
             return  # nobody waits (or the wait has no limit): the next wait arms the timer again
         due = self.wait_started + self.silence
         if self.loop.time() >= due:
-            waiter.set_exception(TimeoutError())
+            if waiter is not None and watched:
+                waiter.set_exception(TimeoutError())
+            elif resp.notify is not None:
+                resp.notify(True)
         else:
             self.timer_due = due
             self.timer = self.loop.call_at(due, self._check)
@@ -206,6 +214,7 @@ class Response:
         "error",
         "got_bytes",
         "keep_alive",
+        "notify",
         "raw_headers",
         "reason",
         "status",
@@ -227,6 +236,9 @@ class Response:
         self._released = False
         self._paused = False
         self._loop = loop
+        # Called (timed_out) after each read, loss or silence when a caller follows the answer
+        # without waiting on it (router/express.py); None while a task waits on it.
+        self.notify: Callable[[bool], None] | None = None
 
     # --- fed by the connection -----------------------------------------------------------
     def _wake(self) -> None:
@@ -393,18 +405,10 @@ class _HostPool:
                     self._wake_next()  # pass the slot on
                 raise
         self.busy += 1
-        now = time.monotonic()
-        while self.idle and not fresh:
-            conn = self.idle.pop()  # the most recently used: least likely to be stale
-            if conn.closed or conn.transport is None or conn.transport.is_closing():
-                continue
-            if now - conn.idle_since > KEEPALIVE_TIMEOUT:
-                conn.closed = True
-                if conn.transport is not None:
-                    conn.transport.close()
-                continue
-            conn.reused = True
-            return conn
+        if not fresh:
+            conn = self._pop_idle()
+            if conn is not None:
+                return conn
         try:
             return await self._connect()
         except BaseException:
@@ -422,6 +426,29 @@ class _HostPool:
             raise NotSent(f"connect timed out after {CONNECT_TIMEOUT:g}s") from None
         except OSError as exc:
             raise NotSent(f"connect failed ({exc.__class__.__name__}: {exc.strerror or exc})") from None
+        return conn
+
+    def _pop_idle(self) -> _Conn | None:
+        """The most recently used idle connection that can still be used (least likely stale)."""
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.closed or conn.transport is None or conn.transport.is_closing():
+                continue
+            if now - conn.idle_since > KEEPALIVE_TIMEOUT:
+                conn.closed = True
+                if conn.transport is not None:
+                    conn.transport.close()
+                continue
+            conn.reused = True
+            return conn
+        return None
+
+    def take_idle(self) -> _Conn | None:
+        """An idle connection, counted busy, or None (no waiting, no connecting)."""
+        conn = self._pop_idle()
+        if conn is not None:
+            self.busy += 1
         return conn
 
     def put(self, conn: _Conn) -> None:
@@ -507,6 +534,58 @@ class Relay:
                 resp.close()
                 raise
             return resp
+
+    def send_now(self, host: str, port: int, data: bytes, timeout: float | None) -> Response | None:
+        """Send one request (head and body in `data`) on an idle pooled connection, without
+        waiting for anything: the answer's Response, whose `notify` the caller sets at once, or
+        None when no idle connection is free or the write failed at once (nothing went out
+        that the instance could act on; `send` is the way then)."""
+        pool = self.pools.get((host, port))
+        if pool is None or pool.busy >= CALLS_PER_INSTANCE or pool.waiters:
+            return None
+        conn = pool.take_idle()
+        if conn is None:
+            return None
+        resp = Response(conn, conn.loop)
+        conn.resp = resp
+        transport = conn.transport
+        assert transport is not None
+        transport.write(data)
+        if transport.is_closing():  # the instance had dropped the connection
+            self.stale_dropped += 1
+            resp.close()
+            return None
+        if timeout:
+            conn.watch(timeout)
+        else:
+            conn.silence = 0.0
+        return resp
+
+    async def resume(self, resp: Response, timeout: float | None) -> Response:
+        """Wait for the headers of an answer `send_now` began (as `send` does for its own)."""
+        resp.notify = None
+        try:
+            await resp.wait_headers(timeout)
+        except BaseException:
+            resp.close()
+            raise
+        return resp
+
+    def prune(self, live: set[tuple[str, int]]) -> int:
+        """Drop the pools of addresses no longer in use (`live`: the registry's instances and
+        the bound sessions' targets), closing their idle connections; a pool with a call in
+        flight or waiting stays until a later round. Instances come and go (k8s gives each new
+        pod a new address), so the pools would otherwise grow for the router's lifetime.
+        Returns how many pools went."""
+        gone = [
+            key for key, pool in self.pools.items() if key not in live and not pool.busy and not pool.waiters
+        ]
+        for key in gone:
+            pool = self.pools.pop(key)
+            for conn in list(pool.idle):
+                conn.close()
+            pool.idle.clear()
+        return len(gone)
 
     async def close(self) -> None:
         for pool in self.pools.values():

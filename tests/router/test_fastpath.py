@@ -112,16 +112,20 @@ def _result(body: bytes) -> dict[str, Any]:
     return dict(data)
 
 
-async def _fast_count(fleet: Fleet) -> float:
+async def _fast_count(fleet: Fleet, name: str = "fast_path_requests") -> float:
     _, text = await fleet.admin("GET", "/metrics")
-    found = re.search(r"^exai_router_fast_path_requests_total (\S+)$", text, re.M)
+    found = re.search(rf"^exai_router_{name}_total (\S+)$", text, re.M)
     return float(found.group(1)) if found else 0.0
+
+
+async def _express_count(fleet: Fleet) -> float:
+    return await _fast_count(fleet, "express_calls")
 
 
 async def test_calls_on_one_connection_take_the_fast_path(fleet: Fleet) -> None:
     conn = await Conn.open(fleet)
     try:
-        before = await _fast_count(fleet)
+        before, express = await _fast_count(fleet), await _express_count(fleet)
         for rid in range(1, 6):
             await conn.send(post(_call(rid)))
             status, headers, body = await conn.answer()
@@ -130,6 +134,8 @@ async def test_calls_on_one_connection_take_the_fast_path(fleet: Fleet) -> None:
             assert "date" in headers and "transfer-encoding" not in headers
             assert _result(body)["id"] == rid
         assert await _fast_count(fleet) >= before + 5
+        # once the session is open and bound, calls go out on the express path (no task)
+        assert await _express_count(fleet) >= express + 4
     finally:
         conn.close()
 
@@ -148,6 +154,26 @@ async def test_errors_on_the_fast_path_keep_the_connection(fleet: Fleet) -> None
         await conn.send(post(_call(2)))  # the same connection still serves calls
         status, _, body = await conn.answer()
         assert status == 200 and _result(body)["id"] == 2
+    finally:
+        conn.close()
+
+
+async def test_each_call_s_own_headers_are_judged_on_one_connection(fleet: Fleet) -> None:
+    # The express path keeps what it read from a client's headers per connection; a call with
+    # other headers (a foreign Origin, a header value with a line break) is judged on its own.
+    conn = await Conn.open(fleet)
+    try:
+        await conn.send(post(_call(1)))
+        assert (await conn.answer())[0] == 200
+        await conn.send(post(_call(2), extra=b"Origin: https://evil.example\r\n"))
+        status, _, body = await conn.answer()
+        assert status == 403 and "evil.example" in json.loads(body)["error"]["message"]
+        await conn.send(post(_call(3)))
+        status, _, body = await conn.answer()
+        assert status == 200 and _result(body)["id"] == 3
+        await conn.send(post(_call(44444)))  # another Content-Length, the same headers
+        status, _, body = await conn.answer()
+        assert status == 200 and _result(body)["id"] == 44444
     finally:
         conn.close()
 
@@ -235,7 +261,7 @@ async def test_handshake_era_sse_answers_on_the_fast_path(fleet: Fleet) -> None:
         await conn.send(post(note, version="2025-11-25", extra=extra))
         status, _, _ = await conn.answer()
         assert status == 202
-        before = await _fast_count(fleet)
+        before, express = await _fast_count(fleet), await _express_count(fleet)
         for rid in (1, 2, 3):
             call = json.dumps(
                 {
@@ -254,6 +280,8 @@ async def test_handshake_era_sse_answers_on_the_fast_path(fleet: Fleet) -> None:
                 body = data[-1].encode()
             assert _result(body)["id"] == rid
         assert await _fast_count(fleet) >= before + 3
+        # sent on the express path, the SSE answers copied there as they come
+        assert await _express_count(fleet) >= express + 3
     finally:
         conn.close()
 
