@@ -209,6 +209,7 @@ class Response:
         "_released",
         "_size",
         "_waiter",
+        "_whole",
         "complete",
         "conn",
         "error",
@@ -235,6 +236,7 @@ class Response:
         self._headers: CIMultiDict[str] | None = None
         self._released = False
         self._paused = False
+        self._whole = False  # read() takes the body whole: no read-ahead limit
         self._loop = loop
         # Called (timed_out) after each read, loss or silence when a caller follows the answer
         # without waiting on it (router/express.py); None while a task waits on it.
@@ -252,9 +254,10 @@ class Response:
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
         self._size += len(data)
-        if self._size > HIGH_WATER and not self._paused and self.conn.transport is not None:
+        transport = self.conn.transport
+        if self._size > HIGH_WATER and not self._paused and not self._whole and transport is not None:
             self._paused = True
-            self.conn.transport.pause_reading()
+            transport.pause_reading()
         self._wake()
 
     def _complete(self) -> None:
@@ -307,7 +310,12 @@ class Response:
         return int(value) if value is not None and value.isdigit() else None
 
     async def read(self, timeout: float | None) -> bytes:
-        """The whole body (its length is known to be small)."""
+        """The whole body (its length is known to be small: up to the proxy's 1 MiB). The read-ahead
+        limit is for copying, where `take` resumes reading: a whole answer is read past it."""
+        self._whole = True
+        if self._paused and self.conn.transport is not None and not self.conn.closed:
+            self._paused = False
+            self.conn.transport.resume_reading()
         while not self.complete:
             if self.error is not None:
                 raise self.error

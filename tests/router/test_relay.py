@@ -14,6 +14,11 @@ from router.upstream import Relay, Response
 
 HEAD = b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n"
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+BIG_BODY = b'{"x":"' + b"y" * (600 * 1024) + b'"}'  # above the relay's 256 KiB read-ahead
+BIG = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+    len(BIG_BODY),
+    BIG_BODY,
+)
 
 
 @pytest.fixture
@@ -31,7 +36,9 @@ async def instance() -> AsyncIterator[tuple[int, list[str]]]:
                     return
                 if step == "silent":
                     await asyncio.sleep(30)
-                if step == "split":  # headers, a pause, then the body
+                if step == "big":
+                    writer.write(BIG)
+                elif step == "split":  # headers, a pause, then the body
                     cut = ANSWER.index(b"\r\n\r\n") + 4
                     writer.write(ANSWER[:cut])
                     await writer.drain()
@@ -135,5 +142,23 @@ async def test_pools_of_departed_addresses_are_pruned(instance: tuple[int, list[
         assert relay.pools == {} and conn.closed
         await _warm(relay, port)  # an address that comes back gets a new pool
         assert len(relay.pools) == 1
+    finally:
+        await relay.close()
+
+
+async def test_a_whole_answer_larger_than_the_read_ahead_is_read_to_its_end(
+    instance: tuple[int, list[str]],
+) -> None:
+    """read() takes a whole JSON answer (up to 1 MiB): pausing the instance's connection at the
+    256 KiB read-ahead must not leave it waiting for bytes it stopped reading."""
+    port, plan = instance
+    relay = Relay()
+    try:
+        plan.append("big")
+        resp = await relay.send("127.0.0.1", port, HEAD, b"{}", 5.0)
+        await resp.wait_headers(5.0)
+        assert await resp.read(5.0) == BIG_BODY
+        resp.release()
+        await _warm(relay, port)  # and the connection went back to the pool in a usable state
     finally:
         await relay.close()
