@@ -6,11 +6,11 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Callable
 
 from aiohttp import web
 
 from common.entry import run_entry
+from common.eventloop import loop_factory
 from common.logs import setup_logging
 from common.settings import Settings, load_settings
 from router.app import create_app
@@ -59,16 +59,6 @@ async def serve(settings: Settings) -> None:
         log.info("router stopping")
     finally:
         await runner.cleanup()
-
-
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop where it is installed (it takes about a third off the router's CPU
-    per proxied call: its transports and timers are C); asyncio's otherwise."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - Windows, or an install without it
-        return None
-    return uvloop.new_event_loop
 
 
 def _main() -> int:
