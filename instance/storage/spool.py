@@ -4,15 +4,23 @@ Why SQLite: it gives crash-safe appends (a torn write at kill -9 is rolled back,
 read), cheap deletion of flushed rows, and an index by thread for "read your own pending
 writes" — all in the standard library. Every call runs on one dedicated thread, so the event
 loop never blocks on disk. Appends that arrive within `fsync_window_ms` of each other share one
-transaction and therefore one fsync (`synchronous=FULL`): an append returns only when its row is
-durable. Deletes of flushed rows are not fsynced (`synchronous=NORMAL`): losing one in a crash
-only means a replay, and replays are idempotent in Postgres.
+transaction and therefore one fsync.
 
-An append may ask for `sync="normal"` instead: its transaction is committed without the fsync
-(the row is in the operating system's cache, so it survives a kill -9 of this process but not
-a power loss or a kernel crash), the caller is answered, and the WAL is fsync'd right after on
-a thread of its own (the next commit does not wait for it). Link events use it when
-EXAI_LINK_SPOOL_SYNC=normal.
+A transaction is committed as a write to the operating system (WAL, `synchronous=NORMAL`):
+from then on its rows survive a kill -9 of this process. At that moment the spool thread tells
+the loop, which counts the rows, runs each append's `on_commit` (a link event is announced from
+there, without waiting for the fsync or for its caller's wake-up), answers the appends that
+asked for `sync="normal"` and wakes the flusher. Then:
+
+- a batch with a `sync="full"` append (the default) is fsync'd by the spool thread before it
+  returns; only then are those appends answered: their rows survive a power loss too;
+- a batch of `sync="normal"` appends only (link events with EXAI_LINK_SPOOL_SYNC=normal, chat
+  turns with EXAI_CHAT_SPOOL_SYNC=normal) is fsync'd right after on a thread of its own, so the
+  next commit does not wait for it: a power loss or kernel crash in those few milliseconds can
+  lose rows whose callers were answered.
+
+Deletes of flushed rows are not fsync'd: losing one in a crash only means a replay, and replays
+are idempotent in Postgres.
 
 Rows of the "hot" kinds (link events: someone is waiting for them live) are also kept in memory
 once committed, up to `hot_max` rows, so the flusher can take them at once without reading the
@@ -66,6 +74,7 @@ CREATE TABLE IF NOT EXISTS dead (
     failed_at REAL NOT NULL
 );
 """
+_INSERT = "INSERT INTO spool (kind, thread_id, created, payload) VALUES (?, ?, ?, ?)"
 _DEAD_INSERT = (
     "INSERT OR IGNORE INTO dead (seq, kind, thread_id, created, payload, error, failed_at)"
     " SELECT seq, kind, thread_id, created, payload, ?, ? FROM spool WHERE seq = ?"
@@ -92,6 +101,7 @@ class _Pending:
     blob: bytes
     future: asyncio.Future[None]
     full: bool = True  # fsync before answering (else: answer after the OS write, fsync after)
+    on_commit: Callable[[], None] | None = None  # called once the row is committed
 
 
 class Spool:
@@ -186,7 +196,10 @@ class Spool:
         self._lockfile = lockfile
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        # Commits are writes to the OS; the WAL is fsync'd right after by this thread (a
+        # sync="full" row in the batch) or the sync thread (see _insert_sync). NORMAL, not OFF:
+        # SQLite still fsyncs around checkpoints, so a checkpoint never copies unsynced frames.
+        db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
         count, size, oldest = db.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0), min(created) FROM spool"
@@ -247,6 +260,7 @@ class Spool:
         thread_id: str | None = None,
         urgent: bool = False,
         sync: Literal["full", "normal"] = "full",
+        on_commit: Callable[[], None] | None = None,
     ) -> None:
         """Return once the row is fsync'd in the spool; apply the full-spool policy first.
 
@@ -254,13 +268,15 @@ class Spool:
         writers (a caller that answers only once this row is durable, e.g. a link event).
         `sync="normal"`: return once the row is committed to the operating system (it survives
         a kill -9 of this process, not a power loss); the fsync follows at once.
+        `on_commit`: called on the loop once the row is committed, before this returns (not if
+        the write fails); it must not block.
         """
         if self._closed:
             raise StorageError("the spool is closed (the instance is shutting down); the write was not taken")
         blob = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
         await self._admit(len(blob))
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(kind, thread_id, time.time(), blob, fut, sync != "normal"))
+        self._queue.append(_Pending(kind, thread_id, time.time(), blob, fut, sync != "normal", on_commit))
         self._queued.set()
         if urgent:
             self._urgent = True
@@ -322,7 +338,8 @@ class Spool:
         last_group = 1
         while True:
             await self._queued.wait()
-            await asyncio.sleep(0)
+            if not self._urgent:
+                await asyncio.sleep(0)  # appends made in this loop turn join the group
             if self.fsync_window > 0 and len(self._queue) < last_group and not self._urgent:
                 self._group_target = last_group
                 self._grown.clear()
@@ -340,9 +357,14 @@ class Spool:
     async def _commit(self, batch: list[_Pending]) -> None:
         size = sum(len(p.blob) for p in batch)
         full = any(p.full for p in batch)
+        loop = asyncio.get_running_loop()
+
+        def committed(seqs: list[int]) -> None:  # called from the spool thread, run on the loop
+            loop.call_soon_threadsafe(self._committed, batch, seqs, size)
+
         try:
-            seqs = await self._call(
-                self._insert_sync, [(p.kind, p.thread_id, p.created, p.blob) for p in batch], full
+            fsync_error = await self._call(
+                self._insert_sync, [(p.kind, p.thread_id, p.created, p.blob) for p in batch], full, committed
             )
         except Exception as exc:  # disk full, I/O error, ...: every waiting caller must get an answer
             self._reserved -= size
@@ -355,6 +377,32 @@ class Spool:
                 if not p.future.done():
                     p.future.set_exception(err)
             return
+        # `_committed` ran before this (queued on the loop by the spool thread ahead of this
+        # wake-up): the rows are counted, announced, and the callers that need no fsync answered.
+        if fsync_error is not None:
+            log.error("fsync of the spool %s failed: %s", self.path, fsync_error)
+            err = StorageError(
+                f"the write reached the local spool {self.path} but could not be fsync'd ({fsync_error}): "
+                "it will still be stored unless the machine loses power before the disk writes it",
+                hint="Check the disk under EXAI_STATE_DIR (dmesg, free space).",
+            )
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(err)
+            return
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result(None)
+        if not full:  # the callers have their answer; now make the rows power-loss safe too
+            self.unsynced_commits += 1
+            self._unsynced = True
+            if self._syncer is None or self._syncer.done():
+                self._syncer = asyncio.create_task(self._sync_loop(), name="exai-spool-sync")
+
+    def _committed(self, batch: list[_Pending], seqs: list[int], size: int) -> None:
+        """The batch's transaction is committed to the OS (kill -9 safe; with a sync="full" row
+        in it, its fsync is running now): count it, announce it, answer the sync="normal"
+        appends, wake the flusher."""
         self._reserved -= size
         self.commits_total += 1
         self.appends_total += len(batch)
@@ -378,18 +426,19 @@ class Spool:
             self._hot.clear()
             self._hot_complete = False
         self._empty.clear()
+        for p in batch:  # whoever acts on the commit (a link event's announcement) first
+            if p.on_commit is not None:
+                try:
+                    p.on_commit()
+                except Exception:
+                    log.exception("a spool commit callback failed (the row is committed)")
         for p in batch:
-            if not p.future.done():
+            if not p.full and not p.future.done():
                 p.future.set_result(None)
-        # The callers first (their answer is what a write costs them; a live link event is
-        # announced from there), then the flusher: its wake-up is queued behind theirs.
+        # The callers first (their answer is what a write costs them), then the flusher: its
+        # wake-up is queued behind theirs.
         if self.on_commit is not None:
             asyncio.get_running_loop().call_soon(self.on_commit, self.rows, hot > 0)
-        if not full:  # the callers have their answer; now make the rows power-loss safe too
-            self.unsynced_commits += 1
-            self._unsynced = True
-            if self._syncer is None or self._syncer.done():
-                self._syncer = asyncio.create_task(self._sync_loop(), name="exai-spool-sync")
 
     async def _sync_loop(self) -> None:
         """fsync the WAL after `sync="normal"` commits, on a thread of its own so the next
@@ -402,28 +451,35 @@ class Spool:
             except OSError as exc:  # the rows are committed (kill -9 safe); say it loudly
                 log.error("fsync of the spool WAL %s failed: %s", self.path, exc)
 
-    def _insert_sync(self, rows: list[tuple[str, str | None, float, bytes]], full: bool = True) -> list[int]:
-        """Insert the rows in one transaction; their seqs, in order."""
+    def _insert_sync(
+        self,
+        rows: list[tuple[str, str | None, float, bytes]],
+        full: bool,
+        committed: Callable[[list[int]], None],
+    ) -> OSError | None:
+        """Insert the rows in one transaction, a write to the OS (`synchronous=NORMAL`: no fsync
+        in the commit); tell the loop (`committed`, with their seqs in order); then, if `full`,
+        fsync the WAL before returning. The fsync's error, if it failed (the rows are committed)."""
         db = self._require_db()
-        if not full:
-            db.execute("PRAGMA synchronous=NORMAL")  # WAL: commit is a write(), no fsync
+        db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("BEGIN IMMEDIATE")
+            seqs = []
+            for row in rows:
+                cur = db.execute(
+                    "INSERT INTO spool (kind, thread_id, created, payload) VALUES (?, ?, ?, ?)", row
+                )
+                seqs.append(int(cur.lastrowid or 0))
+            db.execute("COMMIT")  # synchronous=NORMAL: in the OS now, survives a kill -9
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        committed(seqs)
+        if full:
             try:
-                seqs = []
-                for row in rows:
-                    cur = db.execute(
-                        "INSERT INTO spool (kind, thread_id, created, payload) VALUES (?, ?, ?, ?)", row
-                    )
-                    seqs.append(int(cur.lastrowid or 0))
-                db.execute("COMMIT")  # synchronous=FULL: the WAL is fsync'd before this returns
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        finally:
-            if not full:
-                db.execute("PRAGMA synchronous=FULL")
-        return seqs
+                self._fsync_wal_sync()
+            except OSError as exc:
+                return exc
+        return None
 
     def _fsync_wal_sync(self) -> None:
         fd = os.open(f"{self.path}-wal", os.O_RDONLY)
@@ -512,24 +568,20 @@ class Spool:
         self._forget(entries, oldest)
 
     def _delete_sync(self, seqs: list[int], dead_error: str | None) -> float | None:
-        db = self._require_db()
-        db.execute("PRAGMA synchronous=NORMAL")  # a lost delete only causes an idempotent replay
+        db = self._require_db()  # not fsync'd here: a lost delete only causes an idempotent replay
+        db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                params = [(s,) for s in seqs]
-                if dead_error is not None:
-                    db.executemany(
-                        _DEAD_INSERT,
-                        [(dead_error, time.time(), s) for s in seqs],
-                    )
-                db.executemany("DELETE FROM spool WHERE seq = ?", params)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        finally:
-            db.execute("PRAGMA synchronous=FULL")
+            params = [(s,) for s in seqs]
+            if dead_error is not None:
+                db.executemany(
+                    _DEAD_INSERT,
+                    [(dead_error, time.time(), s) for s in seqs],
+                )
+            db.executemany("DELETE FROM spool WHERE seq = ?", params)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         row = db.execute("SELECT created FROM spool ORDER BY seq LIMIT 1").fetchone()
         return float(row[0]) if row else None
 
