@@ -93,13 +93,14 @@ class Links:
         self._chat_changes = 0  # opt-ins remembered or forgotten on this instance, ever
         self._inflight: dict[str, asyncio.Event] = {}  # task_events id -> set when its write ends
         self._early: dict[str, _Early] = {}  # event uuid -> its early announcement
-        self._announcing: set[asyncio.Task[None]] = set()
         self.early = 0  # events announced before they were stored
+        self.early_direct = 0
         # Where a group event's time goes in this instance: `spool_commit` (the tool hands the
         # event to the spool -> its row is committed, kill -9 safe), `sender_spool_wait` (-> the
         # sender's call resumes: with sync=full, after the fsync), `commit_to_send` (committed ->
-        # the announcement's Redis call starts), `commit_to_published` (-> Redis answered: the
-        # members' notifications are logged and published).
+        # the announcement is written on the direct Redis line, or handed to redis-py while that
+        # line is down), `commit_to_published` (-> Redis answered: the members' notifications
+        # are logged and published).
         self.stages = Stages(LINK_STAGES)
 
     def stats(self) -> dict[str, int]:
@@ -110,6 +111,7 @@ class Links:
             "caught_up_events": self.caught_up_events,
             "spooled": self.spooled,
             "early": self.early,
+            "early_direct": self.early_direct,  # of them, written on the direct Redis line
         }
 
     def stage_stats(self) -> dict[str, dict[str, Any]]:
@@ -227,7 +229,13 @@ class Links:
         return event_id
 
     def _announce_early(
-        self, group: str, event_id: str, sender: str, recipient: str | None, created: float, committed: float
+        self,
+        group: str,
+        event_id: str,
+        sender: str,
+        recipient: str | None,
+        created: float,
+        committed: float | None = None,
     ) -> None:
         """Tell the members (as this instance knows them) now that the event is committed to the
         spool (it survives a kill -9 of this process), without waiting for Postgres to store it
@@ -242,6 +250,8 @@ class Links:
         settings = self.runtime.settings
         notifier = self.runtime.notifier
         cached = self._members.get(group)
+        if committed is None:
+            committed = time.perf_counter()
         if (
             not settings.link_early_notify
             or notifier is None
@@ -288,19 +298,18 @@ class Links:
                 finish(True)
 
         def slow() -> None:
-            task = asyncio.create_task(send(), name="exai-link-announce")  # send() catches its errors
-            self._announcing.add(task)
-            task.add_done_callback(self._announcing.discard)
+            self.runtime.background(send(), what="announcing a link event early")
 
         def replied(reply: asyncio.Future[Any]) -> None:
             if not reply.cancelled() and reply.exception() is None:
+                self.early_direct += 1
                 finish(True)
             else:  # not loaded yet (NOSCRIPT) or the line broke: again the ordinary way (if the
                 slow()  # script did run and only its reply was lost, members get a second wake-up)
 
         # Written on the direct line now, in this callback (redis-py would first yield to the
         # loop, where the sender's answer is being built); while that line is down, redis-py.
-        line = notifier.line
+        line = getattr(notifier, "line", None)
         sent = line.send(*events.append_marked_command(*marked)) if line is not None else None
         self.stages.add("commit_to_send", time.perf_counter() - committed)
         if sent is None:

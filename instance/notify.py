@@ -74,14 +74,7 @@ class Notifier:
         self._wake.set()
 
     def stats(self) -> dict[str, int]:
-        line = self.line
-        return {
-            "published": self.published,
-            "pending": self.pending,
-            "dropped": self.dropped,
-            "direct_sent": line.sent if line is not None else 0,  # live announcements on the line
-            "direct_failures": line.failures if line is not None else 0,
-        }
+        return {"published": self.published, "pending": self.pending, "dropped": self.dropped}
 
     async def _send_all(self) -> None:
         assert self.events is not None

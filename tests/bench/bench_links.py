@@ -218,14 +218,14 @@ async def raw_delivery(fleet: Fleet, dsn: str, group: str, messages: int) -> dic
                 await asyncio.sleep(GAP)
         made = await created_by_body(dsn, group, "r%")
         status = await a.call("status", {})
-        stages, notes = status.get("link_stages"), status.get("notifications")
+        stages, notes = status.get("link_stages"), status.get("links")
         out: dict[str, Any] = {
             "delivery": summary(lat),
             "sender_answer": summary(answer),
             "noop_answer": summary(noop_ms),
             "link_send_minus_noop_p50": round(statistics.median(send_ms) - statistics.median(noop_ms), 3),
             "instance_stages": stages,  # the sender's instance's own timings (status link_stages)
-            "instance_notifications": notes,
+            "instance_links": notes,
         }
         if p := parts(marks, made, watch):
             out["delivery_parts"] = p
@@ -499,7 +499,7 @@ async def main() -> None:
     for key, r in raw.get("delivery_parts", {}).items():
         print(f"{'  raw part: ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
     print(f"raw: link_send - version, p50: {raw['link_send_minus_noop_p50']:+.3f} ms")
-    print(f"raw: sender's instance notifications: {raw.get('instance_notifications')}")
+    print(f"raw: sender's instance links stats: {raw.get('instance_links')}")
     for key, r in (raw.get("instance_stages") or {}).items():
         print(f"{'  instance stage: ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['count']:6}")
     for side in ("server_ms", "client_ms"):
