@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
 from common.errors import SpoolFull, StorageError
+from instance.timing import Stage
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,10 @@ class Spool:
         self._hot_complete = True
         self.hot_taken_total = 0  # rows handed to the flusher from memory
         self.unsynced_commits = 0  # sync="normal" commits whose fsync came after the answer
+        # From the oldest such answer to the end of the fsync that covered it: the power-loss
+        # window of sync="normal" rows (status: spool `unsynced_window`).
+        self.unsynced_window = Stage()
+        self._unsynced_since: float | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
@@ -379,6 +384,8 @@ class Spool:
             return
         # `_committed` ran before this (queued on the loop by the spool thread ahead of this
         # wake-up): the rows are counted, announced, and the callers that need no fsync answered.
+        if full and self.on_commit is not None:
+            self.on_commit(self.rows, any(p.kind in self.hot_kinds for p in batch))
         if fsync_error is not None:
             log.error("fsync of the spool %s failed: %s", self.path, fsync_error)
             err = StorageError(
@@ -432,12 +439,16 @@ class Spool:
                     p.on_commit()
                 except Exception:
                     log.exception("a spool commit callback failed (the row is committed)")
+        if self._unsynced_since is None and not any(p.full for p in batch):
+            self._unsynced_since = time.perf_counter()  # answered now, fsync'd a moment later
         for p in batch:
             if not p.full and not p.future.done():
                 p.future.set_result(None)
         # The callers first (their answer is what a write costs them), then the flusher: its
-        # wake-up is queued behind theirs.
-        if self.on_commit is not None:
+        # wake-up is queued behind theirs. With a sync="full" row in the batch, only after its
+        # fsync (`_commit`): Postgres's own commit fsyncs the same disk, and running the two at
+        # once made the sender's fsync several times slower.
+        if self.on_commit is not None and not any(p.full for p in batch):
             asyncio.get_running_loop().call_soon(self.on_commit, self.rows, hot > 0)
 
     async def _sync_loop(self) -> None:
@@ -446,10 +457,14 @@ class Spool:
         loop = asyncio.get_running_loop()
         while self._unsynced:
             self._unsynced = False
+            since, self._unsynced_since = self._unsynced_since, None
             try:
                 await loop.run_in_executor(self._sync_executor, self._fsync_wal_sync)
             except OSError as exc:  # the rows are committed (kill -9 safe); say it loudly
                 log.error("fsync of the spool WAL %s failed: %s", self.path, exc)
+            else:
+                if since is not None:  # how long answered rows were exposed to a power loss
+                    self.unsynced_window.add(time.perf_counter() - since)
 
     def _insert_sync(
         self,
@@ -625,6 +640,7 @@ class Spool:
             "hot_rows": self.hot_rows,
             "hot_taken_total": self.hot_taken_total,
             "unsynced_commits": self.unsynced_commits,
+            "unsynced_window": self.unsynced_window.summary(),
             "max_bytes": self.max_bytes,
             "path": str(self.path),
         }
