@@ -1,7 +1,7 @@
 """Linked sessions through a real fleet: the sender's cost, delivery latency A -> B, catch-up.
 
     python tests/bench/bench_links.py [--calls 300] [--messages 300] [--backlog 10000]
-                                      [--set link_spool_sync=normal] [--set link_early_notify=false]
+                                      [--set link_spool_sync=full] [--set link_early_notify=false]
 
 Starts a fleet under real supervisord (tests/fleet.py: router + 2 instances) on a fresh database
 (EXAI_TEST_DATABASE_URL, dropped afterwards) and EXAI_TEST_REDIS_URL (a fresh key prefix), with
@@ -432,7 +432,7 @@ async def main() -> None:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="a setting of the fleet, e.g. link_spool_sync=normal or link_early_notify=false",
+        help="a setting of the fleet, e.g. link_spool_sync=full or link_early_notify=false",
     )
     args = ap.parse_args()
     admin_dsn = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
