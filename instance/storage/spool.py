@@ -384,6 +384,12 @@ class Spool:
             return
         # `_committed` ran before this (queued on the loop by the spool thread ahead of this
         # wake-up): the rows are counted, announced, and the callers that need no fsync answered.
+        for p in batch:  # sync="full" rows are acted on (announced) once they are fsync'd
+            if p.full and p.on_commit is not None:
+                try:
+                    p.on_commit()
+                except Exception:
+                    log.exception("a spool commit callback failed (the row is committed)")
         if full and self.on_commit is not None:
             self.on_commit(self.rows, any(p.kind in self.hot_kinds for p in batch))
         if fsync_error is not None:
@@ -434,7 +440,7 @@ class Spool:
             self._hot_complete = False
         self._empty.clear()
         for p in batch:  # whoever acts on the commit (a link event's announcement) first
-            if p.on_commit is not None:
+            if p.on_commit is not None and not p.full:
                 try:
                     p.on_commit()
                 except Exception:

@@ -46,7 +46,7 @@ def _committed_rows(spool: Spool) -> int:
         other.close()
 
 
-async def test_a_full_append_is_announced_at_the_commit_and_answered_after_the_fsync(tmp_path: Path) -> None:
+async def test_a_full_append_is_committed_then_announced_and_answered_after_its_fsync(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", max_bytes=1 << 24, hot_kinds=(LINK,))
     await spool.open()
     try:
@@ -55,14 +55,18 @@ async def test_a_full_append_is_announced_at_the_commit_and_answered_after_the_f
         append = asyncio.create_task(
             spool.append(LINK, {"uuid": "1", "body": "x"}, urgent=True, on_commit=committed.set)
         )
-        await asyncio.wait_for(committed.wait(), 5)
-        # Committed and counted (kill -9 safe), its fsync running: the caller still waits.
+        await asyncio.to_thread(held.started.wait, 5)
+        for _ in range(100):  # the loop hears of the commit while the fsync runs
+            if spool.rows == 1:
+                break
+            await asyncio.sleep(0.01)
+        # Committed and counted (kill -9 safe), its fsync running: not yet announced nor answered.
         assert _committed_rows(spool) == 1 and spool.rows == 1 and spool.hot_ready
         await asyncio.sleep(0.05)
-        assert not append.done()
+        assert not committed.is_set() and not append.done()
         held.gate.set()
         await asyncio.wait_for(append, 5)
-        assert held.calls == 1
+        assert committed.is_set() and held.calls == 1
     finally:
         held.gate.set()
         await spool.close()
