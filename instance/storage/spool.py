@@ -4,23 +4,20 @@ Why SQLite: it gives crash-safe appends (a torn write at kill -9 is rolled back,
 read), cheap deletion of flushed rows, and an index by thread for "read your own pending
 writes" — all in the standard library. Every call runs on one dedicated thread, so the event
 loop never blocks on disk. Appends that arrive within `fsync_window_ms` of each other share one
-transaction and therefore one fsync.
+transaction and therefore one fsync (`synchronous=FULL`): an append returns only when its row is
+durable. Deletes of flushed rows are not fsynced (`synchronous=NORMAL`): losing one in a crash
+only means a replay, and replays are idempotent in Postgres.
 
-A transaction is committed as a write to the operating system (WAL, `synchronous=NORMAL`):
-from then on its rows survive a kill -9 of this process. At that moment the spool thread tells
-the loop, which counts the rows, runs each append's `on_commit` (a link event is announced from
-there, without waiting for the fsync or for its caller's wake-up), answers the appends that
-asked for `sync="normal"` and wakes the flusher. Then:
+An append may ask for `sync="normal"` instead: its transaction is committed without the fsync
+(the row is in the operating system's cache, so it survives a kill -9 of this process but not
+a power loss or a kernel crash), the caller is answered, and the WAL is fsync'd right after on
+a thread of its own (the next commit does not wait for it). Link events use it when
+EXAI_LINK_SPOOL_SYNC=normal.
 
-- a batch with a `sync="full"` append (the default) is fsync'd by the spool thread before it
-  returns; only then are those appends answered: their rows survive a power loss too;
-- a batch of `sync="normal"` appends only (link events with EXAI_LINK_SPOOL_SYNC=normal, chat
-  turns with EXAI_CHAT_SPOOL_SYNC=normal) is fsync'd right after on a thread of its own, so the
-  next commit does not wait for it: a power loss or kernel crash in those few milliseconds can
-  lose rows whose callers were answered.
-
-Deletes of flushed rows are not fsync'd: losing one in a crash only means a replay, and replays
-are idempotent in Postgres.
+An append can carry `on_commit`, called on the event loop once its row is committed (with
+`sync="normal"`: in the operating system, kill -9 safe; with `"full"`: fsync'd), before any
+caller of the batch is resumed: a link event is announced from there, without waiting for its
+caller's own wake-up.
 
 Rows of the "hot" kinds (link events: someone is waiting for them live) are also kept in memory
 once committed, up to `hot_max` rows, so the flusher can take them at once without reading the
@@ -75,7 +72,6 @@ CREATE TABLE IF NOT EXISTS dead (
     failed_at REAL NOT NULL
 );
 """
-_INSERT = "INSERT INTO spool (kind, thread_id, created, payload) VALUES (?, ?, ?, ?)"
 _DEAD_INSERT = (
     "INSERT OR IGNORE INTO dead (seq, kind, thread_id, created, payload, error, failed_at)"
     " SELECT seq, kind, thread_id, created, payload, ?, ? FROM spool WHERE seq = ?"
@@ -163,7 +159,7 @@ class Spool:
         self.hot_taken_total = 0  # rows handed to the flusher from memory
         self.unsynced_commits = 0  # sync="normal" commits whose fsync came after the answer
         # From the oldest such answer to the end of the fsync that covered it: the power-loss
-        # window of sync="normal" rows (status: spool `unsynced_window`).
+        # window of sync="normal" rows (stats: `unsynced_window`).
         self.unsynced_window = Stage()
         self._unsynced_since: float | None = None
 
@@ -201,10 +197,7 @@ class Spool:
         self._lockfile = lockfile
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
-        # Commits are writes to the OS; the WAL is fsync'd right after by this thread (a
-        # sync="full" row in the batch) or the sync thread (see _insert_sync). NORMAL, not OFF:
-        # SQLite still fsyncs around checkpoints, so a checkpoint never copies unsynced frames.
-        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA synchronous=FULL")
         db.executescript(_SCHEMA)
         count, size, oldest = db.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0), min(created) FROM spool"
@@ -273,8 +266,9 @@ class Spool:
         writers (a caller that answers only once this row is durable, e.g. a link event).
         `sync="normal"`: return once the row is committed to the operating system (it survives
         a kill -9 of this process, not a power loss); the fsync follows at once.
-        `on_commit`: called on the loop once the row is committed, before this returns (not if
-        the write fails); it must not block.
+        `on_commit`: called on the loop before this returns, once the row is committed (with
+        `sync="normal"`) or fsync'd (with `sync="full"`); not if the write fails. It must not
+        block.
         """
         if self._closed:
             raise StorageError("the spool is closed (the instance is shutting down); the write was not taken")
@@ -362,14 +356,9 @@ class Spool:
     async def _commit(self, batch: list[_Pending]) -> None:
         size = sum(len(p.blob) for p in batch)
         full = any(p.full for p in batch)
-        loop = asyncio.get_running_loop()
-
-        def committed(seqs: list[int]) -> None:  # called from the spool thread, run on the loop
-            loop.call_soon_threadsafe(self._committed, batch, seqs, size)
-
         try:
-            fsync_error = await self._call(
-                self._insert_sync, [(p.kind, p.thread_id, p.created, p.blob) for p in batch], full, committed
+            seqs = await self._call(
+                self._insert_sync, [(p.kind, p.thread_id, p.created, p.blob) for p in batch], full
             )
         except Exception as exc:  # disk full, I/O error, ...: every waiting caller must get an answer
             self._reserved -= size
@@ -382,40 +371,6 @@ class Spool:
                 if not p.future.done():
                     p.future.set_exception(err)
             return
-        # `_committed` ran before this (queued on the loop by the spool thread ahead of this
-        # wake-up): the rows are counted, announced, and the callers that need no fsync answered.
-        for p in batch:  # sync="full" rows are acted on (announced) once they are fsync'd
-            if p.full and p.on_commit is not None:
-                try:
-                    p.on_commit()
-                except Exception:
-                    log.exception("a spool commit callback failed (the row is committed)")
-        if full and self.on_commit is not None:
-            self.on_commit(self.rows, any(p.kind in self.hot_kinds for p in batch))
-        if fsync_error is not None:
-            log.error("fsync of the spool %s failed: %s", self.path, fsync_error)
-            err = StorageError(
-                f"the write reached the local spool {self.path} but could not be fsync'd ({fsync_error}): "
-                "it will still be stored unless the machine loses power before the disk writes it",
-                hint="Check the disk under EXAI_STATE_DIR (dmesg, free space).",
-            )
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(err)
-            return
-        for p in batch:
-            if not p.future.done():
-                p.future.set_result(None)
-        if not full:  # the callers have their answer; now make the rows power-loss safe too
-            self.unsynced_commits += 1
-            self._unsynced = True
-            if self._syncer is None or self._syncer.done():
-                self._syncer = asyncio.create_task(self._sync_loop(), name="exai-spool-sync")
-
-    def _committed(self, batch: list[_Pending], seqs: list[int], size: int) -> None:
-        """The batch's transaction is committed to the OS (kill -9 safe; with a sync="full" row
-        in it, its fsync is running now): count it, announce it, answer the sync="normal"
-        appends, wake the flusher."""
         self._reserved -= size
         self.commits_total += 1
         self.appends_total += len(batch)
@@ -440,22 +395,25 @@ class Spool:
             self._hot_complete = False
         self._empty.clear()
         for p in batch:  # whoever acts on the commit (a link event's announcement) first
-            if p.on_commit is not None and not p.full:
+            if p.on_commit is not None:
                 try:
                     p.on_commit()
                 except Exception:
                     log.exception("a spool commit callback failed (the row is committed)")
-        if self._unsynced_since is None and not any(p.full for p in batch):
+        if not full and self._unsynced_since is None:
             self._unsynced_since = time.perf_counter()  # answered now, fsync'd a moment later
         for p in batch:
-            if not p.full and not p.future.done():
+            if not p.future.done():
                 p.future.set_result(None)
-        # The callers first (their answer is what a write costs them), then the flusher: its
-        # wake-up is queued behind theirs. With a sync="full" row in the batch, only after its
-        # fsync (`_commit`): Postgres's own commit fsyncs the same disk, and running the two at
-        # once made the sender's fsync several times slower.
-        if self.on_commit is not None and not any(p.full for p in batch):
+        # The callers first (their answer is what a write costs them; a live link event is
+        # announced from there), then the flusher: its wake-up is queued behind theirs.
+        if self.on_commit is not None:
             asyncio.get_running_loop().call_soon(self.on_commit, self.rows, hot > 0)
+        if not full:  # the callers have their answer; now make the rows power-loss safe too
+            self.unsynced_commits += 1
+            self._unsynced = True
+            if self._syncer is None or self._syncer.done():
+                self._syncer = asyncio.create_task(self._sync_loop(), name="exai-spool-sync")
 
     async def _sync_loop(self) -> None:
         """fsync the WAL after `sync="normal"` commits, on a thread of its own so the next
@@ -472,40 +430,36 @@ class Spool:
                 if since is not None:  # how long answered rows were exposed to a power loss
                     self.unsynced_window.add(time.perf_counter() - since)
 
-    def _insert_sync(
-        self,
-        rows: list[tuple[str, str | None, float, bytes]],
-        full: bool,
-        committed: Callable[[list[int]], None],
-    ) -> OSError | None:
-        """Insert the rows in one transaction, a write to the OS (`synchronous=NORMAL`: no fsync
-        in the commit); tell the loop (`committed`, with their seqs in order); then, if `full`,
-        fsync the WAL before returning. The fsync's error, if it failed (the rows are committed)."""
+    def _insert_sync(self, rows: list[tuple[str, str | None, float, bytes]], full: bool = True) -> list[int]:
+        """Insert the rows in one transaction; their seqs, in order."""
         db = self._require_db()
-        db.execute("BEGIN IMMEDIATE")
+        if not full:
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL: commit is a write(), no fsync
         try:
-            seqs = []
-            for row in rows:
-                cur = db.execute(
-                    "INSERT INTO spool (kind, thread_id, created, payload) VALUES (?, ?, ?, ?)", row
-                )
-                seqs.append(int(cur.lastrowid or 0))
-            db.execute("COMMIT")  # synchronous=NORMAL: in the OS now, survives a kill -9
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        committed(seqs)
-        if full:
+            db.execute("BEGIN IMMEDIATE")
             try:
-                self._fsync_wal_sync()
-            except OSError as exc:
-                return exc
-        return None
+                seqs = []
+                for row in rows:
+                    cur = db.execute(
+                        "INSERT INTO spool (kind, thread_id, created, payload) VALUES (?, ?, ?, ?)", row
+                    )
+                    seqs.append(int(cur.lastrowid or 0))
+                db.execute("COMMIT")  # synchronous=FULL: the WAL is fsync'd before this returns
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        finally:
+            if not full:
+                db.execute("PRAGMA synchronous=FULL")
+        return seqs
 
     def _fsync_wal_sync(self) -> None:
+        """Make the WAL's committed frames power-loss safe. fdatasync, as SQLite's own commit
+        does: the frames and the file's size, not its timestamps, so an ext4 journal commit is
+        only needed when the WAL grew (it is rewritten in place after each checkpoint)."""
         fd = os.open(f"{self.path}-wal", os.O_RDONLY)
         try:
-            os.fsync(fd)
+            os.fdatasync(fd)
         finally:
             os.close(fd)
 
@@ -589,20 +543,24 @@ class Spool:
         self._forget(entries, oldest)
 
     def _delete_sync(self, seqs: list[int], dead_error: str | None) -> float | None:
-        db = self._require_db()  # not fsync'd here: a lost delete only causes an idempotent replay
-        db.execute("BEGIN IMMEDIATE")
+        db = self._require_db()
+        db.execute("PRAGMA synchronous=NORMAL")  # a lost delete only causes an idempotent replay
         try:
-            params = [(s,) for s in seqs]
-            if dead_error is not None:
-                db.executemany(
-                    _DEAD_INSERT,
-                    [(dead_error, time.time(), s) for s in seqs],
-                )
-            db.executemany("DELETE FROM spool WHERE seq = ?", params)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                params = [(s,) for s in seqs]
+                if dead_error is not None:
+                    db.executemany(
+                        _DEAD_INSERT,
+                        [(dead_error, time.time(), s) for s in seqs],
+                    )
+                db.executemany("DELETE FROM spool WHERE seq = ?", params)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        finally:
+            db.execute("PRAGMA synchronous=FULL")
         row = db.execute("SELECT created FROM spool ORDER BY seq LIMIT 1").fetchone()
         return float(row[0]) if row else None
 
