@@ -163,12 +163,26 @@ class EventLog:
         """`append_many`, in the same atomic step as adding `member` to the sorted set `marker`
         (scored `score`; members scored below `now` are dropped): a reader woken by one of
         these events already finds the mark."""
+        keys, args = self._marked(marker, member, score, now, items)
+        return [str(i) for i in await self._append_marked(keys=keys, args=args)]
+
+    def append_marked_command(
+        self, marker: str, member: str, score: float, now: float, items: list[tuple[str, dict[str, Any]]]
+    ) -> tuple[Any, ...]:
+        """`append_marked` as a raw EVALSHA command (for a connection that writes it at once,
+        instance/redis_line.py); a NOSCRIPT reply means: call `append_marked` (it loads it)."""
+        keys, args = self._marked(marker, member, score, now, items)
+        return ("EVALSHA", self._append_marked.sha, len(keys), *keys, *args)
+
+    def _marked(
+        self, marker: str, member: str, score: float, now: float, items: list[tuple[str, dict[str, Any]]]
+    ) -> tuple[list[str], list[Any]]:
         keys: list[str] = [marker]
         args: list[Any] = [self.maxlen, self.ttl, member, score, now]
         for session_id, message in items:
             keys += [self.keys.events(session_id), self.keys.session_channel(session_id)]
             args.append(json.dumps(message, separators=(",", ":")))
-        return [str(i) for i in await self._append_marked(keys=keys, args=args)]
+        return keys, args
 
     async def after(self, session_id: str, cursor: str, *, count: int = 200) -> list[Event]:
         """Up to `count` events logged after `cursor`, oldest first."""

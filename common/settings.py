@@ -84,11 +84,12 @@ class Settings(BaseSettings):
     link_member_cache_ttl: float = Field(5.0, ge=0, validation_alias="EXAI_LINK_MEMBER_CACHE_TTL")
     # Newest events kept in each group's Redis stream (the whole log is in Postgres).
     link_stream_maxlen: int = Field(10_000, ge=1, validation_alias="EXAI_LINK_STREAM_MAXLEN")
-    # When link_send and other group events answer: "full" once their spool row is fsync'd,
-    # "normal" once it is written to the OS (safe from kill -9, not power loss), fsync just after.
-    link_spool_sync: Literal["full", "normal"] = Field("full", validation_alias="EXAI_LINK_SPOOL_SYNC")
-    # Announce a group event to the members once it is durable in the spool, before Postgres
-    # stores it (link_inbox then waits, briefly, for such events to be stored).
+    # When link_send and other group events answer: "normal" once their spool row is written to
+    # the OS (safe from kill -9; a power loss within the one fsync that follows at once can lose
+    # it), "full" (strict) once that fsync has finished. See docs/LINKED_SESSIONS.md.
+    link_spool_sync: Literal["full", "normal"] = Field("normal", validation_alias="EXAI_LINK_SPOOL_SYNC")
+    # Announce a group event to the members once its spool row is committed (kill -9 safe),
+    # before Postgres stores it (link_inbox then waits, briefly, for such events to be stored).
     link_early_notify: bool = Field(True, validation_alias="EXAI_LINK_EARLY_NOTIFY")
     # Ports of the embedded Postgres / Redis that `exai up` runs when DATABASE_URL / REDIS_URL are unset.
     embedded_pg_port: int = Field(8432, ge=1, le=65535, validation_alias="EXAI_EMBEDDED_PG_PORT")

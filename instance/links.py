@@ -40,6 +40,7 @@ from common.protocol import ADMIN_PRINCIPAL, CLIENT_HEADER
 from common.redis import REDIS_DOWN_ERRORS
 from instance.runtime import Runtime
 from instance.storage.writebehind import KIND_LINK_EVENT
+from instance.timing import Stages
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ EARLY_MARK_SECONDS = 5.0  # how long readers may wait for an early-announced eve
 INFLIGHT_WAIT = 1.0  # longest a link_inbox read waits for early-announced events (then: as is)
 INFLIGHT_POLL = 0.003  # how often it looks
 EARLY_MAX = 10_000  # early announcements awaiting their store, at most (beyond: after the store)
+LINK_STAGES = ("spool_commit", "sender_spool_wait", "commit_to_send", "commit_to_published")
 
 
 @dataclass(slots=True)
@@ -92,6 +94,14 @@ class Links:
         self._inflight: dict[str, asyncio.Event] = {}  # task_events id -> set when its write ends
         self._early: dict[str, _Early] = {}  # event uuid -> its early announcement
         self.early = 0  # events announced before they were stored
+        self.early_direct = 0
+        # Where a group event's time goes in this instance: `spool_commit` (the tool hands the
+        # event to the spool -> its row is committed, kill -9 safe), `sender_spool_wait` (-> the
+        # sender's call resumes: with sync=full, after the fsync), `commit_to_send` (committed ->
+        # the announcement is written on the direct Redis line, or handed to redis-py while that
+        # line is down), `commit_to_published` (-> Redis answered: the members' notifications
+        # are logged and published).
+        self.stages = Stages(LINK_STAGES)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -101,7 +111,12 @@ class Links:
             "caught_up_events": self.caught_up_events,
             "spooled": self.spooled,
             "early": self.early,
+            "early_direct": self.early_direct,  # of them, written on the direct Redis line
         }
+
+    def stage_stats(self) -> dict[str, dict[str, Any]]:
+        """Recent timings of the sender's path, p50/p99 in ms (the `status` tool's `link_stages`)."""
+        return self.stages.summary()
 
     async def run(
         self, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, what: str, write: bool = False
@@ -193,18 +208,46 @@ class Links:
             "data": data or {},
             "created_at": created,
         }
+        started = time.perf_counter()
+        committed = [0.0]
+        strict = self.runtime.settings.link_spool_sync == "full"
+
+        def announce() -> None:  # on the loop, once the row is committed (kill -9 safe)
+            committed[0] = committed[0] or time.perf_counter()
+            self._announce_early(group, event_id, sender, recipient, created, committed[0])
+
         await storage.spool.append(
-            KIND_LINK_EVENT, payload, urgent=True, sync=self.runtime.settings.link_spool_sync
+            KIND_LINK_EVENT,
+            payload,
+            urgent=True,
+            sync=self.runtime.settings.link_spool_sync,
+            # Default: announced from the commit, before this call resumes (delivery first).
+            # Strict (sync=full): the sender asked for its fsync; it resumes first and the
+            # announcement follows its step, as before (announcing first made it 1-3 ms slower
+            # here: Redis, the router and the members' clients woke up beside it).
+            on_commit=None if strict else announce,
         )  # the flusher takes it from the spool's memory at once (no waiting for a batch)
         self.spooled += 1
-        self._announce_early(group, event_id, sender, recipient, created)
+        done = time.perf_counter()
+        if strict:
+            committed[0] = done
+            asyncio.get_running_loop().call_soon(announce)
+        self.stages.add("spool_commit", committed[0] - started)
+        self.stages.add("sender_spool_wait", done - started)
         return event_id
 
     def _announce_early(
-        self, group: str, event_id: str, sender: str, recipient: str | None, created: float
+        self,
+        group: str,
+        event_id: str,
+        sender: str,
+        recipient: str | None,
+        created: float,
+        committed: float | None = None,
     ) -> None:
-        """Tell the members (as this instance knows them) now that the event is durable in the
-        spool, without waiting for Postgres to store it and give it its id.
+        """Tell the members (as this instance knows them) now that the event is committed to the
+        spool (it survives a kill -9 of this process), without waiting for Postgres to store it
+        and give it its id, nor for the spool's fsync, nor for the sender's call to resume.
 
         The inbox notification carries no event, so what a member then reads must have it: the
         same atomic Redis step marks the event in flight for its group (Keys.link_inflight), and
@@ -215,6 +258,8 @@ class Links:
         settings = self.runtime.settings
         notifier = self.runtime.notifier
         cached = self._members.get(group)
+        if committed is None:
+            committed = time.perf_counter()
         if (
             not settings.link_early_notify
             or notifier is None
@@ -230,21 +275,20 @@ class Links:
         events = notifier.events
         message = notification(UPDATED, {"uri": db.inbox_uri(group)})
 
-        async def send() -> None:
-            now = time.time()
-            try:
-                await events.append_marked(
-                    self.keys.link_inflight(group),
-                    event_id,
-                    (now + EARLY_MARK_SECONDS) * 1000,
-                    now * 1000,
-                    [(sid, message) for sid in targets],
-                )
-            except Exception as exc:  # Redis down or anything else: announced after the store
-                log.debug("early announcement of a link event failed: %s", exc)
-            else:
+        now = time.time()
+        marked = (
+            self.keys.link_inflight(group),
+            event_id,
+            (now + EARLY_MARK_SECONDS) * 1000,
+            now * 1000,
+            [(sid, message) for sid in targets],
+        )
+
+        def finish(ok: bool) -> None:
+            if ok:
                 state.told = frozenset(targets)
                 self.early += 1
+                self.stages.add("commit_to_published", time.perf_counter() - committed)
                 self._count(publish_lag_seconds_sum=max(0.0, time.time() - created), publish_lag_count=1)
             state.done = True
             if state.stored is not None:  # the store came first and left the rest to us
@@ -252,7 +296,34 @@ class Links:
                 self._after_store(*state.stored, early=state)
                 self._clear_inflight({group: [event_id]})  # only now: after our mark was made
 
-        self.runtime.background(send(), what="announcing a link event early")
+        async def send() -> None:  # the ordinary path, through redis-py
+            try:
+                await events.append_marked(*marked)
+            except Exception as exc:  # Redis down or anything else: announced after the store
+                log.debug("early announcement of a link event failed: %s", exc)
+                finish(False)
+            else:
+                finish(True)
+
+        def slow() -> None:
+            self.runtime.background(send(), what="announcing a link event early")
+
+        def replied(reply: asyncio.Future[Any]) -> None:
+            if not reply.cancelled() and reply.exception() is None:
+                self.early_direct += 1
+                finish(True)
+            else:  # not loaded yet (NOSCRIPT) or the line broke: again the ordinary way (if the
+                slow()  # script did run and only its reply was lost, members get a second wake-up)
+
+        # Written on the direct line now, in this callback (redis-py would first yield to the
+        # loop, where the sender's answer is being built); while that line is down, redis-py.
+        line = getattr(notifier, "line", None)
+        sent = line.send(*events.append_marked_command(*marked)) if line is not None else None
+        self.stages.add("commit_to_send", time.perf_counter() - committed)
+        if sent is None:
+            slow()
+        else:
+            sent.add_done_callback(replied)
 
     def _early_room(self) -> bool:
         """Room for one more early announcement (EARLY_MAX): entries whose event will never be

@@ -26,6 +26,7 @@ from typing import Any
 
 from common.notifications import EventLog, notification
 from common.redis import REDIS_DOWN_ERRORS
+from instance.redis_line import DirectLine
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class Notifier:
         self._drained = asyncio.Event()
         self._drained.set()
         self._task: asyncio.Task[None] | None = None
+        # Live announcements of group events are written on a line of their own, at once.
+        self.line = DirectLine(events.redis) if events is not None else None
 
     @property
     def pending(self) -> int:
@@ -135,9 +138,13 @@ class Notifier:
             yield self
             return
         self._task = asyncio.create_task(self._run(), name="notifier")
+        if self.line is not None:
+            self.line.start()
         try:
             yield self
         finally:
+            if self.line is not None:
+                await self.line.close()
             if not await self.flush(flush_timeout):
                 log.warning("shutting down with %d notifications unpublished", len(self._queue))
             self._task.cancel()

@@ -14,6 +14,11 @@ a power loss or a kernel crash), the caller is answered, and the WAL is fsync'd 
 a thread of its own (the next commit does not wait for it). Link events use it when
 EXAI_LINK_SPOOL_SYNC=normal.
 
+An append can carry `on_commit`, called on the event loop once its row is committed (with
+`sync="normal"`: in the operating system, kill -9 safe; with `"full"`: fsync'd), before any
+caller of the batch is resumed: a link event is announced from there, without waiting for its
+caller's own wake-up.
+
 Rows of the "hot" kinds (link events: someone is waiting for them live) are also kept in memory
 once committed, up to `hot_max` rows, so the flusher can take them at once without reading the
 file (`hot_batch`). The copy is only used while it holds every unflushed row of those kinds, so
@@ -42,6 +47,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
 from common.errors import SpoolFull, StorageError
+from instance.timing import Stage
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +98,7 @@ class _Pending:
     blob: bytes
     future: asyncio.Future[None]
     full: bool = True  # fsync before answering (else: answer after the OS write, fsync after)
+    on_commit: Callable[[], None] | None = None  # called once the row is committed
 
 
 class Spool:
@@ -151,6 +158,10 @@ class Spool:
         self._hot_complete = True
         self.hot_taken_total = 0  # rows handed to the flusher from memory
         self.unsynced_commits = 0  # sync="normal" commits whose fsync came after the answer
+        # From the oldest such answer to the end of the fsync that covered it: the power-loss
+        # window of sync="normal" rows (stats: `unsynced_window`).
+        self.unsynced_window = Stage()
+        self._unsynced_since: float | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
@@ -247,6 +258,7 @@ class Spool:
         thread_id: str | None = None,
         urgent: bool = False,
         sync: Literal["full", "normal"] = "full",
+        on_commit: Callable[[], None] | None = None,
     ) -> None:
         """Return once the row is fsync'd in the spool; apply the full-spool policy first.
 
@@ -254,13 +266,16 @@ class Spool:
         writers (a caller that answers only once this row is durable, e.g. a link event).
         `sync="normal"`: return once the row is committed to the operating system (it survives
         a kill -9 of this process, not a power loss); the fsync follows at once.
+        `on_commit`: called on the loop before this returns, once the row is committed (with
+        `sync="normal"`) or fsync'd (with `sync="full"`); not if the write fails. It must not
+        block.
         """
         if self._closed:
             raise StorageError("the spool is closed (the instance is shutting down); the write was not taken")
         blob = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
         await self._admit(len(blob))
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(kind, thread_id, time.time(), blob, fut, sync != "normal"))
+        self._queue.append(_Pending(kind, thread_id, time.time(), blob, fut, sync != "normal", on_commit))
         self._queued.set()
         if urgent:
             self._urgent = True
@@ -322,7 +337,8 @@ class Spool:
         last_group = 1
         while True:
             await self._queued.wait()
-            await asyncio.sleep(0)
+            if not self._urgent:
+                await asyncio.sleep(0)  # appends made in this loop turn join the group
             if self.fsync_window > 0 and len(self._queue) < last_group and not self._urgent:
                 self._group_target = last_group
                 self._grown.clear()
@@ -378,6 +394,14 @@ class Spool:
             self._hot.clear()
             self._hot_complete = False
         self._empty.clear()
+        for p in batch:  # whoever acts on the commit (a link event's announcement) first
+            if p.on_commit is not None:
+                try:
+                    p.on_commit()
+                except Exception:
+                    log.exception("a spool commit callback failed (the row is committed)")
+        if not full and self._unsynced_since is None:
+            self._unsynced_since = time.perf_counter()  # answered now, fsync'd a moment later
         for p in batch:
             if not p.future.done():
                 p.future.set_result(None)
@@ -397,10 +421,14 @@ class Spool:
         loop = asyncio.get_running_loop()
         while self._unsynced:
             self._unsynced = False
+            since, self._unsynced_since = self._unsynced_since, None
             try:
                 await loop.run_in_executor(self._sync_executor, self._fsync_wal_sync)
             except OSError as exc:  # the rows are committed (kill -9 safe); say it loudly
                 log.error("fsync of the spool WAL %s failed: %s", self.path, exc)
+            else:
+                if since is not None:  # how long answered rows were exposed to a power loss
+                    self.unsynced_window.add(time.perf_counter() - since)
 
     def _insert_sync(self, rows: list[tuple[str, str | None, float, bytes]], full: bool = True) -> list[int]:
         """Insert the rows in one transaction; their seqs, in order."""
@@ -426,9 +454,12 @@ class Spool:
         return seqs
 
     def _fsync_wal_sync(self) -> None:
+        """Make the WAL's committed frames power-loss safe. fdatasync, as SQLite's own commit
+        does: the frames and the file's size, not its timestamps, so an ext4 journal commit is
+        only needed when the WAL grew (it is rewritten in place after each checkpoint)."""
         fd = os.open(f"{self.path}-wal", os.O_RDONLY)
         try:
-            os.fsync(fd)
+            os.fdatasync(fd)
         finally:
             os.close(fd)
 
@@ -573,6 +604,7 @@ class Spool:
             "hot_rows": self.hot_rows,
             "hot_taken_total": self.hot_taken_total,
             "unsynced_commits": self.unsynced_commits,
+            "unsynced_window": self.unsynced_window.summary(),
             "max_bytes": self.max_bytes,
             "path": str(self.path),
         }

@@ -92,6 +92,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             # is unreachable, and dropped because EXAI_NOTIFY_BUFFER was full.
             "notifications": runtime.notifier.stats() if runtime.notifier else None,
             "links": runtime.links.stats() if runtime.links else None,
+            "link_stages": runtime.links.stage_stats() if runtime.links else None,
             # Where this instance's chat calls spent their time (fleet = total - provider).
             "chat_stages": chat_stages.summary(),
         }

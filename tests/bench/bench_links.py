@@ -1,7 +1,7 @@
 """Linked sessions through a real fleet: the sender's cost, delivery latency A -> B, catch-up.
 
     python tests/bench/bench_links.py [--calls 300] [--messages 300] [--backlog 10000]
-                                      [--set link_spool_sync=normal] [--set link_early_notify=false]
+                                      [--set link_spool_sync=full] [--set link_early_notify=false]
 
 Starts a fleet under real supervisord (tests/fleet.py: router + 2 instances) on a fresh database
 (EXAI_TEST_DATABASE_URL, dropped afterwards) and EXAI_TEST_REDIS_URL (a fresh key prefix), with
@@ -22,6 +22,13 @@ real MCP clients through the router. Measured:
    client), and the instances' own mean of call -> notification queued;
 3. catch-up: B missed `--backlog` events (written straight into Postgres, not measured); time
    for B to read and acknowledge them all with link_inbox(limit=1000) through the router.
+
+4. the same delivery over the raw wire (tests/bench/rawwire.py): A writes one prebuilt
+   2026-07-28 tools/call link_send on a plain socket, B reads its `subscriptions/listen`
+   stream's bytes and splits the frames itself; from A's request written to B's frame read.
+   No client library on either side: the fleet's own delivery latency, printed beside the
+   SDK clients' (whose own cost is most of the difference). The publish moments come from a
+   subscriber in a process of its own, so the bench process's work does not delay them.
 
 Targets: sender <= 0.2 ms, delivery p50 <= 5 ms, catch-up of 10,000 events <= 1 s.
 Prints a table and saves JSON to tests/bench/results/links-<timestamp>.json.
@@ -53,6 +60,7 @@ from common import links as db  # noqa: E402
 from common.keys import Keys  # noqa: E402
 from common.migrate import migrate  # noqa: E402
 from instance.storage.spool import Spool  # noqa: E402
+from tests.bench.rawwire import RawCaller, RawListen  # noqa: E402
 from tests.fleet import Fleet  # noqa: E402
 from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client, status_of  # noqa: E402
 
@@ -71,6 +79,162 @@ def summary(ms: list[float]) -> dict[str, float]:
         "p99_ms": round(pct(ms, 99), 3),
         "mean_ms": round(statistics.fmean(ms), 3),
     }
+
+
+_WATCH = """
+import sys, time, redis
+r = redis.Redis.from_url(sys.argv[1])
+ps = r.pubsub()
+ps.subscribe(sys.argv[2])
+for msg in ps.listen():
+    if msg["type"] == "subscribe":
+        print("ready", flush=True)
+    elif msg["type"] == "message":
+        print(repr(time.time()), flush=True)
+"""
+
+
+class PublishWatch:
+    """The wall-clock moments of the publishes on one session channel, seen by a subscriber in a
+    process of its own (so what the bench process is busy with, e.g. an SDK client parsing an
+    answer, does not delay it)."""
+
+    def __init__(self, redis_url: str, channel: str) -> None:
+        self.redis_url = redis_url
+        self.channel = channel
+        self.times: list[float] = []
+        self._proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> PublishWatch:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _WATCH, self.redis_url, self.channel, stdout=asyncio.subprocess.PIPE
+        )
+        assert self._proc.stdout is not None
+        line = await asyncio.wait_for(self._proc.stdout.readline(), 20)
+        assert line.strip() == b"ready", line
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        async for line in self._proc.stdout:
+            self.times.append(float(line))
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.sleep(0.2)  # the last lines
+        assert self._proc is not None and self._task is not None
+        self._proc.kill()
+        await self._proc.wait()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    def first_after(self, t: float, before: float) -> float:
+        """The first publish in [t, before), or 0."""
+        return next((x for x in self.times if t <= x < before), 0.0)
+
+
+def parts(
+    marks: list[tuple[str, float, float]], made: dict[str, float], watch: PublishWatch
+) -> dict[str, Any]:
+    """Where delivery's time went: (body, A's request start (wall), B has it (wall)) per message,
+    the event's created_at by body -> call start -> made -> published -> B."""
+    to_tool, to_publish, hop = [], [], []
+    for i, (body, start, got) in enumerate(marks):
+        created = made.get(body)
+        nxt = marks[i + 1][1] if i + 1 < len(marks) else float("inf")
+        published = watch.first_after(start, nxt)
+        if created is None or not published or published > got:
+            continue
+        to_tool.append((created - start) * 1000)
+        to_publish.append((published - created) * 1000)
+        hop.append((got - published) * 1000)
+    if not hop:
+        return {}
+    return {
+        "call_start_to_event_made": summary(to_tool),
+        "event_made_to_published": summary(to_publish),
+        "pubsub_hop_published_to_b": summary(hop),
+    }
+
+
+async def created_by_body(dsn: str, group: str, like: str) -> dict[str, float]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {
+            r["body"]: r["created_at"].timestamp()
+            for r in await conn.fetch(
+                "SELECT body, created_at FROM link_events WHERE group_name = $1 AND body LIKE $2", group, like
+            )
+        }
+    finally:
+        await conn.close()
+
+
+async def raw_delivery(fleet: Fleet, dsn: str, group: str, messages: int) -> dict[str, Any]:
+    """Delivery over the raw wire: A writes a tools/call link_send (2026-07-28, one prebuilt
+    request on a plain socket) -> B's `subscriptions/listen` frame for the inbox is read (its
+    bytes, parsed here). No client library on either side: the fleet's own latency."""
+    inbox = db.inbox_uri(group)
+    a = RawCaller(fleet.mcp_url, "raw-a")
+    b = RawCaller(fleet.mcp_url, "raw-b")
+    listen = RawListen(fleet.mcp_url, "raw-b", [inbox])
+    try:
+        b_sid = (await b.call("status", {}))["session"]
+        await a.call("status", {})
+        for c in (a, b):
+            await c.call("link_join", {"group": group})
+        await b.call("link_inbox", {"group": group, "limit": 1000})
+        await listen.start()
+        for i in range(20):  # warm-up
+            await a.call("link_send", {"group": group, "body": f"rw{i}"})
+            await a.call("version", {})
+        await asyncio.sleep(0.5)
+        lat: list[float] = []
+        answer: list[float] = []
+        marks: list[tuple[str, float, float]] = []
+        noop_ms: list[float] = []
+        send_ms: list[float] = []
+        redis_url = fleet.settings.redis_url or ""
+        async with PublishWatch(redis_url, fleet.keys.session_channel(b_sid)) as watch:
+            await asyncio.sleep(0.3)
+            for i in range(messages):
+                req = a.request("link_send", {"group": group, "body": f"r{i}"})
+                listen.frames.clear()
+                listen.arrived.clear()
+                wall0 = time.time()
+                written, _ = await a.send(req)
+                answered = time.perf_counter()
+                await asyncio.wait_for(listen.arrived.wait(), 10)
+                got = listen.frames[0][0]
+                assert db.inbox_uri(group).encode() in listen.frames[0][1]
+                lat.append((got - written) * 1000)
+                answer.append((answered - written) * 1000)
+                marks.append((f"r{i}", wall0, wall0 + (got - written)))
+                send_ms.append((answered - written) * 1000)
+                await asyncio.sleep(GAP)
+                w, _ = await a.send(a.request("version", {}))
+                noop_ms.append((time.perf_counter() - w) * 1000)
+                await asyncio.sleep(GAP)
+        made = await created_by_body(dsn, group, "r%")
+        status = await a.call("status", {})
+        stages, notes = status.get("link_stages"), status.get("links")
+        out: dict[str, Any] = {
+            "delivery": summary(lat),
+            "sender_answer": summary(answer),
+            "noop_answer": summary(noop_ms),
+            "link_send_minus_noop_p50": round(statistics.median(send_ms) - statistics.median(noop_ms), 3),
+            "instance_stages": stages,  # the sender's instance's own timings (status link_stages)
+            "instance_links": notes,
+        }
+        if p := parts(marks, made, watch):
+            out["delivery_parts"] = p
+        await b.call("link_inbox", {"group": group, "limit": 1000})
+        return out
+    finally:
+        await listen.close()
+        await a.close()
+        await b.close()
 
 
 async def call(client: Any, tool: str, args: dict[str, Any]) -> tuple[dict[str, Any], float]:
@@ -116,84 +280,49 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
             seen["noop"].append((await call(a, "version", {}))[1])
         results["client_ms"] = {k: summary(v) for k, v in seen.items()}
 
-        # Delivery: one message at a time, A's call start -> B's client has the notification.
-        # Where the time goes (wall clock, one machine): the call start -> the tool made the
-        # event (its created_at) -> the notification published on B's session channel (seen by
-        # a subscriber of our own, like the router's) -> B's client has it (the pub/sub hop:
-        # router wake-up, its read of B's log, SSE, the client's parsing).
+        # Delivery with the SDK clients: one message at a time, A's call start -> B's client has
+        # the notification. Where the time goes (wall clock, one machine): the call start -> the
+        # tool made the event (its created_at) -> the notification published on B's session
+        # channel (seen by a subscriber in a process of its own) -> B's client has it (the
+        # pub/sub hop: router wake-up, SSE, the client's parsing).
         b_sid = (await status_of(b))["session"]
         await call(b, "link_inbox", {"group": group, "limit": 1000})
-        redis = aioredis.Redis.from_url(fleet.settings.redis_url or "", decode_responses=True)
-        pubsub = redis.pubsub()
-        await pubsub.subscribe(fleet.keys.session_channel(b_sid))
-        published_at = [0.0]
-
-        async def listen() -> None:
-            async for msg in pubsub.listen():
-                if msg.get("type") == "message":
-                    published_at[0] = time.time()
-
-        listener = asyncio.create_task(listen())
-        await asyncio.sleep(1.0)
         lat: list[float] = []
         after_answer: list[float] = []
         answer: list[float] = []
-        marks: list[tuple[int, float, float, float]] = []  # (i, call start, published, arrived)
-        for i in range(messages):
-            arrived.clear()
-            published_at[0] = 0.0
-            wall0 = time.time()
-            t0 = time.perf_counter()
-            await call(a, "link_send", {"group": group, "body": f"d{i}", "to": None})
-            answered = time.perf_counter()
-            await asyncio.wait_for(arrived.wait(), 10)
-            lat.append((arrived_at[0] - t0) * 1000)
-            answer.append((answered - t0) * 1000)
-            after_answer.append((arrived_at[0] - answered) * 1000)  # < 0: B heard before A's answer
-            # Spaced out, as messages between agents are: what one message leaves to do in the
-            # background (its store, stream entry, counters) is not charged to the next.
-            await asyncio.sleep(GAP)
-            marks.append((i, wall0, published_at[0], wall0 + (arrived_at[0] - t0)))
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        marks: list[tuple[str, float, float]] = []  # (body, call start, arrived), wall clock
+        async with PublishWatch(fleet.settings.redis_url or "", fleet.keys.session_channel(b_sid)) as watch:
+            await asyncio.sleep(1.0)
+            for i in range(messages):
+                arrived.clear()
+                wall0 = time.time()
+                t0 = time.perf_counter()
+                await call(a, "link_send", {"group": group, "body": f"d{i}", "to": None})
+                answered = time.perf_counter()
+                await asyncio.wait_for(arrived.wait(), 10)
+                lat.append((arrived_at[0] - t0) * 1000)
+                answer.append((answered - t0) * 1000)
+                after_answer.append((arrived_at[0] - answered) * 1000)  # < 0: B heard before A's answer
+                # Spaced out, as messages between agents are: what one message leaves to do in the
+                # background (its store, stream entry, counters) is not charged to the next.
+                await asyncio.sleep(GAP)
+                marks.append((f"d{i}", wall0, wall0 + (arrived_at[0] - t0)))
         results["delivery"] = summary(lat)
         results["delivery_after_answer"] = summary(after_answer)
         results["sender_answer"] = summary(answer)
+        redis = aioredis.Redis.from_url(fleet.settings.redis_url or "", decode_responses=True)
         try:  # the instances' own count: the sender's call -> the members' notification queued
             stats = await redis.hgetall(fleet.keys.link_stats())  # type: ignore[misc]
         finally:
             await redis.aclose()
-        conn = await asyncpg.connect(dsn)
-        try:
-            made = {
-                r["body"]: r["created_at"].timestamp()
-                for r in await conn.fetch(
-                    "SELECT body, created_at FROM link_events WHERE group_name = $1 AND body LIKE 'd%'",
-                    group,
-                )
-            }
-        finally:
-            await conn.close()
-        to_tool, to_publish, hop = [], [], []
-        for i, start, published, got in marks:
-            created = made.get(f"d{i}")
-            if created is None or not published or published > got:
-                continue
-            to_tool.append((created - start) * 1000)
-            to_publish.append((published - created) * 1000)
-            hop.append((got - published) * 1000)
-        if hop:
-            results["delivery_parts"] = {
-                "call_start_to_event_made": summary(to_tool),
-                "event_made_to_published": summary(to_publish),
-                "pubsub_hop_published_to_b": summary(hop),
-            }
+        if p := parts(marks, await created_by_body(dsn, group, "d%"), watch):
+            results["delivery_parts"] = p
         count = float(stats.get("publish_lag_count", 0) or 0)
         results["publish_lag_mean_ms"] = (
             round(float(stats.get("publish_lag_seconds_sum", 0)) / count * 1000, 3) if count else None
         )
+        results["instance_links_stats"] = (await status_of(a)).get("links")
+        results["raw"] = await raw_delivery(fleet, dsn, group, messages)
         while (await call(b, "link_inbox", {"group": group, "limit": 1000}))[0]["more"]:
             pass
 
@@ -303,7 +432,7 @@ async def main() -> None:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="a setting of the fleet, e.g. link_spool_sync=normal or link_early_notify=false",
+        help="a setting of the fleet, e.g. link_spool_sync=full or link_early_notify=false",
     )
     args = ap.parse_args()
     admin_dsn = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -359,6 +488,20 @@ async def main() -> None:
         print(f"{label:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
     for key, r in results.get("delivery_parts", {}).items():
         print(f"{'  part: ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
+    raw = results["raw"]
+    for label, key in (
+        ("RAW WIRE delivery A -> B (request written -> frame read)", "delivery"),
+        ("raw: A's link_send answered", "sender_answer"),
+        ("raw: A's version (no-op) answered", "noop_answer"),
+    ):
+        r = raw[key]
+        print(f"{label:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
+    for key, r in raw.get("delivery_parts", {}).items():
+        print(f"{'  raw part: ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
+    print(f"raw: link_send - version, p50: {raw['link_send_minus_noop_p50']:+.3f} ms")
+    print(f"raw: sender's instance links stats: {raw.get('instance_links')}")
+    for key, r in (raw.get("instance_stages") or {}).items():
+        print(f"{'  instance stage: ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['count']:6}")
     for side in ("server_ms", "client_ms"):
         cost = results[f"sender_cost_{side}"]
         group_cost, send_cost = cost["group_task_minus_session_task_p50"], cost["link_send_minus_noop_p50"]

@@ -147,3 +147,83 @@ async def test_turned_off_every_member_is_told_after_the_store(tmp_path: Path) -
     await runtime.settle()
     links.flushed([(_event("e6"), ["a", "b"])])
     assert runtime.notifier.events.sent == [] and runtime.told == ["b"]
+
+
+class FakeLine:
+    """DirectLine.send, recorded: the command is 'written' at the call; its reply is settled by
+    the test (None: the line is down, take redis-py's path)."""
+
+    def __init__(self, up: bool = True) -> None:
+        self.up = up
+        self.commands: list[tuple[Any, ...]] = []
+        self.replies: list[asyncio.Future[Any]] = []
+
+    def send(self, *args: Any) -> asyncio.Future[Any] | None:
+        if not self.up:
+            return None
+        self.commands.append(args)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.replies.append(fut)
+        return fut
+
+
+class FakeEventsWithCommand(FakeEvents):
+    def append_marked_command(
+        self, marker: str, member: str, score: float, now: float, items: list[tuple[str, Any]]
+    ) -> tuple[Any, ...]:
+        return ("EVALSHA", "sha", marker, member, *sorted(sid for sid, _ in items))
+
+
+def _with_line(runtime: FakeRuntime, line: FakeLine) -> FakeEventsWithCommand:
+    events = FakeEventsWithCommand()
+    runtime.notifier = SimpleNamespace(events=events, line=line)
+    return events
+
+
+async def test_the_announcement_is_written_on_the_direct_line_at_once(runtime: FakeRuntime) -> None:
+    line = FakeLine()
+    events = _with_line(runtime, line)
+    links = _links(runtime, {"a", "b", "c"})
+    links._announce_early(GROUP, "e7", "a", None, 0.0)
+    # Written in the call itself: no task, no await between the commit and the socket.
+    assert len(line.commands) == 1 and line.commands[0][-2:] == ("b", "c") and runtime.tasks == set()
+    line.replies[0].set_result(["1-0", "1-0"])
+    await asyncio.sleep(0)
+    assert links.stats()["early"] == links.stats()["early_direct"] == 1 and events.sent == []
+    links.flushed([(_event("e7"), ["a", "b", "c", "d"])])
+    assert runtime.told == ["d"] and links._early == {}
+
+
+async def test_a_line_reply_error_falls_back_to_redis_py(runtime: FakeRuntime) -> None:
+    from redis.exceptions import ResponseError
+
+    line = FakeLine()
+    events = _with_line(runtime, line)
+    links = _links(runtime, {"a", "b"})
+    links._announce_early(GROUP, "e8", "a", None, 0.0)
+    line.replies[0].set_exception(ResponseError("NOSCRIPT No matching script"))
+    await asyncio.sleep(0)
+    await runtime.settle()
+    assert events.sent == [["b"]] and links.stats()["early"] == 1  # loaded and sent by redis-py
+    links.flushed([(_event("e8"), ["a", "b"])])
+    assert runtime.told == []
+
+
+async def test_a_store_before_the_line_replies_is_completed_by_the_reply(runtime: FakeRuntime) -> None:
+    line = FakeLine()
+    _with_line(runtime, line)
+    links = _links(runtime, {"a", "b"})
+    links._announce_early(GROUP, "e9", "a", None, 0.0)
+    links.flushed([(_event("e9"), ["a", "b", "c"])])
+    assert runtime.told == []
+    line.replies[0].set_result(["1-0"])
+    await asyncio.sleep(0)
+    assert runtime.told == ["c"] and links._early == {}
+
+
+async def test_with_the_line_down_redis_py_announces(runtime: FakeRuntime) -> None:
+    events = _with_line(runtime, FakeLine(up=False))
+    links = _links(runtime, {"a", "b"})
+    links._announce_early(GROUP, "e10", "a", None, 0.0)
+    await runtime.settle()
+    assert events.sent == [["b"]] and links.stats()["early"] == 1

@@ -1,0 +1,182 @@
+"""A Redis connection on which a command is written the moment it is asked for.
+
+redis-py's asyncio client yields to the event loop at least once between a call and writing the
+command to the socket, so behind a busy loop (the sender's own answer being built and written)
+a command waits until everything queued before it has run: a millisecond or more. A live
+announcement of a group event (instance/links.py) is written here instead, straight from the
+spool's commit callback, without a task or an await in between; the reply is read by a task
+of the line's own and handed to a callback.
+
+The line is an optimisation, never the only way: `send` returns None while the line is down,
+connecting or unusable (TLS, a Unix socket), and the caller takes its ordinary path through
+redis-py. A command whose reply does not come within `timeout` fails, and so does every
+command behind it (the line closes: with a reply missing, the order is no longer known).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER = 1.0  # seconds between connection attempts while Redis is unreachable
+
+
+def encode(args: tuple[Any, ...]) -> bytes:
+    """A command in RESP (an array of bulk strings)."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, int | float):
+            data = repr(arg).encode()
+        else:
+            raise TypeError(f"cannot send {type(arg).__name__} to Redis")
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+async def read_reply(reader: asyncio.StreamReader) -> Any:
+    """One RESP2 reply: str, int, None, a list, or a ResponseError (returned, not raised)."""
+    line = await reader.readuntil(b"\r\n")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        return ResponseError(rest.decode())
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        size = int(rest)
+        return None if size < 0 else (await reader.readexactly(size + 2))[:-2].decode()
+    if kind == b"*":
+        size = int(rest)
+        return None if size < 0 else [await read_reply(reader) for _ in range(size)]
+    raise RedisConnectionError(f"unexpected reply from Redis: {line[:40]!r}")
+
+
+class DirectLine:
+    """One Redis connection for commands that must leave at once (see the module docstring)."""
+
+    def __init__(self, redis: Redis, *, timeout: float = 2.0) -> None:
+        pool = redis.connection_pool
+        kwargs = pool.connection_kwargs
+        # Plain TCP only (TLS and Unix sockets take the ordinary path).
+        self.usable = pool.connection_class is Connection and "host" in kwargs
+        self._host = str(kwargs.get("host", ""))
+        self._port = int(kwargs.get("port") or 6379)
+        self._db = int(kwargs.get("db") or 0)
+        self._username = kwargs.get("username")
+        self._password = kwargs.get("password")
+        self._timeout = timeout
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: deque[asyncio.Future[Any]] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._next_try = 0.0
+        self._closed = False
+        self.sent = 0
+        self.failures = 0
+
+    @property
+    def up(self) -> bool:
+        return self._writer is not None
+
+    def send(self, *args: Any) -> asyncio.Future[Any] | None:
+        """Write the command now and return the future of its reply (a ResponseError reply is
+        set as the exception); None if the line is not up (it starts connecting)."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            self._start()
+            return None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._pending.append(fut)
+        writer.write(encode(args))
+        self.sent += 1
+        handle = loop.call_later(self._timeout, self._expire, fut)
+        fut.add_done_callback(lambda _: handle.cancel())
+        return fut
+
+    def _start(self) -> None:
+        if not self.usable or self._closed or (self._task is not None and not self._task.done()):
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_try:
+            return
+        self._next_try = loop.time() + RETRY_AFTER
+        self._task = asyncio.create_task(self._run(), name="exai-redis-line")
+
+    def start(self) -> None:
+        """Connect in the background (a send before then takes the ordinary path)."""
+        self._start()
+
+    async def _run(self) -> None:
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                reader, writer = await asyncio.open_connection(self._host, self._port)
+                setup: list[tuple[Any, ...]] = []
+                if self._password is not None:
+                    auth = (self._username, self._password) if self._username else (self._password,)
+                    setup.append(("AUTH", *auth))
+                if self._db:
+                    setup.append(("SELECT", self._db))
+                for command in setup:
+                    writer.write(encode(command))
+                    reply = await read_reply(reader)
+                    if isinstance(reply, ResponseError):
+                        raise RedisConnectionError(f"{command[0]} refused: {reply}")
+            self._writer = writer
+            while True:
+                reply = await read_reply(reader)
+                if not self._pending:
+                    raise RedisConnectionError("a reply nobody asked for")
+                fut = self._pending.popleft()
+                if fut.done():
+                    continue
+                if isinstance(reply, ResponseError):
+                    fut.set_exception(reply)
+                else:
+                    fut.set_result(reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # unreachable, closed, garbled: fail what waits, connect later
+            log.debug("direct Redis line down: %s", exc)
+        finally:
+            self._writer = None
+            self._fail_all(RedisConnectionError("the direct Redis line closed"))
+            if writer is not None:
+                writer.close()
+
+    def _expire(self, fut: asyncio.Future[Any]) -> None:
+        if fut.done():
+            return
+        self.failures += 1
+        log.warning("no reply from Redis within %.1fs on the direct line; reconnecting", self._timeout)
+        self._fail_all(RedisConnectionError("no reply from Redis in time"))
+        if self._writer is not None:
+            self._writer.close()  # the reader task ends and clears the line
+
+    def _fail_all(self, exc: Exception) -> None:
+        while self._pending:
+            fut = self._pending.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

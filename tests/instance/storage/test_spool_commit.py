@@ -1,0 +1,106 @@
+"""What an append's `on_commit` sees, and the power-loss window of sync="normal" rows, with the
+spool's background fsync held by the test."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+
+from instance.storage.spool import Spool
+from instance.storage.writebehind import KIND_LINK_EVENT
+
+LINK = KIND_LINK_EVENT
+
+
+class HeldFsync:
+    """Replaces Spool._fsync_wal_sync (the fsync after sync="normal" commits): each waits until
+    `gate` is set."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.real = spool._fsync_wal_sync
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        spool._fsync_wal_sync = self  # type: ignore[method-assign]
+
+    def __call__(self) -> None:
+        self.started.set()
+        self.gate.wait(10)
+        self.real()
+
+
+def _committed_rows(spool: Spool) -> int:
+    other = sqlite3.connect(spool.path)  # another connection: what a restart after kill -9 finds
+    try:
+        return int(other.execute("SELECT count(*) FROM spool").fetchone()[0])
+    finally:
+        other.close()
+
+
+async def test_on_commit_runs_once_the_row_is_committed_before_the_caller_resumes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 24, hot_kinds=(LINK,))
+    await spool.open()
+    try:
+        for n, sync in enumerate(("full", "normal"), start=1):
+            seen: list[tuple[int, bool]] = []
+            resumed = asyncio.Event()
+
+            def committed(seen: list[tuple[int, bool]] = seen, resumed: asyncio.Event = resumed) -> None:
+                seen.append((_committed_rows(spool), resumed.is_set()))
+
+            await asyncio.wait_for(
+                spool.append(
+                    LINK,
+                    {"uuid": sync, "body": "x"},
+                    urgent=True,
+                    sync=sync,  # type: ignore[arg-type]
+                    on_commit=committed,
+                ),
+                5,
+            )
+            resumed.set()
+            assert seen == [(n, False)]
+        assert _bodies_from_memory(spool) == ["x", "x"]
+    finally:
+        await spool.close()
+
+
+def _bodies_from_memory(spool: Spool) -> list[str]:
+    return [str(e.payload["body"]) for e in spool.hot_batch(10)]
+
+
+async def test_a_normal_append_is_answered_before_its_fsync_and_the_window_is_measured(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 24, hot_kinds=(LINK,))
+    await spool.open()
+    held = HeldFsync(spool)
+    try:
+        await asyncio.wait_for(spool.append(LINK, {"uuid": "1", "body": "x"}, urgent=True, sync="normal"), 5)
+        assert _committed_rows(spool) == 1  # kill -9 safe already
+        await asyncio.to_thread(held.started.wait, 5)  # the fsync follows at once, off the caller's path
+        assert spool.stats()["unsynced_window"]["count"] == 0
+        held.gate.set()
+        for _ in range(200):
+            if spool.stats()["unsynced_window"]["count"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert spool.stats()["unsynced_window"]["count"] == 1  # answer -> fsync done, measured
+    finally:
+        held.gate.set()
+        await spool.close()
+
+
+async def test_a_failing_on_commit_does_not_fail_the_write(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 24, hot_kinds=(LINK,))
+    await spool.open()
+    try:
+
+        def boom() -> None:
+            raise RuntimeError("announcement bug")
+
+        await spool.append(LINK, {"uuid": "1", "body": "x"}, urgent=True, on_commit=boom)
+        assert spool.rows == 1
+    finally:
+        await spool.close()

@@ -1,0 +1,87 @@
+"""The direct Redis line: a command is written at the call, its reply comes back as a future,
+and a line that is down or breaks sends the caller back to redis-py (never a silent loss)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from instance.redis_line import DirectLine, encode
+from tests.redis_server import OwnRedis
+
+
+async def _up(line: DirectLine) -> None:
+    line.start()
+    for _ in range(200):
+        if line.up:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the line did not come up")
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+def test_commands_are_encoded_as_resp_arrays() -> None:
+    assert encode(("SET", "k", 1.5, b"\x00")) == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\n1.5\r\n$1\r\n\x00\r\n"
+
+
+async def test_a_command_is_written_at_the_call_and_its_reply_returned(
+    redis: Redis, redis_prefix: str
+) -> None:
+    line = DirectLine(redis)
+    try:
+        assert line.send("PING") is None  # not up yet: the caller takes redis-py's path
+        await _up(line)
+        key = f"{redis_prefix}:line"
+        sent = line.send("RPUSH", key, "a")
+        assert sent is not None
+        # Written before any await: Redis has it as soon as it reads its socket.
+        assert await asyncio.wait_for(sent, 5) == 1
+        sha = await redis.script_load("return {ARGV[1], 7}")
+        reply = line.send("EVALSHA", sha, 0, "x")
+        assert reply is not None and await reply == ["x", 7]
+        missing = line.send("EVALSHA", "0" * 40, 0)
+        assert missing is not None
+        with pytest.raises(ResponseError, match="NOSCRIPT"):
+            await missing
+        await redis.delete(key)
+    finally:
+        await line.close()
+
+
+async def test_a_dead_redis_fails_what_waits_and_the_line_comes_back(tmp_path: Path) -> None:
+    own = OwnRedis(tmp_path / "redis").start()
+    client = Redis.from_url(own.url)
+    line = DirectLine(client, timeout=1.0)
+    try:
+        await _up(line)
+        own.kill()
+        sent = line.send("PING")
+        if sent is not None:  # written before the line noticed: it fails, it does not hang
+            with pytest.raises((RedisConnectionError, ConnectionError)):
+                await asyncio.wait_for(sent, 5)
+        for _ in range(100):
+            if not line.up:
+                break
+            await asyncio.sleep(0.01)
+        assert line.send("PING") is None
+        own.start()
+        await asyncio.sleep(1.1)  # RETRY_AFTER
+        await _up(line)
+        reply = line.send("PING")
+        assert reply is not None and await reply == "PONG"
+    finally:
+        await line.close()
+        await client.aclose()
+        own.stop()
