@@ -69,10 +69,10 @@ class Settings(BaseSettings):
     flush_batch_size: int = Field(500, ge=1, validation_alias="EXAI_FLUSH_BATCH_SIZE")
     flush_interval_ms: int = Field(100, ge=1, validation_alias="EXAI_FLUSH_INTERVAL_MS")
     fsync_window_ms: float = Field(2.0, ge=0, validation_alias="EXAI_FSYNC_WINDOW_MS")
-    # When a chat's turns (and other thread writes) count as done: "full" once their spool row
-    # is fsync'd, "normal" once it is written to the OS (safe from kill -9, not power loss),
-    # fsync just after (as EXAI_LINK_SPOOL_SYNC for link events).
-    chat_spool_sync: Literal["full", "normal"] = Field("full", validation_alias="EXAI_CHAT_SPOOL_SYNC")
+    # When a chat's turns (and other thread writes) count as done: "normal" once their spool row
+    # is written to the OS (safe from kill -9; a power loss within the one fdatasync that follows
+    # at once can lose them), "full" (strict) once that sync has finished. As EXAI_LINK_SPOOL_SYNC.
+    chat_spool_sync: Literal["full", "normal"] = Field("normal", validation_alias="EXAI_CHAT_SPOOL_SYNC")
     history_cache_turns: int = Field(50, ge=0, validation_alias="EXAI_HISTORY_CACHE_TURNS")
     note_max_bytes: int = Field(16 * 1024, ge=64, validation_alias="EXAI_NOTE_MAX_BYTES")
     # Linked sessions: largest link_send body (UTF-8 bytes) and longest file reservation (seconds).
