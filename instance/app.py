@@ -253,6 +253,9 @@ def _storage_metrics(runtime: Runtime) -> str:
          notes.get("refused_total", 0)),
         ("exai_instance_link_events_spooled_total", "Link-group events taken into the spool.",
          links.get("spooled", 0)),
+        ("exai_instance_redis_batched_total",
+         "Redis reads that shared a pipelined round trip with others started at the same time.",
+         storage.cache.batched_total),
     ]  # fmt: skip
     lines = []
     for name, help_text, value in counters:

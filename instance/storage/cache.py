@@ -7,10 +7,11 @@ own). The outage and the recovery are each logged once, not per call.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
@@ -34,6 +35,10 @@ class RedisGuard:
         self._down_until = 0.0
         self._down = redis is None
         self.on_recover: Callable[[], Awaitable[None]] | None = None
+        # Commands waiting for this loop turn's pipeline, and the task that sends them.
+        self._batch: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]] = []
+        self._senders: set[asyncio.Task[None]] = set()
+        self.batched_total = 0  # commands that shared a round trip with another one
 
     @property
     def available(self) -> bool:
@@ -65,3 +70,48 @@ class RedisGuard:
                     self._down = True
                     self._down_until = time.monotonic() + self._cooldown
         return result
+
+    async def batched(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """`call(fn)` for one Redis command, sent in one pipeline with the other `batched`
+        commands started in the same event-loop turn. `fn` receives the client or a pipeline
+        (redis-py's command methods work on both), so it must issue exactly one command."""
+        return await self.call(lambda redis: self._queue(redis, fn))
+
+    def _queue(self, redis: Redis, fn: Callable[[Any], Any]) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._batch.append((fn, fut))
+        if len(self._batch) == 1:  # runs after the tasks already ready in this turn
+            sender = asyncio.create_task(self._send(redis))
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+        return fut
+
+    async def _send(self, redis: Redis) -> None:
+        batch, self._batch = self._batch, []
+        try:
+            if len(batch) == 1:
+                fn, fut = batch[0]
+                result = await fn(redis)
+                if not fut.done():
+                    fut.set_result(result)
+                return
+            async with redis.pipeline(transaction=False) as pipe:
+                for fn, _ in batch:
+                    fn(pipe)
+                results = await pipe.execute(raise_on_error=False)
+            self.batched_total += len(batch)
+            for (_, fut), result in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(result, BaseException):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
+        except asyncio.CancelledError:
+            for _, fut in batch:
+                fut.cancel()
+            raise
+        except BaseException as exc:  # e.g. the connection failed: every command of the batch
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)

@@ -653,7 +653,7 @@ class HistoryStore:
         # The cache's metadata first (written with the thread, from the same record): a hit
         # costs no spool read.
         try:
-            meta = await self._cache.call(lambda r: r.hget(self._keys.thread_meta(cid), "principal"))  # type: ignore[arg-type,return-value]
+            meta = await self._cache.batched(lambda r: r.hget(self._keys.thread_meta(cid), "principal"))  # type: ignore[arg-type,return-value]
             if meta is not None:
                 return True, str(meta) or None
         except CacheDown:
@@ -699,7 +699,7 @@ class HistoryStore:
             return None, False
         meta_key = self._keys.thread_meta(cid)
         try:
-            found = await self._cache.call(
+            found = await self._cache.batched(  # with the call's notes read: one round trip
                 lambda r: r.eval(_READ_LUA, 2, meta_key, self._keys.thread(cid))  # type: ignore[no-any-return]
             )
         except CacheDown:

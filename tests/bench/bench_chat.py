@@ -16,7 +16,8 @@ Measured at 1 and 5 concurrent sessions for each Postgres condition. Target: <= 
 Also prints the instances' own stage breakdown (the `status` tool's chat_stages, instance/timing.py:
 from the request's arrival at the instance through the SDK, the tool's stages and the provider
 call to the answer's last byte) for each run, and splits the overhead into the instance's own
-share and the rest (router, loopback HTTP, the fake provider's HTTP handling).
+share and the rest (router, loopback HTTP, the fake provider's HTTP handling), and the CPU time
+the instance processes used per measured call (/proc; steadier than latency on a loaded machine).
 Saves JSON to tests/bench/results/chat-<timestamp>.json.
 Uses EXAI_TEST_DATABASE_URL / EXAI_TEST_REDIS_URL (default: the local servers).
 """
@@ -107,14 +108,19 @@ async def _run(fleet: Fleet, provider: FakeProvider, sessions: int, calls: int, 
     callers = [ChatCaller(fleet.mcp_url, f"chat-{tag}-{sessions}-{i}") for i in range(sessions)]
     latency: dict[str, float] = {}
 
-    async def run(c: ChatCaller) -> None:
+    async def warm(c: ChatCaller) -> None:
         for k in range(3):  # warm: bind the session, open its thread
             await c.chat(f"warm {k} {c.client}")
+
+    async def run(c: ChatCaller) -> None:
         for k in range(calls):
             prompt = f"q {k} {c.client} {secrets.token_hex(3)}"
             latency[prompt] = await c.chat(prompt)
 
+    await asyncio.gather(*(warm(c) for c in callers))
+    cpu_before = await asyncio.to_thread(_instances_cpu, fleet)
     await asyncio.gather(*(run(c) for c in callers))
+    cpu_per_call_ms = (await asyncio.to_thread(_instances_cpu, fleet) - cpu_before) / len(latency) * 1000
     _, st = await callers[0].call("status", {})
     for c in callers:
         await c.close()
@@ -129,7 +135,24 @@ async def _run(fleet: Fleet, provider: FakeProvider, sessions: int, calls: int, 
         "overhead": _stats(overhead),
         "overhead_net_of_fake_http": _stats(net),
         "instance_stages": st.get("chat_stages"),
+        "instances_cpu_per_call_ms": round(cpu_per_call_ms, 3),
     }
+
+
+def _instances_cpu(fleet: Fleet) -> float:
+    """CPU seconds (user + system) the fleet's instance processes have used so far: per call,
+    the instances' own cost, which a loaded machine stretches far less than their latency."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for proc in fleet.supervisor.instances():
+        if not proc.pid:
+            continue
+        try:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 async def main() -> int:
@@ -227,12 +250,13 @@ async def main() -> int:
     print("   outside: overhead p50 - instance, i.e. router, loopback HTTP, the fake's HTTP handling)")
     print(
         f"{'postgres':>8} {'sessions':>8}  {'overhead p50':>12} {'p99':>8}   {'latency p50':>11}"
-        f"  {'net p50':>8}  {'instance':>8} {'outside':>8}"
+        f"  {'net p50':>8}  {'instance':>8} {'outside':>8}  {'inst cpu/call':>13}"
     )
     for r in results["runs"]:
         o, lat, net = r["overhead"], r["latency"], r["overhead_net_of_fake_http"]
         own = (r.get("instance_stages") or {}).get("fleet", {}).get("p50_ms")
         tail = f"  {own:>8.2f} {o['p50_ms'] - own:>8.2f}" if own is not None else ""
+        tail += f"  {r['instances_cpu_per_call_ms']:>13.2f}"
         print(
             f"{r['postgres']:>8} {r['sessions']:>8}  {o['p50_ms']:>12.2f} {o['p99_ms']:>8.2f}"
             f"   {lat['p50_ms']:>11.2f}  {net['p50_ms']:>8.2f}{tail}"
