@@ -751,12 +751,12 @@ class Proxy:
             self._spawn(self.bindings.check_and_rebind(sess, sess.generation, target))
             raise _lost(target, exc, self.read_timeout) from None
 
-    def _stages(self, started: float, sent: float, answered: float) -> None:
+    def _stages(self, started: float, sent: float, answered: float, now: float = 0.0) -> None:
         self._stage_instance.observe(answered - sent)
-        self._stage_router.observe((sent - started) + (time.perf_counter() - answered))
+        self._stage_router.observe((sent - started) + ((now or time.perf_counter()) - answered))
 
-    def _observe(self, request: web.Request, started: float) -> None:
-        elapsed = time.perf_counter() - started
+    def _observe(self, request: web.Request, started: float, now: float = 0.0) -> None:
+        elapsed = (now or time.perf_counter()) - started
         resource = request.match_info.route.resource
         key = (resource.canonical if resource is not None else "/mcp", request.method)
         series = self._request_seconds.get(key)
