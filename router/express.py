@@ -140,12 +140,12 @@ def start(proxy: Proxy, handler: Any, request: FastRequest) -> Express | None:
     if target is None or target.id != sess.instance_id:
         return None
     try:
-        head = proxy._request_head(request, sess, target, body, False, said.block)  # type: ignore[arg-type]
+        data = proxy._request_head(request, sess, target, body, False, said.block, True)  # type: ignore[arg-type]
     except ExaiError:
         return None
     generation = sess.generation
     sent = time.perf_counter()
-    upstream = proxy.relay.send_now(target.host, target.port, head + body, proxy.read_timeout)
+    upstream = proxy.relay.send_now(target.host, target.port, data, proxy.read_timeout)
     if upstream is None:
         return None
     # From here on the call is out: the same bookkeeping as Proxy._forward.

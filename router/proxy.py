@@ -451,14 +451,19 @@ class Proxy:
         body: bytes,
         opening: bool,
         block: bytes | None = None,
+        with_body: bool = False,
     ) -> bytes:
-        """The request line and headers of a proxied call, as bytes ready to send.
+        """The request line and headers of a proxied call, as bytes ready to send (and the
+        body after them if `with_body`).
 
         The part that only depends on the session and its binding (request line, Host, the
         router's own headers) is built once per binding and kept; the client's headers are
         added per call (`block`: the caller has them as header lines already)."""
         upstream_sid = sess.upstream_sid if not opening else ""
-        shape = (request.method, target.base_url, sess.fence, sess.client, upstream_sid, sess.principal)
+        # (host, port) stand for target.base_url, which is made of them
+        shape = (
+            request.method, target.host, target.port, sess.fence, sess.client, upstream_sid, sess.principal
+        )  # fmt: skip
         cached = self._heads.get(sess.id)
         try:
             if cached is not None and cached[0] == shape:
@@ -485,7 +490,8 @@ class Proxy:
                 block = client_fields(request.raw_headers)
         except ValueError as exc:
             raise BadRequest(f"Bad Request: {exc}.") from None
-        return b"".join((fixed, block, b"Content-Length: %d\r\n\r\n" % len(body)))
+        length = b"Content-Length: %d\r\n\r\n" % len(body)
+        return b"".join((fixed, block, length, body) if with_body else (fixed, block, length))
 
     def _upstream_headers(self, request: web.Request, sess: Session) -> dict[str, str]:
         headers = {
