@@ -96,7 +96,7 @@ class _Derived:
 
 def _derived(proxy: Proxy, handler: Any, request: FastRequest) -> _Derived | None:
     memo = handler._fast_memo
-    if memo is not None and memo.key == request.memo_key:
+    if memo is not None and (memo.key is request.memo_key or memo.key == request.memo_key):
         return memo  # type: ignore[no-any-return]
     try:
         memo = _Derived(proxy, request)
@@ -140,12 +140,12 @@ def start(proxy: Proxy, handler: Any, request: FastRequest) -> Express | None:
     if target is None or target.id != sess.instance_id:
         return None
     try:
-        head = proxy._request_head(request, sess, target, body, False, said.block)  # type: ignore[arg-type]
+        data = proxy._request_head(request, sess, target, body, False, said.block, True)  # type: ignore[arg-type]
     except ExaiError:
         return None
     generation = sess.generation
     sent = time.perf_counter()
-    upstream = proxy.relay.send_now(target.host, target.port, head + body, proxy.read_timeout)
+    upstream = proxy.relay.send_now(target.host, target.port, data, proxy.read_timeout)
     if upstream is None:
         return None
     # From here on the call is out: the same bookkeeping as Proxy._forward.
@@ -279,15 +279,14 @@ class Express:
         self.done = True
         proxy, up, request = self.proxy, self.upstream, self.request
         up.notify = None
-        body = up.take()
-        proxy._observe(request, self.started)  # type: ignore[arg-type]
-        data = prebuilt.whole_bytes(up.status, up.reason, self.fields, body)
+        data = prebuilt.whole_bytes(up.status, up.reason, self.fields, up.take())
         transport = self.handler.transport
         keep = transport is not None and not transport.is_closing()
         if keep:
-            transport.write(data)
-            request._payload_writer.output_size += len(data)
-        proxy._stages(self.started, self.sent, self.answered)
+            transport.write(data)  # the call is over: no writer's output_size to keep
+        now = time.perf_counter()
+        proxy._observe(request, self.started, now)  # type: ignore[arg-type]
+        proxy._stages(self.started, self.sent, self.answered, now)
         up.release()
         self._end()
         self.handler._express_done(keep)

@@ -93,7 +93,7 @@ class FastRequest:
     keep_alive = True
     match_info = _MATCH
 
-    __slots__ = ("_headers", "_payload_writer", "content", "handler", "memo_key", "raw_headers")
+    __slots__ = ("_headers", "_writer", "content", "handler", "memo_key", "raw_headers")
 
     def __init__(
         self,
@@ -108,7 +108,7 @@ class FastRequest:
         # connection, so what the express path derives from them is kept per connection.
         self.memo_key = memo_key
         self.content = _Body(body)
-        self._payload_writer = StreamWriter(handler, handler._loop)
+        self._writer: StreamWriter | None = None  # made when an answer is written
         self._headers: CIMultiDictProxy[str] | None = None
 
     @property
@@ -122,6 +122,13 @@ class FastRequest:
     @property
     def content_length(self) -> int:
         return len(self.content.data)
+
+    @property
+    def _payload_writer(self) -> StreamWriter:
+        writer = self._writer
+        if writer is None:
+            writer = self._writer = StreamWriter(self.handler, self.handler._loop)
+        return writer
 
     @property
     def writer(self) -> StreamWriter:
@@ -174,6 +181,75 @@ class _Parsed:
         self.complete = True
 
 
+class _SameHead:
+    """A connection's last request head, to take the next request whose head is the same
+    bytes but for the Content-Length value without parsing it again: a client sends the same
+    headers on every call of a connection. httptools parsed and accepted these bytes (one
+    complete, plain `POST /mcp`, ASCII headers, keep-alive), so the same bytes with another
+    length parse the same way; the request must then be exactly head and body (no more)."""
+
+    __slots__ = ("after", "before", "key", "length_name", "prefix", "suffix")
+
+    def __init__(
+        self,
+        prefix: bytes,
+        suffix: bytes,
+        before: tuple[tuple[bytes, bytes], ...],
+        length_name: bytes,
+        after: tuple[tuple[bytes, bytes], ...],
+        key: tuple[tuple[bytes, bytes], ...],
+    ) -> None:
+        self.prefix = prefix  # up to the Content-Length value
+        self.suffix = suffix  # from the end of its line to the blank line, included
+        self.before = before  # the parsed headers before Content-Length
+        self.length_name = length_name
+        self.after = after  # and after it
+        self.key = key
+
+    @classmethod
+    def of(
+        cls,
+        data: bytes,
+        head_size: int,
+        raw: tuple[tuple[bytes, bytes], ...],
+        key: tuple[tuple[bytes, bytes], ...],
+    ) -> _SameHead | None:
+        """The head of the request httptools just parsed from `data` (head and body, nothing
+        else), or None when its Content-Length is not one plain `Name: digits` line."""
+        head = data[:head_size]
+        if not head.endswith(b"\r\n\r\n"):
+            return None
+        where = [i for i, (name, _value) in enumerate(raw) if name.lower() == b"content-length"]
+        if len(where) != 1:
+            return None
+        i = where[0]
+        name, value = raw[i]
+        line = b"\r\n%s: %s\r\n" % (name, value)
+        at = head.find(line)
+        if at < 0 or head.find(line, at + 1) >= 0 or not value.isdigit() or len(value) > 12:
+            return None
+        start = at + len(name) + 4
+        end = start + len(value)
+        return cls(head[:start], head[end:], raw[:i], name, raw[i + 1 :], key)
+
+    def match(self, handler: RequestHandler, data: bytes) -> FastRequest | None:
+        prefix = self.prefix
+        if not data.startswith(prefix):
+            return None
+        start = len(prefix)
+        end = data.find(b"\r\n", start, start + 14)
+        if end < 0:
+            return None
+        value = data[start:end]
+        if not value.isdigit() or not data.startswith(self.suffix, end):
+            return None
+        body_at = end + len(self.suffix)
+        if len(data) - body_at != int(value):
+            return None  # part of the body, or more than this request
+        raw = (*self.before, (self.length_name, value), *self.after)
+        return FastRequest(handler, raw, data[body_at:], self.key)
+
+
 class FastPath:
     """Decides which requests take the fast path and serves them (one per connection at once)."""
 
@@ -189,6 +265,11 @@ class FastPath:
         """The request in `data` if it is one complete, plain `POST /mcp`; else None."""
         if len(data) > self.max_body_bytes + 16384 or _HELD_STREAM in data:
             return None
+        same = handler._fast_same  # type: ignore[attr-defined]
+        if same is not None:
+            request = same.match(handler, data)
+            if request is not None:
+                return request
         parsed = _Parsed()
         parser = parsed.parser = httptools.HttpRequestParser(parsed)
         try:
@@ -210,7 +291,9 @@ class FastPath:
             if low != b"content-length":
                 kept.append(pair)
         body = b"".join(parsed.body) if len(parsed.body) != 1 else parsed.body[0]
-        return FastRequest(handler, tuple(parsed.headers), body, tuple(kept))
+        raw, key = tuple(parsed.headers), tuple(kept)
+        handler._fast_same = _SameHead.of(data, len(data) - len(body), raw, key)  # type: ignore[attr-defined]
+        return FastRequest(handler, raw, body, key)
 
     def _setup(self) -> None:
         proxy = self._proxy = self.app[PROXY_KEY]

@@ -48,7 +48,11 @@ class Message:
 def parse_message(body: bytes) -> Message:
     """One JSON-RPC request, notification or response object; batches are not part of MCP."""
     try:
-        data = json.loads(body)
+        if body[:1] == b"{" and body[1:2] != b"\0":
+            # UTF-8 for certain (json.loads would detect it): decoded as json.loads does
+            data = json.loads(body.decode("utf-8", "surrogatepass"))
+        else:
+            data = json.loads(body)
     except (ValueError, RecursionError) as exc:
         raise ParseError(f"Parse error: the body is not valid JSON ({exc.__class__.__name__}).") from None
     if not isinstance(data, dict) or data.get("jsonrpc") != "2.0":

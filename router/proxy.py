@@ -451,14 +451,19 @@ class Proxy:
         body: bytes,
         opening: bool,
         block: bytes | None = None,
+        with_body: bool = False,
     ) -> bytes:
-        """The request line and headers of a proxied call, as bytes ready to send.
+        """The request line and headers of a proxied call, as bytes ready to send (and the
+        body after them if `with_body`).
 
         The part that only depends on the session and its binding (request line, Host, the
         router's own headers) is built once per binding and kept; the client's headers are
         added per call (`block`: the caller has them as header lines already)."""
         upstream_sid = sess.upstream_sid if not opening else ""
-        shape = (request.method, target.base_url, sess.fence, sess.client, upstream_sid, sess.principal)
+        # (host, port) stand for target.base_url, which is made of them
+        shape = (
+            request.method, target.host, target.port, sess.fence, sess.client, upstream_sid, sess.principal
+        )  # fmt: skip
         cached = self._heads.get(sess.id)
         try:
             if cached is not None and cached[0] == shape:
@@ -485,7 +490,8 @@ class Proxy:
                 block = client_fields(request.raw_headers)
         except ValueError as exc:
             raise BadRequest(f"Bad Request: {exc}.") from None
-        return b"".join((fixed, block, b"Content-Length: %d\r\n\r\n" % len(body)))
+        length = b"Content-Length: %d\r\n\r\n" % len(body)
+        return b"".join((fixed, block, length, body) if with_body else (fixed, block, length))
 
     def _upstream_headers(self, request: web.Request, sess: Session) -> dict[str, str]:
         headers = {
@@ -751,12 +757,12 @@ class Proxy:
             self._spawn(self.bindings.check_and_rebind(sess, sess.generation, target))
             raise _lost(target, exc, self.read_timeout) from None
 
-    def _stages(self, started: float, sent: float, answered: float) -> None:
+    def _stages(self, started: float, sent: float, answered: float, now: float = 0.0) -> None:
         self._stage_instance.observe(answered - sent)
-        self._stage_router.observe((sent - started) + (time.perf_counter() - answered))
+        self._stage_router.observe((sent - started) + ((now or time.perf_counter()) - answered))
 
-    def _observe(self, request: web.Request, started: float) -> None:
-        elapsed = time.perf_counter() - started
+    def _observe(self, request: web.Request, started: float, now: float = 0.0) -> None:
+        elapsed = (now or time.perf_counter()) - started
         resource = request.match_info.route.resource
         key = (resource.canonical if resource is not None else "/mcp", request.method)
         series = self._request_seconds.get(key)

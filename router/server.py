@@ -63,7 +63,10 @@ class _Handler(RequestHandler):
     """aiohttp's connection handler, with the fast path for `POST /mcp` (router/fastpath.py)
     and framing errors answered in the router's format."""
 
-    __slots__ = ("_express", "_fast", "_fast_held", "_fast_memo", "_fast_off", "_fast_paused", "_fast_task")
+    __slots__ = (
+        "_express", "_fast", "_fast_held", "_fast_memo", "_fast_off", "_fast_paused", "_fast_same",
+        "_fast_task",
+    )  # fmt: skip
 
     def __init__(self, manager: Any, *, fast: FastPath | None = None, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -71,6 +74,7 @@ class _Handler(RequestHandler):
         self._fast_task: asyncio.Task[None] | None = None
         self._express: Express | None = None  # a call on the express path (router/express.py)
         self._fast_memo: Any = None  # what router/express.py derived from this client's headers
+        self._fast_same: Any = None  # this client's last request head (router/fastpath.py)
         self._fast_held = b""  # what came while a fast call was in flight
         self._fast_off = False  # aiohttp's parser may hold part of a request: it keeps the connection
         self._fast_paused = False
@@ -110,9 +114,8 @@ class _Handler(RequestHandler):
             self._fast_off = True
 
     def _fast_start(self, fast: FastPath, request: FastRequest, express: Express | None) -> None:
-        if self._keepalive_handle is not None:  # aiohttp would close a connection it sees idle
-            self._keepalive_handle.cancel()
-            self._keepalive_handle = None
+        # aiohttp's keep-alive timer stays armed: when it fires during a fast call,
+        # _process_keepalive leaves the connection alone and _fast_end arms it again.
         self._request_in_progress = True  # a graceful shutdown waits for the answer
         self._request_count += 1
         if self._manager is not None:
@@ -166,6 +169,7 @@ class _Handler(RequestHandler):
         loop = self._loop
         close_time = loop.time() + self._keepalive_timeout
         self._next_keepalive_close_time = close_time
+        # An armed timer that fires before close_time sets itself again for close_time.
         if self._keepalive_handle is None and self._keepalive_timeout > 0:
             self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
         held, self._fast_held = self._fast_held, b""
@@ -174,6 +178,12 @@ class _Handler(RequestHandler):
             self.transport.resume_reading()
         if held:
             self.data_received(held)
+
+    def _process_keepalive(self) -> None:
+        if self._fast_task is not None or self._express is not None:
+            self._keepalive_handle = None  # a fast call is in flight: _fast_end arms it again
+            return
+        super()._process_keepalive()
 
     def pause_writing(self) -> None:
         super().pause_writing()

@@ -207,6 +207,41 @@ async def test_split_pipelined_and_held_requests_are_answered_in_order(fleet: Fl
         conn.close()
 
 
+async def test_a_repeated_head_is_taken_only_for_exactly_one_request(fleet: Fleet) -> None:
+    # After a call, the fast path takes a request whose head is the same bytes but for the
+    # Content-Length value without parsing it again: only when the read is exactly that one
+    # request. Two in one read, a body still to come, or other headers go the usual ways.
+    conn = await Conn.open(fleet)
+    try:
+        for rid in (1, 22, 333):  # the same head, other lengths
+            await conn.send(post(_call(rid)))
+            status, _, body = await conn.answer()
+            assert status == 200 and _result(body)["id"] == rid
+        await conn.send(post(_call(4)) + post(_call(5)))  # pipelined, the same head
+        assert [_result((await conn.answer())[2])["id"] for _ in range(2)] == [4, 5]
+    finally:
+        conn.close()
+    conn = await Conn.open(fleet)
+    try:
+        await conn.send(post(_call(6)))
+        assert _result((await conn.answer())[2])["id"] == 6
+        whole = post(_call(7))  # the same head with part of the body, the rest a moment later
+        await conn.send(whole[:-5], whole[-5:], pause=0.05)
+        assert _result((await conn.answer())[2])["id"] == 7
+    finally:
+        conn.close()
+    conn = await Conn.open(fleet)
+    try:
+        await conn.send(post(_call(8)))
+        assert _result((await conn.answer())[2])["id"] == 8
+        body = _call(9)  # a length that says less than the body
+        await conn.send(post(body).replace(b"Content-Length: %d" % len(body), b"Content-Length: 5"))
+        status, _, answer = await conn.answer()
+        assert status == 400 and "error" in json.loads(answer)
+    finally:
+        conn.close()
+
+
 async def test_requests_the_fast_path_leaves_to_aiohttp(fleet: Fleet) -> None:
     # Connection: close is answered, then the connection is closed.
     conn = await Conn.open(fleet)
