@@ -11,53 +11,13 @@ from collections.abc import AsyncIterator
 import pytest
 
 from router.upstream import Relay, Response
-
-HEAD = b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n"
-ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
-BIG_BODY = b'{"x":"' + b"y" * (600 * 1024) + b'"}'  # above the relay's 256 KiB read-ahead
-BIG = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
-    len(BIG_BODY),
-    BIG_BODY,
-)
+from tests.router.planned_instance import BIG_BODY, HEAD, planned_instance
 
 
 @pytest.fixture
 async def instance() -> AsyncIterator[tuple[int, list[str]]]:
-    """A server whose next behaviours are popped from the list: 'now', 'split', 'silent', 'drop'."""
-    plan: list[str] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                await reader.readexactly(2)
-                step = plan.pop(0) if plan else "now"
-                if step == "drop":
-                    return
-                if step == "silent":
-                    await asyncio.sleep(30)
-                if step == "big":
-                    writer.write(BIG)
-                elif step == "split":  # headers, a pause, then the body
-                    cut = ANSWER.index(b"\r\n\r\n") + 4
-                    writer.write(ANSWER[:cut])
-                    await writer.drain()
-                    await asyncio.sleep(0.05)
-                    writer.write(ANSWER[cut:])
-                else:
-                    writer.write(ANSWER)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield port, plan
-    finally:
-        server.close()
+    async with planned_instance() as planned:
+        yield planned
 
 
 async def _warm(relay: Relay, port: int) -> None:
@@ -107,7 +67,7 @@ async def test_send_now_reports_silence_and_loss(instance: tuple[int, list[str]]
     relay = Relay()
     try:
         await _warm(relay, port)
-        plan.append("silent")
+        plan.append("mute")
         resp = relay.send_now("127.0.0.1", port, HEAD + b"{}", 0.2)
         assert resp is not None
         assert await _followed(resp) == [True]  # the silence timer, not an answer
@@ -131,7 +91,7 @@ async def test_pools_of_departed_addresses_are_pruned(instance: tuple[int, list[
         await _warm(relay, port)
         conn = relay.pools[("127.0.0.1", port)].idle[0]
         assert relay.prune({("127.0.0.1", port)}) == 0  # still registered: kept
-        plan.append("silent")
+        plan.append("mute")
         resp = relay.send_now("127.0.0.1", port, HEAD + b"{}", 5.0)
         assert resp is not None
         assert relay.prune(set()) == 0  # a call in flight: kept for a later round
