@@ -40,7 +40,7 @@ from common.cli import (
 )
 from common.errors import FleetControlError, SupervisorFault
 from common.keys import Keys
-from common.protocol import MCP_PATH, instance_process_name, registry_id
+from common.protocol import MCP_PATH, PROBE_READY, instance_process_name, registry_id
 from common.settings import Settings, load_settings
 from common.supervisor import ProcessInfo, SupervisorClient, SupervisorControl, fleet_environment, pid_alive
 from tests.ports import free_port, free_port_block
@@ -293,6 +293,22 @@ class Fleet:
         if status == 200:
             for s in body["sessions"]:
                 await self.admin("DELETE", f"/admin/sessions/{s['id']}")
+
+    async def wait_instance_ready(self, num: int, *, timeout: float = 40.0) -> None:
+        """Until instance `num` itself answers its readiness probe (a restarted instance: the
+        registry may still list the killed process's record as ready)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        url = f"http://127.0.0.1:{self.instance_port(num)}{PROBE_READY}"
+        async with aiohttp.ClientSession() as http:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                        if resp.status == 200:
+                            return
+                if loop.time() > deadline:
+                    raise TimeoutError(f"instance {num} not ready at {url} after {timeout:g}s")
+                await asyncio.sleep(0.2)
 
     async def wait_instances(self, count: int, *, timeout: float = 40.0) -> list[dict[str, Any]]:
         """Until the router's admin API lists at least `count` ready instances."""

@@ -75,6 +75,8 @@ async def test_call_in_flight_on_a_killed_instance_gets_a_clear_error(
         after = await status_of(client)  # the next call is served elsewhere, same session
         assert after["session"] == before["session"] and after["instance_id"] != before["instance_id"]
     await asyncio.to_thread(fleet.start_instance, instance_num(before["instance_id"]))
+    # the instance itself, not the registry: the killed process's record may still read "ready"
+    await fleet.wait_instance_ready(instance_num(before["instance_id"]))
     await fleet.wait_instances(2)
     await fleet.end_all_sessions()
 
