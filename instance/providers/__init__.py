@@ -7,12 +7,13 @@ ProviderNotConfigured naming the variable to set.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from common.settings import Settings
-from instance.providers.base import ChatRequest, ChatResult, OpenAICompatibleProvider
+from instance.providers.base import ChatRequest, ChatResult, OpenAICompatibleProvider, tls_context
 from instance.providers.glm import GLMProvider
 from instance.providers.kimi import KimiProvider
 from instance.providers.models import MODELS, ModelInfo, ProviderName, resolve
@@ -29,13 +30,14 @@ class Providers:
     @asynccontextmanager
     async def open(cls, settings: Settings) -> AsyncIterator[Providers]:
         clients: dict[ProviderName, OpenAICompatibleProvider] = {}
+        tls = await asyncio.to_thread(tls_context) if settings.glm_api_key or settings.kimi_api_key else None
         if settings.glm_api_key:
             clients["glm"] = GLMProvider(
-                base_url=settings.glm_api_url, api_key=settings.glm_api_key, settings=settings
+                base_url=settings.glm_api_url, api_key=settings.glm_api_key, settings=settings, tls=tls
             )
         if settings.kimi_api_key:
             clients["kimi"] = KimiProvider(
-                base_url=settings.kimi_api_url, api_key=settings.kimi_api_key, settings=settings
+                base_url=settings.kimi_api_url, api_key=settings.kimi_api_key, settings=settings, tls=tls
             )
         try:
             yield cls(settings, clients)

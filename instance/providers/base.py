@@ -97,8 +97,12 @@ class OpenAICompatibleProvider:
     name: ClassVar[ProviderName]
     label: ClassVar[str]
 
-    def __init__(self, *, base_url: str, api_key: str, settings: Settings) -> None:
+    def __init__(
+        self, *, base_url: str, api_key: str, settings: Settings, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        # Built off the event loop by Providers.open (tls_context reads the CA bundle from disk).
+        self._tls = tls
         self._api_key = api_key
         self.max_concurrency = settings.provider_max_concurrency
         self.max_retries = settings.provider_max_retries
@@ -122,7 +126,10 @@ class OpenAICompatibleProvider:
         if self._http is None or self._http.closed:
             self._http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
-                    limit=self.max_concurrency, limit_per_host=0, keepalive_timeout=30.0, ssl=_tls()
+                    limit=self.max_concurrency,
+                    limit_per_host=0,
+                    keepalive_timeout=30.0,
+                    ssl=self._tls if self._tls is not None else True,
                 ),
                 timeout=aiohttp.ClientTimeout(
                     total=None,
@@ -371,15 +378,18 @@ def _env_proxy(url: str) -> str | None:
     """The proxy HTTP(S)_PROXY / ALL_PROXY name for `url`, unless NO_PROXY exempts its host
     (what httpx did by default); read once per provider, the environment does not change."""
     parts = urlsplit(url)
-    if parts.hostname is None or urllib.request.proxy_bypass(parts.hostname):
+    # the environment's NO_PROXY only: proxy_bypass() may ask the OS (macOS) and resolve the host
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # untyped in typeshed
+    if parts.hostname is None or bypass(parts.hostname):
         return None
     proxies = urllib.request.getproxies_environment()
     return proxies.get(parts.scheme) or proxies.get("all") or None
 
 
-def _tls() -> ssl.SSLContext:
+def tls_context() -> ssl.SSLContext:
     """Certificate checks as httpx made them: certifi's bundle, unless SSL_CERT_FILE or
-    SSL_CERT_DIR names the machine's own (OpenSSL reads those)."""
+    SSL_CERT_DIR names the machine's own (OpenSSL reads those). Reads files: call it off the
+    event loop."""
     if os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR"):
         return ssl.create_default_context()
     return ssl.create_default_context(cafile=certifi.where())
