@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,8 +26,15 @@ VERSION = "2026-07-28"
 
 
 @pytest.fixture(scope="module")
-def fleet(module_fleet_factory: Callable[..., Fleet]) -> Fleet:
-    return module_fleet_factory(instances=2, max_instances=2, **ROUTER_TEST_SETTINGS)
+def files_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fast-files")
+
+
+@pytest.fixture(scope="module")
+def fleet(module_fleet_factory: Callable[..., Fleet], files_root: Path) -> Fleet:
+    return module_fleet_factory(
+        instances=2, max_instances=2, allowed_file_roots=[files_root], **ROUTER_TEST_SETTINGS
+    )
 
 
 def _call(rid: int, client: str = "fast", tool: str = "version") -> bytes:
@@ -71,6 +80,20 @@ class Conn:
     async def open(cls, fleet: Fleet) -> Conn:
         port = int(fleet.router_url.rsplit(":", 1)[1])
         return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    @classmethod
+    async def open_slow(cls, fleet: Fleet) -> Conn:
+        """A client that reads slowly: a tiny socket receive buffer and a tiny read-ahead, so
+        whatever it has not read yet backs up into the router. Small segments too: the router's
+        send buffer grows with the segment size, and loopback's 64 KiB segments would let the
+        kernel take a whole large answer off the router's hands."""
+        port = int(fleet.router_url.rsplit(":", 1)[1])
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1024)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        return cls(*await asyncio.open_connection(sock=sock, limit=4096))
 
     async def send(self, *parts: bytes, pause: float = 0.0) -> None:
         for part in parts:
@@ -272,51 +295,87 @@ async def test_requests_the_fast_path_leaves_to_aiohttp(fleet: Fleet) -> None:
         conn.close()
 
 
+async def _handshake(conn: Conn) -> bytes:
+    """Open a handshake-era session on the connection; the header line that names it."""
+    init = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "sse"}},
+        }
+    ).encode()
+    await conn.send(post(init, version="2025-11-25"))
+    status, headers, body = await conn.answer()
+    assert status == 200, body
+    extra = b"Mcp-Session-Id: " + headers["mcp-session-id"].encode() + b"\r\n"
+    note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
+    await conn.send(post(note, version="2025-11-25", extra=extra))
+    status, _, _ = await conn.answer()
+    assert status == 202
+    return extra
+
+
+def _handshake_call(rid: int, tool: str, arguments: dict[str, Any]) -> bytes:
+    params = {"name": tool, "arguments": arguments}
+    return json.dumps({"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": params}).encode()
+
+
+def _sse_result(headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    """The JSON-RPC answer in an SSE body (its last data event), or the JSON body itself."""
+    if headers["content-type"].startswith("text/event-stream"):
+        assert headers.get("transfer-encoding") == "chunked"
+        data = [ln[5:].strip() for ln in body.decode().splitlines() if ln.startswith("data:")]
+        body = data[-1].encode()
+    return _result(body)
+
+
 async def test_handshake_era_sse_answers_on_the_fast_path(fleet: Fleet) -> None:
     conn = await Conn.open(fleet)
     try:
-        init = json.dumps(
-            {
-                "jsonrpc": "2.0",
-                "id": 0,
-                "method": "initialize",
-                "params": {
-                    "protocolVersion": "2025-11-25",
-                    "capabilities": {},
-                    "clientInfo": {"name": "sse"},
-                },
-            }
-        ).encode()
-        await conn.send(post(init, version="2025-11-25"))
-        status, headers, body = await conn.answer()
-        assert status == 200, body
-        sid = headers["mcp-session-id"]
-        extra = b"Mcp-Session-Id: " + sid.encode() + b"\r\n"
-        note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
-        await conn.send(post(note, version="2025-11-25", extra=extra))
-        status, _, _ = await conn.answer()
-        assert status == 202
+        extra = await _handshake(conn)
+        sid = extra.split(b": ")[1].strip().decode()
         before, express = await _fast_count(fleet), await _express_count(fleet)
         for rid in (1, 2, 3):
-            call = json.dumps(
-                {
-                    "jsonrpc": "2.0",
-                    "id": rid,
-                    "method": "tools/call",
-                    "params": {"name": "version", "arguments": {}},
-                }
-            ).encode()
-            await conn.send(post(call, version="2025-11-25", extra=extra))
+            await conn.send(post(_handshake_call(rid, "version", {}), version="2025-11-25", extra=extra))
             status, headers, body = await conn.answer()
             assert status == 200 and headers["mcp-session-id"] == sid
-            if headers["content-type"].startswith("text/event-stream"):
-                assert headers.get("transfer-encoding") == "chunked"
-                data = [ln[5:].strip() for ln in body.decode().splitlines() if ln.startswith("data:")]
-                body = data[-1].encode()
-            assert _result(body)["id"] == rid
+            assert _sse_result(headers, body)["id"] == rid
         assert await _fast_count(fleet) >= before + 3
         # sent on the express path, the SSE answers copied there as they come
         assert await _express_count(fleet) >= express + 3
+    finally:
+        conn.close()
+
+
+async def test_a_slow_client_gets_a_large_streamed_answer_whole_on_the_express_path(
+    fleet: Fleet, files_root: Path
+) -> None:
+    # An SSE answer far larger than what the client's socket, the router's write buffer and
+    # the relay's read-ahead hold: while the client does not read, the router stops copying
+    # (and stops reading the instance); as it reads, copying resumes. Nothing is lost,
+    # reordered or repeated, and the connection serves the next call.
+    lines = [f"{n:06d} " + "abcdefghij" * 9 + "\n" for n in range(2300)]  # ~230 KiB
+    big = files_root / "big.txt"
+    big.write_text("".join(lines))
+    conn = await Conn.open_slow(fleet)
+    try:
+        extra = await _handshake(conn)
+        await conn.send(post(_handshake_call(1, "version", {}), version="2025-11-25", extra=extra))
+        assert (await conn.answer())[0] == 200  # bound, with an idle connection to its instance
+        express = await _express_count(fleet)
+        call = _handshake_call(2, "file_read", {"path": str(big)})
+        await conn.send(post(call, version="2025-11-25", extra=extra))
+        await asyncio.sleep(1.0)  # not reading: the answer backs up
+        status, headers, body = await conn.answer()
+        assert status == 200
+        answer = _sse_result(headers, body)
+        assert answer["id"] == 2 and not answer["result"].get("isError"), answer
+        assert answer["result"]["structuredContent"]["text"] == "".join(lines)
+        assert await _express_count(fleet) == express + 1  # this call went out on the express path
+        await conn.send(post(_handshake_call(3, "version", {}), version="2025-11-25", extra=extra))
+        status, headers, body = await conn.answer()
+        assert status == 200 and _sse_result(headers, body)["id"] == 3
     finally:
         conn.close()
 
