@@ -4,7 +4,7 @@ On the first SIGTERM (or SIGINT) the instance turns "stopping" (the registry say
 new tool calls get a ShuttingDown error), waits up to EXAI_DRAIN_TIMEOUT for in-flight calls,
 closes its MCP sessions so open streams end, and only then lets uvicorn stop; the lifespan
 then flushes the spool and deregisters. A repeated SIGTERM is the same request (stoppers
-re-send it, see common/supervisor.py); a second SIGINT (Ctrl-C twice) stops at once.
+re-send it, see common/fleet/supervisor.py); a second SIGINT (Ctrl-C twice) stops at once.
 """
 
 from __future__ import annotations

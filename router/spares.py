@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from common.errors import SupervisorFault, SupervisorUnavailable
-from common.supervisor import SupervisorClient
+from common.fleet.supervisor import SupervisorClient
 
 log = logging.getLogger(__name__)
 

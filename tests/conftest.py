@@ -67,7 +67,7 @@ def service_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
                 rdc = stack.enter_context(RedisContainer("redis:7-alpine"))
                 rd = f"redis://{rdc.get_container_host_ip()}:{rdc.get_exposed_port(6379)}/0"
         if not pg or not rd:
-            from common.embedded import EmbeddedPostgres, EmbeddedRedis
+            from common.fleet.embedded import EmbeddedPostgres, EmbeddedRedis
 
             base = tmp_path_factory.mktemp("embedded")
             if not pg:

@@ -29,20 +29,21 @@ from typing import Any
 import aiohttp
 import redis as redis_sync
 
-from common.cli import (
-    ScaleReport,
-    admin_token,
-    internal_token,
-    launch,
-    registered_instances,
-    scale,
-    wait_healthz,
-)
 from common.errors import FleetControlError, SupervisorFault
+from common.fleet.launch import launch, wait_healthz
+from common.fleet.registry import registered_instances
+from common.fleet.scale import ScaleReport, scale
+from common.fleet.services import admin_token, internal_token
+from common.fleet.supervisor import (
+    ProcessInfo,
+    SupervisorClient,
+    SupervisorControl,
+    fleet_environment,
+    pid_alive,
+)
 from common.keys import Keys
 from common.protocol import MCP_PATH, PROBE_READY, instance_process_name, registry_id
 from common.settings import Settings, load_settings
-from common.supervisor import ProcessInfo, SupervisorClient, SupervisorControl, fleet_environment, pid_alive
 from tests.ports import free_port, free_port_block
 
 
@@ -228,7 +229,7 @@ class Fleet:
             if proc.active:  # autorestart already spawned a replacement (or has not reaped yet)
                 try:
                     # An administrative stop (no more restarts); it re-sends SIGTERM to a
-                    # replacement that was spawned just as the stop came (common/supervisor.py).
+                    # replacement that was spawned just as the stop came (common/fleet/supervisor.py).
                     self.supervisor.stop(name, wait=True)
                 except SupervisorFault as exc:  # it changed state meanwhile; look again
                     seen.append(f"stop failed: {exc}")
@@ -430,7 +431,8 @@ class InstanceHost:
         return self.settings.instance_port_for(num)
 
     def start(self, *, timeout: float = 60.0) -> InstanceHost:
-        from common.cli import prepare_state, render, services_for, start_supervisord, wait_registered
+        from common.fleet.launch import render, start_supervisord, wait_registered
+        from common.fleet.services import prepare_state, services_for
 
         prepare_state(self.settings)
         services = services_for(self.settings)

@@ -10,7 +10,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from common.embedded import EmbeddedRedis
+from common.fleet.embedded import EmbeddedRedis
 from tests.ports import free_port
 
 

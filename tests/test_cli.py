@@ -12,7 +12,7 @@ import pytest
 
 from tests.ports import free_port, free_port_block
 
-EXAI = [sys.executable, "-c", "import sys; from common.cli import main; sys.exit(main())"]
+EXAI = [sys.executable, "-c", "import sys; from common.fleet.cli import main; sys.exit(main())"]
 
 
 def exai(*args: str, env: dict[str, str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

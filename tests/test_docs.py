@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from common import PROJECT_ROOT
-from common.cli import provider_keys_line, supervisorctl_command
 from common.errors import InvalidArgument
+from common.fleet.cli import provider_keys_line, supervisorctl_command
 from common.settings import load_settings
 from instance.tools.files import read_files
 
@@ -62,4 +62,4 @@ def test_exai_up_names_the_provider_keys_it_found(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("GLM_API_KEY", "k")
     line = provider_keys_line(load_settings())
     assert "found GLM_API_KEY" in line and "KIMI_API_KEY not set" in line
-    assert "Provider keys:" in (PROJECT_ROOT / "common" / "cli.py").read_text()
+    assert "Provider keys:" in (PROJECT_ROOT / "common" / "fleet" / "cli.py").read_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncpg
 import redis as redis_sync
 
-from common.embedded import EmbeddedPostgres, EmbeddedRedis
+from common.fleet.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.ports import free_port
 
 

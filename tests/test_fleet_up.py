@@ -17,7 +17,7 @@ import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from common.supervisor import SupervisorControl, pid_alive
+from common.fleet.supervisor import SupervisorControl, pid_alive
 from tests.fleet import Fleet
 from tests.ports import free_port, free_port_block
 from tests.test_cli import exai

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from common.supervisor import pid_alive
+from common.fleet.supervisor import pid_alive
 from tests.fakes.provider import Behaviour, FakeProvider
 from tests.router.conftest import mcp_client, status_of
 

@@ -6,7 +6,7 @@ The soak never restarts or cuts a server anyone else uses:
   PATH) on a free port with append-only persistence in the run folder, so a restart keeps the
   fleet's keys as a real deployment's would.
 - Postgres: a fresh database on EXAI_TEST_DATABASE_URL's server when set, else its own embedded
-  Postgres (common/embedded.py) in the run folder. The fleet reaches it through a TCP proxy
+  Postgres (common/fleet/embedded.py) in the run folder. The fleet reaches it through a TCP proxy
   (tests/fakes/tcp_proxy.py) that the Postgres cut closes; probes and the final check of
   acknowledged writes connect directly.
 
@@ -36,8 +36,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from common.embedded import EmbeddedPostgres, EmbeddedRedis
 from common.errors import ConfigError
+from common.fleet.embedded import EmbeddedPostgres, EmbeddedRedis
 from common.migrate import migrate
 from tests.fakes.tcp_proxy import TcpProxy
 from tests.fleet import Fleet
