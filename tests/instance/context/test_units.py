@@ -123,3 +123,28 @@ def test_compacted_prefix_stays_the_same_while_the_thread_grows() -> None:
     for a, b in itertools.pairwise(runs):
         if a.messages[0] == b.messages[0]:  # then the whole earlier prompt is a prefix of the next
             assert b.messages[: len(a.messages)] == a.messages
+
+
+async def test_tokens_sent_is_what_the_messages_count_whether_compacted_or_not() -> None:
+    """build_prompt adds up tokens_sent from the parts it counted; it must equal a recount of
+    the messages it returns, verbatim history or compacted, with extra blocks in both places."""
+    from instance.context import Block, Turn, build_prompt
+    from instance.context.builder import ContextPolicy
+
+    th = make_thread(77)
+    turns = [Turn(str(i), t["role"], t["content"]) for i, t in enumerate(th.turns)]
+    extras = [Block("notes", "remember the decision"), Block("sys", "be brief", placement="system")]
+    for model in ("glm-4.6", "kimi-k2"):
+        c = counter_for(model)
+        full = sum(c.framing(t.role) + c.count(t.content) for t in turns)
+        for cap in (None, full // 3):
+            built = await build_prompt(
+                turns,
+                "what did we decide about the cache?",
+                model,
+                system="You are a reviewer.",
+                extras=extras,
+                policy=ContextPolicy(max_history_tokens=cap),
+            )
+            assert built.history.compacted == (cap is not None)
+            assert built.tokens_sent == c.count_messages(built.messages)
