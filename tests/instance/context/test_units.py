@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+import pytest
+
 from instance.context import stripping
 from instance.context.compaction import ELISION, HistoryTurn, compact
 from instance.context.stripping import StoredTurn, strip_echoes, unstrip
@@ -148,3 +150,27 @@ async def test_tokens_sent_is_what_the_messages_count_whether_compacted_or_not()
             )
             assert built.history.compacted == (cap is not None)
             assert built.tokens_sent == c.count_messages(built.messages)
+
+
+def test_preload_warms_each_encoder_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tokenizer builds part of its matcher on the first mixed text it encodes (0.1-0.5 s):
+    preload, which the instance runs on a worker thread at start-up, must pay that, not the
+    first chat call on the event loop."""
+    from instance.context import tokens
+
+    encoded: list[tuple[str, str]] = []
+    for family in ("glm", "kimi"):
+        counter = tokens.counter_for(family)
+        real = counter._tok
+
+        class Spy:
+            def __init__(self, real: object, family: str) -> None:
+                self._real, self._family = real, family
+
+            def encode_ordinary(self, text: str) -> list[int]:
+                encoded.append((self._family, text))
+                return self._real.encode_ordinary(text)  # type: ignore[attr-defined, no-any-return]
+
+        monkeypatch.setattr(counter, "_tok", Spy(real, family))
+    tokens.preload(("glm", "kimi"))
+    assert encoded == [("glm", tokens.WARM_TEXT), ("kimi", tokens.WARM_TEXT)]
