@@ -166,7 +166,10 @@ async def build_prompt(
         *history.messages,
         {"role": "user", "content": user_text},
     ]
-    sent = await counter.acount_messages(messages)
+    # What count_messages(messages) would find, without counting every message again: `fixed`
+    # holds the request's framing, the system and the user message, and compaction's
+    # `tokens_after` is the same framing-plus-content sum over exactly the history it returns.
+    sent = fixed + history.tokens_after
     stored_extra = [b.text for b in extras if b.stored]
     user_content = "\n\n".join([strip.text, *stored_extra]) if stored_extra else strip.text
     user_metadata: dict[str, Any] = {}

@@ -103,6 +103,10 @@ class TokenCounter:
     def _special(self, text: str) -> int:
         return len(self._tok.encode_with_special(text)) if text else 0
 
+    def warm(self) -> None:
+        """Run the encoder once over WARM_TEXT (blocking, up to half a second the first time)."""
+        self._tok.encode_ordinary(WARM_TEXT)
+
     def count(self, text: str) -> int:
         """Tokens of `text` as message content (control-token spellings count as plain text)."""
         if not text:
@@ -170,10 +174,18 @@ def ready(model: str, provider: str | None = None) -> bool:
     return family_of(model, provider) in _COUNTERS
 
 
+WARM_TEXT = "q 7 chat-normal-1-0 ffee01: x ffee01, def f(a=1): return a  # 你好 émoji 🙂 <|user|>"
+"""Encoded once per vocabulary by `preload`: the tokenizer builds part of its matcher lazily,
+on the first text with a mix like "x ffee01", and that first encode takes 0.1-0.5 s of CPU
+(measured with splintr-rs 0.22; later ones take microseconds). Paid at start-up on a
+worker thread instead of on the event loop inside an instance's first call."""
+
+
 def preload(families: Iterable[Family] = ("glm", "kimi")) -> None:
-    """Load vocabularies up front (blocking: call it off the event loop, at startup)."""
+    """Load vocabularies up front and warm their encoders (blocking: call it off the event
+    loop, at startup)."""
     for family in families:
-        counter_for(family)
+        counter_for(family).warm()
 
 
 def count_tokens(text: str, model: str | None = None) -> int:

@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -106,18 +107,45 @@ redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: meta, list. Returns {} on a miss, else {meta as field/value list, turns, current run_id}.
+# KEYS: meta, list. ARGV: the run_id the caller's decoded copy of the list was read on ('' for
+# none), and that copy's length. Returns {} on a miss, else {meta as field/value list, turns,
+# current run_id, index of the first turn returned}. The turns start past the caller's copy
+# only when that copy is still a prefix of the list: read on this same Redis run (a restart may
+# have lost a suffix that later appends replaced), and the list never trimmed (its length is
+# still the count of turns ever pushed, so index i is still the i-th turn pushed). A dropped
+# cache is a miss, and a dropped cache is never recreated (only a brand-new id gets one).
 _READ_LUA = f"""
 local meta = redis.call('HGETALL', KEYS[1])
 if #meta == 0 then return {{}} end
-return {{meta, redis.call('LRANGE', KEYS[2], 0, -1), {_RUN_ID_LUA}}}
+local run = {_RUN_ID_LUA}
+local from = 0
+if ARGV[1] == run then
+  local held = tonumber(ARGV[2])
+  local turns = tonumber(redis.call('HGET', KEYS[1], 'turns') or '-1')
+  if turns == redis.call('LLEN', KEYS[2]) and turns >= held then from = held end
+end
+return {{meta, redis.call('LRANGE', KEYS[2], from, -1), run, from}}
 """
+
+HELD_THREADS = 64
+"""Threads whose cached turns this process keeps decoded (one session per instance: a few)."""
+HELD_CHARS = 1_000_000
+"""A thread with more content than this is decoded on every read instead of kept."""
 
 # KEYS: meta. ARGV: run_id. Records that the cache was checked against Postgres on this run.
 _STAMP_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'run', ARGV[1]) end
 return 1
 """
+
+
+@dataclasses.dataclass(frozen=True)
+class _Held:
+    """The Redis list of a thread as this process last read it, decoded: the next read asks
+    Redis only for the turns after it (see _READ_LUA)."""
+
+    run: str  # the Redis run_id it was read on
+    messages: tuple[Message, ...]  # the whole list, in list order
 
 
 class _NeedsLocal(Exception):
@@ -175,6 +203,8 @@ class HistoryStore:
         self._dirty: set[str] = set()
         self._known: dict[str, int] = {}  # the highest exchange position seen per thread
         self._last_ids: dict[str, set[str]] = {}  # ids of the last exchange appended here, cached
+        self._held: OrderedDict[str, _Held] = OrderedDict()  # decoded cache lists, least recent first
+        self.cache_tail_reads_total = 0  # cache reads that decoded only the turns new since the last
         self.spool_reads_skipped_total = 0
         # (thread, turns, floor, create: the new thread's cache fields or None, answer)
         self._cache_queue: list[tuple[str, list[str], int, list[str] | None, asyncio.Future[int]]] = []
@@ -696,25 +726,38 @@ class HistoryStore:
         process's unflushed turns: with `local` None it raises _NeedsLocal instead.
         """
         if self._turns <= 0 or cid in self._dirty:
+            self._held.pop(cid, None)
             return None, False
         meta_key = self._keys.thread_meta(cid)
+        held = self._held.get(cid)
+        since = (held.run, len(held.messages)) if held is not None else ("", 0)
         try:
             found = await self._cache.batched(  # with the call's notes read: one round trip
-                lambda r: r.eval(_READ_LUA, 2, meta_key, self._keys.thread(cid))  # type: ignore[no-any-return]
+                lambda r: r.eval(_READ_LUA, 2, meta_key, self._keys.thread(cid), *since)  # type: ignore[no-any-return]
             )
         except CacheDown:
             return None, False
         if not found:
+            self._held.pop(cid, None)
             return None, False
         try:
-            flat, items, run = found
+            flat, items, run, start = found
             meta = dict(zip(flat[::2], flat[1::2], strict=True))
-            messages = [Message.from_dict(json.loads(item)) for item in items]
+            tail = [Message.from_dict(json.loads(item)) for item in items]
+            if int(start) == 0:
+                messages = tail
+            elif held is not None and int(start) == len(held.messages) and held.run == run:
+                messages = [*held.messages, *tail]
+                self.cache_tail_reads_total += 1
+            else:
+                raise ValueError(f"the cache answered from turn {start}, past what this process holds")
             turns = int(meta.get("turns", 0))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring a malformed cache entry for thread %s: %s", cid, exc)
+            self._held.pop(cid, None)
             return None, False
         complete = len(messages) >= turns
+        self._hold(cid, run, messages, whole=len(messages) == turns)
         if meta.get("run") == run:
             return messages, complete
         if not (complete or (limit is not None and len(messages) >= limit)):
@@ -733,6 +776,7 @@ class HistoryStore:
         if stale:
             # Redis lost writes that Postgres holds: Postgres is the truth, this cache is done.
             log.warning("thread %s: the Redis cache misses %d turns Postgres holds; dropping it", cid, stale)
+            self._held.pop(cid, None)
             with contextlib.suppress(CacheDown):
                 await self._cache.call(
                     lambda r: r.delete(self._keys.thread(cid), meta_key)  # type: ignore[no-any-return]
@@ -741,6 +785,17 @@ class HistoryStore:
         with contextlib.suppress(CacheDown):
             await self._cache.call(lambda r: r.eval(_STAMP_LUA, 1, meta_key, run))  # type: ignore[no-any-return]
         return messages, complete
+
+    def _hold(self, cid: str, run: str, messages: list[Message], *, whole: bool) -> None:
+        """Keep a thread's decoded cache list for its next read; only an untrimmed list (`whole`:
+        as many items as turns ever pushed) can be continued by index, and only a small one is kept."""
+        if not whole or sum(len(m.content) for m in messages) > HELD_CHARS:
+            self._held.pop(cid, None)
+            return
+        self._held[cid] = _Held(run, tuple(messages))
+        self._held.move_to_end(cid)
+        while len(self._held) > HELD_THREADS:
+            self._held.popitem(last=False)
 
     @staticmethod
     async def _missing_from_cache(

@@ -38,7 +38,6 @@ async def progress_heartbeat(
     started = time.monotonic()
 
     async def beat() -> None:
-        await asyncio.sleep(first_after)
         while True:
             elapsed = time.monotonic() - started
             message = f"{state.label}: {elapsed:.0f}s, {state.chars} characters received"
@@ -46,10 +45,19 @@ async def progress_heartbeat(
                 await ctx.report_progress(round(elapsed, 1), None, message)
             await asyncio.sleep(every)
 
-    task = asyncio.create_task(beat(), name="progress")
+    # Most calls end before the first beat: a timer until then costs far less than a task
+    # (no task to start, and none to cancel and wait for at the end).
+    tasks: list[asyncio.Task[None]] = []
+
+    def first() -> None:
+        tasks.append(asyncio.create_task(beat(), name="progress"))
+
+    timer = asyncio.get_running_loop().call_later(first_after, first)
     try:
         yield state
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        timer.cancel()
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+import pytest
+
 from instance.context import stripping
 from instance.context.compaction import ELISION, HistoryTurn, compact
 from instance.context.stripping import StoredTurn, strip_echoes, unstrip
@@ -123,3 +125,52 @@ def test_compacted_prefix_stays_the_same_while_the_thread_grows() -> None:
     for a, b in itertools.pairwise(runs):
         if a.messages[0] == b.messages[0]:  # then the whole earlier prompt is a prefix of the next
             assert b.messages[: len(a.messages)] == a.messages
+
+
+async def test_tokens_sent_is_what_the_messages_count_whether_compacted_or_not() -> None:
+    """build_prompt adds up tokens_sent from the parts it counted; it must equal a recount of
+    the messages it returns, verbatim history or compacted, with extra blocks in both places."""
+    from instance.context import Block, Turn, build_prompt
+    from instance.context.builder import ContextPolicy
+
+    th = make_thread(77)
+    turns = [Turn(str(i), t["role"], t["content"]) for i, t in enumerate(th.turns)]
+    extras = [Block("notes", "remember the decision"), Block("sys", "be brief", placement="system")]
+    for model in ("glm-4.6", "kimi-k2"):
+        c = counter_for(model)
+        full = sum(c.framing(t.role) + c.count(t.content) for t in turns)
+        for cap in (None, full // 3):
+            built = await build_prompt(
+                turns,
+                "what did we decide about the cache?",
+                model,
+                system="You are a reviewer.",
+                extras=extras,
+                policy=ContextPolicy(max_history_tokens=cap),
+            )
+            assert built.history.compacted == (cap is not None)
+            assert built.tokens_sent == c.count_messages(built.messages)
+
+
+def test_preload_warms_each_encoder_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tokenizer builds part of its matcher on the first mixed text it encodes (0.1-0.5 s):
+    preload, which the instance runs on a worker thread at start-up, must pay that, not the
+    first chat call on the event loop."""
+    from instance.context import tokens
+
+    encoded: list[tuple[str, str]] = []
+    for family in ("glm", "kimi"):
+        counter = tokens.counter_for(family)
+        real = counter._tok
+
+        class Spy:
+            def __init__(self, real: object, family: str) -> None:
+                self._real, self._family = real, family
+
+            def encode_ordinary(self, text: str) -> list[int]:
+                encoded.append((self._family, text))
+                return self._real.encode_ordinary(text)  # type: ignore[attr-defined, no-any-return]
+
+        monkeypatch.setattr(counter, "_tok", Spy(real, family))
+    tokens.preload(("glm", "kimi"))
+    assert encoded == [("glm", tokens.WARM_TEXT), ("kimi", tokens.WARM_TEXT)]

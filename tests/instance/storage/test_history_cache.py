@@ -11,6 +11,7 @@ test_history_truth.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -211,3 +212,55 @@ async def test_a_load_skips_the_spool_only_when_the_cache_holds_this_process_las
         assert [m.content for m in await st.history.load(cid)] == ["q1", "a1", "q2", "a2"]
         assert st.history.spool_reads_skipped_total == 1  # read from the spool this time
         await redis.delete(keys.thread(cid), keys.thread_meta(cid), keys.thread_pos(cid))
+
+
+async def test_reads_decode_only_the_new_turns_and_stay_whole(
+    storage_settings: Callable[..., Settings], redis: Redis, keys: Keys
+) -> None:
+    """A process keeps the thread's cached turns it decoded; the next read takes from Redis only
+    the turns after them, whoever appended those, and falls back to the whole list when its copy
+    is no longer a prefix (trimmed, dropped, or held on another Redis run)."""
+    settings = storage_settings(history_cache_turns=6)
+    async with (
+        Storage.open(settings, instance_id="t-held-a", redis=redis) as a,
+        Storage.open(settings, instance_id="t-held-b", redis=redis) as b,
+    ):
+        cid = await a.history.new_thread(session_id="s", tool_name="chat", model=None)
+        await a.history.append_exchange(cid, exchange("q1", "a1"))
+        assert [m.content for m in await a.history.load(cid)] == ["q1", "a1"]
+        assert a.history.cache_tail_reads_total == 0  # nothing held yet: the whole list
+
+        # Another process appends between two reads of this one: its turns come with the tail.
+        await b.history.append_exchange(cid, exchange("q2", "a2"))
+        await a.history.append_exchange(cid, exchange("q3", "a3"))
+        loaded = await a.history.load(cid)
+        assert [m.content for m in loaded] == ["q1", "a1", "q2", "a2", "q3", "a3"]
+        assert [m.pos for m in loaded] == [1, 1, 2, 2, 3, 3]
+        assert a.history.cache_tail_reads_total == 1
+        assert [m.content for m in await a.history.load(cid)] == ["q1", "a1", "q2", "a2", "q3", "a3"]
+        assert a.history.cache_tail_reads_total == 2
+
+        # The list is trimmed (6 turns kept): index no longer means turn, the whole list is read
+        # and merged with Postgres as before.
+        await b.history.append_exchange(cid, exchange("q4", "a4"))
+        assert await redis.llen(keys.thread(cid)) == 6
+        assert await a.flush(10) and await b.flush(10)
+        expected = ["q1", "a1", "q2", "a2", "q3", "a3", "q4", "a4"]
+        assert [m.content for m in await a.history.load(cid)] == expected
+        assert a.history.cache_tail_reads_total == 2
+
+        # A held copy from another Redis run is never continued: the script compares run ids.
+        other = await a.history.new_thread(session_id="s", tool_name="chat", model=None)
+        await a.history.append_exchange(other, exchange("x1", "y1"))
+        assert [m.content for m in await a.history.load(other)] == ["x1", "y1"]
+        held = a.history._held[other]
+        a.history._held[other] = dataclasses.replace(held, run="another-run")
+        await b.history.append_exchange(other, exchange("x2", "y2"))
+        assert [m.content for m in await a.history.load(other)] == ["x1", "y1", "x2", "y2"]
+        assert a.history.cache_tail_reads_total == 2
+
+        # A dropped cache is a miss: the held copy goes too, and Postgres/spool answer.
+        assert await b.flush(10)
+        await redis.delete(keys.thread(other), keys.thread_meta(other))
+        assert [m.content for m in await a.history.load(other)] == ["x1", "y1", "x2", "y2"]
+        assert other not in a.history._held
