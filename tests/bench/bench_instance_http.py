@@ -85,7 +85,7 @@ class Target:
     """One instance process and a keep-alive socket to it."""
 
     def __init__(self, binary: str, token: str, workdir: Path) -> None:
-        self.binary = binary
+        self.binary = str(Path(binary).resolve()) if os.sep in binary else binary
         self.port = _free_port()
         env = {
             k: v
@@ -94,7 +94,7 @@ class Target:
         }
         env.update(EXAI_INTERNAL_TOKEN=token, EXAI_INSTANCE_PORT=str(self.port), LOG_LEVEL="WARNING")
         self.log = open(workdir / f"instance-{self.port}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([binary], env=env, cwd=workdir, stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen([self.binary], env=env, cwd=workdir, stdout=self.log, stderr=self.log)
         self.token = token
 
     async def ready(self) -> None:
