@@ -93,7 +93,7 @@ class Target:
             if not k.startswith("EXAI_") and k not in ("REDIS_URL", "DATABASE_URL")
         }
         env.update(EXAI_INTERNAL_TOKEN=token, EXAI_INSTANCE_PORT=str(self.port), LOG_LEVEL="WARNING")
-        self.log = open(workdir / f"instance-{self.port}.log", "wb")  # noqa: SIM115
+        self.log = open(workdir / f"instance-{self.port}.log", "wb")
         self.proc = subprocess.Popen([self.binary], env=env, cwd=workdir, stdout=self.log, stderr=self.log)
         self.token = token
 
@@ -146,7 +146,8 @@ async def _session(t: Target, era: str) -> tuple[asyncio.StreamReader, asyncio.S
     status, answer_headers, _ = await _answer(reader)
     if status != 200:
         raise RuntimeError(f"initialize: {status}")
-    headers.update({p.MCP_SESSION_ID: answer_headers[p.MCP_SESSION_ID.lower()], "MCP-Protocol-Version": HANDSHAKE})
+    session = answer_headers[p.MCP_SESSION_ID.lower()]
+    headers.update({p.MCP_SESSION_ID: session, "MCP-Protocol-Version": HANDSHAKE})
     writer.write(_request(t.port, {"jsonrpc": "2.0", "method": "notifications/initialized"}, headers))
     await _answer(reader)
     call["params"] = {"name": "version", "arguments": {}}
