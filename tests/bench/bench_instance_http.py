@@ -1,9 +1,9 @@
 """An instance's own per-request cost (uvicorn, starlette, the MCP SDK, our middleware), A/B.
 
-    python tests/bench/bench_instance_http.py [--calls 3000] [--rounds 3] [BIN ...]
+    python tests/bench/bench_instance_http.py [--calls 3000] [--rounds 3] [OTHER_BIN ...]
 
-Starts one bare `exai-instance` per BIN (default: this venv's; pass another checkout's
-`.venv/bin/exai-instance` to compare branches side by side) on loopback without Redis or
+Starts one bare `exai-instance` from this venv and one per OTHER_BIN (another checkout's
+`.venv/bin/exai-instance`, to compare builds side by side) on loopback without Redis or
 Postgres, then calls the `version` tool straight at each (the router's internal headers, one
 keep-alive socket, one call at a time, prebuilt raw HTTP/1.1 so the client costs little), in
 both eras: 2026-07-28 (stateless JSON answer) and the handshake era (initialize, then
@@ -181,11 +181,12 @@ async def main() -> int:
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--eras", default="stateless,handshake")
-    ap.add_argument("bins", nargs="*", default=[str(Path(sys.executable).parent / "exai-instance")])
+    ap.add_argument("bins", nargs="*", default=[], help="other builds' exai-instance to compare")
     args = ap.parse_args()
     token = secrets.token_hex(8)
     with tempfile.TemporaryDirectory(prefix="exai-bench-inst-") as tmp:
-        targets = [Target(b, token, Path(tmp)) for b in args.bins]
+        own = str(Path(sys.executable).parent / "exai-instance")
+        targets = [Target(b, token, Path(tmp)) for b in [own, *args.bins]]
         try:
             for t in targets:
                 await t.ready()
