@@ -2,7 +2,8 @@
 
 `build_app` wires one `Runtime` into an MCPServer whose lifespan opens Redis, storage and the
 providers, registers the instance, and undoes all of it on shutdown. The same Starlette app
-serves `/mcp` (handshake and 2026-07-28 clients alike) and the router's `/internal/*` calls.
+serves `/mcp` (handshake and 2026-07-28 clients alike) and the router's `/internal/*` calls,
+behind `InternalTokenGate`, which hands each call (`POST /mcp`) to the SDK's handler directly.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from mcp.server._otel import OpenTelemetryMiddleware
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
-from starlette.applications import Starlette
+from opentelemetry import trace
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -68,11 +70,19 @@ def _fenced(runtime: Runtime) -> Response:
     return JSONResponse(error.to_jsonrpc(), status_code=error.http_status, headers={FENCED_HEADER: "1"})
 
 
-class InternalTokenMiddleware:
-    """Refuse every request that does not carry the router's internal token (pure ASGI: streams pass)."""
+class InternalTokenGate:
+    """The ASGI app uvicorn serves: the router's internal token checked on every request, then
+    `POST /mcp` straight to the SDK's Streamable HTTP handler and everything else (GET and DELETE
+    on /mcp, /internal/*, the lifespan) through the SDK's Starlette app. Pure ASGI: streams pass.
 
-    def __init__(self, app: ASGIApp, runtime: Runtime, token: str) -> None:
+    Why straight: Starlette's error, exception and routing layers cost a call and a send wrapper
+    each per request and do nothing for a call (the SDK answers its own errors). The one thing
+    they add, a plain 500 when the handler raises before answering, `_timed` does itself.
+    """
+
+    def __init__(self, app: ASGIApp, mcp_handler: ASGIApp, runtime: Runtime, token: str) -> None:
         self.app = app
+        self.mcp_handler = mcp_handler
         self.runtime = runtime
         self.token = token.encode()
 
@@ -113,19 +123,28 @@ class InternalTokenMiddleware:
         and after our tool) shows in its stages (instance/timing.py)."""
         clock = CallClock(time.perf_counter())
         token = current_call.set(clock)
+        started = False
 
         async def timed_send(message: Message) -> None:
+            nonlocal started
+            started = True
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 finish_request(clock)
 
         try:
-            await self.app(scope, receive, timed_send)
+            await self.mcp_handler(scope, receive, timed_send)
+        except Exception:
+            # What Starlette's ServerErrorMiddleware answered here before: a plain 500 if nothing
+            # was sent yet; the exception goes on to uvicorn, which logs it.
+            if not started:
+                await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
+            raise
         finally:
             current_call.reset(token)
 
 
-def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtime]:
+def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]:
     """The instance's ASGI app and the runtime it shares with the lifecycle (see instance.main)."""
     if not settings.internal_token:
         raise ConfigError(
@@ -174,6 +193,11 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
         lifespan=lifespan,
         log_level=settings.log_level,
     )
+    if not _tracing_configured():
+        # The SDK wraps every message in an OpenTelemetry span by default and documents dropping
+        # its middleware to opt out; with no tracer provider the span records nothing and costs
+        # a context attach/detach and a trace-context parse per call.
+        mcp.middleware[:] = [m for m in mcp.middleware if not isinstance(m, OpenTelemetryMiddleware)]
     register_tools(mcp, runtime)
     register_resources(mcp, runtime)
 
@@ -212,7 +236,9 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
         session_idle_timeout=settings.session_idle_timeout,
         host=identity.host,
     )
-    app.add_middleware(InternalTokenMiddleware, runtime=runtime, token=settings.internal_token)
+    gate = InternalTokenGate(
+        app, mcp.session_manager.handle_request, runtime=runtime, token=settings.internal_token
+    )
 
     async def close_mcp_sessions() -> None:
         # The SDK has no public "close all sessions"; its discard path is what DELETE uses.
@@ -222,7 +248,13 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
                 await manager._discard_session(session_id, transport)
 
     runtime.close_mcp_sessions = close_mcp_sessions
-    return app, runtime
+    return gate, runtime
+
+
+def _tracing_configured() -> bool:
+    """Whether this process exports OpenTelemetry traces: a tracer provider was installed before
+    the app is built (e.g. by `opentelemetry-instrument`) or is named by OTEL_PYTHON_TRACER_PROVIDER."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
 def _storage_metrics(runtime: Runtime) -> str:

@@ -28,6 +28,9 @@ def _serve() -> int:
         app,
         log_config=None,
         access_log=False,
+        # Only the router calls an instance, and nothing here reads the client's address: no
+        # X-Forwarded-* rewriting per request.
+        proxy_headers=False,
         lifespan="on",
         timeout_graceful_shutdown=UVICORN_GRACE_SECONDS,
         timeout_keep_alive=75,

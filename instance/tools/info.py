@@ -23,6 +23,8 @@ TOOL_PURPOSES: dict[str, str] = {
 
 
 def _sdk_version() -> str:
+    """The installed MCP SDK's version. It reads package metadata from disk, so `register` asks
+    once at startup: per call it was file I/O on the event loop and most of the tool's time."""
     try:
         return importlib.metadata.version("mcp")
     except importlib.metadata.PackageNotFoundError:
@@ -30,6 +32,8 @@ def _sdk_version() -> str:
 
 
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
+    sdk_version = _sdk_version()
+
     @exai_tool(mcp, runtime, description="Version of this EXAI server, its instance and the MCP SDK.")
     async def version(ctx: Context) -> dict[str, Any]:
         return {
@@ -37,7 +41,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             "server": "exai-fleet",
             "version": runtime.version,
             "instance_id": runtime.identity.id,
-            "mcp_sdk": _sdk_version(),
+            "mcp_sdk": sdk_version,
             "protocol": ctx.protocol_version,
             "eras": ["handshake (2024-11-05 … 2025-11-25)", "stateless (2026-07-28)"],
         }
