@@ -40,6 +40,7 @@ from common.protocol import (
 )
 from common.redis import create_redis
 from common.settings import Settings
+from instance.after_answer import AfterAnswer, current_answer
 from instance.context import tokens
 from instance.notify import Notifier
 from instance.providers import Providers
@@ -96,33 +97,44 @@ class InternalTokenMiddleware:
             await _error_response(error)(scope, receive, send)
             return
         if scope["path"] == MCP_PATH:
-            if self.runtime.state == "stopping" and scope["method"] == "POST":
-                await _error_response(ShuttingDown("this instance is shutting down"))(scope, receive, send)
+            if scope["method"] == "POST":
+                if self.runtime.state == "stopping":
+                    refusal = _error_response(ShuttingDown("this instance is shutting down"))
+                    await refusal(scope, receive, send)
+                    return
+                await self._call(scope, receive, send, headers)
                 return
             if scope["method"] != "DELETE":  # a session's goodbye must not re-bind it after a reset
                 if not self.runtime.observe(headers):
                     await _fenced(self.runtime)(scope, receive, send)
                     return
-            if scope["method"] == "POST":
-                await self._timed(scope, receive, send)
-                return
         await self.app(scope, receive, send)
 
-    async def _timed(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _call(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
         """Serve a call with a clock the tool wrapper marks, so a chat's time in the SDK (before
-        and after our tool) shows in its stages (instance/timing.py)."""
+        and after our tool) shows in its stages (instance/timing.py); what the call sets off
+        but its answer does not need (a new binding's registry write, telemetry) is put off
+        until the answer is written (instance/after_answer.py)."""
         clock = CallClock(time.perf_counter())
+        pending = AfterAnswer()
         token = current_call.set(clock)
+        answer_token = current_answer.set(pending)
 
         async def timed_send(message: Message) -> None:
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 finish_request(clock)
+                pending.run()
 
         try:
+            if not self.runtime.observe(headers):
+                await _fenced(self.runtime)(scope, receive, send)
+                return
             await self.app(scope, receive, timed_send)
         finally:
+            current_answer.reset(answer_token)
             current_call.reset(token)
+            pending.run()
 
 
 def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtime]:

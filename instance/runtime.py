@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from common.errors import ConfigError, ShuttingDown, StorageUnavailable
@@ -32,6 +33,7 @@ from common.protocol import (
     registry_id,
 )
 from common.settings import Settings
+from instance.after_answer import after_answer
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -153,7 +155,7 @@ class Runtime:
                 return False
             if fence and fence != current.fence:
                 current.fence = fence  # the same session under a renewed lease
-                self.on_change()
+                after_answer(self.on_change)
             return True
         self.binding = Binding(
             session=sid,
@@ -162,8 +164,10 @@ class Runtime:
             era=headers.get(ERA_HEADER),
             fence=fence,
         )
-        log.info("bound to session %s (fence %s)", sid, fence or "-")
-        self.on_change()
+        # The registry entry and the log follow the answer: the binding itself (above) is what
+        # fences other sessions off, and the lease and session record are in Redis already.
+        after_answer(partial(log.info, "bound to session %s (fence %s)", sid, fence or "-"))
+        after_answer(self.on_change)
         return True
 
     def may_reset(self, headers: Mapping[str, str]) -> bool:

@@ -30,6 +30,10 @@ def _sdk_version() -> str:
 
 
 def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
+    # Read once, here (before the event loop runs): the lookup reads the package's metadata
+    # files from disk, which has no place on the loop of every `version` call.
+    sdk_version = _sdk_version()
+
     @exai_tool(mcp, runtime, description="Version of this EXAI server, its instance and the MCP SDK.")
     async def version(ctx: Context) -> dict[str, Any]:
         return {
@@ -37,7 +41,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             "server": "exai-fleet",
             "version": runtime.version,
             "instance_id": runtime.identity.id,
-            "mcp_sdk": _sdk_version(),
+            "mcp_sdk": sdk_version,
             "protocol": ctx.protocol_version,
             "eras": ["handshake (2024-11-05 … 2025-11-25)", "stateless (2026-07-28)"],
         }
