@@ -165,6 +165,7 @@ def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtim
             runtime.background(asyncio.to_thread(tokens.preload, families), what="loading tokenizers")
             registry = Registry(runtime, redis) if redis is not None else None
             runtime.on_change = registry.poke if registry is not None else (lambda: None)
+            runtime.register_now = registry.beat_now if registry is not None else None
             if runtime.state == "starting":  # a SIGTERM during startup must not be undone
                 runtime.set_state("ready")
             if registry is not None:

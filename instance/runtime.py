@@ -130,6 +130,8 @@ class Runtime:
         self.links: Any = None  # instance.links.Links, set when the link tools are registered
         # Hooks set by the app: wake the registry heartbeat, close the SDK's MCP sessions.
         self.on_change: Callable[[], None] = lambda: None
+        # Write the registry entry now; False if Redis was unreachable (set by the app).
+        self.register_now: Callable[[], Awaitable[bool]] | None = None
         self.close_mcp_sessions: Callable[[], Any] | None = None
 
     # --- session binding -------------------------------------------------------------------
@@ -209,11 +211,17 @@ class Runtime:
         return self.session or LOCAL_SESSION
 
     async def reset(self) -> None:
-        """Forget the bound session and close the SDK's sessions, ready for the next one."""
+        """Forget the bound session and close the SDK's sessions, ready for the next one.
+
+        The registry entry says so before this returns (the reset's answer): the router frees
+        the lease once it has the answer, and an entry still naming the old session then would
+        send the next opening down the allocator's slow path (a lease to reconcile, the whole
+        registry read, a second reset)."""
         self.binding = None
         if self.close_mcp_sessions is not None:
             await self.close_mcp_sessions()
-        self.on_change()
+        if self.register_now is None or not await self.register_now():
+            self.on_change()  # the heartbeat writes it (again while Redis is unreachable)
 
     def set_state(self, state: InstanceState) -> None:
         if self.state != state:
