@@ -4,8 +4,9 @@ redis-py's asyncio client yields to the event loop at least once between a call 
 command to the socket, so behind a busy loop (the sender's own answer being built and written)
 a command waits until everything queued before it has run: a millisecond or more. A live
 announcement of a group event (instance/links.py) is written here instead, straight from the
-spool's commit callback, without a task or an await in between; the reply is read by a task
-of the line's own and handed to a callback.
+spool's commit callback, without a task or an await in between; so is the router's opening
+script of a new session (router/opening.py). The reply is read by a task of the line's own
+and handed over as the command's future.
 
 The line is an optimisation, never the only way: `send` returns None while the line is down,
 connecting or unusable (TLS, a Unix socket), and the caller takes its ordinary path through
