@@ -170,7 +170,7 @@ class EventLog:
         self, marker: str, member: str, score: float, now: float, items: list[tuple[str, dict[str, Any]]]
     ) -> tuple[Any, ...]:
         """`append_marked` as a raw EVALSHA command (for a connection that writes it at once,
-        instance/redis_line.py); a NOSCRIPT reply means: call `append_marked` (it loads it)."""
+        common/redis_line.py); a NOSCRIPT reply means: call `append_marked` (it loads it)."""
         keys, args = self._marked(marker, member, score, now, items)
         return ("EVALSHA", self._append_marked.sha, len(keys), *keys, *args)
 

@@ -42,6 +42,7 @@ from common.protocol import (
 )
 from common.redis import create_redis
 from common.settings import Settings
+from instance.after_answer import AfterAnswer, current_answer
 from instance.context import tokens
 from instance.notify import Notifier
 from instance.providers import Providers
@@ -106,23 +107,28 @@ class InternalTokenGate:
             await _error_response(error)(scope, receive, send)
             return
         if scope["path"] == MCP_PATH:
-            if self.runtime.state == "stopping" and scope["method"] == "POST":
-                await _error_response(ShuttingDown("this instance is shutting down"))(scope, receive, send)
+            if scope["method"] == "POST":
+                if self.runtime.state == "stopping":
+                    refusal = _error_response(ShuttingDown("this instance is shutting down"))
+                    await refusal(scope, receive, send)
+                    return
+                await self._call(scope, receive, send, headers)
                 return
             if scope["method"] != "DELETE":  # a session's goodbye must not re-bind it after a reset
                 if not self.runtime.observe(headers):
                     await _fenced(self.runtime)(scope, receive, send)
                     return
-            if scope["method"] == "POST":
-                await self._timed(scope, receive, send)
-                return
         await self.app(scope, receive, send)
 
-    async def _timed(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _call(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
         """Serve a call with a clock the tool wrapper marks, so a chat's time in the SDK (before
-        and after our tool) shows in its stages (instance/timing.py)."""
+        and after our tool) shows in its stages (instance/timing.py); what the call sets off
+        but its answer does not need (a new binding's registry write, telemetry) is put off
+        until the answer is written (instance/after_answer.py)."""
         clock = CallClock(time.perf_counter())
+        pending = AfterAnswer()
         token = current_call.set(clock)
+        answer_token = current_answer.set(pending)
         started = False
 
         async def timed_send(message: Message) -> None:
@@ -131,8 +137,12 @@ class InternalTokenGate:
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 finish_request(clock)
+                pending.run()
 
         try:
+            if not self.runtime.observe(headers):
+                await _fenced(self.runtime)(scope, receive, send)
+                return
             await self.mcp_handler(scope, receive, timed_send)
         except Exception:
             # What Starlette's ServerErrorMiddleware answered here before: a plain 500 if nothing
@@ -141,7 +151,9 @@ class InternalTokenGate:
                 await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
             raise
         finally:
+            current_answer.reset(answer_token)
             current_call.reset(token)
+            pending.run()
 
 
 def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]:
@@ -172,6 +184,7 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
             runtime.background(asyncio.to_thread(tokens.preload, families), what="loading tokenizers")
             registry = Registry(runtime, redis) if redis is not None else None
             runtime.on_change = registry.poke if registry is not None else (lambda: None)
+            runtime.register_now = registry.beat_now if registry is not None else None
             if runtime.state == "starting":  # a SIGTERM during startup must not be undone
                 runtime.set_state("ready")
             if registry is not None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from common.notifications import EventLog, notification
 from common.redis import REDIS_DOWN_ERRORS
-from instance.redis_line import DirectLine
+from common.redis_line import DirectLine
 
 log = logging.getLogger(__name__)
 

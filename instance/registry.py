@@ -21,6 +21,8 @@ from instance.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+NOW_TIMEOUT = 1.0  # seconds a write the caller waits for may take (else the heartbeat writes it)
+
 
 class Registry:
     """Registers `runtime` under Keys.instance(id) and refreshes it every heartbeat_interval."""
@@ -72,6 +74,17 @@ class Registry:
         self._redis_ok = True
         self.beats += 1
         return True
+
+    async def beat_now(self) -> bool:
+        """Write the entry now, waiting at most NOW_TIMEOUT (a reset's answer waits for it);
+        False if it was not written (Redis unreachable or slow, or the registry stopped)."""
+        if self._stopped:
+            return False
+        try:
+            async with asyncio.timeout(NOW_TIMEOUT):
+                return await self.beat()
+        except TimeoutError:
+            return False
 
     def poke(self) -> None:
         """Beat now (state or session changed) instead of at the next interval."""

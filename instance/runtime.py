@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from common.errors import ConfigError, ShuttingDown, StorageUnavailable
@@ -32,6 +33,7 @@ from common.protocol import (
     registry_id,
 )
 from common.settings import Settings
+from instance.after_answer import after_answer
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -128,6 +130,8 @@ class Runtime:
         self.links: Any = None  # instance.links.Links, set when the link tools are registered
         # Hooks set by the app: wake the registry heartbeat, close the SDK's MCP sessions.
         self.on_change: Callable[[], None] = lambda: None
+        # Write the registry entry now; False if Redis was unreachable (set by the app).
+        self.register_now: Callable[[], Awaitable[bool]] | None = None
         self.close_mcp_sessions: Callable[[], Any] | None = None
 
     # --- session binding -------------------------------------------------------------------
@@ -153,7 +157,7 @@ class Runtime:
                 return False
             if fence and fence != current.fence:
                 current.fence = fence  # the same session under a renewed lease
-                self.on_change()
+                after_answer(self.on_change)
             return True
         self.binding = Binding(
             session=sid,
@@ -162,8 +166,10 @@ class Runtime:
             era=headers.get(ERA_HEADER),
             fence=fence,
         )
-        log.info("bound to session %s (fence %s)", sid, fence or "-")
-        self.on_change()
+        # The registry entry and the log follow the answer: the binding itself (above) is what
+        # fences other sessions off, and the lease and session record are in Redis already.
+        after_answer(partial(log.info, "bound to session %s (fence %s)", sid, fence or "-"))
+        after_answer(self.on_change)
         return True
 
     def may_reset(self, headers: Mapping[str, str]) -> bool:
@@ -205,11 +211,17 @@ class Runtime:
         return self.session or LOCAL_SESSION
 
     async def reset(self) -> None:
-        """Forget the bound session and close the SDK's sessions, ready for the next one."""
+        """Forget the bound session and close the SDK's sessions, ready for the next one.
+
+        The registry entry says so before this returns (the reset's answer): the router frees
+        the lease once it has the answer, and an entry still naming the old session then would
+        send the next opening down the allocator's slow path (a lease to reconcile, the whole
+        registry read, a second reset)."""
         self.binding = None
         if self.close_mcp_sessions is not None:
             await self.close_mcp_sessions()
-        self.on_change()
+        if self.register_now is None or not await self.register_now():
+            self.on_change()  # the heartbeat writes it (again while Redis is unreachable)
 
     def set_state(self, state: InstanceState) -> None:
         if self.state != state:

@@ -76,14 +76,13 @@ class Allocator:
         skips the one-round-trip try (the caller has just made it, router/opening.py)."""
         if known_first and (got := await self._try_known(session_id)) is not None:
             return got
-        instances = await self.registry.instances()
-        draining = await self.registry.draining()
+        seen = await self.registry.survey(self.leases.keys.lease)
+        holders = seen.holders
         candidates = [
             inst
-            for inst in instances.values()
-            if inst.state == "ready" and inst.id not in draining and not self.registry.is_suspect(inst)
+            for inst in seen.instances.values()
+            if inst.state == "ready" and inst.id not in seen.draining and not self.registry.is_suspect(inst)
         ]
-        holders = await self.leases.holders([c.id for c in candidates])
         for inst in candidates:
             if holders.get(inst.id) is not None:
                 continue

@@ -781,3 +781,4 @@ class Proxy:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self.bindings.opening.close()

@@ -14,7 +14,9 @@ instance unusable until its next restart (sessions waiting for it time out).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -62,6 +64,15 @@ class Instance:
             return None
 
 
+@dataclass(frozen=True, slots=True)
+class Survey:
+    """The registry at one look: live instances, the draining set, and each lease's holder."""
+
+    instances: dict[str, Instance]
+    draining: set[str]
+    holders: dict[str, str | None]
+
+
 class Registry:
     """Reads the instance registry; remembers instance processes that refused connections."""
 
@@ -81,6 +92,30 @@ class Registry:
             for iid in ids:
                 pipe.hgetall(self.keys.instance(iid))
             rows = await pipe.execute()
+        return await self._found(ids, rows)
+
+    async def survey(self, lease_key: Callable[[str], str]) -> Survey:
+        """`instances()`, `draining()` and who holds each instance's lease (`lease_key` names
+        its key) in two round trips instead of four: the allocator's look at the whole fleet."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smembers(self.keys.instances())
+            pipe.smembers(self.keys.draining())
+            members, marked = await pipe.execute()
+        ids = sorted(str(i) for i in members)
+        draining = {str(i) for i in marked}
+        if not ids:
+            self.last = {}
+            return Survey({}, draining, {})
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for iid in ids:
+                pipe.hgetall(self.keys.instance(iid))
+            pipe.mget([lease_key(iid) for iid in ids])
+            *rows, values = await pipe.execute()
+        found = await self._found(ids, rows)
+        holders = {iid: (str(v) if v is not None else None) for iid, v in zip(ids, values, strict=True)}
+        return Survey(found, draining, {iid: holders[iid] for iid in found})
+
+    async def _found(self, ids: list[str], rows: list[Any]) -> dict[str, Instance]:
         found: dict[str, Instance] = {}
         gone: list[str] = []
         for iid, row in zip(ids, rows, strict=True):

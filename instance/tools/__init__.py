@@ -19,6 +19,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 from common.errors import ExaiError
+from instance.after_answer import after_answer
 from instance.runtime import Runtime
 from instance.timing import mark_tool
 
@@ -97,37 +98,45 @@ def exai_tool(mcp: MCPServer[Any], runtime: Runtime, *, description: str) -> Cal
 def _record(
     runtime: Runtime, name: str, headers: dict[str, str], status: str, error: str | None, seconds: float
 ) -> None:
-    """Telemetry goes to the write-behind spool in the background; it must never fail or slow a call."""
+    """Telemetry goes to the write-behind spool in the background once the answer is written
+    (instance/after_answer.py); it must never fail or slow a call."""
     storage = runtime.storage
     if storage is None:
         return
-    runtime.background(
-        storage.record_tool_call(
-            session_id=runtime.session_for(headers),
-            instance_id=runtime.identity.id,
-            tool_name=name,
-            status=status,
-            duration_ms=seconds * 1000.0,
-            error=error,
-        ),
-        what=f"recording the {name} call",
+    session_id = runtime.session_for(headers)
+    after_answer(
+        lambda: runtime.background(
+            storage.record_tool_call(
+                session_id=session_id,
+                instance_id=runtime.identity.id,
+                tool_name=name,
+                status=status,
+                duration_ms=seconds * 1000.0,
+                error=error,
+            ),
+            what=f"recording the {name} call",
+        )
     )
 
 
 async def _touch_session(runtime: Runtime) -> None:
-    """Record the bound session once per binding, so `sessions` shows who used this instance."""
+    """Record the bound session once per binding, so `sessions` shows who used this instance
+    (in the background, once the answer is written: instance/after_answer.py)."""
     binding = runtime.binding
-    if binding is None or binding.recorded or runtime.storage is None:
+    storage = runtime.storage
+    if binding is None or binding.recorded or storage is None:
         return
     binding.recorded = True
-    runtime.background(
-        runtime.storage.touch_session(
-            session_id=binding.session,
-            principal=binding.principal,
-            client_name=binding.client,
-            era=binding.era,
-        ),
-        what="recording the session",
+    after_answer(
+        lambda: runtime.background(
+            storage.touch_session(
+                session_id=binding.session,
+                principal=binding.principal,
+                client_name=binding.client,
+                era=binding.era,
+            ),
+            what="recording the session",
+        )
     )
 
 

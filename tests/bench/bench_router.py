@@ -300,10 +300,10 @@ async def _overhead(
     return out
 
 
-async def _stage_sums(fleet: Fleet) -> tuple[float, float]:
+async def _stage_sums(fleet: Fleet, router_url: str | None = None) -> tuple[float, float]:
     """The router's `exai_router_call_stage_seconds_sum` for stage "router" (its own time) and
-    "instance" (waiting on the instance), in seconds."""
-    status, text = await fleet.admin("GET", "/metrics")
+    "instance" (waiting on the instance), in seconds (`router_url`: another router's)."""
+    status, text = await fleet.admin("GET", "/metrics", router_url=router_url)
     if status != 200:
         raise RuntimeError(f"/metrics: {status}")
     sums = {"router": 0.0, "instance": 0.0}

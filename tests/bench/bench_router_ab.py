@@ -10,6 +10,10 @@ through nginx (when /usr/sbin/nginx exists) and straight to its instance, interl
 call on the same instance. Per round and era (2026-07-28 JSON answers; handshake era, SSE
 answers) at 1 and 5 sessions: each router's CPU per call (from /proc) and added p50 over
 direct; then calls/s at 32 and 64 clients through A, B and direct (order alternated by round).
+`--parts first`: a new 2026-07-28 session's first call against its second, through A and B
+alternately (every session ended before the next opens, so a free instance waits each time):
+added p50, each router's own time and its wait on the instance (its stage histogram). The
+instances run this tree's code for both, so this compares the routers only.
 
 Prints each round and the medians over rounds, with B/A ratios, and saves JSON to
 tests/bench/results/router-ab-<timestamp>.json. The machine's load average is recorded: the
@@ -43,6 +47,7 @@ from tests.bench.bench_router import (  # noqa: E402
     Nginx,
     _cpu_seconds,
     _num,
+    _stage_sums,
     _stats,
     _status,
     direct_caller,
@@ -262,6 +267,48 @@ async def _rate(
     return {"clients": clients, "calls_per_s": out}
 
 
+async def _first(fleet: Fleet, builds: list[Build], samples: int, flip: bool) -> dict[str, Any]:
+    """A new session's first call vs its second, through each build in turn (see the module doc)."""
+    keys = ("first", "bound", "own_first", "own_bound", "inst_first", "inst_bound")
+    got: dict[str, dict[str, list[float]]] = {b.name: {k: [] for k in keys} for b in builds}
+    for i in range(samples):
+        for b in builds[::-1] if (i + flip) % 2 else builds:
+            row = got[b.name]
+            c = Caller(b.mcp_url, f"ab-first-{b.name}-{i}-{secrets.token_hex(2)}")
+            async with c.http.get(b.url + "/healthz") as r:  # the client's own connect: untimed
+                await r.read()
+            s0 = await _stage_sums(fleet, b.url)
+            row["first"].append(await c.call("version", {}))
+            s1 = await _stage_sums(fleet, b.url)
+            row["bound"].append(await c.call("version", {}))
+            s2 = await _stage_sums(fleet, b.url)
+            row["own_first"].append(s1[0] - s0[0])
+            row["own_bound"].append(s2[0] - s1[0])
+            row["inst_first"].append(s1[1] - s0[1])
+            row["inst_bound"].append(s2[1] - s1[1])
+            await c.close()
+            status, body = await fleet.admin("GET", "/admin/sessions", router_url=b.url)
+            for sess in body["sessions"] if status == 200 else ():
+                await fleet.admin("DELETE", f"/admin/sessions/{sess['id']}", router_url=b.url)
+    out: dict[str, Any] = {}
+    for name, row in got.items():
+        p50 = {k: _stats(v)["p50_ms"] for k, v in row.items()}
+        out[name] = {
+            **{f"{k}_p50_ms": v for k, v in p50.items()},
+            "added_p50_ms": round(p50["first"] - p50["bound"], 3),
+        }
+    return out
+
+
+def _first_line(r: dict[str, Any]) -> str:
+    return "first call: " + "  |  ".join(
+        f"{n}: added {v['added_p50_ms']:+.3f} (first {v['first_p50_ms']:.3f} bound {v['bound_p50_ms']:.3f}), "
+        f"own {v['own_first_p50_ms']:.3f} vs {v['own_bound_p50_ms']:.3f}, "
+        f"instance {v['inst_first_p50_ms']:.3f} vs {v['inst_bound_p50_ms']:.3f}"
+        for n, v in r.items()
+    )
+
+
 def _export(base: str, into: Path) -> Path:
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", base], check=True, capture_output=True
@@ -280,7 +327,8 @@ async def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=300, help="version calls per session, path and round")
     ap.add_argument("--rate-seconds", type=float, default=6.0)
-    ap.add_argument("--parts", default="overhead,rate", help="overhead,rate")
+    ap.add_argument("--parts", default="overhead,rate", help="overhead,rate,first")
+    ap.add_argument("--first-samples", type=int, default=40, help="new sessions per build and round")
     ap.add_argument("--eras", default="stateless,handshake", help="stateless,handshake")
     ap.add_argument("--idle-seconds", type=float, default=10.0, help="idle CPU measurement")
     args = ap.parse_args()
@@ -322,6 +370,10 @@ async def main() -> int:
                     nginx = await stack.enter_async_context(Nginx(state, fleet, 5))
                 for rnd in range(args.rounds):
                     row: dict[str, Any] = {"round": rnd + 1, "overhead": [], "rate": []}
+                    if "first" in parts:
+                        await fleet.end_all_sessions()
+                        row["first"] = await _first(fleet, builds, args.first_samples, flip=bool(rnd % 2))
+                        print(_first_line(row["first"]), flush=True)
                     if "overhead" in parts:
                         for era in args.eras.split(","):
                             for n in (1, 5):
@@ -380,6 +432,11 @@ def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 "added_p50_ms": {n: _median(rs, "added_p50_ms", n) for n in first["added_p50_ms"]},
                 "direct_p50_ms": _median(rs, "p50_ms", "direct"),
             }
+    if rounds and "first" in rounds[0]:
+        out["first"] = {
+            name: {k: round(statistics.median(r["first"][name][k] for r in rounds), 3) for k in first}
+            for name, first in rounds[0]["first"].items()
+        }
     if rounds and rounds[0]["rate"]:
         for i, first in enumerate(rounds[0]["rate"]):
             rs = [r["rate"][i] for r in rounds]
@@ -395,8 +452,10 @@ def _print(results: dict[str, Any]) -> None:
     heads = ("cpu A", "cpu B", "B/A", "net A", "net B", "cpu ngx", "add A", "add B", "add ngx")
     print(f"{'':>13} " + " ".join(f"{h:>7}" for h in heads))
     nan = float("nan")
+    if "first" in s:
+        print(_first_line(s["first"]))
     for key, v in s.items():
-        if key.startswith("rate_"):
+        if key.startswith("rate_") or key == "first":
             continue
         cpu, net, add = v["cpu_ms_per_call"], v["net_cpu_ms_per_call"], v["added_p50_ms"]
         ratio = cpu["B"] / cpu["A"] if cpu["A"] else nan

@@ -64,6 +64,11 @@ async def test_registry_heartbeat_reset_and_drain(
     session = new_session()
     async with connect(instance_a, "legacy", session=session) as client:
         await client.call_tool("version", {})
+        # The entry follows the answer (instance/after_answer.py): wait for it.
+        for _ in range(100):
+            if await redis_client.hget(key, "session") == session:
+                break
+            await asyncio.sleep(0.05)
         assert await redis_client.hget(key, "session") == session
         # Fencing: another session's request and a reset that does not name this session are
         # refused; the reset that names it is done.

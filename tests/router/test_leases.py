@@ -7,11 +7,15 @@ session and unleased, exactly as the slower allocation path would.
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from common.keys import Keys
 from router.leases import Leases
+from router.registry import Registry
 
 
 async def _register(r: aioredis.Redis, keys: Keys, iid: str, **fields: str) -> None:
@@ -60,3 +64,41 @@ async def test_acquire_first_takes_only_a_free_ready_instance(
     again = await leases.acquire_first([free], "next")
     assert isinstance(again, tuple) and again[1] > fence
     await redis_client.srem(keys.draining(), draining)  # type: ignore[misc]
+
+
+async def test_the_allocators_survey_is_the_three_reads_in_two_round_trips(
+    redis_client: aioredis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Registry.survey` (the allocator's look at the whole fleet) says what `instances()`,
+    `draining()` and `Leases.holders` say, in two pipelined round trips."""
+    tag = secrets.token_hex(3)
+    keys = Keys(f"{keys.prefix}:sv{tag}")  # a registry of this test's own
+    ids = [f"inst-{tag}-{n}" for n in range(4)]
+    held, draining, free, gone = ids
+    for iid in (held, draining, free):
+        await _register(redis_client, keys, iid)
+    await redis_client.sadd(keys.instances(), *ids)  # type: ignore[misc]
+    await redis_client.sadd(keys.draining(), draining)  # type: ignore[misc]
+    leases = Leases(redis_client, keys, ttl=30)
+    assert await leases.acquire(held, "holder") > 0
+
+    trips = 0
+    execute = Pipeline.execute
+
+    async def counted(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
+        nonlocal trips
+        trips += 1
+        return await execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "execute", counted)
+    seen = await Registry(redis_client, keys).survey(keys.lease)
+    survey_trips = trips
+    monkeypatch.undo()
+    assert survey_trips == 2
+    assert sorted(seen.instances) == [held, draining, free]  # `gone` has no entry: pruned
+    assert seen.draining == {draining}
+    assert seen.holders[held] == "holder" and seen.holders[free] is None
+    assert await redis_client.sismember(keys.instances(), gone) == 0  # type: ignore[misc]
+    again = Registry(redis_client, keys)
+    assert await again.instances() == seen.instances and await again.draining() == seen.draining
+    assert await leases.holders(list(seen.instances)) == seen.holders

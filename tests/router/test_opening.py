@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common.errors import NoFreeInstance
 from common.keys import Keys
@@ -58,6 +59,30 @@ def _router(client: aioredis.Redis, keys: Keys) -> tuple[SessionTable, Leases, O
     return table, leases, Opening(table, leases)
 
 
+def _counted(opening: Opening, client: Counting) -> None:
+    """Count the commands that go out on the opening's own line (router start opens it) with
+    the client's: one round trip is one command, whichever connection carried it."""
+    line = opening.line
+    assert line is not None
+    send = line.send
+
+    def counted(*args: Any) -> Any:
+        sent = send(*args)
+        if sent is not None:
+            client.sent.append(str(args[0]))
+        return sent
+
+    line.send = counted  # type: ignore[method-assign]
+
+
+async def _line_up(opening: Opening) -> None:
+    for _ in range(500):
+        if opening.line is not None and opening.line.up:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the opening's line to Redis did not come up")
+
+
 def _stateless(key: str) -> Session:
     return Session(id=new_session_id(), era="stateless", principal="local", client="c", key=key)
 
@@ -72,12 +97,15 @@ async def test_a_new_session_is_one_round_trip_with_a_fenced_lease_and_its_recor
     table, leases, opening = _router(counting, keys)
     await leases.acquire(busy, "someone")
     await opening.load()
+    _counted(opening, counting)
+    await _line_up(opening)
     before = int(await counting.get(keys.lease_generation(free)) or 0)
 
     sess = _stateless(f"local/client/{tag}")
     counting.sent.clear()
     got = await opening.open(sess, [busy, free])
     assert counting.sent == ["EVALSHA"]  # key check, lease, key claim and record: one round trip
+    assert opening.by_line == 1  # on the line: written at the call
     assert isinstance(got, Opened)
     assert got.instance_id == free and got.instance is not None and got.instance.id == free
     assert got.fence == before + 1 == int(await counting.get(keys.lease_generation(free)) or 0)
@@ -119,6 +147,7 @@ async def test_a_new_session_is_one_round_trip_with_a_fenced_lease_and_its_recor
     assert await counting.get(keys.session_key(sess.key)) is None  # the end dropped the mapping
     assert await opening.bind(sess, [free], {}) is GONE
     assert await leases.holder(free) is None
+    await opening.close()
 
 
 async def test_nothing_free_writes_nothing_and_a_given_instance_is_recorded(
@@ -211,6 +240,7 @@ async def test_the_router_opens_a_session_in_one_round_trip_and_falls_back_when_
         one, two = _proxy(counting, keys, http), _proxy(counting, keys, http)
         await one.registry.instances()  # as after the router's first registry read
         await one.bindings.opening.load()
+        _counted(one.bindings.opening, counting)
 
         counting.sent.clear()
         sess = await one._open_stateless(request, "local", f"local/client/{tag}", "c")
@@ -262,3 +292,49 @@ async def test_concurrent_lookups_of_one_session_share_one_redis_read(counting: 
     unknown = new_session_id()
     missing = await asyncio.gather(*(table.fetch(unknown) for _ in range(8)))
     assert missing == [None] * 8 and counting.sent.count("HGETALL") == 1
+
+
+class _BrokenLine:
+    """A line that took the script and then broke (the script may or may not have run)."""
+
+    up = True
+
+    def send(self, *args: Any) -> asyncio.Future[Any]:
+        sent: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        sent.set_exception(RedisConnectionError("the direct Redis line closed"))
+        return sent
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_without_its_line_the_script_goes_through_redis_py(counting: Counting, keys: Keys) -> None:
+    """The line is an optimisation: down (closed, not connected yet) or broken with the script
+    in flight, the opening goes through redis-py and comes out the same."""
+    tag = secrets.token_hex(3)
+    ids = [f"op-{tag}-{n}" for n in range(3)]
+    for iid in ids:
+        await _register(counting, keys, iid)
+    table, leases, opening = _router(counting, keys)
+    await opening.load()
+    await _line_up(opening)
+    first = _stateless(f"local/client/{tag}-1")
+    counting.sent.clear()
+    assert isinstance(await opening.open(first, ids), Opened)
+    assert counting.sent == [] and opening.by_line == 1  # the line carried it
+
+    await opening.close()  # the line is down now
+    second = _stateless(f"local/client/{tag}-2")
+    got = await opening.open(second, ids)
+    assert counting.sent == ["EVALSHA"] and opening.by_line == 1
+    assert isinstance(got, Opened) and await leases.holder(got.instance_id) == second.id
+
+    opening.line = _BrokenLine()  # type: ignore[assignment]
+    third = _stateless(f"local/client/{tag}-3")
+    counting.sent.clear()
+    got = await opening.open(third, ids)
+    assert counting.sent == ["EVALSHA"] and opening.by_line == 1
+    assert isinstance(got, Opened) and await leases.holder(got.instance_id) == third.id
+    assert await counting.hget(keys.session(third.id), "instance_id") == got.instance_id  # type: ignore[misc]
+    for sess in (first, second, third):
+        await table.remove(sess)

@@ -4,8 +4,9 @@ redis-py's asyncio client yields to the event loop at least once between a call 
 command to the socket, so behind a busy loop (the sender's own answer being built and written)
 a command waits until everything queued before it has run: a millisecond or more. A live
 announcement of a group event (instance/links.py) is written here instead, straight from the
-spool's commit callback, without a task or an await in between; the reply is read by a task
-of the line's own and handed to a callback.
+spool's commit callback, without a task or an await in between; so is the router's opening
+script of a new session (router/opening.py). Replies are parsed by hiredis as they arrive and
+set on the commands' futures from the connection's read callback.
 
 The line is an optimisation, never the only way: `send` returns None while the line is down,
 connecting or unusable (TLS, a Unix socket), and the caller takes its ordinary path through
@@ -21,6 +22,7 @@ import logging
 from collections import deque
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -47,23 +49,41 @@ def encode(args: tuple[Any, ...]) -> bytes:
     return b"".join(out)
 
 
-async def read_reply(reader: asyncio.StreamReader) -> Any:
-    """One RESP2 reply: str, int, None, a list, or a ResponseError (returned, not raised)."""
-    line = await reader.readuntil(b"\r\n")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        return ResponseError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        size = int(rest)
-        return None if size < 0 else (await reader.readexactly(size + 2))[:-2].decode()
-    if kind == b"*":
-        size = int(rest)
-        return None if size < 0 else [await read_reply(reader) for _ in range(size)]
-    raise RedisConnectionError(f"unexpected reply from Redis: {line[:40]!r}")
+class _Replies(asyncio.Protocol):
+    """The line's connection: replies are parsed by hiredis (C) as their bytes arrive, and each
+    is handed to the oldest command waiting, from the loop's read callback (no task between)."""
+
+    def __init__(self, line: DirectLine) -> None:
+        self.line = line
+        self.reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while self.transport is not None and not self.transport.is_closing():
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError as exc:
+                self.close(f"unreadable reply from Redis ({exc})")
+                return
+            if reply is False:
+                return
+            self.line._reply(self, reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.line._fail_all(RedisConnectionError("the direct Redis line closed"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def close(self, why: str) -> None:
+        log.debug("direct Redis line closing: %s", why)
+        self.line._fail_all(RedisConnectionError(f"the direct Redis line closed: {why}"))
+        if self.transport is not None:
+            self.transport.close()
 
 
 class DirectLine:
@@ -80,7 +100,7 @@ class DirectLine:
         self._username = kwargs.get("username")
         self._password = kwargs.get("password")
         self._timeout = timeout
-        self._writer: asyncio.StreamWriter | None = None
+        self._conn: _Replies | None = None  # set while the line is up (connected, set up)
         self._pending: deque[asyncio.Future[Any]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._next_try = 0.0
@@ -90,23 +110,39 @@ class DirectLine:
 
     @property
     def up(self) -> bool:
-        return self._writer is not None
+        return self._conn is not None
 
     def send(self, *args: Any) -> asyncio.Future[Any] | None:
         """Write the command now and return the future of its reply (a ResponseError reply is
         set as the exception); None if the line is not up (it starts connecting)."""
-        writer = self._writer
-        if writer is None or writer.is_closing():
+        conn = self._conn
+        transport = conn.transport if conn is not None else None
+        if transport is None or transport.is_closing():
             self._start()
             return None
+        return self._write(transport, args)
+
+    def _write(self, transport: asyncio.Transport, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending.append(fut)
-        writer.write(encode(args))
+        transport.write(encode(args))
         self.sent += 1
         handle = loop.call_later(self._timeout, self._expire, fut)
         fut.add_done_callback(lambda _: handle.cancel())
         return fut
+
+    def _reply(self, conn: _Replies, reply: Any) -> None:
+        if not self._pending:
+            conn.close("a reply nobody asked for")
+            return
+        fut = self._pending.popleft()
+        if fut.done():
+            return  # its caller went away (cancelled) or it expired
+        if isinstance(reply, ResponseError):
+            fut.set_exception(reply)
+        else:
+            fut.set_result(reply)
 
     def _start(self) -> None:
         if not self.usable or self._closed or (self._task is not None and not self._task.done()):
@@ -122,10 +158,14 @@ class DirectLine:
         self._start()
 
     async def _run(self) -> None:
-        writer: asyncio.StreamWriter | None = None
+        conn: _Replies | None = None
         try:
+            loop = asyncio.get_running_loop()
             async with asyncio.timeout(self._timeout):
-                reader, writer = await asyncio.open_connection(self._host, self._port)
+                conn = _Replies(self)
+                made = conn
+                await loop.create_connection(lambda: made, self._host, self._port)
+                assert conn.transport is not None
                 setup: list[tuple[Any, ...]] = []
                 if self._password is not None:
                     auth = (self._username, self._password) if self._username else (self._password,)
@@ -133,31 +173,21 @@ class DirectLine:
                 if self._db:
                     setup.append(("SELECT", self._db))
                 for command in setup:
-                    writer.write(encode(command))
-                    reply = await read_reply(reader)
-                    if isinstance(reply, ResponseError):
-                        raise RedisConnectionError(f"{command[0]} refused: {reply}")
-            self._writer = writer
-            while True:
-                reply = await read_reply(reader)
-                if not self._pending:
-                    raise RedisConnectionError("a reply nobody asked for")
-                fut = self._pending.popleft()
-                if fut.done():
-                    continue
-                if isinstance(reply, ResponseError):
-                    fut.set_exception(reply)
-                else:
-                    fut.set_result(reply)
+                    try:
+                        await self._write(conn.transport, command)
+                    except ResponseError as exc:
+                        raise RedisConnectionError(f"{command[0]} refused: {exc}") from None
+            self._conn = conn
+            await conn.lost
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # unreachable, closed, garbled: fail what waits, connect later
             log.debug("direct Redis line down: %s", exc)
         finally:
-            self._writer = None
+            self._conn = None
             self._fail_all(RedisConnectionError("the direct Redis line closed"))
-            if writer is not None:
-                writer.close()
+            if conn is not None and conn.transport is not None:
+                conn.transport.close()
 
     def _expire(self, fut: asyncio.Future[Any]) -> None:
         if fut.done():
@@ -165,8 +195,9 @@ class DirectLine:
         self.failures += 1
         log.warning("no reply from Redis within %.1fs on the direct line; reconnecting", self._timeout)
         self._fail_all(RedisConnectionError("no reply from Redis in time"))
-        if self._writer is not None:
-            self._writer.close()  # the reader task ends and clears the line
+        conn = self._conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.close()  # connection_lost ends the line's task, which clears the line
 
     def _fail_all(self, exc: Exception) -> None:
         while self._pending:

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from instance.redis_line import DirectLine, encode
+from common.redis_line import DirectLine, encode
 from tests.redis_server import OwnRedis
 
 

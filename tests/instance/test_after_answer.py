@@ -1,0 +1,122 @@
+"""What a call sets off but its answer does not need waits for the answer (instance/after_answer.py).
+
+The instance's middleware is driven here with a stand-in for the SDK app, so the order of
+events is exact: a new binding's registry write (`Runtime.on_change`) must come after the
+answer's last byte, and must come at all (a long call, an error, a fenced call, no request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from common.protocol import FENCE_HEADER, INTERNAL_TOKEN_HEADER, SESSION_HEADER
+from common.settings import Settings
+from instance import after_answer
+from instance.after_answer import AfterAnswer
+from instance.app import InternalTokenMiddleware
+from instance.runtime import Identity, Runtime
+
+TOKEN = "after-answer-token"
+
+
+def _scope(session: str, fence: str = "1") -> dict[str, Any]:
+    headers = [
+        (INTERNAL_TOKEN_HEADER.lower().encode(), TOKEN.encode()),
+        (SESSION_HEADER.lower().encode(), session.encode()),
+        (FENCE_HEADER.lower().encode(), fence.encode()),
+    ]
+    return {"type": "http", "method": "POST", "path": "/mcp", "headers": headers}
+
+
+async def _receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"{}", "more_body": False}
+
+
+class _Harness:
+    """The middleware around a stand-in app; `events` is the order of what happened."""
+
+    def __init__(self, settings: Settings, app: Callable[..., Any] | None = None) -> None:
+        self.events: list[str] = []
+        self.runtime = Runtime(settings, Identity(id="aa-test", host="127.0.0.1", port=1), version="t")
+        self.runtime.on_change = lambda: self.events.append("registry")
+        self.middleware = InternalTokenMiddleware(app or self.answer, self.runtime, TOKEN)
+
+    async def answer(self, scope: Any, receive: Any, send: Any) -> None:
+        self.events.append("app")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.events.append(f"status {message['status']}")
+        elif not message.get("more_body", False):
+            self.events.append("answered")
+
+    async def call(self, session: str, fence: str = "1") -> None:
+        await self.middleware(_scope(session, fence), _receive, self.send)
+
+
+async def test_a_new_binding_is_registered_after_the_answer(make_settings: Callable[..., Settings]) -> None:
+    h = _Harness(make_settings(internal_token=TOKEN))
+    await h.call("s1")
+    assert h.runtime.session == "s1"  # bound before the call ran: the fencing is not put off
+    assert h.events == ["app", "status 200", "answered", "registry"]
+    h.events.clear()
+    await h.call("s1")  # bound already: nothing to register
+    assert h.events == ["app", "status 200", "answered"]
+    await h.call("s1", fence="2")  # the same session under a renewed lease: registered, after
+    assert h.events[-2:] == ["answered", "registry"] and h.runtime.binding is not None
+    assert h.runtime.binding.fence == "2"
+
+
+async def test_another_session_is_fenced_off_and_nothing_is_registered(
+    make_settings: Callable[..., Settings],
+) -> None:
+    h = _Harness(make_settings(internal_token=TOKEN))
+    await h.call("s1")
+    h.events.clear()
+    await h.call("s2")
+    assert h.events == ["status 409", "answered"] and h.runtime.session == "s1"
+
+
+async def test_a_long_call_registers_before_its_answer(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call that runs longer than LATEST (a chat) does not hold the registry write back."""
+    monkeypatch.setattr(after_answer, "LATEST", 0.01)
+    registered = asyncio.Event()
+
+    async def long_call(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.wait_for(registered.wait(), 10)  # fails the test if the write never comes
+        await h.answer(scope, receive, send)
+
+    h = _Harness(make_settings(internal_token=TOKEN), long_call)
+    h.runtime.on_change = lambda: (h.events.append("registry"), registered.set())  # type: ignore[func-returns-value]
+    await h.call("s1")
+    assert h.events == ["registry", "app", "status 200", "answered"]
+
+
+async def test_a_failed_call_still_registers(make_settings: Callable[..., Settings]) -> None:
+    async def broken(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("the app failed")
+
+    h = _Harness(make_settings(internal_token=TOKEN), broken)
+    with pytest.raises(RuntimeError):
+        await h.call("s1")
+    assert h.events == ["registry"] and h.runtime.session == "s1"
+
+
+async def test_outside_a_request_work_runs_at_once() -> None:
+    ran: list[str] = []
+    after_answer.after_answer(lambda: ran.append("now"))
+    assert ran == ["now"]
+    pending = AfterAnswer()
+    pending.add(lambda: ran.append("later"))
+    assert ran == ["now"]
+    pending.run()
+    pending.add(lambda: ran.append("after the answer: at once"))
+    assert ran == ["now", "later", "after the answer: at once"]
