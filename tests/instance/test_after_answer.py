@@ -17,7 +17,7 @@ from common.protocol import FENCE_HEADER, INTERNAL_TOKEN_HEADER, SESSION_HEADER
 from common.settings import Settings
 from instance import after_answer
 from instance.after_answer import AfterAnswer
-from instance.app import InternalTokenMiddleware
+from instance.app import InternalTokenGate
 from instance.runtime import Identity, Runtime
 
 TOKEN = "after-answer-token"
@@ -43,7 +43,8 @@ class _Harness:
         self.events: list[str] = []
         self.runtime = Runtime(settings, Identity(id="aa-test", host="127.0.0.1", port=1), version="t")
         self.runtime.on_change = lambda: self.events.append("registry")
-        self.middleware = InternalTokenMiddleware(app or self.answer, self.runtime, TOKEN)
+        handler = app or self.answer  # POST /mcp goes to the SDK handler; nothing else is sent here
+        self.middleware = InternalTokenGate(handler, handler, self.runtime, TOKEN)
 
     async def answer(self, scope: Any, receive: Any, send: Any) -> None:
         self.events.append("app")
@@ -107,7 +108,8 @@ async def test_a_failed_call_still_registers(make_settings: Callable[..., Settin
     h = _Harness(make_settings(internal_token=TOKEN), broken)
     with pytest.raises(RuntimeError):
         await h.call("s1")
-    assert h.events == ["registry"] and h.runtime.session == "s1"
+    # the gate's plain 500 goes out first; the binding is still written, after it
+    assert h.events == ["status 500", "answered", "registry"] and h.runtime.session == "s1"
 
 
 async def test_outside_a_request_work_runs_at_once() -> None:
