@@ -180,7 +180,11 @@ class Storage:
         tokens_out: int | None = None,
         error: str | None = None,
     ) -> None:
-        """Spool one `tool_calls` row (returns when it is durable locally)."""
+        """Spool one `tool_calls` row (returns once it is committed locally).
+
+        Committed without waiting for its fsync (`sync="normal"`: kill -9 safe, the fsync follows
+        on its own thread): telemetry is not worth a power-loss guarantee, and an fsync'd commit
+        would hold the spool's thread just as the client's next call wants it."""
         check_text(tool_name, "tool_name", min_len=1, max_len=200)
         check_text(status, "status", min_len=1, max_len=50)
         payload: dict[str, Any] = {
@@ -196,12 +200,13 @@ class Storage:
             "error": error[:4000] if error else None,
             "created_at": time.time(),
         }
-        await self.spool.append(KIND_TOOL_CALL, payload)
+        await self.spool.append(KIND_TOOL_CALL, payload, sync="normal")
 
     async def touch_session(
         self, *, session_id: str, principal: str | None, client_name: str | None, era: str | None
     ) -> None:
-        """Spool an upsert of the `sessions` row (last_seen_at only moves forward)."""
+        """Spool an upsert of the `sessions` row (last_seen_at only moves forward); without
+        waiting for its fsync, as telemetry (`record_tool_call`)."""
         check_text(session_id, "session_id", min_len=1, max_len=200)
         payload = {
             "id": session_id,
@@ -210,7 +215,7 @@ class Storage:
             "era": era,
             "seen_at": time.time(),
         }
-        await self.spool.append(KIND_SESSION, payload)
+        await self.spool.append(KIND_SESSION, payload, sync="normal")
 
     # --- operations ------------------------------------------------------------------------
     async def flush(self, timeout: float) -> bool:

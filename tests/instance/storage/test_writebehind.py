@@ -147,3 +147,15 @@ async def test_a_row_postgres_refuses_is_quarantined_not_dropped_and_does_not_bl
     assert any("DEAD ROW" in r.message for r in caplog.records)
     counts = await _count_ids(pg_dsn, "messages", [good.id, after.id, poison["id"]])
     assert counts == {good.id: 1, after.id: 1}
+
+
+async def test_telemetry_is_committed_without_waiting_for_its_fsync(storage: Storage) -> None:
+    # Tool-call and session rows are kill -9 safe once committed; their fsync follows on its own
+    # thread instead of holding the spool's commit (and the client's next call) behind it.
+    before = storage.spool.unsynced_commits
+    await storage.record_tool_call(
+        session_id="s", instance_id=None, tool_name="version", status="ok", duration_ms=1
+    )
+    await storage.touch_session(session_id="s-fsync", principal="p", client_name="c", era="2026-07-28")
+    assert storage.spool.unsynced_commits == before + 2
+    assert await storage.flush(10)
