@@ -1,0 +1,244 @@
+"""A watchdog that names whatever blocks a process's event loop.
+
+The fleet's first rule is that nothing blocks an event loop; a violation (a file read, a
+subprocess, a slow import at first use, a long computation) shows up only as latency on every
+call that waited behind it. This module catches it where it happens: a daemon thread probes the
+loop a few times per second (`call_soon_threadsafe` of a callback that sets an event) and, when
+the probe has not run after the threshold, takes the loop thread's Python stack at that moment
+(`sys._current_frames()`), waits for the loop to turn again, then logs one warning naming the
+stall's length, the CPU the loop thread spent meanwhile, and the stack, and counts it for the
+process's metrics (`exai_event_loop_stalls_total`, `exai_event_loop_longest_stall_seconds`).
+
+Nothing runs per request: the cost is one probe per interval (a callback on the loop and a
+wake-up of this thread, a few microseconds), and works the same on uvloop, which ignores asyncio's
+debug mode. A probe is sent at most every max(threshold, MIN_INTERVAL) seconds, so a stall
+longer than threshold + interval is always caught; a shorter one is caught when a probe falls
+into it (a stall that repeats is caught soon enough).
+
+The verdict on each stall (`Stall.kind`) separates the machine from the code:
+- "idle": the loop thread was inside the loop's own machinery (its poll, its timer heap);
+  the process did not get the CPU in time (a loaded machine), nothing to fix in the code;
+- "cpu": the loop thread spent at least the threshold (or half the stall) on the CPU: work
+  done on the loop (its own CPU time, which a loaded machine does not inflate);
+- "waiting": the loop thread was mostly off the CPU inside code: a blocking system call
+  (disk, subprocess, DNS, sleep), or the machine preempted it there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger("exai.loopwatch")
+
+MIN_INTERVAL = 0.1
+"""Shortest time between two probes (seconds): at most ten wake-ups a second."""
+
+LONG_STALL = 10.0
+"""A loop still stalled after this long is reported at once (it may never turn again)."""
+
+RECENT = 64
+"""Stalls kept in memory with their stacks (for tests and the report)."""
+
+STALL_MARKER = "event loop stalled"
+"""The words that start each stall warning (tests/loopstalls.py finds the reports by them)."""
+
+_PROJECT = Path(__file__).resolve().parent.parent
+_PACKAGES = tuple(str(_PROJECT / p) + "/" for p in ("common", "router", "instance"))
+_IDLE_FRAMES = {
+    ("runners.py", "run"),
+    ("base_events.py", "run_forever"),
+    ("base_events.py", "run_until_complete"),
+    ("base_events.py", "_run_once"),
+    ("selectors.py", "select"),
+}
+
+Kind = Literal["idle", "cpu", "waiting"]
+
+
+@dataclass(frozen=True)
+class Stall:
+    """One stall: how long the loop did not turn, the loop thread's CPU meanwhile, and where it was."""
+
+    seconds: float
+    cpu_seconds: float
+    stack: tuple[str, ...]  # formatted frames, outermost first, as traceback.format_stack gives
+    kind: Kind
+    full_gc: bool  # a full (generation 2) garbage collection ran during it
+    in_project: bool  # a frame of the stack is the project's own code (common/, router/, instance/)
+
+    def describe(self, name: str, threshold: float) -> str:
+        how = {
+            "idle": "in the loop's own machinery: the process did not get the CPU in time",
+            "cpu": "working on the CPU",
+            "waiting": "off the CPU inside code: a blocking system call, or preempted there",
+        }[self.kind]
+        gc_note = "; a full garbage collection ran meanwhile" if self.full_gc else ""
+        head = (
+            f"{STALL_MARKER}: {name} did not turn for {self.seconds * 1000:.0f} ms "
+            f"(threshold {threshold * 1000:.0f} ms; loop thread CPU {self.cpu_seconds * 1000:.0f} ms, "
+            f"kind={self.kind}: {how}{gc_note}); the loop thread was at:"
+        )
+        return head + "\n" + "".join(self.stack).rstrip("\n")
+
+
+def classify(
+    frames: list[traceback.FrameSummary], seconds: float, cpu_seconds: float, threshold: float
+) -> Kind:
+    """The verdict on a stall from its stack and the loop thread's CPU (see the module docstring)."""
+    if frames:
+        inner = frames[-1]
+        if (Path(inner.filename).name, inner.name) in _IDLE_FRAMES:
+            return "idle"
+    return "cpu" if cpu_seconds >= min(threshold, seconds / 2) else "waiting"
+
+
+class LoopWatch:
+    """The watchdog of one event loop. Start it from the loop's own thread (`start`)."""
+
+    def __init__(self, threshold: float, *, name: str) -> None:
+        if threshold <= 0:
+            raise ValueError("threshold must be positive")
+        self.threshold = threshold
+        self.interval = max(threshold, MIN_INTERVAL)
+        self.name = name
+        self.stalls_total = 0
+        self.longest_seconds = 0.0
+        self.recent: deque[Stall] = deque(maxlen=RECENT)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._cpu_clock: int | None = None
+        self._ack = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> LoopWatch:
+        """Watch `loop` (default: the running one); call from the thread that runs it."""
+        self._loop = loop or asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        with contextlib.suppress(AttributeError, OSError):  # not every platform has thread clocks
+            self._cpu_clock = time.pthread_getcpuclockid(self._loop_thread)
+        self._thread = threading.Thread(target=self._run, name=f"loopwatch-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, *, join: float | None = None) -> None:
+        """Stop the thread (it exits at its next wake-up); `join` waits that long for it (tests)."""
+        self._stopping.set()
+        self._ack.set()
+        if join is not None and self._thread is not None:
+            self._thread.join(join)
+
+    # --- the watchdog thread ------------------------------------------------------------------
+    def _cpu(self) -> float:
+        if self._cpu_clock is None:
+            return 0.0
+        try:
+            return time.clock_gettime(self._cpu_clock)
+        except OSError:  # the loop thread is gone
+            return 0.0
+
+    def _run(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        ack, stopping = self._ack, self._stopping
+        while not stopping.wait(self.interval):
+            ack.clear()
+            sent, cpu_before = time.monotonic(), self._cpu()
+            full_gcs = gc.get_stats()[2]["collections"]
+            try:
+                loop.call_soon_threadsafe(ack.set)
+            except RuntimeError:  # the loop is closed
+                return
+            if ack.wait(self.threshold) or stopping.is_set():
+                continue
+            # The loop has not turned for `threshold`: where is its thread right now?
+            frame = sys._current_frames().get(self._loop_thread)
+            frames = traceback.extract_stack(frame) if frame is not None else traceback.StackSummary()
+            reported_long = False
+            while not ack.wait(LONG_STALL):
+                if not reported_long:
+                    reported_long = True
+                    log.warning(
+                        "%s: %s has not turned for %.0f s; the loop thread is at:\n%s",
+                        STALL_MARKER,
+                        self.name,
+                        time.monotonic() - sent,
+                        "".join(frames.format()).rstrip("\n"),
+                    )
+            if stopping.is_set():
+                return
+            self._record(frames, time.monotonic() - sent, self._cpu() - cpu_before, full_gcs)
+
+    def _record(self, frames: traceback.StackSummary, seconds: float, cpu: float, full_gcs: int) -> None:
+        stall = Stall(
+            seconds=seconds,
+            cpu_seconds=max(0.0, cpu),
+            stack=tuple(frames.format()),
+            kind=classify(list(frames), seconds, cpu, self.threshold),
+            full_gc=gc.get_stats()[2]["collections"] != full_gcs,
+            in_project=any(f.filename.startswith(_PACKAGES) for f in frames),
+        )
+        self.recent.append(stall)
+        self.stalls_total += 1
+        self.longest_seconds = max(self.longest_seconds, seconds)
+        log.warning("%s", stall.describe(self.name, self.threshold))
+
+    # --- metrics ---------------------------------------------------------------------------
+    def render(self) -> str:
+        """The watchdog's metrics in the Prometheus text format."""
+        return (
+            "# HELP exai_event_loop_stalls_total Times the event loop did not turn for longer than "
+            "EXAI_LOOP_STALL_MS (each one is logged with the blocking stack).\n"
+            "# TYPE exai_event_loop_stalls_total counter\n"
+            f"exai_event_loop_stalls_total {self.stalls_total}\n"
+            "# HELP exai_event_loop_longest_stall_seconds Longest event loop stall seen by this process.\n"
+            "# TYPE exai_event_loop_longest_stall_seconds gauge\n"
+            f"exai_event_loop_longest_stall_seconds {self.longest_seconds:.6f}\n"
+        )
+
+
+_current: LoopWatch | None = None
+
+
+def current() -> LoopWatch | None:
+    """The process's watchdog, once one was started (kept after it stops, for its counts)."""
+    return _current
+
+
+def render_metrics() -> str:
+    """The process's watchdog metrics, or nothing when it is off."""
+    return _current.render() if _current is not None else ""
+
+
+def start(stall_ms: float, *, name: str) -> LoopWatch | None:
+    """Watch the running loop from now on (stall_ms 0: off, returns None); `stop()` the result."""
+    global _current
+    if stall_ms <= 0:
+        return None
+    watch = LoopWatch(stall_ms / 1000, name=name).start()
+    _current = watch
+    log.debug("watching the event loop for stalls over %g ms", stall_ms)
+    return watch
+
+
+@contextlib.contextmanager
+def watching(stall_ms: float, *, name: str) -> Iterator[LoopWatch | None]:
+    """Watch the running loop for the block's duration (stall_ms 0: off, yields None)."""
+    watch = start(stall_ms, name=name)
+    try:
+        yield watch
+    finally:
+        if watch is not None:
+            watch.stop()

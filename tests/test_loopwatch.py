@@ -1,0 +1,167 @@
+"""The event loop watchdog (common/loopwatch.py): it names a blocking call, counts it, and stays
+quiet on a loop that only waits. Each test runs its own loop (asyncio's and uvloop's) in a
+thread of its own, as the router and the instances run theirs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from common import loopwatch
+from common.eventloop import loop_factory
+from common.loopwatch import LoopWatch, Stall
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+if (uv := loop_factory()) is not None:
+    LOOPS["uvloop"] = uv
+
+
+def _run(
+    factory: Callable[[], asyncio.AbstractEventLoop], body: Callable[[], Coroutine[Any, Any, None]]
+) -> None:
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(body())
+
+
+def _wait_for(watch: LoopWatch, count: int, timeout: float = 10.0) -> None:
+    """Until the watchdog has recorded `count` stalls (its thread records them after the stall)."""
+    deadline = time.monotonic() + timeout
+    while watch.stalls_total < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _blocks_the_loop() -> None:
+    time.sleep(0.3)  # the deliberate blocking call the report must name
+
+
+@pytest.mark.parametrize("flavour", sorted(LOOPS))
+def test_a_sleep_on_the_loop_is_reported_once_with_its_stack_and_counted(
+    flavour: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    watches: list[LoopWatch] = []
+
+    async def body() -> None:
+        watch = LoopWatch(0.05, name="test-loop").start()
+        watches.append(watch)
+        await asyncio.sleep(0.25)  # the watchdog's first probes find the loop turning
+        _blocks_the_loop()
+        await asyncio.sleep(0.3)  # time for the thread to see the loop turn again
+        _wait_for(watch, 1)
+        watch.stop(join=2)
+
+    with caplog.at_level(logging.WARNING, logger="exai.loopwatch"):
+        _run(LOOPS[flavour], body)
+
+    watch = watches[0]
+    assert watch.stalls_total == 1
+    stall: Stall = watch.recent[0]
+    assert 0.2 <= stall.seconds < 5
+    assert watch.longest_seconds == stall.seconds
+    stack = "".join(stall.stack)
+    assert "_blocks_the_loop" in stack and "time.sleep(0.3)" in stack
+    assert stall.kind == "waiting"  # off the CPU, inside code: a blocking call
+    assert stall.cpu_seconds < 0.05
+    reports = [r.getMessage() for r in caplog.records if loopwatch.STALL_MARKER in r.getMessage()]
+    assert len(reports) == 1
+    assert "test-loop did not turn for" in reports[0] and "time.sleep(0.3)" in reports[0]
+    metrics = watch.render()
+    assert "exai_event_loop_stalls_total 1\n" in metrics
+    assert f"exai_event_loop_longest_stall_seconds {stall.seconds:.6f}" in metrics
+
+
+@pytest.mark.parametrize("flavour", sorted(LOOPS))
+def test_cpu_work_on_the_loop_is_reported_as_cpu(flavour: str) -> None:
+    watches: list[LoopWatch] = []
+
+    async def body() -> None:
+        watch = LoopWatch(0.05, name="test-loop").start()
+        watches.append(watch)
+        await asyncio.sleep(0.25)
+        end = time.monotonic() + 0.4
+        while time.monotonic() < end:  # busy: the loop thread spends the stall on the CPU
+            sum(range(1000))
+        await asyncio.sleep(0.3)
+        _wait_for(watch, 1)
+        watch.stop(join=2)
+
+    _run(LOOPS[flavour], body)
+    kinds = [s.kind for s in watches[0].recent]
+    # A loaded machine may take the CPU away from the busy loop: the verdict goes by the loop
+    # thread's own CPU time, which is still far above the threshold.
+    assert kinds and "cpu" in kinds, [(s.seconds, s.cpu_seconds) for s in watches[0].recent]
+
+
+@pytest.mark.parametrize("flavour", sorted(LOOPS))
+def test_an_idle_loop_reports_nothing(flavour: str, caplog: pytest.LogCaptureFixture) -> None:
+    watches: list[LoopWatch] = []
+
+    async def body() -> None:
+        watch = LoopWatch(0.05, name="idle-loop").start()
+        watches.append(watch)
+        for _ in range(10):  # waiting, on timers and on nothing: never a stall
+            await asyncio.sleep(0.1)
+        watch.stop(join=2)
+
+    with caplog.at_level(logging.WARNING, logger="exai.loopwatch"):
+        _run(LOOPS[flavour], body)
+    # Stalls the machine causes (the process not scheduled) are told apart as "idle".
+    real = [s for s in watches[0].recent if s.kind != "idle"]
+    assert real == []
+    logged = [r.getMessage() for r in caplog.records if "idle-loop" in r.getMessage()]
+    assert [m for m in logged if "kind=idle" not in m] == []
+
+
+def test_a_stall_inside_the_loops_own_machinery_is_classified_idle() -> None:
+    import traceback
+
+    idle = traceback.StackSummary.from_list(
+        [("/usr/lib/python3.11/asyncio/runners.py", 118, "run", "return self._loop.run_until_complete(task)")]
+    )
+    busy = traceback.StackSummary.from_list([("/x/instance/tools/chat.py", 10, "chat", "open(p).read()")])
+    assert loopwatch.classify(list(idle), 0.3, 0.0, 0.05) == "idle"
+    assert loopwatch.classify(list(busy), 0.3, 0.01, 0.05) == "waiting"
+    assert loopwatch.classify(list(busy), 0.3, 0.06, 0.05) == "cpu"
+
+
+def test_zero_turns_the_watchdog_off() -> None:
+    async def body() -> None:
+        with loopwatch.watching(0, name="off") as watch:
+            assert watch is None
+
+    _run(asyncio.new_event_loop, body)
+
+
+def test_the_setting_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.settings import load_settings
+
+    monkeypatch.setenv("EXAI_LOOP_STALL_MS", "50")
+    assert load_settings().loop_stall_ms == 50
+    monkeypatch.setenv("EXAI_LOOP_STALL_MS", "0")
+    assert load_settings().loop_stall_ms == 0
+
+
+async def test_the_fleets_processes_export_the_stall_metrics(fleet: Any) -> None:
+    """The router's /metrics and an instance's /internal/metrics carry the watchdog's counters
+    (the test fleets run it at 50 ms)."""
+    import aiohttp
+
+    from common.protocol import INTERNAL_METRICS, INTERNAL_TOKEN_HEADER
+
+    status, text = await fleet.admin("GET", "/metrics")
+    assert status == 200
+    assert "# TYPE exai_event_loop_stalls_total counter" in text
+    assert "exai_event_loop_longest_stall_seconds " in text
+    url = f"http://127.0.0.1:{fleet.instance_port(1)}{INTERNAL_METRICS}"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(url, headers={INTERNAL_TOKEN_HEADER: fleet.internal_token}) as resp,
+    ):
+        assert resp.status == 200
+        body = await resp.text()
+    assert "# TYPE exai_event_loop_stalls_total counter" in body
+    assert "exai_event_loop_longest_stall_seconds " in body
