@@ -21,7 +21,7 @@ TEST_STALL_MS = 50.0
 """The watchdog threshold of the test fleets."""
 
 _HEAD = re.compile(
-    re.escape(STALL_MARKER) + r": (?P<who>\S+) did not turn for (?P<ms>\d+) ms .*?"
+    re.escape(STALL_MARKER) + r": (?P<who>\S+) did not turn for at least (?P<ms>\d+) ms .*?"
     r"loop thread CPU (?P<cpu>\d+) ms, kind=(?P<kind>\w+)"
 )
 _PROJECT_DIRS = ("/common/", "/router/", "/instance/")

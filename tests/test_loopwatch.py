@@ -60,7 +60,7 @@ def test_a_sleep_on_the_loop_is_reported_once_with_its_stack_and_counted(
     watch = watches[0]
     assert watch.stalls_total == 1
     stall: Stall = watch.recent[0]
-    assert 0.2 <= stall.seconds < 5
+    assert 0.05 <= stall.seconds <= 0.3 + 1  # measured from the probe that found it (a lower bound)
     assert watch.longest_seconds == stall.seconds
     stack = "".join(stall.stack)
     assert "_blocks_the_loop" in stack and "time.sleep(0.3)" in stack
@@ -68,7 +68,7 @@ def test_a_sleep_on_the_loop_is_reported_once_with_its_stack_and_counted(
     assert stall.cpu_seconds < 0.05
     reports = [r.getMessage() for r in caplog.records if loopwatch.STALL_MARKER in r.getMessage()]
     assert len(reports) == 1
-    assert "test-loop did not turn for" in reports[0] and "time.sleep(0.3)" in reports[0]
+    assert "test-loop did not turn for at least" in reports[0] and "time.sleep(0.3)" in reports[0]
     metrics = watch.render()
     assert "exai_event_loop_stalls_total 1\n" in metrics
     assert f"exai_event_loop_longest_stall_seconds {stall.seconds:.6f}" in metrics
