@@ -16,12 +16,16 @@ longer than threshold + interval is always caught; a shorter one is caught when 
 into it (a stall that repeats is caught soon enough).
 
 The verdict on each stall (`Stall.kind`) separates the machine from the code:
-- "idle": the loop thread was inside the loop's own machinery (its poll, its timer heap);
+- "idle": the loop thread was inside the loop's own machinery (its poll, its timer heap):
   the process did not get the CPU in time (a loaded machine), nothing to fix in the code;
 - "cpu": the loop thread spent at least the threshold (or half the stall) on the CPU: work
   done on the loop (its own CPU time, which a loaded machine does not inflate);
-- "waiting": the loop thread was mostly off the CPU inside code: a blocking system call
-  (disk, subprocess, DNS, sleep), or the machine preempted it there.
+- "blocked": the loop thread was off the CPU inside a system call when the stall was found
+  (Linux: /proc/self/task/<tid>/syscall names it: a disk read, a subprocess wait, a sleep,
+  a DNS lookup's socket, a lock): a blocking call in the code shown;
+- "preempted": off the CPU but in no system call (or only waiting to take the GIL back from
+  this thread), with little CPU used: the machine gave the loop thread no CPU in ordinary
+  code; nothing to fix there either.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import platform
 import sys
 import threading
 import time
@@ -66,7 +71,21 @@ _IDLE_FRAMES = {
     ("selectors.py", "select"),
 }
 
-Kind = Literal["idle", "cpu", "waiting"]
+Kind = Literal["idle", "cpu", "blocked", "preempted"]
+
+# x86-64 numbers of the system calls a blocked loop thread is most likely found in.
+_SYSCALLS = {
+    0: "read", 1: "write", 2: "open", 3: "close", 4: "stat", 5: "fstat", 6: "lstat", 7: "poll",
+    8: "lseek", 9: "mmap", 11: "munmap", 17: "pread64", 18: "pwrite64", 19: "readv", 20: "writev",
+    23: "select", 35: "nanosleep", 42: "connect", 43: "accept", 44: "sendto", 45: "recvfrom",
+    46: "sendmsg", 47: "recvmsg", 56: "clone", 57: "fork", 58: "vfork", 59: "execve", 61: "wait4",
+    72: "fcntl", 74: "fsync", 75: "fdatasync", 76: "truncate", 77: "ftruncate", 82: "rename",
+    87: "unlink", 202: "futex", 217: "getdents64", 230: "clock_nanosleep", 232: "epoll_wait",
+    257: "openat", 262: "newfstatat", 270: "pselect6", 271: "ppoll", 281: "epoll_pwait",
+    285: "fallocate", 316: "renameat2", 332: "statx", 435: "clone3", 441: "epoll_pwait2",
+}  # fmt: skip
+_LOCK_FILES = ("threading.py", "queue.py")
+_X86_64 = platform.machine() in ("x86_64", "AMD64")
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,7 @@ class Stall:
     cpu_seconds: float
     stack: tuple[str, ...]  # formatted frames, outermost first, as traceback.format_stack gives
     kind: Kind
+    syscall: str  # what the loop thread was in when found: a system call's name, "running" or ""
     full_gc: bool  # a full (generation 2) garbage collection ran during it
     in_project: bool  # a frame of the stack is the project's own code (common/, router/, instance/)
 
@@ -84,7 +104,8 @@ class Stall:
         how = {
             "idle": "in the loop's own machinery: the process did not get the CPU in time",
             "cpu": "working on the CPU",
-            "waiting": "off the CPU inside code: a blocking system call, or preempted there",
+            "blocked": f"in the system call {self.syscall}: a blocking call",
+            "preempted": "in ordinary code, not given the CPU by the machine",
         }[self.kind]
         gc_note = "; a full garbage collection ran meanwhile" if self.full_gc else ""
         head = (
@@ -96,14 +117,36 @@ class Stall:
 
 
 def classify(
-    frames: list[traceback.FrameSummary], seconds: float, cpu_seconds: float, threshold: float
+    frames: list[traceback.FrameSummary], seconds: float, cpu_seconds: float, threshold: float, syscall: str
 ) -> Kind:
-    """The verdict on a stall from its stack and the loop thread's CPU (see the module docstring)."""
-    if frames:
-        inner = frames[-1]
-        if (Path(inner.filename).name, inner.name) in _IDLE_FRAMES:
-            return "idle"
-    return "cpu" if cpu_seconds >= min(threshold, seconds / 2) else "waiting"
+    """The verdict on a stall from its stack, the loop thread's CPU and the system call it was
+    in when found (see the module docstring)."""
+    inner = Path(frames[-1].filename).name if frames else ""
+    if frames and (inner, frames[-1].name) in _IDLE_FRAMES:
+        return "idle"
+    if cpu_seconds >= min(threshold, seconds / 2):
+        return "cpu"
+    if syscall == "futex":  # a lock of the code's own, or only the GIL this thread asked for
+        return "blocked" if inner in _LOCK_FILES else "preempted"
+    if syscall in ("", "running"):
+        return "preempted"
+    return "blocked"
+
+
+def _syscall_of(native_id: int) -> str:
+    """The system call a thread of this process is in right now ("running" when it is in none;
+    "" where /proc cannot tell). Read by the watchdog thread only, never on the loop."""
+    try:
+        with open(f"/proc/self/task/{native_id}/syscall") as f:
+            first = f.read().split(maxsplit=1)[0]
+    except (OSError, IndexError):
+        return ""
+    if not first.lstrip("-").isdigit():
+        return first  # "running"
+    number = int(first)
+    if number < 0:
+        return "running"
+    return _SYSCALLS.get(number, f"syscall {number}") if _X86_64 else f"syscall {number}"
 
 
 class LoopWatch:
@@ -120,6 +163,7 @@ class LoopWatch:
         self.recent: deque[Stall] = deque(maxlen=RECENT)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
+        self._loop_native = 0
         self._cpu_clock: int | None = None
         self._ack = threading.Event()
         self._stopping = threading.Event()
@@ -129,6 +173,7 @@ class LoopWatch:
         """Watch `loop` (default: the running one); call from the thread that runs it."""
         self._loop = loop or asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self._loop_native = threading.get_native_id()
         with contextlib.suppress(AttributeError, OSError):  # not every platform has thread clocks
             self._cpu_clock = time.pthread_getcpuclockid(self._loop_thread)
         self._thread = threading.Thread(target=self._run, name=f"loopwatch-{self.name}", daemon=True)
@@ -166,6 +211,7 @@ class LoopWatch:
             if ack.wait(self.threshold) or stopping.is_set():
                 continue
             # The loop has not turned for `threshold`: where is its thread right now?
+            syscall = _syscall_of(self._loop_native)
             frame = sys._current_frames().get(self._loop_thread)
             frames = traceback.extract_stack(frame) if frame is not None else traceback.StackSummary()
             reported_long = False
@@ -181,14 +227,17 @@ class LoopWatch:
                     )
             if stopping.is_set():
                 return
-            self._record(frames, time.monotonic() - sent, self._cpu() - cpu_before, full_gcs)
+            self._record(frames, time.monotonic() - sent, self._cpu() - cpu_before, full_gcs, syscall)
 
-    def _record(self, frames: traceback.StackSummary, seconds: float, cpu: float, full_gcs: int) -> None:
+    def _record(
+        self, frames: traceback.StackSummary, seconds: float, cpu: float, full_gcs: int, syscall: str
+    ) -> None:
         stall = Stall(
             seconds=seconds,
             cpu_seconds=max(0.0, cpu),
             stack=tuple(frames.format()),
-            kind=classify(list(frames), seconds, cpu, self.threshold),
+            kind=classify(list(frames), seconds, cpu, self.threshold, syscall),
+            syscall=syscall,
             full_gc=gc.get_stats()[2]["collections"] != full_gcs,
             in_project=any(f.filename.startswith(_PACKAGES) for f in frames),
         )

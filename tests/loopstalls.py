@@ -48,7 +48,7 @@ class LoggedStall:
     @property
     def real(self) -> bool:
         """Blocking in the project's own code (what strict mode fails on)."""
-        return self.kind != "idle" and self.in_project
+        return self.kind in ("cpu", "blocked") and self.in_project
 
 
 collected: list[LoggedStall] = []

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import platform
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -64,7 +66,9 @@ def test_a_sleep_on_the_loop_is_reported_once_with_its_stack_and_counted(
     assert watch.longest_seconds == stall.seconds
     stack = "".join(stall.stack)
     assert "_blocks_the_loop" in stack and "time.sleep(0.3)" in stack
-    assert stall.kind == "waiting"  # off the CPU, inside code: a blocking call
+    assert stall.kind == "blocked"  # off the CPU, inside a system call: a blocking call
+    if sys.platform == "linux" and platform.machine() == "x86_64":
+        assert stall.syscall in ("clock_nanosleep", "nanosleep", "select")
     assert stall.cpu_seconds < 0.05
     reports = [r.getMessage() for r in caplog.records if loopwatch.STALL_MARKER in r.getMessage()]
     assert len(reports) == 1
@@ -116,16 +120,20 @@ def test_an_idle_loop_reports_nothing(flavour: str, caplog: pytest.LogCaptureFix
     assert [m for m in logged if "kind=idle" not in m] == []
 
 
-def test_a_stall_inside_the_loops_own_machinery_is_classified_idle() -> None:
+def test_the_verdict_tells_the_machine_from_the_code() -> None:
     import traceback
 
     idle = traceback.StackSummary.from_list(
         [("/usr/lib/python3.11/asyncio/runners.py", 118, "run", "return self._loop.run_until_complete(task)")]
     )
     busy = traceback.StackSummary.from_list([("/x/instance/tools/chat.py", 10, "chat", "open(p).read()")])
-    assert loopwatch.classify(list(idle), 0.3, 0.0, 0.05) == "idle"
-    assert loopwatch.classify(list(busy), 0.3, 0.01, 0.05) == "waiting"
-    assert loopwatch.classify(list(busy), 0.3, 0.06, 0.05) == "cpu"
+    lock = traceback.StackSummary.from_list([("/usr/lib/python3.11/threading.py", 320, "wait", "")])
+    assert loopwatch.classify(list(idle), 0.3, 0.0, 0.05, "running") == "idle"
+    assert loopwatch.classify(list(busy), 0.3, 0.01, 0.05, "read") == "blocked"
+    assert loopwatch.classify(list(busy), 0.3, 0.01, 0.05, "running") == "preempted"
+    assert loopwatch.classify(list(busy), 0.3, 0.01, 0.05, "futex") == "preempted"  # the GIL
+    assert loopwatch.classify(list(lock), 0.3, 0.01, 0.05, "futex") == "blocked"
+    assert loopwatch.classify(list(busy), 0.3, 0.06, 0.05, "read") == "cpu"
 
 
 def test_zero_turns_the_watchdog_off() -> None:
