@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import platform
 import sys
 import threading
@@ -54,6 +55,9 @@ loaded 2-core VM); a stall longer than threshold + interval is always caught."""
 
 LONG_STALL = 10.0
 """A loop still stalled after this long is reported at once (it may never turn again)."""
+
+GIL_SLACK = 0.02
+"""How late this thread may wake before it concludes the GIL was held (seconds)."""
 
 RECENT = 64
 """Stalls kept in memory with their stacks (for tests and the report)."""
@@ -97,6 +101,7 @@ class Stall:
     stack: tuple[str, ...]  # formatted frames, outermost first, as traceback.format_stack gives
     kind: Kind
     syscall: str  # what the loop thread was in when found: a system call's name, "running" or ""
+    gil_held: bool  # the watchdog could not run during it: the stack was taken once the GIL was free
     full_gc: bool  # a full (generation 2) garbage collection ran during it
     in_project: bool  # a frame of the stack is the project's own code (common/, router/, instance/)
 
@@ -108,6 +113,11 @@ class Stall:
             "preempted": "in ordinary code, not given the CPU by the machine",
         }[self.kind]
         gc_note = "; a full garbage collection ran meanwhile" if self.full_gc else ""
+        if self.gil_held:
+            gc_note += (
+                "; the GIL was held throughout (C code that does not release it), so the stack "
+                "was taken just after: the blocking call is the last one made before this point"
+            )
         head = (
             f"{STALL_MARKER}: {name} did not turn for at least {self.seconds * 1000:.0f} ms "
             f"(threshold {threshold * 1000:.0f} ms; loop thread CPU {self.cpu_seconds * 1000:.0f} ms, "
@@ -122,15 +132,33 @@ def classify(
     """The verdict on a stall from its stack, the loop thread's CPU and the system call it was
     in when found (see the module docstring)."""
     inner = Path(frames[-1].filename).name if frames else ""
+    if cpu_seconds >= min(threshold, seconds / 2):
+        return "cpu"  # the loop thread's own CPU time: work, wherever its stack is by now
     if frames and (inner, frames[-1].name) in _IDLE_FRAMES:
         return "idle"
-    if cpu_seconds >= min(threshold, seconds / 2):
-        return "cpu"
     if syscall == "futex":  # a lock of the code's own, or only the GIL this thread asked for
         return "blocked" if inner in _LOCK_FILES else "preempted"
     if syscall in ("", "running"):
         return "preempted"
     return "blocked"
+
+
+def _run_delay(fd: int) -> float:
+    """Seconds a thread has spent runnable but waiting for a CPU, from its open schedstat file
+    (Linux; 0 elsewhere). One pread of a kept-open file: a few microseconds."""
+    if fd < 0:
+        return 0.0
+    try:
+        return int(os.pread(fd, 128, 0).split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _open_schedstat() -> int:
+    try:
+        return os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY)
+    except OSError:
+        return -1
 
 
 def _syscall_of(native_id: int) -> str:
@@ -166,6 +194,7 @@ class LoopWatch:
         self._loop_native = 0
         self._cpu_clock: int | None = None
         self._ack = threading.Event()
+        self._acked_at = 0.0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -196,22 +225,47 @@ class LoopWatch:
         except OSError:  # the loop thread is gone
             return 0.0
 
+    def _probe(self) -> None:
+        """Runs on the loop: the loop turned. Records when, for a stall the thread could not see."""
+        self._acked_at = time.monotonic()
+        self._ack.set()
+
     def _run(self) -> None:
         loop = self._loop
         assert loop is not None
+        own = _open_schedstat()
+        try:
+            self._watch(loop, own)
+        finally:
+            if own >= 0:
+                os.close(own)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, own: int) -> None:
         ack, stopping = self._ack, self._stopping
+        slept_at, cpu_mark, queued = time.monotonic(), self._cpu(), _run_delay(own)
         while not stopping.wait(self.interval):
+            late = time.monotonic() - slept_at - self.interval
+            if late > self.threshold:
+                self._check_late(late, self._cpu() - cpu_mark, _run_delay(own) - queued)
             ack.clear()
             sent, cpu_before = time.monotonic(), self._cpu()
             full_gcs = gc.get_stats()[2]["collections"]
             try:
-                loop.call_soon_threadsafe(ack.set)
+                loop.call_soon_threadsafe(self._probe)
             except RuntimeError:  # the loop is closed
                 return
-            if ack.wait(self.threshold) or stopping.is_set():
+            acked = ack.wait(self.threshold)
+            woke = time.monotonic()
+            if stopping.is_set():
+                return
+            if acked and self._acked_at - sent <= self.threshold:
+                slept_at, cpu_mark, queued = time.monotonic(), self._cpu(), _run_delay(own)
                 continue
-            # The loop has not turned for `threshold`: where is its thread right now?
-            syscall = _syscall_of(self._loop_native)
+            # The loop has not turned for `threshold`: where is its thread right now? When this
+            # thread itself woke late, something held the GIL meanwhile (C code that does not
+            # let go of it): the loop thread has only just let go, right after the blocking call.
+            gil_held = woke - sent > self.threshold + GIL_SLACK
+            syscall = "" if gil_held else _syscall_of(self._loop_native)
             frame = sys._current_frames().get(self._loop_thread)
             frames = traceback.extract_stack(frame) if frame is not None else traceback.StackSummary()
             reported_long = False
@@ -227,10 +281,30 @@ class LoopWatch:
                     )
             if stopping.is_set():
                 return
-            self._record(frames, time.monotonic() - sent, self._cpu() - cpu_before, full_gcs, syscall)
+            seconds = self._acked_at - sent
+            self._record(frames, seconds, self._cpu() - cpu_before, full_gcs, syscall, gil_held)
+            slept_at, cpu_mark, queued = time.monotonic(), self._cpu(), _run_delay(own)
+
+    def _check_late(self, late: float, cpu: float, queued: float) -> None:
+        """This thread woke `late` seconds after it asked to. Waiting in the CPU's run queue
+        (`queued`) is the machine; otherwise it waited for the GIL, which C code held without a
+        probe pending (a tokenizer's first text, a big regex, a C library call): when the loop
+        thread spent that time on the CPU, it was the one holding it, and it has only just let
+        go, so its stack is right after the blocking call."""
+        if queued >= late / 2 or cpu < late / 2:
+            return
+        frame = sys._current_frames().get(self._loop_thread)
+        frames = traceback.extract_stack(frame) if frame is not None else traceback.StackSummary()
+        self._record(frames, late, cpu, gc.get_stats()[2]["collections"], "", True)
 
     def _record(
-        self, frames: traceback.StackSummary, seconds: float, cpu: float, full_gcs: int, syscall: str
+        self,
+        frames: traceback.StackSummary,
+        seconds: float,
+        cpu: float,
+        full_gcs: int,
+        syscall: str,
+        gil_held: bool,
     ) -> None:
         stall = Stall(
             seconds=seconds,
@@ -238,6 +312,7 @@ class LoopWatch:
             stack=tuple(frames.format()),
             kind=classify(list(frames), seconds, cpu, self.threshold, syscall),
             syscall=syscall,
+            gil_held=gil_held,
             full_gc=gc.get_stats()[2]["collections"] != full_gcs,
             in_project=any(f.filename.startswith(_PACKAGES) for f in frames),
         )

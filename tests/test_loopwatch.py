@@ -173,3 +173,30 @@ async def test_the_fleets_processes_export_the_stall_metrics(fleet: Any) -> None
         body = await resp.text()
     assert "# TYPE exai_event_loop_stalls_total counter" in body
     assert "exai_event_loop_longest_stall_seconds " in body
+
+
+def _holds_the_gil() -> None:
+    """C code that keeps the GIL: the watchdog's thread cannot even run until it returns."""
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        sum(range(3_000_000))  # one C call of tens of milliseconds, no GIL switch inside
+
+
+@pytest.mark.parametrize("flavour", sorted(LOOPS))
+def test_c_code_holding_the_gil_on_the_loop_is_reported_with_the_caller(flavour: str) -> None:
+    watches: list[LoopWatch] = []
+
+    async def body() -> None:
+        # A short interval: the thread's wake-ups fall inside the blocking call for sure.
+        watch = LoopWatch(0.05, name="gil-loop", interval=0.05).start()
+        watches.append(watch)
+        await asyncio.sleep(0.25)
+        _holds_the_gil()
+        await asyncio.sleep(0.3)
+        _wait_for(watch, 1)
+        watch.stop(join=2)
+
+    _run(LOOPS[flavour], body)
+    stalls = list(watches[0].recent)
+    assert stalls, "a loop held by C code for 0.5 s was not reported"
+    assert any(s.kind == "cpu" and "_holds_the_gil" in "".join(s.stack) for s in stalls), stalls

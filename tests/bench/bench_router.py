@@ -761,7 +761,8 @@ def _print(r: dict[str, Any]) -> None:
             f"{o['era'][:5]:>5} {o['sessions']:>2}  {o['router']['p50_ms']:>10.3f} "
             f"{o['direct']['p50_ms']:>10.3f} "
             f"{o['added_p50_ms']:>7.3f}   {o['router']['p99_ms']:>10.3f} {o['direct']['p99_ms']:>10.3f}"
-            f"   router cpu {o['router_cpu_ms_per_call']:.3f} ms/call{nginx}"
+            f"   router cpu {o['router_cpu_ms_per_call']:.3f} ms/call"
+            f"   instance cpu {o['instance_cpu_ms_per_call']:.3f} ms/call{nginx}"
         )
     if "first_call" in r:
         f = r["first_call"]
