@@ -67,6 +67,8 @@ STALL_MARKER = "event loop stalled"
 
 _PROJECT = Path(__file__).resolve().parent.parent
 _PACKAGES = tuple(str(_PROJECT / p) + "/" for p in ("common", "router", "instance"))
+_ENTRIES = tuple(str(_PROJECT / p) for p in ("router/main.py", "instance/main.py", "common/entry.py"))
+"""The processes' entry points: the bottom of every stack, not a place that blocks."""
 _IDLE_FRAMES = {
     ("runners.py", "run"),
     ("base_events.py", "run_forever"),
@@ -103,7 +105,7 @@ class Stall:
     syscall: str  # what the loop thread was in when found: a system call's name, "running" or ""
     gil_held: bool  # the watchdog could not run during it: the stack was taken once the GIL was free
     full_gc: bool  # a full (generation 2) garbage collection ran during it
-    in_project: bool  # a frame of the stack is the project's own code (common/, router/, instance/)
+    in_project: bool  # a frame is the project's own code (common/, router/, instance/; not main.py)
 
     def describe(self, name: str, threshold: float) -> str:
         how = {
@@ -314,7 +316,9 @@ class LoopWatch:
             syscall=syscall,
             gil_held=gil_held,
             full_gc=gc.get_stats()[2]["collections"] != full_gcs,
-            in_project=any(f.filename.startswith(_PACKAGES) for f in frames),
+            in_project=any(
+                f.filename.startswith(_PACKAGES) and not f.filename.startswith(_ENTRIES) for f in frames
+            ),
         )
         self.recent.append(stall)
         self.stalls_total += 1

@@ -25,6 +25,7 @@ _HEAD = re.compile(
     r"loop thread CPU (?P<cpu>\d+) ms, kind=(?P<kind>\w+)"
 )
 _PROJECT_DIRS = ("/common/", "/router/", "/instance/")
+_ENTRIES = ("/router/main.py", "/instance/main.py", "/common/entry.py")  # the bottom of every stack
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,11 @@ class LoggedStall:
     @property
     def in_project(self) -> bool:
         """A frame of the stack is the project's own code (not the venv's or the stdlib's)."""
-        files = [ln for ln in self.text.splitlines() if ln.lstrip().startswith("File ") and ".venv" not in ln]
+        files = [
+            ln
+            for ln in self.text.splitlines()
+            if ln.lstrip().startswith("File ") and ".venv" not in ln and not any(e in ln for e in _ENTRIES)
+        ]
         return any(d in ln for ln in files for d in _PROJECT_DIRS)
 
     @property
