@@ -200,3 +200,43 @@ def test_c_code_holding_the_gil_on_the_loop_is_reported_with_the_caller(flavour:
     stalls = list(watches[0].recent)
     assert stalls, "a loop held by C code for 0.5 s was not reported"
     assert any(s.kind == "cpu" and "_holds_the_gil" in "".join(s.stack) for s in stalls), stalls
+
+
+def test_the_test_report_reads_stalls_from_a_programs_log(tmp_path: Any) -> None:
+    """tests/loopstalls.py finds each warning with its stack, and tells the project's blocking
+    from the machine's."""
+    from tests import loopstalls
+
+    blocked = Stall(
+        seconds=0.3,
+        cpu_seconds=0.001,
+        stack=('  File "/x/instance/tools/info.py", line 9, in version\n    read()\n',),
+        kind="blocked",
+        syscall="read",
+        gil_held=False,
+        full_gc=False,
+        in_project=True,
+    )
+    idle = Stall(
+        seconds=0.08,
+        cpu_seconds=0.0,
+        stack=('  File "/x/instance/main.py", line 39, in _serve\n    runner.run()\n',),
+        kind="idle",
+        syscall="epoll_wait",
+        gil_held=False,
+        full_gc=False,
+        in_project=False,
+    )
+    head = "2026-01-01 00:00:01,000 WARNING instance_01 exai.loopwatch: "
+    (tmp_path / "instance_01.log").write_text(
+        "2026-01-01 00:00:00,000 INFO instance_01 x: ready\n"
+        f"{head}{blocked.describe('instance_01', 0.05)}\n"
+        f"{head}{idle.describe('instance_01', 0.05)}\n"
+        "2026-01-01 00:00:03,000 INFO instance_01 x: stopping\n"
+    )
+    found = loopstalls.read_stalls(tmp_path, "t")
+    assert [(s.who, s.ms, s.kind, s.real) for s in found] == [
+        ("instance_01", 300, "blocked", True),
+        ("instance_01", 80, "idle", False),
+    ]
+    assert "info.py" in found[0].text and "stopping" not in found[1].text
