@@ -41,7 +41,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -339,6 +339,74 @@ class LoopWatch:
         )
 
 
+BLOCKING_MARKER = "blocking call on the event loop"
+"""The words that start each audit warning (EXAI_LOOP_AUDIT; tests/loopstalls.py finds them)."""
+
+AUDIT_EVENTS = frozenset(
+    {
+        "open",  # builtins.open, io.open, os.open: a disk read or write follows
+        "import",  # a module loaded at first use: its files read and its code run
+        "os.listdir",
+        "os.scandir",
+        "os.system",
+        "subprocess.Popen",
+        "socket.getaddrinfo",
+        "socket.gethostbyname",
+        "socket.gethostbyaddr",
+        "shutil.copyfile",
+        "shutil.rmtree",
+        "sqlite3.connect",
+    }
+)
+"""Audit events (sys.audit) that mean blocking I/O when they happen on the loop's thread."""
+
+
+def audit_blocking_calls(*, name: str) -> Callable[[], None]:
+    """Diagnostics (EXAI_LOOP_AUDIT): log, once per place, every file open, module import,
+    subprocess and name lookup made on this thread while its event loop runs, even the ones
+    too short to stall it past the threshold. A Python audit hook sees every audit event of
+    the process (a set lookup each), and cannot be removed (the function returned turns it
+    off): for tests and investigations."""
+    loop_thread = threading.get_ident()
+    seen: set[tuple[str, str, int]] = set()
+    busy = False
+
+    def hook(event: str, args: tuple[object, ...]) -> None:
+        nonlocal busy
+        if event not in AUDIT_EVENTS or busy or not on or threading.get_ident() != loop_thread:
+            return
+        if asyncio._get_running_loop() is None:
+            return
+        busy = True  # formatting the stack opens source files: not reported again
+        try:
+            frames = traceback.extract_stack(sys._getframe(1))
+            ours = [f for f in frames if f.filename.startswith(_PACKAGES)] or frames
+            site = (event, ours[-1].filename, ours[-1].lineno or 0)
+            if site in seen:
+                return
+            seen.add(site)
+            what = args[0] if args else ""
+            log.warning(
+                "%s of %s: %s %r at:\n%s",
+                BLOCKING_MARKER,
+                name,
+                event,
+                what,
+                "".join(frames.format()).rstrip("\n"),
+            )
+        finally:
+            busy = False
+
+    on = True
+
+    def off() -> None:
+        nonlocal on
+        on = False
+
+    sys.addaudithook(hook)
+    return off
+
+
 _current: LoopWatch | None = None
 
 
@@ -352,9 +420,12 @@ def render_metrics() -> str:
     return _current.render() if _current is not None else ""
 
 
-def start(stall_ms: float, *, name: str) -> LoopWatch | None:
-    """Watch the running loop from now on (stall_ms 0: off, returns None); `stop()` the result."""
+def start(stall_ms: float, *, name: str, audit: bool = False) -> LoopWatch | None:
+    """Watch the running loop from now on (stall_ms 0: off, returns None); `stop()` the result.
+    `audit` also reports every blocking call on it, however short (`audit_blocking_calls`)."""
     global _current
+    if audit:
+        audit_blocking_calls(name=name)
     if stall_ms <= 0:
         return None
     watch = LoopWatch(stall_ms / 1000, name=name).start()
@@ -364,9 +435,9 @@ def start(stall_ms: float, *, name: str) -> LoopWatch | None:
 
 
 @contextlib.contextmanager
-def watching(stall_ms: float, *, name: str) -> Iterator[LoopWatch | None]:
+def watching(stall_ms: float, *, name: str, audit: bool = False) -> Iterator[LoopWatch | None]:
     """Watch the running loop for the block's duration (stall_ms 0: off, yields None)."""
-    watch = start(stall_ms, name=name)
+    watch = start(stall_ms, name=name, audit=audit)
     try:
         yield watch
     finally:

@@ -39,7 +39,10 @@ class InstanceServer(uvicorn.Server):
         await super().startup(sockets=sockets)
         # Watched once started: the lifespan's one-time work (imports, opening storage) is not a stall.
         if self.started and self._watch is None:
-            self._watch = loopwatch.start(self.runtime.settings.loop_stall_ms, name=self.runtime.identity.id)
+            settings = self.runtime.settings
+            self._watch = loopwatch.start(
+                settings.loop_stall_ms, name=self.runtime.identity.id, audit=settings.loop_audit
+            )
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self._watch is not None:

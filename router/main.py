@@ -57,7 +57,7 @@ async def serve(settings: Settings) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         # Watched from here on: startup's one-time work (imports, config) is not a stall.
-        with loopwatch.watching(settings.loop_stall_ms, name="router"):
+        with loopwatch.watching(settings.loop_stall_ms, name="router", audit=settings.loop_audit):
             await stop.wait()
         log.info("router stopping")
     finally:

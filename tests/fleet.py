@@ -75,6 +75,7 @@ class Fleet:
             "log_level": "DEBUG",
             # A low threshold: any blocking call on a loop shows up (tests/loopstalls.py reports them).
             "loop_stall_ms": loopstalls.TEST_STALL_MS,
+            "loop_audit": True,  # and every file open, import, subprocess made on a loop
         }
         values.update(overrides or {})
         self.settings: Settings = load_settings(**values)

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.loopwatch import STALL_MARKER
+from common.loopwatch import BLOCKING_MARKER, STALL_MARKER
 
 STRICT = os.environ.get("EXAI_TEST_STRICT_LOOP", "") not in ("", "0", "false")
 TEST_STALL_MS = 50.0
@@ -24,6 +24,7 @@ _HEAD = re.compile(
     re.escape(STALL_MARKER) + r": (?P<who>\S+) did not turn for at least (?P<ms>\d+) ms .*?"
     r"loop thread CPU (?P<cpu>\d+) ms, kind=(?P<kind>\w+)"
 )
+_AUDIT = re.compile(re.escape(BLOCKING_MARKER) + r" of (?P<who>\S+): (?P<event>\S+) ")
 _PROJECT_DIRS = ("/common/", "/router/", "/instance/")
 _ENTRIES = ("/router/main.py", "/instance/main.py", "/common/entry.py")  # the bottom of every stack
 
@@ -53,7 +54,7 @@ class LoggedStall:
     @property
     def real(self) -> bool:
         """Blocking in the project's own code (what strict mode fails on)."""
-        return self.kind in ("cpu", "blocked") and self.in_project
+        return (self.kind in ("cpu", "blocked") or self.kind.startswith("audit:")) and self.in_project
 
 
 collected: list[LoggedStall] = []
@@ -68,7 +69,7 @@ def read_stalls(logs: Path, test: str) -> list[LoggedStall]:
             continue
         lines = path.read_text(errors="replace").splitlines()
         for i, line in enumerate(lines):
-            m = _HEAD.search(line)
+            m = _HEAD.search(line) or _AUDIT.search(line)
             if m is None:
                 continue
             block = [line[m.start() :]]
@@ -81,9 +82,9 @@ def read_stalls(logs: Path, test: str) -> list[LoggedStall]:
                     test=test,
                     log=path.name,
                     who=m["who"],
-                    ms=int(m["ms"]),
-                    cpu_ms=int(m["cpu"]),
-                    kind=m["kind"],
+                    ms=int(m["ms"]) if "ms" in m.groupdict() else 0,
+                    cpu_ms=int(m["cpu"]) if "cpu" in m.groupdict() else 0,
+                    kind=m["kind"] if "kind" in m.groupdict() else f"audit:{m['event']}",
                     text="\n".join(block),
                 )
             )

@@ -240,3 +240,30 @@ def test_the_test_report_reads_stalls_from_a_programs_log(tmp_path: Any) -> None
         ("instance_01", 80, "idle", False),
     ]
     assert "info.py" in found[0].text and "stopping" not in found[1].text
+
+
+def test_the_audit_names_a_file_opened_on_the_loop_once_per_place(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "f.txt"
+    path.write_text("x")
+    offs: list[Callable[[], None]] = []
+
+    def read_on_the_loop() -> str:
+        return path.read_text()  # a short blocking read: no stall, but the audit sees it
+
+    async def body() -> None:
+        offs.append(loopwatch.audit_blocking_calls(name="audited"))
+        for _ in range(3):
+            read_on_the_loop()
+        await asyncio.to_thread(path.read_text)  # off the loop: not reported
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="exai.loopwatch"):
+            _run(asyncio.new_event_loop, body)
+    finally:
+        for off in offs:
+            off()
+    reports = [r.getMessage() for r in caplog.records if loopwatch.BLOCKING_MARKER in r.getMessage()]
+    assert len(reports) == 1, reports
+    assert "of audited: open" in reports[0] and "read_on_the_loop" in reports[0]

@@ -157,6 +157,7 @@ def instance_base_env(
             "EXAI_ALLOWED_ROOTS": str(files),
             "EXAI_LOG_LEVEL": "INFO",
             "EXAI_LOOP_STALL_MS": f"{loopstalls.TEST_STALL_MS:g}",  # stalls: see tests/loopstalls.py
+            "EXAI_LOOP_AUDIT": "true",
             "PYTHONUNBUFFERED": "1",
         }
     )
