@@ -267,3 +267,14 @@ def test_the_audit_names_a_file_opened_on_the_loop_once_per_place(
     reports = [r.getMessage() for r in caplog.records if loopwatch.BLOCKING_MARKER in r.getMessage()]
     assert len(reports) == 1, reports
     assert "of audited: open" in reports[0] and "read_on_the_loop" in reports[0]
+
+
+def test_the_processes_load_the_idna_codec_at_start_not_on_their_first_connection() -> None:
+    """Found by EXAI_LOOP_AUDIT: the first outgoing connection imported `encodings.idna` (files
+    read from disk) on the event loop. common/eventloop.py, which both processes import at
+    start, loads it."""
+    import subprocess
+
+    code = "import sys, common.eventloop; print('encodings.idna' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
