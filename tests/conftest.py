@@ -222,8 +222,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     tr = terminalreporter
     real = [s for s in stalls if s.real]
-    tr.section(f"event loop stalls: {len(stalls)} logged, {len(real)} in the project's code (not idle)")
+    tr.section(
+        f"event loop stalls and blocking calls: {len(stalls)} logged, {len(real)} in the project's code"
+    )
     for s in stalls:
-        tag = "PROJECT" if s.real else s.kind
-        tr.write_line(f"--- [{tag}] {s.test} [{s.log}] {s.ms} ms, loop CPU {s.cpu_ms} ms")
+        tag = f"PROJECT {s.kind}" if s.real else s.kind
+        size = "" if s.kind.startswith("audit:") else f" {s.ms} ms, loop CPU {s.cpu_ms} ms"
+        tr.write_line(f"--- [{tag}] {s.test} [{s.log}]{size}")
         tr.write_line(s.text)
