@@ -8,6 +8,12 @@ time in the loop's own machinery: socket reads and writes, callbacks, timers).
 from __future__ import annotations
 
 import asyncio
+
+# The socket module encodes every host name it connects to with the "idna" codec, whose module
+# Python imports at the first use: on the event loop, inside a process's first outgoing
+# connection (an instance's first provider call, found by EXAI_LOOP_AUDIT), reading its files
+# from disk. Imported here, at process start, by the router and the instances alike.
+import encodings.idna  # noqa: F401
 from collections.abc import Callable
 
 

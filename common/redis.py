@@ -5,10 +5,18 @@ from __future__ import annotations
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.utils import get_lib_version
 
 from common.errors import ConfigError
+
+_DRIVER = DriverInfo(lib_version=get_lib_version())
+"""What each new connection tells Redis about its client (CLIENT SETINFO), built once at
+import. Without it redis-py builds it per connection, and its version lookup
+(importlib.metadata: a scan of every sys.path folder, 0.4-3 ms) ran on the event loop each
+time a pool opened a connection (found by EXAI_LOOP_AUDIT)."""
 
 
 def create_redis(url: str | None, *, max_connections: int = 32, socket_timeout: float = 5.0) -> Redis:
@@ -34,6 +42,7 @@ def create_redis(url: str | None, *, max_connections: int = 32, socket_timeout: 
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        driver_info=_DRIVER,
     )
     return Redis.from_pool(pool)
 

@@ -160,6 +160,12 @@ class Settings(BaseSettings):
     notify_log_maxlen: int = Field(1000, ge=1, validation_alias="EXAI_NOTIFY_LOG_MAXLEN")
     notify_buffer: int = Field(1000, ge=1, validation_alias="EXAI_NOTIFY_BUFFER")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias="EXAI_LOG_LEVEL")
+    # The event loop watchdog (common/loopwatch.py): a loop that does not turn for this many
+    # milliseconds is logged with the blocking stack and counted in the metrics; 0 turns it off.
+    loop_stall_ms: float = Field(100.0, ge=0, validation_alias="EXAI_LOOP_STALL_MS")
+    # Diagnostics: also log every file open, import, subprocess and name lookup made on an event
+    # loop, however short (a Python audit hook, some cost per audited event; tests turn it on).
+    loop_audit: bool = Field(False, validation_alias="EXAI_LOOP_AUDIT")
     # TEST ONLY (the soak run, tests/soak): every tool call keeps this many bytes referenced for
     # the life of the instance, a deliberate leak the soak must catch. Never set it in production.
     test_leak_per_call_bytes: int = Field(0, ge=0, validation_alias="EXAI_TEST_LEAK_PER_CALL_BYTES")

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common import __version__
+from common import __version__, loopwatch
 from common.errors import ConfigError, ExaiError, InstanceFenced, ShuttingDown, Unauthorized
 from common.keys import Keys
 from common.notifications import EventLog
@@ -228,7 +228,8 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
     @mcp.custom_route(INTERNAL_METRICS, methods=["GET"])
     async def stage_metrics(request: Request) -> Response:
         return PlainTextResponse(
-            chat_stages.render() + _storage_metrics(runtime), media_type="text/plain; version=0.0.4"
+            chat_stages.render() + _storage_metrics(runtime) + loopwatch.render_metrics(),
+            media_type="text/plain; version=0.0.4",
         )
 
     @mcp.custom_route(INTERNAL_DRAIN, methods=["POST", "DELETE"])

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from common import loopwatch
 from instance.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,21 @@ class InstanceServer(uvicorn.Server):
         super().__init__(config)
         self.runtime = runtime
         self._drain_task: asyncio.Task[None] | None = None
+        self._watch: loopwatch.LoopWatch | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        # Watched once started: the lifespan's one-time work (imports, opening storage) is not a stall.
+        if self.started and self._watch is None:
+            settings = self.runtime.settings
+            self._watch = loopwatch.start(
+                settings.loop_stall_ms, name=self.runtime.identity.id, audit=settings.loop_audit
+            )
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+        await super().shutdown(sockets=sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

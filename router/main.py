@@ -9,6 +9,7 @@ import signal
 
 from aiohttp import web
 
+from common import loopwatch
 from common.entry import run_entry
 from common.eventloop import loop_factory
 from common.logs import setup_logging
@@ -55,7 +56,9 @@ async def serve(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        # Watched from here on: startup's one-time work (imports, config) is not a stall.
+        with loopwatch.watching(settings.loop_stall_ms, name="router", audit=settings.loop_audit):
+            await stop.wait()
         log.info("router stopping")
     finally:
         await runner.cleanup()

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from common.keys import Keys
 from common.migrate import migrate
 from common.settings import Settings, load_settings
+from tests import loopstalls
 from tests.ports import free_port
 
 RUN_ID = secrets.token_hex(4)
@@ -175,6 +176,14 @@ def _fleet_maker(
     finally:
         for fl in reversed(made):
             fl.stop()
+    if loopstalls.STRICT:
+        real = [s for fl in made for s in fl.stalls if s.real]
+        if real:
+            pytest.fail(
+                "event loop stalls in the project's code (EXAI_TEST_STRICT_LOOP=1):\n\n"
+                + "\n\n".join(f"[{s.log}] {s.text}" for s in real),
+                pytrace=False,
+            )
 
 
 @pytest.fixture
@@ -204,3 +213,20 @@ def module_fleet_factory(
 def fleet(fleet_factory: Callable[..., Any]) -> Any:
     """A started fleet: router + 2 of 4 instances, on this run's Postgres and Redis."""
     return fleet_factory()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Every event loop stall the run's fleets logged, with its stack (tests/loopstalls.py)."""
+    stalls = loopstalls.collected
+    if not stalls:
+        return
+    tr = terminalreporter
+    real = [s for s in stalls if s.real]
+    tr.section(
+        f"event loop stalls and blocking calls: {len(stalls)} logged, {len(real)} in the project's code"
+    )
+    for s in stalls:
+        tag = f"PROJECT {s.kind}" if s.real else s.kind
+        size = "" if s.kind.startswith("audit:") else f" {s.ms} ms, loop CPU {s.cpu_ms} ms"
+        tr.write_line(f"--- [{tag}] {s.test} [{s.log}]{size}")
+        tr.write_line(s.text)

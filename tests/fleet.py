@@ -44,6 +44,7 @@ from common.fleet.supervisor import (
 from common.keys import Keys
 from common.protocol import MCP_PATH, PROBE_READY, instance_process_name, registry_id
 from common.settings import Settings, load_settings
+from tests import loopstalls
 from tests.ports import free_port, free_port_block
 
 
@@ -73,12 +74,16 @@ class Fleet:
             "glm_api_key": None,
             "kimi_api_key": None,
             "log_level": "DEBUG",
+            # A low threshold: any blocking call on a loop shows up (tests/loopstalls.py reports them).
+            "loop_stall_ms": loopstalls.TEST_STALL_MS,
+            "loop_audit": True,  # and every file open, import, subprocess made on a loop
         }
         values.update(overrides or {})
         self.settings: Settings = load_settings(**values)
         self.keys = Keys(self.settings.redis_prefix)
         self.supervisor = SupervisorControl(self.settings.supervisor_socket)
         self._started = False
+        self.stalls: list[loopstalls.LoggedStall] = []  # what its processes logged, read at stop()
 
     # --- addresses and secrets -------------------------------------------------------------
     @property
@@ -126,11 +131,17 @@ class Fleet:
         return self
 
     def stop(self) -> None:
-        """`supervisorctl shutdown` and wait; then delete this fleet's Redis keys."""
+        """`supervisorctl shutdown` and wait; then delete this fleet's Redis keys (and collect the
+        event loop stalls its processes logged, `self.stalls`)."""
         try:
             self.supervisor.shutdown()
         finally:
             self._started = False
+            logs = self.settings.state_dir / "logs"
+            if logs.is_dir():
+                test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+                self.stalls = loopstalls.read_stalls(logs, test)
+                loopstalls.collected.extend(self.stalls)
             client = redis_sync.Redis.from_url(self.settings.redis_url or "", decode_responses=True)
             try:
                 for key in client.scan_iter(match=self.keys.pattern(), count=500):

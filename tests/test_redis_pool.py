@@ -31,3 +31,18 @@ async def test_a_dead_redis_still_surfaces_as_redis_down() -> None:
         assert all(isinstance(r, REDIS_DOWN_ERRORS) for r in results), results
     finally:
         await client.aclose()
+
+
+async def test_a_new_connection_reads_no_package_metadata_on_the_loop(redis_url: str) -> None:
+    """redis-py looks its own version up (importlib.metadata: a scan of every sys.path folder)
+    for each connection it opens unless it is given one: create_redis gives it, read once."""
+    from unittest import mock
+
+    client = create_redis(redis_url, max_connections=4)
+    try:
+        with mock.patch(
+            "importlib.metadata.version", side_effect=AssertionError("metadata read on the loop")
+        ):
+            await asyncio.gather(*(client.ping() for _ in range(4)))  # opens several connections
+    finally:
+        await client.aclose()

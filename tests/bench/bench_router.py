@@ -228,6 +228,7 @@ async def _overhead(
 ) -> dict[str, Any]:
     """Each session alternates router, nginx and direct calls to the same instance, concurrently."""
     routed: list[Caller | HandshakeCaller] = []
+    nums: set[int] = set()
     direct: list[Caller | HandshakeCaller] = []
     proxied: list[Caller | HandshakeCaller] = []
     for i in range(sessions):
@@ -242,6 +243,7 @@ async def _overhead(
         await r.call("version", {})  # binds the session
         status = await _status(r)
         num = _num(status["instance_id"])
+        nums.add(num)
         extra = direct_headers(fleet, status["session"], era, client)
         urls = [f"http://127.0.0.1:{fleet.instance_port(num)}/mcp"]
         if nginx is not None:
@@ -275,9 +277,12 @@ async def _overhead(
                 via_nginx.append(await n.call("version", {}))
 
     cpu["router0"] = _cpu_seconds(router_pid)
+    instance_pids = [fleet.process(fleet.instance_id(n)).pid for n in sorted(nums)]
+    cpu["instances0"] = sum(_cpu_seconds(p) for p in instance_pids)
     cpu["nginx0"] = nginx.worker_cpu() if nginx is not None else 0.0
     await asyncio.gather(*(run(i) for i in range(sessions)))
     router_cpu = _cpu_seconds(router_pid) - cpu["router0"]
+    instance_cpu = sum(_cpu_seconds(p) for p in instance_pids) - cpu["instances0"]
     nginx_cpu = (nginx.worker_cpu() - cpu["nginx0"]) if nginx is not None else 0.0
     for c in (*routed, *direct, *proxied):
         await c.close()
@@ -291,6 +296,10 @@ async def _overhead(
         "added_p99_ms": round(router_s["p99_ms"] - direct_s["p99_ms"], 3),
         # includes the warm-up calls (20 per session) and the router's own housekeeping
         "router_cpu_ms_per_call": round(router_cpu * 1000 / ((calls + 20) * sessions), 3),
+        # every call reaches an instance (routed, direct and through nginx alike)
+        "instance_cpu_ms_per_call": round(
+            instance_cpu * 1000 / ((calls + 20) * sessions * (2 + (nginx is not None))), 3
+        ),
     }
     if nginx is not None:
         nginx_s = _stats(via_nginx)
@@ -651,6 +660,12 @@ async def main() -> int:
     )
     ap.add_argument("--first-samples", type=int, default=60, help="new sessions for the first-call part")
     ap.add_argument("--rate-seconds", type=float, default=10.0, help="duration of each calls/s run")
+    ap.add_argument(
+        "--loop-stall-ms",
+        type=float,
+        default=100.0,
+        help="the fleet's event loop watchdog threshold (EXAI_LOOP_STALL_MS; 0 turns it off)",
+    )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
 
@@ -669,7 +684,11 @@ async def main() -> int:
             redis_prefix=prefix,
             instances=5,
             max_instances=5,
-            overrides={**fake_provider_overrides(provider), "session_park_after": 1.0},
+            overrides={
+                **fake_provider_overrides(provider),
+                "session_park_after": 1.0,
+                "loop_stall_ms": args.loop_stall_ms,
+            },
         )
         try:
             await asyncio.to_thread(fleet.start)
@@ -742,7 +761,8 @@ def _print(r: dict[str, Any]) -> None:
             f"{o['era'][:5]:>5} {o['sessions']:>2}  {o['router']['p50_ms']:>10.3f} "
             f"{o['direct']['p50_ms']:>10.3f} "
             f"{o['added_p50_ms']:>7.3f}   {o['router']['p99_ms']:>10.3f} {o['direct']['p99_ms']:>10.3f}"
-            f"   router cpu {o['router_cpu_ms_per_call']:.3f} ms/call{nginx}"
+            f"   router cpu {o['router_cpu_ms_per_call']:.3f} ms/call"
+            f"   instance cpu {o['instance_cpu_ms_per_call']:.3f} ms/call{nginx}"
         )
     if "first_call" in r:
         f = r["first_call"]

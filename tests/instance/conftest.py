@@ -26,6 +26,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from common.protocol import INTERNAL_TOKEN_HEADER, SESSION_HEADER
+from tests import loopstalls
 from tests.fakes.provider import FakeProvider
 from tests.ports import free_port
 
@@ -155,6 +156,8 @@ def instance_base_env(
             "EXAI_DB_COMMAND_TIMEOUT": "2",
             "EXAI_ALLOWED_ROOTS": str(files),
             "EXAI_LOG_LEVEL": "INFO",
+            "EXAI_LOOP_STALL_MS": f"{loopstalls.TEST_STALL_MS:g}",  # stalls: see tests/loopstalls.py
+            "EXAI_LOOP_AUDIT": "true",
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -196,6 +199,9 @@ def _spawner(base_env: dict[str, str], root: Path) -> Iterator[SpawnInstance]:
     finally:
         for inst in started:
             inst.stop()
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+        for inst in started:
+            loopstalls.collected.extend(loopstalls.read_stalls(inst.log_path.parent, test))
 
 
 @pytest.fixture(scope="session")
