@@ -47,7 +47,7 @@ from instance.registry import Registry
 from instance.resources import register as register_resources
 from instance.runtime import Identity, Runtime
 from instance.storage import Storage
-from instance.timing import CallClock, chat_stages, current_call, finish_request
+from instance.timing import CallClock, answered, chat_stages, current_call, finish_request
 from instance.tools import register_tools
 
 log = logging.getLogger(__name__)
@@ -118,11 +118,13 @@ class InternalTokenMiddleware:
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 finish_request(clock)
+                answered(clock)  # the call's follow-up work (e.g. storing its link event) now
 
         try:
             await self.app(scope, receive, timed_send)
         finally:
             current_call.reset(token)
+            answered(clock)  # no answer written (an error, a cancellation): run it anyway
 
 
 def build_app(settings: Settings, identity: Identity) -> tuple[Starlette, Runtime]:

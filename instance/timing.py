@@ -22,14 +22,17 @@ Prometheus text format.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 RECENT = 512
 CHAT_STAGES = (
@@ -122,6 +125,10 @@ class CallClock:
     started: float = 0.0  # the tool function started (after the wrapper's bookkeeping)
     returned: float = 0.0  # the tool wrapper returned
     provider: float = 0.0  # seconds the tool spent waiting for the provider
+    # Work that should not compete with this request's answer: run once its last byte is
+    # written (or the request ends without one), see `after_answer`.
+    after: list[Callable[[], None]] = field(default_factory=list)
+    answered: bool = False
 
 
 current_call: ContextVar[CallClock | None] = ContextVar("exai_call_clock", default=None)
@@ -149,3 +156,27 @@ def finish_request(clock: CallClock) -> None:
     chat_stages.add("sdk_out", now - clock.returned)
     chat_stages.add("request", now - clock.arrived)
     chat_stages.add("fleet", max(0.0, now - clock.arrived - clock.provider))
+
+
+def after_answer(fn: Callable[[], None]) -> bool:
+    """Call `fn` once the current request's answer has been written (at once outside a request,
+    or if it is written already); True if it was deferred. For follow-up work of a call
+    (storing what it spooled) that would otherwise run on the loop between the tool's return
+    and its answer's write."""
+    clock = current_call.get()
+    if clock is None or clock.answered:
+        fn()
+        return False
+    clock.after.append(fn)
+    return True
+
+
+def answered(clock: CallClock) -> None:
+    """The request's answer is written (or the request ended): run what waited for it."""
+    clock.answered = True
+    work, clock.after = clock.after, []
+    for fn in work:
+        try:
+            fn()
+        except Exception:
+            log.exception("work deferred until a call's answer failed")
