@@ -19,6 +19,13 @@ An append can carry `on_commit`, called on the event loop once its row is commit
 caller of the batch is resumed: a link event is announced from there, without waiting for its
 caller's own wake-up.
 
+The commit path is short for a live append (`urgent`, e.g. a link event): `append` hands the row
+(with whatever is queued before it, so the order holds) to the spool's thread itself, without
+a turn of the loop for the commit loop; the thread commits every batch handed to it so far in
+one transaction and wakes the loop once (`call_soon_threadsafe`), where one callback answers
+the batch: `on_commit` first, then the callers, then the flusher. No task or future chain sits
+between the commit and the announcement.
+
 Rows of the "hot" kinds (link events: someone is waiting for them live) are also kept in memory
 once committed, up to `hot_max` rows, so the flusher can take them at once without reading the
 file (`hot_batch`). The copy is only used while it holds every unflushed row of those kinds, so
