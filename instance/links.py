@@ -40,7 +40,7 @@ from common.protocol import ADMIN_PRINCIPAL, CLIENT_HEADER
 from common.redis import REDIS_DOWN_ERRORS
 from instance.runtime import Runtime
 from instance.storage.writebehind import KIND_LINK_EVENT
-from instance.timing import Stages, after_answer
+from instance.timing import CallClock, Stages, after_answer, after_answer_of, current_call
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -220,9 +220,11 @@ class Links:
         committed = [0.0]
         strict = self.runtime.settings.link_spool_sync == "full"
 
+        clock = current_call.get()  # the sender's request (the announcement runs outside it)
+
         def announce() -> None:  # on the loop, once the row is committed (kill -9 safe)
             committed[0] = committed[0] or time.perf_counter()
-            self._announce_early(group, event_id, sender, recipient, created, committed[0])
+            self._announce_early(group, event_id, sender, recipient, created, committed[0], clock)
 
         # The store of the event (the flusher's Postgres round trip and what follows it) waits
         # until this call's answer is written: the members are told at the commit, and the
@@ -269,6 +271,7 @@ class Links:
         recipient: str | None,
         created: float,
         committed: float | None = None,
+        clock: CallClock | None = None,
     ) -> None:
         """Tell the members (as this instance knows them) now that the event is committed to the
         spool (it survives a kill -9 of this process), without waiting for Postgres to store it
@@ -314,7 +317,9 @@ class Links:
                 state.told = frozenset(targets)
                 self.early += 1
                 self.stages.add("commit_to_published", time.perf_counter() - committed)
-                self._count(publish_lag_seconds_sum=max(0.0, time.time() - created), publish_lag_count=1)
+                lag = max(0.0, time.time() - created)
+                # A Redis round trip of its own: not beside the sender's answer, after it.
+                after_answer_of(clock, lambda: self._count(publish_lag_seconds_sum=lag, publish_lag_count=1))
             state.done = True
             if state.stored is not None:  # the store came first and left the rest to us
                 self._early.pop(event_id, None)

@@ -163,7 +163,12 @@ def after_answer(fn: Callable[[], None]) -> bool:
     or if it is written already); True if it was deferred. For follow-up work of a call
     (storing what it spooled) that would otherwise run on the loop between the tool's return
     and its answer's write."""
-    clock = current_call.get()
+    return after_answer_of(current_call.get(), fn)
+
+
+def after_answer_of(clock: CallClock | None, fn: Callable[[], None]) -> bool:
+    """`after_answer` for the request of `clock` (kept by a callback that runs outside the
+    request's context, e.g. on a Redis reply)."""
     if clock is None or clock.answered:
         fn()
         return False
