@@ -241,6 +241,9 @@ class Spool:
         if self._queue:  # appends that were waiting when close began still get their answer
             await self._commit(self._queue)
             self._queue = []
+        # Batches handed off just before (urgent appends) are committed and answered first: the
+        # thread runs jobs in order, and their callbacks reach the loop before this one returns.
+        await self._call(_nothing)
         if self._syncer is not None:
             await self._syncer  # the last fsync before the file closes
         await self._call(self._close_sync)
@@ -681,3 +684,7 @@ def _entry(row: tuple[Any, ...]) -> SpoolEntry:
         payload=json.loads(payload),
         size=len(payload),
     )
+
+
+def _nothing() -> None:
+    """A job for the spool's thread that only marks a point in its queue."""
