@@ -20,7 +20,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 
 from common.errors import ExaiError
 from instance.runtime import Runtime
-from instance.timing import after_answer, mark_tool
+from instance.timing import mark_tool
 
 log = logging.getLogger(__name__)
 
@@ -97,28 +97,21 @@ def exai_tool(mcp: MCPServer[Any], runtime: Runtime, *, description: str) -> Cal
 def _record(
     runtime: Runtime, name: str, headers: dict[str, str], status: str, error: str | None, seconds: float
 ) -> None:
-    """Telemetry goes to the write-behind spool in the background; it must never fail or slow a
-    call, so it starts once the call's answer is written (its spool append would otherwise share
-    the loop with the answer)."""
+    """Telemetry goes to the write-behind spool in the background; it must never fail or slow a call."""
     storage = runtime.storage
     if storage is None:
         return
-    session_id = runtime.session_for(headers)
-
-    def record() -> None:
-        runtime.background(
-            storage.record_tool_call(
-                session_id=session_id,
-                instance_id=runtime.identity.id,
-                tool_name=name,
-                status=status,
-                duration_ms=seconds * 1000.0,
-                error=error,
-            ),
-            what=f"recording the {name} call",
-        )
-
-    after_answer(record)
+    runtime.background(
+        storage.record_tool_call(
+            session_id=runtime.session_for(headers),
+            instance_id=runtime.identity.id,
+            tool_name=name,
+            status=status,
+            duration_ms=seconds * 1000.0,
+            error=error,
+        ),
+        what=f"recording the {name} call",
+    )
 
 
 async def _touch_session(runtime: Runtime) -> None:
