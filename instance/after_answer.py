@@ -67,11 +67,18 @@ current_answer: ContextVar[AfterAnswer | None] = ContextVar("exai_after_answer",
 SDK runs the tool in tasks started inside that request, which inherit it)."""
 
 
-def after_answer(fn: Callable[[], None]) -> None:
-    """Run `fn` once the current request's answer is written (at once outside a request).
-    `fn` must not block: it starts background work (a task, an event), it does not do it."""
-    pending = current_answer.get()
-    if pending is None:
-        fn()
-    else:
-        pending.add(fn)
+def after_answer(fn: Callable[[], None]) -> bool:
+    """Run `fn` once the current request's answer is written (at once outside a request, or when
+    it is written already); True if it was put off. `fn` must not block: it starts background
+    work (a task, an event), it does not do it."""
+    return after_answer_of(current_answer.get(), fn)
+
+
+def after_answer_of(pending: AfterAnswer | None, fn: Callable[[], None]) -> bool:
+    """`after_answer` for the request whose `current_answer` was taken earlier (by a callback
+    that runs outside the request's context, e.g. on a Redis reply)."""
+    if pending is None or pending.done:
+        _run_one(fn)
+        return False
+    pending.add(fn)
+    return True

@@ -38,6 +38,7 @@ from common.keys import Keys
 from common.notifications import notification
 from common.protocol import ADMIN_PRINCIPAL, CLIENT_HEADER
 from common.redis import REDIS_DOWN_ERRORS
+from instance.after_answer import AfterAnswer, after_answer, after_answer_of, current_answer
 from instance.runtime import Runtime
 from instance.storage.writebehind import KIND_LINK_EVENT
 from instance.timing import Stages
@@ -56,7 +57,13 @@ EARLY_MARK_SECONDS = 5.0  # how long readers may wait for an early-announced eve
 INFLIGHT_WAIT = 1.0  # longest a link_inbox read waits for early-announced events (then: as is)
 INFLIGHT_POLL = 0.003  # how often it looks
 EARLY_MAX = 10_000  # early announcements awaiting their store, at most (beyond: after the store)
-LINK_STAGES = ("spool_commit", "sender_spool_wait", "commit_to_send", "commit_to_published")
+LINK_STAGES = (
+    "spool_commit",
+    "sender_spool_wait",
+    "commit_to_send",
+    "commit_to_published",
+    "answer_after_commit",
+)
 
 
 @dataclass(slots=True)
@@ -100,7 +107,9 @@ class Links:
         # sender's call resumes: with sync=full, after the fsync), `commit_to_send` (committed ->
         # the announcement is written on the direct Redis line, or handed to redis-py while that
         # line is down), `commit_to_published` (-> Redis answered: the members' notifications
-        # are logged and published).
+        # are logged and published), `answer_after_commit` (the sender's call resumed -> its
+        # answer written; the flusher holds the event's store until then; counted only when
+        # the call has an answer to wait for).
         self.stages = Stages(LINK_STAGES)
 
     def stats(self) -> dict[str, int]:
@@ -212,23 +221,42 @@ class Links:
         committed = [0.0]
         strict = self.runtime.settings.link_spool_sync == "full"
 
+        pending = current_answer.get()  # the sender's request (the announcement runs outside it)
+
         def announce() -> None:  # on the loop, once the row is committed (kill -9 safe)
             committed[0] = committed[0] or time.perf_counter()
-            self._announce_early(group, event_id, sender, recipient, created, committed[0])
+            self._announce_early(group, event_id, sender, recipient, created, committed[0], pending)
 
-        await storage.spool.append(
-            KIND_LINK_EVENT,
-            payload,
-            urgent=True,
-            sync=self.runtime.settings.link_spool_sync,
-            # Default: announced from the commit, before this call resumes (delivery first).
-            # Strict (sync=full): the sender asked for its fsync; it resumes first and the
-            # announcement follows its step, as before (announcing first made it 1-3 ms slower
-            # here: Redis, the router and the members' clients woke up beside it).
-            on_commit=None if strict else announce,
-        )  # the flusher takes it from the spool's memory at once (no waiting for a batch)
+        # The store of the event (the flusher's Postgres round trip and what follows it) waits
+        # until this call's answer is written: the members are told at the commit, and the
+        # sender's answer does not share the loop with that work (bounded: Flusher.hold).
+        release = storage.flusher.hold()
+        try:
+            await storage.spool.append(
+                KIND_LINK_EVENT,
+                payload,
+                urgent=True,
+                sync=self.runtime.settings.link_spool_sync,
+                # Default: announced from the commit, before this call resumes (delivery first).
+                # Strict (sync=full): the sender asked for its fsync; it resumes first and the
+                # announcement follows its step, as before (announcing first made it 1-3 ms
+                # slower here: Redis, the router and the members' clients woke up beside it).
+                on_commit=None if strict else announce,
+            )  # the flusher takes it from the spool's memory (no waiting for a batch)
+        except BaseException:
+            release()
+            raise
         self.spooled += 1
         done = time.perf_counter()
+
+        deferred = False
+
+        def answered() -> None:  # the sender's answer is written: the flusher may store it now
+            if deferred:
+                self.stages.add("answer_after_commit", time.perf_counter() - done)
+            release()
+
+        deferred = after_answer(answered)
         if strict:
             committed[0] = done
             asyncio.get_running_loop().call_soon(announce)
@@ -244,6 +272,7 @@ class Links:
         recipient: str | None,
         created: float,
         committed: float | None = None,
+        pending: AfterAnswer | None = None,
     ) -> None:
         """Tell the members (as this instance knows them) now that the event is committed to the
         spool (it survives a kill -9 of this process), without waiting for Postgres to store it
@@ -289,7 +318,10 @@ class Links:
                 state.told = frozenset(targets)
                 self.early += 1
                 self.stages.add("commit_to_published", time.perf_counter() - committed)
-                self._count(publish_lag_seconds_sum=max(0.0, time.time() - created), publish_lag_count=1)
+                lag = max(0.0, time.time() - created)
+                # A Redis round trip of its own: not beside the sender's answer, after it.
+                count = lambda: self._count(publish_lag_seconds_sum=lag, publish_lag_count=1)  # noqa: E731
+                after_answer_of(pending, count)
             state.done = True
             if state.stored is not None:  # the store came first and left the rest to us
                 self._early.pop(event_id, None)

@@ -519,8 +519,12 @@ class Hub:
                     if pending:
                         continue
             wait = min(wait, max(0.0, next_ping - loop.time()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(w.wake.wait(), timeout=wait)
+            if not w.wake.is_set():
+                # A timeout scope, not wait_for: on Python 3.11 wait_for runs the wait in a task
+                # of its own, and a wake-up then takes three loop turns to reach this one.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await w.wake.wait()
             if loop.time() >= next_ping:
                 await resp.write(KEEPALIVE_FRAME)
                 next_ping = loop.time() + self.keepalive

@@ -19,6 +19,13 @@ An append can carry `on_commit`, called on the event loop once its row is commit
 caller of the batch is resumed: a link event is announced from there, without waiting for its
 caller's own wake-up.
 
+The commit path is short for a live append (`urgent`, e.g. a link event): `append` hands the row
+(with whatever is queued before it, so the order holds) to the spool's thread itself, without
+a turn of the loop for the commit loop; the thread commits every batch handed to it so far in
+one transaction and wakes the loop once (`call_soon_threadsafe`), where one callback answers
+the batch: `on_commit` first, then the callers, then the flusher. No task or future chain sits
+between the commit and the announcement.
+
 Rows of the "hot" kinds (link events: someone is waiting for them live) are also kept in memory
 once committed, up to `hot_max` rows, so the flusher can take them at once without reading the
 file (`hot_batch`). The copy is only used while it holds every unflushed row of those kinds, so
@@ -39,7 +46,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -142,7 +149,9 @@ class Spool:
         self._queued = asyncio.Event()
         self._grown = asyncio.Event()
         self._group_target = 0
-        self._urgent = False  # an urgent row is queued: commit without waiting for more
+        # Batches handed to the spool's thread, oldest first (`_hand_off`; a deque: appended on
+        # the loop, taken on the thread).
+        self._handoff: deque[tuple[list[_Pending], asyncio.Future[None] | None]] = deque()
         self._space = asyncio.Event()
         self._empty = asyncio.Event()
         self._full_episode = False
@@ -232,6 +241,9 @@ class Spool:
         if self._queue:  # appends that were waiting when close began still get their answer
             await self._commit(self._queue)
             self._queue = []
+        # Batches handed off just before (urgent appends) are committed and answered first: the
+        # thread runs jobs in order, and their callbacks reach the loop before this one returns.
+        await self._call(_nothing)
         if self._syncer is not None:
             await self._syncer  # the last fsync before the file closes
         await self._call(self._close_sync)
@@ -276,11 +288,15 @@ class Spool:
         await self._admit(len(blob))
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(kind, thread_id, time.time(), blob, fut, sync != "normal", on_commit))
-        self._queued.set()
         if urgent:
-            self._urgent = True
-        if urgent or (self._group_target and len(self._queue) >= self._group_target):
-            self._grown.set()
+            # Handed to the spool's thread now, with whatever is queued before it (so the order
+            # holds), without a turn of the loop for the commit loop first.
+            batch, self._queue = self._queue, []
+            self._hand_off(batch, None)
+        else:
+            self._queued.set()
+            if self._group_target and len(self._queue) >= self._group_target:
+                self._grown.set()
         await fut
 
     async def _admit(self, size: int) -> None:
@@ -333,13 +349,14 @@ class Spool:
         made in the same turn join it). Appends that arrive while an fsync is running form the
         next group. If the previous group was bigger than what is queued now (concurrent writers
         are active), wait up to `fsync_window_ms` for them to catch up rather than fsync twice.
+        An urgent append does not come here: it hands itself (and what is queued before it)
+        to the spool's thread at once (`append`).
         """
         last_group = 1
         while True:
             await self._queued.wait()
-            if not self._urgent:
-                await asyncio.sleep(0)  # appends made in this loop turn join the group
-            if self.fsync_window > 0 and len(self._queue) < last_group and not self._urgent:
+            await asyncio.sleep(0)  # appends made in this loop turn join the group
+            if self.fsync_window > 0 and 0 < len(self._queue) < last_group:
                 self._group_target = last_group
                 self._grown.clear()
                 with contextlib.suppress(TimeoutError):
@@ -347,31 +364,78 @@ class Spool:
                         await self._grown.wait()
                 self._group_target = 0
             batch, self._queue = self._queue, []
-            self._urgent = False
-            last_group = max(1, len(batch))
             self._queued.clear()
             if batch:
+                last_group = len(batch)
                 await asyncio.shield(self._commit(batch))
 
     async def _commit(self, batch: list[_Pending]) -> None:
-        size = sum(len(p.blob) for p in batch)
-        full = any(p.full for p in batch)
+        """Commit `batch` on the spool's thread and wait until its callers have their answer."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._hand_off(batch, done)
+        await done
+
+    def _hand_off(self, batch: list[_Pending], done: asyncio.Future[None] | None) -> None:
+        """Queue `batch` for the spool's thread, which commits it and calls `_committed` back on
+        the loop once (one wake-up of the loop, no task between the commit and its callers).
+
+        Batches are committed in the order they are handed off; the thread takes every batch
+        waiting when it starts a transaction (those that came during the previous fsync share
+        this one)."""
+        self._handoff.append((batch, done))
+        self._executor.submit(self._write_batches, asyncio.get_running_loop())
+
+    def _write_batches(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the spool's thread: commit the batches handed off so far in one transaction."""
+        taken: list[tuple[list[_Pending], asyncio.Future[None] | None]] = []
+        while self._handoff:
+            taken.append(self._handoff.popleft())
+        if not taken:
+            return  # an earlier call took them
+        pending = [p for batch, _ in taken for p in batch]
+        full = any(p.full for p in pending)
+        rows = [(p.kind, p.thread_id, p.created, p.blob) for p in pending]
+        seqs: list[int] = []
+        error: Exception | None = None
         try:
-            seqs = await self._call(
-                self._insert_sync, [(p.kind, p.thread_id, p.created, p.blob) for p in batch], full
-            )
+            seqs = self._insert_sync(rows, full)
         except Exception as exc:  # disk full, I/O error, ...: every waiting caller must get an answer
-            self._reserved -= size
-            log.error("cannot write to the spool %s: %s", self.path, exc)
+            error = exc
+        dones = [d for _, d in taken if d is not None]
+        try:
+            loop.call_soon_threadsafe(self._committed, pending, seqs, error, full, dones)
+        except RuntimeError:  # the loop is closed: nobody is left to answer
+            pass
+
+    def _committed(
+        self,
+        batch: list[_Pending],
+        seqs: list[int],
+        error: Exception | None,
+        full: bool,
+        dones: list[asyncio.Future[None]],
+    ) -> None:
+        """On the loop, once per transaction: the rows are committed (or failed); act on it."""
+        try:
+            self._settle(batch, seqs, error, full)
+        finally:
+            for d in dones:
+                if not d.done():
+                    d.set_result(None)
+
+    def _settle(self, batch: list[_Pending], seqs: list[int], error: Exception | None, full: bool) -> None:
+        size = sum(len(p.blob) for p in batch)
+        self._reserved -= size
+        if error is not None:
+            log.error("cannot write to the spool %s: %s", self.path, error)
             err = StorageError(
-                f"could not write to the local spool {self.path}: {exc}; the write was not stored",
+                f"could not write to the local spool {self.path}: {error}; the write was not stored",
                 hint="Check free disk space and permissions of EXAI_STATE_DIR.",
             )
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(err)
             return
-        self._reserved -= size
         self.commits_total += 1
         self.appends_total += len(batch)
         self.rows += len(batch)
@@ -620,3 +684,7 @@ def _entry(row: tuple[Any, ...]) -> SpoolEntry:
         payload=json.loads(payload),
         size=len(payload),
     )
+
+
+def _nothing() -> None:
+    """A job for the spool's thread that only marks a point in its queue."""

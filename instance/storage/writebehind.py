@@ -40,6 +40,7 @@ KIND_TOOL_CALL = "tool_call"
 KIND_SESSION = "session"
 KIND_CACHE_MARK = "thread_cache_mark"
 KIND_LINK_EVENT = "link_event"  # a link group's event; ids are given in Postgres (common/links.py)
+HOLD_MAX = 0.05  # longest the flusher waits for a held sender's answer (Flusher.hold), seconds
 
 
 def _ts(value: Any) -> datetime | None:
@@ -197,6 +198,10 @@ class Flusher:
         self._full = asyncio.Event()
         self._urgent = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Holds (`hold`): callers whose answer goes out before the store of what they spooled.
+        self._holds = 0
+        self._released = asyncio.Event()
+        self._released.set()
         self.flushed_total = 0
         self.batches_total = 0
         self.last_error: str | None = None
@@ -213,6 +218,31 @@ class Flusher:
         """Flush what is spooled without waiting for the batch to fill (link events are live)."""
         self._wake.set()
         self._full.set()
+
+    def hold(self) -> Callable[[], None]:
+        """Keep the flusher from starting a batch until the returned release is called (at
+        most HOLD_MAX): a sender's answer is written before the store of its event, whose work
+        (a Postgres round trip, the stream entry, the spool's delete) would otherwise share the
+        loop and the CPU with it. The event is announced at its spool commit either way; a
+        `flush()` (shutdown, link_leave) does not wait for holds."""
+        self._holds += 1
+        self._released.clear()
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+
+        def release() -> None:
+            nonlocal timer
+            if timer is None:
+                return  # released already
+            timer.cancel()
+            timer = None
+            self._holds -= 1
+            if self._holds <= 0:
+                self._holds = 0
+                self._released.set()
+
+        timer = loop.call_later(HOLD_MAX, release)
+        return release
 
     def start(self) -> None:
         if self._spool.rows:
@@ -259,6 +289,10 @@ class Flusher:
                         await self._full.wait()
             self._full.clear()
             self._wake.clear()
+            if not self._released.is_set() and not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):  # a sender's answer first (`hold`)
+                    async with asyncio.timeout(HOLD_MAX):
+                        await self._released.wait()
             while self._spool.rows > 0:
                 # Link events first, from memory (in their append order); else the file's oldest.
                 batch = self._spool.hot_batch(self._batch_size) or await self._spool.read_batch(

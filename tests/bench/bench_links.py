@@ -171,6 +171,24 @@ async def created_by_body(dsn: str, group: str, like: str) -> dict[str, float]:
         await conn.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (/proc, Linux), 0 if unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fleet_cpu(fleet: Fleet) -> dict[str, float]:
+    """CPU seconds so far of the router and of the instances (summed), by role."""
+    out = {"router": 0.0, "instances": 0.0}
+    for proc in fleet.processes():
+        if proc.pid and proc.state == "RUNNING":
+            out["router" if "router" in proc.name else "instances"] += cpu_seconds(proc.pid)
+    return out
+
+
 async def raw_delivery(fleet: Fleet, dsn: str, group: str, messages: int) -> dict[str, Any]:
     """Delivery over the raw wire: A writes a tools/call link_send (2026-07-28, one prebuilt
     request on a plain socket) -> B's `subscriptions/listen` frame for the inbox is read (its
@@ -198,6 +216,7 @@ async def raw_delivery(fleet: Fleet, dsn: str, group: str, messages: int) -> dic
         redis_url = fleet.settings.redis_url or ""
         async with PublishWatch(redis_url, fleet.keys.session_channel(b_sid)) as watch:
             await asyncio.sleep(0.3)
+            cpu0 = await asyncio.to_thread(fleet_cpu, fleet)
             for i in range(messages):
                 req = a.request("link_send", {"group": group, "body": f"r{i}"})
                 listen.frames.clear()
@@ -216,6 +235,7 @@ async def raw_delivery(fleet: Fleet, dsn: str, group: str, messages: int) -> dic
                 w, _ = await a.send(a.request("version", {}))
                 noop_ms.append((time.perf_counter() - w) * 1000)
                 await asyncio.sleep(GAP)
+            cpu1 = await asyncio.to_thread(fleet_cpu, fleet)
         made = await created_by_body(dsn, group, "r%")
         status = await a.call("status", {})
         stages, notes = status.get("link_stages"), status.get("links")
@@ -225,6 +245,9 @@ async def raw_delivery(fleet: Fleet, dsn: str, group: str, messages: int) -> dic
             "noop_answer": summary(noop_ms),
             "link_send_minus_noop_p50": round(statistics.median(send_ms) - statistics.median(noop_ms), 3),
             "instance_stages": stages,  # the sender's instance's own timings (status link_stages)
+            # CPU per round (one link_send delivered + one version call), by role: the work,
+            # which the machine's load does not inflate as it does latency.
+            "cpu_ms_per_round": {k: round((cpu1[k] - cpu0[k]) * 1000 / messages, 3) for k in cpu0},
             "instance_links": notes,
         }
         if p := parts(marks, made, watch):
@@ -499,6 +522,8 @@ async def main() -> None:
     for key, r in raw.get("delivery_parts", {}).items():
         print(f"{'  raw part: ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
     print(f"raw: link_send - version, p50: {raw['link_send_minus_noop_p50']:+.3f} ms")
+    if "cpu_ms_per_round" in raw:
+        print(f"raw: CPU ms per round (link_send delivered + version): {raw['cpu_ms_per_round']}")
     print(f"raw: sender's instance links stats: {raw.get('instance_links')}")
     for key, r in (raw.get("instance_stages") or {}).items():
         print(f"{'  instance stage: ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['count']:6}")

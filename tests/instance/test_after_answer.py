@@ -122,3 +122,44 @@ async def test_outside_a_request_work_runs_at_once() -> None:
     pending.run()
     pending.add(lambda: ran.append("after the answer: at once"))
     assert ran == ["now", "later", "after the answer: at once"]
+
+
+async def test_put_off_work_runs_once_and_says_whether_it_waited() -> None:
+    ran: list[str] = []
+    pending = AfterAnswer()
+    token = after_answer.current_answer.set(pending)
+    try:
+        assert after_answer.after_answer(lambda: ran.append("store")) is True
+        assert ran == []  # the answer is not written yet
+        pending.run()
+        assert ran == ["store"]
+        pending.run()  # the request's end after its answer: nothing runs twice
+        assert ran == ["store"]
+        assert after_answer.after_answer(lambda: ran.append("late")) is False  # answered: at once
+        assert ran == ["store", "late"]
+    finally:
+        after_answer.current_answer.reset(token)
+
+
+async def test_a_callback_outside_the_request_puts_work_off_for_that_request() -> None:
+    # e.g. a Redis reply's callback, which runs outside the request's context
+    ran: list[str] = []
+    pending = AfterAnswer()
+    assert after_answer.after_answer_of(pending, lambda: ran.append("count")) is True
+    assert after_answer.after_answer_of(None, lambda: ran.append("no request")) is False
+    assert ran == ["no request"]
+    pending.run()
+    assert ran == ["no request", "count"]
+
+
+async def test_a_failing_piece_of_put_off_work_does_not_stop_the_rest() -> None:
+    ran: list[str] = []
+    pending = AfterAnswer()
+
+    def boom() -> None:
+        raise RuntimeError("bug")
+
+    pending.add(boom)
+    pending.add(lambda: ran.append("next"))
+    pending.run()  # the failing one is logged; the next still runs
+    assert ran == ["next"]

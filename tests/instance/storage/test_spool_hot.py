@@ -169,3 +169,63 @@ async def test_both_sync_modes_keep_every_row_through_a_reopen(tmp_path: Path, s
         assert _bodies(await spool.read_batch(100)) == [f"m{i}" for i in range(20)]
     finally:
         await spool.close()
+
+
+async def test_a_held_flusher_stores_a_link_event_only_once_released(tmp_path: Path) -> None:
+    """A sender's answer goes out before the store of its event (Flusher.hold): the flusher
+    takes the committed row only after the release, or after HOLD_MAX without one; a flush()
+    (shutdown, link_leave) does not wait for holds."""
+    spool = _spool(tmp_path)
+    await spool.open()
+    rec = _Recorder()
+    flusher = Flusher(spool, rec, batch_size=100, interval_s=3600, writer=rec.writer)  # type: ignore[arg-type]
+    flusher.start()
+    try:
+        release = flusher.hold()
+        await spool.append(LINK, {"uuid": "1", "body": "held"}, urgent=True)
+        for _ in range(20):
+            await asyncio.sleep(0.001)
+        assert rec.batches == [] and spool.rows == 1  # committed, not stored yet
+        release()
+        release()  # a second release changes nothing
+        async with asyncio.timeout(30):
+            await rec.written.wait()
+        assert _bodies(rec.batches[0]) == ["held"]
+
+        rec.written.clear()
+        flusher.hold()  # never released: the flusher goes on after HOLD_MAX
+        await spool.append(LINK, {"uuid": "2", "body": "forgotten"}, urgent=True)
+        async with asyncio.timeout(30):
+            await rec.written.wait()
+        assert _bodies(rec.batches[-1]) == ["forgotten"]
+
+        rec.written.clear()
+        flusher.hold()
+        await spool.append(LINK, {"uuid": "3", "body": "leaving"}, urgent=True)
+        assert await flusher.flush(5.0)
+        assert _bodies(rec.batches[-1]) == ["leaving"]
+    finally:
+        await flusher.stop()
+        await spool.close()
+
+
+async def test_urgent_and_grouped_appends_keep_their_order(tmp_path: Path) -> None:
+    """An urgent append goes to the spool's thread at once, taking the rows queued before it
+    along: the file's order is the order of the appends, whatever mix of both."""
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 24, hot_kinds=(LINK,), fsync_window_ms=20.0)
+    await spool.open()
+    try:
+        appends = []
+        for i in range(30):
+            if i % 3 == 0:
+                appends.append(
+                    spool.append(LINK, {"uuid": str(i), "body": f"r{i}"}, urgent=True, sync="normal")
+                )
+            else:
+                appends.append(spool.append(KIND_TOOL_CALL, {"id": str(i), "body": f"r{i}"}))
+        await asyncio.gather(*appends)
+        assert _bodies(await spool.read_batch(100)) == [f"r{i}" for i in range(30)]
+        assert spool.rows == 30 and spool.appends_total == 30
+        assert _bodies(spool.hot_batch(100)) == [f"r{i}" for i in range(0, 30, 3)]
+    finally:
+        await spool.close()
