@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -216,17 +217,23 @@ def fleet(fleet_factory: Callable[..., Any]) -> Any:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """Every event loop stall the run's fleets logged, with its stack (tests/loopstalls.py)."""
+    """Every event loop stall the run's fleets logged (tests/loopstalls.py): one line each in the
+    summary, the place it names; the warnings with their whole stacks in a file beside."""
     stalls = loopstalls.collected
     if not stalls:
         return
     tr = terminalreporter
     real = [s for s in stalls if s.real]
+    report = Path(tempfile.gettempdir()) / f"exai-loop-stalls-{os.getpid()}.txt"
     tr.section(
         f"event loop stalls and blocking calls: {len(stalls)} logged, {len(real)} in the project's code"
     )
+    lines = []
     for s in stalls:
         tag = f"PROJECT {s.kind}" if s.real else s.kind
         size = "" if s.kind.startswith("audit:") else f" {s.ms} ms, loop CPU {s.cpu_ms} ms"
-        tr.write_line(f"--- [{tag}] {s.test} [{s.log}]{size}")
-        tr.write_line(s.text)
+        head = f"--- [{tag}] {s.test} [{s.log}]{size}"
+        tr.write_line(f"{head}: {s.place}")
+        lines += [head, s.text, ""]
+    report.write_text("\n".join(lines), encoding="utf-8")
+    tr.write_line(f"(each with its whole stack in {report})")

@@ -2,8 +2,9 @@
 
 Every fleet (tests/fleet.py) runs its router and instances with a 50 ms watchdog. When a fleet
 stops, its programs' logs are read for the watchdog's warnings; pytest's terminal summary lists
-them all with their stacks (conftest.py). With EXAI_TEST_STRICT_LOOP=1 a fleet whose processes
-stalled inside the project's own code also fails the test that stopped it: off by default, since
+them, one line each, and writes them with their stacks to a file it names (conftest.py). With
+EXAI_TEST_STRICT_LOOP=1 a fleet whose processes stalled inside the project's own code also fails
+the test that stopped it: off by default, since
 a loaded machine can stretch a few milliseconds of ordinary work past any threshold.
 """
 
@@ -50,6 +51,21 @@ class LoggedStall:
             if ln.lstrip().startswith("File ") and ".venv" not in ln and not any(e in ln for e in _ENTRIES)
         ]
         return any(d in ln for ln in files for d in _PROJECT_DIRS)
+
+    @property
+    def place(self) -> str:
+        """The frame the stall names: the innermost of the project's own, else of a library's
+        (not the standard library's), else the innermost."""
+        frames = [ln.strip() for ln in self.text.splitlines() if ln.lstrip().startswith("File ")]
+        own = [
+            ln
+            for ln in frames
+            if ".venv" not in ln
+            and not any(e in ln for e in _ENTRIES)
+            and any(d in ln for d in _PROJECT_DIRS)
+        ]
+        libs = [ln for ln in frames if "site-packages" in ln]
+        return (own or libs or frames or ["(no stack)"])[-1]
 
     @property
     def real(self) -> bool:
