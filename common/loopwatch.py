@@ -360,6 +360,9 @@ AUDIT_EVENTS = frozenset(
 )
 """Audit events (sys.audit) that mean blocking I/O when they happen on the loop's thread."""
 
+_NEVER_BLOCK = frozenset({"/dev/null", b"/dev/null"})
+"""Paths whose opening is not disk I/O (asyncio's subprocess opens /dev/null for DEVNULL)."""
+
 
 def audit_blocking_calls(*, name: str) -> Callable[[], None]:
     """Diagnostics (EXAI_LOOP_AUDIT): log, once per place, every file open, module import,
@@ -377,6 +380,8 @@ def audit_blocking_calls(*, name: str) -> Callable[[], None]:
             return
         if asyncio._get_running_loop() is None:
             return
+        if event == "open" and args and args[0] in _NEVER_BLOCK:
+            return  # a character device that answers at once (a subprocess's stdin, ...)
         busy = True  # formatting the stack opens source files: not reported again
         try:
             frames = traceback.extract_stack(sys._getframe(1))

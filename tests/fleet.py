@@ -47,6 +47,10 @@ from common.settings import Settings, load_settings
 from tests import loopstalls
 from tests.ports import free_port, free_port_block
 
+BENCH_SETTINGS: dict[str, Any] = {"loop_stall_ms": 100.0, "loop_audit": False}
+"""What a benchmark's fleet runs with instead of the tests' diagnostics: the loop watchdog at its
+production default and no audit hook (which sees every audited event of the process)."""
+
 
 class Fleet:
     """Router + instances under supervisord for one test; see the module docstring."""

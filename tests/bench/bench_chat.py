@@ -46,7 +46,7 @@ from instance.timing import CHAT_STAGES  # noqa: E402
 from tests.bench.bench_router import HEADERS, _body, _stats, _with_db, fake_provider_overrides  # noqa: E402
 from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
 from tests.fakes.tcp_proxy import TcpProxy  # noqa: E402
-from tests.fleet import Fleet  # noqa: E402
+from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
 
 
 class ChatCaller:
@@ -204,6 +204,7 @@ async def main() -> int:
             instances=5,
             max_instances=5,
             overrides={
+                **BENCH_SETTINGS,
                 **fake_provider_overrides(provider),
                 **({"chat_spool_sync": args.chat_spool_sync} if args.chat_spool_sync else {}),
             },

@@ -61,7 +61,7 @@ from common.keys import Keys  # noqa: E402
 from common.migrate import migrate  # noqa: E402
 from instance.storage.spool import Spool  # noqa: E402
 from tests.bench.rawwire import RawCaller, RawListen  # noqa: E402
-from tests.fleet import Fleet  # noqa: E402
+from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
 from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client, status_of  # noqa: E402
 
 GAP = 0.025  # seconds between two timed deliveries
@@ -476,7 +476,7 @@ async def main() -> None:
                 redis_prefix=prefix,
                 instances=2,
                 max_instances=2,
-                overrides={**ROUTER_TEST_SETTINGS, "log_level": "WARNING", **extra},
+                overrides={**BENCH_SETTINGS, **ROUTER_TEST_SETTINGS, "log_level": "WARNING", **extra},
             )
             await asyncio.to_thread(fleet.start)
             try:

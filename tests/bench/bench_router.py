@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from common import protocol as p  # noqa: E402
 from common.migrate import migrate  # noqa: E402
 from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
-from tests.fleet import Fleet  # noqa: E402
+from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
 
 VERSION = "2026-07-28"
 HEADERS = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": VERSION}
@@ -685,6 +685,7 @@ async def main() -> int:
             instances=5,
             max_instances=5,
             overrides={
+                **BENCH_SETTINGS,
                 **fake_provider_overrides(provider),
                 "session_park_after": 1.0,
                 "loop_stall_ms": args.loop_stall_ms,

@@ -57,7 +57,7 @@ from tests.bench.bench_router import (  # noqa: E402
     scratch_database,
 )
 from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
-from tests.fleet import Fleet  # noqa: E402
+from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 
 _LAUNCH = (
@@ -352,7 +352,7 @@ async def main() -> int:
             redis_prefix=f"exaiab{secrets.token_hex(3)}",
             instances=5,
             max_instances=5,
-            overrides=fake_provider_overrides(provider),
+            overrides={**BENCH_SETTINGS, **fake_provider_overrides(provider)},
         )
         builds = [Build("A", fleet, _export(args.base, Path(tmp))), Build("B", fleet, ROOT)]
         try:
