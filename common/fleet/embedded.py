@@ -19,6 +19,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from common.errors import ConfigError, EmbeddedServiceError
 
@@ -196,18 +197,7 @@ class EmbeddedPostgres:
         self.ensure_initialized()
         log_path = self.data_dir.with_name(self.data_dir.name + ".log")
         uid, gid, groups = self._as_user(self._ids())
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                self.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.data_dir,
-                start_new_session=True,
-                user=uid,
-                group=gid,
-                extra_groups=groups,
-            )
+        proc = _spawn(self.command(), self.data_dir, log_path, user=uid, group=gid, extra_groups=groups)
         try:
             try:
                 self.wait_ready(timeout, alive=lambda: proc.poll() is None)
@@ -278,21 +268,26 @@ class EmbeddedRedis:
     def running(self, *, timeout: float = 30.0) -> Iterator[EmbeddedRedis]:
         """Start the server for the duration of the block (tests); stop it on exit."""
         self.ensure_initialized()
-        log_path = self.data_dir.with_name(self.data_dir.name + ".log")
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                self.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.data_dir,
-                start_new_session=True,
-            )
+        proc = _spawn(self.command(), self.data_dir, self.data_dir.with_name(self.data_dir.name + ".log"))
         try:
             self.wait_ready(timeout, alive=lambda: proc.poll() is None)
             yield self
         finally:
             _stop(proc, signal.SIGTERM)  # Redis saves its data on SIGTERM
+
+
+def _spawn(command: list[str], cwd: Path, log_path: Path, **user: Any) -> subprocess.Popen[bytes]:
+    """Start a server in its own session, its output appended to `log_path` (tests' `running`)."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            start_new_session=True,
+            **user,
+        )
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: signal.Signals, timeout: float = 30.0) -> None:

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common import protocol as p  # noqa: E402
+from tests.bench.rawwire import read_head  # noqa: E402
 
 MODERN = "2026-07-28"
 HANDSHAKE = "2025-11-25"
@@ -62,14 +63,7 @@ def _request(port: int, body: dict[str, Any], headers: dict[str, str]) -> bytes:
 
 
 async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    raw = await reader.readuntil(b"\r\n\r\n")
-    lines = raw.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers = {}
-    for line in lines[1:]:
-        if ":" in line:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip()
+    status, headers = await read_head(reader)
     if "content-length" in headers:
         return status, headers, await reader.readexactly(int(headers["content-length"]))
     parts = []

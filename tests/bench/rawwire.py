@@ -44,7 +44,8 @@ async def _open(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection(u.hostname, u.port or 80)
 
 
-async def _head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    """An HTTP/1.1 answer's status and headers (names lowercased), read off the stream."""
     raw = await reader.readuntil(b"\r\n\r\n")
     lines = raw.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
@@ -82,7 +83,7 @@ class RawCaller:
         reader, writer = self._io
         writer.write(data)
         written = time.perf_counter()
-        status, headers = await _head(reader)
+        status, headers = await read_head(reader)
         if "content-length" in headers:
             payload = await reader.readexactly(int(headers["content-length"]))
         else:  # chunked
@@ -139,7 +140,7 @@ class RawListen:
             "params": {"notifications": {"resourceSubscriptions": self.uris}, "_meta": _meta(self.client)},
         }
         writer.write(_request(self.url, json.dumps(body).encode(), {"Mcp-Method": "subscriptions/listen"}))
-        status, headers = await _head(reader)
+        status, headers = await read_head(reader)
         if status != 200:
             raise RuntimeError(f"listen: {status}")
         self._task = asyncio.create_task(self._read(reader, headers.get("transfer-encoding") == "chunked"))
