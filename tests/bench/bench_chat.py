@@ -1,6 +1,6 @@
 """The fleet's own overhead on a `chat` call, with Postgres normal, slowed and cut.
 
-    python tests/bench/bench_chat.py [--calls 40] [--provider-delay 0.05] [--pg-delay 0.2]
+    python tests/bench/bench_chat.py [--calls 40] [--rounds 3] [--provider-delay 0.05] [--pg-delay 0.2]
         [--conditions normal,slowed,cut] [--sessions 1,5] [--label NAME] [--chat-spool-sync normal]
 
 Starts a fleet under real supervisord (tests/fleet.py: five instances and the router) whose
@@ -10,7 +10,8 @@ can slow Postgres down (every answer held --pg-delay seconds) or cut it. Each se
 thread and appends two turns). Overhead per call = client-observed latency minus the time the
 fake provider itself reports for that request (its start to its finish); also printed net of
 the fake's own HTTP work (reading the request, streaming the answer), which is not the fleet's.
-Measured at 1 and 5 concurrent sessions for each Postgres condition. Target: <= 3 ms p50, and unchanged
+Measured at 1 and 5 concurrent sessions for each Postgres condition; the conditions take turns
+(--rounds), so the ratios between them compare like with like. Target: <= 3 ms p50, and unchanged
 (<= 1.05x) with Postgres slowed or cut.
 
 Also prints the instances' own stage breakdown (the `status` tool's chat_stages, instance/timing.py:
@@ -105,7 +106,11 @@ def _provider_seconds(provider: FakeProvider, *, with_http: bool = False) -> dic
 
 
 async def _run(fleet: Fleet, provider: FakeProvider, sessions: int, calls: int, tag: str) -> dict[str, Any]:
-    callers = [ChatCaller(fleet.mcp_url, f"chat-{tag}-{sessions}-{i}") for i in range(sessions)]
+    """One block of calls at one condition: the raw samples, for `_combine` to pool over rounds."""
+    callers = [
+        ChatCaller(fleet.mcp_url, f"chat-{tag}-{sessions}-{i}-{secrets.token_hex(2)}")
+        for i in range(sessions)
+    ]
     latency: dict[str, float] = {}
 
     async def warm(c: ChatCaller) -> None:
@@ -120,22 +125,34 @@ async def _run(fleet: Fleet, provider: FakeProvider, sessions: int, calls: int, 
     await asyncio.gather(*(warm(c) for c in callers))
     cpu_before = await asyncio.to_thread(_instances_cpu, fleet)
     await asyncio.gather(*(run(c) for c in callers))
-    cpu_per_call_ms = (await asyncio.to_thread(_instances_cpu, fleet) - cpu_before) / len(latency) * 1000
+    cpu = await asyncio.to_thread(_instances_cpu, fleet) - cpu_before
     _, st = await callers[0].call("status", {})
     for c in callers:
         await c.close()
     spent = _provider_seconds(provider)
-    overhead = [lat - spent[p] for p, lat in latency.items() if p in spent]
     whole = _provider_seconds(provider, with_http=True)
-    net = [lat - whole[p] for p, lat in latency.items() if p in whole]
+    return {
+        "latency": list(latency.values()),
+        "overhead": [lat - spent[p] for p, lat in latency.items() if p in spent],
+        "net": [lat - whole[p] for p, lat in latency.items() if p in whole],
+        "cpu": cpu,
+        "calls": len(latency),
+        "stages": st.get("chat_stages"),
+    }
+
+
+def _combine(tag: str, sessions: int, blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row of the table from a condition's blocks in every round."""
+    calls = sum(b["calls"] for b in blocks)
     return {
         "sessions": sessions,
         "postgres": tag,
-        "latency": _stats(list(latency.values())),
-        "overhead": _stats(overhead),
-        "overhead_net_of_fake_http": _stats(net),
-        "instance_stages": st.get("chat_stages"),
-        "instances_cpu_per_call_ms": round(cpu_per_call_ms, 3),
+        "blocks": len(blocks),
+        "latency": _stats([x for b in blocks for x in b["latency"]]),
+        "overhead": _stats([x for b in blocks for x in b["overhead"]]),
+        "overhead_net_of_fake_http": _stats([x for b in blocks for x in b["net"]]),
+        "instance_stages": blocks[-1]["stages"],
+        "instances_cpu_per_call_ms": round(sum(b["cpu"] for b in blocks) / max(1, calls) * 1000, 3),
     }
 
 
@@ -158,6 +175,13 @@ def _instances_cpu(fleet: Fleet) -> float:
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=40, help="chat calls per session and condition")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="the conditions take turns this many times, --calls split between the turns, so a "
+        "drift of the machine's load spreads over all of them rather than landing on one",
+    )
     ap.add_argument("--provider-delay", type=float, default=0.05, help="fake provider's answer time (s)")
     ap.add_argument("--pg-delay", type=float, default=0.2, help="Postgres slowdown (s)")
     ap.add_argument(
@@ -214,15 +238,20 @@ async def main() -> int:
             await fleet.wait_instances(5)
             await asyncio.sleep(args.settle)
             cut = False
-            for tag in conditions:
-                proxy.delay = args.pg_delay if tag == "slowed" else 0.0
-                if (tag == "cut") != cut:
-                    (proxy.down if tag == "cut" else proxy.up)()
-                    cut = tag == "cut"
-                for n in sessions:
-                    provider.reset(Behaviour(delay=args.provider_delay))
-                    results["runs"].append(await _run(fleet, provider, n, args.calls, tag))
-                    await fleet.end_all_sessions()
+            blocks: dict[tuple[str, int], list[dict[str, Any]]] = {}
+            rounds = max(1, min(args.rounds, args.calls))
+            for r in range(rounds):
+                per_round = args.calls // rounds + (1 if r < args.calls % rounds else 0)
+                for tag in conditions:
+                    proxy.delay = args.pg_delay if tag == "slowed" else 0.0
+                    if (tag == "cut") != cut:
+                        (proxy.down if tag == "cut" else proxy.up)()
+                        cut = tag == "cut"
+                    for n in sessions:
+                        provider.reset(Behaviour(delay=args.provider_delay))
+                        blocks.setdefault((tag, n), []).append(await _run(fleet, provider, n, per_round, tag))
+                        await fleet.end_all_sessions()
+            results["runs"] = [_combine(tag, n, b) for (tag, n), b in blocks.items()]
             if cut:
                 proxy.up()
         finally:
@@ -239,6 +268,7 @@ async def main() -> int:
         "provider_delay_s": args.provider_delay,
         "pg_delay_s": args.pg_delay,
         "calls": args.calls,
+        "rounds": args.rounds,
         "label": args.label,
         "chat_spool_sync": args.chat_spool_sync or "default",
         "settle_s": args.settle,
@@ -262,6 +292,14 @@ async def main() -> int:
             f"{r['postgres']:>8} {r['sessions']:>8}  {o['p50_ms']:>12.2f} {o['p99_ms']:>8.2f}"
             f"   {lat['p50_ms']:>11.2f}  {net['p50_ms']:>8.2f}{tail}"
         )
+    normal = {r["sessions"]: r["overhead"]["p50_ms"] for r in results["runs"] if r["postgres"] == "normal"}
+    ratios = [
+        f"{r['postgres']} x{r['sessions']} {r['overhead']['p50_ms'] / normal[r['sessions']]:.2f}x"
+        for r in results["runs"]
+        if r["postgres"] != "normal" and normal.get(r["sessions"])
+    ]
+    if ratios:
+        print("overhead p50 vs normal (target <= 1.05x): " + ", ".join(ratios))
     print("\ninstance stages (p50 ms, in call order; cumulative per instance, from one session's instance):")
     for r in results["runs"]:
         stages = r.get("instance_stages") or {}
