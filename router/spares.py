@@ -44,7 +44,7 @@ class Spares:
     async def start_one(self, waiting: int = 1) -> str | None:
         """Start a spare for `waiting` waiters: the name started, or None (enough booting
         already, none left, at the ceiling, or no supervisord)."""
-        if not self.socket_path.exists():
+        if not await asyncio.to_thread(self.socket_path.exists):  # a stat: off the loop too
             return None
         async with self._lock:
             if self._client is None:
