@@ -11,6 +11,7 @@ from common.eventloop import loop_factory
 from common.logs import setup_logging
 from common.settings import load_settings
 from instance.app import build_app
+from instance.http_protocol import HeadHoldingProtocol
 from instance.lifecycle import InstanceServer, bind_socket
 from instance.runtime import resolve_identity
 
@@ -31,6 +32,8 @@ def _serve() -> int:
         # Only the router calls an instance, and nothing here reads the client's address: no
         # X-Forwarded-* rewriting per request.
         proxy_headers=False,
+        # A response's head leaves with its body's first bytes: one segment per JSON answer.
+        http=HeadHoldingProtocol,
         lifespan="on",
         timeout_graceful_shutdown=UVICORN_GRACE_SECONDS,
         timeout_keep_alive=75,

@@ -1,0 +1,72 @@
+"""instance/http_protocol.py: a response's head leaves with its body, never out of order."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from instance.http_protocol import HeadHolder
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
+
+
+class Recording:
+    """What the socket was asked to send, one entry per write (one send, one TCP segment)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+        self.extra = {"peername": ("127.0.0.1", 1)}
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.extra.get(name, default)
+
+
+async def test_a_head_and_a_body_written_in_one_turn_leave_in_one_write() -> None:
+    sock = Recording()
+    holder = HeadHolder(sock, asyncio.get_running_loop())
+    holder.write(HEAD)
+    assert sock.writes == []
+    holder.write(b"{}")
+    assert sock.writes == [HEAD + b"{}"]
+    await asyncio.sleep(0)
+    assert sock.writes == [HEAD + b"{}"]  # the loop's turn finds nothing left to send
+
+
+async def test_a_head_whose_body_takes_longer_goes_out_on_the_next_turn() -> None:
+    sock = Recording()
+    holder = HeadHolder(sock, asyncio.get_running_loop())
+    holder.write(HEAD)
+    await asyncio.sleep(0)
+    assert sock.writes == [HEAD]
+    holder.write(b"5\r\nhello\r\n")
+    assert sock.writes == [HEAD, b"5\r\nhello\r\n"]
+
+
+async def test_closing_sends_a_held_head_first_and_bodies_are_never_held() -> None:
+    sock = Recording()
+    holder = HeadHolder(sock, asyncio.get_running_loop())
+    holder.write(b"HTTP/1.1 is how this body begins")  # not a whole head: written at once
+    assert sock.writes == [b"HTTP/1.1 is how this body begins"]
+    holder.write(HEAD)
+    holder.close()
+    assert sock.writes[-1] == HEAD and sock.closed
+    await asyncio.sleep(0)  # the pending turn does not write to the closed socket
+    assert len(sock.writes) == 2
+
+
+async def test_everything_else_is_the_transports_own() -> None:
+    sock = Recording()
+    holder = HeadHolder(sock, asyncio.get_running_loop())
+    assert holder.get_extra_info("peername") == ("127.0.0.1", 1)
+    assert holder.is_closing() is False
