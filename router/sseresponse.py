@@ -1,0 +1,99 @@
+"""Where, in an SSE answer, the JSON-RPC response to the call's request ends.
+
+An instance answers a handshake-era request with an SSE stream: related notifications and
+requests first, the response last. MCP's streamable HTTP says the server SHOULD close the
+stream once the response has been sent, and the SDK does, but its end marker comes in a later
+TCP segment, a quarter of a millisecond after the response (the SDK closes the stream after
+the event went out). The router need not wait for it: `ResponseWatch` finds the end of the
+event that carries the response to the request's id as the bytes come, so the relay can send
+that event and the end of the client's answer in one write. The instance's end is still read
+(router/upstream.py `Response.drain`), so its connection goes back to the pool.
+
+Events are split on blank lines, whichever line ends the instance uses (CRLF, LF or CR, as the
+SSE format allows); an event's `data:` lines are joined and read as JSON only when they could
+be a response (they name an `"id"`). Notifications and requests from the server (they have a
+`method`) and responses to other ids are not it. An event larger than SCAN_LIMIT stops the
+watch: the answer then ends when the instance ends it, as before.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+__all__ = ["SCAN_LIMIT", "ResponseWatch", "is_response_to"]
+
+SCAN_LIMIT = 1024 * 1024  # bytes of one event held while looking for its end
+# A blank line: a line end right after another. Atomic groups: "\r\n" is one line end, never
+# CR then LF (two).
+_BLANK = re.compile(rb"(?>\r\n|\n|\r)(?>\r\n|\n|\r)")
+_LINE_END = re.compile(rb"\r\n|\n|\r")
+
+
+def is_response_to(data: bytes, rid: Any) -> bool:
+    """Is `data` (an event's data field) the JSON-RPC response to request `rid`?"""
+    if b'"id"' not in data:
+        return False
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return False
+    if not isinstance(obj, dict) or "method" in obj or not ("result" in obj or "error" in obj):
+        return False
+    got = obj.get("id")
+    return got == rid and type(got) is type(rid)
+
+
+def _data_of(event: bytes) -> bytes:
+    """An event's data: its `data:` lines' values (one leading space dropped), joined by LF."""
+    if event.startswith(b"data:") and b"\n" not in event and b"\r" not in event:
+        value = event[5:]
+        return value[1:] if value.startswith(b" ") else value
+    out = []
+    for line in _LINE_END.split(event):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            out.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(out)
+
+
+class ResponseWatch:
+    """Follows an SSE answer's bytes for the event holding the response to request `rid`."""
+
+    __slots__ = ("buf", "off", "rid")
+
+    def __init__(self, rid: Any) -> None:
+        self.rid = rid
+        self.buf = b""  # the bytes of the event not ended yet
+        self.off = False  # gave up (an event over SCAN_LIMIT)
+
+    def feed(self, data: bytes) -> int | None:
+        """None while the response has not ended; else how many bytes of `data` reach the end
+        of its event (what follows in `data` comes after the response)."""
+        if self.off:
+            return None
+        held = len(self.buf)
+        buf = self.buf + data if held else data
+        # a blank line may begin up to three bytes (CRLF, then a CR held back) before the new data
+        at = max(0, held - 3)
+        while True:
+            found = _BLANK.search(buf, at)
+            if found is None:
+                break
+            start, end = found.span()
+            if end == len(buf) and buf[-1] == 13:
+                break  # a CR last: it may be half a CRLF, which belongs to the event's end
+            # (a blank line that begins the buffer ends an empty event)
+            if start > 0 and is_response_to(_data_of(buf[:start]), self.rid):
+                self.buf = b""
+                return end - held
+            buf = buf[end:]
+            held -= end
+            at = 0
+        if len(buf) > SCAN_LIMIT:
+            self.off = True
+            self.buf = b""
+            return None
+        self.buf = buf
+        return None
