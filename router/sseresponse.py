@@ -11,7 +11,8 @@ that event and the end of the client's answer in one write. The instance's end i
 
 Events are split on blank lines, whichever line ends the instance uses (CRLF, LF or CR, as the
 SSE format allows); an event's `data:` lines are joined and read as JSON only when they could
-be a response (they name an `"id"`). Notifications and requests from the server (they have a
+be a response (they name an `"id"`), but for the SDK's own spelling of the response, which
+`response_start` knows. Notifications and requests from the server (they have a
 `method`) and responses to other ids are not it. An event larger than SCAN_LIMIT stops the
 watch: the answer then ends when the instance ends it, as before.
 """
@@ -22,7 +23,7 @@ import json
 import re
 from typing import Any
 
-__all__ = ["SCAN_LIMIT", "ResponseWatch", "is_response_to"]
+__all__ = ["SCAN_LIMIT", "ResponseWatch", "is_response_to", "response_start"]
 
 SCAN_LIMIT = 1024 * 1024  # bytes of one event held while looking for its end
 # A blank line: a line end right after another. Atomic groups: "\r\n" is one line end, never
@@ -31,9 +32,18 @@ _BLANK = re.compile(rb"(?>\r\n|\n|\r)(?>\r\n|\n|\r)")
 _LINE_END = re.compile(rb"\r\n|\n|\r")
 
 
-def is_response_to(data: bytes, rid: Any) -> bool:
-    """Is `data` (an event's data field) the JSON-RPC response to request `rid`?"""
-    if b'"id"' not in data:
+_HEAD = b'{"jsonrpc":"2.0",'  # how the SDK (pydantic, compact) begins every message
+
+
+def is_response_to(data: bytes, rid: Any, said: tuple[bytes, ...] = ()) -> bool:
+    """Is `data` (an event's data field) the JSON-RPC response to request `rid`? `said`: the
+    start of that response as the SDK writes it (`response_start`), known without parsing."""
+    if said and data.startswith(said):
+        return True
+    if data.startswith(_HEAD):
+        if data.startswith(b'"method"', len(_HEAD)):
+            return False  # a notification or a request from the server
+    elif b'"id"' not in data:
         return False
     try:
         obj = json.loads(data)
@@ -45,11 +55,20 @@ def is_response_to(data: bytes, rid: Any) -> bool:
     return got == rid and type(got) is type(rid)
 
 
+def response_start(rid: Any) -> tuple[bytes, ...]:
+    """The ways the SDK begins the response to `rid` (compact JSON, keys in its order)."""
+    text = b"%d" % rid if type(rid) is int else json.dumps(rid, separators=(",", ":")).encode()
+    head = _HEAD + b'"id":' + text
+    return (head + b',"result":', head + b',"error":')
+
+
 def _data_of(event: bytes) -> bytes:
     """An event's data: its `data:` lines' values (one leading space dropped), joined by LF."""
-    if event.startswith(b"data:") and b"\n" not in event and b"\r" not in event:
-        value = event[5:]
-        return value[1:] if value.startswith(b" ") else value
+    at = event.find(b"data:")
+    if at >= 0 and (at == 0 or event[at - 1] in b"\r\n") and event.find(b"data:", at + 5) < 0:
+        value = event[at + 5 :]  # one data line, the event's last (the SDK's events)
+        if b"\n" not in value and b"\r" not in value:
+            return value[1:] if value.startswith(b" ") else value
     out = []
     for line in _LINE_END.split(event):
         if line.startswith(b"data:"):
@@ -61,10 +80,11 @@ def _data_of(event: bytes) -> bytes:
 class ResponseWatch:
     """Follows an SSE answer's bytes for the event holding the response to request `rid`."""
 
-    __slots__ = ("buf", "off", "rid")
+    __slots__ = ("buf", "off", "rid", "said")
 
     def __init__(self, rid: Any) -> None:
         self.rid = rid
+        self.said = response_start(rid)
         self.buf = b""  # the bytes of the event not ended yet
         self.off = False  # gave up (an event over SCAN_LIMIT)
 
@@ -85,7 +105,7 @@ class ResponseWatch:
             if end == len(buf) and buf[-1] == 13:
                 break  # a CR last: it may be half a CRLF, which belongs to the event's end
             # (a blank line that begins the buffer ends an empty event)
-            if start > 0 and is_response_to(_data_of(buf[:start]), self.rid):
+            if start > 0 and is_response_to(_data_of(buf[:start]), self.rid, self.said):
                 self.buf = b""
                 return end - held
             buf = buf[end:]

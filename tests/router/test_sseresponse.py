@@ -71,3 +71,13 @@ def test_an_event_larger_than_the_limit_stops_the_watch() -> None:
     watch = ResponseWatch(7)
     assert watch.feed(b"data: " + b"x" * SCAN_LIMIT) is None
     assert watch.feed(RESPONSE) is None  # the answer ends when the instance ends it
+
+
+def test_the_sdk_s_spelling_and_any_other_are_read_alike() -> None:
+    spaced = b'event: message\r\ndata: { "id": 7, "jsonrpc": "2.0", "result": {"data: x": 1} }\r\n\r\n'
+    assert ResponseWatch(7).feed(spaced) == len(spaced)
+    assert ResponseWatch(8).feed(spaced) is None
+    field_first = b'data: {"jsonrpc":"2.0","id":7,"result":{}}\r\nevent: message\r\n\r\n'
+    assert ResponseWatch(7).feed(field_first) == len(field_first)
+    request = b'data: {"jsonrpc":"2.0","method":"ping","id":7,"result":{}}\n\n'  # not a response
+    assert ResponseWatch(7).feed(request) is None
