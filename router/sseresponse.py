@@ -26,10 +26,34 @@ from typing import Any
 __all__ = ["SCAN_LIMIT", "ResponseWatch", "is_response_to", "response_start"]
 
 SCAN_LIMIT = 1024 * 1024  # bytes of one event held while looking for its end
-# A blank line: a line end right after another. Atomic groups: "\r\n" is one line end, never
-# CR then LF (two).
-_BLANK = re.compile(rb"(?>\r\n|\n|\r)(?>\r\n|\n|\r)")
 _LINE_END = re.compile(rb"\r\n|\n|\r")
+
+
+def _blank(buf: bytes, at: int) -> tuple[int, int] | None:
+    """The first blank line (a line end right after another) in `buf` from `at`: where it
+    begins and ends; None if there is none yet. A line end is CRLF, LF or CR, CRLF being one,
+    so a blank line is an LF (alone or ending a CRLF) followed by a line end, or a CR followed
+    by a CR (and maybe its LF). A CR last may be half a CRLF, which would belong to it: not yet."""
+    size = len(buf)
+    i = buf.find(b"\n", at)
+    while 0 <= i < size - 1 and buf[i + 1] not in b"\r\n":
+        i = buf.find(b"\n", i + 1)
+    if i == size - 1:
+        i = -1  # an LF last: what follows it is not here yet
+    cr = buf.find(b"\r\r", at, i if i >= 0 else size)
+    if cr >= 0:  # CR CR, or CR CRLF
+        second = cr + 1
+        start = cr
+    elif i >= 0:
+        second = i + 1
+        start = i - 1 if i > 0 and buf[i - 1] == 13 else i
+    else:
+        return None
+    if buf[second] == 13:  # the second line end is a CR, or a CRLF
+        if second + 1 == size:
+            return None
+        return start, second + 2 if buf[second + 1] == 10 else second + 1
+    return start, second + 1
 
 
 _HEAD = b'{"jsonrpc":"2.0",'  # how the SDK (pydantic, compact) begins every message
@@ -98,12 +122,10 @@ class ResponseWatch:
         # a blank line may begin up to three bytes (CRLF, then a CR held back) before the new data
         at = max(0, held - 3)
         while True:
-            found = _BLANK.search(buf, at)
-            if found is None:
+            span = _blank(buf, at)
+            if span is None:
                 break
-            start, end = found.span()
-            if end == len(buf) and buf[-1] == 13:
-                break  # a CR last: it may be half a CRLF, which belongs to the event's end
+            start, end = span
             # (a blank line that begins the buffer ends an empty event)
             if start > 0 and is_response_to(_data_of(buf[:start]), self.rid, self.said):
                 self.buf = b""
