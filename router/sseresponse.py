@@ -12,9 +12,10 @@ that event and the end of the client's answer in one write. The instance's end i
 Events are split on blank lines, whichever line ends the instance uses (CRLF, LF or CR, as the
 SSE format allows); an event's `data:` lines are joined and read as JSON only when they could
 be a response (they name an `"id"`), but for the SDK's own spelling of the response, which
-`response_start` knows. Notifications and requests from the server (they have a
-`method`) and responses to other ids are not it. An event larger than SCAN_LIMIT stops the
-watch: the answer then ends when the instance ends it, as before.
+`response_start` knows: the SDK's usual answer, that event alone in one read, is recognised
+by its first bytes and its one line end before the blank line. Notifications and requests
+from the server (they have a `method`) and responses to other ids are not it. An event larger
+than SCAN_LIMIT stops the watch: the answer then ends when the instance ends it, as before.
 """
 
 from __future__ import annotations
@@ -57,12 +58,14 @@ def _blank(buf: bytes, at: int) -> tuple[int, int] | None:
 
 
 _HEAD = b'{"jsonrpc":"2.0",'  # how the SDK (pydantic, compact) begins every message
+_SDK_EVENT = b"event: message\r\ndata: "  # and every event of an SSE answer
+_DATA_AT = len(_SDK_EVENT)
 
 
 def is_response_to(data: bytes, rid: Any, said: tuple[bytes, ...] = ()) -> bool:
     """Is `data` (an event's data field) the JSON-RPC response to request `rid`? `said`: the
     start of that response as the SDK writes it (`response_start`), known without parsing."""
-    if said and data.startswith(said):
+    if said and data.startswith(said) and data.endswith(b"}"):
         return True
     if data.startswith(_HEAD):
         if data.startswith(b'"method"', len(_HEAD)):
@@ -104,11 +107,12 @@ def _data_of(event: bytes) -> bytes:
 class ResponseWatch:
     """Follows an SSE answer's bytes for the event holding the response to request `rid`."""
 
-    __slots__ = ("buf", "off", "rid", "said")
+    __slots__ = ("buf", "off", "rid", "said", "whole")
 
     def __init__(self, rid: Any) -> None:
         self.rid = rid
         self.said = response_start(rid)
+        self.whole = tuple(_SDK_EVENT + start for start in self.said)
         self.buf = b""  # the bytes of the event not ended yet
         self.off = False  # gave up (an event over SCAN_LIMIT)
 
@@ -118,6 +122,14 @@ class ResponseWatch:
         if self.off:
             return None
         held = len(self.buf)
+        if not held and data.startswith(self.whole) and data.endswith(b"\r\n\r\n"):
+            # The SDK's usual answer: the response's event alone, in one read. Its data is one
+            # line (compact JSON has no raw line ends): the first CR and LF after the field
+            # name are those of the blank line that ends the event.
+            size = len(data)
+            ends = data.find(b"\r", _DATA_AT) == size - 4 and data.find(b"\n", _DATA_AT) == size - 3
+            if ends and data[size - 5] == 125:  # "}"
+                return size
         buf = self.buf + data if held else data
         # a blank line may begin up to three bytes (CRLF, then a CR held back) before the new data
         at = max(0, held - 3)

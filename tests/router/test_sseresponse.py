@@ -81,3 +81,15 @@ def test_the_sdk_s_spelling_and_any_other_are_read_alike() -> None:
     assert ResponseWatch(7).feed(field_first) == len(field_first)
     request = b'data: {"jsonrpc":"2.0","method":"ping","id":7,"result":{}}\n\n'  # not a response
     assert ResponseWatch(7).feed(request) is None
+
+
+def test_the_sdk_s_usual_answer_and_lookalikes() -> None:
+    sdk = b'event: message\r\ndata: {"jsonrpc":"2.0","id":7,"result":{"x":1}}\r\n\r\n'
+    assert ResponseWatch(7).feed(sdk) == len(sdk)
+    # two events in one read, the response second: found at the end of the second
+    two = sdk.replace(b'"id":7', b'"id":6') + sdk
+    assert ResponseWatch(7).feed(two) == len(two)
+    assert ResponseWatch(6).feed(two) == len(sdk)
+    # a line end inside what looks like the SDK's one line: two events, the first not a response
+    split = b'event: message\r\ndata: {"jsonrpc":"2.0","id":7,"result":\r\n\r\ndata: {}\r\n\r\n'
+    assert ResponseWatch(7).feed(split) is None
