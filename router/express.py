@@ -6,8 +6,12 @@ instance is free, `start` sends the call right away, from the connection's `data
 and follows the answer from the upstream connection's callbacks: no task, no coroutine chain,
 no future per wait. A whole JSON answer (the 2026-07-28 era's usual answer) is written to the
 client in one write the moment its last byte has come; a chunked one (the handshake era's SSE)
-is copied piece by piece as it comes, the head with the first piece and the last piece with
-the end marker, exactly as the proxy frames it (router/prebuilt.py). While the client's
+is copied piece by piece as it comes, the head with the first piece (or alone after HEAD_HOLD)
+and the last piece with the end marker, framed as the proxy frames it (router/prebuilt.py).
+An SSE answer to a request ends with the event holding its response (router/sseresponse.py):
+that event and the end marker go in one write, and the instance's own end, which comes a
+moment later, is read after (`Response.drain`), so an SSE call usually costs one write to
+the client, as a JSON one does. While the client's
 connection is full, copying waits for it to drain and the instance's connection stops being
 read once HIGH_WATER bytes wait (router/upstream.py), as with the proxy's own copying.
 
@@ -35,6 +39,7 @@ metrics) is the proxy's, done at the same points.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -45,6 +50,7 @@ from router import prebuilt
 from router.jsonrpc import Message, is_jsonrpc_type, parse_message, sse_error_event
 from router.proxy import JSON_WHOLE_MAX, _answer_fields, _lost, client_fields, key_of
 from router.sessions import Call, Session
+from router.sseresponse import ResponseWatch
 from router.upstream import HIGH_WATER, Lost, Response
 from router.versions import era_of
 
@@ -58,6 +64,7 @@ __all__ = ["Express", "Sent", "start"]
 log = logging.getLogger("router.proxy")  # the proxy's messages, from the proxy's logger
 
 _JSON_WHOLE_MAX = HIGH_WATER  # larger whole answers (to 1 MiB) go through the proxy's reading
+HEAD_HOLD = 0.05  # seconds a streamed answer's head waits for its first piece
 
 
 class Sent:
@@ -168,9 +175,9 @@ class Express:
     """One call in flight on the express path (see the module's doc)."""
 
     __slots__ = (
-        "answered", "blocked", "body", "call", "done", "fields", "generation", "handler", "msg",
-        "pending", "proxy", "request", "sent", "sess", "sse", "started", "streaming", "target",
-        "upstream",
+        "answered", "blocked", "body", "call", "done", "fields", "generation", "handler", "held",
+        "msg", "pending", "proxy", "request", "sent", "sess", "sse", "started", "streaming",
+        "target", "upstream", "watch",
     )  # fmt: skip
 
     def __init__(
@@ -204,6 +211,8 @@ class Express:
         self.streaming = False  # a chunked answer is being copied (SSE)
         self.sse = False
         self.pending = b""  # a chunked answer's head, until it goes with the first piece
+        self.held: asyncio.TimerHandle | None = None  # sends `pending` if no piece comes soon
+        self.watch: ResponseWatch | None = None  # finds the response's event in an SSE answer
         self.blocked = False  # the client's connection is full: copying waits for it to drain
         self.call = _call_of(msg)
         self.call.task = self  # type: ignore[assignment]  # cancel() below: a scale-down's cut
@@ -272,6 +281,8 @@ class Express:
         if length is not None and length <= JSON_WHOLE_MAX and ctype.startswith("application/json"):
             return "whole" if length <= _JSON_WHOLE_MAX else None
         self.sse = ctype.startswith("text/event-stream")
+        if self.sse and self.msg.is_request:
+            self.watch = ResponseWatch(self.msg.id)
         return "stream"
 
     def _finish(self) -> None:
@@ -293,19 +304,32 @@ class Express:
 
     # --- a chunked answer (SSE), copied as it arrives ---------------------------------------
     def _start_stream(self) -> None:
-        """As the proxy's streamed answer: the head goes with the first piece when one is
-        already here, else at once (the client should see it)."""
+        """The head goes with the first piece: at once when one is already here, else when it
+        comes, or alone after HEAD_HOLD seconds (the client should see that its call runs). The
+        SDK sends an SSE answer's head alone, its first event a fraction of a millisecond later:
+        one write to the client instead of two."""
         proxy, up = self.proxy, self.upstream
         self.streaming = True
         self.pending = prebuilt.stream_head(up.status, up.reason, self.fields)
         if not up.has_data:
-            head, self.pending = self.pending, b""
-            if not self._write(head):
-                self._client_left()
-                return
+            self.held = self.handler._loop.call_later(HEAD_HOLD, self._send_head)
         proxy._observe(self.request, self.started)  # type: ignore[arg-type]
         proxy._stages(self.started, self.sent, self.answered)
         self._stream()
+
+    def _send_head(self) -> None:
+        """HEAD_HOLD passed and no piece came: the head goes alone."""
+        self.held = None
+        if self.done or not self.pending:
+            return
+        head, self.pending = self.pending, b""
+        if not self._write(head):
+            self._client_left()
+
+    def _unhold(self) -> None:
+        if self.held is not None:
+            self.held.cancel()
+            self.held = None
 
     def _stream(self, timed_out: bool = False) -> None:
         up = self.upstream
@@ -316,6 +340,14 @@ class Express:
             if up.complete:  # the last piece goes with the end marker, in one write
                 self._end_stream(prebuilt.chunk(data) + prebuilt.END)
                 return
+            watch = self.watch
+            cut = watch.feed(data) if watch is not None else None
+            if cut is not None:
+                # The response's event is here: the client's answer ends with it (the instance
+                # ends its stream next; its end is read in the background).
+                self._end_stream(prebuilt.chunk(data[:cut]) + prebuilt.END, data[cut:])
+                return
+            self._unhold()
             head, self.pending = self.pending, b""
             if not self._write(head + prebuilt.chunk(data)):
                 self._client_left()
@@ -346,14 +378,18 @@ class Express:
         proxy._spawn(proxy.bindings.check_and_rebind(sess, sess.generation, target))
         self._end_stream(tail + prebuilt.END)
 
-    def _end_stream(self, tail: bytes) -> None:
-        """Send the rest of the answer and its end; the connection goes back when read to its end."""
+    def _end_stream(self, tail: bytes, extra: bytes | None = None) -> None:
+        """Send the rest of the answer and its end; the connection goes back when read to its
+        end (`extra`: the response has come, the rest of the instance's answer is read after)."""
         self.done = True
+        self._unhold()
         up = self.upstream
         up.notify = None
         head, self.pending = self.pending, b""
         keep = self._write(head + tail)
-        if up.at_eof:
+        if extra is not None and keep:
+            up.drain(extra)
+        elif up.at_eof:
             up.release()
         else:
             up.close()  # never return a half-read connection to the pool
@@ -363,6 +399,7 @@ class Express:
     def _client_left(self) -> None:
         """A write found the client gone: closing upstream tells the instance to cancel."""
         self.done = True
+        self._unhold()
         self.upstream.notify = None
         self.upstream.close()
         self._end()
@@ -427,6 +464,7 @@ class Express:
         if self.done:
             return
         self.done = True
+        self._unhold()
         self.upstream.notify = None
         self.upstream.close()
         self._end()

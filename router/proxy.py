@@ -49,6 +49,7 @@ from router.opening import NoneFree, Opened, Outcome, Taken
 from router.registry import Instance, Registry
 from router.security import Guard
 from router.sessions import Call, Session, SessionTable, new_session_id
+from router.sseresponse import ResponseWatch
 from router.upstream import Lost, NotSent, Relay, Response, header_block
 from router.versions import era_of
 
@@ -646,6 +647,7 @@ class Proxy:
         """Copy the upstream response to the client as it arrives."""
         answered = time.perf_counter()
         sent = answered if sent is None else sent
+        extra: bytes | None = None  # the response came before the instance's end (see below)
         try:
             if opening:
                 upstream_sid = upstream.headers.get(p.MCP_SESSION_ID)
@@ -696,10 +698,22 @@ class Proxy:
             self._observe(request, started)
             self._stages(started, sent, answered)
             last = b""
+            watch = None
+            if (
+                msg is not None
+                and msg.is_request
+                and upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+            ):
+                watch = ResponseWatch(msg.id)  # the answer ends with the response's event
             try:
                 async for chunk in upstream.iter_chunks(self.read_timeout):
                     if upstream.at_eof:
                         last = chunk  # the end: it goes out with the end marker, in one write
+                        break
+                    cut = watch.feed(chunk) if watch is not None else None
+                    if cut is not None:
+                        # the response's event, with the end marker; the instance's end is read after
+                        last, extra = chunk[:cut], chunk[cut:]
                         break
                     await resp.write(chunk)
             except Lost as exc:  # gone, or silent for longer than EXAI_UPSTREAM_READ_TIMEOUT
@@ -722,7 +736,9 @@ class Proxy:
                 await resp.write_eof(last)
             return resp
         finally:
-            if upstream.at_eof:
+            if extra is not None:
+                upstream.drain(extra)
+            elif upstream.at_eof:
                 upstream.release()
             else:
                 upstream.close()  # never return a half-read connection to the pool

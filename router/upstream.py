@@ -22,6 +22,7 @@ instance process dies, its connections leave the pool before the next call picks
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -37,6 +38,12 @@ CONNECT_TIMEOUT = 3.0
 # An answer's body is buffered up to this many bytes before the instance is asked to pause
 # (the client reads slower than the instance writes).
 HIGH_WATER = 256 * 1024
+# An answer the caller has all it needs of (`Response.drain`) is read to its end for at most
+# this long in silence, and this much more of it, before its connection is closed instead.
+DRAIN_TIMEOUT = 5.0
+DRAIN_LIMIT = 64 * 1024
+
+log = logging.getLogger(__name__)
 
 
 class UpstreamError(Exception):
@@ -213,6 +220,7 @@ class Response:
         "complete",
         "conn",
         "error",
+        "extra",
         "got_bytes",
         "keep_alive",
         "notify",
@@ -237,6 +245,7 @@ class Response:
         self._released = False
         self._paused = False
         self._whole = False  # read() takes the body whole: no read-ahead limit
+        self.extra = 0  # bytes (but white space) that came after the caller had all it needed
         self._loop = loop
         # Called (timed_out) after each read, loss or silence when a caller follows the answer
         # without waiting on it (router/express.py); None while a task waits on it.
@@ -381,6 +390,44 @@ class Response:
         else:
             conn.close()
             conn.pool.done(conn)
+
+    def drain(self, extra: bytes = b"") -> None:
+        """The caller has all it needs of this answer, though the instance has not ended it
+        yet (`extra`: what of it the caller got past that): read it to its end here, then
+        give the connection back. It is closed instead when the instance stays silent for
+        DRAIN_TIMEOUT, sends more than DRAIN_LIMIT bytes, or goes away. Anything but white
+        space is logged (nobody reads it)."""
+        if self._released:
+            return
+        self.extra += len(extra.strip())
+        self._drained(False)
+
+    def _drained(self, timed_out: bool) -> None:
+        for data in self._chunks:
+            self.extra += len(data.strip())
+        self._chunks.clear()
+        self._size = 0
+        conn = self.conn
+        if self._paused and conn.transport is not None and not conn.closed:
+            self._paused = False
+            conn.transport.resume_reading()
+        if not (timed_out or self.complete or self.error is not None or self.extra > DRAIN_LIMIT):
+            self.notify = self._drained
+            conn.watch(DRAIN_TIMEOUT)
+            return
+        self.notify = None
+        if self.extra:
+            log.warning(
+                "instance %s:%d sent %d more bytes after the response it answered a call with;"
+                " not relayed (the client's answer had ended)",
+                conn.pool.host, conn.pool.port, self.extra,
+            )  # fmt: skip
+        if timed_out and self.error is None:
+            self.error = Lost(f"no end within {DRAIN_TIMEOUT:g}s of its response", silent=True)
+        if self.extra > DRAIN_LIMIT:
+            self.close()
+        else:
+            self.release()  # closes the connection unless the answer ended cleanly
 
     def close(self) -> None:
         """Drop the connection (the instance sees the call cancelled)."""

@@ -166,7 +166,19 @@ def _stats(samples: list[float]) -> dict[str, float]:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
+    """CPU time a process's threads have used so far (Linux /proc): the scheduler's count in
+    nanoseconds per thread (schedstat), else user + system time in clock ticks (10 ms: at a
+    few hundred calls, one tick is 0.03 ms a call). A thread that ended is missing from the
+    first: measure windows over which the process keeps its threads."""
+    try:
+        total = 0
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                total += int((task / "schedstat").read_text().split()[0])
+        if total:
+            return total / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

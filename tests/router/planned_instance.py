@@ -8,7 +8,11 @@ Each request (a head, then a 2-byte body) is answered by the next step popped fr
 - "headers": the answer's headers, then nothing;
 - "mute": nothing at all;
 - "drop": the connection closed without an answer;
-- "big": a 600 KiB JSON answer (above the relay's 256 KiB read-ahead).
+- "big": a 600 KiB JSON answer (above the relay's 256 KiB read-ahead);
+- "sse": an SSE answer as the SDK sends one: its headers and the response's event, 0.05 s,
+  then the end of the stream;
+- "sse-more": the same with another event between the response's and the end;
+- "sse-open": the headers and the response's event, then nothing (the stream stays open).
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ BIG = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\
     BIG_BODY,
 )
 _HEADERS_END = ANSWER.index(b"\r\n\r\n") + 4
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+RESPONSE_EVENT = b'event: message\r\ndata: {"jsonrpc":"2.0","id":1,"result":{}}\r\n\r\n'
+LATE_EVENT = b'event: message\r\ndata: {"jsonrpc":"2.0","method":"notifications/message"}\r\n\r\n'
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 @contextlib.asynccontextmanager
@@ -48,6 +59,11 @@ async def planned_instance() -> AsyncIterator[tuple[int, list[str]]]:
                     await asyncio.sleep(30)
                 elif step == "big":
                     writer.write(BIG)
+                elif step.startswith("sse"):
+                    writer.write(SSE_HEAD + _chunk(RESPONSE_EVENT))
+                    await writer.drain()
+                    await asyncio.sleep(30 if step == "sse-open" else 0.05)
+                    writer.write((_chunk(LATE_EVENT) if step == "sse-more" else b"") + b"0\r\n\r\n")
                 elif step == "split":
                     writer.write(ANSWER[:_HEADERS_END])
                     await writer.drain()

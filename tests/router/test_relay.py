@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from router.upstream import Relay, Response
-from tests.router.planned_instance import BIG_BODY, HEAD, planned_instance
+from router import upstream
+from router.sseresponse import ResponseWatch
+from router.upstream import Lost, Relay, Response
+from tests.router.planned_instance import BIG_BODY, HEAD, LATE_EVENT, RESPONSE_EVENT, planned_instance
 
 
 @pytest.fixture
@@ -120,5 +122,72 @@ async def test_a_whole_answer_larger_than_the_read_ahead_is_read_to_its_end(
         assert await resp.read(5.0) == BIG_BODY
         resp.release()
         await _warm(relay, port)  # and the connection went back to the pool in a usable state
+    finally:
+        await relay.close()
+
+
+async def _until_response(resp: Response) -> bytes:
+    """Read an SSE answer up to the end of the response's event; what came after it in that read."""
+    watch = ResponseWatch(1)
+    async for data in resp.iter_chunks(5.0):
+        cut = watch.feed(data)
+        if cut is not None:
+            assert data[:cut].endswith(RESPONSE_EVENT)
+            return data[cut:]
+    raise AssertionError("the answer ended without the response")
+
+
+async def test_an_answer_drained_after_its_response_gives_its_connection_back(
+    instance: tuple[int, list[str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """drain(): the caller has the response; the instance's end, 0.05 s later, is read here,
+    and the connection goes back to the pool then, usable (the next call is answered on it)."""
+    port, plan = instance
+    relay = Relay()
+    try:
+        await _warm(relay, port)
+        pool = relay.pools[("127.0.0.1", port)]
+        conn = pool.idle[0]
+        for step in ("sse", "sse-more"):
+            plan.append(step)
+            resp = await relay.send("127.0.0.1", port, HEAD, b"{}", 5.0)
+            rest = await _until_response(resp)
+            assert not resp.complete  # the instance has not ended its answer yet
+            resp.drain(rest)
+            assert pool.idle == [] and pool.busy == 1
+            for _ in range(100):
+                if pool.idle:
+                    break
+                await asyncio.sleep(0.02)
+            assert pool.idle == [conn] and pool.busy == 0 and not conn.closed
+            await _warm(relay, port)
+            assert pool.idle == [conn]  # the same connection answered the next call
+        # what came after the response (the "sse-more" event) is not relayed: it is said
+        assert resp.extra == len(LATE_EVENT.strip())
+        assert any("more bytes after the response" in r.getMessage() for r in caplog.records)
+    finally:
+        await relay.close()
+
+
+async def test_an_answer_that_does_not_end_after_its_response_loses_its_connection(
+    instance: tuple[int, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port, plan = instance
+    monkeypatch.setattr(upstream, "DRAIN_TIMEOUT", 0.2)
+    relay = Relay()
+    try:
+        await _warm(relay, port)
+        pool = relay.pools[("127.0.0.1", port)]
+        conn = pool.idle[0]
+        plan.append("sse-open")
+        resp = await relay.send("127.0.0.1", port, HEAD, b"{}", 5.0)
+        resp.drain(await _until_response(resp))
+        for _ in range(100):
+            if conn.closed:
+                break
+            await asyncio.sleep(0.02)
+        assert conn.closed and pool.busy == 0 and pool.idle == []
+        assert isinstance(resp.error, Lost) and resp.error.silent
+        await _warm(relay, port)  # a new connection serves the next call
     finally:
         await relay.close()
