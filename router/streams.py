@@ -11,10 +11,7 @@ A client's standalone notification stream costs no process and outlives every in
 Instances append a session's notifications to its event log in Redis (common/notifications.py);
 this hub holds one Redis pub/sub connection for the whole router, subscribed to the channels of
 the sessions that have a stream open here, and wakes those streams, which write the event the
-publish carried when it follows on from the last id they wrote, else read the log after it. A
-stream asleep with nothing to do has such an event written by the hub itself, at once, from
-its pub/sub reader (no task turn for the stream's pump, which may otherwise run only after
-whatever else the loop has queued by then, such as the sender's answer).
+publish carried when it follows on from the last id they wrote, else read the log after it.
 Frames carry the log's ids as SSE `id:` fields, so a client that reconnects with
 `Last-Event-ID` gets every later event, in order, once, and then live ones (the stream is
 subscribed before it reads the log, so nothing falls between the two). When Redis goes away
@@ -120,12 +117,6 @@ class Watch:
     # from the stream's cursor), and whether a wake-up needs a read of the log.
     live: deque[tuple[str, Event]] = field(default_factory=deque)
     read: bool = False
-    # While the stream's pump sleeps with nothing to do: the id it wrote last, and how to write
-    # a carried event that follows on from it at once, from the hub (`_wake`), without waking
-    # the pump (one task turn less; by then the loop may have other work queued, e.g. the
-    # sender's answer). True: written (or not asked for by this stream) and `cursor` moved.
-    cursor: str = ""
-    direct: Callable[[Event], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -205,31 +196,6 @@ class Listen:
             by_alias=True, mode="json", exclude_none=True
         )
         return sse_frame({"jsonrpc": "2.0", "id": self.request_id, "result": result})
-
-
-def _idle(transport: asyncio.BaseTransport) -> bool:
-    """Nothing waits in the transport's write buffer (so it is not paused for flow control)."""
-    size = getattr(transport, "get_write_buffer_size", None)
-    return size is not None and size() == 0
-
-
-def write_now(resp: web.StreamResponse, data: bytes) -> bool:
-    """Write `data` on a prepared stream from synchronous code, when aiohttp does it without
-    waiting: its write coroutine (no compression here; the transport not paused, `_idle`) puts
-    the bytes on the transport and finishes in its first step, which is run here. If it would
-    wait anyway (flow control after the write), the wait is dropped: the bytes are written and
-    the next write of the pump waits instead. False (nothing written) for a compressed stream."""
-    if resp.compression:
-        return False
-    step = resp.write(data)
-    try:
-        step.send(None)
-    except StopIteration:
-        return True
-    except Exception:  # the client went away meanwhile: the pump's own write will say so
-        return False
-    step.close()  # it stopped at the drain after its write (the pump's next write drains)
-    return True
 
 
 def honored_subset(requested: SubscriptionFilter) -> SubscriptionFilter:
@@ -410,29 +376,11 @@ class Hub:
     def _wake(self, sid: str, *, ended: bool, event: tuple[str, Event] | None = None) -> None:
         for w in self.watchers.get(sid, ()):
             w.ended = w.ended or ended
-            if (
-                event is not None
-                and not ended
-                and w.direct is not None
-                and not w.live
-                and not w.read
-                and event[0] == w.cursor
-                and self._write_direct(w, event[1])
-            ):
-                continue  # written now; the pump sleeps on
             if event is not None and len(w.live) < LIVE_MAX:
                 w.live.append(event)
             else:
                 w.read = True
             w.wake.set()
-
-    @staticmethod
-    def _write_direct(w: Watch, ev: Event) -> bool:
-        try:
-            return w.direct is not None and w.direct(ev)
-        except Exception:  # never let one stream break the pub/sub reader: the pump takes it
-            log.debug("writing an event straight to a stream of %s failed", w.sid[:8], exc_info=True)
-            return False
 
     def _wake_all(self) -> None:
         for watches in self.watchers.values():
@@ -521,13 +469,8 @@ class Hub:
         frame: Callable[[Event], bytes | None],
         *,
         catching_up: bool,
-        transport: asyncio.BaseTransport | None = None,
     ) -> None:
         """Write the session's events after `cursor` until the session ends or the hub closes.
-
-        While it sleeps with nothing to do, an event a publish carries that follows on from
-        `cursor` is written by the hub at once (`Watch.direct`), when the stream's `transport`
-        has nothing buffered (so the write cannot wait for flow control); else the pump wakes.
 
         A client that goes away surfaces as a ConnectionError from a write (or as the
         handler's cancellation); either way the caller's `watch` unregisters the stream.
@@ -536,18 +479,6 @@ class Hub:
         pending = True
         retry = 0.1
         next_ping = loop.time() + self.keepalive
-
-        def direct(ev: Event) -> bool:
-            if transport is None or transport.is_closing() or not _idle(transport):
-                return False
-            data = frame(ev)
-            if data is not None:
-                if not write_now(resp, data):
-                    return False
-                self.stats.delivered.inc(kind=w.kind)
-            w.cursor = ev.id
-            return True
-
         while not (w.ended or self.closing):
             if w.wake.is_set():
                 w.wake.clear()
@@ -589,19 +520,11 @@ class Hub:
                         continue
             wait = min(wait, max(0.0, next_ping - loop.time()))
             if not w.wake.is_set():
-                w.cursor = cursor
-                w.direct = None if pending else direct
                 # A timeout scope, not wait_for: on Python 3.11 wait_for runs the wait in a task
                 # of its own, and a wake-up then takes three loop turns to reach this one.
-                try:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(wait):
-                            await w.wake.wait()
-                finally:
-                    w.direct = None
-                if w.cursor != cursor:
-                    cursor = w.cursor
-                    next_ping = loop.time() + self.keepalive
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await w.wake.wait()
             if loop.time() >= next_ping:
                 await resp.write(KEEPALIVE_FRAME)
                 next_ping = loop.time() + self.keepalive
@@ -625,12 +548,7 @@ class Hub:
             resp = await self._start(request, {p.MCP_SESSION_ID: sess.id})
             with contextlib.suppress(ConnectionError):
                 await self._pump(
-                    resp,
-                    w,
-                    cursor,
-                    lambda ev: sse_frame(ev.message, ev.id),
-                    catching_up=resumed,
-                    transport=request.transport,
+                    resp, w, cursor, lambda ev: sse_frame(ev.message, ev.id), catching_up=resumed
                 )
                 if w.ended:
                     await resp.write_eof()
@@ -658,22 +576,13 @@ class Hub:
             resp = await self._start(request)
             with contextlib.suppress(ConnectionError):
                 await resp.write(listen.ack(cursor))
-                await self._listen_pump(
-                    resp, w, listen, cursor, catching_up=False, transport=request.transport
-                )
+                await self._listen_pump(resp, w, listen, cursor, catching_up=False)
             return resp
 
     async def _listen_pump(
-        self,
-        resp: web.StreamResponse,
-        w: Watch,
-        listen: Listen,
-        cursor: str,
-        *,
-        catching_up: bool,
-        transport: asyncio.BaseTransport | None = None,
+        self, resp: web.StreamResponse, w: Watch, listen: Listen, cursor: str, *, catching_up: bool
     ) -> None:
-        await self._pump(resp, w, cursor, listen.frame, catching_up=catching_up, transport=transport)
+        await self._pump(resp, w, cursor, listen.frame, catching_up=catching_up)
         if w.ended:  # the spec's graceful close: the listen request's result ends the stream
             with contextlib.suppress(*REDIS_DOWN_ERRORS):
                 await self.redis.delete(self.keys.listen(listen.token))
@@ -706,9 +615,7 @@ class Hub:
                     self.stats.truncated.inc(kind="listen")
             resp = await self._start(request)
             with contextlib.suppress(ConnectionError):
-                await self._listen_pump(
-                    resp, w, listen, cursor, catching_up=True, transport=request.transport
-                )
+                await self._listen_pump(resp, w, listen, cursor, catching_up=True)
             return resp
 
     async def stateless_session(self, request: web.Request, principal: str, key: str, client: str) -> Session:
