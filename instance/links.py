@@ -60,8 +60,8 @@ EARLY_MAX = 10_000  # early announcements awaiting their store, at most (beyond:
 LINK_STAGES = (
     "spool_commit",
     "sender_spool_wait",
-    "commit_to_send",
-    "commit_to_published",
+    "announce_to_send",
+    "announce_to_published",
     "answer_after_commit",
 )
 
@@ -75,6 +75,7 @@ class _Early:
     done: bool = False  # the announcement went out (or failed)
     told: frozenset[str] = frozenset()  # the sessions it reached
     stored: tuple[db.LinkEvent, list[str]] | None = None  # stored before the announcement was done
+    retracted: bool = False  # the spool refused the event after it was announced (never stored)
 
 
 def group_scope_id(group: str) -> str:
@@ -104,10 +105,11 @@ class Links:
         self.early_direct = 0
         # Where a group event's time goes in this instance: `spool_commit` (the tool hands the
         # event to the spool -> its row is committed, kill -9 safe), `sender_spool_wait` (-> the
-        # sender's call resumes: with sync=full, after the fsync), `commit_to_send` (committed ->
-        # the announcement is written on the direct Redis line, or handed to redis-py while that
-        # line is down), `commit_to_published` (-> Redis answered: the members' notifications
-        # are logged and published), `answer_after_commit` (the sender's call resumed -> its
+        # sender's call resumes: with sync=full, after the fsync), `announce_to_send` (the
+        # announcement starts: as the row goes to be committed, or with sync=full after the
+        # sender resumed -> it is written on the direct Redis line, or handed to redis-py while
+        # that line is down), `announce_to_published` (-> Redis answered: the members'
+        # notifications are logged and published), `answer_after_commit` (the sender's call resumed -> its
         # answer written; the flusher holds the event's store until then; counted only when
         # the call has an answer to wait for).
         self.stages = Stages(LINK_STAGES)
@@ -223,12 +225,14 @@ class Links:
 
         pending = current_answer.get()  # the sender's request (the announcement runs outside it)
 
-        def announce() -> None:  # on the loop, once the row is committed (kill -9 safe)
-            committed[0] = committed[0] or time.perf_counter()
-            self._announce_early(group, event_id, sender, recipient, created, committed[0], pending)
+        def announce() -> None:  # on the loop
+            self._announce_early(group, event_id, sender, recipient, created, None, pending)
+
+        def mark_commit() -> None:
+            committed[0] = time.perf_counter()
 
         # The store of the event (the flusher's Postgres round trip and what follows it) waits
-        # until this call's answer is written: the members are told at the commit, and the
+        # until this call's answer is written: the members are told during the commit, and the
         # sender's answer does not share the loop with that work (bounded: Flusher.hold).
         release = storage.flusher.hold()
         try:
@@ -237,14 +241,20 @@ class Links:
                 payload,
                 urgent=True,
                 sync=self.runtime.settings.link_spool_sync,
-                # Default: announced from the commit, before this call resumes (delivery first).
-                # Strict (sync=full): the sender asked for its fsync; it resumes first and the
-                # announcement follows its step, as before (announcing first made it 1-3 ms
-                # slower here: Redis, the router and the members' clients woke up beside it).
-                on_commit=None if strict else announce,
+                # Default: announced as the row goes to be committed (delivery first: Redis, the
+                # router and the members' clients do their part during the commit; a woken
+                # reader waits for the event's store, which needs the commit, so it never reads
+                # ahead of it). Strict (sync=full): the sender asked for its fsync; it resumes
+                # first and the announcement follows its step, as before (announcing first made
+                # it 1-3 ms slower here: Redis, the router and the members' clients woke up
+                # beside it).
+                before_commit=None if strict else announce,
+                on_commit=mark_commit,
             )  # the flusher takes it from the spool's memory (no waiting for a batch)
-        except BaseException:
+        except BaseException as exc:
             release()
+            if not strict and isinstance(exc, Exception):  # refused: announced, never taken
+                self._retract(event_id)  # (cancelled: the row may still be committed; kept)
             raise
         self.spooled += 1
         done = time.perf_counter()
@@ -258,7 +268,6 @@ class Links:
 
         deferred = after_answer(answered)
         if strict:
-            committed[0] = done
             asyncio.get_running_loop().call_soon(announce)
         self.stages.add("spool_commit", committed[0] - started)
         self.stages.add("sender_spool_wait", done - started)
@@ -271,12 +280,13 @@ class Links:
         sender: str,
         recipient: str | None,
         created: float,
-        committed: float | None = None,
+        since: float | None = None,
         pending: AfterAnswer | None = None,
     ) -> None:
-        """Tell the members (as this instance knows them) now that the event is committed to the
-        spool (it survives a kill -9 of this process), without waiting for Postgres to store it
-        and give it its id, nor for the spool's fsync, nor for the sender's call to resume.
+        """Tell the members (as this instance knows them) now that the event goes to the spool
+        (with sync=normal, while its row is being committed there; with sync=full, once it is
+        fsync'd and the sender resumed), without waiting for Postgres to store it and give it
+        its id, nor for the spool's fsync, nor for the sender's call to resume.
 
         The inbox notification carries no event, so what a member then reads must have it: the
         same atomic Redis step marks the event in flight for its group (Keys.link_inflight), and
@@ -287,8 +297,8 @@ class Links:
         settings = self.runtime.settings
         notifier = self.runtime.notifier
         cached = self._members.get(group)
-        if committed is None:
-            committed = time.perf_counter()
+        if since is None:
+            since = time.perf_counter()
         if (
             not settings.link_early_notify
             or notifier is None
@@ -317,12 +327,17 @@ class Links:
             if ok:
                 state.told = frozenset(targets)
                 self.early += 1
-                self.stages.add("commit_to_published", time.perf_counter() - committed)
+                self.stages.add("announce_to_published", time.perf_counter() - since)
                 lag = max(0.0, time.time() - created)
                 # A Redis round trip of its own: not beside the sender's answer, after it.
                 count = lambda: self._count(publish_lag_seconds_sum=lag, publish_lag_count=1)  # noqa: E731
                 after_answer_of(pending, count)
             state.done = True
+            if state.retracted:  # the spool refused it meanwhile: no reader should wait for it
+                self._early.pop(event_id, None)
+                if ok:
+                    self._clear_inflight({group: [event_id]})
+                return
             if state.stored is not None:  # the store came first and left the rest to us
                 self._early.pop(event_id, None)
                 self._after_store(*state.stored, early=state)
@@ -351,11 +366,24 @@ class Links:
         # loop, where the sender's answer is being built); while that line is down, redis-py.
         line = getattr(notifier, "line", None)
         sent = line.send(*events.append_marked_command(*marked)) if line is not None else None
-        self.stages.add("commit_to_send", time.perf_counter() - committed)
+        self.stages.add("announce_to_send", time.perf_counter() - since)
         if sent is None:
             slow()
         else:
             sent.add_done_callback(replied)
+
+    def _retract(self, event_id: str) -> None:
+        """The spool did not take an event announced before its commit (a disk error, the
+        spool closing): its members had a wake-up that reads nothing new; clear its in-flight
+        mark so their reads do not wait for it (at once, or when the announcement finishes)."""
+        state = self._early.get(event_id)
+        if state is None:
+            return
+        state.retracted = True
+        if state.done:
+            del self._early[event_id]
+            if state.told:
+                self._clear_inflight({state.group: [event_id]})
 
     def _early_room(self) -> bool:
         """Room for one more early announcement (EARLY_MAX): entries whose event will never be

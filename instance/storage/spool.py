@@ -16,8 +16,10 @@ EXAI_LINK_SPOOL_SYNC=normal.
 
 An append can carry `on_commit`, called on the event loop once its row is committed (with
 `sync="normal"`: in the operating system, kill -9 safe; with `"full"`: fsync'd), before any
-caller of the batch is resumed: a link event is announced from there, without waiting for its
-caller's own wake-up.
+caller of the batch is resumed; and `before_commit`, called once the row is admitted, just
+before it goes to the spool's thread: a live link event (sync="normal") is announced from
+there, so Redis, the router and the members' clients do their part while the row is being
+committed (its announcement only wakes readers, who wait for the event to be stored).
 
 The commit path is short for a live append (`urgent`, e.g. a link event): `append` hands the row
 (with whatever is queued before it, so the order holds) to the spool's thread itself, without
@@ -79,6 +81,7 @@ CREATE TABLE IF NOT EXISTS dead (
     failed_at REAL NOT NULL
 );
 """
+_INSERT = "INSERT INTO spool (kind, thread_id, created, payload) VALUES (?, ?, ?, ?)"
 _DEAD_INSERT = (
     "INSERT OR IGNORE INTO dead (seq, kind, thread_id, created, payload, error, failed_at)"
     " SELECT seq, kind, thread_id, created, payload, ?, ? FROM spool WHERE seq = ?"
@@ -133,6 +136,11 @@ class Spool:
         self._unsynced = False  # a sync="normal" commit waits for its fsync
         self._syncer: asyncio.Task[None] | None = None
         self._db: sqlite3.Connection | None = None
+        # A second connection to the same file, set to synchronous=NORMAL once, for sync="normal"
+        # commits: one statement each (a lone INSERT commits itself) instead of five (the pragma
+        # set and reset, BEGIN, INSERT, COMMIT). Every statement releases and retakes the GIL, and
+        # with the loop busy (the announcement's reply, the sender's answer) each retake waits.
+        self._db_normal: sqlite3.Connection | None = None
         self._lockfile: IO[str] | None = None
         # Counters of committed, not yet flushed rows (kept in memory so stats never touch disk).
         self.rows = 0
@@ -225,7 +233,10 @@ class Spool:
                 ).fetchone()[0]
             )
         self._hot_complete = self.hot_rows == 0  # rows of a previous run: read from the file
+        normal = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        normal.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit is a write(), no fsync
         self._db = db
+        self._db_normal = normal
 
     async def close(self) -> None:
         """Stop taking appends, commit what is queued, and close the file (unflushed rows stay)."""
@@ -251,6 +262,9 @@ class Spool:
         self._sync_executor.shutdown(wait=True)
 
     def _close_sync(self) -> None:
+        if self._db_normal is not None:
+            self._db_normal.close()
+            self._db_normal = None
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -271,6 +285,7 @@ class Spool:
         urgent: bool = False,
         sync: Literal["full", "normal"] = "full",
         on_commit: Callable[[], None] | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> None:
         """Return once the row is fsync'd in the spool; apply the full-spool policy first.
 
@@ -281,12 +296,22 @@ class Spool:
         `on_commit`: called on the loop before this returns, once the row is committed (with
         `sync="normal"`) or fsync'd (with `sync="full"`); not if the write fails. It must not
         block.
+        `before_commit`: called on the loop once the row is admitted (the full-spool policy
+        passed), just before it goes to be committed: work that runs in parallel with the
+        commit (a link event's announcement, sync="normal"). The row is not durable yet when it
+        runs; if the write then fails, this raises as usual and the caller undoes that work.
+        It must not block; if it raises, the write goes on.
         """
         if self._closed:
             raise StorageError("the spool is closed (the instance is shutting down); the write was not taken")
         blob = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
         await self._admit(len(blob))
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if before_commit is not None:
+            try:
+                before_commit()
+            except Exception:
+                log.exception("a spool before-commit callback failed (the row is still written)")
         self._queue.append(_Pending(kind, thread_id, time.time(), blob, fut, sync != "normal", on_commit))
         if urgent:
             # Handed to the spool's thread now, with whatever is queued before it (so the order
@@ -496,25 +521,16 @@ class Spool:
 
     def _insert_sync(self, rows: list[tuple[str, str | None, float, bytes]], full: bool = True) -> list[int]:
         """Insert the rows in one transaction; their seqs, in order."""
-        db = self._require_db()
-        if not full:
-            db.execute("PRAGMA synchronous=NORMAL")  # WAL: commit is a write(), no fsync
+        db = self._require_db() if full else self._require_normal()
+        if len(rows) == 1:  # a lone statement is its own transaction (autocommit)
+            return [int(db.execute(_INSERT, rows[0]).lastrowid or 0)]
+        db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                seqs = []
-                for row in rows:
-                    cur = db.execute(
-                        "INSERT INTO spool (kind, thread_id, created, payload) VALUES (?, ?, ?, ?)", row
-                    )
-                    seqs.append(int(cur.lastrowid or 0))
-                db.execute("COMMIT")  # synchronous=FULL: the WAL is fsync'd before this returns
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        finally:
-            if not full:
-                db.execute("PRAGMA synchronous=FULL")
+            seqs = [int(db.execute(_INSERT, row).lastrowid or 0) for row in rows]
+            db.execute("COMMIT")  # synchronous=FULL: the WAL is fsync'd before this returns
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         return seqs
 
     def _fsync_wal_sync(self) -> None:
@@ -531,6 +547,11 @@ class Spool:
         if self._db is None:
             raise StorageError("the spool is not open")
         return self._db
+
+    def _require_normal(self) -> sqlite3.Connection:
+        if self._db_normal is None:
+            raise StorageError("the spool is not open")
+        return self._db_normal
 
     # --- reading and acknowledging ---------------------------------------------------------
     def hot_batch(self, limit: int) -> list[SpoolEntry]:

@@ -227,3 +227,28 @@ async def test_with_the_line_down_redis_py_announces(runtime: FakeRuntime) -> No
     links._announce_early(GROUP, "e10", "a", None, 0.0)
     await runtime.settle()
     assert events.sent == [["b"]] and links.stats()["early"] == 1
+
+
+async def test_an_event_the_spool_refused_after_its_announcement_leaves_no_mark(
+    runtime: FakeRuntime,
+) -> None:
+    """Announced as its row went to the spool, then the write failed (disk error): readers must
+    not wait for an event that will never be stored, and nobody is told about it again."""
+    line = FakeLine()
+    _with_line(runtime, line)
+    links = _links(runtime, {"a", "b"})
+    cleared: list[dict[str, list[str]]] = []
+    links._clear_inflight = cleared.append  # type: ignore[method-assign]
+    links._announce_early(GROUP, "e11", "a", None, 0.0)
+    links._retract("e11")  # the spool refused it before Redis answered
+    assert cleared == [] and "e11" in links._early
+    line.replies[0].set_result(["1-0"])
+    await asyncio.sleep(0)
+    assert cleared == [{GROUP: ["e11"]}] and links._early == {}
+
+    links._announce_early(GROUP, "e12", "a", None, 0.0)
+    line.replies[1].set_result(["1-0"])
+    await asyncio.sleep(0)
+    links._retract("e12")  # refused after Redis answered: cleared at once
+    assert cleared[-1] == {GROUP: ["e12"]} and links._early == {}
+    assert runtime.told == []

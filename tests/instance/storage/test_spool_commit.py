@@ -104,3 +104,53 @@ async def test_a_failing_on_commit_does_not_fail_the_write(tmp_path: Path) -> No
         assert spool.rows == 1
     finally:
         await spool.close()
+
+
+async def test_before_commit_runs_once_admitted_before_the_row_is_committed(tmp_path: Path) -> None:
+    """A link event is announced from `before_commit` (sync="normal"): the row is admitted but
+    not committed yet, and the caller resumes only once it is committed, after `on_commit`."""
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 24, hot_kinds=(LINK,))
+    await spool.open()
+    try:
+        order: list[tuple[str, int]] = []
+        await asyncio.wait_for(
+            spool.append(
+                LINK,
+                {"uuid": "1", "body": "x"},
+                urgent=True,
+                sync="normal",
+                before_commit=lambda: order.append(("before", _committed_rows(spool))),
+                on_commit=lambda: order.append(("committed", _committed_rows(spool))),
+            ),
+            5,
+        )
+        assert order == [("before", 0), ("committed", 1)]
+
+        def boom() -> None:
+            raise RuntimeError("announcement bug")
+
+        await spool.append(LINK, {"uuid": "2", "body": "y"}, urgent=True, sync="normal", before_commit=boom)
+        assert _committed_rows(spool) == 2  # a failing callback does not fail the write
+    finally:
+        await spool.close()
+
+
+async def test_before_commit_is_not_called_for_a_refused_row(tmp_path: Path) -> None:
+    from common.errors import SpoolFull
+
+    spool = Spool(tmp_path / "spool", max_bytes=64, full_policy="refuse", hot_kinds=(LINK,))
+    await spool.open()
+    called: list[int] = []
+    try:
+        try:
+            await spool.append(
+                LINK, {"uuid": "1", "body": "x" * 200}, urgent=True, sync="normal",
+                before_commit=lambda: called.append(1),
+            )  # fmt: skip
+        except SpoolFull:
+            pass
+        else:
+            raise AssertionError("a row larger than the spool was taken")
+        assert called == [] and _committed_rows(spool) == 0
+    finally:
+        await spool.close()
