@@ -389,17 +389,16 @@ class HistoryStore:
         entries: list[tuple[str, dict[str, Any]]] = [(KIND_MESSAGE, m.to_dict()) for m in messages]
         if not cached and self._marking:  # a cache elsewhere may now be older than Postgres
             entries.insert(0, (KIND_CACHE_MARK, {"id": new_id(), "conversation_id": cid}))
-        results = await asyncio.gather(
-            *(self._spool.append(kind, payload, thread_id=cid, sync=self._sync) for kind, payload in entries),
-            return_exceptions=True,
-        )
-        failed = next((r for r in results if isinstance(r, BaseException)), None)
-        if failed is not None:
+        try:
+            # One transaction for the exchange; straight to the spool's thread when it is idle
+            # (one session per instance: usually there is no group to wait for).
+            await self._spool.append_many(entries, thread_id=cid, eager=True, sync=self._sync)
+        except Exception:
             # Not durable, so it must not stay visible in the cache either.
             self._dirty.add(cid)
             with contextlib.suppress(CacheDown):
                 await self._cache.call(self._drop_dirty_now)
-            raise failed
+            raise
         self._note_pos(cid, pos)
         if cached:
             if len(self._last_ids) > 50_000:

@@ -49,7 +49,7 @@ import os
 import sqlite3
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +160,7 @@ class Spool:
         # Batches handed to the spool's thread, oldest first (`_hand_off`; a deque: appended on
         # the loop, taken on the thread).
         self._handoff: deque[tuple[list[_Pending], asyncio.Future[None] | None]] = deque()
+        self._in_flight = 0  # batches handed off and not answered yet
         self._space = asyncio.Event()
         self._empty = asyncio.Event()
         self._full_episode = False
@@ -302,17 +303,52 @@ class Spool:
         runs; if the write then fails, this raises as usual and the caller undoes that work.
         It must not block; if it raises, the write goes on.
         """
+        await self.append_many(
+            [(kind, payload)],
+            thread_id=thread_id,
+            urgent=urgent,
+            sync=sync,
+            on_commit=on_commit,
+            before_commit=before_commit,
+        )
+
+    async def append_many(
+        self,
+        rows: Sequence[tuple[str, dict[str, Any]]],
+        *,
+        thread_id: str | None = None,
+        urgent: bool = False,
+        eager: bool = False,
+        sync: Literal["full", "normal"] = "full",
+        on_commit: Callable[[], None] | None = None,
+        before_commit: Callable[[], None] | None = None,
+    ) -> None:
+        """`append` for several (kind, payload) rows that belong together: queued at once, in this
+        order, so they share one transaction (all committed or none) and the caller waits for
+        one answer. `on_commit` is called once, with the last row; `before_commit` once, before the
+        rows are queued. `eager`: `urgent` if the spool is
+        idle (nothing queued, no transaction on its thread), so a lone writer does not wait for
+        the commit loop's turns; otherwise the rows join the group being formed, as usual."""
         if self._closed:
             raise StorageError("the spool is closed (the instance is shutting down); the write was not taken")
-        blob = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-        await self._admit(len(blob))
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        blobs = [json.dumps(p, separators=(",", ":"), ensure_ascii=False).encode() for _, p in rows]
+        size = sum(len(b) for b in blobs)
+        await self._admit(size)
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        full = sync != "normal"
+        urgent = urgent or (eager and not self._queue and not self._in_flight)
         if before_commit is not None:
             try:
                 before_commit()
             except Exception:
                 log.exception("a spool before-commit callback failed (the row is still written)")
-        self._queue.append(_Pending(kind, thread_id, time.time(), blob, fut, sync != "normal", on_commit))
+        futures: list[asyncio.Future[None]] = []
+        for i, ((kind, _), blob) in enumerate(zip(rows, blobs, strict=True)):
+            fut: asyncio.Future[None] = loop.create_future()
+            last = i == len(rows) - 1
+            self._queue.append(_Pending(kind, thread_id, now, blob, fut, full, on_commit if last else None))
+            futures.append(fut)
         if urgent:
             # Handed to the spool's thread now, with whatever is queued before it (so the order
             # holds), without a turn of the loop for the commit loop first.
@@ -322,7 +358,11 @@ class Spool:
             self._queued.set()
             if self._group_target and len(self._queue) >= self._group_target:
                 self._grown.set()
-        await fut
+        # One batch is answered in one callback (`_settle`): the last row's future is set last,
+        # and a failure fails every row of the batch alike.
+        for fut in futures[:-1]:
+            fut.add_done_callback(_retrieve)
+        await futures[-1]
 
     async def _admit(self, size: int) -> None:
         if size > self.max_bytes:
@@ -408,6 +448,7 @@ class Spool:
         waiting when it starts a transaction (those that came during the previous fsync share
         this one)."""
         self._handoff.append((batch, done))
+        self._in_flight += 1
         self._executor.submit(self._write_batches, asyncio.get_running_loop())
 
     def _write_batches(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -428,7 +469,7 @@ class Spool:
             error = exc
         dones = [d for _, d in taken if d is not None]
         try:
-            loop.call_soon_threadsafe(self._committed, pending, seqs, error, full, dones)
+            loop.call_soon_threadsafe(self._committed, pending, seqs, error, full, dones, len(taken))
         except RuntimeError:  # the loop is closed: nobody is left to answer
             pass
 
@@ -439,8 +480,10 @@ class Spool:
         error: Exception | None,
         full: bool,
         dones: list[asyncio.Future[None]],
+        batches: int = 1,
     ) -> None:
         """On the loop, once per transaction: the rows are committed (or failed); act on it."""
+        self._in_flight -= batches
         try:
             self._settle(batch, seqs, error, full)
         finally:
@@ -705,6 +748,12 @@ def _entry(row: tuple[Any, ...]) -> SpoolEntry:
         payload=json.loads(payload),
         size=len(payload),
     )
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """Mark a row's outcome as seen: its batch-mate's future reports the same one."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _nothing() -> None:
