@@ -154,3 +154,41 @@ async def test_before_commit_is_not_called_for_a_refused_row(tmp_path: Path) -> 
         assert called == [] and _committed_rows(spool) == 0
     finally:
         await spool.close()
+
+
+async def test_append_many_commits_its_rows_together_and_eager_writers_still_share_commits(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 24)
+    await spool.open()
+    try:
+        rows = [("message", {"id": f"m{i}", "n": i}) for i in range(3)]
+        await spool.append_many(rows, thread_id="t", eager=True, sync="normal")
+        assert (spool.commits_total, spool.appends_total) == (1, 3)  # one transaction, in order
+        assert [e.payload["n"] for e in await spool.pending_for_thread("t")] == [0, 1, 2]
+
+        # Eager writers hand off at once only while the spool is idle; the rest join a group.
+        await asyncio.gather(
+            *(
+                spool.append_many([("message", {"id": f"c{i}a"}), ("message", {"id": f"c{i}b"})], eager=True)
+                for i in range(100)
+            )
+        )
+        assert spool.appends_total == 3 + 200 and spool.commits_total - 1 < 100 / 4
+        pairs = [e.payload["id"] for e in await spool.read_batch(1000)][3:]
+        assert pairs == [f"c{i}{s}" for i in range(100) for s in "ab"]  # each pair kept together
+
+        # A failed commit fails every row of the batch, and the caller hears it.
+        def broken(rows: object, full: bool = True) -> list[int]:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        spool._insert_sync = broken  # type: ignore[method-assign,assignment]
+        try:
+            await spool.append_many([("message", {"id": "x"}), ("message", {"id": "y"})], eager=True)
+        except Exception as exc:
+            assert "could not write to the local spool" in str(exc)
+        else:
+            raise AssertionError("a failed commit was not reported")
+        assert spool.appends_total == 203
+    finally:
+        await spool.close()
