@@ -479,6 +479,14 @@ class HistoryStore:
                 r: Redis,
                 group: list[tuple[str, list[str], int, list[str] | None, asyncio.Future[int]]] = group,
             ) -> list[Any]:
+                if len(group) == 1 and group[0][3] is None:  # the usual case: no pipeline to build
+                    cid, blobs, floor, _, _ = group[0]
+                    return [
+                        await r.eval(
+                            _APPEND_LUA, 3, self._keys.thread(cid), self._keys.thread_meta(cid),
+                            self._keys.thread_pos(cid), floor, self._turns, CACHE_TTL_MS, *blobs,
+                        )  # type: ignore[misc]
+                    ]  # fmt: skip
                 async with r.pipeline(transaction=False) as pipe:
                     for cid, blobs, floor, create, _ in group:
                         if create is not None:  # a new thread's cache first: the append extends it

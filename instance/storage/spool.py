@@ -671,24 +671,20 @@ class Spool:
         self._forget(entries, oldest)
 
     def _delete_sync(self, seqs: list[int], dead_error: str | None) -> float | None:
-        db = self._require_db()
-        db.execute("PRAGMA synchronous=NORMAL")  # a lost delete only causes an idempotent replay
+        db = self._require_normal()  # synchronous=NORMAL: a lost delete only causes an idempotent replay
+        db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                params = [(s,) for s in seqs]
-                if dead_error is not None:
-                    db.executemany(
-                        _DEAD_INSERT,
-                        [(dead_error, time.time(), s) for s in seqs],
-                    )
-                db.executemany("DELETE FROM spool WHERE seq = ?", params)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        finally:
-            db.execute("PRAGMA synchronous=FULL")
+            params = [(s,) for s in seqs]
+            if dead_error is not None:
+                db.executemany(
+                    _DEAD_INSERT,
+                    [(dead_error, time.time(), s) for s in seqs],
+                )
+            db.executemany("DELETE FROM spool WHERE seq = ?", params)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         row = db.execute("SELECT created FROM spool ORDER BY seq LIMIT 1").fetchone()
         return float(row[0]) if row else None
 
