@@ -202,6 +202,7 @@ class HistoryStore:
         self._clock = _SeqClock()
         self._dirty: set[str] = set()
         self._known: dict[str, int] = {}  # the highest exchange position seen per thread
+        self._owners: dict[str, str | None] = {}  # threads' owners, as recorded at their creation
         self._last_ids: dict[str, set[str]] = {}  # ids of the last exchange appended here, cached
         self._held: OrderedDict[str, _Held] = OrderedDict()  # decoded cache lists, least recent first
         self.cache_tail_reads_total = 0  # cache reads that decoded only the turns new since the last
@@ -299,6 +300,7 @@ class HistoryStore:
         check_text(tool_name, "tool_name", max_len=200)
         payload, fields = self._conversation(cid, session_id, tool_name, model, {}, principal)
         self._note_pos(cid, 0)
+        self._remember_owner(cid, principal or None)
         created, appended = await asyncio.gather(
             self._spool.append(KIND_CONVERSATION, payload, thread_id=cid, sync=self._sync),
             self.append_exchange(cid, turns, create=fields if self._turns > 0 else None),
@@ -687,28 +689,39 @@ class HistoryStore:
 
     async def _owner(self, cid: str) -> tuple[bool, str | None]:
         """(whether the thread exists, the principal recorded as its owner)."""
-        # The cache's metadata first (written with the thread, from the same record): a hit
+        # A thread's owner is recorded once, when it is created, and never changes: once read
+        # from its record here, a later call asks nobody.
+        if cid in self._owners:
+            return True, self._owners[cid]
+        # The cache's metadata next (written with the thread, from the same record): a hit
         # costs no spool read.
         try:
             meta = await self._cache.batched(lambda r: r.hget(self._keys.thread_meta(cid), "principal"))  # type: ignore[arg-type,return-value]
             if meta is not None:
-                return True, str(meta) or None
+                return True, self._remember_owner(cid, str(meta) or None)
         except CacheDown:
             pass
         for entry in await self._spool.pending_for_thread(cid):
             if entry.kind == KIND_CONVERSATION:
-                return True, entry.payload.get("principal") or None
+                return True, self._remember_owner(cid, entry.payload.get("principal") or None)
 
-        async def op(conn: asyncpg.Connection) -> tuple[bool, str | None]:
+        async def op(conn: asyncpg.Connection) -> tuple[bool, bool, str | None]:
             row = await conn.fetchrow("SELECT principal FROM conversations WHERE id = $1", cid)
             if row is not None:
-                return True, row["principal"]
+                return True, True, row["principal"]
             has_turns = await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM messages WHERE conversation_id = $1)", cid
             )
-            return bool(has_turns), None
+            return bool(has_turns), False, None  # turns whose thread record is not stored (yet)
 
-        return await self._db.run(op, what="looking up the thread")
+        found, recorded, principal = await self._db.run(op, what="looking up the thread")
+        return found, self._remember_owner(cid, principal) if recorded else principal
+
+    def _remember_owner(self, cid: str, principal: str | None) -> str | None:
+        if len(self._owners) > 50_000:
+            self._owners.clear()  # forgetting only costs the next check a read
+        self._owners[cid] = principal
+        return principal
 
     async def exists(self, continuation_id: str) -> bool:
         cid = as_uuid(continuation_id, "continuation_id")

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from common.errors import ThreadNotFound
+from common.keys import Keys
 from common.redis import create_redis
 from common.settings import Settings
 from instance.storage import Storage
@@ -103,6 +104,21 @@ async def test_a_chat_calls_thread_and_notes_reads_share_one_round_trip(
         assert [m.content for m in thread] == ["q", "a"]
         assert owner == cid
         assert notes == [[], []]
-        assert st.cache.batched_total - before == 3
+        # the owner was recorded by this process when it started the thread: no Redis read
+        assert st.cache.batched_total - before == 2
         with pytest.raises(ThreadNotFound):  # another principal's thread is still refused
             await asyncio.gather(st.history.load(cid), st.history.check_access(cid, "bob"))
+
+        # Another process reads the owner once (in the same round trip), then knows it.
+        async with Storage.open(settings, instance_id="t-batch-other", redis=redis) as other:
+            before = other.cache.batched_total
+            await asyncio.gather(
+                other.history.load(cid),
+                other.history.check_access(cid, "alice"),
+                other.notes.for_prompt([("thread", cid), ("session", "s")]),
+            )
+            assert other.cache.batched_total - before == 3
+            await redis.delete(Keys(settings.redis_prefix).thread_meta(cid))  # the cache is gone ...
+            assert await other.history.check_access(cid, "alice") == cid  # ... the owner is known
+            with pytest.raises(ThreadNotFound):
+                await other.history.check_access(cid, "bob")
