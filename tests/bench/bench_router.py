@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common import protocol as p  # noqa: E402
+from common.fleet.supervisor import router_names  # noqa: E402
 from common.migrate import migrate  # noqa: E402
 from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
 from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
@@ -271,7 +272,7 @@ async def _overhead(
     via_router: list[float] = []
     to_instance: list[float] = []
     via_nginx: list[float] = []
-    router_pid = fleet.process("router").pid
+    router_pids = [fleet.process(name).pid for name in router_names(fleet.settings)]
     cpu: dict[str, float] = {}
 
     async def run(i: int) -> None:
@@ -288,12 +289,12 @@ async def _overhead(
             if n is not None:
                 via_nginx.append(await n.call("version", {}))
 
-    cpu["router0"] = _cpu_seconds(router_pid)
+    cpu["router0"] = sum(_cpu_seconds(pid) for pid in router_pids)
     instance_pids = [fleet.process(fleet.instance_id(n)).pid for n in sorted(nums)]
     cpu["instances0"] = sum(_cpu_seconds(p) for p in instance_pids)
     cpu["nginx0"] = nginx.worker_cpu() if nginx is not None else 0.0
     await asyncio.gather(*(run(i) for i in range(sessions)))
-    router_cpu = _cpu_seconds(router_pid) - cpu["router0"]
+    router_cpu = sum(_cpu_seconds(pid) for pid in router_pids) - cpu["router0"]
     instance_cpu = sum(_cpu_seconds(p) for p in instance_pids) - cpu["instances0"]
     nginx_cpu = (nginx.worker_cpu() - cpu["nginx0"]) if nginx is not None else 0.0
     for c in (*routed, *direct, *proxied):
@@ -673,6 +674,13 @@ async def main() -> int:
     ap.add_argument("--first-samples", type=int, default=60, help="new sessions for the first-call part")
     ap.add_argument("--rate-seconds", type=float, default=10.0, help="duration of each calls/s run")
     ap.add_argument(
+        "--router-processes",
+        type=int,
+        default=1,
+        help="router processes sharing the port (EXAI_ROUTER_PROCESSES; their CPU is added up). "
+        "The first-call part reads one router's metrics, so it runs only with 1",
+    )
+    ap.add_argument(
         "--loop-stall-ms",
         type=float,
         default=100.0,
@@ -680,6 +688,9 @@ async def main() -> int:
     )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
+    if args.router_processes > 1 and "first" in parts:
+        print("--router-processes > 1: the first-call part is left out (it reads one router's metrics)")
+        parts.discard("first")
 
     pg = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("EXAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -701,6 +712,7 @@ async def main() -> int:
                 **fake_provider_overrides(provider),
                 "session_park_after": 1.0,
                 "loop_stall_ms": args.loop_stall_ms,
+                "router_processes": args.router_processes,
             },
         )
         try:
