@@ -1,15 +1,20 @@
 """The fleet's own overhead on a `chat` call, with Postgres normal, slowed and cut.
 
     python tests/bench/bench_chat.py [--calls 40] [--rounds 3] [--provider-delay 0.05] [--pg-delay 0.2]
-        [--conditions normal,slowed,cut] [--sessions 1,5] [--label NAME] [--chat-spool-sync normal]
+        [--conditions normal,slowed,cut] [--sessions 1,5] [--think 0] [--label NAME]
+        [--chat-spool-sync normal]
 
 Starts a fleet under real supervisord (tests/fleet.py: five instances and the router) whose
 Postgres connections go through a loopback forwarder (tests/fakes/tcp_proxy.py), so the bench
 can slow Postgres down (every answer held --pg-delay seconds) or cut it. Each session calls
 `chat` over the raw 2026-07-28 wire, continuing its own thread (so every call loads the
 thread and appends two turns). Overhead per call = client-observed latency minus the time the
-fake provider itself reports for that request (its start to its finish); also printed net of
-the fake's own HTTP work (reading the request, streaming the answer), which is not the fleet's.
+fake provider itself reports it spent on that request: from its handler's start (the request
+parsed by its HTTP server), through reading the body, the --provider-delay and counting tokens,
+to the answer's last byte handed to its server (tests/fakes/provider.py, `received` to `sent`).
+Also printed against the fake's handler time alone (`started` to `finished`: the delay and the
+token count, without reading the request or streaming the answer), the measure before
+2026-11-27, which counted the fake's own HTTP work as the fleet's.
 Measured at 1 and 5 concurrent sessions for each Postgres condition; the conditions take turns
 (--rounds), so the ratios between them compare like with like. Target: <= 3 ms p50, and unchanged
 (<= 1.05x) with Postgres slowed or cut.
@@ -105,7 +110,9 @@ def _provider_seconds(provider: FakeProvider, *, with_http: bool = False) -> dic
     return spent
 
 
-async def _run(fleet: Fleet, provider: FakeProvider, sessions: int, calls: int, tag: str) -> dict[str, Any]:
+async def _run(
+    fleet: Fleet, provider: FakeProvider, sessions: int, calls: int, tag: str, think: float = 0.0
+) -> dict[str, Any]:
     """One block of calls at one condition: the raw samples, for `_combine` to pool over rounds."""
     callers = [
         ChatCaller(fleet.mcp_url, f"chat-{tag}-{sessions}-{i}-{secrets.token_hex(2)}")
@@ -121,6 +128,8 @@ async def _run(fleet: Fleet, provider: FakeProvider, sessions: int, calls: int, 
         for k in range(calls):
             prompt = f"q {k} {c.client} {secrets.token_hex(3)}"
             latency[prompt] = await c.chat(prompt)
+            if think:  # a client reading the answer before its next call
+                await asyncio.sleep(think)
 
     await asyncio.gather(*(warm(c) for c in callers))
     cpu_before = await asyncio.to_thread(_instances_cpu, fleet)
@@ -133,24 +142,25 @@ async def _run(fleet: Fleet, provider: FakeProvider, sessions: int, calls: int, 
     whole = _provider_seconds(provider, with_http=True)
     return {
         "latency": list(latency.values()),
-        "overhead": [lat - spent[p] for p, lat in latency.items() if p in spent],
-        "net": [lat - whole[p] for p, lat in latency.items() if p in whole],
+        "overhead": [lat - whole[p] for p, lat in latency.items() if p in whole],
+        "vs_handler": [lat - spent[p] for p, lat in latency.items() if p in spent],
         "cpu": cpu,
         "calls": len(latency),
         "stages": st.get("chat_stages"),
     }
 
 
-def _combine(tag: str, sessions: int, blocks: list[dict[str, Any]]) -> dict[str, Any]:
+def _combine(tag: str, sessions: int, think: float, blocks: list[dict[str, Any]]) -> dict[str, Any]:
     """One row of the table from a condition's blocks in every round."""
     calls = sum(b["calls"] for b in blocks)
     return {
         "sessions": sessions,
+        "think_s": think,
         "postgres": tag,
         "blocks": len(blocks),
         "latency": _stats([x for b in blocks for x in b["latency"]]),
         "overhead": _stats([x for b in blocks for x in b["overhead"]]),
-        "overhead_net_of_fake_http": _stats([x for b in blocks for x in b["net"]]),
+        "overhead_vs_handler": _stats([x for b in blocks for x in b["vs_handler"]]),
         "instance_stages": blocks[-1]["stages"],
         "instances_cpu_per_call_ms": round(sum(b["cpu"] for b in blocks) / max(1, calls) * 1000, 3),
     }
@@ -188,6 +198,13 @@ async def main() -> int:
         "--conditions", default="normal,slowed,cut", help="Postgres conditions to run, in this order"
     )
     ap.add_argument("--sessions", default="1,5", help="concurrent sessions per condition")
+    ap.add_argument(
+        "--think",
+        default="0",
+        help="seconds each session waits after an answer before its next call; a comma-separated "
+        "list runs each value in turn, e.g. 0,0.05 (what the instance does after an answer, "
+        "such as notes and telemetry, then competes with the next call only at 0)",
+    )
     ap.add_argument("--label", default="", help="a name for this run, kept in the JSON (e.g. before/after)")
     ap.add_argument(
         "--chat-spool-sync", choices=["full", "normal"], help="the instances' EXAI_CHAT_SPOOL_SYNC"
@@ -203,6 +220,7 @@ async def main() -> int:
     if not conditions or set(conditions) - {"normal", "slowed", "cut"}:
         ap.error("--conditions: a comma-separated list of normal, slowed, cut")
     sessions = [int(n) for n in args.sessions.split(",") if n.strip()]
+    thinks = [float(t) for t in args.think.split(",") if t.strip()] or [0.0]
 
     pg = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("EXAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -238,7 +256,7 @@ async def main() -> int:
             await fleet.wait_instances(5)
             await asyncio.sleep(args.settle)
             cut = False
-            blocks: dict[tuple[str, int], list[dict[str, Any]]] = {}
+            blocks: dict[tuple[str, int, float], list[dict[str, Any]]] = {}
             rounds = max(1, min(args.rounds, args.calls))
             for r in range(rounds):
                 per_round = args.calls // rounds + (1 if r < args.calls % rounds else 0)
@@ -248,10 +266,12 @@ async def main() -> int:
                         (proxy.down if tag == "cut" else proxy.up)()
                         cut = tag == "cut"
                     for n in sessions:
-                        provider.reset(Behaviour(delay=args.provider_delay))
-                        blocks.setdefault((tag, n), []).append(await _run(fleet, provider, n, per_round, tag))
-                        await fleet.end_all_sessions()
-            results["runs"] = [_combine(tag, n, b) for (tag, n), b in blocks.items()]
+                        for think in thinks:
+                            provider.reset(Behaviour(delay=args.provider_delay))
+                            block = await _run(fleet, provider, n, per_round, tag, think)
+                            blocks.setdefault((tag, n, think), []).append(block)
+                            await fleet.end_all_sessions()
+            results["runs"] = [_combine(tag, n, t, b) for (tag, n, t), b in blocks.items()]
             if cut:
                 proxy.up()
         finally:
@@ -270,34 +290,44 @@ async def main() -> int:
         "calls": args.calls,
         "rounds": args.rounds,
         "label": args.label,
+        "think_s": thinks,
         "chat_spool_sync": args.chat_spool_sync or "default",
         "settle_s": args.settle,
         "load_before": load_before,
         "targets": {"overhead_p50_ms": "<= 3", "slowed_or_cut_vs_normal": "<= 1.05x"},
     }
     print("\nfleet overhead on `chat` = client latency - fake provider's own time (ms)")
-    print("  (net: also less the fake's own HTTP work, reading the request and streaming the answer;")
-    print("   instance: its own `fleet` stage, request arrival to last byte less the provider call;")
-    print("   outside: overhead p50 - instance, i.e. router, loopback HTTP, the fake's HTTP handling)")
+    print("  (the fake's time: handler start to the answer's last byte handed over; vs handler: less")
+    print("   only the fake's handler time, the measure before 2026-11-27; instance: its own `fleet`")
+    print("   stage, request arrival to last byte less its provider call; outside: overhead p50 -")
+    print("   instance: router, loopback HTTP, the instance's provider client, the fake's HTTP server)")
+    think_col = len(thinks) > 1
     print(
-        f"{'postgres':>8} {'sessions':>8}  {'overhead p50':>12} {'p99':>8}   {'latency p50':>11}"
-        f"  {'net p50':>8}  {'instance':>8} {'outside':>8}  {'inst cpu/call':>13}"
+        f"{'postgres':>8} {'sessions':>8}{'  think s' if think_col else ''}"
+        f"  {'overhead p50':>12} {'p99':>8}   {'latency p50':>11}"
+        f"  {'vs handler':>10}  {'instance':>8} {'outside':>8}  {'inst cpu/call':>13}"
     )
     for r in results["runs"]:
-        o, lat, net = r["overhead"], r["latency"], r["overhead_net_of_fake_http"]
+        o, lat, old = r["overhead"], r["latency"], r["overhead_vs_handler"]
         own = (r.get("instance_stages") or {}).get("fleet", {}).get("p50_ms")
         tail = f"  {own:>8.2f} {o['p50_ms'] - own:>8.2f}" if own is not None else ""
         tail += f"  {r['instances_cpu_per_call_ms']:>13.2f}"
+        think = f"  {r['think_s']:>7.3f}" if think_col else ""
         print(
-            f"{r['postgres']:>8} {r['sessions']:>8}  {o['p50_ms']:>12.2f} {o['p99_ms']:>8.2f}"
-            f"   {lat['p50_ms']:>11.2f}  {net['p50_ms']:>8.2f}{tail}"
+            f"{r['postgres']:>8} {r['sessions']:>8}{think}  {o['p50_ms']:>12.2f} {o['p99_ms']:>8.2f}"
+            f"   {lat['p50_ms']:>11.2f}  {old['p50_ms']:>10.2f}{tail}"
         )
-    normal = {r["sessions"]: r["overhead"]["p50_ms"] for r in results["runs"] if r["postgres"] == "normal"}
-    ratios = [
-        f"{r['postgres']} x{r['sessions']} {r['overhead']['p50_ms'] / normal[r['sessions']]:.2f}x"
+    normal = {
+        (r["sessions"], r["think_s"]): r["overhead"]["p50_ms"]
         for r in results["runs"]
-        if r["postgres"] != "normal" and normal.get(r["sessions"])
-    ]
+        if r["postgres"] == "normal"
+    }
+    ratios = []
+    for r in results["runs"]:
+        base = normal.get((r["sessions"], r["think_s"]))
+        if r["postgres"] != "normal" and base:
+            think = f" think {r['think_s']}" if think_col else ""
+            ratios.append(f"{r['postgres']} x{r['sessions']}{think} {r['overhead']['p50_ms'] / base:.2f}x")
     if ratios:
         print("overhead p50 vs normal (target <= 1.05x): " + ", ".join(ratios))
     print("\ninstance stages (p50 ms, in call order; cumulative per instance, from one session's instance):")
@@ -305,7 +335,8 @@ async def main() -> int:
         stages = r.get("instance_stages") or {}
         order = [k for k in CHAT_STAGES if k in stages] + [k for k in stages if k not in CHAT_STAGES]
         row = "  ".join(f"{k} {stages[k]['p50_ms']:.2f}" for k in order)
-        print(f"  {r['postgres']:>6} x{r['sessions']}: {row}")
+        think = f" think {r['think_s']}" if think_col else ""
+        print(f"  {r['postgres']:>6} x{r['sessions']}{think}: {row}")
     out = ROOT / "tests" / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     label = f"-{args.label}" if args.label else ""

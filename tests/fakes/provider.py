@@ -16,7 +16,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +24,9 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from instance.context.tokens import counter_for
 
@@ -65,6 +66,56 @@ class Hit:
     @property
     def messages(self) -> list[dict[str, Any]]:
         return list(self.body.get("messages") or [])
+
+
+def _events(model: str, provider: str, text: str, usage: dict[str, int]) -> list[bytes]:
+    """The answer as the provider's SSE events: the text in three deltas, then the finish (with
+    the usage where that provider puts it), then [DONE]."""
+    size = max(1, len(text) // 3)
+    pieces = [text[i : i + size] for i in range(0, len(text), size)] or [""]
+    events = [
+        {"id": "fake-1", "model": model, "choices": [{"index": 0, "delta": {"content": piece}}]}
+        for piece in pieces
+    ]
+    last: dict[str, Any] = {
+        "id": "fake-1",
+        "model": model,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+    }
+    if provider == "kimi":
+        last["choices"][0]["usage"] = usage  # Moonshot puts usage in the last choice
+    else:
+        last["usage"] = usage
+    events.append(last)
+    return [f"data: {json.dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
+
+
+class _SseAnswer(Response):
+    """A streamed completion, chunked as the providers send it. With a chunk delay each event is
+    a chunk of its own, that long apart; without one, the events are ready at once and go out
+    as one chunk, the body's end with them (one write, as a server holding a whole answer sends
+    it). `hit.sent` is stamped once the last byte is handed to the server: everything the fake
+    spent on the request lies between `hit.received` and `hit.sent`."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, hit: Hit, events: list[bytes], chunk_delay: float) -> None:
+        super().__init__(media_type=self.media_type)
+        del self.headers["content-length"]  # no length: chunked, as the providers stream
+        self.hit = hit
+        self.events = events
+        self.chunk_delay = chunk_delay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if self.chunk_delay:
+            for event in self.events[:-1]:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+                await asyncio.sleep(self.chunk_delay)
+            await send({"type": "http.response.body", "body": self.events[-1], "more_body": False})
+        else:
+            await send({"type": "http.response.body", "body": b"".join(self.events), "more_body": False})
+        self.hit.sent = time.monotonic()
 
 
 @dataclass
@@ -185,10 +236,7 @@ class FakeProvider:
             }
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             if hit.stream:
-                return StreamingResponse(
-                    self._stream(hit, provider, text, usage, behaviour.chunk_delay),
-                    media_type="text/event-stream",
-                )
+                return _SseAnswer(hit, _events(hit.model, provider, text, usage), behaviour.chunk_delay)
             return JSONResponse(
                 {
                     "id": "fake-1",
@@ -210,30 +258,6 @@ class FakeProvider:
                 hit.sent = hit.finished
             with self._lock:
                 self._active -= 1
-
-    async def _stream(
-        self, hit: Hit, provider: str, text: str, usage: dict[str, int], chunk_delay: float
-    ) -> AsyncIterator[bytes]:
-        model = hit.model
-        size = max(1, len(text) // 3)
-        pieces = [text[i : i + size] for i in range(0, len(text), size)] or [""]
-        for piece in pieces:
-            chunk = {"id": "fake-1", "model": model, "choices": [{"index": 0, "delta": {"content": piece}}]}
-            yield f"data: {json.dumps(chunk)}\n\n".encode()
-            if chunk_delay:
-                await asyncio.sleep(chunk_delay)
-        last: dict[str, Any] = {
-            "id": "fake-1",
-            "model": model,
-            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-        }
-        if provider == "kimi":
-            last["choices"][0]["usage"] = usage  # Moonshot puts usage in the last choice
-        else:
-            last["usage"] = usage
-        yield f"data: {json.dumps(last)}\n\n".encode()
-        yield b"data: [DONE]\n\n"
-        hit.sent = time.monotonic()  # the server asks for more once the last chunk is written
 
     def app(self) -> Starlette:
         return Starlette(
