@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import uvicorn
 
@@ -21,6 +22,9 @@ UVICORN_GRACE_SECONDS = 3
 
 def _serve() -> int:
     settings = load_settings()
+    if settings.instance_nice:
+        # Before any thread starts (Linux keeps a niceness per thread; new threads inherit it).
+        os.nice(settings.instance_nice)
     identity = resolve_identity(settings)
     setup_logging(settings.log_level, name=identity.id)
     app, runtime = build_app(settings, identity)

@@ -115,8 +115,13 @@ def test_exai_up_scale_down_up_with_embedded_services(tmp_path: Path) -> None:
 
 def test_fleet_fixture_controls_a_real_fleet(fleet_factory: Callable[..., Fleet]) -> None:
     # An admin token with characters supervisord's config treats specially still arrives intact.
-    fleet = fleet_factory(instances=2, max_instances=3, admin_token="t%ok,en=1")
+    fleet = fleet_factory(instances=2, max_instances=3, admin_token="t%ok,en=1", instance_nice=3)
     assert fleet.wait_registered(2) == {"instance_01", "instance_02"}
+    # EXAI_INSTANCE_NICE: every thread of an instance runs that much nicer; the router does not.
+    for name in ("instance_01", "router"):
+        pid = fleet.process(name).pid
+        nices = {_nice(pid, tid) for tid in os.listdir(f"/proc/{pid}/task")}
+        assert nices == ({3} if name != "router" else {_nice(os.getpid())}), (name, nices)
     listed = admin_get(fleet.router_url, "t%ok,en=1", "/admin/instances")
     assert {i["id"] for i in listed["instances"]} == {"instance_01", "instance_02"}
     assert asyncio.run(call_version(fleet.mcp_url))
@@ -128,6 +133,13 @@ def test_fleet_fixture_controls_a_real_fleet(fleet_factory: Callable[..., Fleet]
     fleet.scale(3)
     assert fleet.wait_registered(3) == {"instance_01", "instance_02", "instance_03"}
     assert {k: pids(fleet.supervisor)[k] for k in running} == running
+
+
+def _nice(pid: int, tid: int | str | None = None) -> int:
+    """A process's (or one of its threads') niceness, from /proc."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
 
 
 async def _pg(dsn: str, sql: str) -> object:

@@ -215,6 +215,13 @@ async def main() -> int:
         default=3.0,
         help="seconds to wait after the fleet is up, so start-up work (tokenizer loads) is not measured",
     )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a setting of the fleet (common/settings.py field), e.g. instance_nice=5; repeatable",
+    )
     args = ap.parse_args()
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     if not conditions or set(conditions) - {"normal", "slowed", "cut"}:
@@ -249,6 +256,7 @@ async def main() -> int:
                 **BENCH_SETTINGS,
                 **fake_provider_overrides(provider),
                 **({"chat_spool_sync": args.chat_spool_sync} if args.chat_spool_sync else {}),
+                **dict(item.split("=", 1) for item in args.set),
             },
         )
         try:
@@ -291,6 +299,7 @@ async def main() -> int:
         "rounds": args.rounds,
         "label": args.label,
         "think_s": thinks,
+        "settings": dict(item.split("=", 1) for item in args.set),
         "chat_spool_sync": args.chat_spool_sync or "default",
         "settle_s": args.settle,
         "load_before": load_before,

@@ -686,6 +686,13 @@ async def main() -> int:
         default=100.0,
         help="the fleet's event loop watchdog threshold (EXAI_LOOP_STALL_MS; 0 turns it off)",
     )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a setting of the fleet (common/settings.py field), e.g. instance_nice=5; repeatable",
+    )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if args.router_processes > 1 and "first" in parts:
@@ -698,7 +705,7 @@ async def main() -> int:
     state = Path(os.environ.get("TMPDIR", "/tmp")) / f"exai-bench-{secrets.token_hex(4)}"
     state.mkdir(parents=True)
     prefix = f"exaibench{secrets.token_hex(3)}"
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"settings": dict(item.split("=", 1) for item in args.set)}
     with FakeProvider(default=Behaviour(delay=0.2)).running() as provider:
         fleet = Fleet(
             state,
@@ -713,6 +720,7 @@ async def main() -> int:
                 "session_park_after": 1.0,
                 "loop_stall_ms": args.loop_stall_ms,
                 "router_processes": args.router_processes,
+                **dict(item.split("=", 1) for item in args.set),
             },
         )
         try:
