@@ -9,7 +9,7 @@ import signal
 
 from aiohttp import web
 
-from common import loopwatch
+from common import gcpauses, loopwatch
 from common.entry import run_entry
 from common.eventloop import loop_factory
 from common.logs import setup_logging
@@ -51,6 +51,7 @@ async def serve(settings: Settings) -> None:
         # What startup made lives as long as the process: the collector need not scan it again
         # on every full collection (a cost the proxied calls' allocations otherwise trigger).
         gc.freeze()
+        gcpauses.install()
         log.info("router listening on http://%s:%s/mcp", settings.router_host, settings.router_port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable
 
-from common import loopwatch
+from common import gcpauses, loopwatch
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -188,4 +188,9 @@ class Metrics:
                 *self.extra,
             )
         ]
-        return "\n".join(line for part in parts for line in part) + "\n" + loopwatch.render_metrics()
+        return (
+            "\n".join(line for part in parts for line in part)
+            + "\n"
+            + loopwatch.render_metrics()
+            + gcpauses.render_metrics()
+        )

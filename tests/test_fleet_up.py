@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -23,13 +24,13 @@ from tests.ports import free_port, free_port_block
 from tests.test_cli import exai
 
 
-async def call_version(mcp_url: str) -> dict[str, Any]:
-    """An MCP SDK client calls the `version` tool through the router."""
+async def call_version(mcp_url: str, tool: str = "version") -> dict[str, Any]:
+    """An MCP SDK client calls the `version` tool (or `tool`) through the router."""
     async with (
         httpx2.AsyncClient(timeout=httpx2.Timeout(30.0)) as http,
         Client(streamable_http_client(mcp_url, http_client=http)) as client,
     ):
-        result = await client.call_tool("version", {})
+        result = await client.call_tool(tool, {})
         assert not result.is_error, result
         assert result.structured_content is not None
         return dict(result.structured_content)
@@ -125,6 +126,16 @@ def test_fleet_fixture_controls_a_real_fleet(fleet_factory: Callable[..., Fleet]
     listed = admin_get(fleet.router_url, "t%ok,en=1", "/admin/instances")
     assert {i["id"] for i in listed["instances"]} == {"instance_01", "instance_02"}
     assert asyncio.run(call_version(fleet.mcp_url))
+    # Startup's objects go to the collector's permanent generation once the tokenizers are in
+    # (common/gcpauses.py): the instance's `status` and the router's /metrics say so.
+    deadline = time.monotonic() + 30
+    while not (gc_state := asyncio.run(call_version(fleet.mcp_url, "status"))["gc"])["frozen_objects"]:
+        assert time.monotonic() < deadline, gc_state
+        time.sleep(0.5)
+    assert [g["collections"] >= 0 for g in gc_state["generations"]] == [True, True, True]
+    with urllib.request.urlopen(fleet.router_url + "/metrics", timeout=10) as resp:
+        frozen = [ln for ln in resp.read().decode().splitlines() if ln.startswith("exai_gc_frozen_objects ")]
+    assert frozen and int(frozen[0].split()[1]) > 0, frozen
 
     old = fleet.kill_instance(1, signal.SIGKILL)
     assert fleet.wait_restarted("instance_01", old) != old

@@ -8,6 +8,7 @@ from typing import Any
 
 from mcp.server.mcpserver import Context, MCPServer
 
+from common import gcpauses
 from instance.runtime import Runtime
 from instance.timing import chat_stages
 from instance.tools import exai_tool, headers_of
@@ -99,4 +100,6 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
             "link_stages": runtime.links.stage_stats() if runtime.links else None,
             # Where this instance's chat calls spent their time (fleet = total - provider).
             "chat_stages": chat_stages.summary(),
+            # The garbage collector's pauses (common/gcpauses.py), counted once startup is frozen.
+            "gc": gcpauses.summary(),
         }

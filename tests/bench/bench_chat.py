@@ -147,6 +147,7 @@ async def _run(
         "cpu": cpu,
         "calls": len(latency),
         "stages": st.get("chat_stages"),
+        "gc": st.get("gc"),  # that instance's collector: collections and pauses so far
     }
 
 
@@ -162,6 +163,7 @@ def _combine(tag: str, sessions: int, think: float, blocks: list[dict[str, Any]]
         "overhead": _stats([x for b in blocks for x in b["overhead"]]),
         "overhead_vs_handler": _stats([x for b in blocks for x in b["vs_handler"]]),
         "instance_stages": blocks[-1]["stages"],
+        "instance_gc": blocks[-1].get("gc"),
         "instances_cpu_per_call_ms": round(sum(b["cpu"] for b in blocks) / max(1, calls) * 1000, 3),
     }
 
@@ -346,6 +348,15 @@ async def main() -> int:
         row = "  ".join(f"{k} {stages[k]['p50_ms']:.2f}" for k in order)
         think = f" think {r['think_s']}" if think_col else ""
         print(f"  {r['postgres']:>6} x{r['sessions']}{think}: {row}")
+        gens = (r.get("instance_gc") or {}).get("generations")
+        if gens:
+            print(
+                "    its garbage collector so far: "
+                + ", ".join(
+                    f"gen{g} {x['collections']} x, longest {x['longest_pause_ms']:.2f} ms"
+                    for g, x in enumerate(gens)
+                )
+            )
     out = ROOT / "tests" / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     label = f"-{args.label}" if args.label else ""

@@ -1,0 +1,25 @@
+"""common/gcpauses.py: the collector's pauses, counted per generation."""
+
+from __future__ import annotations
+
+import gc
+
+from common import gcpauses
+
+
+def test_collections_are_counted_per_generation_and_rendered() -> None:
+    gcpauses.install()
+    gcpauses.install()  # once per process: a second install adds no second callback
+    assert sum(cb is gcpauses._on_collection for cb in gc.callbacks) == 1
+    before = gcpauses.summary()["generations"]
+    gc.collect(0)
+    gc.collect(2)
+    after = gcpauses.summary()["generations"]
+    assert after[0]["collections"] == before[0]["collections"] + 1
+    assert after[2]["collections"] >= before[2]["collections"] + 1
+    assert 0 < after[2]["longest_pause_ms"] <= after[2]["pause_ms_total"]
+    assert after[2]["pause_ms_total"] > before[2]["pause_ms_total"]
+    text = gcpauses.render_metrics()
+    assert 'exai_gc_collections_total{generation="2"}' in text
+    assert "# TYPE exai_gc_pause_seconds_total counter" in text
+    assert text.endswith("\n") and "exai_gc_frozen_objects " in text
