@@ -3,7 +3,7 @@
 A collection stops the event loop for as long as it walks the objects of the generations it
 collects: a youngest-generation pass costs microseconds, but a full one walks everything that
 survived, and an instance's startup leaves ~127,000 objects behind (the tokenizers' vocabularies
-among them) that took it 50-140 ms on the development machine. So both processes hand what
+among them) that took it 60-100 ms on the development machine. So both processes hand what
 startup made to the permanent generation (`gc.freeze`, router/main.py and instance/app.py) and
 these metrics show what collections still cost: `exai_gc_collections_total`,
 `exai_gc_pause_seconds_total` and `exai_gc_longest_pause_seconds`, per generation, and

@@ -328,7 +328,7 @@ def _notifier(settings: Settings, redis: Any) -> Notifier:
 async def _preload_and_freeze(families: list[tokens.Family]) -> None:
     """Load the tokenizers (on a thread), then leave everything startup made to the collector's
     permanent generation (`gc.freeze`). It lives as long as the process, and a full collection
-    would otherwise walk it all each time: ~127,000 objects, the vocabularies among them, 50-140 ms
+    would otherwise walk it all each time: ~127,000 objects, the vocabularies among them, 60-100 ms
     with the event loop stopped, measured on the development machine; after the freeze a full
     collection walks only what was made since."""
     await asyncio.to_thread(tokens.preload, families)
