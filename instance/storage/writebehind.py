@@ -1,7 +1,8 @@
 """The flusher: moves spooled rows into Postgres in batches, and never loses or doubles one.
 
-Rows are sent oldest first, grouped by table, one `INSERT ... SELECT FROM unnest(...)` per table
-in a single transaction, `ON CONFLICT DO NOTHING` on the client-generated ids: a batch that was
+Rows are sent oldest first, grouped by table, one `INSERT ... SELECT FROM unnest(...)` per table,
+all of them in a single statement (each table's INSERT a data-modifying CTE: one round trip, no
+BEGIN/COMMIT), `ON CONFLICT DO NOTHING` on the client-generated ids: a batch that was
 committed but not yet acknowledged in the spool (kill -9 between the two) is simply replayed.
 A batch is triggered by size (`flush_batch_size` rows) or time (`flush_interval_ms` after the
 first pending row); link events go at once, taken from the spool's memory rather than its file
@@ -20,6 +21,7 @@ import functools
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -129,46 +131,100 @@ async def write_entries(conn: asyncpg.Connection, entries: Sequence[SpoolEntry])
     unknown = set(by_kind) - known
     if unknown:
         raise asyncpg.DataError(f"unknown spool record kind(s): {sorted(unknown)}")
-    rows: list[tuple[Any, ...]]
     if set(by_kind) == {KIND_LINK_EVENT}:  # live link events: one statement per group, no BEGIN/COMMIT
         return await link_store.store_spooled(conn, [e.payload for e in by_kind[KIND_LINK_EVENT]])
+    kinds: list[str] = []
+    args: list[Any] = []
+    for kind in _TABLE_ORDER:
+        if kind in by_kind:
+            kinds.append(kind)
+            args.extend(_columns(_ROWS[kind](_dedupe(by_kind[kind])), _TABLES[kind][1]))
+    sql = _batch_sql(tuple(kinds))
+    if KIND_LINK_EVENT not in by_kind:
+        # One statement, atomic by itself: no BEGIN and COMMIT round trips around it.
+        await conn.execute(sql, *args)
+        return []
     async with conn.transaction():
-        if KIND_CONVERSATION in by_kind:
-            rows = [
-                (p["id"], p.get("session_id"), p.get("tool_name"), p.get("model"), _ts(p["created_at"]),
-                 _jsonb(p.get("metadata"), "{}"), p.get("principal"))
-                for p in _dedupe(by_kind[KIND_CONVERSATION])
-            ]  # fmt: skip
-            await conn.execute(_CONVERSATIONS_SQL, *_columns(rows, 7))
-        if KIND_MESSAGE in by_kind:
-            rows = [
-                (p["id"], p["continuation_id"], p["seq"], p["role"], p["content"], p.get("session_id"),
-                 p.get("tool_name"), p.get("model"), _jsonb(p.get("files"), "[]"), p.get("tokens_in"),
-                 p.get("tokens_out"), _ts(p["created_at"]), _jsonb(p.get("metadata"), "{}"), p.get("pos"))
-                for p in _dedupe(by_kind[KIND_MESSAGE])
-            ]  # fmt: skip
-            await conn.execute(_MESSAGES_SQL, *_columns(rows, 14))
-        if KIND_CACHE_MARK in by_kind:  # after the messages: a mark is seen only with its turns
-            rows = [(p["id"], p["conversation_id"]) for p in _dedupe(by_kind[KIND_CACHE_MARK])]
-            await conn.execute(_CACHE_MARKS_SQL, *_columns(rows, 2))
-        if KIND_TOOL_CALL in by_kind:
-            rows = [
-                (p["id"], p.get("session_id"), p.get("instance_id"), p["tool_name"], p["status"],
-                 p.get("duration_ms"), p.get("model"), p.get("tokens_in"), p.get("tokens_out"),
-                 p.get("error"), _ts(p["created_at"]))
-                for p in _dedupe(by_kind[KIND_TOOL_CALL])
-            ]  # fmt: skip
-            await conn.execute(_TOOL_CALLS_SQL, *_columns(rows, 11))
-        if KIND_SESSION in by_kind:
-            rows = [
-                (p["id"], p.get("principal"), p.get("client_name"), p.get("era"), _ts(p["seen_at"]))
-                for p in _dedupe(by_kind[KIND_SESSION])
-            ]
-            await conn.execute(_SESSIONS_SQL, *_columns(rows, 5))
-        linked: list[Any] = []
-        if KIND_LINK_EVENT in by_kind:
-            linked = await link_store.store_spooled(conn, [e.payload for e in by_kind[KIND_LINK_EVENT]])
-    return linked
+        await conn.execute(sql, *args)
+        return await link_store.store_spooled(conn, [e.payload for e in by_kind[KIND_LINK_EVENT]])
+
+
+def _conversation_rows(payloads: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [
+        (p["id"], p.get("session_id"), p.get("tool_name"), p.get("model"), _ts(p["created_at"]),
+         _jsonb(p.get("metadata"), "{}"), p.get("principal"))
+        for p in payloads
+    ]  # fmt: skip
+
+
+def _message_rows(payloads: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [
+        (p["id"], p["continuation_id"], p["seq"], p["role"], p["content"], p.get("session_id"),
+         p.get("tool_name"), p.get("model"), _jsonb(p.get("files"), "[]"), p.get("tokens_in"),
+         p.get("tokens_out"), _ts(p["created_at"]), _jsonb(p.get("metadata"), "{}"), p.get("pos"))
+        for p in payloads
+    ]  # fmt: skip
+
+
+def _cache_mark_rows(payloads: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [(p["id"], p["conversation_id"]) for p in payloads]
+
+
+def _tool_call_rows(payloads: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [
+        (p["id"], p.get("session_id"), p.get("instance_id"), p["tool_name"], p["status"],
+         p.get("duration_ms"), p.get("model"), p.get("tokens_in"), p.get("tokens_out"),
+         p.get("error"), _ts(p["created_at"]))
+        for p in payloads
+    ]  # fmt: skip
+
+
+def _session_rows(payloads: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [
+        (p["id"], p.get("principal"), p.get("client_name"), p.get("era"), _ts(p["seen_at"])) for p in payloads
+    ]
+
+
+# The tables a batch writes, in this order; each kind's statement and its number of columns.
+_TABLE_ORDER = (KIND_CONVERSATION, KIND_MESSAGE, KIND_CACHE_MARK, KIND_TOOL_CALL, KIND_SESSION)
+_TABLES: dict[str, tuple[str, int]] = {
+    KIND_CONVERSATION: (_CONVERSATIONS_SQL, 7),
+    KIND_MESSAGE: (_MESSAGES_SQL, 14),
+    KIND_CACHE_MARK: (_CACHE_MARKS_SQL, 2),
+    KIND_TOOL_CALL: (_TOOL_CALLS_SQL, 11),
+    KIND_SESSION: (_SESSIONS_SQL, 5),
+}
+_ROWS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[Any, ...]]]] = {
+    KIND_CONVERSATION: _conversation_rows,
+    KIND_MESSAGE: _message_rows,
+    KIND_CACHE_MARK: _cache_mark_rows,
+    KIND_TOOL_CALL: _tool_call_rows,
+    KIND_SESSION: _session_rows,
+}
+_PARAM = re.compile(r"\$(\d+)")
+
+
+def _shifted(offset: int, match: re.Match[str]) -> str:
+    return f"${int(match.group(1)) + offset}"
+
+
+@functools.cache
+def _batch_sql(kinds: tuple[str, ...]) -> str:
+    """One statement writing every table in `kinds`: each table's INSERT as a data-modifying
+    CTE, the last one the main statement, parameters numbered on. A statement commits whole or
+    not at all, and a chat's exchange (its two turns and the call's record) takes one round
+    trip instead of BEGIN, an INSERT per table and COMMIT. At most 31 variants, each prepared
+    once per connection (asyncpg's statement cache)."""
+    parts: list[str] = []
+    offset = 0
+    for kind in kinds:
+        sql, width = _TABLES[kind]
+        parts.append(_PARAM.sub(functools.partial(_shifted, offset), sql.strip()))
+        offset += width
+    if len(parts) == 1:
+        return parts[0]
+    ctes = ",\n".join(f"w{i} AS (\n{part}\n)" for i, part in enumerate(parts[:-1]))
+    return f"WITH {ctes}\n{parts[-1]}"
 
 
 class Flusher:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable
 
@@ -12,7 +13,15 @@ import pytest
 from common.errors import SpoolFull
 from common.settings import Settings
 from instance.storage import Storage
-from instance.storage.writebehind import KIND_MESSAGE
+from instance.storage.spool import SpoolEntry
+from instance.storage.writebehind import (
+    KIND_CACHE_MARK,
+    KIND_CONVERSATION,
+    KIND_MESSAGE,
+    KIND_SESSION,
+    KIND_TOOL_CALL,
+    write_entries,
+)
 from tests.instance.storage.conftest import FaultProxy
 
 
@@ -159,3 +168,63 @@ async def test_telemetry_is_committed_without_waiting_for_its_fsync(storage: Sto
     await storage.touch_session(session_id="s-fsync", principal="p", client_name="c", era="2026-07-28")
     assert storage.spool.unsynced_commits == before + 2
     assert await storage.flush(10)
+
+
+async def test_a_batch_of_every_table_is_one_statement_and_replays_harmlessly(pg_dsn: str) -> None:
+    """Conversations, messages, cache marks, tool calls and sessions in one batch: one round
+    trip (no BEGIN/COMMIT), every row stored once, and writing the batch again changes nothing."""
+    cid, mids, tool, mark = (
+        str(uuid.uuid4()),
+        [str(uuid.uuid4()) for _ in range(2)],
+        str(uuid.uuid4()),
+        str(uuid.uuid4()),
+    )
+    sid = f"sess-{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    payloads = [
+        (KIND_CONVERSATION, {"id": cid, "session_id": sid, "tool_name": "chat", "created_at": now}),
+        *(
+            (KIND_MESSAGE, {"id": m, "continuation_id": cid, "seq": i, "role": ("user", "assistant")[i],
+                            "content": f"turn {i}", "created_at": now, "pos": 0})
+            for i, m in enumerate(mids)
+        ),
+        (KIND_CACHE_MARK, {"id": mark, "conversation_id": cid}),
+        (KIND_TOOL_CALL, {"id": tool, "tool_name": "chat", "status": "ok", "created_at": now}),
+        (KIND_SESSION, {"id": sid, "client_name": "first", "seen_at": now}),
+        (KIND_SESSION, {"id": sid, "client_name": "newest", "seen_at": now + 1}),  # one row per id
+    ]  # fmt: skip
+    batch = [
+        SpoolEntry(seq=i, kind=k, thread_id=None, created=now, payload=p, size=0)
+        for i, (k, p) in enumerate(payloads)
+    ]
+    conn = await asyncpg.connect(pg_dsn)
+    sent: list[str] = []
+    conn.add_query_logger(lambda q: sent.append(q.query))
+    try:
+        assert await write_entries(conn, batch) == []
+        await asyncio.sleep(0.05)  # asyncpg calls query loggers soon after, not during, the query
+        # (asyncpg's own type introspection aside, on a connection's first use of a statement)
+        ours = [q.strip() for q in sent if "pg_catalog" not in q and "set_config('jit'" not in q]
+        assert len(ours) == 1 and ours[0].startswith("WITH "), ours  # no BEGIN, no COMMIT
+        await write_entries(conn, batch)  # a replay (committed, not yet acknowledged in the spool)
+        counts = {
+            table: await conn.fetchval(f"SELECT count(*) FROM {table} WHERE id::text = ANY($1)", ids)
+            for table, ids in (
+                ("conversations", [cid]), ("messages", mids), ("thread_cache_marks", [mark]),
+                ("tool_calls", [tool]), ("sessions", [sid]),
+            )
+        }  # fmt: skip
+        assert counts == {
+            "conversations": 1,
+            "messages": 2,
+            "thread_cache_marks": 1,
+            "tool_calls": 1,
+            "sessions": 1,
+        }
+        assert await conn.fetchval("SELECT client_name FROM sessions WHERE id = $1", sid) == "newest"
+        rows = await conn.fetch(
+            "SELECT role, content FROM messages WHERE conversation_id = $1 ORDER BY seq", cid
+        )
+        assert [tuple(r) for r in rows] == [("user", "turn 0"), ("assistant", "turn 1")]
+    finally:
+        await conn.close()
