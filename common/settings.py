@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     # Niceness an instance adds to its own at start (os.nice): above 0, the router (and Redis,
     # Postgres) get a busy machine's CPU before the instances, so one session's heavy work
     # (building a large context, a tools/list) does not hold up the routing of every other's.
-    instance_nice: int = Field(0, ge=0, le=19, validation_alias="EXAI_INSTANCE_NICE")
+    instance_nice: int = Field(5, ge=0, le=19, validation_alias="EXAI_INSTANCE_NICE")
     instance_id: str | None = Field(None, validation_alias="EXAI_INSTANCE_ID")
     instance_port: int | None = Field(None, ge=1, le=65535, validation_alias="EXAI_INSTANCE_PORT")
     instance_num: int | None = Field(None, ge=0, le=1000, validation_alias="EXAI_INSTANCE_NUM")
