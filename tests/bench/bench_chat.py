@@ -2,7 +2,7 @@
 
     python tests/bench/bench_chat.py [--calls 40] [--rounds 3] [--provider-delay 0.05] [--pg-delay 0.2]
         [--conditions normal,slowed,cut] [--sessions 1,5] [--think 0] [--label NAME]
-        [--chat-spool-sync normal]
+        [--chat-spool-sync normal] [--direct] [--set FIELD=VALUE]
 
 Starts a fleet under real supervisord (tests/fleet.py: five instances and the router) whose
 Postgres connections go through a loopback forwarder (tests/fakes/tcp_proxy.py), so the bench
@@ -49,7 +49,15 @@ sys.path.insert(0, str(ROOT))
 
 from common.migrate import migrate  # noqa: E402
 from instance.timing import CHAT_STAGES  # noqa: E402
-from tests.bench.bench_router import HEADERS, _body, _stats, _with_db, fake_provider_overrides  # noqa: E402
+from tests.bench.bench_router import (  # noqa: E402
+    HEADERS,
+    _body,
+    _num,
+    _stats,
+    _with_db,
+    direct_headers,
+    fake_provider_overrides,
+)
 from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
 from tests.fakes.tcp_proxy import TcpProxy  # noqa: E402
 from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
@@ -58,9 +66,10 @@ from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
 class ChatCaller:
     """One session calling chat on its own thread over one keep-alive connection."""
 
-    def __init__(self, url: str, client: str) -> None:
+    def __init__(self, url: str, client: str, extra: dict[str, str] | None = None) -> None:
         self.url = url
         self.client = client
+        self.extra = extra or {}  # the router's internal headers, for calling an instance directly
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2))
         self.rid = 0
         self.cid: str | None = None
@@ -68,7 +77,7 @@ class ChatCaller:
     async def call(self, tool: str, args: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         self.rid += 1
         body = json.dumps(_body(tool, args, self.client, self.rid)).encode()
-        headers = {**HEADERS, "Content-Type": "application/json", "Mcp-Method": "tools/call"}
+        headers = {**HEADERS, **self.extra, "Content-Type": "application/json", "Mcp-Method": "tools/call"}
         headers["Mcp-Name"] = tool
         started = time.perf_counter()
         async with self.http.post(self.url, data=body, headers=headers) as r:
@@ -90,8 +99,9 @@ class ChatCaller:
         return elapsed
 
     async def close(self) -> None:
-        async with self.http.delete(self.url, headers=HEADERS) as r:
-            await r.read()
+        if not self.extra:  # (a direct caller's session is the router's to end)
+            async with self.http.delete(self.url, headers=HEADERS) as r:
+                await r.read()
         await self.http.close()
 
 
@@ -111,7 +121,13 @@ def _provider_seconds(provider: FakeProvider, *, with_http: bool = False) -> dic
 
 
 async def _run(
-    fleet: Fleet, provider: FakeProvider, sessions: int, calls: int, tag: str, think: float = 0.0
+    fleet: Fleet,
+    provider: FakeProvider,
+    sessions: int,
+    calls: int,
+    tag: str,
+    think: float = 0.0,
+    direct: bool = False,
 ) -> dict[str, Any]:
     """One block of calls at one condition: the raw samples, for `_combine` to pool over rounds."""
     callers = [
@@ -119,24 +135,38 @@ async def _run(
         for i in range(sessions)
     ]
     latency: dict[str, float] = {}
+    direct_latency: dict[str, float] = {}
+    directs: dict[int, ChatCaller] = {}
 
     async def warm(c: ChatCaller) -> None:
         for k in range(3):  # warm: bind the session, open its thread
             await c.chat(f"warm {k} {c.client}")
 
     async def run(c: ChatCaller) -> None:
+        d = directs.get(id(c))
         for k in range(calls):
             prompt = f"q {k} {c.client} {secrets.token_hex(3)}"
             latency[prompt] = await c.chat(prompt)
+            if d is not None:  # the same thread, next turn, straight to the session's instance
+                d.cid = c.cid
+                prompt = f"d {k} {c.client} {secrets.token_hex(3)}"
+                direct_latency[prompt] = await d.chat(prompt)
+                c.cid = d.cid
             if think:  # a client reading the answer before its next call
                 await asyncio.sleep(think)
 
     await asyncio.gather(*(warm(c) for c in callers))
+    if direct:
+        for c in callers:
+            _, st = await c.call("status", {})
+            url = f"http://127.0.0.1:{fleet.instance_port(_num(st['instance_id']))}/mcp"
+            extra = direct_headers(fleet, st["session"], "stateless", c.client)
+            directs[id(c)] = ChatCaller(url, c.client, extra)
     cpu_before = await asyncio.to_thread(_instances_cpu, fleet)
     await asyncio.gather(*(run(c) for c in callers))
     cpu = await asyncio.to_thread(_instances_cpu, fleet) - cpu_before
     _, st = await callers[0].call("status", {})
-    for c in callers:
+    for c in [*directs.values(), *callers]:
         await c.close()
     spent = _provider_seconds(provider)
     whole = _provider_seconds(provider, with_http=True)
@@ -144,8 +174,9 @@ async def _run(
         "latency": list(latency.values()),
         "overhead": [lat - whole[p] for p, lat in latency.items() if p in whole],
         "vs_handler": [lat - spent[p] for p, lat in latency.items() if p in spent],
+        "direct": [lat - whole[p] for p, lat in direct_latency.items() if p in whole],
         "cpu": cpu,
-        "calls": len(latency),
+        "calls": len(latency) + len(direct_latency),  # (the CPU is the instances' for all of them)
         "stages": st.get("chat_stages"),
         "gc": st.get("gc"),  # that instance's collector: collections and pauses so far
     }
@@ -162,6 +193,7 @@ def _combine(tag: str, sessions: int, think: float, blocks: list[dict[str, Any]]
         "latency": _stats([x for b in blocks for x in b["latency"]]),
         "overhead": _stats([x for b in blocks for x in b["overhead"]]),
         "overhead_vs_handler": _stats([x for b in blocks for x in b["vs_handler"]]),
+        "overhead_direct": _stats(d) if (d := [x for b in blocks for x in b["direct"]]) else None,
         "instance_stages": blocks[-1]["stages"],
         "instance_gc": blocks[-1].get("gc"),
         "instances_cpu_per_call_ms": round(sum(b["cpu"] for b in blocks) / max(1, calls) * 1000, 3),
@@ -216,6 +248,12 @@ async def main() -> int:
         type=float,
         default=3.0,
         help="seconds to wait after the fleet is up, so start-up work (tokenizer loads) is not measured",
+    )
+    ap.add_argument(
+        "--direct",
+        action="store_true",
+        help="each session's calls alternate between the router and its instance directly (the "
+        "router's internal headers), on the same thread: the router's share of the overhead",
     )
     ap.add_argument(
         "--set",
@@ -278,7 +316,7 @@ async def main() -> int:
                     for n in sessions:
                         for think in thinks:
                             provider.reset(Behaviour(delay=args.provider_delay))
-                            block = await _run(fleet, provider, n, per_round, tag, think)
+                            block = await _run(fleet, provider, n, per_round, tag, think, args.direct)
                             blocks.setdefault((tag, n, think), []).append(block)
                             await fleet.end_all_sessions()
             results["runs"] = [_combine(tag, n, t, b) for (tag, n, t), b in blocks.items()]
@@ -341,6 +379,13 @@ async def main() -> int:
             ratios.append(f"{r['postgres']} x{r['sessions']}{think} {r['overhead']['p50_ms'] / base:.2f}x")
     if ratios:
         print("overhead p50 vs normal (target <= 1.05x): " + ", ".join(ratios))
+    for r in results["runs"]:
+        if r.get("overhead_direct"):
+            d = r["overhead_direct"]["p50_ms"]
+            print(
+                f"  {r['postgres']} x{r['sessions']}: straight to the instance {d:.2f} ms p50, so the "
+                f"router's share {r['overhead']['p50_ms'] - d:+.2f} ms"
+            )
     print("\ninstance stages (p50 ms, in call order; cumulative per instance, from one session's instance):")
     for r in results["runs"]:
         stages = r.get("instance_stages") or {}
