@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common.redis import REDIS_DOWN_ERRORS
-from common.redis_line import DirectLine
+from common.redis_line import DirectLine, LineTimeout
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,7 @@ class RedisGuard:
         try:
             result = await fn(redis)
         except REDIS_DOWN_ERRORS as exc:
-            self._down_until = time.monotonic() + self._cooldown
-            if not self._down:
-                self._down = True
-                log.warning("Redis unreachable (%s); history and tasks continue without the cache", exc)
-            raise CacheDown(str(exc)) from None
+            raise self._failed(exc) from None
         if was_down:
             self._down = False
             log.warning("Redis reachable again; the history cache is back in use")
@@ -83,6 +79,14 @@ class RedisGuard:
                     self._down = True
                     self._down_until = time.monotonic() + self._cooldown
         return result
+
+    def _failed(self, exc: BaseException) -> CacheDown:
+        """Redis failed now: skip it for the cooldown (logged once per outage)."""
+        self._down_until = time.monotonic() + self._cooldown
+        if not self._down:
+            self._down = True
+            log.warning("Redis unreachable (%s); history and tasks continue without the cache", exc)
+        return CacheDown(str(exc))
 
     def start(self) -> None:
         """Connect the direct line in the background (commands before then take redis-py's path)."""
@@ -105,9 +109,13 @@ class RedisGuard:
     async def reply(self, sent: asyncio.Future[Any], *args: Any, batched: bool = False) -> Any:
         """The reply to `args`, already written by `send_now` as `sent`. If the line was lost before
         its reply came, the command is sent again through redis-py (as redis-py's own retry on a
-        lost connection does). Raises CacheDown as `call` does."""
+        lost connection does); if no reply came within the line's timeout (redis-py's socket
+        timeout), Redis is taken as down, as after redis-py's own timeout, without waiting for
+        it once more. Raises CacheDown as `call` does."""
         try:
             result = await sent
+        except LineTimeout as exc:
+            raise self._failed(exc) from None
         except RedisConnectionError:
             return await self._ordinary(args, batched)
         self.line_commands_total += 1

@@ -201,3 +201,30 @@ async def test_redis_known_down_skips_the_line(redis_url: str) -> None:
         await guard.close()
         await client.aclose()
         await proxy.close()
+
+
+async def test_no_reply_within_the_line_timeout_is_redis_down(redis_url: str) -> None:
+    """A line that times out is an outage, as redis-py's own timeout is: CacheDown, Redis skipped
+    for the cooldown, and the command is not sent a second time."""
+    proxy = await FaultProxy(*_host_port(redis_url)).start()
+    client = create_redis(proxy.url(redis_url))
+    guard = RedisGuard(client, line=True, line_timeout=0.2)
+    key = f"exaibatch:{uuid.uuid4().hex}"
+    try:
+        await _line_up(guard)
+        proxy.delay = 0.5  # every command reaches Redis after the line gave up on it
+        with pytest.raises(CacheDown):
+            await guard.command("INCR", key)
+        assert guard.send_now("GET", key) is None  # known down now
+        proxy.delay = 0.0
+        await asyncio.sleep(0.6)
+        direct = create_redis(redis_url)
+        try:
+            assert await direct.get(key) == "1"  # it ran once, late
+            await direct.delete(key)
+        finally:
+            await direct.aclose()
+    finally:
+        await guard.close()
+        await client.aclose()
+        await proxy.close()
