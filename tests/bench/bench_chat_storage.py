@@ -8,7 +8,8 @@ the router or a provider: the thread and the notes read at once (`history.load` 
 exchange (`history.append_exchange`: the thread's position from Redis, then the spool commit
 with the default EXAI_CHAT_SPOOL_SYNC). A thread takes `--per-thread` exchanges (a chat thread
 holds 9 calls by default: 20 turns), then a new one is started with `start_thread`. Prints the
-p50 / p90 of each stage and the process's CPU per iteration (the spool's threads included).
+p50 / p90 of each stage and the process's CPU per iteration (the spool's threads included),
+and saves them as JSON under tests/bench/results/.
 
 To compare two builds, run this file from each tree alternately (each imports its own tree's
 code), or with `PYTHONPATH=OTHER_TREE` for a tree without it. Uses EXAI_TEST_DATABASE_URL /
@@ -19,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import secrets
 import statistics
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ from common.settings import load_settings
 from instance.context import notes_block
 from instance.storage import Storage
 
+RESULTS = Path(__file__).with_name("results")
 USER = "Please review this function and say whether the error handling is right. " * 25
 ANSWER = "The error handling misses the case where the connection drops mid-read. " * 15
 
@@ -136,6 +140,12 @@ def main() -> None:
     factory = loop_factory()
     with asyncio.Runner(loop_factory=factory) as runner:
         r = runner.run(run(args))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out = RESULTS / f"chat-storage-{stamp}{'-' + args.label if args.label else ''}.json"
+    out.write_text(
+        json.dumps({"when": stamp, "label": args.label, "load": os.getloadavg(), **r}, indent=2) + "\n"
+    )
     print(
         f"{args.label or 'run'}: reads p50 {r['reads_p50_ms']:.3f} p90 {r['reads_p90_ms']:.3f} ms;"
         f" append_exchange p50 {r['append_p50_ms']:.3f} p90 {r['append_p90_ms']:.3f} ms;"

@@ -228,3 +228,46 @@ async def test_no_reply_within_the_line_timeout_is_redis_down(redis_url: str) ->
         await guard.close()
         await client.aclose()
         await proxy.close()
+
+
+async def test_two_processes_on_the_direct_line_keep_one_thread_in_one_order(
+    storage_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """Two instances continuing one thread at once, their positions and reads on their direct
+    lines: every exchange kept whole, positions 1..N without a gap or a tie, and both read the
+    same order (the cache, the spools and Postgres merged)."""
+    settings = storage_settings()
+    async with (
+        Storage.open(settings, instance_id="t-line-a", redis=redis) as a,
+        Storage.open(settings, instance_id="t-line-b", redis=redis) as b,
+    ):
+        for st in (a, b):
+            await _line_up(st.cache)
+        cid, _ = await a.history.start_thread(
+            [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"}],
+            session_id="s",
+            tool_name="chat",
+            model=None,
+        )
+
+        async def calls(st: Storage, name: str) -> None:
+            for i in range(8):
+                await st.history.load(cid)
+                await st.history.append_exchange(
+                    cid,
+                    [
+                        {"role": "user", "content": f"{name}q{i}"},
+                        {"role": "assistant", "content": f"{name}a{i}"},
+                    ],
+                )
+
+        await asyncio.gather(calls(a, "a"), calls(b, "b"))
+        seen = [await st.history.load(cid) for st in (a, b)]
+        assert [m.id for m in seen[0]] == [m.id for m in seen[1]]
+        turns = seen[0]
+        assert len(turns) == 2 + 2 * 16
+        assert [m.pos for m in turns] == [p for p in range(1, 18) for _ in (0, 1)]
+        for question, answer in zip(turns[::2], turns[1::2], strict=True):
+            assert question.role == "user" and answer.role == "assistant"
+            assert answer.content == question.content.replace("q", "a")
+        assert a.cache.line_commands_total >= 16 and b.cache.line_commands_total >= 16
