@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 RETRY_AFTER = 1.0  # seconds between connection attempts while Redis is unreachable
 
 
+class LineTimeout(RedisConnectionError):
+    """No reply came within the line's timeout (the line closes; every command waiting on it
+    fails with this). Redis may still run them: a caller must not take this as "not run"."""
+
+
 def encode(args: tuple[Any, ...]) -> bytes:
     """A command in RESP (an array of bulk strings)."""
     out = [b"*%d\r\n" % len(args)]
@@ -194,7 +199,7 @@ class DirectLine:
             return
         self.failures += 1
         log.warning("no reply from Redis within %.1fs on the direct line; reconnecting", self._timeout)
-        self._fail_all(RedisConnectionError("no reply from Redis in time"))
+        self._fail_all(LineTimeout("no reply from Redis in time"))
         conn = self._conn
         if conn is not None and conn.transport is not None:
             conn.transport.close()  # connection_lost ends the line's task, which clears the line

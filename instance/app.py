@@ -310,6 +310,9 @@ def _storage_metrics(runtime: Runtime) -> str:
         ("exai_instance_redis_batched_total",
          "Redis reads that shared a pipelined round trip with others started at the same time.",
          storage.cache.batched_total),
+        ("exai_instance_redis_line_total",
+         "A chat's Redis commands answered on the storage's direct line (written at once).",
+         storage.cache.line_commands_total),
     ]  # fmt: skip
     lines = []
     for name, help_text, value in counters:

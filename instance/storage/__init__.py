@@ -136,8 +136,14 @@ class Storage:
             after_write=on_flushed,  # link events: publish them once stored (instance/links.py)
         )
         storage = cls(
-            settings, instance_id=instance_id, db=db, spool=spool, flusher=flusher, cache=RedisGuard(redis)
+            settings,
+            instance_id=instance_id,
+            db=db,
+            spool=spool,
+            flusher=flusher,
+            cache=RedisGuard(redis, line=True),
         )
+        storage.cache.start()  # a chat's own Redis commands go out on its direct line
         try:
             with contextlib.suppress(Exception):
                 await db.connect()  # warm the pool if Postgres is up; later uses retry if not
@@ -165,6 +171,7 @@ class Storage:
             await self.flusher.stop()
             await self.spool.close()
             await self.db.close()
+            await self.cache.close()
 
     # --- write-behind telemetry ------------------------------------------------------------
     async def record_tool_call(

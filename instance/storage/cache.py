@@ -3,6 +3,12 @@
 A circuit breaker keeps a dead Redis from costing every call a connect timeout: after a failure
 Redis is skipped for `cooldown` seconds, then tried again (the redis-py client reconnects on its
 own). The outage and the recovery are each logged once, not per call.
+
+A chat call's own commands (its thread and notes reads, its exchange's position) can go out on a
+direct line (common/redis_line.py, `line=True`): written to the socket the moment they are
+asked for and answered from the connection's read callback, without redis-py's task hops,
+pipeline building and connection-pool locking. The line is only ever a shortcut: while it is
+down (connecting, lost) or Redis is known down, the same command takes redis-py's path.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common.redis import REDIS_DOWN_ERRORS
+from common.redis_line import DirectLine, LineTimeout
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +37,13 @@ class CacheDown(Exception):
 class RedisGuard:
     """Runs Redis operations, turning outages into CacheDown and remembering them for a while."""
 
-    def __init__(self, redis: Redis | None, *, cooldown: float = 2.0) -> None:
+    def __init__(
+        self, redis: Redis | None, *, cooldown: float = 2.0, line: bool = False, line_timeout: float = 5.0
+    ) -> None:
         self.redis = redis
+        # `command`'s direct line (see the module docstring); its timeout is redis-py's socket one.
+        self.line = DirectLine(redis, timeout=line_timeout) if line and redis is not None else None
+        self.line_commands_total = 0  # commands answered on the direct line
         self._cooldown = cooldown
         self._down_until = 0.0
         self._down = redis is None
@@ -55,11 +68,7 @@ class RedisGuard:
         try:
             result = await fn(redis)
         except REDIS_DOWN_ERRORS as exc:
-            self._down_until = time.monotonic() + self._cooldown
-            if not self._down:
-                self._down = True
-                log.warning("Redis unreachable (%s); history and tasks continue without the cache", exc)
-            raise CacheDown(str(exc)) from None
+            raise self._failed(exc) from None
         if was_down:
             self._down = False
             log.warning("Redis reachable again; the history cache is back in use")
@@ -70,6 +79,60 @@ class RedisGuard:
                     self._down = True
                     self._down_until = time.monotonic() + self._cooldown
         return result
+
+    def _failed(self, exc: BaseException) -> CacheDown:
+        """Redis failed now: skip it for the cooldown (logged once per outage)."""
+        self._down_until = time.monotonic() + self._cooldown
+        if not self._down:
+            self._down = True
+            log.warning("Redis unreachable (%s); history and tasks continue without the cache", exc)
+        return CacheDown(str(exc))
+
+    def start(self) -> None:
+        """Connect the direct line in the background (commands before then take redis-py's path)."""
+        if self.line is not None:
+            self.line.start()
+
+    async def close(self) -> None:
+        if self.line is not None:
+            await self.line.close()
+
+    def send_now(self, *args: Any) -> asyncio.Future[Any] | None:
+        """Write one command on the direct line now and return its reply's future (a ResponseError
+        reply is its exception); None if the line is not up or Redis is known down (then use
+        `command`, which takes redis-py's path). Commands sent here go out in call order."""
+        line = self.line
+        if line is None or self._down:
+            return None
+        return line.send(*args)
+
+    async def reply(self, sent: asyncio.Future[Any], *args: Any, batched: bool = False) -> Any:
+        """The reply to `args`, already written by `send_now` as `sent`. If the line was lost before
+        its reply came, the command is sent again through redis-py (as redis-py's own retry on a
+        lost connection does); if no reply came within the line's timeout (redis-py's socket
+        timeout), Redis is taken as down, as after redis-py's own timeout, without waiting for
+        it once more. Raises CacheDown as `call` does."""
+        try:
+            result = await sent
+        except LineTimeout as exc:
+            raise self._failed(exc) from None
+        except RedisConnectionError:
+            return await self._ordinary(args, batched)
+        self.line_commands_total += 1
+        return result
+
+    async def command(self, *args: Any, batched: bool = False) -> Any:
+        """One Redis command: on the direct line when it is up, else through redis-py (`batched`:
+        in the pipeline of this loop turn's `batched` commands). Raises CacheDown as `call` does."""
+        sent = self.send_now(*args)
+        if sent is None:
+            return await self._ordinary(args, batched)
+        return await self.reply(sent, *args, batched=batched)
+
+    async def _ordinary(self, args: tuple[Any, ...], batched: bool) -> Any:
+        if batched:
+            return await self.batched(lambda r: r.execute_command(*args))
+        return await self.call(lambda r: r.execute_command(*args))
 
     async def batched(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         """`call(fn)` for one Redis command, sent in one pipeline with the other `batched`

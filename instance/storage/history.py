@@ -386,9 +386,21 @@ class HistoryStore:
                     metadata=check_metadata(t.get("metadata")),
                 )
             )
-        pos, cached = await self._position(cid, drafts, create)
-        messages = [dataclasses.replace(m, pos=pos) for m in drafts]
-        entries: list[tuple[str, dict[str, Any]]] = [(KIND_MESSAGE, m.to_dict()) for m in messages]
+        # Each turn is encoded once: the cache's copy carries a placeholder the append script
+        # fills with the position, and the spool's copy is the same bytes with the position.
+        blobs = []
+        for m in drafts:
+            blob = json.dumps(m.to_dict(), separators=(",", ":"), ensure_ascii=False)
+            assert blob.startswith(_POS_PLACEHOLDER)
+            blobs.append(blob)
+        pos, cached = await self._position(cid, blobs, create)
+        head = '{"pos":' + str(pos)
+        entries: list[tuple[str, dict[str, Any] | bytes]] = [
+            (KIND_MESSAGE, (head + blob[len(_POS_PLACEHOLDER) :]).encode()) for blob in blobs
+        ]
+        for m in drafts:  # not shared with anyone yet: the position is set in place
+            object.__setattr__(m, "pos", pos)
+        messages = drafts
         if not cached and self._marking:  # a cache elsewhere may now be older than Postgres
             entries.insert(0, (KIND_CACHE_MARK, {"id": new_id(), "conversation_id": cid}))
         try:
@@ -417,17 +429,13 @@ class HistoryStore:
             self._known[cid] = pos
 
     async def _position(
-        self, cid: str, drafts: list[Message], create: list[str] | None = None
+        self, cid: str, blobs: list[str], create: list[str] | None = None
     ) -> tuple[int, bool]:
         """(the exchange's position, whether the cache saw it) — from Redis when reachable.
 
-        `create`: the thread is new, and its (empty) cache is created just before, in the same
-        round trip, with these metadata fields."""
-        blobs = []
-        for m in drafts:
-            blob = json.dumps(m.to_dict(), separators=(",", ":"), ensure_ascii=False)
-            assert blob.startswith(_POS_PLACEHOLDER)
-            blobs.append(blob)
+        `blobs`: the turns as the cache stores them, their position a placeholder. `create`: the
+        thread is new, and its (empty) cache is created just before, in the same round trip, with
+        these metadata fields."""
         floor = self._known.get(cid, -1)
         if self._cache.redis is not None:
             try:
@@ -466,6 +474,26 @@ class HistoryStore:
     ) -> int:
         """Take a position and write the turns through to Redis; concurrent appends share one
         pipelined round trip (like the spool's group commit). Raises CacheDown."""
+        append = (
+            "EVAL", _APPEND_LUA, 3, self._keys.thread(cid), self._keys.thread_meta(cid),
+            self._keys.thread_pos(cid), floor, self._turns, CACHE_TTL_MS, *blobs,
+        )  # fmt: skip
+        if create is None:
+            sent = self._cache.send_now(*append)
+            if sent is not None:  # written now on the direct line: no task, no loop turn first
+                return int(await self._cache.reply(sent, *append))
+        else:  # a new thread: its cache is created, then extended, both written now, in order
+            made = (
+                "EVAL", _CREATE_LUA, 2, self._keys.thread(cid), self._keys.thread_meta(cid),
+                CACHE_TTL_MS, *create,
+            )  # fmt: skip
+            created = self._cache.send_now(*made)
+            if created is not None:
+                sent = self._cache.send_now(*append)
+                if sent is not None:
+                    await self._cache.reply(created, *made)
+                    return int(await self._cache.reply(sent, *append))
+                created.add_done_callback(_seen)  # the create is idempotent: sent again below
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._cache_queue.append((cid, blobs, floor, create, fut))
         if self._cache_sender is None or self._cache_sender.done():
@@ -696,7 +724,7 @@ class HistoryStore:
         # The cache's metadata next (written with the thread, from the same record): a hit
         # costs no spool read.
         try:
-            meta = await self._cache.batched(lambda r: r.hget(self._keys.thread_meta(cid), "principal"))  # type: ignore[arg-type,return-value]
+            meta = await self._cache.command("HGET", self._keys.thread_meta(cid), "principal", batched=True)
             if meta is not None:
                 return True, self._remember_owner(cid, str(meta) or None)
         except CacheDown:
@@ -752,8 +780,8 @@ class HistoryStore:
         held = self._held.get(cid)
         since = (held.run, len(held.messages)) if held is not None else ("", 0)
         try:
-            found = await self._cache.batched(  # with the call's notes read: one round trip
-                lambda r: r.eval(_READ_LUA, 2, meta_key, self._keys.thread(cid), *since)  # type: ignore[no-any-return]
+            found = await self._cache.command(  # written at once, like the call's notes read
+                "EVAL", _READ_LUA, 2, meta_key, self._keys.thread(cid), *since, batched=True
             )
         except CacheDown:
             return None, False
@@ -897,6 +925,12 @@ def _cut(messages: list[Message], limit: int | None) -> list[Message]:
     if limit is None:
         return messages
     return messages[-limit:] if limit else []
+
+
+def _seen(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a reply nobody waits for (its command is sent again another way)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _has_conversation(entries: list[SpoolEntry]) -> bool:

@@ -120,7 +120,7 @@ class NotesCache:
         if self.enabled:
             names = [k for s in scopes for k in (self._copy_key(s), self._gen_key(s))]
             try:
-                values = await self._cache.batched(lambda r: r.mget(names))  # type: ignore[no-any-return]
+                values = await self._cache.command("MGET", *names, batched=True)
                 found = [(values[2 * i], values[2 * i + 1]) for i in range(len(scopes))]
             except CacheDown:
                 pass

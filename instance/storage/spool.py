@@ -314,7 +314,7 @@ class Spool:
 
     async def append_many(
         self,
-        rows: Sequence[tuple[str, dict[str, Any]]],
+        rows: Sequence[tuple[str, dict[str, Any] | bytes]],
         *,
         thread_id: str | None = None,
         urgent: bool = False,
@@ -325,13 +325,17 @@ class Spool:
     ) -> None:
         """`append` for several (kind, payload) rows that belong together: queued at once, in this
         order, so they share one transaction (all committed or none) and the caller waits for
-        one answer. `on_commit` is called once, with the last row; `before_commit` once, before the
-        rows are queued. `eager`: `urgent` if the spool is
-        idle (nothing queued, no transaction on its thread), so a lone writer does not wait for
-        the commit loop's turns; otherwise the rows join the group being formed, as usual."""
+        one answer. A payload may come encoded already (its JSON, as bytes). `on_commit` is
+        called once, with the last row; `before_commit` once, before the rows are queued.
+        `eager`: `urgent` if the spool is idle (nothing queued, no transaction on its thread),
+        so a lone writer does not wait for the commit loop's turns; otherwise the rows join the
+        group being formed, as usual."""
         if self._closed:
             raise StorageError("the spool is closed (the instance is shutting down); the write was not taken")
-        blobs = [json.dumps(p, separators=(",", ":"), ensure_ascii=False).encode() for _, p in rows]
+        blobs = [
+            p if isinstance(p, bytes) else json.dumps(p, separators=(",", ":"), ensure_ascii=False).encode()
+            for _, p in rows
+        ]
         size = sum(len(b) for b in blobs)
         await self._admit(size)
         loop = asyncio.get_running_loop()
