@@ -13,11 +13,12 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.inbound import x_mcp_header_map
 from opentelemetry import trace  # the SDK's own dependency
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -51,6 +52,7 @@ from instance.runtime import Identity, Runtime
 from instance.storage import Storage
 from instance.timing import CallClock, chat_stages, current_call, finish_request
 from instance.tools import register_tools
+from instance.tools.listing import ListAnswers
 
 try:  # a private module of the SDK (mcp>=2.3,<3): if a release moves it, its spans just stay on
     from mcp.server._otel import OpenTelemetryMiddleware
@@ -85,11 +87,19 @@ class InternalTokenGate:
     they add, a plain 500 when the handler raises before answering, `_timed` does itself.
     """
 
-    def __init__(self, app: ASGIApp, mcp_handler: ASGIApp, runtime: Runtime, token: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        mcp_handler: ASGIApp,
+        runtime: Runtime,
+        token: str,
+        answers: ListAnswers | None = None,
+    ) -> None:
         self.app = app
         self.mcp_handler = mcp_handler
         self.runtime = runtime
         self.token = token.encode()
+        self.answers = answers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -147,6 +157,9 @@ class InternalTokenGate:
             if not self.runtime.observe(headers):
                 await _fenced(self.runtime)(scope, receive, send)
                 return
+            if self.answers is not None and self.answers.wanted(scope):
+                await self._listing(self.answers, scope, receive, timed_send)
+                return
             await self.mcp_handler(scope, receive, timed_send)
         except Exception:
             # What Starlette's ServerErrorMiddleware answered here before: a plain 500 if nothing
@@ -158,6 +171,39 @@ class InternalTokenGate:
             current_answer.reset(answer_token)
             current_call.reset(token)
             pending.run()
+
+    async def _listing(self, answers: ListAnswers, scope: Scope, receive: Receive, send: Send) -> None:
+        """A 2026-07-28 `tools/list`: a kept answer if there is one for this request, else the
+        SDK's, kept for the next one (instance/tools/listing.py)."""
+        received: list[Message] = []
+        while True:
+            message = await receive()
+            received.append(message)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        found = None
+        if all(m["type"] == "http.request" for m in received):
+            found = answers.key(scope, b"".join(m.get("body", b"") for m in received))
+        if found is not None:
+            kept = answers.answer(*found)
+            if kept is not None:
+                headers, body = kept
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        tools = answers.tool_set()
+        sent: list[Message] = []
+
+        async def replay() -> Message:
+            return received.pop(0) if received else await receive()
+
+        async def recording_send(message: Message) -> None:
+            sent.append(message)
+            await send(message)
+
+        await self.mcp_handler(scope, replay, recording_send if found is not None else send)
+        if found is not None:
+            answers.keep(*found, tools, sent)
 
 
 def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]:
@@ -210,12 +256,13 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
         lifespan=lifespan,
         log_level=settings.log_level,
     )
-    if OpenTelemetryMiddleware is not None and not _tracing_configured():
+    tracing = _tracing_configured()
+    if OpenTelemetryMiddleware is not None and not tracing:
         # The SDK wraps every message in an OpenTelemetry span by default and documents dropping
         # its middleware to opt out; with no tracer provider the span records nothing and costs
         # a context attach/detach and a trace-context parse per call.
         mcp.middleware[:] = [m for m in mcp.middleware if not isinstance(m, OpenTelemetryMiddleware)]
-    register_tools(mcp, runtime)
+    listing = register_tools(mcp, runtime)
     register_resources(mcp, runtime)
 
     @mcp.custom_route(INTERNAL_HEALTH, methods=["GET"])
@@ -254,8 +301,15 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
         session_idle_timeout=settings.session_idle_timeout,
         host=identity.host,
     )
+    server = mcp.session_manager.app
+    server.get_tool_input_schema = _declared_header_schemas(server.get_tool_input_schema)
     gate = InternalTokenGate(
-        app, mcp.session_manager.handle_request, runtime=runtime, token=settings.internal_token
+        app,
+        mcp.session_manager.handle_request,
+        runtime=runtime,
+        token=settings.internal_token,
+        # A kept answer skips the whole middleware chain, spans included: only without tracing.
+        answers=None if tracing else ListAnswers(listing, settings.max_body_bytes),
     )
 
     async def close_mcp_sessions() -> None:
@@ -267,6 +321,32 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
 
     runtime.close_mcp_sessions = close_mcp_sessions
     return gate, runtime
+
+
+def _declared_header_schemas(
+    lookup: Callable[[str], Mapping[str, Any] | None] | None,
+) -> Callable[[str], Mapping[str, Any] | None] | None:
+    """The SDK's tool input schema lookup for its `Mcp-Param-*` header check, answering None
+    for a tool whose schema declares no header (`x-mcp-header`).
+
+    The SDK checks every 2026-07-28 `tools/call` with arguments against the called tool's
+    schema, walking the whole schema each time to find the declared headers; a schema that
+    declares none can fail no such check, and a None schema is how the SDK is told to skip
+    it. Whether a schema declares any is worked out once per schema object."""
+    if lookup is None:
+        return None
+    declares: dict[str, tuple[Mapping[str, Any], bool]] = {}
+
+    def schema_with_headers(name: str) -> Mapping[str, Any] | None:
+        schema = lookup(name)
+        if schema is None:
+            return None
+        known = declares.get(name)
+        if known is None or known[0] is not schema:
+            known = declares[name] = (schema, bool(x_mcp_header_map(schema)))
+        return schema if known[1] else None
+
+    return schema_with_headers
 
 
 def _tracing_configured() -> bool:
