@@ -375,6 +375,26 @@ async def test_bad_calls_are_clear_errors(
     assert not provider.snapshot(), "a refused call must not reach the provider"
 
 
+async def test_tools_list_from_the_instances_caches_is_the_same_in_both_eras(fleet: Fleet) -> None:
+    """An instance builds its `tools/list` answer once per protocol version and answers repeats
+    from it (instance/tools/listing.py): every listing a session gets is the same, through the
+    router, for real SDK clients of either era, and both eras list the same tools."""
+    listed: dict[str, list[Any]] = {}
+    for mode in ("legacy", "2026-07-28"):
+        async with mcp_client(fleet.mcp_url, mode, name=f"lister-{mode}") as client:
+            first = await client.list_tools()
+            for _ in range(3):
+                assert await client.list_tools() == first
+            listed[mode] = first.tools
+            # A call between listings changes nothing of the next listing.
+            assert not (await client.call_tool("version", {})).is_error
+            assert await client.list_tools() == first
+    legacy = {t.name: (t.description, t.input_schema, t.output_schema) for t in listed["legacy"]}
+    modern = {t.name: (t.description, t.input_schema, t.output_schema) for t in listed["2026-07-28"]}
+    assert legacy == modern
+    assert {*ALL_TOOLS, "chat", "version"} <= set(legacy)
+
+
 async def test_listmodels_and_tools_list_describe_every_tool(fleet: Fleet) -> None:
     async with mcp_client(fleet.mcp_url, "legacy", name="lister") as client:
         listed = _ok(await client.call_tool("listmodels", {}))
