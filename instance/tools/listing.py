@@ -15,7 +15,13 @@ SDK's own, as before: the request's params against the version's request schema 
 handler's params model, and the handshake gate (no listing before `initialize`). Only a plain
 listing is served from the cache: params holding anything but `_meta` (a `cursor`, say) go
 to the SDK every time. The kept answer is tied to the tool set it listed (the registered
-`Tool` objects, by identity): adding, removing or replacing a tool rebuilds it.
+`Tool` objects, by identity): adding, removing or replacing a tool rebuilds it (changing a
+registered `Tool` object in place would not; nothing here does).
+
+`ListAnswers` goes one step further for the 2026-07-28 era, whose requests stand alone: the
+instance's gate (instance/app.py) keeps the answer's bytes, per request less its JSON-RPC id,
+and answers a repeat without asking the SDK at all. With tracing on (the SDK's span
+middleware in the chain) it is not used: every request gets its span.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.types import Message
 
 METHOD = "tools/list"
+ToolSet = tuple[Any, ...]
 _HANDSHAKE = frozenset(HANDSHAKE_PROTOCOL_VERSIONS)
 
 
@@ -39,16 +46,17 @@ class ToolListCache:
 
     def __init__(self, mcp: MCPServer[Any]) -> None:
         self._mcp = mcp
-        self._answers: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {}
+        self._answers: dict[str, tuple[ToolSet, dict[str, Any]]] = {}
         self.hits = 0
         self.misses = 0
 
-    def tool_set(self) -> tuple[int, ...]:
-        """What a kept answer depends on: the registered tools, by identity and order."""
+    def tool_set(self) -> ToolSet:
+        """What a kept answer depends on: the registered tools, in order (compared by identity;
+        a kept answer holds them, so no other object can take one's identity meanwhile)."""
         manager = getattr(self._mcp, "_tool_manager", None)
         if manager is None:  # pragma: no cover - an SDK without it: never serve from the cache
             return ()
-        return tuple(id(tool) for tool in manager.list_tools())
+        return tuple(manager.list_tools())
 
     def clear(self) -> None:
         self._answers.clear()
@@ -62,7 +70,7 @@ class ToolListCache:
         version = ctx.protocol_version
         tools = self.tool_set()
         kept = self._answers.get(version)
-        if kept is None or kept[0] != tools or not tools or not _accepted(ctx):
+        if kept is None or not same_tools(kept[0], tools) or not tools or not _accepted(ctx):
             self.misses += 1
             result = await call_next(ctx)
             if tools and isinstance(result, dict) and not result.get("isError") and _accepted(ctx):
@@ -77,6 +85,11 @@ class ToolListCache:
         entry.params_type.model_validate({} if params is None else params, by_name=False)
         self.hits += 1
         return _copy(kept[1])
+
+
+def same_tools(a: ToolSet, b: ToolSet) -> bool:
+    """The same tools, the same objects, in the same order."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def _accepted(ctx: ServerRequestContext[Any, Any]) -> bool:
@@ -124,7 +137,7 @@ class ListAnswers:
     def __init__(self, listing: ToolListCache, max_body: int) -> None:
         self._listing = listing
         self._max_body = max_body
-        self._kept: dict[tuple[Any, ...], tuple[tuple[int, ...], list[tuple[bytes, bytes]], bytes]] = {}
+        self._kept: dict[tuple[Any, ...], tuple[ToolSet, list[tuple[bytes, bytes]], bytes]] = {}
         self.hits = 0
 
     @staticmethod
@@ -160,17 +173,17 @@ class ListAnswers:
 
     def answer(self, key: tuple[Any, ...], rid: Any) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
         kept = self._kept.get(key)
-        if kept is None or kept[0] != self._listing.tool_set():
+        if kept is None or not same_tools(kept[0], self._listing.tool_set()):
             return None
         _, headers, rest = kept
         body = _ID_AT + json.dumps(rid).encode() + rest
         self.hits += 1
         return [*headers, (b"content-length", str(len(body)).encode())], body
 
-    def tool_set(self) -> tuple[int, ...]:
+    def tool_set(self) -> ToolSet:
         return self._listing.tool_set()
 
-    def keep(self, key: tuple[Any, ...], rid: Any, tools: tuple[int, ...], sent: list[Message]) -> None:
+    def keep(self, key: tuple[Any, ...], rid: Any, tools: ToolSet, sent: list[Message]) -> None:
         """Record the SDK's answer to `key` if it is a whole 200 JSON answer around `rid`."""
         if len(sent) != 2 or sent[0]["type"] != "http.response.start" or sent[0]["status"] != 200:
             return
@@ -182,7 +195,9 @@ class ListAnswers:
             return
         head = _ID_AT + json.dumps(rid).encode()
         body = bytes(end.get("body", b""))
-        if not body.startswith(head + b',"result":') or not tools or tools != self._listing.tool_set():
+        if not body.startswith(head + b',"result":'):
+            return
+        if not tools or not same_tools(tools, self._listing.tool_set()):  # it changed meanwhile
             return
         if key not in self._kept and len(self._kept) >= MAX_KEPT:
             self._kept.pop(next(iter(self._kept)))

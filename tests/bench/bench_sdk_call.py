@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import json
 import statistics
 import sys
@@ -240,6 +241,26 @@ async def _prepare(driver: Driver, era: str, what: str) -> tuple[list[tuple[byte
     return headers, body
 
 
+class GcClock:
+    """Time the garbage collector spends, from its own callbacks (collections run on this thread)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.full = 0
+        self._started = 0.0
+        gc.callbacks.append(self._tick)
+
+    def _tick(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+            self.full += info.get("generation") == 2
+
+
+GC = GcClock()
+
+
 async def _round(
     driver: Driver, era: str, what: str, calls: int, profile: cProfile.Profile | None
 ) -> dict[str, float]:
@@ -250,6 +271,7 @@ async def _round(
     chat_stages.stages["sdk_in"].recent.clear()
     chat_stages.stages["sdk_out"].recent.clear()
     samples = []
+    gc0, full0 = GC.seconds, GC.full
     cpu0 = time.thread_time()
     if profile is not None:
         profile.enable()
@@ -269,6 +291,8 @@ async def _round(
         "cpu_us_per_call": round(cpu * 1e6 / calls, 1),
         "p50_us": round(statistics.median(samples) * 1e6, 1),
         "answer_bytes": len(answer),
+        "gc_us_per_call": round((GC.seconds - gc0) * 1e6 / calls, 1),
+        "full_collections": GC.full - full0,
     }
     if what == "chat":
         summary = chat_stages.summary()
