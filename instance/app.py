@@ -52,7 +52,7 @@ from instance.runtime import Identity, Runtime
 from instance.storage import Storage
 from instance.timing import CallClock, chat_stages, current_call, finish_request
 from instance.tools import register_tools
-from instance.tools.listing import ListAnswers
+from instance.tools.listing import ListAnswers, ToolListCache
 
 try:  # a private module of the SDK (mcp>=2.3,<3): if a release moves it, its spans just stay on
     from mcp.server._otel import OpenTelemetryMiddleware
@@ -263,6 +263,8 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
         # a context attach/detach and a trace-context parse per call.
         mcp.middleware[:] = [m for m in mcp.middleware if not isinstance(m, OpenTelemetryMiddleware)]
     listing = register_tools(mcp, runtime)
+    # A kept answer skips the whole middleware chain, spans included: only without tracing.
+    answers = None if tracing else ListAnswers(listing, settings.max_body_bytes)
     register_resources(mcp, runtime)
 
     @mcp.custom_route(INTERNAL_HEALTH, methods=["GET"])
@@ -279,7 +281,10 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
     @mcp.custom_route(INTERNAL_METRICS, methods=["GET"])
     async def stage_metrics(request: Request) -> Response:
         return PlainTextResponse(
-            chat_stages.render() + _storage_metrics(runtime) + loopwatch.render_metrics(),
+            chat_stages.render()
+            + _storage_metrics(runtime)
+            + _listing_metrics(listing, answers)
+            + loopwatch.render_metrics(),
             media_type="text/plain; version=0.0.4",
         )
 
@@ -308,8 +313,7 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
         mcp.session_manager.handle_request,
         runtime=runtime,
         token=settings.internal_token,
-        # A kept answer skips the whole middleware chain, spans included: only without tracing.
-        answers=None if tracing else ListAnswers(listing, settings.max_body_bytes),
+        answers=answers,
     )
 
     async def close_mcp_sessions() -> None:
@@ -386,6 +390,23 @@ def _storage_metrics(runtime: Runtime) -> str:
         ("exai_instance_redis_batched_total",
          "Redis reads that shared a pipelined round trip with others started at the same time.",
          storage.cache.batched_total),
+    ]  # fmt: skip
+    lines = []
+    for name, help_text, value in counters:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
+    return "\n".join(lines) + "\n"
+
+
+def _listing_metrics(listing: ToolListCache, answers: ListAnswers | None) -> str:
+    """How `tools/list` was answered (instance/tools/listing.py), in the Prometheus text format."""
+    counters = [
+        ("exai_instance_tools_list_built_total", "tools/list answers the SDK built.",
+         listing.misses),
+        ("exai_instance_tools_list_reused_total", "tools/list answers reused in the SDK's pipeline.",
+         listing.hits),
+        ("exai_instance_tools_list_bytes_reused_total",
+         "2026-07-28 tools/list answers written from kept bytes.",
+         answers.hits if answers is not None else 0),
     ]  # fmt: skip
     lines = []
     for name, help_text, value in counters:
