@@ -11,8 +11,8 @@ it a request. What is measured is then everything of a chat call that is not the
 the SDK's request parsing and checks, argument validation, our wrapper and guard, the result's
 conversion, the JSON-RPC answer's serialization and the ASGI sends (not the socket writes).
 Prints CPU µs per call (the event loop thread's CPU time) and the instance's own `sdk_in` /
-`sdk_out` stage p50 (instance/timing.py); `list` times `tools/list` the same way. `--profile`
-writes a cProfile of the last round's calls.
+`sdk_out` stage p50 (instance/timing.py); `list` times `tools/list` the same way, `version`
+that tool. `--profile` writes a cProfile of the last round's calls.
 """
 
 from __future__ import annotations
@@ -200,8 +200,8 @@ def _sse_payload(body: bytes) -> dict[str, Any]:
 
 async def _prepare(driver: Driver, era: str, what: str) -> tuple[list[tuple[bytes, bytes]], Any]:
     """Headers and a body factory for `what` in `era` (the handshake era initializes first)."""
-    name = "chat" if what == "chat" else None
-    method = "tools/call" if what == "chat" else "tools/list"
+    name = what if what in ("chat", "version") else None
+    method = "tools/call" if name else "tools/list"
     if era == "stateless":
         extra = {"MCP-Protocol-Version": MODERN, "Mcp-Method": method}
         if name:
@@ -231,9 +231,11 @@ async def _prepare(driver: Driver, era: str, what: str) -> tuple[list[tuple[byte
 
     def body(k: int) -> bytes:
         params: dict[str, Any] = {}
-        if name:
+        if name == "chat":
             arguments = {"prompt": f"q {k} about the code", "continuation_id": "t-1"}
             params = {"name": name, "arguments": arguments}
+        elif name:
+            params = {"name": name, "arguments": {}}
         if meta is not None:
             params["_meta"] = meta
         return json.dumps({"jsonrpc": "2.0", "id": k + 1, "method": method, "params": params}).encode()
