@@ -176,13 +176,19 @@ class InternalTokenGate:
         """A 2026-07-28 `tools/list`: a kept answer if there is one for this request, else the
         SDK's, kept for the next one (instance/tools/listing.py)."""
         received: list[Message] = []
-        while True:
+        size = 0
+        whole = False
+        while size <= answers.max_body:  # a larger body is the SDK's to refuse (413), as before
             message = await receive()
             received.append(message)
-            if message["type"] != "http.request" or not message.get("more_body", False):
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                whole = True
                 break
         found = None
-        if all(m["type"] == "http.request" for m in received):
+        if whole:
             found = answers.key(scope, b"".join(m.get("body", b"") for m in received))
         if found is not None:
             kept = answers.answer(*found)

@@ -58,9 +58,6 @@ class ToolListCache:
             return ()
         return tuple(manager.list_tools())
 
-    def clear(self) -> None:
-        self._answers.clear()
-
     async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
         params = ctx.params
         if ctx.method != METHOD:
@@ -136,7 +133,8 @@ class ListAnswers:
 
     def __init__(self, listing: ToolListCache, max_body: int) -> None:
         self._listing = listing
-        self._max_body = max_body
+        self.max_body = min(max_body, 65536)
+        """The largest request body looked at (larger ones go to the SDK unread)."""
         self._kept: dict[tuple[Any, ...], tuple[ToolSet, list[tuple[bytes, bytes]], bytes]] = {}
         self.hits = 0
 
@@ -153,7 +151,7 @@ class ListAnswers:
 
     def key(self, scope: Mapping[str, Any], body: bytes) -> tuple[tuple[Any, ...], Any] | None:
         """The request's key and its id, or None if its answer is not to be kept."""
-        if len(body) > min(self._max_body, 65536):
+        if len(body) > self.max_body:
             return None
         try:
             decoded = json.loads(body)

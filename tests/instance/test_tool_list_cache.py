@@ -36,8 +36,10 @@ META = {
 class App:
     """One instance app in-process, and requests to it as uvicorn would hand them over."""
 
-    def __init__(self, *, cached: bool) -> None:
-        settings = load_settings(internal_token=TOKEN, database_url=None, redis_url=None, log_level="WARNING")
+    def __init__(self, *, cached: bool, **overrides: Any) -> None:
+        settings = load_settings(
+            internal_token=TOKEN, database_url=None, redis_url=None, log_level="WARNING", **overrides
+        )
         self.gate, self.runtime = build_app(settings, Identity(id="listing-test", host="127.0.0.1", port=1))
         self.manager = self.gate.mcp_handler.__self__
         server = self.manager.app
@@ -143,8 +145,8 @@ class App:
 
 
 @contextlib.asynccontextmanager
-async def running(*, cached: bool) -> AsyncIterator[App]:
-    app = App(cached=cached)
+async def running(*, cached: bool, **overrides: Any) -> AsyncIterator[App]:
+    app = App(cached=cached, **overrides)
     async with app.manager.run():
         app.runtime.set_state("ready")
         yield app
@@ -247,3 +249,16 @@ async def test_a_changed_tool_set_is_listed_anew(era: str) -> None:
         assert names((await app.list(era, 4))[2]) == before | {"probe_tool"}
         app.mcp.remove_tool("probe_tool")
         assert names((await app.list(era, 5))[2]) == before
+
+
+async def test_a_body_over_the_limit_is_refused_by_the_sdk_as_before() -> None:
+    padded = {"_meta": {**META, "padding": "x" * 5000}}
+    async with (
+        running(cached=True, max_body_bytes=2000) as app,
+        running(cached=False, max_body_bytes=2000) as plain,
+    ):
+        assert (await app.list("stateless", 1))[0] == 200
+        expected = await plain.list("stateless", 2, padded)
+        assert expected[0] == 413
+        for _ in range(2):
+            assert await app.list("stateless", 2, padded) == expected
