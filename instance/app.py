@@ -14,11 +14,12 @@ import gc
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.inbound import x_mcp_header_map
 from opentelemetry import trace  # the SDK's own dependency
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -52,6 +53,7 @@ from instance.runtime import Identity, Runtime
 from instance.storage import Storage
 from instance.timing import CallClock, chat_stages, current_call, finish_request
 from instance.tools import register_tools
+from instance.tools.listing import ListAnswers, ToolListCache
 
 try:  # a private module of the SDK (mcp>=2.3,<3): if a release moves it, its spans just stay on
     from mcp.server._otel import OpenTelemetryMiddleware
@@ -86,11 +88,19 @@ class InternalTokenGate:
     they add, a plain 500 when the handler raises before answering, `_timed` does itself.
     """
 
-    def __init__(self, app: ASGIApp, mcp_handler: ASGIApp, runtime: Runtime, token: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        mcp_handler: ASGIApp,
+        runtime: Runtime,
+        token: str,
+        answers: ListAnswers | None = None,
+    ) -> None:
         self.app = app
         self.mcp_handler = mcp_handler
         self.runtime = runtime
         self.token = token.encode()
+        self.answers = answers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -148,6 +158,9 @@ class InternalTokenGate:
             if not self.runtime.observe(headers):
                 await _fenced(self.runtime)(scope, receive, send)
                 return
+            if self.answers is not None and self.answers.wanted(scope):
+                await self._listing(self.answers, scope, receive, timed_send)
+                return
             await self.mcp_handler(scope, receive, timed_send)
         except Exception:
             # What Starlette's ServerErrorMiddleware answered here before: a plain 500 if nothing
@@ -159,6 +172,45 @@ class InternalTokenGate:
             current_answer.reset(answer_token)
             current_call.reset(token)
             pending.run()
+
+    async def _listing(self, answers: ListAnswers, scope: Scope, receive: Receive, send: Send) -> None:
+        """A 2026-07-28 `tools/list`: a kept answer if there is one for this request, else the
+        SDK's, kept for the next one (instance/tools/listing.py)."""
+        received: list[Message] = []
+        size = 0
+        whole = False
+        while size <= answers.max_body:  # a larger body is the SDK's to refuse (413), as before
+            message = await receive()
+            received.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                whole = True
+                break
+        found = None
+        if whole:
+            found = answers.key(scope, b"".join(m.get("body", b"") for m in received))
+        if found is not None:
+            kept = answers.answer(*found)
+            if kept is not None:
+                headers, body = kept
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        tools = answers.tool_set()
+        sent: list[Message] = []
+
+        async def replay() -> Message:
+            return received.pop(0) if received else await receive()
+
+        async def recording_send(message: Message) -> None:
+            sent.append(message)
+            await send(message)
+
+        await self.mcp_handler(scope, replay, recording_send if found is not None else send)
+        if found is not None:
+            answers.keep(*found, tools, sent)
 
 
 def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]:
@@ -211,12 +263,15 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
         lifespan=lifespan,
         log_level=settings.log_level,
     )
-    if OpenTelemetryMiddleware is not None and not _tracing_configured():
+    tracing = _tracing_configured()
+    if OpenTelemetryMiddleware is not None and not tracing:
         # The SDK wraps every message in an OpenTelemetry span by default and documents dropping
         # its middleware to opt out; with no tracer provider the span records nothing and costs
         # a context attach/detach and a trace-context parse per call.
         mcp.middleware[:] = [m for m in mcp.middleware if not isinstance(m, OpenTelemetryMiddleware)]
-    register_tools(mcp, runtime)
+    listing = register_tools(mcp, runtime)
+    # A kept answer skips the whole middleware chain, spans included: only without tracing.
+    answers = None if tracing else ListAnswers(listing, settings.max_body_bytes)
     register_resources(mcp, runtime)
 
     @mcp.custom_route(INTERNAL_HEALTH, methods=["GET"])
@@ -235,6 +290,7 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
         return PlainTextResponse(
             chat_stages.render()
             + _storage_metrics(runtime)
+            + _listing_metrics(listing, answers)
             + loopwatch.render_metrics()
             + gcpauses.render_metrics(),
             media_type="text/plain; version=0.0.4",
@@ -258,8 +314,14 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
         session_idle_timeout=settings.session_idle_timeout,
         host=identity.host,
     )
+    server = mcp.session_manager.app
+    server.get_tool_input_schema = _declared_header_schemas(server.get_tool_input_schema)
     gate = InternalTokenGate(
-        app, mcp.session_manager.handle_request, runtime=runtime, token=settings.internal_token
+        app,
+        mcp.session_manager.handle_request,
+        runtime=runtime,
+        token=settings.internal_token,
+        answers=answers,
     )
 
     async def close_mcp_sessions() -> None:
@@ -271,6 +333,32 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
 
     runtime.close_mcp_sessions = close_mcp_sessions
     return gate, runtime
+
+
+def _declared_header_schemas(
+    lookup: Callable[[str], Mapping[str, Any] | None] | None,
+) -> Callable[[str], Mapping[str, Any] | None] | None:
+    """The SDK's tool input schema lookup for its `Mcp-Param-*` header check, answering None
+    for a tool whose schema declares no header (`x-mcp-header`).
+
+    The SDK checks every 2026-07-28 `tools/call` with arguments against the called tool's
+    schema, walking the whole schema each time to find the declared headers; a schema that
+    declares none can fail no such check, and a None schema is how the SDK is told to skip
+    it. Whether a schema declares any is worked out once per schema object."""
+    if lookup is None:
+        return None
+    declares: dict[str, tuple[Mapping[str, Any], bool]] = {}
+
+    def schema_with_headers(name: str) -> Mapping[str, Any] | None:
+        schema = lookup(name)
+        if schema is None:
+            return None
+        known = declares.get(name)
+        if known is None or known[0] is not schema:
+            known = declares[name] = (schema, bool(x_mcp_header_map(schema)))
+        return schema if known[1] else None
+
+    return schema_with_headers
 
 
 def _tracing_configured() -> bool:
@@ -320,6 +408,23 @@ def _storage_metrics(runtime: Runtime) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _listing_metrics(listing: ToolListCache, answers: ListAnswers | None) -> str:
+    """How `tools/list` was answered (instance/tools/listing.py), in the Prometheus text format."""
+    counters = [
+        ("exai_instance_tools_list_built_total", "tools/list answers the SDK built.",
+         listing.misses),
+        ("exai_instance_tools_list_reused_total", "tools/list answers reused in the SDK's pipeline.",
+         listing.hits),
+        ("exai_instance_tools_list_bytes_reused_total",
+         "2026-07-28 tools/list answers written from kept bytes.",
+         answers.hits if answers is not None else 0),
+    ]  # fmt: skip
+    lines = []
+    for name, help_text, value in counters:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
+    return "\n".join(lines) + "\n"
+
+
 def _notifier(settings: Settings, redis: Any) -> Notifier:
     events = None
     if redis is not None:
@@ -334,9 +439,11 @@ async def _preload_and_freeze(families: list[tokens.Family]) -> None:
     would otherwise walk it all each time: ~127,000 objects, the vocabularies among them, 60-100 ms
     with the event loop stopped, measured on the development machine; after the freeze a full
     collection walks only what was made since."""
-    await asyncio.to_thread(tokens.preload, families)
-    gc.freeze()
-    gcpauses.install()
+    try:
+        await asyncio.to_thread(tokens.preload, families)
+    finally:  # (a tokenizer that failed to load is loaded at first use; startup is frozen anyway)
+        gc.freeze()
+        gcpauses.install()
 
 
 async def _open_storage(

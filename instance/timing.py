@@ -79,7 +79,10 @@ class Stages:
         self.stages = {name: Stage() for name in names}
 
     def add(self, name: str, seconds: float) -> None:
-        self.stages.setdefault(name, Stage()).add(seconds)
+        stage = self.stages.get(name)
+        if stage is None:
+            stage = self.stages[name] = Stage()
+        stage.add(seconds)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

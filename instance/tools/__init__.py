@@ -17,11 +17,13 @@ from typing import Any, TypeVar, cast
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from starlette.datastructures import Headers
 
 from common.errors import ExaiError
 from instance.after_answer import after_answer
 from instance.runtime import Runtime
 from instance.timing import mark_tool
+from instance.tools.listing import ToolListCache
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +42,38 @@ def _context_of(kwargs: dict[str, Any]) -> Context | None:
     return None
 
 
+_last_headers: tuple[Any, dict[str, str]] | None = None
+"""The most recent request's headers and their plain copy (the Headers object is held, so its
+identity cannot be reused while it is the key)."""
+
+
 def headers_of(ctx: Context | None) -> dict[str, str]:
+    """The call's HTTP headers as a plain dict (names as the transport gives them: lowercase;
+    of a repeated header, its first value). A tool asks several times per call: the copy is
+    made once per request and handed out as a fresh dict each time."""
+    global _last_headers
     if ctx is None:
         return {}
     try:
         headers = ctx.headers
     except ValueError:
         return {}
-    return dict(headers) if headers else {}
+    if not headers:
+        return {}
+    last = _last_headers
+    if last is not None and last[0] is headers:
+        return dict(last[1])
+    plain: dict[str, str]
+    if isinstance(headers, Headers):
+        # dict(Headers) looks every name up again in the raw list (quadratic); this keeps, as
+        # that lookup does, the first value of a repeated name, in the same order.
+        plain = {}
+        for name, value in headers.items():
+            plain.setdefault(name, value)
+    else:
+        plain = dict(headers)
+    _last_headers = (headers, plain)
+    return dict(plain)
 
 
 def exai_tool(mcp: MCPServer[Any], runtime: Runtime, *, description: str) -> Callable[[F], F]:
@@ -140,7 +166,8 @@ async def _touch_session(runtime: Runtime) -> None:
     )
 
 
-def register_tools(mcp: MCPServer[Any], runtime: Runtime) -> None:
+def register_tools(mcp: MCPServer[Any], runtime: Runtime) -> ToolListCache:
+    """Register every tool and the middleware around them; returns the `tools/list` cache."""
     from instance.tools import chat, files, info, notes, tasks
     from instance.tools.guard import unknown_argument_guard
     from instance.tools.workflows import register as register_workflows
@@ -151,4 +178,7 @@ def register_tools(mcp: MCPServer[Any], runtime: Runtime) -> None:
     from instance.tools import links
 
     links.register(mcp, runtime)
+    listing = ToolListCache(mcp)
+    mcp.middleware.append(listing)
     mcp.middleware.append(unknown_argument_guard(mcp))
+    return listing

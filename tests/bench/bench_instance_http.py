@@ -1,14 +1,16 @@
 """An instance's own per-request cost (uvicorn, starlette, the MCP SDK, our middleware), A/B.
 
-    python tests/bench/bench_instance_http.py [--calls 3000] [--rounds 3] [OTHER_BIN ...]
+    python tests/bench/bench_instance_http.py [--calls 3000] [--rounds 3] [--method call|list]
+        [OTHER_BIN ...]
 
 Starts one bare `exai-instance` from this venv and one per OTHER_BIN (another checkout's
 `.venv/bin/exai-instance`, to compare builds side by side) on loopback without Redis or
-Postgres, then calls the `version` tool straight at each (the router's internal headers, one
-keep-alive socket, one call at a time, prebuilt raw HTTP/1.1 so the client costs little), in
-both eras: 2026-07-28 (stateless JSON answer) and the handshake era (initialize, then
-tools/call answered on an SSE stream). Rounds alternate the order of the instances. Prints
-each instance's CPU per call (utime + stime from /proc) and the p50 latency per round.
+Postgres, then calls the `version` tool (`--method list`: `tools/list`) straight at each (the
+router's internal headers, one keep-alive socket, one call at a time, prebuilt raw HTTP/1.1 so
+the client costs little), in both eras: 2026-07-28 (stateless JSON answer) and the handshake
+era (initialize, then the request answered on an SSE stream). Rounds alternate the order of
+the instances. Prints each instance's CPU per call (utime + stime from /proc) and the p50
+latency per round.
 """
 
 from __future__ import annotations
@@ -107,8 +109,11 @@ class Target:
         self.log.close()
 
 
-async def _session(t: Target, era: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
-    """A connection bound like the router would, and a prebuilt `version` call for it."""
+async def _session(
+    t: Target, era: str, method: str = "call"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A connection bound like the router would, and a prebuilt `version` call (or, with
+    method "list", a `tools/list`) for it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", t.port)
     headers = {
         p.INTERNAL_TOKEN_HEADER: t.token,
@@ -117,12 +122,17 @@ async def _session(t: Target, era: str) -> tuple[asyncio.StreamReader, asyncio.S
         p.ERA_HEADER: era,
         p.CLIENT_HEADER: "bench",
     }
-    call: dict[str, Any] = {"jsonrpc": "2.0", "id": 7, "method": "tools/call"}
+    listing = method == "list"
+    call: dict[str, Any] = {"jsonrpc": "2.0", "id": 7, "method": "tools/list" if listing else "tools/call"}
     if era == "stateless":
-        headers.update({"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "version"})
+        if listing:
+            headers.update({"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/list"})
+        else:
+            headers.update(
+                {"MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "version"}
+            )
         call["params"] = {
-            "name": "version",
-            "arguments": {},
+            **({} if listing else {"name": "version", "arguments": {}}),
             "_meta": {
                 "io.modelcontextprotocol/protocolVersion": MODERN,
                 "io.modelcontextprotocol/clientInfo": {"name": "bench", "version": "1"},
@@ -144,12 +154,13 @@ async def _session(t: Target, era: str) -> tuple[asyncio.StreamReader, asyncio.S
     headers.update({p.MCP_SESSION_ID: session, "MCP-Protocol-Version": HANDSHAKE})
     writer.write(_request(t.port, {"jsonrpc": "2.0", "method": "notifications/initialized"}, headers))
     await _answer(reader)
-    call["params"] = {"name": "version", "arguments": {}}
+    if not listing:
+        call["params"] = {"name": "version", "arguments": {}}
     return reader, writer, _request(t.port, call, headers)
 
 
-async def _round(t: Target, era: str, calls: int) -> dict[str, float]:
-    reader, writer, data = await _session(t, era)
+async def _round(t: Target, era: str, calls: int, method: str = "call") -> dict[str, float]:
+    reader, writer, data = await _session(t, era, method)
     for _ in range(50):  # warm up
         writer.write(data)
         await _answer(reader)
@@ -175,6 +186,9 @@ async def main() -> int:
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--eras", default="stateless,handshake")
+    ap.add_argument(
+        "--method", choices=["call", "list"], default="call", help="call: the version tool; list: tools/list"
+    )
     ap.add_argument("bins", nargs="*", default=[], help="other builds' exai-instance to compare")
     args = ap.parse_args()
     token = secrets.token_hex(8)
@@ -189,7 +203,7 @@ async def main() -> int:
                 order = targets if r % 2 == 0 else list(reversed(targets))
                 for era in args.eras.split(","):
                     for t in order:
-                        out = await _round(t, era, args.calls)
+                        out = await _round(t, era, args.calls, args.method)
                         results.setdefault(t.binary, {}).setdefault(era, []).append(out)
                         print(f"round {r} {era:9} {t.binary}: {out}", flush=True)
         finally:

@@ -16,13 +16,14 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from mcp_types import CallToolResult
 
 from instance.workflows.catalog import SPECS
 from tests.fakes.provider import Behaviour, FakeProvider, Hit
 from tests.fleet import Fleet
-from tests.router.conftest import ROUTER_TEST_SETTINGS, instance_num, mcp_client
+from tests.router.conftest import ROUTER_TEST_SETTINGS, instance_num, mcp_client, status_of
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -373,6 +374,49 @@ async def test_bad_calls_are_clear_errors(
             assert text.split("] ", 1)[0].rsplit("[", 1)[-1] in {"invalid_argument", "unknown_tool"}, text
             assert "Traceback" not in text
     assert not provider.snapshot(), "a refused call must not reach the provider"
+
+
+async def test_tools_list_from_the_instances_caches_is_the_same_in_both_eras(fleet: Fleet) -> None:
+    """An instance builds its `tools/list` answer once per protocol version and answers repeats
+    from it (instance/tools/listing.py): every listing a session gets is the same, through the
+    router, for real SDK clients of either era, and both eras list the same tools."""
+    listed: dict[str, list[Any]] = {}
+    for mode in ("legacy", "2026-07-28"):
+        async with mcp_client(fleet.mcp_url, mode, name=f"lister-{mode}") as client:
+            st = await status_of(client)
+            before = await _listing_counters(fleet, st["instance_id"])
+            # "refresh": past the client's own listing cache, every listing asks the instance.
+            first = await client.list_tools(cache_mode="refresh")
+            for _ in range(3):
+                assert await client.list_tools(cache_mode="refresh") == first
+            listed[mode] = first.tools
+            # A call between listings changes nothing of the next listing.
+            assert not (await client.call_tool("version", {})).is_error
+            assert await client.list_tools(cache_mode="refresh") == first
+            after = await _listing_counters(fleet, st["instance_id"])
+        reused = {k: after[k] - before[k] for k in after}
+        # At most the first was built; the 2026-07-28 repeats left from kept bytes.
+        assert reused["built"] <= 1, reused
+        if mode == "legacy":
+            assert reused["reused"] >= 4, reused
+        else:
+            assert reused["bytes_reused"] >= 4, reused
+    legacy = {t.name: (t.description, t.input_schema, t.output_schema) for t in listed["legacy"]}
+    modern = {t.name: (t.description, t.input_schema, t.output_schema) for t in listed["2026-07-28"]}
+    assert legacy == modern
+    assert {*ALL_TOOLS, "chat", "version"} <= set(legacy)
+
+
+async def _listing_counters(fleet: Fleet, instance_id: str) -> dict[str, int]:
+    """An instance's tools/list counters, from its /internal/metrics."""
+    url = f"http://127.0.0.1:{fleet.instance_port(instance_num(instance_id))}/internal/metrics"
+    headers = {"X-Exai-Internal-Token": fleet.internal_token}
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as r:
+        assert r.status == 200
+        text = await r.text()
+    prefix = "exai_instance_tools_list_"
+    counters = dict(line.split(" ", 1) for line in text.splitlines() if line.startswith(prefix))
+    return {key: int(counters[f"{prefix}{key}_total"]) for key in ("built", "reused", "bytes_reused")}
 
 
 async def test_listmodels_and_tools_list_describe_every_tool(fleet: Fleet) -> None:
