@@ -39,7 +39,7 @@ from common.notifications import notification
 from common.protocol import ADMIN_PRINCIPAL, CLIENT_HEADER
 from common.redis import REDIS_DOWN_ERRORS
 from instance.after_answer import AfterAnswer, after_answer, after_answer_of, current_answer
-from instance.runtime import Runtime
+from instance.runtime import Runtime, header
 from instance.storage.writebehind import KIND_LINK_EVENT
 from instance.timing import Stages
 
@@ -138,7 +138,7 @@ class Links:
         """(session, principal, client name, may cross principals) of the calling session."""
         rt = self.runtime
         principal = rt.principal_for(headers)
-        client = headers.get(CLIENT_HEADER) or (rt.binding.client if rt.binding else None)
+        client = header(headers, CLIENT_HEADER) or (rt.binding.client if rt.binding else None)
         crosses = not rt.scoped or principal == ADMIN_PRINCIPAL
         return rt.session_for(headers), principal, client, crosses
 

@@ -47,6 +47,13 @@ log = logging.getLogger(__name__)
 LOCAL_SESSION = "local"
 
 
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """Header `name` of a request's headers: Starlette's (any case) or a plain dict of them,
+    whose names the transport gives in lowercase (instance/tools.headers_of)."""
+    value = headers.get(name)
+    return value if value is not None else headers.get(name.lower())
+
+
 @dataclass(frozen=True)
 class Identity:
     """Where this instance lives: its registry id, the address it listens on, and the address
@@ -146,10 +153,10 @@ class Runtime:
         session means some router's view of the leases is wrong (Redis lost them), and
         answering it would hand this session's process to a second client.
         """
-        sid = headers.get(SESSION_HEADER)
+        sid = header(headers, SESSION_HEADER)
         if not sid:
             return True
-        fence = headers.get(FENCE_HEADER) or ""
+        fence = header(headers, FENCE_HEADER) or ""
         current = self.binding
         if current is not None:
             if current.session != sid:
@@ -161,9 +168,9 @@ class Runtime:
             return True
         self.binding = Binding(
             session=sid,
-            principal=headers.get(PRINCIPAL_HEADER),
-            client=headers.get(CLIENT_HEADER),
-            era=headers.get(ERA_HEADER),
+            principal=header(headers, PRINCIPAL_HEADER),
+            client=header(headers, CLIENT_HEADER),
+            era=header(headers, ERA_HEADER),
             fence=fence,
         )
         # The registry entry and the log follow the answer: the binding itself (above) is what
@@ -177,9 +184,9 @@ class Runtime:
         current = self.binding
         if current is None:
             return True
-        if headers.get(SESSION_HEADER) != current.session:
+        if header(headers, SESSION_HEADER) != current.session:
             return False
-        return not current.fence or headers.get(FENCE_HEADER) == current.fence
+        return not current.fence or header(headers, FENCE_HEADER) == current.fence
 
     @property
     def scoped(self) -> bool:
@@ -188,7 +195,7 @@ class Runtime:
 
     def principal_for(self, headers: Mapping[str, str] | None) -> str | None:
         """Who is calling, as the router said (recorded on what the call creates)."""
-        principal = (headers or {}).get(PRINCIPAL_HEADER)
+        principal = header(headers or {}, PRINCIPAL_HEADER)
         if principal is None and self.binding is not None:
             principal = self.binding.principal
         return principal or None
@@ -205,7 +212,7 @@ class Runtime:
     def session_for(self, headers: Mapping[str, str] | None) -> str:
         """The session id that scopes tasks and notes for this request."""
         if headers:
-            sid = headers.get(SESSION_HEADER) or headers.get(MCP_SESSION_ID)
+            sid = header(headers, SESSION_HEADER) or header(headers, MCP_SESSION_ID)
             if sid:
                 return sid
         return self.session or LOCAL_SESSION
