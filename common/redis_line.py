@@ -144,15 +144,31 @@ class DirectLine:
             return None
         return self._write(transport, args)
 
+    def send_many(self, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]] | None:
+        """`send` for several commands, written in one go (in order); their replies' futures,
+        or None if the line is not up."""
+        conn = self._conn
+        transport = conn.transport if conn is not None else None
+        if transport is None or transport.is_closing():
+            self._start()
+            return None
+        return self._write_many(transport, commands)
+
     def _write(self, transport: asyncio.Transport, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        return self._write_many(transport, [args])[0]
+
+    def _write_many(
+        self, transport: asyncio.Transport, commands: list[tuple[Any, ...]]
+    ) -> list[asyncio.Future[Any]]:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(fut)
-        transport.write(encode(args))
-        self.sent += 1
-        handle = loop.call_later(self._timeout, self._expire, fut)
-        fut.add_done_callback(lambda _: handle.cancel())
-        return fut
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in commands]
+        self._pending.extend(futures)
+        transport.write(b"".join(encode(args) for args in commands))
+        self.sent += len(commands)
+        last = futures[-1]  # replies come in order: the last one's deadline covers them all
+        handle = loop.call_later(self._timeout, self._expire, last)
+        last.add_done_callback(lambda _: handle.cancel())
+        return futures
 
     def _reply(self, conn: _Replies, reply: Any) -> None:
         if not self._pending:
