@@ -105,7 +105,7 @@ async def test_the_pubsub_line_hands_out_messages_as_redis_py_does(redis_url: st
         await line.open()
         await line.subscribe(channel)
         assert await _next(got) == {"type": "subscribe", "channel": channel, "data": 1}
-        assert await client.publish(channel, "0-1 0-2 {\"a\": \"é\"}") == 1
+        assert await client.publish(channel, '0-1 0-2 {"a": "é"}') == 1
         assert await _next(got) == {"type": "message", "channel": channel, "data": '0-1 0-2 {"a": "é"}'}
         await line.unsubscribe(channel)
         assert await _next(got) == {"type": "unsubscribe", "channel": channel, "data": 0}

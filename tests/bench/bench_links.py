@@ -321,8 +321,13 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
     results: dict[str, Any] = {"calls": calls, "messages": messages, "backlog": backlog}
 
     await fleet.wait_instances(2)
+    a_sent = [0.0]  # wall clock: A's client is about to send its last HTTP request
+
+    def a_sends(request: Any) -> None:
+        a_sent[0] = time.time()
+
     async with (
-        mcp_client(fleet.mcp_url, "legacy", name="bench-a") as a,
+        mcp_client(fleet.mcp_url, "legacy", name="bench-a", on_request=a_sends) as a,
         mcp_client(fleet.mcp_url, "legacy", name="bench-c") as c,
         Listener(fleet.mcp_url, group, "bench-b") as b,
     ):
@@ -353,6 +358,7 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
         await asyncio.sleep(0.5)
         b.times.clear()
         lat: list[float] = []
+        from_sent: list[float] = []
         after_answer: list[float] = []
         answer: list[float] = []
         marks: list[tuple[str, float, float]] = []  # (body, call start, arrived), wall clock
@@ -370,6 +376,7 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
                     b.arrived.clear()
                 got = b.times[seen_before]
                 lat.append((got - wall0) * 1000)
+                from_sent.append((got - a_sent[0]) * 1000)
                 answer.append((answered - wall0) * 1000)
                 after_answer.append((got - answered) * 1000)  # < 0: B heard before A's answer
                 # Spaced out, as messages between agents are: what one message leaves to do in the
@@ -378,6 +385,9 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
                 marks.append((f"d{i}", wall0, got))
         results["delivery_b_process"] = "B's SDK client in a process of its own (bench/link_listener.py)"
         results["delivery"] = summary(lat)
+        # The same from A's HTTP request about to be sent (httpx's request hook): without A's
+        # client building and queueing its call.
+        results["delivery_from_a_request"] = summary(from_sent)
         results["delivery_after_answer"] = summary(after_answer)
         results["sender_answer"] = summary(answer)
         redis = aioredis.Redis.from_url(fleet.settings.redis_url or "", decode_responses=True)
@@ -558,6 +568,7 @@ async def main() -> None:
             )
     for label, key in (
         ("delivery A -> B (B's client in its own process)", "delivery"),
+        ("  from A's HTTP request sent (httpx hook)", "delivery_from_a_request"),
         ("  of it after A's call answered", "delivery_after_answer"),
         ("A's link_send answered (client)", "sender_answer"),
         ("old sync store (contrast)", "old_sync_store"),
