@@ -255,11 +255,15 @@ class _PubSubReplies(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.replies: deque[asyncio.Future[Any]] = deque()
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.heard = asyncio.get_running_loop().time()  # when bytes last came from Redis
+        self.ping_sent: float | None = None  # a health-check PING waits for its answer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        self.heard = asyncio.get_running_loop().time()
+        self.ping_sent = None  # anything from Redis shows the connection alive
         self.reader.feed(data)
         while self.transport is not None and not self.transport.is_closing():
             try:
@@ -296,13 +300,19 @@ class PubSubLine:
     the caller takes redis-py's PubSub."""
 
     def __init__(
-        self, redis: Redis, on_message: Callable[[dict[str, Any]], None], *, timeout: float = 5.0
+        self,
+        redis: Redis,
+        on_message: Callable[[dict[str, Any]], None],
+        *,
+        timeout: float = 5.0,
+        health_interval: float = 15.0,
     ) -> None:
         kwargs = redis.connection_pool.connection_kwargs
         self._host = str(kwargs.get("host", ""))
         self._port = int(kwargs.get("port") or 6379)
         self._setup = _setup_commands(kwargs)
         self._timeout = timeout
+        self._health_interval = health_interval
         self._on_message = on_message
         self._conn: _PubSubReplies | None = None
 
@@ -356,8 +366,23 @@ class PubSubLine:
         return self._conn
 
     async def wait_lost(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for the connection to go away; True if it did."""
+        """Wait up to `timeout` seconds for the connection to go away; True if it did.
+
+        Also the health check (as redis-py's `health_check_interval`): after `health_interval`
+        seconds without a byte from Redis a PING goes out, and a connection that still says
+        nothing `timeout` seconds later is closed (a peer gone without a reset)."""
         conn = self._require()
+        now = asyncio.get_running_loop().time()
+        if conn.ping_sent is not None and now - conn.ping_sent > self._timeout:
+            log.warning(
+                "no answer from Redis on the pub/sub connection within %.1fs; reconnecting", self._timeout
+            )
+            if conn.transport is not None:
+                conn.transport.close()
+        elif conn.ping_sent is None and now - conn.heard >= self._health_interval:
+            conn.ping_sent = now
+            with contextlib.suppress(RedisConnectionError):
+                self._write(conn, ("PING",))
         if not conn.lost.done():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):

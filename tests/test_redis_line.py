@@ -133,3 +133,35 @@ async def test_the_pubsub_line_notices_a_dead_redis(tmp_path: Path) -> None:
         await line.aclose()
         await client.aclose()
         own.stop()
+
+
+async def test_the_pubsub_line_pings_and_drops_a_silent_peer(redis_url: str) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)  # takes every byte, answers none (a peer gone without a reset)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    quiet = Redis(host="127.0.0.1", port=port)
+    live = Redis.from_url(redis_url)
+    line = PubSubLine(quiet, lambda _: None, timeout=0.3, health_interval=0.1)
+    alive = PubSubLine(live, lambda _: None, timeout=0.3, health_interval=0.1)
+    try:
+        await line.open()
+        await alive.open()
+        await line.subscribe("c")
+        await alive.subscribe("c")
+        lost = False
+        for _ in range(100):  # ~0.1 s to the PING, 0.3 s more without an answer
+            lost = await line.wait_lost(0.02)
+            if lost:
+                break
+        assert lost
+        for _ in range(30):  # Redis answers its PINGs: the line stays up
+            assert not await alive.wait_lost(0.02)
+    finally:
+        await line.aclose()
+        await alive.aclose()
+        await quiet.aclose()
+        await live.aclose()
+        server.close()
+        await server.wait_closed()
