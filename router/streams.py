@@ -53,12 +53,14 @@ from mcp_types import (
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common import protocol as p
 from common.errors import BadRequest, InvalidArgument, SessionNotFound, TooManyStreams
 from common.keys import Keys
 from common.notifications import END, Event, EventLog, carried, newer, parse_id
 from common.redis import REDIS_DOWN_ERRORS
+from common.redis_line import PubSubLine
 from router.jsonrpc import Message, error_response
 from router.metrics import Counter, Labels, Metrics
 from router.sessions import Session, SessionTable, new_session_id
@@ -275,7 +277,7 @@ class Hub:
         self.watchers: dict[str, set[Watch]] = {}
         self.connected = False
         self.closing = False
-        self._pubsub: PubSub | None = None
+        self._pubsub: PubSub | PubSubLine | None = None
         self._confirm: dict[str, asyncio.Future[None]] = {}
         self._channels: set[str] = set()  # session channels asked for on the current connection
         self._resync = False
@@ -302,25 +304,45 @@ class Hub:
 
     # --- pub/sub ---------------------------------------------------------------------------
     async def run(self) -> None:
-        """Keep the pub/sub connection up for as long as the router runs."""
+        """Keep the pub/sub connection up for as long as the router runs.
+
+        Over plain TCP the connection is a `PubSubLine` (common/redis_line.py): each message is
+        handed to `_on_message` from the connection's read callback, so a woken stream's task is
+        the only hop between Redis and the stream's write. Otherwise (TLS, a Unix socket),
+        redis-py's PubSub, read here."""
         backoff = 0.1
         first = True
+        direct = PubSubLine.usable(self.redis)
         while True:
-            pubsub = self.redis.pubsub()
+            line = PubSubLine(self.redis, self._on_message) if direct else None
+            pubsub = self.redis.pubsub() if line is None else None
             try:
                 # The hub's own channel last: once it is confirmed, every channel before it is live.
                 self._channels = {self.keys.session_channel(sid) for sid in self.watchers}
                 self._resync = False
-                await pubsub.subscribe(*self._channels, self._hub_channel)
-                self._pubsub = pubsub
+                if line is not None:
+                    await line.open()
+                    self._pubsub = line
+                    await line.subscribe(*self._channels, self._hub_channel)
+                else:
+                    assert pubsub is not None
+                    await pubsub.subscribe(*self._channels, self._hub_channel)
+                    self._pubsub = pubsub
                 if not first:
                     self.stats.reconnects.inc()
                 first = False
                 while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=POLL)
-                    if msg is not None:
-                        self._on_message(msg)
-                        backoff = 0.1
+                    if line is not None:
+                        if await line.wait_lost(POLL):
+                            raise RedisConnectionError("the pub/sub connection to Redis closed")
+                        if self.connected:
+                            backoff = 0.1
+                    else:
+                        assert pubsub is not None
+                        msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=POLL)
+                        if msg is not None:
+                            self._on_message(msg)
+                            backoff = 0.1
                     if self._resync and self.connected:
                         # Streams that opened while we were (re)connecting: subscribe them now;
                         # each confirmation wakes its streams to read what they missed.
@@ -328,10 +350,10 @@ class Hub:
                         missing = {self.keys.session_channel(sid) for sid in self.watchers} - self._channels
                         if missing:
                             self._channels |= missing
-                            await pubsub.subscribe(*missing)
+                            await self._pubsub.subscribe(*missing)
             except asyncio.CancelledError:
                 raise
-            except REDIS_DOWN_ERRORS as exc:
+            except REDIS_DOWN_ERRORS as exc:  # (TimeoutError is an OSError)
                 if self.connected:
                     log.warning("pub/sub connection to Redis lost (%s); streams stay open, reconnecting", exc)
             except Exception:
@@ -344,7 +366,7 @@ class Hub:
                         fut.set_result(None)
                 self._confirm.clear()
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await (line or pubsub).aclose()  # type: ignore[union-attr,no-untyped-call]
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
 

@@ -1,5 +1,7 @@
 """The direct Redis line: a command is written at the call, its reply comes back as a future,
-and a line that is down or breaks sends the caller back to redis-py (never a silent loss)."""
+and a line that is down or breaks sends the caller back to redis-py (never a silent loss).
+The pub/sub line: messages reach the handler as redis-py would hand them out, on the database
+the URL names, and a Redis that goes away is noticed."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from common.redis_line import DirectLine, encode
+from common.redis_line import DirectLine, PubSubLine, encode
 from tests.redis_server import OwnRedis
 
 
@@ -85,3 +87,81 @@ async def test_a_dead_redis_fails_what_waits_and_the_line_comes_back(tmp_path: P
         await line.close()
         await client.aclose()
         own.stop()
+
+
+async def _next(got: asyncio.Queue[dict[str, object]]) -> dict[str, object]:
+    return await asyncio.wait_for(got.get(), 5)
+
+
+async def test_the_pubsub_line_hands_out_messages_as_redis_py_does(redis_url: str, redis_prefix: str) -> None:
+    # Another database than 0 (SELECT on connect): a publish is seen there whatever the db.
+    base = redis_url.rsplit("/", 1)[0]
+    client = Redis.from_url(base + "/3", decode_responses=True)
+    got: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+    line = PubSubLine(client, got.put_nowait)
+    assert PubSubLine.usable(client)
+    channel = f"{redis_prefix}:pubsub-line"
+    try:
+        await line.open()
+        await line.subscribe(channel)
+        assert await _next(got) == {"type": "subscribe", "channel": channel, "data": 1}
+        assert await client.publish(channel, '0-1 0-2 {"a": "é"}') == 1
+        assert await _next(got) == {"type": "message", "channel": channel, "data": '0-1 0-2 {"a": "é"}'}
+        await line.unsubscribe(channel)
+        assert await _next(got) == {"type": "unsubscribe", "channel": channel, "data": 0}
+        assert await client.publish(channel, "later") == 0
+        assert not await line.wait_lost(0.05)
+    finally:
+        await line.aclose()
+        await client.aclose()
+
+
+async def test_the_pubsub_line_notices_a_dead_redis(tmp_path: Path) -> None:
+    own = OwnRedis(tmp_path / "redis").start()
+    client = Redis.from_url(own.url, decode_responses=True)
+    got: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+    line = PubSubLine(client, got.put_nowait, timeout=1.0)
+    try:
+        await line.open()
+        await line.subscribe("c")
+        assert (await _next(got))["type"] == "subscribe"
+        own.kill()
+        assert await line.wait_lost(5)
+        with pytest.raises(RedisConnectionError):  # refused at once, not queued for nobody
+            await PubSubLine(client, got.put_nowait, timeout=1.0).open()
+    finally:
+        await line.aclose()
+        await client.aclose()
+        own.stop()
+
+
+async def test_the_pubsub_line_pings_and_drops_a_silent_peer(redis_url: str) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)  # takes every byte, answers none (a peer gone without a reset)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    quiet = Redis(host="127.0.0.1", port=port)
+    live = Redis.from_url(redis_url)
+    line = PubSubLine(quiet, lambda _: None, timeout=0.3, health_interval=0.1)
+    alive = PubSubLine(live, lambda _: None, timeout=0.3, health_interval=0.1)
+    try:
+        await line.open()
+        await alive.open()
+        await line.subscribe("c")
+        await alive.subscribe("c")
+        lost = False
+        for _ in range(100):  # ~0.1 s to the PING, 0.3 s more without an answer
+            lost = await line.wait_lost(0.02)
+            if lost:
+                break
+        assert lost
+        for _ in range(30):  # Redis answers its PINGs: the line stays up
+            assert not await alive.wait_lost(0.02)
+    finally:
+        await line.aclose()
+        await alive.aclose()
+        await quiet.aclose()
+        await live.aclose()
+        server.close()
+        await server.wait_closed()

@@ -16,7 +16,11 @@ real MCP clients through the router. Measured:
 2. delivery latency: A calls link_send -> B's client has the `notifications/resources/updated`
    for the group's inbox (the spool append, the member's notification log in Redis, the
    router-held stream, SSE to B; with EXAI_LINK_EARLY_NOTIFY=false also the flusher's
-   Postgres commit); one message at a time, 25 ms apart. Also the part of it after A's call
+   Postgres commit); one message at a time, 25 ms apart. B's SDK client runs in a process of
+   its own (tests/bench/link_listener.py) and stamps the wall-clock moment its message handler
+   ran; A's call start is stamped here. (Until 2026-11-27 B's client ran in this process, where
+   its parsing of the notification waited while A's client parsed A's answer, which arrives at
+   about the same moment.) Also the part of it after A's call
    answered, A's own round trip, and where the time goes (call start -> the tool made the
    event -> the publish on B's channel, seen by a subscriber of the bench's own -> B's
    client), and the instances' own mean of call -> notification queued;
@@ -28,7 +32,9 @@ real MCP clients through the router. Measured:
    stream's bytes and splits the frames itself; from A's request written to B's frame read.
    No client library on either side: the fleet's own delivery latency, printed beside the
    SDK clients' (whose own cost is most of the difference). The publish moments come from a
-   subscriber in a process of its own, so the bench process's work does not delay them.
+   subscriber in a process of its own, so the bench process's work does not delay them. The
+   SDK clients of this process (A, C) leave the group before this phase, so they do not parse
+   the same notifications in the process that times B's frame (until 2026-11-27 they did).
 
 Targets: sender <= 0.2 ms, delivery p50 <= 5 ms, catch-up of 10,000 events <= 1 s.
 Prints a table and saves JSON to tests/bench/results/links-<timestamp>.json.
@@ -50,7 +56,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import mcp_types
 import redis.asyncio as aioredis
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -268,26 +273,66 @@ async def call(client: Any, tool: str, args: dict[str, Any]) -> tuple[dict[str, 
     return dict(result.structured_content), ms
 
 
+class Listener:
+    """B's SDK client in a process of its own (tests/bench/link_listener.py): the wall-clock
+    moments its message handler had an inbox notification, read from its stdout."""
+
+    def __init__(self, url: str, group: str, name: str) -> None:
+        self.args = (url, group, name)
+        self.sid = ""
+        self.times: list[float] = []
+        self.arrived = asyncio.Event()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Listener:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).with_name("link_listener.py")), *self.args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert self._proc.stdout is not None
+        line = await asyncio.wait_for(self._proc.stdout.readline(), 60)
+        assert line.startswith(b"ready "), line
+        self.sid = line.split()[1].decode()
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        async for line in self._proc.stdout:
+            self.times.append(float(line))
+            self.arrived.set()
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._proc is not None and self._proc.stdin is not None and self._task is not None
+        self._proc.stdin.close()
+        try:
+            await asyncio.wait_for(self._proc.wait(), 10)
+        except TimeoutError:
+            self._proc.kill()
+            await self._proc.wait()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
 async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int) -> dict[str, Any]:
     group = "bench"
-    inbox = db.inbox_uri(group)
     results: dict[str, Any] = {"calls": calls, "messages": messages, "backlog": backlog}
-    arrived = asyncio.Event()
-    arrived_at = [0.0]
-
-    async def on_b(message: Any) -> None:
-        if isinstance(message, mcp_types.ResourceUpdatedNotification) and str(message.params.uri) == inbox:
-            arrived_at[0] = time.perf_counter()
-            arrived.set()
 
     await fleet.wait_instances(2)
+    a_sent = [0.0]  # wall clock: A's client is about to send its last HTTP request
+
+    def a_sends(request: Any) -> None:
+        a_sent[0] = time.time()
+
     async with (
-        mcp_client(fleet.mcp_url, "legacy", name="bench-a") as a,
+        mcp_client(fleet.mcp_url, "legacy", name="bench-a", on_request=a_sends) as a,
         mcp_client(fleet.mcp_url, "legacy", name="bench-c") as c,
-        mcp_client(fleet.mcp_url, "legacy", name="bench-b", message_handler=on_b) as b,
+        Listener(fleet.mcp_url, group, "bench-b") as b,
     ):
         a_sid, c_sid = (await status_of(a))["session"], (await status_of(c))["session"]
-        for client in (a, c, b):
+        for client in (a, c):
             await call(client, "link_join", {"group": group})
         for _ in range(20):  # warm up every path (pools, caches, the flusher)
             await call(a, "link_send", {"group": group, "body": "warm"})
@@ -304,33 +349,45 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
         results["client_ms"] = {k: summary(v) for k, v in seen.items()}
 
         # Delivery with the SDK clients: one message at a time, A's call start -> B's client has
-        # the notification. Where the time goes (wall clock, one machine): the call start -> the
+        # the notification. B's client runs in a process of its own and stamps the moment its
+        # message handler ran (wall clock, one machine), so B's parsing does not wait behind A's
+        # client parsing A's answer in this process. Where the time goes: the call start -> the
         # tool made the event (its created_at) -> the notification published on B's session
         # channel (seen by a subscriber in a process of its own) -> B's client has it (the
         # pub/sub hop: router wake-up, SSE, the client's parsing).
-        b_sid = (await status_of(b))["session"]
-        await call(b, "link_inbox", {"group": group, "limit": 1000})
+        await asyncio.sleep(0.5)
+        b.times.clear()
         lat: list[float] = []
+        from_sent: list[float] = []
         after_answer: list[float] = []
         answer: list[float] = []
         marks: list[tuple[str, float, float]] = []  # (body, call start, arrived), wall clock
-        async with PublishWatch(fleet.settings.redis_url or "", fleet.keys.session_channel(b_sid)) as watch:
+        async with PublishWatch(fleet.settings.redis_url or "", fleet.keys.session_channel(b.sid)) as watch:
             await asyncio.sleep(1.0)
             for i in range(messages):
-                arrived.clear()
+                b.arrived.clear()
+                seen_before = len(b.times)
                 wall0 = time.time()
                 t0 = time.perf_counter()
                 await call(a, "link_send", {"group": group, "body": f"d{i}", "to": None})
-                answered = time.perf_counter()
-                await asyncio.wait_for(arrived.wait(), 10)
-                lat.append((arrived_at[0] - t0) * 1000)
-                answer.append((answered - t0) * 1000)
-                after_answer.append((arrived_at[0] - answered) * 1000)  # < 0: B heard before A's answer
+                answered = wall0 + (time.perf_counter() - t0)
+                while len(b.times) == seen_before:
+                    await asyncio.wait_for(b.arrived.wait(), 10)
+                    b.arrived.clear()
+                got = b.times[seen_before]
+                lat.append((got - wall0) * 1000)
+                from_sent.append((got - a_sent[0]) * 1000)
+                answer.append((answered - wall0) * 1000)
+                after_answer.append((got - answered) * 1000)  # < 0: B heard before A's answer
                 # Spaced out, as messages between agents are: what one message leaves to do in the
                 # background (its store, stream entry, counters) is not charged to the next.
                 await asyncio.sleep(GAP)
-                marks.append((f"d{i}", wall0, wall0 + (arrived_at[0] - t0)))
+                marks.append((f"d{i}", wall0, got))
+        results["delivery_b_process"] = "B's SDK client in a process of its own (bench/link_listener.py)"
         results["delivery"] = summary(lat)
+        # The same from A's HTTP request about to be sent (httpx's request hook): without A's
+        # client building and queueing its call.
+        results["delivery_from_a_request"] = summary(from_sent)
         results["delivery_after_answer"] = summary(after_answer)
         results["sender_answer"] = summary(answer)
         redis = aioredis.Redis.from_url(fleet.settings.redis_url or "", decode_responses=True)
@@ -345,41 +402,53 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
             round(float(stats.get("publish_lag_seconds_sum", 0)) / count * 1000, 3) if count else None
         )
         results["instance_links_stats"] = (await status_of(a)).get("links")
+        # The raw phase times B's frame in this process: the SDK clients here leave the group
+        # first, so their parsing of the same notifications does not delay it (B's client, in
+        # its own process, stays a member).
+        for client in (a, c):
+            await call(client, "link_leave", {"group": group})
         results["raw"] = await raw_delivery(fleet, dsn, group, messages)
-        while (await call(b, "link_inbox", {"group": group, "limit": 1000}))[0]["more"]:
-            pass
 
-        # Catch-up: B misses `backlog` events.
-        conn = await asyncpg.connect(dsn)
-        try:
-            async with conn.transaction():
-                head = await conn.fetchval("SELECT seq FROM link_groups WHERE name = $1 FOR UPDATE", group)
-                await conn.execute(
-                    "INSERT INTO link_events (group_name, id, kind, sender, body) "
-                    "SELECT $1, $2 + g, 'message', $3, 'backlog ' || g FROM generate_series(1, $4) g",
-                    group, head, a_sid, backlog,
-                )  # fmt: skip
-                await conn.execute("UPDATE link_groups SET seq = seq + $2 WHERE name = $1", group, backlog)
-        finally:
-            await conn.close()
-        t0 = time.perf_counter()
-        got = 0
-        last = 0
-        while True:
-            page, _ = await call(b, "link_inbox", {"group": group, "limit": 1000})
-            for e in page["events"]:
-                assert e["id"] > last
-                last = e["id"]
-            got += page["count"]
-            if not page["more"]:
-                break
-        seconds = time.perf_counter() - t0
-        assert got == backlog, (got, backlog)
-        results["catchup"] = {
-            "events": got,
-            "seconds": round(seconds, 3),
-            "events_per_second": round(got / seconds),
-        }
+        # Catch-up: a member's client in this process (joined now) misses `backlog` events.
+        async with mcp_client(fleet.mcp_url, "legacy", name="bench-b-reader") as b:
+            await call(b, "link_join", {"group": group})
+            while (await call(b, "link_inbox", {"group": group, "limit": 1000}))[0]["more"]:
+                pass
+
+            conn = await asyncpg.connect(dsn)
+            try:
+                async with conn.transaction():
+                    head = await conn.fetchval(
+                        "SELECT seq FROM link_groups WHERE name = $1 FOR UPDATE", group
+                    )
+                    await conn.execute(
+                        "INSERT INTO link_events (group_name, id, kind, sender, body) "
+                        "SELECT $1, $2 + g, 'message', $3, 'backlog ' || g FROM generate_series(1, $4) g",
+                        group, head, a_sid, backlog,
+                    )  # fmt: skip
+                    await conn.execute(
+                        "UPDATE link_groups SET seq = seq + $2 WHERE name = $1", group, backlog
+                    )
+            finally:
+                await conn.close()
+            t0 = time.perf_counter()
+            got = 0
+            last = 0
+            while True:
+                page, _ = await call(b, "link_inbox", {"group": group, "limit": 1000})
+                for e in page["events"]:
+                    assert e["id"] > last
+                    last = e["id"]
+                got += page["count"]
+                if not page["more"]:
+                    break
+            seconds = time.perf_counter() - t0
+            assert got == backlog, (got, backlog)
+            results["catchup"] = {
+                "events": got,
+                "seconds": round(seconds, 3),
+                "events_per_second": round(got / seconds),
+            }
 
     # The tools' own durations as the instances recorded them (write-behind: wait for the rows).
     await asyncio.sleep(2.0)
@@ -498,7 +567,8 @@ async def main() -> None:
                 f"{side.removesuffix('_ms') + ' ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}"
             )
     for label, key in (
-        ("delivery A -> B (notification)", "delivery"),
+        ("delivery A -> B (B's client in its own process)", "delivery"),
+        ("  from A's HTTP request sent (httpx hook)", "delivery_from_a_request"),
         ("  of it after A's call answered", "delivery_after_answer"),
         ("A's link_send answered (client)", "sender_answer"),
         ("old sync store (contrast)", "old_sync_store"),

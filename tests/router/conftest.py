@@ -8,7 +8,7 @@ Clients are the SDK's own `Client` over HTTP.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +54,21 @@ async def mcp_client(
     session_ids: list[str] | None = None,
     message_handler: Any = None,
     headers: dict[str, str] | None = None,
+    on_request: Callable[[httpx2.Request], None] | None = None,
 ) -> AsyncIterator[Client]:
     """A real SDK client through the router (mode: 'legacy' handshake era or '2026-07-28').
 
     `session_ids` collects the Mcp-Session-Id of every request the client sends;
-    `message_handler` sees what the server sends outside answers (notifications).
+    `message_handler` sees what the server sends outside answers (notifications);
+    `on_request` is called with each HTTP request as the client is about to send it.
     """
     headers = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
 
     async def record(request: httpx2.Request) -> None:
         if session_ids is not None and (sid := request.headers.get("mcp-session-id")):
             session_ids.append(sid)
+        if on_request is not None:
+            on_request(request)
 
     try:
         async with (
