@@ -55,8 +55,10 @@ from tests.bench.bench_router import (  # noqa: E402
     _num,
     _stats,
     _with_db,
+    add_set_option,
     direct_headers,
     fake_provider_overrides,
+    set_settings,
 )
 from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
 from tests.fakes.tcp_proxy import TcpProxy  # noqa: E402
@@ -255,13 +257,7 @@ async def main() -> int:
         help="each session's calls alternate between the router and its instance directly (the "
         "router's internal headers), on the same thread: the router's share of the overhead",
     )
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="a setting of the fleet (common/settings.py field), e.g. instance_nice=5; repeatable",
-    )
+    add_set_option(ap)
     args = ap.parse_args()
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     if not conditions or set(conditions) - {"normal", "slowed", "cut"}:
@@ -296,7 +292,7 @@ async def main() -> int:
                 **BENCH_SETTINGS,
                 **fake_provider_overrides(provider),
                 **({"chat_spool_sync": args.chat_spool_sync} if args.chat_spool_sync else {}),
-                **dict(item.split("=", 1) for item in args.set),
+                **set_settings(args),
             },
         )
         try:
@@ -339,7 +335,7 @@ async def main() -> int:
         "rounds": args.rounds,
         "label": args.label,
         "think_s": thinks,
-        "settings": dict(item.split("=", 1) for item in args.set),
+        "settings": set_settings(args),
         "chat_spool_sync": args.chat_spool_sync or "default",
         "settle_s": args.settle,
         "load_before": load_before,

@@ -647,6 +647,22 @@ async def drop_scratch_database(pg: str, dsn: str) -> None:
     await admin.close()
 
 
+def add_set_option(ap: argparse.ArgumentParser) -> None:
+    """`--set FIELD=VALUE` (repeatable): a fleet setting for the bench's fleet; `set_settings`."""
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a setting of the fleet (common/settings.py field), e.g. instance_nice=5; repeatable",
+    )
+
+
+def set_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The --set settings, as fleet overrides."""
+    return dict(item.split("=", 1) for item in args.set)
+
+
 def fake_provider_overrides(provider: FakeProvider) -> dict[str, Any]:
     """Fleet settings for a bench: GLM on the fake provider, no retries, no spares, quiet logs."""
     return {
@@ -686,13 +702,7 @@ async def main() -> int:
         default=100.0,
         help="the fleet's event loop watchdog threshold (EXAI_LOOP_STALL_MS; 0 turns it off)",
     )
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="a setting of the fleet (common/settings.py field), e.g. instance_nice=5; repeatable",
-    )
+    add_set_option(ap)
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     if args.router_processes > 1 and "first" in parts:
@@ -705,7 +715,7 @@ async def main() -> int:
     state = Path(os.environ.get("TMPDIR", "/tmp")) / f"exai-bench-{secrets.token_hex(4)}"
     state.mkdir(parents=True)
     prefix = f"exaibench{secrets.token_hex(3)}"
-    results: dict[str, Any] = {"settings": dict(item.split("=", 1) for item in args.set)}
+    results: dict[str, Any] = {"settings": set_settings(args)}
     with FakeProvider(default=Behaviour(delay=0.2)).running() as provider:
         fleet = Fleet(
             state,
@@ -720,7 +730,7 @@ async def main() -> int:
                 "session_park_after": 1.0,
                 "loop_stall_ms": args.loop_stall_ms,
                 "router_processes": args.router_processes,
-                **dict(item.split("=", 1) for item in args.set),
+                **set_settings(args),
             },
         )
         try:

@@ -36,6 +36,7 @@ from common.settings import load_settings  # noqa: E402
 from instance.app import build_app  # noqa: E402
 from instance.runtime import Identity  # noqa: E402
 from instance.timing import chat_stages  # noqa: E402
+from tests.asgi import call_asgi  # noqa: E402
 
 MODERN = "2026-07-28"
 HANDSHAKE = "2025-11-25"
@@ -147,48 +148,7 @@ class Driver:
     async def request(
         self, headers: list[tuple[bytes, bytes]], body: bytes, method: str = "POST"
     ) -> tuple[int, dict[str, str], bytes]:
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": method,
-            "scheme": "http",
-            "path": p.MCP_PATH,
-            "raw_path": p.MCP_PATH.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [*headers, (b"content-length", str(len(body)).encode())],
-            "client": ("127.0.0.1", 5555),
-            "server": ("127.0.0.1", 1),
-            "state": {},
-        }
-        delivered = False
-        done = asyncio.Event()
-        status = 0
-        answer_headers: dict[str, str] = {}
-        parts: list[bytes] = []
-
-        async def receive() -> dict[str, Any]:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await done.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                answer_headers.update((k.decode().lower(), v.decode()) for k, v in message.get("headers", []))
-            elif message["type"] == "http.response.body":
-                parts.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    done.set()
-
-        await self.gate(scope, receive, send)
-        done.set()
-        return status, answer_headers, b"".join(parts)
+        return await call_asgi(self.gate, headers, body, method)
 
 
 def _sse_payload(body: bytes) -> dict[str, Any]:

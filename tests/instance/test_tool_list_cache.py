@@ -9,7 +9,6 @@ anew.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from common.settings import load_settings
 from instance.app import build_app
 from instance.runtime import Identity
 from instance.tools.listing import ListAnswers, ToolListCache
+from tests.asgi import call_asgi
 
 TOKEN = "listing-test-token"
 MODERN = "2026-07-28"
@@ -74,48 +74,7 @@ class App:
         self, headers: list[tuple[bytes, bytes]], body: Any
     ) -> tuple[int, dict[str, str], bytes]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": p.MCP_PATH,
-            "raw_path": p.MCP_PATH.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [*headers, (b"content-length", str(len(data)).encode())],
-            "client": ("127.0.0.1", 5555),
-            "server": ("127.0.0.1", 1),
-            "state": {},
-        }
-        delivered = False
-        done = asyncio.Event()
-        status = 0
-        answer_headers: dict[str, str] = {}
-        parts: list[bytes] = []
-
-        async def receive() -> dict[str, Any]:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": data, "more_body": False}
-            await done.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                answer_headers.update((k.decode().lower(), v.decode()) for k, v in message.get("headers", []))
-            elif message["type"] == "http.response.body":
-                parts.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    done.set()
-
-        await self.gate(scope, receive, send)
-        done.set()
-        return status, answer_headers, b"".join(parts)
+        return await call_asgi(self.gate, headers, data)
 
     async def initialize(self) -> None:
         init = {
