@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import hmac
 import logging
 import time
@@ -442,7 +441,7 @@ async def _preload_and_freeze(families: list[tokens.Family]) -> None:
     try:
         await asyncio.to_thread(tokens.preload, families)
     finally:  # (a tokenizer that failed to load is loaded at first use; startup is frozen anyway)
-        gc.freeze()
+        gcpauses.freeze()
         gcpauses.install()
 
 

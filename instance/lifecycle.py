@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import socket
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from common import loopwatch
+from common import gcpauses, loopwatch
 from instance.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ class InstanceServer(uvicorn.Server):
             # the loaded test machine, and about nothing once frozen). The calls' own young
             # objects are collected as before. The tokenizers, loaded on a thread meanwhile,
             # are frozen once they are in (instance/app.py, `_preload_and_freeze`).
-            gc.freeze()
+            gcpauses.freeze()
         # Watched once started: the lifespan's one-time work (imports, opening storage) is not a stall.
         if self.started and self._watch is None:
             settings = self.runtime.settings

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 
@@ -50,7 +49,7 @@ async def serve(settings: Settings) -> None:
         await site.start()
         # What startup made lives as long as the process: the collector need not scan it again
         # on every full collection (a cost the proxied calls' allocations otherwise trigger).
-        gc.freeze()
+        gcpauses.freeze()
         gcpauses.install()
         log.info("router listening on http://%s:%s/mcp", settings.router_host, settings.router_port)
         stop = asyncio.Event()

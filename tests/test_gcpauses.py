@@ -23,3 +23,16 @@ def test_collections_are_counted_per_generation_and_rendered() -> None:
     assert 'exai_gc_collections_total{generation="2"}' in text
     assert "# TYPE exai_gc_pause_seconds_total counter" in text
     assert text.endswith("\n") and "exai_gc_frozen_objects " in text
+
+
+def test_the_frozen_count_is_taken_once_at_freeze_not_per_scrape(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """gc.get_freeze_count walks the whole permanent generation: never on a metrics scrape."""
+    walks: list[int] = []
+    monkeypatch.setattr(gc, "freeze", lambda: None)  # (the test process itself stays unfrozen)
+    monkeypatch.setattr(gc, "get_freeze_count", lambda: walks.append(1) or 12345)
+    gcpauses.freeze()
+    assert walks == [1]
+    for _ in range(3):
+        assert gcpauses.summary()["frozen_objects"] == 12345
+        assert "exai_gc_frozen_objects 12345\n" in gcpauses.render_metrics()
+    assert walks == [1]
