@@ -71,12 +71,20 @@ MARK_OVERLAP_S = 10.0
 MARK_KEEP = "1 day"
 _POS_PLACEHOLDER = '{"pos":null'
 
-# KEYS: list, meta, pos counter. ARGV: floor, cached turns, ttl ms, then one JSON turn each
-# starting with '{"pos":null'. Takes the thread's next position (past `floor`, the highest the
-# caller has seen: a lost counter restarts from there) and extends the cache, if it exists, with
-# the turns carrying it, in one atomic step. Returns the position; -1 if the counter is missing
-# and the caller knows no floor (floor = -1).
+# KEYS: list, meta, pos counter, recent exchange ids. ARGV: floor, cached turns, ttl ms, then one
+# JSON turn each starting with '{"pos":null,"id":"<its id>"'. Takes the thread's next position
+# (past `floor`, the highest the caller has seen: a lost counter restarts from there) and extends
+# the cache, if it exists, with the turns carrying it, in one atomic step. Returns the position;
+# -1 if the counter is missing and the caller knows no floor (floor = -1). Idempotent for a
+# minute: the same exchange (its first turn's id) sent again, e.g. by a client library retrying
+# after a connection was lost with the reply, gets the position it got, and nothing is appended
+# twice.
 _APPEND_LUA = """
+local xid = string.match(ARGV[4] or '', '^{"pos":null,"id":"([^"]+)"')
+if xid then
+  local given = redis.call('HGET', KEYS[4], xid)
+  if given then return tonumber(given) end
+end
 local cur = tonumber(redis.call('GET', KEYS[3]) or '-1')
 local floor = tonumber(ARGV[1])
 if cur < 0 and floor < 0 then return -1 end
@@ -91,6 +99,10 @@ if tonumber(ARGV[2]) > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('HINCRBY', KEYS[2], 'turns', #ARGV - 3)
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+if xid then
+  redis.call('HSET', KEYS[4], xid, pos)
+  redis.call('PEXPIRE', KEYS[4], 60000)
 end
 return pos
 """
@@ -469,15 +481,20 @@ class HistoryStore:
             top = max(top, int(stored or 0))
         return top
 
+    def _append_args(self, cid: str, floor: int, blobs: list[str]) -> tuple[Any, ...]:
+        """`_APPEND_LUA`'s key count, keys and arguments for one exchange."""
+        keys = self._keys
+        return (
+            4, keys.thread(cid), keys.thread_meta(cid), keys.thread_pos(cid), keys.thread_xids(cid),
+            floor, self._turns, CACHE_TTL_MS, *blobs,
+        )  # fmt: skip
+
     async def _cache_append(
         self, cid: str, blobs: list[str], floor: int, create: list[str] | None = None
     ) -> int:
         """Take a position and write the turns through to Redis; concurrent appends share one
         pipelined round trip (like the spool's group commit). Raises CacheDown."""
-        append = (
-            "EVAL", _APPEND_LUA, 3, self._keys.thread(cid), self._keys.thread_meta(cid),
-            self._keys.thread_pos(cid), floor, self._turns, CACHE_TTL_MS, *blobs,
-        )  # fmt: skip
+        append = ("EVAL", _APPEND_LUA, *self._append_args(cid, floor, blobs))
         if create is None:
             sent = self._cache.send_now(*append)
             if sent is not None:  # written now on the direct line: no task, no loop turn first
@@ -512,10 +529,7 @@ class HistoryStore:
                 if len(group) == 1 and group[0][3] is None:  # the usual case: no pipeline to build
                     cid, blobs, floor, _, _ = group[0]
                     return [
-                        await r.eval(
-                            _APPEND_LUA, 3, self._keys.thread(cid), self._keys.thread_meta(cid),
-                            self._keys.thread_pos(cid), floor, self._turns, CACHE_TTL_MS, *blobs,
-                        )  # type: ignore[misc]
+                        await r.eval(_APPEND_LUA, *self._append_args(cid, floor, blobs))  # type: ignore[misc]
                     ]  # fmt: skip
                 async with r.pipeline(transaction=False) as pipe:
                     for cid, blobs, floor, create, _ in group:
@@ -524,10 +538,7 @@ class HistoryStore:
                                 _CREATE_LUA, 2, self._keys.thread(cid), self._keys.thread_meta(cid),
                                 CACHE_TTL_MS, *create,
                             )  # fmt: skip
-                        pipe.eval(
-                            _APPEND_LUA, 3, self._keys.thread(cid), self._keys.thread_meta(cid),
-                            self._keys.thread_pos(cid), floor, self._turns, CACHE_TTL_MS, *blobs,
-                        )  # fmt: skip
+                        pipe.eval(_APPEND_LUA, *self._append_args(cid, floor, blobs))
                     answers = await pipe.execute()
                 # One position per append (a create's answer is the one before its append's).
                 out, i = [], 0

@@ -23,7 +23,7 @@ steady climb however small each step is. A signal fails when BOTH hold:
 | redis_clients | 10 /h | 6 | clients of the soak's Redis |
 | get_streams | 10 /h | 6 | GET streams the router holds open to instances |
 | redis_keys:KIND | 60 /h | 20 | fleet keys of each kind but the per-thread and per-scope caches |
-| | | | (`thread`, `thread-meta`, `thread-pos`, `cache`, `notes`, `notes-gen`: |
+| | | | (`thread`, `thread-meta`, `thread-pos`, `thread-xids`, `cache`, `notes`, `notes-gen`: |
 | | | | one per thread or note scope used, so they grow with the traffic; their |
 | | | | TTL bounds them, not the load) |
 
@@ -67,7 +67,9 @@ LIMITS: dict[str, Limit] = {
     "get_streams": Limit(10.0, 6.0, "streams"),
     "redis_keys": Limit(60.0, 20.0, "keys"),
 }
-TTL_BOUNDED_KINDS = frozenset({"thread", "thread-meta", "thread-pos", "cache", "notes", "notes-gen"})
+TTL_BOUNDED_KINDS = frozenset(
+    {"thread", "thread-meta", "thread-pos", "thread-xids", "cache", "notes", "notes-gen"}
+)
 MIN_COVERAGE = 0.4
 DRIFT_ABS_MS = 50.0
 DRIFT_REL = 0.5

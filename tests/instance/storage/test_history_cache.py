@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -264,3 +265,35 @@ async def test_reads_decode_only_the_new_turns_and_stay_whole(
         await redis.delete(keys.thread(other), keys.thread_meta(other))
         assert [m.content for m in await a.history.load(other)] == ["x1", "y1", "x2", "y2"]
         assert other not in a.history._held
+
+
+async def test_an_exchange_sent_twice_to_redis_keeps_one_position_and_one_copy(
+    storage_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """A client library that re-sends the append script after losing the connection with its
+    reply (redis-py's retry, or the direct line's fallback) must not give the exchange a second
+    position or a second copy in the thread's cache: the script answers a repeat from the
+    positions it handed out, by the exchange's first turn id."""
+    settings = storage_settings()
+    async with Storage.open(settings, instance_id="t-resend", redis=redis) as st:
+        cid, _ = await st.history.start_thread(
+            exchange("q1", "a1"), session_id="s", tool_name="chat", model=None
+        )
+        h = st.history
+        blob = '{"pos":null,"id":"%s","continuation_id":"%s","seq":1,"role":"%s","content":"%s"}'
+        ids = [str(uuid.uuid4()) for _ in range(4)]
+        first = [blob % (ids[0], cid, "user", "q2"), blob % (ids[1], cid, "assistant", "a2")]
+        pos = await h._cache_append(cid, first, -1)
+        again = await h._cache_append(cid, first, -1)  # the same exchange, sent again
+        later = await h._cache_append(
+            cid, [blob % (ids[2], cid, "user", "q3"), blob % (ids[3], cid, "assistant", "a3")], -1
+        )
+        assert (pos, again, later) == (pos, pos, pos + 1)
+        keys = Keys(settings.redis_prefix)
+        cached = [str(x) for x in await redis.lrange(keys.thread(cid), 0, -1)]
+        assert sum(ids[0] in x for x in cached) == 1 and sum(ids[2] in x for x in cached) == 1
+        assert await redis.hget(keys.thread_meta(cid), "turns") in (b"6", "6")
+        assert 0 < await redis.pttl(keys.thread_xids(cid)) <= 60_000
+        await redis.delete(
+            keys.thread(cid), keys.thread_meta(cid), keys.thread_pos(cid), keys.thread_xids(cid)
+        )
