@@ -65,6 +65,7 @@ from common import links as db  # noqa: E402
 from common.keys import Keys  # noqa: E402
 from common.migrate import migrate  # noqa: E402
 from instance.storage.spool import Spool  # noqa: E402
+from tests.bench.bench_router import add_set_option, set_settings  # noqa: E402
 from tests.bench.rawwire import RawCaller, RawListen  # noqa: E402
 from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
 from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client, status_of  # noqa: E402
@@ -519,18 +520,12 @@ async def main() -> None:
     ap.add_argument("--calls", type=int, default=300, help="rounds of the four sender calls")
     ap.add_argument("--messages", type=int, default=300, help="messages timed A -> B")
     ap.add_argument("--backlog", type=int, default=10_000)
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="a setting of the fleet, e.g. link_spool_sync=full or link_early_notify=false",
-    )
+    add_set_option(ap, "link_spool_sync=full or link_early_notify=false")
     args = ap.parse_args()
     admin_dsn = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("EXAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     name = f"bench_links_{secrets.token_hex(4)}"
-    extra = dict(item.split("=", 1) for item in args.set)
+    extra = set_settings(args)
     admin = await asyncpg.connect(admin_dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
     dsn = admin_dsn.rsplit("/", 1)[0] + "/" + name

@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from common import protocol as p  # noqa: E402
 from common.fleet.supervisor import router_names  # noqa: E402
 from common.migrate import migrate  # noqa: E402
+from common.settings import Settings  # noqa: E402
 from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
 from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
 
@@ -647,20 +648,36 @@ async def drop_scratch_database(pg: str, dsn: str) -> None:
     await admin.close()
 
 
-def add_set_option(ap: argparse.ArgumentParser) -> None:
+def _setting(item: str) -> tuple[str, str]:
+    """One --set value: a field of common/settings.py's Settings and its value. Settings ignores
+    names it does not know, so a misspelt one is refused here rather than measured as a no-op."""
+    field, sep, value = item.partition("=")
+    field = field.strip()
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"{item!r}: expected FIELD=VALUE, e.g. instance_nice=5")
+    if field not in Settings.model_fields:
+        raise argparse.ArgumentTypeError(
+            f"{field!r} is not a setting (the field names of common/settings.py's Settings, "
+            "e.g. instance_nice or link_spool_sync)"
+        )
+    return field, value
+
+
+def add_set_option(ap: argparse.ArgumentParser, example: str = "instance_nice=5") -> None:
     """`--set FIELD=VALUE` (repeatable): a fleet setting for the bench's fleet; `set_settings`."""
     ap.add_argument(
         "--set",
         action="append",
         default=[],
+        type=_setting,
         metavar="FIELD=VALUE",
-        help="a setting of the fleet (common/settings.py field), e.g. instance_nice=5; repeatable",
+        help=f"a setting of the fleet (a common/settings.py field), e.g. {example}; repeatable",
     )
 
 
 def set_settings(args: argparse.Namespace) -> dict[str, str]:
     """The --set settings, as fleet overrides."""
-    return dict(item.split("=", 1) for item in args.set)
+    return dict(args.set)
 
 
 def fake_provider_overrides(provider: FakeProvider) -> dict[str, Any]:
