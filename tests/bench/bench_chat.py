@@ -12,6 +12,8 @@ thread and appends two turns). Overhead per call = client-observed latency minus
 fake provider itself reports it spent on that request: from its handler's start (the request
 parsed by its HTTP server), through reading the body, the --provider-delay and counting tokens,
 to the answer's last byte handed to its server (tests/fakes/provider.py, `received` to `sent`).
+The fake runs in a process of its own (tests/fakes/provider_process.py), as a provider on the
+internet does: in this process its server thread would hold the GIL the callers need.
 Also printed against the fake's handler time alone (`started` to `finished`: the delay and the
 token count, without reading the request or streaming the answer), the measure before
 2026-11-27, which counted the fake's own HTTP work as the fleet's.
@@ -60,7 +62,8 @@ from tests.bench.bench_router import (  # noqa: E402
     fake_provider_overrides,
     set_settings,
 )
-from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
+from tests.fakes.provider import Behaviour, Hit  # noqa: E402
+from tests.fakes.provider_process import FakeProviderProcess  # noqa: E402
 from tests.fakes.tcp_proxy import TcpProxy  # noqa: E402
 from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
 
@@ -107,12 +110,12 @@ class ChatCaller:
         await self.http.close()
 
 
-def _provider_seconds(provider: FakeProvider, *, with_http: bool = False) -> dict[str, float]:
+def _provider_seconds(hits: list[Hit], *, with_http: bool = False) -> dict[str, float]:
     """Last user message -> seconds the fake provider spent on that request: its handler's time
     (`started` to `finished`), or with `with_http` its whole part, reading and parsing the
     request and streaming the answer included (`received` to `sent`)."""
     spent: dict[str, float] = {}
-    for hit in provider.snapshot():
+    for hit in hits:
         msgs = hit.messages
         if with_http:
             if hit.received is not None and hit.sent is not None and msgs:
@@ -124,7 +127,7 @@ def _provider_seconds(provider: FakeProvider, *, with_http: bool = False) -> dic
 
 async def _run(
     fleet: Fleet,
-    provider: FakeProvider,
+    provider: FakeProviderProcess,
     sessions: int,
     calls: int,
     tag: str,
@@ -170,8 +173,9 @@ async def _run(
     _, st = await callers[0].call("status", {})
     for c in [*directs.values(), *callers]:
         await c.close()
-    spent = _provider_seconds(provider)
-    whole = _provider_seconds(provider, with_http=True)
+    hits = await provider.asnapshot()
+    spent = _provider_seconds(hits)
+    whole = _provider_seconds(hits, with_http=True)
     return {
         "latency": list(latency.values()),
         "overhead": [lat - whole[p] for p, lat in latency.items() if p in whole],
@@ -278,7 +282,7 @@ async def main() -> int:
     state.mkdir(parents=True)
     results: dict[str, Any] = {"runs": []}
     load_before = [round(x, 2) for x in os.getloadavg()]
-    with proxy.running(), FakeProvider(default=Behaviour(delay=args.provider_delay)).running() as provider:
+    with proxy.running(), FakeProviderProcess(Behaviour(delay=args.provider_delay)).running() as provider:
         netloc = f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}"
         dsn = _with_db(parts._replace(netloc=netloc).geturl(), dbname)
         fleet = Fleet(
@@ -311,7 +315,7 @@ async def main() -> int:
                         cut = tag == "cut"
                     for n in sessions:
                         for think in thinks:
-                            provider.reset(Behaviour(delay=args.provider_delay))
+                            await provider.areset(Behaviour(delay=args.provider_delay))
                             block = await _run(fleet, provider, n, per_round, tag, think, args.direct)
                             blocks.setdefault((tag, n, think), []).append(block)
                             await fleet.end_all_sessions()
@@ -319,6 +323,7 @@ async def main() -> int:
             if cut:
                 proxy.up()
         finally:
+            await provider.aclose()
             await asyncio.to_thread(fleet.stop)
             admin = await asyncpg.connect(pg)
             await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')

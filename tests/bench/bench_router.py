@@ -49,6 +49,7 @@ from common.fleet.supervisor import router_names  # noqa: E402
 from common.migrate import migrate  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
+from tests.fakes.provider_process import FakeProviderProcess  # noqa: E402
 from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
 
 VERSION = "2026-07-28"
@@ -680,7 +681,7 @@ def set_settings(args: argparse.Namespace) -> dict[str, str]:
     return dict(args.set)
 
 
-def fake_provider_overrides(provider: FakeProvider) -> dict[str, Any]:
+def fake_provider_overrides(provider: FakeProvider | FakeProviderProcess) -> dict[str, Any]:
     """Fleet settings for a bench: GLM on the fake provider, no retries, no spares, quiet logs."""
     return {
         "log_level": "WARNING",

@@ -1,0 +1,135 @@
+"""The fake provider (tests/fakes/provider.py) in a process of its own, for benchmarks.
+
+In-process, the fake's server thread shares the benchmark's GIL: while it parses a request or
+counts an answer's tokens with a real tokenizer, the benchmark's own client loop cannot run,
+and with several sessions at once that wait lands in the latency the benchmark attributes to
+the fleet. A provider on the internet shares nothing with its client, so the benchmarks run
+this one in its own process.
+
+The child serves the same API and two control routes under `/_fake/`: `POST /_fake/reset`
+(a default `Behaviour`'s plain fields as JSON) and `GET /_fake/hits` (every hit, as JSON).
+The parent's `areset` / `asnapshot` call them without blocking its loop. Timestamps are
+`time.monotonic()`, which Linux keeps system-wide, so durations read the same in both.
+
+    python -m tests.fakes.provider_process [--delay S]   # prints {"port": N}, serves until stdin closes
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import aiohttp
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from tests.fakes.provider import GLM_PATH, KIMI_PATH, Behaviour, FakeProvider, Hit
+
+ROOT = Path(__file__).resolve().parents[2]
+_PLAIN = ("delay", "status", "retry_after", "hang", "content", "chunk_delay")  # Behaviour's JSON fields
+
+
+class _Controlled(FakeProvider):
+    """The fake with its control routes."""
+
+    def app(self) -> Starlette:
+        app = super().app()
+        app.router.routes.extend(
+            [
+                Route("/_fake/hits", self._hits, methods=["GET"]),
+                Route("/_fake/reset", self._reset, methods=["POST"]),
+            ]
+        )
+        return app
+
+    async def _hits(self, request: Request) -> JSONResponse:
+        return JSONResponse([dataclasses.asdict(h) for h in self.snapshot()])
+
+    async def _reset(self, request: Request) -> JSONResponse:
+        fields = await request.json()
+        self.reset(Behaviour(**{k: v for k, v in fields.items() if k in _PLAIN}))
+        return JSONResponse({"ok": True})
+
+
+class FakeProviderProcess:
+    """The parent's handle: the URLs an instance is given, and the control calls."""
+
+    def __init__(self, default: Behaviour | None = None) -> None:
+        self.default = default or Behaviour()
+        self.port = 0
+        self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def glm_url(self) -> str:
+        return self.url + GLM_PATH
+
+    @property
+    def kimi_url(self) -> str:
+        return self.url + KIMI_PATH
+
+    @contextmanager
+    def running(self) -> Iterator[FakeProviderProcess]:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-m", "tests.fakes.provider_process", "--delay", str(self.default.delay)]
+        child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=ROOT)
+        try:
+            assert child.stdout is not None
+            line = child.stdout.readline()  # before any loop runs: the child's port
+            if not line:
+                raise RuntimeError(f"the fake provider's process did not start (exit {child.wait(5)})")
+            self.port = int(json.loads(line)["port"])
+            yield self
+        finally:
+            if child.stdin is not None:
+                child.stdin.close()  # the child's cue to stop
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        return self._http
+
+    async def areset(self, default: Behaviour | None = None) -> None:
+        behaviour = default or Behaviour()
+        fields = {k: getattr(behaviour, k) for k in _PLAIN}
+        async with self._session().post(self.url + "/_fake/reset", json=fields) as r:
+            r.raise_for_status()
+
+    async def asnapshot(self) -> list[Hit]:
+        async with self._session().get(self.url + "/_fake/hits") as r:
+            r.raise_for_status()
+            return [Hit(**h) for h in await r.json()]
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--delay", type=float, default=0.0, help="the default answer's delay (s)")
+    args = ap.parse_args()
+    with _Controlled(default=Behaviour(delay=args.delay)).running() as fake:
+        print(json.dumps({"port": fake.port}), flush=True)
+        sys.stdin.read()  # until the parent closes it (or dies)
+
+
+if __name__ == "__main__":
+    main()
