@@ -165,3 +165,59 @@ async def test_the_pubsub_line_pings_and_drops_a_silent_peer(redis_url: str) -> 
         await live.aclose()
         server.close()
         await server.wait_closed()
+
+
+async def test_send_soon_commands_of_one_turn_share_a_write_and_keep_their_order(
+    redis: Redis, redis_prefix: str
+) -> None:
+    line = DirectLine(redis)
+    try:
+        await _up(line)
+        key = f"{redis_prefix}:soon"
+        conn = line._conn
+        assert conn is not None and conn.transport is not None
+        writes: list[bytes] = []
+        real_write = conn.transport.write
+
+        def counted(data: bytes) -> None:
+            writes.append(bytes(data))
+            real_write(data)
+
+        conn.transport.write = counted  # type: ignore[method-assign]
+        first = line.send_soon("RPUSH", key, "a")
+        second = line.send_soon("RPUSH", key, "b")
+        assert first is not None and second is not None
+        assert writes == []  # not written before the turn's ready callbacks ran
+        assert await asyncio.wait_for(asyncio.gather(first, second), 5) == [1, 2]
+        assert len(writes) == 1  # both in one write
+
+        # A `send` after `send_soon` writes the waiting commands first: call order holds.
+        writes.clear()
+        soon = line.send_soon("RPUSH", key, "c")
+        now = line.send("LRANGE", key, 0, -1)
+        assert soon is not None and now is not None
+        assert len(writes) == 1
+        assert await asyncio.wait_for(now, 5) == ["a", "b", "c"]
+        assert await soon == 3
+        await asyncio.sleep(0)  # the turn's flush finds nothing left to write
+        assert len(writes) == 1
+        await redis.delete(key)
+    finally:
+        await line.close()
+
+
+async def test_send_soon_commands_fail_when_the_line_is_lost_before_they_are_written(
+    redis: Redis,
+) -> None:
+    line = DirectLine(redis)
+    try:
+        await _up(line)
+        sent = line.send_soon("PING")
+        assert sent is not None
+        conn = line._conn
+        assert conn is not None and conn.transport is not None
+        conn.transport.abort()  # lost before the turn's write: never a silent hang
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(sent, 5)
+    finally:
+        await line.close()
