@@ -48,12 +48,12 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import sqlite3
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
@@ -134,7 +134,7 @@ class Spool:
         self.full_policy = full_policy
         self.block_timeout = block_timeout
         self.fsync_window = fsync_window_ms / 1000.0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exai-spool")
+        self._worker = _Worker("exai-spool")
         # The fsync after sync="normal" commits: asked for by the spool's thread (`_want_fsync`),
         # run by a thread of its own (`_fsync_run`); both sides hold `_fsync_cond` briefly.
         self._fsync_cond = threading.Condition()
@@ -273,7 +273,7 @@ class Spool:
             await asyncio.to_thread(self._fsync_thread.join)
             self._fsync_thread = None
         await self._call(self._close_sync)
-        self._executor.shutdown(wait=True)
+        self._worker.shutdown()
 
     def _close_sync(self) -> None:
         if self._db_normal is not None:
@@ -287,7 +287,7 @@ class Spool:
             self._lockfile = None
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._worker.call(fn, *args)
 
     # --- appending -------------------------------------------------------------------------
     async def append(
@@ -466,7 +466,7 @@ class Spool:
         this one)."""
         self._handoff.append((batch, done))
         self._in_flight += 1
-        self._executor.submit(self._write_batches, asyncio.get_running_loop())
+        self._worker.submit(self._write_batches, asyncio.get_running_loop())
 
     def _write_batches(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the spool's thread: commit the batches handed off so far in one transaction."""
@@ -768,6 +768,76 @@ class Spool:
             "max_bytes": self.max_bytes,
             "path": str(self.path),
         }
+
+
+class _Worker:
+    """The spool's thread: runs jobs one at a time, in the order they were given. A plain queue
+    and a thread rather than a ThreadPoolExecutor: a commit's hand-off is one queue put, with no
+    future, lock or semaphore per job on either side (the thread answers the loop itself)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` on the thread (its result is dropped; an exception is logged)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        self._jobs.put((fn, args))
+
+    def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """`fn(*args)` on the thread, its result (or exception) set on the returned future of the
+        running loop."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self.submit(_answer, loop, fut, fn, args)
+        return fut
+
+    def shutdown(self) -> None:
+        """Stop the thread once the jobs given so far have run (they have, after a `call`)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._jobs.put(None)
+            thread.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, args = job
+            try:
+                fn(*args)
+            except BaseException:
+                log.exception("a spool job failed on the spool's thread")
+
+
+def _answer(
+    loop: asyncio.AbstractEventLoop,
+    fut: asyncio.Future[Any],
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+) -> None:
+    """On the spool's thread: run `fn` and hand its outcome to `fut`, on its loop."""
+    try:
+        result = fn(*args)
+    except BaseException as exc:
+        outcome: tuple[Callable[..., None], Any] = (_fail, exc)
+    else:
+        outcome = (_resolve, result)
+    try:
+        loop.call_soon_threadsafe(outcome[0], fut, outcome[1])
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        pass
+
+
+def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
+    if not fut.done():
+        fut.set_result(result)
+
+
+def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
 
 
 def _entry(row: tuple[Any, ...]) -> SpoolEntry:
