@@ -8,11 +8,6 @@ spool's commit callback, without a task or an await in between; so is the router
 script of a new session (router/opening.py). Replies are parsed by hiredis as they arrive and
 set on the commands' futures from the connection's read callback.
 
-Independent reads that a call starts together (a chat call's thread and notes) can be written
-with `send_soon` instead: every `send_soon` of one loop turn goes out in one write, at the end
-of that turn's ready callbacks, so Redis reads them at once and usually answers them in one
-segment (one write and one read callback on each side instead of one per command).
-
 The line is an optimisation, never the only way: `send` returns None while the line is down,
 connecting or unusable (TLS, a Unix socket), and the caller takes its ordinary path through
 redis-py. A command whose reply does not come within `timeout` fails, and so does every
@@ -134,10 +129,6 @@ class DirectLine:
         self._timeout = timeout
         self._conn: _Replies | None = None  # set while the line is up (connected, set up)
         self._pending: deque[asyncio.Future[Any]] = deque()
-        # `send_soon` commands of this loop turn, not written yet (their futures are in
-        # `_pending` already, in order), and the last one's future (for its deadline).
-        self._corked: list[bytes] = []
-        self._corked_last: asyncio.Future[Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._next_try = 0.0
         self._closed = False
@@ -158,41 +149,6 @@ class DirectLine:
             return None
         return self._write(transport, args)
 
-    def send_soon(self, *args: Any) -> asyncio.Future[Any] | None:
-        """`send`, but written with the other `send_soon` commands of this loop turn in one go,
-        once the callbacks ready now have run (a `send` before then writes them first, ahead of
-        its own: commands still go out in call order). None if the line is not up."""
-        conn = self._conn
-        transport = conn.transport if conn is not None else None
-        if transport is None or transport.is_closing():
-            self._start()
-            return None
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(fut)
-        self._corked.append(encode(args))
-        self._corked_last = fut
-        if len(self._corked) == 1:
-            loop.call_soon(self._uncork)
-        return fut
-
-    def _uncork(self) -> None:
-        """Write the `send_soon` commands still waiting (a `send` may have written them)."""
-        if not self._corked:
-            return
-        conn = self._conn
-        transport = conn.transport if conn is not None else None
-        if transport is None or transport.is_closing():  # lost meanwhile: fail what waits
-            self._fail_all(RedisConnectionError("the direct Redis line closed"))
-            return
-        last, self._corked_last = self._corked_last, None
-        data = b"".join(self._corked)
-        self.sent += len(self._corked)
-        self._corked.clear()
-        transport.write(data)
-        if last is not None:
-            self._deadline(last)
-
     def send_many(self, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]] | None:
         """`send` for several commands, written in one go (in order); their replies' futures,
         or None if the line is not up."""
@@ -212,20 +168,12 @@ class DirectLine:
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in commands]
         self._pending.extend(futures)
-        data = b"".join(encode(args) for args in commands)
-        if self._corked:  # `send_soon` commands asked for earlier go first (their futures are ahead)
-            data = b"".join(self._corked) + data
-            self.sent += len(self._corked)
-            self._corked.clear()
-            self._corked_last = None
-        transport.write(data)
+        transport.write(b"".join(encode(args) for args in commands))
         self.sent += len(commands)
-        self._deadline(futures[-1])  # replies come in order: the last one's deadline covers all
-        return futures
-
-    def _deadline(self, last: asyncio.Future[Any]) -> None:
-        handle = asyncio.get_running_loop().call_later(self._timeout, self._expire, last)
+        last = futures[-1]  # replies come in order: the last one's deadline covers them all
+        handle = loop.call_later(self._timeout, self._expire, last)
         last.add_done_callback(lambda _: handle.cancel())
+        return futures
 
     def _reply(self, conn: _Replies, reply: Any) -> None:
         if not self._pending:
@@ -289,8 +237,6 @@ class DirectLine:
             conn.transport.close()  # connection_lost ends the line's task, which clears the line
 
     def _fail_all(self, exc: Exception) -> None:
-        self._corked.clear()  # their futures are among the pending ones
-        self._corked_last = None
         while self._pending:
             fut = self._pending.popleft()
             if not fut.done():

@@ -7,8 +7,7 @@ own). The outage and the recovery are each logged once, not per call.
 A chat call's own commands (its thread and notes reads, its exchange's position) can go out on a
 direct line (common/redis_line.py, `line=True`): written to the socket the moment they are
 asked for and answered from the connection's read callback, without redis-py's task hops,
-pipeline building and connection-pool locking; the reads a call starts together (`batched`)
-share one write, at the end of the loop turn. The line is only ever a shortcut: while it is
+pipeline building and connection-pool locking. The line is only ever a shortcut: while it is
 down (connecting, lost) or Redis is known down, the same command takes redis-py's path.
 """
 
@@ -98,14 +97,6 @@ class RedisGuard:
         if self.line is not None:
             await self.line.close()
 
-    def send_soon(self, *args: Any) -> asyncio.Future[Any] | None:
-        """`send_now`, written together with the other `send_soon` commands of this loop turn
-        (DirectLine.send_soon): for independent reads a call starts at once."""
-        line = self.line
-        if line is None or self._down:
-            return None
-        return line.send_soon(*args)
-
     def send_now(self, *args: Any) -> asyncio.Future[Any] | None:
         """Write one command on the direct line now and return its reply's future (a ResponseError
         reply is its exception); None if the line is not up or Redis is known down (then use
@@ -132,9 +123,8 @@ class RedisGuard:
 
     async def command(self, *args: Any, batched: bool = False) -> Any:
         """One Redis command: on the direct line when it is up, else through redis-py (`batched`:
-        in the pipeline of this loop turn's `batched` commands; on the line, in one write with
-        them, at the end of the turn). Raises CacheDown as `call` does."""
-        sent = self.send_soon(*args) if batched else self.send_now(*args)
+        in the pipeline of this loop turn's `batched` commands). Raises CacheDown as `call` does."""
+        sent = self.send_now(*args)
         if sent is None:
             return await self._ordinary(args, batched)
         return await self.reply(sent, *args, batched=batched)

@@ -815,7 +815,7 @@ class HistoryStore:
         held = self._held.get(cid)
         since = (held.run, len(held.messages)) if held is not None else ("", 0)
         try:
-            found = await self._cache.command(  # in one write with the call's notes read
+            found = await self._cache.command(  # written at once, like the call's notes read
                 "EVAL", _READ_LUA, 2, meta_key, self._keys.thread(cid), *since, batched=True
             )
         except CacheDown:
