@@ -157,8 +157,9 @@ return 1
 
 @dataclasses.dataclass(frozen=True)
 class _Held:
-    """The Redis list of a thread as this process last read it, decoded: the next read asks
-    Redis only for the turns after it (see _READ_LUA)."""
+    """The Redis list of a thread as this process last read it, decoded (and extended with the
+    turns it appended right after, `_hold_appended`): the next read asks Redis only for the
+    turns after it (see _READ_LUA)."""
 
     run: str  # the Redis run_id it was read on
     messages: tuple[Message, ...]  # the whole list, in list order

@@ -193,6 +193,7 @@ class Spool:
     async def open(self) -> None:
         """Open (or recover) the spool file; rows left by a crashed process become the backlog."""
         await self._call(self._open_sync)
+        self._fsync_stop = False
         self._fsync_thread = threading.Thread(target=self._fsync_run, name="exai-spool-sync", daemon=True)
         self._fsync_thread.start()
         if self.rows == 0:
