@@ -485,13 +485,14 @@ class Spool:
             seqs = self._insert_sync(rows, full)
         except Exception as exc:  # disk full, I/O error, ...: every waiting caller must get an answer
             error = exc
-        if error is None and not full:  # the callers are answered now; the fsync starts at once
-            self._want_fsync(time.perf_counter())
+        committed_at = time.perf_counter()
         dones = [d for _, d in taken if d is not None]
-        try:
+        try:  # the loop first: its callers' answer is what the commit costs them
             loop.call_soon_threadsafe(self._committed, pending, seqs, error, full, dones, len(taken))
         except RuntimeError:  # the loop is closed: nobody is left to answer
             pass
+        if error is None and not full:  # the callers are being answered; the fsync starts at once
+            self._want_fsync(committed_at)
 
     def _committed(
         self,
