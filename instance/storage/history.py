@@ -74,29 +74,33 @@ _POS_PLACEHOLDER = '{"pos":null'
 # KEYS: list, meta, pos counter, recent exchange ids. ARGV: floor, cached turns, ttl ms, then one
 # JSON turn each starting with '{"pos":null,"id":"<its id>"'. Takes the thread's next position
 # (past `floor`, the highest the caller has seen: a lost counter restarts from there) and extends
-# the cache, if it exists, with the turns carrying it, in one atomic step. Returns the position;
-# -1 if the counter is missing and the caller knows no floor (floor = -1). Idempotent for a
-# minute: the same exchange (its first turn's id) sent again, e.g. by a client library retrying
-# after a connection was lost with the reply, gets the position it got, and nothing is appended
-# twice.
+# the cache, if it exists, with the turns carrying it, in one atomic step. Returns {position,
+# the list's length once extended if it still holds every turn ever pushed (never trimmed),
+# else -1}; the position is -1 if the counter is missing and the caller knows no floor
+# (floor = -1). Idempotent for a minute: the same exchange (its first turn's id) sent again, e.g.
+# by a client library retrying after a connection was lost with the reply, gets the position it
+# got, and nothing is appended twice.
 _APPEND_LUA = """
 local xid = string.match(ARGV[4] or '', '^{"pos":null,"id":"([^"]+)"')
 if xid then
   local given = redis.call('HGET', KEYS[4], xid)
-  if given then return tonumber(given) end
+  if given then return {tonumber(given), -1} end
 end
 local cur = tonumber(redis.call('GET', KEYS[3]) or '-1')
 local floor = tonumber(ARGV[1])
-if cur < 0 and floor < 0 then return -1 end
+if cur < 0 and floor < 0 then return {-1, -1} end
 if floor > cur then cur = floor end
 local pos = cur + 1
+local listed = -1
 redis.call('SET', KEYS[3], pos, 'PX', ARGV[3])
 if tonumber(ARGV[2]) > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
   for i = 4, #ARGV do
     redis.call('RPUSH', KEYS[1], '{"pos":' .. pos .. string.sub(ARGV[i], 12))
   end
   redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
-  redis.call('HINCRBY', KEYS[2], 'turns', #ARGV - 3)
+  local turns = redis.call('HINCRBY', KEYS[2], 'turns', #ARGV - 3)
+  local len = redis.call('LLEN', KEYS[1])
+  if len == turns then listed = len end
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
@@ -104,7 +108,7 @@ if xid then
   redis.call('HSET', KEYS[4], xid, pos)
   redis.call('PEXPIRE', KEYS[4], 60000)
 end
-return pos
+return {pos, listed}
 """
 
 _RUN_ID_LUA = "string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')"
@@ -153,8 +157,9 @@ return 1
 
 @dataclasses.dataclass(frozen=True)
 class _Held:
-    """The Redis list of a thread as this process last read it, decoded: the next read asks
-    Redis only for the turns after it (see _READ_LUA)."""
+    """The Redis list of a thread as this process last read it, decoded (and extended with the
+    turns it appended right after, `_hold_appended`): the next read asks Redis only for the
+    turns after it (see _READ_LUA)."""
 
     run: str  # the Redis run_id it was read on
     messages: tuple[Message, ...]  # the whole list, in list order
@@ -220,7 +225,9 @@ class HistoryStore:
         self.cache_tail_reads_total = 0  # cache reads that decoded only the turns new since the last
         self.spool_reads_skipped_total = 0
         # (thread, turns, floor, create: the new thread's cache fields or None, answer)
-        self._cache_queue: list[tuple[str, list[str], int, list[str] | None, asyncio.Future[int]]] = []
+        self._cache_queue: list[
+            tuple[str, list[str], int, list[str] | None, asyncio.Future[tuple[int, int]]]
+        ] = []
         self._cache_sender: asyncio.Task[None] | None = None
         self._marks_since: datetime | None = None
         self._marks_seen: dict[str, datetime] = {}
@@ -405,7 +412,7 @@ class HistoryStore:
             blob = json.dumps(m.to_dict(), separators=(",", ":"), ensure_ascii=False)
             assert blob.startswith(_POS_PLACEHOLDER)
             blobs.append(blob)
-        pos, cached = await self._position(cid, blobs, create)
+        pos, cached, listed = await self._position(cid, blobs, create)
         head = '{"pos":' + str(pos)
         entries: list[tuple[str, dict[str, Any] | bytes]] = [
             (KIND_MESSAGE, (head + blob[len(_POS_PLACEHOLDER) :]).encode()) for blob in blobs
@@ -430,9 +437,20 @@ class HistoryStore:
             if len(self._last_ids) > 50_000:
                 self._last_ids.clear()  # forgetting only costs a spool read on the next load
             self._last_ids[cid] = {m.id for m in messages}
+            self._hold_appended(cid, messages, listed)
         else:  # the cache is dropped (dirty): loads read the spool
             self._last_ids.pop(cid, None)
         return messages
+
+    def _hold_appended(self, cid: str, messages: list[Message], listed: int) -> None:
+        """After an append that extended the thread's cache: if the list is now exactly what this
+        process holds of it plus these turns (`listed`: its length, whole; nobody pushed in
+        between), hold them too, so the next read gets nothing from Redis it has and decodes
+        nothing. The held copy keeps the Redis run it was read on: a restart since then makes
+        the next read start over (_READ_LUA), whatever the list's length."""
+        held = self._held.get(cid)
+        if held is not None and listed == len(held.messages) + len(messages):
+            self._hold(cid, held.run, [*held.messages, *messages], whole=True)
 
     def _note_pos(self, cid: str, pos: int) -> None:
         if len(self._known) > 50_000:
@@ -442,8 +460,9 @@ class HistoryStore:
 
     async def _position(
         self, cid: str, blobs: list[str], create: list[str] | None = None
-    ) -> tuple[int, bool]:
-        """(the exchange's position, whether the cache saw it) — from Redis when reachable.
+    ) -> tuple[int, bool, int]:
+        """(the exchange's position, whether the cache saw it, the cache list's length after it as
+        `_APPEND_LUA` returns it) — from Redis when reachable.
 
         `blobs`: the turns as the cache stores them, their position a placeholder. `create`: the
         thread is new, and its (empty) cache is created just before, in the same round trip, with
@@ -451,12 +470,12 @@ class HistoryStore:
         floor = self._known.get(cid, -1)
         if self._cache.redis is not None:
             try:
-                pos = await self._cache_append(cid, blobs, floor, create)
+                pos, listed = await self._cache_append(cid, blobs, floor, create)
                 if pos < 0:  # the counter is gone (expired, or Redis lost it): restart past storage
                     floor = await self._floor_from_storage(cid)
-                    pos = await self._cache_append(cid, blobs, floor)
+                    pos, listed = await self._cache_append(cid, blobs, floor)
                 if pos >= 0:
-                    return pos, cid not in self._dirty
+                    return pos, cid not in self._dirty, listed
             except CacheDown:
                 pass
             except Exception as exc:  # a cache bug must not fail the write
@@ -465,7 +484,7 @@ class HistoryStore:
         if floor < 0:
             floor = await self._floor_from_storage(cid)
         self._dirty.add(cid)
-        return floor + 1, False
+        return floor + 1, False, -1
 
     async def _floor_from_storage(self, cid: str) -> int:
         """The highest position this process can find for the thread (spool, then Postgres)."""
@@ -491,14 +510,15 @@ class HistoryStore:
 
     async def _cache_append(
         self, cid: str, blobs: list[str], floor: int, create: list[str] | None = None
-    ) -> int:
+    ) -> tuple[int, int]:
         """Take a position and write the turns through to Redis; concurrent appends share one
-        pipelined round trip (like the spool's group commit). Raises CacheDown."""
+        pipelined round trip (like the spool's group commit). Returns `_APPEND_LUA`'s answer
+        (position, list length or -1). Raises CacheDown."""
         append = ("EVAL", _APPEND_LUA, *self._append_args(cid, floor, blobs))
         if create is None:
             sent = self._cache.send_now(*append)
             if sent is not None:  # written now on the direct line: no task, no loop turn first
-                return int(await self._cache.reply(sent, *append))
+                return _appended(await self._cache.reply(sent, *append))
         else:  # a new thread: its cache is created, then extended, both written now, in order
             made = (
                 "EVAL", _CREATE_LUA, 2, self._keys.thread(cid), self._keys.thread_meta(cid),
@@ -509,9 +529,9 @@ class HistoryStore:
                 sent = self._cache.send_now(*append)
                 if sent is not None:
                     await self._cache.reply(created, *made)
-                    return int(await self._cache.reply(sent, *append))
+                    return _appended(await self._cache.reply(sent, *append))
                 created.add_done_callback(_seen)  # the create is idempotent: sent again below
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
         self._cache_queue.append((cid, blobs, floor, create, fut))
         if self._cache_sender is None or self._cache_sender.done():
             self._cache_sender = asyncio.create_task(self._send_cache_appends())
@@ -524,7 +544,9 @@ class HistoryStore:
 
             async def send(
                 r: Redis,
-                group: list[tuple[str, list[str], int, list[str] | None, asyncio.Future[int]]] = group,
+                group: list[
+                    tuple[str, list[str], int, list[str] | None, asyncio.Future[tuple[int, int]]]
+                ] = group,
             ) -> list[Any]:
                 if len(group) == 1 and group[0][3] is None:  # the usual case: no pipeline to build
                     cid, blobs, floor, _, _ = group[0]
@@ -560,9 +582,12 @@ class HistoryStore:
                 if not isinstance(exc, Exception):
                     raise
                 continue
-            for (*_, fut), pos in zip(group, results, strict=True):
+            for (*_, fut), answer in zip(group, results, strict=True):
                 if not fut.done():
-                    fut.set_result(int(pos))
+                    try:
+                        fut.set_result(_appended(answer))
+                    except (TypeError, ValueError) as exc:
+                        fut.set_exception(exc)
 
     async def _drop_dirty_now(self, _: Redis) -> None:
         await self._drop_dirty()
@@ -936,6 +961,12 @@ def _cut(messages: list[Message], limit: int | None) -> list[Message]:
     if limit is None:
         return messages
     return messages[-limit:] if limit else []
+
+
+def _appended(answer: Any) -> tuple[int, int]:
+    """`_APPEND_LUA`'s answer: (position, the cache list's length or -1)."""
+    pos, listed = answer
+    return int(pos), int(listed)
 
 
 def _seen(fut: asyncio.Future[Any]) -> None:

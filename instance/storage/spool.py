@@ -11,8 +11,10 @@ only means a replay, and replays are idempotent in Postgres.
 An append may ask for `sync="normal"` instead: its transaction is committed without the fsync
 (the row is in the operating system's cache, so it survives a kill -9 of this process but not
 a power loss or a kernel crash), the caller is answered, and the WAL is fsync'd right after on
-a thread of its own (the next commit does not wait for it). Link events use it when
-EXAI_LINK_SPOOL_SYNC=normal.
+a thread of its own (the next commit does not wait for it). The spool's thread asks for that
+fsync itself, the moment it has committed: the event loop does no work for it (no task, no
+executor hand-off, no wake-up when it is done). Link events use it when
+EXAI_LINK_SPOOL_SYNC=normal, chat exchanges when EXAI_CHAT_SPOOL_SYNC=normal (the default).
 
 An append can carry `on_commit`, called on the event loop once its row is committed (with
 `sync="normal"`: in the operating system, kill -9 safe; with `"full"`: fsync'd), before any
@@ -46,11 +48,12 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import sqlite3
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
@@ -131,10 +134,15 @@ class Spool:
         self.full_policy = full_policy
         self.block_timeout = block_timeout
         self.fsync_window = fsync_window_ms / 1000.0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exai-spool")
-        self._sync_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exai-spool-sync")
-        self._unsynced = False  # a sync="normal" commit waits for its fsync
-        self._syncer: asyncio.Task[None] | None = None
+        self._worker = _Worker("exai-spool")
+        # The fsync after sync="normal" commits: asked for by the spool's thread (`_want_fsync`),
+        # run by a thread of its own (`_fsync_run`); both sides hold `_fsync_cond` briefly.
+        self._fsync_cond = threading.Condition()
+        self._fsync_asked = 0  # sync="normal" commits so far
+        self._fsync_covered = 0  # of which the last finished fsync covers this many
+        self._fsync_since: float | None = None  # commit time of the oldest one not covered yet
+        self._fsync_stop = False
+        self._fsync_thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
         # A second connection to the same file, set to synchronous=NORMAL once, for sync="normal"
         # commits: one statement each (a lone INSERT commits itself) instead of five (the pragma
@@ -176,15 +184,18 @@ class Spool:
         self._hot_complete = True
         self.hot_taken_total = 0  # rows handed to the flusher from memory
         self.unsynced_commits = 0  # sync="normal" commits whose fsync came after the answer
-        # From the oldest such answer to the end of the fsync that covered it: the power-loss
-        # window of sync="normal" rows (stats: `unsynced_window`).
+        # From the oldest such commit to the end of the fsync that covered it: the power-loss
+        # window of sync="normal" rows (stats: `unsynced_window`). Added to by the fsync thread:
+        # read it under `_fsync_cond`.
         self.unsynced_window = Stage()
-        self._unsynced_since: float | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
         """Open (or recover) the spool file; rows left by a crashed process become the backlog."""
         await self._call(self._open_sync)
+        self._fsync_stop = False
+        self._fsync_thread = threading.Thread(target=self._fsync_run, name="exai-spool-sync", daemon=True)
+        self._fsync_thread.start()
         if self.rows == 0:
             self._empty.set()
         self._committer = asyncio.create_task(self._commit_loop(), name="exai-spool-commit")
@@ -256,11 +267,14 @@ class Spool:
         # Batches handed off just before (urgent appends) are committed and answered first: the
         # thread runs jobs in order, and their callbacks reach the loop before this one returns.
         await self._call(_nothing)
-        if self._syncer is not None:
-            await self._syncer  # the last fsync before the file closes
+        if self._fsync_thread is not None:  # the last fsync before the file closes
+            with self._fsync_cond:
+                self._fsync_stop = True
+                self._fsync_cond.notify()
+            await asyncio.to_thread(self._fsync_thread.join)
+            self._fsync_thread = None
         await self._call(self._close_sync)
-        self._executor.shutdown(wait=True)
-        self._sync_executor.shutdown(wait=True)
+        self._worker.shutdown()
 
     def _close_sync(self) -> None:
         if self._db_normal is not None:
@@ -274,7 +288,7 @@ class Spool:
             self._lockfile = None
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._worker.call(fn, *args)
 
     # --- appending -------------------------------------------------------------------------
     async def append(
@@ -453,7 +467,7 @@ class Spool:
         this one)."""
         self._handoff.append((batch, done))
         self._in_flight += 1
-        self._executor.submit(self._write_batches, asyncio.get_running_loop())
+        self._worker.submit(self._write_batches, asyncio.get_running_loop())
 
     def _write_batches(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the spool's thread: commit the batches handed off so far in one transaction."""
@@ -471,11 +485,14 @@ class Spool:
             seqs = self._insert_sync(rows, full)
         except Exception as exc:  # disk full, I/O error, ...: every waiting caller must get an answer
             error = exc
+        committed_at = time.perf_counter()
         dones = [d for _, d in taken if d is not None]
-        try:
+        try:  # the loop first: its callers' answer is what the commit costs them
             loop.call_soon_threadsafe(self._committed, pending, seqs, error, full, dones, len(taken))
         except RuntimeError:  # the loop is closed: nobody is left to answer
             pass
+        if error is None and not full:  # the callers are being answered; the fsync starts at once
+            self._want_fsync(committed_at)
 
     def _committed(
         self,
@@ -536,8 +553,6 @@ class Spool:
                     p.on_commit()
                 except Exception:
                     log.exception("a spool commit callback failed (the row is committed)")
-        if not full and self._unsynced_since is None:
-            self._unsynced_since = time.perf_counter()  # answered now, fsync'd a moment later
         for p in batch:
             if not p.future.done():
                 p.future.set_result(None)
@@ -545,26 +560,43 @@ class Spool:
         # announced from there), then the flusher: its wake-up is queued behind theirs.
         if self.on_commit is not None:
             asyncio.get_running_loop().call_soon(self.on_commit, self.rows, hot > 0)
-        if not full:  # the callers have their answer; now make the rows power-loss safe too
+        if not full:  # its fsync was asked for by the spool's thread (`_want_fsync`)
             self.unsynced_commits += 1
-            self._unsynced = True
-            if self._syncer is None or self._syncer.done():
-                self._syncer = asyncio.create_task(self._sync_loop(), name="exai-spool-sync")
 
-    async def _sync_loop(self) -> None:
-        """fsync the WAL after `sync="normal"` commits, on a thread of its own so the next
-        commit does not wait for it; commits made during one fsync get the next."""
-        loop = asyncio.get_running_loop()
-        while self._unsynced:
-            self._unsynced = False
-            since, self._unsynced_since = self._unsynced_since, None
+    def _want_fsync(self, committed_at: float) -> None:
+        """On the spool's thread, after a sync="normal" commit: wake the fsync thread."""
+        with self._fsync_cond:
+            self._fsync_asked += 1
+            if self._fsync_since is None:
+                self._fsync_since = committed_at
+            self._fsync_cond.notify()
+
+    def _fsync_run(self) -> None:
+        """The fsync thread: fsync the WAL after `sync="normal"` commits, on a thread of its own so
+        the next commit does not wait for it; commits made during one fsync get the next. Stops
+        (`close`) once every commit asked for is covered."""
+        cond = self._fsync_cond
+        while True:
+            with cond:
+                while self._fsync_asked == self._fsync_covered and not self._fsync_stop:
+                    cond.wait()
+                if self._fsync_asked == self._fsync_covered:
+                    return
+                target, since, self._fsync_since = self._fsync_asked, self._fsync_since, None
+            window: float | None = None
             try:
-                await loop.run_in_executor(self._sync_executor, self._fsync_wal_sync)
+                self._fsync_wal_sync()
             except OSError as exc:  # the rows are committed (kill -9 safe); say it loudly
                 log.error("fsync of the spool WAL %s failed: %s", self.path, exc)
+            except Exception:
+                log.exception("fsync of the spool WAL %s failed", self.path)
             else:
-                if since is not None:  # how long answered rows were exposed to a power loss
-                    self.unsynced_window.add(time.perf_counter() - since)
+                if since is not None:  # how long committed rows were exposed to a power loss
+                    window = time.perf_counter() - since
+            with cond:
+                self._fsync_covered = target
+                if window is not None:
+                    self.unsynced_window.add(window)
 
     def _insert_sync(self, rows: list[tuple[str, str | None, float, bytes]], full: bool = True) -> list[int]:
         """Insert the rows in one transaction; their seqs, in order."""
@@ -720,6 +752,8 @@ class Spool:
         await self._empty.wait()
 
     def stats(self) -> dict[str, Any]:
+        with self._fsync_cond:  # the fsync thread adds to it
+            unsynced_window = self.unsynced_window.summary()
         return {
             "rows": self.rows,
             "bytes": self.bytes,
@@ -732,10 +766,80 @@ class Spool:
             "hot_rows": self.hot_rows,
             "hot_taken_total": self.hot_taken_total,
             "unsynced_commits": self.unsynced_commits,
-            "unsynced_window": self.unsynced_window.summary(),
+            "unsynced_window": unsynced_window,
             "max_bytes": self.max_bytes,
             "path": str(self.path),
         }
+
+
+class _Worker:
+    """The spool's thread: runs jobs one at a time, in the order they were given. A plain queue
+    and a thread rather than a ThreadPoolExecutor: a commit's hand-off is one queue put, with no
+    future, lock or semaphore per job on either side (the thread answers the loop itself)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` on the thread (its result is dropped; an exception is logged)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        self._jobs.put((fn, args))
+
+    def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """`fn(*args)` on the thread, its result (or exception) set on the returned future of the
+        running loop."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self.submit(_answer, loop, fut, fn, args)
+        return fut
+
+    def shutdown(self) -> None:
+        """Stop the thread once the jobs given so far have run (they have, after a `call`)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._jobs.put(None)
+            thread.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, args = job
+            try:
+                fn(*args)
+            except BaseException:
+                log.exception("a spool job failed on the spool's thread")
+
+
+def _answer(
+    loop: asyncio.AbstractEventLoop,
+    fut: asyncio.Future[Any],
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+) -> None:
+    """On the spool's thread: run `fn` and hand its outcome to `fut`, on its loop."""
+    try:
+        result = fn(*args)
+    except BaseException as exc:
+        outcome: tuple[Callable[..., None], Any] = (_fail, exc)
+    else:
+        outcome = (_resolve, result)
+    try:
+        loop.call_soon_threadsafe(outcome[0], fut, outcome[1])
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        pass
+
+
+def _resolve(fut: asyncio.Future[Any], result: Any) -> None:
+    if not fut.done():
+        fut.set_result(result)
+
+
+def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
 
 
 def _entry(row: tuple[Any, ...]) -> SpoolEntry:

@@ -267,6 +267,43 @@ async def test_reads_decode_only_the_new_turns_and_stay_whole(
         assert other not in a.history._held
 
 
+async def test_an_exchange_appended_right_after_the_held_turns_is_held_as_appended(
+    storage_settings: Callable[..., Settings], redis: Redis, keys: Keys
+) -> None:
+    """When this process's append extends the cache right after the turns it holds (nobody
+    pushed in between), it holds its own turns as appended: the next read takes nothing from
+    Redis it has, and the history equals what a process reading it afresh gets. When another
+    process pushed in between, its own turns come back from Redis with the other's, in order."""
+    settings = storage_settings()
+    async with (
+        Storage.open(settings, instance_id="t-own-a", redis=redis) as a,
+        Storage.open(settings, instance_id="t-own-b", redis=redis) as b,
+    ):
+        cid, _ = await a.history.start_thread(
+            exchange("q1", "a1"), session_id="s", tool_name="chat", model=None
+        )
+        assert [m.content for m in await a.history.load(cid)] == ["q1", "a1"]
+        asked, answered = await a.history.append_exchange(cid, exchange("q2", "a2"))
+        assert [m.content for m in a.history._held[cid].messages] == ["q1", "a1", "q2", "a2"]
+        loaded = await a.history.load(cid)
+        assert loaded[2] is asked and loaded[3] is answered  # held, not decoded again
+        assert loaded == await b.history.load(cid)  # every field as a fresh read has it
+        assert [m.pos for m in loaded] == [1, 1, 2, 2]
+
+        # Another process appends between this one's read and its append: not held as appended.
+        await b.history.append_exchange(cid, exchange("q3", "a3"))
+        asked, _ = await a.history.append_exchange(cid, exchange("q4", "a4"))
+        assert len(a.history._held[cid].messages) == 4
+        loaded = await a.history.load(cid)
+        assert [m.content for m in loaded] == ["q1", "a1", "q2", "a2", "q3", "a3", "q4", "a4"]
+        assert [m.pos for m in loaded] == [1, 1, 2, 2, 3, 3, 4, 4]
+        assert loaded[6] == asked and loaded[6] is not asked  # from Redis, with the other's turns
+        assert loaded == await b.history.load(cid)
+        await redis.delete(
+            keys.thread(cid), keys.thread_meta(cid), keys.thread_pos(cid), keys.thread_xids(cid)
+        )
+
+
 async def test_an_exchange_sent_twice_to_redis_keeps_one_position_and_one_copy(
     storage_settings: Callable[..., Settings], redis: Redis
 ) -> None:
@@ -283,9 +320,9 @@ async def test_an_exchange_sent_twice_to_redis_keeps_one_position_and_one_copy(
         blob = '{"pos":null,"id":"%s","continuation_id":"%s","seq":1,"role":"%s","content":"%s"}'
         ids = [str(uuid.uuid4()) for _ in range(4)]
         first = [blob % (ids[0], cid, "user", "q2"), blob % (ids[1], cid, "assistant", "a2")]
-        pos = await h._cache_append(cid, first, -1)
-        again = await h._cache_append(cid, first, -1)  # the same exchange, sent again
-        later = await h._cache_append(
+        pos, _ = await h._cache_append(cid, first, -1)
+        again, _ = await h._cache_append(cid, first, -1)  # the same exchange, sent again
+        later, _ = await h._cache_append(
             cid, [blob % (ids[2], cid, "user", "q3"), blob % (ids[3], cid, "assistant", "a3")], -1
         )
         assert (pos, again, later) == (pos, pos, pos + 1)

@@ -92,6 +92,38 @@ async def test_a_normal_append_is_answered_before_its_fsync_and_the_window_is_me
         await spool.close()
 
 
+async def test_the_fsync_is_asked_for_by_the_spool_thread_and_close_waits_for_the_last_one(
+    tmp_path: Path,
+) -> None:
+    """The spool's thread wakes the fsync thread itself once it has committed (the loop does no
+    work for it); commits made during one fsync share the next; close() returns only once the
+    last commit is fsync'd."""
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 24, hot_kinds=(LINK,))
+    await spool.open()
+    held = HeldFsync(spool)
+    calls: list[int] = []
+    real = held.real
+
+    def counted() -> None:
+        calls.append(1)
+        real()
+
+    held.real = counted
+    await asyncio.wait_for(spool.append(LINK, {"uuid": "1", "body": "x"}, urgent=True, sync="normal"), 5)
+    await asyncio.to_thread(held.started.wait, 5)  # the first fsync runs (held) ...
+    for n in (2, 3):  # ... while two more commits are answered: one fsync covers both
+        row = {"uuid": str(n), "body": "x"}
+        await asyncio.wait_for(spool.append(LINK, row, urgent=True, sync="normal"), 5)
+    assert spool.unsynced_commits == 3
+    closing = asyncio.create_task(spool.close())
+    await asyncio.sleep(0.1)
+    assert not closing.done()  # the file is not closed before its last fsync
+    held.gate.set()
+    await asyncio.wait_for(closing, 10)
+    assert len(calls) == 2  # the first commit's fsync, then one for the two made meanwhile
+    assert spool.stats()["unsynced_window"]["count"] == 2
+
+
 async def test_a_failing_on_commit_does_not_fail_the_write(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", max_bytes=1 << 24, hot_kinds=(LINK,))
     await spool.open()
