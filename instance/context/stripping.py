@@ -192,6 +192,12 @@ def _turn_view(text: str) -> tuple[_Words, Shingles]:
     return view
 
 
+def view_cached(text: str) -> bool:
+    """Whether `_turn_view(text)` is a look-up (the turn was stripped against before)."""
+    with _turn_cache_lock:
+        return text in _turn_cache
+
+
 @dataclass
 class _Match:
     p0: int  # prompt word range [p0, p1)
