@@ -35,8 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from common.eventloop import loop_factory
 from common.settings import load_settings
@@ -47,6 +46,7 @@ from instance.providers.models import lookup
 from instance.tools.progress import progress_heartbeat
 from tests.bench.context_corpus import make_thread
 
+ROOT = Path(__file__).resolve().parents[2]
 SYSTEM = "You are a senior engineer consulted by a coding agent for a second opinion. " * 4
 
 CHILD = """
@@ -93,6 +93,15 @@ class _Fake:
 def _thread(turns: int) -> list[Turn]:
     th = make_thread(7001, turns)
     return [Turn(f"t{i}", t["role"], t["content"]) for i, t in enumerate(th.turns)]
+
+
+def _short_thread(n: int) -> list[Turn]:
+    """bench_chat's threads: short questions and the fake's short echoing replies."""
+    return [
+        Turn(f"s{i}", role, f"q {i} chat-normal-1-0 {i:06x}" if role == "user" else
+             f"fake glm-4.6 reply #{i + 2} to: q {i - 1} chat-normal-1-0 {i - 1:06x}")
+        for i, role in enumerate(["user", "assistant"] * (n // 2))
+    ]  # fmt: skip
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -169,12 +178,7 @@ async def context_stage(turns: list[Turn], calls: int) -> dict[str, Any]:
     assert info is not None
     ctx: Any = _Ctx()
     echo = "\n\n".join(f"{t.role}: {t.content}" for t in turns[-2:])
-    # bench_chat's threads: short questions and the fake's short echoing replies
-    small = [
-        Turn(f"s{i}", role, f"q {i} chat-normal-1-0 {i:06x}" if role == "user" else
-             f"fake glm-4.6 reply #{i + 2} to: q {i - 1} chat-normal-1-0 {i - 1:06x}")
-        for i, role in enumerate(["user", "assistant"] * (len(turns) // 2))
-    ]  # fmt: skip
+    small = _short_thread(len(turns))
     out: dict[str, Any] = {}
     for name, thread_turns, prompt_of in (
         ("agent_thread_short_prompt", turns, lambda k: f"q {k} chat-normal-1-0 {k:06x}: what next?"),
@@ -222,6 +226,12 @@ async def main() -> None:
     ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", choices=["provider", "context"])
+    ap.add_argument(
+        "--provider-thread",
+        choices=["agent", "short"],
+        default="agent",
+        help="the provider part's prompt: generated agent turns, or bench_chat's short turns",
+    )
     args = ap.parse_args()
     root = ROOT
     turns = _thread(args.turns)
@@ -234,7 +244,8 @@ async def main() -> None:
     if args.only != "context":
         fake = _Fake(root)
         try:
-            rounds = [await provider_client(fake.port, fake, turns, args.calls) for _ in range(args.rounds)]
+            sent = turns if args.provider_thread == "agent" else _short_thread(len(turns))
+            rounds = [await provider_client(fake.port, fake, sent, args.calls) for _ in range(args.rounds)]
         finally:
             with contextlib.suppress(Exception):
                 fake.close()
