@@ -22,6 +22,7 @@ import os
 import ssl
 import time
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -123,6 +124,7 @@ class OpenAICompatibleProvider:
         self._url = f"{self.base_url}/chat/completions"
         self._proxy = _env_proxy(self._url)
         self._http: aiohttp.ClientSession | None = None  # opened on first use, on the running loop
+        self._body = BodyEncoder()
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
@@ -189,7 +191,7 @@ class OpenAICompatibleProvider:
     async def chat(self, request: ChatRequest, on_delta: OnDelta | None = None) -> ChatResult:
         """One chat completion, retried on 429/5xx/connect errors within the retry budget."""
         body, notes = self.payload(request)
-        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()  # once, for every attempt
+        data = self._body.encode(body)  # once, for every attempt
         loop = asyncio.get_running_loop()
         started = loop.time()
         clock = time.perf_counter()  # the call's duration (uvloop's loop.time() is in whole ms)
@@ -400,6 +402,52 @@ class OpenAICompatibleProvider:
         if not isinstance(chunk, dict) or end != len(text):
             raise ProviderError(f"{self.label} sent a malformed stream chunk")
         return chunk
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class BodyEncoder:
+    """A request body as JSON, each message's JSON kept for the next call: a thread's turns go
+    out again with every call, unchanged, and encoding them was most of the body's cost (about
+    60 us for a 20-turn thread of 20k characters). The look-up hashes each content string once
+    (a string caches its hash; prompt assembly has hashed the stored turns already). An LRU,
+    bounded in entries and characters; used on the event loop only."""
+
+    ENTRIES = 4096
+    CHARS = 2_000_000
+
+    def __init__(self) -> None:
+        self._messages: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._chars = 0
+
+    def encode(self, body: dict[str, Any]) -> bytes:
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return _dumps(body)
+        head = _dumps({k: v for k, v in body.items() if k != "messages"})  # b"{...}"
+        listed = b'"messages":[' + b",".join([self._message(m) for m in messages]) + b"]}"
+        return head[:-1] + (b"," + listed if len(head) > 2 else listed)
+
+    def _message(self, message: Any) -> bytes:
+        if not (isinstance(message, dict) and len(message) == 2):
+            return _dumps(message)
+        role, content = message.get("role"), message.get("content")
+        if type(role) is not str or type(content) is not str:
+            return _dumps(message)
+        key = (role, content)
+        found = self._messages.get(key)
+        if found is not None:
+            self._messages.move_to_end(key)
+            return found
+        encoded = _dumps({"role": role, "content": content})
+        self._messages[key] = encoded
+        self._chars += len(content)
+        while len(self._messages) > self.ENTRIES or self._chars > self.CHARS:
+            (_, old), _ = self._messages.popitem(last=False)
+            self._chars -= len(old)
+        return encoded
 
 
 def _env_proxy(url: str) -> str | None:

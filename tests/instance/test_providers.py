@@ -271,3 +271,31 @@ def test_retry_after_parsing() -> None:
     now = time.time()
     assert 8 <= (parse_retry_after(formatdate(now + 10, usegmt=True), now=now) or 0) <= 10
     assert parse_retry_after(formatdate(now - 10, usegmt=True), now=now) == 0.0
+
+
+def test_body_encoder_gives_the_json_of_the_body(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept messages come back byte for byte; anything not a plain role/content message is
+    encoded as it is; the cache stays within its bounds."""
+    from instance.providers.base import BodyEncoder
+
+    encoder = BodyEncoder()
+    monkeypatch.setattr(BodyEncoder, "CHARS", 500)
+    odd = [
+        {"role": "tool", "tool_call_id": "x", "content": "r"},
+        {"role": "user", "content": [{"type": "text", "text": "ü"}]},
+        {"content": "c", "role": "assistant"},
+    ]
+    for k in range(30):
+        turns = [{"role": "user", "content": f"turn {n} " * 10 + 'é🙂\n"q"'} for n in range(k)]
+        body = {
+            "model": "glm-4.6",
+            "messages": [*turns, *odd],
+            "stream": True,
+            "thinking": {"type": "enabled"},
+        }
+        assert json.loads(encoder.encode(body)) == body
+        assert encoder._chars <= 500
+    assert json.loads(encoder.encode({"messages": [{"role": "user", "content": "a"}]})) == {
+        "messages": [{"role": "user", "content": "a"}]
+    }
+    assert json.loads(encoder.encode({"model": "m"})) == {"model": "m"}
