@@ -427,20 +427,26 @@ class BodyEncoder:
         if not isinstance(messages, list):
             return _dumps(body)
         head = _dumps({k: v for k, v in body.items() if k != "messages"})  # b"{...}"
-        listed = b'"messages":[' + b",".join([self._message(m) for m in messages]) + b"]}"
+        kept = self._messages
+        parts: list[bytes] = []
+        for message in messages:  # (inline: a call per message cost as much as short ones save)
+            if type(message) is dict and len(message) == 2:
+                role, content = message.get("role"), message.get("content")
+                if type(role) is str and type(content) is str:
+                    key = (role, content)
+                    found = kept.get(key)
+                    if found is None:
+                        found = self._keep(key)
+                    else:
+                        kept.move_to_end(key)
+                    parts.append(found)
+                    continue
+            parts.append(_dumps(message))
+        listed = b'"messages":[' + b",".join(parts) + b"]}"
         return head[:-1] + (b"," + listed if len(head) > 2 else listed)
 
-    def _message(self, message: Any) -> bytes:
-        if not (isinstance(message, dict) and len(message) == 2):
-            return _dumps(message)
-        role, content = message.get("role"), message.get("content")
-        if type(role) is not str or type(content) is not str:
-            return _dumps(message)
-        key = (role, content)
-        found = self._messages.get(key)
-        if found is not None:
-            self._messages.move_to_end(key)
-            return found
+    def _keep(self, key: tuple[str, str]) -> bytes:
+        role, content = key
         encoded = _dumps({"role": role, "content": content})
         self._messages[key] = encoded
         self._chars += len(content)
