@@ -210,6 +210,8 @@ _CJK_RE = re.compile(f"[{_CJK}]")
 
 def _reader_words(text: str) -> int:
     """Words as a reader counts them: whitespace-separated, each CJK character one word."""
+    if _CJK_RE.search(text) is None:  # the usual case: one search instead of one per word
+        return len(text.split())
     return sum(max(1, len(_CJK_RE.findall(part))) for part in text.split())
 
 
