@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from instance.context.compaction import Compacted, HistoryTurn, compact
 from instance.context.stripping import DEFAULT_MIN_WORDS, StoredTurn, StripResult, strip_echoes, view_cached
@@ -56,9 +56,12 @@ class ContextPolicy:
     summaries: bool = False
 
 
-@dataclass(frozen=True)
-class Turn:
-    """A stored turn handed to the builder (role, content, and its id for stripping records)."""
+class Turn(NamedTuple):
+    """A stored turn handed to the builder (role, content, and its id for stripping records).
+
+    A named tuple, not a frozen dataclass: one is made per stored turn on every call, and a
+    frozen dataclass's __init__ costs three times as much.
+    """
 
     id: str
     role: str

@@ -31,7 +31,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 SHINGLE = 6
 DEFAULT_MIN_WORDS = 20
@@ -56,12 +56,15 @@ _ELLIPSIS_RE = re.compile(
 )
 
 
-@dataclass(frozen=True)
-class StoredTurn:
-    """A turn as the stripper sees it: its id, its 1-based position in the thread, role, text."""
+class StoredTurn(NamedTuple):
+    """A turn as the stripper sees it: its id, its 1-based position in the thread, role, text.
+
+    A named tuple, not a frozen dataclass: one is made per stored turn on every call, and a
+    frozen dataclass's __init__ costs three times as much.
+    """
 
     id: str
-    index: int
+    index: int  # type: ignore[assignment]  # (shadows tuple.index, which nothing uses)
     role: str
     content: str
 
