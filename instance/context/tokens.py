@@ -33,8 +33,9 @@ OFFLOAD_CHARS = 16_384
 """Texts longer than this are encoded in a worker thread by `acount` (about 1 ms of CPU)."""
 
 CACHE_ENTRIES = 4096
-CACHE_CHARS = 2_000_000
-"""Characters of the texts the cache keeps alive as its keys (a few MB at most)."""
+CACHE_CHARS = 1_000_000
+"""Characters of the texts the cache keeps alive as its keys (1-4 MB: a 20-turn thread of 25k
+characters a turn fits twice)."""
 _CACHE_MIN_CHARS = 64  # shorter texts are cheaper to encode than to hash and look up
 _KEY_MAX_CHARS = 64_000  # longer texts are keyed by a digest: they would crowd the others out
 

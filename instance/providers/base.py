@@ -416,7 +416,7 @@ class BodyEncoder:
     bounded in entries and characters; used on the event loop only."""
 
     ENTRIES = 4096
-    CHARS = 2_000_000
+    CHARS = 1_000_000  # of content; the JSON kept is about as big again
 
     def __init__(self) -> None:
         self._messages: OrderedDict[tuple[str, str], bytes] = OrderedDict()
