@@ -17,8 +17,10 @@
    bench_chat.py makes them.
 
 Medians (and p90) in microseconds. `--rounds` repeats each measurement; the median of the
-rounds' medians is printed. Compare code versions by running this file from each tree in
-turn (A, B, A, B ...).
+rounds' medians is printed and saved as JSON under tests/bench/results/. Compare code versions
+by running this file from each tree in turn (A, B, A, B ...); an older tree runs with this
+venv when its root comes first on the path (the script puts it there; for the fake's child
+process too).
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,7 @@ from instance.tools.progress import progress_heartbeat
 from tests.bench.context_corpus import make_thread
 
 ROOT = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).with_name("results")
 SYSTEM = "You are a senior engineer consulted by a coding agent for a second opinion. " * 4
 
 CHILD = """
@@ -226,6 +231,7 @@ async def main() -> None:
     ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", choices=["provider", "context"])
+    ap.add_argument("--label", default="", help="a name for this run, kept in the JSON (e.g. old/new)")
     ap.add_argument(
         "--provider-thread",
         choices=["agent", "short"],
@@ -253,6 +259,12 @@ async def main() -> None:
     if args.only != "provider":
         result["context"] = _median_of([await context_stage(turns, args.calls) for _ in range(args.rounds)])
     print(json.dumps(result, indent=1))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out = RESULTS / f"provider-client-{stamp}{'-' + args.label if args.label else ''}.json"
+    meta = {"when": stamp, "label": args.label, "load": os.getloadavg(), "code": str(ROOT), **vars(args)}
+    out.write_text(json.dumps({**meta, **result}, indent=2) + "\n")
+    print(f"saved {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
