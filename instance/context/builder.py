@@ -23,10 +23,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from instance.context.compaction import Compacted, HistoryTurn, compact
-from instance.context.stripping import DEFAULT_MIN_WORDS, StoredTurn, StripResult, strip_echoes
+from instance.context.stripping import DEFAULT_MIN_WORDS, StoredTurn, StripResult, strip_echoes, view_cached
 from instance.context.tokens import OFFLOAD_CHARS, TokenCounter, counter_for
 
 Summarize = Callable[[str], Awaitable[str]]
@@ -56,9 +56,12 @@ class ContextPolicy:
     summaries: bool = False
 
 
-@dataclass(frozen=True)
-class Turn:
-    """A stored turn handed to the builder (role, content, and its id for stripping records)."""
+class Turn(NamedTuple):
+    """A stored turn handed to the builder (role, content, and its id for stripping records).
+
+    A named tuple, not a frozen dataclass: one is made per stored turn on every call, and a
+    frozen dataclass's __init__ costs three times as much.
+    """
 
     id: str
     role: str
@@ -115,10 +118,16 @@ async def build_prompt(
 
     # (1) phase 1: strip echoes of stored turns (pure CPU on possibly large text: off the loop)
     stored = [StoredTurn(t.id, i + 1, t.role, t.content) for i, t in enumerate(hist)]
-    # A small prompt is built on the loop: a worker-thread hop costs more than the work.
+    # A small prompt is built on the loop: a worker-thread hop costs more than the work. So is a
+    # big thread whose turns were seen before (the next call on it): their words, shingles and
+    # token counts are cached, and only the new prompt is work.
     small = len(new_prompt) + sum(len(t.content) for t in hist) <= OFFLOAD_CHARS
     if policy.strip and stored:
-        if small:
+        if (
+            small
+            or len(new_prompt) + sum(len(t.content) for t in hist if not view_cached(t.content))
+            <= OFFLOAD_CHARS
+        ):
             strip = strip_echoes(new_prompt, stored, min_words=policy.strip_min_words, count=counter.count)
         else:
             strip = await asyncio.to_thread(
@@ -151,7 +160,12 @@ async def build_prompt(
             summaries=summaries,
         )
 
-    history = run(summary_cache) if small else await asyncio.to_thread(run, summary_cache)
+    # Verbatim history (it fits) of counted turns is a sum of cached counts; compacting is not.
+    on_loop = small or (
+        all(counter.cached(t.content) for t in turns)
+        and sum(counter.framing(t.role) + counter.count(t.content) for t in turns) <= budget
+    )
+    history = run(summary_cache) if on_loop else await asyncio.to_thread(run, summary_cache)
     if policy.summaries and summarize is not None and history.masked:
         found = dict(summary_cache or {})
         missing = [(d, text) for d, text in history.masked if d not in found]

@@ -27,7 +27,7 @@ import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from instance.context.scoring import Scorer, Unit, split_units
 
@@ -46,12 +46,15 @@ _ERRLINE_RE = re.compile(
 )
 
 
-@dataclass(frozen=True)
-class HistoryTurn:
-    """A stored turn as the builder hands it over."""
+class HistoryTurn(NamedTuple):
+    """A stored turn as the builder hands it over.
+
+    A named tuple, not a frozen dataclass: one is made per stored turn on every call, and a
+    frozen dataclass's __init__ costs three times as much.
+    """
 
     id: str
-    index: int  # 1-based position in the thread
+    index: int  # type: ignore[assignment]  # 1-based position in the thread (shadows tuple.index)
     role: str
     content: str
 

@@ -31,7 +31,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 SHINGLE = 6
 DEFAULT_MIN_WORDS = 20
@@ -56,12 +56,15 @@ _ELLIPSIS_RE = re.compile(
 )
 
 
-@dataclass(frozen=True)
-class StoredTurn:
-    """A turn as the stripper sees it: its id, its 1-based position in the thread, role, text."""
+class StoredTurn(NamedTuple):
+    """A turn as the stripper sees it: its id, its 1-based position in the thread, role, text.
+
+    A named tuple, not a frozen dataclass: one is made per stored turn on every call, and a
+    frozen dataclass's __init__ costs three times as much.
+    """
 
     id: str
-    index: int
+    index: int  # type: ignore[assignment]  # (shadows tuple.index, which nothing uses)
     role: str
     content: str
 
@@ -192,6 +195,12 @@ def _turn_view(text: str) -> tuple[_Words, Shingles]:
     return view
 
 
+def view_cached(text: str) -> bool:
+    """Whether `_turn_view(text)` is a look-up (the turn was stripped against before)."""
+    with _turn_cache_lock:
+        return text in _turn_cache
+
+
 @dataclass
 class _Match:
     p0: int  # prompt word range [p0, p1)
@@ -204,40 +213,59 @@ _CJK_RE = re.compile(f"[{_CJK}]")
 
 def _reader_words(text: str) -> int:
     """Words as a reader counts them: whitespace-separated, each CJK character one word."""
+    if _CJK_RE.search(text) is None:  # the usual case: one search instead of one per word
+        return len(text.split())
     return sum(max(1, len(_CJK_RE.findall(part))) for part in text.split())
+
+
+def _agree(a: list[str], i: int, b: list[str], j: int) -> int:
+    """How many words `a[i:]` and `b[j:]` have in common from their start: compared a block at a
+    time (a list comparison runs in C), the block doubling while they agree, then the first
+    difference found by halving the last block, so a re-sent turn of a thousand words costs a
+    few dozen comparisons rather than a thousand steps of Python."""
+    limit = min(len(a) - i, len(b) - j)
+    n = 0
+    step = 8
+    while n < limit:
+        k = min(step, limit - n)
+        if a[i + n : i + n + k] == b[j + n : j + n + k]:
+            n += k
+            step *= 2
+            continue
+        lo, hi = 0, k - 1  # agreed for lo words; the difference is within the first k
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if a[i + n : i + n + mid] == b[j + n : j + n + mid]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return n + lo
+    return n
 
 
 def _find_matches(
     text: str, prompt: _Words, turns: list[_Words], min_words: int, shingles: list[Shingles]
 ) -> list[_Match]:
     pw = prompt.words
-    # Where each of the prompt's shingles occurs in the turns, (turn, word) ascending; only the
-    # prompt's shingles are ever looked up, so the turns' other shingles need no entry.
-    wanted = {tuple(pw[i : i + SHINGLE]) for i in range(len(pw) - SHINGLE + 1)}
-    index: dict[tuple[str, ...], list[tuple[int, int]]] = {}
-    for t, own in enumerate(shingles):
-        if len(wanted) < len(own):
-            common = [k for k in wanted if k in own]
-        else:
-            common = [k for k in own if k in wanted]
-        for k in common:
-            index.setdefault(k, []).extend((t, j) for j in own[k])
     out: list[_Match] = []
     i = 0
+    # The prompt's shingles are looked up where the scan stands, turn by turn: a long match is
+    # skipped over whole, so a re-sent transcript needs few look-ups.
     while i <= len(pw) - SHINGLE:
-        hits = index.get(tuple(pw[i : i + SHINGLE]))
-        if not hits:
+        key = tuple(pw[i : i + SHINGLE])
+        best: tuple[int, int, int] | None = None  # (length, -t, -j) maximised
+        for t, own in enumerate(shingles):
+            at = own.get(key)
+            if at is None:
+                continue
+            other = turns[t].words
+            for j in at:
+                n = SHINGLE + _agree(pw, i + SHINGLE, other, j + SHINGLE)
+                if best is None or (n, -t, -j) > best:
+                    best = (n, -t, -j)
+        if best is None:
             i += 1
             continue
-        best: tuple[int, int, int] | None = None  # (length, -t, -j) maximised
-        for t, j in hits:
-            other = turns[t].words
-            n = SHINGLE
-            while i + n < len(pw) and j + n < len(other) and pw[i + n] == other[j + n]:
-                n += 1
-            if best is None or (n, -t, -j) > best:
-                best = (n, -t, -j)
-        assert best is not None
         n, t, j = best[0], -best[1], -best[2]
         # the threshold counts words as a reader does (whitespace-separated), so a quoted log
         # line full of punctuation is not "longer" than it looks
@@ -261,9 +289,14 @@ def _with_short_turns(text: str, pw: _Words, turns: list[_Words], matches: list[
         return matches
     found = list(matches)
     taken = [(m.p0, m.p1) for m in matches]
+    # where the prompt has the first word of a short turn (only those words are looked up)
+    firsts = {tw.words[0] for tw in turns if 3 <= len(tw.words) < SHINGLE * 4}
+    if not firsts:
+        return found
     positions: dict[str, list[int]] = {}
     for i, w in enumerate(pw.words):
-        positions.setdefault(w, []).append(i)
+        if w in firsts:
+            positions.setdefault(w, []).append(i)
     for t, tw in enumerate(turns):
         n = len(tw.words)
         if n < 3 or n >= SHINGLE * 4:

@@ -11,8 +11,9 @@ request is billed for its content plus the chat template's framing around each m
 
 Content is encoded with `encode_ordinary`, so a message that spells a control token is
 counted as the text it is. Counting a big text (a pasted log, a file) takes milliseconds, so
-`acount` moves texts above `OFFLOAD_CHARS` to a worker thread; an LRU cache keyed by a digest
-of the text makes re-counting a thread's stored turns free.
+`acount` moves texts above `OFFLOAD_CHARS` to a worker thread; an LRU cache keyed by the text
+itself makes re-counting a thread's stored turns free (a string caches its hash, so the turn's
+other look-ups in the same call, stripping's and the request body's, hash it once in all).
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ OFFLOAD_CHARS = 16_384
 """Texts longer than this are encoded in a worker thread by `acount` (about 1 ms of CPU)."""
 
 CACHE_ENTRIES = 4096
+CACHE_CHARS = 1_000_000
+"""Characters of the texts the cache keeps alive as its keys (1-4 MB: a 20-turn thread of 25k
+characters a turn fits twice)."""
 _CACHE_MIN_CHARS = 64  # shorter texts are cheaper to encode than to hash and look up
+_KEY_MAX_CHARS = 64_000  # longer texts are keyed by a digest: they would crowd the others out
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,8 @@ class TokenCounter:
         self.family = family
         self._template = _TEMPLATES[family]
         self._tok = _tokenizer(self._template.vocabulary)
-        self._cache: OrderedDict[bytes, int] = OrderedDict()
+        self._cache: OrderedDict[str | bytes, int] = OrderedDict()
+        self._cache_chars = 0
         self._lock = threading.Lock()
         self._framing = {role: self._special(opener) + self._special(self._template.close)
                          for role, opener in self._template.role_open.items()}  # fmt: skip
@@ -113,7 +119,7 @@ class TokenCounter:
             return 0
         if len(text) < _CACHE_MIN_CHARS:
             return len(self._tok.encode_ordinary(text))
-        key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        key = _key(text)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -121,10 +127,21 @@ class TokenCounter:
                 return hit
         n = len(self._tok.encode_ordinary(text))
         with self._lock:
-            self._cache[key] = n
-            if len(self._cache) > CACHE_ENTRIES:
-                self._cache.popitem(last=False)
+            if key not in self._cache:
+                self._cache[key] = n
+                self._cache_chars += len(key) if isinstance(key, str) else 0
+                while len(self._cache) > CACHE_ENTRIES or self._cache_chars > CACHE_CHARS:
+                    old, _ = self._cache.popitem(last=False)
+                    self._cache_chars -= len(old) if isinstance(old, str) else 0
         return n
+
+    def cached(self, text: str) -> bool:
+        """Whether counting `text` is a look-up (or too short to matter): no encoding to do."""
+        if len(text) < _CACHE_MIN_CHARS:
+            return True
+        key = _key(text)
+        with self._lock:
+            return key in self._cache
 
     async def acount(self, text: str) -> int:
         """`count` that keeps the event loop free for big texts."""
@@ -153,6 +170,12 @@ class TokenCounter:
         if sum(len(str(m.get("content") or "")) for m in msgs) > OFFLOAD_CHARS:
             return await asyncio.to_thread(self.count_messages, msgs)
         return self.count_messages(msgs)
+
+
+def _key(text: str) -> str | bytes:
+    if len(text) <= _KEY_MAX_CHARS:
+        return text
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 _COUNTERS: dict[Family, TokenCounter] = {}

@@ -174,3 +174,32 @@ def test_preload_warms_each_encoder_off_the_loop(monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(counter, "_tok", Spy(real, family))
     tokens.preload(("glm", "kimi"))
     assert encoded == [("glm", tokens.WARM_TEXT), ("kimi", tokens.WARM_TEXT)]
+
+
+def test_agree_counts_the_common_start_of_two_word_lists() -> None:
+    """The block-wise comparison finds the first difference wherever it is (inside the first
+    block, at a block's edge, deep into a long run) and stops at either list's end."""
+    words = [f"w{k}" for k in range(300)]
+    for cut in (0, 1, 7, 8, 9, 23, 24, 25, 120, 299):
+        other = [*words[:cut], "different", *words[cut + 1 :]]
+        assert stripping._agree(words, 0, other, 0) == cut
+        assert stripping._agree(other, 0, words, 0) == cut
+    assert stripping._agree(words, 0, words, 0) == 300
+    assert stripping._agree(words, 290, words, 290) == 10
+    assert stripping._agree(words, 0, words[:50], 0) == 50
+    assert stripping._agree(words, 5, words, 5 + 300) == 0
+    assert stripping._agree(words, 3, ["x", *words[3:40]], 1) == 37
+
+
+def test_token_counts_are_cached_by_text_within_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from instance.context import tokens
+
+    counter = tokens.TokenCounter("glm")
+    monkeypatch.setattr(tokens, "CACHE_CHARS", 1000)
+    texts = [f"text {k} " * 20 for k in range(20)]  # 160+ characters each
+    counts = [counter.count(t) for t in texts]
+    assert counter._cache_chars <= 1000 and len(counter._cache) < len(texts)
+    assert counter.cached(texts[-1]) and not counter.cached(texts[0]) and counter.cached("short")
+    assert [counter.count(t) for t in texts] == counts  # evicted ones are counted again, the same
+    big = "word " * 20_000  # keyed by a digest: it does not count against CACHE_CHARS
+    assert counter.count(big) == counter.count(big) and counter.cached(big)
