@@ -44,6 +44,7 @@ from common.redis import create_redis
 from common.settings import Settings
 from instance.after_answer import AfterAnswer, current_answer
 from instance.context import tokens
+from instance.fastcall import DirectCalls
 from instance.notify import Notifier
 from instance.providers import Providers
 from instance.registry import Registry
@@ -52,6 +53,7 @@ from instance.runtime import Identity, Runtime
 from instance.storage import Storage
 from instance.timing import CallClock, chat_stages, current_call, finish_request
 from instance.tools import register_tools
+from instance.tools.guard import ArgumentGuard
 from instance.tools.listing import ListAnswers, ToolListCache
 
 try:  # a private module of the SDK (mcp>=2.3,<3): if a release moves it, its spans just stay on
@@ -94,12 +96,14 @@ class InternalTokenGate:
         runtime: Runtime,
         token: str,
         answers: ListAnswers | None = None,
+        calls: DirectCalls | None = None,
     ) -> None:
         self.app = app
         self.mcp_handler = mcp_handler
         self.runtime = runtime
         self.token = token.encode()
         self.answers = answers
+        self.calls = calls
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -156,6 +160,9 @@ class InternalTokenGate:
         try:
             if not self.runtime.observe(headers):
                 await _fenced(self.runtime)(scope, receive, send)
+                return
+            if self.calls is not None and self.calls.wanted(scope):
+                await self.calls(scope, receive, timed_send)
                 return
             if self.answers is not None and self.answers.wanted(scope):
                 await self._listing(self.answers, scope, receive, timed_send)
@@ -315,12 +322,14 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
     )
     server = mcp.session_manager.app
     server.get_tool_input_schema = _declared_header_schemas(server.get_tool_input_schema)
+    calls = None if tracing else _direct_calls(mcp, listing, settings.max_body_bytes)
     gate = InternalTokenGate(
         app,
         mcp.session_manager.handle_request,
         runtime=runtime,
         token=settings.internal_token,
         answers=answers,
+        calls=calls,
     )
 
     async def close_mcp_sessions() -> None:
@@ -332,6 +341,34 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
 
     runtime.close_mcp_sessions = close_mcp_sessions
     return gate, runtime
+
+
+def _direct_calls(mcp: MCPServer[Any], listing: ToolListCache, max_body: int) -> DirectCalls | None:
+    """The direct path for plain 2026-07-28 tool calls (instance/fastcall.py), taken while the
+    server's middleware chain is the one it stands in for: the SDK's requestState boundary, the
+    tools/list cache and the guard. Only with the SDK's SSE-capable answers (its default), which
+    that path reproduces."""
+    manager = mcp.session_manager
+    chain = list(mcp.middleware)
+    if getattr(manager, "json_response", True) or len(chain) != 3:
+        return None
+    boundary, cache, guard = chain
+    if not (DirectCalls.boundary_ok(boundary) and cache is listing and isinstance(guard, ArgumentGuard)):
+        return None
+
+    def middleware_ok() -> bool:
+        middleware = mcp.middleware
+        return len(middleware) == 3 and all(a is b for a, b in zip(middleware, chain, strict=True))
+
+    return DirectCalls(
+        mcp,
+        manager.handle_request,
+        middleware=middleware_ok,
+        boundary=boundary,
+        guard=guard,
+        lifespan_state=lambda: getattr(manager, "_lifespan_state", None),
+        max_body=max_body,
+    )
 
 
 def _declared_header_schemas(
