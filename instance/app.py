@@ -322,7 +322,9 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
     )
     server = mcp.session_manager.app
     server.get_tool_input_schema = _declared_header_schemas(server.get_tool_input_schema)
-    calls = None if tracing else _direct_calls(mcp, listing, settings.max_body_bytes)
+    calls = (
+        None if tracing or not settings.direct_calls else _direct_calls(mcp, listing, settings.max_body_bytes)
+    )
     gate = InternalTokenGate(
         app,
         mcp.session_manager.handle_request,
