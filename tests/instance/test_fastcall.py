@@ -55,13 +55,19 @@ class Probe:
 
 
 class App:
-    def __init__(self) -> None:
-        settings = load_settings(internal_token=TOKEN, database_url=None, redis_url=None, log_level="WARNING")
+    def __init__(self, direct_calls: bool = True) -> None:
+        settings = load_settings(
+            internal_token=TOKEN,
+            database_url=None,
+            redis_url=None,
+            log_level="WARNING",
+            direct_calls=direct_calls,
+        )
         self.gate, self.runtime = build_app(settings, Identity(id="fastcall-test", host="127.0.0.1", port=1))
         self.manager = self.gate.mcp_handler.__self__
         self.mcp = self.manager.app.get_request_handler("tools/call").handler.__self__
         self.calls = self.gate.calls
-        assert isinstance(self.calls, DirectCalls)
+        assert isinstance(self.calls, DirectCalls) or not direct_calls
         self.probe = Probe()
         probe = self.probe
 
@@ -346,3 +352,7 @@ async def test_the_direct_path_steps_aside_for_other_middleware() -> None:
         app.mcp.middleware.append(extra)
         direct, sdk, took = await app.both(app.headers(), call({"mode": "ok"}))
         assert (direct, took) == (sdk, 0)
+
+
+def test_the_setting_turns_the_direct_path_off() -> None:
+    assert App(direct_calls=False).gate.calls is None
