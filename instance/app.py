@@ -20,7 +20,6 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.inbound import x_mcp_header_map
 from opentelemetry import trace  # the SDK's own dependency
-from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,7 +43,7 @@ from common.redis import create_redis
 from common.settings import Settings
 from instance.after_answer import AfterAnswer, current_answer
 from instance.context import tokens
-from instance.fastcall import DirectCalls
+from instance.fastcall import DirectCalls, first_values
 from instance.notify import Notifier
 from instance.providers import Providers
 from instance.registry import Registry
@@ -115,8 +114,8 @@ class InternalTokenGate:
             status = 200 if scope["path"] == PROBE_LIVE or ready else 503
             await JSONResponse({"state": self.runtime.state}, status_code=status)(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        given = headers.get(INTERNAL_TOKEN_HEADER, "").encode()
+        headers = first_values(scope)
+        given = headers.get(INTERNAL_TOKEN_HEADER.lower(), "").encode()
         if not given or not hmac.compare_digest(given, self.token):
             error = Unauthorized(
                 f"missing or wrong {INTERNAL_TOKEN_HEADER}",
@@ -138,7 +137,7 @@ class InternalTokenGate:
                     return
         await self.app(scope, receive, send)
 
-    async def _call(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
+    async def _call(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         """Serve a call with a clock the tool wrapper marks, so a chat's time in the SDK (before
         and after our tool) shows in its stages (instance/timing.py); what the call sets off
         but its answer does not need (a new binding's registry write, telemetry) is put off

@@ -41,7 +41,6 @@ from mcp_types import ErrorData, JSONRPCError, JSONRPCRequest, JSONRPCResponse
 from mcp_types import methods as _methods
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
-from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -168,11 +167,11 @@ class DirectCalls:
     async def _plain_call(self, scope: Scope, body: bytes, receive: Receive) -> tuple[Any, ...] | None:
         """The request, its envelope and the handler's params if the SDK would run the handler
         on them and the guard lets the call through; None sends the request to the SDK."""
-        headers = Headers(scope=scope)
+        headers = first_values(scope)  # (ASGI gives the names in lowercase)
         content_type = headers.get("content-type")
         if content_type is None or not content_type.lower().startswith("application/json"):
             return None
-        has_json, has_sse = check_accept_headers(Request(scope))
+        has_json, has_sse = check_accept_headers(_HeadersOnly(headers))  # type: ignore[arg-type]
         if not (has_json and has_sse):
             return None
         if scope.get("headers") and len(body) != _content_length(scope, len(body)):
@@ -187,9 +186,12 @@ class DirectCalls:
             req = JSONRPCRequest.model_validate(decoded)
         except ValidationError:
             return None
-        if req.method != METHOD or find_duplicated_routing_header(headers.items()) is not None:
+        if req.method != METHOD:
             return None
-        verdict = classify_inbound_request(decoded, headers=dict(headers))
+        raw = ((n.decode("latin-1"), "") for n, _ in scope["headers"] if n in _ROUTING)
+        if find_duplicated_routing_header(raw) is not None:
+            return None
+        verdict = classify_inbound_request(decoded, headers=headers)
         if not isinstance(verdict, InboundModernRoute):
             return None
         params = req.params
@@ -216,6 +218,24 @@ class DirectCalls:
         if self._guard.refusal(name, params.get("arguments")) is not None:
             return None
         return req, verdict, entry, typed
+
+
+def first_values(scope: Scope) -> dict[str, str]:
+    """A request's headers as a plain dict: the first value of each name, decoded as Starlette
+    decodes them (its `Headers` answers a lookup so, scanning the raw list every time)."""
+    plain: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        key = name.decode("latin-1")
+        if key not in plain:
+            plain[key] = value.decode("latin-1")
+    return plain
+
+
+class _HeadersOnly:
+    """What `check_accept_headers` reads of a request: its headers."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
 
 
 def _content_length(scope: Scope, default: int) -> int:
