@@ -153,7 +153,11 @@ class DirectCalls:
                 break
         if whole and AVAILABLE and self._middleware_ok():
             body = b"".join(m.get("body", b"") for m in received)
-            call = await self._plain_call(scope, body, receive)
+            try:
+                call = await self._plain_call(scope, body)
+            except Exception:  # a fault here must not cost the call: the SDK answers it
+                log.exception("the direct tools/call path failed to read a request; the SDK answers it")
+                call = None
             if call is not None:
                 self.served += 1
                 await _Exchange(self, scope, receive, send, body, *call).run()
@@ -164,7 +168,7 @@ class DirectCalls:
 
         await self._mcp_handler(scope, replay, send)
 
-    async def _plain_call(self, scope: Scope, body: bytes, receive: Receive) -> tuple[Any, ...] | None:
+    async def _plain_call(self, scope: Scope, body: bytes) -> tuple[Any, ...] | None:
         """The request, its envelope and the handler's params if the SDK would run the handler
         on them and the guard lets the call through; None sends the request to the SDK."""
         headers = first_values(scope)  # (ASGI gives the names in lowercase)
@@ -314,6 +318,9 @@ class _Exchange:
             if self.disconnected and task.uncancel() == 0:
                 return  # the client went away: nothing to answer, as with the SDK
             raise
+        if self.disconnected:  # the handler outlived its cancellation; the client is gone all the same
+            task.uncancel()
+            return
         async with self.lock:  # a ping being written finishes first
             for pinging in self.pinging:
                 pinging.cancel()

@@ -98,6 +98,12 @@ class App:
                     probe.cancelled += 1
                     raise
                 return {"mode": mode, "n": n}
+            if mode == "stubborn":  # swallows its cancellation and answers anyway
+                try:
+                    await asyncio.sleep(n / 1000)
+                except asyncio.CancelledError:
+                    probe.cancelled += 1
+                return {"mode": mode, "n": n}
             return {"mode": "other"}
 
     def headers(self, era: str = "stateless", name: str = "probe", **extra: str) -> list[tuple[bytes, bytes]]:
@@ -298,9 +304,10 @@ async def _disconnecting(app: App, body: dict[str, Any]) -> tuple[list[dict[str,
     return sent, app.probe.cancelled - before
 
 
-async def test_a_client_that_goes_away_cancels_the_tool_either_way() -> None:
+@pytest.mark.parametrize("mode", ["sleep", "stubborn"])
+async def test_a_client_that_goes_away_cancels_the_tool_either_way(mode: str) -> None:
     async with running() as app:
-        body = call({"mode": "sleep", "n": 3000})
+        body = call({"mode": mode, "n": 3000})
         served = app.calls.served
         sent, cancelled = await _disconnecting(app, body)
         assert (sent, cancelled) == ([], 1)
