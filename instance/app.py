@@ -295,7 +295,7 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
         return PlainTextResponse(
             chat_stages.render()
             + _storage_metrics(runtime)
-            + _listing_metrics(listing, answers)
+            + _listing_metrics(listing, answers, gate.calls)
             + loopwatch.render_metrics()
             + gcpauses.render_metrics(),
             media_type="text/plain; version=0.0.4",
@@ -445,8 +445,9 @@ def _storage_metrics(runtime: Runtime) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _listing_metrics(listing: ToolListCache, answers: ListAnswers | None) -> str:
-    """How `tools/list` was answered (instance/tools/listing.py), in the Prometheus text format."""
+def _listing_metrics(listing: ToolListCache, answers: ListAnswers | None, calls: DirectCalls | None) -> str:
+    """How `tools/list` (instance/tools/listing.py) and `tools/call` (instance/fastcall.py) were
+    answered, in the Prometheus text format."""
     counters = [
         ("exai_instance_tools_list_built_total", "tools/list answers the SDK built.",
          listing.misses),
@@ -455,6 +456,9 @@ def _listing_metrics(listing: ToolListCache, answers: ListAnswers | None) -> str
         ("exai_instance_tools_list_bytes_reused_total",
          "2026-07-28 tools/list answers written from kept bytes.",
          answers.hits if answers is not None else 0),
+        ("exai_instance_tools_call_direct_total",
+         "2026-07-28 tools/call requests served by the SDK's handler straight from the gate.",
+         calls.served if calls is not None else 0),
     ]  # fmt: skip
     lines = []
     for name, help_text, value in counters:

@@ -363,3 +363,11 @@ async def test_the_direct_path_steps_aside_for_other_middleware() -> None:
 
 def test_the_setting_turns_the_direct_path_off() -> None:
     assert App(direct_calls=False).gate.calls is None
+
+
+async def test_metrics_count_the_direct_calls() -> None:
+    async with running() as app:
+        await app.both(app.headers(), call({"mode": "ok"}))
+        status, _, body = await call_asgi(app.gate, app.headers(), b"", "GET", p.INTERNAL_METRICS)
+        assert status == 200
+        assert "exai_instance_tools_call_direct_total 1\n" in body.decode()
