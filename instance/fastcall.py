@@ -151,7 +151,8 @@ class DirectCalls:
             if not message.get("more_body", False):
                 whole = True
                 break
-        if whole and AVAILABLE and self._middleware_ok():
+        # (no lifespan state: the session manager is not running, and the SDK says so)
+        if whole and AVAILABLE and self._middleware_ok() and self._lifespan_state() is not None:
             body = b"".join(m.get("body", b"") for m in received)
             try:
                 call = await self._plain_call(scope, body)
@@ -337,8 +338,10 @@ class _Exchange:
 
     async def _handle(self, connection: Any, dctx: Any) -> dict[str, Any] | JSONRPCError:
         """`serve_one` and `_to_jsonrpc_response` for one tools/call, less the middleware
-        composition: the chain here is the tools/list cache (which passes a call on) and the
-        guard, whose checks passed already and whose error shaping is applied below."""
+        composition: the chain here is the SDK's requestState boundary (which, for a call
+        without state, only seals an `input_required` result's), the tools/list cache (which
+        passes a call on) and the guard, whose checks passed already; their parts in the
+        answer are applied below, innermost first."""
         params = self.req.params
         runner = _runner.ServerRunner(self.calls._server, connection, self.calls._lifespan_state())
         meta = _runner._extract_meta(params)
@@ -382,8 +385,12 @@ class _Exchange:
 
     async def _watch(self, task: asyncio.Task[Any]) -> None:
         """The SDK's disconnect watcher: a client that goes away cancels the handler."""
-        while (await self.receive()).get("type") != "http.disconnect":
-            pass  # pragma: no cover
+        try:
+            while (await self.receive()).get("type") != "http.disconnect":
+                pass  # pragma: no cover
+        except Exception:  # a server that cannot tell: as if the client stayed
+            log.debug("the disconnect watcher's receive failed", exc_info=True)
+            return
         if not self.finished:
             self.disconnected = True
             task.cancel()
