@@ -21,8 +21,8 @@ commits the answer to `text/event-stream` with the SDK's frames and pings; other
 is the same `application/json` body the SDK writes.
 
 Only a request the SDK would answer with a plain result takes this path: anything else (not a
-2026-07-28 `tools/call`, a body or header the SDK would refuse, a `progressToken` or any other
-`_meta` than the envelope's, an `Mcp-Param-*` header, a tool the guard refuses or that does not
+2026-07-28 `tools/call`, a body or header the SDK would refuse, any other `_meta` than the
+envelope's and a progress token, an `Mcp-Param-*` header, a tool the guard refuses or that does not
 exist) goes to the SDK with its body replayed, and so does
 every request while tracing is on or if the middleware chain is not the one this was built for.
 tests/instance/test_fastcall.py sends the same requests both ways and compares the answers.
@@ -81,10 +81,12 @@ _ENVELOPE_META = frozenset(
         "io.modelcontextprotocol/protocolVersion",
         "io.modelcontextprotocol/clientInfo",
         "io.modelcontextprotocol/clientCapabilities",
+        "progressToken",
     }
 )
 """The `_meta` keys a request may carry and still take this path: the envelope's, which the
-SDK reads into the connection; anything else (a progress token, a log level) is the SDK's."""
+SDK reads into the connection, and a progress token (whose notifications commit the answer
+to an event stream here as there); anything else (a log level, say) is the SDK's."""
 _PARAMS = frozenset({"name", "arguments", "_meta"})
 _ROUTING = frozenset({b"mcp-protocol-version", b"mcp-method", b"mcp-name"})
 
@@ -200,7 +202,7 @@ class DirectCalls:
         if not isinstance(verdict, InboundModernRoute):
             return None
         params = req.params
-        if not isinstance(params, dict) or progress_token_from_params(params) is not None:
+        if not isinstance(params, dict):
             return None
         if not params.keys() <= _PARAMS:  # requestState, inputResponses, a task: the SDK's
             return None
@@ -297,7 +299,7 @@ class _Exchange:
             ),
             request_id=req.id,
             message_metadata=ServerMessageMetadata(request_context=request),
-            progress_token=None,
+            progress_token=progress_token_from_params(req.params),
         )
         dctx.sink = _Sink(self)  # type: ignore[assignment]  # a notification commits SSE
         task = asyncio.current_task()

@@ -4,8 +4,9 @@ In-process: one instance app built by `build_app` (no Redis, no Postgres) with a
 tool registered through the fleet's wrapper, driven with the same hand-made requests with its
 direct path on and off (the gate's `calls`). The answers must be the same: status, content type
 and body bytes (the JSON answer, or the SSE frames), for good calls, tool errors of every kind,
-refusals (which the direct path leaves to the SDK) and calls it must not take (progress token,
-other `_meta`, handshake era); a client that goes away cancels the tool either way; a call that
+refusals (which the direct path leaves to the SDK), calls with a progress token (whose
+notification turns the answer into an event stream) and calls it must not take (other `_meta`,
+handshake era); a client that goes away cancels the tool either way; a call that
 outlasts the SSE ping interval is answered as an event stream either way.
 """
 
@@ -194,8 +195,6 @@ LEFT_TO_THE_SDK: list[tuple[str, Any, dict[str, str]]] = [
     ("missing argument", call({"n": 1}), {}),
     ("arguments not an object", call([1, 2]), {}),
     ("name not a string", call({}, name=7), {"mcp_name": "7"}),
-    ("progress token", call({"mode": "progress"}, meta={**META, "progressToken": "t1"}), {}),
-    ("progress token, quick", call({"mode": "ok"}, meta={**META, "progressToken": 5}), {}),
     ("other _meta", call({"mode": "ok"}, meta={**META, "io.modelcontextprotocol/logLevel": "debug"}), {}),
     ("requestState", call({"mode": "ok"}, requestState="garbage"), {}),
     ("extra param", call({"mode": "ok"}, task={"ttl": 5}), {}),
@@ -371,3 +370,30 @@ async def test_metrics_count_the_direct_calls() -> None:
         status, _, body = await call_asgi(app.gate, app.headers(), b"", "GET", p.INTERNAL_METRICS)
         assert status == 200
         assert "exai_instance_tools_call_direct_total 1\n" in body.decode()
+
+
+PROGRESS = [
+    ("a notification", {"mode": "progress"}, "t1", True),
+    ("no notification", {"mode": "ok"}, 5, True),
+    ("a bool token", {"mode": "progress"}, True, None),
+    ("a float token", {"mode": "progress"}, 1.5, None),
+]
+
+
+@pytest.mark.parametrize(("what", "arguments", "token", "taken"), PROGRESS, ids=[t[0] for t in PROGRESS])
+async def test_calls_with_a_progress_token_are_answered_as_the_sdk_answers(
+    what: str, arguments: dict[str, Any], token: Any, taken: bool | None
+) -> None:
+    async with running() as app:
+        direct, sdk, took = await app.both(
+            app.headers(), call(arguments, meta={**META, "progressToken": token})
+        )
+        assert direct == sdk, what
+        if taken is not None:
+            assert took == 1
+        if what == "a notification":
+            assert direct[1]["content-type"] == "text/event-stream"
+            frames = _frames(direct[2])
+            assert len(frames) == 2 and b'"notifications/progress"' in frames[0], frames
+        elif what == "no notification":
+            assert direct[1]["content-type"] == "application/json"
