@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     # Parking: a session with nothing in flight for this long gives its instance back.
     session_park_after: float = Field(30.0, gt=0, validation_alias="EXAI_SESSION_PARK_AFTER")
     lease_ttl: float = Field(30.0, gt=0, validation_alias="EXAI_LEASE_TTL")
+    # Plain 2026-07-28 tool calls served by the SDK's handler straight from the instance's gate
+    # (instance/fastcall.py); false sends every call through the SDK's whole HTTP entry.
+    direct_calls: bool = Field(True, validation_alias="EXAI_DIRECT_CALLS")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, validation_alias="EXAI_MAX_BODY_BYTES")
     # Silence allowed on a POST response from an instance (SSE pings come every 15 s). GET
     # streams (server-to-client notifications) have no read timeout: they may idle for hours.

@@ -20,7 +20,6 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.inbound import x_mcp_header_map
 from opentelemetry import trace  # the SDK's own dependency
-from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,6 +43,7 @@ from common.redis import create_redis
 from common.settings import Settings
 from instance.after_answer import AfterAnswer, current_answer
 from instance.context import tokens
+from instance.fastcall import DirectCalls, first_values
 from instance.notify import Notifier
 from instance.providers import Providers
 from instance.registry import Registry
@@ -52,6 +52,7 @@ from instance.runtime import Identity, Runtime
 from instance.storage import Storage
 from instance.timing import CallClock, chat_stages, current_call, finish_request
 from instance.tools import register_tools
+from instance.tools.guard import ArgumentGuard
 from instance.tools.listing import ListAnswers, ToolListCache
 
 try:  # a private module of the SDK (mcp>=2.3,<3): if a release moves it, its spans just stay on
@@ -94,12 +95,14 @@ class InternalTokenGate:
         runtime: Runtime,
         token: str,
         answers: ListAnswers | None = None,
+        calls: DirectCalls | None = None,
     ) -> None:
         self.app = app
         self.mcp_handler = mcp_handler
         self.runtime = runtime
         self.token = token.encode()
         self.answers = answers
+        self.calls = calls
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,8 +114,8 @@ class InternalTokenGate:
             status = 200 if scope["path"] == PROBE_LIVE or ready else 503
             await JSONResponse({"state": self.runtime.state}, status_code=status)(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        given = headers.get(INTERNAL_TOKEN_HEADER, "").encode()
+        headers = first_values(scope)
+        given = headers.get(INTERNAL_TOKEN_HEADER.lower(), "").encode()
         if not given or not hmac.compare_digest(given, self.token):
             error = Unauthorized(
                 f"missing or wrong {INTERNAL_TOKEN_HEADER}",
@@ -134,7 +137,7 @@ class InternalTokenGate:
                     return
         await self.app(scope, receive, send)
 
-    async def _call(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> None:
+    async def _call(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         """Serve a call with a clock the tool wrapper marks, so a chat's time in the SDK (before
         and after our tool) shows in its stages (instance/timing.py); what the call sets off
         but its answer does not need (a new binding's registry write, telemetry) is put off
@@ -156,6 +159,9 @@ class InternalTokenGate:
         try:
             if not self.runtime.observe(headers):
                 await _fenced(self.runtime)(scope, receive, send)
+                return
+            if self.calls is not None and self.calls.wanted(scope):
+                await self.calls(scope, receive, timed_send)
                 return
             if self.answers is not None and self.answers.wanted(scope):
                 await self._listing(self.answers, scope, receive, timed_send)
@@ -289,7 +295,7 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
         return PlainTextResponse(
             chat_stages.render()
             + _storage_metrics(runtime)
-            + _listing_metrics(listing, answers)
+            + _listing_metrics(listing, answers, gate.calls)
             + loopwatch.render_metrics()
             + gcpauses.render_metrics(),
             media_type="text/plain; version=0.0.4",
@@ -315,12 +321,16 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
     )
     server = mcp.session_manager.app
     server.get_tool_input_schema = _declared_header_schemas(server.get_tool_input_schema)
+    calls = (
+        None if tracing or not settings.direct_calls else _direct_calls(mcp, listing, settings.max_body_bytes)
+    )
     gate = InternalTokenGate(
         app,
         mcp.session_manager.handle_request,
         runtime=runtime,
         token=settings.internal_token,
         answers=answers,
+        calls=calls,
     )
 
     async def close_mcp_sessions() -> None:
@@ -332,6 +342,34 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
 
     runtime.close_mcp_sessions = close_mcp_sessions
     return gate, runtime
+
+
+def _direct_calls(mcp: MCPServer[Any], listing: ToolListCache, max_body: int) -> DirectCalls | None:
+    """The direct path for plain 2026-07-28 tool calls (instance/fastcall.py), taken while the
+    server's middleware chain is the one it stands in for: the SDK's requestState boundary, the
+    tools/list cache and the guard. Only with the SDK's SSE-capable answers (its default), which
+    that path reproduces."""
+    manager = mcp.session_manager
+    chain = list(mcp.middleware)
+    if getattr(manager, "json_response", True) or len(chain) != 3:
+        return None
+    boundary, cache, guard = chain
+    if not (DirectCalls.boundary_ok(boundary) and cache is listing and isinstance(guard, ArgumentGuard)):
+        return None
+
+    def middleware_ok() -> bool:
+        middleware = mcp.middleware
+        return len(middleware) == 3 and all(a is b for a, b in zip(middleware, chain, strict=True))
+
+    return DirectCalls(
+        mcp,
+        manager.handle_request,
+        middleware=middleware_ok,
+        boundary=boundary,
+        guard=guard,
+        lifespan_state=lambda: getattr(manager, "_lifespan_state", None),
+        max_body=max_body,
+    )
 
 
 def _declared_header_schemas(
@@ -407,8 +445,9 @@ def _storage_metrics(runtime: Runtime) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _listing_metrics(listing: ToolListCache, answers: ListAnswers | None) -> str:
-    """How `tools/list` was answered (instance/tools/listing.py), in the Prometheus text format."""
+def _listing_metrics(listing: ToolListCache, answers: ListAnswers | None, calls: DirectCalls | None) -> str:
+    """How `tools/list` (instance/tools/listing.py) and `tools/call` (instance/fastcall.py) were
+    answered, in the Prometheus text format."""
     counters = [
         ("exai_instance_tools_list_built_total", "tools/list answers the SDK built.",
          listing.misses),
@@ -417,6 +456,9 @@ def _listing_metrics(listing: ToolListCache, answers: ListAnswers | None) -> str
         ("exai_instance_tools_list_bytes_reused_total",
          "2026-07-28 tools/list answers written from kept bytes.",
          answers.hits if answers is not None else 0),
+        ("exai_instance_tools_call_direct_total",
+         "2026-07-28 tools/call requests served by the SDK's handler straight from the gate.",
+         calls.served if calls is not None else 0),
     ]  # fmt: skip
     lines = []
     for name, help_text, value in counters:

@@ -85,24 +85,34 @@ def _strict_check(mcp: MCPServer[Any], name: str, schema: Mapping[str, Any]) -> 
     return check
 
 
-def unknown_argument_guard(mcp: MCPServer[Any]) -> Any:
-    validators: dict[str, jsonschema.protocols.Validator] = {}
-    properties: dict[str, frozenset[str]] = {}
-    strict: dict[str, Callable[[Any], Any]] = {}
+class ArgumentGuard:
+    """The middleware: a tools/call's tool and arguments checked before the tool runs, and any
+    error text coming back reshaped. Its two halves (`refusal`, `shape`) are also what the
+    instance's direct call path (instance/fastcall.py) asks, so both paths answer alike."""
 
-    async def load() -> None:
-        for tool in await mcp.list_tools():
+    def __init__(self, mcp: MCPServer[Any]) -> None:
+        self._mcp = mcp
+        self._validators: dict[str, jsonschema.protocols.Validator] = {}
+        self._properties: dict[str, frozenset[str]] = {}
+        self._strict: dict[str, Callable[[Any], Any]] = {}
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self._validators)
+
+    async def load(self) -> None:
+        for tool in await self._mcp.list_tools():
             schema = dict(tool.input_schema or {})
             cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-            validators[tool.name] = cls(schema)
-            properties[tool.name] = frozenset(schema.get("properties", {}))
-            check = _strict_check(mcp, tool.name, schema)
+            self._validators[tool.name] = cls(schema)
+            self._properties[tool.name] = frozenset(schema.get("properties", {}))
+            check = _strict_check(self._mcp, tool.name, schema)
             if check is not None:
-                strict[tool.name] = check
+                self._strict[tool.name] = check
 
-    def fits(tool: str, arguments: Mapping[str, Any]) -> bool:
+    def _fits(self, tool: str, arguments: Mapping[str, Any]) -> bool:
         """Whether the strict pre-check accepts the arguments (False: ask jsonschema)."""
-        check = strict.get(tool)
+        check = self._strict.get(tool)
         if check is None:
             return False
         try:
@@ -111,19 +121,14 @@ def unknown_argument_guard(mcp: MCPServer[Any]) -> Any:
             return False
         return True
 
-    async def guard(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
-        params = ctx.params
-        if ctx.method != "tools/call" or not isinstance(params, Mapping):
-            return await call_next(ctx)
-        if not validators:
-            await load()
-        name = params.get("name")
-        arguments = params.get("arguments")
+    def refusal(self, name: Any, arguments: Any) -> CallToolResult | None:
+        """The error result for a call of tool `name` with `arguments` (None: the tool may run).
+        Call `load` first."""
         arguments = {} if arguments is None else arguments
         tool = str(name)
-        validator = validators.get(tool)
+        validator = self._validators.get(tool)
         if validator is None:
-            known = ", ".join(sorted(validators))
+            known = ", ".join(sorted(self._validators))
             return _error_result(
                 UnknownTool(
                     f"there is no tool named {tool[:100]!r}",
@@ -132,15 +137,15 @@ def unknown_argument_guard(mcp: MCPServer[Any]) -> Any:
             )
         if not isinstance(arguments, Mapping):
             return _error_result(InvalidArgument(f"the arguments of {tool} must be a JSON object"))
-        unknown = sorted(set(arguments) - properties[tool])
+        unknown = sorted(set(arguments) - self._properties[tool])
         if unknown:
             return _error_result(
                 InvalidArgument(
                     f"unknown argument(s) {', '.join(u[:100] for u in unknown[:10])} for tool {tool}",
-                    hint=f"Valid arguments: {', '.join(sorted(properties[tool]))}.",
+                    hint=f"Valid arguments: {', '.join(sorted(self._properties[tool]))}.",
                 )
             )
-        problem = None if fits(tool, arguments) else _schema_errors(validator, arguments)
+        problem = None if self._fits(tool, arguments) else _schema_errors(validator, arguments)
         if problem is not None:
             return _error_result(
                 InvalidArgument(
@@ -148,7 +153,11 @@ def unknown_argument_guard(mcp: MCPServer[Any]) -> Any:
                     hint="Fix the argument; tools/list shows the schema.",
                 )
             )
-        result = await call_next(ctx)
+        return None
+
+    @staticmethod
+    def shape(result: Any, tool: str) -> Any:
+        """An error result's texts in the fleet's shape (in place); others as they are."""
         # The chain hands back the wire form (a dict); a model only if a middleware built one.
         if isinstance(result, CallToolResult) and result.is_error:
             for block in result.content:
@@ -161,4 +170,18 @@ def unknown_argument_guard(mcp: MCPServer[Any]) -> Any:
                     item["text"] = shaped_error_text(text, tool)
         return result
 
-    return guard
+    async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        params = ctx.params
+        if ctx.method != "tools/call" or not isinstance(params, Mapping):
+            return await call_next(ctx)
+        if not self._validators:
+            await self.load()
+        name = params.get("name")
+        refused = self.refusal(name, params.get("arguments"))
+        if refused is not None:
+            return refused
+        return self.shape(await call_next(ctx), str(name))
+
+
+def unknown_argument_guard(mcp: MCPServer[Any]) -> ArgumentGuard:
+    return ArgumentGuard(mcp)
