@@ -25,14 +25,18 @@ def test_collections_are_counted_per_generation_and_rendered() -> None:
     assert text.endswith("\n") and "exai_gc_frozen_objects " in text
 
 
-def test_the_frozen_count_is_taken_once_at_freeze_not_per_scrape(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """gc.get_freeze_count walks the whole permanent generation: never on a metrics scrape."""
+def test_the_frozen_count_is_taken_at_freeze_not_per_scrape(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """gc.get_freeze_count walks the whole permanent generation: never on a metrics scrape, and a
+    freeze counts only the young generations it moves, so a second freeze adds to the first."""
     walks: list[int] = []
     monkeypatch.setattr(gc, "freeze", lambda: None)  # (the test process itself stays unfrozen)
-    monkeypatch.setattr(gc, "get_freeze_count", lambda: walks.append(1) or 12345)
+    monkeypatch.setattr(gc, "get_freeze_count", lambda: walks.append(1) or 0)
+    monkeypatch.setattr(gc, "get_objects", lambda generation=None: [None] * (generation + 1) * 1000)
+    monkeypatch.setattr(gcpauses, "_frozen", 0)
     gcpauses.freeze()
-    assert walks == [1]
+    assert gcpauses.summary()["frozen_objects"] == 6000  # generations 0, 1, 2: 1000 + 2000 + 3000
+    gcpauses.freeze()
     for _ in range(3):
-        assert gcpauses.summary()["frozen_objects"] == 12345
-        assert "exai_gc_frozen_objects 12345\n" in gcpauses.render_metrics()
-    assert walks == [1]
+        assert gcpauses.summary()["frozen_objects"] == 12000
+        assert "exai_gc_frozen_objects 12000\n" in gcpauses.render_metrics()
+    assert walks == []
