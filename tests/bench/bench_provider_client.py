@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -49,50 +47,23 @@ from instance.providers import ChatRequest, Providers
 from instance.providers.models import lookup
 from instance.tools.progress import progress_heartbeat
 from tests.bench.context_corpus import make_thread
+from tests.fakes.provider_process import FakeProviderProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).with_name("results")
 SYSTEM = "You are a senior engineer consulted by a coding agent for a second opinion. " * 4
 
-CHILD = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-from tests.fakes.provider import FakeProvider
-fake = FakeProvider()
-with fake.running():
-    print(fake.port, flush=True)
-    for line in sys.stdin:
-        hits = fake.snapshot()
-        fake.reset()
-        print(json.dumps([[h.messages[-1]["content"], h.sent - h.received] for h in hits
-                          if h.sent is not None and h.received is not None]), flush=True)
-"""
 
-
-class _Fake:
-    """The fake provider in a child process; `spent()` returns (and forgets) its per-request
-    seconds, keyed by the request's last message."""
-
-    def __init__(self, root: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(root)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        self.port = int(self.proc.stdout.readline())
-
-    def spent(self) -> dict[str, float]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("dump\n")
-        self.proc.stdin.flush()
-        return dict(json.loads(self.proc.stdout.readline()))
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=15)
+async def _spent(fake: FakeProviderProcess) -> dict[str, float]:
+    """The fake's seconds per request since the last look (keyed by the request's last message),
+    forgetting them."""
+    hits = await fake.asnapshot()
+    await fake.areset()
+    return {
+        str(h.messages[-1]["content"]): h.sent - h.received
+        for h in hits
+        if h.sent is not None and h.received is not None and h.messages
+    }
 
 
 def _thread(turns: int) -> list[Turn]:
@@ -125,7 +96,9 @@ class _Sink:
         self.chars += len(text)
 
 
-async def provider_client(port: int, fake: _Fake, turns: list[Turn], calls: int) -> dict[str, Any]:
+async def provider_client(
+    port: int, fake: FakeProviderProcess, turns: list[Turn], calls: int
+) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     settings = load_settings(
         glm_api_key="k-bench", glm_api_url=url + "/api/paas/v4", kimi_api_key="", provider_max_concurrency=4
@@ -144,7 +117,7 @@ async def provider_client(port: int, fake: _Fake, turns: list[Turn], calls: int)
                 )
                 request.stream = stream
                 await provider.chat(request)
-            fake.spent()
+            await _spent(fake)
             walls: dict[str, float] = {}
             cpus: list[float] = []
             gc.collect()
@@ -162,7 +135,7 @@ async def provider_client(port: int, fake: _Fake, turns: list[Turn], calls: int)
                 walls[question] = time.perf_counter() - wall
                 cpus.append(time.thread_time() - cpu)
                 assert question in result.content
-            spent = fake.spent()
+            spent = await _spent(fake)
             beyond = [walls[q] - spent[q] for q in walls if q in spent]
             out["stream" if stream else "full"] = {
                 "beyond_fake": _summary(beyond),
@@ -248,13 +221,14 @@ async def main() -> None:
     )
     result: dict[str, Any] = {}
     if args.only != "context":
-        fake = _Fake(root)
-        try:
-            sent = turns if args.provider_thread == "agent" else _short_thread(len(turns))
-            rounds = [await provider_client(fake.port, fake, sent, args.calls) for _ in range(args.rounds)]
-        finally:
-            with contextlib.suppress(Exception):
-                fake.close()
+        with FakeProviderProcess().running() as fake:
+            try:
+                sent = turns if args.provider_thread == "agent" else _short_thread(len(turns))
+                rounds = [
+                    await provider_client(fake.port, fake, sent, args.calls) for _ in range(args.rounds)
+                ]
+            finally:
+                await fake.aclose()
         result["provider"] = _median_of(rounds)
     if args.only != "provider":
         result["context"] = _median_of([await context_stage(turns, args.calls) for _ in range(args.rounds)])
