@@ -47,6 +47,7 @@ from instance.fastcall import DirectCalls, first_values
 from instance.notify import Notifier
 from instance.providers import Providers
 from instance.registry import Registry
+from instance.request_body import ReadAhead
 from instance.resources import register as register_resources
 from instance.runtime import Identity, Runtime
 from instance.storage import Storage
@@ -181,21 +182,8 @@ class InternalTokenGate:
     async def _listing(self, answers: ListAnswers, scope: Scope, receive: Receive, send: Send) -> None:
         """A 2026-07-28 `tools/list`: a kept answer if there is one for this request, else the
         SDK's, kept for the next one (instance/tools/listing.py)."""
-        received: list[Message] = []
-        size = 0
-        whole = False
-        while size <= answers.max_body:  # a larger body is the SDK's to refuse (413), as before
-            message = await receive()
-            received.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                whole = True
-                break
-        found = None
-        if whole:
-            found = answers.key(scope, b"".join(m.get("body", b"") for m in received))
+        ahead = await ReadAhead.read(receive, answers.max_body)  # a larger body: the SDK's 413
+        found = answers.key(scope, ahead.body) if ahead.whole else None
         if found is not None:
             kept = answers.answer(*found)
             if kept is not None:
@@ -206,14 +194,11 @@ class InternalTokenGate:
         tools = answers.tool_set()
         sent: list[Message] = []
 
-        async def replay() -> Message:
-            return received.pop(0) if received else await receive()
-
         async def recording_send(message: Message) -> None:
             sent.append(message)
             await send(message)
 
-        await self.mcp_handler(scope, replay, recording_send if found is not None else send)
+        await self.mcp_handler(scope, ahead.replay, recording_send if found is not None else send)
         if found is not None:
             answers.keep(*found, tools, sent)
 

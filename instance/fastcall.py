@@ -42,8 +42,9 @@ from mcp_types import methods as _methods
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from instance.request_body import ReadAhead
 from instance.tools.guard import ArgumentGuard
 
 log = logging.getLogger(__name__)
@@ -141,21 +142,10 @@ class DirectCalls:
         return method == b"tools/call" and version in _MODERN and seen == 3
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        received: list[Message] = []
-        size = 0
-        whole = False
-        while size <= self.max_body:  # a larger body is the SDK's to refuse (413)
-            message = await receive()
-            received.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                whole = True
-                break
+        ahead = await ReadAhead.read(receive, self.max_body)  # a larger body: the SDK's 413
         # (no lifespan state: the session manager is not running, and the SDK says so)
-        if whole and AVAILABLE and self._middleware_ok() and self._lifespan_state() is not None:
-            body = b"".join(m.get("body", b"") for m in received)
+        if ahead.whole and AVAILABLE and self._middleware_ok() and self._lifespan_state() is not None:
+            body = ahead.body
             try:
                 call = await self._plain_call(scope, body)
             except Exception:  # a fault here must not cost the call: the SDK answers it
@@ -166,10 +156,7 @@ class DirectCalls:
                 await _Exchange(self, scope, receive, send, body, *call).run()
                 return
 
-        async def replay() -> Message:
-            return received.pop(0) if received else await receive()
-
-        await self._mcp_handler(scope, replay, send)
+        await self._mcp_handler(scope, ahead.replay, send)
 
     async def _plain_call(self, scope: Scope, body: bytes) -> tuple[Any, ...] | None:
         """The request, its envelope and the handler's params if the SDK would run the handler

@@ -118,8 +118,27 @@ class _SseAnswer(Response):
         self.hit.sent = time.monotonic()
 
 
+class ProviderUrls:
+    """The URLs an instance is given for a fake listening on `host`:`port`."""
+
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def glm_url(self) -> str:
+        return self.url + GLM_PATH
+
+    @property
+    def kimi_url(self) -> str:
+        return self.url + KIMI_PATH
+
+
 @dataclass
-class FakeProvider:
+class FakeProvider(ProviderUrls):
     host: str = "127.0.0.1"
     port: int = 0
     default: Behaviour = field(default_factory=Behaviour)
@@ -133,18 +152,6 @@ class FakeProvider:
     _thread: threading.Thread | None = None
 
     # --- control from the test ---------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def glm_url(self) -> str:
-        return self.url + GLM_PATH
-
-    @property
-    def kimi_url(self) -> str:
-        return self.url + KIMI_PATH
-
     def script(self, *behaviours: Behaviour) -> None:
         """The next requests get these, in order; later ones get `default`."""
         with self._lock:

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tests.fakes.provider import GLM_PATH, KIMI_PATH, Behaviour, FakeProvider, Hit
+from tests.fakes.provider import Behaviour, FakeProvider, Hit, ProviderUrls
 
 ROOT = Path(__file__).resolve().parents[2]
 _PLAIN = ("delay", "status", "retry_after", "hang", "content", "chunk_delay")  # Behaviour's JSON fields
@@ -60,25 +60,15 @@ class _Controlled(FakeProvider):
         return JSONResponse({"ok": True})
 
 
-class FakeProviderProcess:
+class FakeProviderProcess(ProviderUrls):
     """The parent's handle: the URLs an instance is given, and the control calls."""
+
+    host = "127.0.0.1"
 
     def __init__(self, default: Behaviour | None = None) -> None:
         self.default = default or Behaviour()
         self.port = 0
         self._http: aiohttp.ClientSession | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def glm_url(self) -> str:
-        return self.url + GLM_PATH
-
-    @property
-    def kimi_url(self) -> str:
-        return self.url + KIMI_PATH
 
     @contextmanager
     def running(self) -> Iterator[FakeProviderProcess]:
