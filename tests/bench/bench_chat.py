@@ -181,6 +181,7 @@ async def _run(
         "overhead": [lat - whole[p] for p, lat in latency.items() if p in whole],
         "vs_handler": [lat - spent[p] for p, lat in latency.items() if p in spent],
         "direct": [lat - whole[p] for p, lat in direct_latency.items() if p in whole],
+        "fake_whole": [whole[p] for p in latency if p in whole],
         "cpu": cpu,
         "calls": len(latency) + len(direct_latency),  # (the CPU is the instances' for all of them)
         "stages": st.get("chat_stages"),
@@ -200,6 +201,7 @@ def _combine(tag: str, sessions: int, think: float, blocks: list[dict[str, Any]]
         "overhead": _stats([x for b in blocks for x in b["overhead"]]),
         "overhead_vs_handler": _stats([x for b in blocks for x in b["vs_handler"]]),
         "overhead_direct": _stats(d) if (d := [x for b in blocks for x in b["direct"]]) else None,
+        "fake_whole": _stats([x for b in blocks for x in b.get("fake_whole", [])]),
         "instance_stages": blocks[-1]["stages"],
         "instance_gc": blocks[-1].get("gc"),
         "instances_cpu_per_call_ms": round(sum(b["cpu"] for b in blocks) / max(1, calls) * 1000, 3),
@@ -386,6 +388,15 @@ async def main() -> int:
             print(
                 f"  {r['postgres']} x{r['sessions']}: straight to the instance {d:.2f} ms p50, so the "
                 f"router's share {r['overhead']['p50_ms'] - d:+.2f} ms"
+            )
+    for r in results["runs"]:
+        provider = ((r.get("instance_stages") or {}).get("provider") or {}).get("p50_ms")
+        fake = (r.get("fake_whole") or {}).get("p50_ms")
+        if provider is not None and fake is not None:
+            print(
+                f"  {r['postgres']} x{r['sessions']}: the instance's provider call {provider:.2f} ms p50 "
+                f"against the fake's own {fake:.2f}: its client and loopback HTTP about "
+                f"{provider - fake:+.2f} ms (part of `outside`)"
             )
     print("\ninstance stages (p50 ms, in call order; cumulative per instance, from one session's instance):")
     for r in results["runs"]:

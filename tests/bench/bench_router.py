@@ -389,26 +389,30 @@ async def _first_call(fleet: Fleet, samples: int, *, free: bool) -> dict[str, An
     }
 
 
-async def _rate(fleet: Fleet, clients: int, seconds: float) -> dict[str, Any]:
+async def _rate(fleet: Fleet, clients: int, seconds: float, rounds: int = 3) -> dict[str, Any]:
     """Calls/s of `version` with `clients` concurrent clients calling back to back, spread over
-    five sessions (one per instance), through the router and then straight to the instances."""
+    five sessions (one per instance), through the router and straight to the instances.
+
+    The two take turns in `rounds` windows each (router, direct, direct, router, ...: each one
+    first as often as second), `seconds` split between them, with each side's connections kept
+    open across its windows, so a drift of the machine's load lands on both sides alike."""
     anchors = [Caller(fleet.mcp_url, f"rate-{i}") for i in range(5)]
     bound = []
     for a in anchors:
         await a.call("version", {})
         bound.append(await _status(a))
 
-    async def measure(direct: bool) -> dict[str, Any]:
-        callers: list[Caller] = []
+    def callers_for(direct: bool) -> list[Caller]:
+        out: list[Caller] = []
         for i in range(clients):
             st = bound[i % len(bound)]
             client = f"rate-{i % len(bound)}"
-            if direct:
-                callers.append(direct_caller(fleet, st, client))
-            else:
-                callers.append(Caller(fleet.mcp_url, client))
+            out.append(direct_caller(fleet, st, client) if direct else Caller(fleet.mcp_url, client))
+        return out
+
+    async def window(callers: list[Caller], length: float) -> tuple[int, int]:
         done = errors = 0
-        stop = time.monotonic() + seconds
+        stop = time.monotonic() + length
 
         async def run(c: Caller) -> None:
             nonlocal done, errors
@@ -421,19 +425,42 @@ async def _rate(fleet: Fleet, clients: int, seconds: float) -> dict[str, Any]:
                     await asyncio.sleep(0.05)
 
         await asyncio.gather(*(run(c) for c in callers))
-        for c in callers:
-            await c.close()
-        return {"calls_per_s": round(done / seconds, 1), "errors": errors}
+        return done, errors
 
-    routed = await measure(False)
-    direct = await measure(True)
+    sides = {False: callers_for(False), True: callers_for(True)}
+    for side in sides.values():  # connections opened before the clock runs
+        await asyncio.gather(*(c.call("version", {}) for c in side))
+    length = seconds / max(1, rounds)
+    totals = {False: [0, 0, 0.0], True: [0, 0, 0.0]}
+    shares: list[float] = []
+    for r in range(max(1, rounds)):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        got: dict[bool, float] = {}
+        for direct in order:
+            started = time.monotonic()
+            done, errors = await window(sides[direct], length)
+            spent = time.monotonic() - started
+            t = totals[direct]
+            t[0], t[1], t[2] = t[0] + done, t[1] + errors, t[2] + spent
+            got[direct] = done / spent
+        shares.append(round(got[False] / max(got[True], 1e-9), 3))
+    for side in sides.values():
+        for c in side:
+            await c.close()
     for a in anchors:
         await a.close()
+
+    def side(direct: bool) -> dict[str, Any]:
+        done, errors, spent = totals[direct]
+        return {"calls_per_s": round(done / max(spent, 1e-9), 1), "errors": errors}
+
+    routed, direct = side(False), side(True)
     return {
         "clients": clients,
         "router": routed,
         "direct": direct,
         "router_share": round(routed["calls_per_s"] / max(direct["calls_per_s"], 1e-9), 3),
+        "router_share_by_round": shares,
     }
 
 
@@ -706,7 +733,12 @@ async def main() -> int:
         help="comma-separated parts to run (overhead,first,rate,isolation,resume,served,bridge)",
     )
     ap.add_argument("--first-samples", type=int, default=60, help="new sessions for the first-call part")
-    ap.add_argument("--rate-seconds", type=float, default=10.0, help="duration of each calls/s run")
+    ap.add_argument(
+        "--rate-seconds",
+        type=float,
+        default=10.0,
+        help="seconds of calls/s per side (router, direct) and client count, in three alternating windows",
+    )
     ap.add_argument(
         "--router-processes",
         type=int,
@@ -843,7 +875,8 @@ def _print(r: dict[str, Any]) -> None:
     for row in r.get("rate", []):
         print(
             f"calls/s with {row['clients']} clients over 5 sessions: router {row['router']['calls_per_s']}"
-            f" direct {row['direct']['calls_per_s']} (router/direct {row['router_share']:.2f}; target >= 0.8)"
+            f" direct {row['direct']['calls_per_s']} (router/direct {row['router_share']:.2f}; target >= 0.8;"
+            f" by round {', '.join(f'{x:.2f}' for x in row.get('router_share_by_round', []))})"
         )
     if "isolation" in r:
         _print_isolation(r)
