@@ -309,6 +309,19 @@ def _wire_gauges(metrics: Metrics, proxy: Proxy, upstream: Upstream) -> None:
         "Pooled connections dropped before reuse because the instance had closed them.",
         lambda: {(): float(upstream.stale_dropped)},
     )
+
+    def pooled() -> dict[Labels, float]:
+        pools = upstream.relay.pools.values()
+        idle = sum(1 for pool in pools for conn in pool.idle if not conn.closed)
+        busy = sum(pool.busy for pool in pools)
+        return {(("state", "idle"),): float(idle), (("state", "busy"),): float(busy)}
+
+    metrics.gauge(
+        "exai_router_upstream_connections",
+        "Pooled connections to instances: idle (ready for the next call) and busy (a call or "
+        "the end of an answer being read on it).",
+        pooled,
+    )
     metrics.gauge(
         "exai_router_allocation_waiters", "Sessions waiting for a free instance.",
         lambda: {(): float(proxy.allocator.waiters)},
