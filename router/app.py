@@ -104,6 +104,13 @@ class Maintenance:
             elif ver > sess.ver:
                 await table.refresh(sess)
 
+    async def refresh_registry(self) -> None:
+        """Read the instance registry: a new session's one-round-trip opening (router/opening.py)
+        leases among the instances the router knows, and supervisord starts the router before
+        its instances (spares and restarted hosts come later still), so nothing else would make
+        it look before the first session paid for the allocator's slow path."""
+        await self.proxy.registry.instances()
+
     async def prune_pools(self) -> None:
         """Forget upstream connection pools of instances that left the registry."""
         proxy = self.proxy
@@ -223,6 +230,10 @@ def create_app(settings: Settings) -> web.Application:
                 name="unfinished session ends",
             ),
             asyncio.create_task(_every(park, "parking", maint.park_idle), name="parking"),
+            asyncio.create_task(
+                _every(settings.heartbeat_interval, "registry refresh", maint.refresh_registry),
+                name="registry refresh",
+            ),
             asyncio.create_task(_every(sweep, "expiry sweep", maint.sweep_idle), name="expiry sweep"),
             asyncio.create_task(hub.run(), name="notification hub"),
             asyncio.create_task(_every(sweep, "stream sessions", hub.keep_sessions), name="stream sessions"),
