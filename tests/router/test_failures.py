@@ -70,6 +70,8 @@ async def test_call_in_flight_on_a_killed_instance_gets_a_clear_error(
             await asyncio.wait_for(call, 30)
         assert info.value.error.code == -32000
         assert "stopped" in info.value.error.message and "instance_lost" in json.dumps(info.value.error.data)
+        # what to do, in the message a client shows: the call may have run; retry if safe
+        assert "retry the call if it is safe to repeat" in info.value.error.message, info.value.error
 
         provider.reset()
         after = await status_of(client)  # the next call is served elsewhere, same session
