@@ -26,6 +26,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from tests.fleet import ExtraRouter, Fleet
 from tests.router.conftest import ROUTER_TEST_SETTINGS, status_of
+from tests.test_cli import exai
 
 pytestmark = pytest.mark.usefixtures("provider")
 
@@ -230,6 +231,13 @@ async def test_two_router_processes_share_one_port(fleet_factory: Any) -> None:
     routers = [procs[f"router:router_{n}"] for n in (1, 2)]
     assert all(p.state == "RUNNING" for p in routers), routers
     pids = {str(p.pid) for p in routers}
+    # `exai status`, as an operator runs it with the fleet's settings, lists both on the port.
+    shown = await asyncio.to_thread(exai, "status", env=fleet.environment())
+    assert shown.returncode == 0, shown
+    for p in routers:
+        row = next((ln.split() for ln in shown.stdout.splitlines() if ln.startswith(f"{p.name} ")), None)
+        assert row is not None, shown.stdout
+        assert row[1:4] == ["RUNNING", str(p.pid), str(fleet.settings.router_port)], shown.stdout
     answered: set[str] = set()
     for _ in range(30):  # which process answers: the kernel spreads new connections
         status, text = await fleet.admin("GET", "/metrics")
