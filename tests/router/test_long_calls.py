@@ -86,3 +86,29 @@ async def test_a_call_silent_for_longer_than_the_read_timeout_is_answered(
     finally:
         provider.reset()
         await fleet.end_all_sessions()
+
+
+async def test_more_calls_at_once_than_connections_per_instance_all_answer(
+    fleet: Fleet, provider: FakeProvider
+) -> None:
+    """One 2026-07-28 session with more calls in flight than the router keeps connections to
+    its instance (router/upstream.py, CALLS_PER_INSTANCE): the rest wait for a connection,
+    none is refused or lost, each gets its own answer."""
+    from router.upstream import CALLS_PER_INSTANCE
+
+    count = CALLS_PER_INSTANCE + 8
+    provider.reset(Behaviour(delay=0.5))
+    try:
+        async with mcp_client(fleet.mcp_url, "2026-07-28", name="many-at-once") as client:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(client.call_tool("chat", {"prompt": f"call {n}"}) for n in range(count))),
+                120,
+            )
+        for n, result in enumerate(results):
+            assert not result.is_error, result
+            assert result.structured_content is not None
+            assert f"call {n}" in result.structured_content["content"]
+        assert len(provider.snapshot()) == count
+    finally:
+        provider.reset()
+        await fleet.end_all_sessions()
