@@ -289,11 +289,15 @@ class RawSession:
         self.sid = ""  # the handshake era's Mcp-Session-Id
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
 
-    async def pid(self) -> str:
-        """The pid of the router process serving this client's connection."""
+    async def metrics(self) -> str:
+        """/metrics of the router process serving this client's connection."""
         headers = {"Authorization": f"Bearer {self.fleet.admin_token}"}
         async with self.http.get(self.fleet.router_url + "/metrics", headers=headers) as r:
-            text = await r.text()
+            return await r.text()
+
+    async def pid(self) -> str:
+        """The pid of the router process serving this client's connection."""
+        text = await self.metrics()
         return next(_pid(line) for line in text.splitlines() if line.startswith("exai_router_process{"))
 
     async def post(self, body: dict[str, Any], extra: dict[str, str]) -> tuple[int, dict[str, str], str]:
@@ -353,15 +357,18 @@ async def _pinned(fleet: Fleet, era: str, name: str, pid: str) -> RawSession:
 
 async def test_a_router_process_killed_for_good_leaves_no_lease_held(fleet_factory: Any) -> None:
     """EXAI_ROUTER_PROCESSES=2 under supervisord: sessions of both eras made through router_1
-    (and only known there) hold both instances when router_1 is SIGKILLed and not restarted.
-    Nothing renews their leases any more; router_2 takes the sessions over from Redis instead of
-    treating the instances as lost or leaving them held for the dead router: new sessions
-    through the port are served (the orphans are parked for them), the orphans themselves
-    continue through router_2 under their own ids, and once every session has ended no lease
-    is left in Redis."""
+    (and only known there) hold both instances when router_1 is SIGKILLed, and the process
+    supervisord starts in its place is stopped again for good (once it runs: a stop that
+    lands while supervisord is still starting a process can lose its signal). Nothing renews
+    the sessions' leases any more; router_2 takes them over from Redis instead of treating the
+    instances as lost or leaving them held for the dead router: new sessions through the port
+    are served (the orphans are parked for them), the orphans themselves continue through
+    router_2 under their own ids, and once every session has ended no lease is left in Redis."""
     fleet: Fleet = await asyncio.to_thread(
         fleet_factory, instances=2, max_instances=2, router_processes=2,
-        **{**SETTINGS, "session_park_after": 2.0, "allocation_deadline": 15.0},
+        # parking after more than router_1's restart and stop take, so that its replacement
+        # (which loads every session as it starts) leaves the orphans bound when it stops
+        **{**SETTINGS, "session_park_after": 8.0, "allocation_deadline": 20.0},
     )  # fmt: skip
     procs = {p.full_name: p for p in await asyncio.to_thread(fleet.processes)}
     doomed, survivor = (str(procs[f"router:router_{n}"].pid) for n in (1, 2))
@@ -383,13 +390,30 @@ async def test_a_router_process_killed_for_good_leaves_no_lease_held(fleet_facto
         pid = await asyncio.to_thread(fleet._kill, "router:router_1", signal.SIGKILL)
         assert str(pid) == doomed
         await asyncio.to_thread(fleet._wait_dead, pid)
-        await asyncio.to_thread(fleet._keep_stopped, "router:router_1")
+        await asyncio.to_thread(fleet.wait_restarted, "router:router_1", pid)
+        await asyncio.to_thread(fleet.supervisor.stop, "router:router_1")
+        assert (await asyncio.to_thread(fleet.process, "router:router_1")).state == "STOPPED"
 
         # New sessions through the port (router_2 only now): both instances come free for them.
         async with contextlib.AsyncExitStack() as stack:
             fresh = await _open(stack, fleet, {m: Switch(fleet.settings.router_port) for m in MODES})
             got = {(await status_of(c))["instance_id"] for c in fresh.values()}
             assert got == {fleet.instance_id(1), fleet.instance_id(2)}
+
+        # router_2 did it: it found the lapsed leases' sessions still bound, restored the leases
+        # and parked the sessions (not the replacement of router_1, which stopped before)
+        probe = await _pinned(fleet, VERSION, "probe", survivor)
+        try:
+            text = await probe.metrics()
+        finally:
+            await probe.close()
+        counts = {
+            line.split()[0]: float(line.split()[1])
+            for line in text.splitlines()
+            if line.startswith(("exai_router_leases_reconciled_total", "exai_router_sessions_parked_total"))
+        }
+        assert counts.get("exai_router_leases_reconciled_total", 0) >= 2, counts
+        assert counts.get('exai_router_sessions_parked_total{reason="idle"}', 0) >= 2, counts
 
         # The orphans go on through router_2, each under its own id (the handshake era's
         # Mcp-Session-Id kept, its initialize replayed on the instance it lands on).
