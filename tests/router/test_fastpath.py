@@ -56,9 +56,9 @@ def _call(rid: int, client: str = "fast", tool: str = "version") -> bytes:
     ).encode()
 
 
-def post(body: bytes, *, version: str = VERSION, extra: bytes = b"") -> bytes:
+def post(body: bytes, *, version: str = VERSION, extra: bytes = b"", tool: str = "version") -> bytes:
     if version == VERSION:  # the 2026-07-28 wire names the method and tool in headers too
-        extra = b"Mcp-Method: tools/call\r\nMcp-Name: version\r\n" + extra
+        extra = b"Mcp-Method: tools/call\r\nMcp-Name: " + tool.encode() + b"\r\n" + extra
     return (
         b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: "
@@ -413,5 +413,55 @@ async def test_the_fast_path_can_be_turned_off(fleet_factory: Callable[..., Flee
             assert status == 200, body
             assert _result(body)["id"] == rid
         assert await _fast_count(slow) == 0
+    finally:
+        conn.close()
+
+
+def _file_call(rid: int, path: Path) -> bytes:
+    return json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": rid,
+            "method": "tools/call",
+            "params": {
+                "name": "file_read",
+                "arguments": {"path": str(path)},
+                "_meta": {
+                    "io.modelcontextprotocol/protocolVersion": VERSION,
+                    "io.modelcontextprotocol/clientInfo": {"name": "big-json", "version": "1"},
+                    "io.modelcontextprotocol/clientCapabilities": {},
+                },
+            },
+        }
+    ).encode()
+
+
+async def test_large_json_answers_of_the_2026_era_arrive_whole_and_framed(
+    fleet: Fleet, files_root: Path
+) -> None:
+    # 2026-07-28 answers are JSON: above the express path's read-ahead (256 KiB) the proxy reads
+    # them, up to 1 MiB whole with Content-Length, beyond that copied as they come (chunked).
+    # Either way the client gets every byte, to a slow reader too, and the connection goes on.
+    plain = "".join(f"{n:06d} " + "abcdefghij" * 9 + "\n" for n in range(2000))  # ~200 KiB
+    escaped = '"\\' * 120_000  # 240 KiB that JSON writes at twice the size, twice (text, structured)
+    cases = [("plain.txt", plain, "content-length"), ("escaped.txt", escaped, "transfer-encoding")]
+    conn = await Conn.open_slow(fleet)
+    try:
+        for rid, (name, text, framing) in enumerate(cases, start=1):
+            path = files_root / name
+            path.write_text(text)
+            await conn.send(post(_file_call(rid, path), tool="file_read"))
+            await asyncio.sleep(0.5)  # not reading: the answer backs up into the router
+            status, headers, answer = await conn.answer()
+            assert status == 200, answer[:300]
+            assert framing in headers, headers
+            if framing == "content-length":
+                assert int(headers["content-length"]) == len(answer)
+            result = _result(answer)
+            assert result["id"] == rid and not result["result"].get("isError"), str(result)[:300]
+            assert result["result"]["structuredContent"]["text"] == text
+        await conn.send(post(_call(9, client="big-json")))
+        status, _, answer = await conn.answer()
+        assert status == 200 and _result(answer)["id"] == 9
     finally:
         conn.close()
