@@ -6,6 +6,7 @@ registered); /metrics is Prometheus text. Everything under /admin needs the admi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import Any
@@ -219,6 +220,48 @@ async def readyz(request: web.Request) -> web.Response:
     return _json({"ready": True, "instances": len(usable), "unbound": free, "registered": len(instances)})
 
 
+CHAT_STAGE_METRIC = "exai_instance_chat_stage_seconds"  # instance/timing.py renders it
+STAGES_TIMEOUT = 1.0  # seconds an instance has to give its chat stages to a /metrics scrape
+
+
+async def _instance_stages(proxy: Proxy, instances: list[Instance]) -> str:
+    """Every live instance's chat stage timings (its /internal/metrics), each sample labelled
+    with the instance, so a chat call's whole breakdown is on the router's /metrics beside the
+    router's own stage. An instance that does not answer in time is left out of this scrape."""
+
+    async def one(inst: Instance) -> list[str]:
+        try:
+            async with proxy.http.get(
+                inst.base_url + p.INTERNAL_METRICS,
+                headers={p.INTERNAL_TOKEN_HEADER: proxy.internal_token},
+                timeout=aiohttp.ClientTimeout(total=STAGES_TIMEOUT),
+            ) as r:
+                if r.status != 200:
+                    return []
+                text = await r.text()
+        except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
+            return []
+        label = 'instance="' + inst.id.replace("\\", "\\\\").replace('"', '\\"') + '",'
+        return [
+            line.replace("{", "{" + label, 1)
+            for line in text.splitlines()
+            if line.startswith(CHAT_STAGE_METRIC) and "{" in line
+        ]
+
+    found = await asyncio.gather(*(one(inst) for inst in instances))
+    return (
+        "\n".join(
+            [
+                f"# HELP {CHAT_STAGE_METRIC} A chat call's time per stage on each instance "
+                "(from its /internal/metrics; fleet = request - provider).",
+                f"# TYPE {CHAT_STAGE_METRIC} summary",
+                *(line for lines in found for line in lines),
+            ]
+        )
+        + "\n"
+    )
+
+
 async def metrics(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     with contextlib.suppress(*REDIS_DOWN_ERRORS):
@@ -226,8 +269,9 @@ async def metrics(request: web.Request) -> web.Response:
     from router.links import refresh_metrics
 
     await refresh_metrics(request)  # fleet-wide link-group counters
+    stages = await _instance_stages(proxy, list(proxy.registry.last.values()))
     return web.Response(
-        text=request.app[METRICS_KEY].render(), content_type="text/plain", charset="utf-8",
+        text=request.app[METRICS_KEY].render() + stages, content_type="text/plain", charset="utf-8",
         headers={"X-Content-Type-Options": "nosniff"},
     )  # fmt: skip
 

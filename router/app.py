@@ -104,6 +104,13 @@ class Maintenance:
             elif ver > sess.ver:
                 await table.refresh(sess)
 
+    async def refresh_registry(self) -> None:
+        """Read the instance registry: a new session's one-round-trip opening (router/opening.py)
+        leases among the instances the router knows, and supervisord starts the router before
+        its instances (spares and restarted hosts come later still), so nothing else would make
+        it look before the first session paid for the allocator's slow path."""
+        await self.proxy.registry.instances()
+
     async def prune_pools(self) -> None:
         """Forget upstream connection pools of instances that left the registry."""
         proxy = self.proxy
@@ -223,6 +230,10 @@ def create_app(settings: Settings) -> web.Application:
                 name="unfinished session ends",
             ),
             asyncio.create_task(_every(park, "parking", maint.park_idle), name="parking"),
+            asyncio.create_task(
+                _every(settings.heartbeat_interval, "registry refresh", maint.refresh_registry),
+                name="registry refresh",
+            ),
             asyncio.create_task(_every(sweep, "expiry sweep", maint.sweep_idle), name="expiry sweep"),
             asyncio.create_task(hub.run(), name="notification hub"),
             asyncio.create_task(_every(sweep, "stream sessions", hub.keep_sessions), name="stream sessions"),
@@ -308,6 +319,19 @@ def _wire_gauges(metrics: Metrics, proxy: Proxy, upstream: Upstream) -> None:
         "exai_router_upstream_stale_dropped",
         "Pooled connections dropped before reuse because the instance had closed them.",
         lambda: {(): float(upstream.stale_dropped)},
+    )
+
+    def pooled() -> dict[Labels, float]:
+        pools = upstream.relay.pools.values()
+        idle = sum(1 for pool in pools for conn in pool.idle if not conn.closed)
+        busy = sum(pool.busy for pool in pools)
+        return {(("state", "idle"),): float(idle), (("state", "busy"),): float(busy)}
+
+    metrics.gauge(
+        "exai_router_upstream_connections",
+        "Pooled connections to instances: idle (ready for the next call) and busy (a call or "
+        "the end of an answer being read on it).",
+        pooled,
     )
     metrics.gauge(
         "exai_router_allocation_waiters", "Sessions waiting for a free instance.",

@@ -3,22 +3,29 @@
 It runs in its own thread and event loop so the instance subprocess keeps being served (or
 refused) whatever the test's own loop is doing. `down()` closes the listener and every open
 connection; `up()` listens again on the same port. `delay` (seconds, settable at any time)
-holds every chunk coming back from the target that long: a slow network to Postgres.
+holds every chunk coming back from the target that long: a slow network to Postgres. `tap`
+(optional) is called, on the proxy's thread, with a connection number and every chunk a client
+sends, before it is forwarded: a test can read what went to the server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, *, tap: Callable[[int, bytes], None] | None = None
+    ) -> None:
         self.target = (target_host, target_port)
+        self.tap = tap
+        self._numbers = itertools.count(1)
         self.host = "127.0.0.1"
         self.port = 0
         self.delay = 0.0
@@ -28,12 +35,19 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="tcp-proxy")
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, slow: bool = False
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        slow: bool = False,
+        number: int | None = None,
     ) -> None:
         with contextlib.suppress(Exception):
             while data := await reader.read(65536):
                 if slow and self.delay > 0:
                     await asyncio.sleep(self.delay)
+                if number is not None and self.tap is not None:
+                    self.tap(number, data)
                 writer.write(data)
                 await writer.drain()
         writer.close()
@@ -46,7 +60,10 @@ class TcpProxy:
             return
         self._writers.update((writer, up_writer))
         try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer, slow=True))
+            number = next(self._numbers)
+            await asyncio.gather(
+                self._pipe(reader, up_writer, number=number), self._pipe(up_reader, writer, slow=True)
+            )
         finally:
             self._writers.difference_update((writer, up_writer))
 

@@ -70,6 +70,8 @@ async def test_call_in_flight_on_a_killed_instance_gets_a_clear_error(
             await asyncio.wait_for(call, 30)
         assert info.value.error.code == -32000
         assert "stopped" in info.value.error.message and "instance_lost" in json.dumps(info.value.error.data)
+        # what to do, in the message a client shows: the call may have run; retry if safe
+        assert "retry the call if it is safe to repeat" in info.value.error.message, info.value.error
 
         provider.reset()
         after = await status_of(client)  # the next call is served elsewhere, same session
@@ -122,6 +124,65 @@ async def test_client_disconnect_cancels_the_upstream_call(fleet: Fleet, provide
         return int((await _health(fleet, st["instance_id"]))["inflight"]) == 0
 
     await _until(idle)  # the instance cancelled the call although the provider still holds it
+    provider.reset()
+    await fleet.end_all_sessions()
+
+
+async def test_client_disconnect_mid_sse_answer_cancels_the_handshake_era_call(
+    fleet: Fleet, provider: FakeProvider
+) -> None:
+    """The same in the handshake era, whose calls are answered as SSE streams: a client that
+    closes its connection while the stream is open (headers relayed, the answer not yet) gets
+    the instance's tool cancelled too."""
+    provider.reset(Behaviour(delay=60))
+    headers = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2025-11-25"}
+    client = {"name": "sse-quitter", "version": "1"}
+    params = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": client}
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(fleet.mcp_url, json=init, headers=headers) as r:
+            assert r.status == 200, await r.text()
+            headers["Mcp-Session-Id"] = r.headers["Mcp-Session-Id"]
+            await r.read()
+        note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        async with http.post(fleet.mcp_url, json=note, headers=headers) as r:
+            assert r.status == 202
+        status = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "status", "arguments": {}},
+        }
+        async with http.post(fleet.mcp_url, json=status, headers=headers) as r:
+            data = [ln[5:] for ln in (await r.text()).splitlines() if ln.startswith("data:")]
+            iid = json.loads(data[-1])["result"]["structuredContent"]["instance_id"]
+    opened = asyncio.Event()
+
+    async def post() -> None:
+        chat = {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "chat", "arguments": {"prompt": "x"}},
+        }
+        async with aiohttp.ClientSession() as http, http.post(fleet.mcp_url, json=chat, headers=headers) as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            opened.set()
+            await r.read()
+
+    task = asyncio.create_task(post())
+
+    async def running() -> bool:
+        return int((await _health(fleet, iid))["inflight"]) >= 1
+
+    await _until(running)
+    await asyncio.wait_for(opened.wait(), 15)  # the stream is open: the router is copying it
+    task.cancel()  # the client goes away mid-call
+
+    async def idle() -> bool:
+        return int((await _health(fleet, iid))["inflight"]) == 0
+
+    await _until(idle)  # cancelled there although the provider still holds the request
     provider.reset()
     await fleet.end_all_sessions()
 

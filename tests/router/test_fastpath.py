@@ -56,9 +56,9 @@ def _call(rid: int, client: str = "fast", tool: str = "version") -> bytes:
     ).encode()
 
 
-def post(body: bytes, *, version: str = VERSION, extra: bytes = b"") -> bytes:
+def post(body: bytes, *, version: str = VERSION, extra: bytes = b"", tool: str = "version") -> bytes:
     if version == VERSION:  # the 2026-07-28 wire names the method and tool in headers too
-        extra = b"Mcp-Method: tools/call\r\nMcp-Name: version\r\n" + extra
+        extra = b"Mcp-Method: tools/call\r\nMcp-Name: " + tool.encode() + b"\r\n" + extra
     return (
         b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: "
@@ -143,6 +143,23 @@ async def _fast_count(fleet: Fleet, name: str = "fast_path_requests") -> float:
 
 async def _express_count(fleet: Fleet) -> float:
     return await _fast_count(fleet, "express_calls")
+
+
+async def _pool_settled(fleet: Fleet) -> None:
+    """Wait until no pooled connection to an instance is busy. An SSE answer reaches the client
+    with the event holding its response; the instance ends its stream a moment later, and the
+    router reads that end before the connection is idle again (Response.drain). A call sent
+    before then finds no idle connection and takes the proxy's path, not the express path: on
+    a loaded machine the instance's end can come after the client's next request."""
+    async with asyncio.timeout(10):
+        while True:
+            _, text = await fleet.admin("GET", "/metrics")
+            busy = re.search(r'^exai_router_upstream_connections\{state="busy"\} (\S+)$', text, re.M)
+            idle = re.search(r'^exai_router_upstream_connections\{state="idle"\} (\S+)$', text, re.M)
+            assert busy is not None and idle is not None, text[:500]
+            if float(busy.group(1)) == 0 and float(idle.group(1)) >= 1:
+                return
+            await asyncio.sleep(0.02)
 
 
 async def test_calls_on_one_connection_take_the_fast_path(fleet: Fleet) -> None:
@@ -337,13 +354,15 @@ async def test_handshake_era_sse_answers_on_the_fast_path(fleet: Fleet) -> None:
         sid = extra.split(b": ")[1].strip().decode()
         before, express = await _fast_count(fleet), await _express_count(fleet)
         for rid in (1, 2, 3):
+            # the previous answer's upstream connection is back in the pool (see _pool_settled)
+            await _pool_settled(fleet)
             await conn.send(post(_handshake_call(rid, "version", {}), version="2025-11-25", extra=extra))
             status, headers, body = await conn.answer()
             assert status == 200 and headers["mcp-session-id"] == sid
             assert _sse_result(headers, body)["id"] == rid
-        assert await _fast_count(fleet) >= before + 3
+        assert await _fast_count(fleet) == before + 3
         # sent on the express path, the SSE answers copied there as they come
-        assert await _express_count(fleet) >= express + 3
+        assert await _express_count(fleet) == express + 3
     finally:
         conn.close()
 
@@ -363,6 +382,7 @@ async def test_a_slow_client_gets_a_large_streamed_answer_whole_on_the_express_p
         extra = await _handshake(conn)
         await conn.send(post(_handshake_call(1, "version", {}), version="2025-11-25", extra=extra))
         assert (await conn.answer())[0] == 200  # bound, with an idle connection to its instance
+        await _pool_settled(fleet)  # once the router has read that answer's end
         express = await _express_count(fleet)
         call = _handshake_call(2, "file_read", {"path": str(big)})
         await conn.send(post(call, version="2025-11-25", extra=extra))
@@ -393,5 +413,55 @@ async def test_the_fast_path_can_be_turned_off(fleet_factory: Callable[..., Flee
             assert status == 200, body
             assert _result(body)["id"] == rid
         assert await _fast_count(slow) == 0
+    finally:
+        conn.close()
+
+
+def _file_call(rid: int, path: Path) -> bytes:
+    return json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": rid,
+            "method": "tools/call",
+            "params": {
+                "name": "file_read",
+                "arguments": {"path": str(path)},
+                "_meta": {
+                    "io.modelcontextprotocol/protocolVersion": VERSION,
+                    "io.modelcontextprotocol/clientInfo": {"name": "big-json", "version": "1"},
+                    "io.modelcontextprotocol/clientCapabilities": {},
+                },
+            },
+        }
+    ).encode()
+
+
+async def test_large_json_answers_of_the_2026_era_arrive_whole_and_framed(
+    fleet: Fleet, files_root: Path
+) -> None:
+    # 2026-07-28 answers are JSON: above the express path's read-ahead (256 KiB) the proxy reads
+    # them, up to 1 MiB whole with Content-Length, beyond that copied as they come (chunked).
+    # Either way the client gets every byte, to a slow reader too, and the connection goes on.
+    plain = "".join(f"{n:06d} " + "abcdefghij" * 9 + "\n" for n in range(2000))  # ~200 KiB
+    escaped = '"\\' * 120_000  # 240 KiB that JSON writes at twice the size, twice (text, structured)
+    cases = [("plain.txt", plain, "content-length"), ("escaped.txt", escaped, "transfer-encoding")]
+    conn = await Conn.open_slow(fleet)
+    try:
+        for rid, (name, text, framing) in enumerate(cases, start=1):
+            path = files_root / name
+            path.write_text(text)
+            await conn.send(post(_file_call(rid, path), tool="file_read"))
+            await asyncio.sleep(0.5)  # not reading: the answer backs up into the router
+            status, headers, answer = await conn.answer()
+            assert status == 200, answer[:300]
+            assert framing in headers, headers
+            if framing == "content-length":
+                assert int(headers["content-length"]) == len(answer)
+            result = _result(answer)
+            assert result["id"] == rid and not result["result"].get("isError"), str(result)[:300]
+            assert result["result"]["structuredContent"]["text"] == text
+        await conn.send(post(_call(9, client="big-json")))
+        status, _, answer = await conn.answer()
+        assert status == 200 and _result(answer)["id"] == 9
     finally:
         conn.close()

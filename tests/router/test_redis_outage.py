@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -201,3 +202,49 @@ async def test_a_redis_restart_under_load_moves_no_session_and_loses_no_turn(
             assert not result.is_error, result.content
             assert result.structured_content is not None
             assert result.structured_content["metadata"]["thread_turns"] == 2 * count + 2
+
+
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_redis_dying_in_the_middle_of_a_chat_call(
+    fleet: Fleet, own_redis: OwnRedis, provider: FakeProvider, pg_dsn: str, mode: str
+) -> None:
+    """Redis is SIGKILLed while a chat call waits on the provider: the call still answers (its
+    turns go to the instance's spool and on to Postgres), and the thread continues after."""
+    await fleet.wait_instances(3)
+    gate = threading.Event()
+    async with mcp_client(fleet.mcp_url, mode, name=f"midcall-{mode}") as client:
+        first = await client.call_tool("chat", {"prompt": "before the outage"})
+        assert not first.is_error, first.content
+        assert first.structured_content is not None
+        cid = first.structured_content["continuation_id"]
+        provider.reset(Behaviour(gate=gate))
+        try:
+            call = asyncio.create_task(
+                client.call_tool("chat", {"prompt": "during the outage", "continuation_id": cid})
+            )
+            await _until(lambda: asyncio.sleep(0, bool(provider.snapshot())))
+            own_redis.kill()
+            gate.set()
+            result = await asyncio.wait_for(call, 60)
+            assert not result.is_error, result.content
+            assert result.structured_content is not None
+            assert result.structured_content["continuation_id"] == cid
+        finally:
+            gate.set()
+            provider.reset()
+            await asyncio.to_thread(own_redis.start)
+        again = await client.call_tool("chat", {"prompt": "after the outage", "continuation_id": cid})
+        assert not again.is_error, again.content
+        assert again.structured_content is not None
+        assert again.structured_content["metadata"]["thread_turns"] == 6
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+
+        async def stored() -> bool:
+            count = await conn.fetchval("SELECT count(*) FROM messages WHERE conversation_id = $1", cid)
+            return bool(count == 6)
+
+        await _until(stored)
+    finally:
+        await conn.close()
+    await fleet.end_all_sessions()

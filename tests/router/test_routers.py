@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import httpx2
 import mcp_types
 import pytest
@@ -24,10 +26,12 @@ from mcp.client.streamable_http import streamable_http_client
 
 from tests.fleet import ExtraRouter, Fleet
 from tests.router.conftest import ROUTER_TEST_SETTINGS, status_of
+from tests.test_cli import exai
 
 pytestmark = pytest.mark.usefixtures("provider")
 
 MODES = ("legacy", "2026-07-28")
+VERSION = "2026-07-28"
 # Quick lease rounds, so a wrong renewal would show within the test's waits.
 SETTINGS = {**ROUTER_TEST_SETTINGS, "lease_ttl": 3.0}
 
@@ -227,6 +231,13 @@ async def test_two_router_processes_share_one_port(fleet_factory: Any) -> None:
     routers = [procs[f"router:router_{n}"] for n in (1, 2)]
     assert all(p.state == "RUNNING" for p in routers), routers
     pids = {str(p.pid) for p in routers}
+    # `exai status`, as an operator runs it with the fleet's settings, lists both on the port.
+    shown = await asyncio.to_thread(exai, "status", env=fleet.environment())
+    assert shown.returncode == 0, shown
+    for p in routers:
+        row = next((ln.split() for ln in shown.stdout.splitlines() if ln.startswith(f"{p.name} ")), None)
+        assert row is not None, shown.stdout
+        assert row[1:4] == ["RUNNING", str(p.pid), str(fleet.settings.router_port)], shown.stdout
     answered: set[str] = set()
     for _ in range(30):  # which process answers: the kernel spreads new connections
         status, text = await fleet.admin("GET", "/metrics")
@@ -251,4 +262,182 @@ async def test_two_router_processes_share_one_port(fleet_factory: Any) -> None:
         for num in (1, 2):
             assert await redis.get(fleet.keys.lease(fleet.instance_id(num))) is None
     finally:
+        await redis.aclose()
+
+
+# --- a router process killed for good ------------------------------------------------------
+
+HANDSHAKE = "2025-11-25"
+
+
+def _rpc_answer(ctype: str, text: str) -> dict[str, Any]:
+    """The JSON-RPC answer of a POST /mcp: the JSON body, or an SSE body's last data event."""
+    if ctype.startswith("text/event-stream"):
+        data = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
+        assert data, text
+        text = data[-1]
+    answer: dict[str, Any] = json.loads(text)
+    return answer
+
+
+class RawSession:
+    """One session over plain HTTP on a client of its own (aiohttp, one keep-alive connection
+    at most): it can be pinned to the router process that accepted that connection."""
+
+    def __init__(self, fleet: Fleet, era: str, name: str) -> None:
+        self.fleet, self.era, self.name = fleet, era, name
+        self.sid = ""  # the handshake era's Mcp-Session-Id
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+
+    async def metrics(self) -> str:
+        """/metrics of the router process serving this client's connection."""
+        headers = {"Authorization": f"Bearer {self.fleet.admin_token}"}
+        async with self.http.get(self.fleet.router_url + "/metrics", headers=headers) as r:
+            return await r.text()
+
+    async def pid(self) -> str:
+        """The pid of the router process serving this client's connection."""
+        text = await self.metrics()
+        return next(_pid(line) for line in text.splitlines() if line.startswith("exai_router_process{"))
+
+    async def post(self, body: dict[str, Any], extra: dict[str, str]) -> tuple[int, dict[str, str], str]:
+        url = self.fleet.mcp_url + (f"/s/{self.name}" if self.era == VERSION else "")
+        headers = {"Accept": "application/json, text/event-stream", **extra}
+        if self.sid:
+            headers["Mcp-Session-Id"] = self.sid
+        async with self.http.post(url, json=body, headers=headers) as r:
+            return r.status, dict(r.headers), await r.text()
+
+    async def open(self) -> None:
+        if self.era == VERSION:
+            return  # a 2026-07-28 session opens with its first call
+        client = {"name": self.name, "version": "1"}
+        params = {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": client}
+        init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params}
+        status, headers, text = await self.post(init, {"MCP-Protocol-Version": HANDSHAKE})
+        assert status == 200, text
+        assert "result" in _rpc_answer(headers.get("Content-Type", ""), text), text
+        self.sid = headers["Mcp-Session-Id"]
+        note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        status, _, text = await self.post(note, {"MCP-Protocol-Version": HANDSHAKE})
+        assert status == 202, text
+
+    async def status(self, rid: int) -> dict[str, Any]:
+        """The `status` tool's answer (which session and instance served the call)."""
+        params: dict[str, Any] = {"name": "status", "arguments": {}}
+        extra = {"MCP-Protocol-Version": HANDSHAKE}
+        if self.era == VERSION:
+            params["_meta"] = {
+                "io.modelcontextprotocol/protocolVersion": VERSION,
+                "io.modelcontextprotocol/clientInfo": {"name": self.name, "version": "1"},
+                "io.modelcontextprotocol/clientCapabilities": {},
+            }
+            extra = {"MCP-Protocol-Version": VERSION, "Mcp-Method": "tools/call", "Mcp-Name": "status"}
+        call = {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": params}
+        status, headers, text = await self.post(call, extra)
+        assert status == 200, text
+        answer = _rpc_answer(headers.get("Content-Type", ""), text)
+        assert answer.get("id") == rid and not answer["result"].get("isError"), answer
+        return dict(answer["result"]["structuredContent"])
+
+    async def close(self) -> None:
+        await self.http.close()
+
+
+async def _pinned(fleet: Fleet, era: str, name: str, pid: str) -> RawSession:
+    """A RawSession whose connection the router process `pid` accepted (the kernel spreads new
+    connections over the processes on the port: try new ones until one lands there)."""
+    for _ in range(200):
+        raw = RawSession(fleet, era, name)
+        if await raw.pid() == pid:
+            return raw
+        await raw.close()
+    raise AssertionError(f"no connection landed on router process {pid}")
+
+
+async def test_a_router_process_killed_for_good_leaves_no_lease_held(fleet_factory: Any) -> None:
+    """EXAI_ROUTER_PROCESSES=2 under supervisord: sessions of both eras made through router_1
+    (and only known there) hold both instances when router_1 is SIGKILLed, and the process
+    supervisord starts in its place is stopped again for good (once it runs: a stop that
+    lands while supervisord is still starting a process can lose its signal). Nothing renews
+    the sessions' leases any more; router_2 takes them over from Redis instead of treating the
+    instances as lost or leaving them held for the dead router: new sessions through the port
+    are served (the orphans are parked for them), the orphans themselves continue through
+    router_2 under their own ids, and once every session has ended no lease is left in Redis."""
+    fleet: Fleet = await asyncio.to_thread(
+        fleet_factory, instances=2, max_instances=2, router_processes=2,
+        # parking after more than router_1's restart and stop take, so that its replacement
+        # (which loads every session as it starts) leaves the orphans bound when it stops
+        **{**SETTINGS, "session_park_after": 8.0, "allocation_deadline": 20.0},
+    )  # fmt: skip
+    procs = {p.full_name: p for p in await asyncio.to_thread(fleet.processes)}
+    doomed, survivor = (str(procs[f"router:router_{n}"].pid) for n in (1, 2))
+    orphans = [await _pinned(fleet, era, f"orphan-{n}", doomed) for n, era in enumerate((HANDSHAKE, VERSION))]
+    redis = aioredis.from_url(str(fleet.settings.redis_url), decode_responses=True)
+    try:
+        before = []
+        for raw in orphans:
+            await raw.open()
+            before.append(await raw.status(1))
+            assert await raw.pid() == doomed  # made and served by router_1 alone
+        held = {st["instance_id"]: st["session"] for st in before}
+        assert set(held) == {fleet.instance_id(1), fleet.instance_id(2)}
+        for iid, sid in held.items():
+            assert await redis.get(fleet.keys.lease(iid)) == sid
+        for raw in orphans:
+            await raw.close()  # its connection went to the dead router anyway
+
+        pid = await asyncio.to_thread(fleet._kill, "router:router_1", signal.SIGKILL)
+        assert str(pid) == doomed
+        await asyncio.to_thread(fleet._wait_dead, pid)
+        await asyncio.to_thread(fleet.wait_restarted, "router:router_1", pid)
+        await asyncio.to_thread(fleet.supervisor.stop, "router:router_1")
+        assert (await asyncio.to_thread(fleet.process, "router:router_1")).state == "STOPPED"
+
+        # New sessions through the port (router_2 only now): both instances come free for them.
+        async with contextlib.AsyncExitStack() as stack:
+            fresh = await _open(stack, fleet, {m: Switch(fleet.settings.router_port) for m in MODES})
+            got = {(await status_of(c))["instance_id"] for c in fresh.values()}
+            assert got == {fleet.instance_id(1), fleet.instance_id(2)}
+
+        # router_2 did it: it found the lapsed leases' sessions still bound, restored the leases
+        # and parked the sessions (not the replacement of router_1, which stopped before)
+        probe = await _pinned(fleet, VERSION, "probe", survivor)
+        try:
+            text = await probe.metrics()
+        finally:
+            await probe.close()
+        counts = {
+            line.split()[0]: float(line.split()[1])
+            for line in text.splitlines()
+            if line.startswith(("exai_router_leases_reconciled_total", "exai_router_sessions_parked_total"))
+        }
+        assert counts.get("exai_router_leases_reconciled_total", 0) >= 2, counts
+        assert counts.get('exai_router_sessions_parked_total{reason="idle"}', 0) >= 2, counts
+
+        # The orphans go on through router_2, each under its own id (the handshake era's
+        # Mcp-Session-Id kept, its initialize replayed on the instance it lands on).
+        for n, (raw, first) in enumerate(zip(orphans, before, strict=True)):
+            again = RawSession(fleet, raw.era, raw.name)
+            again.sid = raw.sid
+            try:
+                assert await again.pid() == survivor
+                st = await again.status(2 + n)
+                assert st["session"] == first["session"], (st, first)
+            finally:
+                await again.close()
+
+        await fleet.end_all_sessions()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20.0
+        while True:  # the survivor's lease rounds: nothing left held for anyone
+            leases = {num: await redis.get(fleet.keys.lease(fleet.instance_id(num))) for num in (1, 2)}
+            if all(v is None for v in leases.values()):
+                break
+            assert loop.time() < deadline, leases
+            await asyncio.sleep(0.2)
+        assert await _sessions(fleet, fleet.router_url) == {}
+    finally:
+        for raw in orphans:
+            await raw.close()
         await redis.aclose()

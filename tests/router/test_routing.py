@@ -308,7 +308,15 @@ async def test_chat_stage_timings_are_exposed(fleet: Fleet) -> None:
     )
     assert together >= 2, text
 
-    status, metrics = await fleet.admin("GET", "/metrics")
+    status, metrics = await fleet.admin("GET", "/metrics", token=None)  # no token needed
     assert status == 200
     assert 'exai_router_call_stage_seconds_count{stage="router"}' in metrics
     assert 'exai_router_call_stage_seconds_count{stage="instance"}' in metrics
+    # ... and each instance's chat stages, labelled with the instance, on the same page
+    assert metrics.count("# TYPE exai_instance_chat_stage_seconds summary") == 1, metrics
+    iid = st["instance_id"]
+    for name in CHAT_STAGES:
+        line = f'exai_instance_chat_stage_seconds_count{{instance="{iid}",stage="{name}"}} '
+        found = [ln for ln in metrics.splitlines() if ln.startswith(line)]
+        assert found and int(found[0].split()[-1]) >= 2, (name, found)
+    assert f'exai_instance_chat_stage_seconds{{instance="{iid}",stage="provider",quantile="0.5"}}' in metrics

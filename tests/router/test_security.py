@@ -105,6 +105,50 @@ async def test_oversized_and_malformed_bodies_get_jsonrpc_errors(fleet: Fleet) -
     assert status == 400 and body["error"]["code"] == -32600
 
 
+async def test_an_oversized_body_in_one_write_gets_413_on_the_fast_path(fleet: Fleet) -> None:
+    """A whole request a little over EXAI_MAX_BODY_BYTES, in one write on a keep-alive
+    connection: the fast path's size (router/fastpath.py) lets it in, and the proxy still
+    refuses it with the same JSON-RPC 413; a call within the limit is answered after it."""
+    port = int(fleet.router_url.rsplit(":", 1)[1])
+
+    def request(body: bytes) -> bytes:
+        head = (
+            "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2025-11-25\r\n"
+            f"Authorization: Bearer {ALICE}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
+
+    async def answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, Any]]:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        length = int(
+            next(ln.split(":", 1)[1] for ln in head.split("\r\n") if ln.lower().startswith("content-length"))
+        )
+        return int(head.split()[1]), json.loads(await reader.readexactly(length))
+
+    async def fast_count() -> float:
+        _, text = await fleet.admin("GET", "/metrics")
+        line = [ln for ln in text.splitlines() if ln.startswith("exai_router_fast_path_requests_total ")]
+        return float(line[0].split()[1]) if line else 0.0
+
+    before = await fast_count()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        big = {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {"pad": "x" * 5000}}
+        writer.write(request(json.dumps(big).encode()))
+        async with asyncio.timeout(20):
+            status, body = await answer(reader)
+        assert status == 413 and body["error"]["data"]["error"] == "payload_too_large", body
+        assert body["id"] is None or body["id"] == 2
+        assert "4096" in body["error"]["message"], body
+        assert await fast_count() == before + 1  # refused by the proxy, on the fast path
+    finally:
+        writer.close()
+    status, _, body = await _post(fleet, INIT, _bearer(ALICE))  # the door still opens
+    assert status == 200, body
+    await fleet.end_all_sessions()
+
+
 async def test_admin_endpoints_with_curl(fleet: Fleet) -> None:
     """`curl` on every admin endpoint: no token -> 401, wrong token -> 401, right token -> 2xx."""
     base = fleet.router_url
