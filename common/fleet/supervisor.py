@@ -85,6 +85,11 @@ class ProcessInfo:
         return self.now - self.start if self.state == "RUNNING" and self.start else None
 
     @property
+    def is_router(self) -> bool:
+        """A router process ("router", or "router:router_N" when several share the port)."""
+        return self.group == "router"
+
+    @property
     def instance_num(self) -> int | None:
         """The instance number (1-based) for members of the instance group, else None."""
         if self.group != SUPERVISOR_GROUP:
@@ -451,21 +456,23 @@ class SupervisorControl:
         return stopping
 
     def _resignal(self, procs: Iterable[ProcessInfo]) -> None:
-        """SIGTERM again every instance that supervisord is still stopping.
+        """SIGTERM again every instance and router that supervisord is still stopping.
 
         supervisord forks, then the child closes its file descriptors and execs the program.
         A SIGTERM that lands in between (a stop moments after a start) is taken by the copy of
         supervisord's own handler in the child and vanishes with the exec: the instance starts
         normally and never hears it, and supervisord waits stopwaitsecs before its SIGKILL.
-        An instance treats a repeated SIGTERM as the same request to drain, so re-sending is
-        harmless; supervisord runs on this machine (unix socket), so its pids are ours.
+        An instance treats a repeated SIGTERM as the same request to drain, and a router as the
+        same request to stop, so re-sending is harmless; supervisord runs on this machine (unix
+        socket), so its pids are ours.
         """
         import os
         import signal
 
         for proc in procs:
             alive = proc.pid and pid_alive(proc.pid)
-            if proc.state == "STOPPING" and proc.instance_num is not None and alive:
+            ours = proc.instance_num is not None or proc.is_router
+            if proc.state == "STOPPING" and ours and alive:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(proc.pid, signal.SIGTERM)
 
