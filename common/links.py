@@ -546,6 +546,25 @@ async def chat_groups(conn: asyncpg.Connection, session: str) -> list[str]:
     return [r["group_name"] for r in rows]
 
 
+async def group_work(conn: asyncpg.Connection, group: str) -> dict[str, list[dict[str, Any]]]:
+    """The group's tasks in progress, by the member whose change was the last (the one that
+    moved it to IN_PROGRESS, unless another changed it since): session -> [{id, name}]."""
+    rows = await conn.fetch(
+        "SELECT last.sender, t.id, t.name FROM tasks t JOIN ("
+        "  SELECT DISTINCT ON (data->>'task_id') data->>'task_id' AS task_id, sender "
+        "  FROM link_events WHERE group_name = $1 AND kind = 'task' "
+        "  ORDER BY data->>'task_id', id DESC"
+        ") last ON last.task_id = t.id::text "
+        "WHERE t.session_id = $2 AND t.state = 'IN_PROGRESS' "
+        "ORDER BY t.updated_at",
+        group, "link:" + group,
+    )  # fmt: skip
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r["sender"], []).append({"id": r["id"], "name": r["name"]})
+    return out
+
+
 async def end_session(
     conn: asyncpg.Connection, session: str, *, reason: str
 ) -> list[tuple[LinkEvent, list[str]]]:
@@ -574,16 +593,7 @@ async def end_session(
                 "WHERE group_name = $1 AND session_id = $2 AND expires_at > now() ORDER BY pattern",
                 group, session,
             )  # fmt: skip
-            group_tasks = await conn.fetch(
-                "SELECT t.id, t.name FROM tasks t JOIN ("
-                "  SELECT DISTINCT ON (data->>'task_id') data->>'task_id' AS task_id, sender "
-                "  FROM link_events WHERE group_name = $1 AND kind = 'task' "
-                "  ORDER BY data->>'task_id', id DESC"
-                ") last ON last.task_id = t.id::text "
-                "WHERE last.sender = $2 AND t.session_id = $3 AND t.state = 'IN_PROGRESS' "
-                "ORDER BY t.updated_at",
-                group, session, "link:" + group,
-            )  # fmt: skip
+            group_tasks = (await group_work(conn, group)).get(session, [])
             data = {
                 "reason": reason,
                 "in_progress": [{"task_id": str(t["id"]), "name": t["name"]} for t in [*own, *group_tasks]],

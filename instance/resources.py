@@ -20,14 +20,17 @@ subscribes still hears of them, and `resources/unsubscribe` is accepted for symm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from mcp import types
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 
+from common.errors import ExaiError
 from instance.runtime import Runtime
 
 NOTES_URI = "exai://session/notes"
@@ -43,6 +46,17 @@ def notes_changed(runtime: Runtime, session_id: str) -> None:
 
 def tasks_changed(runtime: Runtime, session_id: str) -> None:
     runtime.notify(session_id, UPDATED, {"uri": TASKS_URI})
+
+
+@contextlib.contextmanager
+def resource_errors() -> Iterator[None]:
+    """A resource read's ExaiError as a JSON-RPC error in its own words (`[not_linked] ...`):
+    the SDK turns any other exception of a template into "Error creating resource from
+    template", which says nothing of what happened."""
+    try:
+        yield
+    except ExaiError as exc:
+        raise MCPError(code=exc.jsonrpc_code, message=f"[{exc.code}] {exc}", data=exc.to_dict()) from None
 
 
 def _check_subscribable(uri: str) -> None:
@@ -82,9 +96,10 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         mime_type="application/json",
     )
     async def session_notes() -> str:
-        storage = runtime.require_storage()
-        sid = runtime.session_for(None)
-        notes = await storage.notes.list(scope="session", scope_id=sid)
+        with resource_errors():
+            storage = runtime.require_storage()
+            sid = runtime.session_for(None)
+            notes = await storage.notes.list(scope="session", scope_id=sid)
         return json.dumps({"session": sid, "notes": [n.to_dict() for n in notes]}, default=str)
 
     @mcp.resource(
@@ -94,7 +109,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         mime_type="application/json",
     )
     async def session_tasks() -> str:
-        storage = runtime.require_storage()
-        sid = runtime.session_for(None)
-        tasks = await storage.tasks.list(session_id=sid, scope="session")
+        with resource_errors():
+            storage = runtime.require_storage()
+            sid = runtime.session_for(None)
+            tasks = await storage.tasks.list(session_id=sid, scope="session")
         return json.dumps({"session": sid, "tasks": [t.to_dict() for t in tasks]}, default=str)
