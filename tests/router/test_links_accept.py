@@ -23,6 +23,7 @@ import pytest
 from tests.fakes.provider import FakeProvider
 from tests.fleet import Fleet
 from tests.router.conftest import ROUTER_TEST_SETTINGS, call, error_of, mcp_client, status_of
+from tests.router.sse import Reader
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -343,3 +344,146 @@ async def test_reservations_expire_by_themselves(fleet: Fleet) -> None:
             ):
                 await asyncio.sleep(0.2)
         await call(b, "link_reserve", {"group": group, "paths": ["lib/a.py"]})
+
+
+# --- the wire, without a client library ------------------------------------------------------
+ACCEPT = "application/json, text/event-stream"
+HANDSHAKE = "2025-11-25"
+MODERN = "2026-07-28"
+
+
+def _answer(text: str) -> dict[str, Any]:
+    """A POST's JSON-RPC answer, sent as JSON or as one SSE frame."""
+    for line in text.splitlines():
+        if line.startswith("data:"):
+            text = line[5:]
+    return dict(json.loads(text))
+
+
+class _Raw:
+    """One session spoken by hand: the handshake era (Mcp-Session-Id) or 2026-07-28 (_meta)."""
+
+    def __init__(self, fleet: Fleet, http: aiohttp.ClientSession, era: str, name: str, token: str) -> None:
+        self.fleet, self.http, self.era, self.name = fleet, http, era, name
+        self.base = {"Accept": ACCEPT, "MCP-Protocol-Version": era, "Authorization": f"Bearer {token}"}
+        self.sid = ""
+        self.rid = 0
+
+    def _meta(self) -> dict[str, Any]:
+        if self.era == HANDSHAKE:
+            return {}
+        return {
+            "_meta": {
+                "io.modelcontextprotocol/protocolVersion": MODERN,
+                "io.modelcontextprotocol/clientInfo": {"name": self.name, "version": "1"},
+                "io.modelcontextprotocol/clientCapabilities": {},
+            }
+        }
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {**self.base, **({"Mcp-Session-Id": self.sid} if self.sid else {})}
+
+    async def open(self) -> _Raw:
+        if self.era == HANDSHAKE:
+            init = {"protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": {"name": self.name}}
+            async with self.http.post(
+                self.fleet.mcp_url,
+                json={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init},
+                headers=self.headers,
+            ) as r:
+                assert r.status == 200, await r.text()
+                self.sid = r.headers["Mcp-Session-Id"]
+            note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+            async with self.http.post(self.fleet.mcp_url, json=note, headers=self.headers) as r:
+                assert r.status == 202, await r.text()
+        return self
+
+    async def rpc(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        self.rid += 1
+        body = {"jsonrpc": "2.0", "id": self.rid, "method": method, "params": {**params, **self._meta()}}
+        headers = self.headers
+        if self.era == MODERN:  # the method (and the tool or resource) mirrored in headers
+            headers["Mcp-Method"] = method
+            if (named := params.get("name") or params.get("uri")) is not None:
+                headers["Mcp-Name"] = named
+        async with self.http.post(self.fleet.mcp_url, json=body, headers=headers) as r:
+            return _answer(await r.text())
+
+    async def tool(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        """A tool's result: structuredContent on success; the answer's result when isError."""
+        answer = await self.rpc("tools/call", {"name": name, "arguments": args})
+        assert "result" in answer, answer
+        result = answer["result"]
+        return dict(result if result.get("isError") else result["structuredContent"])
+
+    async def listen(self, uris: list[str]) -> Reader:
+        """The session's notification stream: its GET stream (handshake era) or a
+        subscriptions/listen stream subscribed to `uris` (2026-07-28)."""
+        if self.era == HANDSHAKE:
+            resp = await self.http.get(
+                self.fleet.mcp_url, headers={**self.headers, "Accept": "text/event-stream"}
+            )
+        else:
+            params = {"notifications": {"resourceSubscriptions": uris}, **self._meta()}
+            body = {"jsonrpc": "2.0", "id": "listen-1", "method": "subscriptions/listen", "params": params}
+            headers = {**self.headers, "Mcp-Method": "subscriptions/listen"}
+            resp = await self.http.post(self.fleet.mcp_url, json=body, headers=headers)
+        assert resp.status == 200, await resp.text()
+        return Reader(resp).start()
+
+
+async def test_raw_json_rpc_in_both_eras(fleet: Fleet) -> None:
+    group = _group()
+    inbox = f"exai://link/{group}/inbox"
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        a = await _Raw(fleet, http, HANDSHAKE, "raw-a", ALICE).open()
+        b = await _Raw(fleet, http, MODERN, "raw-b", ALICE).open()
+        c = await _Raw(fleet, http, HANDSHAKE, "raw-c", ALICE).open()
+        a_sid = (await a.tool("status", {}))["session"]
+        b_sid = (await b.tool("status", {}))["session"]
+        assert (await a.tool("link_join", {"group": group}))["inbox"] == inbox
+        await b.tool("link_join", {"group": group})
+        a_stream, b_stream, c_stream = await a.listen([]), await b.listen([inbox]), await c.listen([])
+        try:
+            await b_stream.wait_for(1)  # the listen stream's acknowledgement
+            await a.tool("link_send", {"group": group, "body": "to all"})
+            frames = await b_stream.wait_for(2)
+            sub = {"io.modelcontextprotocol/subscriptionId": "listen-1"}
+            assert frames[1].data == {
+                "jsonrpc": "2.0",
+                "method": "notifications/resources/updated",
+                "params": {"uri": inbox, "_meta": sub},
+            }
+            seen = len(a_stream.messages)  # B's join may have come first
+            await b.tool("link_send", {"group": group, "body": "just you", "to": a_sid})
+            note = (await a_stream.wait_for(seen + 1))[seen]
+            assert note.data == {
+                "jsonrpc": "2.0",
+                "method": "notifications/resources/updated",
+                "params": {"uri": inbox},
+            }
+            box = await a.tool("link_inbox", {"group": group})
+            assert [(e["kind"], e["from"], e["to"], e.get("body")) for e in box["events"]][-1] == (
+                "message", b_sid, a_sid, "just you",
+            )  # fmt: skip
+            # Resource reads over the wire: a member's, and an outsider's refusal in words.
+            read = await b.rpc("resources/read", {"uri": inbox})
+            events = json.loads(read["result"]["contents"][0]["text"])["events"]
+            assert [e["body"] for e in events] == ["to all"]
+            refused = await c.rpc("resources/read", {"uri": inbox})
+            assert refused["error"]["message"].startswith("[not_linked]"), refused
+            listed = await a.rpc("resources/templates/list", {})
+            uris = {t["uriTemplate"] for t in listed["result"]["resourceTemplates"]}
+            assert "exai://link/{group}/inbox" in uris
+            # Arguments of the wrong type are refused, naming the argument.
+            bad = await a.tool("link_reserve", {"group": group, "paths": ["x"], "ttl": "soon"})
+            assert bad["isError"] is True and "ttl" in bad["content"][0]["text"]
+            bad = await a.tool("link_send", {"group": group})
+            assert bad["isError"] is True and "body" in bad["content"][0]["text"]
+            # The outsider's stream carried nothing of the group (A heard of a later event).
+            assert c_stream.messages == []
+        finally:
+            for stream in (a_stream, b_stream, c_stream):
+                await stream.stop()
