@@ -107,6 +107,11 @@ async def delete_group(request: web.Request) -> web.Response:
     async with _connect(request) as conn:
         if not await db.delete_group(conn, group):
             raise NotFound(f"No link group {group!r}.")
+    from router.admin import PROXY_KEY
+
+    table = request.app[PROXY_KEY].table  # the group's Redis tail goes with its log
+    with contextlib.suppress(*REDIS_DOWN_ERRORS):
+        await table.redis.delete(table.keys.link_stream(group), table.keys.link_inflight(group))
     return web.json_response({"group": group, "deleted": True})
 
 

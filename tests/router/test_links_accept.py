@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import mcp_types
 import pytest
+import redis.asyncio as aioredis
 
 from tests.fakes.provider import FakeProvider
 from tests.fleet import Fleet
@@ -144,6 +145,9 @@ async def test_bad_input_and_strangers_are_refused_in_words(fleet: Fleet) -> Non
         task = (await call(a, "task_create", {"name": "shared", "scope": "group", "group": group}))["task"]
         assert await error_of(bob, "task_get", {"task_id": task["id"]})
         assert await error_of(bob, "task_update", {"task_id": task["id"], "expected_version": 1, "name": "x"})
+        # A member who forgets `group` is told how to reach the group's task.
+        forgot = await error_of(a, "task_update", {"task_id": task["id"], "expected_version": 1, "name": "x"})
+        assert "task_not_found" in forgot and "group=" in forgot
         # Optimistic locking of group notes: a stale version is refused.
         await call(a, "note_write", {"key": "plan", "body": "v1", "scope": "group", "group": group})
         await call(b, "note_write", {"key": "plan", "body": "v2", "scope": "group", "group": group})
@@ -315,8 +319,18 @@ async def test_admin_api_and_exai_links_say_what_happened(fleet: Fleet) -> None:
         assert [(e["kind"], e["from"]) for e in events][-2:] == [("join", bob_sid), ("leave", bob_sid)]
         assert events[-1]["body"] == "removed by the admin"
 
-        deleted = await asyncio.to_thread(_exai, fleet, "links", "delete", group)
-        assert deleted.returncode == 0, deleted.stderr
+        # Deleting the group takes its log with it: Postgres rows and the Redis stream's tail.
+        await call(a, "link_send", {"group": group, "body": "last words"})
+        redis = aioredis.Redis.from_url(fleet.settings.redis_url or "")
+        try:
+            async with asyncio.timeout(20):
+                while not await redis.exists(fleet.keys.link_stream(group)):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            deleted = await asyncio.to_thread(_exai, fleet, "links", "delete", group)
+            assert deleted.returncode == 0, deleted.stderr
+            assert not await redis.exists(fleet.keys.link_stream(group))
+        finally:
+            await redis.aclose()
         assert (await call(a, "link_status"))["groups"] == []
         code, _ = await fleet.admin("GET", f"/admin/links/{group}")
         assert code == 404
