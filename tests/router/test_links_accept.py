@@ -181,6 +181,11 @@ async def test_resources_are_listed_subscribable_and_private(fleet: Fleet) -> No
         await call(a, "link_join", {"group": group})
         await call(b, "link_join", {"group": group})
         await call(a, "link_inbox", {"group": group})  # B's join: read
+        # resources/list names the inbox and status of the groups the session is in, no others.
+        for client in (a, b):
+            uris = {str(r.uri) for r in (await client.list_resources()).resources}
+            assert {inbox, status_uri, "exai://session/notes"} <= uris
+        assert not {str(r.uri) for r in (await c.list_resources()).resources} & {inbox, status_uri}
         # Handshake era: subscribing to the inbox is accepted, an unknown URI is refused in words.
         await a.subscribe_resource(inbox)
         with pytest.raises(Exception, match="resource_not_found"):
