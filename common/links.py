@@ -191,10 +191,14 @@ async def leave(
         return await append(conn, group, "leave", sender=session, body=handoff or "", data=data)
 
 
-async def member(conn: asyncpg.Connection, group: str, session: str) -> asyncpg.Record:
-    """The member row of `session` in `group`, or NotLinked (outsiders see nothing)."""
+async def member(conn: asyncpg.Connection, group: str, session: str, *, lock: bool = False) -> asyncpg.Record:
+    """The member row of `session` in `group`, or NotLinked (outsiders see nothing); `lock`
+    holds it until the transaction ends (one inbox read and acknowledgement at a time)."""
     row = await conn.fetchrow(
-        "SELECT * FROM link_members WHERE group_name = $1 AND session_id = $2", group, session
+        "SELECT * FROM link_members WHERE group_name = $1 AND session_id = $2"
+        + (" FOR UPDATE" if lock else ""),
+        group,
+        session,
     )
     if row is None:
         raise NotLinked(f"this session is not a member of link group {group!r}")

@@ -636,6 +636,15 @@ class Links:
         """Unread events (oldest first) and the cursor after acknowledging them (if `ack`)."""
 
         async def read(conn: asyncpg.Connection) -> tuple[list[db.LinkEvent], int]:
+            if not ack:
+                return await unread(conn)
+            # Reading and acknowledging are one step per member: two reads of one session at
+            # once (a client pipelining link_inbox) would otherwise both return the same events.
+            async with conn.transaction():
+                await db.member(conn, group, session, lock=True)
+                return await unread(conn)
+
+        async def unread(conn: asyncpg.Connection) -> tuple[list[db.LinkEvent], int]:
             # The head first: ids commit in order, so every event up to it is visible now and
             # those not returned were for others; later ones are covered by the last returned.
             head = int(await conn.fetchval("SELECT seq FROM link_groups WHERE name = $1", group) or 0)

@@ -506,3 +506,29 @@ async def test_raw_json_rpc_in_both_eras(fleet: Fleet) -> None:
         finally:
             for stream in (a_stream, b_stream, c_stream):
                 await stream.stop()
+
+
+async def test_concurrent_inbox_reads_of_one_member_return_each_event_once(fleet: Fleet) -> None:
+    """A client that pipelines link_inbox calls (or reads from two tabs of one session) still
+    gets every event exactly once across them."""
+    group = _group()
+    async with (
+        mcp_client(fleet.mcp_url, "legacy", name="conc-a", token=ALICE) as a,
+        mcp_client(fleet.mcp_url, "legacy", name="conc-b", token=ALICE) as b,
+    ):
+        await call(a, "link_join", {"group": group})
+        await call(b, "link_join", {"group": group})
+        sent = [(await call(a, "link_send", {"group": group, "body": f"m{i}"}))["event"] for i in range(60)]
+        async with asyncio.timeout(20):  # stored a moment after each call answered
+            while (await call(b, "link_status", {"group": group}))["unread"] < 60:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        got: list[dict[str, Any]] = []
+        for _ in range(3):
+            rounds = await asyncio.gather(
+                *(call(b, "link_inbox", {"group": group, "limit": 7}) for _ in range(8))
+            )
+            got += [e for r in rounds for e in r["events"]]
+        got += (await call(b, "link_inbox", {"group": group, "limit": 1000}))["events"]
+        uuids = [e["uuid"] for e in got]
+        assert len(uuids) == len(set(uuids)), "an event was returned twice"
+        assert sorted(uuids, key=sent.index) == sent
