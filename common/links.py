@@ -214,10 +214,14 @@ async def touch(conn: asyncpg.Connection, group: str, session: str) -> None:
 
 async def members(conn: asyncpg.Connection, group: str) -> list[dict[str, Any]]:
     head = await conn.fetchval("SELECT seq FROM link_groups WHERE name = $1", group)
+    # Last seen: the member's last link activity or its last tool call of any kind, whichever
+    # is later (tool_calls arrive written behind, a moment after each call; one index probe).
     rows = await conn.fetch(
-        "SELECT session_id, principal, client_name, read_upto, joined_at, last_seen_at, chat_context, "
-        "handoff IS NOT NULL AS has_handoff "
-        "FROM link_members WHERE group_name = $1 ORDER BY joined_at, session_id",
+        "SELECT session_id, principal, client_name, read_upto, joined_at, chat_context, "
+        "handoff IS NOT NULL AS has_handoff, GREATEST(last_seen_at, ("
+        "  SELECT max(created_at) FROM tool_calls c WHERE c.session_id = m.session_id"
+        ")) AS last_seen_at "
+        "FROM link_members m WHERE group_name = $1 ORDER BY joined_at, session_id",
         group,
     )
     return [

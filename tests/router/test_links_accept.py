@@ -13,6 +13,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +264,18 @@ async def test_presence_shows_clients_work_and_parking_and_a_parked_member_is_to
         assert b_updates[-1] == inbox
         box = await call(b, "link_inbox", {"group": group})
         assert [e["body"] for e in box["events"]] == ["while you were parked"]
+
+        # Last seen follows any call of the member, not only its link tools.
+
+        async def b_seen() -> datetime:
+            members = (await call(a, "link_status", {"group": group}))["members"]
+            return datetime.fromisoformat(next(m["last_seen"] for m in members if m["session"] == b_sid))
+
+        started = datetime.now(UTC)  # after every link call of B
+        await call(b, "task_list", {})
+        async with asyncio.timeout(20):  # the call's record is stored a moment after it answered
+            while await b_seen() < started:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
 
 
 async def test_admin_api_and_exai_links_say_what_happened(fleet: Fleet) -> None:
