@@ -337,6 +337,21 @@ async def test_admin_api_and_exai_links_say_what_happened(fleet: Fleet) -> None:
         assert [(e["kind"], e["from"]) for e in events][-2:] == [("join", bob_sid), ("leave", bob_sid)]
         assert events[-1]["body"] == "removed by the admin"
 
+        # /metrics: the link counts are counters, the lags summaries (sum and count).
+        await call(a, "link_inbox", {"group": group})  # a read: a delivery lag observed
+        _, text = await fleet.admin("GET", "/metrics")
+        for name in ("events", "notifications", "catchups", "catchup_events"):
+            assert f"# TYPE exai_links_{name}_total counter" in text
+        for lag in ("delivery", "publish"):
+            assert f"# TYPE exai_links_{lag}_lag_seconds summary" in text
+        counts = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in text.splitlines()
+            if line.startswith("exai_links_delivery_lag_seconds_")
+        }
+        assert counts["exai_links_delivery_lag_seconds_count"] >= 1
+        assert counts["exai_links_delivery_lag_seconds_sum"] >= 0
+
         # Deleting the group takes its log with it: Postgres rows and the Redis stream's tail.
         await call(a, "link_send", {"group": group, "body": "last words"})
         redis = aioredis.Redis.from_url(fleet.settings.redis_url or "")
