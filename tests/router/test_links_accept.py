@@ -504,7 +504,8 @@ async def test_raw_json_rpc_in_both_eras(fleet: Fleet) -> None:
                 "params": {"uri": inbox, "_meta": sub},
             }
             seen = len(a_stream.messages)  # B's join may have come first
-            await b.tool("link_send", {"group": group, "body": "just you", "to": a_sid})
+            direct = {"group": group, "body": "just you", "to": a_sid, "subject": "s", "thread": "t-1"}
+            await b.tool("link_send", direct)
             note = (await a_stream.wait_for(seen + 1))[seen]
             assert note.data == {
                 "jsonrpc": "2.0",
@@ -512,9 +513,9 @@ async def test_raw_json_rpc_in_both_eras(fleet: Fleet) -> None:
                 "params": {"uri": inbox},
             }
             box = await a.tool("link_inbox", {"group": group})
-            assert [(e["kind"], e["from"], e["to"], e.get("body")) for e in box["events"]][-1] == (
-                "message", b_sid, a_sid, "just you",
-            )  # fmt: skip
+            last = box["events"][-1]
+            fields = ("kind", "from", "to", "body", "subject", "thread")
+            assert [last[f] for f in fields] == ["message", b_sid, a_sid, "just you", "s", "t-1"]
             # Resource reads over the wire: a member's, and an outsider's refusal in words.
             read = await b.rpc("resources/read", {"uri": inbox})
             events = json.loads(read["result"]["contents"][0]["text"])["events"]
