@@ -187,6 +187,13 @@ async def test_resources_are_listed_subscribable_and_private(fleet: Fleet) -> No
             uris = {str(r.uri) for r in (await client.list_resources()).resources}
             assert {inbox, status_uri, "exai://session/notes"} <= uris
         assert not {str(r.uri) for r in (await c.list_resources()).resources} & {inbox, status_uri}
+        # Connect-time linking by header works in the 2026-07-28 era too.
+        async with mcp_client(
+            fleet.mcp_url, "2026-07-28", name="res-hdr", token=ALICE, headers={"Exai-Link-Group": group}
+        ) as d:
+            assert (await call(d, "link_status"))["groups"] == [group]
+            await call(d, "link_leave", {"group": group})  # (a 2026-07-28 session ends by expiry)
+        await call(a, "link_inbox", {"group": group})  # D's join and leave: read
         # Handshake era: subscribing to the inbox is accepted, an unknown URI is refused in words.
         await a.subscribe_resource(inbox)
         with pytest.raises(Exception, match="resource_not_found"):
