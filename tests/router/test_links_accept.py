@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
 import mcp_types
 import pytest
 import redis.asyncio as aioredis
@@ -295,20 +296,35 @@ async def test_admin_api_and_exai_links_say_what_happened(fleet: Fleet) -> None:
     assert set(paths["/admin/links/{group}/members"]) >= {"post"}
     assert set(paths["/admin/links/{group}/members/{session}"]) >= {"delete"}
 
+    def documented(template: str, method: str, code: int, body: Any) -> None:
+        """Every answer's status is in the OpenAPI document, and its body fits the schema."""
+        responses = paths[template][method.lower()]["responses"]
+        assert str(code) in responses, (template, method, code)
+        schema = responses[str(code)]["content"]["application/json"]["schema"]
+        jsonschema.validate(body, schema)
+
     # Without the admin token: refused.
-    code, _ = await fleet.admin("GET", "/admin/links", token=ALICE)
+    code, body = await fleet.admin("GET", "/admin/links", token=ALICE)
     assert code in (401, 403)
+    documented("/admin/links", "GET", code, body)
     # Bad input: a body that is not {"session": ...}, an unknown session, a bad or unknown group.
     for raw in (b"", b"not json", b"[]", b'{"session": 5}', b"{}"):
         code, body = await _admin(fleet, "POST", f"/admin/links/{group}/members", raw=raw)
         assert (code, body["error"]) == (400, "invalid_argument"), (raw, body)
+        documented("/admin/links/{group}/members", "POST", code, body)
     code, body = await _admin(fleet, "POST", f"/admin/links/{group}/members", {"session": "nope"})
     assert (code, body["error"]) == (404, "not_found") and "nope" in body["message"]
-    code, body = await fleet.admin("GET", "/admin/links/bad%20name")
-    assert code == 400 and "group must be" in body["message"]
+    documented("/admin/links/{group}/members", "POST", code, body)
     for method in ("GET", "DELETE"):
+        code, body = await fleet.admin(method, "/admin/links/bad%20name")
+        assert code == 400 and "group must be" in body["message"]
+        documented("/admin/links/{group}", method, code, body)
         code, body = await fleet.admin(method, f"/admin/links/{group}")
         assert code == 404 and group in body["message"]
+        documented("/admin/links/{group}", method, code, body)
+    code, body = await fleet.admin("DELETE", "/admin/links/bad%20name/members/x")
+    assert code == 400
+    documented("/admin/links/{group}/members/{session}", "DELETE", code, body)
 
     async with (
         mcp_client(fleet.mcp_url, "legacy", name="adm-a", token=ALICE) as a,
@@ -320,8 +336,14 @@ async def test_admin_api_and_exai_links_say_what_happened(fleet: Fleet) -> None:
         assert (code, body["joined"]) == (200, True)
         code, body = await _admin(fleet, "POST", f"/admin/links/{group}/members", {"session": bob_sid})
         assert (code, body["joined"]) == (200, False)  # idempotent
+        documented("/admin/links/{group}/members", "POST", code, body)
+        await call(a, "link_reserve", {"group": group, "paths": ["src/**"], "ttl": 600})
         code, one = await fleet.admin("GET", f"/admin/links/{group}")
         assert code == 200 and {m["client"] for m in one["members"]} == {"adm-a", "adm-bob"}
+        documented("/admin/links/{group}", "GET", code, one)
+        assert [r["pattern"] for r in one["reservations"]] == ["src/**"]
+        code, every = await fleet.admin("GET", "/admin/links")
+        documented("/admin/links", "GET", code, every)
         assert all({"cursor", "behind", "principal"} <= set(m) for m in one["members"])
         assert {m["principal"] for m in one["members"]} == {"alice", "bob"}
 
