@@ -8,6 +8,7 @@ black-box client hits first: each refusal must say in words what happened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import subprocess
@@ -22,10 +23,11 @@ import jsonschema
 import mcp_types
 import pytest
 import redis.asyncio as aioredis
+from mcp.shared.exceptions import MCPError
 
 from tests.fakes.provider import FakeProvider
 from tests.fleet import Fleet
-from tests.router.conftest import ROUTER_TEST_SETTINGS, call, error_of, mcp_client, status_of
+from tests.router.conftest import ROUTER_TEST_SETTINGS, call, error_of, instance_num, mcp_client, status_of
 from tests.router.sse import Reader
 
 pytestmark = pytest.mark.timeout(240)
@@ -590,3 +592,34 @@ async def test_concurrent_inbox_reads_of_one_member_return_each_event_once(fleet
         uuids = [e["uuid"] for e in got]
         assert len(uuids) == len(set(uuids)), "an event was returned twice"
         assert sorted(uuids, key=sent.index) == sent
+
+
+async def test_a_header_join_happens_once_per_session(fleet: Fleet) -> None:
+    """A client sending Exai-Link-Group joins once; after it leaves (or the admin removes it)
+    the header does not put it back, not even when its session moves to another instance."""
+    group = _group()
+    async with (
+        mcp_client(
+            fleet.mcp_url, "legacy", name="hdr-a", token=ALICE, headers={"Exai-Link-Group": group}
+        ) as a,
+        mcp_client(fleet.mcp_url, "legacy", name="hdr-b", token=ALICE) as b,
+    ):
+        status = await status_of(a)
+        assert (await call(a, "link_status"))["groups"] == [group]
+        await call(b, "link_join", {"group": group})
+        code, _ = await _admin(fleet, "DELETE", f"/admin/links/{group}/members/{status['session']}")
+        assert code == 200
+        assert (await call(a, "link_status"))["groups"] == []
+        # A's instance dies: A resumes on a fresh instance, and still sends the header.
+        await asyncio.to_thread(fleet.kill_instance, instance_num(status["instance_id"]))
+        async with asyncio.timeout(60):
+            while True:
+                with contextlib.suppress(MCPError):  # the call the kill cut: "retry if safe"
+                    result = await a.call_tool("link_status", {})
+                    if not result.is_error:
+                        break
+                await asyncio.sleep(0.2)
+        assert result.structured_content is not None
+        assert result.structured_content["groups"] == []
+        members = (await call(b, "link_status", {"group": group}))["members"]
+        assert [m["client"] for m in members] == ["hdr-b"]
