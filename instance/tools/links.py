@@ -204,6 +204,11 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
         _check_body(runtime, body)
         session = runtime.session_for(headers_of(ctx))
         recipient = None if to in (None, "", "all") else to
+        if recipient == session:  # the sender never reads its own events: it would be lost
+            raise InvalidArgument(
+                "to is your own session; a message to yourself is never delivered",
+                hint="Send to another member's session id (link_status lists them), or use a note.",
+            )
         event = await links.emit(
             group, "message", session, recipient=recipient, subject=subject, thread=thread, body=body
         )

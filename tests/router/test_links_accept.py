@@ -134,6 +134,9 @@ async def test_bad_input_and_strangers_are_refused_in_words(fleet: Fleet) -> Non
         assert "link_forbidden" in await error_of(bob, "link_join", {"group": group})
         bob_sid = (await status_of(bob))["session"]
         assert "not_linked" in await error_of(a, "link_send", {"group": group, "body": "hi", "to": bob_sid})
+        a_sid = (await status_of(a))["session"]
+        to_self = await error_of(a, "link_send", {"group": group, "body": "memo", "to": a_sid})
+        assert "invalid_argument" in to_self and "yourself" in to_self
         for tool, args in (
             ("link_status", {"group": group}),
             ("link_handoff", {"group": group, "note": "x"}),
