@@ -152,6 +152,10 @@ class TaskNotFound(NotFound):
     """No task has that id in this scope."""
 
     code = "task_not_found"
+    default_hint = (
+        "Check the id with task_list; a link group's task is reached with group=<name> "
+        "(task_list(scope='group', group=...) lists them)."
+    )
 
 
 class NoteNotFound(NotFound):

@@ -13,7 +13,9 @@ Keyspace (with the default prefix):
     exai:instance-cap                   STR   `exai scale N`: spares are started only below N running
     exai:draining                       SET   instance ids an operator drained (no new sessions)
     exai:sessions                       ZSET  session ids scored by last-seen time (idle sweep)
-    exai:session:{sid}                  HASH  the router's session record (instance, principal, era, ...)
+    exai:session:{sid}                  HASH  the router's session record (instance, principal, era, ...);
+                                               instances add `link-header:{group}` once the session
+                                               joined that group by its Exai-Link-Group header
     exai:session-key:{key}              STR   stateless-era session key -> session id
     exai:links:{sid}                    SET   session ids linked to sid
     exai:link-stats                     HASH  fleet-wide link-group counters (events, notified, catch-ups,
@@ -81,6 +83,12 @@ class Keys:
 
     def link_stats(self) -> str:
         return self._k("link-stats")
+
+    @staticmethod
+    def link_header_field(group: str) -> str:
+        """The field of a session's record (`session(sid)`) that says its Exai-Link-Group header
+        already joined it to `group`: the header joins once per session, not once per instance."""
+        return f"link-header:{group}"
 
     def link_ends(self) -> str:
         """Sessions that ended and still have to leave their link groups (hash: id -> reason)."""

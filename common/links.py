@@ -191,10 +191,14 @@ async def leave(
         return await append(conn, group, "leave", sender=session, body=handoff or "", data=data)
 
 
-async def member(conn: asyncpg.Connection, group: str, session: str) -> asyncpg.Record:
-    """The member row of `session` in `group`, or NotLinked (outsiders see nothing)."""
+async def member(conn: asyncpg.Connection, group: str, session: str, *, lock: bool = False) -> asyncpg.Record:
+    """The member row of `session` in `group`, or NotLinked (outsiders see nothing); `lock`
+    holds it until the transaction ends (one inbox read and acknowledgement at a time)."""
     row = await conn.fetchrow(
-        "SELECT * FROM link_members WHERE group_name = $1 AND session_id = $2", group, session
+        "SELECT * FROM link_members WHERE group_name = $1 AND session_id = $2"
+        + (" FOR UPDATE" if lock else ""),
+        group,
+        session,
     )
     if row is None:
         raise NotLinked(f"this session is not a member of link group {group!r}")
@@ -210,10 +214,14 @@ async def touch(conn: asyncpg.Connection, group: str, session: str) -> None:
 
 async def members(conn: asyncpg.Connection, group: str) -> list[dict[str, Any]]:
     head = await conn.fetchval("SELECT seq FROM link_groups WHERE name = $1", group)
+    # Last seen: the member's last link activity or its last tool call of any kind, whichever
+    # is later (tool_calls arrive written behind, a moment after each call; one index probe).
     rows = await conn.fetch(
-        "SELECT session_id, principal, client_name, read_upto, joined_at, last_seen_at, chat_context, "
-        "handoff IS NOT NULL AS has_handoff "
-        "FROM link_members WHERE group_name = $1 ORDER BY joined_at, session_id",
+        "SELECT session_id, principal, client_name, read_upto, joined_at, chat_context, "
+        "handoff IS NOT NULL AS has_handoff, GREATEST(last_seen_at, ("
+        "  SELECT max(created_at) FROM tool_calls c WHERE c.session_id = m.session_id"
+        ")) AS last_seen_at "
+        "FROM link_members m WHERE group_name = $1 ORDER BY joined_at, session_id",
         group,
     )
     return [
@@ -546,6 +554,25 @@ async def chat_groups(conn: asyncpg.Connection, session: str) -> list[str]:
     return [r["group_name"] for r in rows]
 
 
+async def group_work(conn: asyncpg.Connection, group: str) -> dict[str, list[dict[str, Any]]]:
+    """The group's tasks in progress, by the member whose change was the last (the one that
+    moved it to IN_PROGRESS, unless another changed it since): session -> [{id, name}]."""
+    rows = await conn.fetch(
+        "SELECT last.sender, t.id, t.name FROM tasks t JOIN ("
+        "  SELECT DISTINCT ON (data->>'task_id') data->>'task_id' AS task_id, sender "
+        "  FROM link_events WHERE group_name = $1 AND kind = 'task' "
+        "  ORDER BY data->>'task_id', id DESC"
+        ") last ON last.task_id = t.id::text "
+        "WHERE t.session_id = $2 AND t.state = 'IN_PROGRESS' "
+        "ORDER BY t.updated_at",
+        group, "link:" + group,
+    )  # fmt: skip
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r["sender"], []).append({"id": r["id"], "name": r["name"]})
+    return out
+
+
 async def end_session(
     conn: asyncpg.Connection, session: str, *, reason: str
 ) -> list[tuple[LinkEvent, list[str]]]:
@@ -574,16 +601,7 @@ async def end_session(
                 "WHERE group_name = $1 AND session_id = $2 AND expires_at > now() ORDER BY pattern",
                 group, session,
             )  # fmt: skip
-            group_tasks = await conn.fetch(
-                "SELECT t.id, t.name FROM tasks t JOIN ("
-                "  SELECT DISTINCT ON (data->>'task_id') data->>'task_id' AS task_id, sender "
-                "  FROM link_events WHERE group_name = $1 AND kind = 'task' "
-                "  ORDER BY data->>'task_id', id DESC"
-                ") last ON last.task_id = t.id::text "
-                "WHERE last.sender = $2 AND t.session_id = $3 AND t.state = 'IN_PROGRESS' "
-                "ORDER BY t.updated_at",
-                group, session, "link:" + group,
-            )  # fmt: skip
+            group_tasks = (await group_work(conn, group)).get(session, [])
             data = {
                 "reason": reason,
                 "in_progress": [{"task_id": str(t["id"]), "name": t["name"]} for t in [*own, *group_tasks]],

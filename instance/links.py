@@ -66,6 +66,13 @@ LINK_STAGES = (
 )
 
 
+# 1 if the session's record exists and had no such field (set now), or if there is no record.
+_MARK_HEADER_JOIN = """
+if redis.call('exists', KEYS[1]) == 0 then return 1 end
+return redis.call('hsetnx', KEYS[1], ARGV[1], '1')
+"""
+
+
 @dataclass(slots=True)
 class _Early:
     """An event announced as soon as it was durable in the spool, before Postgres stored it."""
@@ -636,6 +643,15 @@ class Links:
         """Unread events (oldest first) and the cursor after acknowledging them (if `ack`)."""
 
         async def read(conn: asyncpg.Connection) -> tuple[list[db.LinkEvent], int]:
+            if not ack:
+                return await unread(conn)
+            # Reading and acknowledging are one step per member: two reads of one session at
+            # once (a client pipelining link_inbox) would otherwise both return the same events.
+            async with conn.transaction():
+                await db.member(conn, group, session, lock=True)
+                return await unread(conn)
+
+        async def unread(conn: asyncpg.Connection) -> tuple[list[db.LinkEvent], int]:
             # The head first: ids commit in order, so every event up to it is visible now and
             # those not returned were for others; later ones are covered by the last returned.
             head = int(await conn.fetchval("SELECT seq FROM link_groups WHERE name = $1", group) or 0)
@@ -741,6 +757,8 @@ class Links:
         if (session, group) in self._header_joins:
             return
         self._header_joins.add((session, group))
+        if not await self._first_header_join(session, group):
+            return  # joined by the header before, on another instance: a leave since stands
 
         async def join(conn: asyncpg.Connection) -> tuple[db.LinkEvent | None, list[str]]:
             _, event = await db.join(conn, group, session, principal=principal, client=client, admin=crosses)
@@ -753,10 +771,35 @@ class Links:
             log.warning(
                 "session %s could not join link group %r from its header: %s", session[:8], group, exc
             )
+            if isinstance(exc, StorageUnavailable):  # Postgres down: a later call tries again
+                self._header_joins.discard((session, group))
+                await self._unmark_header_join(session, group)
             return
         self.remember_members(group, sessions)
         if event is not None:
             self.announce(event, sessions)
+
+    async def _first_header_join(self, session: str, group: str) -> bool:
+        """Whether the header joins `session` to `group` now: only the first time in the
+        session's life (marked in its router record, which ends with it), so a session that
+        left or that the admin removed is not put back when it moves to another instance.
+        Without a record (no router) or with Redis down: yes, as before (joining is idempotent)."""
+        redis = self.runtime.redis
+        if redis is None:
+            return True
+        try:
+            first = await redis.eval(
+                _MARK_HEADER_JOIN, 1, self.keys.session(session), Keys.link_header_field(group)
+            )
+        except REDIS_DOWN_ERRORS:
+            return True
+        return bool(first)
+
+    async def _unmark_header_join(self, session: str, group: str) -> None:
+        redis = self.runtime.redis
+        if redis is not None:
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await redis.hdel(self.keys.session(session), Keys.link_header_field(group))
 
     async def chat_groups(self, session: str) -> list[str]:
         """The groups `session` opted into for chat context, cached per session (set at once by

@@ -107,6 +107,11 @@ async def delete_group(request: web.Request) -> web.Response:
     async with _connect(request) as conn:
         if not await db.delete_group(conn, group):
             raise NotFound(f"No link group {group!r}.")
+    from router.admin import PROXY_KEY
+
+    table = request.app[PROXY_KEY].table  # the group's Redis tail goes with its log
+    with contextlib.suppress(*REDIS_DOWN_ERRORS):
+        await table.redis.delete(table.keys.link_stream(group), table.keys.link_inflight(group))
     return web.json_response({"group": group, "deleted": True})
 
 
@@ -115,19 +120,27 @@ _STATS = {
     "notified": ("exai_links_notifications_total", "Inbox notifications queued for group members."),
     "catchups": ("exai_links_catchups_total", "link_inbox reads that returned (caught up) events."),
     "caught_up_events": ("exai_links_catchup_events_total", "Events returned by those reads."),
-    "lag_seconds_sum": ("exai_links_delivery_lag_seconds_sum", "Sum of (read - stored) time of read events."),
-    "lag_count": ("exai_links_delivery_lag_seconds_count", "Events in that sum."),
-    "publish_lag_seconds_sum": (
-        "exai_links_publish_lag_seconds_sum",
-        "Sum of (published - sent) time: the sender's call to the members' notification (write-behind).",
+}
+# Summaries: (their _sum field, their _count field) in the Redis hash.
+_LAGS = {
+    "exai_links_delivery_lag_seconds": (
+        ("lag_seconds_sum", "lag_count"),
+        "Time from an event sent to its member reading it (link_inbox), over the events read.",
     ),
-    "publish_lag_count": ("exai_links_publish_lag_seconds_count", "Events in that sum."),
+    "exai_links_publish_lag_seconds": (
+        ("publish_lag_seconds_sum", "publish_lag_count"),
+        "Time from the sender's call to the members' notification (write-behind), per event.",
+    ),
 }
 _snapshot: dict[str, float] = {}
 
 
 def _read(field: str) -> dict[tuple[tuple[str, str], ...], float]:
     return {(): _snapshot.get(field, 0.0)}
+
+
+def _read_pair(fields: tuple[str, str]) -> tuple[float, float]:
+    return _snapshot.get(fields[0], 0.0), _snapshot.get(fields[1], 0.0)
 
 
 async def refresh_metrics(request: web.Request) -> None:
@@ -147,8 +160,10 @@ def add_routes(app: web.Application) -> None:
     from router.admin import METRICS_KEY
 
     metrics = app[METRICS_KEY]
-    for field, (name, doc) in _STATS.items():
-        metrics.gauge(name, doc, functools.partial(_read, field))
+    for field, (name, doc) in _STATS.items():  # counts kept in Redis by the instances
+        metrics.gauge(name, doc, functools.partial(_read, field), kind="counter")
+    for name, (fields, doc) in _LAGS.items():
+        metrics.summary(name, doc, functools.partial(_read_pair, fields))
     app.router.add_get("/admin/links", list_groups)
     app.router.add_get("/admin/links/{group}", get_group)
     app.router.add_delete("/admin/links/{group}", delete_group)

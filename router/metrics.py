@@ -50,16 +50,33 @@ class Counter:
 
 
 class Gauge:
-    """A gauge whose samples are computed when scraped (sessions, instances)."""
+    """A gauge whose samples are computed when scraped (sessions, instances); `kind="counter"`
+    for a count kept elsewhere (instances add to the link counters in Redis)."""
 
-    def __init__(self, name: str, doc: str, collect: Callable[[], dict[Labels, float]]) -> None:
-        self.name, self.doc, self.collect = name, doc, collect
+    def __init__(
+        self, name: str, doc: str, collect: Callable[[], dict[Labels, float]], kind: str = "gauge"
+    ) -> None:
+        self.name, self.doc, self.collect, self.kind = name, doc, collect, kind
 
     def render(self) -> Iterable[str]:
         yield f"# HELP {self.name} {self.doc}"
-        yield f"# TYPE {self.name} gauge"
+        yield f"# TYPE {self.name} {self.kind}"
         for labels, value in sorted(self.collect().items()):
             yield f"{self.name}{_fmt_labels(labels)} {_num(value)}"
+
+
+class CollectedSummary:
+    """A summary without quantiles whose `_sum` and `_count` are read when scraped."""
+
+    def __init__(self, name: str, doc: str, collect: Callable[[], tuple[float, float]]) -> None:
+        self.name, self.doc, self.collect = name, doc, collect
+
+    def render(self) -> Iterable[str]:
+        total, count = self.collect()
+        yield f"# HELP {self.name} {self.doc}"
+        yield f"# TYPE {self.name} summary"
+        yield f"{self.name}_sum {_num(total)}"
+        yield f"{self.name}_count {_num(count)}"
 
 
 class Bound:
@@ -156,14 +173,19 @@ class Metrics:
             "Fast-path calls sent on the express path (no task; router/express.py), those handed "
             "to the proxy's full path after the send included.",
         )
-        self.gauges: list[Gauge] = []
+        self.gauges: list[Gauge | CollectedSummary] = []
         self.extra: list[Counter | Histogram] = []  # registered by the parts that own them
 
     def add(self, metric: Counter | Histogram) -> None:
         self.extra.append(metric)
 
-    def gauge(self, name: str, doc: str, collect: Callable[[], dict[Labels, float]]) -> None:
-        self.gauges.append(Gauge(name, doc, collect))
+    def gauge(
+        self, name: str, doc: str, collect: Callable[[], dict[Labels, float]], kind: str = "gauge"
+    ) -> None:
+        self.gauges.append(Gauge(name, doc, collect, kind))
+
+    def summary(self, name: str, doc: str, collect: Callable[[], tuple[float, float]]) -> None:
+        self.gauges.append(CollectedSummary(name, doc, collect))
 
     def render(self) -> str:
         parts: list[Iterable[str]] = [g.render() for g in self.gauges]

@@ -102,9 +102,24 @@ _LINK_GROUP = {
         "group": {"type": "string"},
         "principal": {"type": ["string", "null"], "description": "owner; others join only via the admin"},
         "events": {"type": "integer", "description": "id of the newest event"},
+        "created_at": {"type": "string"},
         "members": {"type": "array", "items": _LINK_MEMBER},
+        "reservations": {
+            "type": "array",
+            "description": "GET /admin/links/{group} only: the file reservations held now",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "pattern": {"type": "string"},
+                    "session": {"type": "string"},
+                    "exclusive": {"type": "boolean"},
+                    "expires_at": {"type": "string"},
+                },
+            },
+        },
     },
 }
+_BAD_GROUP = _ok(_ERROR, "malformed group name (invalid_argument)")
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -287,12 +302,18 @@ OPENAPI: dict[str, Any] = {
             "parameters": [_GROUP],
             "get": {
                 "summary": "One link group: members, cursors, reservations",
-                "responses": {"200": _ok(_LINK_GROUP, "the group"), "404": _ok(_ERROR, "unknown"), **_ERRORS},
+                "responses": {
+                    "200": _ok(_LINK_GROUP, "the group"),
+                    "400": _BAD_GROUP,
+                    "404": _ok(_ERROR, "unknown"),
+                    **_ERRORS,
+                },
             },
             "delete": {
                 "summary": "Delete a link group and its event log",
                 "responses": {
                     "200": _ok({"type": "object", "properties": {"deleted": {"type": "boolean"}}}, "deleted"),
+                    "400": _BAD_GROUP,
                     "404": _ok(_ERROR, "unknown"),
                     **_ERRORS,
                 },
@@ -326,6 +347,7 @@ OPENAPI: dict[str, Any] = {
                         },
                         "linked",
                     ),
+                    "400": _ok(_ERROR, 'malformed group name, or a body that is not {"session": "<id>"}'),
                     "404": _ok(_ERROR, "unknown session"),
                     **_ERRORS,
                 },
@@ -340,6 +362,7 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Remove a session from a group (a leave event with a handoff note)",
                 "responses": {
                     "200": _ok({"type": "object", "properties": {"removed": {"type": "boolean"}}}, "removed"),
+                    "400": _BAD_GROUP,
                     "404": _ok(_ERROR, "not a member"),
                     **_ERRORS,
                 },

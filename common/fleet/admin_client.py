@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import Any, ClassVar
 
 from common.errors import ExaiError
 from common.settings import Settings
@@ -21,9 +21,32 @@ class AdminUnavailable(ExaiError):
     """The router's admin API could not be reached or refused the token."""
 
     code = "admin_unavailable"
-    default_hint = (
+    default_hint: ClassVar[str | None] = (
         "Is the fleet up (`exai status`)? The admin token is EXAI_ADMIN_TOKEN or <state>/admin_token."
     )
+
+
+class AdminRefused(AdminUnavailable):
+    """The router's admin API answered, and refused the request (its own words)."""
+
+    code = "admin_refused"
+    default_hint = None
+
+
+def _refusal(exc: urllib.error.HTTPError, path: str) -> AdminUnavailable:
+    """The router's error body (`{"error", "message", "hint"}`) as the CLI's error; without one,
+    the status code and the usual hint (a proxy or another program on the port)."""
+    try:
+        body = json.loads(exc.read() or b"null")
+    except (ValueError, OSError):
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        hint = body.get("hint")
+        return AdminRefused(
+            f"router admin API answered {exc.code} for {path}: {body['message']}",
+            hint=hint if isinstance(hint, str) else None,
+        )
+    return AdminUnavailable(f"router admin API answered {exc.code} for {path}")
 
 
 def _base(settings: Settings) -> str:
@@ -44,7 +67,7 @@ def admin_get(
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        raise AdminUnavailable(f"router admin API answered {exc.code} for {path}") from None
+        raise _refusal(exc, path) from None
     except (urllib.error.URLError, OSError) as exc:
         raise AdminUnavailable(f"router admin API unreachable at {_base(settings)} ({exc})") from None
 

@@ -21,6 +21,7 @@ from pydantic import Field
 from common import links as db
 from common.errors import InvalidArgument, MessageTooLarge
 from instance.links import Links, group_scope_id
+from instance.resources import resource_errors
 from instance.runtime import Runtime
 from instance.tools import exai_tool, headers_of
 
@@ -52,16 +53,21 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
                 "unread": int(unread or 0),
                 "chat_context": bool(me["chat_context"]),
                 "handoff": me["handoff"],
+                "work": await db.group_work(conn, group),
             }
 
         state = await links.run(read, what=f"reading link group {group!r}")
+        group_work = state.pop("work")
         presence = await links.presence([m["session"] for m in state["members"]])
         storage = runtime.require_storage()
         for m in state["members"]:
             m["state"] = presence[m["session"]]
             m["you"] = m["session"] == session
             working = await storage.tasks.list(session_id=m["session"], scope="session", state="IN_PROGRESS")
-            m["working_on"] = [t.to_dict()["name"] for t in working]
+            # its own tasks in progress, and the group tasks it moved to IN_PROGRESS
+            m["working_on"] = [t.to_dict()["name"] for t in working] + [
+                t["name"] for t in group_work.get(m["session"], [])
+            ]
         group_tasks = await storage.tasks.list(session_id=group_scope_id(group), scope="session")
         return {"group": group, **state, "group_tasks": [t.to_dict() for t in group_tasks]}
 
@@ -198,6 +204,11 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
         _check_body(runtime, body)
         session = runtime.session_for(headers_of(ctx))
         recipient = None if to in (None, "", "all") else to
+        if recipient == session:  # the sender never reads its own events: it would be lost
+            raise InvalidArgument(
+                "to is your own session; a message to yourself is never delivered",
+                hint="Send to another member's session id (link_status lists them), or use a note.",
+            )
         event = await links.emit(
             group, "message", session, recipient=recipient, subject=subject, thread=thread, body=body
         )
@@ -268,6 +279,11 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
         mcp, runtime, description="Release your file reservations in a link group (all, or the given paths)."
     )
     async def link_release(group: Group, ctx: Context, paths: list[str] | None = None) -> dict[str, Any]:
+        if paths is not None and not paths:
+            raise InvalidArgument(
+                "paths is empty, so there is nothing to release",
+                hint="Omit paths to release all your reservations in the group, or name the ones to release.",
+            )
         session = runtime.session_for(headers_of(ctx))
 
         async def release(conn: asyncpg.Connection) -> list[str]:
@@ -290,7 +306,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
     )
     async def link_inbox_resource(group: str) -> str:
         session = runtime.session_for(None)
-        events, cursor = await links.inbox(group, session, limit=1000, ack=False)
+        with resource_errors():
+            events, cursor = await links.inbox(group, session, limit=1000, ack=False)
         return json.dumps({"group": group, "cursor": cursor, "events": [e.to_dict() for e in events]})
 
     @mcp.resource(
@@ -300,7 +317,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
         mime_type="application/json",
     )
     async def link_status_resource(group: str) -> str:
-        return json.dumps(await status_of(group, runtime.session_for(None)), default=str)
+        with resource_errors():
+            return json.dumps(await status_of(group, runtime.session_for(None)), default=str)
 
     return links
 

@@ -81,3 +81,41 @@ async def test_messages_sent_while_redis_restarts_arrive_once_in_order(
         assert [e["body"] for e in received] == [f"m{i}" for i in range(200)]
         ids = [e["id"] for e in received]
         assert ids == sorted(set(ids))
+
+
+async def test_the_group_tools_answer_from_postgres_while_redis_is_down(
+    fleet: Fleet, own_redis: OwnRedis
+) -> None:
+    """Not only link_send: status, reservations (and their conflicts), group tasks and notes,
+    handoff notes and leaving all work from Postgres while Redis is down."""
+    group = "outage-tools"
+    await fleet.wait_instances(2)
+    async with (
+        mcp_client(fleet.mcp_url, "legacy", name="holder") as a,
+        mcp_client(fleet.mcp_url, "legacy", name="other") as b,
+    ):
+        await call(a, "link_join", {"group": group})
+        await call(b, "link_join", {"group": group})
+        await call(b, "link_inbox", {"group": group})
+        own_redis.kill()
+        try:
+            status = await call(a, "link_status", {"group": group})
+            assert {m["client"] for m in status["members"]} == {"holder", "other"}
+            assert {m["state"] for m in status["members"]} == {"unknown"}  # presence lives in Redis
+            await call(a, "link_reserve", {"group": group, "paths": ["src/**"], "ttl": 600})
+            refused = await b.call_tool("link_reserve", {"group": group, "paths": ["src/a.py"]})
+            assert refused.is_error and "reservation_conflict" in refused.content[0].text  # type: ignore[union-attr]
+            task = (await call(a, "task_create", {"name": "t", "scope": "group", "group": group}))["task"]
+            await call(a, "note_write", {"key": "k", "body": "v", "scope": "group", "group": group})
+            await call(a, "link_handoff", {"group": group, "note": "over to you"})
+            assert (await call(a, "link_leave", {"group": group}))["left"] is True
+        finally:
+            own_redis.start()
+        async with asyncio.timeout(30):
+            events: list[dict[str, Any]] = []
+            while not events or events[-1]["kind"] != "leave":
+                events += (await call(b, "link_inbox", {"group": group}))["events"]
+                await asyncio.sleep(0.05)
+        assert [e["kind"] for e in events] == ["reserve", "task", "note", "leave"]
+        assert events[1]["data"]["task_id"] == task["id"] and events[-1]["body"] == "over to you"
+        await call(b, "link_reserve", {"group": group, "paths": ["src/a.py"]})  # released on leave
