@@ -639,10 +639,11 @@ class Links:
 
     async def inbox(
         self, group: str, session: str, *, limit: int, ack: bool
-    ) -> tuple[list[db.LinkEvent], int]:
-        """Unread events (oldest first) and the cursor after acknowledging them (if `ack`)."""
+    ) -> tuple[list[db.LinkEvent], int, bool]:
+        """Unread events (oldest first, at most `limit`), the cursor after acknowledging them (if
+        `ack`), and whether more unread events are left after them."""
 
-        async def read(conn: asyncpg.Connection) -> tuple[list[db.LinkEvent], int]:
+        async def read(conn: asyncpg.Connection) -> tuple[list[db.LinkEvent], int, bool]:
             if not ack:
                 return await unread(conn)
             # Reading and acknowledging are one step per member: two reads of one session at
@@ -651,21 +652,25 @@ class Links:
                 await db.member(conn, group, session, lock=True)
                 return await unread(conn)
 
-        async def unread(conn: asyncpg.Connection) -> tuple[list[db.LinkEvent], int]:
+        async def unread(conn: asyncpg.Connection) -> tuple[list[db.LinkEvent], int, bool]:
             # The head first: ids commit in order, so every event up to it is visible now and
             # those not returned were for others; later ones are covered by the last returned.
             head = int(await conn.fetchval("SELECT seq FROM link_groups WHERE name = $1", group) or 0)
-            events = await db.unread(conn, group, session, limit=limit)
+            events = await db.unread(conn, group, session, limit=limit + 1)  # one more: is there?
+            more = len(events) > limit
+            del events[limit:]
             cursor = int((await db.member(conn, group, session))["read_upto"])
             if ack:
                 upto = events[-1].id if events else head
-                if len(events) < limit:
+                if not more:
                     upto = max(upto, head)
                 cursor = await db.ack(conn, group, session, upto)
-            return events, cursor
+            return events, cursor, more
 
         await self._wait_inflight(group)
-        events, cursor = await self.run(read, what=f"reading the inbox of link group {group!r}", write=ack)
+        events, cursor, more = await self.run(
+            read, what=f"reading the inbox of link group {group!r}", write=ack
+        )
         if events:
             self.catch_ups += 1
             self.caught_up_events += len(events)
@@ -675,7 +680,7 @@ class Links:
                 self._count(
                     catchups=1, caught_up_events=len(events), lag_seconds_sum=lag, lag_count=len(events)
                 )
-        return events, cursor
+        return events, cursor, more
 
     async def require_member(self, group: str | None, session: str) -> str:
         """The group-scope id for tasks and notes of `group`, once `session` is shown a member."""

@@ -231,14 +231,14 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
         ack: bool = True,
     ) -> dict[str, Any]:
         session = runtime.session_for(headers_of(ctx))
-        events, cursor = await links.inbox(group, session, limit=limit, ack=ack)
+        events, cursor, more = await links.inbox(group, session, limit=limit, ack=ack)
         return {
             "status": "success",
             "group": group,
             "count": len(events),
             "events": [e.to_dict() for e in events],
             "cursor": cursor,
-            "more": len(events) == limit,
+            "more": more,
         }
 
     @exai_tool(
@@ -307,8 +307,10 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
     async def link_inbox_resource(group: str) -> str:
         session = runtime.session_for(None)
         with resource_errors():
-            events, cursor = await links.inbox(group, session, limit=1000, ack=False)
-        return json.dumps({"group": group, "cursor": cursor, "events": [e.to_dict() for e in events]})
+            events, cursor, more = await links.inbox(group, session, limit=1000, ack=False)
+        return json.dumps(
+            {"group": group, "cursor": cursor, "events": [e.to_dict() for e in events], "more": more}
+        )
 
     @mcp.resource(
         "exai://link/{group}/status",

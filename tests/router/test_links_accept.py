@@ -597,6 +597,35 @@ async def test_concurrent_inbox_reads_of_one_member_return_each_event_once(fleet
         assert sorted(uuids, key=sent.index) == sent
 
 
+async def test_more_says_whether_another_page_is_left(fleet: Fleet) -> None:
+    """`more` is true only while unread events are left after the page: a page that takes the
+    last events exactly says false, so a client paging until `more` is false never asks for an
+    empty page; the inbox resource says the same without acknowledging."""
+    group = _group()
+    async with (
+        mcp_client(fleet.mcp_url, "2026-07-28", name="more-a", token=ALICE) as a,
+        mcp_client(fleet.mcp_url, "legacy", name="more-b", token=ALICE) as b,
+    ):
+        await call(a, "link_join", {"group": group})
+        await call(b, "link_join", {"group": group})
+        for i in range(6):
+            await call(a, "link_send", {"group": group, "body": f"p{i}"})
+        async with asyncio.timeout(20):
+            while (await call(b, "link_status", {"group": group}))["unread"] < 6:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        peek = await call(b, "link_inbox", {"group": group, "limit": 6, "ack": False})
+        assert (peek["count"], peek["more"]) == (6, False)
+        read = await b.read_resource(f"exai://link/{group}/inbox")
+        listed = json.loads(read.contents[0].text)  # type: ignore[union-attr]
+        assert (len(listed["events"]), listed["more"]) == (6, False)
+        first = await call(b, "link_inbox", {"group": group, "limit": 3})
+        assert ([e["body"] for e in first["events"]], first["more"]) == (["p0", "p1", "p2"], True)
+        last = await call(b, "link_inbox", {"group": group, "limit": 3})
+        assert ([e["body"] for e in last["events"]], last["more"]) == (["p3", "p4", "p5"], False)
+        empty = await call(b, "link_inbox", {"group": group, "limit": 3})
+        assert (empty["count"], empty["more"]) == (0, False)
+
+
 async def test_a_header_join_happens_once_per_session(fleet: Fleet) -> None:
     """A client sending Exai-Link-Group joins once; after it leaves (or the admin removes it)
     the header does not put it back, not even when its session moves to another instance."""
