@@ -434,7 +434,7 @@ class Links:
                 return
             await asyncio.sleep(INFLIGHT_POLL)
 
-    async def emit_task_event(self, group: str, sender: str, task_event: str) -> None:
+    def spool_task_event(self, group: str, sender: str, task_event: str) -> Awaitable[None]:
         """Spool a group task event that depends on a task write running at the same time.
 
         The payload names the write's audit row (`task_event`, a task_events id) instead of the
@@ -444,6 +444,13 @@ class Links:
         any batch with this event, so it never looks for the row before the write has finished
         (after a crash nothing is in flight and the row's presence is final). The caller
         checked membership already.
+
+        The row is handed to the spool's thread now, without a task of its own (Spool.submit):
+        its commit runs beside the task write, and the returned awaitable is done once the row
+        is committed (kill -9 safe; fsync'd too with EXAI_LINK_SPOOL_SYNC=full), which the
+        caller awaits before answering. The event's store, and the announcement after it, wait
+        until the call's answer is written (Flusher.hold, as for `emit`), so they do not share
+        the loop with the answer.
         """
         storage = self.runtime.require_storage()
         payload = {
@@ -454,10 +461,21 @@ class Links:
             "task_event": task_event,
             "created_at": time.time(),
         }
-        await storage.spool.append(
-            KIND_LINK_EVENT, payload, urgent=True, sync=self.runtime.settings.link_spool_sync
+        sync = self.runtime.settings.link_spool_sync
+        committed: asyncio.Future[None] | None = storage.spool.submit(
+            KIND_LINK_EVENT, payload, urgent=True, sync=sync
         )
-        self.spooled += 1
+        if committed is None:  # the spool is full: its policy (wait for room, or refuse) applies
+            committed = asyncio.ensure_future(
+                storage.spool.append(KIND_LINK_EVENT, payload, urgent=True, sync=sync)
+            )
+        after_answer(storage.flusher.hold())
+        committed.add_done_callback(self._count_spooled)
+        return committed
+
+    def _count_spooled(self, committed: asyncio.Future[None]) -> None:
+        if not committed.cancelled() and committed.exception() is None:
+            self.spooled += 1
 
     def expect(self, task_event: str) -> None:
         """A task write naming `task_event` starts now: hold its event until `settled`.

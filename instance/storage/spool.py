@@ -350,8 +350,46 @@ class Spool:
             p if isinstance(p, bytes) else json.dumps(p, separators=(",", ":"), ensure_ascii=False).encode()
             for _, p in rows
         ]
-        size = sum(len(b) for b in blobs)
-        await self._admit(size)
+        await self._admit(sum(len(b) for b in blobs))
+        futures = self._enqueue(rows, blobs, thread_id, urgent, eager, sync, on_commit, before_commit)
+        # One batch is answered in one callback (`_settle`): the last row's future is set last,
+        # and a failure fails every row of the batch alike.
+        for fut in futures[:-1]:
+            fut.add_done_callback(_retrieve)
+        await futures[-1]
+
+    def submit(
+        self,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        urgent: bool = False,
+        sync: Literal["full", "normal"] = "full",
+    ) -> asyncio.Future[None] | None:
+        """`append` without a coroutine of its own, for a caller with other work to await first:
+        the row is queued (and, `urgent`, handed to the spool's thread) now, and the returned
+        future is set when it is committed (or fails as `append` would raise). None, with
+        nothing queued, if the row cannot be admitted at once (the spool is full: `append`
+        applies the full-spool policy)."""
+        if self._closed:
+            raise StorageError("the spool is closed (the instance is shutting down); the write was not taken")
+        blob = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        if not self._admit_now(len(blob)):
+            return None
+        return self._enqueue([(kind, payload)], [blob], None, urgent, False, sync, None, None)[-1]
+
+    def _enqueue(
+        self,
+        rows: Sequence[tuple[str, dict[str, Any] | bytes]],
+        blobs: list[bytes],
+        thread_id: str | None,
+        urgent: bool,
+        eager: bool,
+        sync: Literal["full", "normal"],
+        on_commit: Callable[[], None] | None,
+        before_commit: Callable[[], None] | None,
+    ) -> list[asyncio.Future[None]]:
+        """Queue admitted rows (their bytes reserved) for one transaction; their futures."""
         loop = asyncio.get_running_loop()
         now = time.time()
         full = sync != "normal"
@@ -376,13 +414,10 @@ class Spool:
             self._queued.set()
             if self._group_target and len(self._queue) >= self._group_target:
                 self._grown.set()
-        # One batch is answered in one callback (`_settle`): the last row's future is set last,
-        # and a failure fails every row of the batch alike.
-        for fut in futures[:-1]:
-            fut.add_done_callback(_retrieve)
-        await futures[-1]
+        return futures
 
-    async def _admit(self, size: int) -> None:
+    def _admit_now(self, size: int) -> bool:
+        """Reserve `size` bytes if the spool has room now (False: it is full, nothing reserved)."""
         if size > self.max_bytes:
             raise SpoolFull(
                 f"a single record of {size} bytes is larger than the whole spool ({self.max_bytes} bytes)",
@@ -390,6 +425,11 @@ class Spool:
             )
         if self.bytes + self._reserved + size <= self.max_bytes:
             self._reserved += size
+            return True
+        return False
+
+    async def _admit(self, size: int) -> None:
+        if self._admit_now(size):
             return
         used = self.bytes + self._reserved
         if self.full_policy == "refuse":

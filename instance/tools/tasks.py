@@ -9,7 +9,6 @@ change is a group event, and optimistic locking works as for any task).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
@@ -46,23 +45,31 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
     ) -> Any:
         """Run a task write; for a group task, spool its group event at the same time.
 
-        The event names the write's audit row (task_events id); it is spooled while Postgres
-        runs the write, so it costs the call next to nothing, and the flusher stores it only if
-        that row exists (a refused write leaves no event). See Links.emit_task_event.
+        The event names the write's audit row (task_events id); it is handed to the spool before
+        the write starts and committed there while Postgres runs the write, so it costs the call
+        next to nothing; the call answers once both are done. The flusher stores the event only
+        if that row exists (a refused write leaves no event), after the call's answer is
+        written. See Links.spool_task_event.
         """
         if not group:
             return await write(None)
+        links = runtime.links
         event_id = new_id()
-        runtime.links.expect(event_id)
-        spooled = asyncio.ensure_future(runtime.links.emit_task_event(group, session(ctx), event_id))
+        links.expect(event_id)
+        spooled: Awaitable[None] | None = None
+        try:
+            spooled = links.spool_task_event(group, session(ctx), event_id)
+        except Exception as exc:  # the spool refused it at once (closed, a record too big)
+            log.warning("the group event of a task write in %r was not spooled: %s", group, exc)
         try:
             return await write(event_id)
         finally:
-            runtime.links.settled(event_id)
-            try:
-                await spooled
-            except Exception as exc:  # the task write stands; only its group event is missing
-                log.warning("the group event of a task write in %r was not spooled: %s", group, exc)
+            links.settled(event_id)
+            if spooled is not None:
+                try:
+                    await spooled
+                except Exception as exc:  # the task write stands; only its group event is missing
+                    log.warning("the group event of a task write in %r was not spooled: %s", group, exc)
 
     @exai_tool(mcp, runtime, description="Create a task (session-scoped, or scope='global' to share it).")
     async def task_create(

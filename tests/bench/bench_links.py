@@ -1,18 +1,27 @@
 """Linked sessions through a real fleet: the sender's cost, delivery latency A -> B, catch-up.
 
-    python tests/bench/bench_links.py [--calls 300] [--messages 300] [--backlog 10000]
+    python tests/bench/bench_links.py [--calls 300] [--messages 300] [--backlog 10000] [--gap 25]
                                       [--set link_spool_sync=full] [--set link_early_notify=false]
 
 Starts a fleet under real supervisord (tests/fleet.py: router + 2 instances) on a fresh database
 (EXAI_TEST_DATABASE_URL, dropped afterwards) and EXAI_TEST_REDIS_URL (a fresh key prefix), with
 real MCP clients through the router. Measured:
 
-1. the sender's cost: what a group event adds to the tool call that makes it. Side by side, in
-   the same rounds: `task_create(scope="group")` vs the same call session-scoped, and
-   `link_send` vs `version` (a no-op tool). Both as the instance timed the tool itself (the
-   `duration_ms` it records for every call, read from Postgres afterwards: no HTTP noise) and
-   as the client saw it. The cost is the difference of the p50s. For contrast: what the old
-   synchronous path cost (one Postgres transaction per event, common/links.append);
+1. the sender's cost: what a group event adds to the tool call that makes it, measured in pairs
+   of calls on one session (A's): `task_create(scope="group")` against the same call
+   session-scoped, and `link_send` against `version` (a no-op tool). `--calls` rounds; in each,
+   a pair's two calls follow each other, which one goes first alternating from round to round,
+   each call `--gap` ms after the previous one answered (as an agent's calls come: what a call
+   leaves for after its answer, such as its event's store in Postgres, is then not charged to
+   the next call). The cost is the median of the per-pair differences, with its spread: a
+   bootstrap 95% interval of that median and the differences' interquartile range. A pair's
+   two calls share the machine's load of that moment, so the drift of the load (other work on
+   the cores) cancels within the pair; the difference of two p50s, printed alone before
+   2026-11-27 (and still beside it), moved by about 0.3 ms from run to run. Both as the
+   instance timed the tool itself (the `duration_ms` it records for every call, read from
+   Postgres afterwards: A's rows in the order they were made are its calls in order; no HTTP
+   noise) and as the client saw it. For contrast: what the old synchronous path cost (one
+   Postgres transaction per event, common/links.append) and one spool append alone;
 2. delivery latency: A calls link_send -> B's client has the `notifications/resources/updated`
    for the group's inbox (the spool append, the member's notification log in Redis, the
    router-held stream, SSE to B; with EXAI_LINK_EARLY_NOTIFY=false also the flusher's
@@ -36,7 +45,8 @@ real MCP clients through the router. Measured:
    SDK clients of this process (A, C) leave the group before this phase, so they do not parse
    the same notifications in the process that times B's frame (until 2026-11-27 they did).
 
-Targets: sender <= 0.2 ms, delivery p50 <= 5 ms, catch-up of 10,000 events <= 1 s.
+Targets: sender <= 0.2 ms (the per-pair median, as the instance timed it), delivery p50 <= 5 ms,
+catch-up of 10,000 events <= 1 s.
 Prints a table and saves JSON to tests/bench/results/links-<timestamp>.json.
 """
 
@@ -47,11 +57,13 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import secrets
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +83,9 @@ from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
 from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client, status_of  # noqa: E402
 
 GAP = 0.025  # seconds between two timed deliveries
+BOOTSTRAP = 2000  # resamples for the interval of a per-pair median
+# The sender's cost, measured in pairs: (the call with a group event, the same without).
+PAIRS = (("group_task", "session_task"), ("link_send", "noop"))
 
 
 def pct(values: list[float], p: float) -> float:
@@ -84,6 +99,24 @@ def summary(ms: list[float]) -> dict[str, float]:
         "p50_ms": round(statistics.median(ms), 3),
         "p99_ms": round(pct(ms, 99), 3),
         "mean_ms": round(statistics.fmean(ms), 3),
+    }
+
+
+def paired(with_event: list[float | None], without: list[float | None]) -> dict[str, Any]:
+    """The cost of the event from pairs of calls: (with, without) of one round each, None where
+    a side is missing. The median of the per-pair differences, a bootstrap 95% interval of that
+    median (percentile method, fixed seed) and the differences' interquartile range."""
+    diffs = [a - b for a, b in zip(with_event, without, strict=True) if a is not None and b is not None]
+    if not diffs:
+        return {"n": 0}
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(BOOTSTRAP))
+    q1, _, q3 = statistics.quantiles(diffs, n=4) if len(diffs) > 1 else (diffs[0], 0.0, diffs[0])
+    return {
+        "n": len(diffs),
+        "median_ms": round(statistics.median(diffs), 3),
+        "ci95_ms": [round(pct(medians, 2.5), 3), round(pct(medians, 97.5), 3)],
+        "iqr_ms": [round(q1, 3), round(q3, 3)],
     }
 
 
@@ -317,9 +350,11 @@ class Listener:
             await self._task
 
 
-async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int) -> dict[str, Any]:
+async def bench(
+    fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int, gap: float
+) -> dict[str, Any]:
     group = "bench"
-    results: dict[str, Any] = {"calls": calls, "messages": messages, "backlog": backlog}
+    results: dict[str, Any] = {"calls": calls, "messages": messages, "backlog": backlog, "gap_ms": gap * 1000}
 
     await fleet.wait_instances(2)
     a_sent = [0.0]  # wall clock: A's client is about to send its last HTTP request
@@ -332,22 +367,34 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
         mcp_client(fleet.mcp_url, "legacy", name="bench-c") as c,
         Listener(fleet.mcp_url, group, "bench-b") as b,
     ):
-        a_sid, c_sid = (await status_of(a))["session"], (await status_of(c))["session"]
-        for client in (a, c):
+        a_sid = (await status_of(a))["session"]
+        for client in (a, c):  # C: a member besides B, so each event has two to tell
             await call(client, "link_join", {"group": group})
-        for _ in range(20):  # warm up every path (pools, caches, the flusher)
-            await call(a, "link_send", {"group": group, "body": "warm"})
-            await call(c, "task_create", {"name": "warm"})
-            await call(a, "task_create", {"name": "warm", "scope": "group", "group": group})
-        seen: dict[str, list[float]] = {k: [] for k in ("group_task", "session_task", "link_send", "noop")}
-        for i in range(calls):  # interleaved, so both sides see the same machine load
-            seen["group_task"].append(
-                (await call(a, "task_create", {"name": f"g{i}", "scope": "group", "group": group}))[1]
-            )
-            seen["session_task"].append((await call(c, "task_create", {"name": f"s{i}"}))[1])
-            seen["link_send"].append((await call(a, "link_send", {"group": group, "body": f"m{i}"}))[1])
-            seen["noop"].append((await call(a, "version", {}))[1])
-        results["client_ms"] = {k: summary(v) for k, v in seen.items()}
+        sender_calls: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {
+            "group_task": ("task_create", lambda i: {"name": f"g{i}", "scope": "group", "group": group}),
+            "session_task": ("task_create", lambda i: {"name": f"s{i}"}),
+            "link_send": ("link_send", lambda i: {"group": group, "body": f"m{i}"}),
+            "noop": ("version", lambda i: {}),
+        }
+        warm_up = list(sender_calls) * 20  # warm up every path (pools, caches, the flusher)
+        for i, key in enumerate(warm_up):
+            tool, args = sender_calls[key]
+            await call(a, tool, args(i))
+        # Every call on A's session, in pairs (PAIRS): a pair's two calls one after the other,
+        # which one goes first alternating from round to round, so both see the same load. Each
+        # call starts `gap` after the previous one answered, as an agent's calls do (it thinks
+        # in between): what a call leaves for after its answer (its event's store in Postgres,
+        # its telemetry record) is then not charged to the call that follows it.
+        seen: dict[str, list[float | None]] = {k: [None] * calls for k in sender_calls}
+        order: list[tuple[str, int]] = []  # (key, round) of each timed call, in order
+        for i in range(calls):
+            for pair in PAIRS:
+                for key in pair if i % 2 == 0 else reversed(pair):
+                    tool, args = sender_calls[key]
+                    order.append((key, i))
+                    await asyncio.sleep(gap)
+                    seen[key][i] = (await call(a, tool, args(i)))[1]
+        results["client_ms"] = {k: summary([x for x in v if x is not None]) for k, v in seen.items()}
 
         # Delivery with the SDK clients: one message at a time, A's call start -> B's client has
         # the notification. B's client runs in a process of its own and stamps the moment its
@@ -451,25 +498,32 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
                 "events_per_second": round(got / seconds),
             }
 
-    # The tools' own durations as the instances recorded them (write-behind: wait for the rows).
-    await asyncio.sleep(2.0)
+    # The tools' own durations as A's instance recorded them (write-behind: wait for the rows).
+    # A's calls are sequential and each is recorded once its answer is written, so its rows in
+    # the order they were made are its calls in order: the warm-up's first, then the timed ones
+    # (then the delivery phase's). A row whose tool is not its call's is left out (counted).
+    tools = [sender_calls[key][0] for key in warm_up + [key for key, _ in order]]
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch(
-            "SELECT session_id, tool_name, duration_ms FROM tool_calls "
-            "WHERE tool_name IN ('task_create', 'link_send', 'version') AND status = 'success'"
-        )
-        server: dict[str, list[float]] = {k: [] for k in seen}
-        for r in rows:
-            name, sid = r["tool_name"], r["session_id"]
-            key = {
-                ("task_create", a_sid): "group_task",
-                ("task_create", c_sid): "session_task",
-                ("link_send", a_sid): "link_send",
-                ("version", a_sid): "noop",
-            }.get((name, sid))
-            if key is not None:
-                server[key].append(float(r["duration_ms"]))
+        deadline = time.monotonic() + 15.0
+        while True:
+            rows = await conn.fetch(
+                "SELECT tool_name, duration_ms FROM tool_calls WHERE session_id = $1"
+                " AND tool_name = ANY($2::text[]) AND status = 'success' ORDER BY created_at",
+                a_sid,
+                sorted(set(tools)),
+            )
+            if len(rows) >= len(tools) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        server: dict[str, list[float | None]] = {k: [None] * calls for k in sender_calls}
+        unmatched = 0
+        for (key, i), r in zip(order, rows[len(warm_up) :], strict=False):
+            if sender_calls[key][0] == r["tool_name"]:
+                server[key][i] = float(r["duration_ms"])
+            else:
+                unmatched += 1
+        results["server_rows_unmatched"] = unmatched + max(0, len(tools) - len(rows))
         # The old synchronous path, for contrast: one Postgres transaction per event.
         sync: list[float] = []
         for i in range(calls):
@@ -478,16 +532,22 @@ async def bench(fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int)
             sync.append((time.perf_counter() - t0) * 1000)
     finally:
         await conn.close()
-    results["server_ms"] = {k: summary(v) for k, v in server.items() if v}
+    results["server_ms"] = {
+        k: summary(kept) for k, v in server.items() if (kept := [x for x in v if x is not None])
+    }
     results["spool_append_floor"] = await spool_floor(calls)
     try:
         results["spool_append_floor_normal"] = await spool_floor(calls, sync="normal")
     except TypeError:  # a spool without sync modes (the code before EXAI_LINK_SPOOL_SYNC)
         pass
     results["old_sync_store"] = summary(sync)
-    for side in ("server_ms", "client_ms"):
+    for side, timed in (("server_ms", server), ("client_ms", seen)):
         r = results[side]
         results[f"sender_cost_{side}"] = {
+            # The headline: medians of the per-pair differences, with their spread.
+            "group_task_minus_session_task": paired(timed["group_task"], timed["session_task"]),
+            "link_send_minus_noop": paired(timed["link_send"], timed["noop"]),
+            # The difference of the p50s (what was printed before 2026-11-27), for comparison.
             "group_task_minus_session_task_p50": round(
                 r["group_task"]["p50_ms"] - r["session_task"]["p50_ms"], 3
             ),
@@ -517,9 +577,16 @@ async def spool_floor(n: int, sync: str = "full") -> dict[str, float]:
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--calls", type=int, default=300, help="rounds of the four sender calls")
+    ap.add_argument("--calls", type=int, default=300, help="rounds of the sender's two pairs of calls")
     ap.add_argument("--messages", type=int, default=300, help="messages timed A -> B")
     ap.add_argument("--backlog", type=int, default=10_000)
+    ap.add_argument(
+        "--gap",
+        type=float,
+        default=GAP * 1000,
+        help="ms between the sender's timed calls (0: back to back, each call then also pays for"
+        " what the previous one left for after its answer)",
+    )
     add_set_option(ap, "link_spool_sync=full or link_early_notify=false")
     args = ap.parse_args()
     admin_dsn = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -544,7 +611,7 @@ async def main() -> None:
             )
             await asyncio.to_thread(fleet.start)
             try:
-                results = await bench(fleet, dsn, args.calls, args.messages, args.backlog)
+                results = await bench(fleet, dsn, args.calls, args.messages, args.backlog, args.gap / 1000)
                 results["settings"] = extra
             finally:
                 await asyncio.to_thread(fleet.stop)
@@ -594,11 +661,21 @@ async def main() -> None:
         print(f"{'  instance stage: ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['count']:6}")
     for side in ("server_ms", "client_ms"):
         cost = results[f"sender_cost_{side}"]
-        group_cost, send_cost = cost["group_task_minus_session_task_p50"], cost["link_send_minus_noop_p50"]
-        print(
-            f"sender cost ({side.removesuffix('_ms')}, p50 diff): group task {group_cost:+.3f} ms,"
-            f" link_send vs no-op {send_cost:+.3f} ms"
-        )
+        for label, key in (
+            ("group task", "group_task_minus_session_task"),
+            ("link_send", "link_send_minus_noop"),
+        ):
+            d = cost[key]
+            if not d["n"]:
+                continue
+            print(
+                f"sender cost ({side.removesuffix('_ms')}), {label}: median of {d['n']} pairs"
+                f" {d['median_ms']:+.3f} ms, 95% CI [{d['ci95_ms'][0]:+.3f}, {d['ci95_ms'][1]:+.3f}],"
+                f" IQR [{d['iqr_ms'][0]:+.3f}, {d['iqr_ms'][1]:+.3f}]"
+                f" (difference of p50s {cost[key + '_p50']:+.3f})"
+            )
+    if results.get("server_rows_unmatched"):
+        print(f"(instance-timed rows not matched to their call: {results['server_rows_unmatched']})")
     print(f"write-behind lag (call -> notification queued, mean): {results['publish_lag_mean_ms']} ms")
     c = results["catchup"]
     print(f"catch-up of {c['events']} events: {c['seconds']:.3f} s ({c['events_per_second']}/s)")

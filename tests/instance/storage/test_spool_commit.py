@@ -8,6 +8,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from common.errors import StorageError
 from instance.storage.spool import Spool
 from instance.storage.writebehind import KIND_LINK_EVENT
 
@@ -224,3 +225,42 @@ async def test_append_many_commits_its_rows_together_and_eager_writers_still_sha
         assert spool.appends_total == 203
     finally:
         await spool.close()
+
+
+async def test_submit_hands_a_row_to_the_spool_at_once_and_its_future_says_when_it_is_committed(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 24, hot_kinds=(LINK,))
+    await spool.open()
+    try:
+        for n, sync in enumerate(("full", "normal"), start=1):
+            committed = spool.submit(LINK, {"uuid": sync, "body": sync}, urgent=True, sync=sync)  # type: ignore[arg-type]
+            assert committed is not None
+            await asyncio.wait_for(committed, 5)  # no task, no await before the hand-off
+            assert _committed_rows(spool) == n  # on disk: a restart after kill -9 finds it
+        assert _bodies_from_memory(spool) == ["full", "normal"]  # in order, for the flusher
+    finally:
+        await spool.close()
+
+
+async def test_submit_takes_nothing_when_the_spool_is_full_and_refuses_once_it_is_closed(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=200, hot_kinds=(LINK,))
+    await spool.open()
+    try:
+        first = spool.submit(LINK, {"uuid": "1", "body": "x" * 100}, urgent=True)
+        assert first is not None
+        await asyncio.wait_for(first, 5)
+        # No room left: nothing queued, nothing reserved (the caller falls back to `append`,
+        # which applies the full-spool policy).
+        assert spool.submit(LINK, {"uuid": "2", "body": "y" * 100}, urgent=True) is None
+        assert spool._reserved == 0 and _committed_rows(spool) == 1
+    finally:
+        await spool.close()
+    try:
+        spool.submit(LINK, {"uuid": "3", "body": "z"}, urgent=True)
+    except StorageError as exc:
+        assert "closed" in str(exc)
+    else:
+        raise AssertionError("a closed spool took a row")
