@@ -458,9 +458,9 @@ async def bench(
         results["raw"] = await raw_delivery(fleet, dsn, group, messages)
 
         # Catch-up: a member's client in this process (joined now) misses `backlog` events.
-        async with mcp_client(fleet.mcp_url, "legacy", name="bench-b-reader") as b:
-            await call(b, "link_join", {"group": group})
-            while (await call(b, "link_inbox", {"group": group, "limit": 1000}))[0]["more"]:
+        async with mcp_client(fleet.mcp_url, "legacy", name="bench-b-reader") as reader:
+            await call(reader, "link_join", {"group": group})
+            while (await call(reader, "link_inbox", {"group": group, "limit": 1000}))[0]["more"]:
                 pass
 
             conn = await asyncpg.connect(dsn)
@@ -483,7 +483,7 @@ async def bench(
             got = 0
             last = 0
             while True:
-                page, _ = await call(b, "link_inbox", {"group": group, "limit": 1000})
+                page, _ = await call(reader, "link_inbox", {"group": group, "limit": 1000})
                 for e in page["events"]:
                     assert e["id"] > last
                     last = e["id"]

@@ -428,8 +428,8 @@ async def _rate(fleet: Fleet, clients: int, seconds: float, rounds: int = 3) -> 
         return done, errors
 
     sides = {False: callers_for(False), True: callers_for(True)}
-    for side in sides.values():  # connections opened before the clock runs
-        await asyncio.gather(*(c.call("version", {}) for c in side))
+    for callers in sides.values():  # connections opened before the clock runs
+        await asyncio.gather(*(c.call("version", {}) for c in callers))
     length = seconds / max(1, rounds)
     totals = {False: [0, 0, 0.0], True: [0, 0, 0.0]}
     shares: list[float] = []
@@ -444,17 +444,17 @@ async def _rate(fleet: Fleet, clients: int, seconds: float, rounds: int = 3) -> 
             t[0], t[1], t[2] = t[0] + done, t[1] + errors, t[2] + spent
             got[direct] = done / spent
         shares.append(round(got[False] / max(got[True], 1e-9), 3))
-    for side in sides.values():
-        for c in side:
+    for callers in sides.values():
+        for c in callers:
             await c.close()
     for a in anchors:
         await a.close()
 
-    def side(direct: bool) -> dict[str, Any]:
+    def rate_of(direct: bool) -> dict[str, Any]:
         done, errors, spent = totals[direct]
         return {"calls_per_s": round(done / max(spent, 1e-9), 1), "errors": errors}
 
-    routed, direct = side(False), side(True)
+    routed, direct = rate_of(False), rate_of(True)
     return {
         "clients": clients,
         "router": routed,
