@@ -454,12 +454,12 @@ async def _rate(fleet: Fleet, clients: int, seconds: float, rounds: int = 3) -> 
         done, errors, spent = totals[direct]
         return {"calls_per_s": round(done / max(spent, 1e-9), 1), "errors": errors}
 
-    routed, direct = rate_of(False), rate_of(True)
+    through, straight = rate_of(False), rate_of(True)
     return {
         "clients": clients,
-        "router": routed,
-        "direct": direct,
-        "router_share": round(routed["calls_per_s"] / max(direct["calls_per_s"], 1e-9), 3),
+        "router": through,
+        "direct": straight,
+        "router_share": round(through["calls_per_s"] / max(straight["calls_per_s"], 1e-9), 3),
         "router_share_by_round": shares,
     }
 
