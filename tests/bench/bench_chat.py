@@ -390,13 +390,13 @@ async def main() -> int:
                 f"router's share {r['overhead']['p50_ms'] - d:+.2f} ms"
             )
     for r in results["runs"]:
-        provider = ((r.get("instance_stages") or {}).get("provider") or {}).get("p50_ms")
-        fake = (r.get("fake_whole") or {}).get("p50_ms")
-        if provider is not None and fake is not None:
+        call_ms = ((r.get("instance_stages") or {}).get("provider") or {}).get("p50_ms")
+        fake_ms = (r.get("fake_whole") or {}).get("p50_ms")
+        if call_ms is not None and fake_ms is not None:
             print(
-                f"  {r['postgres']} x{r['sessions']}: the instance's provider call {provider:.2f} ms p50 "
-                f"against the fake's own {fake:.2f}: its client and loopback HTTP about "
-                f"{provider - fake:+.2f} ms (part of `outside`)"
+                f"  {r['postgres']} x{r['sessions']}: the instance's provider call {call_ms:.2f} ms p50 "
+                f"against the fake's own {fake_ms:.2f}: its client and loopback HTTP about "
+                f"{call_ms - fake_ms:+.2f} ms (part of `outside`)"
             )
     print("\ninstance stages (p50 ms, in call order; cumulative per instance, from one session's instance):")
     for r in results["runs"]:
