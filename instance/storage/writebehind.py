@@ -1,9 +1,11 @@
 """The flusher: moves spooled rows into Postgres in batches, and never loses or doubles one.
 
-Rows are sent oldest first, grouped by table, one `INSERT ... SELECT FROM unnest(...)` per table,
-all of them in a single statement (each table's INSERT a data-modifying CTE: one round trip, no
-BEGIN/COMMIT), `ON CONFLICT DO NOTHING` on the client-generated ids: a batch that was
-committed but not yet acknowledged in the spool (kill -9 between the two) is simply replayed.
+Rows are sent oldest first, grouped by table, one `INSERT ... SELECT FROM json_to_recordset(...)`
+per table, all of them in a single statement (each table's INSERT a data-modifying CTE: one
+round trip, no BEGIN/COMMIT), `ON CONFLICT DO NOTHING` on the client-generated ids: a batch
+that was committed but not yet acknowledged in the spool (kill -9 between the two) is simply
+replayed. A table's rows go as their spooled JSON, joined into one array, and Postgres parses
+them: the flusher does no per-row work in Python (no decode, no re-encode, no column arrays).
 A batch is triggered by size (`flush_batch_size` rows) or time (`flush_interval_ms` after the
 first pending row); link events go at once, taken from the spool's memory rather than its file
 (Spool.hot_batch), and a batch of link events alone is one SQL statement per group, outside any
