@@ -82,7 +82,8 @@ _TOOL_CALL_COLUMNS = (
 )
 
 # Each kind's INSERT takes its rows' JSON and keeps one row per id, the newest (DISTINCT ON ...
-# ordinality DESC): Postgres refuses to upsert a row twice in one statement.
+# ordinality DESC): an upsert may not touch a row twice in one statement (sessions), and the
+# other tables keep the batch's newest row as well, rather than whichever comes first.
 _CONVERSATIONS_SQL = f"""
 INSERT INTO conversations (id, session_id, tool_name, model, created_at, metadata, principal)
 SELECT DISTINCT ON (r.id) r.id, r.session_id, r.tool_name, r.model, {_ts_sql("r.created_at")},
