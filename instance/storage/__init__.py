@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -57,6 +58,17 @@ LINK_HOT_MAX = 1000  # link events the spool keeps in memory for the flusher (be
 def spool_dir_for(settings: Settings, instance_id: str) -> Path:
     """Where an instance keeps its spool; stable across restarts so a crash is replayed."""
     return settings.state_dir / "spool" / instance_id
+
+
+def _float8(value: float | None) -> float | str | None:
+    """A float for a spooled float8 field: a non-finite one as Postgres spells it ("NaN",
+    "Infinity"), since the flusher's rows go to Postgres as JSON, which has no such numbers."""
+    if value is None:
+        return None
+    value = float(value)
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
 class Storage:
@@ -200,7 +212,7 @@ class Storage:
             "instance_id": instance_id or self.instance_id,
             "tool_name": tool_name,
             "status": status,
-            "duration_ms": float(duration_ms) if duration_ms is not None else None,
+            "duration_ms": _float8(duration_ms),
             "model": model,
             "tokens_in": check_optional_int(tokens_in, "tokens_in"),
             "tokens_out": check_optional_int(tokens_out, "tokens_out"),

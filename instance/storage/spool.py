@@ -91,16 +91,59 @@ _DEAD_INSERT = (
 )
 
 
-@dataclass(frozen=True, slots=True)
 class SpoolEntry:
-    """One spooled row: `kind` says which Postgres table it becomes."""
+    """One spooled row: `kind` says which Postgres table it becomes.
 
-    seq: int
-    kind: str
-    thread_id: str | None
-    created: float
-    payload: dict[str, Any]
-    size: int
+    The row keeps its JSON as stored (`blob`) and decodes it only when `payload` is first read:
+    the flusher hands most rows to Postgres as they are (instance/storage/writebehind.py), so
+    it neither decodes nor re-encodes them. Made from a payload instead, it encodes on demand.
+    """
+
+    __slots__ = ("_blob", "_payload", "created", "kind", "seq", "size", "thread_id")
+
+    def __init__(
+        self,
+        seq: int,
+        kind: str,
+        thread_id: str | None,
+        created: float,
+        payload: dict[str, Any] | None = None,
+        size: int = 0,
+        *,
+        blob: bytes | None = None,
+    ) -> None:
+        if payload is None and blob is None:
+            raise ValueError("a spool entry needs its payload or its JSON")
+        self.seq = seq
+        self.kind = kind
+        self.thread_id = thread_id
+        self.created = created
+        self.size = size
+        self._blob = blob
+        self._payload = payload
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The row's fields (decoded from its JSON on first use)."""
+        if self._payload is None:
+            assert self._blob is not None
+            self._payload = json.loads(self._blob)
+        return self._payload
+
+    @property
+    def blob(self) -> bytes:
+        """The row's JSON, UTF-8, as the spool stores it."""
+        if self._blob is None:
+            self._blob = encode_payload(self.payload)
+        return self._blob
+
+    def __repr__(self) -> str:
+        return f"SpoolEntry(seq={self.seq}, kind={self.kind!r}, thread={self.thread_id!r}, size={self.size})"
+
+
+def encode_payload(payload: dict[str, Any]) -> bytes:
+    """A payload as the spool stores it: compact JSON, UTF-8."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @dataclass(slots=True)
@@ -346,10 +389,7 @@ class Spool:
         group being formed, as usual."""
         if self._closed:
             raise StorageError("the spool is closed (the instance is shutting down); the write was not taken")
-        blobs = [
-            p if isinstance(p, bytes) else json.dumps(p, separators=(",", ":"), ensure_ascii=False).encode()
-            for _, p in rows
-        ]
+        blobs = [p if isinstance(p, bytes) else encode_payload(p) for _, p in rows]
         await self._admit(sum(len(b) for b in blobs))
         futures = self._enqueue(rows, blobs, thread_id, urgent, eager, sync, on_commit, before_commit)
         # One batch is answered in one callback (`_settle`): the last row's future is set last,
@@ -373,7 +413,7 @@ class Spool:
         applies the full-spool policy)."""
         if self._closed:
             raise StorageError("the spool is closed (the instance is shutting down); the write was not taken")
-        blob = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        blob = encode_payload(payload)
         if not self._admit_now(len(blob)):
             return None
         return self._enqueue([(kind, payload)], [blob], None, urgent, False, sync, None, None)[-1]
@@ -688,8 +728,8 @@ class Spool:
                     kind=item.kind,
                     thread_id=item.thread_id,
                     created=item.created,
-                    payload=json.loads(item.blob),
                     size=len(item.blob),
+                    blob=item.blob,
                 )
             out.append(item)
         self.hot_taken_total += len(out)
@@ -889,8 +929,8 @@ def _entry(row: tuple[Any, ...]) -> SpoolEntry:
         kind=str(kind),
         thread_id=thread_id,
         created=float(created),
-        payload=json.loads(payload),
         size=len(payload),
+        blob=payload if isinstance(payload, bytes) else str(payload).encode(),
     )
 
 

@@ -1,9 +1,11 @@
 """The flusher: moves spooled rows into Postgres in batches, and never loses or doubles one.
 
-Rows are sent oldest first, grouped by table, one `INSERT ... SELECT FROM unnest(...)` per table,
-all of them in a single statement (each table's INSERT a data-modifying CTE: one round trip, no
-BEGIN/COMMIT), `ON CONFLICT DO NOTHING` on the client-generated ids: a batch that was
-committed but not yet acknowledged in the spool (kill -9 between the two) is simply replayed.
+Rows are sent oldest first, grouped by table, one `INSERT ... SELECT FROM json_to_recordset(...)`
+per table, all of them in a single statement (each table's INSERT a data-modifying CTE: one
+round trip, no BEGIN/COMMIT), `ON CONFLICT DO NOTHING` on the client-generated ids: a batch
+that was committed but not yet acknowledged in the spool (kill -9 between the two) is simply
+replayed. A table's rows go as their spooled JSON, joined into one array, and Postgres parses
+them: the flusher does no per-row work in Python (no decode, no re-encode, no column arrays).
 A batch is triggered by size (`flush_batch_size` rows) or time (`flush_interval_ms` after the
 first pending row); link events go at once, taken from the spool's memory rather than its file
 (Spool.hot_batch), and a batch of link events alone is one SQL statement per group, outside any
@@ -18,13 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -45,59 +44,91 @@ KIND_LINK_EVENT = "link_event"  # a link group's event; ids are given in Postgre
 HOLD_MAX = 0.05  # longest the flusher waits for a held sender's answer (Flusher.hold), seconds
 
 
-def _ts(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, int | float):
-        return datetime.fromtimestamp(value, UTC)
-    return datetime.fromisoformat(str(value))
+def _ts_sql(col: str) -> str:
+    """A spooled timestamp (`col`, a JSON value) as timestamptz: ISO 8601 text, or Unix seconds
+    (a JSON number) rounded to the microsecond as Python's datetime.fromtimestamp rounds them
+    (half to even on the fraction; Postgres's to_timestamp rounds the whole differently)."""
+    secs = f"({col}::text::float8)"
+    return (
+        f"CASE json_typeof({col}) WHEN 'number' THEN to_timestamp(trunc({secs}))"
+        f" + round(({secs} - trunc({secs})) * 1e6) * interval '1 microsecond'"
+        f" ELSE ({col} #>> '{{}}')::timestamptz END"
+    )
 
 
-def _jsonb(value: Any, default: str) -> str:
-    return default if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+def _from_json(columns: str) -> str:
+    """The FROM clause of one kind's rows: $1 is their spooled JSON objects as one JSON array
+    (UTF-8 bytes, as the spool stores them), which Postgres parses; a key the object lacks, or
+    a JSON null, is SQL NULL. Numbered in spool order (`r.ordinality`)."""
+    return (
+        "FROM ROWS FROM (json_to_recordset(convert_from($1::bytea, 'UTF8')::json)\n"
+        f"                AS ({columns})) WITH ORDINALITY AS r"
+    )
 
 
-_CONVERSATIONS_SQL = """
+# Each kind's fields as its spool payloads name them, typed as their columns (timestamps as JSON,
+# for _ts_sql); fields a payload has beyond these are ignored.
+_CONVERSATION_COLUMNS = (
+    "id uuid, session_id text, tool_name text, model text, created_at json, metadata jsonb, principal text"
+)
+_MESSAGE_COLUMNS = (
+    "id uuid, continuation_id uuid, seq bigint, role text, content text, session_id text,"
+    " tool_name text, model text, files jsonb, tokens_in int, tokens_out int, created_at json,"
+    " metadata jsonb, pos bigint"
+)
+_TOOL_CALL_COLUMNS = (
+    "id uuid, session_id text, instance_id text, tool_name text, status text, duration_ms float8,"
+    " model text, tokens_in int, tokens_out int, error text, created_at json"
+)
+
+# Each kind's INSERT takes its rows' JSON and keeps one row per id, the newest (DISTINCT ON ...
+# ordinality DESC): an upsert may not touch a row twice in one statement (sessions), and the
+# other tables keep the batch's newest row as well, rather than whichever comes first.
+_CONVERSATIONS_SQL = f"""
 INSERT INTO conversations (id, session_id, tool_name, model, created_at, metadata, principal)
-SELECT u.id, u.session_id, u.tool_name, u.model, u.created_at, u.metadata::jsonb, u.principal
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::text[])
-     AS u(id, session_id, tool_name, model, created_at, metadata, principal)
+SELECT DISTINCT ON (r.id) r.id, r.session_id, r.tool_name, r.model, {_ts_sql("r.created_at")},
+       COALESCE(r.metadata, '{{}}'::jsonb), r.principal
+{_from_json(_CONVERSATION_COLUMNS)}
+ORDER BY r.id, r.ordinality DESC
 ON CONFLICT (id) DO NOTHING
 """
 
-_MESSAGES_SQL = """
+_MESSAGES_SQL = f"""
 INSERT INTO messages (id, conversation_id, seq, role, content, session_id, tool_name, model, files,
                       tokens_in, tokens_out, created_at, metadata, pos)
-SELECT u.id, u.conversation_id, u.seq, u.role, u.content, u.session_id, u.tool_name, u.model,
-       u.files::jsonb, u.tokens_in, u.tokens_out, u.created_at, u.metadata::jsonb, u.pos
-FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::text[], $9::text[], $10::int[], $11::int[], $12::timestamptz[], $13::text[],
-            $14::bigint[])
-     AS u(id, conversation_id, seq, role, content, session_id, tool_name, model, files,
-          tokens_in, tokens_out, created_at, metadata, pos)
+SELECT DISTINCT ON (r.id) r.id, r.continuation_id, r.seq, r.role, r.content, r.session_id,
+       r.tool_name, r.model, COALESCE(r.files, '[]'::jsonb), r.tokens_in, r.tokens_out,
+       {_ts_sql("r.created_at")}, COALESCE(r.metadata, '{{}}'::jsonb), r.pos
+{_from_json(_MESSAGE_COLUMNS)}
+ORDER BY r.id, r.ordinality DESC
 ON CONFLICT (id) DO NOTHING
 """
 
-_CACHE_MARKS_SQL = """
+_CACHE_MARKS_SQL = f"""
 INSERT INTO thread_cache_marks (id, conversation_id)
-SELECT * FROM unnest($1::uuid[], $2::uuid[])
+SELECT DISTINCT ON (r.id) r.id, r.conversation_id
+{_from_json("id uuid, conversation_id uuid")}
+ORDER BY r.id, r.ordinality DESC
 ON CONFLICT (id) DO NOTHING
 """
 
-_TOOL_CALLS_SQL = """
+_TOOL_CALLS_SQL = f"""
 INSERT INTO tool_calls (id, session_id, instance_id, tool_name, status, duration_ms, model,
                         tokens_in, tokens_out, error, created_at)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[],
-                     $7::text[], $8::int[], $9::int[], $10::text[], $11::timestamptz[])
+SELECT DISTINCT ON (r.id) r.id, r.session_id, r.instance_id, r.tool_name, r.status, r.duration_ms,
+       r.model, r.tokens_in, r.tokens_out, r.error, {_ts_sql("r.created_at")}
+{_from_json(_TOOL_CALL_COLUMNS)}
+ORDER BY r.id, r.ordinality DESC
 ON CONFLICT (id) DO NOTHING
 """
 
 # Sessions are upserted (last_seen_at only moves forward), so a replay changes nothing.
-_SESSIONS_SQL = """
+_SESSIONS_SQL = f"""
 INSERT INTO sessions (id, principal, client_name, era, created_at, last_seen_at)
 SELECT u.id, u.principal, u.client_name, u.era, u.seen, u.seen
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
-     AS u(id, principal, client_name, era, seen)
+FROM (SELECT DISTINCT ON (r.id) r.id, r.principal, r.client_name, r.era, {_ts_sql("r.seen_at")} AS seen
+      {_from_json("id text, principal text, client_name text, era text, seen_at json")}
+      ORDER BY r.id, r.ordinality DESC) AS u
 ON CONFLICT (id) DO UPDATE SET
     principal = COALESCE(EXCLUDED.principal, sessions.principal),
     client_name = COALESCE(EXCLUDED.client_name, sessions.client_name),
@@ -106,23 +137,18 @@ ON CONFLICT (id) DO UPDATE SET
 """
 
 
-def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
-    return [[r[i] for r in rows] for i in range(width)]
-
-
-def _dedupe(entries: Sequence[SpoolEntry], key: str = "id") -> list[dict[str, Any]]:
-    """Keep one payload per id (the newest): Postgres refuses to touch a row twice per statement."""
-    out: dict[str, dict[str, Any]] = {}
-    for e in entries:
-        out[str(e.payload[key])] = e.payload
-    return list(out.values())
+def _json_array(entries: Sequence[SpoolEntry]) -> bytes:
+    """The rows' spooled JSON objects as one JSON array, bytes as stored: nothing decoded."""
+    return b"[" + b",".join([e.blob for e in entries]) + b"]"
 
 
 async def write_entries(conn: asyncpg.Connection, entries: Sequence[SpoolEntry]) -> list[Any]:
     """Insert a batch of spooled rows in one transaction (idempotent).
 
-    Returns the link-group events stored now (with their group ids and members), for the
-    instance to publish after the commit; a replayed event is not among them.
+    Each table's rows go as their spooled JSON, which Postgres parses (json_to_recordset): the
+    flusher neither decodes nor re-encodes a row (link events aside). Returns the link-group
+    events stored now (with their group ids and members), for the instance to publish after
+    the commit; a replayed event is not among them.
     """
     by_kind: dict[str, list[SpoolEntry]] = {}
     for e in entries:
@@ -138,7 +164,7 @@ async def write_entries(conn: asyncpg.Connection, entries: Sequence[SpoolEntry])
     for kind in _TABLE_ORDER:
         if kind in by_kind:
             kinds.append(kind)
-            args.extend(_columns(_ROWS[kind](_dedupe(by_kind[kind])), _TABLES[kind][1]))
+            args.append(_json_array(by_kind[kind]))
     sql = _batch_sql(tuple(kinds))
     if KIND_LINK_EVENT not in by_kind:
         # One statement, atomic by itself: no BEGIN and COMMIT round trips around it.
@@ -149,78 +175,26 @@ async def write_entries(conn: asyncpg.Connection, entries: Sequence[SpoolEntry])
         return await link_store.store_spooled(conn, [e.payload for e in by_kind[KIND_LINK_EVENT]])
 
 
-def _conversation_rows(payloads: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [
-        (p["id"], p.get("session_id"), p.get("tool_name"), p.get("model"), _ts(p["created_at"]),
-         _jsonb(p.get("metadata"), "{}"), p.get("principal"))
-        for p in payloads
-    ]  # fmt: skip
-
-
-def _message_rows(payloads: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [
-        (p["id"], p["continuation_id"], p["seq"], p["role"], p["content"], p.get("session_id"),
-         p.get("tool_name"), p.get("model"), _jsonb(p.get("files"), "[]"), p.get("tokens_in"),
-         p.get("tokens_out"), _ts(p["created_at"]), _jsonb(p.get("metadata"), "{}"), p.get("pos"))
-        for p in payloads
-    ]  # fmt: skip
-
-
-def _cache_mark_rows(payloads: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [(p["id"], p["conversation_id"]) for p in payloads]
-
-
-def _tool_call_rows(payloads: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [
-        (p["id"], p.get("session_id"), p.get("instance_id"), p["tool_name"], p["status"],
-         p.get("duration_ms"), p.get("model"), p.get("tokens_in"), p.get("tokens_out"),
-         p.get("error"), _ts(p["created_at"]))
-        for p in payloads
-    ]  # fmt: skip
-
-
-def _session_rows(payloads: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [
-        (p["id"], p.get("principal"), p.get("client_name"), p.get("era"), _ts(p["seen_at"])) for p in payloads
-    ]
-
-
-# The tables a batch writes, in this order; each kind's statement and its number of columns.
+# The tables a batch writes, in this order; each kind's statement (one parameter: its rows' JSON).
 _TABLE_ORDER = (KIND_CONVERSATION, KIND_MESSAGE, KIND_CACHE_MARK, KIND_TOOL_CALL, KIND_SESSION)
-_TABLES: dict[str, tuple[str, int]] = {
-    KIND_CONVERSATION: (_CONVERSATIONS_SQL, 7),
-    KIND_MESSAGE: (_MESSAGES_SQL, 14),
-    KIND_CACHE_MARK: (_CACHE_MARKS_SQL, 2),
-    KIND_TOOL_CALL: (_TOOL_CALLS_SQL, 11),
-    KIND_SESSION: (_SESSIONS_SQL, 5),
+_TABLES: dict[str, str] = {
+    KIND_CONVERSATION: _CONVERSATIONS_SQL,
+    KIND_MESSAGE: _MESSAGES_SQL,
+    KIND_CACHE_MARK: _CACHE_MARKS_SQL,
+    KIND_TOOL_CALL: _TOOL_CALLS_SQL,
+    KIND_SESSION: _SESSIONS_SQL,
 }
-_ROWS: dict[str, Callable[[list[dict[str, Any]]], list[tuple[Any, ...]]]] = {
-    KIND_CONVERSATION: _conversation_rows,
-    KIND_MESSAGE: _message_rows,
-    KIND_CACHE_MARK: _cache_mark_rows,
-    KIND_TOOL_CALL: _tool_call_rows,
-    KIND_SESSION: _session_rows,
-}
-_PARAM = re.compile(r"\$(\d+)")
-
-
-def _shifted(offset: int, match: re.Match[str]) -> str:
-    return f"${int(match.group(1)) + offset}"
 
 
 @functools.cache
 def _batch_sql(kinds: tuple[str, ...]) -> str:
     """One statement writing every table in `kinds`: each table's INSERT as a data-modifying
-    CTE, the last one the main statement, parameters numbered on. A statement commits whole or
-    not at all, and a chat's exchange (its two turns and the call's record) takes one round
-    trip instead of BEGIN, an INSERT per table and COMMIT. At most 31 variants, each prepared
-    once per connection (asyncpg's statement cache)."""
-    parts: list[str] = []
-    offset = 0
-    for kind in kinds:
-        sql, width = _TABLES[kind]
-        parts.append(_PARAM.sub(functools.partial(_shifted, offset), sql.strip()))
-        offset += width
+    CTE, the last one the main statement, its parameter numbered on ($1 the first table's
+    rows, $2 the next's...). A statement commits whole or not at all, and a chat's exchange
+    (its two turns and the call's record) takes one round trip instead of BEGIN, an INSERT per
+    table and COMMIT. At most 31 variants, each prepared once per connection (asyncpg's
+    statement cache)."""
+    parts = [_TABLES[kind].strip().replace("$1", f"${i + 1}") for i, kind in enumerate(kinds)]
     if len(parts) == 1:
         return parts[0]
     ctes = ",\n".join(f"w{i} AS (\n{part}\n)" for i, part in enumerate(parts[:-1]))
