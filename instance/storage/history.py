@@ -643,14 +643,15 @@ class HistoryStore:
                 await conn.execute(
                     f"DELETE FROM thread_cache_marks WHERE created_at < now() - interval '{MARK_KEEP}'"
                 )
-            now = await conn.fetchval("SELECT now()")
-            rows = await conn.fetch(
-                "SELECT id::text AS id, conversation_id::text AS cid, created_at FROM thread_cache_marks"
-                " WHERE created_at > coalesce($1::timestamptz, now() - interval '1 hour') - $2::interval",
+            # One round trip: the clock and the marks (a row with only the clock when none).
+            found = await conn.fetch(
+                "SELECT now() AS now, m.id::text AS id, m.conversation_id::text AS cid, m.created_at"
+                " FROM (SELECT 1) AS one LEFT JOIN thread_cache_marks AS m"
+                " ON m.created_at > coalesce($1::timestamptz, now() - interval '1 hour') - $2::interval",
                 since,
                 timedelta(seconds=MARK_OVERLAP_S),
             )
-            return now, rows
+            return found[0]["now"], [r for r in found if r["id"] is not None]
 
         now, rows = await self._db.run(op, what="reading thread cache marks")
         if prune:
