@@ -7,27 +7,21 @@ tests/bridge/node/node_modules on first use (`npm ci`, from the committed packag
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests import node
-from tests.bridge.conftest import BRIDGE, bridge_env, instance_inflight, until
+from tests.bridge.conftest import BRIDGE, NodeSteps, bridge_env, cancel_a_hanging_call, node_script
 from tests.fakes.provider import Behaviour, FakeProvider
 from tests.fleet import Fleet
 
 pytestmark = pytest.mark.timeout(240)
 
-NODE_DIR = Path(__file__).parent / "node"
-
 
 @pytest.fixture(scope="module")
 def node_client() -> Path:
-    node.installed(NODE_DIR, "node_modules/@modelcontextprotocol/sdk", timeout=300)
-    return NODE_DIR / "client.mjs"
+    return node_script("client.mjs")
 
 
 async def test_typescript_stdio_client_through_the_bridge_across_a_router_restart(
@@ -35,22 +29,8 @@ async def test_typescript_stdio_client_through_the_bridge_across_a_router_restar
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXAI_")}
     env.update(bridge_env(fleet, EXAI_BRIDGE_SESSION="ts-stdio"))
-    proc = await asyncio.create_subprocess_exec(
-        "node", str(node_client), BRIDGE,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.stdin is not None and proc.stdout is not None
-    stdin, stdout = proc.stdin, proc.stdout
-
-    async def read() -> dict[str, Any]:
-        line = await asyncio.wait_for(stdout.readline(), 90)
-        assert line, "the TypeScript client exited early"
-        return dict(json.loads(line))
-
-    async def go() -> None:
-        stdin.write(b"go\n")
-        await stdin.drain()
-
+    steps = await NodeSteps.start(str(node_client), BRIDGE, env=env, cwd=tmp_path)
+    read, go = steps.read, steps.go
     try:
         assert (await read())["step"] == "connected"
         tools = await read()
@@ -63,23 +43,7 @@ async def test_typescript_stdio_client_through_the_bridge_across_a_router_restar
         slow = await read()
         assert slow["step"] == "progress" and not slow["isError"] and slow["progress"], slow
 
-        assert (await read())["wait"] == "hanging provider"
-        provider.reset(Behaviour(hang=True))
-        await go()
-        assert (await read())["wait"] == "call running"
-
-        async def running() -> bool:
-            return await instance_inflight(fleet, first["instance_id"]) >= 1
-
-        async def idle() -> bool:
-            return await instance_inflight(fleet, first["instance_id"]) == 0
-
-        await until(running)
-        await go()
-        cancelled = await read()
-        assert cancelled["outcome"].startswith("rejected"), cancelled
-        await until(idle)  # the instance stopped the call
-        provider.reset()
+        await cancel_a_hanging_call(steps, fleet, provider, first["instance_id"])
 
         assert (await read())["wait"] == "router restarted"
         await asyncio.to_thread(fleet.restart_router)
@@ -87,8 +51,6 @@ async def test_typescript_stdio_client_through_the_bridge_across_a_router_restar
         second = await read()
         assert second["step"] == "status2" and second["status"]["session"] == first["session"]
         assert (await read())["step"] == "done"
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert await steps.finished() == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await steps.kill()

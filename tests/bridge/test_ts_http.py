@@ -8,48 +8,27 @@ tests/bridge/node/node_modules on first use (`npm ci`, from the committed packag
 
 from __future__ import annotations
 
-import asyncio
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests import node
-from tests.bridge.conftest import TOKEN, instance_inflight, until
+from tests.bridge.conftest import TOKEN, NodeSteps, cancel_a_hanging_call, node_script
 from tests.fakes.provider import Behaviour, FakeProvider
 from tests.fleet import Fleet
 
 pytestmark = pytest.mark.timeout(240)
 
-NODE_DIR = Path(__file__).parent / "node"
-
 
 @pytest.fixture(scope="module")
 def node_client() -> Path:
-    node.installed(NODE_DIR, "node_modules/@modelcontextprotocol/sdk", timeout=300)
-    return NODE_DIR / "http_client.mjs"
+    return node_script("http_client.mjs")
 
 
 async def test_typescript_http_client_straight_at_the_router(
     fleet: Fleet, provider: FakeProvider, node_client: Path, tmp_path: Path
 ) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        "node", str(node_client), fleet.mcp_url, TOKEN,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=tmp_path,
-    )  # fmt: skip
-    assert proc.stdin is not None and proc.stdout is not None
-    stdin, stdout = proc.stdin, proc.stdout
-
-    async def read() -> dict[str, Any]:
-        line = await asyncio.wait_for(stdout.readline(), 90)
-        assert line, "the TypeScript client exited early"
-        return dict(json.loads(line))
-
-    async def go() -> None:
-        stdin.write(b"go\n")
-        await stdin.drain()
-
+    steps = await NodeSteps.start(str(node_client), fleet.mcp_url, TOKEN, cwd=tmp_path)
+    read, go = steps.read, steps.go
     try:
         connected = await read()
         assert connected["step"] == "connected" and connected["session"], connected
@@ -70,23 +49,7 @@ async def test_typescript_http_client_straight_at_the_router(
         assert slow["step"] == "progress" and not slow["isError"], slow
         assert "take your time" in slow["content"] and slow["progress"], slow
 
-        assert (await read())["wait"] == "hanging provider"
-        provider.reset(Behaviour(hang=True))
-        await go()
-        assert (await read())["wait"] == "call running"
-
-        async def running() -> bool:
-            return await instance_inflight(fleet, first["instance_id"]) >= 1
-
-        async def idle() -> bool:
-            return await instance_inflight(fleet, first["instance_id"]) == 0
-
-        await until(running)
-        await go()
-        cancelled = await read()
-        assert cancelled["outcome"].startswith("rejected"), cancelled
-        await until(idle)  # the instance stopped the call (notifications/cancelled)
-        provider.reset()
+        await cancel_a_hanging_call(steps, fleet, provider, first["instance_id"])
 
         assert (await read())["wait"] == "provider back"
         await go()
@@ -96,10 +59,8 @@ async def test_typescript_http_client_straight_at_the_router(
             first["session"], first["instance_id"],
         )  # fmt: skip
         assert (await read())["step"] == "done"
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert await steps.finished() == 0
         status, body = await fleet.admin("GET", "/admin/sessions")  # DELETE ended it
         assert status == 200 and first["session"] not in {s["id"] for s in body["sessions"]}
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await steps.kill()
