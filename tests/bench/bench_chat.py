@@ -9,9 +9,12 @@ Postgres connections go through a loopback forwarder (tests/fakes/tcp_proxy.py),
 can slow Postgres down (every answer held --pg-delay seconds) or cut it. Each session calls
 `chat` over the raw 2026-07-28 wire, continuing its own thread (so every call loads the
 thread and appends two turns). Overhead per call = client-observed latency minus the time the
-fake provider itself reports it spent on that request: from its handler's start (the request
-parsed by its HTTP server), through reading the body, the --provider-delay and counting tokens,
-to the answer's last byte handed to its server (tests/fakes/provider.py, `received` to `sent`).
+fake provider itself reports it spent on that request: from the moment the request's first
+bytes reached its HTTP server (its parsing, ASGI dispatch and routing included), through
+reading the body, the --provider-delay and counting tokens, to the answer's last byte handed to
+its server (tests/fakes/provider.py, `arrived` to `sent`). Also printed from its handler's start
+("from handler", `received` to `sent`), the measure until 2026-11-28, which counted the fake
+server's own handling of the request as the fleet's.
 The fake runs in a process of its own (tests/fakes/provider_process.py), as a provider on the
 internet does: in this process its server thread would hold the GIL the callers need.
 Also printed against the fake's handler time alone (`started` to `finished`: the delay and the
@@ -110,18 +113,27 @@ class ChatCaller:
         await self.http.close()
 
 
-def _provider_seconds(hits: list[Hit], *, with_http: bool = False) -> dict[str, float]:
-    """Last user message -> seconds the fake provider spent on that request: its handler's time
-    (`started` to `finished`), or with `with_http` its whole part, reading and parsing the
-    request and streaming the answer included (`received` to `sent`)."""
+def _provider_seconds(hits: list[Hit], *, part: str = "whole") -> dict[str, float]:
+    """Last user message -> seconds the fake provider spent on that request. `part`: "whole",
+    from the request's first bytes reaching the fake's server to the answer's last byte handed
+    to it (`arrived` to `sent`: the fake's HTTP server, reading the request and streaming the
+    answer included); "from_handler", the same from its handler's start (`received` to `sent`,
+    the measure until 2026-11-28, which counted the fake server's parsing and routing of the
+    request as the fleet's); "handler", its handler's time alone (`started` to `finished`, the
+    measure before 2026-11-27)."""
     spent: dict[str, float] = {}
     for hit in hits:
         msgs = hit.messages
-        if with_http:
-            if hit.received is not None and hit.sent is not None and msgs:
-                spent[str(msgs[-1].get("content", ""))] = hit.sent - hit.received
-        elif hit.finished is not None and msgs:
-            spent[str(msgs[-1].get("content", ""))] = hit.finished - hit.started
+        if not msgs:
+            continue
+        key = str(msgs[-1].get("content", ""))
+        if part == "handler":
+            if hit.finished is not None:
+                spent[key] = hit.finished - hit.started
+        elif hit.sent is not None:
+            start = hit.received if part == "from_handler" else (hit.arrived or hit.received)
+            if start is not None:
+                spent[key] = hit.sent - start
     return spent
 
 
@@ -174,11 +186,13 @@ async def _run(
     for c in [*directs.values(), *callers]:
         await c.close()
     hits = await provider.asnapshot()
-    spent = _provider_seconds(hits)
-    whole = _provider_seconds(hits, with_http=True)
+    spent = _provider_seconds(hits, part="handler")
+    whole = _provider_seconds(hits)
+    from_handler = _provider_seconds(hits, part="from_handler")
     return {
         "latency": list(latency.values()),
         "overhead": [lat - whole[p] for p, lat in latency.items() if p in whole],
+        "from_handler": [lat - from_handler[p] for p, lat in latency.items() if p in from_handler],
         "vs_handler": [lat - spent[p] for p, lat in latency.items() if p in spent],
         "direct": [lat - whole[p] for p, lat in direct_latency.items() if p in whole],
         "fake_whole": [whole[p] for p in latency if p in whole],
@@ -199,6 +213,7 @@ def _combine(tag: str, sessions: int, think: float, blocks: list[dict[str, Any]]
         "blocks": len(blocks),
         "latency": _stats([x for b in blocks for x in b["latency"]]),
         "overhead": _stats([x for b in blocks for x in b["overhead"]]),
+        "overhead_from_handler": _stats([x for b in blocks for x in b.get("from_handler", [])]),
         "overhead_vs_handler": _stats([x for b in blocks for x in b["vs_handler"]]),
         "overhead_direct": _stats(d) if (d := [x for b in blocks for x in b["direct"]]) else None,
         "fake_whole": _stats([x for b in blocks for x in b.get("fake_whole", [])]),
@@ -349,25 +364,27 @@ async def main() -> int:
         "targets": {"overhead_p50_ms": "<= 3", "slowed_or_cut_vs_normal": "<= 1.05x"},
     }
     print("\nfleet overhead on `chat` = client latency - fake provider's own time (ms)")
-    print("  (the fake's time: handler start to the answer's last byte handed over; vs handler: less")
-    print("   only the fake's handler time, the measure before 2026-11-27; instance: its own `fleet`")
-    print("   stage, request arrival to last byte less its provider call; outside: overhead p50 -")
-    print("   instance: router, loopback HTTP, the instance's provider client, the fake's HTTP server)")
+    print("  (the fake's time: the request's first bytes at its server to the answer's last byte handed")
+    print("   over; from handler: the fake's time taken from its handler's start, the measure until")
+    print("   2026-11-28; vs handler: less only the fake's handler time, the measure before 2026-11-27;")
+    print("   instance: its own `fleet` stage, request arrival to last byte less its provider call;")
+    print("   outside: overhead p50 - instance: router, loopback HTTP, the instance's provider client)")
     think_col = len(thinks) > 1
     print(
         f"{'postgres':>8} {'sessions':>8}{'  think s' if think_col else ''}"
         f"  {'overhead p50':>12} {'p99':>8}   {'latency p50':>11}"
-        f"  {'vs handler':>10}  {'instance':>8} {'outside':>8}  {'inst cpu/call':>13}"
+        f"  {'from handler':>12}  {'vs handler':>10}  {'instance':>8} {'outside':>8}  {'inst cpu/call':>13}"
     )
     for r in results["runs"]:
         o, lat, old = r["overhead"], r["latency"], r["overhead_vs_handler"]
+        was = (r.get("overhead_from_handler") or {}).get("p50_ms", float("nan"))
         own = (r.get("instance_stages") or {}).get("fleet", {}).get("p50_ms")
         tail = f"  {own:>8.2f} {o['p50_ms'] - own:>8.2f}" if own is not None else ""
         tail += f"  {r['instances_cpu_per_call_ms']:>13.2f}"
         think = f"  {r['think_s']:>7.3f}" if think_col else ""
         print(
             f"{r['postgres']:>8} {r['sessions']:>8}{think}  {o['p50_ms']:>12.2f} {o['p99_ms']:>8.2f}"
-            f"   {lat['p50_ms']:>11.2f}  {old['p50_ms']:>10.2f}{tail}"
+            f"   {lat['p50_ms']:>11.2f}  {was:>12.2f}  {old['p50_ms']:>10.2f}{tail}"
         )
     normal = {
         (r["sessions"], r["think_s"]): r["overhead"]["p50_ms"]

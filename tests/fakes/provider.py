@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from instance.context.tokens import counter_for
 
@@ -62,6 +63,9 @@ class Hit:
     # and parsed) to the answer's last chunk handed to the server (after `finished` when streamed).
     received: float | None = None
     sent: float | None = None
+    # When the request's first bytes reached the fake's server (its HTTP parsing, ASGI and
+    # routing before `received` included): a provider's own time starts as its server reads.
+    arrived: float | None = None
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -207,6 +211,7 @@ class FakeProvider(ProviderUrls):
             started=time.monotonic(),
             peer=request.client.port if request.client else None,
             received=received,
+            arrived=request.scope.get(ARRIVED_KEY, received),
         )
         behaviour = self._next(provider)
         with self._lock:
@@ -283,7 +288,13 @@ class FakeProvider(ProviderUrls):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app(), log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            self.app(),
+            http=_StampedProtocol,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+        )
         server = uvicorn.Server(config)
         server.capture_signals = _no_signals  # type: ignore[method-assign]
         thread = threading.Thread(
@@ -302,6 +313,25 @@ class FakeProvider(ProviderUrls):
             server.should_exit = True
             thread.join(timeout=10)
             sock.close()
+
+
+ARRIVED_KEY = "fake.arrived"
+
+
+class _StampedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, stamping in each request's ASGI scope when the bytes that
+    began it arrived (the server's own parsing, ASGI dispatch and routing then lie inside the
+    fake's time, as they lie inside a real provider's)."""
+
+    _chunk_at = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self._chunk_at = time.monotonic()
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[ARRIVED_KEY] = self._chunk_at  # type: ignore[literal-required]
 
 
 @contextmanager
