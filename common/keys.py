@@ -15,7 +15,8 @@ Keyspace (with the default prefix):
     exai:sessions                       ZSET  session ids scored by last-seen time (idle sweep)
     exai:session:{sid}                  HASH  the router's session record (instance, principal, era, ...);
                                                instances add `link-header:{group}` once the session
-                                               joined that group by its Exai-Link-Group header
+                                               joined that group by its Exai-Link-Group header ("1"),
+                                               or the words of its refusal ("refused: ...")
     exai:session-key:{key}              STR   stateless-era session key -> session id
     exai:links:{sid}                    SET   session ids linked to sid
     exai:link-stats                     HASH  fleet-wide link-group counters (events, notified, catch-ups,
@@ -27,6 +28,8 @@ Keyspace (with the default prefix):
     exai:chan:fleet                     PUBSUB fleet control (instance reset/drain notices)
     exai:chan:sessions                  PUBSUB "{sid} {ver} {router}": a session record changed (ver -1:
                                                ended); other routers re-read or drop their copy
+    exai:chan:link-members              PUBSUB "{group}": the group's membership changed (admin API, a
+                                               session's end, link_leave); instances drop their copy
     exai:thread:{cid}                   LIST  recent turns of a thread (JSON), newest last
     exai:thread-meta:{cid}              HASH  thread metadata cache (`run`: Redis run_id it was checked on)
     exai:thread-pos:{cid}               STR   the thread's last exchange position (its sequencer)
@@ -117,6 +120,10 @@ class Keys:
 
     def sessions_channel(self) -> str:
         return self._k("chan", "sessions")
+
+    def link_members_channel(self) -> str:
+        """A link group's name, published when its members change (common/link_members.py)."""
+        return self._k("chan", "link-members")
 
     # threads and caches
     def thread(self, continuation_id: str) -> str:
