@@ -11,12 +11,15 @@ Keyspace (with the default prefix):
     exai:lease:{instance_id}            STR   session id holding the instance (SET NX PX, renewed)
     exai:lease-gen:{instance_id}        STR   counter: fencing token of the instance's latest lease
     exai:instance-cap                   STR   `exai scale N`: spares are started only below N running
+    exai:routers                        SET   ids of router processes that have beaten (router/routers.py)
+    exai:router:{id}                    STR   a router process's heartbeat (pid; TTL EXAI_HEARTBEAT_TTL)
     exai:draining                       SET   instance ids an operator drained (no new sessions)
     exai:sessions                       ZSET  session ids scored by last-seen time (idle sweep)
     exai:session:{sid}                  HASH  the router's session record (instance, principal, era, ...);
                                                instances add `link-header:{group}` once the session
                                                joined that group by its Exai-Link-Group header ("1"),
-                                               or the words of its refusal ("refused: ...")
+                                               or the words of its refusal ("refused: ..."); `router`:
+                                               the router process that served it last
     exai:session-key:{key}              STR   stateless-era session key -> session id
     exai:links:{sid}                    SET   session ids linked to sid
     exai:link-stats                     HASH  fleet-wide link-group counters (events, notified, catch-ups,
@@ -67,6 +70,14 @@ class Keys:
 
     def instance_cap(self) -> str:
         return self._k("instance-cap")
+
+    def routers(self) -> str:
+        """Router processes that have written a heartbeat (set of ids; pruned once adopted)."""
+        return self._k("routers")
+
+    def router(self, router_id: str) -> str:
+        """A router process's heartbeat key (its pid, expiring after EXAI_HEARTBEAT_TTL)."""
+        return self._k("router", router_id)
 
     def draining(self) -> str:
         return self._k("draining")
