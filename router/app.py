@@ -223,8 +223,9 @@ def create_app(settings: Settings) -> web.Application:
             await maint.park_idle()
 
         routers = Routers(
-            redis, keys, table, registry, metrics, ttl=settings.heartbeat_ttl, adopted=adopted
-        )  # this router's heartbeat; the others' bound sessions adopted when theirs expires
+            redis, keys, table, registry, metrics,
+            ttl=settings.heartbeat_ttl, interval=settings.heartbeat_interval, adopted=adopted,
+        )  # fmt: skip  # this router's heartbeat; the others' bound sessions adopted when theirs expires
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await routers.beat()
         sweep = _sweep_interval(settings)

@@ -8,24 +8,29 @@ a heartbeat key `router:{id}` (its pid, expiring after EXAI_HEARTBEAT_TTL) every
 EXAI_HEARTBEAT_INTERVAL and is listed in the `routers` set.
 
 When a router's key has expired (the process was killed, or cut off from Redis for longer
-than the TTL), the others notice on their next round. The sessions it leaves bound to an
-instance are found through the instances (their leases and registry entries: a handful of
-keys, not the session table) and adopted by the first survivor whose compare-and-set turns
-the record's `router` from the dead router to itself: the survivor caches them, renews their
-leases from then on, may park them for a waiting session (router/binding.py `reclaim`), and
-parks them when they are idle exactly as its own (at once if they have been idle for
-EXAI_SESSION_PARK_AFTER already). So a dead router's instances come free, or go on serving its
-sessions through another router, within the heartbeat TTL plus one interval, instead of after
-its leases lapse (EXAI_LEASE_TTL) and an allocation reconciles them and a router that has
-never served them waits EXAI_SESSION_PARK_AFTER to park them.
+than the TTL) and stays missing for two more intervals (a live router whose key Redis forgot
+in a restart writes it again within one), the others notice on their next round. The
+sessions it left bound to an instance are found through the instances (their leases and
+registry entries: a handful of keys, not the session table) and adopted by the first survivor
+whose compare-and-set turns the record's `router` from the dead router to itself: the
+survivor caches them, renews their leases from then on, may park them for a waiting session
+(router/binding.py `reclaim`), and parks them when they are idle exactly as its own (at once
+if they have been idle for EXAI_SESSION_PARK_AFTER already). So a dead router's instances
+come free, or go on serving its sessions through another router, within the heartbeat TTL
+plus three intervals (2 s + 1.5 s in the tests, 6 s + 6 s by default), instead of after its
+leases lapse (EXAI_LEASE_TTL) and an allocation reconciles them, and a router that never
+served them waits EXAI_SESSION_PARK_AFTER more to park them.
 
 Only sessions whose record names a router whose heartbeat has expired are adopted: a live
-router's sessions are never taken. (A router that was alive but cut off from Redis for longer
-than the TTL has its sessions adopted; it keeps its copies, as routers that share a session
-always have: the record decides, and the instance refuses a reset without its fencing token.)
+router's sessions are never taken. A router that was alive but cut off from Redis for longer
+than the TTL does have its sessions adopted; it keeps its copies, as routers that share a
+session always have, and the record decides which instance serves it. The one thing that can
+then go wrong: a call in flight on that router, in a session idle for EXAI_SESSION_PARK_AFTER
+by the record (which that router could not refresh), is cut when the adopter parks it.
 The dead router leaves the set only once its sessions are adopted; a survivor that dies midway
 leaves it there for the next one, and adopting twice changes nothing. A router that stops
-gracefully deletes its key, so its sessions are adopted at once.
+gracefully deletes its key, so the others adopt its sessions after the grace, without waiting
+for the TTL.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
@@ -68,6 +74,7 @@ class Routers:
         metrics: Metrics,
         *,
         ttl: float,
+        interval: float,
         adopted: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.redis = redis
@@ -76,6 +83,11 @@ class Routers:
         self.registry = registry
         self.id = table.origin
         self.ttl_ms = int(ttl * 1000)
+        # A router is dead once its key has been missing this long, as this router saw it: a
+        # live one that lost its key (Redis restarted and forgot it) writes it again within an
+        # interval, so it is never taken for dead.
+        self.grace = 2 * interval
+        self._missing: dict[str, float] = {}  # router id -> when this router first found no key
         self.adopted = adopted  # run after sessions were adopted: renew their leases, park the idle
         self._claim = redis.register_script(_CLAIM)
         self.lost = Counter(
@@ -110,12 +122,21 @@ class Routers:
             for rid in others:
                 pipe.exists(self.keys.router(rid))
             alive = await pipe.execute()
-        dead = [rid for rid, up in zip(others, alive, strict=True) if not up]
+        now = time.monotonic()
+        for rid, up in zip(others, alive, strict=True):
+            if up:
+                self._missing.pop(rid, None)
+            else:
+                self._missing.setdefault(rid, now)
+        for gone in set(self._missing) - set(others):
+            del self._missing[gone]
+        dead = [rid for rid in others if now - self._missing.get(rid, now) >= self.grace]
         for rid in dead:
             count = await self.adopt(rid)
             self.lost.inc()
             log.warning("router process %s stopped beating: adopted %d bound session(s) it left", rid, count)
             await self.redis.srem(self.keys.routers(), rid)
+            self._missing.pop(rid, None)
 
     async def adopt(self, dead: str) -> int:
         """Adopt the sessions bound to an instance whose record names the router `dead`."""
