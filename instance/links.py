@@ -68,6 +68,12 @@ LINK_STAGES = (
 
 
 HEADER_REFUSED = "refused: "  # a header join's field in the session record, when refused
+# The refusal's words in the session's record, only while the record exists (it expires with
+# the session; without a record, no router, there is nothing to keep them in).
+_MARK_HEADER_REFUSED = """
+if redis.call('exists', KEYS[1]) == 1 then redis.call('hset', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+"""
 # 1 if the session's record exists and had no such field (set now), or if there is no record.
 _MARK_HEADER_JOIN = """
 if redis.call('exists', KEYS[1]) == 0 then return 1 end
@@ -887,8 +893,12 @@ class Links:
         redis = self.runtime.redis
         if redis is not None:  # link_status shows it, on any instance, for the session's life
             with contextlib.suppress(*REDIS_DOWN_ERRORS):
-                await redis.hset(
-                    self.keys.session(session), Keys.link_header_field(group), f"{HEADER_REFUSED}{words}"
+                await redis.eval(
+                    _MARK_HEADER_REFUSED,
+                    1,
+                    self.keys.session(session),
+                    Keys.link_header_field(group),
+                    f"{HEADER_REFUSED}{words}",
                 )
 
     async def header_joins(self, session: str) -> list[dict[str, Any]]:
