@@ -483,7 +483,13 @@ class RefusedEvent:
     reason: str  # "group_deleted" or "not_member"
 
     def words(self) -> str:
-        what = f"Your link event {self.uuid} ({self.kind}) in link group {self.group!r} was not delivered"
+        if self.kind in ("task", "note"):  # the group task or note itself was written directly
+            what = (
+                f"Your change to a group {self.kind} of link group {self.group!r} was stored, but "
+                f"its event {self.uuid} was not delivered to the group"
+            )
+        else:
+            what = f"Your link event {self.uuid} ({self.kind}) in link group {self.group!r} was not delivered"
         if self.reason == "group_deleted":
             return (
                 f"{what}: the group was deleted before the event was stored. Nobody received it; "

@@ -201,6 +201,20 @@ async def test_an_event_a_stale_copy_let_through_is_refused_and_told(fleet: Flee
         assert failed and text.startswith("[not_linked]"), text
         assert "stale" not in await _inbox_bodies(b, group)
 
+        # A group task changed through a stale copy: the task is written, its event refused,
+        # and the words say which of the two happened.
+        await call(a, "link_join", {"group": group})  # A's copy lists A again
+        conn = await asyncpg.connect(fleet.settings.database_url)
+        try:
+            assert await link_store.leave(conn, group, a_sid) is not None
+        finally:
+            await conn.close()
+        task = await call(a, "task_create", {"name": "stale task", "scope": "group", "group": group})
+        assert task["status"] == "success"
+        notices = await _refusals(a)
+        assert [n["reason"] for n in notices] == ["not_member"]
+        assert "change to a group task" in notices[0]["message"] and "was stored" in notices[0]["message"]
+
         # The group is deleted straight in Postgres: B's stale copy answers, the store refuses.
         conn = await asyncpg.connect(fleet.settings.database_url)
         try:
