@@ -228,7 +228,12 @@ class Links:
         if session in await self._members_of(group):
             return
         if session not in await self._members_of(group, fresh=True):
-            raise NotLinked(f"this session is not a member of link group {group!r}")
+            raise NotLinked(
+                f"this session is not a member of link group {group!r} (it never joined, it left, "
+                "the admin removed it, or the group was deleted), so nothing was sent or changed",
+                hint="link_status() lists your groups; join with link_join, or ask the admin to "
+                "link this session (exai links add GROUP SESSION)",
+            )
 
     async def emit(
         self,

@@ -103,6 +103,8 @@ async def _refused_in_words(client: Any, group: str, body: str) -> None:
             told |= {n["event"] for n in out.get("notices", []) if n["code"] == "link_event_refused"}
             if failed:
                 assert text.startswith("[not_linked]"), text
+                assert "the admin removed it, or the group was deleted" in text, text
+                assert "nothing was sent" in text, text
                 break
             owed.add(out["event"])
             await asyncio.sleep(0.05)
