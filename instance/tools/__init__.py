@@ -99,8 +99,10 @@ def exai_tool(mcp: MCPServer[Any], runtime: Runtime, *, description: str) -> Cal
             try:
                 async with runtime.call():
                     result = await fn(*args, **kwargs)
-                if notices.owed and isinstance(result, dict):  # words owed to this session
-                    result = attach(result, notices.take(runtime.session_for(headers)))
+                if notices.owed and isinstance(result, dict):  # words owed to this session?
+                    owed = notices.take(runtime.session_for(headers))
+                    if owed:
+                        result = attach(result, owed)
                 return result
             except ExaiError as exc:
                 status, error = "error", exc.code
