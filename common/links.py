@@ -423,7 +423,9 @@ async def reservations(conn: asyncpg.Connection, group: str) -> list[dict[str, A
 # its cached member list): an event is taken if its sender is a member, or was one when it made
 # the event (its latest `leave` is not older than the event: a session's last events that were
 # still in the spool when it ended or left). The others are `refused` (their uuids): the sender
-# was removed (or left) before it made them, with a copy that had not heard of it yet.
+# was removed (or left) before it made them, with a copy that had not heard of it yet. A direct
+# message whose recipient is no longer a member (nobody could ever read it) is refused too
+# (`unreachable`).
 _SPOOLED_SQL = f"""
 WITH given AS (
     SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
@@ -436,10 +438,13 @@ WITH given AS (
         OR EXISTS (SELECT 1 FROM link_members m WHERE m.group_name = $1 AND m.session_id = given.sender)
         OR EXISTS (SELECT 1 FROM link_events l WHERE l.group_name = $1 AND l.kind = 'leave'
                    AND l.sender = given.sender AND l.created_at >= given.created_at)
-    ) AS allowed
+    ) AS allowed, (
+        given.recipient IS NULL
+        OR EXISTS (SELECT 1 FROM link_members m WHERE m.group_name = $1 AND m.session_id = given.recipient)
+    ) AS reachable
     FROM given
 ), fresh AS (
-    SELECT * FROM judged WHERE allowed
+    SELECT * FROM judged WHERE allowed AND reachable
 ), numbered AS (
     SELECT fresh.*, row_number() OVER (ORDER BY fresh.ord) AS k, count(*) OVER () AS n FROM fresh
 ), g AS (
@@ -456,7 +461,8 @@ WITH given AS (
 )
 SELECT (SELECT count(*) FROM g) AS found, ins.*,
        ARRAY(SELECT session_id FROM link_members WHERE group_name = $1) AS members,
-       ARRAY(SELECT uuid::text FROM judged WHERE NOT allowed) AS refused
+       ARRAY(SELECT uuid::text FROM judged WHERE NOT allowed) AS refused,
+       ARRAY(SELECT uuid::text FROM judged WHERE allowed AND NOT reachable) AS unreachable
 FROM (SELECT 1) AS one LEFT JOIN ins ON true
 ORDER BY ins.id
 """
@@ -480,7 +486,8 @@ class RefusedEvent:
     group: str
     kind: str
     sender: str | None
-    reason: str  # "group_deleted" or "not_member"
+    reason: str  # "group_deleted", "not_member" (the sender) or "recipient_gone"
+    recipient: str | None = None
 
     def words(self) -> str:
         if self.kind in ("task", "note"):  # the group task or note itself was written directly
@@ -494,6 +501,13 @@ class RefusedEvent:
             return (
                 f"{what}: the group was deleted before the event was stored. Nobody received it; "
                 "join or create a group (link_join) and send it again if it still matters."
+            )
+        if self.reason == "recipient_gone":
+            return (
+                f"{what}: session {self.recipient} you sent it to was no longer a member of the "
+                "group when it was stored (it left, ended, or the admin removed it), so nobody "
+                "could read it. See link_status() for the members, and send it to another one "
+                "or to all."
             )
         return (
             f"{what}: this session was no longer a member of the group when it sent it (it left, "
@@ -542,11 +556,16 @@ async def store_spooled(conn: asyncpg.Connection, payloads: list[dict[str, Any]]
             continue
         out.extend((LinkEvent.from_row(r), list(r["members"])) for r in rows if r["id"] is not None)
         refused = set(rows[0]["refused"] or ())
-        if refused:
+        unreachable = set(rows[0]["unreachable"] or ())
+        if refused or unreachable:
             log.warning(
-                "refusing %d event(s) of link group %r: their sender was not a member", len(refused), group
+                "refusing %d event(s) of link group %r: their sender, or the one member they were "
+                "for, was not a member",
+                len(refused) + len(unreachable),
+                group,
             )
             out.extend(_refused(p, "not_member") for p in new if str(p["uuid"]) in refused)
+            out.extend(_refused(p, "recipient_gone") for p in new if str(p["uuid"]) in unreachable)
     return out
 
 
@@ -557,6 +576,7 @@ def _refused(payload: dict[str, Any], reason: str) -> RefusedEvent:
         kind=str(payload.get("kind") or "event"),
         sender=payload.get("sender"),
         reason=reason,
+        recipient=payload.get("recipient"),
     )
 
 

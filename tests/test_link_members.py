@@ -46,6 +46,15 @@ async def test_the_store_takes_a_members_events_and_refuses_a_non_members(pg_dsn
         assert "no longer a member" in refused[0].words()
         ids = [r["id"] for r in await conn.fetch("SELECT id FROM link_events WHERE group_name = $1", group)]
         assert ids == list(range(1, len(ids) + 1))  # refused events took no id: still gapless
+        # A direct message to a member who left meanwhile: nobody could read it, so it is
+        # refused for its sender, not stored.
+        await db.join(conn, group, "s-c", principal="p", client="c")
+        to_c = {**_event(group, "s-b", "for c", time.time()), "recipient": "s-c"}
+        await db.leave(conn, group, "s-c")
+        (gone,) = await db.store_spooled(conn, [to_c])
+        assert isinstance(gone, db.RefusedEvent)
+        assert (gone.uuid, gone.reason, gone.recipient) == (to_c["uuid"], "recipient_gone", "s-c")
+        assert "session s-c you sent it to was no longer a member" in gone.words()
         # A member again: its events are taken again.
         await db.join(conn, group, "s-a", principal="p", client="a")
         again = await db.store_spooled(conn, [_event(group, "s-a", "back", time.time() + 2)])
