@@ -11,11 +11,15 @@ Keyspace (with the default prefix):
     exai:lease:{instance_id}            STR   session id holding the instance (SET NX PX, renewed)
     exai:lease-gen:{instance_id}        STR   counter: fencing token of the instance's latest lease
     exai:instance-cap                   STR   `exai scale N`: spares are started only below N running
+    exai:routers                        SET   ids of router processes that have beaten (router/routers.py)
+    exai:router:{id}                    STR   a router process's heartbeat (pid; TTL EXAI_HEARTBEAT_TTL)
     exai:draining                       SET   instance ids an operator drained (no new sessions)
     exai:sessions                       ZSET  session ids scored by last-seen time (idle sweep)
     exai:session:{sid}                  HASH  the router's session record (instance, principal, era, ...);
                                                instances add `link-header:{group}` once the session
-                                               joined that group by its Exai-Link-Group header
+                                               joined that group by its Exai-Link-Group header ("1"),
+                                               or the words of its refusal ("refused: ..."); `router`:
+                                               the router process that served it last
     exai:session-key:{key}              STR   stateless-era session key -> session id
     exai:links:{sid}                    SET   session ids linked to sid
     exai:link-stats                     HASH  fleet-wide link-group counters (events, notified, catch-ups,
@@ -27,6 +31,8 @@ Keyspace (with the default prefix):
     exai:chan:fleet                     PUBSUB fleet control (instance reset/drain notices)
     exai:chan:sessions                  PUBSUB "{sid} {ver} {router}": a session record changed (ver -1:
                                                ended); other routers re-read or drop their copy
+    exai:chan:link-members              PUBSUB "{group}": the group's membership changed (admin API, a
+                                               session's end, link_leave); instances drop their copy
     exai:thread:{cid}                   LIST  recent turns of a thread (JSON), newest last
     exai:thread-meta:{cid}              HASH  thread metadata cache (`run`: Redis run_id it was checked on)
     exai:thread-pos:{cid}               STR   the thread's last exchange position (its sequencer)
@@ -64,6 +70,14 @@ class Keys:
 
     def instance_cap(self) -> str:
         return self._k("instance-cap")
+
+    def routers(self) -> str:
+        """Router processes that have written a heartbeat (set of ids; pruned once adopted)."""
+        return self._k("routers")
+
+    def router(self, router_id: str) -> str:
+        """A router process's heartbeat key (its pid, expiring after EXAI_HEARTBEAT_TTL)."""
+        return self._k("router", router_id)
 
     def draining(self) -> str:
         return self._k("draining")
@@ -117,6 +131,10 @@ class Keys:
 
     def sessions_channel(self) -> str:
         return self._k("chan", "sessions")
+
+    def link_members_channel(self) -> str:
+        """A link group's name, published when its members change (common/link_members.py)."""
+        return self._k("chan", "link-members")
 
     # threads and caches
     def thread(self, continuation_id: str) -> str:

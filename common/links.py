@@ -419,12 +419,32 @@ async def reservations(conn: asyncpg.Connection, group: str) -> list[dict[str, A
 # order; a concurrent flusher waits and then sees the new seq), store the events with them in
 # spool order, mark the senders seen, and return the members for the notifications. It always
 # returns one row at least: `found` = 0 says the group does not exist (deleted meanwhile).
+# Membership is checked here, where it is authoritative (the instance let the event through on
+# its cached member list): an event is taken if its sender is a member, or was one when it made
+# the event (its latest `leave` is not older than the event: a session's last events that were
+# still in the spool when it ended or left). The others are `refused` (their uuids): the sender
+# was removed (or left) before it made them, with a copy that had not heard of it yet. A direct
+# message whose recipient is no longer a member (nobody could ever read it) is refused too
+# (`unreachable`).
 _SPOOLED_SQL = f"""
-WITH fresh AS (
+WITH given AS (
     SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                          $8::text[], $9::timestamptz[], $10::uuid[]) WITH ORDINALITY
             AS u(kind, sender, recipient, subject, thread, body, data, created_at, uuid, ord)
     WHERE NOT EXISTS (SELECT 1 FROM link_events e WHERE e.uuid = u.uuid)
+), judged AS (
+    SELECT given.*, (
+        given.sender IS NULL
+        OR EXISTS (SELECT 1 FROM link_members m WHERE m.group_name = $1 AND m.session_id = given.sender)
+        OR EXISTS (SELECT 1 FROM link_events l WHERE l.group_name = $1 AND l.kind = 'leave'
+                   AND l.sender = given.sender AND l.created_at >= given.created_at)
+    ) AS allowed, (
+        given.recipient IS NULL
+        OR EXISTS (SELECT 1 FROM link_members m WHERE m.group_name = $1 AND m.session_id = given.recipient)
+    ) AS reachable
+    FROM given
+), fresh AS (
+    SELECT * FROM judged WHERE allowed AND reachable
 ), numbered AS (
     SELECT fresh.*, row_number() OVER (ORDER BY fresh.ord) AS k, count(*) OVER () AS n FROM fresh
 ), g AS (
@@ -440,7 +460,9 @@ WITH fresh AS (
     WHERE group_name = $1 AND session_id IN (SELECT sender FROM fresh) RETURNING 1
 )
 SELECT (SELECT count(*) FROM g) AS found, ins.*,
-       ARRAY(SELECT session_id FROM link_members WHERE group_name = $1) AS members
+       ARRAY(SELECT session_id FROM link_members WHERE group_name = $1) AS members,
+       ARRAY(SELECT uuid::text FROM judged WHERE NOT allowed) AS refused,
+       ARRAY(SELECT uuid::text FROM judged WHERE allowed AND NOT reachable) AS unreachable
 FROM (SELECT 1) AS one LEFT JOIN ins ON true
 ORDER BY ins.id
 """
@@ -454,9 +476,50 @@ def _when(value: Any) -> datetime:
     return datetime.fromisoformat(str(value))
 
 
-async def store_spooled(
-    conn: asyncpg.Connection, payloads: list[dict[str, Any]]
-) -> list[tuple[LinkEvent, list[str]]]:
+@dataclass(frozen=True, slots=True)
+class RefusedEvent:
+    """A spooled event the store refused: its group is gone, or its sender was no longer a
+    member when it made it. The sender's call was answered already; its instance tells it
+    (instance/link_notices.py)."""
+
+    uuid: str
+    group: str
+    kind: str
+    sender: str | None
+    reason: str  # "group_deleted", "not_member" (the sender) or "recipient_gone"
+    recipient: str | None = None
+
+    def words(self) -> str:
+        if self.kind in ("task", "note"):  # the group task or note itself was written directly
+            what = (
+                f"Your change to a group {self.kind} of link group {self.group!r} was stored, but "
+                f"its event {self.uuid} was not delivered to the group"
+            )
+        else:
+            what = f"Your link event {self.uuid} ({self.kind}) in link group {self.group!r} was not delivered"
+        if self.reason == "group_deleted":
+            return (
+                f"{what}: the group was deleted before the event was stored. Nobody received it; "
+                "join or create a group (link_join) and send it again if it still matters."
+            )
+        if self.reason == "recipient_gone":
+            return (
+                f"{what}: session {self.recipient} you sent it to was no longer a member of the "
+                "group when it was stored (it left, ended, or the admin removed it), so nobody "
+                "could read it. See link_status() for the members, and send it to another one "
+                "or to all."
+            )
+        return (
+            f"{what}: this session was no longer a member of the group when it sent it (it left, "
+            "or the admin removed it). Nobody received it; check link_status(), and rejoin "
+            "(link_join, or ask the admin) before sending again."
+        )
+
+
+StoredOrRefused = tuple[LinkEvent, list[str]] | RefusedEvent
+
+
+async def store_spooled(conn: asyncpg.Connection, payloads: list[dict[str, Any]]) -> list[StoredOrRefused]:
     """Give spooled events their group ids and store them, idempotently (alone, or in a
     transaction: each group is one statement, so one round trip for a batch of one group).
 
@@ -464,13 +527,14 @@ async def store_spooled(
     `created_at` in epoch seconds), in the order the calls made them. Per group, under the group
     row's lock: the uuids already stored (a replay after a crash) are skipped and take no id, the
     others get the next ids in order. Returns each new event with the group's members then, for
-    the notifications. Events of a group deleted meanwhile are dropped (logged).
+    the notifications, and a `RefusedEvent` for each event not stored because its group was
+    deleted or its sender was not a member when it made it (see _SPOOLED_SQL), for its sender.
     """
     payloads = await _resolve_task_events(conn, payloads)
     by_group: dict[str, dict[str, dict[str, Any]]] = {}
     for p in payloads:
         by_group.setdefault(str(p["group"]), {}).setdefault(str(p["uuid"]), p)
-    out: list[tuple[LinkEvent, list[str]]] = []
+    out: list[StoredOrRefused] = []
     for group in sorted(by_group):  # one lock order for every flusher: no deadlocks
         new = list(by_group[group].values())
         rows = await conn.fetch(
@@ -487,10 +551,33 @@ async def store_spooled(
             [p["uuid"] for p in new],
         )
         if not rows[0]["found"]:
-            log.warning("dropping %d event(s) of link group %r: the group was deleted", len(new), group)
+            log.warning("refusing %d event(s) of link group %r: the group was deleted", len(new), group)
+            out.extend(_refused(p, "group_deleted") for p in new)
             continue
         out.extend((LinkEvent.from_row(r), list(r["members"])) for r in rows if r["id"] is not None)
+        refused = set(rows[0]["refused"] or ())
+        unreachable = set(rows[0]["unreachable"] or ())
+        if refused or unreachable:
+            log.warning(
+                "refusing %d event(s) of link group %r: their sender, or the one member they were "
+                "for, was not a member",
+                len(refused) + len(unreachable),
+                group,
+            )
+            out.extend(_refused(p, "not_member") for p in new if str(p["uuid"]) in refused)
+            out.extend(_refused(p, "recipient_gone") for p in new if str(p["uuid"]) in unreachable)
     return out
+
+
+def _refused(payload: dict[str, Any], reason: str) -> RefusedEvent:
+    return RefusedEvent(
+        uuid=str(payload["uuid"]),
+        group=str(payload["group"]),
+        kind=str(payload.get("kind") or "event"),
+        sender=payload.get("sender"),
+        reason=reason,
+        recipient=payload.get("recipient"),
+    )
 
 
 async def _resolve_task_events(

@@ -236,6 +236,11 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
                 runtime.set_state("ready")
             if registry is not None:
                 await registry.start()
+            # Membership changes announced by the admin API, ended sessions and link_leave drop
+            # this instance's copies of the groups' member lists (common/link_members.py).
+            watch = runtime.links.start_member_watch() if runtime.links is not None else None
+            if watch is not None:
+                stack.push_async_callback(watch.stop)
             log.info("instance %s ready on %s:%d", identity.id, identity.host, identity.port)
             try:
                 yield runtime
@@ -417,6 +422,9 @@ def _storage_metrics(runtime: Runtime) -> str:
          notes.get("refused_total", 0)),
         ("exai_instance_link_events_spooled_total", "Link-group events taken into the spool.",
          links.get("spooled", 0)),
+        ("exai_instance_link_events_refused_total",
+         "Link-group events answered, then refused by the store (group deleted, sender not a member).",
+         links.get("refused", 0)),
         ("exai_instance_redis_batched_total",
          "Redis reads that shared a pipelined round trip with others started at the same time.",
          storage.cache.batched_total),

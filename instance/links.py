@@ -35,6 +35,7 @@ import asyncpg
 from common import links as db
 from common.errors import ExaiError, NotLinked, StorageUnavailable
 from common.keys import Keys
+from common.link_members import MemberWatch, members_changed
 from common.notifications import notification
 from common.protocol import ADMIN_PRINCIPAL, CLIENT_HEADER
 from common.redis import REDIS_DOWN_ERRORS
@@ -66,6 +67,13 @@ LINK_STAGES = (
 )
 
 
+HEADER_REFUSED = "refused: "  # a header join's field in the session record, when refused
+# The refusal's words in the session's record, only while the record exists (it expires with
+# the session; without a record, no router, there is nothing to keep them in).
+_MARK_HEADER_REFUSED = """
+if redis.call('exists', KEYS[1]) == 1 then redis.call('hset', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+"""
 # 1 if the session's record exists and had no such field (set now), or if there is no record.
 _MARK_HEADER_JOIN = """
 if redis.call('exists', KEYS[1]) == 0 then return 1 end
@@ -109,6 +117,9 @@ class Links:
         self.spooled = 0
         self._header_joins: set[tuple[str, str]] = set()
         self._members: dict[str, tuple[float, frozenset[str]]] = {}  # group -> (read at, sessions)
+        self._member_epoch = 0  # bumped by every dropped copy: a read begun before stores nothing
+        self.member_watch: MemberWatch | None = None  # follows membership changes (started by the app)
+        self.refused = 0  # spooled events the store refused (group deleted, sender not a member)
         self._chat_groups: dict[str, tuple[float, list[str]]] = {}  # session -> (read at, groups)
         self._chat_rereads: set[str] = set()  # sessions whose opt-ins are being re-read
         self._chat_changes = 0  # opt-ins remembered or forgotten on this instance, ever
@@ -134,6 +145,7 @@ class Links:
             "catch_ups": self.catch_ups,
             "caught_up_events": self.caught_up_events,
             "spooled": self.spooled,
+            "refused": self.refused,  # answered, then refused by the store (told to the sender)
             "early": self.early,
             "early_direct": self.early_direct,  # of them, written on the direct Redis line
         }
@@ -168,6 +180,7 @@ class Links:
             rows = await conn.fetch("SELECT session_id FROM link_members WHERE group_name = $1", group)
             return [r["session_id"] for r in rows]
 
+        epoch = self._member_epoch
         try:
             sessions = frozenset(await self.run(read, what=f"reading the members of link group {group!r}"))
         except StorageUnavailable:
@@ -175,8 +188,35 @@ class Links:
                 raise
             log.info("Postgres is down: using the cached members of link group %r", group)
             return cached[1]
-        self.remember_members(group, sessions)
+        if epoch == self._member_epoch:  # no change was announced while it was being read
+            self.remember_members(group, sessions)
         return sessions
+
+    def forget_members(self, group: str | None) -> None:
+        """A membership change was announced (common/link_members.py): drop the group's copy,
+        or every copy (None: the channel was (re)subscribed, so changes may have been missed).
+        Kept while Postgres is down, as the only list there is (the store checks it later)."""
+        self._member_epoch += 1
+        if self._postgres_down():
+            return
+        if group is None:
+            self._members.clear()
+        else:
+            self._members.pop(group, None)
+
+    def start_member_watch(self) -> MemberWatch | None:
+        """Follow the membership channel (the app calls this once Redis is set up)."""
+        if self.runtime.redis is None or self.member_watch is not None:
+            return self.member_watch
+        self.member_watch = MemberWatch(self.runtime.redis, self.keys, self.forget_members)
+        self.member_watch.start()
+        return self.member_watch
+
+    def members_changed(self, group: str) -> None:
+        """Tell the other instances that `group`'s members changed here (after the commit)."""
+        redis = self.runtime.redis
+        if redis is not None:
+            self.runtime.background(members_changed(redis, self.keys, group), what="announcing a leave")
 
     def remember_members(self, group: str, sessions: Any) -> None:
         """Joins and leaves through this instance set the cached list (others age out)."""
@@ -188,7 +228,12 @@ class Links:
         if session in await self._members_of(group):
             return
         if session not in await self._members_of(group, fresh=True):
-            raise NotLinked(f"this session is not a member of link group {group!r}")
+            raise NotLinked(
+                f"this session is not a member of link group {group!r} (it never joined, it left, "
+                "the admin removed it, or the group was deleted), so nothing was sent or changed",
+                hint="link_status() lists your groups; join with link_join, or ask the admin to "
+                "link this session (exai links add GROUP SESSION)",
+            )
 
     async def emit(
         self,
@@ -502,9 +547,30 @@ class Links:
                     async with asyncio.timeout(TASK_WRITE_WAIT_SECONDS):
                         await waiting.wait()
 
-    def flushed(self, written: list[tuple[db.LinkEvent, list[str]]]) -> None:
+    def flushed(self, written: list[db.StoredOrRefused]) -> None:
         """The flusher stored these events (ids given, in order): tell the members, add them to
-        the groups' Redis streams, count the write-behind lag."""
+        the groups' Redis streams, count the write-behind lag. Those it refused are told to
+        their senders (`_refused`)."""
+        stored = [w for w in written if not isinstance(w, db.RefusedEvent)]
+        if len(stored) != len(written):
+            self._refused([w for w in written if isinstance(w, db.RefusedEvent)])
+        if stored:
+            self._flushed(stored)
+
+    def _refused(self, refused: list[db.RefusedEvent]) -> None:
+        """Events answered to their senders but refused by the store: each sender gets a notice
+        with its next tool answer (and a log notification now); the members woken for one early
+        read nothing new and need not wait for it; this group's copy is read again."""
+        for r in refused:
+            self.refused += 1
+            self.forget_members(r.group)
+            self._retract(r.uuid)
+            if r.sender:
+                self.runtime.notices.add(
+                    r.sender, "link_event_refused", r.words(), group=r.group, event=r.uuid, reason=r.reason
+                )
+
+    def _flushed(self, written: list[tuple[db.LinkEvent, list[str]]]) -> None:
         now = datetime.now(UTC)
         lag = 0.0
         cleared: dict[str, list[str]] = {}
@@ -797,6 +863,8 @@ class Links:
             if isinstance(exc, StorageUnavailable):  # Postgres down: a later call tries again
                 self._header_joins.discard((session, group))
                 await self._unmark_header_join(session, group)
+            else:  # refused for good: said in this call's answer and kept for link_status
+                await self._header_refused(session, group, exc)
             return
         self.remember_members(group, sessions)
         if event is not None:
@@ -817,6 +885,50 @@ class Links:
         except REDIS_DOWN_ERRORS:
             return True
         return bool(first)
+
+    async def _header_refused(self, session: str, group: str, exc: ExaiError) -> None:
+        words = (
+            f"The Exai-Link-Group header asked to put this session in link group {group!r}, and "
+            f"that was refused: [{exc.code}] {exc} This session is not in that group."
+            " Fix the header in the client's MCP server configuration (a group of your own "
+            "principal, 1-100 letters, digits, '.', '_' or '-'), or ask the admin to link this "
+            "session (exai links add GROUP SESSION)."
+        )
+        self.runtime.notices.add(session, "link_header_refused", words, group=group, reason=exc.code)
+        redis = self.runtime.redis
+        if redis is not None:  # link_status shows it, on any instance, for the session's life
+            with contextlib.suppress(*REDIS_DOWN_ERRORS):
+                await redis.eval(
+                    _MARK_HEADER_REFUSED,
+                    1,
+                    self.keys.session(session),
+                    Keys.link_header_field(group),
+                    f"{HEADER_REFUSED}{words}",
+                )
+
+    async def header_joins(self, session: str) -> list[dict[str, Any]]:
+        """What the Exai-Link-Group header did for `session` (from its router record): each
+        group it named, and whether it joined or the words of its refusal."""
+        redis = self.runtime.redis
+        if redis is None:
+            return []
+        try:
+            record = await redis.hgetall(self.keys.session(session))
+        except REDIS_DOWN_ERRORS:
+            return []
+        prefix = Keys.link_header_field("")
+        out = []
+        for name, value in sorted((record or {}).items()):
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            value = value.decode() if isinstance(value, bytes) else str(value)
+            if not name.startswith(prefix):
+                continue
+            group = name[len(prefix) :]
+            if value.startswith(HEADER_REFUSED):
+                out.append({"group": group, "joined": False, "refused": value[len(HEADER_REFUSED) :]})
+            else:
+                out.append({"group": group, "joined": True})
+        return out
 
     async def _unmark_header_join(self, session: str, group: str) -> None:
         redis = self.runtime.redis

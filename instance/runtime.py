@@ -34,6 +34,7 @@ from common.protocol import (
 )
 from common.settings import Settings
 from instance.after_answer import after_answer
+from instance.link_notices import Notices
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -135,6 +136,8 @@ class Runtime:
         self.redis: Redis | None = None
         self.notifier: Notifier | None = None  # publishes to the session's router-held streams
         self.links: Any = None  # instance.links.Links, set when the link tools are registered
+        # Words for a session given with its next tool answer (instance/link_notices.py).
+        self.notices = Notices(self.notify)
         # Hooks set by the app: wake the registry heartbeat, close the SDK's MCP sessions.
         self.on_change: Callable[[], None] = lambda: None
         # Write the registry entry now; False if Redis was unreachable (set by the app).

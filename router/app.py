@@ -27,6 +27,7 @@ from router.metrics import Labels, Metrics
 from router.middleware import route_errors
 from router.proxy import Proxy
 from router.registry import Registry
+from router.routers import Routers
 from router.security import Guard
 from router.sessions import SessionTable
 from router.spares import Spares
@@ -216,6 +217,17 @@ def create_app(settings: Settings) -> web.Application:
         maint = Maintenance(proxy, settings)
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await maint.renew_leases()
+
+        async def adopted() -> None:  # sessions a dead router left: renew their leases, park the idle
+            await maint.renew_leases()
+            await maint.park_idle()
+
+        routers = Routers(
+            redis, keys, table, registry, metrics,
+            ttl=settings.heartbeat_ttl, interval=settings.heartbeat_interval, adopted=adopted,
+        )  # fmt: skip  # this router's heartbeat; the others' bound sessions adopted when theirs expires
+        with contextlib.suppress(*REDIS_DOWN_ERRORS):
+            await routers.beat()
         sweep = _sweep_interval(settings)
         park = max(0.1, min(5.0, settings.session_park_after / 4))
         renew = min(2.0, settings.lease_ttl / 3)  # also the check of cached sessions against Redis
@@ -234,6 +246,10 @@ def create_app(settings: Settings) -> web.Application:
                 _every(settings.heartbeat_interval, "registry refresh", maint.refresh_registry),
                 name="registry refresh",
             ),
+            asyncio.create_task(
+                _every(settings.heartbeat_interval, "router heartbeat", routers.round),
+                name="router heartbeat",
+            ),
             asyncio.create_task(_every(sweep, "expiry sweep", maint.sweep_idle), name="expiry sweep"),
             asyncio.create_task(hub.run(), name="notification hub"),
             asyncio.create_task(_every(sweep, "stream sessions", hub.keep_sessions), name="stream sessions"),
@@ -250,6 +266,7 @@ def create_app(settings: Settings) -> web.Application:
             _, stuck = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
             for task in stuck:  # never seen since _every checks; a shutdown must not hang on one
                 log.warning("background task %s did not stop when cancelled", task.get_name())
+            await routers.close()
             await handoffs.close()
             await proxy.close()
             await spares.close()

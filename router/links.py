@@ -22,6 +22,7 @@ from aiohttp import web
 from common import links as db
 from common.errors import InvalidArgument, NotFound, StorageUnavailable
 from common.keys import Keys
+from common.link_members import members_changed
 from common.notifications import notification
 from common.redis import REDIS_DOWN_ERRORS
 from common.settings import Settings
@@ -51,7 +52,17 @@ async def _announce(request: web.Request, event: db.LinkEvent | None, sessions: 
     from router.admin import PROXY_KEY
 
     if event is not None:
+        await _members_changed(request, event.group)
         await _notify(request.app[PROXY_KEY].notifications, event, sessions)
+
+
+async def _members_changed(request: web.Request, group: str) -> None:
+    """Every instance drops its copy of the group's members now (common/link_members.py), so a
+    removed session's next group write is refused in its answer, not seconds later."""
+    from router.admin import PROXY_KEY
+
+    table = request.app[PROXY_KEY].table
+    await members_changed(table.redis, table.keys, group)
 
 
 async def list_groups(request: web.Request) -> web.Response:
@@ -110,6 +121,7 @@ async def delete_group(request: web.Request) -> web.Response:
     from router.admin import PROXY_KEY
 
     table = request.app[PROXY_KEY].table  # the group's Redis tail goes with its log
+    await members_changed(table.redis, table.keys, group)
     with contextlib.suppress(*REDIS_DOWN_ERRORS):
         await table.redis.delete(table.keys.link_stream(group), table.keys.link_inflight(group))
     return web.json_response({"group": group, "deleted": True})
@@ -188,6 +200,7 @@ class EndHandoffs:
         self.settings = settings
         self.hub = hub
         self.redis = redis
+        self.keys = keys
         self.key = keys.link_ends() if keys is not None else None
         self.pending: dict[str, str] = {}  # session id -> why it ended
         self._unsaved: set[str] = set()  # pending, not yet in the Redis hash
@@ -269,6 +282,8 @@ class EndHandoffs:
             for event, sessions in left:
                 self.done += 1
                 log.info("session %s left link group %r (%s)", sid[:8], event.group, reason)
+                if self.keys is not None:
+                    await members_changed(self.redis, self.keys, event.group)
                 await _notify(self.hub, event, sessions)
 
     async def close(self) -> None:

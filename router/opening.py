@@ -82,7 +82,7 @@ if id == '' then
 end
 if not exists then redis.call('hset', KEYS[1], 'total', ARGV[6], 'last_seen', ARGV[5]) end
 redis.call('hset', KEYS[1], unpack(ARGV, 12 + n))
-redis.call('hset', KEYS[1], 'instance_id', id, 'fence', fence)
+redis.call('hset', KEYS[1], 'instance_id', id, 'fence', fence, 'router', ARGV[7])
 local seen = redis.call('hget', KEYS[1], 'last_seen')
 if tonumber(ARGV[5]) > tonumber(seen or '0') then
   redis.call('hset', KEYS[1], 'last_seen', ARGV[5])

@@ -184,13 +184,14 @@ class Call:
 
 # A structural write. KEYS: record, sessions zset, channel [, stateless key mapping]. ARGV:
 # create ("1"/"0"), expiry ms, last_seen, session id, total, router id, then field/value pairs.
+# The record's `router` becomes this router (router/routers.py: the one that served it last).
 # Returns the new version, or -1 when the record is gone and this is not a create (another
 # router ended the session). Only a change is announced: no other router caches a new record.
 _SAVE = """
 local exists = redis.call('exists', KEYS[1]) == 1
 if not exists and ARGV[1] ~= '1' then return -1 end
 if not exists then redis.call('hset', KEYS[1], 'total', ARGV[5], 'last_seen', ARGV[3]) end
-redis.call('hset', KEYS[1], unpack(ARGV, 7))
+redis.call('hset', KEYS[1], 'router', ARGV[6], unpack(ARGV, 7))
 local seen = redis.call('hget', KEYS[1], 'last_seen')
 if tonumber(ARGV[3]) > tonumber(seen or '0') then
   redis.call('hset', KEYS[1], 'last_seen', ARGV[3])
@@ -205,10 +206,12 @@ return ver
 """
 
 # A counter flush. KEYS: record, sessions zset [, stateless key mapping]. ARGV: last_seen,
-# total delta, expiry ms, session id. Returns {version, total, last_seen}, or {-1} if the
-# record is gone: a flush never re-creates a session.
+# total delta, expiry ms, session id, router id (the record's `router`: it served the session).
+# Returns {version, total, last_seen}, or {-1} if the record is gone: a flush never re-creates
+# a session.
 _FLUSH = """
 if redis.call('exists', KEYS[1]) == 0 then return {-1} end
+redis.call('hset', KEYS[1], 'router', ARGV[5])
 local seen = redis.call('hget', KEYS[1], 'last_seen')
 if tonumber(ARGV[1]) > tonumber(seen or '0') then
   redis.call('hset', KEYS[1], 'last_seen', ARGV[1])
@@ -368,7 +371,7 @@ class SessionTable:
                 if s.key:
                     keys.append(self.keys.session_key(s.key))
                 args: list[str | int] = [repr(s.last_seen), total - s.flushed_total, self.expire_ms, s.id]
-                await self._flush(keys=keys, args=args, client=pipe)
+                await self._flush(keys=keys, args=[*args, self.origin], client=pipe)
             results = await pipe.execute()
         for s, total, res in zip(live, sent, results, strict=True):
             if int(res[0]) < 0:

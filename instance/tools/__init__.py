@@ -21,6 +21,7 @@ from starlette.datastructures import Headers
 
 from common.errors import ExaiError
 from instance.after_answer import after_answer
+from instance.link_notices import attach, notices_text
 from instance.runtime import Runtime
 from instance.timing import mark_tool
 from instance.tools.listing import ToolListCache
@@ -94,14 +95,23 @@ def exai_tool(mcp: MCPServer[Any], runtime: Runtime, *, description: str) -> Cal
                 await runtime.links.join_from_header(headers)
             started = time.perf_counter()
             status, error = "success", None
+            notices = runtime.notices
             try:
                 async with runtime.call():
-                    return await fn(*args, **kwargs)
+                    result = await fn(*args, **kwargs)
+                if notices.owed and isinstance(result, dict):  # words owed to this session?
+                    owed = notices.take(runtime.session_for(headers))
+                    if owed:
+                        result = attach(result, owed)
+                return result
             except ExaiError as exc:
                 status, error = "error", exc.code
-                raise ToolError(describe_error(exc)) from None
-            except ToolError:
+                owed = notices.take(runtime.session_for(headers)) if notices.owed else []
+                raise ToolError(describe_error(exc) + notices_text(owed)) from None
+            except ToolError as exc:
                 status, error = "error", "tool_error"
+                if notices.owed and (owed := notices.take(runtime.session_for(headers))):
+                    raise ToolError(str(exc) + notices_text(owed)) from None
                 raise
             except Exception as exc:
                 status, error = "error", "internal_error"

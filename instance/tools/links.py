@@ -166,6 +166,8 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
         event, sessions = await links.run(leave, what=f"leaving link group {group!r}", write=True)
         links.remember_members(group, sessions)
         links.forget_chat_groups(session)
+        if event is not None:  # the other instances' copies of the group drop it now
+            links.members_changed(group)
         if event is not None:
             links.announce(event, sessions)
         return {"status": "success", "group": group, "left": event is not None}
@@ -174,15 +176,20 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
         mcp,
         runtime,
         description=(
-            "Without group: the groups this session is in. With group: its members (client, active or "
-            "parked, last seen, in-progress tasks), reservations, group tasks and your unread count."
+            "Without group: the groups this session is in (and what its Exai-Link-Group header did). "
+            "With group: its members (client, active or parked, last seen, in-progress tasks), "
+            "reservations, group tasks and your unread count."
         ),
     )
     async def link_status(ctx: Context, group: Group | None = None) -> dict[str, Any]:
         session = runtime.session_for(headers_of(ctx))
         if group is None:
             mine = await links.run(lambda conn: db.groups_of(conn, session), what="listing link groups")
-            return {"status": "success", "session": session, "groups": mine}
+            out: dict[str, Any] = {"status": "success", "session": session, "groups": mine}
+            header_joins = await links.header_joins(session)
+            if header_joins:  # what the Exai-Link-Group header did: joined, or refused and why
+                out["header_joins"] = header_joins
+            return out
         return {"status": "success", "session": session, **await status_of(group, session)}
 
     @exai_tool(

@@ -101,10 +101,14 @@ async def test_spooled_events_get_gapless_ids_once_and_a_replay_takes_none(pg_ds
         batch.append(event("gone", "to a deleted group"))
         batch.append(event("spooled-b", "refused task write", kind="task", task_event=str(uuid.uuid4())))
         async with conn.transaction():
-            stored = await db.store_spooled(conn, batch)
+            written = await db.store_spooled(conn, batch)
+        stored = [w for w in written if not isinstance(w, db.RefusedEvent)]
         assert [(e.group, e.id, e.body) for e, _ in stored] == [
             ("spooled-a", 2, "a1"), ("spooled-b", 3, "b1"), ("spooled-b", 4, "b2"),
         ]  # fmt: skip
+        # The deleted group's event is refused for its sender (told by its instance), not dropped.
+        refused = [w for w in written if isinstance(w, db.RefusedEvent)]
+        assert [(r.uuid, r.group, r.reason) for r in refused] == [(batch[3]["uuid"], "gone", "group_deleted")]
         assert sorted(stored[1][1]) == ["s-1", "s-2"]  # the members, for the notifications
         assert stored[1][0].uuid == batch[0]["uuid"]
         async with conn.transaction():
