@@ -299,6 +299,7 @@ class Flusher:
             return False
         self._urgent.set()
         self._wake.set()
+        self._full.set()  # a batch waiting for its time trigger goes now
         try:
             async with asyncio.timeout(timeout):
                 await self._spool.wait_empty()
