@@ -85,7 +85,7 @@ async def test_a_position_that_comes_after_the_commit_is_the_one_stored_read_and
             )
             assert [(m.content, m.pos) for m in await a.history.load(cid)] == [("q1", 1), ("a1", 1)]
 
-            redis_proxy.delay = 0.3  # the append script reaches Redis 0.3 s after it was written
+            redis_proxy.delay = 0.5  # the append script reaches Redis 0.5 s after it was written
             asked, answered = await a.history.append_exchange(cid, exchange("q2", "a2"))
             assert (asked.pos, answered.pos) == (None, None)  # answered without waiting for Redis
             assert a.history.positions_after_commit_total >= 1
