@@ -36,8 +36,9 @@ Keyspace (with the default prefix):
     exai:thread:{cid}                   LIST  recent turns of a thread (JSON), newest last
     exai:thread-meta:{cid}              HASH  thread metadata cache (`run`: Redis run_id it was checked on)
     exai:thread-pos:{cid}               STR   the thread's last exchange position (its sequencer)
-    exai:thread-xids:{cid}              HASH  first turn id -> position of the thread's exchanges of the
-                                               last minute (a re-sent append gets its first answer)
+    exai:thread-xids:{cid}              HASH  first turn id -> position of the thread's exchanges, as
+                                               long as its counter lives (a re-sent append gets its
+                                               first answer)
     exai:notes:{scope}:{scope_id}       STR   a copy of a note scope's rows (JSON; Postgres is the truth)
     exai:notes-gen:{scope}:{scope_id}   STR   counter: bumped after every committed note write of the scope
     exai:cache:{name}:{key}             STR   generic short-lived cache entries
@@ -148,7 +149,7 @@ class Keys:
         return self._k("thread-pos", continuation_id)
 
     def thread_xids(self, continuation_id: str) -> str:
-        """The positions given to the thread's recent exchanges, by their first turn's id."""
+        """The positions given to the thread's exchanges, by their first turn's id."""
         return self._k("thread-xids", continuation_id)
 
     def notes(self, scope: str, scope_id: str) -> str:

@@ -99,6 +99,9 @@ class Storage:
             cache_turns=settings.history_cache_turns,
             spool_sync=settings.chat_spool_sync,
         )
+        # Chat turns spooled before their position came from Redis get it before they are stored.
+        flusher.prepare = self.history.place_batch
+        flusher.flushed = self.history.flushed
         self.tasks = TaskStore(db)
         self.notes = NoteStore(db, max_bytes=settings.note_max_bytes)
         self.notes.cache = NotesCache(

@@ -12,6 +12,11 @@ Redis. A thread is read back ordered by (pos, created_at, seq); a position that 
 younger than GAP_WAIT_S is an exchange still on its way to Postgres, and the history is cut
 there, so a prompt is always built from a prefix of the final order. Without Redis, a process
 continues after the highest position it has seen (ties are kept together and broken by time).
+The call does not wait for its position: the script goes out on the direct Redis line, the
+turns are committed to the spool with the position a placeholder, and the reply fills it in
+memory; the flusher writes it into the turns before storing them, this process's reads wait
+for it, and a restarted process sends the script of turns left without one again
+(`_append_unplaced`, `place_batch`, `_recover`).
 
 Cache correctness rule: the Redis list of a thread is trusted only if it was created empty by
 `new_thread` and every later append extended it (the append script leaves a missing cache
@@ -31,10 +36,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -70,6 +76,13 @@ MARK_OVERLAP_S = 10.0
 """Marks are re-read this far back, so one committed late (its transaction began earlier) is seen."""
 MARK_KEEP = "1 day"
 _POS_PLACEHOLDER = '{"pos":null'
+_UNPLACED = b'{"pos":null,"id":"'  # the head of a spooled turn whose exchange has no position yet
+PLACE_WAIT_S = 8.0
+"""Longest a reader or the flusher waits for an exchange's position from Redis (the direct line
+gives up after 5 s and redis-py's retry after its own socket timeout); then the local fallback."""
+FLUSHED_KEEP_S = 5.0
+"""How long the position of a turn stays in memory once the flusher stored it (for a read that
+took the spool's rows just before)."""
 
 # KEYS: list, meta, pos counter, recent exchange ids. ARGV: floor, cached turns, ttl ms, then one
 # JSON turn each starting with '{"pos":null,"id":"<its id>"'. Takes the thread's next position
@@ -77,9 +90,11 @@ _POS_PLACEHOLDER = '{"pos":null'
 # the cache, if it exists, with the turns carrying it, in one atomic step. Returns {position,
 # the list's length once extended if it still holds every turn ever pushed (never trimmed),
 # else -1}; the position is -1 if the counter is missing and the caller knows no floor
-# (floor = -1). Idempotent for a minute: the same exchange (its first turn's id) sent again, e.g.
-# by a client library retrying after a connection was lost with the reply, gets the position it
-# got, and nothing is appended twice.
+# (floor = -1). Idempotent as long as the counter lives (both expire CACHE_TTL_MS after the
+# thread's last append): the same exchange (its first turn's id) sent again, by a client
+# library retrying after a connection was lost with the reply or by an instance recovering
+# turns it spooled before their position came back, gets the position it got, and nothing is
+# appended twice.
 _APPEND_LUA = """
 local xid = string.match(ARGV[4] or '', '^{"pos":null,"id":"([^"]+)"')
 if xid then
@@ -106,7 +121,7 @@ if tonumber(ARGV[2]) > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
 end
 if xid then
   redis.call('HSET', KEYS[4], xid, pos)
-  redis.call('PEXPIRE', KEYS[4], 60000)
+  redis.call('PEXPIRE', KEYS[4], ARGV[3])
 end
 return {pos, listed}
 """
@@ -163,6 +178,24 @@ class _Held:
 
     run: str  # the Redis run_id it was read on
     messages: tuple[Message, ...]  # the whole list, in list order
+
+
+@dataclasses.dataclass(eq=False)
+class _Exchange:
+    """An exchange committed to the spool while its position is on its way from Redis (its
+    append script written on the direct line, not waited for: `append_exchange`)."""
+
+    cid: str
+    messages: list[Message]  # handed to the caller; their `pos` is set when the position comes
+    blobs: list[str]  # the turns as sent, their position a placeholder
+    floor: int
+    create: list[str] | None  # a new thread's cache fields (its create script went first)
+    created: asyncio.Future[Any] | None  # the create script's reply
+    sent: asyncio.Future[Any]  # the append script's reply
+    placed: asyncio.Future[int]  # set with the position once it is known
+    marked: bool = False  # a cache mark is (being) spooled for it
+    abandoned: bool = False  # its spool commit failed: positioned only to consume the reply
+    pos: int | None = None
 
 
 class _NeedsLocal(Exception):
@@ -233,6 +266,20 @@ class HistoryStore:
         self._marks_seen: dict[str, datetime] = {}
         self._marks_pruned_at = 0.0
         self._syncer: asyncio.Task[None] | None = None
+        # Positions that came after their turns were spooled (see `append_exchange`): by turn id,
+        # the exchanges still waiting for theirs, and the positions of turns not stored yet.
+        self._unplaced: dict[str, _Exchange] = {}
+        self._open: dict[str, list[_Exchange]] = {}  # per thread, the exchanges in `_unplaced`
+        self._positions: dict[str, int] = {}
+        self._flushed: deque[tuple[float, list[str]]] = deque()  # turn ids stored, forgotten later
+        self._background: set[asyncio.Task[Any]] = set()
+        # Turns a previous run spooled without their position (it died before they were
+        # stored): given theirs again before they are read or stored (`_recover`).
+        self._unrecovered = spool.rows > 0
+        self._recover_lock = asyncio.Lock()
+        self._recovery: asyncio.Task[None] | None = None
+        self.positions_after_commit_total = 0  # exchanges whose position came after their commit
+        self.positions_recovered_total = 0  # exchanges of a previous run given their position again
         self.marks_applied_total = 0
         self.cache_checks_total = 0  # caches checked against Postgres (new Redis run, or no stamp)
         cache.on_recover = self._drop_dirty
@@ -412,6 +459,10 @@ class HistoryStore:
             blob = json.dumps(m.to_dict(), separators=(",", ":"), ensure_ascii=False)
             assert blob.startswith(_POS_PLACEHOLDER)
             blobs.append(blob)
+        sent = self._send_append(cid, blobs, create)
+        if sent is not None:
+            return await self._append_unplaced(cid, drafts, blobs, create, *sent)
+        # The direct line is down (or Redis is): the position first, then the commit, as before.
         pos, cached, listed = await self._position(cid, blobs, create)
         head = '{"pos":' + str(pos)
         entries: list[tuple[str, dict[str, Any] | bytes]] = [
@@ -442,6 +493,293 @@ class HistoryStore:
             self._last_ids.pop(cid, None)
         return messages
 
+    def _send_append(
+        self, cid: str, blobs: list[str], create: list[str] | None
+    ) -> tuple[asyncio.Future[Any] | None, asyncio.Future[Any], int] | None:
+        """Write the exchange's append script (after a new thread's create script) on the direct
+        line now, without waiting for the reply: (the create's reply, the append's, the floor
+        sent), or None if the line cannot take them now (nothing sent but a create, which is
+        idempotent)."""
+        if self._cache.redis is None or self._cache.line is None:
+            return None
+        floor = self._known.get(cid, -1)
+        created = None
+        if create is not None:
+            created = self._cache.send_now(*self._create_args(cid, create))
+            if created is None:
+                return None
+        sent = self._cache.send_now("EVAL", _APPEND_LUA, *self._append_args(cid, floor, blobs))
+        if sent is None:
+            if created is not None:
+                created.add_done_callback(_seen)  # sent again with the append, the usual way
+            return None
+        return created, sent, floor
+
+    async def _append_unplaced(
+        self,
+        cid: str,
+        drafts: list[Message],
+        blobs: list[str],
+        create: list[str] | None,
+        created: asyncio.Future[Any] | None,
+        sent: asyncio.Future[Any],
+        floor: int,
+    ) -> list[Message]:
+        """The exchange's append script is on its way to Redis: commit its turns to the spool
+        with their position still the placeholder, and return without waiting for the reply.
+
+        Redis runs one connection's commands in order, so this process's next read of the
+        thread on the same line sees the append. The reply (usually back before the commit
+        ends) gives the position (`_replied`): kept in memory by turn id until the flusher has
+        stored the turns, which it fills in first (`place_batch`); reads of this process's
+        unflushed turns wait for it (`_placed`). A lost reply is taken again as `_position`
+        does (re-sent through redis-py: the script is idempotent per exchange), else the local
+        fallback (the highest position seen, plus one, and the cache marked dirty)."""
+        loop = asyncio.get_running_loop()
+        ex = _Exchange(cid, drafts, blobs, floor, create, created, sent, loop.create_future())
+        for m in drafts:
+            self._unplaced[m.id] = ex
+        self._open.setdefault(cid, []).append(ex)
+        entries: list[tuple[str, dict[str, Any] | bytes]] = [(KIND_MESSAGE, b.encode()) for b in blobs]
+        if cid in self._dirty and self._marking:  # the cache will not see it: mark it now
+            entries.insert(0, (KIND_CACHE_MARK, {"id": new_id(), "conversation_id": cid}))
+            ex.marked = True
+        sent.add_done_callback(functools.partial(self._replied, ex))
+        try:
+            await self._spool.append_many(entries, thread_id=cid, eager=True, sync=self._sync)
+        except Exception:
+            # Not durable, so it must not stay visible in the cache either; its position, when
+            # it comes, is only consumed (a gap in the thread, skipped once old).
+            ex.abandoned = True
+            for m in drafts:
+                self._positions.pop(m.id, None)
+            self._last_ids.pop(cid, None)
+            self._held.pop(cid, None)
+            self._dirty.add(cid)
+            with contextlib.suppress(CacheDown):
+                await self._cache.call(self._drop_dirty_now)
+            raise
+        if ex.pos is None:
+            self.positions_after_commit_total += 1
+        return drafts
+
+    def _replied(self, ex: _Exchange, sent: asyncio.Future[Any]) -> None:
+        """The append script's reply came (from the line's read callback, on the loop): the
+        exchange's position, or, on anything but a plain answer, the slow path."""
+        if ex.pos is not None:
+            return  # placed by the fallback already
+        made = ex.created
+        if (
+            not sent.cancelled()
+            and sent.exception() is None
+            and (made is None or (made.done() and not made.cancelled() and made.exception() is None))
+        ):
+            try:
+                pos, listed = _appended(sent.result())
+            except (TypeError, ValueError):
+                pos, listed = -1, -1
+            if pos >= 0:
+                self._cache.line_commands_total += 1 if made is None else 2
+                self._place(ex, pos, ex.cid not in self._dirty, listed)
+                return
+        self._spawn(self._place_slowly(ex), "taking an exchange's position")
+
+    async def _place_slowly(self, ex: _Exchange) -> None:
+        """The reply was lost, an error, or no position: `_position`'s way (re-sent through
+        redis-py, the counter restarted past storage, or the local fallback)."""
+        try:
+            pos, cached, listed = await self._position(
+                ex.cid, ex.blobs, ex.create, sent=(ex.created, ex.sent), floor=ex.floor
+            )
+        except Exception as exc:  # _position falls back on its own; only storage reads raise here
+            log.warning("thread %s: position by the fallback (%s: %s)", ex.cid, type(exc).__name__, exc)
+            await self._place_fallback(ex)
+            return
+        self._place(ex, pos, cached, listed)
+
+    async def _place_fallback(self, ex: _Exchange) -> None:
+        """Position `ex` without Redis: past the highest position seen, the cache marked dirty."""
+        floor = self._known.get(ex.cid, -1)
+        if floor < 0:
+            with contextlib.suppress(Exception):
+                floor = await self._floor_from_storage(ex.cid)
+        if ex.pos is None:
+            self._dirty.add(ex.cid)
+            self._place(ex, max(floor, 0) + 1, False, -1)
+
+    def _place(self, ex: _Exchange, pos: int, cached: bool, listed: int) -> None:
+        """`ex` has its position: set it on its turns and keep it for the flusher and for reads
+        of the spool; then what `append_exchange` does after the commit when the cache saw the
+        exchange (its ids as the thread's last, its turns held: `_hold_appended`), or when it
+        did not (a cache mark spooled, if none went with the turns)."""
+        if ex.pos is not None:
+            return
+        ex.pos = pos
+        cid = ex.cid
+        for m in ex.messages:
+            object.__setattr__(m, "pos", pos)
+            self._unplaced.pop(m.id, None)
+        waiting = self._open.get(cid)
+        if waiting is not None:
+            with contextlib.suppress(ValueError):
+                waiting.remove(ex)
+            if not waiting:
+                del self._open[cid]
+        self._note_pos(cid, pos)
+        if not ex.abandoned:
+            for m in ex.messages:
+                self._positions[m.id] = pos
+            if cached:
+                if len(self._last_ids) > 50_000:
+                    self._last_ids.clear()
+                self._last_ids[cid] = {m.id for m in ex.messages}
+                self._hold_appended(cid, ex.messages, listed)
+            else:
+                self._last_ids.pop(cid, None)
+                if self._marking and not ex.marked:
+                    ex.marked = True
+                    self._spawn(self._spool_mark(cid), "spooling a thread cache mark")
+        if not ex.placed.done():
+            ex.placed.set_result(pos)
+
+    async def _spool_mark(self, cid: str) -> None:
+        """A cache mark for turns already spooled that the cache did not get (docs/ARCHITECTURE.md,
+        "The thread cache never hides turns Postgres holds")."""
+        await self._spool.append(
+            KIND_CACHE_MARK, {"id": new_id(), "conversation_id": cid}, thread_id=cid, sync=self._sync
+        )
+
+    def _spawn(self, coro: Any, what: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(functools.partial(self._finished, what))
+
+    def _finished(self, what: str, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("%s failed: %s: %s", what, type(exc).__name__, exc)
+
+    async def _settle(self, ex: _Exchange) -> int:
+        """`ex`'s position, waiting for it at most PLACE_WAIT_S (then the local fallback)."""
+        if ex.pos is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PLACE_WAIT_S):
+                    await asyncio.shield(ex.placed)
+        if ex.pos is None:
+            log.warning(
+                "thread %s: no position from Redis in %.0fs; taking the local one",
+                ex.cid,
+                PLACE_WAIT_S,
+            )
+            await self._place_fallback(ex)
+        assert ex.pos is not None
+        return ex.pos
+
+    async def _placed(self, cid: str) -> None:
+        """Every exchange of the thread this process spooled has its position (in memory)."""
+        if self._unrecovered and self._spool.has_pending(cid):
+            await self._recover_now()
+        while waiting := self._open.get(cid):
+            await self._settle(waiting[0])
+
+    def _with_pos(self, m: Message) -> Message:
+        """A turn read from this process's spool, with its position if it came after the commit."""
+        if m.pos is None:
+            pos = self._positions.get(m.id)
+            if pos is not None:
+                object.__setattr__(m, "pos", pos)  # a fresh copy, decoded from the spool
+        return m
+
+    # --- the flusher's side of positions that came after the commit -------------------------
+    async def place_batch(self, batch: list[SpoolEntry]) -> list[SpoolEntry]:
+        """`batch` as the flusher must store it: every turn with its exchange's position (filled
+        into the JSON's head, `{"pos":null` -> `{"pos":N`), waiting for one still on its way
+        (at most PLACE_WAIT_S), and a previous run's turns given theirs again (`_recover`)."""
+        out: list[SpoolEntry] | None = None
+        for i, e in enumerate(batch):
+            if e.kind != KIND_MESSAGE:
+                continue
+            blob = e.blob
+            if not blob.startswith(_UNPLACED):
+                continue
+            mid = _head_id(blob)
+            pos = self._positions.get(mid)
+            if pos is None:
+                ex = self._unplaced.get(mid)
+                if ex is not None:
+                    pos = await self._settle(ex)
+                else:  # spooled by a previous run
+                    await self._recover_now(force=True)
+                    pos = self._positions.get(mid)
+            if pos is None:  # cannot happen: recovery positions every such row it finds
+                log.error("spool row %d (thread %s) has no position; stored without one", e.seq, e.thread_id)
+                continue
+            if out is None:
+                out = list(batch)
+            out[i] = e.with_blob(b'{"pos":%d' % pos + blob[len(_POS_PLACEHOLDER) :])
+        return batch if out is None else out
+
+    def flushed(self, batch: list[SpoolEntry]) -> None:
+        """Postgres holds `batch`: its turns' positions are forgotten after FLUSHED_KEEP_S."""
+        now = time.monotonic()
+        if self._positions:
+            ids = [_head_id(e.blob) for e in batch if e.kind == KIND_MESSAGE]
+            self._flushed.append((now, ids))
+        while self._flushed and now - self._flushed[0][0] > FLUSHED_KEEP_S:
+            for mid in self._flushed.popleft()[1]:
+                self._positions.pop(mid, None)
+
+    async def _recover_now(self, *, force: bool = False) -> None:
+        """Run `_recover` once (or again, `force`), one at a time."""
+        async with self._recover_lock:
+            if self._unrecovered or force:
+                await self._recover()
+                self._unrecovered = False
+
+    async def _recover(self) -> None:
+        """Give the turns a previous run spooled before their position came back their position.
+
+        They are found by their JSON's head; an exchange's turns are consecutive rows of one
+        thread with one time. Each exchange's append script is sent again, as it was: Redis
+        answers the position it gave, by the exchange's first turn id, if the first one got
+        there (nothing is appended twice), else gives a new one and extends the cache as it
+        would have; without Redis, the local fallback (the cache marked dirty). In spool order,
+        so a thread's exchanges keep their order."""
+        found = await self._spool.find(KIND_MESSAGE, _UNPLACED)
+        groups: list[list[SpoolEntry]] = []
+        last: tuple[SpoolEntry, Any] | None = None
+        for e in found:
+            mid = _head_id(e.blob)
+            if mid in self._unplaced or mid in self._positions or e.thread_id is None:
+                continue  # this run's
+            when = e.payload.get("created_at")
+            follows = last is not None and (last[0].thread_id, last[0].seq + 1, last[1]) == (
+                e.thread_id,
+                e.seq,
+                when,
+            )
+            if follows:
+                groups[-1].append(e)
+            else:
+                groups.append([e])
+            last = (e, when)
+        for group in groups:
+            cid = str(group[0].thread_id)
+            pos, cached, _ = await self._position(cid, [e.blob.decode() for e in group])
+            if not cached and self._marking:
+                await self._spool_mark(cid)
+            for e in group:
+                self._positions[_head_id(e.blob)] = pos
+            self._note_pos(cid, pos)
+            self.positions_recovered_total += 1
+        if groups:
+            log.warning(
+                "spool %s: %d exchanges of a previous run had no position yet; given theirs again",
+                self._spool.path,
+                len(groups),
+            )
+
     def _hold_appended(self, cid: str, messages: list[Message], listed: int) -> None:
         """After an append that extended the thread's cache: if the list is now exactly what this
         process holds of it plus these turns (`listed`: its length, whole; nobody pushed in
@@ -459,18 +797,25 @@ class HistoryStore:
             self._known[cid] = pos
 
     async def _position(
-        self, cid: str, blobs: list[str], create: list[str] | None = None
+        self,
+        cid: str,
+        blobs: list[str],
+        create: list[str] | None = None,
+        *,
+        sent: tuple[asyncio.Future[Any] | None, asyncio.Future[Any]] | None = None,
+        floor: int | None = None,
     ) -> tuple[int, bool, int]:
         """(the exchange's position, whether the cache saw it, the cache list's length after it as
         `_APPEND_LUA` returns it) — from Redis when reachable.
 
         `blobs`: the turns as the cache stores them, their position a placeholder. `create`: the
         thread is new, and its (empty) cache is created just before, in the same round trip, with
-        these metadata fields."""
-        floor = self._known.get(cid, -1)
+        these metadata fields. `sent`: the create's and the append's replies, already written
+        on the direct line with `floor` (`_send_append`)."""
+        floor = self._known.get(cid, -1) if floor is None else floor
         if self._cache.redis is not None:
             try:
-                pos, listed = await self._cache_append(cid, blobs, floor, create)
+                pos, listed = await self._cache_append(cid, blobs, floor, create, already=sent)
                 if pos < 0:  # the counter is gone (expired, or Redis lost it): restart past storage
                     floor = await self._floor_from_storage(cid)
                     pos, listed = await self._cache_append(cid, blobs, floor)
@@ -490,8 +835,11 @@ class HistoryStore:
         """The highest position this process can find for the thread (spool, then Postgres)."""
         top = 0
         for e in await self._spool.pending_for_thread(cid):
-            if e.kind == KIND_MESSAGE and e.payload.get("pos") is not None:
-                top = max(top, int(e.payload["pos"]))
+            if e.kind == KIND_MESSAGE:
+                pos = e.payload.get("pos")
+                pos = self._positions.get(str(e.payload.get("id"))) if pos is None else pos
+                if pos is not None:
+                    top = max(top, int(pos))
         with contextlib.suppress(StorageUnavailable):
             stored = await self._db.run(
                 lambda c: c.fetchval("SELECT max(pos) FROM messages WHERE conversation_id = $1", cid),
@@ -508,22 +856,37 @@ class HistoryStore:
             floor, self._turns, CACHE_TTL_MS, *blobs,
         )  # fmt: skip
 
+    def _create_args(self, cid: str, create: list[str]) -> tuple[Any, ...]:
+        """The EVAL of `_CREATE_LUA` for a new thread's cache with these metadata fields."""
+        return (
+            "EVAL", _CREATE_LUA, 2, self._keys.thread(cid), self._keys.thread_meta(cid),
+            CACHE_TTL_MS, *create,
+        )  # fmt: skip
+
     async def _cache_append(
-        self, cid: str, blobs: list[str], floor: int, create: list[str] | None = None
+        self,
+        cid: str,
+        blobs: list[str],
+        floor: int,
+        create: list[str] | None = None,
+        already: tuple[asyncio.Future[Any] | None, asyncio.Future[Any]] | None = None,
     ) -> tuple[int, int]:
         """Take a position and write the turns through to Redis; concurrent appends share one
         pipelined round trip (like the spool's group commit). Returns `_APPEND_LUA`'s answer
-        (position, list length or -1). Raises CacheDown."""
+        (position, list length or -1). Raises CacheDown. `already`: the create's and the append's
+        replies, written on the direct line already (a lost one is sent again by `reply`)."""
         append = ("EVAL", _APPEND_LUA, *self._append_args(cid, floor, blobs))
+        if already is not None:
+            was_made, answer = already
+            if was_made is not None and create is not None:
+                await self._cache.reply(was_made, *self._create_args(cid, create))
+            return _appended(await self._cache.reply(answer, *append))
         if create is None:
             sent = self._cache.send_now(*append)
             if sent is not None:  # written now on the direct line: no task, no loop turn first
                 return _appended(await self._cache.reply(sent, *append))
         else:  # a new thread: its cache is created, then extended, both written now, in order
-            made = (
-                "EVAL", _CREATE_LUA, 2, self._keys.thread(cid), self._keys.thread_meta(cid),
-                CACHE_TTL_MS, *create,
-            )  # fmt: skip
+            made = self._create_args(cid, create)
             created = self._cache.send_now(*made)
             if created is not None:
                 sent = self._cache.send_now(*append)
@@ -604,11 +967,25 @@ class HistoryStore:
 
     # --- other instances' marks --------------------------------------------------------------
     def start(self) -> None:
-        """Start applying other instances' cache marks (only where a Redis cache is used)."""
+        """Start applying other instances' cache marks (only where a Redis cache is used), and
+        give the turns a previous run left without a position theirs (`_recover`)."""
         if self._marking and self._syncer is None:
             self._syncer = asyncio.create_task(self._sync_loop(), name="exai-thread-marks")
+        if self._unrecovered and self._recovery is None:
+            self._recovery = asyncio.create_task(self._recover_now(), name="exai-thread-positions")
 
     async def stop(self) -> None:
+        # Positions and the marks they lead to, on their way (a position's task may start a mark's).
+        for cid in list(self._open):
+            await self._placed(cid)
+        deadline = time.monotonic() + PLACE_WAIT_S
+        while self._background and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(list(self._background), timeout=left)
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(BaseException):
+                await self._recovery
+            self._recovery = None
         if self._syncer is not None:
             self._syncer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -679,6 +1056,8 @@ class HistoryStore:
         cid = as_uuid(continuation_id, "continuation_id")
         if limit is not None and (not isinstance(limit, int) or limit < 0):
             raise InvalidArgument(f"limit must be a non-negative integer, got {limit!r}")
+        if cid in self._open or self._unrecovered:  # this process's turns get their position first
+            await self._placed(cid)
         if limit is None and self._spool.has_pending(cid) and cid in self._last_ids:
             # This process's unflushed turns of the thread are in a complete cache (its last
             # exchange is, and Redis loses only a suffix of writes): no spool read needed.
@@ -688,7 +1067,7 @@ class HistoryStore:
                     self.spool_reads_skipped_total += 1
                     return self._finish(cid, cached, None, whole=True)
         pending = await self._spool.pending_for_thread(cid)
-        local = [Message.from_dict(e.payload) for e in pending if e.kind == KIND_MESSAGE]
+        local = [self._with_pos(Message.from_dict(e.payload)) for e in pending if e.kind == KIND_MESSAGE]
         cached, complete = await self._read_cache(cid, local, limit)
         if cached is not None and (complete or (limit is not None and len(cached) >= limit)):
             return self._finish(cid, cached + local, limit, whole=complete)
@@ -968,6 +1347,12 @@ def _appended(answer: Any) -> tuple[int, int]:
     """`_APPEND_LUA`'s answer: (position, the cache list's length or -1)."""
     pos, listed = answer
     return int(pos), int(listed)
+
+
+def _head_id(blob: bytes) -> str:
+    """The id of a spooled turn, from its JSON's head (`{"pos":…,"id":"<id>"`, Message.to_dict)."""
+    start = blob.find(b'"id":"', 0, 40) + 6
+    return blob[start : blob.find(b'"', start)].decode()
 
 
 def _seen(fut: asyncio.Future[Any]) -> None:

@@ -137,6 +137,11 @@ class SpoolEntry:
             self._blob = encode_payload(self.payload)
         return self._blob
 
+    def with_blob(self, blob: bytes) -> SpoolEntry:
+        """This row with other JSON (a field filled in before it is stored); its size, which
+        the spool counts, stays the stored row's."""
+        return SpoolEntry(self.seq, self.kind, self.thread_id, self.created, size=self.size, blob=blob)
+
     def __repr__(self) -> str:
         return f"SpoolEntry(seq={self.seq}, kind={self.kind!r}, thread={self.thread_id!r}, size={self.size})"
 
@@ -764,6 +769,19 @@ class Spool:
         cur = self._require_db().execute(
             "SELECT seq, kind, thread_id, created, payload FROM spool WHERE thread_id = ? ORDER BY seq",
             (thread_id,),
+        )
+        return [_entry(row) for row in cur]
+
+    async def find(self, kind: str, head: bytes) -> list[SpoolEntry]:
+        """The unflushed rows of `kind` whose JSON begins with `head`, in append order (a scan of
+        the file: for recovery at start, not for a hot path)."""
+        return await self._call(self._find_sync, kind, head)
+
+    def _find_sync(self, kind: str, head: bytes) -> list[SpoolEntry]:
+        cur = self._require_db().execute(
+            "SELECT seq, kind, thread_id, created, payload FROM spool"
+            " WHERE kind = ? AND substr(payload, 1, ?) = ? ORDER BY seq",
+            (kind, len(head), head),
         )
         return [_entry(row) for row in cur]
 

@@ -224,6 +224,11 @@ class Flusher:
         self.after_write = after_write  # told what each committed batch wrote (link events)
         # Awaited before a batch is written (link events wait for the task write they name).
         self.gate: Callable[[list[SpoolEntry]], Awaitable[None]] | None = None
+        # Given each batch before it is written, returns the batch to write: chat turns spooled
+        # before Redis gave their exchange its position get it here (HistoryStore.place_batch),
+        # waiting for it if need be; told each batch once Postgres holds it (`flushed`).
+        self.prepare: Callable[[list[SpoolEntry]], Awaitable[list[SpoolEntry]]] | None = None
+        self.flushed: Callable[[list[SpoolEntry]], None] | None = None
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._urgent = asyncio.Event()
@@ -294,6 +299,7 @@ class Flusher:
             return False
         self._urgent.set()
         self._wake.set()
+        self._full.set()  # a batch waiting for its time trigger goes now
         try:
             async with asyncio.timeout(timeout):
                 await self._spool.wait_empty()
@@ -332,6 +338,8 @@ class Flusher:
                     break
                 if self.gate is not None:
                     await self.gate(batch)
+                if self.prepare is not None:
+                    batch = await self.prepare(batch)
                 try:
                     await self._flush_batch(batch)
                 except StorageUnavailable as exc:
@@ -347,6 +355,11 @@ class Flusher:
                     continue
                 backoff = 0.1
                 self._record_success(len(batch))
+                if self.flushed is not None:
+                    try:
+                        self.flushed(batch)
+                    except Exception:
+                        log.exception("a flushed-batch callback failed (the rows are stored)")
 
     async def _flush_batch(self, batch: list[SpoolEntry]) -> None:
         try:

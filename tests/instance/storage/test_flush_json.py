@@ -116,7 +116,7 @@ async def test_stored_rows_equal_the_spooled_payloads_field_by_field(
             session_id=None, tool_name="chat", model=None, metadata=NESTED, principal=None
         )
         bare = await st.history.new_thread(session_id="s-json", tool_name=TRICKY, model="m ü")
-        await st.history.append_exchange(
+        turns = await st.history.append_exchange(
             cid,
             [
                 {"role": "user", "content": TRICKY, "files": ["/a/ü.py", "b c.txt", "\\"],
@@ -124,8 +124,10 @@ async def test_stored_rows_equal_the_spooled_payloads_field_by_field(
                 {"role": "assistant", "content": big, "tokens_in": 0, "tokens_out": 2**31 - 1},
             ],
         )  # fmt: skip
-        await st.history.append(bare, "system", "", files=[], metadata={})
-        await st.history.append(bare, "tool", "x" * 100_000, metadata={"n": {"m": [{"o": None}]}})
+        turns.append(await st.history.append(bare, "system", "", files=[], metadata={}))
+        turns.append(
+            await st.history.append(bare, "tool", "x" * 100_000, metadata={"n": {"m": [{"o": None}]}})
+        )
         await st.record_tool_call(
             session_id=None, instance_id=None, tool_name="chat", status="error", duration_ms=0.1 + 0.2,
             error=TRICKY,
@@ -137,6 +139,16 @@ async def test_stored_rows_equal_the_spooled_payloads_field_by_field(
         spooled = await st.spool.read_batch(1000)
     assert {e.kind for e in spooled} == {KIND_CONVERSATION, KIND_MESSAGE, KIND_TOOL_CALL}
     assert any(json.loads(e.blob).get("content") == big for e in spooled)
+    # The turns were spooled before Redis gave their exchange its position: the flusher fills it
+    # in (from memory, or, after a restart, from the append script sent again), as Redis gave it.
+    assert [m.pos for m in turns] == [1, 1, 1, 2]
+    placed = {m.id: m.pos for m in turns}
+    spooled = [
+        e.with_blob(encode_payload({**json.loads(e.blob), "pos": placed[json.loads(e.blob)["id"]]}))
+        if e.kind == KIND_MESSAGE
+        else e
+        for e in spooled
+    ]
     pg_proxy.restore()
     async with Storage.open(settings, instance_id="t-json", redis=None) as st:
         assert await st.flush(20) and st.backlog()["dead_rows"] == 0

@@ -28,7 +28,11 @@ from tests.instance.storage.conftest import FaultProxy
 async def test_turns_written_while_redis_was_away_are_never_hidden(
     storage_settings: Callable[..., Settings], redis_proxy: FaultProxy, redis_url: str, redis: Redis
 ) -> None:
-    settings_a = storage_settings(redis_url=redis_proxy.url(redis_url))
+    # A's rows wait for its flush() calls: B cannot apply A's cache mark before the test checks
+    # B's stale cache (a mark can be spooled after the turns, as soon as Redis's reply is lost).
+    settings_a = storage_settings(
+        redis_url=redis_proxy.url(redis_url), flush_interval_ms=60_000, flush_batch_size=10_000
+    )
     settings_b = storage_settings()
     redis_a = create_redis(settings_a.redis_url)
     try:
@@ -43,10 +47,10 @@ async def test_turns_written_while_redis_was_away_are_never_hidden(
             redis_proxy.cut()
             for text in ("q2", "a2", "q3", "a3"):
                 await a.history.append(cid, "user" if text[0] == "q" else "assistant", text)
-            assert await a.flush(10)
-            redis_proxy.restore()  # A stays idle: it never learns that Redis is back
             keys = Keys(settings_b.redis_prefix)
             assert await redis.hget(keys.thread_meta(cid), "turns") == "2"  # the cache claims 2 of 2
+            assert await a.flush(10)
+            redis_proxy.restore()  # A stays idle: it never learns that Redis is back
 
             whole = ["q1", "a1", "q2", "a2", "q3", "a3"]
             loop = asyncio.get_running_loop()
