@@ -45,7 +45,9 @@ async def until(condition: Callable[[], bool], what: str) -> None:
     """Wait for `condition` (polled on every loop turn), failing after 10 s."""
     try:
         async with asyncio.timeout(10):
-            while not condition():
+            while True:
+                if condition():
+                    return
                 await asyncio.sleep(0.005)
     except TimeoutError:
         raise AssertionError(f"timed out waiting until {what}") from None
@@ -202,7 +204,9 @@ async def test_a_lost_tracking_connection_or_a_redis_restart_sends_the_next_read
 async def test_without_a_tracking_connection_every_read_asks_redis(
     storage_settings: Callable[..., Settings], redis: Redis
 ) -> None:
-    async with Storage.open(storage_settings(redis_tracking=False), instance_id="t-trk-off", redis=redis) as a:
+    async with Storage.open(
+        storage_settings(redis_tracking=False), instance_id="t-trk-off", redis=redis
+    ) as a:
         assert a.tracker is None
         cid = await a.history.new_thread(session_id="s", tool_name="chat", model=None)
         await a.history.append_exchange(cid, exchange("q1", "a1"))
