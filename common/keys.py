@@ -34,8 +34,8 @@ Keyspace (with the default prefix):
                                                last minute (a re-sent append gets its first answer)
     exai:notes:{scope}:{scope_id}       STR   a copy of a note scope's rows (JSON; Postgres is the truth)
     exai:notes-gen:{scope}:{scope_id}   STR   counter: bumped after every committed note write of the scope
-    (exai:thread:, exai:thread-meta:, exai:notes:, exai:notes-gen: are tracked: every instance's
-     tracking connection hears of each change under them, `tracked_prefixes`)
+    (an instance reads the thread and notes keys on its tracking connection, which Redis then tells
+     of every change to them: instance/storage/tracking.py)
     exai:cache:{name}:{key}             STR   generic short-lived cache entries
 """
 
@@ -142,17 +142,6 @@ class Keys:
     def notes_generation(self, scope: str, scope_id: str) -> str:
         """The scope's write counter: a copy is stored only if no write committed since its read."""
         return self._k("notes-gen", scope, scope_id)
-
-    def tracked_prefixes(self) -> tuple[str, ...]:
-        """The key prefixes an instance's tracking connection asks Redis to report changes under
-        (instance/storage/tracking.py): the thread caches and the note copies and generations.
-        None is a prefix of another (Redis refuses overlapping prefixes on one connection)."""
-        return (
-            self._k("thread", ""),
-            self._k("thread-meta", ""),
-            self._k("notes", ""),
-            self._k("notes-gen", ""),
-        )
 
     def cache(self, name: str, key: str) -> str:
         return self._k("cache", name, key)

@@ -93,7 +93,7 @@ class Storage:
         self.cache = cache
         keys = Keys(settings.redis_prefix)
         # Held thread and note copies are trusted while Redis reports no change (tracking.py).
-        self.tracker = Tracker(cache.redis, keys.tracked_prefixes()) if settings.redis_tracking else None
+        self.tracker = Tracker(cache.redis) if settings.redis_tracking else None
         self.history = HistoryStore(
             tracker=self.tracker,
             db=db,

@@ -48,7 +48,7 @@ from instance.storage.cache import CacheDown, RedisGuard
 from instance.storage.models import ROLES, Message
 from instance.storage.pool import Database
 from instance.storage.spool import Spool, SpoolEntry
-from instance.storage.tracking import Stamp, Tracker
+from instance.storage.tracking import Stamp, Tracker, tracked
 from instance.storage.validation import (
     as_uuid,
     check_metadata,
@@ -904,11 +904,10 @@ class HistoryStore:
             self.tracked_hits_total += 1
             return list(held.messages), True
         since = (held.run, len(held.messages)) if held is not None else ("", 0)
-        stamp = self._tracker.stamp() if self._tracker is not None else None
         writes = self._append_seq
-        try:
-            found = await self._cache.command(  # written at once, like the call's notes read
-                "EVAL", _READ_LUA, 2, meta_key, self._keys.thread(cid), *since, batched=True
+        try:  # on the tracking connection when it is up (its reply's stamp), written at once
+            found, stamp = await tracked(
+                self._tracker, self._cache, "EVAL", _READ_LUA, 2, meta_key, self._keys.thread(cid), *since
             )
         except CacheDown:
             return None, False

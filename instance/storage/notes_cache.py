@@ -38,7 +38,7 @@ from common.errors import StorageUnavailable
 from common.keys import Keys
 from instance.storage.cache import CacheDown, RedisGuard
 from instance.storage.models import Note
-from instance.storage.tracking import Stamp, Tracker
+from instance.storage.tracking import Stamp, Tracker, tracked
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,8 @@ class NotesCache:
         stamp, writes = None, self._writes
         if self.enabled and ask:
             names = [k for i in ask for k in (self._copy_key(scopes[i]), self._gen_key(scopes[i]))]
-            stamp = self._tracker.stamp() if self._tracker is not None else None
-            try:
-                values = await self._cache.command("MGET", *names, batched=True)
+            try:  # on the tracking connection when it is up (its reply's stamp)
+                values, stamp = await tracked(self._tracker, self._cache, "MGET", *names)
                 for j, i in enumerate(ask):
                     found[i] = (values[2 * j], values[2 * j + 1])
             except CacheDown:

@@ -1,32 +1,30 @@
 """Redis-assisted client-side caching: which copies this process holds are still what Redis has.
 
-One connection per instance speaks RESP3 and asks Redis to track, in broadcast mode, every key
-under the prefixes of the thread caches and the note copies (`Keys.tracked_prefixes`):
-`CLIENT TRACKING ON BCAST PREFIX ...`. Whenever any client changes such a key (a write, a
-delete, an expiry, a FLUSHDB), Redis pushes an `invalidate` message naming it to this
-connection. A copy held in memory (a thread's decoded cache list, a note scope's rows) is
-*trusted*, i.e. used without asking Redis, only while both hold:
+One connection per instance speaks RESP3 with `CLIENT TRACKING ON` (Redis's default tracking
+mode): Redis remembers every key this connection reads (inside Lua scripts too) and, when any
+client changes one of them (a write, a delete, an expiry, a FLUSHDB), pushes an `invalidate`
+message naming it on this same connection, once, until the key is read here again. The reads
+whose copies are kept (a thread's cache list, a note scope's copy) go on this connection
+(`tracked`). A copy held in memory is *trusted*, i.e. used without asking Redis, only while
+both hold:
 
-- the connection has been up, set up and heard from continuously since before the copy was read
-  (`stamp()` is taken then; a reconnect, a lost connection, a Redis restart, a long silence
-  start a new epoch, and no stamp of an older epoch is trusted again);
-- no invalidation of the copy's keys has been processed since that stamp (`unchanged`).
+- the connection has been up, set up and heard from continuously since the copy was read (a
+  reconnect, a lost connection, a Redis restart, a long silence start a new epoch, and no copy
+  of an older epoch is trusted again; a read on another connection is never trusted);
+- no invalidation of the copy's keys has been processed since its read's reply (`unchanged`).
 
-Invalidations are counted in the order they are processed, so a stamp is one number: an
-invalidation processed after it may concern a write made after the copy was read, and ends its
-trust (one processed after it for a write made before only costs one read that was not needed).
-A copy is never made more trusted by what arrives; only a fresh read gives a new stamp.
+On one connection Redis answers in order, and it writes a key's invalidation to the connection
+when the key changes: an invalidation processed before a read's reply is for a change the read
+already saw, one processed after it may be for a later change and ends the copy's trust. So a
+copy's stamp is taken when its reply is processed (invalidations are numbered in the order they
+are processed), and this is exact: no change is missed, none made before the read costs a read.
+A read sent here right after this process's own write confirms a copy that holds the write: the
+write's invalidation was written before that read was even processed
+(instance/storage/history.py, `_confirm`).
 
-`send` runs a command on this same connection. On one connection Redis answers in order and
-writes a write's invalidation before any reply to a command it processes later, so the stamp
-taken when a reply is processed covers exactly the invalidations of writes before that command:
-a read sent here right after this process's own write confirms the copy with the own write's
-invalidation already behind it (instance/storage/history.py, `_confirm`).
-
-Broadcast mode costs every instance one small message per change of any tracked key in the
-fleet (an append changes two keys, in one message per prefix), instead of a server-side table
-of the keys each client read; it also tracks the keys touched inside Lua scripts, which is how
-the thread cache is written.
+Only the instances that read a key hear of its changes (broadcast mode, BCAST, would wake every
+instance of the fleet on every append anywhere; measured in docs/BENCHMARKS.md, it cost more than
+the reads it saved).
 """
 
 from __future__ import annotations
@@ -46,6 +44,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from common.redis_line import _plain_tcp, _setup_commands, encode
+from instance.storage.cache import RedisGuard
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +131,12 @@ class Tracker:
     TLS or a Unix socket (`usable` False), or while the connection is down, `stamp` is None and
     nothing is trusted: every read goes to Redis as it would without tracking."""
 
-    def __init__(self, redis: Redis | None, prefixes: Sequence[str], *, timeout: float = 5.0) -> None:
+    def __init__(self, redis: Redis | None, *, timeout: float = 5.0) -> None:
         self.usable = redis is not None and _plain_tcp(redis)
         kwargs = redis.connection_pool.connection_kwargs if redis is not None else {}
         self._host = str(kwargs.get("host", ""))
         self._port = int(kwargs.get("port") or 6379)
         self._setup = _setup_commands(kwargs)
-        self._prefixes = list(prefixes)
         self._timeout = timeout
         self._conn: _Conn | None = None  # set once tracking is on; None while down
         self._task: asyncio.Task[None] | None = None
@@ -157,10 +155,6 @@ class Tracker:
         """Tracking is on and Redis was heard from recently: stamps taken now can be trusted."""
         conn = self._conn
         return conn is not None and time.monotonic() - conn.heard < SILENT_S
-
-    def stamp(self) -> Stamp | None:
-        """Take before sending a read whose result may be trusted later; None: do not trust it."""
-        return self._stamp_now() if self.up else None
 
     def _stamp_now(self) -> Stamp:
         return Stamp(self._epoch, self._seq)
@@ -212,8 +206,7 @@ class Tracker:
                     await conn.write(command)
                 await conn.write(("HELLO", "3"))
                 self.client_id = int(await conn.write(("CLIENT", "ID")))
-                prefixes = [p for prefix in self._prefixes for p in ("PREFIX", prefix)]
-                await conn.write(("CLIENT", "TRACKING", "ON", "BCAST", *prefixes))
+                await conn.write(("CLIENT", "TRACKING", "ON"))
             # Every copy read before now was read without this connection: a new epoch.
             self._epoch += 1
             self._conn = conn
@@ -271,6 +264,18 @@ class Tracker:
             "connects_total": self.connects_total,
             "losses_total": self.losses_total,
         }
+
+
+async def tracked(tracker: Tracker | None, guard: RedisGuard, *args: Any) -> tuple[Any, Stamp | None]:
+    """One read: on the tracking connection when it is up ((reply, its stamp)), else as the guard
+    sends it ((reply, None): not to be trusted later). Raises CacheDown as the guard does."""
+    sent = tracker.send(*args) if tracker is not None else None
+    if sent is not None:
+        try:
+            return await sent
+        except RedisConnectionError:
+            pass  # lost on the way: the ordinary path
+    return await guard.command(*args, batched=True), None
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

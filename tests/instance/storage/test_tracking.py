@@ -25,9 +25,9 @@ class RedisSpy:
 
     def __init__(self, st: Storage) -> None:
         self.count = 0
-        guard = st.cache
-        for name in ("send_now", "call", "_ordinary"):
-            self._wrap(guard, name)
+        # Written at once (None: not sent, the caller goes on to redis-py), or through redis-py.
+        self._wrap(st.cache, "send_now")
+        self._wrap(st.cache, "call")
         if st.tracker is not None:
             self._wrap(st.tracker, "send")
 
@@ -35,8 +35,10 @@ class RedisSpy:
         real = getattr(obj, name)
 
         def counted(*args: Any, **kwargs: Any) -> Any:
-            self.count += 1
-            return real(*args, **kwargs)
+            result = real(*args, **kwargs)
+            if result is not None:
+                self.count += 1
+            return result
 
         setattr(obj, name, counted)
 
