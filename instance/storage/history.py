@@ -462,6 +462,9 @@ class HistoryStore:
         between), hold them too, so the next read gets nothing from Redis it has and decodes
         nothing. The held copy keeps the Redis run it was read on: a restart since then makes
         the next read start over (_READ_LUA), whatever the list's length."""
+        # Once more now that Redis has the exchange: a read sent before its reply (on another
+        # connection, so perhaps answered before the append) must not give a copy trust.
+        self._appending(cid)
         held = self._held.get(cid)
         if held is not None and listed == len(held.messages) + len(messages):
             self._hold(cid, held.run, [*held.messages, *messages], whole=True, checked=held.checked)

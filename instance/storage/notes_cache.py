@@ -269,24 +269,31 @@ class NotesCache:
         """After a note write of the scope committed: older copies must not be served or stored."""
         key = (scope, scope_id)
         # Before the bump is sent: this process never again trusts a copy read before the write.
-        self._writes += 1
-        if len(self._written_at) > 50_000:
-            self._written_at.clear()
-            self._held.clear()
-        self._written_at[key] = self._writes
-        self._held.pop(key, None)
+        self._forget(key)
         if not self.enabled:
             return
         try:
             await self._cache.call(
                 lambda r: r.eval(_BUMP_LUA, 2, self._copy_key(key), self._gen_key(key), GENERATION_TTL_MS)  # type: ignore[no-any-return]
             )
+            # And after it: a read sent meanwhile may have been answered before the bump, and its
+            # invalidation may not have arrived yet when the writer reads next.
+            self._forget(key)
         except CacheDown:
             # This instance reads the scope from Postgres until a bump gets through; elsewhere
             # the copy is re-read within REFRESH_S.
             self._unbumped.add(key)
             return
         self._unbumped.discard(key)
+
+    def _forget(self, key: Scope) -> None:
+        """No copy of `key` read before now is trusted again by this process."""
+        self._writes += 1
+        if len(self._written_at) > 50_000:
+            self._written_at.clear()
+            self._held.clear()
+        self._written_at[key] = self._writes
+        self._held.pop(key, None)
 
     async def stop(self) -> None:
         tasks = list(self._refreshing.values())

@@ -6,6 +6,7 @@ restart sends the next read to Redis; the common case (nothing changed) asks Red
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,14 @@ from tests.redis_server import OwnRedis
 
 
 class RedisSpy:
-    """Counts every Redis command a Storage sends (its guard's entry points and its tracking
-    connection), still sending them."""
+    """Counts the Redis commands a Storage's thread and notes reads send (on its tracking
+    connection or through its guard), still sending them."""
 
     def __init__(self, st: Storage) -> None:
         self.count = 0
-        # Written at once (None: not sent, the caller goes on to redis-py), or through redis-py.
-        self._wrap(st.cache, "send_now")
-        self._wrap(st.cache, "call")
+        # A read's command: on the tracking connection (None: not sent there), else the guard's.
+        # (Not the guard's `call`: the background mark sync may drop other tests' caches.)
+        self._wrap(st.cache, "command")
         if st.tracker is not None:
             self._wrap(st.tracker, "send")
 
@@ -73,7 +74,8 @@ async def test_a_held_thread_and_notes_cost_no_redis_command_until_another_proce
         await h.append_exchange(cid, exchange("q1", "a1"))
         assert [m.content for m in await h.load(cid)] == ["q1", "a1"]  # read from Redis, held
         assert a.notes.cache is not None and b.notes.cache is not None
-        scopes = [("thread", cid), ("session", "s")]
+        session = f"s-{cid}"  # the database is shared with other tests: a scope of its own
+        scopes = [("thread", cid), ("session", session)]
         await b.notes.write(scope="thread", scope_id=cid, key="k", body="first")
         assert [n.body for n in (await a.notes.for_prompt(scopes))[0]] == ["first"]  # Postgres, stored
         assert [n.body for n in (await a.notes.for_prompt(scopes))[0]] == ["first"]  # the copy, held
@@ -112,15 +114,16 @@ async def test_the_writer_sees_its_own_note_write_at_once(
     async with Storage.open(storage_settings(), instance_id="t-trk-w", redis=redis) as a:
         await until(lambda: tracking_on(a), "the tracking connection is up")
         assert a.notes.cache is not None and a.tracker is not None
-        scopes = [("session", "s-own")]
-        await a.notes.write(scope="session", scope_id="s-own", key="k", body="one")
+        own = f"s-own-{uuid.uuid4()}"
+        scopes = [("session", own)]
+        await a.notes.write(scope="session", scope_id=own, key="k", body="one")
         for _ in range(50):  # Postgres, then the copy (held), then the held copy
             assert [n.body for n in (await a.notes.for_prompt(scopes))[0]] == ["one"]
             if a.notes.cache.tracked_hits_total:
                 break
         assert a.notes.cache.tracked_hits_total >= 1
         a.tracker._pushed = lambda *_: None  # type: ignore[method-assign]  # no invalidation arrives
-        await a.notes.write(scope="session", scope_id="s-own", key="k", body="two")
+        await a.notes.write(scope="session", scope_id=own, key="k", body="two")
         assert [n.body for n in (await a.notes.for_prompt(scopes))[0]] == ["two"]
 
 
