@@ -172,7 +172,17 @@ class Tracker:
         conn = self._conn
         if conn is None or conn.transport is None or conn.transport.is_closing() or not self.up:
             return None
-        return conn.write(args, stamped=True)
+        fut = conn.write(args, stamped=True)
+        # As the direct line: no reply in time and the connection closes (every command waiting on
+        # it fails, and its callers take the ordinary path); replies come in order.
+        handle = asyncio.get_running_loop().call_later(self._timeout, self._expire, conn, fut)
+        fut.add_done_callback(lambda _: handle.cancel())
+        return fut
+
+    def _expire(self, conn: _Conn, fut: asyncio.Future[Any]) -> None:
+        if not fut.done() and conn.transport is not None:
+            log.warning("no reply from Redis in %.1fs (tracking connection); reconnecting", self._timeout)
+            conn.transport.close()
 
     # --- the connection ----------------------------------------------------------------------
     def start(self) -> None:
