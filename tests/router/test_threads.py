@@ -215,14 +215,20 @@ async def test_a_session_reads_its_thread_from_memory_until_another_session_appe
         cid = (await call(a, "chat", {"prompt": "tok-A-00 start"}))["continuation_id"]
         for i in (1, 2):  # read from Redis, held; then its own exchange held and confirmed
             await call(a, "chat", {"prompt": f"tok-A-0{i} go on", "continuation_id": cid})
-        before = await instance_counters(fleet, inst_a)
+        confirms = "exai_instance_thread_tracked_confirms_total"
+        async with asyncio.timeout(30):  # the confirming read is answered after the answer
+            while True:
+                before = await instance_counters(fleet, inst_a)
+                if before[confirms] >= 2:
+                    break
+                await asyncio.sleep(0.02)
         await call(a, "chat", {"prompt": "tok-A-03 and on", "continuation_id": cid})
         after = await instance_counters(fleet, inst_a)
         hits = "exai_instance_thread_tracked_hits_total"
         assert after[hits] == before[hits] + 1
-        # The thread's and the session's notes: both held copies (the thread's is seeded empty).
-        notes_hits = "exai_instance_notes_tracked_hits_total"
-        assert after[notes_hits] > before[notes_hits]
+        # (The notes' held copies are counted too, exai_instance_notes_tracked_hits_total, but a
+        # copy older than 5 s is re-read and stored again, which costs its next read a round trip:
+        # on a slow machine that can be any call. test_tracking.py counts them.)
 
         heard = after["exai_instance_redis_invalidations_total"]
         await call(b, "chat", {"prompt": "tok-B-04 from elsewhere", "continuation_id": cid})
