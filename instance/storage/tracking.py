@@ -54,6 +54,8 @@ HEALTH_S = 1.0
 """After this long without a byte from Redis the connection sends a PING."""
 SILENT_S = 3.0
 """Nothing heard from Redis for this long: no copy is trusted until it speaks again."""
+_PUSH: Any = getattr(hiredis, "PushNotification", None)
+"""hiredis's type for RESP3 pushes (an older hiredis without it: no tracking)."""
 KEYS_KEPT = 200_000
 """Invalidated key names remembered; past this the memory is cleared and every copy read again."""
 
@@ -94,7 +96,7 @@ class _Conn(asyncio.Protocol):
                 return
             if reply is False:
                 return
-            if isinstance(reply, hiredis.PushNotification):
+            if isinstance(reply, _PUSH):
                 self.tracker._pushed(self, list(reply))
                 continue
             if not self.replies:
@@ -132,7 +134,7 @@ class Tracker:
     nothing is trusted: every read goes to Redis as it would without tracking."""
 
     def __init__(self, redis: Redis | None, *, timeout: float = 5.0) -> None:
-        self.usable = redis is not None and _plain_tcp(redis)
+        self.usable = redis is not None and _plain_tcp(redis) and _PUSH is not None
         kwargs = redis.connection_pool.connection_kwargs if redis is not None else {}
         self._host = str(kwargs.get("host", ""))
         self._port = int(kwargs.get("port") or 6379)
