@@ -8,9 +8,11 @@ whose copies are kept (a thread's cache list, a note scope's copy) go on this co
 (`tracked`). A copy held in memory is *trusted*, i.e. used without asking Redis, only while
 both hold:
 
-- the connection has been up, set up and heard from continuously since the copy was read (a
-  reconnect, a lost connection, a Redis restart, a long silence start a new epoch, and no copy
-  of an older epoch is trusted again; a read on another connection is never trusted);
+- the connection has been up and set up continuously since the copy was read, and Redis was
+  heard from lately (a reconnect, a lost connection, a Redis restart start a new epoch, and no
+  copy of an older epoch is trusted again; a silence of SILENT_S suspends all trust until Redis
+  speaks again, and a PING unanswered for `timeout` closes the connection; a read made on
+  another connection is never trusted);
 - no invalidation of the copy's keys has been processed since its read's reply (`unchanged`).
 
 On one connection Redis answers in order, and it writes a key's invalidation to the connection
