@@ -41,6 +41,8 @@ Keyspace (with the default prefix):
                                                first answer)
     exai:notes:{scope}:{scope_id}       STR   a copy of a note scope's rows (JSON; Postgres is the truth)
     exai:notes-gen:{scope}:{scope_id}   STR   counter: bumped after every committed note write of the scope
+    (an instance reads the thread and notes keys on its tracking connection, which Redis then tells
+     of every change to them: instance/storage/tracking.py)
     exai:cache:{name}:{key}             STR   generic short-lived cache entries
 """
 

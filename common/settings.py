@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # at once can lose them), "full" (strict) once that sync has finished. As EXAI_LINK_SPOOL_SYNC.
     chat_spool_sync: Literal["full", "normal"] = Field("normal", validation_alias="EXAI_CHAT_SPOOL_SYNC")
     history_cache_turns: int = Field(50, ge=0, validation_alias="EXAI_HISTORY_CACHE_TURNS")
+    # Redis-assisted client-side caching (instance/storage/tracking.py): a chat trusts the thread
+    # and note copies it holds while Redis reports no change to them. Off: every read asks Redis.
+    redis_tracking: bool = Field(True, validation_alias="EXAI_REDIS_TRACKING")
     note_max_bytes: int = Field(16 * 1024, ge=64, validation_alias="EXAI_NOTE_MAX_BYTES")
     # Linked sessions: largest link_send body (UTF-8 bytes) and longest file reservation (seconds).
     link_message_max_bytes: int = Field(16 * 1024, ge=64, validation_alias="EXAI_LINK_MESSAGE_MAX_BYTES")

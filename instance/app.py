@@ -401,6 +401,7 @@ def _storage_metrics(runtime: Runtime) -> str:
         return ""
     history, links = storage.history, runtime.links.stats() if runtime.links is not None else {}
     notes = storage.notes.cache.stats() if storage.notes.cache is not None else {}
+    tracking = storage.tracker.stats() if storage.tracker is not None else {}
     counters = [
         ("exai_instance_thread_cache_checks_total",
          "Thread caches checked against Postgres (first read on a new Redis run).",
@@ -437,6 +438,24 @@ def _storage_metrics(runtime: Runtime) -> str:
         ("exai_instance_redis_line_total",
          "A chat's Redis commands answered on the storage's direct line (written at once).",
          storage.cache.line_commands_total),
+        ("exai_instance_thread_tracked_hits_total",
+         "Thread reads answered from the held copy while Redis reported no change (no round trip).",
+         history.tracked_hits_total),
+        ("exai_instance_thread_tracked_confirms_total",
+         "Held thread copies confirmed on the tracking connection after this process's own append.",
+         history.tracked_confirms_total),
+        ("exai_instance_notes_tracked_hits_total",
+         "Note scopes read from the held copy while Redis reported no change (no round trip).",
+         notes.get("tracked_hits_total", 0)),
+        ("exai_instance_redis_invalidations_total",
+         "Keys Redis reported changed on the tracking connection (thread caches, note copies).",
+         tracking.get("invalidations_total", 0)),
+        ("exai_instance_redis_tracking_connects_total",
+         "Times the tracking connection was set up (each starts a new epoch: nothing held is trusted).",
+         tracking.get("connects_total", 0)),
+        ("exai_instance_redis_tracking_losses_total",
+         "Times the tracking connection was lost (held copies are read from Redis again).",
+         tracking.get("losses_total", 0)),
     ]  # fmt: skip
     lines = []
     for name, help_text, value in counters:

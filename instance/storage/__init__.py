@@ -33,6 +33,7 @@ from instance.storage.notes_cache import NotesCache
 from instance.storage.pool import Database
 from instance.storage.spool import Spool
 from instance.storage.tasks import UNCHANGED, TaskStore
+from instance.storage.tracking import Tracker
 from instance.storage.validation import check_optional_int, check_text, new_id
 from instance.storage.writebehind import KIND_LINK_EVENT, KIND_SESSION, KIND_TOOL_CALL, Flusher
 
@@ -91,7 +92,10 @@ class Storage:
         self.flusher = flusher
         self.cache = cache
         keys = Keys(settings.redis_prefix)
+        # Held thread and note copies are trusted while Redis reports no change (tracking.py).
+        self.tracker = Tracker(cache.redis) if settings.redis_tracking else None
         self.history = HistoryStore(
+            tracker=self.tracker,
             db=db,
             spool=spool,
             cache=cache,
@@ -109,6 +113,7 @@ class Storage:
             keys,
             lambda scope, scope_id: self.notes.list(scope=scope, scope_id=scope_id),
             postgres_down=lambda: db.last_error is not None and not db.connected,
+            tracker=self.tracker,
         )
 
     @classmethod
@@ -159,6 +164,8 @@ class Storage:
             cache=RedisGuard(redis, line=True),
         )
         storage.cache.start()  # a chat's own Redis commands go out on its direct line
+        if storage.tracker is not None:
+            storage.tracker.start()
         try:
             with contextlib.suppress(Exception):
                 await db.connect()  # warm the pool if Postgres is up; later uses retry if not
@@ -187,6 +194,8 @@ class Storage:
             await self.spool.close()
             await self.db.close()
             await self.cache.close()
+            if self.tracker is not None:
+                await self.tracker.close()
 
     # --- write-behind telemetry ------------------------------------------------------------
     async def record_tool_call(

@@ -54,6 +54,7 @@ from instance.storage.cache import CacheDown, RedisGuard
 from instance.storage.models import ROLES, Message
 from instance.storage.pool import Database
 from instance.storage.spool import Spool, SpoolEntry
+from instance.storage.tracking import Stamp, Tracker, tracked
 from instance.storage.validation import (
     as_uuid,
     check_metadata,
@@ -178,6 +179,10 @@ class _Held:
 
     run: str  # the Redis run_id it was read on
     messages: tuple[Message, ...]  # the whole list, in list order
+    # When it was last confirmed against Redis (tracking.Stamp): while nothing has invalidated the
+    # thread's keys since, it is used without asking Redis (`_trusted`). None: ask Redis.
+    stamp: Stamp | None = None
+    checked: bool = False  # the cache was stamped with `run` (no Postgres check needed on it)
 
 
 @dataclasses.dataclass(eq=False)
@@ -242,8 +247,10 @@ class HistoryStore:
         keys: Keys,
         cache_turns: int,
         spool_sync: Literal["full", "normal"] = "full",
+        tracker: Tracker | None = None,
     ) -> None:
         self._db = db
+        self._tracker = tracker  # Redis-assisted client-side caching of `_held` (tracking.py)
         self._sync: Literal["full", "normal"] = spool_sync  # EXAI_CHAT_SPOOL_SYNC
         self._spool = spool
         self._cache = cache
@@ -256,6 +263,12 @@ class HistoryStore:
         self._last_ids: dict[str, set[str]] = {}  # ids of the last exchange appended here, cached
         self._held: OrderedDict[str, _Held] = OrderedDict()  # decoded cache lists, least recent first
         self.cache_tail_reads_total = 0  # cache reads that decoded only the turns new since the last
+        self.tracked_hits_total = 0  # cache reads answered from the held copy, no Redis round trip
+        self.tracked_confirms_total = 0  # held copies confirmed on the tracking connection after an append
+        # Appends this process started, counted; per thread, the count when its latest began: a
+        # read sent before that append cannot be trusted to hold it (see `_hold`).
+        self._append_seq = 0
+        self._appended_at: dict[str, int] = {}
         self.spool_reads_skipped_total = 0
         # (thread, turns, floor, create: the new thread's cache fields or None, answer)
         self._cache_queue: list[
@@ -421,6 +434,7 @@ class HistoryStore:
         cid = as_uuid(continuation_id, "continuation_id")
         if not turns:
             raise InvalidArgument("an exchange needs at least one turn")
+        self._appending(cid)
         drafts: list[Message] = []
         first: int | None = None
         for t in turns:
@@ -786,9 +800,77 @@ class HistoryStore:
         between), hold them too, so the next read gets nothing from Redis it has and decodes
         nothing. The held copy keeps the Redis run it was read on: a restart since then makes
         the next read start over (_READ_LUA), whatever the list's length."""
+        # Once more now that Redis has the exchange: a read sent before its reply (on another
+        # connection, so perhaps answered before the append) must not give a copy trust.
+        self._appending(cid)
         held = self._held.get(cid)
         if held is not None and listed == len(held.messages) + len(messages):
-            self._hold(cid, held.run, [*held.messages, *messages], whole=True)
+            self._hold(cid, held.run, [*held.messages, *messages], whole=True, checked=held.checked)
+            self._confirm(cid)
+        elif held is not None:
+            # Somebody else pushed in between (or the list is gone or trimmed): the copy is not
+            # the list plus this exchange, so it must not be trusted (the next read asks Redis).
+            self._held[cid] = dataclasses.replace(held, stamp=None)
+
+    def _appending(self, cid: str) -> None:
+        """An append of `cid` starts: the held copy loses its trust until it holds the exchange
+        (`_hold_appended`), and no read already on its way may give it trust (`_hold`)."""
+        self._append_seq += 1
+        if len(self._appended_at) > 50_000:
+            self._appended_at.clear()
+            self._held.clear()  # copies read before a forgotten append must not be trusted
+        self._appended_at[cid] = self._append_seq
+        held = self._held.get(cid)
+        if held is not None and held.stamp is not None:
+            self._held[cid] = dataclasses.replace(held, stamp=None)
+
+    def _confirm(self, cid: str) -> None:
+        """After this process's own append extended the held copy: confirm it on the tracking
+        connection, so the next read trusts it without a round trip.
+
+        The append changed the thread's keys, so its own invalidation is on its way; a read sent
+        on the tracking connection after the append's reply is answered after that invalidation
+        (Redis wrote it before processing the read), and the stamp taken with the reply covers it.
+        The read is the ordinary tail read: it confirms only if the list is still exactly the
+        held copy (same run, same length, stamped); anything else leaves the copy untrusted."""
+        tracker, held = self._tracker, self._held.get(cid)
+        if tracker is None or held is None or not held.checked:
+            return
+        writes = self._append_seq
+        keys = (self._keys.thread_meta(cid), self._keys.thread(cid))
+        sent = tracker.send("EVAL", _READ_LUA, 2, *keys, held.run, len(held.messages))
+        if sent is not None:
+            sent.add_done_callback(lambda fut: self._confirmed(cid, held, writes, fut))
+
+    def _confirmed(self, cid: str, held: _Held, writes: int, fut: asyncio.Future[tuple[Any, Stamp]]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        answer, stamp = fut.result()
+        try:
+            flat, items, run, start = answer
+            meta = dict(zip(flat[::2], flat[1::2], strict=True))
+            same = (
+                not items
+                and int(start) == len(held.messages)
+                and run == held.run
+                and meta.get("run") == run
+                and int(meta.get("turns", -1)) == len(held.messages)
+            )
+        except (ValueError, TypeError):
+            return
+        if same and self._held.get(cid) is held and self._appended_at.get(cid, 0) <= writes:
+            self._held[cid] = dataclasses.replace(held, stamp=stamp)
+            self.tracked_confirms_total += 1
+
+    def _trusted(self, cid: str, held: _Held) -> bool:
+        """Whether the held copy is still the thread's cache list, without asking Redis."""
+        tracker = self._tracker
+        return (
+            tracker is not None
+            and held.stamp is not None
+            and held.checked
+            and tracker.unchanged(held.stamp, self._keys.thread_meta(cid), self._keys.thread(cid))
+        )
 
     def _note_pos(self, cid: str, pos: int) -> None:
         if len(self._known) > 50_000:
@@ -960,6 +1042,8 @@ class HistoryStore:
         if not self._dirty or self._cache.redis is None:
             return
         dirty = list(self._dirty)
+        for cid in dirty:
+            self._held.pop(cid, None)
         keys = [k for cid in dirty for k in (self._keys.thread(cid), self._keys.thread_meta(cid))]
         await self._cache.redis.delete(*keys)
         self._dirty.difference_update(dirty)
@@ -1035,6 +1119,8 @@ class HistoryStore:
             self._marks_pruned_at = time.monotonic()
         fresh = [r for r in rows if r["id"] not in self._marks_seen]
         cids = sorted({r["cid"] for r in fresh})
+        for cid in cids:
+            self._held.pop(cid, None)  # the invalidation of the delete below would say so too
         if cids:
             keys = [k for cid in cids for k in (self._keys.thread(cid), self._keys.thread_meta(cid))]
             await self._cache.call(lambda r: r.delete(*keys))  # type: ignore[no-any-return]
@@ -1194,10 +1280,16 @@ class HistoryStore:
             return None, False
         meta_key = self._keys.thread_meta(cid)
         held = self._held.get(cid)
+        if held is not None and self._trusted(cid, held):
+            # Nothing changed the thread's cache since the held copy was confirmed (the tracking
+            # connection would have said): Redis would answer "no new turns".
+            self.tracked_hits_total += 1
+            return list(held.messages), True
         since = (held.run, len(held.messages)) if held is not None else ("", 0)
-        try:
-            found = await self._cache.command(  # written at once, like the call's notes read
-                "EVAL", _READ_LUA, 2, meta_key, self._keys.thread(cid), *since, batched=True
+        writes = self._append_seq
+        try:  # on the tracking connection when it is up (its reply's stamp), written at once
+            found, stamp = await tracked(
+                self._tracker, self._cache, "EVAL", _READ_LUA, 2, meta_key, self._keys.thread(cid), *since
             )
         except CacheDown:
             return None, False
@@ -1221,7 +1313,10 @@ class HistoryStore:
             self._held.pop(cid, None)
             return None, False
         complete = len(messages) >= turns
-        self._hold(cid, run, messages, whole=len(messages) == turns)
+        if self._appended_at.get(cid, 0) > writes:
+            stamp = None  # an append of this process began meanwhile: the reply may lack it
+        checked = meta.get("run") == run
+        self._hold(cid, run, messages, whole=len(messages) == turns, stamp=stamp, checked=checked)
         if meta.get("run") == run:
             return messages, complete
         if not (complete or (limit is not None and len(messages) >= limit)):
@@ -1250,13 +1345,22 @@ class HistoryStore:
             await self._cache.call(lambda r: r.eval(_STAMP_LUA, 1, meta_key, run))  # type: ignore[no-any-return]
         return messages, complete
 
-    def _hold(self, cid: str, run: str, messages: list[Message], *, whole: bool) -> None:
+    def _hold(
+        self,
+        cid: str,
+        run: str,
+        messages: list[Message],
+        *,
+        whole: bool,
+        stamp: Stamp | None = None,
+        checked: bool = False,
+    ) -> None:
         """Keep a thread's decoded cache list for its next read; only an untrimmed list (`whole`:
         as many items as turns ever pushed) can be continued by index, and only a small one is kept."""
         if not whole or sum(len(m.content) for m in messages) > HELD_CHARS:
             self._held.pop(cid, None)
             return
-        self._held[cid] = _Held(run, tuple(messages))
+        self._held[cid] = _Held(run, tuple(messages), stamp, checked)
         self._held.move_to_end(cid)
         while len(self._held) > HELD_THREADS:
             self._held.popitem(last=False)

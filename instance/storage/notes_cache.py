@@ -15,6 +15,13 @@ generation counter.
   the generation cannot catch: a writer that died between its commit and the bump, a bump
   lost with Redis (restart without its latest writes), a write made while Redis was unreachable.
 - Without Redis, or when it is down, every read goes to Postgres, as before the copy existed.
+- With a tracking connection (instance/storage/tracking.py), the copies this process read are
+  kept decoded in memory and used without asking Redis while Redis reports no change to the
+  scope's copy or generation since they were read. A write here drops this process's copy of the
+  scope before its bump is sent, and no read already on its way can bring an older one back
+  (`_written_at`), so the writer always sees its own write. A held copy older than REFRESH_S is
+  re-read in the background as a Redis copy is; the re-read stores a new copy in Redis, whose
+  invalidation makes the next read take it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from common.errors import StorageUnavailable
 from common.keys import Keys
 from instance.storage.cache import CacheDown, RedisGuard
 from instance.storage.models import Note
+from instance.storage.tracking import Stamp, Tracker, tracked
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,8 @@ return g
 """
 
 Scope = tuple[str, str]
+HELD_SCOPES = 256
+"""Note scopes whose rows this process keeps decoded (one session per instance: a few)."""
 Reader = Callable[[str, str], Awaitable[list[Note]]]
 
 
@@ -91,6 +101,7 @@ class NotesCache:
         *,
         postgres_down: Callable[[], bool] = lambda: False,
         refresh_s: float = REFRESH_S,
+        tracker: Tracker | None = None,
     ) -> None:
         self._cache = cache
         self._keys = keys
@@ -103,6 +114,12 @@ class NotesCache:
         self.refreshes_total = 0
         self.refused_total = 0  # copies not stored because a write committed meanwhile
         self._unbumped: set[Scope] = set()  # written here while Redis was unreachable
+        self._tracker = tracker
+        # Copies read from Redis, decoded: (stamp when asked for, writes count then, at, notes).
+        self._held: dict[Scope, tuple[Stamp, int, float, list[Note]]] = {}
+        self._writes = 0  # note writes of this process, counted
+        self._written_at: dict[Scope, int] = {}  # the count when the scope was last written here
+        self.tracked_hits_total = 0  # scopes served from the held copy, no Redis round trip
 
     @property
     def enabled(self) -> bool:
@@ -117,17 +134,29 @@ class NotesCache:
         if not scopes:
             return []
         found: list[tuple[Any, Any]] = [(None, None)] * len(scopes)
-        if self.enabled:
-            names = [k for s in scopes for k in (self._copy_key(s), self._gen_key(s))]
-            try:
-                values = await self._cache.command("MGET", *names, batched=True)
-                found = [(values[2 * i], values[2 * i + 1]) for i in range(len(scopes))]
-            except CacheDown:
-                pass
         out: list[list[Note] | None] = [None] * len(scopes)
-        misses: list[int] = []
         now = time.time()
-        for i, (scope, (raw, _)) in enumerate(zip(scopes, found, strict=True)):
+        ask = list(range(len(scopes)))
+        if self._tracker is not None and self._held:
+            ask = []
+            for i, scope in enumerate(scopes):
+                notes = self._trusted(scope, now)
+                if notes is None:
+                    ask.append(i)
+                else:
+                    out[i] = notes
+        stamp, writes = None, self._writes
+        if self.enabled and ask:
+            names = [k for i in ask for k in (self._copy_key(scopes[i]), self._gen_key(scopes[i]))]
+            try:  # on the tracking connection when it is up (its reply's stamp)
+                values, stamp = await tracked(self._tracker, self._cache, "MGET", *names)
+                for j, i in enumerate(ask):
+                    found[i] = (values[2 * j], values[2 * j + 1])
+            except CacheDown:
+                stamp = None
+        misses: list[int] = []
+        for i in ask:
+            scope, (raw, _) = scopes[i], found[i]
             copy = None if scope in self._unbumped else self._parse(scope, raw)
             if copy is None:
                 misses.append(i)
@@ -135,6 +164,8 @@ class NotesCache:
             at, notes = copy
             out[i] = notes
             self.hits_total += 1
+            if stamp is not None and self._written_at.get(scope, -1) <= writes:
+                self._keep(scope, (stamp, writes, at, notes))
             if now - at >= self.refresh_s:
                 self._refresh_later(scope)
         if misses:
@@ -143,6 +174,29 @@ class NotesCache:
             for i, notes in zip(misses, read, strict=True):
                 out[i] = notes
         return [notes or [] for notes in out]
+
+    def _trusted(self, scope: Scope, now: float) -> list[Note] | None:
+        """The held rows of `scope` if nothing changed its copy or generation since they were
+        read and no write of this process came after that read; None: ask Redis."""
+        held = self._held.get(scope)
+        if held is None or self._tracker is None or scope in self._unbumped:
+            return None
+        stamp, writes, at, notes = held
+        if self._written_at.get(scope, -1) > writes or not self._tracker.unchanged(
+            stamp, self._copy_key(scope), self._gen_key(scope)
+        ):
+            self._held.pop(scope, None)
+            return None
+        self.hits_total += 1
+        self.tracked_hits_total += 1
+        if now - at >= self.refresh_s:
+            self._refresh_later(scope)
+        return notes
+
+    def _keep(self, scope: Scope, held: tuple[Stamp, int, float, list[Note]]) -> None:
+        if len(self._held) >= HELD_SCOPES and scope not in self._held:
+            self._held.clear()  # forgetting only costs the next reads a round trip
+        self._held[scope] = held
 
     def _parse(self, scope: Scope, raw: Any) -> tuple[float, list[Note]] | None:
         if raw is None:
@@ -213,19 +267,33 @@ class NotesCache:
     # --- writing ---------------------------------------------------------------------------
     async def written(self, scope: str, scope_id: str) -> None:
         """After a note write of the scope committed: older copies must not be served or stored."""
+        key = (scope, scope_id)
+        # Before the bump is sent: this process never again trusts a copy read before the write.
+        self._forget(key)
         if not self.enabled:
             return
-        key = (scope, scope_id)
         try:
             await self._cache.call(
                 lambda r: r.eval(_BUMP_LUA, 2, self._copy_key(key), self._gen_key(key), GENERATION_TTL_MS)  # type: ignore[no-any-return]
             )
+            # And after it: a read sent meanwhile may have been answered before the bump, and its
+            # invalidation may not have arrived yet when the writer reads next.
+            self._forget(key)
         except CacheDown:
             # This instance reads the scope from Postgres until a bump gets through; elsewhere
             # the copy is re-read within REFRESH_S.
             self._unbumped.add(key)
             return
         self._unbumped.discard(key)
+
+    def _forget(self, key: Scope) -> None:
+        """No copy of `key` read before now is trusted again by this process."""
+        self._writes += 1
+        if len(self._written_at) > 50_000:
+            self._written_at.clear()
+            self._held.clear()
+        self._written_at[key] = self._writes
+        self._held.pop(key, None)
 
     async def stop(self) -> None:
         tasks = list(self._refreshing.values())
@@ -241,6 +309,7 @@ class NotesCache:
             "misses_total": self.misses_total,
             "refreshes_total": self.refreshes_total,
             "refused_total": self.refused_total,
+            "tracked_hits_total": self.tracked_hits_total,
         }
 
     def _copy_key(self, scope: Scope) -> str:

@@ -16,13 +16,14 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from mcp import Client
 
 from tests.fakes.provider import Behaviour, FakeProvider
 from tests.fleet import Fleet
-from tests.router.conftest import ROUTER_TEST_SETTINGS, call, error_of, mcp_client, status_of
+from tests.router.conftest import ROUTER_TEST_SETTINGS, call, error_of, instance_num, mcp_client, status_of
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -179,3 +180,66 @@ async def test_a_thread_is_shared_across_principals_only_through_a_link_group(
         assert (await call(bob, "link_leave", {"group": group}))["left"] is True
         refused = await error_of(bob, "chat", {"prompt": "tok-B-04 hi", "continuation_id": cid})
         assert refused.startswith("[thread_not_found] ")
+
+
+async def instance_counters(fleet: Fleet, instance_id: str) -> dict[str, int]:
+    """The instance's own counters (its /internal/metrics, exai_instance_*)."""
+    url = f"http://127.0.0.1:{fleet.instance_port(instance_num(instance_id))}/internal/metrics"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(url, headers={"X-Exai-Internal-Token": fleet.internal_token}) as r,
+    ):
+        assert r.status == 200
+        text = await r.text()
+    return {
+        name: int(float(value))
+        for name, value in (line.split(" ", 1) for line in text.splitlines())
+        if name.startswith("exai_instance_") and "{" not in name
+    }
+
+
+async def test_a_session_reads_its_thread_from_memory_until_another_session_appends(
+    fleet: Fleet, provider: FakeProvider
+) -> None:
+    """Redis-assisted client-side caching (instance/storage/tracking.py) through the router: a
+    session continuing its own thread reads its turns and notes without a Redis round trip; when
+    a session on another instance appends, the first instance hears of it (its invalidation
+    counter moves: the test waits for that, never for a fixed time) and its next prompt holds the
+    other session's exchange."""
+    async with (
+        mcp_client(fleet.mcp_url, "2026-07-28", name="agent-a", token=ALICE) as a,
+        mcp_client(fleet.mcp_url, "2026-07-28", name="agent-b", token=ALICE) as b,
+    ):
+        inst_a = (await status_of(a))["instance_id"]
+        assert inst_a != (await status_of(b))["instance_id"]
+        cid = (await call(a, "chat", {"prompt": "tok-A-00 start"}))["continuation_id"]
+        for i in (1, 2):  # read from Redis, held; then its own exchange held and confirmed
+            await call(a, "chat", {"prompt": f"tok-A-0{i} go on", "continuation_id": cid})
+        confirms = "exai_instance_thread_tracked_confirms_total"
+        async with asyncio.timeout(30):  # the confirming read is answered after the answer
+            while True:
+                before = await instance_counters(fleet, inst_a)
+                if before[confirms] >= 2:
+                    break
+                await asyncio.sleep(0.02)
+        await call(a, "chat", {"prompt": "tok-A-03 and on", "continuation_id": cid})
+        after = await instance_counters(fleet, inst_a)
+        hits = "exai_instance_thread_tracked_hits_total"
+        assert after[hits] == before[hits] + 1
+        # (The notes' held copies are counted too, exai_instance_notes_tracked_hits_total, but a
+        # copy older than 5 s is re-read and stored again, which costs its next read a round trip:
+        # on a slow machine that can be any call. test_tracking.py counts them.)
+
+        heard = after["exai_instance_redis_invalidations_total"]
+        await call(b, "chat", {"prompt": "tok-B-04 from elsewhere", "continuation_id": cid})
+        async with asyncio.timeout(30):
+            while True:
+                counters = await instance_counters(fleet, inst_a)
+                if counters["exai_instance_redis_invalidations_total"] > heard:
+                    break
+                await asyncio.sleep(0.02)
+        sent_from = len(provider.snapshot())
+        await call(a, "chat", {"prompt": "tok-A-05 what did B say?", "continuation_id": cid})
+        (hit,) = provider.snapshot()[sent_from:]
+        history = [token_of(str(m["content"])) for m in hit.messages if m["role"] == "user"][:-1]
+        assert history == ["tok-A-00", "tok-A-01", "tok-A-02", "tok-A-03", "tok-B-04"]

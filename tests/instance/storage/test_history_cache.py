@@ -224,8 +224,9 @@ async def test_reads_decode_only_the_new_turns_and_stay_whole(
 ) -> None:
     """A process keeps the thread's cached turns it decoded; the next read takes from Redis only
     the turns after them, whoever appended those, and falls back to the whole list when its copy
-    is no longer a prefix (trimmed, dropped, or held on another Redis run)."""
-    settings = storage_settings(history_cache_turns=6)
+    is no longer a prefix (trimmed, dropped, or held on another Redis run). Without tracking: the
+    tracked path, which skips these reads, is test_tracking.py."""
+    settings = storage_settings(history_cache_turns=6, redis_tracking=False)
     async with (
         Storage.open(settings, instance_id="t-held-a", redis=redis) as a,
         Storage.open(settings, instance_id="t-held-b", redis=redis) as b,
