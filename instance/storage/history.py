@@ -600,10 +600,19 @@ class HistoryStore:
 
     async def _place_slowly(self, ex: _Exchange) -> None:
         """The reply was lost, an error, or no position: `_position`'s way (re-sent through
-        redis-py, the counter restarted past storage, or the local fallback)."""
+        redis-py, the counter restarted past storage, or the local fallback).
+
+        This process's earlier exchanges of the thread are placed first: their replies may
+        have been lost with this one's, and a local position must come after theirs (the
+        floor `ex` was sent with predates them)."""
+        for earlier in list(self._open.get(ex.cid, ())):
+            if earlier is ex:
+                break
+            await self._settle(earlier)
+        floor = max(ex.floor, self._known.get(ex.cid, -1))
         try:
             pos, cached, listed = await self._position(
-                ex.cid, ex.blobs, ex.create, sent=(ex.created, ex.sent), floor=ex.floor
+                ex.cid, ex.blobs, ex.create, sent=(ex.created, ex.sent), floor=floor
             )
         except Exception as exc:  # _position falls back on its own; only storage reads raise here
             log.warning("thread %s: position by the fallback (%s: %s)", ex.cid, type(exc).__name__, exc)
