@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from common import links as link_store
 from common.errors import InvalidArgument, InvalidTransition, TaskNotFound, VersionConflict
 from instance.storage.models import TASK_STATES, Task, TaskEvent, TaskNode
 from instance.storage.pool import Database
@@ -83,10 +84,13 @@ class TaskStore:
         principal: str | None = None,
         owner: str | None = None,
         event_id: str | None = None,
+        group_event: link_store.TaskEventWrite | None = None,
     ) -> Task:
         """Create a task; with a caller-chosen `task_id` a repeated create returns the same task.
 
-        `event_id`: the id of its `created` audit row (a link-group event waits on that row).
+        `event_id`: the id of its `created` audit row (a spooled link-group event names that row).
+        `group_event`: a group task's link event, stored with the task in the same statement
+        (or transaction) and filled in as stored (common/links.TaskEventWrite).
         """
         tid = new_id() if task_id is None else as_uuid(task_id, "task_id")
         check_text(name, "name", min_len=1, max_len=NAME_MAX)
@@ -101,11 +105,10 @@ class TaskStore:
         event_id = new_id() if event_id is None else as_uuid(event_id, "event_id")
         changes = {"name": name, "state": state, "parent_task_id": parent, "metadata": meta}
 
-        async def fast(conn: asyncpg.Connection) -> Task | None:
-            # One statement (atomic on its own): the row and its `created` event, or nothing
-            # when the id exists or the parent is not visible (the transaction below says which).
-            row = await conn.fetchrow(
-                f"""WITH ins AS (
+        link_ctes, link_columns, link_join = (
+            link_store.task_event_sql("ins", 12) if group_event is not None else ("", "", "")
+        )
+        create_sql = f"""WITH ins AS (
                     INSERT INTO tasks (id, session_id, name, description, state, parent_task_id, metadata,
                         completed_at, principal)
                     SELECT $1, $2, $4, $5, $6, $7::uuid, $8::jsonb,
@@ -116,8 +119,16 @@ class TaskStore:
                     INSERT INTO task_events (id, task_id, session_id, event, from_state, to_state, version,
                         changes)
                     SELECT $10, id, $2, 'created', NULL, state, 1, $11::jsonb FROM ins
-                )
-                SELECT * FROM ins""",
+                ){", " + link_ctes if link_ctes else ""}
+                SELECT ins.*{", " + link_columns if link_columns else ""} FROM ins {link_join}"""
+        link_args = [] if group_event is None else [group_event.group, group_event.uuid, group_event.sender]
+
+        async def fast(conn: asyncpg.Connection) -> Task | None:
+            # One statement (atomic on its own): the row and its `created` event (and a group
+            # task's link event), or nothing when the id exists or the parent is not visible
+            # (the transaction below says which).
+            row = await conn.fetchrow(
+                create_sql,
                 tid,
                 session_id,
                 owner,
@@ -129,8 +140,14 @@ class TaskStore:
                 principal,
                 event_id,
                 json.dumps(changes, default=str),
+                *link_args,
             )
-            return None if row is None else Task.from_row(row)
+            if row is None:
+                return None
+            task = Task.from_row(row)
+            if group_event is not None:
+                group_event.take(row["link_event_id"], row["link_event_at"], row["link_members"], task)
+            return task
 
         async def op(conn: asyncpg.Connection) -> Task:
             if (task := await fast(conn)) is not None:
@@ -160,9 +177,14 @@ class TaskStore:
                         raise InvalidArgument(
                             f"task id {tid} is already used by a task this session cannot see"
                         )
+                    if group_event is not None:  # our own earlier attempt, or another call's
+                        await link_store.find_task_event(conn, group_event)
                     return Task.from_row(existing)
                 await _event(conn, event_id, tid, session_id, "created", None, state, 1, changes)
-                return Task.from_row(row)
+                task = Task.from_row(row)
+                if group_event is not None:
+                    await link_store.store_task_event(conn, group_event, task)
+                return task
 
         return await self._db.run(op, what="creating the task")
 
@@ -180,11 +202,13 @@ class TaskStore:
         reopen: bool = False,
         owner: str | None = None,
         event_id: str | None = None,
+        group_event: link_store.TaskEventWrite | None = None,
     ) -> Task:
         """Apply a change if the task is still at `expected_version`; VersionConflict otherwise.
 
         `metadata` replaces the stored object; `parent_task_id=None` detaches from the parent.
-        `event_id`: the id of the change's audit row (a link-group event waits on that row).
+        `event_id`: the id of the change's audit row (a spooled link-group event names that row).
+        `group_event`: a group task's link event, stored with the change (as for `create`).
         """
         tid = as_uuid(task_id, "task_id")
         if (
@@ -226,11 +250,17 @@ class TaskStore:
             with contextlib.suppress(InvalidTransition):
                 moves[current_state] = _next_state(current_state, state, reopen)
 
+        link_ctes, link_columns, link_join = (
+            link_store.task_event_sql("upd", 13) if group_event is not None else ("", "", "")
+        )
+        link_args = [] if group_event is None else [group_event.group, group_event.uuid, group_event.sender]
+
         async def fast(conn: asyncpg.Connection) -> Task | None:
             # One statement (atomic on its own) for the usual update: the row at the expected
-            # version moves along an allowed transition and its event is written. Anything else
-            # (conflict, unknown task, refused transition, a new parent to check, a retry after
-            # our own commit) returns nothing and the transaction below explains it.
+            # version moves along an allowed transition and its event is written (and a group
+            # task's link event). Anything else (conflict, unknown task, refused transition, a
+            # new parent to check, a retry after our own commit) returns nothing and the
+            # transaction below explains it.
             row = await conn.fetchrow(
                 f"""WITH cur AS (
                     SELECT tasks.id, tasks.name, tasks.description, tasks.metadata, tasks.parent_task_id,
@@ -274,8 +304,9 @@ class TaskStore:
                         || (CASE WHEN state <> from_state
                                  THEN jsonb_build_object('state', state) ELSE '{{}}'::jsonb END)
                     FROM upd
-                )
-                SELECT {_COLS} FROM upd""",
+                ){", " + link_ctes if link_ctes else ""}
+                SELECT {", ".join("upd." + c.strip() for c in _COLS.split(","))}
+                    {", " + link_columns if link_columns else ""} FROM upd {link_join}""",
                 tid,
                 session_id,
                 owner,
@@ -288,8 +319,14 @@ class TaskStore:
                 list(moves.values()),
                 event_id,
                 reopen,
+                *link_args,
             )
-            return None if row is None else Task.from_row(row)
+            if row is None:
+                return None
+            task = Task.from_row(row)
+            if group_event is not None:
+                group_event.take(row["link_event_id"], row["link_event_at"], row["link_members"], task)
+            return task
 
         async def op(conn: asyncpg.Connection) -> Task:
             if parent is None and moves and (task := await fast(conn)) is not None:
@@ -309,6 +346,8 @@ class TaskStore:
                         "SELECT EXISTS (SELECT 1 FROM task_events WHERE id = $1)", event_id
                     )
                     if mine:  # our own earlier attempt committed before the connection dropped
+                        if group_event is not None:
+                            await link_store.find_task_event(conn, group_event)
                         return current
                     raise VersionConflict(
                         f"task {tid} is at version {current.version} (state {current.state}), "
@@ -360,6 +399,8 @@ class TaskStore:
                 await _event(
                     conn, event_id, tid, session_id, kind, current.state, new_state, result.version, changes
                 )
+                if group_event is not None:
+                    await link_store.store_task_event(conn, group_event, result)
                 return result
 
         return await self._db.run(op, what="updating the task")
