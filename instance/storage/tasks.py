@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import json
 from typing import Any, Literal
 
@@ -105,22 +106,6 @@ class TaskStore:
         event_id = new_id() if event_id is None else as_uuid(event_id, "event_id")
         changes = {"name": name, "state": state, "parent_task_id": parent, "metadata": meta}
 
-        link_ctes, link_columns, link_join = (
-            link_store.task_event_sql("ins", 12) if group_event is not None else ("", "", "")
-        )
-        create_sql = f"""WITH ins AS (
-                    INSERT INTO tasks (id, session_id, name, description, state, parent_task_id, metadata,
-                        completed_at, principal)
-                    SELECT $1, $2, $4, $5, $6, $7::uuid, $8::jsonb,
-                        CASE WHEN $6 = 'COMPLETE' THEN now() END, $9
-                    WHERE $7::uuid IS NULL OR EXISTS (SELECT 1 FROM tasks WHERE id = $7::uuid AND {_VISIBLE})
-                    ON CONFLICT (id) DO NOTHING RETURNING {_COLS}
-                ), ev AS (
-                    INSERT INTO task_events (id, task_id, session_id, event, from_state, to_state, version,
-                        changes)
-                    SELECT $10, id, $2, 'created', NULL, state, 1, $11::jsonb FROM ins
-                ){", " + link_ctes if link_ctes else ""}
-                SELECT ins.*{", " + link_columns if link_columns else ""} FROM ins {link_join}"""
         link_args = [] if group_event is None else [group_event.group, group_event.uuid, group_event.sender]
 
         async def fast(conn: asyncpg.Connection) -> Task | None:
@@ -128,7 +113,7 @@ class TaskStore:
             # task's link event), or nothing when the id exists or the parent is not visible
             # (the transaction below says which).
             row = await conn.fetchrow(
-                create_sql,
+                _create_sql(group_event is not None),
                 tid,
                 session_id,
                 owner,
@@ -250,9 +235,6 @@ class TaskStore:
             with contextlib.suppress(InvalidTransition):
                 moves[current_state] = _next_state(current_state, state, reopen)
 
-        link_ctes, link_columns, link_join = (
-            link_store.task_event_sql("upd", 13) if group_event is not None else ("", "", "")
-        )
         link_args = [] if group_event is None else [group_event.group, group_event.uuid, group_event.sender]
 
         async def fast(conn: asyncpg.Connection) -> Task | None:
@@ -262,51 +244,7 @@ class TaskStore:
             # new parent to check, a retry after our own commit) returns nothing and the
             # transaction below explains it.
             row = await conn.fetchrow(
-                f"""WITH cur AS (
-                    SELECT tasks.id, tasks.name, tasks.description, tasks.metadata, tasks.parent_task_id,
-                        tasks.state, m.to_state
-                    FROM tasks JOIN unnest($9::text[], $10::text[]) AS m(from_state, to_state)
-                        ON m.from_state = tasks.state
-                    WHERE tasks.id = $1 AND tasks.version = $4 AND {_VISIBLE}
-                    FOR UPDATE OF tasks
-                ), upd AS (
-                    UPDATE tasks SET
-                        name = COALESCE($5, tasks.name),
-                        description = COALESCE($6, tasks.description),
-                        metadata = COALESCE($7::jsonb, tasks.metadata),
-                        parent_task_id = CASE WHEN $8 THEN NULL ELSE tasks.parent_task_id END,
-                        state = cur.to_state,
-                        completed_at = CASE WHEN cur.to_state = 'COMPLETE' AND tasks.state <> 'COMPLETE'
-                                            THEN now()
-                                            WHEN cur.to_state <> 'COMPLETE' THEN NULL
-                                            ELSE tasks.completed_at END,
-                        updated_at = now(),
-                        version = tasks.version + 1
-                    FROM cur WHERE tasks.id = cur.id
-                    RETURNING {", ".join("tasks." + c.strip() for c in _COLS.split(","))},
-                        cur.state AS from_state, cur.name AS old_name, cur.description AS old_description,
-                        cur.metadata AS old_metadata, cur.parent_task_id AS old_parent
-                ), ev AS (
-                    INSERT INTO task_events (id, task_id, session_id, event, from_state, to_state, version,
-                        changes)
-                    SELECT $11, id, $2,
-                        CASE WHEN $12 THEN 'reopened' WHEN state <> from_state THEN 'state_changed'
-                             ELSE 'updated' END,
-                        from_state, state, version,
-                        (CASE WHEN $5::text IS NOT NULL AND $5 <> old_name
-                              THEN jsonb_build_object('name', $5::text) ELSE '{{}}'::jsonb END)
-                        || (CASE WHEN $6::text IS NOT NULL AND $6 <> old_description
-                                 THEN jsonb_build_object('description', $6::text) ELSE '{{}}'::jsonb END)
-                        || (CASE WHEN $7::jsonb IS NOT NULL AND $7::jsonb <> old_metadata
-                                 THEN jsonb_build_object('metadata', $7::jsonb) ELSE '{{}}'::jsonb END)
-                        || (CASE WHEN $8 AND old_parent IS NOT NULL
-                                 THEN jsonb_build_object('parent_task_id', NULL) ELSE '{{}}'::jsonb END)
-                        || (CASE WHEN state <> from_state
-                                 THEN jsonb_build_object('state', state) ELSE '{{}}'::jsonb END)
-                    FROM upd
-                ){", " + link_ctes if link_ctes else ""}
-                SELECT {", ".join("upd." + c.strip() for c in _COLS.split(","))}
-                    {", " + link_columns if link_columns else ""} FROM upd {link_join}""",
+                _update_sql(group_event is not None),
                 tid,
                 session_id,
                 owner,
@@ -488,6 +426,78 @@ class TaskStore:
         )
         if not ok:
             raise TaskNotFound(f"no {what} {tid} is visible to this session")
+
+
+@functools.cache
+def _create_sql(with_event: bool) -> str:
+    """The one statement of a create: the task row and its `created` audit row; with_event: and
+    a group task's link event (common/links.task_event_sql, $12-$14)."""
+    link_ctes, link_columns, link_join = link_store.task_event_sql("ins", 12) if with_event else ("", "", "")
+    return f"""WITH ins AS (
+                INSERT INTO tasks (id, session_id, name, description, state, parent_task_id, metadata,
+                    completed_at, principal)
+                SELECT $1, $2, $4, $5, $6, $7::uuid, $8::jsonb,
+                    CASE WHEN $6 = 'COMPLETE' THEN now() END, $9
+                WHERE $7::uuid IS NULL OR EXISTS (SELECT 1 FROM tasks WHERE id = $7::uuid AND {_VISIBLE})
+                ON CONFLICT (id) DO NOTHING RETURNING {_COLS}
+            ), ev AS (
+                INSERT INTO task_events (id, task_id, session_id, event, from_state, to_state, version,
+                    changes)
+                SELECT $10, id, $2, 'created', NULL, state, 1, $11::jsonb FROM ins
+            ){", " + link_ctes if link_ctes else ""}
+            SELECT ins.*{", " + link_columns if link_columns else ""} FROM ins {link_join}"""
+
+
+@functools.cache
+def _update_sql(with_event: bool) -> str:
+    """The one statement of the usual update (see TaskStore.update); with_event: and a group
+    task's link event (common/links.task_event_sql, $13-$15)."""
+    link_ctes, link_columns, link_join = link_store.task_event_sql("upd", 13) if with_event else ("", "", "")
+    return f"""WITH cur AS (
+                    SELECT tasks.id, tasks.name, tasks.description, tasks.metadata, tasks.parent_task_id,
+                        tasks.state, m.to_state
+                    FROM tasks JOIN unnest($9::text[], $10::text[]) AS m(from_state, to_state)
+                        ON m.from_state = tasks.state
+                    WHERE tasks.id = $1 AND tasks.version = $4 AND {_VISIBLE}
+                    FOR UPDATE OF tasks
+                ), upd AS (
+                    UPDATE tasks SET
+                        name = COALESCE($5, tasks.name),
+                        description = COALESCE($6, tasks.description),
+                        metadata = COALESCE($7::jsonb, tasks.metadata),
+                        parent_task_id = CASE WHEN $8 THEN NULL ELSE tasks.parent_task_id END,
+                        state = cur.to_state,
+                        completed_at = CASE WHEN cur.to_state = 'COMPLETE' AND tasks.state <> 'COMPLETE'
+                                            THEN now()
+                                            WHEN cur.to_state <> 'COMPLETE' THEN NULL
+                                            ELSE tasks.completed_at END,
+                        updated_at = now(),
+                        version = tasks.version + 1
+                    FROM cur WHERE tasks.id = cur.id
+                    RETURNING {", ".join("tasks." + c.strip() for c in _COLS.split(","))},
+                        cur.state AS from_state, cur.name AS old_name, cur.description AS old_description,
+                        cur.metadata AS old_metadata, cur.parent_task_id AS old_parent
+                ), ev AS (
+                    INSERT INTO task_events (id, task_id, session_id, event, from_state, to_state, version,
+                        changes)
+                    SELECT $11, id, $2,
+                        CASE WHEN $12 THEN 'reopened' WHEN state <> from_state THEN 'state_changed'
+                             ELSE 'updated' END,
+                        from_state, state, version,
+                        (CASE WHEN $5::text IS NOT NULL AND $5 <> old_name
+                              THEN jsonb_build_object('name', $5::text) ELSE '{{}}'::jsonb END)
+                        || (CASE WHEN $6::text IS NOT NULL AND $6 <> old_description
+                                 THEN jsonb_build_object('description', $6::text) ELSE '{{}}'::jsonb END)
+                        || (CASE WHEN $7::jsonb IS NOT NULL AND $7::jsonb <> old_metadata
+                                 THEN jsonb_build_object('metadata', $7::jsonb) ELSE '{{}}'::jsonb END)
+                        || (CASE WHEN $8 AND old_parent IS NOT NULL
+                                 THEN jsonb_build_object('parent_task_id', NULL) ELSE '{{}}'::jsonb END)
+                        || (CASE WHEN state <> from_state
+                                 THEN jsonb_build_object('state', state) ELSE '{{}}'::jsonb END)
+                    FROM upd
+                ){", " + link_ctes if link_ctes else ""}
+                SELECT {", ".join("upd." + c.strip() for c in _COLS.split(","))}
+                    {", " + link_columns if link_columns else ""} FROM upd {link_join}"""
 
 
 def _next_state(current: str, requested: str | None, reopen: bool) -> str:
