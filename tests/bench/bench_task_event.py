@@ -70,7 +70,9 @@ async def run(dsn: str, calls: int, fsync: bool, where: str | None) -> dict[str,
             await link_store.join(setup, GROUP, sid, principal=None, client=sid)
     finally:
         await setup.close()
-    settings = load_settings(database_url=dsn, db_pool_min=1, db_pool_max=1, glm_api_key=None, kimi_api_key=None)
+    settings = load_settings(
+        database_url=dsn, db_pool_min=1, db_pool_max=1, glm_api_key=None, kimi_api_key=None
+    )
     db = Database(settings)
     tasks = TaskStore(db)
     pid = await db.run(lambda conn: conn.fetchval("SELECT pg_backend_pid()"))
