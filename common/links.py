@@ -16,7 +16,7 @@ import fnmatch
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -412,6 +412,132 @@ async def reservations(conn: asyncpg.Connection, group: str) -> list[dict[str, A
     ]
 
 
+# --- a group task's event, stored by the task write's own statement --------------------------
+@dataclass(slots=True)
+class TaskEventWrite:
+    """The link-group event of a group task write, stored by that write itself
+    (instance/storage/tasks.py): the task row, its audit row and this event commit together, in
+    the write's one statement, or not at all. In: the group, the event's uuid and its sender.
+    Out (`stored`, `members`): the event as stored, with its group id, and the group's members
+    then, for the announcement; None when the write stored none (refused, a replay of another
+    call's create, or the group was deleted meanwhile)."""
+
+    group: str
+    uuid: str
+    sender: str
+    stored: LinkEvent | None = None
+    members: list[str] = field(default_factory=list)
+    # The write happened but stored no event: its group was deleted, or its sender was not a
+    # member (the store's rule, as for spooled events: _SPOOLED_SQL). Told to the sender.
+    refused: RefusedEvent | None = None
+
+    def take(self, event_id: Any, created_at: Any, members: Any, task: Any, group_found: Any = True) -> None:
+        """The event's id and time as the write's statement returned them (None: not stored,
+        though the write happened: refused), with the task as written (its id, name, state and
+        version are the event's data)."""
+        if event_id is None:
+            self.refused = RefusedEvent(
+                uuid=self.uuid,
+                group=self.group,
+                kind="task",
+                sender=self.sender,
+                reason="not_member" if group_found else "group_deleted",
+            )
+            return
+        self.stored = LinkEvent(
+            group=self.group,
+            id=int(event_id),
+            kind="task",
+            sender=self.sender,
+            recipient=None,
+            subject=None,
+            thread=None,
+            body="",
+            data=task_event_data(task),
+            created_at=created_at,
+            uuid=self.uuid,
+        )
+        self.members = list(members or [])
+
+
+def task_event_data(task: Any) -> dict[str, Any]:
+    """A task event's `data`: as the statements below build it (jsonb_build_object) and as the
+    flusher fills it in for a spooled one (_resolve_task_events)."""
+    return {"task_id": str(task.id), "name": task.name, "state": task.state, "version": int(task.version)}
+
+
+def task_event_sql(written: str, first: int) -> tuple[str, str, str]:
+    """What a task write's statement adds to store its group event (TaskEventWrite): CTEs to
+    follow the write's CTE named `written` (its rows: the task as written, none if the write
+    did not happen), the columns its final SELECT adds, and the join that adds them.
+    Parameters: `$first` the group, `$first+1` the event's uuid, `$first+2` the sender.
+
+    The group's next id is taken only if the write happened (no gap otherwise), by the UPDATE of
+    the group's row, whose lock is held until the statement commits: ids commit in id order, as
+    with the flusher's stores (`store_spooled`)."""
+    g, u, s = f"${first}", f"${first + 1}", f"${first + 2}"
+    ctes = f"""link_seq AS (
+        UPDATE link_groups SET seq = seq + 1
+        WHERE name = {g}::text AND EXISTS (SELECT 1 FROM {written})
+            AND EXISTS (SELECT 1 FROM link_members m
+                        WHERE m.group_name = {g}::text AND m.session_id = {s}::text)
+        RETURNING seq
+    ), link_ev AS (
+        INSERT INTO link_events ({_EVENT_COLS})
+        SELECT {g}::text, link_seq.seq, 'task', {s}::text, NULL, NULL, NULL, '',
+            jsonb_build_object('task_id', w.id::text, 'name', w.name, 'state', w.state,
+                               'version', w.version),
+            now(), {u}::uuid
+        FROM {written} w, link_seq
+        RETURNING id, created_at
+    )"""
+    columns = (
+        "link_ev.id AS link_event_id, link_ev.created_at AS link_event_at,"
+        " CASE WHEN link_ev.id IS NOT NULL THEN"
+        f" ARRAY(SELECT session_id FROM link_members WHERE group_name = {g}::text) END AS link_members,"
+        f" EXISTS (SELECT 1 FROM link_groups WHERE name = {g}::text) AS link_group_found"
+    )
+    return ctes, columns, "LEFT JOIN link_ev ON true"
+
+
+async def store_task_event(conn: asyncpg.Connection, event: TaskEventWrite, task: Any) -> None:
+    """A task write's group event, inside the write's own transaction (its slow path, when the
+    one-statement write did not apply): the group's next id, as `task_event_sql` gives it."""
+    row = await conn.fetchrow(
+        f"""WITH link_seq AS (
+            UPDATE link_groups SET seq = seq + 1 WHERE name = $1
+                AND EXISTS (SELECT 1 FROM link_members m WHERE m.group_name = $1 AND m.session_id = $3)
+            RETURNING seq
+        ), link_ev AS (
+            INSERT INTO link_events ({_EVENT_COLS})
+            SELECT $1, link_seq.seq, 'task', $3, NULL, NULL, NULL, '', $4::jsonb, now(), $2::uuid
+            FROM link_seq RETURNING id, created_at
+        )
+        SELECT link_ev.id, link_ev.created_at,
+            ARRAY(SELECT session_id FROM link_members WHERE group_name = $1) AS members
+        FROM link_ev""",
+        event.group, event.uuid, event.sender, json.dumps(task_event_data(task)),
+    )  # fmt: skip
+    if row is not None:
+        event.take(row["id"], row["created_at"], row["members"], task)
+    else:
+        found = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM link_groups WHERE name = $1)", event.group)
+        event.take(None, None, None, task, group_found=found)
+
+
+async def find_task_event(conn: asyncpg.Connection, event: TaskEventWrite) -> None:
+    """A task write found its own earlier attempt committed (the pool's retry after a dropped
+    connection): the event that attempt stored with it, if any, for the announcement."""
+    row = await conn.fetchrow(
+        f"SELECT {_EVENT_COLS}, ARRAY(SELECT session_id FROM link_members WHERE group_name = $2) AS members"
+        " FROM link_events WHERE uuid = $1::uuid AND group_name = $2",
+        event.uuid, event.group,
+    )  # fmt: skip
+    if row is not None:
+        event.stored = LinkEvent.from_row(row)
+        event.members = list(row["members"])
+
+
 # --- events written behind (instance spool -> flusher) ---------------------------------------
 # One statement per group, one round trip: skip the events already stored (a replay after a
 # crash: found by uuid; only this instance's flusher ever writes these uuids), take as many ids as
@@ -529,12 +655,16 @@ async def store_spooled(conn: asyncpg.Connection, payloads: list[dict[str, Any]]
     others get the next ids in order. Returns each new event with the group's members then, for
     the notifications, and a `RefusedEvent` for each event not stored because its group was
     deleted or its sender was not a member when it made it (see _SPOOLED_SQL), for its sender.
+    A payload marked `recheck` is only looked up, never stored (`_rechecked`).
     """
+    out: list[StoredOrRefused] = []
+    if any(p.get("recheck") for p in payloads):
+        out.extend(await _rechecked(conn, [p for p in payloads if p.get("recheck")]))
+        payloads = [p for p in payloads if not p.get("recheck")]
     payloads = await _resolve_task_events(conn, payloads)
     by_group: dict[str, dict[str, dict[str, Any]]] = {}
     for p in payloads:
         by_group.setdefault(str(p["group"]), {}).setdefault(str(p["uuid"]), p)
-    out: list[StoredOrRefused] = []
     for group in sorted(by_group):  # one lock order for every flusher: no deadlocks
         new = list(by_group[group].values())
         rows = await conn.fetch(
@@ -578,6 +708,22 @@ def _refused(payload: dict[str, Any], reason: str) -> RefusedEvent:
         reason=reason,
         recipient=payload.get("recipient"),
     )
+
+
+async def _rechecked(
+    conn: asyncpg.Connection, payloads: list[dict[str, Any]]
+) -> list[tuple[LinkEvent, list[str]]]:
+    """Payloads marked `recheck` stand for a group task write that stored its event in its own
+    statement (TaskEventWrite) but failed as its caller saw it (the connection dropped, the
+    call was cancelled), so it may have committed: they are never stored from here, only
+    looked up by uuid; the events found are returned for the announcement nobody made."""
+    rows = await conn.fetch(
+        f"SELECT {_EVENT_COLS}, ARRAY(SELECT session_id FROM link_members m"
+        " WHERE m.group_name = e.group_name) AS members"
+        " FROM link_events e WHERE e.uuid = ANY($1::uuid[]) ORDER BY e.group_name, e.id",
+        [str(p["uuid"]) for p in payloads],
+    )
+    return [(LinkEvent.from_row(r), list(r["members"])) for r in rows]
 
 
 async def _resolve_task_events(

@@ -25,7 +25,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -99,6 +99,11 @@ def _best_effort_reply(reply: asyncio.Future[Any]) -> None:
         log.debug("best-effort Redis bookkeeping of link events failed: %s", exc)
 
 
+def _recheck_spooled(committed: asyncio.Future[None]) -> None:
+    if not committed.cancelled() and (exc := committed.exception()) is not None:
+        log.warning("the recheck of a group task event was not spooled: %s", exc)
+
+
 def group_scope_id(group: str) -> str:
     """The session id under which a group's tasks and notes are stored (scope='group')."""
     return GROUP_SCOPE_PREFIX + db.check_group(group)
@@ -115,6 +120,8 @@ class Links:
         self.catch_ups = 0
         self.caught_up_events = 0
         self.spooled = 0
+        self.task_direct = 0  # group task events stored by their task write's own statement
+        self.task_spooled = 0  # ... or spooled behind this instance's unstored link events
         self._header_joins: set[tuple[str, str]] = set()
         self._members: dict[str, tuple[float, frozenset[str]]] = {}  # group -> (read at, sessions)
         self._member_epoch = 0  # bumped by every dropped copy: a read begun before stores nothing
@@ -148,6 +155,8 @@ class Links:
             "refused": self.refused,  # answered, then refused by the store (told to the sender)
             "early": self.early,
             "early_direct": self.early_direct,  # of them, written on the direct Redis line
+            "task_direct": self.task_direct,
+            "task_spooled": self.task_spooled,
         }
 
     def stage_stats(self) -> dict[str, dict[str, Any]]:
@@ -479,6 +488,66 @@ class Links:
                 return
             await asyncio.sleep(INFLIGHT_POLL)
 
+    def task_event(self, group: str, sender: str) -> db.TaskEventWrite | None:
+        """The link event of a group task write, to be stored by the write's own statement
+        (common/links.TaskEventWrite): with the task, in one commit, with the group's next id,
+        so the call waits for no spool commit of its own. None while this instance's spool still
+        holds link events waiting for Postgres (its own earlier ones, or a previous run's): then
+        the event goes through the spool behind them (`spool_task_event`), so the group's log
+        keeps the order in which this instance's calls made their events. The caller checked
+        membership already."""
+        storage = self.runtime.require_storage()
+        if storage.spool.hot_rows > 0:
+            self.task_spooled += 1
+            return None
+        return db.TaskEventWrite(group=group, uuid=str(uuid.uuid4()), sender=sender)
+
+    def task_event_written(self, event: db.TaskEventWrite) -> None:
+        """The task write stored its event (or none: a replay of another call's create; or the
+        write happened but its event was refused, the group deleted or the sender no longer a
+        member, which the sender is told as for a spooled event, `_refused`): announce it, add
+        it to the group's stream and count it once the call's answer is written, as the
+        flusher does for a spooled event (`flushed`)."""
+        if event.stored is None:
+            if event.refused is not None:  # the write happened; its event broke the store's rule
+                self._refused([event.refused])
+            return
+        self.task_direct += 1
+        written = [(event.stored, event.members)]
+        after_answer(lambda: self.flushed(written))
+
+    def task_event_unsure(self, event: db.TaskEventWrite, task_event: str) -> None:
+        """The task write failed as the caller saw it, but may have committed with its event
+        (the connection dropped after the commit and the retry failed too; the call was
+        cancelled): spool a `recheck` of the event (never stored from the spool, only looked up
+        by the flusher once Postgres answers, and announced if it is there), so nobody misses
+        the announcement of a stored event. Does not wait for the spool (the call may be being
+        cancelled); a spool that refuses it is logged: the event, if stored, is in the group's
+        log anyway and every member reads it from there."""
+        payload = {
+            "uuid": event.uuid,
+            "group": event.group,
+            "kind": "task",
+            "sender": event.sender,
+            "task_event": task_event,
+            "created_at": time.time(),
+            "recheck": True,
+        }
+        storage = self.runtime.storage
+        try:
+            if storage is None:
+                raise StorageUnavailable("storage is closed")
+            committed = storage.spool.submit(KIND_LINK_EVENT, payload, urgent=True, sync="normal")
+            if committed is None:  # a full spool: its policy, off the call's path
+                self.runtime.background(
+                    storage.spool.append(KIND_LINK_EVENT, payload, urgent=True, sync="normal"),
+                    what="spooling a group task event's recheck",
+                )
+            else:
+                committed.add_done_callback(_recheck_spooled)
+        except Exception as exc:
+            log.warning("the recheck of a group task event in %r was not spooled: %s", event.group, exc)
+
     def spool_task_event(self, group: str, sender: str, task_event: str) -> Awaitable[None]:
         """Spool a group task event that depends on a task write running at the same time.
 
@@ -547,7 +616,7 @@ class Links:
                     async with asyncio.timeout(TASK_WRITE_WAIT_SECONDS):
                         await waiting.wait()
 
-    def flushed(self, written: list[db.StoredOrRefused]) -> None:
+    def flushed(self, written: Sequence[db.StoredOrRefused]) -> None:
         """The flusher stored these events (ids given, in order): tell the members, add them to
         the groups' Redis streams, count the write-behind lag. Those it refused are told to
         their senders (`_refused`)."""
@@ -557,7 +626,7 @@ class Links:
         if stored:
             self._flushed(stored)
 
-    def _refused(self, refused: list[db.RefusedEvent]) -> None:
+    def _refused(self, refused: Sequence[db.RefusedEvent]) -> None:
         """Events answered to their senders but refused by the store: each sender gets a notice
         with its next tool answer (and a log notification now); the members woken for one early
         read nothing new and need not wait for it; this group's copy is read again."""

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import json
 from typing import Any, Literal
 
 import asyncpg
 
+from common import links as link_store
 from common.errors import InvalidArgument, InvalidTransition, TaskNotFound, VersionConflict
 from instance.storage.models import TASK_STATES, Task, TaskEvent, TaskNode
 from instance.storage.pool import Database
@@ -83,10 +85,13 @@ class TaskStore:
         principal: str | None = None,
         owner: str | None = None,
         event_id: str | None = None,
+        group_event: link_store.TaskEventWrite | None = None,
     ) -> Task:
         """Create a task; with a caller-chosen `task_id` a repeated create returns the same task.
 
-        `event_id`: the id of its `created` audit row (a link-group event waits on that row).
+        `event_id`: the id of its `created` audit row (a spooled link-group event names that row).
+        `group_event`: a group task's link event, stored with the task in the same statement
+        (or transaction) and filled in as stored (common/links.TaskEventWrite).
         """
         tid = new_id() if task_id is None else as_uuid(task_id, "task_id")
         check_text(name, "name", min_len=1, max_len=NAME_MAX)
@@ -101,23 +106,14 @@ class TaskStore:
         event_id = new_id() if event_id is None else as_uuid(event_id, "event_id")
         changes = {"name": name, "state": state, "parent_task_id": parent, "metadata": meta}
 
+        link_args = [] if group_event is None else [group_event.group, group_event.uuid, group_event.sender]
+
         async def fast(conn: asyncpg.Connection) -> Task | None:
-            # One statement (atomic on its own): the row and its `created` event, or nothing
-            # when the id exists or the parent is not visible (the transaction below says which).
+            # One statement (atomic on its own): the row and its `created` event (and a group
+            # task's link event), or nothing when the id exists or the parent is not visible
+            # (the transaction below says which).
             row = await conn.fetchrow(
-                f"""WITH ins AS (
-                    INSERT INTO tasks (id, session_id, name, description, state, parent_task_id, metadata,
-                        completed_at, principal)
-                    SELECT $1, $2, $4, $5, $6, $7::uuid, $8::jsonb,
-                        CASE WHEN $6 = 'COMPLETE' THEN now() END, $9
-                    WHERE $7::uuid IS NULL OR EXISTS (SELECT 1 FROM tasks WHERE id = $7::uuid AND {_VISIBLE})
-                    ON CONFLICT (id) DO NOTHING RETURNING {_COLS}
-                ), ev AS (
-                    INSERT INTO task_events (id, task_id, session_id, event, from_state, to_state, version,
-                        changes)
-                    SELECT $10, id, $2, 'created', NULL, state, 1, $11::jsonb FROM ins
-                )
-                SELECT * FROM ins""",
+                _create_sql(group_event is not None),
                 tid,
                 session_id,
                 owner,
@@ -129,8 +125,20 @@ class TaskStore:
                 principal,
                 event_id,
                 json.dumps(changes, default=str),
+                *link_args,
             )
-            return None if row is None else Task.from_row(row)
+            if row is None:
+                return None
+            task = Task.from_row(row)
+            if group_event is not None:
+                group_event.take(
+                    row["link_event_id"],
+                    row["link_event_at"],
+                    row["link_members"],
+                    task,
+                    row["link_group_found"],
+                )
+            return task
 
         async def op(conn: asyncpg.Connection) -> Task:
             if (task := await fast(conn)) is not None:
@@ -160,9 +168,14 @@ class TaskStore:
                         raise InvalidArgument(
                             f"task id {tid} is already used by a task this session cannot see"
                         )
+                    if group_event is not None:  # our own earlier attempt, or another call's
+                        await link_store.find_task_event(conn, group_event)
                     return Task.from_row(existing)
                 await _event(conn, event_id, tid, session_id, "created", None, state, 1, changes)
-                return Task.from_row(row)
+                task = Task.from_row(row)
+                if group_event is not None:
+                    await link_store.store_task_event(conn, group_event, task)
+                return task
 
         return await self._db.run(op, what="creating the task")
 
@@ -180,11 +193,13 @@ class TaskStore:
         reopen: bool = False,
         owner: str | None = None,
         event_id: str | None = None,
+        group_event: link_store.TaskEventWrite | None = None,
     ) -> Task:
         """Apply a change if the task is still at `expected_version`; VersionConflict otherwise.
 
         `metadata` replaces the stored object; `parent_task_id=None` detaches from the parent.
-        `event_id`: the id of the change's audit row (a link-group event waits on that row).
+        `event_id`: the id of the change's audit row (a spooled link-group event names that row).
+        `group_event`: a group task's link event, stored with the change (as for `create`).
         """
         tid = as_uuid(task_id, "task_id")
         if (
@@ -226,56 +241,16 @@ class TaskStore:
             with contextlib.suppress(InvalidTransition):
                 moves[current_state] = _next_state(current_state, state, reopen)
 
+        link_args = [] if group_event is None else [group_event.group, group_event.uuid, group_event.sender]
+
         async def fast(conn: asyncpg.Connection) -> Task | None:
             # One statement (atomic on its own) for the usual update: the row at the expected
-            # version moves along an allowed transition and its event is written. Anything else
-            # (conflict, unknown task, refused transition, a new parent to check, a retry after
-            # our own commit) returns nothing and the transaction below explains it.
+            # version moves along an allowed transition and its event is written (and a group
+            # task's link event). Anything else (conflict, unknown task, refused transition, a
+            # new parent to check, a retry after our own commit) returns nothing and the
+            # transaction below explains it.
             row = await conn.fetchrow(
-                f"""WITH cur AS (
-                    SELECT tasks.id, tasks.name, tasks.description, tasks.metadata, tasks.parent_task_id,
-                        tasks.state, m.to_state
-                    FROM tasks JOIN unnest($9::text[], $10::text[]) AS m(from_state, to_state)
-                        ON m.from_state = tasks.state
-                    WHERE tasks.id = $1 AND tasks.version = $4 AND {_VISIBLE}
-                    FOR UPDATE OF tasks
-                ), upd AS (
-                    UPDATE tasks SET
-                        name = COALESCE($5, tasks.name),
-                        description = COALESCE($6, tasks.description),
-                        metadata = COALESCE($7::jsonb, tasks.metadata),
-                        parent_task_id = CASE WHEN $8 THEN NULL ELSE tasks.parent_task_id END,
-                        state = cur.to_state,
-                        completed_at = CASE WHEN cur.to_state = 'COMPLETE' AND tasks.state <> 'COMPLETE'
-                                            THEN now()
-                                            WHEN cur.to_state <> 'COMPLETE' THEN NULL
-                                            ELSE tasks.completed_at END,
-                        updated_at = now(),
-                        version = tasks.version + 1
-                    FROM cur WHERE tasks.id = cur.id
-                    RETURNING {", ".join("tasks." + c.strip() for c in _COLS.split(","))},
-                        cur.state AS from_state, cur.name AS old_name, cur.description AS old_description,
-                        cur.metadata AS old_metadata, cur.parent_task_id AS old_parent
-                ), ev AS (
-                    INSERT INTO task_events (id, task_id, session_id, event, from_state, to_state, version,
-                        changes)
-                    SELECT $11, id, $2,
-                        CASE WHEN $12 THEN 'reopened' WHEN state <> from_state THEN 'state_changed'
-                             ELSE 'updated' END,
-                        from_state, state, version,
-                        (CASE WHEN $5::text IS NOT NULL AND $5 <> old_name
-                              THEN jsonb_build_object('name', $5::text) ELSE '{{}}'::jsonb END)
-                        || (CASE WHEN $6::text IS NOT NULL AND $6 <> old_description
-                                 THEN jsonb_build_object('description', $6::text) ELSE '{{}}'::jsonb END)
-                        || (CASE WHEN $7::jsonb IS NOT NULL AND $7::jsonb <> old_metadata
-                                 THEN jsonb_build_object('metadata', $7::jsonb) ELSE '{{}}'::jsonb END)
-                        || (CASE WHEN $8 AND old_parent IS NOT NULL
-                                 THEN jsonb_build_object('parent_task_id', NULL) ELSE '{{}}'::jsonb END)
-                        || (CASE WHEN state <> from_state
-                                 THEN jsonb_build_object('state', state) ELSE '{{}}'::jsonb END)
-                    FROM upd
-                )
-                SELECT {_COLS} FROM upd""",
+                _update_sql(group_event is not None),
                 tid,
                 session_id,
                 owner,
@@ -288,8 +263,20 @@ class TaskStore:
                 list(moves.values()),
                 event_id,
                 reopen,
+                *link_args,
             )
-            return None if row is None else Task.from_row(row)
+            if row is None:
+                return None
+            task = Task.from_row(row)
+            if group_event is not None:
+                group_event.take(
+                    row["link_event_id"],
+                    row["link_event_at"],
+                    row["link_members"],
+                    task,
+                    row["link_group_found"],
+                )
+            return task
 
         async def op(conn: asyncpg.Connection) -> Task:
             if parent is None and moves and (task := await fast(conn)) is not None:
@@ -309,6 +296,8 @@ class TaskStore:
                         "SELECT EXISTS (SELECT 1 FROM task_events WHERE id = $1)", event_id
                     )
                     if mine:  # our own earlier attempt committed before the connection dropped
+                        if group_event is not None:
+                            await link_store.find_task_event(conn, group_event)
                         return current
                     raise VersionConflict(
                         f"task {tid} is at version {current.version} (state {current.state}), "
@@ -360,6 +349,8 @@ class TaskStore:
                 await _event(
                     conn, event_id, tid, session_id, kind, current.state, new_state, result.version, changes
                 )
+                if group_event is not None:
+                    await link_store.store_task_event(conn, group_event, result)
                 return result
 
         return await self._db.run(op, what="updating the task")
@@ -447,6 +438,78 @@ class TaskStore:
         )
         if not ok:
             raise TaskNotFound(f"no {what} {tid} is visible to this session")
+
+
+@functools.cache
+def _create_sql(with_event: bool) -> str:
+    """The one statement of a create: the task row and its `created` audit row; with_event: and
+    a group task's link event (common/links.task_event_sql, $12-$14)."""
+    link_ctes, link_columns, link_join = link_store.task_event_sql("ins", 12) if with_event else ("", "", "")
+    return f"""WITH ins AS (
+                INSERT INTO tasks (id, session_id, name, description, state, parent_task_id, metadata,
+                    completed_at, principal)
+                SELECT $1, $2, $4, $5, $6, $7::uuid, $8::jsonb,
+                    CASE WHEN $6 = 'COMPLETE' THEN now() END, $9
+                WHERE $7::uuid IS NULL OR EXISTS (SELECT 1 FROM tasks WHERE id = $7::uuid AND {_VISIBLE})
+                ON CONFLICT (id) DO NOTHING RETURNING {_COLS}
+            ), ev AS (
+                INSERT INTO task_events (id, task_id, session_id, event, from_state, to_state, version,
+                    changes)
+                SELECT $10, id, $2, 'created', NULL, state, 1, $11::jsonb FROM ins
+            ){", " + link_ctes if link_ctes else ""}
+            SELECT ins.*{", " + link_columns if link_columns else ""} FROM ins {link_join}"""
+
+
+@functools.cache
+def _update_sql(with_event: bool) -> str:
+    """The one statement of the usual update (see TaskStore.update); with_event: and a group
+    task's link event (common/links.task_event_sql, $13-$15)."""
+    link_ctes, link_columns, link_join = link_store.task_event_sql("upd", 13) if with_event else ("", "", "")
+    return f"""WITH cur AS (
+                    SELECT tasks.id, tasks.name, tasks.description, tasks.metadata, tasks.parent_task_id,
+                        tasks.state, m.to_state
+                    FROM tasks JOIN unnest($9::text[], $10::text[]) AS m(from_state, to_state)
+                        ON m.from_state = tasks.state
+                    WHERE tasks.id = $1 AND tasks.version = $4 AND {_VISIBLE}
+                    FOR UPDATE OF tasks
+                ), upd AS (
+                    UPDATE tasks SET
+                        name = COALESCE($5, tasks.name),
+                        description = COALESCE($6, tasks.description),
+                        metadata = COALESCE($7::jsonb, tasks.metadata),
+                        parent_task_id = CASE WHEN $8 THEN NULL ELSE tasks.parent_task_id END,
+                        state = cur.to_state,
+                        completed_at = CASE WHEN cur.to_state = 'COMPLETE' AND tasks.state <> 'COMPLETE'
+                                            THEN now()
+                                            WHEN cur.to_state <> 'COMPLETE' THEN NULL
+                                            ELSE tasks.completed_at END,
+                        updated_at = now(),
+                        version = tasks.version + 1
+                    FROM cur WHERE tasks.id = cur.id
+                    RETURNING {", ".join("tasks." + c.strip() for c in _COLS.split(","))},
+                        cur.state AS from_state, cur.name AS old_name, cur.description AS old_description,
+                        cur.metadata AS old_metadata, cur.parent_task_id AS old_parent
+                ), ev AS (
+                    INSERT INTO task_events (id, task_id, session_id, event, from_state, to_state, version,
+                        changes)
+                    SELECT $11, id, $2,
+                        CASE WHEN $12 THEN 'reopened' WHEN state <> from_state THEN 'state_changed'
+                             ELSE 'updated' END,
+                        from_state, state, version,
+                        (CASE WHEN $5::text IS NOT NULL AND $5 <> old_name
+                              THEN jsonb_build_object('name', $5::text) ELSE '{{}}'::jsonb END)
+                        || (CASE WHEN $6::text IS NOT NULL AND $6 <> old_description
+                                 THEN jsonb_build_object('description', $6::text) ELSE '{{}}'::jsonb END)
+                        || (CASE WHEN $7::jsonb IS NOT NULL AND $7::jsonb <> old_metadata
+                                 THEN jsonb_build_object('metadata', $7::jsonb) ELSE '{{}}'::jsonb END)
+                        || (CASE WHEN $8 AND old_parent IS NOT NULL
+                                 THEN jsonb_build_object('parent_task_id', NULL) ELSE '{{}}'::jsonb END)
+                        || (CASE WHEN state <> from_state
+                                 THEN jsonb_build_object('state', state) ELSE '{{}}'::jsonb END)
+                    FROM upd
+                ){", " + link_ctes if link_ctes else ""}
+                SELECT {", ".join("upd." + c.strip() for c in _COLS.split(","))}
+                    {", " + link_columns if link_columns else ""} FROM upd {link_join}"""
 
 
 def _next_state(current: str, requested: str | None, reopen: bool) -> str:

@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
-from common.errors import InvalidArgument
+from common.errors import ExaiError, InvalidArgument, StorageUnavailable
+from common.links import TaskEventWrite
 from instance.resources import tasks_changed
 from instance.runtime import Runtime
 from instance.storage.validation import new_id
@@ -41,20 +42,40 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         return session(ctx)
 
     async def with_group_event(
-        ctx: Context, group: str | None, write: Callable[[str | None], Awaitable[Any]]
+        ctx: Context,
+        group: str | None,
+        write: Callable[[str | None, TaskEventWrite | None], Awaitable[Any]],
     ) -> Any:
-        """Run a task write; for a group task, spool its group event at the same time.
+        """Run a task write; for a group task, store its group event with it.
 
-        The event names the write's audit row (task_events id); it is handed to the spool before
-        the write starts and committed there while Postgres runs the write, so it costs the call
-        next to nothing; the call answers once both are done. The flusher stores the event only
-        if that row exists (a refused write leaves no event), after the call's answer is
-        written. See Links.spool_task_event.
+        The event is written by the task write's own statement (`Links.task_event`: the task,
+        its audit row and the event commit together, the event taking the group's next id), so
+        the call waits for nothing else; it is announced, streamed and counted once the call's
+        answer is written. A write that fails but may have committed leaves a recheck in the
+        spool (`Links.task_event_unsure`). While this instance still has link events waiting in
+        its spool, the event goes there behind them (the older way, kept for that case): it is
+        handed to the spool's thread before the write starts and committed there while Postgres
+        runs the write; it names the write's audit row (task_events id), and the flusher stores
+        it only if that row exists (a refused write leaves no event), after the call's answer
+        is written. See Links.spool_task_event.
         """
         if not group:
-            return await write(None)
+            return await write(None, None)
         links = runtime.links
         event_id = new_id()
+        direct = links.task_event(group, session(ctx))
+        if direct is not None:
+            try:
+                result = await write(event_id, direct)
+            except ExaiError as exc:
+                if isinstance(exc, StorageUnavailable):  # it may have committed before the drop
+                    links.task_event_unsure(direct, event_id)
+                raise  # refused (conflict, not found, ...): rolled back, no event
+            except BaseException:  # cancelled, or anything unforeseen: it may have committed
+                links.task_event_unsure(direct, event_id)
+                raise
+            links.task_event_written(direct)
+            return result
         links.expect(event_id)
         spooled: Awaitable[None] | None = None
         try:
@@ -62,7 +83,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         except Exception as exc:  # the spool refused it at once (closed, a record too big)
             log.warning("the group event of a task write in %r was not spooled: %s", group, exc)
         try:
-            return await write(event_id)
+            return await write(event_id, None)
         finally:
             links.settled(event_id)
             if spooled is not None:
@@ -92,7 +113,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         task = await with_group_event(
             ctx,
             group,
-            lambda event_id: storage.tasks.create(
+            lambda event_id, group_event: storage.tasks.create(
                 session_id=scope_id,
                 name=name,
                 description=description,
@@ -102,6 +123,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 principal=runtime.principal_for(headers_of(ctx)),
                 owner=runtime.owner_for(headers_of(ctx)),
                 event_id=event_id,
+                group_event=group_event,
             ),
         )
         if task.session_id and not group:
@@ -137,7 +159,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         task = await with_group_event(
             ctx,
             group,
-            lambda event_id: storage.tasks.update(
+            lambda event_id, group_event: storage.tasks.update(
                 task_id,
                 expected_version=expected_version,
                 session_id=scope_id,
@@ -148,6 +170,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 reopen=reopen,
                 owner=runtime.owner_for(headers_of(ctx)),
                 event_id=event_id,
+                group_event=group_event,
                 **extra,
             ),
         )

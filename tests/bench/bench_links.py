@@ -22,7 +22,8 @@ real MCP clients through the router. Measured:
    Postgres afterwards: A's rows in the order they were made are its calls in order; no HTTP
    noise) and as the client saw it. For contrast: what the old synchronous path cost (one
    Postgres transaction per event, common/links.append) and one spool append alone;
-2. delivery latency: A calls link_send -> B's client has the `notifications/resources/updated`
+2. delivery latency: A calls link_send (and, up to 100 times, a group task_create) -> B's
+   client has the `notifications/resources/updated`
    for the group's inbox (the spool append, the member's notification log in Redis, the
    router-held stream, SSE to B; with EXAI_LINK_EARLY_NOTIFY=false also the flusher's
    Postgres commit); one message at a time, 25 ms apart. B's SDK client runs in a process of
@@ -438,6 +439,21 @@ async def bench(
         results["delivery_from_a_request"] = summary(from_sent)
         results["delivery_after_answer"] = summary(after_answer)
         results["sender_answer"] = summary(answer)
+        # A group task's event the same way: A's group task_create -> B's client has the
+        # notification (stored with the task and announced after A's answer since 2026-11-28;
+        # before, after the flusher's store).
+        task_lat: list[float] = []
+        for i in range(min(messages, 100)):
+            b.arrived.clear()
+            seen_before = len(b.times)
+            wall0 = time.time()
+            await call(a, "task_create", {"name": f"t{i}", "scope": "group", "group": group})
+            while len(b.times) == seen_before:
+                await asyncio.wait_for(b.arrived.wait(), 10)
+                b.arrived.clear()
+            task_lat.append((b.times[seen_before] - wall0) * 1000)
+            await asyncio.sleep(GAP)
+        results["task_delivery"] = summary(task_lat)
         redis = aioredis.Redis.from_url(fleet.settings.redis_url or "", decode_responses=True)
         try:  # the instances' own count: the sender's call -> the members' notification queued
             stats = await redis.hgetall(fleet.keys.link_stats())  # type: ignore[misc]
@@ -633,6 +649,7 @@ async def main() -> None:
         ("  from A's HTTP request sent (httpx hook)", "delivery_from_a_request"),
         ("  of it after A's call answered", "delivery_after_answer"),
         ("A's link_send answered (client)", "sender_answer"),
+        ("group task_create A -> B (B's client)", "task_delivery"),
         ("old sync store (contrast)", "old_sync_store"),
         ("spool append alone (fsync floor)", "spool_append_floor"),
         ("spool append alone, sync=normal", "spool_append_floor_normal"),

@@ -1,28 +1,27 @@
-"""A group task's event beside its task write, in one process: what the spool append adds.
+"""A group task's event on its task write, in one process: what storing the event adds.
 
-    python tests/bench/bench_task_event.py [--calls 1000] [--no-fsync]
+    python tests/bench/bench_task_event.py [--calls 1000] [--no-fsync] [--dir /dev/shm]
 
-A group `task_create` writes the task to Postgres and, at the same time, appends its group
-event to the instance's spool; it answers once both are done (instance/tools/tasks.py). This
-times, in one process and without the fleet's HTTP layers, what the append adds to a write of
-the task's kind (one INSERT with its commit, on a scratch database made from
-EXAI_TEST_DATABASE_URL and dropped afterwards), with the real `Spool` (sync="normal", as
-link events use it by default). Ways, each round in alternating order, 2 ms apart:
+A group `task_create` stores the task and its link-group event (instance/tools/tasks.py). This
+times, in one process and without the fleet's HTTP layers, what the event adds to the write,
+with the real `TaskStore` (instance/storage/tasks.py) on a scratch database made from
+EXAI_TEST_DATABASE_URL (the schema applied; a link group of three members; dropped afterwards)
+and the real `Spool` (sync="normal", as link events use it by default). Ways, each round in
+alternating order, 2 ms apart:
 
-- `write`: the Postgres write alone;
-- `task`: the append as a task of its own, started before the write (the code before
-  2026-11-27: `asyncio.ensure_future(spool.append(...))`);
-- `submit`: the append handed to the spool's thread before the write, no task
-  (`Spool.submit`, the code after);
-- `soon`: the same hand-off one loop callback later, once the write's query is sent;
-- `append`: the append alone, no write.
+- `session`: a session-scoped create (no event), the reference;
+- `direct`: a group create whose statement also stores the event with the group's next id
+  (common/links.task_event_sql; the code since 2026-11-28);
+- `spooled`: the event handed to the spool's thread before the write (`Spool.submit`) and
+  awaited after it (the code before, and still the way while the instance's spool holds link
+  events waiting for Postgres);
+- `append`: the spool append alone, no write.
 
-Prints each way's p50 and the median of its per-round difference from `write`, in ms; and,
-for `submit`, how long the write itself took beside the append and when the append's commit
-was done (both from the call's start).
-`--no-fsync` leaves out the spool's own fsync after each commit (which shares the disk with
-Postgres's commit), to see its part; `--dir` puts the spool's file elsewhere (e.g. /dev/shm,
-a file system Postgres's commits do not flush).
+Prints each way's p50 and the median of its per-round difference from `session`, in ms, and
+the CPU each way cost per call: this process's (the loop's thread, the spool's threads) and the
+Postgres backend's (from /proc; the pool has one connection, so one backend serves every way).
+`--no-fsync` leaves out the spool's own fsync after each commit; `--dir` puts the spool's file
+elsewhere (e.g. /dev/shm).
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -44,99 +44,107 @@ import asyncpg
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from common import links as link_store  # noqa: E402
+from common.migrate import migrate  # noqa: E402
+from common.settings import load_settings  # noqa: E402
+from instance.storage.pool import Database  # noqa: E402
 from instance.storage.spool import Spool  # noqa: E402
+from instance.storage.tasks import TaskStore  # noqa: E402
 from instance.storage.writebehind import KIND_LINK_EVENT  # noqa: E402
 
-
-def payload(i: int) -> dict[str, Any]:
-    return {
-        "uuid": str(i),
-        "group": "g",
-        "kind": "task",
-        "sender": "s",
-        "task_event": "e",
-        "created_at": time.time(),
-    }
+GROUP = "bench"
+SCOPE = "link:" + GROUP
 
 
-async def run(dsn: str, calls: int, fsync: bool, where: str | None) -> dict[str, list[float]]:
-    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=2)
-    async with pool.acquire() as conn:
-        await conn.execute("CREATE TABLE t (id serial PRIMARY KEY, name text)")
+def backend_cpu(pid: int) -> float:
+    """The Postgres backend's CPU time so far, seconds (the scheduler's, in ns: /proc schedstat)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+
+
+async def run(dsn: str, calls: int, fsync: bool, where: str | None) -> dict[str, Any]:
+    await migrate(dsn)
+    setup = await asyncpg.connect(dsn)
+    try:
+        for sid in ("s-a", "s-b", "s-c"):
+            await link_store.join(setup, GROUP, sid, principal=None, client=sid)
+    finally:
+        await setup.close()
+    settings = load_settings(
+        database_url=dsn, db_pool_min=1, db_pool_max=1, glm_api_key=None, kimi_api_key=None
+    )
+    db = Database(settings)
+    tasks = TaskStore(db)
+    pid = await db.run(lambda conn: conn.fetchval("SELECT pg_backend_pid()"))
     with tempfile.TemporaryDirectory(prefix="bench-task-event-", dir=where) as tmp:
         spool = Spool(Path(tmp), max_bytes=1 << 30, hot_kinds=(KIND_LINK_EVENT,))
         await spool.open()
         if not fsync:
             spool._fsync_wal_sync = lambda: None  # type: ignore[method-assign]
 
-        async def write() -> None:
-            async with pool.acquire() as conn:
-                await conn.fetchval("INSERT INTO t (name) VALUES ('x') RETURNING id")
+        async def session(i: int) -> None:
+            await tasks.create(session_id="s-a", name=f"s{i}")
 
-        def submit(i: int) -> asyncio.Future[None]:
-            fut = spool.submit(KIND_LINK_EVENT, payload(i), urgent=True, sync="normal")
-            assert fut is not None
-            return fut
+        async def direct(i: int) -> None:
+            event = link_store.TaskEventWrite(group=GROUP, uuid=str(uuid.uuid4()), sender="s-a")
+            await tasks.create(session_id=SCOPE, name=f"d{i}", group_event=event)
+            assert event.stored is not None
 
-        async def task(i: int) -> None:
-            appended = asyncio.ensure_future(
-                spool.append(KIND_LINK_EVENT, payload(i), urgent=True, sync="normal")
-            )
-            await write()
-            await appended
-
-        beside: list[tuple[float, float]] = []  # `submit`: (its write's ms, its commit's ms)
-
-        async def submitted(i: int) -> None:
-            t0 = time.perf_counter()
-            committed = submit(i)
-            done: list[float] = []
-            committed.add_done_callback(lambda _: done.append(time.perf_counter()))
-            await write()
-            wrote = time.perf_counter()
+        async def spooled(i: int) -> None:
+            event_id = str(uuid.uuid4())
+            payload = {
+                "uuid": str(uuid.uuid4()),
+                "group": GROUP,
+                "kind": "task",
+                "sender": "s-a",
+                "task_event": event_id,
+                "created_at": time.time(),
+            }
+            committed = spool.submit(KIND_LINK_EVENT, payload, urgent=True, sync="normal")
+            assert committed is not None
+            await tasks.create(session_id=SCOPE, name=f"p{i}", event_id=event_id)
             await committed
-            beside.append(((wrote - t0) * 1000, (done[0] - t0) * 1000))
-
-        async def soon(i: int) -> None:
-            box: list[asyncio.Future[None]] = []
-            asyncio.get_running_loop().call_soon(lambda: box.append(submit(i)))
-            await write()
-            await box[0]
-
-        async def alone(i: int) -> None:
-            await write()
 
         async def append(i: int) -> None:
-            await spool.append(KIND_LINK_EVENT, payload(i), urgent=True, sync="normal")
+            payload = {"uuid": str(uuid.uuid4()), "group": GROUP, "kind": "task", "created_at": time.time()}
+            await spool.append(KIND_LINK_EVENT, payload, urgent=True, sync="normal")
 
         ways: dict[str, Callable[[int], Awaitable[None]]] = {
-            "write": alone,
-            "task": task,
-            "submit": submitted,
-            "soon": soon,
+            "session": session,
+            "direct": direct,
+            "spooled": spooled,
             "append": append,
         }
         ms: dict[str, list[float]] = {k: [] for k in ways}
+        cpu: dict[str, float] = dict.fromkeys(ways, 0.0)
+        pg_cpu: dict[str, float] = dict.fromkeys(ways, 0.0)
         try:
-            for i in range(calls):
+            for i in range(-20, calls):  # 20 rounds of warm-up (statements prepared, caches)
                 for key, fn in list(ways.items())[:: 1 if i % 2 else -1]:
                     await asyncio.sleep(0.002)
+                    c0, p0 = time.process_time(), backend_cpu(pid)
                     t0 = time.perf_counter()
                     await fn(i)
-                    ms[key].append((time.perf_counter() - t0) * 1000)
+                    t1 = time.perf_counter()
+                    if i >= 0:
+                        ms[key].append((t1 - t0) * 1000)
+                        cpu[key] += time.process_time() - c0
+                        pg_cpu[key] += backend_cpu(pid) - p0
                 if i % 200 == 199:  # keep the spool small, as the flusher would
                     await spool.ack(await spool.read_batch(100_000))
         finally:
             await spool.close()
-            await pool.close()
-    ms["write beside"] = [w for w, _ in beside]
-    ms["commit beside"] = [c for _, c in beside]
-    return ms
+            await db.close()
+    return {
+        "ms": ms,
+        "cpu_ms": {k: v / calls * 1000 for k, v in cpu.items()},
+        "pg_cpu_ms": {k: v / calls * 1000 for k, v in pg_cpu.items()},
+    }
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--calls", type=int, default=1000, help="rounds of the five ways")
+    ap.add_argument("--calls", type=int, default=1000, help="rounds of the ways")
     ap.add_argument("--no-fsync", action="store_true", help="no spool fsync after its commits")
     ap.add_argument("--dir", help="where the spool's file goes (default: the temporary folder)")
     args = ap.parse_args()
@@ -145,21 +153,18 @@ async def main() -> None:
     admin = await asyncpg.connect(admin_dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        ms = await run(admin_dsn.rsplit("/", 1)[0] + "/" + name, args.calls, not args.no_fsync, args.dir)
+        out = await run(admin_dsn.rsplit("/", 1)[0] + "/" + name, args.calls, not args.no_fsync, args.dir)
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
-    writes, commits = ms.pop("write beside"), ms.pop("commit beside")
-    print(f"{'way':8} {'p50 ms':>8} {'- write, per-round median':>26}")
+    ms = out["ms"]
+    print(f"{'way':8} {'p50 ms':>8} {'- session, per-round median':>28} {'cpu ms/call':>12} {'pg cpu':>8}")
     for key, values in ms.items():
-        diff = statistics.median(a - b for a, b in zip(values, ms["write"], strict=True))
-        print(f"{key:8} {statistics.median(values):8.3f} {diff:+26.3f}")
-    first = sum(c <= w for w, c in zip(writes, commits, strict=True))
-    print(
-        f"submit: the write took {statistics.median(writes):.3f} ms (p50) beside the append, whose"
-        f" commit was done after {statistics.median(commits):.3f} ms,"
-        f" first in {first} of {len(writes)} rounds"
-    )
+        diff = statistics.median(a - b for a, b in zip(values, ms["session"], strict=True))
+        print(
+            f"{key:8} {statistics.median(values):8.3f} {diff:+28.3f}"
+            f" {out['cpu_ms'][key]:12.3f} {out['pg_cpu_ms'][key]:8.3f}"
+        )
     print(f"load average at the end: {[round(x, 2) for x in os.getloadavg()]}")
 
 

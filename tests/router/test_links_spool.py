@@ -158,3 +158,66 @@ async def test_an_end_made_while_postgres_is_down_survives_a_router_restart(
         assert leave["data"]["reason"] == "delete", leave
         members = (await call(b, "link_status", {"group": group}))["members"]
         assert a_session not in {m["session"] for m in members}, members
+
+
+async def test_a_group_task_whose_answer_is_cut_after_its_commit_is_delivered_once(
+    fleet: Fleet, pg_proxy: tuple[TcpProxy, str], pg_dsn: str
+) -> None:
+    """A group task's event commits with the task, in the write's own statement. If Postgres is
+    cut after that commit and before its reply (and stays cut for the pool's retry), the caller
+    is told the write failed, yet the task and its event are stored: the instance spools a
+    recheck, and once Postgres is back the members are told, and read the event once."""
+    proxy, _ = pg_proxy
+    group = "cut-task"
+    updates: list[str] = []
+
+    async def on_b(message: Any) -> None:
+        if isinstance(message, mcp_types.ResourceUpdatedNotification):
+            updates.append(str(message.params.uri))
+
+    await fleet.wait_instances(2)
+    async with (
+        mcp_client(fleet.mcp_url, "legacy", name="sender") as a,
+        mcp_client(fleet.mcp_url, "legacy", name="receiver", message_handler=on_b) as b,
+    ):
+        await call(a, "link_join", {"group": group})
+        await call(b, "link_join", {"group": group})
+        await call(b, "link_inbox", {"group": group})  # A's join: read
+        args = {"name": "cut after commit", "scope": "group", "group": group}
+        await call(a, "task_create", {**args, "name": "warm"})  # statements prepared, members cached
+        await call(b, "link_inbox", {"group": group})
+
+        watch = await asyncpg.connect(pg_dsn)  # straight to the server, not through the proxy
+        try:
+            proxy.delay = 3.0  # Postgres's replies to the instances are held back
+            creating = asyncio.create_task(a.call_tool("task_create", args))
+            async with asyncio.timeout(20):
+                while not await watch.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM tasks WHERE name = 'cut after commit')"
+                ):
+                    assert not creating.done(), creating
+                    await asyncio.sleep(0.01)
+            proxy.delay = 0.0
+            proxy.down()  # the committed write's reply is lost, and the retry finds no server
+            try:
+                result = await asyncio.wait_for(creating, 20)
+                assert result.is_error and "storage_unavailable" in str(result.content[0].text), result  # type: ignore[union-attr]
+                updates.clear()
+            finally:
+                proxy.up()
+            async with asyncio.timeout(30):  # B is told once Postgres answers the recheck
+                while not updates:  # noqa: ASYNC110 - waiting for a server push
+                    await asyncio.sleep(0.05)
+            read = await call(b, "link_inbox", {"group": group})
+            events = [e for e in read["events"] if e["kind"] == "task"]
+            assert [e["data"]["name"] for e in events] == ["cut after commit"], read
+            again = await call(b, "link_inbox", {"group": group})
+            assert again["events"] == []
+            stored = await watch.fetch(
+                "SELECT id FROM link_events WHERE group_name = $1 AND data->>'name' = 'cut after commit'",
+                group,
+            )
+            assert len(stored) == 1  # once
+        finally:
+            proxy.delay = 0.0
+            await watch.close()

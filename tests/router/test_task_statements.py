@@ -137,3 +137,30 @@ async def test_task_create_and_update_are_one_statement_each(fleet: Fleet, wire:
         assert updated["state"] == "IN_PROGRESS" and updated["version"] == task["version"] + 1
         assert len(changed) == 1 and "update tasks" in changed[0], changed
         assert "task_events" in changed[0], changed
+
+
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_a_group_task_and_its_link_event_are_one_statement(fleet: Fleet, wire: Wire, mode: str) -> None:
+    """A group task's write stores its link-group event in the same statement (no spool commit,
+    no second statement): the task, its audit row and the event commit together."""
+    group = f"one-{mode.replace('-', '')}"
+    async with mcp_client(fleet.mcp_url, mode, name=f"sql-group-{mode}") as client:
+        await call(client, "link_join", {"group": group})
+        args = {"scope": "group", "group": group}
+        await call(client, "task_create", {"name": "warm-up", **args})
+
+        start = time.time()
+        task = (await call(client, "task_create", {"name": "counted", **args}))["task"]
+        created = _about_tasks(wire.between(start, time.time()))
+        assert len(created) == 1 and "insert into tasks" in created[0], created
+        assert "task_events" in created[0] and "insert into link_events" in created[0], created
+
+        start = time.time()
+        update = {"task_id": task["id"], "expected_version": 1, "state": "IN_PROGRESS", "group": group}
+        await call(client, "task_update", update)
+        changed = _about_tasks(wire.between(start, time.time()))
+        assert len(changed) == 1 and "update tasks" in changed[0], changed
+        assert "insert into link_events" in changed[0], changed
+
+        events = (await call(client, "link_status", {"group": group}))["head"]
+        assert events == 4  # the join, the warm-up, the create and the update: ids 1-4, no gap
