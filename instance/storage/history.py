@@ -487,6 +487,10 @@ class HistoryStore:
         if sent is not None:
             return await self._append_unplaced(cid, drafts, blobs, create, *sent)
         # The direct line is down (or Redis is): the position first, then the commit, as before.
+        # This process's earlier exchanges of the thread still waiting for theirs are placed
+        # first (the line lost with their replies): a local position must come after theirs.
+        for earlier in list(self._open.get(cid, ())):
+            await self._settle(earlier)
         pos, cached, listed = await self._position(cid, blobs, create)
         head = '{"pos":' + str(pos)
         entries: list[tuple[str, dict[str, Any] | bytes]] = [
