@@ -12,7 +12,8 @@ Redis. A thread is read back ordered by (pos, created_at, seq); a position that 
 younger than GAP_WAIT_S is an exchange still on its way to Postgres, and the history is cut
 there, so a prompt is always built from a prefix of the final order. Without Redis, a process
 continues after the highest position it has seen (ties are kept together and broken by time).
-The call does not wait for its position: the script goes out on the direct Redis line, the
+The call does not wait for its position: the script goes out on the Redis tracking connection
+(its reply then confirms the held copy it extends, `_hold_appended`) or else the direct line, the
 turns are committed to the spool with the position a placeholder, and the reply fills it in
 memory; the flusher writes it into the turns before storing them, this process's reads wait
 for it, and a restarted process sends the script of turns left without one again
