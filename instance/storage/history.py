@@ -12,7 +12,8 @@ Redis. A thread is read back ordered by (pos, created_at, seq); a position that 
 younger than GAP_WAIT_S is an exchange still on its way to Postgres, and the history is cut
 there, so a prompt is always built from a prefix of the final order. Without Redis, a process
 continues after the highest position it has seen (ties are kept together and broken by time).
-The call does not wait for its position: the script goes out on the direct Redis line, the
+The call does not wait for its position: the script goes out on the Redis tracking connection
+(its reply then confirms the held copy it extends, `_hold_appended`) or else the direct line, the
 turns are committed to the spool with the position a placeholder, and the reply fills it in
 memory; the flusher writes it into the turns before storing them, this process's reads wait
 for it, and a restarted process sends the script of turns left without one again
@@ -95,7 +96,10 @@ took the spool's rows just before)."""
 # thread's last append): the same exchange (its first turn's id) sent again, by a client
 # library retrying after a connection was lost with the reply or by an instance recovering
 # turns it spooled before their position came back, gets the position it got, and nothing is
-# appended twice.
+# appended twice. The list and its metadata are read after they are last written: sent on a
+# tracking connection (instance/storage/tracking.py), the script leaves that connection tracking
+# both keys, so any later change by another client is reported to it (a key's write ends its
+# tracking, for the writer too, and only a read starts it again).
 _APPEND_LUA = """
 local xid = string.match(ARGV[4] or '', '^{"pos":null,"id":"([^"]+)"')
 if xid then
@@ -114,11 +118,12 @@ if tonumber(ARGV[2]) > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
     redis.call('RPUSH', KEYS[1], '{"pos":' .. pos .. string.sub(ARGV[i], 12))
   end
   redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
-  local turns = redis.call('HINCRBY', KEYS[2], 'turns', #ARGV - 3)
-  local len = redis.call('LLEN', KEYS[1])
-  if len == turns then listed = len end
+  redis.call('HINCRBY', KEYS[2], 'turns', #ARGV - 3)
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  local turns = tonumber(redis.call('HGET', KEYS[2], 'turns'))
+  local len = redis.call('LLEN', KEYS[1])
+  if len == turns then listed = len end
 end
 if xid then
   redis.call('HSET', KEYS[4], xid, pos)
@@ -198,6 +203,9 @@ class _Exchange:
     created: asyncio.Future[Any] | None  # the create script's reply
     sent: asyncio.Future[Any]  # the append script's reply
     placed: asyncio.Future[int]  # set with the position once it is known
+    # Sent on the tracking connection: the stamp taken when the append's reply was processed
+    # (filled in before `sent` is done). None: sent on the direct line.
+    stamps: list[Stamp] | None = None
     marked: bool = False  # a cache mark is (being) spooled for it
     abandoned: bool = False  # its spool commit failed: positioned only to consume the reply
     pos: int | None = None
@@ -264,7 +272,10 @@ class HistoryStore:
         self._held: OrderedDict[str, _Held] = OrderedDict()  # decoded cache lists, least recent first
         self.cache_tail_reads_total = 0  # cache reads that decoded only the turns new since the last
         self.tracked_hits_total = 0  # cache reads answered from the held copy, no Redis round trip
-        self.tracked_confirms_total = 0  # held copies confirmed on the tracking connection after an append
+        # Held copies confirmed after an append: by the append's own reply on the tracking
+        # connection, or by a read sent there after it (the append went on the direct line).
+        self.tracked_confirms_total = 0
+        self.tracked_appends_total = 0  # exchanges appended on the tracking connection
         # Appends this process started, counted; per thread, the count when its latest began: a
         # read sent before that append cannot be trusted to hold it (see `_hold`).
         self._append_seq = 0
@@ -477,6 +488,10 @@ class HistoryStore:
         if sent is not None:
             return await self._append_unplaced(cid, drafts, blobs, create, *sent)
         # The direct line is down (or Redis is): the position first, then the commit, as before.
+        # This process's earlier exchanges of the thread still waiting for theirs are placed
+        # first (the line lost with their replies): a local position must come after theirs.
+        for earlier in list(self._open.get(cid, ())):
+            await self._settle(earlier)
         pos, cached, listed = await self._position(cid, blobs, create)
         head = '{"pos":' + str(pos)
         entries: list[tuple[str, dict[str, Any] | bytes]] = [
@@ -509,14 +524,24 @@ class HistoryStore:
 
     def _send_append(
         self, cid: str, blobs: list[str], create: list[str] | None
-    ) -> tuple[asyncio.Future[Any] | None, asyncio.Future[Any], int] | None:
-        """Write the exchange's append script (after a new thread's create script) on the direct
-        line now, without waiting for the reply: (the create's reply, the append's, the floor
-        sent), or None if the line cannot take them now (nothing sent but a create, which is
-        idempotent)."""
-        if self._cache.redis is None or self._cache.line is None:
+    ) -> tuple[asyncio.Future[Any] | None, asyncio.Future[Any], int, list[Stamp] | None] | None:
+        """Write the exchange's append script (after a new thread's create script) now, without
+        waiting for the reply: (the create's reply, the append's, the floor sent, the box its
+        reply's stamp goes in if sent on the tracking connection), or None if no connection can
+        take them now (nothing sent but a create, which is idempotent).
+
+        On the tracking connection when it is up (docs/ARCHITECTURE.md, "Own appends on the
+        tracking connection"): it tracks with NOLOOP, so the append invalidates nothing here,
+        and its reply, stamped, confirms the held copy it extends (`_hold_appended`). Else on
+        the direct line."""
+        if self._cache.redis is None:
             return None
         floor = self._known.get(cid, -1)
+        tracking = self._send_tracked(cid, floor, blobs, create)
+        if tracking is not None:
+            return tracking
+        if self._cache.line is None:
+            return None
         created = None
         if create is not None:
             created = self._cache.send_now(*self._create_args(cid, create))
@@ -527,7 +552,34 @@ class HistoryStore:
             if created is not None:
                 created.add_done_callback(_seen)  # sent again with the append, the usual way
             return None
-        return created, sent, floor
+        return created, sent, floor, None
+
+    def _send_tracked(
+        self, cid: str, floor: int, blobs: list[str], create: list[str] | None
+    ) -> tuple[asyncio.Future[Any] | None, asyncio.Future[Any], int, list[Stamp]] | None:
+        """`_send_append` on the tracking connection: its replies unwrapped from their stamps
+        (the append's stamp put in the box returned), so a lost one is sent again the usual way
+        (`RedisGuard.reply`, through redis-py)."""
+        tracker = self._tracker
+        if tracker is None or self._turns <= 0:
+            return None
+        loop = asyncio.get_running_loop()
+        created: asyncio.Future[Any] | None = None
+        if create is not None:
+            made = tracker.send(*self._create_args(cid, create))
+            if made is None:
+                return None
+            created = loop.create_future()
+            made.add_done_callback(functools.partial(_unstamp, created, None))
+        appended = tracker.send("EVAL", _APPEND_LUA, *self._append_args(cid, floor, blobs))
+        if appended is None:
+            if created is not None:
+                created.add_done_callback(_seen)  # sent again with the append, the usual way
+            return None
+        box: list[Stamp] = []
+        sent: asyncio.Future[Any] = loop.create_future()
+        appended.add_done_callback(functools.partial(_unstamp, sent, box))
+        return created, sent, floor, box
 
     async def _append_unplaced(
         self,
@@ -538,6 +590,7 @@ class HistoryStore:
         created: asyncio.Future[Any] | None,
         sent: asyncio.Future[Any],
         floor: int,
+        stamps: list[Stamp] | None,
     ) -> list[Message]:
         """The exchange's append script is on its way to Redis: commit its turns to the spool
         with their position still the placeholder, and return without waiting for the reply.
@@ -550,7 +603,7 @@ class HistoryStore:
         does (re-sent through redis-py: the script is idempotent per exchange), else the local
         fallback (the highest position seen, plus one, and the cache marked dirty)."""
         loop = asyncio.get_running_loop()
-        ex = _Exchange(cid, drafts, blobs, floor, create, created, sent, loop.create_future())
+        ex = _Exchange(cid, drafts, blobs, floor, create, created, sent, loop.create_future(), stamps)
         for m in drafts:
             self._unplaced[m.id] = ex
         self._open.setdefault(cid, []).append(ex)
@@ -593,8 +646,12 @@ class HistoryStore:
             except (TypeError, ValueError):
                 pos, listed = -1, -1
             if pos >= 0:
-                self._cache.line_commands_total += 1 if made is None else 2
-                self._place(ex, pos, ex.cid not in self._dirty, listed)
+                if ex.stamps is None:
+                    self._cache.line_commands_total += 1 if made is None else 2
+                else:
+                    self.tracked_appends_total += 1
+                stamp = ex.stamps[0] if ex.stamps else None
+                self._place(ex, pos, ex.cid not in self._dirty, listed, stamp)
                 return
         self._spawn(self._place_slowly(ex), "taking an exchange's position")
 
@@ -630,7 +687,7 @@ class HistoryStore:
             self._dirty.add(ex.cid)
             self._place(ex, max(floor, 0) + 1, False, -1)
 
-    def _place(self, ex: _Exchange, pos: int, cached: bool, listed: int) -> None:
+    def _place(self, ex: _Exchange, pos: int, cached: bool, listed: int, stamp: Stamp | None = None) -> None:
         """`ex` has its position: set it on its turns and keep it for the flusher and for reads
         of the spool; then what `append_exchange` does after the commit when the cache saw the
         exchange (its ids as the thread's last, its turns held: `_hold_appended`), or when it
@@ -656,7 +713,7 @@ class HistoryStore:
                 if len(self._last_ids) > 50_000:
                     self._last_ids.clear()
                 self._last_ids[cid] = {m.id for m in ex.messages}
-                self._hold_appended(cid, ex.messages, listed)
+                self._hold_appended(cid, ex.messages, listed, stamp)
             else:
                 self._last_ids.pop(cid, None)
                 if self._marking and not ex.marked:
@@ -803,19 +860,35 @@ class HistoryStore:
                 len(groups),
             )
 
-    def _hold_appended(self, cid: str, messages: list[Message], listed: int) -> None:
+    def _hold_appended(
+        self, cid: str, messages: list[Message], listed: int, stamp: Stamp | None = None
+    ) -> None:
         """After an append that extended the thread's cache: if the list is now exactly what this
         process holds of it plus these turns (`listed`: its length, whole; nobody pushed in
         between), hold them too, so the next read gets nothing from Redis it has and decodes
         nothing. The held copy keeps the Redis run it was read on: a restart since then makes
-        the next read start over (_READ_LUA), whatever the list's length."""
+        the next read start over (_READ_LUA), whatever the list's length.
+
+        `stamp`: the append went on the tracking connection, and this is its reply's stamp. The
+        copy is then trusted from that stamp on, with no read to confirm it: the reply says the
+        list is the copy (`listed`), NOLOOP kept the append's own invalidation away (a Redis that
+        sends it anyway writes it before the reply: processed before the stamp, it is covered),
+        and the script read both keys last, so a later change by anyone else is reported after
+        the reply. Not while another exchange of the thread this process sent is unanswered: on
+        this connection its change would not be reported."""
         # Once more now that Redis has the exchange: a read sent before its reply (on another
         # connection, so perhaps answered before the append) must not give a copy trust.
         self._appending(cid)
         held = self._held.get(cid)
         if held is not None and listed == len(held.messages) + len(messages):
             self._hold(cid, held.run, [*held.messages, *messages], whole=True, checked=held.checked)
-            self._confirm(cid)
+            if stamp is None:
+                self._confirm(cid)
+            elif held.checked and cid not in self._open and self._tracker is not None:
+                kept = self._held.get(cid)
+                if kept is not None:
+                    self._held[cid] = dataclasses.replace(kept, stamp=stamp)
+                    self.tracked_confirms_total += 1
         elif held is not None:
             # Somebody else pushed in between (or the list is gone or trimmed): the copy is not
             # the list plus this exchange, so it must not be trusted (the next read asks Redis).
@@ -867,7 +940,12 @@ class HistoryStore:
             )
         except (ValueError, TypeError):
             return
-        if same and self._held.get(cid) is held and self._appended_at.get(cid, 0) <= writes:
+        if (
+            same
+            and self._held.get(cid) is held
+            and self._appended_at.get(cid, 0) <= writes
+            and cid not in self._open  # one on the tracking connection would not be reported
+        ):
             self._held[cid] = dataclasses.replace(held, stamp=stamp)
             self.tracked_confirms_total += 1
 
@@ -1466,6 +1544,22 @@ def _head_id(blob: bytes) -> str:
     """The id of a spooled turn, from its JSON's head (`{"pos":…,"id":"<id>"`, Message.to_dict)."""
     start = blob.find(b'"id":"', 0, 40) + 6
     return blob[start : blob.find(b'"', start)].decode()
+
+
+def _unstamp(out: asyncio.Future[Any], box: list[Stamp] | None, fut: asyncio.Future[Any]) -> None:
+    """Pass a tracking connection's (reply, stamp) on to `out` as the reply alone, the stamp into
+    `box` first (`_send_tracked`)."""
+    if out.done():
+        return
+    if fut.cancelled():
+        out.cancel()
+    elif (exc := fut.exception()) is not None:
+        out.set_exception(exc)
+    else:
+        reply, stamp = fut.result()
+        if box is not None:
+            box.append(stamp)
+        out.set_result(reply)
 
 
 def _seen(fut: asyncio.Future[Any]) -> None:

@@ -11,11 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from common.redis import create_redis
 from common.settings import Settings
 from instance.storage import Storage
+from instance.storage.tracking import Tracker
 from tests.instance.storage.test_history_cache import exchange, until_reachable
 from tests.redis_server import OwnRedis
 
@@ -219,3 +221,72 @@ async def test_without_a_tracking_connection_every_read_asks_redis(
         spy = RedisSpy(a)
         await a.history.load(cid)
         assert spy.count == 1 and a.history.tracked_hits_total == 0
+
+
+class CommandSpy:
+    """Counts every command a Storage's history sends to Redis (on the direct line, on the
+    tracking connection, or through redis-py by its guard's `command` and `reply`), still
+    sending them."""
+
+    def __init__(self, st: Storage) -> None:
+        self.count = 0
+        self._wrap(st.cache, "send_now")
+        self._wrap(st.cache, "_ordinary")
+        if st.tracker is not None:
+            self._wrap(st.tracker, "send")
+
+    def _wrap(self, obj: Any, name: str) -> None:
+        real = getattr(obj, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            result = real(*args, **kwargs)
+            if result is not None:
+                self.count += 1
+            return result
+
+        setattr(obj, name, counted)
+
+
+@pytest.mark.parametrize("server", ["shared", "embedded"])
+async def test_an_own_append_keeps_the_held_copy_trusted_with_no_command_but_itself(
+    storage_settings: Callable[..., Settings], redis: Redis, tmp_path: Path, server: str
+) -> None:
+    """The exchange's append script goes on the tracking connection (NOLOOP): its reply confirms
+    the copy it extends, so neither a confirming read nor the next loads send Redis anything
+    (and on Redis 7 no invalidation of this process's own append arrives at all; the embedded
+    Redis, 6.2, sends it before the reply, which voids nothing)."""
+    if server == "shared":
+        await _own_append_trusted(storage_settings, redis)
+        return
+    own = OwnRedis(tmp_path / "redis").start()
+    client = create_redis(own.url)
+    try:
+        await _own_append_trusted(storage_settings, client)
+    finally:
+        await client.aclose()
+        own.stop()
+
+
+async def _own_append_trusted(storage_settings: Callable[..., Settings], redis: Redis) -> None:
+    async with Storage.open(storage_settings(), instance_id="t-trk-own", redis=redis) as a:
+        await until(lambda: tracking_on(a), "the tracking connection is up")
+        h, tracker = a.history, a.tracker
+        assert tracker is not None
+        cid = await h.new_thread(session_id="s", tool_name="chat", model=None)
+        await h.append_exchange(cid, exchange("q1", "a1"))
+        await h.load(cid)  # read from Redis, held
+        seen = tracker.invalidations_total
+        spy = CommandSpy(a)
+        await h.append_exchange(cid, exchange("q2", "a2"))
+        await until(lambda: h.tracked_confirms_total == 1, "the held copy is confirmed")
+        assert spy.count == 1  # the append script alone
+        hits = h.tracked_hits_total
+        for i in (1, 2):
+            assert [m.content for m in await h.load(cid)] == ["q1", "a1", "q2", "a2"]
+            assert h.tracked_hits_total == hits + i and spy.count == 1
+            # Whatever the append made Redis push here has arrived before this PING's answer.
+            pinged = Tracker.send(tracker, "PING")
+            assert pinged is not None
+            await pinged
+        if int(str((await redis.info("server"))["redis_version"]).split(".")[0]) >= 7:
+            assert tracker.invalidations_total == seen
