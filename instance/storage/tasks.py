@@ -127,18 +127,7 @@ class TaskStore:
                 json.dumps(changes, default=str),
                 *link_args,
             )
-            if row is None:
-                return None
-            task = Task.from_row(row)
-            if group_event is not None:
-                group_event.take(
-                    row["link_event_id"],
-                    row["link_event_at"],
-                    row["link_members"],
-                    task,
-                    row["link_group_found"],
-                )
-            return task
+            return None if row is None else _written(row, group_event)
 
         async def op(conn: asyncpg.Connection) -> Task:
             if (task := await fast(conn)) is not None:
@@ -265,18 +254,7 @@ class TaskStore:
                 reopen,
                 *link_args,
             )
-            if row is None:
-                return None
-            task = Task.from_row(row)
-            if group_event is not None:
-                group_event.take(
-                    row["link_event_id"],
-                    row["link_event_at"],
-                    row["link_members"],
-                    task,
-                    row["link_group_found"],
-                )
-            return task
+            return None if row is None else _written(row, group_event)
 
         async def op(conn: asyncpg.Connection) -> Task:
             if parent is None and moves and (task := await fast(conn)) is not None:
@@ -590,3 +568,13 @@ def build_tree(tasks: list[Task]) -> list[TaskNode]:
         else:
             roots.append(node)
     return roots
+
+
+def _written(row: asyncpg.Record, group_event: link_store.TaskEventWrite | None) -> Task:
+    """The task a one-statement write returned, its group event (if any) taken from the same row."""
+    task = Task.from_row(row)
+    if group_event is not None:
+        group_event.take(
+            row["link_event_id"], row["link_event_at"], row["link_members"], task, row["link_group_found"]
+        )
+    return task
