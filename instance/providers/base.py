@@ -1,15 +1,17 @@
 """An OpenAI-compatible chat-completions client: what GLM (Z.ai) and Kimi (Moonshot) share.
 
-One `aiohttp.ClientSession` per provider, opened by the instance's lifespan, pools keep-alive
-connections; an `asyncio.Semaphore` caps concurrent requests per API key; the retry loop here
-is the only one (aiohttp does not repeat a POST by itself). Answers are streamed internally so
-a long answer never trips the read timeout and the caller can report progress while tokens
-arrive.
+Each provider keeps its own keep-alive connections (instance/providers/http1.py: HTTP/1.1 on
+asyncio protocols with httptools' C parser, one prebuilt block of bytes per request); an
+`asyncio.Semaphore` caps concurrent requests per API key; the retry loop here is the only one.
+Answers are streamed internally so a long answer never trips the read timeout and the caller
+can report progress while tokens arrive. Through an HTTP(S) proxy (HTTPS_PROXY and the like,
+NO_PROXY respected) the requests go through aiohttp's client instead, which speaks to proxies.
 
-Why aiohttp rather than httpx: the provider call is on every chat's path, and httpx's layers
-(httpcore's pool and h11, anyio streams, its cookie and auth hooks) cost about 2 ms of CPU per
-streamed request on the development machine, several times what aiohttp spends (aiohttp parses
-HTTP in C). The body is encoded once, and the headers are built once per provider.
+Why not httpx, nor aiohttp for every request: the provider call is on every chat's path.
+httpx's layers (httpcore's pool and h11, anyio streams, its cookie and auth hooks) cost about
+2 ms of CPU per streamed request on the development machine; aiohttp's client about 0.7 ms
+more per call than http1.py (tests/bench/bench_provider_http.py). The body is encoded once,
+and the headers are built once per provider.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import ssl
 import time
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -39,6 +41,7 @@ from common.errors import (
     ProviderUnavailable,
 )
 from common.settings import Settings
+from instance.providers import http1
 from instance.providers.models import KEY_ENV, ModelInfo, ProviderName
 from instance.providers.retry import backoff, parse_retry_after
 
@@ -49,6 +52,30 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 OnDelta = Callable[[str], None]
 
 _DECODE = json.JSONDecoder().raw_decode
+
+
+class _Body(Protocol):
+    """An answer's body as it arrives (aiohttp's StreamReader, http1.Response)."""
+
+    async def readany(self) -> bytes: ...
+
+    def at_eof(self) -> bool: ...
+
+
+class _Answer(Protocol):
+    """What is read of an answer (aiohttp's ClientResponse, http1.Response)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def content(self) -> _Body: ...
 
 
 @dataclass
@@ -117,13 +144,17 @@ class OpenAICompatibleProvider:
         self._connect_timeout = settings.provider_connect_timeout
         self._read_timeout = settings.provider_read_timeout
         self._headers = {
+            "User-Agent": "exai-fleet",
             "Authorization": f"Bearer {api_key}",
             "Accept": "application/json, text/event-stream",
             "Content-Type": "application/json",
         }
         self._url = f"{self.base_url}/chat/completions"
         self._proxy = _env_proxy(self._url)
-        self._http: aiohttp.ClientSession | None = None  # opened on first use, on the running loop
+        self._http: aiohttp.ClientSession | None = None  # through a proxy: opened on first use
+        self._direct: http1.Connections | None = None  # without one: made on first use
+        self.through_aiohttp = self._proxy is not None
+        """Whether requests go through aiohttp's client (to speak to a proxy) or http1.py's."""
         self._body = BodyEncoder()
 
     def _session(self) -> aiohttp.ClientSession:
@@ -153,7 +184,26 @@ class OpenAICompatibleProvider:
             )
         return self._http
 
+    def _connections(self) -> http1.Connections:
+        if self._direct is None:
+            try:
+                self._direct = http1.Connections(
+                    self._url,
+                    self._headers,
+                    tls=self._tls,
+                    connect_timeout=self._connect_timeout,
+                    read_timeout=self._read_timeout,
+                )
+            except ValueError as exc:
+                raise ProviderRejected(
+                    f"{self.label} cannot be called: {exc}",
+                    hint=f"Check {self._url_env()} and {KEY_ENV[self.name]}.",
+                ) from None
+        return self._direct
+
     async def aclose(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         if self._http is not None:
             await self._http.close()
 
@@ -246,6 +296,8 @@ class OpenAICompatibleProvider:
         self, data: bytes, stream: bool, request: ChatRequest, on_delta: OnDelta | None
     ) -> ChatResult:
         self.stats.upstream_hits += 1
+        if not self.through_aiohttp:
+            return await self._attempt_direct(data, stream, request, on_delta)
         received_any = False
         try:
             async with self._session().post(
@@ -280,12 +332,52 @@ class OpenAICompatibleProvider:
                 raise error from None
             raise _Retryable(error) from None
 
+    async def _attempt_direct(
+        self, data: bytes, stream: bool, request: ChatRequest, on_delta: OnDelta | None
+    ) -> ChatResult:
+        """One request on the provider's own connections (no proxy), the same errors as above."""
+        try:
+            response = await self._connections().post(data)
+        except http1.ConnectFailed as exc:
+            raise _Retryable(
+                ProviderUnavailable(
+                    f"{self.label} could not be reached at {self.base_url} ({exc})",
+                    hint=f"Check the network and {self._url_env()}.",
+                )
+            ) from None
+        except TimeoutError:
+            raise self._timed_out() from None
+        except http1.Dropped as exc:  # nothing came back: worth repeating
+            raise _Retryable(self._dropped(exc)) from None
+        try:
+            if response.status >= 400:
+                raise self._status_error(response, await response.read(), request)
+            if stream:
+                return await self._read_stream(response, request, on_delta)
+            return self._parse_full(await response.read(), request)
+        except TimeoutError:
+            raise self._timed_out() from None
+        except http1.Dropped as exc:
+            raise self._dropped(exc) from None
+        finally:
+            response.release()
+
+    def _timed_out(self) -> ProviderTimeout:
+        return ProviderTimeout(
+            f"{self.label} did not answer in time (no data for {self._read_timeout:g} s)",
+            hint="The provider is slow or hanging; retry, or raise EXAI_PROVIDER_READ_TIMEOUT.",
+        )
+
+    def _dropped(self, exc: Exception) -> ProviderUnavailable:
+        return ProviderUnavailable(
+            f"{self.label} dropped the connection ({exc})",
+            hint="Retry the call; if it keeps happening the provider is having trouble.",
+        )
+
     def _url_env(self) -> str:
         return "GLM_API_URL" if self.name == "glm" else "KIMI_API_URL"
 
-    def _status_error(
-        self, response: aiohttp.ClientResponse, payload: bytes, request: ChatRequest
-    ) -> Exception:
+    def _status_error(self, response: _Answer, payload: bytes, request: ChatRequest) -> Exception:
         status = response.status
         detail = _error_text(payload, response.reason)
         if status in RETRY_STATUSES:
@@ -337,7 +429,7 @@ class OpenAICompatibleProvider:
         )
 
     async def _read_stream(
-        self, response: aiohttp.ClientResponse, request: ChatRequest, on_delta: OnDelta | None
+        self, response: _Answer, request: ChatRequest, on_delta: OnDelta | None
     ) -> ChatResult:
         """The answer's SSE events, read as whole buffers rather than line by line: a provider
         holding a whole answer sends it in one chunk, and one read, one split and a JSON parse
@@ -481,10 +573,10 @@ DRAIN_S = 0.5
 """How long a finished stream may take to end after `[DONE]` before its connection is dropped."""
 
 
-async def _drain(content: aiohttp.StreamReader) -> None:
+async def _drain(content: _Body) -> None:
     """Read what follows `[DONE]` (the chunked body's end): a response left unread makes aiohttp
     close its connection, and the next call would open (and for HTTPS, handshake) a new one."""
-    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+    with contextlib.suppress(TimeoutError, aiohttp.ClientError, http1.Dropped):
         async with asyncio.timeout(DRAIN_S):
             while await content.readany():
                 pass
