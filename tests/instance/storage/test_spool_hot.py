@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from instance.storage import writebehind
 from instance.storage.spool import Spool, SpoolEntry
 from instance.storage.writebehind import KIND_LINK_EVENT, KIND_TOOL_CALL, Flusher
 
@@ -171,10 +172,14 @@ async def test_both_sync_modes_keep_every_row_through_a_reopen(tmp_path: Path, s
         await spool.close()
 
 
-async def test_a_held_flusher_stores_a_link_event_only_once_released(tmp_path: Path) -> None:
+async def test_a_held_flusher_stores_a_link_event_only_once_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A sender's answer goes out before the store of its event (Flusher.hold): the flusher
     takes the committed row only after the release, or after HOLD_MAX without one; a flush()
     (shutdown, link_leave) does not wait for holds."""
+    # HOLD_MAX (50 ms) longer here, so a loaded machine's slow steps cannot end the hold early.
+    monkeypatch.setattr(writebehind, "HOLD_MAX", 2.0)
     spool = _spool(tmp_path)
     await spool.open()
     rec = _Recorder()
