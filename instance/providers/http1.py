@@ -33,6 +33,7 @@ import ssl
 import time
 import zlib
 from collections import deque
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools  # type: ignore[import-untyped]
@@ -308,8 +309,7 @@ class _Conn(asyncio.Protocol):
 
     # --- the protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
 
     def data_received(self, data: bytes) -> None:
         if not self.busy:  # bytes nobody asked for: the connection cannot be trusted

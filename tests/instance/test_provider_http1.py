@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 import ssl
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import ProviderRejected, ProviderTimeout, ProviderUnavailable
+from common.eventloop import loop_factory
 from common.settings import Settings, load_settings
 from instance.providers import ChatRequest, Providers
 from instance.providers.models import lookup
@@ -309,3 +311,45 @@ async def test_a_cancelled_call_closes_its_connection_and_the_next_call_gets_a_n
             assert provider._direct is not None and provider._direct.idle() == 0
             result = await provider.chat(_request(stream=False))
     assert result.content == "héllo" and server.connections == 2
+
+
+def test_the_client_on_the_fleets_event_loop(fake: FakeProvider, certificate: tuple[Path, Path]) -> None:
+    """Instances run on uvloop (common/eventloop.py), whose transports are not asyncio's classes:
+    plain and TLS connections, kept alive, a cancelled call, on that loop."""
+    factory = loop_factory()
+    if factory is None:  # pragma: no cover - uvloop is a dependency on Linux
+        pytest.fail("uvloop is not installed; the fleet's processes would run on asyncio's loop")
+    cert, key = certificate
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
+        writer.write(_json_answer(gzip.compress(json.dumps(ANSWER).encode()), b"content-encoding: gzip"))
+        await writer.drain()
+        return True
+
+    async def calls() -> None:
+        fake.script(Behaviour(hang=True))
+        async with Providers.open(_settings(fake.glm_url)) as providers:
+            _, provider = providers.resolve("glm-4.6")
+            hanging = asyncio.create_task(provider.chat(_request()))
+            await asyncio.sleep(0.2)
+            hanging.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await hanging
+            results = [await provider.chat(_request(stream=stream)) for stream in (True, False, True)]
+        assert all(r.content and r.attempts == 1 for r in results)
+        async with RawServer(answer, tls=_server_tls(cert, key)) as server:
+            os.environ["SSL_CERT_FILE"] = str(cert)
+            try:
+                async with Providers.open(_settings(server.url)) as providers:
+                    _, provider = providers.resolve("glm-4.6")
+                    tls = [await provider.chat(_request(stream=False)) for _ in range(2)]
+            finally:
+                del os.environ["SSL_CERT_FILE"]
+        assert [r.content for r in tls] == ["héllo", "héllo"] and server.connections == 1
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        loop = runner.get_loop()
+        assert not isinstance(loop, asyncio.BaseEventLoop)  # uvloop's, not asyncio's
+        runner.run(calls())
+    hits = fake.snapshot()
+    assert len(hits) == 4 and len({h.peer for h in hits[1:]}) == 1  # after the cancelled call: one kept
