@@ -1,9 +1,10 @@
 """The provider client's own cost: what a chat's provider request adds beyond the provider's time.
 
-    python tests/bench/bench_provider_client.py [--calls 200] [--delay 0.05] [--stream]
+    python tests/bench/bench_provider_http.py [--calls 200] [--delay 0.05] [--stream]
 
-The fake provider runs in a process of its own (tests/fakes/provider_process.py) and answers
-after --delay seconds. Three clients take turns call by call, on one kept-alive connection each:
+On the instances' event loop (uvloop, common/eventloop.py). The fake provider runs in a process
+of its own (tests/fakes/provider_process.py) and answers after --delay seconds. Three clients
+take turns call by call, on one kept-alive connection each:
 
 - `http1`: the instance's provider client as it calls providers (instance/providers/base.py
   over instance/providers/http1.py), `chat()` whole: the body's encoding, the retry loop, the
@@ -36,6 +37,7 @@ import httptools  # type: ignore[import-untyped]
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from common.eventloop import loop_factory  # noqa: E402
 from common.settings import load_settings  # noqa: E402
 from instance.providers.base import ChatRequest  # noqa: E402
 from instance.providers.glm import GLMProvider  # noqa: E402
@@ -142,7 +144,8 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=0.05, help="the fake provider's answer delay (s)")
     ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="streamed answers")
     args = ap.parse_args()
-    results = asyncio.run(run(args))
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:  # the instances' loop (uvloop)
+        results = runner.run(run(args))
     print(f"{'client':10} {'added p50 ms':>13} {'send p50':>9} {'receive p50':>12} {'n':>5}")
     for client, r in results.items():
         sides = f"{r['send_p50_ms']:9.3f} {r['receive_p50_ms']:12.3f}"
