@@ -179,6 +179,10 @@ class Settings(BaseSettings):
     # TEST ONLY (the soak run, tests/soak): every tool call keeps this many bytes referenced for
     # the life of the instance, a deliberate leak the soak must catch. Never set it in production.
     test_leak_per_call_bytes: int = Field(0, ge=0, validation_alias="EXAI_TEST_LEAK_PER_CALL_BYTES")
+    # TEST ONLY (tests/instance/test_chat_commit.py): a file the spool's thread reads before each
+    # commit while it exists: "fail" fails the commit as a disk error would, "delay SECONDS"
+    # holds it that long. Never set it in production.
+    test_spool_fault_file: str | None = Field(None, validation_alias="EXAI_TEST_SPOOL_FAULT_FILE")
 
     # --- exai-bridge (stdio clients) ----------------------------------------------------------
     # The router URL (unset: this machine's EXAI_ROUTER_PORT), the session name (unset: one new

@@ -143,6 +143,7 @@ class Storage:
             fsync_window_ms=settings.fsync_window_ms,
             hot_kinds=(KIND_LINK_EVENT,),  # live link events: the flusher takes them from memory
             hot_max=LINK_HOT_MAX,
+            fault_file=Path(settings.test_spool_fault_file) if settings.test_spool_fault_file else None,
         )
         own_redis = redis is None and bool(settings.redis_url)
         if own_redis:

@@ -175,6 +175,7 @@ class Spool:
         fsync_window_ms: float = 2.0,
         hot_kinds: Collection[str] = (),
         hot_max: int = 1000,
+        fault_file: Path | None = None,
     ) -> None:
         self.directory = directory
         self.path = directory / "spool.sqlite3"
@@ -182,6 +183,7 @@ class Spool:
         self.full_policy = full_policy
         self.block_timeout = block_timeout
         self.fsync_window = fsync_window_ms / 1000.0
+        self.fault_file = fault_file  # TEST ONLY (EXAI_TEST_SPOOL_FAULT_FILE): `_test_fault`
         self._worker = _Worker("exai-spool")
         # The fsync after sync="normal" commits: asked for by the spool's thread (`_want_fsync`),
         # run by a thread of its own (`_fsync_run`); both sides hold `_fsync_cond` briefly.
@@ -567,6 +569,8 @@ class Spool:
         seqs: list[int] = []
         error: Exception | None = None
         try:
+            if self.fault_file is not None:
+                self._test_fault(self.fault_file)
             seqs = self._insert_sync(rows, full)
         except Exception as exc:  # disk full, I/O error, ...: every waiting caller must get an answer
             error = exc
@@ -682,6 +686,19 @@ class Spool:
                 self._fsync_covered = target
                 if window is not None:
                     self.unsynced_window.add(window)
+
+    @staticmethod
+    def _test_fault(path: Path) -> None:
+        """TEST ONLY, on the spool's thread before a commit: what `path` says, while it exists
+        ("fail": the commit fails as on a disk error; "delay SECONDS": it waits that long)."""
+        try:
+            order = path.read_text().split()
+        except FileNotFoundError:
+            return
+        if order[:1] == ["fail"]:
+            raise OSError(f"test fault from {path}")
+        if order[:1] == ["delay"] and len(order) > 1:
+            time.sleep(float(order[1]))
 
     def _insert_sync(self, rows: list[tuple[str, str | None, float, bytes]], full: bool = True) -> list[int]:
         """Insert the rows in one transaction; their seqs, in order."""
