@@ -2,6 +2,7 @@
 
     python tests/bench/bench_links.py [--calls 300] [--messages 300] [--backlog 10000] [--gap 25]
                                       [--set link_spool_sync=full] [--set link_early_notify=false]
+                                      [--sender-only]
 
 Starts a fleet under real supervisord (tests/fleet.py: router + 2 instances) on a fresh database
 (EXAI_TEST_DATABASE_URL, dropped afterwards) and EXAI_TEST_REDIS_URL (a fresh key prefix), with
@@ -45,6 +46,9 @@ real MCP clients through the router. Measured:
    subscriber in a process of its own, so the bench process's work does not delay them. The
    SDK clients of this process (A, C) leave the group before this phase, so they do not parse
    the same notifications in the process that times B's frame (until 2026-11-27 they did).
+
+`--sender-only` runs phase 1 alone (no delivery, raw wire, catch-up, nor the old sync store and
+spool floors for contrast): for A/B rounds on the sender's cost, about a minute each.
 
 Targets: sender <= 0.2 ms (the per-pair median, as the instance timed it), delivery p50 <= 5 ms,
 catch-up of 10,000 events <= 1 s.
@@ -352,7 +356,7 @@ class Listener:
 
 
 async def bench(
-    fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int, gap: float
+    fleet: Fleet, dsn: str, calls: int, messages: int, backlog: int, gap: float, sender_only: bool = False
 ) -> dict[str, Any]:
     group = "bench"
     results: dict[str, Any] = {"calls": calls, "messages": messages, "backlog": backlog, "gap_ms": gap * 1000}
@@ -397,122 +401,124 @@ async def bench(
                     seen[key][i] = (await call(a, tool, args(i)))[1]
         results["client_ms"] = {k: summary([x for x in v if x is not None]) for k, v in seen.items()}
 
-        # Delivery with the SDK clients: one message at a time, A's call start -> B's client has
-        # the notification. B's client runs in a process of its own and stamps the moment its
-        # message handler ran (wall clock, one machine), so B's parsing does not wait behind A's
-        # client parsing A's answer in this process. Where the time goes: the call start -> the
-        # tool made the event (its created_at) -> the notification published on B's session
-        # channel (seen by a subscriber in a process of its own) -> B's client has it (the
-        # pub/sub hop: router wake-up, SSE, the client's parsing).
-        await asyncio.sleep(0.5)
-        b.times.clear()
-        lat: list[float] = []
-        from_sent: list[float] = []
-        after_answer: list[float] = []
-        answer: list[float] = []
-        marks: list[tuple[str, float, float]] = []  # (body, call start, arrived), wall clock
-        async with PublishWatch(fleet.settings.redis_url or "", fleet.keys.session_channel(b.sid)) as watch:
-            await asyncio.sleep(1.0)
-            for i in range(messages):
+        if not sender_only:  # --sender-only skips delivery, the raw wire and catch-up
+            # Delivery with the SDK clients: one message at a time, A's call start -> B's client has
+            # the notification. B's client runs in a process of its own and stamps the moment its
+            # message handler ran (wall clock, one machine), so B's parsing does not wait behind A's
+            # client parsing A's answer in this process. Where the time goes: the call start -> the
+            # tool made the event (its created_at) -> the notification published on B's session
+            # channel (seen by a subscriber in a process of its own) -> B's client has it (the
+            # pub/sub hop: router wake-up, SSE, the client's parsing).
+            await asyncio.sleep(0.5)
+            b.times.clear()
+            lat: list[float] = []
+            from_sent: list[float] = []
+            after_answer: list[float] = []
+            answer: list[float] = []
+            marks: list[tuple[str, float, float]] = []  # (body, call start, arrived), wall clock
+            b_channel = fleet.keys.session_channel(b.sid)
+            async with PublishWatch(fleet.settings.redis_url or "", b_channel) as watch:
+                await asyncio.sleep(1.0)
+                for i in range(messages):
+                    b.arrived.clear()
+                    seen_before = len(b.times)
+                    wall0 = time.time()
+                    t0 = time.perf_counter()
+                    await call(a, "link_send", {"group": group, "body": f"d{i}", "to": None})
+                    answered = wall0 + (time.perf_counter() - t0)
+                    while len(b.times) == seen_before:
+                        await asyncio.wait_for(b.arrived.wait(), 10)
+                        b.arrived.clear()
+                    got = b.times[seen_before]
+                    lat.append((got - wall0) * 1000)
+                    from_sent.append((got - a_sent[0]) * 1000)
+                    answer.append((answered - wall0) * 1000)
+                    after_answer.append((got - answered) * 1000)  # < 0: B heard before A's answer
+                    # Spaced out, as messages between agents are: what one message leaves to do in the
+                    # background (its store, stream entry, counters) is not charged to the next.
+                    await asyncio.sleep(GAP)
+                    marks.append((f"d{i}", wall0, got))
+            results["delivery_b_process"] = "B's SDK client in a process of its own (bench/link_listener.py)"
+            results["delivery"] = summary(lat)
+            # The same from A's HTTP request about to be sent (httpx's request hook): without A's
+            # client building and queueing its call.
+            results["delivery_from_a_request"] = summary(from_sent)
+            results["delivery_after_answer"] = summary(after_answer)
+            results["sender_answer"] = summary(answer)
+            # A group task's event the same way: A's group task_create -> B's client has the
+            # notification (stored with the task and announced after A's answer since 2026-11-28;
+            # before, after the flusher's store).
+            task_lat: list[float] = []
+            for i in range(min(messages, 100)):
                 b.arrived.clear()
                 seen_before = len(b.times)
                 wall0 = time.time()
-                t0 = time.perf_counter()
-                await call(a, "link_send", {"group": group, "body": f"d{i}", "to": None})
-                answered = wall0 + (time.perf_counter() - t0)
+                await call(a, "task_create", {"name": f"t{i}", "scope": "group", "group": group})
                 while len(b.times) == seen_before:
                     await asyncio.wait_for(b.arrived.wait(), 10)
                     b.arrived.clear()
-                got = b.times[seen_before]
-                lat.append((got - wall0) * 1000)
-                from_sent.append((got - a_sent[0]) * 1000)
-                answer.append((answered - wall0) * 1000)
-                after_answer.append((got - answered) * 1000)  # < 0: B heard before A's answer
-                # Spaced out, as messages between agents are: what one message leaves to do in the
-                # background (its store, stream entry, counters) is not charged to the next.
+                task_lat.append((b.times[seen_before] - wall0) * 1000)
                 await asyncio.sleep(GAP)
-                marks.append((f"d{i}", wall0, got))
-        results["delivery_b_process"] = "B's SDK client in a process of its own (bench/link_listener.py)"
-        results["delivery"] = summary(lat)
-        # The same from A's HTTP request about to be sent (httpx's request hook): without A's
-        # client building and queueing its call.
-        results["delivery_from_a_request"] = summary(from_sent)
-        results["delivery_after_answer"] = summary(after_answer)
-        results["sender_answer"] = summary(answer)
-        # A group task's event the same way: A's group task_create -> B's client has the
-        # notification (stored with the task and announced after A's answer since 2026-11-28;
-        # before, after the flusher's store).
-        task_lat: list[float] = []
-        for i in range(min(messages, 100)):
-            b.arrived.clear()
-            seen_before = len(b.times)
-            wall0 = time.time()
-            await call(a, "task_create", {"name": f"t{i}", "scope": "group", "group": group})
-            while len(b.times) == seen_before:
-                await asyncio.wait_for(b.arrived.wait(), 10)
-                b.arrived.clear()
-            task_lat.append((b.times[seen_before] - wall0) * 1000)
-            await asyncio.sleep(GAP)
-        results["task_delivery"] = summary(task_lat)
-        redis = aioredis.Redis.from_url(fleet.settings.redis_url or "", decode_responses=True)
-        try:  # the instances' own count: the sender's call -> the members' notification queued
-            stats = await redis.hgetall(fleet.keys.link_stats())  # type: ignore[misc]
-        finally:
-            await redis.aclose()
-        if p := parts(marks, await created_by_body(dsn, group, "d%"), watch):
-            results["delivery_parts"] = p
-        count = float(stats.get("publish_lag_count", 0) or 0)
-        results["publish_lag_mean_ms"] = (
-            round(float(stats.get("publish_lag_seconds_sum", 0)) / count * 1000, 3) if count else None
-        )
-        results["instance_links_stats"] = (await status_of(a)).get("links")
-        # The raw phase times B's frame in this process: the SDK clients here leave the group
-        # first, so their parsing of the same notifications does not delay it (B's client, in
-        # its own process, stays a member).
-        for client in (a, c):
-            await call(client, "link_leave", {"group": group})
-        results["raw"] = await raw_delivery(fleet, dsn, group, messages)
-
-        # Catch-up: a member's client in this process (joined now) misses `backlog` events.
-        async with mcp_client(fleet.mcp_url, "legacy", name="bench-b-reader") as reader:
-            await call(reader, "link_join", {"group": group})
-            while (await call(reader, "link_inbox", {"group": group, "limit": 1000}))[0]["more"]:
-                pass
-
-            conn = await asyncpg.connect(dsn)
-            try:
-                async with conn.transaction():
-                    head = await conn.fetchval(
-                        "SELECT seq FROM link_groups WHERE name = $1 FOR UPDATE", group
-                    )
-                    await conn.execute(
-                        "INSERT INTO link_events (group_name, id, kind, sender, body) "
-                        "SELECT $1, $2 + g, 'message', $3, 'backlog ' || g FROM generate_series(1, $4) g",
-                        group, head, a_sid, backlog,
-                    )  # fmt: skip
-                    await conn.execute(
-                        "UPDATE link_groups SET seq = seq + $2 WHERE name = $1", group, backlog
-                    )
+            results["task_delivery"] = summary(task_lat)
+            redis = aioredis.Redis.from_url(fleet.settings.redis_url or "", decode_responses=True)
+            try:  # the instances' own count: the sender's call -> the members' notification queued
+                stats = await redis.hgetall(fleet.keys.link_stats())  # type: ignore[misc]
             finally:
-                await conn.close()
-            t0 = time.perf_counter()
-            got = 0
-            last = 0
-            while True:
-                page, _ = await call(reader, "link_inbox", {"group": group, "limit": 1000})
-                for e in page["events"]:
-                    assert e["id"] > last
-                    last = e["id"]
-                got += page["count"]
-                if not page["more"]:
-                    break
-            seconds = time.perf_counter() - t0
-            assert got == backlog, (got, backlog)
-            results["catchup"] = {
-                "events": got,
-                "seconds": round(seconds, 3),
-                "events_per_second": round(got / seconds),
-            }
+                await redis.aclose()
+            if p := parts(marks, await created_by_body(dsn, group, "d%"), watch):
+                results["delivery_parts"] = p
+            count = float(stats.get("publish_lag_count", 0) or 0)
+            results["publish_lag_mean_ms"] = (
+                round(float(stats.get("publish_lag_seconds_sum", 0)) / count * 1000, 3) if count else None
+            )
+            results["instance_links_stats"] = (await status_of(a)).get("links")
+            # The raw phase times B's frame in this process: the SDK clients here leave the group
+            # first, so their parsing of the same notifications does not delay it (B's client, in
+            # its own process, stays a member).
+            for client in (a, c):
+                await call(client, "link_leave", {"group": group})
+            results["raw"] = await raw_delivery(fleet, dsn, group, messages)
+
+            # Catch-up: a member's client in this process (joined now) misses `backlog` events.
+            async with mcp_client(fleet.mcp_url, "legacy", name="bench-b-reader") as reader:
+                await call(reader, "link_join", {"group": group})
+                while (await call(reader, "link_inbox", {"group": group, "limit": 1000}))[0]["more"]:
+                    pass
+
+                conn = await asyncpg.connect(dsn)
+                try:
+                    async with conn.transaction():
+                        head = await conn.fetchval(
+                            "SELECT seq FROM link_groups WHERE name = $1 FOR UPDATE", group
+                        )
+                        await conn.execute(
+                            "INSERT INTO link_events (group_name, id, kind, sender, body) "
+                            "SELECT $1, $2 + g, 'message', $3, 'backlog ' || g FROM generate_series(1, $4) g",
+                            group, head, a_sid, backlog,
+                        )  # fmt: skip
+                        await conn.execute(
+                            "UPDATE link_groups SET seq = seq + $2 WHERE name = $1", group, backlog
+                        )
+                finally:
+                    await conn.close()
+                t0 = time.perf_counter()
+                got = 0
+                last = 0
+                while True:
+                    page, _ = await call(reader, "link_inbox", {"group": group, "limit": 1000})
+                    for e in page["events"]:
+                        assert e["id"] > last
+                        last = e["id"]
+                    got += page["count"]
+                    if not page["more"]:
+                        break
+                seconds = time.perf_counter() - t0
+                assert got == backlog, (got, backlog)
+                results["catchup"] = {
+                    "events": got,
+                    "seconds": round(seconds, 3),
+                    "events_per_second": round(got / seconds),
+                }
 
     # The tools' own durations as A's instance recorded them (write-behind: wait for the rows).
     # A's calls are sequential and each is recorded once its answer is written, so its rows in
@@ -542,7 +548,7 @@ async def bench(
         results["server_rows_unmatched"] = unmatched + max(0, len(tools) - len(rows))
         # The old synchronous path, for contrast: one Postgres transaction per event.
         sync: list[float] = []
-        for i in range(calls):
+        for i in range(0 if sender_only else calls):
             t0 = time.perf_counter()
             await db.append(conn, group, "message", sender=a_sid, body=f"sync {i}")
             sync.append((time.perf_counter() - t0) * 1000)
@@ -551,12 +557,13 @@ async def bench(
     results["server_ms"] = {
         k: summary(kept) for k, v in server.items() if (kept := [x for x in v if x is not None])
     }
-    results["spool_append_floor"] = await spool_floor(calls)
-    try:
-        results["spool_append_floor_normal"] = await spool_floor(calls, sync="normal")
-    except TypeError:  # a spool without sync modes (the code before EXAI_LINK_SPOOL_SYNC)
-        pass
-    results["old_sync_store"] = summary(sync)
+    if not sender_only:
+        results["spool_append_floor"] = await spool_floor(calls)
+        try:
+            results["spool_append_floor_normal"] = await spool_floor(calls, sync="normal")
+        except TypeError:  # a spool without sync modes (the code before EXAI_LINK_SPOOL_SYNC)
+            pass
+        results["old_sync_store"] = summary(sync)
     for side, timed in (("server_ms", server), ("client_ms", seen)):
         r = results[side]
         results[f"sender_cost_{side}"] = {
@@ -603,6 +610,11 @@ async def main() -> None:
         help="ms between the sender's timed calls (0: back to back, each call then also pays for"
         " what the previous one left for after its answer)",
     )
+    ap.add_argument(
+        "--sender-only",
+        action="store_true",
+        help="measure only the sender's cost (phase 1): no delivery, raw wire, catch-up or contrasts",
+    )
     add_set_option(ap, "link_spool_sync=full or link_early_notify=false")
     args = ap.parse_args()
     admin_dsn = os.environ.get("EXAI_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -627,7 +639,9 @@ async def main() -> None:
             )
             await asyncio.to_thread(fleet.start)
             try:
-                results = await bench(fleet, dsn, args.calls, args.messages, args.backlog, args.gap / 1000)
+                results = await bench(
+                    fleet, dsn, args.calls, args.messages, args.backlog, args.gap / 1000, args.sender_only
+                )
                 results["settings"] = extra
             finally:
                 await asyncio.to_thread(fleet.stop)
@@ -660,22 +674,23 @@ async def main() -> None:
         print(f"{label:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
     for key, r in results.get("delivery_parts", {}).items():
         print(f"{'  part: ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
-    raw = results["raw"]
-    for label, key in (
-        ("RAW WIRE delivery A -> B (request written -> frame read)", "delivery"),
-        ("raw: A's link_send answered", "sender_answer"),
-        ("raw: A's version (no-op) answered", "noop_answer"),
-    ):
-        r = raw[key]
-        print(f"{label:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
-    for key, r in raw.get("delivery_parts", {}).items():
-        print(f"{'  raw part: ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
-    print(f"raw: link_send - version, p50: {raw['link_send_minus_noop_p50']:+.3f} ms")
-    if "cpu_ms_per_round" in raw:
-        print(f"raw: CPU ms per round (link_send delivered + version): {raw['cpu_ms_per_round']}")
-    print(f"raw: sender's instance links stats: {raw.get('instance_links')}")
-    for key, r in (raw.get("instance_stages") or {}).items():
-        print(f"{'  instance stage: ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['count']:6}")
+    raw = results.get("raw")
+    if raw is not None:  # not with --sender-only
+        for label, key in (
+            ("RAW WIRE delivery A -> B (request written -> frame read)", "delivery"),
+            ("raw: A's link_send answered", "sender_answer"),
+            ("raw: A's version (no-op) answered", "noop_answer"),
+        ):
+            r = raw[key]
+            print(f"{label:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
+        for key, r in raw.get("delivery_parts", {}).items():
+            print(f"{'  raw part: ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['n']:6}")
+        print(f"raw: link_send - version, p50: {raw['link_send_minus_noop_p50']:+.3f} ms")
+        if "cpu_ms_per_round" in raw:
+            print(f"raw: CPU ms per round (link_send delivered + version): {raw['cpu_ms_per_round']}")
+        print(f"raw: sender's instance links stats: {raw.get('instance_links')}")
+        for key, r in (raw.get("instance_stages") or {}).items():
+            print(f"{'  instance stage: ' + key:44} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} {r['count']:6}")
     for side in ("server_ms", "client_ms"):
         cost = results[f"sender_cost_{side}"]
         for label, key in (
@@ -693,9 +708,10 @@ async def main() -> None:
             )
     if results.get("server_rows_unmatched"):
         print(f"(instance-timed rows not matched to their call: {results['server_rows_unmatched']})")
-    print(f"write-behind lag (call -> notification queued, mean): {results['publish_lag_mean_ms']} ms")
-    c = results["catchup"]
-    print(f"catch-up of {c['events']} events: {c['seconds']:.3f} s ({c['events_per_second']}/s)")
+    if "catchup" in results:  # not with --sender-only
+        print(f"write-behind lag (call -> notification queued, mean): {results['publish_lag_mean_ms']} ms")
+        c = results["catchup"]
+        print(f"catch-up of {c['events']} events: {c['seconds']:.3f} s ({c['events_per_second']}/s)")
     out = ROOT / "tests" / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"links-{time.strftime('%Y%m%d-%H%M%S')}.json"
