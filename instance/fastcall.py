@@ -44,6 +44,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from common import jsonbytes
 from instance.request_body import ReadAhead
 from instance.tools.guard import ArgumentGuard
 
@@ -350,7 +351,7 @@ class _Exchange:
         """The SDK's `_write` of a `JSONRPCResponse` around `result`: a result dict dumps as
         itself (already the wire form), so it is encoded directly."""
         try:
-            body = json.dumps({"jsonrpc": "2.0", "id": self.req.id, "result": result}, separators=(",", ":"))
+            encoded = jsonbytes.dumps({"jsonrpc": "2.0", "id": self.req.id, "result": result})
         except (TypeError, ValueError):  # not plain JSON: the SDK's own dump decides
             await _write(
                 JSONRPCResponse(jsonrpc="2.0", id=self.req.id, result=result),
@@ -359,7 +360,6 @@ class _Exchange:
                 self.asgi_send,
             )
             return
-        encoded = body.encode("utf-8")
         await self.asgi_send(
             {
                 "type": "http.response.start",

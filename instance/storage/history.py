@@ -49,6 +49,7 @@ from typing import Any, Literal
 import asyncpg
 from redis.asyncio import Redis
 
+from common import jsonbytes
 from common.errors import InvalidArgument, StorageUnavailable, ThreadNotFound
 from common.keys import Keys
 from instance.storage.cache import CacheDown, RedisGuard
@@ -481,7 +482,7 @@ class HistoryStore:
         # fills with the position, and the spool's copy is the same bytes with the position.
         blobs = []
         for m in drafts:
-            blob = json.dumps(m.to_dict(), separators=(",", ":"), ensure_ascii=False)
+            blob = jsonbytes.dumps(m.to_dict()).decode()
             assert blob.startswith(_POS_PLACEHOLDER)
             blobs.append(blob)
         sent = self._send_append(cid, blobs, create)

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
+from common import jsonbytes
 from common.errors import SpoolFull, StorageError
 from instance.timing import Stage
 
@@ -147,8 +148,8 @@ class SpoolEntry:
 
 
 def encode_payload(payload: dict[str, Any]) -> bytes:
-    """A payload as the spool stores it: compact JSON, UTF-8."""
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    """A payload as the spool stores it: compact JSON, UTF-8 (common/jsonbytes.py)."""
+    return jsonbytes.dumps(payload)
 
 
 @dataclass(slots=True)
