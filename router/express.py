@@ -35,12 +35,17 @@ Everything else is the proxy's own code, unchanged:
 
 Bookkeeping (calls in flight, the session's counters and last-seen time, request and stage
 metrics) is the proxy's, done at the same points.
+
+What the client's headers say is kept per connection (`_Derived`), and so is what its last
+body said (`_SameBody`): a body that is the same bytes but for the request's integer id is
+not parsed again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -86,7 +91,7 @@ class _Derived:
     """What a client's headers say, as the proxy reads them: the same for every call that
     sends the same headers (Content-Length aside), so kept per connection (`memo_key`)."""
 
-    __slots__ = ("block", "json", "key", "name", "principal", "sid", "version")
+    __slots__ = ("block", "json", "key", "last", "name", "principal", "sid", "version")
 
     def __init__(self, proxy: Proxy, request: FastRequest) -> None:
         headers = request.headers
@@ -99,6 +104,50 @@ class _Derived:
         self.sid = headers.get(p.MCP_SESSION_ID)
         self.name = headers.get(p.SESSION_KEY_HEADER)  # the route has no {name} on /mcp
         self.block = client_fields(request.raw_headers)  # the client's headers that go upstream
+        self.last: _SameBody | None = None  # this client's last body, but for its id
+
+
+_SAME_BODY_MAX = 64 * 1024  # larger bodies (a long prompt) are parsed every time
+_ID_KEY = re.compile(rb'"id"[ \t\r\n]*:[ \t\r\n]*([0-9]+)')
+
+
+class _SameBody:
+    """A client's last body and what the express path read from it, to take the next body
+    that is the same bytes but for the request's id without parsing it again: a client calls
+    the same tool the same way over and over, and only the id changes. The id must be the
+    body's one `"id"` key, a plain integer; a body that matches is the same JSON object but
+    for that integer, so it means the same (method, params, era, session key)."""
+
+    __slots__ = ("era", "key", "method", "params", "prefix", "suffix")
+
+    def __init__(self, prefix: bytes, suffix: bytes, msg: Message, era: str, key: str) -> None:
+        self.prefix = prefix  # up to the id's digits
+        self.suffix = suffix  # after them
+        self.method = msg.method
+        self.params = msg.params
+        self.era = era
+        self.key = key  # the stateless session's key ("" in the handshake era)
+
+    @classmethod
+    def of(cls, body: bytes, msg: Message, era: str, key: str) -> _SameBody | None:
+        rid = msg.id
+        if type(rid) is not int or len(body) > _SAME_BODY_MAX or body.count(b'"id"') != 1:
+            return None
+        found = _ID_KEY.search(body)
+        if found is None or int(found[1]) != rid:
+            return None
+        return cls(body[: found.start(1)], body[found.end(1) :], msg, era, key)
+
+    def match(self, body: bytes) -> Message | None:
+        """The message `body` holds if it is this body with another id, else None."""
+        prefix, suffix = self.prefix, self.suffix
+        end = len(body) - len(suffix)
+        if not (body.startswith(prefix) and body.endswith(suffix)):
+            return None
+        digits = body[len(prefix) : end]
+        if not digits.isdigit() or len(digits) > 15 or (digits[0] == 48 and len(digits) > 1):
+            return None  # not a plain JSON integer (a leading zero is not JSON)
+        return Message(id=int(digits), method=self.method, params=self.params)
 
 
 def _derived(proxy: Proxy, handler: Any, request: FastRequest) -> _Derived | None:
@@ -122,17 +171,25 @@ def start(proxy: Proxy, handler: Any, request: FastRequest) -> Express | None:
     if said is None or not said.json or len(body) > proxy.max_body_bytes:
         return None
     principal, version = said.principal, said.version
-    try:
-        msg = parse_message(body)
-        era = era_of(version, msg)
-    except ExaiError:
-        return None  # the full path refuses it, in its own words
+    last = said.last
+    msg = last.match(body) if last is not None else None
+    if msg is not None and last is not None:
+        era, key = last.era, last.key
+    else:
+        try:
+            msg = parse_message(body)
+            era = era_of(version, msg)
+        except ExaiError:
+            return None  # the full path refuses it, in its own words
+        if msg.method == "subscriptions/listen":
+            return None  # a held stream (router/streams.py)
+        key = ""
+        if era == "stateless":
+            key = key_of(principal, said.name, msg.client_name() or "", request)  # type: ignore[arg-type]
+        said.last = _SameBody.of(body, msg, era, key)
     table = proxy.table
     sess: Session | None
-    if msg.method == "subscriptions/listen":
-        return None  # a held stream (router/streams.py)
     if era == "stateless":
-        key = key_of(principal, said.name, msg.client_name() or "", request)  # type: ignore[arg-type]
         sess = table.by_key.get(key)
         if sess is None or sess.ended:
             return None
@@ -424,6 +481,10 @@ class Express:
         sess = self.sess
         sess.inflight -= 1
         sess.calls.pop(id(self.call), None)
+        # The call is over and out of the session's list: nothing can cut it any more. Without
+        # its link back here, this object and what it holds are freed at once instead of
+        # waiting, a reference cycle, for the collector (a few objects every call).
+        self.call.task = None
         self.proxy.table.touch(sess)
 
     def _hand_over(self) -> None:

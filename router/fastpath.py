@@ -15,7 +15,9 @@ router/prebuilt.py, and `send_plain` writes the proxy's own answers (errors) the
 
 Anything else (another method or path, a request split over several reads, pipelining,
 chunked bodies, Expect, non-ASCII headers, HTTP/1.0, Connection: close, oversized bodies,
-`subscriptions/listen`, which holds a stream) goes to aiohttp untouched.
+`subscriptions/listen`, which holds a stream) goes to aiohttp untouched. The last is told by
+its bytes only once the express path has not sent the request (it never sends that method):
+the usual call is not searched for it.
 """
 
 from __future__ import annotations
@@ -93,23 +95,38 @@ class FastRequest:
     keep_alive = True
     match_info = _MATCH
 
-    __slots__ = ("_headers", "_writer", "content", "handler", "memo_key", "raw_headers")
+    __slots__ = ("_headers", "_length", "_raw", "_same", "_writer", "content", "handler", "memo_key")
 
     def __init__(
         self,
         handler: RequestHandler,
-        raw_headers: tuple[tuple[bytes, bytes], ...],
+        raw_headers: tuple[tuple[bytes, bytes], ...] | None,
         body: bytes,
         memo_key: tuple[tuple[bytes, bytes], ...] = (),
+        same: _SameHead | None = None,
+        length: bytes = b"",
     ) -> None:
         self.handler = handler
-        self.raw_headers = raw_headers
+        # None: the head of `same` with this Content-Length value, put together when asked for
+        # (the express path does not ask: what it reads of the headers is kept per connection)
+        self._raw = raw_headers
+        self._same = same
+        self._length = length
         # The headers but Content-Length: a client sends the same ones on every call of a
         # connection, so what the express path derives from them is kept per connection.
         self.memo_key = memo_key
         self.content = _Body(body)
         self._writer: StreamWriter | None = None  # made when an answer is written
         self._headers: CIMultiDictProxy[str] | None = None
+
+    @property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        raw = self._raw
+        if raw is None:
+            same = self._same
+            assert same is not None
+            raw = self._raw = (*same.before, (same.length_name, self._length), *same.after)
+        return raw
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -246,8 +263,7 @@ class _SameHead:
         body_at = end + len(self.suffix)
         if len(data) - body_at != int(value):
             return None  # part of the body, or more than this request
-        raw = (*self.before, (self.length_name, value), *self.after)
-        return FastRequest(handler, raw, data[body_at:], self.key)
+        return FastRequest(handler, None, data[body_at:], self.key, self, value)
 
 
 class FastPath:
@@ -262,8 +278,9 @@ class FastPath:
         self._express_count: Any = None
 
     def parse(self, handler: RequestHandler, data: bytes) -> FastRequest | None:
-        """The request in `data` if it is one complete, plain `POST /mcp`; else None."""
-        if len(data) > self.max_body_bytes + 16384 or _HELD_STREAM in data:
+        """The request in `data` if it is one complete, plain `POST /mcp`; else None. (A
+        `subscriptions/listen` is one too: `held` tells, unless the express path sent it.)"""
+        if len(data) > self.max_body_bytes + 16384:
             return None
         same = handler._fast_same  # type: ignore[attr-defined]
         if same is not None:
@@ -294,6 +311,12 @@ class FastPath:
         raw, key = tuple(parsed.headers), tuple(kept)
         handler._fast_same = _SameHead.of(data, len(data) - len(body), raw, key)  # type: ignore[attr-defined]
         return FastRequest(handler, raw, body, key)
+
+    @staticmethod
+    def held(data: bytes) -> bool:
+        """Might `data` hold a `subscriptions/listen` (aiohttp's path serves it)? Asked only
+        of a request the express path did not send: one it sent is known to be no such call."""
+        return _HELD_STREAM in data
 
     def _setup(self) -> None:
         proxy = self._proxy = self.app[PROXY_KEY]

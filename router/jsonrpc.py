@@ -45,12 +45,30 @@ class Message:
         return name if isinstance(name, str) and name else None
 
 
+# json.loads' own scanner (C), called straight: what loads adds around it for a text that
+# starts with "{" (type checks, two whitespace regex matches, a wrapper) is a third of its cost
+# on a small body.
+_scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_JSON_SPACE = " \t\n\r"
+
+
+def _loads_object(text: str) -> Any:
+    """json.loads(text) for a text that starts with "{": the same value, the same refusals."""
+    try:
+        data, end = _scan(text, 0)
+    except StopIteration:
+        raise json.JSONDecodeError("Expecting value", text, 0) from None
+    if end != len(text) and text[end:].strip(_JSON_SPACE):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return data
+
+
 def parse_message(body: bytes) -> Message:
     """One JSON-RPC request, notification or response object; batches are not part of MCP."""
     try:
         if body[:1] == b"{" and body[1:2] != b"\0":
             # UTF-8 for certain (json.loads would detect it): decoded as json.loads does
-            data = json.loads(body.decode("utf-8", "surrogatepass"))
+            data = _loads_object(body.decode("utf-8", "surrogatepass"))
         else:
             data = json.loads(body)
     except (ValueError, RecursionError) as exc:

@@ -99,19 +99,31 @@ def send_response(
     return keep
 
 
+_STATUS_LINES: dict[tuple[int, str], bytes] = {}  # (status, reason) -> the status line
+
+
+def _status_line(status: int, reason: str) -> bytes:
+    key = (status, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, (reason or _reason(status)).encode("latin-1", "replace"))
+        if len(_STATUS_LINES) < 256:  # an instance's own reason phrases: a few
+            _STATUS_LINES[key] = line
+    return line
+
+
 def whole_bytes(status: int, reason: str, fields: bytes, body: bytes) -> bytes:
     """A complete answer (status line, headers, Content-Length, body) as one block of bytes.
     `fields` are header lines (each ending in CRLF, Content-Type among them) without
     Content-Length, Date or Connection."""
     length = b"\r\n" if _bodiless(status) else b"Content-Length: %d\r\n\r\n" % len(body)
-    status_line = b"HTTP/1.1 %d %s\r\n" % (status, (reason or _reason(status)).encode("latin-1", "replace"))
-    return b"".join((status_line, fields, _date_line(), length, body))
+    return b"".join((_status_line(status, reason), fields, _date_line(), length, body))
 
 
 def stream_head(status: int, reason: str, fields: bytes) -> bytes:
     """The status line and headers of a chunked answer (`fields` as for `whole_bytes`)."""
-    status_line = b"HTTP/1.1 %d %s\r\n" % (status, (reason or _reason(status)).encode("latin-1", "replace"))
-    return b"".join((status_line, fields, _date_line(), b"Transfer-Encoding: chunked\r\n\r\n"))
+    chunked = b"Transfer-Encoding: chunked\r\n\r\n"
+    return b"".join((_status_line(status, reason), fields, _date_line(), chunked))
 
 
 def chunk(data: bytes) -> bytes:

@@ -101,6 +101,11 @@ def _answer_fields(upstream: Response, session_id: str | None, always: bool) -> 
     Content-Length), its Content-Type and its Content-Length. `session_id` (handshake era)
     replaces the instance's Mcp-Session-Id, and is added even when the instance sent none if
     `always`."""
+    memo = upstream.memo  # kept with the answer's head on its connection (router/upstream.py)
+    if memo is not None:
+        kept = memo.get((session_id, always))
+        if kept is not None:
+            return kept[0], kept[1], upstream.length
     out = []
     seen = always
     ctype = ""
@@ -118,7 +123,10 @@ def _answer_fields(upstream: Response, session_id: str | None, always: bool) -> 
         out.append(b"%s: %s\r\n" % (name, value))
     if session_id is not None and seen:
         out.append(b"Mcp-Session-Id: %s\r\n" % session_id.encode())
-    return b"".join(out), ctype, length
+    fields = b"".join(out)
+    if memo is not None and len(memo) < 64:
+        memo[(session_id, always)] = (fields, ctype)
+    return fields, ctype, length
 
 
 def key_of(principal: str, name: str | None, client: str, request: web.Request) -> str:

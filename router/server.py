@@ -106,8 +106,10 @@ class _Handler(RequestHandler):
         ):
             request = fast.parse(self, data)
             if request is not None:
-                self._fast_start(fast, request, fast.express(self, request))
-                return
+                express = fast.express(self, request)
+                if express is not None or not fast.held(data):
+                    self._fast_start(fast, request, express)
+                    return
         count = self._request_count
         super().data_received(data)
         if data and self._request_count == count:

@@ -17,6 +17,12 @@ left the router; `Lost` for everything after the request went out (the instance 
 it). A pooled connection whose peer closes it is dropped the moment the event loop sees the
 EOF (the protocol's connection_lost), so no per-call poll of the socket is needed: when an
 instance process dies, its connections leave the pool before the next call picks one.
+
+An instance answers every call of a kind with the same header lines but for Date and
+Content-Length. A connection keeps the head of its last answer that came whole in one read
+(`_SameAnswer`) and takes the next read that is exactly that head, with other Date and
+Content-Length values, and its body without the parser (no callback per header), with the
+relayed header lines the proxy derived from the first one; any other read goes to the parser.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ class _Conn(asyncio.Protocol):
         "pool",
         "resp",
         "reused",
+        "same",
         "silence",
         "timer",
         "timer_due",
@@ -96,6 +103,7 @@ class _Conn(asyncio.Protocol):
         self.idle_since = 0.0
         self.resp: Response | None = None
         self.reused = False
+        self.same: _SameAnswer | None = None  # the last whole answer's head (see _SameAnswer)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -106,12 +114,18 @@ class _Conn(asyncio.Protocol):
         if resp is None:  # an idle connection never has anything to read: drop it
             self.close()
             return
+        fresh = not resp.got_bytes
         resp.got_bytes = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            resp._fail(Lost(f"unreadable answer ({exc})"))
-            self.close()
+        same = self.same
+        if not (fresh and same is not None and same.take(resp, data)):
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                resp._fail(Lost(f"unreadable answer ({exc})"))
+                self.close()
+            else:
+                if fresh and resp.complete:
+                    self.same = _SameAnswer.of(resp, data)
         if resp.notify is not None:  # after the parser is done with this read, never inside it
             resp.notify(False)
 
@@ -205,6 +219,126 @@ class _Conn(asyncio.Protocol):
             self.timer = None
 
 
+class _SameAnswer:
+    """A connection's last answer head, to take the next answer that came whole in one read
+    and whose head is the same bytes but for its Date and Content-Length values without
+    parsing it again: an instance sends the same headers with every answer of a kind.
+    httptools parsed and accepted these bytes (status line, one `Name: value` line per
+    header, no body framing but Content-Length), so the same bytes with another length and
+    date (neither holding a line break) parse the same way; the read must then be exactly
+    head and body. The relayed header lines, which depend only on the other lines, are kept
+    here too (`memo`, for the proxy's `_answer_fields`)."""
+
+    __slots__ = (
+        "date_at", "keep_alive", "last", "length_at", "memo", "pieces", "raw", "reason", "status",
+        "values",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        head: bytes,
+        spans: list[tuple[int, int, int]],
+        raw: list[tuple[bytes, bytes]],
+        length_at: int,
+        date_at: int,
+        resp: Response,
+    ) -> None:
+        # The head cut around its varying values (`spans`: start, end, index into raw, in
+        # order): the fixed bytes before each value, and after the last one (to the blank line).
+        cuts = [0]
+        for start, end, _ in spans:
+            cuts += (start, end)
+        cuts.append(len(head))
+        self.pieces = tuple(head[cuts[i] : cuts[i + 1]] for i in range(0, len(cuts) - 2, 2))
+        self.last = head[cuts[-2] :]
+        self.values = tuple(at for _, _, at in spans)  # which header each value is
+        self.raw = raw
+        self.length_at = length_at
+        self.date_at = date_at  # -1: no Date header
+        self.status = resp.status
+        self.reason = resp.reason
+        self.keep_alive = resp.keep_alive
+        self.memo: dict[tuple[str | None, bool], tuple[bytes, str]] = {}
+
+    @classmethod
+    def of(cls, resp: Response, data: bytes) -> _SameAnswer | None:
+        """The head of the answer httptools just parsed whole from `data` alone, or None when
+        it is not one plain head with a Content-Length line and that body, nothing more."""
+        if resp.error is not None or not resp.keep_alive or not resp.status:
+            return None
+        end = data.find(b"\r\n\r\n")
+        raw = resp.raw_headers
+        if end < 0 or len(data) - end - 4 != resp._size:
+            return None
+        lines = data[:end].split(b"\r\n")
+        if len(lines) != len(raw) + 1:
+            return None
+        length_at = date_at = -1
+        spans = []
+        at = len(lines[0]) + 2  # where the header's line begins
+        for i, (name, value) in enumerate(raw):
+            line = lines[i + 1]
+            if line != b"%s: %s" % (name, value):
+                return None  # spelled another way (spaces, folding): not taken
+            low = name.lower()
+            if low == b"content-length" or low == b"date":
+                if low == b"content-length":
+                    if length_at >= 0 or not value.isdigit() or int(value) != resp._size:
+                        return None
+                    length_at = i
+                else:
+                    if date_at >= 0:
+                        return None
+                    date_at = i
+                spans.append((at + len(name) + 2, at + len(line), i))
+            elif low == b"transfer-encoding":
+                return None
+            at += len(line) + 2
+        if length_at < 0:
+            return None
+        return cls(data[: end + 4], spans, list(raw), length_at, date_at, resp)
+
+    def take(self, resp: Response, data: bytes) -> bool:
+        """Fill `resp` from `data` when it is exactly one answer with this head; else False
+        (nothing changed: the parser reads it)."""
+        at = length = 0
+        raw = None
+        for piece, header in zip(self.pieces, self.values, strict=True):
+            if not data.startswith(piece, at):
+                return False
+            at += len(piece)
+            end = data.find(b"\r", at, at + 100)
+            if end < 0:
+                return False
+            value = data[at:end]
+            if header == self.length_at:
+                if not value.isdigit() or len(value) > 12:
+                    return False
+                length = int(value)
+            elif b"\n" in value:
+                return False
+            if raw is None:
+                raw = self.raw.copy()
+            raw[header] = (raw[header][0], value)
+            at = end
+        last = self.last
+        if not data.startswith(last, at):
+            return False
+        at += len(last)
+        if len(data) - at != length:
+            return False
+        resp.status = self.status
+        resp.reason = self.reason
+        resp.keep_alive = self.keep_alive
+        resp.raw_headers = raw  # type: ignore[assignment]  # the length's value at least
+        resp.memo = self.memo
+        resp.length = length
+        if length:
+            resp._feed(data[at:])
+        resp._complete()
+        return True
+
+
 class Response:
     """An instance's answer as it arrives. `release()` (or `close()`) must follow, always."""
 
@@ -223,6 +357,8 @@ class Response:
         "extra",
         "got_bytes",
         "keep_alive",
+        "length",
+        "memo",
         "notify",
         "raw_headers",
         "reason",
@@ -246,6 +382,10 @@ class Response:
         self._paused = False
         self._whole = False  # read() takes the body whole: no read-ahead limit
         self.extra = 0  # bytes (but white space) that came after the caller had all it needed
+        # An answer taken by its connection's `_SameAnswer`: its Content-Length, and where the
+        # relayed header lines of answers with its head are kept.
+        self.length: int | None = None
+        self.memo: dict[tuple[str | None, bool], tuple[bytes, str]] | None = None
         self._loop = loop
         # Called (timed_out) after each read, loss or silence when a caller follows the answer
         # without waiting on it (router/express.py); None while a task waits on it.
@@ -601,11 +741,10 @@ class Relay:
         conn = pool.take_idle()
         if conn is None:
             return None
-        resp = Response(conn, conn.loop)
-        conn.resp = resp
         transport = conn.transport
         assert transport is not None
-        transport.write(data)
+        transport.write(data)  # first: nothing is read before this returns to the loop
+        resp = conn.resp = Response(conn, conn.loop)
         if transport.is_closing():  # the instance had dropped the connection
             self.stale_dropped += 1
             resp.close()

@@ -282,6 +282,45 @@ async def test_a_repeated_head_is_taken_only_for_exactly_one_request(fleet: Flee
         conn.close()
 
 
+async def _session_of(conn: Conn, rid: int, client: str) -> str:
+    await conn.send(post(_call(rid, client, tool="status"), tool="status"))
+    status, _, body = await conn.answer()
+    assert status == 200, body
+    result = _result(body)
+    assert result["id"] == rid
+    return str(result["result"]["structuredContent"]["session"])
+
+
+async def test_a_repeated_body_is_read_again_unless_only_its_id_changed(fleet: Fleet) -> None:
+    # The express path takes a body that is the connection's last one but for the request's
+    # id without parsing it again. Anything else in it (another client name, so another
+    # session; a tool; an id that is no plain JSON integer) is read afresh.
+    conn = await Conn.open(fleet)
+    try:
+        express = await _express_count(fleet)
+        first = await _session_of(conn, 1, "memo-a")
+        for rid in (2, 30, 4000, 5):
+            assert await _session_of(conn, rid, "memo-a") == first
+        assert await _express_count(fleet) >= express + 4
+        other = await _session_of(conn, 6, "memo-b")  # only the client's name changed
+        assert other != first
+        assert await _session_of(conn, 7, "memo-a") == first
+        await conn.send(post(_call(8, "memo-a")))  # another tool, the same client
+        status, _, body = await conn.answer()
+        assert status == 200 and _result(body)["id"] == 8
+        for bad in (b"08", b"-8", b'"8"'):
+            raw = _call(9, "memo-a", tool="status").replace(b'"id": 9', b'"id": ' + bad)
+            await conn.send(post(raw, tool="status"))
+            status, _, body = await conn.answer()
+            if bad == b"08":  # not JSON: refused, as before
+                assert status == 400 and json.loads(body)["error"]["code"] == -32700
+            else:
+                assert status == 200 and json.loads(body)["id"] == json.loads(bad)
+        assert await _session_of(conn, 10, "memo-a") == first
+    finally:
+        conn.close()
+
+
 async def test_requests_the_fast_path_leaves_to_aiohttp(fleet: Fleet) -> None:
     # Connection: close is answered, then the connection is closed.
     conn = await Conn.open(fleet)
