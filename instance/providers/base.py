@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import certifi
 
+from common import jsonbytes
 from common.errors import (
     ProviderError,
     ProviderRateLimited,
@@ -497,7 +498,7 @@ class OpenAICompatibleProvider:
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    return jsonbytes.dumps(value)  # compact, UTF-8
 
 
 class BodyEncoder:
