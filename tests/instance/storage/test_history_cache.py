@@ -259,8 +259,8 @@ async def test_reads_decode_only_the_new_turns_and_stay_whole(
         other = await a.history.new_thread(session_id="s", tool_name="chat", model=None)
         await a.history.append_exchange(other, exchange("x1", "y1"))
         assert [m.content for m in await a.history.load(other)] == ["x1", "y1"]
-        held = a.history._held[other]
-        a.history._held[other] = dataclasses.replace(held, run="another-run")
+        held = a.history._held.copies[other]
+        a.history._held.copies[other] = dataclasses.replace(held, run="another-run")
         await b.history.append_exchange(other, exchange("x2", "y2"))
         assert [m.content for m in await a.history.load(other)] == ["x1", "y1", "x2", "y2"]
         assert a.history.cache_tail_reads_total == 2
@@ -269,7 +269,7 @@ async def test_reads_decode_only_the_new_turns_and_stay_whole(
         assert await b.flush(10)
         await redis.delete(keys.thread(other), keys.thread_meta(other))
         assert [m.content for m in await a.history.load(other)] == ["x1", "y1", "x2", "y2"]
-        assert other not in a.history._held
+        assert other not in a.history._held.copies
 
 
 async def test_an_exchange_appended_right_after_the_held_turns_is_held_as_appended(
@@ -289,8 +289,8 @@ async def test_an_exchange_appended_right_after_the_held_turns_is_held_as_append
         )
         assert [m.content for m in await a.history.load(cid)] == ["q1", "a1"]
         asked, answered = await a.history.append_exchange(cid, exchange("q2", "a2"))
-        await a.history._placed(cid)  # the position's reply may come after the call returned
-        assert [m.content for m in a.history._held[cid].messages] == ["q1", "a1", "q2", "a2"]
+        await a.history._positions.placed(cid)  # the position's reply may come after the call returned
+        assert [m.content for m in a.history._held.copies[cid].messages] == ["q1", "a1", "q2", "a2"]
         loaded = await a.history.load(cid)
         assert loaded[2] is asked and loaded[3] is answered  # held, not decoded again
         assert loaded == await b.history.load(cid)  # every field as a fresh read has it
@@ -299,8 +299,8 @@ async def test_an_exchange_appended_right_after_the_held_turns_is_held_as_append
         # Another process appends between this one's read and its append: not held as appended.
         await b.history.append_exchange(cid, exchange("q3", "a3"))
         asked, _ = await a.history.append_exchange(cid, exchange("q4", "a4"))
-        await a.history._placed(cid)
-        assert len(a.history._held[cid].messages) == 4
+        await a.history._positions.placed(cid)
+        assert len(a.history._held.copies[cid].messages) == 4
         loaded = await a.history.load(cid)
         assert [m.content for m in loaded] == ["q1", "a1", "q2", "a2", "q3", "a3", "q4", "a4"]
         assert [m.pos for m in loaded] == [1, 1, 2, 2, 3, 3, 4, 4]
