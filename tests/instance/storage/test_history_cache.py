@@ -327,9 +327,9 @@ async def test_an_exchange_sent_twice_to_redis_keeps_one_position_and_one_copy(
         blob = '{"pos":null,"id":"%s","continuation_id":"%s","seq":1,"role":"%s","content":"%s"}'
         ids = [str(uuid.uuid4()) for _ in range(4)]
         first = [blob % (ids[0], cid, "user", "q2"), blob % (ids[1], cid, "assistant", "a2")]
-        pos, _ = await h._cache_append(cid, first, -1)
-        again, _ = await h._cache_append(cid, first, -1)  # the same exchange, sent again
-        later, _ = await h._cache_append(
+        pos, _ = await h._positions._cache_append(cid, first, -1)
+        again, _ = await h._positions._cache_append(cid, first, -1)  # the same exchange, sent again
+        later, _ = await h._positions._cache_append(
             cid, [blob % (ids[2], cid, "user", "q3"), blob % (ids[3], cid, "assistant", "a3")], -1
         )
         assert (pos, again, later) == (pos, pos, pos + 1)
@@ -338,7 +338,7 @@ async def test_an_exchange_sent_twice_to_redis_keeps_one_position_and_one_copy(
         assert sum(ids[0] in x for x in cached) == 1 and sum(ids[2] in x for x in cached) == 1
         assert await redis.hget(keys.thread_meta(cid), "turns") in (b"6", "6")
         # Remembered as long as the thread's counter: a restarted writer re-sends what it spooled
-        # before the reply came (HistoryStore._recover), however long it was away.
+        # before the reply came (instance/storage/positions.py, Positions.recover), however long it was away.
         assert 60_000 < await redis.pttl(keys.thread_xids(cid)) <= CACHE_TTL_MS
         await redis.delete(
             keys.thread(cid), keys.thread_meta(cid), keys.thread_pos(cid), keys.thread_xids(cid)
