@@ -121,7 +121,7 @@ class HistoryStore:
         tracker: Tracker | None = None,
     ) -> None:
         self._db = db
-        self._tracker = tracker  # Redis-assisted client-side caching of `_held` (tracking.py)
+        self._tracker = tracker  # the thread read goes on its connection when up (tracking.py)
         self._sync: Literal["full", "normal"] = spool_sync  # EXAI_CHAT_SPOOL_SYNC
         self._spool = spool
         self._cache = cache

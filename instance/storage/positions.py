@@ -147,11 +147,8 @@ class Positions:
         """Whether appends that miss Redis must leave a mark (only if a fleet cache may exist)."""
         return self._cache.redis is not None and self._turns > 0
 
-    def known(self, cid: str) -> int:
-        """The highest position this process has seen in the thread (-1: none)."""
-        return self._known.get(cid, -1)
-
     def note(self, cid: str, pos: int) -> None:
+        """`pos` is a position of the thread: a floor for its next one, should Redis lose the counter."""
         if len(self._known) > 50_000:
             self._known.clear()  # only a floor for a lost counter: forgetting it is safe
         if pos > self._known.get(cid, -1):
