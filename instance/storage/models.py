@@ -61,7 +61,7 @@ class Message:
     pos: int | None = None  # the exchange's position in its thread (None: written before positions)
 
     def to_dict(self) -> dict[str, Any]:
-        return {  # "pos" first: the cache's append script fills it in place (instance/storage/history.py)
+        return {  # "pos" first: the cache's append script fills it in place (thread_scripts.py)
             "pos": self.pos,
             "id": self.id,
             "continuation_id": self.continuation_id,

@@ -22,12 +22,12 @@ copy's stamp is taken when its reply is processed (invalidations are numbered in
 are processed), and this is exact: no change is missed, none made before the read costs a read.
 A read sent here right after this process's own write on another connection confirms a copy
 that holds the write: the write's invalidation was written before that read was even processed
-(instance/storage/history.py, `_confirm`).
+(instance/storage/held.py, `HeldCopies.confirm`).
 
 This process's own appends go on this connection too while it is up, and it tracks with NOLOOP:
 a change made by this connection itself (inside a Lua script too, on Redis 7) is reported to
 nobody here, so the append's stamped reply confirms the copy it extends with no read after it
-(history.py, `_hold_appended`). Redis 6.2 reports it anyway, but before the reply: processed
+(held.py, `HeldCopies.hold_appended`). Redis 6.2 reports it anyway, but before the reply: processed
 before the stamp, it voids nothing. Only appends are written here: a note write must make its
 writer's next read see it, so it stays on the other connections (and drops the writer's copy,
 notes_cache.py).
@@ -229,7 +229,7 @@ class Tracker:
                 await conn.write(("HELLO", "3"))
                 self.client_id = int(await conn.write(("CLIENT", "ID")))
                 # NOLOOP: this connection's own writes (this process's appends) report nothing
-                # to it (history.py `_hold_appended`); nothing else writes on it.
+                # to it (held.py `HeldCopies.hold_appended`); nothing else writes on it.
                 await conn.write(("CLIENT", "TRACKING", "ON", "NOLOOP"))
             # Every copy read before now was read without this connection: a new epoch.
             self._epoch += 1

@@ -259,8 +259,8 @@ async def test_reads_decode_only_the_new_turns_and_stay_whole(
         other = await a.history.new_thread(session_id="s", tool_name="chat", model=None)
         await a.history.append_exchange(other, exchange("x1", "y1"))
         assert [m.content for m in await a.history.load(other)] == ["x1", "y1"]
-        held = a.history._held[other]
-        a.history._held[other] = dataclasses.replace(held, run="another-run")
+        held = a.history._held.copies[other]
+        a.history._held.copies[other] = dataclasses.replace(held, run="another-run")
         await b.history.append_exchange(other, exchange("x2", "y2"))
         assert [m.content for m in await a.history.load(other)] == ["x1", "y1", "x2", "y2"]
         assert a.history.cache_tail_reads_total == 2
@@ -269,7 +269,7 @@ async def test_reads_decode_only_the_new_turns_and_stay_whole(
         assert await b.flush(10)
         await redis.delete(keys.thread(other), keys.thread_meta(other))
         assert [m.content for m in await a.history.load(other)] == ["x1", "y1", "x2", "y2"]
-        assert other not in a.history._held
+        assert other not in a.history._held.copies
 
 
 async def test_an_exchange_appended_right_after_the_held_turns_is_held_as_appended(
@@ -289,8 +289,8 @@ async def test_an_exchange_appended_right_after_the_held_turns_is_held_as_append
         )
         assert [m.content for m in await a.history.load(cid)] == ["q1", "a1"]
         asked, answered = await a.history.append_exchange(cid, exchange("q2", "a2"))
-        await a.history._placed(cid)  # the position's reply may come after the call returned
-        assert [m.content for m in a.history._held[cid].messages] == ["q1", "a1", "q2", "a2"]
+        await a.history._positions.placed(cid)  # the position's reply may come after the call returned
+        assert [m.content for m in a.history._held.copies[cid].messages] == ["q1", "a1", "q2", "a2"]
         loaded = await a.history.load(cid)
         assert loaded[2] is asked and loaded[3] is answered  # held, not decoded again
         assert loaded == await b.history.load(cid)  # every field as a fresh read has it
@@ -299,8 +299,8 @@ async def test_an_exchange_appended_right_after_the_held_turns_is_held_as_append
         # Another process appends between this one's read and its append: not held as appended.
         await b.history.append_exchange(cid, exchange("q3", "a3"))
         asked, _ = await a.history.append_exchange(cid, exchange("q4", "a4"))
-        await a.history._placed(cid)
-        assert len(a.history._held[cid].messages) == 4
+        await a.history._positions.placed(cid)
+        assert len(a.history._held.copies[cid].messages) == 4
         loaded = await a.history.load(cid)
         assert [m.content for m in loaded] == ["q1", "a1", "q2", "a2", "q3", "a3", "q4", "a4"]
         assert [m.pos for m in loaded] == [1, 1, 2, 2, 3, 3, 4, 4]
@@ -327,9 +327,9 @@ async def test_an_exchange_sent_twice_to_redis_keeps_one_position_and_one_copy(
         blob = '{"pos":null,"id":"%s","continuation_id":"%s","seq":1,"role":"%s","content":"%s"}'
         ids = [str(uuid.uuid4()) for _ in range(4)]
         first = [blob % (ids[0], cid, "user", "q2"), blob % (ids[1], cid, "assistant", "a2")]
-        pos, _ = await h._cache_append(cid, first, -1)
-        again, _ = await h._cache_append(cid, first, -1)  # the same exchange, sent again
-        later, _ = await h._cache_append(
+        pos, _ = await h._positions._cache_append(cid, first, -1)
+        again, _ = await h._positions._cache_append(cid, first, -1)  # the same exchange, sent again
+        later, _ = await h._positions._cache_append(
             cid, [blob % (ids[2], cid, "user", "q3"), blob % (ids[3], cid, "assistant", "a3")], -1
         )
         assert (pos, again, later) == (pos, pos, pos + 1)
@@ -338,7 +338,7 @@ async def test_an_exchange_sent_twice_to_redis_keeps_one_position_and_one_copy(
         assert sum(ids[0] in x for x in cached) == 1 and sum(ids[2] in x for x in cached) == 1
         assert await redis.hget(keys.thread_meta(cid), "turns") in (b"6", "6")
         # Remembered as long as the thread's counter: a restarted writer re-sends what it spooled
-        # before the reply came (HistoryStore._recover), however long it was away.
+        # before the reply came (instance/storage/positions.py, Positions.recover), however long it was away.
         assert 60_000 < await redis.pttl(keys.thread_xids(cid)) <= CACHE_TTL_MS
         await redis.delete(
             keys.thread(cid), keys.thread_meta(cid), keys.thread_pos(cid), keys.thread_xids(cid)

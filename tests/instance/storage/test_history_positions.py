@@ -97,7 +97,7 @@ async def test_a_position_that_comes_after_the_commit_is_the_one_stored_read_and
             assert [(m.content, m.pos) for m in loaded] == want
             assert (asked.pos, answered.pos) == (2, 2)  # set on the turns the call returned
             # The held copy was extended by the replies (nobody pushed in between).
-            assert [m.content for m in a.history._held[cid].messages] == [c for c, _ in want]
+            assert [m.content for m in a.history._held.copies[cid].messages] == [c for c, _ in want]
             assert await flushing
             assert await _stored(pg_dsn, cid) == want
             assert await _cached(redis, Keys(settings.redis_prefix), cid) == want
