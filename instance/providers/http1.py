@@ -67,7 +67,11 @@ class Connections:
             raise ValueError(f"not an http(s) URL: {url!r}")
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._tls = (tls or ssl.create_default_context()) if parts.scheme == "https" else None
+        if parts.scheme == "https" and tls is None:
+            # Building a default context here would read the CA bundle on the event loop;
+            # the caller builds it once off the loop (base.tls_context through to_thread).
+            raise ValueError("an https URL needs the provider's TLS context, and none was built")
+        self._tls = tls if parts.scheme == "https" else None
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         default = self.port == (443 if parts.scheme == "https" else 80)
