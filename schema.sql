@@ -213,3 +213,17 @@ ALTER TABLE link_members ADD COLUMN IF NOT EXISTS handoff text;
 INSERT INTO exai_schema_version (id, version) VALUES (1, 4)
 ON CONFLICT (id) DO UPDATE SET version = GREATEST(exai_schema_version.version, EXCLUDED.version),
                                applied_at = now();
+
+-- Version 5 (a group task's event through its audit row): a group task change's audit row
+-- names the link group and the session that made the change, in the change's own statement;
+-- its link event (uuid = the audit row's id) is stored after the call answered (through the
+-- instance's spool), or by the outbox relay for a change whose event never got there (its
+-- instance died first): common/links.py `outbox_relay`, which finds them by this index.
+ALTER TABLE task_events ADD COLUMN IF NOT EXISTS link_group text;
+ALTER TABLE task_events ADD COLUMN IF NOT EXISTS link_sender text;
+CREATE INDEX IF NOT EXISTS task_events_link_outbox_idx ON task_events (created_at)
+    WHERE link_group IS NOT NULL;
+
+INSERT INTO exai_schema_version (id, version) VALUES (1, 5)
+ON CONFLICT (id) DO UPDATE SET version = GREATEST(exai_schema_version.version, EXCLUDED.version),
+                               applied_at = now();

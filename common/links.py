@@ -16,7 +16,8 @@ import fnmatch
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -412,135 +413,101 @@ async def reservations(conn: asyncpg.Connection, group: str) -> list[dict[str, A
     ]
 
 
-# --- a group task's event, stored by the task write's own statement --------------------------
+# --- a group task's event: its audit row is the outbox ---------------------------------------
 @dataclass(slots=True)
 class TaskEventWrite:
-    """The link-group event of a group task write, stored by that write itself
-    (instance/storage/tasks.py): the task row, its audit row and this event commit together, in
-    the write's one statement, or not at all. In: the group, the event's uuid and its sender.
-    Out (`stored`, `members`): the event as stored, with its group id, and the group's members
-    then, for the announcement; None when the write stored none (refused, a replay of another
-    call's create, or the group was deleted meanwhile)."""
+    """The link-group event of a group task write (instance/tools/tasks.py). The write's own
+    statement records the group and the sender in the change's audit row (`task_events`:
+    `link_group`, `link_sender`), so the change and the fact that the group must hear of it
+    commit together; the event itself (its uuid is the audit row's id) is stored afterwards,
+    off the sender's call: spooled once the call has answered, or, if that never happens (the
+    instance died, the write's reply was lost), by the outbox relay (`outbox_relay`).
+    In: the group, the audit row's id (`uuid`) and the sender. Out: `written`, True once this
+    call's audit row is known to be committed (not for a refused write, nor for a replay of
+    another call's create)."""
 
     group: str
     uuid: str
     sender: str
-    stored: LinkEvent | None = None
-    members: list[str] = field(default_factory=list)
-    # The write happened but stored no event: its group was deleted, or its sender was not a
-    # member (the store's rule, as for spooled events: _SPOOLED_SQL). Told to the sender.
-    refused: RefusedEvent | None = None
-
-    def take(self, event_id: Any, created_at: Any, members: Any, task: Any, group_found: Any = True) -> None:
-        """The event's id and time as the write's statement returned them (None: not stored,
-        though the write happened: refused), with the task as written (its id, name, state and
-        version are the event's data)."""
-        if event_id is None:
-            self.refused = RefusedEvent(
-                uuid=self.uuid,
-                group=self.group,
-                kind="task",
-                sender=self.sender,
-                reason="not_member" if group_found else "group_deleted",
-            )
-            return
-        self.stored = LinkEvent(
-            group=self.group,
-            id=int(event_id),
-            kind="task",
-            sender=self.sender,
-            recipient=None,
-            subject=None,
-            thread=None,
-            body="",
-            data=task_event_data(task),
-            created_at=created_at,
-            uuid=self.uuid,
-        )
-        self.members = list(members or [])
+    written: bool = False
 
 
 def task_event_data(task: Any) -> dict[str, Any]:
-    """A task event's `data`: as the statements below build it (jsonb_build_object) and as the
-    flusher fills it in for a spooled one (_resolve_task_events)."""
+    """A task event's `data`: the task's id, name, state and version as written."""
     return {"task_id": str(task.id), "name": task.name, "state": task.state, "version": int(task.version)}
 
 
-def task_event_sql(written: str, first: int) -> tuple[str, str, str]:
-    """What a task write's statement adds to store its group event (TaskEventWrite): CTEs to
-    follow the write's CTE named `written` (its rows: the task as written, none if the write
-    did not happen), the columns its final SELECT adds, and the join that adds them.
-    Parameters: `$first` the group, `$first+1` the event's uuid, `$first+2` the sender.
-
-    The group's next id is taken only if the write happened (no gap otherwise), by the UPDATE of
-    the group's row, whose lock is held until the statement commits: ids commit in id order, as
-    with the flusher's stores (`store_spooled`)."""
-    g, u, s = f"${first}", f"${first + 1}", f"${first + 2}"
-    ctes = f"""link_seq AS (
-        UPDATE link_groups SET seq = seq + 1
-        WHERE name = {g}::text AND EXISTS (SELECT 1 FROM {written})
-            AND EXISTS (SELECT 1 FROM link_members m
-                        WHERE m.group_name = {g}::text AND m.session_id = {s}::text)
-        RETURNING seq
-    ), link_ev AS (
-        INSERT INTO link_events ({_EVENT_COLS})
-        SELECT {g}::text, link_seq.seq, 'task', {s}::text, NULL, NULL, NULL, '',
-            jsonb_build_object('task_id', w.id::text, 'name', w.name, 'state', w.state,
-                               'version', w.version),
-            now(), {u}::uuid
-        FROM {written} w, link_seq
-        RETURNING id, created_at
-    )"""
-    columns = (
-        "link_ev.id AS link_event_id, link_ev.created_at AS link_event_at,"
-        " CASE WHEN link_ev.id IS NOT NULL THEN"
-        f" ARRAY(SELECT session_id FROM link_members WHERE group_name = {g}::text) END AS link_members,"
-        f" EXISTS (SELECT 1 FROM link_groups WHERE name = {g}::text) AS link_group_found"
-    )
-    return ctes, columns, "LEFT JOIN link_ev ON true"
+def task_event_payload(event: TaskEventWrite, task: Any) -> dict[str, Any]:
+    """The spooled form of a group task's event (as `store_spooled` takes it)."""
+    return {
+        "uuid": event.uuid,
+        "group": event.group,
+        "kind": "task",
+        "sender": event.sender,
+        "data": task_event_data(task),
+        "created_at": time.time(),
+    }
 
 
-async def store_task_event(conn: asyncpg.Connection, event: TaskEventWrite, task: Any) -> None:
-    """A task write's group event, inside the write's own transaction (its slow path, when the
-    one-statement write did not apply): the group's next id, as `task_event_sql` gives it."""
-    row = await conn.fetchrow(
-        f"""WITH link_seq AS (
-            UPDATE link_groups SET seq = seq + 1 WHERE name = $1
-                AND EXISTS (SELECT 1 FROM link_members m WHERE m.group_name = $1 AND m.session_id = $3)
-            RETURNING seq
-        ), link_ev AS (
-            INSERT INTO link_events ({_EVENT_COLS})
-            SELECT $1, link_seq.seq, 'task', $3, NULL, NULL, NULL, '', $4::jsonb, now(), $2::uuid
-            FROM link_seq RETURNING id, created_at
-        )
-        SELECT link_ev.id, link_ev.created_at,
-            ARRAY(SELECT session_id FROM link_members WHERE group_name = $1) AS members
-        FROM link_ev""",
-        event.group, event.uuid, event.sender, json.dumps(task_event_data(task)),
-    )  # fmt: skip
-    if row is not None:
-        event.take(row["id"], row["created_at"], row["members"], task)
-    else:
-        found = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM link_groups WHERE name = $1)", event.group)
-        event.take(None, None, None, task, group_found=found)
+# The group task changes whose event is not stored yet, oldest first: their audit rows name a
+# group (the partial index task_events_link_outbox_idx holds only those rows) and no link event
+# has their id. Only rows older than the grace period (the usual path stores an event within
+# milliseconds of the call's answer) and newer than the horizon (the scan stays short).
+_OUTBOX_SQL = """
+SELECT e.id::text AS uuid, e.link_group AS group_name, e.link_sender AS sender, e.task_id::text AS task_id,
+       t.name, e.to_state AS state, e.version, e.created_at
+FROM task_events e JOIN tasks t ON t.id = e.task_id
+WHERE e.link_group IS NOT NULL
+  AND e.created_at < now() - make_interval(secs => $1)
+  AND e.created_at > now() - make_interval(secs => $2)
+  AND NOT EXISTS (SELECT 1 FROM link_events l WHERE l.uuid = e.id)
+ORDER BY e.created_at, e.version
+LIMIT $3
+"""
+_OUTBOX_LOCK = 0x6578_6169_6C6E_6B6F  # pg advisory lock key: one relay at a time in the fleet
 
 
-async def find_task_event(conn: asyncpg.Connection, event: TaskEventWrite) -> None:
-    """A task write found its own earlier attempt committed (the pool's retry after a dropped
-    connection): the event that attempt stored with it, if any, for the announcement."""
-    row = await conn.fetchrow(
-        f"SELECT {_EVENT_COLS}, ARRAY(SELECT session_id FROM link_members WHERE group_name = $2) AS members"
-        " FROM link_events WHERE uuid = $1::uuid AND group_name = $2",
-        event.uuid, event.group,
-    )  # fmt: skip
-    if row is not None:
-        event.stored = LinkEvent.from_row(row)
-        event.members = list(row["members"])
+async def outbox_relay(
+    conn: asyncpg.Connection, *, grace_s: float, horizon_s: float, limit: int = 500
+) -> list[StoredOrRefused]:
+    """Store the events of group task changes that committed but whose event was never stored
+    (their instance was killed between the write and the spool, or the write's reply was lost),
+    exactly once each (by uuid, the audit row's id), in the order the changes were made; as
+    `store_spooled` returns them, for the announcement. One relay at a time in the fleet (an
+    advisory lock; another instance's relay running now returns [] here)."""
+    # Usually there are none: one round trip, no transaction, to find that out.
+    if not await conn.fetch(_OUTBOX_SQL, grace_s, horizon_s, 1):
+        return []
+    async with conn.transaction():
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _OUTBOX_LOCK):
+            return []
+        rows = await conn.fetch(_OUTBOX_SQL, grace_s, horizon_s, limit)
+        if not rows:
+            return []
+        payloads = [
+            {
+                "uuid": r["uuid"],
+                "group": r["group_name"],
+                "kind": "task",
+                "sender": r["sender"],
+                "data": {
+                    "task_id": r["task_id"],
+                    "name": r["name"],
+                    "state": r["state"],
+                    "version": r["version"],
+                },
+                "created_at": r["created_at"].timestamp(),
+            }
+            for r in rows
+        ]
+        return await store_spooled(conn, payloads)
 
 
 # --- events written behind (instance spool -> flusher) ---------------------------------------
 # One statement per group, one round trip: skip the events already stored (a replay after a
-# crash: found by uuid; only this instance's flusher ever writes these uuids), take as many ids as
+# crash: found by uuid; besides this instance's flusher only the outbox relay writes these uuids,
+# for a group task change a while old, and a store racing with it inserts nothing for that uuid:
+# ON CONFLICT, its id left unused), take as many ids as
 # are left (the UPDATE holds the group row's lock until the statement commits, so ids commit in
 # order; a concurrent flusher waits and then sees the new seq), store the events with them in
 # spool order, mark the senders seen, and return the members for the notifications. It always
@@ -580,6 +547,7 @@ WITH given AS (
     SELECT $1, g.seq - n.n + n.k, n.kind, n.sender, n.recipient, n.subject, n.thread, n.body,
            n.data::jsonb, n.created_at, n.uuid
     FROM g, numbered n
+    ON CONFLICT (uuid) DO NOTHING
     RETURNING {_EVENT_COLS}
 ), seen AS (
     UPDATE link_members SET last_seen_at = now()
@@ -655,7 +623,9 @@ async def store_spooled(conn: asyncpg.Connection, payloads: list[dict[str, Any]]
     others get the next ids in order. Returns each new event with the group's members then, for
     the notifications, and a `RefusedEvent` for each event not stored because its group was
     deleted or its sender was not a member when it made it (see _SPOOLED_SQL), for its sender.
-    A payload marked `recheck` is only looked up, never stored (`_rechecked`).
+    Spools written by an earlier version of the instance may hold two older forms of a group
+    task's event, still read here: `recheck` (only looked up, never stored: `_rechecked`) and
+    one naming its write's audit row (`task_event`: `_resolve_task_events`).
     """
     out: list[StoredOrRefused] = []
     if any(p.get("recheck") for p in payloads):
@@ -713,10 +683,10 @@ def _refused(payload: dict[str, Any], reason: str) -> RefusedEvent:
 async def _rechecked(
     conn: asyncpg.Connection, payloads: list[dict[str, Any]]
 ) -> list[tuple[LinkEvent, list[str]]]:
-    """Payloads marked `recheck` stand for a group task write that stored its event in its own
-    statement (TaskEventWrite) but failed as its caller saw it (the connection dropped, the
-    call was cancelled), so it may have committed: they are never stored from here, only
-    looked up by uuid; the events found are returned for the announcement nobody made."""
+    """Payloads marked `recheck` (spooled by an earlier version, whose group task write stored
+    its event in its own statement, for a write that failed as its caller saw it but may have
+    committed): never stored from here, only looked up by uuid; the events found are returned
+    for the announcement nobody made."""
     rows = await conn.fetch(
         f"SELECT {_EVENT_COLS}, ARRAY(SELECT session_id FROM link_members m"
         " WHERE m.group_name = e.group_name) AS members"
@@ -729,8 +699,9 @@ async def _rechecked(
 async def _resolve_task_events(
     conn: asyncpg.Connection, payloads: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Events that name a task write's audit row (`task_event`) get the task's id, name, state
-    and version from it; those whose row does not exist (the write was refused) are dropped."""
+    """Events that name a task write's audit row (`task_event`, spooled by an earlier version
+    beside its write) get the task's id, name, state and version from it; those whose row does
+    not exist (the write was refused) are dropped."""
     wanted = [str(p["task_event"]) for p in payloads if p.get("task_event")]
     if not wanted:
         return payloads

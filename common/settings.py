@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     # Announce a group event to the members once its spool row is committed (kill -9 safe),
     # before Postgres stores it (link_inbox then waits, briefly, for such events to be stored).
     link_early_notify: bool = Field(True, validation_alias="EXAI_LINK_EARLY_NOTIFY")
+    # The outbox relay of group task events (common/links.outbox_relay): how often each instance
+    # looks for group task changes whose event never reached a spool (their instance died between
+    # the write and the spool), how old such a change must be (the usual path stores its event
+    # within milliseconds), and how far back it looks (seconds).
+    link_outbox_interval: float = Field(5.0, gt=0, validation_alias="EXAI_LINK_OUTBOX_INTERVAL")
+    link_outbox_grace: float = Field(10.0, ge=0, validation_alias="EXAI_LINK_OUTBOX_GRACE")
+    link_outbox_horizon: float = Field(24 * 3600.0, gt=0, validation_alias="EXAI_LINK_OUTBOX_HORIZON")
     # Ports of the embedded Postgres / Redis that `exai up` runs when DATABASE_URL / REDIS_URL are unset.
     embedded_pg_port: int = Field(8432, ge=1, le=65535, validation_alias="EXAI_EMBEDDED_PG_PORT")
     embedded_redis_port: int = Field(8379, ge=1, le=65535, validation_alias="EXAI_EMBEDDED_REDIS_PORT")

@@ -241,6 +241,10 @@ def build_app(settings: Settings, identity: Identity) -> tuple[ASGIApp, Runtime]
             watch = runtime.links.start_member_watch() if runtime.links is not None else None
             if watch is not None:
                 stack.push_async_callback(watch.stop)
+            if runtime.links is not None and runtime.storage is not None:
+                # Group task events whose change committed but never reached a spool.
+                relay = asyncio.create_task(runtime.links.run_outbox_relay(), name="link-outbox-relay")
+                stack.callback(relay.cancel)
             log.info("instance %s ready on %s:%d", identity.id, identity.host, identity.port)
             try:
                 yield runtime

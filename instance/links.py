@@ -52,7 +52,6 @@ GROUP_SCOPE_PREFIX = "link:"
 LINK_GROUP_HEADER = "exai-link-group"  # connect-time linking (X-Exai-* headers stay at the router)
 CHAT_OPT_IN_TTL = 30.0  # seconds before a session's cached chat_context opt-ins are re-read
 CHAT_OPT_IN_WAIT = 0.5  # longest a chat waits for Postgres to read them (then: none this call)
-TASK_WRITE_WAIT_SECONDS = 60.0  # longest the flusher holds a task event for its task write
 GROUP_CONTEXT_MESSAGES = 50  # newest group messages considered for a chat's group context
 EARLY_MARK_SECONDS = 5.0  # how long readers may wait for an early-announced event to be stored
 INFLIGHT_WAIT = 1.0  # longest a link_inbox read waits for early-announced events (then: as is)
@@ -99,11 +98,6 @@ def _best_effort_reply(reply: asyncio.Future[Any]) -> None:
         log.debug("best-effort Redis bookkeeping of link events failed: %s", exc)
 
 
-def _recheck_spooled(committed: asyncio.Future[None]) -> None:
-    if not committed.cancelled() and (exc := committed.exception()) is not None:
-        log.warning("the recheck of a group task event was not spooled: %s", exc)
-
-
 def group_scope_id(group: str) -> str:
     """The session id under which a group's tasks and notes are stored (scope='group')."""
     return GROUP_SCOPE_PREFIX + db.check_group(group)
@@ -120,8 +114,8 @@ class Links:
         self.catch_ups = 0
         self.caught_up_events = 0
         self.spooled = 0
-        self.task_direct = 0  # group task events stored by their task write's own statement
-        self.task_spooled = 0  # ... or spooled behind this instance's unstored link events
+        self.task_spooled = 0  # group task events spooled after their call answered
+        self.task_relayed = 0  # ... or stored by the outbox relay (their change's instance died first)
         self._header_joins: set[tuple[str, str]] = set()
         self._members: dict[str, tuple[float, frozenset[str]]] = {}  # group -> (read at, sessions)
         self._member_epoch = 0  # bumped by every dropped copy: a read begun before stores nothing
@@ -130,7 +124,6 @@ class Links:
         self._chat_groups: dict[str, tuple[float, list[str]]] = {}  # session -> (read at, groups)
         self._chat_rereads: set[str] = set()  # sessions whose opt-ins are being re-read
         self._chat_changes = 0  # opt-ins remembered or forgotten on this instance, ever
-        self._inflight: dict[str, asyncio.Event] = {}  # task_events id -> set when its write ends
         self._early: dict[str, _Early] = {}  # event uuid -> its early announcement
         self.early = 0  # events announced before they were stored
         self.early_direct = 0
@@ -155,8 +148,8 @@ class Links:
             "refused": self.refused,  # answered, then refused by the store (told to the sender)
             "early": self.early,
             "early_direct": self.early_direct,  # of them, written on the direct Redis line
-            "task_direct": self.task_direct,
             "task_spooled": self.task_spooled,
+            "task_relayed": self.task_relayed,
         }
 
     def stage_stats(self) -> dict[str, dict[str, Any]]:
@@ -488,133 +481,83 @@ class Links:
                 return
             await asyncio.sleep(INFLIGHT_POLL)
 
-    def task_event(self, group: str, sender: str) -> db.TaskEventWrite | None:
-        """The link event of a group task write, to be stored by the write's own statement
-        (common/links.TaskEventWrite): with the task, in one commit, with the group's next id,
-        so the call waits for no spool commit of its own. None while this instance's spool still
-        holds link events waiting for Postgres (its own earlier ones, or a previous run's): then
-        the event goes through the spool behind them (`spool_task_event`), so the group's log
-        keeps the order in which this instance's calls made their events. The caller checked
-        membership already."""
-        storage = self.runtime.require_storage()
-        if storage.spool.hot_rows > 0:
-            self.task_spooled += 1
-            return None
-        return db.TaskEventWrite(group=group, uuid=str(uuid.uuid4()), sender=sender)
-
-    def task_event_written(self, event: db.TaskEventWrite) -> None:
-        """The task write stored its event (or none: a replay of another call's create; or the
-        write happened but its event was refused, the group deleted or the sender no longer a
-        member, which the sender is told as for a spooled event, `_refused`): announce it, add
-        it to the group's stream and count it once the call's answer is written, as the
-        flusher does for a spooled event (`flushed`)."""
-        if event.stored is None:
-            if event.refused is not None:  # the write happened; its event broke the store's rule
-                self._refused([event.refused])
+    def task_event_written(self, event: db.TaskEventWrite, task: Any) -> None:
+        """A group task write committed with its audit row naming the group (`event.written`):
+        spool its event (uuid: the audit row's id) once the call's answer is written, off the
+        sender's call; the flusher then stores it with the group's next id and announces it,
+        as any spooled event (`flushed`; a sender no longer a member, or a deleted group, is
+        told as for any refused event). Not waited for: if it never reaches the spool (a kill
+        -9 before, a spool that refuses it), the outbox relay stores it (`relay_outbox`)."""
+        if not event.written:
             return
-        self.task_direct += 1
-        written = [(event.stored, event.members)]
-        after_answer(lambda: self.flushed(written))
+        payload = db.task_event_payload(event, task)
+        after_answer(lambda: self._spool_task_event(payload))
 
-    def task_event_unsure(self, event: db.TaskEventWrite, task_event: str) -> None:
-        """The task write failed as the caller saw it, but may have committed with its event
-        (the connection dropped after the commit and the retry failed too; the call was
-        cancelled): spool a `recheck` of the event (never stored from the spool, only looked up
-        by the flusher once Postgres answers, and announced if it is there), so nobody misses
-        the announcement of a stored event. Does not wait for the spool (the call may be being
-        cancelled); a spool that refuses it is logged: the event, if stored, is in the group's
-        log anyway and every member reads it from there."""
-        payload = {
-            "uuid": event.uuid,
-            "group": event.group,
-            "kind": "task",
-            "sender": event.sender,
-            "task_event": task_event,
-            "created_at": time.time(),
-            "recheck": True,
-        }
+    def _spool_task_event(self, payload: dict[str, Any]) -> None:
         storage = self.runtime.storage
         try:
             if storage is None:
                 raise StorageUnavailable("storage is closed")
-            committed = storage.spool.submit(KIND_LINK_EVENT, payload, urgent=True, sync="normal")
-            if committed is None:  # a full spool: its policy, off the call's path
+            sync = self.runtime.settings.link_spool_sync
+            committed = storage.spool.submit(KIND_LINK_EVENT, payload, urgent=True, sync=sync)
+            if committed is None:  # a full spool: its policy (wait for room, or refuse), in the background
                 self.runtime.background(
-                    storage.spool.append(KIND_LINK_EVENT, payload, urgent=True, sync="normal"),
-                    what="spooling a group task event's recheck",
+                    storage.spool.append(KIND_LINK_EVENT, payload, urgent=True, sync=sync),
+                    what="spooling a group task's link event",
                 )
-            else:
-                committed.add_done_callback(_recheck_spooled)
+                self.task_spooled += 1
+                return
         except Exception as exc:
-            log.warning("the recheck of a group task event in %r was not spooled: %s", event.group, exc)
-
-    def spool_task_event(self, group: str, sender: str, task_event: str) -> Awaitable[None]:
-        """Spool a group task event that depends on a task write running at the same time.
-
-        The payload names the write's audit row (`task_event`, a task_events id) instead of the
-        task's state: the flusher fills in the task id, name, state and version from that row,
-        or drops the event if the row does not exist (the write was refused or rolled back).
-        Between `expect(task_event)` (called first) and `settled(task_event)` the flusher holds
-        any batch with this event, so it never looks for the row before the write has finished
-        (after a crash nothing is in flight and the row's presence is final). The caller
-        checked membership already.
-
-        The row is handed to the spool's thread now, without a task of its own (Spool.submit):
-        its commit runs beside the task write, and the returned awaitable is done once the row
-        is committed (kill -9 safe; fsync'd too with EXAI_LINK_SPOOL_SYNC=full), which the
-        caller awaits before answering. The event's store, and the announcement after it, wait
-        until the call's answer is written (Flusher.hold, as for `emit`), so they do not share
-        the loop with the answer.
-        """
-        storage = self.runtime.require_storage()
-        payload = {
-            "uuid": str(uuid.uuid4()),
-            "group": group,
-            "kind": "task",
-            "sender": sender,
-            "task_event": task_event,
-            "created_at": time.time(),
-        }
-        sync = self.runtime.settings.link_spool_sync
-        committed: asyncio.Future[None] | None = storage.spool.submit(
-            KIND_LINK_EVENT, payload, urgent=True, sync=sync
-        )
-        if committed is None:  # the spool is full: its policy (wait for room, or refuse) applies
-            committed = asyncio.ensure_future(
-                storage.spool.append(KIND_LINK_EVENT, payload, urgent=True, sync=sync)
+            log.warning(
+                "the link event of a group task change in %r was not spooled (%s); the outbox relay "
+                "will store it",
+                payload["group"],
+                exc,
             )
-        after_answer(storage.flusher.hold())
+            return
+        self.task_spooled += 1
         committed.add_done_callback(self._count_spooled)
-        return committed
+
+    async def relay_outbox(self) -> int:
+        """Store the events of group task changes that committed without their event ever
+        reaching a spool (common/links.outbox_relay), announce them; how many were stored."""
+        settings = self.runtime.settings
+
+        async def relay(conn: asyncpg.Connection) -> list[db.StoredOrRefused]:
+            return await db.outbox_relay(
+                conn, grace_s=settings.link_outbox_grace, horizon_s=settings.link_outbox_horizon
+            )
+
+        written = await self.run(relay, what="relaying group task events")
+        if written:
+            stored = sum(1 for w in written if not isinstance(w, db.RefusedEvent))
+            self.task_relayed += stored
+            log.warning(
+                "stored %d group task event(s) whose change committed without its event reaching "
+                "a spool (an instance stopped or lost its Postgres reply in between)",
+                len(written),
+            )
+            self.flushed(written)
+        return len(written)
+
+    async def run_outbox_relay(self) -> None:
+        """Every EXAI_LINK_OUTBOX_INTERVAL seconds, `relay_outbox` (first soon after start, for a
+        previous run's); Postgres being down only skips a round."""
+        interval = self.runtime.settings.link_outbox_interval
+        await asyncio.sleep(min(interval, 1.0))
+        while True:
+            try:
+                while await self.relay_outbox() >= 500:  # a full page: more may be waiting
+                    pass
+            except (StorageUnavailable, asyncpg.PostgresError, OSError) as exc:
+                log.info("the group task event relay skipped a round: %s", exc)
+            except Exception:
+                log.exception("the group task event relay failed a round")
+            await asyncio.sleep(interval)
 
     def _count_spooled(self, committed: asyncio.Future[None]) -> None:
         if not committed.cancelled() and committed.exception() is None:
             self.spooled += 1
-
-    def expect(self, task_event: str) -> None:
-        """A task write naming `task_event` starts now: hold its event until `settled`.
-        (Called before the event is spooled, so the flusher can never see it unheld.)"""
-        self.runtime.require_storage().flusher.gate = self._gate
-        self._inflight[task_event] = asyncio.Event()
-
-    def settled(self, task_event: str) -> None:
-        """The task write named by `task_event` finished (either way): its event may be flushed."""
-        done = self._inflight.pop(task_event, None)
-        if done is not None:
-            done.set()
-        storage = self.runtime.storage
-        if storage is not None:
-            storage.flusher.kick()
-
-    async def _gate(self, batch: list[Any]) -> None:
-        """Before the flusher writes `batch`: wait for the task writes its events depend on."""
-        for entry in batch:
-            if entry.kind == KIND_LINK_EVENT and (
-                waiting := self._inflight.get(entry.payload.get("task_event"))
-            ):
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(TASK_WRITE_WAIT_SECONDS):
-                        await waiting.wait()
 
     def flushed(self, written: Sequence[db.StoredOrRefused]) -> None:
         """The flusher stored these events (ids given, in order): tell the members, add them to

@@ -89,9 +89,10 @@ class TaskStore:
     ) -> Task:
         """Create a task; with a caller-chosen `task_id` a repeated create returns the same task.
 
-        `event_id`: the id of its `created` audit row (a spooled link-group event names that row).
-        `group_event`: a group task's link event, stored with the task in the same statement
-        (or transaction) and filled in as stored (common/links.TaskEventWrite).
+        `event_id`: the id of its `created` audit row.
+        `group_event`: a group task's link event (common/links.TaskEventWrite): its group and
+        sender go into the audit row, with the task; `written` says whether this call's audit
+        row committed (False for a replay of another call's create).
         """
         tid = new_id() if task_id is None else as_uuid(task_id, "task_id")
         check_text(name, "name", min_len=1, max_len=NAME_MAX)
@@ -106,12 +107,12 @@ class TaskStore:
         event_id = new_id() if event_id is None else as_uuid(event_id, "event_id")
         changes = {"name": name, "state": state, "parent_task_id": parent, "metadata": meta}
 
-        link_args = [] if group_event is None else [group_event.group, group_event.uuid, group_event.sender]
+        link_args = [] if group_event is None else [group_event.group, group_event.sender]
 
         async def fast(conn: asyncpg.Connection) -> Task | None:
-            # One statement (atomic on its own): the row and its `created` event (and a group
-            # task's link event), or nothing when the id exists or the parent is not visible
-            # (the transaction below says which).
+            # One statement (atomic on its own): the row and its `created` event (naming a group
+            # task's group and sender), or nothing when the id exists or the parent is not
+            # visible (the transaction below says which).
             row = await conn.fetchrow(
                 _create_sql(group_event is not None),
                 tid,
@@ -158,13 +159,16 @@ class TaskStore:
                             f"task id {tid} is already used by a task this session cannot see"
                         )
                     if group_event is not None:  # our own earlier attempt, or another call's
-                        await link_store.find_task_event(conn, group_event)
+                        group_event.written = bool(
+                            await conn.fetchval(
+                                "SELECT EXISTS (SELECT 1 FROM task_events WHERE id = $1)", event_id
+                            )
+                        )
                     return Task.from_row(existing)
-                await _event(conn, event_id, tid, session_id, "created", None, state, 1, changes)
-                task = Task.from_row(row)
+                await _event(conn, event_id, tid, session_id, "created", None, state, 1, changes, group_event)
                 if group_event is not None:
-                    await link_store.store_task_event(conn, group_event, task)
-                return task
+                    group_event.written = True
+                return Task.from_row(row)
 
         return await self._db.run(op, what="creating the task")
 
@@ -187,8 +191,8 @@ class TaskStore:
         """Apply a change if the task is still at `expected_version`; VersionConflict otherwise.
 
         `metadata` replaces the stored object; `parent_task_id=None` detaches from the parent.
-        `event_id`: the id of the change's audit row (a spooled link-group event names that row).
-        `group_event`: a group task's link event, stored with the change (as for `create`).
+        `event_id`: the id of the change's audit row.
+        `group_event`: a group task's link event, recorded with the change (as for `create`).
         """
         tid = as_uuid(task_id, "task_id")
         if (
@@ -230,12 +234,12 @@ class TaskStore:
             with contextlib.suppress(InvalidTransition):
                 moves[current_state] = _next_state(current_state, state, reopen)
 
-        link_args = [] if group_event is None else [group_event.group, group_event.uuid, group_event.sender]
+        link_args = [] if group_event is None else [group_event.group, group_event.sender]
 
         async def fast(conn: asyncpg.Connection) -> Task | None:
             # One statement (atomic on its own) for the usual update: the row at the expected
-            # version moves along an allowed transition and its event is written (and a group
-            # task's link event). Anything else (conflict, unknown task, refused transition, a
+            # version moves along an allowed transition and its event is written (naming a
+            # group task's group and sender). Anything else (conflict, unknown task, refused transition, a
             # new parent to check, a retry after our own commit) returns nothing and the
             # transaction below explains it.
             row = await conn.fetchrow(
@@ -275,7 +279,7 @@ class TaskStore:
                     )
                     if mine:  # our own earlier attempt committed before the connection dropped
                         if group_event is not None:
-                            await link_store.find_task_event(conn, group_event)
+                            group_event.written = True
                         return current
                     raise VersionConflict(
                         f"task {tid} is at version {current.version} (state {current.state}), "
@@ -325,10 +329,19 @@ class TaskStore:
                 result = Task.from_row(updated)
                 kind = "reopened" if reopen else "state_changed" if new_state != current.state else "updated"
                 await _event(
-                    conn, event_id, tid, session_id, kind, current.state, new_state, result.version, changes
+                    conn,
+                    event_id,
+                    tid,
+                    session_id,
+                    kind,
+                    current.state,
+                    new_state,
+                    result.version,
+                    changes,
+                    group_event,
                 )
                 if group_event is not None:
-                    await link_store.store_task_event(conn, group_event, result)
+                    group_event.written = True
                 return result
 
         return await self._db.run(op, what="updating the task")
@@ -420,9 +433,9 @@ class TaskStore:
 
 @functools.cache
 def _create_sql(with_event: bool) -> str:
-    """The one statement of a create: the task row and its `created` audit row; with_event: and
-    a group task's link event (common/links.task_event_sql, $12-$14)."""
-    link_ctes, link_columns, link_join = link_store.task_event_sql("ins", 12) if with_event else ("", "", "")
+    """The one statement of a create: the task row and its `created` audit row; with_event: the
+    audit row names a group task's group and sender ($12, $13: common/links.TaskEventWrite)."""
+    link_columns, link_values = (", link_group, link_sender", ", $12, $13") if with_event else ("", "")
     return f"""WITH ins AS (
                 INSERT INTO tasks (id, session_id, name, description, state, parent_task_id, metadata,
                     completed_at, principal)
@@ -432,17 +445,17 @@ def _create_sql(with_event: bool) -> str:
                 ON CONFLICT (id) DO NOTHING RETURNING {_COLS}
             ), ev AS (
                 INSERT INTO task_events (id, task_id, session_id, event, from_state, to_state, version,
-                    changes)
-                SELECT $10, id, $2, 'created', NULL, state, 1, $11::jsonb FROM ins
-            ){", " + link_ctes if link_ctes else ""}
-            SELECT ins.*{", " + link_columns if link_columns else ""} FROM ins {link_join}"""
+                    changes{link_columns})
+                SELECT $10, id, $2, 'created', NULL, state, 1, $11::jsonb{link_values} FROM ins
+            )
+            SELECT ins.* FROM ins"""
 
 
 @functools.cache
 def _update_sql(with_event: bool) -> str:
-    """The one statement of the usual update (see TaskStore.update); with_event: and a group
-    task's link event (common/links.task_event_sql, $13-$15)."""
-    link_ctes, link_columns, link_join = link_store.task_event_sql("upd", 13) if with_event else ("", "", "")
+    """The one statement of the usual update (see TaskStore.update); with_event: the audit row
+    names a group task's group and sender ($13, $14: common/links.TaskEventWrite)."""
+    link_columns, link_values = (", link_group, link_sender", ", $13, $14") if with_event else ("", "")
     return f"""WITH cur AS (
                     SELECT tasks.id, tasks.name, tasks.description, tasks.metadata, tasks.parent_task_id,
                         tasks.state, m.to_state
@@ -469,7 +482,7 @@ def _update_sql(with_event: bool) -> str:
                         cur.metadata AS old_metadata, cur.parent_task_id AS old_parent
                 ), ev AS (
                     INSERT INTO task_events (id, task_id, session_id, event, from_state, to_state, version,
-                        changes)
+                        changes{link_columns})
                     SELECT $11, id, $2,
                         CASE WHEN $12 THEN 'reopened' WHEN state <> from_state THEN 'state_changed'
                              ELSE 'updated' END,
@@ -484,10 +497,10 @@ def _update_sql(with_event: bool) -> str:
                                  THEN jsonb_build_object('parent_task_id', NULL) ELSE '{{}}'::jsonb END)
                         || (CASE WHEN state <> from_state
                                  THEN jsonb_build_object('state', state) ELSE '{{}}'::jsonb END)
+                        {link_values}
                     FROM upd
-                ){", " + link_ctes if link_ctes else ""}
-                SELECT {", ".join("upd." + c.strip() for c in _COLS.split(","))}
-                    {", " + link_columns if link_columns else ""} FROM upd {link_join}"""
+                )
+                SELECT {", ".join("upd." + c.strip() for c in _COLS.split(","))} FROM upd"""
 
 
 def _next_state(current: str, requested: str | None, reopen: bool) -> str:
@@ -541,10 +554,11 @@ async def _event(
     to_state: str | None,
     version: int,
     changes: dict[str, Any],
+    group_event: link_store.TaskEventWrite | None = None,
 ) -> None:
     await conn.execute(
-        "INSERT INTO task_events (id, task_id, session_id, event, from_state, to_state, version, changes)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb)",
+        "INSERT INTO task_events (id, task_id, session_id, event, from_state, to_state, version, changes,"
+        " link_group, link_sender) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10)",
         event_id,
         tid,
         session_id,
@@ -553,6 +567,8 @@ async def _event(
         to_state,
         version,
         json.dumps(changes, default=str),
+        None if group_event is None else group_event.group,
+        None if group_event is None else group_event.sender,
     )
 
 
@@ -571,10 +587,7 @@ def build_tree(tasks: list[Task]) -> list[TaskNode]:
 
 
 def _written(row: asyncpg.Record, group_event: link_store.TaskEventWrite | None) -> Task:
-    """The task a one-statement write returned, its group event (if any) taken from the same row."""
-    task = Task.from_row(row)
+    """The task a one-statement write returned (its audit row committed with it)."""
     if group_event is not None:
-        group_event.take(
-            row["link_event_id"], row["link_event_at"], row["link_members"], task, row["link_group_found"]
-        )
-    return task
+        group_event.written = True
+    return Task.from_row(row)

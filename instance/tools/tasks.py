@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from pydantic import Field
 
-from common.errors import ExaiError, InvalidArgument, StorageUnavailable
+from common.errors import InvalidArgument
 from common.links import TaskEventWrite
 from instance.resources import tasks_changed
 from instance.runtime import Runtime
@@ -46,51 +46,22 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         group: str | None,
         write: Callable[[str | None, TaskEventWrite | None], Awaitable[Any]],
     ) -> Any:
-        """Run a task write; for a group task, store its group event with it.
+        """Run a task write; for a group task, record its group event with it.
 
-        The event is written by the task write's own statement (`Links.task_event`: the task,
-        its audit row and the event commit together, the event taking the group's next id), so
-        the call waits for nothing else; it is announced, streamed and counted once the call's
-        answer is written. A write that fails but may have committed leaves a recheck in the
-        spool (`Links.task_event_unsure`). While this instance still has link events waiting in
-        its spool, the event goes there behind them (the older way, kept for that case): it is
-        handed to the spool's thread before the write starts and committed there while Postgres
-        runs the write; it names the write's audit row (task_events id), and the flusher stores
-        it only if that row exists (a refused write leaves no event), after the call's answer
-        is written. See Links.spool_task_event.
+        The write's own statement names the group and the sender in the change's audit row
+        (common/links.TaskEventWrite), so the change and its event commit together and the
+        call costs no more than a session task's; the event itself (its uuid is the audit row's
+        id) is spooled once the call's answer is written, and stored and announced by the
+        flusher (`Links.task_event_written`). A write that fails as the caller sees it but did
+        commit (its reply lost), or an instance killed before the spool took the event, leaves
+        the event to the outbox relay (`Links.relay_outbox`), which stores it once.
         """
         if not group:
             return await write(None, None)
-        links = runtime.links
-        event_id = new_id()
-        direct = links.task_event(group, session(ctx))
-        if direct is not None:
-            try:
-                result = await write(event_id, direct)
-            except ExaiError as exc:
-                if isinstance(exc, StorageUnavailable):  # it may have committed before the drop
-                    links.task_event_unsure(direct, event_id)
-                raise  # refused (conflict, not found, ...): rolled back, no event
-            except BaseException:  # cancelled, or anything unforeseen: it may have committed
-                links.task_event_unsure(direct, event_id)
-                raise
-            links.task_event_written(direct)
-            return result
-        links.expect(event_id)
-        spooled: Awaitable[None] | None = None
-        try:
-            spooled = links.spool_task_event(group, session(ctx), event_id)
-        except Exception as exc:  # the spool refused it at once (closed, a record too big)
-            log.warning("the group event of a task write in %r was not spooled: %s", group, exc)
-        try:
-            return await write(event_id, None)
-        finally:
-            links.settled(event_id)
-            if spooled is not None:
-                try:
-                    await spooled
-                except Exception as exc:  # the task write stands; only its group event is missing
-                    log.warning("the group event of a task write in %r was not spooled: %s", group, exc)
+        event = TaskEventWrite(group=group, uuid=new_id(), sender=session(ctx))
+        result = await write(event.uuid, event)
+        runtime.links.task_event_written(event, result)
+        return result
 
     @exai_tool(mcp, runtime, description="Create a task (session-scoped, or scope='global' to share it).")
     async def task_create(

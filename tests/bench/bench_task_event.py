@@ -2,19 +2,21 @@
 
     python tests/bench/bench_task_event.py [--calls 1000] [--no-fsync] [--dir /dev/shm]
 
-A group `task_create` stores the task and its link-group event (instance/tools/tasks.py). This
-times, in one process and without the fleet's HTTP layers, what the event adds to the write,
-with the real `TaskStore` (instance/storage/tasks.py) on a scratch database made from
+A group `task_create` stores the task and records its link-group event (instance/tools/tasks.py).
+This times, in one process and without the fleet's HTTP layers, what the event adds to the
+write, with the real `TaskStore` (instance/storage/tasks.py) on a scratch database made from
 EXAI_TEST_DATABASE_URL (the schema applied; a link group of three members; dropped afterwards)
 and the real `Spool` (sync="normal", as link events use it by default). Ways, each round in
 alternating order, 2 ms apart:
 
 - `session`: a session-scoped create (no event), the reference;
-- `direct`: a group create whose statement also stores the event with the group's next id
-  (common/links.task_event_sql; the code since 2026-11-28);
-- `spooled`: the event handed to the spool's thread before the write (`Spool.submit`) and
-  awaited after it (the code before, and still the way while the instance's spool holds link
-  events waiting for Postgres);
+- `outbox`: a group create whose audit row names the group and the sender (the code since
+  2026-11-28 afternoon), then the event handed to the spool (`Spool.submit`, not awaited: the
+  instance does it once the call's answer is written);
+- `direct`: a group create whose statement also stores the event with the group's next id (the
+  code of 2026-11-28 morning, rebuilt here from its SQL for the comparison);
+- `spooled`: the event handed to the spool's thread before the write and awaited after it (the
+  code before that);
 - `append`: the spool append alone, no write.
 
 Prints each way's p50 and the median of its per-round difference from `session`, in ms, and
@@ -55,6 +57,29 @@ from instance.storage.writebehind import KIND_LINK_EVENT  # noqa: E402
 GROUP = "bench"
 SCOPE = "link:" + GROUP
 
+# The morning's group create: the task, its audit row and the link event in one statement.
+DIRECT_SQL = """WITH ins AS (
+    INSERT INTO tasks (id, session_id, name) VALUES ($1, $2, $3) RETURNING id, name, state, version
+), ev AS (
+    INSERT INTO task_events (id, task_id, session_id, event, to_state, version)
+    SELECT $4, id, $2, 'created', state, 1 FROM ins
+), link_seq AS (
+    UPDATE link_groups SET seq = seq + 1
+    WHERE name = $5::text AND EXISTS (SELECT 1 FROM ins)
+        AND EXISTS (SELECT 1 FROM link_members m WHERE m.group_name = $5::text AND m.session_id = $7::text)
+    RETURNING seq
+), link_ev AS (
+    INSERT INTO link_events (group_name, id, kind, sender, body, data, created_at, uuid)
+    SELECT $5::text, link_seq.seq, 'task', $7::text, '',
+        jsonb_build_object('task_id', w.id::text, 'name', w.name, 'state', w.state, 'version', w.version),
+        now(), $6::uuid
+    FROM ins w, link_seq
+    RETURNING id, created_at
+)
+SELECT ins.*, link_ev.id AS link_event_id,
+    ARRAY(SELECT session_id FROM link_members WHERE group_name = $5::text) AS link_members
+FROM ins LEFT JOIN link_ev ON true"""
+
 
 def backend_cpu(pid: int) -> float:
     """The Postgres backend's CPU time so far, seconds (the scheduler's, in ns: /proc schedstat)."""
@@ -85,10 +110,23 @@ async def run(dsn: str, calls: int, fsync: bool, where: str | None) -> dict[str,
         async def session(i: int) -> None:
             await tasks.create(session_id="s-a", name=f"s{i}")
 
-        async def direct(i: int) -> None:
+        async def outbox(i: int) -> None:
             event = link_store.TaskEventWrite(group=GROUP, uuid=str(uuid.uuid4()), sender="s-a")
-            await tasks.create(session_id=SCOPE, name=f"d{i}", group_event=event)
-            assert event.stored is not None
+            task = await tasks.create(session_id=SCOPE, name=f"o{i}", event_id=event.uuid, group_event=event)
+            assert event.written
+            committed = spool.submit(
+                KIND_LINK_EVENT, link_store.task_event_payload(event, task), urgent=True, sync="normal"
+            )
+            assert committed is not None
+
+        async def direct(i: int) -> None:
+            event_id, event_uuid = str(uuid.uuid4()), str(uuid.uuid4())
+            await db.run(
+                lambda conn: conn.fetchrow(
+                    DIRECT_SQL, str(uuid.uuid4()), SCOPE, f"d{i}", event_id, GROUP, event_uuid, "s-a"
+                ),
+                what="the direct way",
+            )
 
         async def spooled(i: int) -> None:
             event_id = str(uuid.uuid4())
@@ -111,6 +149,7 @@ async def run(dsn: str, calls: int, fsync: bool, where: str | None) -> dict[str,
 
         ways: dict[str, Callable[[int], Awaitable[None]]] = {
             "session": session,
+            "outbox": outbox,
             "direct": direct,
             "spooled": spooled,
             "append": append,

@@ -1,8 +1,9 @@
-"""A group task's event on the sender's call: durable in the spool when the call answers, its
-store (and the announcement after it) only once the answer is written.
+"""A group task's event on the sender's call: spooled only once the call's answer is written.
 
-A stand-in runtime with the instance's real spool and flusher (not started: the test looks at
-what the flusher would be allowed to do), inside a request's `AfterAnswer`.
+The task write's own statement records the event in the change's audit row (the outbox, see
+tests/instance/test_link_task_outbox.py); the event itself goes to the instance's spool after
+the answer, where the flusher stores it with the group's next id and announces it. A stand-in
+runtime with the instance's real spool, inside a request's `AfterAnswer`.
 """
 
 from __future__ import annotations
@@ -10,16 +11,20 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
+from common import links as db
 from common.settings import load_settings
 from instance import after_answer
 from instance.after_answer import AfterAnswer
 from instance.links import Links
 from instance.storage.spool import Spool
-from instance.storage.writebehind import KIND_LINK_EVENT, Flusher
+from instance.storage.writebehind import KIND_LINK_EVENT
 
 
 def _spooled(spool: Spool) -> list[dict[str, Any]]:
@@ -33,29 +38,56 @@ def _spooled(spool: Spool) -> list[dict[str, Any]]:
         other.close()
 
 
-async def test_the_event_is_in_the_spool_when_the_call_answers_and_stored_only_after_the_answer(
-    tmp_path: Path,
-) -> None:
+def _task(name: str = "port the parser", state: str = "IN_PROGRESS", version: int = 2) -> Any:
+    return SimpleNamespace(id=str(uuid.uuid4()), name=name, state=state, version=version)
+
+
+async def _links(tmp_path: Path) -> tuple[Links, Spool]:
     spool = Spool(tmp_path / "spool", max_bytes=1 << 24, hot_kinds=(KIND_LINK_EVENT,))
     await spool.open()
-    flusher = Flusher(spool, db=None, batch_size=100, interval_s=0.01)  # type: ignore[arg-type]
     settings = load_settings(state_dir=tmp_path / "state", glm_api_key=None, kimi_api_key=None)
-    runtime = SimpleNamespace(settings=settings, storage=SimpleNamespace(spool=spool, flusher=flusher))
+    runtime = SimpleNamespace(settings=settings, storage=SimpleNamespace(spool=spool))
     runtime.require_storage = lambda: runtime.storage
-    links = Links(runtime)  # type: ignore[arg-type]
-    pending = AfterAnswer()
-    token = after_answer.current_answer.set(pending)
+    return Links(runtime), spool  # type: ignore[arg-type]
+
+
+async def test_the_event_is_spooled_after_the_answer_with_the_audit_rows_id(tmp_path: Path) -> None:
+    links, spool = await _links(tmp_path)
     try:
-        links.expect("ev-1")
-        committed = links.spool_task_event("crew", "s-a", "ev-1")
-        await asyncio.wait_for(committed, 5)  # what the call awaits before it answers
-        links.settled("ev-1")
-        rows = _spooled(spool)
-        assert [(r["group"], r["kind"], r["task_event"]) for r in rows] == [("crew", "task", "ev-1")]
-        assert links.stats()["spooled"] == 1
-        assert not flusher._released.is_set()  # the store waits for the answer
+        task = _task()
+        written = db.TaskEventWrite(group="crew", uuid=str(uuid.uuid4()), sender="s-a", written=True)
+        refused = db.TaskEventWrite(group="crew", uuid=str(uuid.uuid4()), sender="s-a")  # never committed
+        pending = AfterAnswer()
+        token = after_answer.current_answer.set(pending)
+        try:
+            links.task_event_written(written, task)
+            links.task_event_written(refused, _task())
+        finally:
+            after_answer.current_answer.reset(token)
+        await asyncio.sleep(0.01)  # (a call still running after AfterAnswer's LATEST spools it anyway)
+        assert _spooled(spool) == []  # nothing beside the answer
+        pending.run()  # the answer's last byte is written
+        async with asyncio.timeout(5):
+            while links.stats()["spooled"] < 1:  # noqa: ASYNC110 - the spool commits on its thread
+                await asyncio.sleep(0.01)
+        (row,) = _spooled(spool)
+        assert row["uuid"] == written.uuid and (row["group"], row["kind"], row["sender"]) == (
+            "crew",
+            "task",
+            "s-a",
+        )
+        assert row["data"] == {"task_id": task.id, "name": task.name, "state": "IN_PROGRESS", "version": 2}
+        assert links.stats()["task_spooled"] == 1
     finally:
-        after_answer.current_answer.reset(token)
-    pending.run()  # the answer's last byte is written
-    assert flusher._released.is_set()
-    await spool.close()
+        await spool.close()
+
+
+async def test_a_spool_that_cannot_take_it_leaves_it_to_the_relay(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    links, spool = await _links(tmp_path)
+    await spool.close()  # a closed spool refuses every write
+    event = db.TaskEventWrite(group="crew", uuid=str(uuid.uuid4()), sender="s-a", written=True)
+    links.task_event_written(event, _task())  # outside a request: at once
+    assert links.stats()["task_spooled"] == 0
+    assert "outbox relay will store it" in caplog.text

@@ -48,7 +48,16 @@ def fleet(
         redis_prefix=f"{redis_prefix}spool{secrets.token_hex(2)}",
         instances=2,
         max_instances=2,
-        overrides=ROUTER_TEST_SETTINGS,
+        # The outbox relay (group task events whose change committed without them) looks
+        # every second for changes two seconds old, so the test waits seconds, not tens; three
+        # pooled connections kept open, so a call finds one while the relay and the flusher
+        # each wait on Postgres's held-back replies (a new connection would not open in time).
+        overrides={
+            **ROUTER_TEST_SETTINGS,
+            "link_outbox_interval": 1.0,
+            "link_outbox_grace": 2.0,
+            "db_pool_min": 3,
+        },
     )
     try:
         yield fl.start()
@@ -163,10 +172,10 @@ async def test_an_end_made_while_postgres_is_down_survives_a_router_restart(
 async def test_a_group_task_whose_answer_is_cut_after_its_commit_is_delivered_once(
     fleet: Fleet, pg_proxy: tuple[TcpProxy, str], pg_dsn: str
 ) -> None:
-    """A group task's event commits with the task, in the write's own statement. If Postgres is
-    cut after that commit and before its reply (and stays cut for the pool's retry), the caller
-    is told the write failed, yet the task and its event are stored: the instance spools a
-    recheck, and once Postgres is back the members are told, and read the event once."""
+    """A group task's change records its event in the change's own statement (the audit row).
+    If Postgres is cut after that commit and before its reply (and stays cut for the pool's
+    retry), the caller is told the write failed, yet the task is stored and its event is due:
+    once Postgres is back the outbox relay stores it, the members are told, and read it once."""
     proxy, _ = pg_proxy
     group = "cut-task"
     updates: list[str] = []
@@ -185,7 +194,15 @@ async def test_a_group_task_whose_answer_is_cut_after_its_commit_is_delivered_on
         await call(b, "link_inbox", {"group": group})  # A's join: read
         args = {"name": "cut after commit", "scope": "group", "group": group}
         await call(a, "task_create", {**args, "name": "warm"})  # statements prepared, members cached
-        await call(b, "link_inbox", {"group": group})
+        async with asyncio.timeout(10):  # its event is stored a moment after the call answered
+            seen: list[Any] = []
+            while not seen:
+                seen = [
+                    e
+                    for e in (await call(b, "link_inbox", {"group": group}))["events"]
+                    if e["kind"] == "task"
+                ]
+                await asyncio.sleep(0.02)
 
         watch = await asyncpg.connect(pg_dsn)  # straight to the server, not through the proxy
         try:
@@ -195,7 +212,7 @@ async def test_a_group_task_whose_answer_is_cut_after_its_commit_is_delivered_on
                 while not await watch.fetchval(
                     "SELECT EXISTS (SELECT 1 FROM tasks WHERE name = 'cut after commit')"
                 ):
-                    assert not creating.done(), creating
+                    assert not creating.done(), creating.result()
                     await asyncio.sleep(0.01)
             proxy.delay = 0.0
             proxy.down()  # the committed write's reply is lost, and the retry finds no server
@@ -205,7 +222,7 @@ async def test_a_group_task_whose_answer_is_cut_after_its_commit_is_delivered_on
                 updates.clear()
             finally:
                 proxy.up()
-            async with asyncio.timeout(30):  # B is told once Postgres answers the recheck
+            async with asyncio.timeout(30):  # B is told once the relay has stored the event
                 while not updates:  # noqa: ASYNC110 - waiting for a server push
                     await asyncio.sleep(0.05)
             read = await call(b, "link_inbox", {"group": group})
