@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -41,8 +42,9 @@ def fleet(
     redis_prefix: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Fleet]:
+    state = tmp_path_factory.mktemp("fleet")
     fl = Fleet(
-        tmp_path_factory.mktemp("fleet"),
+        state,
         database_url=pg_proxy[1],
         redis_url=redis_url,
         redis_prefix=f"{redis_prefix}spool{secrets.token_hex(2)}",
@@ -57,6 +59,8 @@ def fleet(
             "link_outbox_interval": 1.0,
             "link_outbox_grace": 2.0,
             "db_pool_min": 3,
+            # TEST ONLY: while this file says "fail", the instances' spool commits fail.
+            "test_spool_fault_file": str(state / "spool-fault"),
         },
     )
     try:
@@ -238,3 +242,52 @@ async def test_a_group_task_whose_answer_is_cut_after_its_commit_is_delivered_on
         finally:
             proxy.delay = 0.0
             await watch.close()
+
+
+async def test_a_group_task_whose_event_the_spool_refused_is_delivered_by_the_relay(
+    fleet: Fleet, pg_dsn: str
+) -> None:
+    """The sender's spool cannot take the event (a disk error, or the instance killed between the
+    task write and the spool): the call has answered and the change stands, and its audit row
+    still names the group, so the outbox relay stores the event, once, and B is told."""
+    group = "relayed-task"
+    fault = Path(str(fleet.settings.test_spool_fault_file))
+    updates: list[str] = []
+
+    async def on_b(message: Any) -> None:
+        if isinstance(message, mcp_types.ResourceUpdatedNotification):
+            updates.append(str(message.params.uri))
+
+    await fleet.wait_instances(2)
+    async with (
+        mcp_client(fleet.mcp_url, "2026-07-28", name="sender") as a,
+        mcp_client(fleet.mcp_url, "legacy", name="receiver", message_handler=on_b) as b,
+    ):
+        await call(a, "link_join", {"group": group})
+        await call(b, "link_join", {"group": group})
+        await call(b, "link_inbox", {"group": group})  # A's join: read
+        await asyncio.to_thread(fault.write_text, "fail")
+        try:
+            created = await call(a, "task_create", {"name": "relayed", "scope": "group", "group": group})
+            await asyncio.sleep(0.5)  # the event's spool commit is tried (and fails) after the answer
+        finally:
+            await asyncio.to_thread(fault.unlink)
+        updates.clear()
+        async with asyncio.timeout(30):  # the relay looks every second for changes 2 s old
+            while not updates:  # noqa: ASYNC110 - waiting for a server push
+                await asyncio.sleep(0.05)
+        read = await call(b, "link_inbox", {"group": group})
+        events = [e for e in read["events"] if e["kind"] == "task"]
+        assert [(e["data"]["task_id"], e["data"]["name"]) for e in events] == [
+            (created["task"]["id"], "relayed")
+        ], read
+        await asyncio.sleep(2.5)  # another round of the relay stores nothing more
+        assert (await call(b, "link_inbox", {"group": group}))["events"] == []
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        stored = await conn.fetchval(
+            "SELECT count(*) FROM link_events WHERE group_name = $1 AND kind = 'task'", group
+        )
+    finally:
+        await conn.close()
+    assert stored == 1
