@@ -452,7 +452,10 @@ def task_event_payload(event: TaskEventWrite, task: Any) -> dict[str, Any]:
 # The group task changes whose event is not stored yet, oldest first: their audit rows name a
 # group (the partial index task_events_link_outbox_idx holds only those rows) and no link event
 # has their id. Only rows older than the grace period (the usual path stores an event within
-# milliseconds of the call's answer) and newer than the horizon (the scan stays short).
+# milliseconds of the call's answer) and newer than the horizon (the scan stays short). And only
+# those the store would take (_SPOOLED_SQL's rule): the group exists and the sender is a member,
+# or was one when it made the change; the others (their event refused by a flusher already, or
+# it would be) are never stored, so they are not looked at again and again.
 _OUTBOX_SQL = """
 SELECT e.id::text AS uuid, e.link_group AS group_name, e.link_sender AS sender, e.task_id::text AS task_id,
        t.name, e.to_state AS state, e.version, e.created_at
@@ -461,6 +464,11 @@ WHERE e.link_group IS NOT NULL
   AND e.created_at < now() - make_interval(secs => $1)
   AND e.created_at > now() - make_interval(secs => $2)
   AND NOT EXISTS (SELECT 1 FROM link_events l WHERE l.uuid = e.id)
+  AND EXISTS (SELECT 1 FROM link_groups g WHERE g.name = e.link_group)
+  AND (EXISTS (SELECT 1 FROM link_members m
+               WHERE m.group_name = e.link_group AND m.session_id = e.link_sender)
+       OR EXISTS (SELECT 1 FROM link_events l WHERE l.group_name = e.link_group AND l.kind = 'leave'
+                  AND l.sender = e.link_sender AND l.created_at >= e.created_at))
 ORDER BY e.created_at, e.version
 LIMIT $3
 """

@@ -53,6 +53,8 @@ LINK_GROUP_HEADER = "exai-link-group"  # connect-time linking (X-Exai-* headers 
 CHAT_OPT_IN_TTL = 30.0  # seconds before a session's cached chat_context opt-ins are re-read
 CHAT_OPT_IN_WAIT = 0.5  # longest a chat waits for Postgres to read them (then: none this call)
 GROUP_CONTEXT_MESSAGES = 50  # newest group messages considered for a chat's group context
+OUTBOX_PAGE = 500  # group task events the relay stores per statement
+OUTBOX_MARGIN = 600.0  # seconds the relay looks back before the last round that found none pending
 EARLY_MARK_SECONDS = 5.0  # how long readers may wait for an early-announced event to be stored
 INFLIGHT_WAIT = 1.0  # longest a link_inbox read waits for early-announced events (then: as is)
 INFLIGHT_POLL = 0.003  # how often it looks
@@ -116,6 +118,7 @@ class Links:
         self.spooled = 0
         self.task_spooled = 0  # group task events spooled after their call answered
         self.task_relayed = 0  # ... or stored by the outbox relay (their change's instance died first)
+        self._outbox_clear_at: float | None = None  # when the relay last found nothing more pending
         self._header_joins: set[tuple[str, str]] = set()
         self._members: dict[str, tuple[float, frozenset[str]]] = {}  # group -> (read at, sessions)
         self._member_epoch = 0  # bumped by every dropped copy: a read begun before stores nothing
@@ -494,20 +497,29 @@ class Links:
         after_answer(lambda: self._spool_task_event(payload))
 
     def _spool_task_event(self, payload: dict[str, Any]) -> None:
+        """On the loop, once the call's answer is written: the event to the spool, announced as
+        its row goes to be committed (as `emit` does, EXAI_LINK_EARLY_NOTIFY; with
+        EXAI_LINK_SPOOL_SYNC=full after its store)."""
         storage = self.runtime.storage
+        event_id = str(payload["uuid"])
+        early = self.runtime.settings.link_spool_sync != "full"
         try:
             if storage is None:
                 raise StorageUnavailable("storage is closed")
             sync = self.runtime.settings.link_spool_sync
+            if early:
+                group, sender = str(payload["group"]), str(payload["sender"])
+                try:
+                    self._announce_early(group, event_id, sender, None, float(payload["created_at"]))
+                except Exception:  # the members are told after the store instead
+                    log.exception("announcing a group task's link event failed")
             committed = storage.spool.submit(KIND_LINK_EVENT, payload, urgent=True, sync=sync)
             if committed is None:  # a full spool: its policy (wait for room, or refuse), in the background
-                self.runtime.background(
-                    storage.spool.append(KIND_LINK_EVENT, payload, urgent=True, sync=sync),
-                    what="spooling a group task's link event",
+                committed = asyncio.ensure_future(
+                    storage.spool.append(KIND_LINK_EVENT, payload, urgent=True, sync=sync)
                 )
-                self.task_spooled += 1
-                return
         except Exception as exc:
+            self._retract(event_id)
             log.warning(
                 "the link event of a group task change in %r was not spooled (%s); the outbox relay "
                 "will store it",
@@ -516,19 +528,38 @@ class Links:
             )
             return
         self.task_spooled += 1
-        committed.add_done_callback(self._count_spooled)
+
+        def spooled(done: asyncio.Future[None]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                self._retract(event_id)  # announced, never taken: the relay stores it later
+                log.warning(
+                    "the link event of a group task change in %r was not spooled (%s); the outbox "
+                    "relay will store it",
+                    payload["group"],
+                    "cancelled" if done.cancelled() else done.exception(),
+                )
+            else:
+                self.spooled += 1
+
+        committed.add_done_callback(spooled)
 
     async def relay_outbox(self) -> int:
         """Store the events of group task changes that committed without their event ever
         reaching a spool (common/links.outbox_relay), announce them; how many were stored."""
         settings = self.runtime.settings
+        horizon = settings.link_outbox_horizon
+        if self._outbox_clear_at is not None:  # nothing was pending then: look back a little before it
+            horizon = min(horizon, time.time() - self._outbox_clear_at + OUTBOX_MARGIN)
+        started = time.time()
 
         async def relay(conn: asyncpg.Connection) -> list[db.StoredOrRefused]:
             return await db.outbox_relay(
-                conn, grace_s=settings.link_outbox_grace, horizon_s=settings.link_outbox_horizon
+                conn, grace_s=settings.link_outbox_grace, horizon_s=horizon, limit=OUTBOX_PAGE
             )
 
         written = await self.run(relay, what="relaying group task events")
+        if len(written) < OUTBOX_PAGE:
+            self._outbox_clear_at = started - settings.link_outbox_grace
         if written:
             stored = sum(1 for w in written if not isinstance(w, db.RefusedEvent))
             self.task_relayed += stored
@@ -547,10 +578,10 @@ class Links:
         await asyncio.sleep(min(interval, 1.0))
         while True:
             try:
-                while await self.relay_outbox() >= 500:  # a full page: more may be waiting
+                while await self.relay_outbox() >= OUTBOX_PAGE:  # a full page: more may be waiting
                     pass
             except (StorageUnavailable, asyncpg.PostgresError, OSError) as exc:
-                log.info("the group task event relay skipped a round: %s", exc)
+                log.debug("the group task event relay skipped a round: %s", exc)
             except Exception:
                 log.exception("the group task event relay failed a round")
             await asyncio.sleep(interval)

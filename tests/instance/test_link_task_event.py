@@ -46,7 +46,7 @@ async def _links(tmp_path: Path) -> tuple[Links, Spool]:
     spool = Spool(tmp_path / "spool", max_bytes=1 << 24, hot_kinds=(KIND_LINK_EVENT,))
     await spool.open()
     settings = load_settings(state_dir=tmp_path / "state", glm_api_key=None, kimi_api_key=None)
-    runtime = SimpleNamespace(settings=settings, storage=SimpleNamespace(spool=spool))
+    runtime = SimpleNamespace(settings=settings, storage=SimpleNamespace(spool=spool), notifier=None)
     runtime.require_storage = lambda: runtime.storage
     return Links(runtime), spool  # type: ignore[arg-type]
 

@@ -226,24 +226,43 @@ async def test_a_relay_racing_with_a_flusher_stores_the_event_once(pg_dsn: str) 
     assert head_now >= head + 1  # the relay's try may have left an id unused
 
 
-async def test_a_relayed_event_of_a_sender_that_left_is_refused(pg_dsn: str) -> None:
-    group = "outbox-left"
+async def test_the_relay_leaves_what_the_store_refuses(pg_dsn: str) -> None:
+    """A change whose sender was removed from the group before its event was stored (no leave:
+    the admin removed it), or whose group was deleted: the store refuses its event, so the relay
+    does not take it (and does not look at it again every round); a sender that left after the
+    change (its leave is newer) still has its event relayed."""
+    group, gone = "outbox-removed", "outbox-deleted"
     await _setup(pg_dsn, group)
+    await _setup(pg_dsn, gone)
     database, tasks = _store(pg_dsn)
     try:
-        event = _event(group, "s-b")
-        await tasks.create(session_id="link:" + group, name="left", event_id=event.uuid, group_event=event)
+        removed, left, deleted = _event(group, "s-b"), _event(group, "s-a"), _event(gone)
+        for event, name, scope in (
+            (removed, "removed", group),
+            (left, "left", group),
+            (deleted, "deleted", gone),
+        ):
+            await tasks.create(session_id="link:" + scope, name=name, event_id=event.uuid, group_event=event)
     finally:
         await database.close()
     conn = await asyncpg.connect(pg_dsn)
     try:
         await conn.execute("DELETE FROM link_members WHERE group_name = $1 AND session_id = 's-b'", group)
-        written = await db.outbox_relay(conn, grace_s=0, horizon_s=3600)
+        await db.leave(conn, group, "s-a")
+        await conn.execute("DELETE FROM link_groups WHERE name = $1", gone)
+        # What a flusher would say of the removed sender's event, had it been spooled.
+        (refused,) = await db.store_spooled(
+            conn, [{**db.task_event_payload(removed, _Task()), "created_at": 0}]
+        )
+        assert isinstance(refused, db.RefusedEvent) and refused.reason == "not_member"
     finally:
         await conn.close()
-    refused = [w for w in written if isinstance(w, db.RefusedEvent) and w.group == group]
-    assert [(r.uuid, r.reason, r.sender) for r in refused] == [(event.uuid, "not_member", "s-b")]
-    assert (await _log(pg_dsn, group))[1] == []
+    assert [e.uuid for e, _ in await _relay(pg_dsn, group)] == [left.uuid]
+    assert await _relay(pg_dsn, group) == [] and await _relay(pg_dsn, gone) == []
+
+
+class _Task:
+    id, name, state, version = new_id(), "removed", "NOT_STARTED", 1
 
 
 @pytest.fixture
