@@ -399,7 +399,8 @@ def _tracing_configured() -> bool:
 
 
 def _storage_metrics(runtime: Runtime) -> str:
-    """Counters of the thread cache and the write-behind path, in the Prometheus text format."""
+    """Counters of the thread cache and the write-behind path, and whether Postgres is reachable
+    and how many rows wait in the spool, in the Prometheus text format."""
     storage = runtime.storage
     if storage is None:
         return ""
@@ -464,9 +465,18 @@ def _storage_metrics(runtime: Runtime) -> str:
          "Times the tracking connection was lost (held copies are read from Redis again).",
          tracking.get("losses_total", 0)),
     ]  # fmt: skip
+    gauges = [
+        ("exai_instance_postgres_connected",
+         "1 while this instance reaches Postgres, 0 while it finds it unreachable (write-behind spools).",
+         int(storage.db.connected)),
+        ("exai_instance_spool_rows", "Rows in this instance's write-behind spool not yet in Postgres.",
+         storage.spool.rows),
+    ]  # fmt: skip
     lines = []
     for name, help_text, value in counters:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
+    for name, help_text, value in gauges:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
     return "\n".join(lines) + "\n"
 
 

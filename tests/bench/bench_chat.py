@@ -21,8 +21,12 @@ Also printed against the fake's handler time alone (`started` to `finished`: the
 token count, without reading the request or streaming the answer), the measure before
 2026-11-27, which counted the fake's own HTTP work as the fleet's.
 Measured at 1 and 5 concurrent sessions for each Postgres condition; the conditions take turns
-(--rounds), so the ratios between them compare like with like. Target: <= 3 ms p50, and unchanged
-(<= 1.05x) with Postgres slowed or cut.
+(--rounds), so the ratios between them compare like with like. After a cut, the next block starts
+once every instance reaches Postgres again with an empty spool (their /internal/metrics gauges;
+the wait is printed): until then an instance still counts Postgres down (chats go without what
+only Postgres has) and drains the cut's backlog, and the first read after it opens a connection
+through the slowed link (0.8 s in a `slowed` block), which is recovery, not the condition.
+Target: <= 3 ms p50, and unchanged (<= 1.05x) with Postgres slowed or cut.
 
 Also prints the instances' own stage breakdown (the `status` tool's chat_stages, instance/timing.py:
 from the request's arrival at the instance through the SDK, the tool's stages and the provider
@@ -53,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common.migrate import migrate  # noqa: E402
+from common.protocol import INTERNAL_METRICS, INTERNAL_TOKEN_HEADER  # noqa: E402
 from instance.timing import CHAT_STAGES  # noqa: E402
 from tests.bench.bench_router import (  # noqa: E402
     HEADERS,
@@ -111,6 +116,38 @@ class ChatCaller:
             async with self.http.delete(self.url, headers=HEADERS) as r:
                 await r.read()
         await self.http.close()
+
+
+async def _wait_postgres_back(fleet: Fleet, instances: int, *, timeout: float = 60.0) -> float:
+    """Seconds until every instance reaches Postgres again and its spool is empty (its
+    /internal/metrics gauges), after the proxy is restored: the next block then measures its own
+    condition, not the instances still finding Postgres down or draining what the cut left."""
+    started = time.perf_counter()
+    headers = {INTERNAL_TOKEN_HEADER: fleet.internal_token}
+    urls = [f"http://127.0.0.1:{fleet.instance_port(n)}{INTERNAL_METRICS}" for n in range(1, instances + 1)]
+    async with aiohttp.ClientSession(headers=headers) as http:
+        while True:
+            back = 0
+            for url in urls:
+                async with http.get(url) as r:
+                    text = await r.text()
+                gauges = dict(
+                    line.split(" ", 1) for line in text.splitlines() if line.startswith("exai_instance_")
+                )
+                if (
+                    gauges.get("exai_instance_postgres_connected") == "1"
+                    and gauges.get("exai_instance_spool_rows") == "0"
+                ):
+                    back += 1
+            waited = time.perf_counter() - started
+            if back == len(urls):
+                return waited
+            if waited > timeout:
+                raise TimeoutError(
+                    f"only {back} of {len(urls)} instances reach Postgres with an empty spool "
+                    f"after {timeout:g}s"
+                )
+            await asyncio.sleep(0.1)
 
 
 def _provider_seconds(hits: list[Hit], *, part: str = "whole") -> dict[str, float]:
@@ -321,6 +358,7 @@ async def main() -> int:
             await fleet.wait_instances(5)
             await asyncio.sleep(args.settle)
             cut = False
+            recoveries: list[float] = []
             blocks: dict[tuple[str, int, float], list[dict[str, Any]]] = {}
             rounds = max(1, min(args.rounds, args.calls))
             for r in range(rounds):
@@ -330,6 +368,8 @@ async def main() -> int:
                     if (tag == "cut") != cut:
                         (proxy.down if tag == "cut" else proxy.up)()
                         cut = tag == "cut"
+                        if not cut:  # measure the condition, not the instances' recovery from the cut
+                            recoveries.append(await _wait_postgres_back(fleet, 5))
                     for n in sessions:
                         for think in thinks:
                             await provider.areset(Behaviour(delay=args.provider_delay))
@@ -337,6 +377,7 @@ async def main() -> int:
                             blocks.setdefault((tag, n, think), []).append(block)
                             await fleet.end_all_sessions()
             results["runs"] = [_combine(tag, n, t, b) for (tag, n, t), b in blocks.items()]
+            results["recoveries_s"] = recoveries
             if cut:
                 proxy.up()
         finally:
@@ -399,6 +440,12 @@ async def main() -> int:
             ratios.append(f"{r['postgres']} x{r['sessions']}{think} {r['overhead']['p50_ms'] / base:.2f}x")
     if ratios:
         print("overhead p50 vs normal (target <= 1.05x): " + ", ".join(ratios))
+    if results.get("recoveries_s"):
+        waits = ", ".join(f"{w:.1f}" for w in results["recoveries_s"])
+        print(
+            "  after each cut, until every instance reached Postgres with an empty spool "
+            f"(not measured): {waits} s"
+        )
     for r in results["runs"]:
         if r.get("overhead_direct"):
             d = r["overhead_direct"]["p50_ms"]

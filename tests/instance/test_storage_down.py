@@ -9,9 +9,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from common.protocol import INTERNAL_METRICS
 from tests.fakes.provider import FakeProvider
 from tests.fakes.tcp_proxy import TcpProxy
-from tests.instance.conftest import SpawnInstance, connect, new_session
+from tests.instance.conftest import InstanceProc, SpawnInstance, connect, new_session
 
 
 @pytest.fixture
@@ -32,6 +33,18 @@ async def _messages(dsn: str, cid: str) -> list[tuple[str, str]]:
     finally:
         await conn.close()
     return [(r["role"], r["content"]) for r in rows]
+
+
+async def _gauges(inst: InstanceProc) -> dict[str, float]:
+    """The instance's Postgres and spool gauges, from its /internal/metrics."""
+    resp = await asyncio.to_thread(inst.internal, "GET", INTERNAL_METRICS)
+    assert resp.status_code == 200, resp.text
+    names = ("exai_instance_postgres_connected", "exai_instance_spool_rows")
+    return {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in resp.text.splitlines())
+        if name in names
+    }
 
 
 async def test_chat_answers_and_turns_land_later(
@@ -56,6 +69,10 @@ async def test_chat_answers_and_turns_land_later(
         status = await client.call_tool("status", {})
         backlog = status.structured_content["storage"]["backlog"]  # type: ignore[index]
         assert backlog
+        # The same, for a scraper: Postgres unreachable, the turns (and the thread) waiting.
+        gauges = await _gauges(inst)
+        assert gauges["exai_instance_postgres_connected"] == 0
+        assert gauges["exai_instance_spool_rows"] >= 5
 
     assert await _messages(pg_dsn, cid) == []
     proxy.up()
@@ -66,6 +83,12 @@ async def test_chat_answers_and_turns_land_later(
         await asyncio.sleep(0.1)
     assert [r[0] for r in rows] == ["user", "assistant", "user", "assistant"]
     assert rows[0][1] == "written while Postgres is down"
+    for _ in range(100):
+        gauges = await _gauges(inst)
+        if gauges["exai_instance_spool_rows"] == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert gauges == {"exai_instance_postgres_connected": 1, "exai_instance_spool_rows": 0}
 
 
 async def test_chat_with_postgres_down_still_carries_the_notes_it_had(
