@@ -29,6 +29,7 @@ from common.keys import Keys
 from common.migrate import migrate
 from common.settings import Settings, load_settings
 from tests import loopstalls
+from tests.fakes.tcp_proxy import TcpProxy
 from tests.ports import free_port
 
 RUN_ID = secrets.token_hex(4)
@@ -129,6 +130,18 @@ async def redis_client(redis_url: str, redis_prefix: str) -> AsyncIterator[aiore
     async for key in client.scan_iter(match=f"{redis_prefix}:*", count=500):
         await client.delete(key)
     await client.aclose()
+
+
+@pytest.fixture
+def pg_proxy(pg_dsn: str) -> Iterator[tuple[TcpProxy, str]]:
+    """A loopback forwarder to the test database that a test can cut (`down()`), restore (`up()`)
+    or slow (`delay`), and the database's URL through it. (tests/instance/storage has its own
+    `pg_proxy`, a fault proxy at the protocol's level.)"""
+    parts = urlsplit(pg_dsn)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).running() as proxy:
+        netloc = parts.netloc.rsplit("@", 1)
+        auth = netloc[0] + "@" if len(netloc) == 2 else ""
+        yield proxy, urlunsplit(parts._replace(netloc=f"{auth}127.0.0.1:{proxy.port}"))
 
 
 @pytest.fixture

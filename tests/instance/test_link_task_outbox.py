@@ -12,9 +12,7 @@ each, also when it races with a flusher storing the same event.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -263,15 +261,6 @@ async def test_the_relay_leaves_what_the_store_refuses(pg_dsn: str) -> None:
 
 class _Task:
     id, name, state, version = new_id(), "removed", "NOT_STARTED", 1
-
-
-@pytest.fixture
-def pg_proxy(pg_dsn: str) -> Iterator[tuple[TcpProxy, str]]:
-    parts = urlsplit(pg_dsn)
-    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).running() as proxy:
-        netloc = parts.netloc.rsplit("@", 1)
-        auth = netloc[0] + "@" if len(netloc) == 2 else ""
-        yield proxy, urlunsplit(parts._replace(netloc=f"{auth}127.0.0.1:{proxy.port}"))
 
 
 async def _cut_after_commit(proxy: TcpProxy, pg_dsn: str, write: asyncio.Task[Any], name: str) -> None:

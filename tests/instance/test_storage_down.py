@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import pytest
 
 from common.protocol import INTERNAL_METRICS
 from tests.fakes.provider import FakeProvider
 from tests.fakes.tcp_proxy import TcpProxy
 from tests.instance.conftest import InstanceProc, SpawnInstance, connect, new_session
-
-
-@pytest.fixture
-def pg_proxy(pg_dsn: str) -> Iterator[tuple[TcpProxy, str]]:
-    parts = urlsplit(pg_dsn)
-    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).running() as proxy:
-        netloc = parts.netloc.rsplit("@", 1)
-        auth = netloc[0] + "@" if len(netloc) == 2 else ""
-        yield proxy, urlunsplit(parts._replace(netloc=f"{auth}127.0.0.1:{proxy.port}"))
 
 
 async def _messages(dsn: str, cid: str) -> list[tuple[str, str]]:

@@ -13,7 +13,6 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import mcp_types
@@ -24,15 +23,6 @@ from tests.fleet import Fleet
 from tests.router.conftest import ROUTER_TEST_SETTINGS, call, instance_num, mcp_client, status_of
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture
-def pg_proxy(pg_dsn: str) -> Iterator[tuple[TcpProxy, str]]:
-    parts = urlsplit(pg_dsn)
-    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).running() as proxy:
-        netloc = parts.netloc.rsplit("@", 1)
-        auth = netloc[0] + "@" if len(netloc) == 2 else ""
-        yield proxy, urlunsplit(parts._replace(netloc=f"{auth}127.0.0.1:{proxy.port}"))
 
 
 @pytest.fixture
