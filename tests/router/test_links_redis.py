@@ -8,6 +8,7 @@ returns; the receiver ends with every message once, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 from tests.fakes.provider import FakeProvider
 from tests.fleet import Fleet
 from tests.redis_server import OwnRedis
-from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client
+from tests.router.conftest import ROUTER_TEST_SETTINGS, instance_num, mcp_client, status_of
 from tests.router.test_links import call
 
 pytestmark = pytest.mark.timeout(240)
@@ -119,3 +120,69 @@ async def test_the_group_tools_answer_from_postgres_while_redis_is_down(
         assert [e["kind"] for e in events] == ["reserve", "task", "note", "leave"]
         assert events[1]["data"]["task_id"] == task["id"] and events[-1]["body"] == "over to you"
         await call(b, "link_reserve", {"group": group, "paths": ["src/a.py"]})  # released on leave
+
+
+async def test_200_messages_arrive_once_in_order_across_a_kill_and_a_redis_restart(
+    fleet: Fleet, own_redis: OwnRedis
+) -> None:
+    """Both faults in one run: B's instance is killed with SIGKILL, then Redis goes down and
+    comes back while A keeps sending. A is on the 2026-07-28 era, B on the handshake era; B reads
+    with link_inbox throughout, retrying while it cannot be served, and ends with all 200
+    messages, in order, each once.
+
+    (With two instances, B's session takes an instance from the idle A while its own restarts:
+    a session parked then cannot resume until Redis, which holds the session table, is back.
+    So Redis goes down once supervisord has the killed instance serving again and both
+    sessions are bound.)"""
+    group = "both-faults"
+    await fleet.wait_instances(2)
+    async with (
+        mcp_client(fleet.mcp_url, "2026-07-28", name="sender") as a,
+        mcp_client(fleet.mcp_url, "legacy", name="receiver") as b,
+    ):
+        await call(a, "link_join", {"group": group})
+        await call(b, "link_join", {"group": group})
+        await call(b, "link_inbox", {"group": group})  # the joins: read
+        b_instance = instance_num((await status_of(b))["instance_id"])
+        received: list[dict[str, Any]] = []
+
+        async def read_some() -> None:
+            for _ in range(300):  # restarting, or Redis down: retry until B is served again
+                with contextlib.suppress(Exception):
+                    result = await b.call_tool("link_inbox", {"group": group, "limit": 29})
+                    if not result.is_error:
+                        received.extend(result.structured_content["events"])  # type: ignore[index]
+                        return
+                await asyncio.sleep(0.2)
+            raise AssertionError("B was never served again")
+
+        redis_down = False
+        try:
+            for i in range(200):
+                await call(a, "link_send", {"group": group, "body": f"m{i}"})
+                if i == 40:
+                    await read_some()
+                    await asyncio.to_thread(fleet.kill_instance, b_instance)
+                if i == 80:
+                    await fleet.wait_instance_ready(b_instance)
+                    await fleet.wait_instances(2)
+                    await read_some()  # served again, each session on an instance of its own
+                    await call(a, "link_status")
+                    own_redis.kill()
+                    redis_down = True
+                if i == 120:
+                    await read_some()
+                if i == 150:
+                    own_redis.start()
+                    redis_down = False
+        finally:
+            if redis_down:
+                own_redis.start()
+        async with asyncio.timeout(60):  # the last sends reach Postgres a moment after they answered
+            while len(received) < 200:
+                await read_some()
+                await asyncio.sleep(0.05)
+        assert [e["body"] for e in received] == [f"m{i}" for i in range(200)]
+        ids = [e["id"] for e in received]
+        assert ids == sorted(set(ids))
+        assert (await call(b, "link_inbox", {"group": group}))["events"] == []
