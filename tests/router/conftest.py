@@ -7,6 +7,7 @@ Clients are the SDK's own `Client` over HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -112,6 +113,20 @@ async def call(client: Client, tool: str, args: dict[str, Any] | None = None) ->
     assert not result.is_error, result
     assert result.structured_content is not None
     return dict(result.structured_content)
+
+
+async def inbox_when_served(
+    client: Client, group: str, *, limit: int, tries: int = 300
+) -> list[dict[str, Any]]:
+    """One page of `group`'s inbox, retried every 0.2 s while the session cannot be served (its
+    instance restarting, or Redis down while it has to be bound again)."""
+    for _ in range(tries):
+        with contextlib.suppress(Exception):
+            result = await client.call_tool("link_inbox", {"group": group, "limit": limit})
+            if not result.is_error:
+                return list(result.structured_content["events"])  # type: ignore[index]
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"the session was not served again in {tries * 0.2:g}s")
 
 
 async def error_of(client: Client, tool: str, args: dict[str, Any]) -> str:

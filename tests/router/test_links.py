@@ -24,7 +24,15 @@ from mcp.client.subscriptions import ResourceUpdated
 from common import links as link_store
 from tests.fakes.provider import FakeProvider
 from tests.fleet import Fleet
-from tests.router.conftest import ROUTER_TEST_SETTINGS, call, error_of, instance_num, mcp_client, status_of
+from tests.router.conftest import (
+    ROUTER_TEST_SETTINGS,
+    call,
+    error_of,
+    inbox_when_served,
+    instance_num,
+    mcp_client,
+    status_of,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -215,14 +223,8 @@ async def test_200_messages_arrive_in_order_once_across_an_instance_kill(fleet: 
         await call(b, "link_inbox", {"group": group})  # A's join: read
         received: list[dict[str, Any]] = []
 
-        async def read_some() -> None:
-            for _ in range(100):  # the instance may be restarting: retry until B is served again
-                result = await b.call_tool("link_inbox", {"group": group, "limit": 37})
-                if not result.is_error:
-                    received.extend(result.structured_content["events"])  # type: ignore[index]
-                    return
-                await asyncio.sleep(0.2)
-            raise AssertionError("B was never served again")
+        async def read_some() -> None:  # the instance may be restarting
+            received.extend(await inbox_when_served(b, group, limit=37))
 
         for i in range(200):
             await call(a, "link_send", {"group": group, "body": f"m{i}"})

@@ -8,7 +8,6 @@ returns; the receiver ends with every message once, in order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 from tests.fakes.provider import FakeProvider
 from tests.fleet import Fleet
 from tests.redis_server import OwnRedis
-from tests.router.conftest import ROUTER_TEST_SETTINGS, instance_num, mcp_client, status_of
+from tests.router.conftest import ROUTER_TEST_SETTINGS, inbox_when_served, instance_num, mcp_client, status_of
 from tests.router.test_links import call
 
 pytestmark = pytest.mark.timeout(240)
@@ -146,15 +145,8 @@ async def test_200_messages_arrive_once_in_order_across_a_kill_and_a_redis_resta
         b_instance = instance_num((await status_of(b))["instance_id"])
         received: list[dict[str, Any]] = []
 
-        async def read_some() -> None:
-            for _ in range(300):  # restarting, or Redis down: retry until B is served again
-                with contextlib.suppress(Exception):
-                    result = await b.call_tool("link_inbox", {"group": group, "limit": 29})
-                    if not result.is_error:
-                        received.extend(result.structured_content["events"])  # type: ignore[index]
-                        return
-                await asyncio.sleep(0.2)
-            raise AssertionError("B was never served again")
+        async def read_some() -> None:  # restarting, or Redis down: retried until B is served
+            received.extend(await inbox_when_served(b, group, limit=29))
 
         redis_down = False
         try:
