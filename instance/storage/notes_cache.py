@@ -21,7 +21,10 @@ generation counter.
   scope before its bump is sent, and no read already on its way can bring an older one back
   (`_written_at`), so the writer always sees its own write. A held copy older than REFRESH_S is
   re-read in the background as a Redis copy is; the re-read stores a new copy in Redis, whose
-  invalidation makes the next read take it.
+  invalidation makes the next read take it. A scope Redis answered "no copy" for is remembered
+  the same way (Redis tracks a key read while it did not exist): until its keys change, the next
+  read goes straight to Postgres without asking again, and while Postgres is down fails at once,
+  so a session that began during an outage does not pay a Redis round trip on every chat.
 """
 
 from __future__ import annotations
@@ -117,6 +120,11 @@ class NotesCache:
         self._tracker = tracker
         # Copies read from Redis, decoded: (stamp when asked for, writes count then, at, notes).
         self._held: dict[Scope, tuple[Stamp, int, float, list[Note]]] = {}
+        # Scopes Redis had no copy of (stamp when asked, writes count then): while Redis reports
+        # no change to their keys, asking again would get no copy again, so a read goes straight
+        # to Postgres, or (Postgres down) fails at once, without the round trip.
+        self._absent: dict[Scope, tuple[Stamp, int]] = {}
+        self.absent_skips_total = 0  # scopes read without asking Redis, known to have no copy
         self._writes = 0  # note writes of this process, counted
         self._written_at: dict[Scope, int] = {}  # the count when the scope was last written here
         self.tracked_hits_total = 0  # scopes served from the held copy, no Redis round trip
@@ -137,14 +145,17 @@ class NotesCache:
         out: list[list[Note] | None] = [None] * len(scopes)
         now = time.time()
         ask = list(range(len(scopes)))
-        if self._tracker is not None and self._held:
+        absent: list[int] = []
+        if self._tracker is not None and (self._held or self._absent):
             ask = []
             for i, scope in enumerate(scopes):
                 notes = self._trusted(scope, now)
-                if notes is None:
-                    ask.append(i)
-                else:
+                if notes is not None:
                     out[i] = notes
+                elif self._still_absent(scope):
+                    absent.append(i)
+                else:
+                    ask.append(i)
         stamp, writes = None, self._writes
         if self.enabled and ask:
             names = [k for i in ask for k in (self._copy_key(scopes[i]), self._gen_key(scopes[i]))]
@@ -159,6 +170,8 @@ class NotesCache:
             scope, (raw, _) = scopes[i], found[i]
             copy = None if scope in self._unbumped else self._parse(scope, raw)
             if copy is None:
+                if raw is None and stamp is not None and self._written_at.get(scope, -1) <= writes:
+                    self._keep_absent(scope, stamp, writes)
                 misses.append(i)
                 continue
             at, notes = copy
@@ -168,10 +181,14 @@ class NotesCache:
                 self._keep(scope, (stamp, writes, at, notes))
             if now - at >= self.refresh_s:
                 self._refresh_later(scope)
-        if misses:
-            self.misses_total += len(misses)
-            read = await asyncio.gather(*(self._read_and_store(scopes[i], found[i][1]) for i in misses))
-            for i, notes in zip(misses, read, strict=True):
+        if misses or absent:
+            self.misses_total += len(misses) + len(absent)
+            self.absent_skips_total += len(absent)
+            read = await asyncio.gather(
+                *(self._read_and_store(scopes[i], found[i][1]) for i in misses),
+                *(self._read_and_store(scopes[i], None, known=False) for i in absent),
+            )
+            for i, notes in zip([*misses, *absent], read, strict=True):
                 out[i] = notes
         return [notes or [] for notes in out]
 
@@ -193,6 +210,27 @@ class NotesCache:
             self._refresh_later(scope)
         return notes
 
+    def _still_absent(self, scope: Scope) -> bool:
+        """Whether Redis had no copy of `scope` when last asked and nothing changed its keys since
+        (nor did a write of this process)."""
+        entry = self._absent.get(scope)
+        if entry is None or self._tracker is None:
+            return False
+        stamp, writes = entry
+        if (
+            scope in self._unbumped
+            or self._written_at.get(scope, -1) > writes
+            or not self._tracker.unchanged(stamp, self._copy_key(scope), self._gen_key(scope))
+        ):
+            del self._absent[scope]
+            return False
+        return True
+
+    def _keep_absent(self, scope: Scope, stamp: Stamp, writes: int) -> None:
+        if len(self._absent) >= HELD_SCOPES and scope not in self._absent:
+            self._absent.clear()
+        self._absent[scope] = (stamp, writes)
+
     def _keep(self, scope: Scope, held: tuple[Stamp, int, float, list[Note]]) -> None:
         if len(self._held) >= HELD_SCOPES and scope not in self._held:
             self._held.clear()  # forgetting only costs the next reads a round trip
@@ -209,16 +247,18 @@ class NotesCache:
             return None
 
     async def _read_and_store(self, scope: Scope, generation: Any, *, known: bool = True) -> list[Note]:
-        """Read Postgres and store the copy if no write committed since `generation` was read."""
-        if not known and self.enabled:  # a background re-read: take the generation now
+        """Read Postgres and store the copy if no write committed since `generation` was read
+        (`known` False: the generation is taken here, unless Postgres is known to be down)."""
+        if self._postgres_down():
+            raise StorageUnavailable(f"Postgres is down: the {scope[0]} notes have no copy to serve")
+        if not known and self.enabled:  # a background re-read, or a known miss: the generation now
             try:
                 generation = await self._cache.call(lambda r: r.get(self._gen_key(scope)))
             except CacheDown:
                 return await self._read(*scope)
-        if self._postgres_down():
-            raise StorageUnavailable(f"Postgres is down: the {scope[0]} notes have no copy to serve")
         read_at = time.time()
         notes = await self._read(*scope)
+        self._absent.pop(scope, None)  # the copy stored now (or refused) is asked for next time
         if scope in self._unbumped:
             await self.written(*scope)  # retried: the copy goes; the next read stores a new one
         elif self.enabled:
@@ -292,8 +332,10 @@ class NotesCache:
         if len(self._written_at) > 50_000:
             self._written_at.clear()
             self._held.clear()
+            self._absent.clear()
         self._written_at[key] = self._writes
         self._held.pop(key, None)
+        self._absent.pop(key, None)
 
     async def stop(self) -> None:
         tasks = list(self._refreshing.values())
@@ -310,6 +352,7 @@ class NotesCache:
             "refreshes_total": self.refreshes_total,
             "refused_total": self.refused_total,
             "tracked_hits_total": self.tracked_hits_total,
+            "absent_skips_total": self.absent_skips_total,
         }
 
     def _copy_key(self, scope: Scope) -> str:

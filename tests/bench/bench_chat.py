@@ -129,8 +129,11 @@ async def _wait_postgres_back(fleet: Fleet, instances: int, *, timeout: float = 
         while True:
             back = 0
             for url in urls:
-                async with http.get(url) as r:
-                    text = await r.text()
+                try:
+                    async with http.get(url, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                        text = await r.text()
+                except (aiohttp.ClientError, TimeoutError):  # restarting: not back yet
+                    continue
                 gauges = dict(
                     line.split(" ", 1) for line in text.splitlines() if line.startswith("exai_instance_")
                 )

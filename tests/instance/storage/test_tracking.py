@@ -14,10 +14,12 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from common.errors import StorageUnavailable
 from common.redis import create_redis
 from common.settings import Settings
 from instance.storage import Storage
 from instance.storage.tracking import Tracker
+from tests.instance.storage.conftest import FaultProxy
 from tests.instance.storage.test_history_cache import exchange, until_reachable
 from tests.redis_server import OwnRedis
 
@@ -290,3 +292,59 @@ async def _own_append_trusted(storage_settings: Callable[..., Settings], redis: 
             await pinged
         if int(str((await redis.info("server"))["redis_version"]).split(".")[0]) >= 7:
             assert tracker.invalidations_total == seen
+
+
+async def test_a_scope_redis_has_no_copy_of_is_not_asked_for_again_while_postgres_is_down(
+    storage_settings: Callable[..., Settings], redis: Redis, pg_proxy: FaultProxy, pg_dsn: str
+) -> None:
+    """A session that began during a Postgres outage has no copy of its notes: its chats go
+    without them, and after the first one without asking Redis for the copy each time. Another
+    process storing a copy is heard of (Redis tracks a key read while it did not exist) and the
+    next read serves it; once Postgres is back the scope is read from it and copied again."""
+    own = f"s-absent-{uuid.uuid4()}"
+    scopes = [("session", own)]
+    async with (
+        Storage.open(
+            storage_settings(database_url=pg_proxy.url(pg_dsn), db_acquire_timeout=0.5),
+            instance_id="t-trk-absent",
+            redis=redis,
+        ) as a,
+        Storage.open(storage_settings(), instance_id="t-trk-other", redis=redis) as b,
+    ):
+        await until(lambda: tracking_on(a), "the tracking connection is up")
+        assert a.notes.cache is not None and b.notes.cache is not None and a.tracker is not None
+        pg_proxy.cut()
+        try:
+            with pytest.raises(StorageUnavailable):  # asked Redis (no copy), then Postgres (down)
+                await a.notes.for_prompt(scopes)
+            spy = RedisSpy(a)
+            for _ in range(3):
+                with pytest.raises(StorageUnavailable):
+                    await a.notes.for_prompt(scopes)
+            assert spy.count == 0 and a.notes.cache.absent_skips_total == 3
+
+            # Another instance (its Postgres up) writes a note and copies the scope.
+            seen = a.tracker.invalidations_total
+            await b.notes.write(scope="session", scope_id=own, key="k", body="from b")
+            assert [n.body for n in (await b.notes.for_prompt(scopes))[0]] == ["from b"]
+            await until(
+                lambda: a.tracker is not None and a.tracker.invalidations_total > seen, "a hears of it"
+            )
+            assert [n.body for n in (await a.notes.for_prompt(scopes))[0]] == ["from b"]  # the copy
+            assert spy.count == 1
+        finally:
+            pg_proxy.restore()
+
+        # Postgres back: a scope without a copy is read from it again (and copied).
+        async with asyncio.timeout(20):  # (in an instance its flusher and outbox relay do this)
+            while True:
+                try:
+                    await a.db.run(lambda conn: conn.fetchval("SELECT 1"), what="a probe")
+                    break
+                except StorageUnavailable:
+                    await asyncio.sleep(0.1)
+        other = [("session", f"{own}-2")]
+        misses = a.notes.cache.misses_total
+        assert await a.notes.for_prompt(other) == [[]]  # Redis, no copy; Postgres: read and copied
+        assert await a.notes.for_prompt(other) == [[]]  # the copy
+        assert a.notes.cache.misses_total == misses + 1 and a.notes.cache.absent_skips_total == 3
