@@ -2,13 +2,16 @@
 
     python tests/bench/bench_chat.py [--calls 40] [--rounds 3] [--provider-delay 0.05] [--pg-delay 0.2]
         [--conditions normal,slowed,cut] [--sessions 1,5] [--think 0] [--label NAME]
-        [--chat-spool-sync normal] [--direct] [--set FIELD=VALUE]
+        [--chat-spool-sync normal] [--direct] [--client raw[,aiohttp]] [--set FIELD=VALUE]
 
 Starts a fleet under real supervisord (tests/fleet.py: five instances and the router) whose
 Postgres connections go through a loopback forwarder (tests/fakes/tcp_proxy.py), so the bench
 can slow Postgres down (every answer held --pg-delay seconds) or cut it. Each session calls
 `chat` over the raw 2026-07-28 wire, continuing its own thread (so every call loads the
-thread and appends two turns). Overhead per call = client-observed latency minus the time the
+thread and appends two turns), from a plain socket: the time runs from the request's write to
+its answer's last byte read, so a client library's own work is not counted as the fleet's
+(`--client raw,aiohttp` also times an aiohttp ClientSession on the same sessions, call by call,
+the measure until 2026-11-29). Overhead per call = client-observed latency minus the time the
 fake provider itself reports it spent on that request: from the moment the request's first
 bytes reached its HTTP server (its parsing, ASGI dispatch and routing included), through
 reading the body, the --provider-delay and counting tokens, to the answer's last byte handed to
@@ -70,6 +73,7 @@ from tests.bench.bench_router import (  # noqa: E402
     fake_provider_overrides,
     set_settings,
 )
+from tests.bench.rawwire import read_head  # noqa: E402
 from tests.fakes.provider import Behaviour, Hit  # noqa: E402
 from tests.fakes.provider_process import FakeProviderProcess  # noqa: E402
 from tests.fakes.tcp_proxy import TcpProxy  # noqa: E402
@@ -77,30 +81,69 @@ from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
 
 
 class ChatCaller:
-    """One session calling chat on its own thread over one keep-alive connection."""
+    """One session calling chat on its own thread over one keep-alive connection.
 
-    def __init__(self, url: str, client: str, extra: dict[str, str] | None = None) -> None:
+    `wire`: "raw" writes each prebuilt request on a plain asyncio socket and reads the answer
+    by its Content-Length (or chunks), timing from just before the write to the answer's last
+    byte read, so what a client library spends building and parsing stays out of the fleet's
+    overhead; "aiohttp" times an aiohttp ClientSession's `post` and `read`, the measure until
+    2026-11-29, which counted the client library's own work (about 0.5 ms a call here) as the
+    fleet's. Several callers of one client name are one session (the router keys a stateless
+    session by clientInfo.name), so `--client raw,aiohttp` alternates both on one thread."""
+
+    def __init__(self, url: str, client: str, extra: dict[str, str] | None = None, wire: str = "raw") -> None:
         self.url = url
         self.client = client
+        self.wire = wire
         self.extra = extra or {}  # the router's internal headers, for calling an instance directly
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2))
         self.rid = 0
         self.cid: str | None = None
+        self._io: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def call(self, tool: str, args: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         self.rid += 1
         body = json.dumps(_body(tool, args, self.client, self.rid)).encode()
         headers = {**HEADERS, **self.extra, "Content-Type": "application/json", "Mcp-Method": "tools/call"}
         headers["Mcp-Name"] = tool
-        started = time.perf_counter()
-        async with self.http.post(self.url, data=body, headers=headers) as r:
-            payload = await r.read()
-        elapsed = time.perf_counter() - started
+        if self.wire == "raw":
+            elapsed, status, payload = await self._raw(body, headers)
+        else:
+            started = time.perf_counter()
+            async with self.http.post(self.url, data=body, headers=headers) as r:
+                payload = await r.read()
+            elapsed = time.perf_counter() - started
+            status = r.status
         answer = json.loads(payload)
         result = answer.get("result") or {}
-        if r.status != 200 or result.get("isError") or "error" in answer:
-            raise RuntimeError(f"{tool}: {r.status} {payload[:300]!r}")
+        if status != 200 or result.get("isError") or "error" in answer:
+            raise RuntimeError(f"{tool}: {status} {payload[:300]!r}")
         return elapsed, dict(result.get("structuredContent") or {})
+
+    async def _raw(self, body: bytes, headers: dict[str, str]) -> tuple[float, int, bytes]:
+        """One request on the raw socket: (seconds from the write to the last byte, status, body)."""
+        u = urlsplit(self.url)
+        head = [f"POST {u.path or '/'} HTTP/1.1", f"Host: {u.netloc}", f"Content-Length: {len(body)}"]
+        head.extend(f"{k}: {v}" for k, v in headers.items())
+        data = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        if self._io is None:
+            self._io = await asyncio.open_connection(u.hostname, u.port or 80)
+        reader, writer = self._io
+        started = time.perf_counter()
+        writer.write(data)
+        status, answer_headers = await read_head(reader)
+        if "content-length" in answer_headers:
+            payload = await reader.readexactly(int(answer_headers["content-length"]))
+        else:  # chunked
+            parts = []
+            while (size := int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)) > 0:
+                parts.append((await reader.readexactly(size + 2))[:-2])
+            await reader.readexactly(2)
+            payload = b"".join(parts)
+        elapsed = time.perf_counter() - started
+        if payload.startswith((b"event:", b"id:")) or b"data: " in payload[:64]:  # an SSE answer
+            payload = payload[payload.index(b"data: ") + 6 :].split(b"\r\n", 1)[0].split(b"\n", 1)[0]
+        return elapsed, status, payload
 
     async def chat(self, prompt: str) -> float:
         args: dict[str, Any] = {"prompt": prompt}
@@ -111,8 +154,11 @@ class ChatCaller:
         self.cid = out.get("continuation_id") if out.get("status") == "continuation_available" else None
         return elapsed
 
-    async def close(self) -> None:
-        if not self.extra:  # (a direct caller's session is the router's to end)
+    async def close(self, *, end: bool = True) -> None:
+        if self._io is not None:
+            self._io[1].close()
+            self._io = None
+        if end and not self.extra:  # (a direct caller's session is the router's to end)
             async with self.http.delete(self.url, headers=HEADERS) as r:
                 await r.read()
         await self.http.close()
@@ -185,25 +231,37 @@ async def _run(
     tag: str,
     think: float = 0.0,
     direct: bool = False,
+    clients: tuple[str, ...] = ("raw",),
 ) -> dict[str, Any]:
-    """One block of calls at one condition: the raw samples, for `_combine` to pool over rounds."""
+    """One block of calls at one condition: the raw samples, for `_combine` to pool over rounds.
+    `clients`: the wire of each session's calls through the router (the first is the measure;
+    each other one takes the thread's next turn after it, on the same session)."""
     callers = [
-        ChatCaller(fleet.mcp_url, f"chat-{tag}-{sessions}-{i}-{secrets.token_hex(2)}")
+        ChatCaller(fleet.mcp_url, f"chat-{tag}-{sessions}-{i}-{secrets.token_hex(2)}", wire=clients[0])
         for i in range(sessions)
     ]
+    others = {id(c): [ChatCaller(fleet.mcp_url, c.client, wire=w) for w in clients[1:]] for c in callers}
     latency: dict[str, float] = {}
+    other_latency: dict[str, dict[str, float]] = {w: {} for w in clients[1:]}
     direct_latency: dict[str, float] = {}
     directs: dict[int, ChatCaller] = {}
 
     async def warm(c: ChatCaller) -> None:
         for k in range(3):  # warm: bind the session, open its thread
             await c.chat(f"warm {k} {c.client}")
+        for o in others[id(c)]:
+            await o.chat(f"warm {o.wire} {c.client}")
 
     async def run(c: ChatCaller) -> None:
         d = directs.get(id(c))
         for k in range(calls):
             prompt = f"q {k} {c.client} {secrets.token_hex(3)}"
             latency[prompt] = await c.chat(prompt)
+            for o in others[id(c)]:  # the same thread's next turn, through another client
+                o.cid = c.cid
+                prompt = f"{o.wire} {k} {c.client} {secrets.token_hex(3)}"
+                other_latency[o.wire][prompt] = await o.chat(prompt)
+                c.cid = o.cid
             if d is not None:  # the same thread, next turn, straight to the session's instance
                 d.cid = c.cid
                 prompt = f"d {k} {c.client} {secrets.token_hex(3)}"
@@ -218,12 +276,14 @@ async def _run(
             _, st = await c.call("status", {})
             url = f"http://127.0.0.1:{fleet.instance_port(_num(st['instance_id']))}/mcp"
             extra = direct_headers(fleet, st["session"], "stateless", c.client)
-            directs[id(c)] = ChatCaller(url, c.client, extra)
+            directs[id(c)] = ChatCaller(url, c.client, extra, wire=clients[0])
     cpu_before = await asyncio.to_thread(_instances_cpu, fleet)
     await asyncio.gather(*(run(c) for c in callers))
     cpu = await asyncio.to_thread(_instances_cpu, fleet) - cpu_before
     _, st = await callers[0].call("status", {})
-    for c in [*directs.values(), *callers]:
+    for c in [*directs.values(), *(o for os_ in others.values() for o in os_)]:
+        await c.close(end=False)
+    for c in callers:
         await c.close()
     hits = await provider.asnapshot()
     spent = _provider_seconds(hits, part="handler")
@@ -235,9 +295,12 @@ async def _run(
         "from_handler": [lat - from_handler[p] for p, lat in latency.items() if p in from_handler],
         "vs_handler": [lat - spent[p] for p, lat in latency.items() if p in spent],
         "direct": [lat - whole[p] for p, lat in direct_latency.items() if p in whole],
+        "other_clients": {
+            w: [lat - whole[p] for p, lat in lats.items() if p in whole] for w, lats in other_latency.items()
+        },
         "fake_whole": [whole[p] for p in latency if p in whole],
         "cpu": cpu,
-        "calls": len(latency) + len(direct_latency),  # (the CPU is the instances' for all of them)
+        "calls": len(latency) + len(direct_latency) + sum(len(v) for v in other_latency.values()),
         "stages": st.get("chat_stages"),
         "gc": st.get("gc"),  # that instance's collector: collections and pauses so far
     }
@@ -256,6 +319,10 @@ def _combine(tag: str, sessions: int, think: float, blocks: list[dict[str, Any]]
         "overhead_from_handler": _stats([x for b in blocks for x in b.get("from_handler", [])]),
         "overhead_vs_handler": _stats([x for b in blocks for x in b["vs_handler"]]),
         "overhead_direct": _stats(d) if (d := [x for b in blocks for x in b["direct"]]) else None,
+        "overhead_other_clients": {
+            w: _stats([x for b in blocks for x in b.get("other_clients", {}).get(w, [])])
+            for w in blocks[0].get("other_clients", {})
+        },
         "fake_whole": _stats([x for b in blocks for x in b.get("fake_whole", [])]),
         "instance_stages": blocks[-1]["stages"],
         "instance_gc": blocks[-1].get("gc"),
@@ -318,8 +385,19 @@ async def main() -> int:
         help="each session's calls alternate between the router and its instance directly (the "
         "router's internal headers), on the same thread: the router's share of the overhead",
     )
+    ap.add_argument(
+        "--client",
+        default="raw",
+        help="the client of the measured calls: raw (a plain socket, the answer read by its length: "
+        "the client library's own work left out) or aiohttp (a ClientSession, the measure until "
+        "2026-11-29); a comma-separated list alternates them call by call on each session's "
+        "thread, the first being the measure, e.g. raw,aiohttp",
+    )
     add_set_option(ap)
     args = ap.parse_args()
+    clients = tuple(c.strip() for c in args.client.split(",") if c.strip())
+    if not clients or set(clients) - {"raw", "aiohttp"} or len(set(clients)) != len(clients):
+        ap.error("--client: raw, aiohttp or both, comma-separated")
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     if not conditions or set(conditions) - {"normal", "slowed", "cut"}:
         ap.error("--conditions: a comma-separated list of normal, slowed, cut")
@@ -376,7 +454,9 @@ async def main() -> int:
                     for n in sessions:
                         for think in thinks:
                             await provider.areset(Behaviour(delay=args.provider_delay))
-                            block = await _run(fleet, provider, n, per_round, tag, think, args.direct)
+                            block = await _run(
+                                fleet, provider, n, per_round, tag, think, args.direct, clients
+                            )
                             blocks.setdefault((tag, n, think), []).append(block)
                             await fleet.end_all_sessions()
             results["runs"] = [_combine(tag, n, t, b) for (tag, n, t), b in blocks.items()]
@@ -401,13 +481,14 @@ async def main() -> int:
         "rounds": args.rounds,
         "label": args.label,
         "think_s": thinks,
+        "clients": list(clients),
         "settings": set_settings(args),
         "chat_spool_sync": args.chat_spool_sync or "default",
         "settle_s": args.settle,
         "load_before": load_before,
         "targets": {"overhead_p50_ms": "<= 3", "slowed_or_cut_vs_normal": "<= 1.05x"},
     }
-    print("\nfleet overhead on `chat` = client latency - fake provider's own time (ms)")
+    print(f"\nfleet overhead on `chat` = client latency - fake provider's own time (ms), {clients[0]} client")
     print("  (the fake's time: the request's first bytes at its server to the answer's last byte handed")
     print("   over; from handler: the fake's time taken from its handler's start, the measure until")
     print("   2026-11-28; vs handler: less only the fake's handler time, the measure before 2026-11-27;")
@@ -455,6 +536,13 @@ async def main() -> int:
             print(
                 f"  {r['postgres']} x{r['sessions']}: straight to the instance {d:.2f} ms p50, so the "
                 f"router's share {r['overhead']['p50_ms'] - d:+.2f} ms"
+            )
+    for r in results["runs"]:
+        for wire, o in (r.get("overhead_other_clients") or {}).items():
+            print(
+                f"  {r['postgres']} x{r['sessions']}: through the {wire} client (the same sessions' "
+                f"next turns) {o['p50_ms']:.2f} ms p50, p99 {o['p99_ms']:.2f}: "
+                f"{o['p50_ms'] - r['overhead']['p50_ms']:+.2f} ms against the {clients[0]} client"
             )
     for r in results["runs"]:
         call_ms = ((r.get("instance_stages") or {}).get("provider") or {}).get("p50_ms")
