@@ -75,6 +75,14 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
         metadata: dict[str, Any] | None = None,
         scope: Literal["session", "global", "group"] = "session",
         group: GroupName = None,
+        task_id: Annotated[
+            str | None,
+            Field(
+                max_length=64,
+                description="A UUID you choose for the new task, so a retried create (its answer "
+                "lost) returns the task the first attempt made instead of making a second one.",
+            ),
+        ] = None,
     ) -> dict[str, Any]:
         storage = runtime.require_storage()
         if scope == "group" and not group:
@@ -91,6 +99,7 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> None:
                 parent_task_id=parent_task_id,
                 metadata=metadata or {},
                 state=state,
+                task_id=task_id,
                 principal=runtime.principal_for(headers_of(ctx)),
                 owner=runtime.owner_for(headers_of(ctx)),
                 event_id=event_id,

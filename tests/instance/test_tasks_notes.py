@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 import pytest
@@ -86,6 +87,26 @@ async def test_task_lifecycle_with_version_conflict(instance_a: InstanceProc, mo
         assert shared["id"] in {t["id"] for t in scoped["tasks"]}
 
 
+async def test_task_create_with_a_client_id_is_idempotent(instance_a: InstanceProc) -> None:
+    """A retried create (the first answer lost) with the caller's task_id returns the task the
+    first attempt made: one task, one `created` event; the id is nobody else's to reuse."""
+    task_id = str(uuid.uuid4())
+    session = new_session()
+    async with connect(instance_a, "2026-07-28", session=session) as client:
+        first = _ok(await client.call_tool("task_create", {"name": "deploy", "task_id": task_id}))["task"]
+        again = _ok(await client.call_tool("task_create", {"name": "deploy", "task_id": task_id}))["task"]
+        assert first["id"] == again["id"] == task_id
+        assert again["version"] == 1 and again["created_at"] == first["created_at"]
+        listed = _ok(await client.call_tool("task_list", {}))
+        assert [t["id"] for t in listed["tasks"]] == [task_id]
+        got = _ok(await client.call_tool("task_get", {"task_id": task_id, "include_events": True}))
+        assert [e["event"] for e in got["events"]] == ["created"]
+    async with connect(instance_a, "2026-07-28", session=new_session()) as other:
+        text = _err(await other.call_tool("task_create", {"name": "mine now", "task_id": task_id}))
+        assert "already used" in text and ERROR_SHAPE.fullmatch(text), text
+        assert _ok(await other.call_tool("task_list", {}))["count"] == 0
+
+
 # `[code] what happened. what to do.`: a code, then sentences that each end in a full stop.
 ERROR_SHAPE = re.compile(r"\[[a-z_]+\] [^\n]+[.?!]", re.DOTALL)
 
@@ -98,6 +119,7 @@ ERROR_SHAPE = re.compile(r"\[[a-z_]+\] [^\n]+[.?!]", re.DOTALL)
         ("task_create", {"name": "x", "state": "DONE"}, "state"),
         ("task_create", {"name": "x", "scope": "world"}, "scope"),
         ("task_create", {"name": "x", "parent_task_id": "nope"}, "parent_task_id"),
+        ("task_create", {"name": "x", "task_id": "not-a-uuid"}, "task_id"),
         ("task_update", {"task_id": "x"}, "expected_version"),
         (
             "task_update",
