@@ -25,6 +25,7 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,6 +59,8 @@ OUTBOX_MARGIN = 600.0  # seconds the relay looks back before the last round that
 EARLY_MARK_SECONDS = 5.0  # how long readers may wait for an early-announced event to be stored
 INFLIGHT_WAIT = 1.0  # longest a link_inbox read waits for early-announced events (then: as is)
 INFLIGHT_POLL = 0.003  # how often it looks
+GIVEN_IDS_MAX = 10_000  # caller-chosen event ids remembered per process (older retries: the store)
+GIVEN_ID_NAMESPACE = uuid.UUID("6f3b0e52-7c1a-4f0e-9d6b-2a8c5e4f1b37")  # for `given_event_id`
 EARLY_MAX = 10_000  # early announcements awaiting their store, at most (beyond: after the store)
 LINK_STAGES = (
     "spool_commit",
@@ -105,6 +108,11 @@ def group_scope_id(group: str) -> str:
     return GROUP_SCOPE_PREFIX + db.check_group(group)
 
 
+def given_event_id(group: str, sender: str, message_id: str) -> str:
+    """The uuid of the event a sender emits in a group under its own id (a UUID)."""
+    return str(uuid.uuid5(GIVEN_ID_NAMESPACE, f"{group}\n{sender}\n{message_id}"))
+
+
 class Links:
     """Link-group operations for the tools and resources of one instance."""
 
@@ -128,6 +136,8 @@ class Links:
         self._chat_rereads: set[str] = set()  # sessions whose opt-ins are being re-read
         self._chat_changes = 0  # opt-ins remembered or forgotten on this instance, ever
         self._early: dict[str, _Early] = {}  # event uuid -> its early announcement
+        # Events emitted under a caller's id (`emit_once`), newest last: uuid -> the attempt.
+        self._given: OrderedDict[str, asyncio.Future[str]] = OrderedDict()
         self.early = 0  # events announced before they were stored
         self.early_direct = 0
         # Where a group event's time goes in this instance: `spool_commit` (the tool hands the
@@ -251,8 +261,12 @@ class Links:
         thread: str | None = None,
         body: str = "",
         data: dict[str, Any] | None = None,
+        event_id: str | None = None,
     ) -> str:
         """Take one event (the sender must be a member) and return its uuid once it is durable.
+
+        `event_id`: the uuid to store it under (default: a new one); the store skips a uuid it
+        holds already, so an event emitted twice under one uuid is stored and delivered once.
 
         The event goes to the write-behind spool (fsync'd there, with whatever else is being
         appended at that moment); the flusher gives it its group id in Postgres and then
@@ -268,7 +282,7 @@ class Links:
                     hint="Send to a member's session id (see link_status) or omit `to` for all.",
                 )
         storage = self.runtime.require_storage()
-        event_id = str(uuid.uuid4())
+        event_id = str(uuid.uuid4()) if event_id is None else event_id
         created = time.time()
         payload = {
             "uuid": event_id,
@@ -335,6 +349,39 @@ class Links:
         self.stages.add("spool_commit", committed[0] - started)
         self.stages.add("sender_spool_wait", done - started)
         return event_id
+
+    async def emit_once(
+        self, message_id: str, group: str, kind: str, sender: str, **fields: Any
+    ) -> tuple[str, bool]:
+        """`emit` under a caller-chosen id (a UUID): a retried call (its answer lost) is stored
+        and delivered once. (The event's uuid, whether this process had taken it already.)
+
+        The uuid is derived from the group, the sender and the id (`given_event_id`), so two
+        senders choosing the same id never meet. A retry in this process while the first is
+        still being taken waits for it; once it was taken, the retry returns its uuid and
+        writes nothing. A retry elsewhere (the session moved to another instance) is spooled
+        again under the same uuid and skipped by the store, which keeps the first."""
+        event_id = given_event_id(group, sender, message_id)
+        earlier = self._given.get(event_id)
+        if earlier is not None:
+            if not earlier.done():
+                await asyncio.wait({earlier})
+            if not earlier.cancelled() and earlier.exception() is None:
+                return event_id, True
+        taken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._given[event_id] = taken
+        self._given.move_to_end(event_id)
+        while len(self._given) > GIVEN_IDS_MAX:
+            self._given.popitem(last=False)
+        try:
+            await self.emit(group, kind, sender, event_id=event_id, **fields)
+        except BaseException:
+            if self._given.get(event_id) is taken:
+                del self._given[event_id]
+            taken.cancel()  # a retry waiting for this attempt makes its own
+            raise
+        taken.set_result(event_id)
+        return event_id, False
 
     def _announce_early(
         self,

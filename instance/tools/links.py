@@ -23,6 +23,7 @@ from common.errors import InvalidArgument, MessageTooLarge
 from instance.links import Links, group_scope_id
 from instance.resources import resource_errors
 from instance.runtime import Runtime
+from instance.storage.validation import as_uuid
 from instance.tools import exai_tool, headers_of
 
 LEAVE_DRAIN_SECONDS = 5.0  # link_leave waits this long for the session's spooled events first
@@ -207,6 +208,14 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
         to: Annotated[str | None, Field(description="A member's session id; omit for everyone.")] = None,
         subject: Annotated[str | None, Field(max_length=200)] = None,
         thread: Annotated[str | None, Field(max_length=200, description="Groups replies together.")] = None,
+        message_id: Annotated[
+            str | None,
+            Field(
+                max_length=64,
+                description="A UUID you choose for this message, so a send retried after a lost "
+                "answer is delivered once (the same event id is returned).",
+            ),
+        ] = None,
     ) -> dict[str, Any]:
         _check_body(runtime, body)
         session = runtime.session_for(headers_of(ctx))
@@ -216,12 +225,18 @@ def register(mcp: MCPServer[Any], runtime: Runtime) -> Links:
                 "to is your own session; a message to yourself is never delivered",
                 hint="Send to another member's session id (link_status lists them), or use a note.",
             )
-        event = await links.emit(
-            group, "message", session, recipient=recipient, subject=subject, thread=thread, body=body
-        )
+        fields: dict[str, Any] = {"recipient": recipient, "subject": subject, "thread": thread, "body": body}
+        if message_id is None:
+            event = await links.emit(group, "message", session, **fields)
+        else:
+            given = as_uuid(message_id, "message_id")
+            event, _ = await links.emit_once(given, group, "message", session, **fields)
         # The group id is given when the event reaches Postgres (a moment later, in order);
         # `event` is its uuid, which link_inbox shows the others as "uuid".
-        return {"status": "success", "group": group, "event": event, "to": recipient or "all"}
+        out = {"status": "success", "group": group, "event": event, "to": recipient or "all"}
+        if message_id is not None:
+            out["message_id"] = message_id
+        return out
 
     @exai_tool(
         mcp,

@@ -6,6 +6,7 @@ Two principals (alice, bob) so the principal rule is exercised; alice's sessions
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import mcp_types
 import pytest
 import redis.asyncio as aioredis
 from mcp.client.subscriptions import ResourceUpdated
+from mcp.shared.exceptions import MCPError
 
 from common import links as link_store
 from tests.fakes.provider import FakeProvider
@@ -241,6 +243,60 @@ async def test_200_messages_arrive_in_order_once_across_an_instance_kill(fleet: 
         assert bodies == [f"m{i}" for i in range(200)]
         ids = [e["id"] for e in received]
         assert ids == sorted(set(ids))
+
+
+async def test_a_send_retried_with_its_message_id_is_delivered_once(fleet: Fleet) -> None:
+    """link_send's message_id: a retry on the same instance returns the first event and writes
+    nothing; a retry after the sender's instance was killed (the session served elsewhere, the
+    first row maybe still in the dead instance's spool) is stored once; another sender's same
+    id is its own message."""
+    group = "retries"
+    async with (
+        mcp_client(fleet.mcp_url, "legacy", name="retry-a", token=ALICE) as a,
+        mcp_client(fleet.mcp_url, "2026-07-28", name="retry-b", token=ALICE) as b,
+    ):
+        await call(a, "link_join", {"group": group})
+        await call(b, "link_join", {"group": group})
+        await call(b, "link_inbox", {"group": group})
+        a_session = (await status_of(a))["session"]
+        first_id, second_id = str(uuid.uuid4()), str(uuid.uuid4())
+        sent = await call(a, "link_send", {"group": group, "body": "once", "message_id": first_id})
+        again = await call(a, "link_send", {"group": group, "body": "once", "message_id": first_id})
+        assert again["event"] == sent["event"] and again["message_id"] == first_id
+        assert "message_id" in await error_of(
+            a, "link_send", {"group": group, "body": "x", "message_id": "nope"}
+        )
+        # B's same id is B's own message, delivered to A.
+        from_b = await call(b, "link_send", {"group": group, "body": "from b", "message_id": first_id})
+        assert from_b["event"] != sent["event"]
+
+        await asyncio.to_thread(fleet.kill_instance, instance_num((await status_of(a))["instance_id"]))
+        result = None
+        for _ in range(300):  # A's instance was killed: the client retries, as it is told to
+            with contextlib.suppress(MCPError):
+                result = await a.call_tool(
+                    "link_send", {"group": group, "body": "once", "message_id": first_id}
+                )
+                if not result.is_error:
+                    break
+            await asyncio.sleep(0.2)
+        assert result is not None
+        assert not result.is_error, result
+        assert result.structured_content["event"] == sent["event"]  # type: ignore[index]
+        await call(a, "link_send", {"group": group, "body": "after", "message_id": second_id})
+
+        received: list[dict[str, Any]] = []
+        async with asyncio.timeout(60):  # the dead instance's spool is flushed when it is back
+            while [e["body"] for e in received if e["kind"] == "message"][-1:] != ["after"]:
+                received.extend(await inbox_when_served(b, group, limit=50))
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # anything stored late would show now
+        received.extend(await inbox_when_served(b, group, limit=50))
+        messages = [(e["from"], e["body"], e["uuid"]) for e in received if e["kind"] == "message"]
+        assert messages[0] == (a_session, "once", sent["event"])
+        assert [m[:2] for m in messages] == [(a_session, "once"), (a_session, "after")]
+        to_a = [e["body"] for e in await inbox_when_served(a, group, limit=50) if e["kind"] == "message"]
+        assert to_a == ["from b"]
 
 
 async def test_an_ended_session_hands_off_and_opted_in_chats_carry_the_group(
