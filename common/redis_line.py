@@ -139,6 +139,12 @@ class DirectLine:
     def up(self) -> bool:
         return self._conn is not None
 
+    def writable(self) -> bool:
+        """Whether `send` would write now."""
+        conn = self._conn
+        transport = conn.transport if conn is not None else None
+        return transport is not None and not transport.is_closing()
+
     def send(self, *args: Any) -> asyncio.Future[Any] | None:
         """Write the command now and return the future of its reply (a ResponseError reply is
         set as the exception); None if the line is not up (it starts connecting)."""

@@ -97,6 +97,10 @@ class RedisGuard:
         if self.line is not None:
             await self.line.close()
 
+    def line_writable(self) -> bool:
+        """Whether `send_now` would write now."""
+        return self.line is not None and not self._down and self.line.writable()
+
     def send_now(self, *args: Any) -> asyncio.Future[Any] | None:
         """Write one command on the direct line now and return its reply's future (a ResponseError
         reply is its exception); None if the line is not up or Redis is known down (then use

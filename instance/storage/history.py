@@ -354,10 +354,9 @@ class HistoryStore:
             blob = jsonbytes.dumps(m.to_dict()).decode()
             assert blob.startswith(POS_PLACEHOLDER)
             blobs.append(blob)
-        sent = self._positions.send_append(cid, blobs, create)
-        if sent is not None:
+        if self._positions.can_send():
             try:
-                return await self._positions.commit_unplaced(cid, drafts, blobs, create, *sent)
+                return await self._positions.commit_unplaced(cid, drafts, blobs, create)
             except Exception:
                 # Not durable, so it must not stay visible in the cache either.
                 self._last_ids.pop(cid, None)

@@ -7,10 +7,11 @@ cache never disagree and two sessions continuing one thread get positions 1, 2, 
 order their appends reached Redis. Without Redis, a process continues after the highest
 position it has seen (`Positions.position`; ties are kept together and broken by time).
 
-The call does not wait for its position: the script goes out on the Redis tracking connection
-(its reply then confirms the held copy it extends, held.py `HeldCopies.hold_appended`) or else
-the direct line (`Positions.send_append`), the turns are committed to the spool with the
-position a placeholder (`Positions.commit_unplaced`), and the reply fills it in memory
+The call does not wait for its position: the turns go to the spool's thread to be committed
+with the position a placeholder (`Positions.commit_unplaced`) and, in the same turn of the
+loop, the script goes out on the Redis tracking connection (its reply then confirms the held
+copy it extends, held.py `HeldCopies.hold_appended`) or else the direct line
+(`Positions.send_append`), beside the commit; the reply fills the position in memory
 (`Positions.replied`); the flusher writes it into the turns before storing them
 (`Positions.place_batch`), this process's reads wait for it (`Positions.placed`), and a
 restarted process sends the script of turns left without one again (`Positions.recover`).
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common.errors import StorageUnavailable
 from common.keys import Keys
@@ -368,42 +370,68 @@ class Positions:
         sent_append.add_done_callback(functools.partial(_unstamp, sent, box))
         return created, sent, floor, box
 
+    def can_send(self) -> bool:
+        """Whether `send_append` would write now (the tracking connection or the direct line is
+        up): `commit_unplaced` then takes the exchange; else its position comes first."""
+        if self._cache.redis is None:
+            return False
+        tracker = self._tracker
+        if tracker is not None and self._turns > 0 and tracker.writable():
+            return True
+        return self._cache.line_writable()
+
     async def commit_unplaced(
-        self,
-        cid: str,
-        drafts: list[Message],
-        blobs: list[str],
-        create: list[str] | None,
-        created: asyncio.Future[Any] | None,
-        sent: asyncio.Future[Any],
-        floor: int,
-        stamps: list[Stamp] | None,
+        self, cid: str, drafts: list[Message], blobs: list[str], create: list[str] | None
     ) -> list[Message]:
-        """The exchange's append script is on its way to Redis: commit its turns to the spool
-        with their position still the placeholder, and return without waiting for the reply.
+        """Commit the exchange's turns to the spool with their position still the placeholder,
+        and write its append script to Redis while the spool's thread commits; return once the
+        commit is done, without waiting for the script's reply.
 
-        Redis runs one connection's commands in order, so this process's next read of the
-        thread on the same line sees the append. The reply (usually back before the commit
-        ends) gives the position (`replied`): kept in memory by turn id until the flusher has
-        stored the turns, which it fills in first (`place_batch`); reads of this process's
-        unflushed turns wait for it (`placed`). A lost reply is taken again as `position`
-        does (re-sent through redis-py: the script is idempotent per exchange), else the local
-        fallback (the highest position seen, plus one, and the cache marked dirty).
+        The rows go to the spool's thread first and the script (`send_append`) is written
+        right after, in the same turn of the loop, so the thread's wake-up and the commit run
+        beside the script's encoding and write. Redis runs one connection's commands in order,
+        so this process's next read of the thread on the same line sees the append. The reply
+        (usually back before the commit ends) gives the position (`replied`): kept in memory by
+        turn id until the flusher has stored the turns, which it fills in first
+        (`place_batch`); reads of this process's unflushed turns wait for it (`placed`). A
+        lost reply, or a script no connection could take after all (`can_send` said one could),
+        is taken as `position` does (sent through redis-py: the script is idempotent per
+        exchange), else the local fallback (the highest position seen, plus one, and the cache
+        marked dirty). A spool that refuses the rows (full) sends nothing.
 
-        The commit failing: the exchange's position, when it comes, is only consumed (a gap in
-        the thread, skipped once old); the caller drops the thread's cache."""
+        The commit failing after the script went: the exchange's position, when it comes, is
+        only consumed (a gap in the thread, skipped once old); the caller drops the thread's
+        cache."""
         loop = asyncio.get_running_loop()
-        ex = Exchange(cid, drafts, blobs, floor, create, created, sent, loop.create_future(), stamps)
-        for m in drafts:
-            self._unplaced[m.id] = ex
-        self._open.setdefault(cid, []).append(ex)
+        reply: asyncio.Future[Any] = loop.create_future()
+        ex = Exchange(cid, drafts, blobs, self._known.get(cid, -1), create, None, reply, loop.create_future())
         entries: list[tuple[str, dict[str, Any] | bytes]] = [(KIND_MESSAGE, b.encode()) for b in blobs]
         if cid in self._dirty and self.marking:  # the cache will not see it: mark it now
             entries.insert(0, (KIND_CACHE_MARK, {"id": new_id(), "conversation_id": cid}))
             ex.marked = True
-        sent.add_done_callback(functools.partial(self.replied, ex))
+
+        def send() -> None:  # the rows are on their way to the spool's thread
+            for m in drafts:
+                self._unplaced[m.id] = ex
+            self._open.setdefault(cid, []).append(ex)
+            reply.add_done_callback(functools.partial(self.replied, ex))
+            # Not written after all (or a fault): as a line lost with its reply, so the slow
+            # path sends the script again through redis-py (`RedisGuard.reply`).
+            try:
+                sent = self.send_append(cid, blobs, create)
+            except Exception:
+                log.exception("writing thread %s's append script failed; sent again through redis-py", cid)
+                sent = None
+            if sent is None:
+                reply.set_exception(RedisConnectionError("no Redis connection took the append script"))
+                return
+            ex.created, answer, ex.floor, ex.stamps = sent
+            answer.add_done_callback(functools.partial(_pass_on, reply))
+
         try:
-            await self._spool.append_many(entries, thread_id=cid, eager=True, sync=self._sync)
+            await self._spool.append_many(
+                entries, thread_id=cid, eager=True, sync=self._sync, after_handoff=send
+            )
         except Exception:
             ex.abandoned = True
             for m in drafts:
@@ -683,6 +711,18 @@ def _unstamp(out: asyncio.Future[Any], box: list[Stamp] | None, fut: asyncio.Fut
         if box is not None:
             box.append(stamp)
         out.set_result(reply)
+
+
+def _pass_on(out: asyncio.Future[Any], fut: asyncio.Future[Any]) -> None:
+    """Pass a reply (or its failure) on to the exchange's own future (`commit_unplaced`)."""
+    if out.done():
+        return
+    if fut.cancelled():
+        out.cancel()
+    elif (exc := fut.exception()) is not None:
+        out.set_exception(exc)
+    else:
+        out.set_result(fut.result())
 
 
 def _seen(fut: asyncio.Future[Any]) -> None:

@@ -387,6 +387,7 @@ class Spool:
         sync: Literal["full", "normal"] = "full",
         on_commit: Callable[[], None] | None = None,
         before_commit: Callable[[], None] | None = None,
+        after_handoff: Callable[[], None] | None = None,
     ) -> None:
         """`append` for several (kind, payload) rows that belong together: queued at once, in this
         order, so they share one transaction (all committed or none) and the caller waits for
@@ -394,12 +395,17 @@ class Spool:
         called once, with the last row; `before_commit` once, before the rows are queued.
         `eager`: `urgent` if the spool is idle (nothing queued, no transaction on its thread),
         so a lone writer does not wait for the commit loop's turns; otherwise the rows join the
-        group being formed, as usual."""
+        group being formed, as usual.
+        `after_handoff`: called on the loop once the rows are queued (or handed to the spool's
+        thread), before this waits for their commit: work that runs beside the commit. It
+        must not block or raise."""
         if self._closed:
             raise StorageError("the spool is closed (the instance is shutting down); the write was not taken")
         blobs = [p if isinstance(p, bytes) else encode_payload(p) for _, p in rows]
         await self._admit(sum(len(b) for b in blobs))
         futures = self._enqueue(rows, blobs, thread_id, urgent, eager, sync, on_commit, before_commit)
+        if after_handoff is not None:
+            after_handoff()
         # One batch is answered in one callback (`_settle`): the last row's future is set last,
         # and a failure fails every row of the batch alike.
         for fut in futures[:-1]:

@@ -178,11 +178,16 @@ class Tracker:
         last = self._last
         return all(last.get(k, -1) <= stamp.seq for k in keys)
 
+    def writable(self) -> bool:
+        """Whether `send` would write now."""
+        conn = self._conn
+        return conn is not None and conn.transport is not None and not conn.transport.is_closing() and self.up
+
     def send(self, *args: Any) -> asyncio.Future[tuple[Any, Stamp]] | None:
         """Write a command on the tracking connection now; its future gives (reply, the stamp when
         the reply was processed). None while tracking is not on."""
         conn = self._conn
-        if conn is None or conn.transport is None or conn.transport.is_closing() or not self.up:
+        if conn is None or not self.writable():
             return None
         fut = conn.write(args, stamped=True)
         # As the direct line: no reply in time and the connection closes (every command waiting on

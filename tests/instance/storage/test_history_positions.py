@@ -231,3 +231,44 @@ async def test_a_writer_killed_with_turns_spooled_before_their_position_gets_the
         assert await _cached(redis, keys, cid) == want  # no exchange pushed twice
         assert [(m.content, m.pos) for m in await st.history.load(cid)] == want
     await redis.delete(keys.thread(cid), keys.thread_meta(cid), keys.thread_pos(cid), keys.thread_xids(cid))
+
+
+async def test_a_script_no_connection_takes_after_the_commit_began_goes_through_redis_py(
+    storage_settings: Callable[..., Settings], redis: Redis, pg_dsn: str
+) -> None:
+    """The turns go to the spool's thread before the append script is written: if no
+    connection takes the script after all (the line closed in between), the exchange takes
+    its position the slow way, through redis-py, the cache extended and the thread not dirty,
+    for a continued thread and for a new one (whose cache is then left to be read again)."""
+    settings = storage_settings()
+    async with Storage.open(settings, instance_id="t-unsent", redis=redis) as a:
+        await _line_up(a)
+        positions = a.history._positions
+        real = positions.send_append
+        unsent: list[str] = []
+
+        def refuse(cid: str, blobs: list[str], create: list[str] | None) -> None:
+            unsent.append(cid)  # as a line that closed between `can_send` and the write
+
+        cid, _ = await a.history.start_thread(
+            exchange("q1", "a1"), session_id="s", tool_name="chat", model=None
+        )
+        positions.send_append = refuse  # type: ignore[method-assign]
+        try:
+            assert positions.can_send()
+            asked, _ = await a.history.append_exchange(cid, exchange("q2", "a2"))
+            fresh, _ = await a.history.start_thread(
+                exchange("n1", "n2"), session_id="s", tool_name="chat", model=None
+            )
+        finally:
+            positions.send_append = real  # type: ignore[method-assign]
+        assert unsent == [cid, fresh]
+        want = [("q1", 1), ("a1", 1), ("q2", 2), ("a2", 2)]
+        assert [(m.content, m.pos) for m in await a.history.load(cid)] == want
+        assert asked.pos == 2
+        assert cid not in a.history._dirty  # Redis gave the position: no local fallback
+        assert await _cached(redis, Keys(settings.redis_prefix), cid) == want
+        assert [(m.content, m.pos) for m in await a.history.load(fresh)] == [("n1", 1), ("n2", 1)]
+        assert await a.flush(10)
+        assert await _stored(pg_dsn, cid) == want
+        assert await _stored(pg_dsn, fresh) == [("n1", 1), ("n2", 1)]
