@@ -403,8 +403,9 @@ class Positions:
         only consumed (a gap in the thread, skipped once old); the caller drops the thread's
         cache."""
         loop = asyncio.get_running_loop()
-        reply: asyncio.Future[Any] = loop.create_future()
-        ex = Exchange(cid, drafts, blobs, self._known.get(cid, -1), create, None, reply, loop.create_future())
+        unsent: asyncio.Future[Any] = loop.create_future()  # the reply, until the script is written
+        floor = self._known.get(cid, -1)
+        ex = Exchange(cid, drafts, blobs, floor, create, None, unsent, loop.create_future())
         entries: list[tuple[str, dict[str, Any] | bytes]] = [(KIND_MESSAGE, b.encode()) for b in blobs]
         if cid in self._dirty and self.marking:  # the cache will not see it: mark it now
             entries.insert(0, (KIND_CACHE_MARK, {"id": new_id(), "conversation_id": cid}))
@@ -414,19 +415,18 @@ class Positions:
             for m in drafts:
                 self._unplaced[m.id] = ex
             self._open.setdefault(cid, []).append(ex)
-            reply.add_done_callback(functools.partial(self.replied, ex))
-            # Not written after all (or a fault): as a line lost with its reply, so the slow
-            # path sends the script again through redis-py (`RedisGuard.reply`).
             try:
                 sent = self.send_append(cid, blobs, create)
             except Exception:
                 log.exception("writing thread %s's append script failed; sent again through redis-py", cid)
                 sent = None
             if sent is None:
-                reply.set_exception(RedisConnectionError("no Redis connection took the append script"))
-                return
-            ex.created, answer, ex.floor, ex.stamps = sent
-            answer.add_done_callback(functools.partial(_pass_on, reply))
+                # Not written after all: as a line lost with its reply, so the slow path sends
+                # the script again through redis-py (`RedisGuard.reply`).
+                unsent.set_exception(RedisConnectionError("no Redis connection took the append script"))
+            else:
+                ex.created, ex.sent, ex.floor, ex.stamps = sent
+            ex.sent.add_done_callback(functools.partial(self.replied, ex))
 
         try:
             await self._spool.append_many(
@@ -711,18 +711,6 @@ def _unstamp(out: asyncio.Future[Any], box: list[Stamp] | None, fut: asyncio.Fut
         if box is not None:
             box.append(stamp)
         out.set_result(reply)
-
-
-def _pass_on(out: asyncio.Future[Any], fut: asyncio.Future[Any]) -> None:
-    """Pass a reply (or its failure) on to the exchange's own future (`commit_unplaced`)."""
-    if out.done():
-        return
-    if fut.cancelled():
-        out.cancel()
-    elif (exc := fut.exception()) is not None:
-        out.set_exception(exc)
-    else:
-        out.set_result(fut.result())
 
 
 def _seen(fut: asyncio.Future[Any]) -> None:
