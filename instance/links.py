@@ -138,6 +138,7 @@ class Links:
         self._early: dict[str, _Early] = {}  # event uuid -> its early announcement
         # Events emitted under a caller's id (`emit_once`), newest last: uuid -> the attempt.
         self._given: OrderedDict[str, asyncio.Future[str]] = OrderedDict()
+        self.replayed = 0
         self.early = 0  # events announced before they were stored
         self.early_direct = 0
         # Where a group event's time goes in this instance: `spool_commit` (the tool hands the
@@ -163,6 +164,7 @@ class Links:
             "early_direct": self.early_direct,  # of them, written on the direct Redis line
             "task_spooled": self.task_spooled,
             "task_relayed": self.task_relayed,
+            "replayed": self.replayed,  # sends under a message_id answered from an earlier attempt
         }
 
     def stage_stats(self) -> dict[str, dict[str, Any]]:
@@ -367,6 +369,7 @@ class Links:
             if not earlier.done():
                 await asyncio.wait({earlier})
             if not earlier.cancelled() and earlier.exception() is None:
+                self.replayed += 1
                 return event_id, True
         taken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._given[event_id] = taken

@@ -261,8 +261,11 @@ async def test_a_send_retried_with_its_message_id_is_delivered_once(fleet: Fleet
         a_session = (await status_of(a))["session"]
         first_id, second_id = str(uuid.uuid4()), str(uuid.uuid4())
         sent = await call(a, "link_send", {"group": group, "body": "once", "message_id": first_id})
+        before = (await status_of(a))["links"]
         again = await call(a, "link_send", {"group": group, "body": "once", "message_id": first_id})
         assert again["event"] == sent["event"] and again["message_id"] == first_id
+        after = (await status_of(a))["links"]  # answered from the first attempt: nothing written
+        assert after["spooled"] == before["spooled"] and after["replayed"] == before["replayed"] + 1
         assert "message_id" in await error_of(
             a, "link_send", {"group": group, "body": "x", "message_id": "nope"}
         )
