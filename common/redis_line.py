@@ -139,18 +139,21 @@ class DirectLine:
     def up(self) -> bool:
         return self._conn is not None
 
-    def writable(self) -> bool:
-        """Whether `send` would write now."""
+    def _open_transport(self) -> asyncio.Transport | None:
+        """The line's transport if a command can be written on it now."""
         conn = self._conn
         transport = conn.transport if conn is not None else None
-        return transport is not None and not transport.is_closing()
+        return None if transport is None or transport.is_closing() else transport
+
+    def writable(self) -> bool:
+        """Whether `send` would write now."""
+        return self._open_transport() is not None
 
     def send(self, *args: Any) -> asyncio.Future[Any] | None:
         """Write the command now and return the future of its reply (a ResponseError reply is
         set as the exception); None if the line is not up (it starts connecting)."""
-        conn = self._conn
-        transport = conn.transport if conn is not None else None
-        if transport is None or transport.is_closing():
+        transport = self._open_transport()
+        if transport is None:
             self._start()
             return None
         return self._write(transport, args)
@@ -158,9 +161,8 @@ class DirectLine:
     def send_many(self, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]] | None:
         """`send` for several commands, written in one go (in order); their replies' futures,
         or None if the line is not up."""
-        conn = self._conn
-        transport = conn.transport if conn is not None else None
-        if transport is None or transport.is_closing():
+        transport = self._open_transport()
+        if transport is None:
             self._start()
             return None
         return self._write_many(transport, commands)

@@ -73,7 +73,7 @@ from tests.bench.bench_router import (  # noqa: E402
     fake_provider_overrides,
     set_settings,
 )
-from tests.bench.rawwire import read_head  # noqa: E402
+from tests.bench.rawwire import build_request, read_answer  # noqa: E402
 from tests.fakes.provider import Behaviour, Hit  # noqa: E402
 from tests.fakes.provider_process import FakeProviderProcess  # noqa: E402
 from tests.fakes.tcp_proxy import TcpProxy  # noqa: E402
@@ -106,8 +106,9 @@ class ChatCaller:
         body = json.dumps(_body(tool, args, self.client, self.rid)).encode()
         headers = {**HEADERS, **self.extra, "Content-Type": "application/json", "Mcp-Method": "tools/call"}
         headers["Mcp-Name"] = tool
-        if self.wire == "raw":
-            elapsed, status, payload = await self._raw(body, headers)
+        if self.wire == "raw":  # (rawwire's request adds Accept, Content-Type and the version)
+            routing = {**self.extra, "Mcp-Method": "tools/call", "Mcp-Name": tool}
+            elapsed, status, payload = await self._raw(build_request(self.url, body, routing))
         else:
             started = time.perf_counter()
             async with self.http.post(self.url, data=body, headers=headers) as r:
@@ -120,30 +121,17 @@ class ChatCaller:
             raise RuntimeError(f"{tool}: {status} {payload[:300]!r}")
         return elapsed, dict(result.get("structuredContent") or {})
 
-    async def _raw(self, body: bytes, headers: dict[str, str]) -> tuple[float, int, bytes]:
-        """One request on the raw socket: (seconds from the write to the last byte, status, body)."""
+    async def _raw(self, data: bytes) -> tuple[float, int, bytes]:
+        """One prebuilt request on the raw socket: (seconds from the write to its answer's last
+        byte, status, body)."""
         u = urlsplit(self.url)
-        head = [f"POST {u.path or '/'} HTTP/1.1", f"Host: {u.netloc}", f"Content-Length: {len(body)}"]
-        head.extend(f"{k}: {v}" for k, v in headers.items())
-        data = ("\r\n".join(head) + "\r\n\r\n").encode() + body
         if self._io is None:
             self._io = await asyncio.open_connection(u.hostname, u.port or 80)
         reader, writer = self._io
         started = time.perf_counter()
         writer.write(data)
-        status, answer_headers = await read_head(reader)
-        if "content-length" in answer_headers:
-            payload = await reader.readexactly(int(answer_headers["content-length"]))
-        else:  # chunked
-            parts = []
-            while (size := int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)) > 0:
-                parts.append((await reader.readexactly(size + 2))[:-2])
-            await reader.readexactly(2)
-            payload = b"".join(parts)
-        elapsed = time.perf_counter() - started
-        if payload.startswith((b"event:", b"id:")) or b"data: " in payload[:64]:  # an SSE answer
-            payload = payload[payload.index(b"data: ") + 6 :].split(b"\r\n", 1)[0].split(b"\n", 1)[0]
-        return elapsed, status, payload
+        status, payload = await read_answer(reader)
+        return time.perf_counter() - started, status, payload
 
     async def chat(self, prompt: str) -> float:
         args: dict[str, Any] = {"prompt": prompt}

@@ -25,7 +25,7 @@ def _meta(client: str) -> dict[str, Any]:
     }
 
 
-def _request(url: str, body: bytes, extra: dict[str, str]) -> bytes:
+def build_request(url: str, body: bytes, extra: dict[str, str]) -> bytes:
     u = urlsplit(url)
     head = [
         f"POST {u.path or '/'} HTTP/1.1",
@@ -57,6 +57,26 @@ async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
     return status, headers
 
 
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 answer off the stream: its status and body (by Content-Length or chunks);
+    an SSE body is reduced to its first event's data (a tools/call answer is one event)."""
+    status, headers = await read_head(reader)
+    if "content-length" in headers:
+        payload = await reader.readexactly(int(headers["content-length"]))
+    else:  # chunked
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            parts.append(chunk[:-2])
+        payload = b"".join(parts)
+    if payload.startswith(b"event:") or payload.startswith(b"id:") or b"data: " in payload[:64]:
+        payload = payload[payload.index(b"data: ") + 6 :].split(b"\r\n", 1)[0].split(b"\n", 1)[0]
+    return status, payload
+
+
 class RawCaller:
     """One 2026-07-28 session (keyed by its client name) calling tools over one keep-alive socket."""
 
@@ -74,7 +94,8 @@ class RawCaller:
             "method": "tools/call",
             "params": {"name": tool, "arguments": args, "_meta": _meta(self.client)},
         }
-        return _request(self.url, json.dumps(body).encode(), {"Mcp-Method": "tools/call", "Mcp-Name": tool})
+        routing = {"Mcp-Method": "tools/call", "Mcp-Name": tool}
+        return build_request(self.url, json.dumps(body).encode(), routing)
 
     async def send(self, data: bytes) -> tuple[float, dict[str, Any]]:
         """Write a prebuilt request; (perf_counter right after the write, the parsed answer)."""
@@ -83,22 +104,9 @@ class RawCaller:
         reader, writer = self._io
         writer.write(data)
         written = time.perf_counter()
-        status, headers = await read_head(reader)
-        if "content-length" in headers:
-            payload = await reader.readexactly(int(headers["content-length"]))
-        else:  # chunked
-            parts = []
-            while True:
-                size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
-                chunk = await reader.readexactly(size + 2)
-                if size == 0:
-                    break
-                parts.append(chunk[:-2])
-            payload = b"".join(parts)
+        status, payload = await read_answer(reader)
         if status != 200:
             raise RuntimeError(f"{status} {payload[:300]!r}")
-        if payload.startswith(b"event:") or payload.startswith(b"id:") or b"data: " in payload[:64]:
-            payload = payload[payload.index(b"data: ") + 6 :].split(b"\r\n", 1)[0]
         answer = json.loads(payload)
         result = answer.get("result") or {}
         if "error" in answer or result.get("isError"):
@@ -139,7 +147,8 @@ class RawListen:
             "method": "subscriptions/listen",
             "params": {"notifications": {"resourceSubscriptions": self.uris}, "_meta": _meta(self.client)},
         }
-        writer.write(_request(self.url, json.dumps(body).encode(), {"Mcp-Method": "subscriptions/listen"}))
+        routing = {"Mcp-Method": "subscriptions/listen"}
+        writer.write(build_request(self.url, json.dumps(body).encode(), routing))
         status, headers = await read_head(reader)
         if status != 200:
             raise RuntimeError(f"listen: {status}")
