@@ -5,7 +5,8 @@
         [--chat-spool-sync normal] [--direct] [--client raw[,aiohttp]] [--set FIELD=VALUE]
 
 Starts a fleet under real supervisord (tests/fleet.py: five instances and the router) whose
-Postgres connections go through a loopback forwarder (tests/fakes/tcp_proxy.py), so the bench
+Postgres connections go through a loopback forwarder (tests/fakes/tcp_proxy.py, in a process of
+its own since 2026-11-29: tests/fakes/tcp_proxy_process.py), so the bench
 can slow Postgres down (every answer held --pg-delay seconds) or cut it. Each session calls
 `chat` over the raw 2026-07-28 wire, continuing its own thread (so every call loads the
 thread and appends two turns), from a plain socket: the time runs from the request's write to
@@ -76,7 +77,7 @@ from tests.bench.bench_router import (  # noqa: E402
 from tests.bench.rawwire import build_request, read_answer  # noqa: E402
 from tests.fakes.provider import Behaviour, Hit  # noqa: E402
 from tests.fakes.provider_process import FakeProviderProcess  # noqa: E402
-from tests.fakes.tcp_proxy import TcpProxy  # noqa: E402
+from tests.fakes.tcp_proxy_process import TcpProxyProcess  # noqa: E402
 from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
 
 
@@ -400,7 +401,7 @@ async def main() -> int:
     await admin.close()
     await migrate(_with_db(pg, dbname))
     parts = urlsplit(pg)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    proxy = TcpProxyProcess(parts.hostname or "127.0.0.1", parts.port or 5432)
     state = Path(os.environ.get("TMPDIR", "/tmp")) / f"exai-bench-{secrets.token_hex(4)}"
     state.mkdir(parents=True)
     results: dict[str, Any] = {"runs": []}
