@@ -1,6 +1,6 @@
 """The fleet's own overhead on a `chat` call, with Postgres normal, slowed and cut.
 
-    python tests/bench/bench_chat.py [--calls 40] [--rounds 3] [--provider-delay 0.05] [--pg-delay 0.2]
+    python tests/bench/bench_chat.py [--calls 240] [--rounds 12] [--provider-delay 0.05] [--pg-delay 0.2]
         [--conditions normal,slowed,cut] [--sessions 1,5] [--think 0] [--label NAME]
         [--chat-spool-sync normal] [--direct] [--client raw[,aiohttp]] [--set FIELD=VALUE]
 
@@ -25,7 +25,9 @@ Also printed against the fake's handler time alone (`started` to `finished`: the
 token count, without reading the request or streaming the answer), the measure before
 2026-11-27, which counted the fake's own HTTP work as the fleet's.
 Measured at 1 and 5 concurrent sessions for each Postgres condition; the conditions take turns
-(--rounds), so the ratios between them compare like with like. After a cut, the next block starts
+(--rounds, 12 by default: this machine's speed drifts by up to 1.3x within minutes, and a
+block of 20 calls is short enough that every condition sees the same drift), so the ratios
+between them compare like with like. After a cut, the next block starts
 once every instance reaches Postgres again with an empty spool (their /internal/metrics gauges;
 the wait is printed): until then an instance still counts Postgres down (chats go without what
 only Postgres has) and drains the cut's backlog, and the first read after it opens a connection
@@ -337,11 +339,17 @@ def _instances_cpu(fleet: Fleet) -> float:
 
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calls", type=int, default=40, help="chat calls per session and condition")
+    ap.add_argument(
+        "--calls",
+        type=int,
+        default=240,
+        help="chat calls per session and condition (the p50 of each condition, and so its ratio to "
+        "normal, needs a few hundred: with 40 in 3 rounds the ratios moved by 0.15 between runs)",
+    )
     ap.add_argument(
         "--rounds",
         type=int,
-        default=3,
+        default=12,
         help="the conditions take turns this many times, --calls split between the turns, so a "
         "drift of the machine's load spreads over all of them rather than landing on one",
     )
