@@ -19,12 +19,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import aiohttp
 from starlette.applications import Starlette
@@ -32,9 +29,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tests.fakes.child import child_process
 from tests.fakes.provider import Behaviour, FakeProvider, Hit, ProviderUrls
 
-ROOT = Path(__file__).resolve().parents[2]
 _PLAIN = ("delay", "status", "retry_after", "hang", "content", "chunk_delay")  # Behaviour's JSON fields
 
 
@@ -72,24 +69,10 @@ class FakeProviderProcess(ProviderUrls):
 
     @contextmanager
     def running(self) -> Iterator[FakeProviderProcess]:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, "-m", "tests.fakes.provider_process", "--delay", str(self.default.delay)]
-        child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=ROOT)
-        try:
-            assert child.stdout is not None
-            line = child.stdout.readline()  # before any loop runs: the child's port
-            if not line:
-                raise RuntimeError(f"the fake provider's process did not start (exit {child.wait(5)})")
-            self.port = int(json.loads(line)["port"])
+        args = ("--delay", str(self.default.delay))
+        with child_process("tests.fakes.provider_process", *args, what="the fake provider") as (_, first):
+            self.port = int(first["port"])
             yield self
-        finally:
-            if child.stdin is not None:
-                child.stdin.close()  # the child's cue to stop
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:

@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import IO, Any
 
+from tests.fakes.child import child_process
 from tests.fakes.tcp_proxy import TcpProxy
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class TcpProxyProcess:
@@ -68,23 +65,14 @@ class TcpProxyProcess:
 
     @contextmanager
     def running(self) -> Iterator[TcpProxyProcess]:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, "-m", "tests.fakes.tcp_proxy_process", self.target[0], str(self.target[1])]
-        child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=ROOT)
-        self._child = child
-        try:
-            assert child.stdout is not None
-            self.port = int(_answer(child.stdout, child)["port"])
-            yield self
-        finally:
-            self._child = None
-            if child.stdin is not None:
-                child.stdin.close()  # the child's cue to stop
+        target = (self.target[0], str(self.target[1]))
+        with child_process("tests.fakes.tcp_proxy_process", *target, what="the forwarder") as (child, first):
+            self._child = child
+            self.port = int(first["port"])
             try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+                yield self
+            finally:
+                self._child = None
 
 
 def _answer(stdout: IO[bytes], child: subprocess.Popen[bytes]) -> dict[str, Any]:
