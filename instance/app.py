@@ -467,8 +467,17 @@ def _storage_metrics(runtime: Runtime) -> str:
         ("exai_instance_redis_tracking_losses_total",
          "Times the tracking connection was lost (held copies are read from Redis again).",
          tracking.get("losses_total", 0)),
+        ("exai_instance_postgres_failed_fast_total",
+         "Postgres operations refused at once because Postgres had stopped answering (no timeout waited).",
+         storage.db.failed_fast_total),
+        ("exai_instance_postgres_silences_total",
+         "Times an operation timed out and Postgres was taken as not answering until a probe reached it.",
+         storage.db.silences_total),
     ]  # fmt: skip
     gauges = [
+        ("exai_instance_postgres_silent",
+         "1 while Postgres does not answer (an operation timed out, and no probe has reached it since).",
+         int(storage.db.silent)),
         ("exai_instance_postgres_connected",
          "1 while this instance reaches Postgres, 0 while it finds it unreachable (write-behind spools).",
          int(storage.db.connected)),

@@ -3,7 +3,10 @@
 It runs in its own thread and event loop so the instance subprocess keeps being served (or
 refused) whatever the test's own loop is doing. `down()` closes the listener and every open
 connection; `up()` listens again on the same port. `delay` (seconds, settable at any time)
-holds every chunk coming back from the target that long: a slow network to Postgres. `tap`
+holds every chunk coming back from the target that long: a slow network to Postgres. `hang()`
+makes the link a black hole until `unhang()`: connections are still accepted, but nothing
+goes through in either direction (held, as TCP would retransmit it once the path is back), as
+when packets to the server are dropped rather than refused. `tap`
 (optional) is called, on the proxy's thread, with a connection number and every chunk a client
 sends, before it is forwarded: a test can read what went to the server.
 """
@@ -29,6 +32,8 @@ class TcpProxy:
         self.host = "127.0.0.1"
         self.port = 0
         self.delay = 0.0
+        self._passing = asyncio.Event()  # clear while the link is a black hole
+        self._passing.set()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -44,6 +49,7 @@ class TcpProxy:
     ) -> None:
         with contextlib.suppress(Exception):
             while data := await reader.read(65536):
+                await self._through()
                 if slow and self.delay > 0:
                     await asyncio.sleep(self.delay)
                 if number is not None and self.tap is not None:
@@ -52,7 +58,15 @@ class TcpProxy:
                 await writer.drain()
         writer.close()
 
+    async def _through(self) -> None:
+        """Wait while the link is a black hole (`hang`)."""
+        await self._passing.wait()
+
+    async def _pass(self, passing: bool) -> None:
+        (self._passing.set if passing else self._passing.clear)()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._through()
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -91,6 +105,12 @@ class TcpProxy:
 
     def down(self) -> None:
         self._run(self._stop())
+
+    def hang(self) -> None:
+        self._run(self._pass(False))
+
+    def unhang(self) -> None:
+        self._run(self._pass(True))
 
     @contextmanager
     def running(self) -> Iterator[TcpProxy]:
