@@ -8,7 +8,10 @@
 Starts a fleet under real supervisord (tests/fleet.py: five instances and the router) whose
 Postgres connections go through a loopback forwarder (tests/fakes/tcp_proxy.py, in a process of
 its own since 2026-11-29: tests/fakes/tcp_proxy_process.py), so the bench
-can slow Postgres down (every answer held --pg-delay seconds) or cut it. Each session calls
+can slow Postgres down (every answer held --pg-delay seconds), cut it (connections refused) or,
+with `--conditions ...,silent`, make it a black hole (connections accepted, nothing answered:
+the instance's first operation to time out marks Postgres silent, and the rest fail at once;
+instance/storage/pool.py). Each session calls
 `chat` over the raw 2026-07-28 wire from a process of its own (as separate agents do),
 continuing its own thread (so every call loads the
 thread and appends two turns), from a plain socket: the time runs from the request's write to
@@ -418,7 +421,10 @@ async def main() -> int:
     ap.add_argument("--provider-delay", type=float, default=0.05, help="fake provider's answer time (s)")
     ap.add_argument("--pg-delay", type=float, default=0.2, help="Postgres slowdown (s)")
     ap.add_argument(
-        "--conditions", default="normal,slowed,cut", help="Postgres conditions to run, in this order"
+        "--conditions",
+        default="normal,slowed,cut",
+        help="Postgres conditions to run, in this order: normal, slowed (--pg-delay on every answer), "
+        "cut (connections refused), silent (a black hole: connections accepted, nothing answered)",
     )
     ap.add_argument("--sessions", default="1,5", help="concurrent sessions per condition")
     ap.add_argument(
@@ -468,8 +474,8 @@ async def main() -> int:
     if not clients or set(clients) - {"raw", "aiohttp"} or len(set(clients)) != len(clients):
         ap.error("--client: raw, aiohttp or both, comma-separated")
     conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
-    if not conditions or set(conditions) - {"normal", "slowed", "cut"}:
-        ap.error("--conditions: a comma-separated list of normal, slowed, cut")
+    if not conditions or set(conditions) - {"normal", "slowed", "cut", "silent"}:
+        ap.error("--conditions: a comma-separated list of normal, slowed, cut, silent")
     sessions = [int(n) for n in args.sessions.split(",") if n.strip()]
     thinks = [float(t) for t in args.think.split(",") if t.strip()] or [0.0]
 
@@ -516,7 +522,8 @@ async def main() -> int:
             await asyncio.to_thread(fleet.start)
             await fleet.wait_instances(5)
             await asyncio.sleep(args.settle)
-            cut = False
+            outages = {"cut": (proxy.down, proxy.up), "silent": (proxy.hang, proxy.unhang)}
+            outage: str | None = None  # the one in force
             recoveries: list[float] = []
             blocks: dict[tuple[str, int, float], list[dict[str, Any]]] = {}
             rounds = max(1, min(args.rounds, args.calls))
@@ -524,10 +531,14 @@ async def main() -> int:
                 per_round = args.calls // rounds + (1 if r < args.calls % rounds else 0)
                 for tag in conditions:
                     proxy.delay = args.pg_delay if tag == "slowed" else 0.0
-                    if (tag == "cut") != cut:
-                        (proxy.down if tag == "cut" else proxy.up)()
-                        cut = tag == "cut"
-                        if not cut:  # measure the condition, not the instances' recovery from the cut
+                    wanted = tag if tag in outages else None
+                    if wanted != outage:
+                        if outage is not None:
+                            outages[outage][1]()
+                        if wanted is not None:
+                            outages[wanted][0]()
+                        ended, outage = outage is not None, wanted
+                        if ended and outage is None:  # measure the condition, not the recovery from it
                             recoveries.append(await _wait_postgres_back(fleet, 5))
                     for n in sessions:
                         for think in thinks:
@@ -539,8 +550,8 @@ async def main() -> int:
                             await fleet.end_all_sessions()
             results["runs"] = [_combine(tag, n, t, b) for (tag, n, t), b in blocks.items()]
             results["recoveries_s"] = recoveries
-            if cut:
-                proxy.up()
+            if outage is not None:
+                outages[outage][1]()
         finally:
             await provider.aclose()
             await asyncio.to_thread(fleet.stop)
@@ -606,7 +617,7 @@ async def main() -> int:
     if results.get("recoveries_s"):
         waits = ", ".join(f"{w:.1f}" for w in results["recoveries_s"])
         print(
-            "  after each cut, until every instance reached Postgres with an empty spool "
+            "  after each outage, until every instance reached Postgres with an empty spool "
             f"(not measured): {waits} s"
         )
     for r in results["runs"]:

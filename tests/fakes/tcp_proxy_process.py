@@ -7,9 +7,9 @@ benchmark attributes to the fleet. The network between an instance and Postgres 
 nothing with the instance's clients, so the benchmarks run it here, as they run the fake
 provider (tests/fakes/provider_process.py).
 
-The parent's handle has the thread version's interface (`port`, `delay`, `up`, `down`,
-`running`); each control is one JSON line on the child's stdin, answered by one line on its
-stdout once it has taken effect.
+The parent's handle has the thread version's interface (`port`, `delay`, `up`, `down`, `hang`,
+`unhang`, `running`); each control is one JSON line on the child's stdin, answered by one line
+on its stdout once it has taken effect.
 
     python -m tests.fakes.tcp_proxy_process HOST PORT   # prints {"port": N}, then serves commands
 """
@@ -63,6 +63,12 @@ class TcpProxyProcess:
     def down(self) -> None:
         self._order(down=True)
 
+    def hang(self) -> None:
+        self._order(hang=True)
+
+    def unhang(self) -> None:
+        self._order(unhang=True)
+
     @contextmanager
     def running(self) -> Iterator[TcpProxyProcess]:
         target = (self.target[0], str(self.target[1]))
@@ -102,6 +108,10 @@ def main() -> None:
                     proxy.down()
                 if command.get("up"):
                     proxy.up()
+                if command.get("hang"):
+                    proxy.hang()
+                if command.get("unhang"):
+                    proxy.unhang()
             except Exception as exc:  # the parent hears of it rather than waiting on a dead child
                 print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
                 continue
