@@ -202,9 +202,10 @@ class Database:
         if since is None:
             return
         self.failed_fast_total += 1
+        age = time.monotonic() - since
         raise StorageUnavailable(
-            f"Postgres has not answered for {time.monotonic() - since:.0f} s (last error: "
-            f"{self.last_error or 'timed out'}); {what} was not attempted",
+            f"Postgres has not answered for {f'{age:.0f} s' if age >= 1 else 'under a second'} "
+            f"(last error: {self.last_error or 'timed out'}); {what} was not attempted",
             hint="Nothing was changed. Retry in a few seconds: the instance probes Postgres in "
             "the background and uses it again as soon as it answers; check that Postgres "
             "(DATABASE_URL) is reachable from this host.",
