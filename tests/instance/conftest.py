@@ -25,7 +25,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from common.protocol import INTERNAL_TOKEN_HEADER, SESSION_HEADER
+from common.protocol import INTERNAL_METRICS, INTERNAL_TOKEN_HEADER, SESSION_HEADER
 from tests import loopstalls
 from tests.fakes.provider import FakeProvider
 from tests.ports import free_port
@@ -122,6 +122,17 @@ class InstanceProc:
     def internal(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {INTERNAL_TOKEN_HEADER: INTERNAL_TOKEN, **kwargs.pop("headers", {})}
         return httpx.request(method, self.url + path, headers=headers, timeout=10, **kwargs)
+
+
+def metrics_of(inst: InstanceProc) -> dict[str, float]:
+    """The instance's own metrics (`/internal/metrics`), unlabelled samples by name."""
+    resp = inst.internal("GET", INTERNAL_METRICS)
+    assert resp.status_code == 200, resp.text
+    return {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in resp.text.splitlines())
+        if name and not name.startswith("#") and "{" not in name
+    }
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from common.protocol import INTERNAL_METRICS
 from tests.fakes.provider import FakeProvider
 from tests.fakes.tcp_proxy import TcpProxy
-from tests.instance.conftest import InstanceProc, SpawnInstance, connect, new_session
+from tests.instance.conftest import InstanceProc, SpawnInstance, connect, metrics_of, new_session
 
 ACQUIRE, COMMAND = 2.0, 4.0  # the instance's Postgres timeouts here (seconds)
 
@@ -24,11 +23,9 @@ def _text(result: object) -> str:
 
 
 async def _gauge(inst: InstanceProc, name: str) -> float:
-    resp = await asyncio.to_thread(inst.internal, "GET", INTERNAL_METRICS)
-    assert resp.status_code == 200, resp.text
-    values = [line.split(" ", 1)[1] for line in resp.text.splitlines() if line.startswith(name + " ")]
-    assert values, f"{name} missing from {INTERNAL_METRICS}"
-    return float(values[0])
+    metrics = await asyncio.to_thread(metrics_of, inst)
+    assert name in metrics, f"{name} missing from the instance's metrics"
+    return metrics[name]
 
 
 async def test_a_silent_postgres_costs_one_timeout_then_calls_fail_fast_and_recover(

@@ -6,10 +6,9 @@ import asyncio
 
 import asyncpg
 
-from common.protocol import INTERNAL_METRICS
 from tests.fakes.provider import FakeProvider
 from tests.fakes.tcp_proxy import TcpProxy
-from tests.instance.conftest import InstanceProc, SpawnInstance, connect, new_session
+from tests.instance.conftest import InstanceProc, SpawnInstance, connect, metrics_of, new_session
 
 
 async def _messages(dsn: str, cid: str) -> list[tuple[str, str]]:
@@ -25,14 +24,9 @@ async def _messages(dsn: str, cid: str) -> list[tuple[str, str]]:
 
 async def _gauges(inst: InstanceProc) -> dict[str, float]:
     """The instance's Postgres and spool gauges, from its /internal/metrics."""
-    resp = await asyncio.to_thread(inst.internal, "GET", INTERNAL_METRICS)
-    assert resp.status_code == 200, resp.text
+    metrics = await asyncio.to_thread(metrics_of, inst)
     names = ("exai_instance_postgres_connected", "exai_instance_spool_rows")
-    return {
-        name: float(value)
-        for name, _, value in (line.partition(" ") for line in resp.text.splitlines())
-        if name in names
-    }
+    return {name: value for name, value in metrics.items() if name in names}
 
 
 async def test_chat_answers_and_turns_land_later(
