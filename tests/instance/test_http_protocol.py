@@ -77,25 +77,20 @@ SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-enco
 END = b"0\r\n\r\n"
 
 
-def chunk(body: bytes) -> bytes:
+def event(payload: bytes) -> bytes:
+    body = b"event: message\r\ndata: " + payload + b"\r\n\r\n"
     return b"%x\r\n%s\r\n" % (len(body), body)
-
-
-def event(payload: bytes, event_id: bytes | None = None) -> bytes:
-    lines = (b"id: " + event_id + b"\r\n" if event_id else b"") + b"event: message\r\ndata: " + payload
-    return chunk(lines + b"\r\n\r\n")
 
 
 RESPONSE = event(b'{"jsonrpc":"2.0","id":7,"result":{"content":[]}}')
 PROGRESS = event(b'{"jsonrpc":"2.0","method":"notifications/progress","params":{"progress":1}}')
-CLIENT_REQUEST = event(b'{"jsonrpc":"2.0","id":"s-1","method":"sampling/createMessage","params":{}}')
 
 
 def sse_holder(sock: Recording, method: str = "POST") -> HeadHolder:
     return HeadHolder(sock, asyncio.get_running_loop(), lambda: method)
 
 
-async def test_a_quick_sse_answer_leaves_in_one_write_however_many_turns_it_takes() -> None:
+async def test_a_posts_sse_head_waits_turns_for_its_first_event_which_is_never_held() -> None:
     sock = Recording()
     holder = sse_holder(sock)
     holder.write(SSE_HEAD)
@@ -103,72 +98,45 @@ async def test_a_quick_sse_answer_leaves_in_one_write_however_many_turns_it_take
         await asyncio.sleep(0)
     assert sock.writes == []
     holder.write(RESPONSE)
-    for _ in range(10):  # ... and more before it ends the stream
-        await asyncio.sleep(0)
-    assert sock.writes == []
-    holder.write(END)
-    assert sock.writes == [SSE_HEAD + RESPONSE + END]
+    assert sock.writes == [SSE_HEAD + RESPONSE]  # the answer leaves at once, with its head
+    holder.write(END)  # the stream's end, after the SDK's teardown: alone, never waited for
+    assert sock.writes == [SSE_HEAD + RESPONSE, END]
 
 
-async def test_an_error_answer_with_a_string_id_and_an_event_id_waits_for_the_end_too() -> None:
-    sock = Recording()
-    holder = sse_holder(sock)
-    error = event(b'{"jsonrpc":"2.0","id":"a\\"b","error":{"code":-32602,"message":"x"}}', b"e-1")
-    holder.write(SSE_HEAD)
-    holder.write(error)
-    assert sock.writes == []
-    holder.write(END)
-    assert sock.writes == [SSE_HEAD + error + END]
-
-
-async def test_notifications_and_requests_to_the_client_are_not_held() -> None:
+async def test_a_notification_first_leaves_with_the_head_at_once() -> None:
     sock = Recording()
     holder = sse_holder(sock)
     holder.write(SSE_HEAD)
     holder.write(PROGRESS)
-    assert sock.writes == [SSE_HEAD + PROGRESS]  # the client sees its progress at once
-    holder.write(CLIENT_REQUEST)
-    assert sock.writes[-1] == CLIENT_REQUEST
-    holder.write(RESPONSE)  # the head went already: the response alone waits for the end
-    assert sock.writes[-1] == CLIENT_REQUEST
-    holder.write(END)
-    assert sock.writes == [SSE_HEAD + PROGRESS, CLIENT_REQUEST, RESPONSE + END]
+    assert sock.writes == [SSE_HEAD + PROGRESS]
+    holder.write(RESPONSE)
+    assert sock.writes == [SSE_HEAD + PROGRESS, RESPONSE]
 
 
-async def test_holding_is_bounded_in_time_and_never_reorders() -> None:
+async def test_a_slow_tools_sse_head_goes_out_alone_once_its_wait_runs_out() -> None:
     sock = Recording()
     holder = sse_holder(sock)
     holder.write(SSE_HEAD)
     await asyncio.sleep(http_protocol.SSE_HEAD_WAIT * 2)
-    assert sock.writes == [SSE_HEAD]  # a slow tool: its head went out alone, in time
+    assert sock.writes == [SSE_HEAD]
     holder.write(RESPONSE)
-    await asyncio.sleep(http_protocol.END_WAIT * 5)
-    assert sock.writes == [SSE_HEAD, RESPONSE]  # the end was late: the response did not wait for it
     holder.write(END)
     assert sock.writes == [SSE_HEAD, RESPONSE, END]
 
 
-async def test_a_response_written_with_its_end_marker_and_a_get_stream_are_not_held() -> None:
+async def test_a_get_streams_head_is_held_one_turn_only() -> None:
     sock = Recording()
-    holder = sse_holder(sock)
-    holder.write(SSE_HEAD)
-    holder.write(RESPONSE + END)  # uvicorn joins a last body and the end marker itself
-    assert sock.writes == [SSE_HEAD + RESPONSE + END]
-    listen = Recording()
-    holder = sse_holder(listen, method="GET")  # a listening stream: its head goes next turn
+    holder = sse_holder(sock, method="GET")  # a listening stream: the client waits for its 200
     holder.write(SSE_HEAD)
     await asyncio.sleep(0)
-    assert listen.writes == [SSE_HEAD]
-    holder.write(RESPONSE)
-    assert listen.writes == [SSE_HEAD, RESPONSE]
+    assert sock.writes == [SSE_HEAD]
 
 
-async def test_closing_sends_what_an_sse_answer_holds() -> None:
+async def test_closing_sends_a_held_sse_head_and_its_timer_writes_nothing_after() -> None:
     sock = Recording()
     holder = sse_holder(sock)
     holder.write(SSE_HEAD)
-    holder.write(RESPONSE)
     holder.close()
-    assert sock.writes == [SSE_HEAD + RESPONSE] and sock.closed
-    await asyncio.sleep(http_protocol.END_WAIT * 3)
-    assert sock.writes == [SSE_HEAD + RESPONSE]
+    assert sock.writes == [SSE_HEAD] and sock.closed
+    await asyncio.sleep(http_protocol.SSE_HEAD_WAIT * 2)
+    assert sock.writes == [SSE_HEAD]
