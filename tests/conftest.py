@@ -136,7 +136,9 @@ async def redis_client(redis_url: str, redis_prefix: str) -> AsyncIterator[aiore
 def pg_proxy(pg_dsn: str) -> Iterator[tuple[TcpProxy, str]]:
     """A loopback forwarder to the test database that a test can cut (`down()`), restore (`up()`)
     or slow (`delay`), and the database's URL through it. (tests/instance/storage has its own
-    `pg_proxy`, a fault proxy at the protocol's level.)"""
+    `pg_proxy`, a fault proxy at the protocol's level.) Ask for it before `spawn_instance`, so
+    that it is closed after the instances stop: an instance's shutdown waits up to
+    EXAI_DRAIN_TIMEOUT (20 s) for its spool to reach Postgres."""
     parts = urlsplit(pg_dsn)
     with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432).running() as proxy:
         netloc = parts.netloc.rsplit("@", 1)

@@ -29,7 +29,7 @@ async def _gauge(inst: InstanceProc, name: str) -> float:
 
 
 async def test_a_silent_postgres_costs_one_timeout_then_calls_fail_fast_and_recover(
-    fake: FakeProvider, spawn_instance: SpawnInstance, pg_proxy: tuple[TcpProxy, str]
+    fake: FakeProvider, pg_proxy: tuple[TcpProxy, str], spawn_instance: SpawnInstance
 ) -> None:
     proxy, via_proxy = pg_proxy
     inst = spawn_instance(

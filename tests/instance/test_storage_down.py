@@ -30,7 +30,7 @@ async def _gauges(inst: InstanceProc) -> dict[str, float]:
 
 
 async def test_chat_answers_and_turns_land_later(
-    fake: FakeProvider, spawn_instance: SpawnInstance, pg_proxy: tuple[TcpProxy, str], pg_dsn: str
+    fake: FakeProvider, pg_proxy: tuple[TcpProxy, str], spawn_instance: SpawnInstance, pg_dsn: str
 ) -> None:
     proxy, via_proxy = pg_proxy
     inst = spawn_instance(DATABASE_URL=via_proxy)
@@ -74,7 +74,7 @@ async def test_chat_answers_and_turns_land_later(
 
 
 async def test_chat_with_postgres_down_still_carries_the_notes_it_had(
-    fake: FakeProvider, spawn_instance: SpawnInstance, pg_proxy: tuple[TcpProxy, str]
+    fake: FakeProvider, pg_proxy: tuple[TcpProxy, str], spawn_instance: SpawnInstance
 ) -> None:
     """The notes block comes from the scope's Redis copy: a Postgres outage neither stalls the
     call nor drops the notes read before it."""
