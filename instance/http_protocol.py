@@ -19,6 +19,15 @@ segment, and the end marker that the SDK writes after tearing the stream down co
 read by the router once the client has its answer. The response event itself is never held:
 waiting for the end marker to join it would make the answer wait for that teardown.
 
+Instead, the response event (`"id":…,"result"` or `"error"`, the SDK's field order) is the last
+thing the SDK sends on a POST's stream (its writer stops there), so the holder writes the end
+marker with it, and the router reads the whole answer at once and gives the connection back
+without a second read. What uvicorn writes for that response afterwards (the end marker, when
+the SDK has torn the stream down; a keep-alive ping comment that raced it) is not sent: the
+body has ended. Anything else there would be a bug, and is logged as a dropped write. uvicorn
+does not start on the connection's next request before its own end of this response, so the
+next answer cannot overtake it.
+
 Order is never changed: every write, and closing, sends the held head first. What decides
 failover at the router is whether the request's bytes left it (router/upstream.py), not when
 the head came, so a head held longer changes nothing there.
@@ -27,6 +36,8 @@ the head came, so a head held longer changes nothing there.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -39,12 +50,22 @@ SSE_HEAD_WAIT = 0.05  # seconds a POST's SSE head waits for the stream's first e
 _STATUS_LINE = b"HTTP/1.1 "
 _HEAD_END = b"\r\n\r\n"
 _SSE_TYPE = b"text/event-stream"
+_END = b"0\r\n\r\n"
+# A chunk holding one SSE event that is a JSON-RPC response or error (sse_starlette's field
+# order: id, event, data; the SDK's JSON: jsonrpc, id, then result or error).
+_RESPONSE_EVENT = re.compile(
+    rb'[0-9a-fA-F]+\r\n(?:id: [^\r\n]*\r\n)?event: message\r\ndata: \{"jsonrpc":"2\.0","id":'
+    rb'(?:-?[0-9]+|"(?:[^"\\\r\n]|\\.)*"),"(?:result|error)":'
+)
+_PING = re.compile(rb"[0-9a-fA-F]+\r\n: ")  # an SSE comment (sse_starlette's keep-alive ping)
+
+log = logging.getLogger(__name__)
 
 
 class HeadHolder:
     """A transport that holds a response head back until the next write or a short wait."""
 
-    __slots__ = ("_held", "_loop", "_method", "_timer", "_transport")
+    __slots__ = ("_ended", "_held", "_loop", "_method", "_sse", "_timer", "_transport")
 
     def __init__(
         self,
@@ -57,23 +78,49 @@ class HeadHolder:
         self._method = method  # the method of the request being answered (None: unknown)
         self._held: bytes | None = None
         self._timer: asyncio.Handle | None = None
+        self._sse = False  # the answer being written is a POST's SSE stream
+        self._ended = False  # ... whose end marker went with its response event
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        if self._ended and not self._is_head(data):
+            self._after_end(data)
+            return
+        if self._sse and _RESPONSE_EVENT.match(data) and not data.endswith(_END):
+            data += _END  # the stream's last event: its end goes with it
+            self._ended = True
         held = self._held
         if held is not None:
             self._held = None
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self._transport.write(held + bytes(data))
-        elif data[:9] == _STATUS_LINE and data[-4:] == _HEAD_END:
-            self._held = bytes(data)
-            if _SSE_TYPE in data and self._method is not None and self._method() == "POST":
+            self._transport.write(held + data)
+        elif self._is_head(data):
+            self._held, self._ended = data, False
+            self._sse = _SSE_TYPE in data and self._method is not None and self._method() == "POST"
+            if self._sse:
                 self._timer = self._loop.call_later(SSE_HEAD_WAIT, self.flush)
             else:
                 self._timer = self._loop.call_soon(self.flush)
         else:
             self._transport.write(data)
+
+    @staticmethod
+    def _is_head(data: bytes) -> bool:
+        return data[:9] == _STATUS_LINE and data[-4:] == _HEAD_END
+
+    def _after_end(self, data: bytes) -> None:
+        """A write for a response whose end marker went already: uvicorn's own end (done with
+        the response) or a ping that raced it, not sent; anything else is logged as dropped."""
+        if data.endswith(_END):
+            self._ended = self._sse = False
+            data = data[: -len(_END)]
+        if data and not _PING.match(data):
+            log.warning(
+                "dropped %d bytes written after an SSE answer's response event: %r", len(data), data[:80]
+            )
 
     def flush(self) -> None:
         """Send a held head now (its wait ran out before its body came)."""

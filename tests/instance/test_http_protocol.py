@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from instance import http_protocol
 from instance.http_protocol import HeadHolder
 
@@ -84,13 +86,15 @@ def event(payload: bytes) -> bytes:
 
 RESPONSE = event(b'{"jsonrpc":"2.0","id":7,"result":{"content":[]}}')
 PROGRESS = event(b'{"jsonrpc":"2.0","method":"notifications/progress","params":{"progress":1}}')
+CLIENT_REQUEST = event(b'{"jsonrpc":"2.0","id":"s-1","method":"sampling/createMessage","params":{}}')
+ERROR = event(b'{"jsonrpc":"2.0","id":"a\\"b","error":{"code":-32602,"message":"x"}}')
 
 
 def sse_holder(sock: Recording, method: str = "POST") -> HeadHolder:
     return HeadHolder(sock, asyncio.get_running_loop(), lambda: method)
 
 
-async def test_a_posts_sse_head_waits_turns_for_its_first_event_which_is_never_held() -> None:
+async def test_a_quick_sse_answer_leaves_whole_in_one_write_and_uvicorns_end_is_not_sent_again() -> None:
     sock = Recording()
     holder = sse_holder(sock)
     holder.write(SSE_HEAD)
@@ -98,19 +102,38 @@ async def test_a_posts_sse_head_waits_turns_for_its_first_event_which_is_never_h
         await asyncio.sleep(0)
     assert sock.writes == []
     holder.write(RESPONSE)
-    assert sock.writes == [SSE_HEAD + RESPONSE]  # the answer leaves at once, with its head
-    holder.write(END)  # the stream's end, after the SDK's teardown: alone, never waited for
-    assert sock.writes == [SSE_HEAD + RESPONSE, END]
+    assert sock.writes == [SSE_HEAD + RESPONSE + END]  # at once, ended: nothing waits for the SDK
+    holder.write(END)  # uvicorn's own end, after the SDK's teardown: the body has ended already
+    assert sock.writes == [SSE_HEAD + RESPONSE + END]
+    holder.write(SSE_HEAD)  # the connection's next answer is written as usual
+    holder.write(RESPONSE)
+    assert sock.writes[-1] == SSE_HEAD + RESPONSE + END
 
 
-async def test_a_notification_first_leaves_with_the_head_at_once() -> None:
+async def test_a_notification_first_leaves_with_the_head_and_the_response_ends_the_body() -> None:
     sock = Recording()
     holder = sse_holder(sock)
     holder.write(SSE_HEAD)
     holder.write(PROGRESS)
-    assert sock.writes == [SSE_HEAD + PROGRESS]
+    assert sock.writes == [SSE_HEAD + PROGRESS]  # the client sees its progress at once
+    holder.write(CLIENT_REQUEST)  # a request to the client does not end the stream
+    holder.write(ERROR)
+    holder.write(END)
+    assert sock.writes == [SSE_HEAD + PROGRESS, CLIENT_REQUEST, ERROR + END]
+
+
+async def test_a_ping_that_races_the_end_is_not_sent_and_anything_else_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sock = Recording()
+    holder = sse_holder(sock)
+    holder.write(SSE_HEAD)
     holder.write(RESPONSE)
-    assert sock.writes == [SSE_HEAD + PROGRESS, RESPONSE]
+    holder.write(b"2a\r\n: ping - 2026-11-29 09:00:00.000000+00:00\r\n\r\n\r\n")
+    assert sock.writes == [SSE_HEAD + RESPONSE + END] and not caplog.records
+    holder.write(PROGRESS + END)
+    assert sock.writes == [SSE_HEAD + RESPONSE + END]
+    assert any("dropped" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_slow_tools_sse_head_goes_out_alone_once_its_wait_runs_out() -> None:
@@ -121,15 +144,17 @@ async def test_a_slow_tools_sse_head_goes_out_alone_once_its_wait_runs_out() -> 
     assert sock.writes == [SSE_HEAD]
     holder.write(RESPONSE)
     holder.write(END)
-    assert sock.writes == [SSE_HEAD, RESPONSE, END]
+    assert sock.writes == [SSE_HEAD, RESPONSE + END]
 
 
-async def test_a_get_streams_head_is_held_one_turn_only() -> None:
+async def test_a_get_streams_head_is_held_one_turn_only_and_its_events_never_end_it() -> None:
     sock = Recording()
     holder = sse_holder(sock, method="GET")  # a listening stream: the client waits for its 200
     holder.write(SSE_HEAD)
     await asyncio.sleep(0)
     assert sock.writes == [SSE_HEAD]
+    holder.write(RESPONSE)  # (a response to a client's answer, relayed on the listen stream)
+    assert sock.writes == [SSE_HEAD, RESPONSE]
 
 
 async def test_closing_sends_a_held_sse_head_and_its_timer_writes_nothing_after() -> None:
@@ -140,3 +165,14 @@ async def test_closing_sends_a_held_sse_head_and_its_timer_writes_nothing_after(
     assert sock.writes == [SSE_HEAD] and sock.closed
     await asyncio.sleep(http_protocol.SSE_HEAD_WAIT * 2)
     assert sock.writes == [SSE_HEAD]
+
+
+async def test_a_response_written_with_its_end_marker_is_not_ended_twice() -> None:
+    sock = Recording()
+    holder = sse_holder(sock)
+    holder.write(SSE_HEAD)
+    holder.write(RESPONSE + END)  # uvicorn joins a last body and the end marker itself
+    holder.write(SSE_HEAD)
+    assert sock.writes == [SSE_HEAD + RESPONSE + END]  # and the next answer is not swallowed
+    await asyncio.sleep(http_protocol.SSE_HEAD_WAIT * 2)
+    assert sock.writes == [SSE_HEAD + RESPONSE + END, SSE_HEAD]
