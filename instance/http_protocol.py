@@ -10,23 +10,24 @@ head, event, end marker, three times).
 next write, which it joins, or until the event loop's next turn, whichever comes first: a body
 sent in the same turn (a whole JSON answer) leaves in one segment with its head.
 
-The handshake era answers a POST with an SSE stream, and the SDK's stream machinery takes
-several turns of the loop to produce its first event. A POST's SSE head therefore waits for
-that first event, up to SSE_HEAD_WAIT (as long as the router holds a streamed answer's head for
-its first piece, router/express.py HEAD_HOLD, so a client sees its head no later than before),
-and leaves with it: a quick call's answer reaches the router as head and response in one
-segment, and the end marker that the SDK writes after tearing the stream down comes alone,
-read by the router once the client has its answer. The response event itself is never held:
-waiting for the end marker to join it would make the answer wait for that teardown.
+The handshake era answers a POST with an SSE stream (chunked), and the SDK's stream machinery
+takes several turns of the loop to produce its first event, and more to tear the stream down
+after its last. For such an answer:
 
-Instead, the response event (`"id":…,"result"` or `"error"`, the SDK's field order) is the last
-thing the SDK sends on a POST's stream (its writer stops there), so the holder writes the end
-marker with it, and the router reads the whole answer at once and gives the connection back
-without a second read. What uvicorn writes for that response afterwards (the end marker, when
-the SDK has torn the stream down; a keep-alive ping comment that raced it) is not sent: the
-body has ended. Anything else there would be a bug, and is logged as a dropped write. uvicorn
-does not start on the connection's next request before its own end of this response, so the
-next answer cannot overtake it.
+- the head waits for the first event, up to SSE_HEAD_WAIT (as long as the router holds a
+  streamed answer's head for its first piece, router/express.py HEAD_HOLD, so a client sees
+  its head no later than before), and leaves with it; events are never held;
+- the response event (`"id":…,"result"` or `"error"`, the SDK's field order) is the last thing
+  the SDK sends on a POST's stream (its writer stops there), so the chunked end marker goes
+  with it rather than after the teardown. What uvicorn writes for that response afterwards
+  (its own end marker; a keep-alive ping that raced it) is not sent: the body has ended.
+  Anything else there would be a bug, and is logged as a dropped write. uvicorn does not start
+  on the connection's next request before its own end of this response, so the next answer
+  cannot overtake it.
+
+A quick call's answer then reaches the router as one segment, as a JSON answer does: read
+once, and the connection is free again at once. A direct client has its answer without
+waiting for the teardown.
 
 Order is never changed: every write, and closing, sends the held head first. What decides
 failover at the router is whether the request's bytes left it (router/upstream.py), not when
@@ -50,6 +51,7 @@ SSE_HEAD_WAIT = 0.05  # seconds a POST's SSE head waits for the stream's first e
 _STATUS_LINE = b"HTTP/1.1 "
 _HEAD_END = b"\r\n\r\n"
 _SSE_TYPE = b"text/event-stream"
+_CHUNKED = b"transfer-encoding: chunked"
 _END = b"0\r\n\r\n"
 # A chunk holding one SSE event that is a JSON-RPC response or error (sse_starlette's field
 # order: id, event, data; the SDK's JSON: jsonrpc, id, then result or error).
@@ -99,7 +101,12 @@ class HeadHolder:
             self._transport.write(held + data)
         elif self._is_head(data):
             self._held, self._ended = data, False
-            self._sse = _SSE_TYPE in data and self._method is not None and self._method() == "POST"
+            self._sse = (
+                _SSE_TYPE in data
+                and _CHUNKED in data
+                and self._method is not None
+                and self._method() == "POST"
+            )
             if self._sse:
                 self._timer = self._loop.call_later(SSE_HEAD_WAIT, self.flush)
             else:

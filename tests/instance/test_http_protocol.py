@@ -176,3 +176,13 @@ async def test_a_response_written_with_its_end_marker_is_not_ended_twice() -> No
     assert sock.writes == [SSE_HEAD + RESPONSE + END]  # and the next answer is not swallowed
     await asyncio.sleep(http_protocol.SSE_HEAD_WAIT * 2)
     assert sock.writes == [SSE_HEAD + RESPONSE + END, SSE_HEAD]
+
+
+async def test_an_sse_answer_of_known_length_is_never_given_an_end_marker() -> None:
+    sock = Recording()
+    holder = sse_holder(sock)
+    sized = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 92\r\n\r\n"
+    holder.write(sized)
+    await asyncio.sleep(0)
+    holder.write(RESPONSE)
+    assert sock.writes == [sized, RESPONSE]
