@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from common.redis_line import DirectLine, PubSubLine, encode
+from common.redis_line import DirectLine, PubSubLine, _encode, encode
 from tests.redis_server import OwnRedis
 
 
@@ -36,6 +36,20 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 def test_commands_are_encoded_as_resp_arrays() -> None:
     assert encode(("SET", "k", 1.5, b"\x00")) == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\n1.5\r\n$1\r\n\x00\r\n"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, -1, 2**63 - 1, -(2**63), 0.1, 1e20, 1e-7, 1725000000.123456, float("inf"), "", "héllo", b"\xff" * 3],
+)
+def test_the_c_encoder_writes_what_the_python_one_does(value: object) -> None:
+    assert encode(("SET", "k", value)) == _encode(("SET", "k", value))
+
+
+def test_a_type_hiredis_does_not_pack_is_encoded_the_python_way_or_refused() -> None:
+    assert encode(("SET", "k", True)) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$4\r\nTrue\r\n"
+    with pytest.raises(TypeError, match="cannot send NoneType"):
+        encode(("SET", "k", None))
 
 
 async def test_a_command_is_written_at_the_call_and_its_reply_returned(
