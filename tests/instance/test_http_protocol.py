@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
 
+from common.protocol import INTERNAL_TOKEN_HEADER, SESSION_HEADER
 from instance import http_protocol
 from instance.http_protocol import HeadHolder
+from tests.fakes.provider import FakeProvider
+from tests.instance.conftest import INTERNAL_TOKEN, SpawnInstance, new_session
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
 
@@ -186,3 +190,69 @@ async def test_an_sse_answer_of_known_length_is_never_given_an_end_marker() -> N
     await asyncio.sleep(0)
     holder.write(RESPONSE)
     assert sock.writes == [sized, RESPONSE]
+
+
+# --- a real instance, over a raw keep-alive socket --------------------------------------------
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[bytes, list[bytes]]:
+    """One HTTP/1.1 answer: its head and its chunks, read to the end marker."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    chunks: list[bytes] = []
+    if b"content-length:" in head.lower():
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        return head, [await reader.readexactly(length)]
+    while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+        chunks.append((await reader.readexactly(size + 2))[:-2])
+    await reader.readexactly(2)  # the end marker's last line
+    return head, chunks
+
+
+async def test_a_real_instances_sse_answers_end_at_their_response_and_the_connection_serves_the_next_at_once(
+    fake: FakeProvider, spawn_instance: SpawnInstance
+) -> None:
+    """The handshake era through a real instance: each tools/call answer is a chunked SSE
+    stream that ends right after its response event, and a call written the moment that end
+    arrives (before the SDK has torn the stream down) is answered in order on the same
+    connection, with nothing written after an answer's end dropped."""
+    inst = spawn_instance()
+    base = {INTERNAL_TOKEN_HEADER: INTERNAL_TOKEN, SESSION_HEADER: new_session()}
+
+    def post(body: dict[str, object], headers: dict[str, str]) -> bytes:
+        data = json.dumps(body).encode()
+        lines = [
+            "POST /mcp HTTP/1.1",
+            f"Host: 127.0.0.1:{inst.port}",
+            "Accept: application/json, text/event-stream",
+            "Content-Type: application/json",
+            f"Content-Length: {len(data)}",
+            *(f"{k}: {v}" for k, v in headers.items()),
+        ]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", inst.port)
+    try:
+        async with asyncio.timeout(30):
+            init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t"}}
+            writer.write(post({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init}, base))
+            head, _ = await _answer(reader)
+            sid = next(
+                line.split(b":", 1)[1].strip().decode()
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"mcp-session-id:")
+            )
+            headers = {**base, "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-11-25"}
+            writer.write(post({"jsonrpc": "2.0", "method": "notifications/initialized"}, headers))
+            await _answer(reader)
+            for i in range(1, 31):
+                call = {"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {"name": "version"}}
+                writer.write(post(call, headers))
+                head, chunks = await _answer(reader)
+                assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, head
+                events = [c for c in chunks if c.startswith(b"event:") or c.startswith(b"id:")]
+                assert len(events) == 1, chunks
+                data = json.loads(events[0].split(b"data: ", 1)[1])
+                assert data["id"] == i and "result" in data, data
+    finally:
+        writer.close()
+    assert "dropped" not in inst.log()
