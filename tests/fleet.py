@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -50,6 +50,28 @@ from tests.ports import free_port, free_port_block
 BENCH_SETTINGS: dict[str, Any] = {"loop_stall_ms": 100.0, "loop_audit": False}
 """What a benchmark's fleet runs with instead of the tests' diagnostics: the loop watchdog at its
 production default and no audit hook (which sees every audited event of the process)."""
+
+
+def run_bench(main: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
+    """`asyncio.run(main())` for a benchmark script, with SIGTERM taken as Ctrl-C.
+
+    By default SIGTERM ends the interpreter at once, without the `finally` blocks that stop the
+    benchmark's fleet, its nginx and its scratch database: supervisord and its instances were
+    left running, and kept loading the machine of the next run. Here the main task is
+    cancelled instead, so the same cleanup runs as after Ctrl-C. Exits 143 (128 + SIGTERM)."""
+
+    async def guarded() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await main() or 0
+        except asyncio.CancelledError:
+            print("stopped by SIGTERM: the fleet is stopped; this run saved no results", file=sys.stderr)
+            return 143
+
+    return asyncio.run(guarded())
 
 
 class Fleet:

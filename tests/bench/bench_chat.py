@@ -88,7 +88,7 @@ from tests.bench.rawwire import build_request, read_answer  # noqa: E402
 from tests.fakes.provider import Behaviour, Hit  # noqa: E402
 from tests.fakes.provider_process import FakeProviderProcess  # noqa: E402
 from tests.fakes.tcp_proxy_process import TcpProxyProcess  # noqa: E402
-from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
+from tests.fleet import BENCH_SETTINGS, Fleet, run_bench  # noqa: E402
 
 
 class ChatCaller:
@@ -669,4 +669,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    raise SystemExit(run_bench(main))

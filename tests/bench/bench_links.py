@@ -84,7 +84,7 @@ from common.migrate import migrate  # noqa: E402
 from instance.storage.spool import Spool  # noqa: E402
 from tests.bench.bench_router import add_set_option, set_settings  # noqa: E402
 from tests.bench.rawwire import RawCaller, RawListen  # noqa: E402
-from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
+from tests.fleet import BENCH_SETTINGS, Fleet, run_bench  # noqa: E402
 from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client, status_of  # noqa: E402
 
 GAP = 0.025  # seconds between two timed deliveries
@@ -722,4 +722,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    raise SystemExit(run_bench(main))

@@ -50,7 +50,7 @@ from common.migrate import migrate  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
 from tests.fakes.provider_process import FakeProviderProcess  # noqa: E402
-from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
+from tests.fleet import BENCH_SETTINGS, Fleet, run_bench  # noqa: E402
 
 VERSION = "2026-07-28"
 HEADERS = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": VERSION}
@@ -928,4 +928,4 @@ def _print_bridge(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    raise SystemExit(run_bench(main))

@@ -57,7 +57,7 @@ from tests.bench.bench_router import (  # noqa: E402
     scratch_database,
 )
 from tests.fakes.provider import Behaviour, FakeProvider  # noqa: E402
-from tests.fleet import BENCH_SETTINGS, Fleet  # noqa: E402
+from tests.fleet import BENCH_SETTINGS, Fleet, run_bench  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 
 _LAUNCH = (
@@ -473,4 +473,4 @@ def _print(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    raise SystemExit(run_bench(main))
