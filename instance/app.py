@@ -133,10 +133,15 @@ class InternalTokenGate:
                 await self._call(scope, receive, send, headers)
                 return
             if scope["method"] != "DELETE":  # a session's goodbye must not re-bind it after a reset
-                if not self.runtime.observe(headers):
+                if not self._bound(headers) and not await self.runtime.admit(headers):
                     await _fenced(self.runtime)(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+    def _bound(self, headers: dict[str, str]) -> bool:
+        """The usual case, without a coroutine: no take-over in progress, and the request's
+        session is the bound one (or binds it now). Otherwise `Runtime.admit` decides."""
+        return self.runtime.handover is None and self.runtime.observe(headers)
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         """Serve a call with a clock the tool wrapper marks, so a chat's time in the SDK (before
@@ -158,7 +163,7 @@ class InternalTokenGate:
                 pending.run()
 
         try:
-            if not self.runtime.observe(headers):
+            if not self._bound(headers) and not await self.runtime.admit(headers):
                 await _fenced(self.runtime)(scope, receive, send)
                 return
             if self.calls is not None and self.calls.wanted(scope):

@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 LOCAL_SESSION = "local"
 
 
+def supersedes(fence: str, bound: str) -> bool:
+    """Whether lease token `fence` is later than `bound`'s: both numbers (a router that sends
+    none gets no take-over), the first higher."""
+    return fence.isdigit() and bound.isdigit() and int(fence) > int(bound)
+
+
 def header(headers: Mapping[str, str], name: str) -> str | None:
     """Header `name` of a request's headers: Starlette's (any case) or a plain dict of them,
     whose names the transport gives in lowercase (instance/tools.headers_of)."""
@@ -122,6 +128,8 @@ class Runtime:
         self.started_at = time.time()
         self.state: InstanceState = "starting"
         self.binding: Binding | None = None
+        # Set while a new session's first request takes the instance over (`take_over`).
+        self.handover: asyncio.Future[None] | None = None
         self.inflight = 0
         self.calls_total = 0
         # EXAI_TEST_LEAK_PER_CALL_BYTES (test only): references kept on purpose, see call().
@@ -163,8 +171,7 @@ class Runtime:
         current = self.binding
         if current is not None:
             if current.session != sid:
-                log.warning("refused session %s: bound to %s (fence %s)", sid, current.session, current.fence)
-                return False
+                return False  # unless it may take over (`admit`)
             if fence and fence != current.fence:
                 current.fence = fence  # the same session under a renewed lease
                 after_answer(self.on_change)
@@ -182,14 +189,73 @@ class Runtime:
         after_answer(self.on_change)
         return True
 
+    async def admit(self, headers: Mapping[str, str]) -> bool:
+        """`observe` for a request that found a take-over in progress (once it is done) or
+        another session bound (`take_over`); False, logged: the request is fenced off."""
+        if self.handover is not None:
+            await asyncio.shield(self.handover)
+            if self.observe(headers):
+                return True
+        if await self.take_over(headers):
+            return True
+        current = self.binding
+        log.warning(
+            "refused session %s: bound to %s (fence %s)",
+            header(headers, SESSION_HEADER),
+            current.session if current else "-",
+            current.fence if current else "-",
+        )
+        return False
+
     def may_reset(self, headers: Mapping[str, str]) -> bool:
-        """A reset must name the bound session and its fencing token (or find nothing bound)."""
+        """A reset must name the bound session and its fencing token (or find nothing bound),
+        or come from a later lease of this instance (`supersedes`)."""
         current = self.binding
         if current is None:
             return True
+        fence = header(headers, FENCE_HEADER) or ""
         if header(headers, SESSION_HEADER) != current.session:
+            return supersedes(fence, current.fence) and not self.inflight
+        return not current.fence or fence == current.fence
+
+    async def take_over(self, headers: Mapping[str, str]) -> bool:
+        """Serve the session the headers name in place of the bound one, if its lease of this
+        instance is later than the bound one's; False (the caller fences the request off) if not.
+
+        A router short of instances hands an idle session's instance straight to a waiting one
+        (router/binding.py `reclaim`): it parks the idle session and moves the lease in Redis,
+        which gives the new holder a higher fencing token (the instance's lease generation only
+        grows), but it does not reset the instance first. The new session's first request
+        does the reset here: the SDK's sessions of the old one are closed and the binding
+        changes, before anything of the new session runs. Refused while a tool call is in
+        flight (the old session is not idle after all: its router re-binds it elsewhere when
+        the instance fences its next request off) and for a token that is not higher, such as
+        one handed out after Redis lost the lease counters: that needs the explicit reset.
+        """
+        current = self.binding
+        fence = header(headers, FENCE_HEADER) or ""
+        if current is None or not supersedes(fence, current.fence) or self.inflight:
             return False
-        return not current.fence or header(headers, FENCE_HEADER) == current.fence
+        if self.state in ("draining", "stopping"):  # taking no new session
+            return False
+        log.info(
+            "session %s takes this instance over from session %s (fence %s after %s)",
+            header(headers, SESSION_HEADER),
+            current.session,
+            fence,
+            current.fence,
+        )
+        done = asyncio.get_running_loop().create_future()
+        self.handover = done
+        try:
+            self.binding = None
+            self.observe(headers)  # bound now: a late request of the old session is fenced off
+            if self.close_mcp_sessions is not None:
+                await self.close_mcp_sessions()
+        finally:
+            self.handover = None
+            done.set_result(None)
+        return True
 
     @property
     def scoped(self) -> bool:

@@ -3,8 +3,9 @@
 Waiting is bounded twice: in time (EXAI_ALLOCATION_DEADLINE) and in numbers (MAX_WAITERS),
 so a burst of new sessions can never turn into an unbounded queue or a hung request. Every
 waiter asks supervisord for a provisioned spare of its own (router/spares.py), so several
-waiters start several spares at once. Idle sessions park (router/binding.py), so waiting
-means that more sessions are working at this moment than instances run.
+waiters start several spares at once. Idle sessions park (router/binding.py), and a waiter
+gets the instance of the longest-idle one handed over directly (`reclaim`), so waiting means
+that more sessions are working at this moment than instances run.
 
 An instance without a lease key whose registry entry names a live session bound to it is not
 free: Redis lost the lease, and `reconcile` restores it instead of resetting the instance.
@@ -43,7 +44,7 @@ class Allocator:
         start_spare: Callable[[int], Coroutine[Any, Any, str | None]] | None = None,
         reset: Callable[[Instance, str, str], Coroutine[Any, Any, bool]] | None = None,
         reconcile: Callable[[Instance], Coroutine[Any, Any, bool]] | None = None,
-        reclaim: Callable[[], Coroutine[Any, Any, bool]] | None = None,
+        reclaim: Callable[[str], Coroutine[Any, Any, tuple[Instance, int] | None]] | None = None,
         working: Callable[[], int] | None = None,
     ) -> None:
         self.settings = settings
@@ -115,8 +116,8 @@ class Allocator:
 
     async def _try_or_reclaim(self, session_id: str, known_first: bool = True) -> tuple[Instance, int] | None:
         got = await self.try_once(session_id, known_first=known_first)
-        if got is None and self.reclaim is not None and await self.reclaim():
-            got = await self.try_once(session_id)  # an idle session was just parked
+        if got is None and self.reclaim is not None:
+            got = await self.reclaim(session_id)  # an idle session's instance, handed over
         return got
 
     async def allocate(self, session_id: str, *, known_first: bool = True) -> tuple[Instance, int]:

@@ -330,21 +330,58 @@ class Bindings:
 
     async def _release(self, sess: Session, reason: str) -> None:
         """Unbind (caller holds sess.lock): record first, then reset, then free the lease."""
+        parked = await self._park_record(sess)
+        if parked is not None:
+            await self._free(sess, *parked, reason)
+
+    async def _park_record(self, sess: Session) -> tuple[Instance | None, str, int] | None:
+        """Unbind the session here and in its record (caller holds sess.lock): the instance
+        (None if it is no longer registered), its id and the session's fencing token; None if
+        the record is gone (ended through another router, which reset and freed the instance)."""
         inst = self.targets.pop(sess.id, None)
         iid, fence = sess.instance_id, sess.fence
         sess.instance_id = ""
         sess.parked_at = time.time()
         sess.parks += 1
         if not await self.table.save(sess, create=False):  # any router now resumes it instead
-            return  # ended through another router, which reset and freed the instance
+            return None
         if inst is None or inst.id != iid:
             inst = await self.registry.get(iid)
+        return inst, iid, fence
+
+    async def _free(self, sess: Session, inst: Instance | None, iid: str, fence: int, reason: str) -> None:
+        """Reset the parked session's instance, then free its lease."""
         if inst is not None:
             await self.reset_instance(inst, sess.id, fence)
         await self.leases.release(iid, sess.id)
         self.allocator.notify_freed()
         self.metrics.sessions_parked.inc(reason=reason)
         log.info("session %s parked (%s), instance %s freed", sess.id[:8], reason, iid)
+
+    async def _hand_over(self, sess: Session, session_id: str) -> tuple[Instance, int] | bool:
+        """Park the idle `sess` and move its lease straight to `session_id`: (instance, new
+        fencing token). The instance resets itself when the new session's first request shows
+        the higher token (instance/runtime.py `take_over`), so neither the reset's HTTP round
+        trip nor the lease's release and new acquisition are in the waiting session's way.
+        Where the lease cannot move (the instance is draining or gone, the lease was lost), the
+        session is parked the usual way and this returns True; False if it was not parked."""
+        async with sess.lock:
+            if sess.ended or not sess.instance_id or sess.inflight:
+                return False
+            parked = await self._park_record(sess)
+            if parked is None:
+                return True  # its router reset and freed the instance: the allocator may take it
+            inst, iid, fence = parked
+            new_fence = 0 if inst is None else await self.leases.transfer(iid, sess.id, session_id, fence)
+            if inst is None or not new_fence:
+                await self._free(sess, inst, iid, fence, "pressure")
+                return True
+        self.metrics.sessions_parked.inc(reason="pressure")
+        self.metrics.handovers.inc()
+        log.info(
+            "session %s parked (pressure), instance %s handed to session %s", sess.id[:8], iid, session_id[:8]
+        )
+        return inst, new_fence
 
     async def _quiet_elsewhere(self, sess: Session, cutoff: float) -> bool:
         """True if the record in Redis was not touched after `cutoff` either: another router
@@ -371,8 +408,10 @@ class Bindings:
                 parked += 1
         return parked
 
-    async def reclaim(self) -> bool:
-        """Park the longest-idle bound session for a waiting one; False if none is idle."""
+    async def reclaim(self, session_id: str) -> tuple[Instance, int] | None:
+        """An instance for `session_id`, which is waiting for one, from the longest-idle bound
+        session: that session is parked and its instance handed over (`_hand_over`), or, where
+        the lease cannot move, freed and then allocated as usual. None if no session is idle."""
         cutoff = time.time() - PRESSURE_GRACE
         idle = sorted(
             (s for s in self.table.by_id.values() if s.instance_id and not s.ended and not s.inflight),
@@ -380,14 +419,17 @@ class Bindings:
         )
         for sess in idle:
             if sess.last_seen > cutoff:
-                return False
+                return None
             if not sess.routed_here:
                 continue  # possibly served by another router right now: only park_idle's check
             if not await self._quiet_elsewhere(sess, cutoff):
                 continue  # another router served it since
-            if await self.park(sess, "pressure"):
-                return True
-        return False
+            got = await self._hand_over(sess, session_id)
+            if isinstance(got, tuple):
+                return got
+            if got:  # parked and freed the usual way
+                return await self.allocator.try_once(session_id)
+        return None
 
     async def evict(self, instance_id: str, wait: float) -> Eviction:
         """Park every session bound to `instance_id` (being stopped): wait up to `wait` seconds

@@ -98,6 +98,29 @@ return {'', 0, {}, {}}
 )
 
 
+# Move a lease from the session holding it straight to another one, with a fencing token above
+# the holder's: the instance lets the new session take it over on its first request, without a
+# reset in between (instance/runtime.py `take_over`). The token is the instance's lease
+# generation as always, raised past the holder's if Redis lost the counter (so "higher" holds).
+# KEYS: lease, lease generation, draining set, instance hash. ARGV: holder, new session, ttl ms,
+# the holder's token, instance id. Returns the new token, or 0 with nothing changed (the lease
+# is not the holder's, or the instance is unregistered, not ready or draining).
+_TRANSFER = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('sismember', KEYS[3], ARGV[5]) == 1 then return 0 end
+local row = redis.call('hmget', KEYS[4], 'state', 'port')
+if not row[2] or (row[1] and row[1] ~= 'ready') then return 0 end
+redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
+local fence = redis.call('incr', KEYS[2])
+local floor = tonumber(ARGV[4]) or 0
+if fence <= floor then
+  fence = floor + 1
+  redis.call('set', KEYS[2], fence)
+end
+return fence
+"""
+
+
 def candidate_keys(keys: Keys, instance_ids: Iterable[str]) -> list[str]:
     """`pick`'s KEYS: the draining set, then each candidate's hash, lease and lease generation."""
     out = [keys.draining()]
@@ -124,6 +147,7 @@ class Leases:
         self._release = redis.register_script(_RELEASE)
         self._renew_bound = redis.register_script(_RENEW_BOUND)
         self._acquire_first = redis.register_script(_ACQUIRE_FIRST)
+        self._transfer = redis.register_script(_TRANSFER)
 
     async def acquire(self, instance_id: str, session_id: str) -> int:
         """Take a free instance: its new fencing token, or 0 if another session holds it."""
@@ -149,6 +173,18 @@ class Leases:
             return [str(i) for i in got[3]] if len(got) > 3 and got[3] else []
         row = {str(flat[k]): str(flat[k + 1]) for k in range(0, len(flat), 2)}
         return str(iid), int(fence), row
+
+    async def transfer(self, instance_id: str, holder: str, session_id: str, fence: int) -> int:
+        """Move `holder`'s lease of the instance (token `fence`) to `session_id`: the new token,
+        higher than `fence`; 0 if the lease is not `holder`'s or the instance is not ready."""
+        keys = [
+            self.keys.lease(instance_id),
+            self.keys.lease_generation(instance_id),
+            self.keys.draining(),
+            self.keys.instance(instance_id),
+        ]
+        args: list[str | int] = [holder, session_id, self.ttl_ms, fence, instance_id]
+        return int(await self._transfer(keys=keys, args=args))
 
     async def reacquire(self, instance_id: str, session_id: str) -> bool:
         """Restore a lost lease for the session that still holds the instance (same token)."""

@@ -157,6 +157,10 @@ class Metrics:
         self.resume_seconds = Histogram(
             "exai_router_resume_seconds", "Time to bind a parked session again (allocation + replay)."
         )
+        self.handovers = Counter(
+            "exai_router_handovers_total",
+            "Instances handed from a parked idle session straight to a waiting one (no reset between).",
+        )
         self.leases_reconciled = Counter(
             "exai_router_leases_reconciled_total",
             "Lease keys restored from the registry (an instance named a live session, Redis had no lease).",
@@ -203,6 +207,7 @@ class Metrics:
                 self.sessions_parked,
                 self.sessions_resumed,
                 self.resume_seconds,
+                self.handovers,
                 self.leases_reconciled,
                 self.calls_cut,
                 self.fast_calls,

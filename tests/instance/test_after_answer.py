@@ -163,3 +163,82 @@ async def test_a_failing_piece_of_put_off_work_does_not_stop_the_rest() -> None:
     pending.add(lambda: ran.append("next"))
     pending.run()  # the failing one is logged; the next still runs
     assert ran == ["next"]
+
+
+async def test_a_later_lease_takes_the_instance_over_and_the_old_session_is_fenced_off(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A router short of instances moves an idle session's lease to a waiting one without a
+    reset (router/binding.py `reclaim`): the new session's higher token takes the instance
+    over on its first request, the SDK's sessions of the old one closed before it runs."""
+    h = _Harness(make_settings(internal_token=TOKEN))
+    closed: list[str | None] = []
+
+    async def close() -> None:
+        closed.append(h.runtime.session)
+
+    h.runtime.close_mcp_sessions = close
+    await h.call("s1", fence="7")
+    h.events.clear()
+    await h.call("s2", fence="8")
+    assert closed == ["s2"]  # bound to the new session first: nothing of s1's can slip in
+    assert h.events == ["app", "status 200", "answered", "registry"]
+    assert h.runtime.binding is not None and h.runtime.binding.fence == "8"
+    h.events.clear()
+    await h.call("s1", fence="7")
+    assert h.events == ["status 409", "answered"] and h.runtime.session == "s2"
+    assert h.runtime.may_reset({SESSION_HEADER: "s2", FENCE_HEADER: "8"})
+    assert not h.runtime.may_reset({SESSION_HEADER: "s1", FENCE_HEADER: "7"})
+
+
+async def test_no_take_over_by_a_token_not_higher_or_during_a_call(
+    make_settings: Callable[..., Settings],
+) -> None:
+    h = _Harness(make_settings(internal_token=TOKEN))
+    await h.call("s1", fence="7")
+    h.events.clear()
+    for fence in ("7", "6", "", "x9"):  # not higher, or not a token: a router's view is wrong
+        await h.call("s2", fence=fence)
+        assert h.events == ["status 409", "answered"] and h.runtime.session == "s1", fence
+        assert not h.runtime.may_reset({SESSION_HEADER: "s2", FENCE_HEADER: fence})
+        h.events.clear()
+    h.runtime.inflight = 1  # s1 is working after all (another router's call)
+    await h.call("s2", fence="8")
+    assert h.events == ["status 409", "answered"] and h.runtime.session == "s1"
+    assert not h.runtime.may_reset({SESSION_HEADER: "s2", FENCE_HEADER: "8"})
+    h.runtime.inflight = 0
+    h.runtime.set_state("draining")  # taking no new session
+    h.events.clear()
+    await h.call("s2", fence="8")
+    assert h.events == ["status 409", "answered"] and h.runtime.session == "s1"
+    # A reset from the later lease's router (its session ended before its first call) frees it.
+    h.runtime.set_state("ready")
+    assert h.runtime.may_reset({SESSION_HEADER: "s2", FENCE_HEADER: "8"})
+
+
+async def test_requests_during_a_take_over_wait_for_it(make_settings: Callable[..., Settings]) -> None:
+    """While the old session's SDK sessions close, the new session's other requests wait and
+    are then served; the old session's are fenced off; the close runs once."""
+    h = _Harness(make_settings(internal_token=TOKEN))
+    release = asyncio.Event()
+    closes = 0
+
+    async def slow_close() -> None:
+        nonlocal closes
+        closes += 1
+        await release.wait()
+
+    h.runtime.close_mcp_sessions = slow_close
+    await h.call("s1", fence="3")
+    h.events.clear()
+    first = asyncio.create_task(h.call("s2", fence="4"))
+    await asyncio.sleep(0.01)
+    assert h.runtime.handover is not None and h.events == []
+    second = asyncio.create_task(h.call("s2", fence="4"))
+    old = asyncio.create_task(h.call("s1", fence="3"))
+    await asyncio.sleep(0.01)
+    assert h.events == []  # all three wait for the take-over
+    release.set()
+    await asyncio.gather(first, second, old)
+    assert closes == 1 and h.runtime.session == "s2" and h.runtime.handover is None
+    assert sorted(h.events).count("status 200") == 2 and h.events.count("status 409") == 1

@@ -25,9 +25,10 @@ TOKEN = "gate-test-token"
 
 
 class StubRuntime:
-    """What the gate reads of the runtime: its state and the session binding."""
+    """What the gate reads of the runtime: its state, the session binding and a take-over."""
 
     state = "ready"
+    handover = None
 
     def observe(self, headers: Mapping[str, str]) -> bool:
         return True

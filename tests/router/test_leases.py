@@ -66,6 +66,40 @@ async def test_acquire_first_takes_only_a_free_ready_instance(
     await redis_client.srem(keys.draining(), draining)  # type: ignore[misc]
 
 
+async def test_transfer_moves_only_the_holders_lease_of_a_ready_instance_to_a_higher_token(
+    redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    """`transfer` (an idle session's instance handed to a waiting one) moves the lease only
+    from its holder, only on a registered, ready, undrained instance, and always to a token
+    above the holder's, even after Redis lost the lease counter."""
+    tag = secrets.token_hex(3)
+    iid, starting, gone = f"inst-{tag}-0", f"inst-{tag}-1", f"inst-{tag}-2"
+    leases = Leases(redis_client, keys, ttl=30)
+    await _register(redis_client, keys, iid)
+    await _register(redis_client, keys, starting, state="starting")
+    fence = await leases.acquire(iid, "idle")
+    assert await leases.transfer(iid, "someone-else", "waiting", fence) == 0  # not the holder
+    assert await leases.holder(iid) == "idle"
+    await redis_client.sadd(keys.draining(), iid)  # type: ignore[misc]
+    assert await leases.transfer(iid, "idle", "waiting", fence) == 0
+    await redis_client.srem(keys.draining(), iid)  # type: ignore[misc]
+    for other in (starting, gone):
+        held = await leases.acquire(other, "idle")
+        assert await leases.transfer(other, "idle", "waiting", held) == 0
+        assert await leases.holder(other) == "idle"
+    moved = await leases.transfer(iid, "idle", "waiting", fence)
+    assert moved > fence and await leases.holder(iid) == "waiting"
+    ttl = await redis_client.pttl(keys.lease(iid))
+    assert 0 < ttl <= 30_000  # a lease like any other: it expires unless renewed
+    # Redis lost the counter (restarted without its data): the token still goes past the holder's.
+    await redis_client.delete(keys.lease_generation(iid))
+    again = await leases.transfer(iid, "waiting", "third", moved)
+    assert again == moved + 1 and await leases.holder(iid) == "third"
+    assert await leases.acquire_first([iid], "late") == []  # held: nobody else gets it
+    assert await leases.release(iid, "third")
+    assert isinstance(got := await leases.acquire_first([iid], "late"), tuple) and got[1] > again
+
+
 async def test_the_allocators_survey_is_the_three_reads_in_two_round_trips(
     redis_client: aioredis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:

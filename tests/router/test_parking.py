@@ -273,3 +273,62 @@ async def test_a_lost_lease_never_hands_a_busy_instance_to_another_session(
         assert float(line.split()[1]) >= 1
     finally:
         await redis.aclose()
+
+
+def _counter(metrics: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(name))
+
+
+async def test_a_waiting_session_gets_an_idle_sessions_instance_handed_over(
+    fleet_factory: Callable[..., Fleet], provider: FakeProvider
+) -> None:
+    """A full fleet: the waiting session is given the longest-idle session's instance straight
+    away (the lease moved in Redis, no reset between); the instance changes sessions on the
+    new one's first request, and the idle session, handshake era or not, resumes elsewhere
+    by the same hand-over, its conversation intact."""
+    fleet = await asyncio.to_thread(
+        fleet_factory,
+        instances=2,
+        max_instances=2,
+        glm_api_key="fake-key",
+        glm_api_url=provider.glm_url,
+        default_model="glm-4.6",
+        **{**ROUTER_TEST_SETTINGS, "session_park_after": 120.0},  # only pressure parks here
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(mcp_client(fleet.mcp_url, "legacy", name="idle-a"))
+        b = await stack.enter_async_context(mcp_client(fleet.mcp_url, "2026-07-28", name="idle-b"))
+        first = await a.call_tool("chat", {"prompt": "remember the word walnut"})
+        assert not first.is_error, first
+        thread = (first.structured_content or {})["continuation_id"]
+        a1 = await status_of(a)
+        b1 = await status_of(b)
+        assert a1["instance_id"] != b1["instance_id"]  # the fleet is full
+        await asyncio.sleep(0.4)  # both idle past the router's grace: `a` the longest
+
+        c = await stack.enter_async_context(mcp_client(fleet.mcp_url, "2026-07-28", name="waiting-c"))
+        c1 = await status_of(c)
+        assert c1["instance_id"] == a1["instance_id"] and c1["bound_session"] == c1["session"]
+        _, metrics = await fleet.admin("GET", "/metrics")
+        assert _counter(metrics, "exai_router_handovers_total") == 1
+        assert _counter(metrics, 'exai_router_sessions_parked_total{reason="pressure"}') == 1
+        _, listed = await fleet.admin("GET", "/admin/instances")
+        by_id = {i["id"]: i for i in listed["instances"]}
+        assert by_id[a1["instance_id"]]["session"] == c1["session"]  # registered after the answer
+
+        await asyncio.sleep(0.4)  # now `b` is the longest idle: `a` comes back on its instance
+        resumed = await a.call_tool(
+            "chat", {"prompt": "which word did I ask you to remember?", "continuation_id": thread}
+        )
+        assert not resumed.is_error, resumed
+        a2 = await status_of(a)
+        assert a2["session"] == a1["session"] and a2["instance_id"] == b1["instance_id"]
+        await asyncio.sleep(0.4)
+        b2 = await status_of(b)  # and `b` on the one `c` left idle
+        assert b2["session"] == b1["session"] and b2["instance_id"] == a1["instance_id"]
+        _, metrics = await fleet.admin("GET", "/metrics")
+        assert _counter(metrics, "exai_router_handovers_total") == 3
+        assert _counter(metrics, 'exai_router_upstream_errors_total{kind="fenced"}') == 0
+    # The resumed thread carried the first exchange: its prompt reached the provider again.
+    second = [h for h in provider.snapshot() if "which word did I ask" in json.dumps(h.body)]
+    assert second and "walnut" in json.dumps(second[-1].body)
