@@ -40,6 +40,11 @@ def provider() -> Iterator[FakeProvider]:
         yield fake
 
 
+def glm_on(provider: FakeProvider) -> dict[str, Any]:
+    """A fleet's settings for chat on the fake provider: GLM with a key, the default model."""
+    return {"glm_api_key": "fake-key", "glm_api_url": provider.glm_url, "default_model": "glm-4.6"}
+
+
 def instance_num(instance_id: str) -> int:
     """instance_03 -> 3"""
     return int(instance_id.rsplit("_", 1)[1])

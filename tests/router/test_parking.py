@@ -22,7 +22,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from tests.fakes.provider import Behaviour, FakeProvider
 from tests.fleet import Fleet
-from tests.router.conftest import ROUTER_TEST_SETTINGS, mcp_client, status_of
+from tests.router.conftest import ROUTER_TEST_SETTINGS, glm_on, mcp_client, status_of
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -290,9 +290,7 @@ async def test_a_waiting_session_gets_an_idle_sessions_instance_handed_over(
         fleet_factory,
         instances=2,
         max_instances=2,
-        glm_api_key="fake-key",
-        glm_api_url=provider.glm_url,
-        default_model="glm-4.6",
+        **glm_on(provider),
         **{**ROUTER_TEST_SETTINGS, "session_park_after": 120.0},  # only pressure parks here
     )
     async with contextlib.AsyncExitStack() as stack:
