@@ -41,17 +41,27 @@ SETTINGS_KEY = web.AppKey("settings", Settings)
 
 SHUTDOWN_GRACE = 5.0  # background rounds get this long to stop when the router shuts down
 POOL_PRUNE_INTERVAL = 30.0  # seconds between drops of connection pools of departed instances
+HANDOFF_POLL = 2.0  # seconds between looks for session ends other routers left (this one's go at once)
 
 
-async def _every(interval: float, name: str, fn: Callable[[], Awaitable[None]]) -> None:
-    """Run `fn` until cancelled; a failing round is logged and retried next time, never fatal."""
+async def _every(
+    interval: float, name: str, fn: Callable[[], Awaitable[None]], *, wake: asyncio.Event | None = None
+) -> None:
+    """Run `fn` until cancelled; a failing round is logged and retried next time, never fatal.
+    With `wake`, a round also starts as soon as the event is set (and clears it)."""
     task = asyncio.current_task()
     while True:
         if task is not None and task.cancelling():
             # A round swallowed the cancellation (a client library caught it): stop anyway,
             # or the router's shutdown would wait for this loop forever.
             raise asyncio.CancelledError
-        await asyncio.sleep(interval)
+        if wake is None:
+            await asyncio.sleep(interval)
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await wake.wait()
+            wake.clear()
         try:
             await fn()
         except asyncio.CancelledError:
@@ -253,7 +263,11 @@ def create_app(settings: Settings) -> web.Application:
             asyncio.create_task(_every(sweep, "expiry sweep", maint.sweep_idle), name="expiry sweep"),
             asyncio.create_task(hub.run(), name="notification hub"),
             asyncio.create_task(_every(sweep, "stream sessions", hub.keep_sessions), name="stream sessions"),
-            asyncio.create_task(_every(0.25, "link handoffs", handoffs.run_pending), name="link handoffs"),
+            asyncio.create_task(
+                # At once for an end here; every few seconds for ends other routers left and retries.
+                _every(HANDOFF_POLL, "link handoffs", handoffs.run_pending, wake=handoffs.woken),
+                name="link handoffs",
+            ),
             asyncio.create_task(
                 _every(POOL_PRUNE_INTERVAL, "upstream pools", maint.prune_pools), name="upstream pools"
             ),

@@ -208,11 +208,13 @@ class EndHandoffs:
         self._pg_warned = self._redis_warned = False
         self.done = 0
         self._conn: asyncpg.Connection | None = None
+        self.woken = asyncio.Event()  # an end to hand off now (the router's round waits on it)
 
     def ended(self, sess: Any, reason: str) -> None:
         if self.settings.database_url:
             self.pending[sess.id] = reason
             self._unsaved.add(sess.id)
+            self.woken.set()
             if self.redis is not None:  # saved at once: the router may be stopped right after
                 task = asyncio.create_task(self._save())
                 self._saving.add(task)
