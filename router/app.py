@@ -29,7 +29,7 @@ from router.proxy import Proxy
 from router.registry import Registry
 from router.routers import Routers
 from router.security import Guard
-from router.sessions import SessionTable
+from router.sessions import FLUSH_SECONDS, SessionTable
 from router.spares import Spares
 from router.streams import Hub
 from router.upstream import Upstream
@@ -236,6 +236,7 @@ def create_app(settings: Settings) -> web.Application:
             redis, keys, table, registry, metrics,
             ttl=settings.heartbeat_ttl, interval=settings.heartbeat_interval, adopted=adopted,
         )  # fmt: skip  # this router's heartbeat; the others' bound sessions adopted when theirs expires
+        proxy.bindings.others_alive = lambda: routers.others_alive
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await routers.beat()
         sweep = _sweep_interval(settings)
@@ -246,7 +247,7 @@ def create_app(settings: Settings) -> web.Application:
             asyncio.create_task(
                 _every(1.0, "session change notices", table.watch), name="session change notices"
             ),
-            asyncio.create_task(_every(1.0, "session flush", table.flush), name="session flush"),
+            asyncio.create_task(_every(FLUSH_SECONDS, "session flush", table.flush), name="session flush"),
             asyncio.create_task(
                 _every(1.0, "unfinished session ends", proxy.bindings.finish_ends),
                 name="unfinished session ends",

@@ -39,7 +39,7 @@ from router.leases import Leases
 from router.metrics import Metrics
 from router.opening import GONE, Opened, Opening
 from router.registry import Instance, Registry
-from router.sessions import Session, SessionTable
+from router.sessions import FLUSH_SECONDS, Session, SessionTable
 
 if TYPE_CHECKING:
     from router.streams import Hub
@@ -52,6 +52,7 @@ CONTROL_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=3)
 # (not only after EXAI_SESSION_PARK_AFTER): an idle session must never cause a 503. The grace
 # keeps a client's back-to-back requests (initialize, then its first call) on one instance.
 PRESSURE_GRACE = 0.2
+FLUSH_LAG = FLUSH_SECONDS + 0.5  # how late another router's calls may reach a record (and a margin)
 
 
 @dataclass
@@ -94,6 +95,8 @@ class Bindings:
         self.notifications: Hub | None = None  # told when a session ends (router/streams.py)
         # Told (session, reason) when an opened session ends, whatever Redis does (link handoff).
         self.on_end: list[Callable[[Session, str], None]] = []
+        # Whether other router processes are alive (router/routers.py; set by the app).
+        self.others_alive: Callable[[], bool] = lambda: False
         table.on_drop.append(self._dropped)
 
     def _dropped(self, sess: Session) -> None:
@@ -386,11 +389,20 @@ class Bindings:
     async def _quiet_elsewhere(self, sess: Session, cutoff: float) -> bool:
         """True if the record in Redis was not touched after `cutoff` either: another router
         may serve the session now (even one this router served before), and each flushes its
-        last-seen times (a call in flight counts as now) into the record."""
+        last-seen times (a call in flight counts as now) into the record.
+
+        A call through another router reaches the record only with that router's next flush
+        (FLUSH_SECONDS later at most), so while other routers are alive the record must have
+        been quiet that much longer (FLUSH_LAG): with EXAI_SESSION_PARK_AFTER near the flush
+        interval, or for a waiting session's PRESSURE_GRACE, one router would otherwise park a
+        session another is serving call after call, and the two would take its instance
+        from each other."""
         seen = await self.table.redis.hget(self.table.keys.session(sess.id), "last_seen")  # type: ignore[misc]
         if seen is not None and float(seen) > sess.last_seen:
             sess.last_seen = float(seen)
-        return sess.last_seen <= cutoff
+        if sess.last_seen > cutoff:
+            return False
+        return seen is None or not self.others_alive() or float(seen) <= cutoff - FLUSH_LAG
 
     async def park_idle(self, park_after: float) -> int:
         """Park every bound session of this router idle for `park_after` seconds."""

@@ -88,6 +88,9 @@ class Routers:
         # interval, so it is never taken for dead.
         self.grace = 2 * interval
         self._missing: dict[str, float] = {}  # router id -> when this router first found no key
+        # Whether another router's heartbeat was there at the last round (until the first round:
+        # assume so). Parking then allows for the other routers' flush lag (router/binding.py).
+        self.others_alive = True
         self.adopted = adopted  # run after sessions were adopted: renew their leases, park the idle
         self._claim = redis.register_script(_CLAIM)
         self.lost = Counter(
@@ -117,11 +120,13 @@ class Routers:
         """One heartbeat, and the adoption of what routers found dead left (router/app.py)."""
         others = [r for r in await self.beat() if r != self.id]
         if not others:
+            self.others_alive = False
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for rid in others:
                 pipe.exists(self.keys.router(rid))
             alive = await pipe.execute()
+        self.others_alive = any(alive)
         now = time.monotonic()
         for rid, up in zip(others, alive, strict=True):
             if up:

@@ -187,6 +187,10 @@ class Call:
 # The record's `router` becomes this router (router/routers.py: the one that served it last).
 # Returns the new version, or -1 when the record is gone and this is not a create (another
 # router ended the session). Only a change is announced: no other router caches a new record.
+FLUSH_SECONDS = 1.0
+"""How often a router writes the last-seen times of the sessions it served into their records
+(`SessionTable.flush`, router/app.py): another router sees a call that much later at most."""
+
 _SAVE = """
 local exists = redis.call('exists', KEYS[1]) == 1
 if not exists and ARGV[1] ~= '1' then return -1 end

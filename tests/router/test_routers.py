@@ -444,3 +444,29 @@ async def test_a_router_process_killed_for_good_leaves_no_lease_held(fleet_facto
         for raw in orphans:
             await raw.close()
         await redis.aclose()
+
+
+async def test_a_session_served_through_another_router_is_not_parked_as_idle(fleet_factory: Any) -> None:
+    """A session opened through one router and then used only through another: the first sees
+    its calls only in the record, a flush later, and must not take that for idleness. With a
+    park time near the flush interval it parked the session between calls, and the routers
+    then took its instance from each other (tests/bench/bench_router.py with two processes)."""
+    fleet: Fleet = await asyncio.to_thread(
+        fleet_factory, instances=2, max_instances=2, **{**SETTINGS, "session_park_after": 1.0}
+    )
+    with ExtraRouter(fleet) as other:
+        await asyncio.to_thread(fleet.wait_registered, 2)
+        await asyncio.sleep(2 * SETTINGS["heartbeat_interval"])  # each router has seen the other's heartbeat
+        switch = Switch(fleet.settings.router_port)
+        async with switched_client(fleet, switch, VERSION) as client:
+            first = await status_of(client)  # opened through the fleet's router
+            switch.port = other.port
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 6.0
+            while loop.time() < until:  # a call every 0.4 s, through the other router only
+                st = await status_of(client)
+                assert (st["session"], st["instance_id"]) == (first["session"], first["instance_id"])
+                await asyncio.sleep(0.4)
+            listed = await _sessions(fleet, fleet.router_url)
+            assert listed[first["session"]]["parks"] == 0, listed
+    await fleet.end_all_sessions()
