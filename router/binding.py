@@ -37,7 +37,7 @@ from common.redis import REDIS_DOWN_ERRORS
 from router.allocation import Allocator
 from router.leases import Leases
 from router.metrics import Metrics
-from router.opening import GONE, Opened, Opening
+from router.opening import GONE, Bound, Opened, Opening
 from router.registry import Instance, Registry
 from router.sessions import FLUSH_SECONDS, Session, SessionTable
 
@@ -207,11 +207,12 @@ class Bindings:
             # No initialize to replay: lease and record update in one round trip when a known
             # instance is free; else the allocator's slow path, then the record on its own.
             one_trip = inst is None and sess.stored and not (sess.era == "handshake" and sess.upstream_sid)
-            if one_trip:
+            found = old_id
+            for _ in range(2) if one_trip else ():
                 changes: dict[str, Any] = {"generation": sess.generation + 1}
                 if resuming:
                     changes.update(parked_at=0.0, resumes=sess.resumes + 1)
-                got = await self.opening.bind(sess, self.allocator.known(), changes)
+                got = await self.opening.bind(sess, self.allocator.known(), changes, found=found)
                 if got is GONE:
                     self.table.drop(sess)
                     raise SessionNotFound("Session not found (it was ended).")
@@ -221,6 +222,17 @@ class Bindings:
                     self.opened(sess, got)
                     self._rebound(sess, resuming, started, old_id, reason)
                     return
+                if not isinstance(got, Bound):
+                    break  # none free: the allocator's slow path
+                # Another router resumed, moved or parked it meanwhile (a client's requests
+                # spread over several routers): take the record's binding rather than a second one.
+                if not await self.table.refresh(sess):
+                    raise SessionNotFound("Session not found (it was ended).")
+                if sess.instance_id:
+                    self.targets.pop(sess.id, None)
+                    log.info("session %s was bound to %s by another router", sess.id[:8], sess.instance_id)
+                    return
+                found = ""  # parked by the record after all: bind it from there
             for _ in range(MAX_ATTEMPTS):
                 if inst is None:
                     inst, fence = await self.allocator.allocate(sess.id, known_first=not one_trip)

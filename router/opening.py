@@ -51,11 +51,14 @@ from router.sessions import Session, SessionTable
 # hash, lease and lease generation.
 # ARGV: 1 session id, 2 mode ('new' or 'bind'), 3 lease ttl ms, 4 record expiry ms,
 # 5 last_seen, 6 total, 7 router id, 8 keyed ('1'/'0'), 9 given instance ('' to pick one),
-# 10 given fence, 11 candidate count n, 12 .. 11+n candidate ids, then structural
-# field/value pairs (instance_id and fence are set from the lease).
+# 10 given fence, 11 candidate count n, 12 the instance the caller found the record naming
+# ('' parked; bind only), 13 .. 12+n candidate ids, then structural field/value pairs
+# (instance_id and fence are set from the lease).
 # Returns {'taken', session id} (new: the key names another session), {'gone'} (bind: the
-# record was deleted), {'none', id or ''} (no free candidate; `pick`'s instance to reconcile),
-# or {'ok', instance id, fence, instance hash as a flat list ({} when given), version}.
+# record was deleted), {'bound', instance id, version} (bind: the record names another instance
+# than the caller found, another router bound it meanwhile; nothing written), {'none', id or
+# ''} (no free candidate; `pick`'s instance to reconcile), or {'ok', instance id, fence,
+# instance hash as a flat list ({} when given), version}.
 _OPEN = (
     PICK_LUA
     + """
@@ -69,19 +72,24 @@ if mode == 'new' then
   end
 elseif not exists then
   return {'gone'}
+else
+  local bound = redis.call('hget', KEYS[1], 'instance_id') or ''
+  if bound ~= ARGV[12] then
+    return {'bound', bound, tonumber(redis.call('hget', KEYS[1], 'ver') or '0')}
+  end
 end
 local n = tonumber(ARGV[11])
 local id, fence, row = ARGV[9], tonumber(ARGV[10]), {}
 if id == '' then
   local ids = {}
-  for j = 12, 11 + n do ids[#ids + 1] = ARGV[j] end
+  for j = 13, 12 + n do ids[#ids + 1] = ARGV[j] end
   local i
   id, fence, i = pick(5, ids, sid, ARGV[3])
   if id == '' then return {'none', fence or ''} end
   row = redis.call('hgetall', KEYS[i])
 end
 if not exists then redis.call('hset', KEYS[1], 'total', ARGV[6], 'last_seen', ARGV[5]) end
-redis.call('hset', KEYS[1], unpack(ARGV, 12 + n))
+redis.call('hset', KEYS[1], unpack(ARGV, 13 + n))
 redis.call('hset', KEYS[1], 'instance_id', id, 'fence', fence, 'router', ARGV[7])
 local seen = redis.call('hget', KEYS[1], 'last_seen')
 if tonumber(ARGV[5]) > tonumber(seen or '0') then
@@ -126,13 +134,23 @@ class NoneFree:
     reconcile: str
 
 
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """The stored session's record names `instance_id` ('' parked), not the instance the caller
+    found there: another router resumed, moved or parked it meanwhile. Nothing was written;
+    the caller re-reads the record."""
+
+    instance_id: str
+    ver: int
+
+
 class Gone:
     """The stored session's record was deleted (another router ended it); nothing was leased."""
 
 
 GONE = Gone()
 
-Outcome = Opened | Taken | NoneFree | Gone
+Outcome = Opened | Taken | NoneFree | Bound | Gone
 
 
 class Opening:
@@ -181,10 +199,13 @@ class Opening:
         Returns Opened, Taken or NoneFree; the session is cached here only when Opened."""
         return await self._run(sess, "new", candidates, given, {})
 
-    async def bind(self, sess: Session, candidates: Sequence[str], changes: dict[str, Any]) -> Outcome:
+    async def bind(
+        self, sess: Session, candidates: Sequence[str], changes: dict[str, Any], *, found: str
+    ) -> Outcome:
         """Lease a free instance for a stored session and update its record (with `changes`
-        applied) in one round trip. Returns Opened, NoneFree or GONE."""
-        return await self._run(sess, "bind", candidates, None, changes)
+        applied) in one round trip, if the record still names `found` ('' parked: the binding
+        this router is replacing). Returns Opened, NoneFree, Bound or GONE."""
+        return await self._run(sess, "bind", candidates, None, changes, found)
 
     async def _run(
         self,
@@ -193,6 +214,7 @@ class Opening:
         candidates: Sequence[str],
         given: tuple[Instance, int] | None,
         changes: dict[str, Any],
+        found: str = "",
     ) -> Outcome:
         table = self.table
         keys = table.keys
@@ -204,7 +226,7 @@ class Opening:
         args: list[str | int] = [
             sess.id, mode, self.leases.ttl_ms, table.expire_ms, repr(sess.last_seen), sess.total,
             table.origin, "1" if sess.key else "0", given[0].id if given else "", given[1] if given else 0,
-            len(candidates), *candidates,
+            len(candidates), found, *candidates,
         ]  # fmt: skip
         got = await self._call(
             [*head, *candidate_keys(keys, candidates)], [*args, *sess.structural(**changes)]
@@ -223,4 +245,6 @@ class Opening:
             return Taken(str(got[1]))
         if kind == "none":
             return NoneFree(str(got[1]))
+        if kind == "bound":
+            return Bound(str(got[1]), int(got[2]))
         return GONE

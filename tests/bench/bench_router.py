@@ -438,7 +438,14 @@ async def _rate(fleet: Fleet, clients: int, seconds: float, rounds: int = 3) -> 
         got: dict[bool, float] = {}
         for direct in order:
             started = time.monotonic()
-            done, errors = await window(sides[direct], length)
+            keep = asyncio.create_task(_keep_bound(anchors)) if direct else None
+            try:
+                done, errors = await window(sides[direct], length)
+            finally:
+                if keep is not None:
+                    keep.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await keep
             spent = time.monotonic() - started
             t = totals[direct]
             t[0], t[1], t[2] = t[0] + done, t[1] + errors, t[2] + spent
@@ -462,6 +469,16 @@ async def _rate(fleet: Fleet, clients: int, seconds: float, rounds: int = 3) -> 
         "router_share": round(through["calls_per_s"] / max(straight["calls_per_s"], 1e-9), 3),
         "router_share_by_round": shares,
     }
+
+
+async def _keep_bound(anchors: list[Caller], every: float = 0.25) -> None:
+    """While the direct side runs, a call through the router on each session every `every`
+    seconds: otherwise the router parks the sessions (EXAI_SESSION_PARK_AFTER is 1 s in this
+    fleet) and the direct callers, which bypass it, bind the freed instances behind its back,
+    so that its next calls find them taken (409, 503), more so with several router processes."""
+    while True:
+        await asyncio.gather(*(a.call("version", {}) for a in anchors), return_exceptions=True)
+        await asyncio.sleep(every)
 
 
 def _num(instance_id: str) -> int:

@@ -23,7 +23,7 @@ from common.keys import Keys
 from router.allocation import Allocator
 from router.leases import Leases
 from router.metrics import Metrics
-from router.opening import GONE, NoneFree, Opened, Opening, Taken
+from router.opening import GONE, Bound, NoneFree, Opened, Opening, Taken
 from router.proxy import Proxy
 from router.registry import Instance, Registry
 from router.security import Guard
@@ -131,21 +131,30 @@ async def test_a_new_session_is_one_round_trip_with_a_fenced_lease_and_its_recor
     await table.save(sess, create=False)
     counting.sent.clear()
     opening._open.sha = "0" * 40  # as if Redis had restarted: NOSCRIPT, loaded again, retried
-    again = await opening.bind(sess, [busy, free], {"generation": 1, "resumes": 1, "parked_at": 0.0})
+    changes = {"generation": 1, "resumes": 1, "parked_at": 0.0}
+    again = await opening.bind(sess, [busy, free], changes, found="")  # the record says parked
     assert counting.sent == ["EVALSHA", "SCRIPT LOAD", "EVALSHA"]
     assert isinstance(again, Opened) and again.instance_id == free and again.fence == got.fence + 1
     counting.sent.clear()
-    assert await opening.bind(sess, [busy, free], {}) == NoneFree("")  # nothing free: nothing written
+    assert await opening.bind(sess, [busy, free], {}, found=free) == NoneFree(
+        ""
+    )  # nothing free: nothing written
     assert counting.sent == ["EVALSHA"]
     record = await table.redis.hgetall(keys.session(sess.id))  # type: ignore[misc]
     assert (record["fence"], record["resumes"], record["generation"]) == (str(again.fence), "1", "1")
     assert int(record["ver"]) == again.ver > got.ver
+    # A router that found it parked ('') while another bound it meanwhile gets that binding,
+    # and nothing is leased or written (two routers resuming one session at once).
+    await leases.release(free, sess.id)
+    assert await opening.bind(sess, [free], changes, found="") == Bound(free, again.ver)
+    assert await leases.holder(free) is None
+    assert await table.redis.hgetall(keys.session(sess.id)) == record  # type: ignore[misc]
 
     # Ended through another router: binding it takes no lease.
     await leases.release(free, sess.id)
     await other_table.remove(Session.from_hash(record))
     assert await counting.get(keys.session_key(sess.key)) is None  # the end dropped the mapping
-    assert await opening.bind(sess, [free], {}) is GONE
+    assert await opening.bind(sess, [free], {}, found=free) is GONE
     assert await leases.holder(free) is None
     await opening.close()
 

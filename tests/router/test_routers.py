@@ -470,3 +470,33 @@ async def test_a_session_served_through_another_router_is_not_parked_as_idle(fle
             listed = await _sessions(fleet, fleet.router_url)
             assert listed[first["session"]]["parks"] == 0, listed
     await fleet.end_all_sessions()
+
+
+async def test_two_routers_resuming_one_session_at_once_bind_it_once(fleet_factory: Any) -> None:
+    """A parked 2026-07-28 session whose next calls reach two routers at the same moment (one
+    client's requests spread over them): one binding, both calls on its instance, one lease.
+    Before, each router leased an instance of its own and the later record won, so the two
+    calls ran on two instances and the loser's lease was held for nothing."""
+    fleet: Fleet = await asyncio.to_thread(fleet_factory, instances=2, max_instances=2, **SETTINGS)
+    redis = aioredis.from_url(str(fleet.settings.redis_url), decode_responses=True)
+    try:
+        with ExtraRouter(fleet) as other:
+            await asyncio.to_thread(fleet.wait_registered, 2)
+            async with (
+                switched_client(fleet, Switch(fleet.settings.router_port), VERSION) as a,
+                switched_client(fleet, Switch(other.port), VERSION) as b,  # the same client name: one session
+            ):
+                sid = (await status_of(a))["session"]
+                assert (await status_of(b))["session"] == sid
+                for attempt in range(6):
+                    status, body = await fleet.admin("POST", f"/admin/sessions/{sid}/park")
+                    assert status == 200, body
+                    await asyncio.sleep(0.3)  # the other router hears of it on the sessions channel
+                    sa, sb = await asyncio.gather(status_of(a), status_of(b))
+                    assert sa["session"] == sb["session"] == sid
+                    assert sa["instance_id"] == sb["instance_id"], (attempt, sa, sb)
+                    held = [await redis.get(fleet.keys.lease(fleet.instance_id(n))) for n in (1, 2)]
+                    assert sorted(h for h in held if h) == [sid], (attempt, held)
+    finally:
+        await redis.aclose()
+    await fleet.end_all_sessions()
