@@ -114,7 +114,10 @@ class Routers:
             pipe.smembers(self.keys.routers())
             *_, listed = await pipe.execute()
         self.beats.inc()
-        return sorted(str(r) for r in listed)
+        ids = sorted(str(r) for r in listed)
+        if ids == [self.id]:  # known at once when this router is the only one ever listed
+            self.others_alive = False
+        return ids
 
     async def round(self) -> None:
         """One heartbeat, and the adoption of what routers found dead left (router/app.py)."""
