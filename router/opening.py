@@ -9,8 +9,10 @@ record, key mapping). Here one Lua script does all of it atomically:
   leased with a new fencing token (router/leases.py `pick`, the same rule as the allocator's
   one-round-trip path), the key is claimed and the record written;
 - a stored session that needs an instance (resume after park, failover): if its record is
-  gone (ended through another router), nothing is leased; otherwise the same lease, and the
-  record updated and announced on the sessions channel.
+  gone (ended through another router), nothing is leased; if it names another instance than
+  the router found there (another router resumed or moved it meanwhile: a client's requests
+  spread over several routers), nothing is leased either and the router takes that binding;
+  otherwise the same lease, and the record updated and announced on the sessions channel.
 
 When no candidate is free (the fleet is full, an instance's lease needs reconciling, or this
 router has not read the registry yet) nothing is written either, and the caller takes the slow
