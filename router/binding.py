@@ -207,8 +207,8 @@ class Bindings:
             # No initialize to replay: lease and record update in one round trip when a known
             # instance is free; else the allocator's slow path, then the record on its own.
             one_trip = inst is None and sess.stored and not (sess.era == "handshake" and sess.upstream_sid)
-            found = old_id
-            for _ in range(2) if one_trip else ():
+            found = old_id  # the record's binding as this router knows it ('' parked)
+            for _ in range(2 if one_trip else 0):  # a second try only after another router parked it
                 changes: dict[str, Any] = {"generation": sess.generation + 1}
                 if resuming:
                     changes.update(parked_at=0.0, resumes=sess.resumes + 1)
