@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from common import protocol as p  # noqa: E402
-from tests.bench.rawwire import read_head  # noqa: E402
+from tests.bench.rawwire import build_request, read_head  # noqa: E402
 
 MODERN = "2026-07-28"
 HANDSHAKE = "2025-11-25"
@@ -52,16 +52,7 @@ def _cpu(pid: int) -> float:
 
 
 def _request(port: int, body: dict[str, Any], headers: dict[str, str]) -> bytes:
-    data = json.dumps(body).encode()
-    head = [
-        "POST /mcp HTTP/1.1",
-        f"Host: 127.0.0.1:{port}",
-        "Accept: application/json, text/event-stream",
-        "Content-Type: application/json",
-        f"Content-Length: {len(data)}",
-        *(f"{k}: {v}" for k, v in headers.items()),
-    ]
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + data
+    return build_request(f"http://127.0.0.1:{port}/mcp", json.dumps(body).encode(), headers, version=None)
 
 
 async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:

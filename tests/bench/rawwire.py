@@ -25,14 +25,16 @@ def _meta(client: str) -> dict[str, Any]:
     }
 
 
-def build_request(url: str, body: bytes, extra: dict[str, str]) -> bytes:
+def build_request(url: str, body: bytes, extra: dict[str, str], *, version: str | None = VERSION) -> bytes:
+    """One POST's bytes: head and body. `version=None` leaves MCP-Protocol-Version to `extra`
+    (a handshake-era caller sends none on initialize, then the negotiated one)."""
     u = urlsplit(url)
     head = [
         f"POST {u.path or '/'} HTTP/1.1",
         f"Host: {u.netloc}",
         "Accept: application/json, text/event-stream",
         "Content-Type: application/json",
-        f"MCP-Protocol-Version: {VERSION}",
+        *([f"MCP-Protocol-Version: {version}"] if version else []),
         f"Content-Length: {len(body)}",
         *(f"{k}: {v}" for k, v in extra.items()),
     ]

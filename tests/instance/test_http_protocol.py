@@ -11,6 +11,7 @@ import pytest
 from common.protocol import INTERNAL_TOKEN_HEADER, SESSION_HEADER
 from instance import http_protocol
 from instance.http_protocol import HeadHolder
+from tests.bench.rawwire import build_request
 from tests.fakes.provider import FakeProvider
 from tests.instance.conftest import INTERNAL_TOKEN, SpawnInstance, new_session
 
@@ -219,16 +220,7 @@ async def test_a_real_instances_sse_answers_end_at_their_response_and_the_connec
     base = {INTERNAL_TOKEN_HEADER: INTERNAL_TOKEN, SESSION_HEADER: new_session()}
 
     def post(body: dict[str, object], headers: dict[str, str]) -> bytes:
-        data = json.dumps(body).encode()
-        lines = [
-            "POST /mcp HTTP/1.1",
-            f"Host: 127.0.0.1:{inst.port}",
-            "Accept: application/json, text/event-stream",
-            "Content-Type: application/json",
-            f"Content-Length: {len(data)}",
-            *(f"{k}: {v}" for k, v in headers.items()),
-        ]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
+        return build_request(f"{inst.url}/mcp", json.dumps(body).encode(), headers, version=None)
 
     reader, writer = await asyncio.open_connection("127.0.0.1", inst.port)
     try:
