@@ -191,6 +191,19 @@ class Bindings:
         async with sess.lock:
             if sess.generation != generation or sess.ended:
                 return
+            if keep:
+                # The instance no longer knows the session: reset by a park, or another router
+                # moved or resumed the session meanwhile (the lease names the session whichever
+                # router bound it). The record says which; only a binding it still names is kept.
+                bound = (sess.instance_id, sess.fence)
+                if not await self.table.refresh(sess):
+                    raise SessionNotFound("Session not found (it was ended).")
+                if (sess.instance_id, sess.fence) != bound:
+                    self.targets.pop(sess.id, None)
+                    if sess.instance_id:
+                        log.info("session %s moved to %s by another router", sess.id[:8], sess.instance_id)
+                        return
+                    keep = False  # parked meanwhile: resumed below
             resuming = not sess.instance_id and bool(sess.parked_at)
             old = self.targets.get(sess.id)
             old_id = sess.instance_id
@@ -232,7 +245,7 @@ class Bindings:
                     self.targets.pop(sess.id, None)
                     log.info("session %s was bound to %s by another router", sess.id[:8], sess.instance_id)
                     return
-                found = ""  # parked by the record after all: bind it from there
+                found, resuming = "", True  # parked by the record after all: bind it from there
             for _ in range(MAX_ATTEMPTS):
                 if inst is None:
                     inst, fence = await self.allocator.allocate(sess.id, known_first=not one_trip)
@@ -247,19 +260,51 @@ class Bindings:
                     inst = None
             if inst is None:
                 raise InstanceLost("No instance could take over this session.")
+            if sess.stored:
+                # The record names the new binding only if it still names the one found, as in
+                # the one-round-trip path: another router may have resumed, moved or parked the
+                # session while this one replayed its initialize.
+                replayed = sess.upstream_sid
+                for _ in range(2):  # a second try only after another router parked it
+                    changes = {"generation": sess.generation + 1, "upstream_sid": replayed}
+                    if resuming:
+                        changes.update(parked_at=0.0, resumes=sess.resumes + 1)
+                    got = await self.opening.bind(sess, (), changes, found=found, given=(inst, fence))
+                    if isinstance(got, Opened):
+                        for name, value in changes.items():
+                            setattr(sess, name, value)
+                        self.bind(sess, inst, fence)
+                        self.table.adopt(sess, got.ver)
+                        self._rebound(sess, resuming, started, old_id, reason)
+                        return
+                    if got is GONE or not await self.table.refresh(sess):
+                        await self._give_back(sess, inst, fence)
+                        self.table.drop(sess)
+                        raise SessionNotFound("Session not found (it was ended).")
+                    if sess.instance_id:
+                        break
+                    found, resuming = "", True  # parked by the record after all: bind it from there
+                if sess.instance_id != inst.id:
+                    await self._give_back(sess, inst, fence)
+                # else the other router bound it to this same instance: the lease is its own now
+                # (a failover that kept its instance takes the lease the session holds).
+                self.targets.pop(sess.id, None)
+                log.info("session %s was bound to %s by another router", sess.id[:8], sess.instance_id or "-")
+                return
             self.bind(sess, inst, fence)
             sess.generation += 1
-            if resuming:
-                sess.parked_at = 0.0
-                sess.resumes += 1
-            if not await self.table.save(sess, create=not sess.stored):
+            if not await self.table.save(sess, create=True):
                 # Ended through another router meanwhile: give the new instance back.
                 self.targets.pop(sess.id, None)
-                await self.reset_instance(inst, sess.id, fence)
-                await self.leases.release(inst.id, sess.id)
-                self.allocator.notify_freed()
+                await self._give_back(sess, inst, fence)
                 raise SessionNotFound("Session not found (it was ended).")
             self._rebound(sess, resuming, started, old_id, reason)
+
+    async def _give_back(self, sess: Session, inst: Instance, fence: int) -> None:
+        """Free an instance leased for `sess` that the record did not take."""
+        await self.reset_instance(inst, sess.id, fence)
+        await self.leases.release(inst.id, sess.id)
+        self.allocator.notify_freed()
 
     def _rebound(self, sess: Session, resuming: bool, started: float, old_id: str, reason: str) -> None:
         if resuming:

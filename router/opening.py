@@ -17,7 +17,11 @@ record, key mapping). Here one Lua script does all of it atomically:
 When no candidate is free (the fleet is full, an instance's lease needs reconciling, or this
 router has not read the registry yet) nothing is written either, and the caller takes the slow
 path: router/allocation.py (reconcile, park an idle session, wait, start spares), then the same
-script with the instance it got (`given`), so the key claim and the record stay one round trip.
+script with the instance it got (`given`), so the key claim and the record stay one round trip A
+handshake-era session that resumes or moves takes that path too (its `initialize` is replayed
+on the new instance before the record names it), and its record is then written by the same
+script with the same check of the binding found: of two routers resuming it at once, one
+binding wins and the other router gives its instance back.
 
 A new record is not announced: no other router caches a session before its record exists, and
 each finds it in Redis when the client reaches it.
@@ -202,12 +206,19 @@ class Opening:
         return await self._run(sess, "new", candidates, given, {})
 
     async def bind(
-        self, sess: Session, candidates: Sequence[str], changes: dict[str, Any], *, found: str
+        self,
+        sess: Session,
+        candidates: Sequence[str],
+        changes: dict[str, Any],
+        *,
+        found: str,
+        given: tuple[Instance, int] | None = None,
     ) -> Outcome:
-        """Lease a free instance for a stored session and update its record (with `changes`
-        applied) in one round trip, if the record still names `found` ('' parked: the binding
-        this router is replacing). Returns Opened, NoneFree, Bound or GONE."""
-        return await self._run(sess, "bind", candidates, None, changes, found)
+        """Lease a free instance for a stored session (or take `given`, already leased) and
+        update its record (with `changes` applied) in one round trip, if the record still
+        names `found` ('' parked: the binding this router is replacing). Returns Opened,
+        NoneFree, Bound or GONE; with `given`, Opened, Bound or GONE."""
+        return await self._run(sess, "bind", candidates, given, changes, found)
 
     async def _run(
         self,

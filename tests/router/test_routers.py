@@ -52,6 +52,21 @@ class Switch:
             self.versions.append(version)
 
 
+class Alternate(Switch):
+    """Each request to the next of `ports` in turn: one client's concurrent calls reach
+    several routers at the same moment, with the same session."""
+
+    def __init__(self, *ports: int) -> None:
+        super().__init__(ports[0])
+        self.ports = ports
+        self.sent = 0
+
+    async def hook(self, request: httpx2.Request) -> None:
+        self.port = self.ports[self.sent % len(self.ports)]
+        self.sent += 1
+        await super().hook(request)
+
+
 @contextlib.asynccontextmanager
 async def switched_client(fleet: Fleet, switch: Switch, mode: str) -> AsyncIterator[Client]:
     async with (
@@ -497,6 +512,36 @@ async def test_two_routers_resuming_one_session_at_once_bind_it_once(fleet_facto
                     assert sa["instance_id"] == sb["instance_id"], (attempt, sa, sb)
                     held = [await redis.get(fleet.keys.lease(fleet.instance_id(n))) for n in (1, 2)]
                     assert sorted(h for h in held if h) == [sid], (attempt, held)
+    finally:
+        await redis.aclose()
+    await fleet.end_all_sessions()
+
+
+async def test_two_routers_resuming_one_handshake_session_at_once_bind_it_once(fleet_factory: Any) -> None:
+    """The handshake era's resume replays the client's `initialize` on the new instance before
+    the record is written (the allocator's path, not the one-round-trip script). A parked
+    session's two concurrent calls reaching two routers: one binding, both calls on its
+    instance, one lease held. Before, each router replayed on an instance of its own and the
+    later record won, so the calls ran on two instances and the loser's lease was held."""
+    fleet: Fleet = await asyncio.to_thread(fleet_factory, instances=2, max_instances=2, **SETTINGS)
+    redis = aioredis.from_url(str(fleet.settings.redis_url), decode_responses=True)
+    try:
+        with ExtraRouter(fleet) as other:
+            await asyncio.to_thread(fleet.wait_registered, 2)
+            switch = Alternate(fleet.settings.router_port, other.port)
+            async with switched_client(fleet, switch, "legacy") as client:
+                sid = (await status_of(client))["session"]
+                for attempt in range(6):
+                    status, body = await fleet.admin("POST", f"/admin/sessions/{sid}/park")
+                    assert status == 200, body
+                    await asyncio.sleep(0.3)  # the other router hears of it on the sessions channel
+                    sa, sb = await asyncio.gather(status_of(client), status_of(client))
+                    assert sa["session"] == sb["session"] == sid
+                    assert sa["instance_id"] == sb["instance_id"], (attempt, sa, sb)
+                    held = [await redis.get(fleet.keys.lease(fleet.instance_id(n))) for n in (1, 2)]
+                    assert sorted(h for h in held if h) == [sid], (attempt, held)
+                    listed = await _sessions(fleet, other.router_url)
+                    assert listed[sid]["instance"] == sa["instance_id"], (attempt, listed[sid])
     finally:
         await redis.aclose()
     await fleet.end_all_sessions()
