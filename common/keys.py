@@ -31,6 +31,8 @@ Keyspace (with the default prefix):
     exai:chan:fleet                     PUBSUB fleet control (instance reset/drain notices)
     exai:chan:sessions                  PUBSUB "{sid} {ver} {router}": a session record changed (ver -1:
                                                ended); other routers re-read or drop their copy
+    exai:chan:pressure                  PUBSUB "{router}": a session there waits for an instance; the
+                                               other routers each park their longest-idle session
     exai:chan:link-members              PUBSUB "{group}": the group's membership changed (admin API, a
                                                session's end, link_leave); instances drop their copy
     exai:thread:{cid}                   LIST  recent turns of a thread (JSON), newest last
@@ -134,6 +136,11 @@ class Keys:
 
     def sessions_channel(self) -> str:
         return self._k("chan", "sessions")
+
+    def pressure_channel(self) -> str:
+        """A router's session waits for an instance (its id published): the other routers each
+        park one idle session of theirs (router/binding.py `relieve`)."""
+        return self._k("chan", "pressure")
 
     def link_members_channel(self) -> str:
         """A link group's name, published when its members change (common/link_members.py)."""

@@ -19,9 +19,10 @@ import logging
 import math
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, overload
 
 from common.errors import NoFreeInstance
+from common.redis import REDIS_DOWN_ERRORS
 from common.settings import Settings
 from router.leases import Leases
 from router.metrics import Metrics
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_WAITERS = 256
 POLL_INTERVAL = 0.1
 SPARE_RECHECK = 2.0
+ASK_AGAIN = 1.0  # how often a waiter asks the other routers again to park an idle session
 
 
 class Allocator:
@@ -46,6 +48,7 @@ class Allocator:
         reconcile: Callable[[Instance], Coroutine[Any, Any, bool]] | None = None,
         reclaim: Callable[[str], Coroutine[Any, Any, tuple[Instance, int] | None]] | None = None,
         working: Callable[[], int] | None = None,
+        ask_others: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -56,6 +59,9 @@ class Allocator:
         self.reconcile = reconcile
         self.reclaim = reclaim
         self.working = working or (lambda: 0)
+        # Idle sessions another router serves are parked only by that router: a waiter asks the
+        # others (router/binding.py `relieve`) when it starts waiting and every ASK_AGAIN s.
+        self.ask_others = ask_others
         self.waiters = 0
         self._freed = asyncio.Event()
 
@@ -120,10 +126,22 @@ class Allocator:
             got = await self.reclaim(session_id)  # an idle session's instance, handed over
         return got
 
-    async def allocate(self, session_id: str, *, known_first: bool = True) -> tuple[Instance, int]:
+    @overload
+    async def allocate(self, session_id: str, *, known_first: bool = True) -> tuple[Instance, int]: ...
+
+    @overload
+    async def allocate(
+        self, session_id: str, *, known_first: bool = True, abandon: Callable[[], bool]
+    ) -> tuple[Instance, int] | None: ...
+
+    async def allocate(
+        self, session_id: str, *, known_first: bool = True, abandon: Callable[[], bool] | None = None
+    ) -> tuple[Instance, int] | None:
         """A free instance and its fencing token: at once, after parking an idle session, or
         after waiting (bounded). `known_first=False`: the caller has just tried the known
-        instances in one round trip (router/opening.py), so the first try reads the registry."""
+        instances in one round trip (router/opening.py), so the first try reads the registry.
+        `abandon`: asked whenever the wait wakes; None is returned once it says True (another
+        router has bound the session meanwhile, say)."""
         got = await self._try_or_reclaim(session_id, known_first)
         if got is not None:
             return got
@@ -135,13 +153,19 @@ class Allocator:
         started = time.monotonic()
         deadline = started + self.settings.allocation_deadline
         spare_task: asyncio.Task[str | None] | None = None
-        next_spare = started
+        next_spare = next_ask = started
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.metrics.allocation_failures.inc()
                     raise self._refusal()
+                if self.ask_others is not None and time.monotonic() >= next_ask:
+                    next_ask = time.monotonic() + ASK_AGAIN
+                    try:
+                        await self.ask_others()
+                    except REDIS_DOWN_ERRORS as exc:
+                        log.debug("could not ask the other routers for an instance: %s", exc)
                 if (
                     self.settings.autostart_spares
                     and self.start_spare is not None
@@ -157,6 +181,8 @@ class Allocator:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(POLL_INTERVAL * 2, remaining)):
                         await self._freed.wait()
+                if abandon is not None and abandon():
+                    return None
                 got = await self._try_or_reclaim(session_id)
                 if got is not None:
                     return got

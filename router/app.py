@@ -237,6 +237,12 @@ def create_app(settings: Settings) -> web.Application:
             ttl=settings.heartbeat_ttl, interval=settings.heartbeat_interval, adopted=adopted,
         )  # fmt: skip  # this router's heartbeat; the others' bound sessions adopted when theirs expires
         proxy.bindings.others_alive = lambda: routers.others_alive
+
+        async def ask_others() -> None:  # a waiter's turn: another router may have idle sessions
+            if routers.others_alive:
+                await table.ask_for_instance()
+
+        allocator.ask_others = ask_others
         with contextlib.suppress(*REDIS_DOWN_ERRORS):
             await routers.beat()
         sweep = _sweep_interval(settings)

@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +98,8 @@ class Bindings:
         # Whether other router processes are alive (router/routers.py; set by the app).
         self.others_alive: Callable[[], bool] = lambda: False
         table.on_drop.append(self._dropped)
+        table.on_pressure.append(self.relieve)
+        self._relieving: asyncio.Task[None] | None = None
 
     def _dropped(self, sess: Session) -> None:
         """Another router ended `sess`: forget where it was bound here."""
@@ -246,9 +248,15 @@ class Bindings:
                     log.info("session %s was bound to %s by another router", sess.id[:8], sess.instance_id)
                     return
                 found, resuming = "", True  # parked by the record after all: bind it from there
+            seen = sess.ver  # a change notice read while this waits: another router bound it
             for _ in range(MAX_ATTEMPTS):
                 if inst is None:
-                    inst, fence = await self.allocator.allocate(sess.id, known_first=not one_trip)
+                    leased = await self.allocator.allocate(
+                        sess.id, known_first=not one_trip, abandon=lambda: sess.ended or sess.ver != seen
+                    )
+                    if leased is None:
+                        break
+                    inst, fence = leased
                 try:
                     if sess.era == "handshake" and sess.upstream_sid:
                         sess.upstream_sid = await self._replay_initialize(sess, inst, fence)
@@ -259,7 +267,16 @@ class Bindings:
                     await self.leases.release(inst.id, sess.id)
                     inst = None
             if inst is None:
-                raise InstanceLost("No instance could take over this session.")
+                if sess.ended:
+                    raise SessionNotFound("Session not found (it was ended).")
+                if sess.ver == seen:
+                    raise InstanceLost("No instance could take over this session.")
+                # The record changed while this router waited for an instance: another router
+                # resumed, moved or parked the session. Its binding is taken; parked, the
+                # request's next attempt resumes it again.
+                self.targets.pop(sess.id, None)
+                log.info("session %s was bound to %s by another router", sess.id[:8], sess.instance_id or "-")
+                return
             if sess.stored:
                 # The record names the new binding only if it still names the one found, as in
                 # the one-round-trip path: another router may have resumed, moved or parked the
@@ -385,25 +402,28 @@ class Bindings:
         async with sess.lock:
             if sess.ended or not sess.instance_id or sess.inflight:
                 return False
-            await self._release(sess, reason)
-            return True
+            return await self._release(sess, reason)
 
-    async def _release(self, sess: Session, reason: str) -> None:
-        """Unbind (caller holds sess.lock): record first, then reset, then free the lease."""
+    async def _release(self, sess: Session, reason: str) -> bool:
+        """Unbind (caller holds sess.lock): record first, then reset, then free the lease;
+        False if the record was ended or moved by another router meanwhile."""
         parked = await self._park_record(sess)
         if parked is not None:
             await self._free(sess, *parked, reason)
+        return parked is not None
 
     async def _park_record(self, sess: Session) -> tuple[Instance | None, str, int] | None:
         """Unbind the session here and in its record (caller holds sess.lock): the instance
         (None if it is no longer registered), its id and the session's fencing token; None if
-        the record is gone (ended through another router, which reset and freed the instance)."""
+        the record is gone (ended through another router, which reset and freed the instance)
+        or no longer names this binding (another router moved, resumed or parked the session
+        meanwhile: the instance is not this router's to free, and `sess` takes the record's view)."""
         inst = self.targets.pop(sess.id, None)
         iid, fence = sess.instance_id, sess.fence
         sess.instance_id = ""
         sess.parked_at = time.time()
         sess.parks += 1
-        if not await self.table.save(sess, create=False):  # any router now resumes it instead
+        if not await self.table.save(sess, create=False, expect=(iid, fence)):  # any router resumes it now
             return None
         if inst is None or inst.id != iid:
             inst = await self.registry.get(iid)
@@ -430,7 +450,7 @@ class Bindings:
                 return False
             parked = await self._park_record(sess)
             if parked is None:
-                return True  # its router reset and freed the instance: the allocator may take it
+                return True  # ended or moved by another router meanwhile: the allocator looks again
             inst, iid, fence = parked
             new_fence = 0 if inst is None else await self.leases.transfer(iid, sess.id, session_id, fence)
             if inst is None or not new_fence:
@@ -477,10 +497,10 @@ class Bindings:
                 parked += 1
         return parked
 
-    async def reclaim(self, session_id: str) -> tuple[Instance, int] | None:
-        """An instance for `session_id`, which is waiting for one, from the longest-idle bound
-        session: that session is parked and its instance handed over (`_hand_over`), or, where
-        the lease cannot move, freed and then allocated as usual. None if no session is idle."""
+    async def _idle_now(self) -> AsyncIterator[Session]:
+        """This router's bound sessions idle for PRESSURE_GRACE, longest-idle first, that it may
+        park for a waiting session: served here (another router may be serving one of the others
+        right now; only park_idle's check applies to those) and quiet in the record too."""
         cutoff = time.time() - PRESSURE_GRACE
         idle = sorted(
             (s for s in self.table.by_id.values() if s.instance_id and not s.ended and not s.inflight),
@@ -488,17 +508,40 @@ class Bindings:
         )
         for sess in idle:
             if sess.last_seen > cutoff:
-                return None
-            if not sess.routed_here:
-                continue  # possibly served by another router right now: only park_idle's check
-            if not await self._quiet_elsewhere(sess, cutoff):
-                continue  # another router served it since
+                return
+            if sess.routed_here and await self._quiet_elsewhere(sess, cutoff):
+                yield sess
+
+    async def reclaim(self, session_id: str) -> tuple[Instance, int] | None:
+        """An instance for `session_id`, which is waiting for one, from the longest-idle bound
+        session: that session is parked and its instance handed over (`_hand_over`), or, where
+        the lease cannot move, freed and then allocated as usual. None if no session is idle."""
+        async for sess in self._idle_now():
             got = await self._hand_over(sess, session_id)
             if isinstance(got, tuple):
                 return got
             if got:  # parked and freed the usual way
                 return await self.allocator.try_once(session_id)
         return None
+
+    def relieve(self) -> None:
+        """Another router's session waits for an instance (router/sessions.py `on_pressure`):
+        park this router's longest-idle session by the same rule as `reclaim`, so that its
+        instance comes free for the waiter (which looks again at once: it polls). Only the
+        router serving a session parks it this soon, so without this a waiter could not have
+        the instance of a session idle behind another router until EXAI_SESSION_PARK_AFTER."""
+        if self._relieving is None or self._relieving.done():
+            self._relieving = asyncio.create_task(self._relieve(), name="relieve pressure")
+
+    async def _relieve(self) -> None:
+        try:
+            async for sess in self._idle_now():
+                if await self.park(sess, "pressure"):
+                    return
+        except REDIS_DOWN_ERRORS as exc:
+            log.info("could not park a session for another router's waiter: %s", exc)
+        except Exception:
+            log.exception("parking a session for another router's waiter failed")
 
     async def evict(self, instance_id: str, wait: float) -> Eviction:
         """Park every session bound to `instance_id` (being stopped): wait up to `wait` seconds

@@ -183,10 +183,13 @@ class Call:
 
 
 # A structural write. KEYS: record, sessions zset, channel [, stateless key mapping]. ARGV:
-# create ("1"/"0"), expiry ms, last_seen, session id, total, router id, then field/value pairs.
+# create ("1"/"0"), expiry ms, last_seen, session id, total, router id, the binding the record
+# must still name ('' for no check, else '=' instance id ':' fence), then field/value pairs.
 # The record's `router` becomes this router (router/routers.py: the one that served it last).
-# Returns the new version, or -1 when the record is gone and this is not a create (another
-# router ended the session). Only a change is announced: no other router caches a new record.
+# Returns the new version, -1 when the record is gone and this is not a create (another
+# router ended the session), or -2 when it names another binding than expected (another router
+# moved, resumed or parked the session meanwhile; nothing written). Only a change is
+# announced: no other router caches a new record.
 FLUSH_SECONDS = 1.0
 """How often a router writes the last-seen times of the sessions it served into their records
 (`SessionTable.flush`, router/app.py): another router sees a call that much later at most."""
@@ -194,8 +197,12 @@ FLUSH_SECONDS = 1.0
 _SAVE = """
 local exists = redis.call('exists', KEYS[1]) == 1
 if not exists and ARGV[1] ~= '1' then return -1 end
+if exists and ARGV[7] ~= '' then
+  local bound = redis.call('hmget', KEYS[1], 'instance_id', 'fence')
+  if '=' .. (bound[1] or '') .. ':' .. (bound[2] or '0') ~= ARGV[7] then return -2 end
+end
 if not exists then redis.call('hset', KEYS[1], 'total', ARGV[5], 'last_seen', ARGV[3]) end
-redis.call('hset', KEYS[1], 'router', ARGV[6], unpack(ARGV, 7))
+redis.call('hset', KEYS[1], 'router', ARGV[6], unpack(ARGV, 8))
 local seen = redis.call('hget', KEYS[1], 'last_seen')
 if tonumber(ARGV[3]) > tonumber(seen or '0') then
   redis.call('hset', KEYS[1], 'last_seen', ARGV[3])
@@ -250,6 +257,7 @@ class SessionTable:
         self._removing: set[str] = set()  # ended here, record not yet deleted from Redis
         self.origin = secrets.token_hex(6)  # this router process, in change notices
         self.on_drop: list[Callable[[Session], None]] = []  # told when another router ended one
+        self.on_pressure: list[Callable[[], None]] = []  # told when another router's session waits
         self._save = redis.register_script(_SAVE)
         self._flush = redis.register_script(_FLUSH)
         self._remove = redis.register_script(_REMOVE)
@@ -318,18 +326,26 @@ class SessionTable:
             self.by_key[sess.key] = sess
         sess.ver, sess.stored = ver, True
 
-    async def save(self, sess: Session, *, create: bool = True) -> bool:
+    async def save(
+        self, sess: Session, *, create: bool = True, expect: tuple[str, int] | None = None
+    ) -> bool:
         """Write the record (and a stateless session's key mapping) through to Redis in one
         round trip; False (and the session dropped here) when it is an update (`create=False`)
-        of a record another router has deleted meanwhile."""
+        of a record another router has deleted meanwhile. With `expect` (instance id, fence),
+        only while the record still names that binding: False otherwise, with the record's
+        view taken into `sess` (another router moved, resumed or parked it meanwhile)."""
         if sess.ended:
             return False
         self.by_id[sess.id] = sess
         if sess.key:
             self.by_key[sess.key] = sess
         args: list[str | int] = ["1" if create else "0", self.expire_ms, repr(sess.last_seen), sess.id]
-        args += [sess.total, self.origin]
+        args += [sess.total, self.origin, "" if expect is None else f"={expect[0]}:{expect[1]}"]
         ver = int(await self._save(keys=self.record_keys(sess), args=[*args, *sess.structural()]))
+        if ver == -2:
+            log.info("session %s was moved by another router meanwhile: not written", sess.id[:8])
+            await self.refresh(sess)
+            return False
         if ver < 0:
             log.info("session %s was ended by another router", sess.id[:8])
             self.drop(sess)
@@ -464,15 +480,31 @@ class SessionTable:
         elif ver > sess.ver:
             self.refresh_soon(sess)
 
+    async def ask_for_instance(self) -> None:
+        """Tell the other routers that a session here waits for an instance (`on_pressure`)."""
+        await self.redis.publish(self.keys.pressure_channel(), self.origin)
+
+    def pressed(self, origin: str) -> None:
+        if origin == self.origin:
+            return
+        for hook in self.on_pressure:
+            hook()
+
     async def watch(self) -> None:
-        """Follow the sessions channel until cancelled (the renewal round covers what it misses)."""
+        """Follow the sessions and pressure channels until cancelled (the renewal round covers
+        the change notices it misses; a waiting router asks again)."""
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pressure = self.keys.pressure_channel()
         try:
-            await pubsub.subscribe(self.keys.sessions_channel())
+            await pubsub.subscribe(self.keys.sessions_channel(), pressure)
             async for msg in pubsub.listen():
                 if msg.get("type") == "message":
-                    data = msg["data"]
-                    self.noticed(data.decode() if isinstance(data, bytes) else str(data))
+                    data, channel = msg["data"], msg["channel"]
+                    text = data.decode() if isinstance(data, bytes) else str(data)
+                    if (channel.decode() if isinstance(channel, bytes) else str(channel)) == pressure:
+                        self.pressed(text)
+                    else:
+                        self.noticed(text)
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()

@@ -222,9 +222,9 @@ async def test_concurrent_openings_never_share_an_instance(counting: Counting, k
     assert held.count(winners[0]) == 1 and held.count(None) == 4
 
 
-def _proxy(client: aioredis.Redis, keys: Keys, http: aiohttp.ClientSession) -> Proxy:
+def _proxy(client: aioredis.Redis, keys: Keys, http: aiohttp.ClientSession, deadline: float = 0.3) -> Proxy:
     """The router's /mcp side without a server: what opening a session goes through."""
-    settings: Any = SimpleNamespace(allocation_deadline=0.3, autostart_spares=False, max_instances=2)
+    settings: Any = SimpleNamespace(allocation_deadline=deadline, autostart_spares=False, max_instances=2)
     registry = Registry(client, keys)
     table, leases, _ = _router(client, keys)
     allocator = Allocator(settings, registry, leases, Metrics())
@@ -347,3 +347,75 @@ async def test_without_its_line_the_script_goes_through_redis_py(counting: Count
     assert await counting.hget(keys.session(third.id), "instance_id") == got.instance_id  # type: ignore[misc]
     for sess in (first, second, third):
         await table.remove(sess)
+
+
+async def test_a_park_writes_only_over_the_binding_it_parks(counting: Counting, keys: Keys) -> None:
+    """Parking (router/binding.py `_park_record`) is a compare-and-set too: a router whose copy
+    is stale (another router moved the session meanwhile) must not write "parked" over the new
+    binding, or the session's next call would bind it a second time while the other router
+    still serves it there. It takes the record's view instead."""
+    ours = SessionTable(counting, keys, expire_after=60)
+    theirs = SessionTable(counting, keys, expire_after=60)
+    tag = secrets.token_hex(3)
+    sess = Session(
+        id=new_session_id(), era="handshake", principal="local", client="c", instance_id=f"{tag}-1", fence=5
+    )
+    assert await ours.save(sess)
+    moved = await theirs.fetch(sess.id)
+    assert moved is not None
+    moved.instance_id, moved.fence = f"{tag}-2", 6
+    assert await theirs.save(moved, create=False)  # another router moved it
+
+    sess.instance_id, sess.parked_at = "", 1.0  # the stale router parks what it thinks it has
+    assert not await ours.save(sess, create=False, expect=(f"{tag}-1", 5))
+    stored = Session.from_hash(await counting.hgetall(keys.session(sess.id)))  # type: ignore[misc]
+    assert (stored.instance_id, stored.fence, stored.parked_at) == (f"{tag}-2", 6, 0.0)
+    assert (sess.instance_id, sess.fence) == (f"{tag}-2", 6) and not sess.ended  # the record's view
+
+    sess.instance_id, sess.parked_at = "", 2.0  # now the binding it names: parked
+    assert await ours.save(sess, create=False, expect=(f"{tag}-2", 6))
+    stored = Session.from_hash(await counting.hgetall(keys.session(sess.id)))  # type: ignore[misc]
+    assert (stored.instance_id, stored.parked_at) == ("", 2.0)
+    await ours.remove(sess)
+
+
+async def test_a_session_waiting_for_an_instance_takes_the_binding_another_router_gave_it(
+    counting: Counting, keys: Keys
+) -> None:
+    """A full fleet: this router waits for an instance to resume a parked session while another
+    router binds that session (it had an instance to hand over). Once the change notice comes,
+    the waiter takes that binding instead of waiting out the allocation deadline for a second
+    instance, and then refusing a call the other router is serving (tests/router/test_zz_* runs
+    showed clients refused after 30 s while their session was bound)."""
+    tag = secrets.token_hex(3)
+    keys = Keys(f"{keys.prefix}:op{tag}")
+    ids = [f"op-{tag}-{n}" for n in range(2)]
+    for n, iid in enumerate(ids):
+        await _register(counting, keys, iid)
+        await counting.sadd(keys.instances(), iid)  # type: ignore[misc]
+        await Leases(counting, keys, ttl=30).acquire(iid, f"busy-{n}")  # both serve other sessions
+    async with aiohttp.ClientSession() as http:
+        one, two = _proxy(counting, keys, http, deadline=20.0), _proxy(counting, keys, http)
+        sess = Session(id=new_session_id(), era="stateless", principal="local", client="c", parked_at=1.0)
+        assert await two.table.save(sess)
+        mine = await one.table.fetch(sess.id)
+        assert mine is not None and not mine.instance_id
+        watching = asyncio.create_task(one.table.watch())
+        try:
+            await one.registry.instances()
+            waiting = asyncio.create_task(one.bindings.rebind(mine, mine.generation, "resume"))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()  # no free instance: waiting
+            # The other router hands busy-0's instance to the session and writes its record.
+            fence = await two.leases.transfer(ids[0], "busy-0", sess.id, 1)
+            assert fence
+            sess.instance_id, sess.fence, sess.parked_at = ids[0], fence, 0.0
+            assert await two.table.save(sess, create=False)
+            await asyncio.wait_for(waiting, 5.0)  # not the 20 s allocation deadline
+            waiting.result()
+        finally:
+            watching.cancel()
+        assert (mine.instance_id, mine.fence) == (ids[0], fence)
+        assert [await one.leases.holder(i) for i in ids] == [sess.id, "busy-1"]
+        await one.close()
+        await two.close()

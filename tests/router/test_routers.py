@@ -68,7 +68,9 @@ class Alternate(Switch):
 
 
 @contextlib.asynccontextmanager
-async def switched_client(fleet: Fleet, switch: Switch, mode: str) -> AsyncIterator[Client]:
+async def switched_client(
+    fleet: Fleet, switch: Switch, mode: str, *, name: str = ""
+) -> AsyncIterator[Client]:
     async with (
         httpx2.AsyncClient(
             timeout=httpx2.Timeout(30.0, read=60.0),
@@ -78,7 +80,7 @@ async def switched_client(fleet: Fleet, switch: Switch, mode: str) -> AsyncItera
         Client(
             streamable_http_client(fleet.mcp_url, http_client=http),
             mode=mode,  # type: ignore[arg-type]
-            client_info=mcp_types.Implementation(name=f"multi-{mode}", version="1"),
+            client_info=mcp_types.Implementation(name=name or f"multi-{mode}", version="1"),
         ) as client,
     ):
         yield client
@@ -544,4 +546,37 @@ async def test_two_routers_resuming_one_handshake_session_at_once_bind_it_once(f
                     assert listed[sid]["instance"] == sa["instance_id"], (attempt, listed[sid])
     finally:
         await redis.aclose()
+    await fleet.end_all_sessions()
+
+
+async def test_a_waiter_gets_the_instance_of_a_session_idle_behind_another_router(fleet_factory: Any) -> None:
+    """A full fleet, both instances bound to sessions that only the other router serves, idle
+    for less than EXAI_SESSION_PARK_AFTER. A new session through this router must not wait out
+    the allocation deadline and get a 503: only the serving router parks a session this soon,
+    so the waiting router asks it to (the pressure channel), and it parks its longest-idle one."""
+    fleet: Fleet = await asyncio.to_thread(
+        fleet_factory,
+        instances=2,
+        max_instances=2,
+        **{**SETTINGS, "session_park_after": 120.0, "allocation_deadline": 8.0},
+    )
+    with ExtraRouter(fleet) as other:
+        await asyncio.to_thread(fleet.wait_registered, 2)
+        await asyncio.sleep(2 * SETTINGS["heartbeat_interval"])  # each router has seen the other's heartbeat
+        async with contextlib.AsyncExitStack() as stack:
+            held = []
+            for name in ("idle-1", "idle-2"):
+                switch = Switch(other.port)
+                client = await stack.enter_async_context(switched_client(fleet, switch, VERSION, name=name))
+                held.append(await status_of(client))
+            assert {h["instance_id"] for h in held} == {fleet.instance_id(1), fleet.instance_id(2)}
+            await asyncio.sleep(0.5)  # idle for longer than a waiter's grace
+            waiter = await stack.enter_async_context(
+                switched_client(fleet, Switch(fleet.settings.router_port), VERSION, name="waiter")
+            )
+            got = await status_of(waiter)
+            assert got["instance_id"] in {h["instance_id"] for h in held}
+            listed = await _sessions(fleet, other.router_url)
+            parked = [listed[h["session"]] for h in held if listed[h["session"]]["state"] == "parked"]
+            assert len(parked) == 1, listed
     await fleet.end_all_sessions()
