@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOCAL_SESSION = "local"
+RETIRED_KEPT = 64  # ended bindings remembered (see `Runtime.retired`)
 
 
 def supersedes(fence: str, bound: str) -> bool:
@@ -130,6 +132,11 @@ class Runtime:
         self.binding: Binding | None = None
         # Set while a new session's first request takes the instance over (`take_over`).
         self.handover: asyncio.Future[None] | None = None
+        # Bindings this instance has ended (reset, or taken over), as (session, fencing token):
+        # a router whose copy of the session table is stale may still send that session's
+        # requests here with that token, and binding it again would serve the session on two
+        # instances (another router has resumed it elsewhere). A new lease has a new token.
+        self.retired: deque[tuple[str, str]] = deque(maxlen=RETIRED_KEPT)
         self.inflight = 0
         self.calls_total = 0
         # EXAI_TEST_LEAK_PER_CALL_BYTES (test only): references kept on purpose, see call().
@@ -176,6 +183,8 @@ class Runtime:
                 current.fence = fence  # the same session under a renewed lease
                 after_answer(self.on_change)
             return True
+        if fence and (sid, fence) in self.retired:
+            return False  # that lease was ended here: a stale router's request (`admit` logs it)
         self.binding = Binding(
             session=sid,
             principal=header(headers, PRINCIPAL_HEADER),
@@ -248,6 +257,7 @@ class Runtime:
         done = asyncio.get_running_loop().create_future()
         self.handover = done
         try:
+            self._retire(current)
             self.binding = None
             self.observe(headers)  # bound now: a late request of the old session is fenced off
             if self.close_mcp_sessions is not None:
@@ -293,11 +303,16 @@ class Runtime:
         the lease once it has the answer, and an entry still naming the old session then would
         send the next opening down the allocator's slow path (a lease to reconcile, the whole
         registry read, a second reset)."""
+        self._retire(self.binding)
         self.binding = None
         if self.close_mcp_sessions is not None:
             await self.close_mcp_sessions()
         if self.register_now is None or not await self.register_now():
             self.on_change()  # the heartbeat writes it (again while Redis is unreachable)
+
+    def _retire(self, binding: Binding | None) -> None:
+        if binding is not None and binding.fence:
+            self.retired.append((binding.session, binding.fence))
 
     def set_state(self, state: InstanceState) -> None:
         if self.state != state:

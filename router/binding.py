@@ -37,7 +37,7 @@ from common.redis import REDIS_DOWN_ERRORS
 from router.allocation import Allocator
 from router.leases import Leases
 from router.metrics import Metrics
-from router.opening import GONE, Bound, Opened, Opening
+from router.opening import GONE, Bound, Opened, Opening, binding_of
 from router.registry import Instance, Registry
 from router.sessions import FLUSH_SECONDS, Session, SessionTable
 
@@ -214,15 +214,16 @@ class Bindings:
             if keep and old is not None and await self.leases.holder(old.id) == sess.id:
                 inst = await self.registry.get(old.id) or old
             elif old_id:
-                # Unbound from here on, so that lease renewal cannot take the old lease back
-                # while this session waits for an instance.
+                # Unbound here from now on, so that lease renewal skips it while this session
+                # waits for an instance. The old lease is freed once the record names the new
+                # binding (`_moved_off`): until then another router may bind the session
+                # there again, under a lease that names the session all the same.
                 sess.instance_id = ""
                 self.targets.pop(sess.id, None)
-                await self.leases.release(old_id, sess.id)
             # No initialize to replay: lease and record update in one round trip when a known
             # instance is free; else the allocator's slow path, then the record on its own.
             one_trip = inst is None and sess.stored and not (sess.era == "handshake" and sess.upstream_sid)
-            found = old_id  # the record's binding as this router knows it ('' parked)
+            found = binding_of(old_id, fence)  # the record's binding as this router knows it
             for _ in range(2 if one_trip else 0):  # a second try only after another router parked it
                 changes: dict[str, Any] = {"generation": sess.generation + 1}
                 if resuming:
@@ -235,6 +236,7 @@ class Bindings:
                     for name, value in changes.items():
                         setattr(sess, name, value)
                     self.opened(sess, got)
+                    await self._moved_off(sess, old_id)
                     self._rebound(sess, resuming, started, old_id, reason)
                     return
                 if not isinstance(got, Bound):
@@ -292,6 +294,7 @@ class Bindings:
                             setattr(sess, name, value)
                         self.bind(sess, inst, fence)
                         self.table.adopt(sess, got.ver)
+                        await self._moved_off(sess, old_id)
                         self._rebound(sess, resuming, started, old_id, reason)
                         return
                     if got is GONE or not await self.table.refresh(sess):
@@ -315,7 +318,14 @@ class Bindings:
                 self.targets.pop(sess.id, None)
                 await self._give_back(sess, inst, fence)
                 raise SessionNotFound("Session not found (it was ended).")
+            await self._moved_off(sess, old_id)
             self._rebound(sess, resuming, started, old_id, reason)
+
+    async def _moved_off(self, sess: Session, old_id: str) -> None:
+        """The record names the session's new binding: free its lease of the instance it left."""
+        if old_id and old_id != sess.instance_id:
+            await self.leases.release(old_id, sess.id)
+            self.allocator.notify_freed()
 
     async def _give_back(self, sess: Session, inst: Instance, fence: int) -> None:
         """Free an instance leased for `sess` that the record did not take."""

@@ -57,11 +57,11 @@ from router.sessions import Session, SessionTable
 # hash, lease and lease generation.
 # ARGV: 1 session id, 2 mode ('new' or 'bind'), 3 lease ttl ms, 4 record expiry ms,
 # 5 last_seen, 6 total, 7 router id, 8 keyed ('1'/'0'), 9 given instance ('' to pick one),
-# 10 given fence, 11 candidate count n, 12 the instance the caller found the record naming
-# ('' parked; bind only), 13 .. 12+n candidate ids, then structural field/value pairs
-# (instance_id and fence are set from the lease).
+# 10 given fence, 11 candidate count n, 12 the binding the caller found the record naming
+# (`binding_of`: instance id ':' fence, '' parked; bind only), 13 .. 12+n candidate ids, then
+# structural field/value pairs (instance_id and fence are set from the lease).
 # Returns {'taken', session id} (new: the key names another session), {'gone'} (bind: the
-# record was deleted), {'bound', instance id, version} (bind: the record names another instance
+# record was deleted), {'bound', instance id, version} (bind: the record names another binding
 # than the caller found, another router bound it meanwhile; nothing written), {'none', id or
 # ''} (no free candidate; `pick`'s instance to reconcile), or {'ok', instance id, fence,
 # instance hash as a flat list ({} when given), version}.
@@ -79,9 +79,10 @@ if mode == 'new' then
 elseif not exists then
   return {'gone'}
 else
-  local bound = redis.call('hget', KEYS[1], 'instance_id') or ''
-  if bound ~= ARGV[12] then
-    return {'bound', bound, tonumber(redis.call('hget', KEYS[1], 'ver') or '0')}
+  local row = redis.call('hmget', KEYS[1], 'instance_id', 'fence', 'ver')
+  local bound = row[1] or ''
+  if (bound == '' and '' or bound .. ':' .. (row[2] or '0')) ~= ARGV[12] then
+    return {'bound', bound, tonumber(row[3] or '0')}
   end
 end
 local n = tonumber(ARGV[11])
@@ -110,6 +111,12 @@ if exists then redis.call('publish', KEYS[3], sid .. ' ' .. ver .. ' ' .. ARGV[7
 return {'ok', id, fence, row, ver}
 """
 )
+
+
+def binding_of(instance_id: str, fence: int) -> str:
+    """A binding as the opening script compares it with the record's: '' when parked. The
+    fence is part of it: a session resumed on the instance it had before has a new one."""
+    return f"{instance_id}:{fence}" if instance_id else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +223,7 @@ class Opening:
     ) -> Outcome:
         """Lease a free instance for a stored session (or take `given`, already leased) and
         update its record (with `changes` applied) in one round trip, if the record still
-        names `found` ('' parked: the binding this router is replacing). Returns Opened,
+        names `found` (`binding_of`; '' parked: the binding this router is replacing). Returns Opened,
         NoneFree, Bound or GONE; with `given`, Opened, Bound or GONE."""
         return await self._run(sess, "bind", candidates, given, changes, found)
 

@@ -191,6 +191,32 @@ async def test_a_later_lease_takes_the_instance_over_and_the_old_session_is_fenc
     assert not h.runtime.may_reset({SESSION_HEADER: "s1", FENCE_HEADER: "7"})
 
 
+async def test_a_binding_ended_here_is_not_bound_again_by_a_stale_request(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A session parked (reset) or taken over here may have been resumed elsewhere since; a
+    router whose copy is stale still sends its requests here with the ended lease's token.
+    The instance must fence them off rather than bind that session again, or the session would
+    run on two instances. A new lease of the same session (a new token) binds as usual."""
+    h = _Harness(make_settings(internal_token=TOKEN))
+    await h.call("s1", fence="7")
+    await h.runtime.reset()  # parked
+    h.events.clear()
+    await h.call("s1", fence="7")
+    assert h.events == ["status 409", "answered"] and h.runtime.binding is None
+    await h.call("s2", fence="8")
+    await h.call("s3", fence="9")  # takes s2's lease over
+    h.events.clear()
+    await h.call("s2", fence="8")
+    assert h.events == ["status 409", "answered"] and h.runtime.session == "s3"
+    await h.runtime.reset()
+    h.events.clear()
+    await h.call("s2", fence="8")  # still the ended lease, though nothing is bound now
+    assert h.events == ["status 409", "answered"] and h.runtime.binding is None
+    await h.call("s1", fence="10")  # resumed here later under a new lease
+    assert h.runtime.session == "s1" and h.runtime.binding is not None and h.runtime.binding.fence == "10"
+
+
 async def test_no_take_over_by_a_token_not_higher_or_during_a_call(
     make_settings: Callable[..., Settings],
 ) -> None:

@@ -23,7 +23,7 @@ from common.keys import Keys
 from router.allocation import Allocator
 from router.leases import Leases
 from router.metrics import Metrics
-from router.opening import GONE, Bound, NoneFree, Opened, Opening, Taken
+from router.opening import GONE, Bound, NoneFree, Opened, Opening, Taken, binding_of
 from router.proxy import Proxy
 from router.registry import Instance, Registry
 from router.security import Guard
@@ -136,9 +136,8 @@ async def test_a_new_session_is_one_round_trip_with_a_fenced_lease_and_its_recor
     assert counting.sent == ["EVALSHA", "SCRIPT LOAD", "EVALSHA"]
     assert isinstance(again, Opened) and again.instance_id == free and again.fence == got.fence + 1
     counting.sent.clear()
-    assert await opening.bind(sess, [busy, free], {}, found=free) == NoneFree(
-        ""
-    )  # nothing free: nothing written
+    found = binding_of(free, again.fence)
+    assert await opening.bind(sess, [busy, free], {}, found=found) == NoneFree("")  # nothing written
     assert counting.sent == ["EVALSHA"]
     record = await table.redis.hgetall(keys.session(sess.id))  # type: ignore[misc]
     assert (record["fence"], record["resumes"], record["generation"]) == (str(again.fence), "1", "1")
@@ -149,12 +148,17 @@ async def test_a_new_session_is_one_round_trip_with_a_fenced_lease_and_its_recor
     assert await opening.bind(sess, [free], changes, found="") == Bound(free, again.ver)
     assert await leases.holder(free) is None
     assert await table.redis.hgetall(keys.session(sess.id)) == record  # type: ignore[misc]
+    # So does a router that found it on that instance under an older lease (it was parked and
+    # resumed there again meanwhile): the fence is part of the binding.
+    stale = binding_of(free, again.fence - 1)
+    assert await opening.bind(sess, [free], changes, found=stale) == Bound(free, again.ver)
+    assert await leases.holder(free) is None
 
     # Ended through another router: binding it takes no lease.
     await leases.release(free, sess.id)
     await other_table.remove(Session.from_hash(record))
     assert await counting.get(keys.session_key(sess.key)) is None  # the end dropped the mapping
-    assert await opening.bind(sess, [free], {}, found=free) is GONE
+    assert await opening.bind(sess, [free], {}, found=found) is GONE
     assert await leases.holder(free) is None
     await opening.close()
 
