@@ -489,6 +489,24 @@ async def test_a_session_served_through_another_router_is_not_parked_as_idle(fle
     await fleet.end_all_sessions()
 
 
+async def _park_and_call_twice(
+    fleet: Fleet, redis: aioredis.Redis, sid: str, a: Client, b: Client, other: ExtraRouter
+) -> None:
+    """Six times: park the session, then two calls at once (through both routers): both on one
+    instance, the only lease held, and the other router's view the same."""
+    for attempt in range(6):
+        status, body = await fleet.admin("POST", f"/admin/sessions/{sid}/park")
+        assert status == 200, body
+        await asyncio.sleep(0.3)  # the other router hears of it on the sessions channel
+        sa, sb = await asyncio.gather(status_of(a), status_of(b))
+        assert sa["session"] == sb["session"] == sid
+        assert sa["instance_id"] == sb["instance_id"], (attempt, sa, sb)
+        held = [await redis.get(fleet.keys.lease(fleet.instance_id(n))) for n in (1, 2)]
+        assert sorted(h for h in held if h) == [sid], (attempt, held)
+        listed = await _sessions(fleet, other.router_url)
+        assert listed[sid]["instance"] == sa["instance_id"], (attempt, listed[sid])
+
+
 async def test_two_routers_resuming_one_session_at_once_bind_it_once(fleet_factory: Any) -> None:
     """A parked 2026-07-28 session whose next calls reach two routers at the same moment (one
     client's requests spread over them): one binding, both calls on its instance, one lease.
@@ -505,15 +523,7 @@ async def test_two_routers_resuming_one_session_at_once_bind_it_once(fleet_facto
             ):
                 sid = (await status_of(a))["session"]
                 assert (await status_of(b))["session"] == sid
-                for attempt in range(6):
-                    status, body = await fleet.admin("POST", f"/admin/sessions/{sid}/park")
-                    assert status == 200, body
-                    await asyncio.sleep(0.3)  # the other router hears of it on the sessions channel
-                    sa, sb = await asyncio.gather(status_of(a), status_of(b))
-                    assert sa["session"] == sb["session"] == sid
-                    assert sa["instance_id"] == sb["instance_id"], (attempt, sa, sb)
-                    held = [await redis.get(fleet.keys.lease(fleet.instance_id(n))) for n in (1, 2)]
-                    assert sorted(h for h in held if h) == [sid], (attempt, held)
+                await _park_and_call_twice(fleet, redis, sid, a, b, other)
     finally:
         await redis.aclose()
     await fleet.end_all_sessions()
@@ -533,17 +543,7 @@ async def test_two_routers_resuming_one_handshake_session_at_once_bind_it_once(f
             switch = Alternate(fleet.settings.router_port, other.port)
             async with switched_client(fleet, switch, "legacy") as client:
                 sid = (await status_of(client))["session"]
-                for attempt in range(6):
-                    status, body = await fleet.admin("POST", f"/admin/sessions/{sid}/park")
-                    assert status == 200, body
-                    await asyncio.sleep(0.3)  # the other router hears of it on the sessions channel
-                    sa, sb = await asyncio.gather(status_of(client), status_of(client))
-                    assert sa["session"] == sb["session"] == sid
-                    assert sa["instance_id"] == sb["instance_id"], (attempt, sa, sb)
-                    held = [await redis.get(fleet.keys.lease(fleet.instance_id(n))) for n in (1, 2)]
-                    assert sorted(h for h in held if h) == [sid], (attempt, held)
-                    listed = await _sessions(fleet, other.router_url)
-                    assert listed[sid]["instance"] == sa["instance_id"], (attempt, listed[sid])
+                await _park_and_call_twice(fleet, redis, sid, client, client, other)
     finally:
         await redis.aclose()
     await fleet.end_all_sessions()
