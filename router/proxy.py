@@ -432,6 +432,10 @@ class Proxy:
                 if isinstance(got, NoneFree):  # the slow path: reconcile, park, wait, spares
                     leased = await self.allocator.allocate(sess.id, known_first=False)
                     bindings.bind(sess, *leased)
+                    # Seen now, not when the wait began: the record's last-seen time is what
+                    # other routers judge idleness by, and the session's first call (maybe
+                    # through another router too) is only starting.
+                    sess.last_seen = time.time()
                     got = await opening.open(sess, (), given=leased)
                     if isinstance(got, Taken):  # another router opened it meanwhile
                         await bindings.end(sess, "lost-race", persisted=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -423,3 +424,32 @@ async def test_a_session_waiting_for_an_instance_takes_the_binding_another_route
         assert [await one.leases.holder(i) for i in ids] == [sess.id, "busy-1"]
         await one.close()
         await two.close()
+
+
+async def test_a_session_opened_after_a_wait_is_recorded_as_seen_when_opened(
+    counting: Counting, keys: Keys
+) -> None:
+    """Other routers judge a session's idleness by its record's last-seen time. A session that
+    waited for an instance must not be recorded as last seen when the wait began: another
+    router would take it for idle while its first calls are only starting, and park it."""
+    tag = secrets.token_hex(3)
+    keys = Keys(f"{keys.prefix}:op{tag}")
+    iid = f"op-{tag}-0"
+    await _register(counting, keys, iid)
+    await counting.sadd(keys.instances(), iid)  # type: ignore[misc]
+    leases = Leases(counting, keys, ttl=30)
+    await leases.acquire(iid, "busy")
+    request: Any = SimpleNamespace(remote="127.0.0.1")
+    async with aiohttp.ClientSession() as http:
+        proxy = _proxy(counting, keys, http, deadline=10.0)
+        await proxy.registry.instances()
+        opening = asyncio.create_task(proxy._open_stateless(request, "local", f"local/client/{tag}", "c"))
+        await asyncio.sleep(1.0)
+        assert not opening.done()  # waiting for the busy instance
+        freed_at = time.time()
+        await leases.release(iid, "busy")
+        proxy.allocator.notify_freed()
+        sess = await asyncio.wait_for(opening, 5.0)
+        record = await counting.hgetall(keys.session(sess.id))  # type: ignore[misc]
+        assert float(record["last_seen"]) >= freed_at
+        await proxy.close()
