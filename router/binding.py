@@ -99,7 +99,7 @@ class Bindings:
         self.others_alive: Callable[[], bool] = lambda: False
         table.on_drop.append(self._dropped)
         table.on_pressure.append(self.relieve)
-        self._relieving: asyncio.Task[None] | None = None
+        self.relieving: asyncio.Task[None] | None = None
 
     def _dropped(self, sess: Session) -> None:
         """Another router ended `sess`: forget where it was bound here."""
@@ -540,8 +540,8 @@ class Bindings:
         instance comes free for the waiter (which looks again at once: it polls). Only the
         router serving a session parks it this soon, so without this a waiter could not have
         the instance of a session idle behind another router until EXAI_SESSION_PARK_AFTER."""
-        if self._relieving is None or self._relieving.done():
-            self._relieving = asyncio.create_task(self._relieve(), name="relieve pressure")
+        if self.relieving is None or self.relieving.done():
+            self.relieving = asyncio.create_task(self._relieve(), name="relieve pressure")
 
     async def _relieve(self) -> None:
         try:

@@ -806,7 +806,9 @@ class Proxy:
         task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
-        for task in list(self._background):
+        relieving = self.bindings.relieving
+        background = [*self._background, *([relieving] if relieving is not None else [])]
+        for task in background:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*background, return_exceptions=True)
         await self.bindings.opening.close()
