@@ -37,9 +37,9 @@ from common.redis import REDIS_DOWN_ERRORS
 from router.allocation import Allocator
 from router.leases import Leases
 from router.metrics import Metrics
-from router.opening import GONE, Bound, Opened, Opening, binding_of
+from router.opening import GONE, Bound, Opened, Opening
 from router.registry import Instance, Registry
-from router.sessions import FLUSH_SECONDS, Session, SessionTable
+from router.sessions import FLUSH_SECONDS, Session, SessionTable, binding_of
 
 if TYPE_CHECKING:
     from router.streams import Hub
@@ -233,10 +233,7 @@ class Bindings:
                     self.table.drop(sess)
                     raise SessionNotFound("Session not found (it was ended).")
                 if isinstance(got, Opened):
-                    for name, value in changes.items():
-                        setattr(sess, name, value)
-                    self.opened(sess, got)
-                    await self._moved_off(sess, old_id)
+                    await self._took(sess, got, changes, old_id)
                     self._rebound(sess, resuming, started, old_id, reason)
                     return
                 if not isinstance(got, Bound):
@@ -290,11 +287,7 @@ class Bindings:
                         changes.update(parked_at=0.0, resumes=sess.resumes + 1)
                     got = await self.opening.bind(sess, (), changes, found=found, given=(inst, fence))
                     if isinstance(got, Opened):
-                        for name, value in changes.items():
-                            setattr(sess, name, value)
-                        self.bind(sess, inst, fence)
-                        self.table.adopt(sess, got.ver)
-                        await self._moved_off(sess, old_id)
+                        await self._took(sess, got, changes, old_id, inst)
                         self._rebound(sess, resuming, started, old_id, reason)
                         return
                     if got is GONE or not await self.table.refresh(sess):
@@ -320,6 +313,19 @@ class Bindings:
                 raise SessionNotFound("Session not found (it was ended).")
             await self._moved_off(sess, old_id)
             self._rebound(sess, resuming, started, old_id, reason)
+
+    async def _took(
+        self, sess: Session, got: Opened, changes: dict[str, Any], old_id: str, given: Instance | None = None
+    ) -> None:
+        """The opening script wrote the record with `changes` and the new binding: take them on
+        here, and free the session's lease of the instance it left (`given`: the instance the
+        allocator leased, which the script's answer does not carry)."""
+        for name, value in changes.items():
+            setattr(sess, name, value)
+        self.opened(sess, got)
+        if given is not None:
+            self.targets[sess.id] = given
+        await self._moved_off(sess, old_id)
 
     async def _moved_off(self, sess: Session, old_id: str) -> None:
         """The record names the session's new binding: free its lease of the instance it left."""

@@ -58,8 +58,8 @@ from router.sessions import Session, SessionTable
 # ARGV: 1 session id, 2 mode ('new' or 'bind'), 3 lease ttl ms, 4 record expiry ms,
 # 5 last_seen, 6 total, 7 router id, 8 keyed ('1'/'0'), 9 given instance ('' to pick one),
 # 10 given fence, 11 candidate count n, 12 the binding the caller found the record naming
-# (`binding_of`: instance id ':' fence, '' parked; bind only), 13 .. 12+n candidate ids, then
-# structural field/value pairs (instance_id and fence are set from the lease).
+# (router/sessions.py `binding_of`: instance id ':' fence, '' parked; bind only), 13 .. 12+n
+# candidate ids, then structural field/value pairs (instance_id and fence are set from the lease).
 # Returns {'taken', session id} (new: the key names another session), {'gone'} (bind: the
 # record was deleted), {'bound', instance id, version} (bind: the record names another binding
 # than the caller found, another router bound it meanwhile; nothing written), {'none', id or
@@ -111,12 +111,6 @@ if exists then redis.call('publish', KEYS[3], sid .. ' ' .. ver .. ' ' .. ARGV[7
 return {'ok', id, fence, row, ver}
 """
 )
-
-
-def binding_of(instance_id: str, fence: int) -> str:
-    """A binding as the opening script compares it with the record's: '' when parked. The
-    fence is part of it: a session resumed on the instance it had before has a new one."""
-    return f"{instance_id}:{fence}" if instance_id else ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -184,7 +184,7 @@ class Call:
 
 # A structural write. KEYS: record, sessions zset, channel [, stateless key mapping]. ARGV:
 # create ("1"/"0"), expiry ms, last_seen, session id, total, router id, the binding the record
-# must still name ('' for no check, else '=' instance id ':' fence), then field/value pairs.
+# must still name ('' for no check, else '=' and its `binding_of`), then field/value pairs.
 # The record's `router` becomes this router (router/routers.py: the one that served it last).
 # Returns the new version, -1 when the record is gone and this is not a create (another
 # router ended the session), or -2 when it names another binding than expected (another router
@@ -194,12 +194,22 @@ FLUSH_SECONDS = 1.0
 """How often a router writes the last-seen times of the sessions it served into their records
 (`SessionTable.flush`, router/app.py): another router sees a call that much later at most."""
 
+
+def binding_of(instance_id: str, fence: int) -> str:
+    """A binding as the record scripts compare it with the record's (the save's `expect`, the
+    opening's `found`): '' when parked. The fence is part of it: a session resumed on the
+    instance it had before has a new one."""
+    return f"{instance_id}:{fence}" if instance_id else ""
+
+
 _SAVE = """
 local exists = redis.call('exists', KEYS[1]) == 1
 if not exists and ARGV[1] ~= '1' then return -1 end
 if exists and ARGV[7] ~= '' then
-  local bound = redis.call('hmget', KEYS[1], 'instance_id', 'fence')
-  if '=' .. (bound[1] or '') .. ':' .. (bound[2] or '0') ~= ARGV[7] then return -2 end
+  local row = redis.call('hmget', KEYS[1], 'instance_id', 'fence')
+  local bound = row[1] or ''
+  if bound ~= '' then bound = bound .. ':' .. (row[2] or '0') end
+  if '=' .. bound ~= ARGV[7] then return -2 end
 end
 if not exists then redis.call('hset', KEYS[1], 'total', ARGV[5], 'last_seen', ARGV[3]) end
 redis.call('hset', KEYS[1], 'router', ARGV[6], unpack(ARGV, 8))
@@ -340,7 +350,7 @@ class SessionTable:
         if sess.key:
             self.by_key[sess.key] = sess
         args: list[str | int] = ["1" if create else "0", self.expire_ms, repr(sess.last_seen), sess.id]
-        args += [sess.total, self.origin, "" if expect is None else f"={expect[0]}:{expect[1]}"]
+        args += [sess.total, self.origin, "" if expect is None else "=" + binding_of(*expect)]
         ver = int(await self._save(keys=self.record_keys(sess), args=[*args, *sess.structural()]))
         if ver == -2:
             log.info("session %s was moved by another router meanwhile: not written", sess.id[:8])

@@ -24,11 +24,11 @@ from common.keys import Keys
 from router.allocation import Allocator
 from router.leases import Leases
 from router.metrics import Metrics
-from router.opening import GONE, Bound, NoneFree, Opened, Opening, Taken, binding_of
+from router.opening import GONE, Bound, NoneFree, Opened, Opening, Taken
 from router.proxy import Proxy
 from router.registry import Instance, Registry
 from router.security import Guard
-from router.sessions import Session, SessionTable, new_session_id
+from router.sessions import Session, SessionTable, binding_of, new_session_id
 
 
 class Counting(aioredis.Redis):
